@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch that lies on this kind of machine; pyproject.toml itself declares a range.
+TORCH_PIN ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test quick-demo table1 bench bench-gpu clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m vaeuda demo --out demo_out
+
+quick-demo: $(STAMP)
+	$(PY) -m vaeuda demo --out demo_out --quick
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+table1: $(STAMP)
+	$(PY) -m vaeuda synth runs/cohort --seed 0
+	$(PY) -m vaeuda experiment table1 --data runs/cohort --out runs/table1 --preset cpu
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_speed.py --out Docs/benchmarks.md
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/bench_gpu.py
+
+clean:
+	rm -rf $(VENV) demo_out runs .pytest_cache

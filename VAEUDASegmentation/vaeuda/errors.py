@@ -1,0 +1,9 @@
+"""The one exception type the engine raises for bad input or a failed run.
+
+Its message is a single sentence meant for the user: it names the file and what is wrong.
+The command line prints it and exits with status 2; the Slicer module shows it as is.
+"""
+
+
+class VaeudaError(Exception):
+    """Bad input or an unrecoverable run error, with a one-sentence user-facing message."""

@@ -1,0 +1,159 @@
+"""The one table of segmented structures, and the label-value conventions.
+
+Everything that needs a structure's name, value or colour reads it from here: the engine,
+the reports, the Slicer module (which imports this file directly) and the docs.
+
+Class indices inside the engine are always consecutive: 0 background, 1..4 the structures
+in the order of :data:`STRUCTURES`. A *convention* maps the values found in label files to
+these indices and back.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from .errors import VaeudaError
+
+
+@dataclass(frozen=True)
+class Structure:
+    index: int          # class index inside the engine (1..4)
+    key: str            # short column name, as the paper's Table 1
+    name: str           # segment name shown to users
+    mmwhs_value: int    # value in MM-WHS label files
+    color: Tuple[float, float, float]  # RGB in 0..1, as Slicer segments use
+    snomed_code: str    # SNOMED CT code of the anatomic structure (terminology entry)
+    snomed_meaning: str
+
+
+STRUCTURES: Tuple[Structure, ...] = (
+    Structure(1, "LV-M", "LV myocardium", 205, (0.85, 0.55, 0.25), "74281007", "Myocardium of left ventricle"),
+    Structure(2, "LA-B", "LA blood cavity", 420, (0.30, 0.60, 0.90), "82471001", "Left atrium"),
+    Structure(3, "LV-B", "LV blood cavity", 500, (0.90, 0.25, 0.25), "87878005", "Left ventricle"),
+    Structure(4, "A-A", "Ascending aorta", 820, (0.95, 0.85, 0.30), "54247002", "Ascending aorta"),
+)
+N_CLASSES = 1 + len(STRUCTURES)
+CLASS_KEYS = tuple(s.key for s in STRUCTURES)
+CLASS_NAMES = ("background",) + tuple(s.name for s in STRUCTURES)
+
+# MM-WHS values of the other annotated structures (RA 550, RV 600, pulmonary artery 850).
+# They, and any other value, are background under the MM-WHS convention.
+MMWHS_OTHER_VALUES = (550, 600, 850)
+# The PnP-AdaNet/SIFA released files carry a fifth structure (value 5) that their loaders drop.
+SIFA_IGNORED_VALUE = 5
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How raw label-file values map to class indices 0..4.
+
+    ``to_index``: raw value -> class index. ``unknown``: what to do with a value not in
+    ``to_index``: "background" (MM-WHS: anything else is background) or "error".
+    ``from_index``: class index -> value written to output label files.
+    """
+    name: str
+    to_index: Dict[int, int]
+    from_index: Tuple[int, ...]
+    unknown: str = "error"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "to_index": {str(k): v for k, v in self.to_index.items()},
+                "from_index": list(self.from_index), "unknown": self.unknown}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Convention":
+        return cls(d["name"], {int(k): int(v) for k, v in d["to_index"].items()},
+                   tuple(int(v) for v in d["from_index"]), d.get("unknown", "error"))
+
+    def encode(self, raw: np.ndarray, source: str = "label map") -> np.ndarray:
+        """Raw label values (any integer array) -> class indices (uint8, same shape).
+
+        Raises VaeudaError naming ``source`` when a value is outside the mapping and the
+        convention refuses unknown values.
+        """
+        raw = np.asarray(raw)
+        if raw.dtype.kind == "f":
+            if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
+                raise VaeudaError(f"{source}: label values must be whole numbers, found fractional or non-finite values.")
+        values = np.unique(raw).astype(np.int64)
+        out = np.zeros(raw.shape, dtype=np.uint8)
+        unknown = [int(v) for v in values if int(v) not in self.to_index]
+        if unknown and self.unknown == "error":
+            shown = ", ".join(str(v) for v in unknown[:8])
+            raise VaeudaError(f"{source}: label values {shown} are not in the '{self.name}' label mapping.")
+        for v in values:
+            idx = self.to_index.get(int(v), 0)
+            if idx:
+                out[raw == v] = idx
+        return out
+
+    def decode(self, classes: np.ndarray) -> np.ndarray:
+        """Class indices -> label-file values (smallest integer dtype that holds them)."""
+        lut = np.asarray(self.from_index, dtype=np.int64)
+        dtype = np.uint8 if lut.max() < 256 else np.uint16
+        return lut[np.asarray(classes, dtype=np.int64)].astype(dtype)
+
+
+MMWHS = Convention(
+    "mmwhs",
+    {0: 0, **{s.mmwhs_value: s.index for s in STRUCTURES}, **{v: 0 for v in MMWHS_OTHER_VALUES}},
+    (0,) + tuple(s.mmwhs_value for s in STRUCTURES),
+    unknown="background",
+)
+CONSECUTIVE = Convention(
+    "consecutive",
+    {0: 0, **{s.index: s.index for s in STRUCTURES}, SIFA_IGNORED_VALUE: 0},
+    tuple(range(N_CLASSES)),
+    unknown="error",
+)
+
+
+def load_convention(spec: Optional[str]) -> Convention:
+    """``"mmwhs"`` (default), ``"consecutive"``, or a path to a JSON mapping file.
+
+    The JSON file maps structure keys or names to raw values, with optional background values::
+
+        {"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "background": [0, 7], "unknown": "error"}
+    """
+    if spec in (None, "", "mmwhs"):
+        return MMWHS
+    if spec == "consecutive":
+        return CONSECUTIVE
+    path = Path(spec)
+    if not path.is_file():
+        raise VaeudaError(f"{spec}: label mapping is neither 'mmwhs', 'consecutive' nor an existing JSON file.")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise VaeudaError(f"{path}: label mapping file is not valid JSON ({exc}).") from None
+    lookup = {}
+    for s in STRUCTURES:
+        lookup[s.key.lower()] = s
+        lookup[s.name.lower()] = s
+    to_index: Dict[int, int] = {}
+    from_index = [0] * N_CLASSES
+    background = data.get("background", [0])
+    if isinstance(background, int):
+        background = [background]
+    for v in background:
+        to_index[int(v)] = 0
+    from_index[0] = int(background[0]) if background else 0
+    for key, value in data.items():
+        if key in ("background", "unknown"):
+            continue
+        s = lookup.get(key.lower())
+        if s is None:
+            raise VaeudaError(f"{path}: '{key}' is not one of the structures {', '.join(CLASS_KEYS)}.")
+        to_index[int(value)] = s.index
+        from_index[s.index] = int(value)
+    missing = [s.key for s in STRUCTURES if s.index not in to_index.values()]
+    if missing:
+        raise VaeudaError(f"{path}: label mapping gives no value for {', '.join(missing)}.")
+    unknown = data.get("unknown", "error")
+    if unknown not in ("error", "background"):
+        raise VaeudaError(f"{path}: 'unknown' must be 'error' or 'background', not '{unknown}'.")
+    return Convention(path.stem, to_index, tuple(from_index), unknown)

@@ -1,0 +1,95 @@
+"""Progress for long work: a tqdm bar with ETA on a terminal, JSON lines for Slicer.
+
+JSON mode writes one object per line to stdout, flushed, for example::
+
+    {"event": "stage", "stage": "adapt", "total": 3000}
+    {"event": "progress", "stage": "adapt", "step": 150, "total": 3000, "fraction": 0.05, "eta_s": 412.3, "loss": 1.23}
+    {"event": "log", "message": "..."}
+    {"event": "done", "outputs": ["/path/model.safetensors"]}
+    {"event": "error", "message": "one sentence"}
+
+The Slicer module parses exactly these keys.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Optional
+
+MODES = ("auto", "tty", "json", "none")
+
+
+def emit(event: str, **fields) -> None:
+    """Write one JSON progress line to stdout (used in JSON mode, and for the final events)."""
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+class Reporter:
+    """Reports the stages and steps of one command in the chosen mode ("tty", "json" or "none")."""
+
+    def __init__(self, mode: str = "auto"):
+        if mode == "auto":
+            mode = "tty" if sys.stderr.isatty() else "none"
+        self.mode = mode
+        self._bar = None
+        self._stage = ""
+        self._total = 0
+        self._t0 = 0.0
+        self._last_emit = 0.0
+
+    def stage(self, name: str, total: int) -> None:
+        """Start a stage of ``total`` steps (closes the previous one)."""
+        self.close()
+        self._stage, self._total, self._t0 = name, int(total), time.monotonic()
+        self._last_emit = 0.0
+        if self.mode == "json":
+            emit("stage", stage=name, total=int(total))
+        elif self.mode == "tty":
+            from tqdm import tqdm
+            self._bar = tqdm(total=int(total), desc=name, file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, step: int, force: bool = False, **metrics) -> None:
+        """Steps done so far in this stage (1-based), with optional scalar metrics to show."""
+        if self.mode == "tty" and self._bar is not None:
+            self._bar.n = step
+            if metrics:
+                self._bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
+            self._bar.refresh()
+        elif self.mode == "json":
+            now = time.monotonic()
+            if not force and step < self._total and now - self._last_emit < 0.5:
+                return
+            self._last_emit = now
+            elapsed = now - self._t0
+            frac = step / self._total if self._total else 1.0
+            eta = elapsed * (1 - frac) / frac if frac > 0 else None
+            emit("progress", stage=self._stage, step=int(step), total=self._total,
+                 fraction=round(frac, 4), eta_s=None if eta is None else round(eta, 1),
+                 **{k: float(v) for k, v in metrics.items()})
+
+    def log(self, message: str) -> None:
+        """A line for the user: stderr on a terminal, a JSON log event in JSON mode."""
+        if self.mode == "json":
+            emit("log", message=message)
+        elif self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+_NULL: Optional[Reporter] = None
+
+
+def null_reporter() -> Reporter:
+    """A reporter that shows nothing (library calls without a terminal)."""
+    global _NULL
+    if _NULL is None:
+        _NULL = Reporter("none")
+    return _NULL
