@@ -1,0 +1,59 @@
+"""Shapes of every network in every preset, and the DRN-26 layout."""
+import pytest
+import torch
+
+from vaeuda.errors import VaeudaError
+from vaeuda.nets import PRESETS, NetConfig, VAEUDANet, get_preset
+
+
+@pytest.mark.parametrize("preset", ["paper", "cpu", "tiny"])
+def test_shapes(preset):
+    cfg = get_preset(preset)
+    net = VAEUDANet(cfg).eval()
+    s, c = cfg.input_size, cfg.latent_channels
+    x = torch.randn(1, 3, s, s)
+    with torch.no_grad():
+        h = net.enc_s(x)
+        assert h.shape == (1, c, s // 4, s // 4)
+        assert net.enc_t(x).shape == h.shape
+        mu, logvar = net.enc_z(h)
+        assert mu.shape == logvar.shape == h.shape
+        assert net.dec_z(mu).shape == h.shape
+        assert net.dec_s(h).shape == net.dec_t(h).shape == (1, 3, s, s)
+        assert net.seg(mu).shape == (1, cfg.n_classes, s, s)
+        scores = net.disc(x)
+        assert len(scores) == cfg.disc_scales
+        for k, sc in enumerate(scores):
+            assert sc.shape == (1, 1, s // 2 ** (cfg.disc_layers + k), s // 2 ** (cfg.disc_layers + k))
+
+
+def test_paper_preset_is_the_paper():
+    cfg = PRESETS["paper"]
+    assert cfg.input_size == 256 and cfg.in_channels == 3
+    assert cfg.latent_channels == 256 and cfg.latent_size == 64
+    # DRN-C-26: channels, depths, dilations 2 and 4 late, no residual in the last two stages
+    assert cfg.drn_channels == (16, 32, 64, 128, 256, 512, 512, 512)
+    assert cfg.drn_layers == (1, 1, 2, 2, 2, 2, 1, 1)
+    assert cfg.drn_dilations[4:6] == (2, 4)
+    net = VAEUDANet(cfg)
+    convs = [m for m in net.seg.stages.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    # 1 + 1 plain convs, 2 x 2 blocks x 4 residual stages x 2 convs, 1 + 1 plain convs = 20 (+ stage-0 7x7 + head = 22 weighted layers, + shortcuts)
+    assert len(convs) == 1 + 1 + 4 * 2 * 2 + 1 + 1
+    assert net.seg.stages[0][0].in_channels == 256          # first layer takes the latent map
+
+
+def test_posterior_covariance_is_predicted():
+    net = VAEUDANet(get_preset("tiny"))
+    x = torch.randn(2, 3, 32, 32)
+    mu, logvar = net.posterior(x, "source")
+    assert not torch.allclose(logvar, torch.zeros_like(logvar))
+    assert set(dict(net.enc_z.named_children())) >= {"mu", "logvar"}
+
+
+def test_config_round_trip_and_unknown_fields():
+    cfg = get_preset("cpu")
+    assert NetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(VaeudaError, match="unknown fields"):
+        NetConfig.from_dict({**cfg.to_dict(), "wings": 2})
+    with pytest.raises(VaeudaError, match="unknown preset"):
+        get_preset("huge")

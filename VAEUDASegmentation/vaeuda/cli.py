@@ -1,0 +1,213 @@
+"""The ``vaeuda`` command line. Every subcommand calls a plain function of the engine.
+
+Errors are one sentence on stderr (``vaeuda: error: ...``), and with ``--progress json``
+also a ``{"event": "error"}`` line on stdout; the exit status is then 2. Torch is imported
+only by the subcommands that need it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .errors import VaeudaError
+from .progress import MODES, Reporter, emit
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=MODES, default="auto",
+                   help="progress display: tty bar with ETA, json lines (for Slicer), or none (default: auto)")
+
+
+def _training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iterations", type=int, help="training iterations (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="slices per batch (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="seeds every randomness (default 0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto uses a CUDA GPU when present (with bf16 autocast), else the CPU")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if an earlier run was interrupted")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaeuda", description=(
+        "Data-efficient unsupervised domain adaptation for cross-modality cardiac segmentation "
+        "(Ouyang et al., MICCAI 2019): train on labelled MR, adapt with one unlabelled CT."))
+    parser.add_argument("--version", action="version", version=f"vaeuda {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic cardiac MR/CT cohort in the MM-WHS file convention")
+    p.add_argument("out_dir")
+    p.add_argument("--n-source", type=int, default=20, help="MR subjects (default 20)")
+    p.add_argument("--n-target", type=int, default=20, help="CT subjects (default 20)")
+    p.add_argument("--n-train", type=int, default=16, help="training subjects per modality (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, help="voxels per side (default: realistic per modality)")
+    _common(p)
+
+    p = sub.add_parser("train-source", help="train the source model on labelled volumes")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    p.add_argument("--preset", choices=("cpu", "paper", "tiny"), help="default: paper with CUDA, cpu without")
+    p.add_argument("--labels", nargs="+", help="label files in the same order as the images")
+    p.add_argument("--label-convention", default="mmwhs", help="mmwhs (default), consecutive, or a JSON mapping file")
+    _training(p)
+    _common(p)
+
+    p = sub.add_parser("adapt", help="adapt a source model to unlabelled target volumes (one is enough)")
+    p.add_argument("targets", nargs="+", metavar="TARGET")
+    p.add_argument("--model", required=True, help="source model file")
+    p.add_argument("--out", required=True, help="adapted model file to write")
+    p.add_argument("--no-kl", action="store_true", help="ablation: no prior matching (KL terms off)")
+    p.add_argument("--no-adv", action="store_true", help="ablation: no domain-adversarial terms")
+    p.add_argument("--no-cycle", action="store_true", help="ablation: no T->S->T cycle consistency")
+    p.add_argument("--no-task-consistency", action="store_true", help="ablation: no task consistency")
+    p.add_argument("--slices", help="use only coronal slices A:B of the target (few-shot)")
+    p.add_argument("--early-stop", type=int, metavar="PATIENCE",
+                   help="stop when the unsupervised cycle-consistency proxy has not improved for PATIENCE evaluations; keep the best")
+    p.add_argument("--source-data", nargs="+", help="labelled source volumes (default: the paths recorded in the model)")
+    _training(p)
+    _common(p)
+
+    p = sub.add_parser("finetune", help="the oracle: supervised fine-tuning on labelled target volumes")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--labels", nargs="+")
+    _training(p)
+    _common(p)
+
+    p = sub.add_parser("segment", help="segment volumes: writes DIR/<name>_seg.nii.gz on the exact input grid")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (bounds memory)")
+    p.add_argument("--domain", choices=("source", "target"), help="force an encoder (default: target if adapted)")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="Dice and ASSD of predictions against references, paired by name")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--labels", default="mmwhs", help="mmwhs (default), consecutive, or a JSON mapping file")
+    p.add_argument("--json", help="where to write the JSON (default: PRED/evaluation.json)")
+    _common(p)
+
+    p = sub.add_parser("info", help="print a model file's metadata as JSON")
+    p.add_argument("model")
+    _common(p)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a synthetic cohort, with a report")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="a smoke run of a couple of minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _common(p)
+
+    p = sub.add_parser("experiment", help="the paper's experiments")
+    esub = p.add_subparsers(dest="experiment", required=True)
+    e = esub.add_parser("table1", help="Table 1 protocol with ablations on a cohort")
+    e.add_argument("--data", required=True, help="cohort folder with splits.json")
+    e.add_argument("--out", required=True)
+    e.add_argument("--repeats", type=int, default=6)
+    e.add_argument("--preset", choices=("cpu", "paper", "tiny"), default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--iterations-scale", type=float, default=1.0, help="scale every stage's iterations (smoke runs)")
+    _common(e)
+    return parser
+
+
+def _labelled(args) -> tuple:
+    from .data import find_pairs
+    pairs = find_pairs(args.inputs, getattr(args, "labels", None))
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def run(args, reporter: Reporter) -> List[str]:
+    """Execute one parsed command; returns the paths it wrote."""
+    cmd = args.command
+    if cmd == "synth":
+        from .phantom import make_cohort
+        make_cohort(args.out_dir, n_source=args.n_source, n_target=args.n_target, n_train=args.n_train,
+                    seed=args.seed, size=args.size, reporter=reporter)
+        return [str(Path(args.out_dir) / "splits.json")]
+    if cmd == "train-source":
+        from .labels import load_convention
+        from .train import train_source
+        images, labels = _labelled(args)
+        train_source(images, labels, args.out, preset=args.preset, iterations=args.iterations,
+                     batch_size=args.batch_size, seed=args.seed, device=args.device,
+                     convention=load_convention(args.label_convention), resume=args.resume, reporter=reporter)
+        return [args.out]
+    if cmd == "adapt":
+        from .data import find_images, parse_slice_range
+        from .train import adapt
+        adapt(args.model, find_images(args.targets), args.out, iterations=args.iterations, seed=args.seed,
+              device=args.device, use_kl=not args.no_kl, use_adv=not args.no_adv, use_cycle=not args.no_cycle,
+              use_task=not args.no_task_consistency, slice_range=parse_slice_range(args.slices),
+              early_stop=args.early_stop, source_data=args.source_data, batch_size=args.batch_size,
+              resume=args.resume, reporter=reporter)
+        return [args.out]
+    if cmd == "finetune":
+        from .train import finetune
+        images, labels = _labelled(args)
+        finetune(args.model, images, labels, args.out, iterations=args.iterations, seed=args.seed,
+                 device=args.device, batch_size=args.batch_size, resume=args.resume, reporter=reporter)
+        return [args.out]
+    if cmd == "segment":
+        from .data import find_images
+        from .predict import segment_files
+        written = segment_files(args.model, find_images(args.inputs), args.out, device=args.device,
+                                batch_size=args.batch_size, domain=args.domain, reporter=reporter)
+        return [str(p) for p in written]
+    if cmd == "evaluate":
+        from .labels import load_convention
+        from .metrics import evaluate_dirs
+        json_path = args.json or str(Path(args.pred) / "evaluation.json")
+        table, _ = evaluate_dirs(args.pred, args.ref, load_convention(args.labels), json_path,
+                                 ignore_unmatched_refs=True)
+        if reporter.mode == "json":
+            emit("table", markdown=table)
+        else:
+            print(table)
+        return [json_path]
+    if cmd == "info":
+        from .modelfile import read_tensors
+        _, meta, _ = read_tensors(args.model)
+        print(json.dumps(meta, indent=2))
+        return []
+    if cmd == "demo":
+        from .demo import run_demo
+        return [str(p) for p in run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device,
+                                         reporter=reporter)]
+    if cmd == "experiment":
+        from .experiment import run_table1
+        return [str(p) for p in run_table1(args.data, args.out, repeats=args.repeats, preset=args.preset,
+                                           seed=args.seed, device=args.device,
+                                           iterations_scale=args.iterations_scale, reporter=reporter)]
+    raise VaeudaError(f"unknown command {cmd}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    reporter = Reporter(args.progress)
+    try:
+        outputs = run(args, reporter)
+    except VaeudaError as exc:
+        reporter.close()
+        message = str(exc)
+        if reporter.mode == "json":
+            emit("error", message=message)
+        print(f"vaeuda: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        reporter.close()
+        print("vaeuda: interrupted", file=sys.stderr)
+        return 130
+    reporter.close()
+    if reporter.mode == "json":
+        emit("done", outputs=outputs)
+    return 0

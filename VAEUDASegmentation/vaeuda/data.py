@@ -1,0 +1,135 @@
+"""Finding volumes on disk and turning them into in-memory stacks of model input slices."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .errors import VaeudaError
+from .fileio import full_suffix, stem
+from .labels import Convention
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _is_volume(path: Path) -> bool:
+    return path.is_file() and full_suffix(path).lower() in VOLUME_SUFFIXES
+
+
+def _label_for(image: Path) -> Path:
+    """``X_image.ext`` -> ``X_label.ext`` (the MM-WHS convention)."""
+    s = stem(image)
+    if not s.endswith("_image"):
+        raise VaeudaError(f"{image}: cannot find its label: name it X_image{full_suffix(image)} beside "
+                          f"X_label{full_suffix(image)}, or pass --labels.")
+    return image.with_name(s[: -len("_image")] + "_label" + full_suffix(image))
+
+
+def find_images(inputs: Sequence[str]) -> List[Path]:
+    """Files as given; a folder means its ``*_image.*`` volumes (or, without such names, all volumes).
+
+    DICOM series folders (no volume files, but files inside) are returned as folders.
+    """
+    found: List[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            vols = sorted(q for q in p.iterdir() if _is_volume(q))
+            images = [q for q in vols if stem(q).endswith("_image")]
+            chosen = images or [q for q in vols if not stem(q).endswith("_label")]
+            if not chosen:
+                if any(q.is_file() for q in p.iterdir()):
+                    chosen = [p]          # a DICOM series folder
+                else:
+                    raise VaeudaError(f"{p}: folder holds no image volumes.")
+            found.extend(chosen)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise VaeudaError(f"{p}: file not found.")
+    if not found:
+        raise VaeudaError("no input volumes were given.")
+    return found
+
+
+def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None) -> List[Tuple[Path, Path]]:
+    """Labelled volumes: each image with ``--labels`` in the same order, or its ``X_label`` twin."""
+    images = find_images(inputs)
+    if labels:
+        if len(labels) != len(images):
+            raise VaeudaError(f"{len(images)} images but {len(labels)} label files were given; pass one label per image.")
+        pairs = [(i, Path(l)) for i, l in zip(images, labels)]
+    else:
+        pairs = [(i, _label_for(i)) for i in images]
+    for _, lab in pairs:
+        if not lab.exists():
+            raise VaeudaError(f"{lab}: label file not found.")
+    return pairs
+
+
+@dataclass
+class SliceSet:
+    """Model input slices held in memory.
+
+    images: (N, 3, S, S) float32; labels: (N, S, S) uint8 class indices or None;
+    volume_index: (N,) which volume each slice came from; files: the volumes.
+    """
+    images: torch.Tensor
+    labels: Optional[torch.Tensor]
+    volume_index: torch.Tensor
+    files: List[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def sampling_weights(self, background_weight: float = 0.25) -> torch.Tensor:
+        """Slices showing any structure are drawn 1/background_weight times as often as empty ones."""
+        if self.labels is None:
+            return torch.ones(len(self))
+        has_fg = (self.labels.view(len(self), -1) > 0).any(1).float()
+        return has_fg + (1 - has_fg) * background_weight
+
+
+def parse_slice_range(spec: Optional[str]) -> Optional[Tuple[int, int]]:
+    """``"A:B"`` -> (A, B), the coronal slices A..B-1; None for all."""
+    if not spec:
+        return None
+    try:
+        a, b = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise VaeudaError(f"--slices '{spec}' must look like A:B, for example 60:63.") from None
+    if a < 0 or b <= a:
+        raise VaeudaError(f"--slices '{spec}' must have 0 <= A < B.")
+    return a, b
+
+
+def load_slices(images: Sequence[Path], size: int, normalisation: dict,
+                labels: Optional[Sequence[Path]] = None, convention: Optional[Convention] = None,
+                slice_range: Optional[Tuple[int, int]] = None) -> SliceSet:
+    """Read volumes and cut them into (N, 3, size, size) slices (and (N, size, size) labels)."""
+    from . import volumes
+
+    all_images, all_labels, index = [], [], []
+    for k, path in enumerate(images):
+        image = volumes.read_image(path)
+        grid = volumes.SliceGrid.from_image(image, size)
+        x = grid.image_slices(image, normalisation)
+        y = None
+        if labels is not None:
+            lab = volumes.read_label(labels[k], convention, reference=image)
+            y = grid.label_slices(lab)
+        if slice_range is not None:
+            a, b = slice_range
+            if b > x.shape[0]:
+                raise VaeudaError(f"{path}: --slices {a}:{b} is outside its {x.shape[0]} coronal slices.")
+            x = x[a:b]
+            y = None if y is None else y[a:b]
+        all_images.append(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        if y is not None:
+            all_labels.append(torch.from_numpy(np.ascontiguousarray(y, dtype=np.uint8)))
+        index.append(torch.full((x.shape[0],), k, dtype=torch.int32))
+    return SliceSet(torch.cat(all_images), torch.cat(all_labels) if labels is not None else None,
+                    torch.cat(index), [str(p) for p in images])

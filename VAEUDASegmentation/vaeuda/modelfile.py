@@ -1,0 +1,116 @@
+"""One model file: safetensors tensors plus a JSON metadata block. Loading never unpickles.
+
+Metadata (safetensors' string header fields):
+
+- ``format``: ``"vaeuda-model"``; ``format_version``: integer, refused when newer than this engine's;
+- ``meta``: JSON with ``engine_version``, ``preset``, ``config`` (:class:`nets.NetConfig`),
+  ``labels`` (the label convention), ``normalisation``, ``stage`` (source / adapted /
+  finetuned), ``has_target_encoder``, ``provenance`` (data, iterations, seed, device, time);
+- ``tensors_sha256``: digest of all tensors in key order, so an edited or damaged file is
+  refused instead of silently giving wrong segmentations.
+
+A training checkpoint is the same format with extra ``optim.*`` tensors and ``train_state`` metadata.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import __version__
+from .errors import VaeudaError
+from .fileio import atomic_path
+from .nets import NetConfig, VAEUDANet
+
+FORMAT = "vaeuda-model"
+FORMAT_VERSION = 1
+
+
+def _digest(tensors: Dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_tensors(path, tensors: Dict[str, torch.Tensor], meta: dict, extra_header: Optional[dict] = None) -> None:
+    """Write ``tensors`` and ``meta`` to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": json.dumps(meta),
+              "tensors_sha256": _digest(tensors)}
+    header.update(extra_header or {})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def read_tensors(path) -> Tuple[Dict[str, torch.Tensor], dict, Dict[str, str]]:
+    """Read and verify a model file -> (tensors, meta, raw header). VaeudaError if it is not ours or damaged."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise VaeudaError(f"{path}: model file not found.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise VaeudaError(f"{path}: not a VAE-UDA model file (not a readable safetensors file: {exc}).") from None
+    if header.get("format") != FORMAT:
+        raise VaeudaError(f"{path}: not a VAE-UDA model file (safetensors without the '{FORMAT}' metadata).")
+    try:
+        version = int(header.get("format_version", "0"))
+    except ValueError:
+        version = -1
+    if version < 1 or version > FORMAT_VERSION:
+        raise VaeudaError(f"{path}: model file format version {header.get('format_version')} is not supported "
+                          f"by this engine ({__version__}, format {FORMAT_VERSION}); update the extension.")
+    try:
+        meta = json.loads(header["meta"])
+    except (KeyError, ValueError):
+        raise VaeudaError(f"{path}: model file metadata is damaged.") from None
+    if header.get("tensors_sha256") != _digest(tensors):
+        raise VaeudaError(f"{path}: model file weights do not match their checksum (the file was altered or damaged).")
+    return tensors, meta, header
+
+
+def save_model(path, net: VAEUDANet, meta: dict, extra_tensors: Optional[Dict[str, torch.Tensor]] = None,
+               extra_header: Optional[dict] = None) -> None:
+    """Save all networks (prefix ``net.``) with ``meta``; ``config`` and ``engine_version`` are filled in."""
+    meta = dict(meta)
+    meta["config"] = net.cfg.to_dict()
+    meta["engine_version"] = __version__
+    tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+    tensors.update(extra_tensors or {})
+    save_tensors(path, tensors, meta, extra_header)
+
+
+def load_model(path, device: str = "cpu") -> Tuple[VAEUDANet, dict]:
+    """Rebuild the networks from a model file -> (net in eval mode on ``device``, meta)."""
+    tensors, meta, _ = read_tensors(path)
+    net = build_from_meta(path, meta)
+    state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise VaeudaError(f"{path}: model weights do not fit its configuration ({first}).") from None
+    return net.to(device).eval(), meta
+
+
+def build_from_meta(path, meta: dict) -> VAEUDANet:
+    try:
+        cfg = NetConfig.from_dict(meta["config"])
+    except (KeyError, TypeError) as exc:
+        raise VaeudaError(f"{path}: model configuration is missing or damaged ({exc}).") from None
+    except VaeudaError as exc:
+        raise VaeudaError(f"{path}: {exc}") from None
+    return VAEUDANet(cfg)

@@ -1,0 +1,83 @@
+"""Segmenting volumes with a model file, in bounded memory.
+
+Slices go through the network in batches; class probabilities are kept as float16
+(N, C, S, S) on the model's slice grid (never at the input's resolution), then resampled
+class by class onto the exact input grid and arg-maxed (``volumes.SliceGrid.scores_to_image``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import VaeudaError
+from .fileio import stem
+from .labels import Convention
+from .modelfile import load_model
+from .nets import VAEUDANet
+from .progress import Reporter, null_reporter
+from .train import resolve_device
+
+
+def model_domain(meta: dict) -> str:
+    """The encoder to segment with: the target one after adaptation, else the source one (unadapted)."""
+    return "target" if meta.get("has_target_encoder") else "source"
+
+
+def slice_probabilities(net: VAEUDANet, slices: np.ndarray, domain: str, device: torch.device,
+                        batch_size: int = 16) -> np.ndarray:
+    """slices (N, 3, S, S) float32 -> softmax probabilities (N, C, S, S) float16."""
+    net.eval()
+    out = np.empty((slices.shape[0], net.cfg.n_classes) + slices.shape[2:], dtype=np.float16)
+    use_bf16 = device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        for start in range(0, slices.shape[0], batch_size):
+            x = torch.from_numpy(slices[start:start + batch_size]).to(device)
+            logits = net.segment_logits(x, domain).float()
+            out[start:start + x.shape[0]] = torch.softmax(logits, 1).cpu().numpy().astype(np.float16)
+    return out
+
+
+def segment_image(net: VAEUDANet, meta: dict, image: sitk.Image, device: torch.device,
+                  domain: Optional[str] = None, batch_size: int = 16) -> sitk.Image:
+    """image (any 3D grid) -> class-index image (uint8, 0..4) on exactly the same grid."""
+    from .volumes import SliceGrid
+
+    grid = SliceGrid.from_image(image, net.cfg.input_size)
+    slices = grid.image_slices(image, meta["normalisation"])
+    probs = slice_probabilities(net, slices, domain or model_domain(meta), device, batch_size)
+    return grid.scores_to_image(probs)
+
+
+def output_path(out_dir, input_path) -> Path:
+    """``DIR/<input file name without extension>_seg.nii.gz``."""
+    return Path(out_dir) / f"{stem(Path(input_path).resolve())}_seg.nii.gz"
+
+
+def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "auto", batch_size: int = 16,
+                  domain: Optional[str] = None, reporter: Optional[Reporter] = None) -> List[Path]:
+    """Segment each input volume; write label files with the model's label values. Returns their paths."""
+    from . import volumes
+
+    reporter = reporter or null_reporter()
+    dev = resolve_device(device)
+    net, meta = load_model(model_path, str(dev))
+    convention = Convention.from_dict(meta["labels"]["convention"])
+    dom = domain or model_domain(meta)
+    if domain and domain not in ("source", "target"):
+        raise VaeudaError(f"--domain must be source or target, not '{domain}'.")
+    reporter.log(f"segmenting {len(inputs)} volume(s) with the {dom} encoder of {model_path}")
+    written = []
+    reporter.stage("segment", len(inputs))
+    for i, path in enumerate(inputs, 1):
+        image = volumes.read_image(path)
+        classes = segment_image(net, meta, image, dev, dom, batch_size)
+        target = output_path(out_dir, path)
+        volumes.write_label(classes, target, convention)
+        written.append(target)
+        reporter.step(i, force=True)
+    reporter.close()
+    return written

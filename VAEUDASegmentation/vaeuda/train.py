@@ -1,0 +1,490 @@
+"""Training: the source stage, the one-scan adaptation stage, and the oracle fine-tune.
+
+Which networks each loss term may update is one table, :data:`ROUTES`. Gradients are
+computed per group of terms with ``torch.autograd.grad`` restricted to the group's
+networks, so e.g. the target reconstruction cannot move E_Z or D_Z even though it flows
+through them (the paper: "to prevent E_Z and D_Z from overfitting on small {x_T}, only E_T
+and D_T are updated").
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import json
+import math
+import platform
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import __version__
+from .augment import AugmentConfig, augment_batch
+from .data import SliceSet, load_slices
+from .errors import VaeudaError
+from .labels import MMWHS, N_CLASSES, Convention
+from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
+from .modelfile import read_tensors, save_model, build_from_meta
+from .nets import VAEUDANet, get_preset
+from .progress import Reporter, null_reporter
+
+SOURCE_NETS = ("enc_s", "enc_z", "dec_z", "dec_s", "seg")
+TARGET_NETS = ("enc_t", "dec_t")
+
+# Loss term -> the networks it may update (Eq. 1-8; see Docs/method.md).
+ROUTES: Dict[str, Tuple[str, ...]] = {
+    "S_rec": SOURCE_NETS, "S_kl": SOURCE_NETS, "seg": SOURCE_NETS, "S_adv": SOURCE_NETS,
+    "T_rec": TARGET_NETS, "T_kl": TARGET_NETS, "T_adv": TARGET_NETS, "T_cyc": TARGET_NETS,
+    "task": ("enc_z", "seg"),
+}
+GENERATOR_NETS = ("enc_s", "enc_t", "enc_z", "dec_z", "dec_s", "dec_t", "seg")
+
+# Iterations that give a converged model with the defaults, per preset and stage.
+DEFAULT_ITERATIONS = {
+    "paper": {"source": 20000, "adapt": 10000, "finetune": 4000},
+    "cpu": {"source": 1500, "adapt": 600, "finetune": 400},
+    "tiny": {"source": 20, "adapt": 10, "finetune": 10},
+}
+DEFAULT_BATCH = {"paper": 8, "cpu": 8, "tiny": 2}
+DEFAULT_NORMALISATION = {"method": "zscore", "clip_upper_percentile": 98.0, "clip_lower_percentile": None}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a training run (stored in the model file)."""
+    lambda_rec: float = 1.0
+    lambda_cyc: float = 10.0
+    lambda_kl: float = 0.1
+    lambda_adv: float = 1.0
+    lambda_seg: float = 1.0
+    lr: float = 1e-4
+    betas: Tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    gan_mode: str = "lsgan"
+    use_kl: bool = True
+    use_adv: bool = True
+    use_cycle: bool = True
+    use_task: bool = True
+    background_weight: float = 0.25       # sampling weight of slices without any structure
+    class_weights: Optional[Tuple[float, ...]] = None   # CE weights; None -> from label frequencies
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    checkpoint_every: int = 200
+    eval_every: int = 50                  # adaptation: how often the early-stop proxy / callback runs
+
+    def weights(self) -> Dict[str, float]:
+        """Term -> lambda, with the ablation switches applied."""
+        kl = self.lambda_kl if self.use_kl else 0.0
+        adv = self.lambda_adv if self.use_adv else 0.0
+        return {"S_rec": self.lambda_rec, "S_kl": kl, "seg": self.lambda_seg, "S_adv": adv,
+                "T_rec": self.lambda_rec, "T_kl": kl, "T_adv": adv,
+                "T_cyc": self.lambda_cyc if self.use_cycle else 0.0,
+                "task": self.lambda_seg if self.use_task else 0.0}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise VaeudaError("--device cuda was asked for, but no CUDA GPU is available to PyTorch.")
+    if device not in ("cpu", "cuda"):
+        raise VaeudaError(f"--device must be auto, cpu or cuda, not '{device}'.")
+    return torch.device(device)
+
+
+def class_weights_from(labels: torch.Tensor) -> Tuple[float, ...]:
+    """Inverse square-root class frequency, normalised to mean 1. labels (N, S, S) uint8."""
+    counts = torch.bincount(labels.reshape(-1).long(), minlength=N_CLASSES).double().clamp_min(1.0)
+    w = (counts.sum() / counts).sqrt()
+    w = w / w.mean()
+    return tuple(round(float(v), 4) for v in w)
+
+
+# ----------------------------------------------------------------------------- loss terms
+
+def _sample(net: VAEUDANet, mu: torch.Tensor, logvar: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    eps = torch.randn(mu.shape, generator=gen, dtype=torch.float32).to(mu.device, mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def source_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, seg_loss: SegmentationLoss,
+                 gen: torch.Generator) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Eq. 1-2 on a source batch xs (B, 3, S, S), ys (B, S, S) -> (terms, images for Disc)."""
+    mu, logvar = net.posterior(xs, "source")
+    z = _sample(net, mu, logvar, gen)
+    x_ss = net.decode(z, "source")
+    terms = {"S_rec": reconstruction(x_ss, xs), "S_kl": kl_to_standard_normal(mu, logvar),
+             "seg": seg_loss(net.seg(z).float(), ys)}
+    return terms, {"x_ss": x_ss}
+
+
+def target_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, z_s: torch.Tensor,
+                 seg_loss: SegmentationLoss, cfg: TrainConfig, gen: torch.Generator
+                 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Eq. 4, 6, 7 on a target batch xt (B, 3, S, S), given the source batch and its latent sample z_s."""
+    mu_t, logvar_t = net.posterior(xt, "target")
+    z_t = _sample(net, mu_t, logvar_t, gen)
+    x_tt = net.decode(z_t, "target")
+    x_ts = net.decode(z_t, "source")
+    terms = {"T_rec": reconstruction(x_tt, xt), "T_kl": kl_to_standard_normal(mu_t, logvar_t)}
+    if cfg.use_cycle:
+        # T -> S -> T: D_T(D_Z(E_Z(E_S(x_TS)))) against x_T (Eq. 6)
+        mu_ts, _ = net.posterior(x_ts, "source")
+        terms["T_cyc"] = reconstruction(net.decode(mu_ts, "target"), xt)
+    if cfg.use_task:
+        # x_ST = D_T(D_Z(z_S)) is an input here: only Seg and E_Z learn from it (Eq. 7)
+        with torch.no_grad():
+            x_st = net.decode(z_s.detach(), "target")
+        mu_st, logvar_st = net.posterior(x_st, "target")
+        terms["task"] = seg_loss(net.seg(_sample(net, mu_st, logvar_st, gen)).float(), ys)
+    return terms, {"x_ts": x_ts}
+
+
+def routed_backward(net: VAEUDANet, weighted: Dict[str, torch.Tensor]) -> None:
+    """Accumulate into ``.grad`` the gradient of each term, restricted to the networks in ROUTES."""
+    groups: "OrderedDict[Tuple[str, ...], torch.Tensor]" = OrderedDict()
+    for name, value in weighted.items():
+        route = ROUTES[name]
+        groups[route] = value if route not in groups else groups[route] + value
+    items = list(groups.items())
+    for i, (route, loss) in enumerate(items):
+        params = [p for m in route for p in getattr(net, m).parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, retain_graph=i < len(items) - 1, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
+
+def disc_loss(net: VAEUDANet, real: torch.Tensor, fakes: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
+    """Disc: real source images against the union of generated source-domain images (detached)."""
+    loss = gan_loss(net.disc(real), True, mode)
+    fake = sum(gan_loss(net.disc(f.detach()), False, mode) for f in fakes) / len(fakes)
+    return loss + fake
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class Stage:
+    """What one training run does: which data, which terms, where it writes."""
+    name: str                     # "source" | "adapt" | "finetune"
+    source: SliceSet              # labelled slices (source MR, or labelled target for the oracle)
+    target: Optional[SliceSet]    # unlabelled target slices (adaptation only)
+    iterations: int
+    out: Path
+    meta: dict                    # metadata written into the model file
+    early_stop: Optional[int] = None
+    callback: Optional[Callable[[int, VAEUDANet], Optional[dict]]] = None
+
+
+def _batch(data: SliceSet, weights: torch.Tensor, b: int, gen: torch.Generator):
+    idx = torch.multinomial(weights, b, replacement=True, generator=gen)
+    x = data.images[idx]
+    y = data.labels[idx].long() if data.labels is not None else None
+    return x, y
+
+
+def checkpoint_path(out: Path) -> Path:
+    return Path(str(out) + ".ckpt")
+
+
+def _optimizers(net: VAEUDANet, cfg: TrainConfig):
+    gen_params = [p for m in GENERATOR_NETS for p in getattr(net, m).parameters()]
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(gen_params, **kw), torch.optim.Adam(net.disc.parameters(), **kw)
+
+
+def _optim_tensors(name: str, opt: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            out[f"optim.{name}.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _load_optim(name: str, opt: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: Dict[int, dict] = {}
+    prefix = f"optim.{name}."
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            idx, k = key[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[k] = value
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_checkpoint(path: Path, net, opts, gen: torch.Generator, iteration: int, history: list, meta: dict) -> None:
+    extra = {"rng.gen": gen.get_state()}
+    extra.update(_optim_tensors("gen", opts[0]))
+    extra.update(_optim_tensors("disc", opts[1]))
+    state = {"iteration": iteration, "history": history}
+    save_model(path, net, meta, extra_tensors=extra, extra_header={"train_state": json.dumps(state)})
+
+
+def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.device, seed: int,
+              resume: bool = False, reporter: Optional[Reporter] = None) -> dict:
+    """Train ``net`` for one stage, checkpointing as it goes, and write the model file ``stage.out``.
+
+    Returns the metadata written. Raises VaeudaError (keeping the last good checkpoint) if a
+    loss becomes NaN or infinite.
+    """
+    reporter = reporter or null_reporter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net.to(device).train()
+    opts = _optimizers(net, cfg)
+    history: List[dict] = []
+    start = 0
+    ckpt = checkpoint_path(stage.out)
+    if resume and ckpt.exists():
+        tensors, meta, header = read_tensors(ckpt)
+        if meta.get("stage") != stage.meta.get("stage"):
+            raise VaeudaError(f"{ckpt}: checkpoint is of the '{meta.get('stage')}' stage, not '{stage.meta.get('stage')}'.")
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        net.to(device)
+        _load_optim("gen", opts[0], tensors)
+        _load_optim("disc", opts[1], tensors)
+        gen.set_state(tensors["rng.gen"])
+        state = json.loads(header["train_state"])
+        start, history = int(state["iteration"]), list(state["history"])
+        reporter.log(f"resuming {stage.name} from iteration {start} ({ckpt})")
+
+    seg_loss = SegmentationLoss(cfg.class_weights).to(device)
+    weights = cfg.weights()
+    src_w = stage.source.sampling_weights(cfg.background_weight)
+    tgt_w = stage.target.sampling_weights() if stage.target is not None else None
+    use_cuda_bf16 = device.type == "cuda"
+    best: Optional[Tuple[float, dict, int]] = None
+    bad_evals = 0
+    ema: Optional[float] = None
+    good_checkpoint = ckpt if ckpt.exists() else None
+
+    reporter.stage(stage.name, stage.iterations)
+    reporter.step(start)
+    it = start
+    for it in range(start + 1, stage.iterations + 1):
+        xs, ys = _batch(stage.source, src_w, cfg.batch_size, gen)
+        xs, ys = augment_batch(xs, ys, cfg.augment, gen)
+        xs, ys = xs.to(device, non_blocking=True), ys.to(device, non_blocking=True)
+        xt = None
+        if stage.target is not None:
+            xt, _ = _batch(stage.target, tgt_w, cfg.batch_size, gen)
+            xt, _ = augment_batch(xt, None, cfg.augment, gen)
+            xt = xt.to(device, non_blocking=True)
+
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda_bf16):
+            terms, fakes = source_terms(net, xs, ys, seg_loss, gen)
+            if xt is not None:
+                mu_s_sample = _source_latent_sample(net, xs, gen) if cfg.use_task else None
+                t_terms, t_fakes = target_terms(net, xs, ys, xt, mu_s_sample, seg_loss, cfg, gen)
+                terms.update(t_terms)
+                fakes.update(t_fakes)
+
+            if cfg.use_adv:
+                # Disc first (on detached fakes), then its fresh opinion of the fakes for the generators.
+                d_loss = disc_loss(net, xs, list(fakes.values()), cfg.gan_mode)
+                opts[1].zero_grad(set_to_none=True)
+                d_loss.float().backward()
+                opts[1].step()
+                terms["S_adv"] = gan_loss(net.disc(fakes["x_ss"]), True, cfg.gan_mode)
+                if "x_ts" in fakes:
+                    terms["T_adv"] = gan_loss(net.disc(fakes["x_ts"]), True, cfg.gan_mode)
+
+        weighted = {k: weights[k] * v.float() for k, v in terms.items() if weights[k] > 0}
+        total = sum(weighted.values())
+        if not torch.isfinite(total):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+            where = (f"the last good checkpoint is kept at {good_checkpoint}" if good_checkpoint
+                     else "no checkpoint had been written yet")
+            raise VaeudaError(f"training diverged: loss {', '.join(bad) or 'total'} became NaN or infinite at "
+                              f"iteration {it} of the {stage.name} stage; {where}.")
+        opts[0].zero_grad(set_to_none=True)
+        routed_backward(net, weighted)
+        opts[0].step()
+
+        record = {k: round(float(v.detach()), 5) for k, v in terms.items()}
+        if it % 10 == 0 or it == stage.iterations:
+            reporter.step(it, loss=float(total.detach()), **{k: record[k] for k in ("seg", "task") if k in record})
+        if stage.target is not None and it % cfg.eval_every == 0:
+            proxy = float(terms.get("T_cyc", terms["T_rec"]))
+            ema = proxy if ema is None else 0.7 * ema + 0.3 * proxy
+            entry = {"iteration": it, "proxy": round(ema, 5), **record}
+            if stage.callback is not None:
+                extra = stage.callback(it, net)
+                net.train()
+                if extra:
+                    entry.update(extra)
+            history.append(entry)
+            if stage.early_stop:
+                if best is None or ema < best[0]:
+                    best, bad_evals = (ema, copy.deepcopy(net.state_dict()), it), 0
+                else:
+                    bad_evals += 1
+                    if bad_evals >= stage.early_stop:
+                        reporter.log(f"early stop at iteration {it}: the cycle-consistency proxy has not improved "
+                                     f"for {bad_evals} evaluations; keeping iteration {best[2]}")
+                        break
+        if it % cfg.checkpoint_every == 0 and it < stage.iterations:
+            save_checkpoint(ckpt, net, opts, gen, it, history, stage.meta)
+            good_checkpoint = ckpt
+    reporter.close()
+
+    if best is not None and stage.early_stop:
+        net.load_state_dict(best[1])
+        stage.meta["provenance"]["early_stopped_at"] = best[2]
+    stage.meta["provenance"]["iterations_done"] = it
+    stage.meta["history"] = history
+    net.eval()
+    save_model(stage.out, net, stage.meta)
+    if ckpt.exists():
+        ckpt.unlink()
+    return stage.meta
+
+
+def _source_latent_sample(net: VAEUDANet, xs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """z_S for x_ST, sampled without a graph (x_ST is an input to the task-consistency term)."""
+    with torch.no_grad():
+        mu, logvar = net.posterior(xs, "source")
+        return _sample(net, mu, logvar, gen)
+
+
+# ----------------------------------------------------------------------------- public stages
+
+def _base_meta(stage: str, preset: str, convention: Convention, normalisation: dict, cfg: TrainConfig,
+               seed: int, device: torch.device, provenance: dict) -> dict:
+    return {
+        "stage": stage, "preset": preset,
+        "labels": {"convention": convention.to_dict()},
+        "normalisation": normalisation, "train": cfg.to_dict(),
+        "has_target_encoder": stage == "adapted",
+        "provenance": {"seed": seed, "device": str(device), "torch": torch.__version__,
+                       "engine": __version__, "host": platform.node(),
+                       "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **provenance},
+    }
+
+
+def _train_config(overrides: Optional[dict], batch_size: Optional[int], preset: str) -> TrainConfig:
+    cfg = TrainConfig(batch_size=batch_size or DEFAULT_BATCH.get(preset, 8))
+    for k, v in (overrides or {}).items():
+        if not hasattr(cfg, k):
+            raise VaeudaError(f"unknown training option '{k}'.")
+        setattr(cfg, k, v)
+    if cfg.batch_size < 1:
+        raise VaeudaError("--batch-size must be at least 1.")
+    return cfg
+
+
+def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Optional[str] = None,
+                 iterations: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0,
+                 device: str = "auto", convention: Convention = MMWHS, normalisation: Optional[dict] = None,
+                 resume: bool = False, reporter: Optional[Reporter] = None, overrides: Optional[dict] = None) -> dict:
+    """Source stage: E_S, E_Z, D_Z, D_S, Seg minimise L^S_vae + L_seg + L^S_adv; Disc learns x_S vs x_SS."""
+    reporter = reporter or null_reporter()
+    dev = resolve_device(device)
+    if preset is None:
+        preset = "paper" if dev.type == "cuda" else "cpu"
+        reporter.log(f"no --preset given: using '{preset}' ({'CUDA GPU found' if dev.type == 'cuda' else 'no CUDA GPU'})")
+    net_cfg = get_preset(preset)
+    normalisation = normalisation or dict(DEFAULT_NORMALISATION)
+    torch.manual_seed(seed)
+    net = VAEUDANet(net_cfg)
+    reporter.log(f"reading {len(images)} labelled source volumes")
+    data = load_slices(images, net_cfg.input_size, normalisation, labels, convention)
+    cfg = _train_config(overrides, batch_size, preset)
+    if cfg.class_weights is None:
+        cfg.class_weights = class_weights_from(data.labels)
+    iters = iterations or DEFAULT_ITERATIONS[preset]["source"]
+    meta = _base_meta("source", preset, convention, normalisation, cfg, seed, dev,
+                      {"source_data": [str(Path(p).resolve()) for p in images],
+                       "source_labels": [str(Path(p).resolve()) for p in labels], "iterations": iters})
+    stage = Stage("source", data, None, iters, Path(out), meta)
+    return run_stage(net, stage, cfg, dev, seed, resume, reporter)
+
+
+def _load_for_stage(model_path, device: torch.device) -> Tuple[VAEUDANet, dict]:
+    tensors, meta, _ = read_tensors(model_path)
+    net = build_from_meta(model_path, meta)
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    return net, meta
+
+
+def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]]):
+    from .data import find_pairs
+    if source_data:
+        return find_pairs(source_data)
+    prov = meta.get("provenance", {})
+    images, labels = prov.get("source_data"), prov.get("source_labels")
+    if not images or not all(Path(p).exists() for p in images + labels):
+        raise VaeudaError(f"{model_path}: the labelled source volumes it was trained on are not at their recorded "
+                          f"paths; pass them with --source-data.")
+    return [(Path(i), Path(l)) for i, l in zip(images, labels)]
+
+
+def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] = None, seed: int = 0,
+          device: str = "auto", use_kl: bool = True, use_adv: bool = True, use_cycle: bool = True,
+          use_task: bool = True, slice_range: Optional[Tuple[int, int]] = None, early_stop: Optional[int] = None,
+          source_data: Optional[Sequence[str]] = None, batch_size: Optional[int] = None, resume: bool = False,
+          reporter: Optional[Reporter] = None, callback=None, overrides: Optional[dict] = None) -> dict:
+    """Adaptation stage (Eq. 8) on unlabelled target volumes, usually one."""
+    reporter = reporter or null_reporter()
+    dev = resolve_device(device)
+    net, src_meta = _load_for_stage(source_model, dev)
+    if src_meta.get("stage") != "source":
+        reporter.log(f"note: {source_model} is a '{src_meta.get('stage')}' model; adapting it anyway")
+    preset = src_meta["preset"]
+    convention = Convention.from_dict(src_meta["labels"]["convention"])
+    normalisation = src_meta["normalisation"]
+    size = net.cfg.input_size
+    pairs = _source_pairs(src_meta, source_model, source_data)
+    reporter.log(f"reading {len(pairs)} labelled source volumes and {len(targets)} target volume(s)")
+    source = load_slices([p[0] for p in pairs], size, normalisation, [p[1] for p in pairs], convention)
+    target = load_slices(list(targets), size, normalisation, slice_range=slice_range)
+    cfg = _train_config(overrides, batch_size, preset)
+    cfg.use_kl, cfg.use_adv, cfg.use_cycle, cfg.use_task = use_kl, use_adv, use_cycle, use_task
+    cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(source.labels))
+    net.copy_source_to_target()
+    iters = iterations or DEFAULT_ITERATIONS[preset]["adapt"]
+    meta = _base_meta("adapted", preset, convention, normalisation, cfg, seed, dev,
+                      {"source_model": str(Path(source_model).resolve()),
+                       "source_data": [str(p[0].resolve()) for p in pairs],
+                       "source_labels": [str(p[1].resolve()) for p in pairs],
+                       "target_data": [str(Path(t).resolve()) for t in targets],
+                       "slices": list(slice_range) if slice_range else None,
+                       "iterations": iters, "source_provenance": src_meta.get("provenance")})
+    stage = Stage("adapt", source, target, iters, Path(out), meta, early_stop=early_stop, callback=callback)
+    return run_stage(net, stage, cfg, dev, seed, resume, reporter)
+
+
+def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, iterations: Optional[int] = None,
+             seed: int = 0, device: str = "auto", batch_size: Optional[int] = None, resume: bool = False,
+             reporter: Optional[Reporter] = None) -> dict:
+    """The oracle: supervised fine-tuning of the source model on labelled target volumes.
+
+    The source path (E_S, E_Z, D_Z, D_S, Seg, with Disc) continues training with the target
+    images and labels, so the result segments with the source encoder.
+    """
+    reporter = reporter or null_reporter()
+    dev = resolve_device(device)
+    net, src_meta = _load_for_stage(source_model, dev)
+    preset = src_meta["preset"]
+    convention = Convention.from_dict(src_meta["labels"]["convention"])
+    normalisation = src_meta["normalisation"]
+    data = load_slices(images, net.cfg.input_size, normalisation, labels, convention)
+    cfg = _train_config(None, batch_size, preset)
+    cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(data.labels))
+    iters = iterations or DEFAULT_ITERATIONS[preset]["finetune"]
+    meta = _base_meta("finetuned", preset, convention, normalisation, cfg, seed, dev,
+                      {"source_model": str(Path(source_model).resolve()),
+                       "finetune_data": [str(Path(p).resolve()) for p in images], "iterations": iters})
+    stage = Stage("finetune", data, None, iters, Path(out), meta)
+    return run_stage(net, stage, cfg, dev, seed, resume, reporter)
