@@ -1,0 +1,118 @@
+"""volumes: every kind of bad input is refused with a VaeudaError naming the file, nothing half-written."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from vaeuda import volumes
+from vaeuda.errors import VaeudaError
+from vaeuda.labels import CONSECUTIVE, MMWHS
+from vaeuda.volumes import normalise, read_image, read_label, write_image, write_label
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nothing.nii.gz"
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: file or folder does not exist"):
+        read_image(path)
+
+
+def test_2d_image(tmp_path):
+    path = tmp_path / "flat.nrrd"
+    sitk.WriteImage(sitk.Image(5, 6, sitk.sitkInt16), str(path))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: expected a 3D scalar image, found a 2D image"):
+        read_image(path)
+
+
+def test_4d_image(tmp_path):
+    path = tmp_path / "series.nii.gz"
+    sitk.WriteImage(sitk.Image([4, 5, 6, 3], sitk.sitkFloat32), str(path))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: expected a 3D scalar image, found a 4D image"):
+        read_image(path)
+
+
+def test_vector_image(tmp_path):
+    path = tmp_path / "rgb.mha"
+    sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkVectorUInt8, 3), str(path))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: expected a 3D scalar image, found a vector image with 3"):
+        read_image(path)
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(b"\x1f\x8b this is not really gzip" * 10)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: cannot be read as an image"):
+        read_image(path)
+
+
+def test_empty_folder(tmp_path):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: folder holds no DICOM series"):
+        read_image(folder)
+
+
+def test_label_of_other_geometry(tmp_path, tmp_volume):
+    image_path = tmp_volume(np.zeros((6, 7, 8), np.float32), spacing=(1.0, 1.0, 2.0), name="img.nii.gz")
+    label_path = tmp_volume(np.zeros((6, 7, 9), np.uint8), spacing=(1.0, 1.0, 2.0), name="lab.nii.gz")
+    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(label_path))}: geometry does not match {re.escape(str(image_path))} "
+                                          r"\(size \(9, 7, 6\) vs \(8, 7, 6\)\)"):
+        read_label(label_path, MMWHS, reference=image_path)
+    shifted = tmp_volume(np.zeros((6, 7, 8), np.uint8), origin=(0.0, 0.5, 0.0), spacing=(1.0, 1.0, 2.0),
+                         name="shifted.nii.gz")
+    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(shifted))}: geometry does not match the image \(origin"):
+        read_label(shifted, MMWHS, reference=read_image(image_path))
+
+
+def test_unknown_label_values(tmp_volume):
+    path = tmp_volume(np.array([0, 1, 7], np.uint8).reshape(1, 1, 3), name="lab.nrrd")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: label values 7 are not in the 'consecutive'"):
+        read_label(path, CONSECUTIVE)
+    # Under MM-WHS, unknown values are background by definition.
+    assert sitk.GetArrayFromImage(read_label(path, MMWHS)).ravel().tolist() == [0, 0, 0]
+
+
+def test_unsupported_output_format_writes_nothing(tmp_path, tmp_volume):
+    path = tmp_path / "out.png"
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: cannot write '.png' files"):
+        write_image(tmp_volume(), path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_leaves_no_file(tmp_path, tmp_volume, monkeypatch):
+    target = tmp_path / "seg.nii.gz"
+    target_old = tmp_path / "old.nii.gz"
+    target_old.write_bytes(b"previous result")
+
+    def half_write(image, path, useCompression=False):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(volumes.sitk, "WriteImage", half_write)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(target))}: cannot be written \\(disk full\\)"):
+        write_image(tmp_volume(), target)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(target_old))}: cannot be written"):
+        write_label(tmp_volume(np.ones((2, 2, 2), np.uint8)), target_old, MMWHS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.nii.gz"]
+    assert target_old.read_bytes() == b"previous result"
+
+
+def test_inputs_are_not_modified(tmp_volume):
+    array = np.array([1.0, 2.0, 50.0], np.float32)
+    normalise(array)
+    assert array.tolist() == [1.0, 2.0, 50.0]
+    image = tmp_volume(np.arange(6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8), direction=(0, 0, 1, 1, 0, 0, 0, 1, 0))
+    before = sitk.GetArrayFromImage(image).copy(), image.GetDirection(), image.GetOrigin()
+    volumes.SliceGrid.from_image(image, 5).image_slices(image)
+    assert np.array_equal(sitk.GetArrayFromImage(image), before[0])
+    assert (image.GetDirection(), image.GetOrigin()) == before[1:]
+
+
+def test_bad_normalisation_recipes():
+    with pytest.raises(VaeudaError, match="normalisation method 'histogram' is unknown"):
+        normalise(np.zeros(3), {"method": "histogram"})
+    with pytest.raises(VaeudaError, match="range"):
+        normalise(np.zeros(3), {"method": "fixed", "range": [2.0, 2.0]})

@@ -1,0 +1,203 @@
+"""formats: the released PnP-AdaNet/SIFA .tfrecords and .npz files, read without TensorFlow."""
+from __future__ import annotations
+
+import re
+import struct
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from vaeuda.errors import VaeudaError
+from vaeuda.formats import crc32c, masked_crc32c, parse_example, read_npz, read_tfrecords, released_to_image
+from vaeuda.volumes import SliceGrid, normalise
+
+TFRECORDS = ["training_ct", "training_mr", "validation_ct", "validation_mr"]
+
+
+# --- a minimal tf.train.Example / TFRecord writer, to build test files --------------------------
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int64 -> two's complement, as protobuf does
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _example(features: dict) -> bytes:
+    entries = b""
+    for name, value in features.items():
+        if isinstance(value, bytes):
+            feature = _field(1, _field(1, value))  # bytes_list
+        else:
+            feature = _field(3, _field(1, b"".join(_varint(v) for v in value)))  # packed int64_list
+        entries += _field(1, _field(1, name.encode()) + _field(2, feature))
+    return _field(1, entries)
+
+
+def _record(payload: bytes) -> bytes:
+    length = struct.pack("<Q", len(payload))
+    return length + struct.pack("<I", masked_crc32c(length)) + payload + struct.pack("<I", masked_crc32c(payload))
+
+
+def _sample(image: np.ndarray, label: np.ndarray, **extra) -> bytes:
+    """image, label (H, W, 3) -> one serialised Example as the released files have them."""
+    features = {"data_vol": image.astype("<f4").tobytes(), "label_vol": label.astype("<f4").tobytes()}
+    for prefix, array in (("dsize_dim", image), ("lsize_dim", label)):
+        features.update({f"{prefix}{d}": [array.shape[d]] for d in range(3)})
+    features.update(extra)
+    return _example(features)
+
+
+# --- CRC and framing ---------------------------------------------------------------------------
+
+def test_crc32c_check_value_and_speed():
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert crc32c(b"") == 0
+    crc = crc32c(b"123456789")
+    assert masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) % 2 ** 32
+    start = time.perf_counter()
+    crc32c(bytes(1_600_000))
+    assert time.perf_counter() - start < 3.0  # one released record checks in well under this
+
+
+def test_synthetic_records_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.normal(size=(4, 6, 3)).astype(np.float32) for _ in range(2)]
+    labels = [np.stack([np.full((4, 6), 9.0), np.arange(24).reshape(4, 6) % 6, np.full((4, 6), 9.0)], -1)
+              for _ in range(2)]
+    path = tmp_path / "two.tfrecords"
+    path.write_bytes(b"".join(_record(_sample(i, l, bias_dim0=[-27])) for i, l in zip(images, labels)))
+    samples = read_tfrecords(path)
+    assert len(samples) == 2
+    for (image, label), raw_image in zip(samples, images):
+        assert image.dtype == np.float32 and image.shape == (3, 4, 6)
+        np.testing.assert_array_equal(image, raw_image.transpose(2, 0, 1))  # channels first
+        assert label.dtype == np.uint8 and label.shape == (4, 6)
+        # The middle channel (never the 9s of the others), with 5 -> background.
+        expected = np.arange(24).reshape(4, 6) % 6
+        expected[expected == 5] = 0
+        np.testing.assert_array_equal(label, expected)
+    assert parse_example(_sample(images[0], labels[0], bias_dim0=[-27]))["bias_dim0"] == [-27]
+
+
+def test_record_with_wrong_sizes_or_label_values_is_refused(tmp_path):
+    image = np.zeros((4, 6, 3), np.float32)
+    path = tmp_path / "bad.tfrecords"
+    path.write_bytes(_record(_sample(image, image, dsize_dim0=[5])))
+    with pytest.raises(VaeudaError, match=r"record 0 has 288 bytes of 'data_vol', not the 360"):
+        read_tfrecords(path)
+    label = np.full((4, 6, 3), 7.0)
+    path.write_bytes(_record(_sample(image, label)))
+    with pytest.raises(VaeudaError, match=r"record 0 label values 7 are outside 0..5"):
+        read_tfrecords(path)
+    path.write_bytes(_record(b"\x0a\xff\xff"))  # a length that runs past the end
+    with pytest.raises(VaeudaError, match="record 0 is not a valid tf.train.Example"):
+        read_tfrecords(path)
+
+
+# --- the released fixtures ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TFRECORDS)
+def test_released_tfrecords(mmwhs_samples, name):
+    samples = read_tfrecords(mmwhs_samples / f"{name}.tfrecords")
+    assert len(samples) == 1
+    image, label = samples[0]
+    assert image.shape == (3, 256, 256) and image.dtype == np.float32
+    assert label.shape == (256, 256) and label.dtype == np.uint8
+    assert -1.5 < image.min() < -1.0 and 1.5 < image.max() < 2.7  # README: z-scored, about -1.4 .. 2.7
+    assert set(np.unique(label)) <= {0, 1, 2, 3, 4} and label.max() > 0
+    assert not np.array_equal(image[0], image[1])  # three different slices, not one repeated
+    # The file's value 5 became background: zeros = raw zeros + raw fives of the middle channel.
+    raw = parse_example((mmwhs_samples / f"{name}.tfrecords").read_bytes()[12:-4])
+    raw_label = np.frombuffer(raw["label_vol"], "<f4").reshape(256, 256, 3)[:, :, 1]
+    assert 5 in raw_label
+    assert (label == 0).sum() == np.isin(raw_label, (0, 5)).sum()
+
+
+def test_corrupt_and_truncated_tfrecords_are_refused(mmwhs_samples, tmp_path):
+    blob = bytearray((mmwhs_samples / "validation_mr.tfrecords").read_bytes())
+    for where in (3, 12 + 500_000):  # in the length, then in the data
+        corrupt = bytearray(blob)
+        corrupt[where] ^= 0x10
+        path = tmp_path / f"corrupt_{where}.tfrecords"
+        path.write_bytes(bytes(corrupt))
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: record 0 fails its CRC check \\(file is corrupt\\)\\.$"):
+            read_tfrecords(path)
+    truncated = tmp_path / "truncated.tfrecords"
+    truncated.write_bytes(bytes(blob[:-100]))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(truncated))}: record 0 is truncated"):
+        read_tfrecords(truncated)
+    two_and_a_bit = tmp_path / "more.tfrecords"
+    two_and_a_bit.write_bytes(bytes(blob) * 2 + b"\x01\x02")
+    with pytest.raises(VaeudaError, match="record 2 is truncated"):
+        read_tfrecords(two_and_a_bit)
+    with pytest.raises(VaeudaError, match="does not exist"):
+        read_tfrecords(tmp_path / "absent.tfrecords")
+
+
+def test_released_npz_matches_the_same_sample_as_tfrecords(mmwhs_samples):
+    image, label = read_npz(mmwhs_samples / "example_mr.npz")
+    assert image.shape == (3, 256, 256) and image.dtype == np.float32
+    assert label.shape == (3, 256, 256) and label.dtype == np.uint8
+    assert set(np.unique(label)) <= {0, 1, 2, 3, 4}
+    # README: the npz is the training MR sample; two independent code paths must agree.
+    tf_image, tf_label = read_tfrecords(mmwhs_samples / "training_mr.tfrecords")[0]
+    np.testing.assert_array_equal(image, tf_image)
+    np.testing.assert_array_equal(label[1], tf_label)
+
+
+def test_bad_npz_files(tmp_path):
+    missing = tmp_path / "missing.npz"
+    np.savez(missing, image=np.zeros((4, 4, 2)))
+    with pytest.raises(VaeudaError, match=r"lacks the array\(s\) arr_0, arr_1 \(found image\)"):
+        read_npz(missing)
+    mismatched = tmp_path / "mismatched.npz"
+    np.savez(mismatched, np.zeros((4, 4, 2)), np.zeros((4, 4, 3)))
+    with pytest.raises(VaeudaError, match=r"same shape H x W x N, found \(4, 4, 2\) and \(4, 4, 3\)"):
+        read_npz(mismatched)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, np.array([{"a": 1}], dtype=object), np.zeros(1))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(pickled))}: is not a readable .npz file"):
+        read_npz(pickled)
+    not_zip = tmp_path / "text.npz"
+    not_zip.write_text("hello")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(not_zip))}: is not a readable .npz file"):
+        read_npz(not_zip)
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, np.zeros((2, 2, 1)), np.full((2, 2, 1), 2.5))
+    with pytest.raises(VaeudaError, match="arr_1 label values are not whole numbers"):
+        read_npz(labels)
+
+
+def test_released_slices_come_back_from_slice_grid_unchanged():
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(4, 256, 256)).astype(np.float32)
+    labels = rng.integers(0, 5, size=(4, 256, 256)).astype(np.uint8)
+    image, label = released_to_image(images, labels)
+    grid = SliceGrid.from_image(image, 256)
+    assert grid.n_slices == 4
+    recipe = {"method": "zscore", "clip_upper_percentile": 98.0, "clip_lower_percentile": None}
+    slices = grid.image_slices(image, recipe)
+    np.testing.assert_allclose(slices[:, 1], normalise(images, recipe), atol=1e-5)
+    np.testing.assert_allclose(slices[1:3, 0], normalise(images, recipe)[0:2], atol=1e-5)
+    np.testing.assert_array_equal(grid.label_slices(label), labels)
+
+
+def test_released_fixture_round_trip(mmwhs_samples):
+    images, labels = read_npz(mmwhs_samples / "example_mr.npz")
+    image, label = released_to_image(images, labels)
+    grid = SliceGrid.from_image(image, 256)
+    keep = {"method": "fixed", "range": [-1000.0, 1000.0]}  # v -> v / 1000, no clipping
+    np.testing.assert_allclose(grid.image_slices(image, keep)[:, 1] * 1000.0, images, atol=1e-3)
+    one_hot = (np.arange(5)[None, :, None, None] == grid.label_slices(label)[:, None]).astype(np.float16)
+    back = grid.scores_to_image(one_hot)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(label))

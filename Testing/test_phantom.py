@@ -1,0 +1,256 @@
+"""Tests of vaeuda.phantom: determinism, anatomy, MR/CT appearance, cohort files, atomicity."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from vaeuda import phantom
+from vaeuda.errors import VaeudaError
+
+TARGETS = (205, 420, 500, 820)
+DISTRACTORS = (550, 600, 850)
+SIZE = 48
+
+
+def arrays(subject):
+    return [sitk.GetArrayFromImage(img) for img in subject]
+
+
+@pytest.fixture(scope="module")
+def small_subjects():
+    """Two subjects of each modality at a small grid, with their tissue maps."""
+    return {(m, seed): phantom.simulate_subject(m, seed, SIZE) for m in phantom.MODALITIES for seed in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohorts") / "tiny"
+    splits = phantom.make_cohort(out, n_source=3, n_target=2, n_train=2, seed=4, size=24)
+    return out, splits
+
+
+# ---------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("modality", phantom.MODALITIES)
+def test_same_seed_gives_identical_arrays_and_other_seed_differs(modality):
+    first = arrays(phantom.make_subject(modality, 11, 32))
+    again = arrays(phantom.make_subject(modality, 11, 32))
+    other = arrays(phantom.make_subject(modality, 12, 32))
+    for a, b in zip(first, again):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert not np.array_equal(first[0], other[0])
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_cohort_mr_and_ct_are_different_subjects():
+    seeds = {(m, i): phantom.cohort_subject_seed(0, m, i) for m in phantom.MODALITIES for i in range(20)}
+    assert len(set(seeds.values())) == 40
+    assert phantom.cohort_subject_seed(0, "mr", 0) != phantom.cohort_subject_seed(1, "mr", 0)
+
+
+# ---------------------------------------------------------------- anatomy
+
+def test_every_subject_has_targets_and_distractors_in_single_pieces(small_subjects):
+    for (modality, seed), s in small_subjects.items():
+        label = sitk.GetArrayFromImage(s.label)
+        assert set(np.unique(label)) <= {0, *TARGETS, *DISTRACTORS}, (modality, seed)
+        for value in TARGETS + DISTRACTORS:
+            mask = label == value
+            assert mask.any(), (modality, seed, value)
+            assert ndimage.label(mask)[1] == 1, (modality, seed, value)
+        for value in TARGETS:  # visible in several coronal (fixed y) slices
+            assert (label == value).any(axis=(0, 2)).sum() >= 4, (modality, seed, value)
+
+
+def test_myocardium_wraps_the_lv_cavity(small_subjects):
+    # the cavity is open only at its base: most of its one-voxel rim is LV myocardium
+    for (modality, seed), s in small_subjects.items():
+        label = sitk.GetArrayFromImage(s.label)
+        cavity = label == 500
+        rim = ndimage.binary_dilation(cavity) & ~cavity
+        assert (label[rim] == 205).mean() > 0.6, (modality, seed)
+
+
+def test_same_subject_seed_is_the_same_body_in_both_modalities(small_subjects):
+    def lv_ml(s):
+        return (sitk.GetArrayFromImage(s.label) == 500).sum() * np.prod(s.label.GetSpacing()) / 1000
+
+    mr, ct = lv_ml(small_subjects[("mr", 0)]), lv_ml(small_subjects[("ct", 0)])
+    assert abs(mr - ct) / mr < 0.1
+
+
+def test_anatomy_keeps_its_size_in_mm_whatever_the_grid():
+    def lv_volume_ml(size):
+        label = phantom.make_subject("mr", 3, size)[1]
+        voxel_ml = np.prod(label.GetSpacing()) / 1000.0
+        return (sitk.GetArrayFromImage(label) == 500).sum() * voxel_ml
+
+    coarse, fine = lv_volume_ml(40), lv_volume_ml(80)
+    assert 40 < fine < 250  # an LV cavity, in mL
+    assert abs(coarse - fine) / fine < 0.15
+
+
+def test_image_and_label_share_geometry_and_types(small_subjects):
+    for s in small_subjects.values():
+        for other in (s.label, s.tissue):
+            assert other.GetSize() == s.image.GetSize() == (SIZE, SIZE, SIZE)
+            assert other.GetOrigin() == s.image.GetOrigin()
+            assert other.GetSpacing() == s.image.GetSpacing()
+            assert other.GetDirection() == s.image.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+        assert s.image.GetPixelID() == sitk.sitkFloat32
+        assert s.label.GetPixelID() == sitk.sitkUInt16
+    mr, ct = small_subjects[("mr", 0)].image, small_subjects[("ct", 0)].image
+    assert mr.GetOrigin() != ct.GetOrigin()
+    # CT covers a wider in-plane field of view than the heart-cropped MR
+    for seed in (0, 1):
+        mr, ct = small_subjects[("mr", seed)].image, small_subjects[("ct", seed)].image
+        assert ct.GetSize()[0] * ct.GetSpacing()[0] > mr.GetSize()[0] * mr.GetSpacing()[0]
+
+
+# ---------------------------------------------------------------- appearance (the domain shift)
+
+def medians(subject):
+    """Median intensity per tissue; soft tissues over their interior, away from partial volume."""
+    image, label, tissue = arrays((subject.image, subject.label, subject.tissue))
+
+    def interior(mask):
+        return np.median(image[ndimage.binary_erosion(mask)])
+
+    return {
+        "bone": np.median(image[tissue == phantom.BONE]),
+        "fat": interior(tissue == phantom.FAT),
+        "lung": interior(tissue == phantom.LUNG),
+        "lv_blood": interior(label == 500),
+        "myo": interior(label == 205),
+    }
+
+
+@pytest.mark.parametrize("seed", (0, 1))
+def test_ct_contrast_bone_brightest_fat_dark(small_subjects, seed):
+    m = medians(small_subjects[("ct", seed)])
+    assert m["bone"] > m["lv_blood"] > m["myo"] > m["fat"]
+    assert 200 < m["lv_blood"] < 450          # contrast-enhanced blood, HU
+    assert -950 < m["lung"] < -700            # aerated lung, HU
+    assert -160 < m["fat"] < -40
+
+
+@pytest.mark.parametrize("seed", (0, 1))
+def test_mr_contrast_blood_and_fat_bright_bone_dark(small_subjects, seed):
+    m = medians(small_subjects[("mr", seed)])
+    assert m["fat"] > m["lv_blood"] > m["myo"] > m["bone"]
+    assert m["lv_blood"] > 2 * m["myo"]        # bright-blood bSSFP
+    assert m["lung"] < 0.2 * m["lv_blood"]
+
+
+def test_mr_noise_is_rician_positive_and_ct_is_in_hounsfield_units(small_subjects):
+    mr = sitk.GetArrayFromImage(small_subjects[("mr", 1)].image)
+    ct = sitk.GetArrayFromImage(small_subjects[("ct", 1)].image)
+    assert mr.min() >= 0                       # magnitude image
+    assert ct.min() >= -1024 and ct.max() > 500
+    assert np.array_equal(ct, np.round(ct))    # integer HU stored as float32
+
+
+# ---------------------------------------------------------------- cohort files
+
+def test_cohort_files_and_splits(cohort):
+    out, splits = cohort
+    names = sorted(p.name for p in out.iterdir())
+    expected = sorted([f"mr_{i}_{kind}.nii.gz" for i in (1001, 1002, 1003) for kind in ("image", "label")]
+                      + [f"ct_{i}_{kind}.nii.gz" for i in (1001, 1002) for kind in ("image", "label")]
+                      + ["splits.json"])
+    assert names == expected
+    on_disk = json.loads((out / "splits.json").read_text())
+    assert on_disk == splits
+    assert on_disk["labels"] == "mmwhs" and on_disk["seed"] == 4
+    assert on_disk["generator"] == f"vaeuda.phantom {phantom.GENERATOR_VERSION}"
+    assert on_disk["mr"] == {"train": ["mr_1001", "mr_1002"], "test": ["mr_1003"]}
+    assert on_disk["ct"] == {"train": ["ct_1001", "ct_1002"], "test": []}
+    assert not list(out.parent.glob(".*part*"))
+
+
+def test_cohort_files_round_trip_make_subject(cohort):
+    out, _ = cohort
+    image, label = phantom.make_subject("ct", phantom.cohort_subject_seed(4, "ct", 1), 24)
+    read_image = sitk.ReadImage(str(out / "ct_1002_image.nii.gz"))
+    read_label = sitk.ReadImage(str(out / "ct_1002_label.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(read_image), sitk.GetArrayFromImage(image))
+    assert np.array_equal(sitk.GetArrayFromImage(read_label), sitk.GetArrayFromImage(label))
+    np.testing.assert_allclose(read_label.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(read_label.GetSpacing(), image.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(read_image.GetDirection(), np.eye(3).ravel(), atol=1e-6)
+
+
+def test_cohort_into_existing_file_fails_and_leaves_nothing(tmp_path):
+    target = tmp_path / "cohort"
+    target.write_text("not a folder")
+    with pytest.raises(VaeudaError, match="existing file"):
+        phantom.make_cohort(target, n_source=1, n_target=1, n_train=1, size=16)
+    assert target.read_text() == "not a folder"
+    assert [p.name for p in tmp_path.iterdir()] == ["cohort"]
+
+
+def test_cohort_failing_midway_leaves_no_folder(tmp_path, monkeypatch):
+    real = phantom.make_subject
+    calls = []
+
+    def flaky(modality, seed, size=None):
+        calls.append(modality)
+        if len(calls) == 3:
+            raise VaeudaError("simulated failure.")
+        return real(modality, seed, size)
+
+    monkeypatch.setattr(phantom, "make_subject", flaky)
+    with pytest.raises(VaeudaError, match="simulated"):
+        phantom.make_cohort(tmp_path / "cohort", n_source=2, n_target=2, n_train=1, size=16)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_source=2, n_target=2, n_train=3), "n_train"),
+    (dict(n_source=0, n_target=2, n_train=0), "at least one"),
+    (dict(n_source=2, n_target=2, n_train=1, size=8), "size"),
+    (dict(n_source=2, n_target=2, n_train=1, seed=-1), "seed"),
+])
+def test_cohort_rejects_bad_arguments(tmp_path, kwargs, message):
+    with pytest.raises(VaeudaError, match=message):
+        phantom.make_cohort(tmp_path / "c", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_subject_rejects_unknown_modality_and_bad_seed():
+    with pytest.raises(VaeudaError, match="Modality 'us'"):
+        phantom.make_subject("us", 0, 16)
+    with pytest.raises(VaeudaError, match="seed"):
+        phantom.make_subject("mr", -3, 16)
+
+
+# ---------------------------------------------------------------- preview
+
+def test_coronal_index_prefers_slices_with_more_structures():
+    label = np.zeros((5, 4, 6), dtype=np.uint16)
+    label[:, 1, :] = 500                        # many voxels, one structure
+    label[0, 2, 0], label[0, 2, 1], label[0, 2, 2] = 205, 420, 820  # three structures
+    label[1, 3, 0] = 205
+    assert phantom._coronal_index(label) == 2
+    # all four in y=0 and y=2; in y=0 the smallest (one voxel of LA) is smaller than in y=2
+    label[:] = 0
+    label[0, 0, :4] = label[1, 2, :4] = label[2, 2, :4] = (205, 420, 500, 820)
+    label[1, 0, :4] = (205, 205, 500, 820)
+    label[3:, 0, :] = 500                       # y=0 also has more voxels in total
+    assert phantom._coronal_index(label) == 2
+
+
+def test_save_preview_writes_a_png(cohort, tmp_path):
+    out, _ = cohort
+    png = tmp_path / "figs" / "preview.png"
+    phantom.save_preview(out, png, n=2)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 300 and height > 300          # 2 x 2 panels plus a legend
+    with pytest.raises(VaeudaError, match="no mr_"):
+        phantom.save_preview(tmp_path / "empty", tmp_path / "x.png")

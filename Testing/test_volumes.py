@@ -1,0 +1,286 @@
+"""volumes: I/O in each format, normalisation by hand, and the coronal slicing with its exact inverse."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from vaeuda.labels import CONSECUTIVE, MMWHS
+from vaeuda.volumes import (DEFAULT_NORMALISATION, Geometry, SliceGrid, geometry_mismatch, normalise,
+                            read_image, read_label, to_canonical, write_image, write_label)
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+# Image x -> physical -y, image y -> +z, image z -> -x: a permutation with flips.
+PERMUTED = (0.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def _rotation(axis, degrees) -> np.ndarray:
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    t = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k  # Rodrigues
+
+
+OBLIQUE = tuple((_rotation((1, 2, 3), 7.0) @ np.asarray(PERMUTED).reshape(3, 3)).ravel())
+
+
+def _phantom_labels(shape=(16, 24, 20), sheet: bool = True) -> np.ndarray:
+    """(z, y, x) uint8 class indices: two ellipsoids and (optionally) a one-voxel-thick sheet."""
+    z, y, x = np.indices(shape)
+    labels = np.zeros(shape, np.uint8)
+    labels[(x - 10) ** 2 / 40 + (y - 12) ** 2 / 50 + (z - 8) ** 2 / 20 < 1] = 1
+    labels[(x - 5) ** 2 / 10 + (y - 6) ** 2 / 20 + (z - 4) ** 2 / 8 < 1] = 2
+    if sheet:
+        labels[:, 3:20, 15] = 4
+    return labels
+
+
+def _one_hot(classes: np.ndarray, n_classes: int = 5) -> np.ndarray:
+    """(N, S, S) -> (N, C, S, S) float32."""
+    return (np.arange(n_classes)[None, :, None, None] == classes[:, None]).astype(np.float32)
+
+
+def _assert_same_geometry(image: sitk.Image, reference: sitk.Image) -> None:
+    assert image.GetSize() == reference.GetSize()
+    assert image.GetSpacing() == reference.GetSpacing()
+    assert image.GetOrigin() == reference.GetOrigin()
+    assert image.GetDirection() == reference.GetDirection()
+
+
+# --- coronal slicing and its inverse -----------------------------------------------------------
+
+@pytest.mark.parametrize("direction", [IDENTITY, PERMUTED, OBLIQUE], ids=["identity", "permuted", "oblique"])
+def test_label_round_trip_is_exact_when_slices_are_at_least_input_size(tmp_volume, direction):
+    labels = _phantom_labels()
+    image = tmp_volume(labels, spacing=(0.7, 1.3, 2.5), origin=(-10.0, 5.0, 30.0), direction=direction)
+    grid = SliceGrid.from_image(image, 32)  # every in-plane size here is <= 24
+    slices = grid.label_slices(image)
+    assert slices.shape == (grid.n_slices, 32, 32) and slices.dtype == np.uint8
+    back = grid.scores_to_image(_one_hot(slices))
+    _assert_same_geometry(back, image)
+    assert back.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), labels)
+
+
+@pytest.mark.parametrize("direction", [IDENTITY, OBLIQUE], ids=["identity", "oblique"])
+def test_label_round_trip_through_smaller_slices_keeps_geometry_and_almost_all_voxels(tmp_volume, direction):
+    labels = _phantom_labels(sheet=False)  # a one-voxel sheet cannot survive in-plane downsampling
+    image = tmp_volume(labels, spacing=(0.7, 1.3, 2.5), origin=(-10.0, 5.0, 30.0), direction=direction)
+    grid = SliceGrid.from_image(image, 12)
+    back = grid.scores_to_image(_one_hot(grid.label_slices(image)))
+    _assert_same_geometry(back, image)
+    agreement = (sitk.GetArrayFromImage(back) == labels).mean()
+    assert 0.97 < agreement < 1.0  # downsampling in-plane must lose a few boundary voxels, not more
+
+
+def test_slices_are_coronal_planes_rows_superior_to_inferior(tmp_volume):
+    # Direction: image x -> physical S, image y -> L, image z -> P. So canonical (L, P, S) axes
+    # are image (y, z, x), and coronal slice j is image plane z = j.
+    array = np.random.default_rng(0).uniform(0, 100, size=(5, 8, 8)).astype(np.float32)  # (z, y, x)
+    image = tmp_volume(array, spacing=(1.5, 0.8, 3.0), origin=(4.0, -2.0, 7.0),
+                       direction=(0, 1, 0, 0, 0, 1, 1, 0, 0))
+    grid = SliceGrid.from_image(image, 8)
+    assert grid.n_slices == 5
+    identity_map = {"method": "fixed", "range": [-100.0, 100.0]}  # v -> v / 100, no clipping here
+    slices = grid.image_slices(image, identity_map)
+    assert slices.shape == (5, 3, 8, 8) and slices.dtype == np.float32
+    for j in range(5):
+        # Slice column c is canonical x = image y = c; row r is superior first: image x = 7 - r.
+        expected = array[j].T[::-1] / 100.0
+        np.testing.assert_allclose(slices[j, 1], expected, atol=1e-6)
+    np.testing.assert_array_equal(slices[1:, 0], slices[:-1, 1])  # channel 0 is slice j-1
+    np.testing.assert_array_equal(slices[:-1, 2], slices[1:, 1])  # channel 2 is slice j+1
+    np.testing.assert_array_equal(slices[0, 0], slices[0, 1])  # edges repeat
+    np.testing.assert_array_equal(slices[-1, 2], slices[-1, 1])
+
+
+def test_image_slices_do_not_depend_on_the_input_orientation(tmp_volume):
+    array = np.random.default_rng(1).normal(size=(16, 24, 20)).astype(np.float32)
+    image = tmp_volume(array, spacing=(0.7, 1.3, 2.5), origin=(-10.0, 5.0, 30.0), direction=OBLIQUE)
+    canonical = to_canonical(image)
+    assert canonical.GetSize() != image.GetSize()  # the test is only worth it if axes moved
+    from_input = SliceGrid.from_image(image, 20).image_slices(image)
+    from_canonical = SliceGrid.from_image(canonical, 20).image_slices(canonical)
+    np.testing.assert_allclose(from_input, from_canonical, atol=1e-4)
+
+
+def test_scores_are_interpolated_before_the_argmax(tmp_volume):
+    """Class 1 never wins on the slice grid but wins between grid points: only per-class linear
+    interpolation of scores (not of hard labels) produces it there."""
+    image = tmp_volume(np.zeros((8, 5, 16), np.float32), spacing=(0.5, 2.0, 1.0))  # x has 2 voxels per grid column
+    grid = SliceGrid.from_image(image, 8)
+    scores = np.zeros((5, 3, 8, 8), np.float32)
+    scores[:, 0, :, 0::2] = 1.0
+    scores[:, 2, :, 1::2] = 1.0
+    scores[:, 1] = 0.8
+    assert set(np.unique(scores.argmax(1))) == {0, 2}
+    result = sitk.GetArrayFromImage(grid.scores_to_image(scores))
+    # Voxel x sits at grid column x/2 - 0.25: between columns the scores are 0.75/0.25 vs 0.8.
+    assert np.all(result[:, :, 1:15] == 1)
+    assert np.all(result[:, :, 0] == 0)  # the outermost voxels take the edge column
+    assert np.all(result[:, :, 15] == 2)
+    # Ties go to the lower class, as numpy's argmax does.
+    tied = sitk.GetArrayFromImage(grid.scores_to_image(np.full((5, 3, 8, 8), 0.5, np.float32)))
+    assert np.all(tied == 0)
+
+
+def test_scores_in_float16_chunks_give_the_same_result_as_one_array(tmp_volume):
+    image = tmp_volume(_phantom_labels(), spacing=(0.7, 1.3, 2.5), direction=PERMUTED)
+    grid = SliceGrid.from_image(image, 12)
+    scores = _one_hot(grid.label_slices(image)) + np.random.default_rng(2).uniform(0, 0.3, (grid.n_slices, 5, 12, 12))
+    scores = scores.astype(np.float16)
+    whole = sitk.GetArrayFromImage(grid.scores_to_image(scores))
+    backwards = [(start, scores[start:start + 3]) for start in range(0, grid.n_slices, 3)][::-1]
+    chunked = sitk.GetArrayFromImage(grid.scores_to_image(iter(backwards)))
+    np.testing.assert_array_equal(chunked, whole)
+    with pytest.raises(ValueError, match="missing"):
+        grid.scores_to_image(iter(backwards[1:]))
+    with pytest.raises(ValueError):
+        grid.scores_to_image(scores[:, :, :6])
+
+
+def test_slicing_refuses_a_volume_of_other_geometry(tmp_volume):
+    grid = SliceGrid.from_image(tmp_volume(spacing=(1.0, 1.0, 2.0)), 8)
+    from vaeuda.errors import VaeudaError
+    with pytest.raises(VaeudaError, match="spacing"):
+        grid.label_slices(tmp_volume(np.zeros((6, 7, 8), np.uint8)))
+
+
+def test_memory_stays_a_few_volumes_not_one_per_class(tmp_volume):
+    """numpy allocations only (tracemalloc does not see SimpleITK's buffers): the per-class loop
+    holds the running max, the argmax and a mask, far below 5 classes x one volume."""
+    image = tmp_volume(np.random.default_rng(3).random((96, 160, 160), dtype=np.float32), direction=PERMUTED)
+    grid = SliceGrid.from_image(image, 64)
+    volume_bytes = 96 * 160 * 160 * 4
+    scores = np.random.default_rng(4).random((grid.n_slices, 5, 64, 64), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        slices = grid.image_slices(image)
+        _, peak = tracemalloc.get_traced_memory()
+        assert peak < 2.0 * volume_bytes + slices.nbytes
+        del slices
+        tracemalloc.reset_peak()
+        grid.scores_to_image(scores)
+        _, peak = tracemalloc.get_traced_memory()
+        assert peak < 2.0 * volume_bytes
+    finally:
+        tracemalloc.stop()
+
+
+# --- normalisation -----------------------------------------------------------------------------
+
+def test_zscore_after_clipping_by_hand():
+    values = np.array([1, 2, 3, 4, 100], np.int16)
+    # 75th percentile of 5 sorted values is element 3 (= 4): clipped [1, 2, 3, 4, 4],
+    # mean 2.8, variance (3.24 + 0.64 + 0.04 + 1.44 + 1.44) / 5 = 1.36.
+    out = normalise(values, {"method": "zscore", "clip_upper_percentile": 75.0, "clip_lower_percentile": None})
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, (np.array([1, 2, 3, 4, 4]) - 2.8) / np.sqrt(1.36), rtol=1e-6)
+    # Both ends: 25th percentile is 2 -> [2, 2, 3, 4, 4], mean 3, variance 0.8.
+    out = normalise(values, {"method": "zscore", "clip_upper_percentile": 75.0, "clip_lower_percentile": 25.0})
+    np.testing.assert_allclose(out, np.array([-1, -1, 0, 1, 1]) / np.sqrt(0.8), rtol=1e-6)
+    # Default recipe clips at the 98th percentile: 4 + 0.92 * 96 = 92.32.
+    clipped = np.array([1, 2, 3, 4, 92.32])
+    np.testing.assert_allclose(normalise(values), (clipped - clipped.mean()) / clipped.std(), rtol=1e-5)
+    assert values.tolist() == [1, 2, 3, 4, 100]  # input untouched
+
+
+def test_minmax_fixed_and_constant_volumes():
+    values = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    np.testing.assert_allclose(normalise(values, {"method": "minmax"}), (values - 1) * 2 / 99 - 1, rtol=1e-6)
+    np.testing.assert_allclose(normalise(values, {"method": "fixed", "range": [0.0, 4.0]}),
+                               [-0.5, 0.0, 0.5, 1.0, 1.0])
+    mr = normalise(np.array([-1.8, 1.3, 4.4, 9.0]), {"method": "fixed", "range": [-1.8, 4.4]})
+    np.testing.assert_allclose(mr, [-1.0, 0.0, 1.0, 1.0], atol=1e-6)
+    for recipe in (DEFAULT_NORMALISATION, {"method": "minmax"}):
+        out = normalise(np.full((3, 4, 5), 7.0), recipe)
+        assert np.all(out == 0.0)
+
+
+# --- reading and writing -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_image_write_read_round_trip(tmp_path, tmp_volume, suffix):
+    image = tmp_volume(np.random.default_rng(5).normal(size=(6, 7, 8)).astype(np.float32),
+                       spacing=(0.7, 1.3, 2.5), origin=(-10.0, 5.0, 30.0), direction=PERMUTED)
+    path = write_image(image, tmp_path / f"out{suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out{suffix}"]  # no temporary left
+    back = read_image(path)
+    assert back.GetPixelID() == sitk.sitkFloat32
+    assert geometry_mismatch(back, image, rtol=1e-6) is None
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+
+
+def test_read_image_casts_to_float32_and_keeps_metadata(tmp_volume):
+    path = tmp_volume(np.arange(24, dtype=np.int16).reshape(2, 3, 4), name="ct.nrrd")
+    raw = sitk.ReadImage(str(path))
+    image = read_image(path)
+    assert image.GetPixelID() == sitk.sitkFloat32
+    assert sitk.GetArrayFromImage(image).tolist() == np.arange(24, dtype=np.float32).reshape(2, 3, 4).tolist()
+    assert raw.GetMetaDataKeys() and set(image.GetMetaDataKeys()) == set(raw.GetMetaDataKeys())
+
+
+def _write_dicom_series(folder, array, spacing, origin, series_uid):
+    """One file per slice, tags as in SimpleITK's DICOM series writing example."""
+    folder.mkdir(exist_ok=True)
+    image = sitk.GetImageFromArray(array.astype(np.int16))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    common = [("0008|0060", "CT"), ("0020|000e", series_uid), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+              ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|1053", "1"), ("0028|1052", "0")]
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        for tag, value in common:
+            plane.SetMetaData(tag, value)
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        plane.SetMetaData("0020|0032", "\\".join(f"{p:.6f}" for p in position))
+        plane.SetMetaData("0020|0013", str(k + 1))
+        plane.SetMetaData("0018|0050", f"{spacing[2]:.6f}")
+        plane.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
+        writer.SetFileName(str(folder / f"{series_uid[-4:]}_{k:03d}.dcm"))
+        writer.Execute(plane)
+
+
+def test_read_dicom_series_folder_takes_the_largest_series(tmp_path):
+    big = np.random.default_rng(6).integers(-500, 1500, size=(6, 10, 12))
+    small = np.zeros((3, 10, 12))
+    _write_dicom_series(tmp_path / "dcm", big, (0.7, 0.8, 2.5), (-3.0, 4.0, 5.0), "1.2.826.0.1.3680043.2.1125.2.1001")
+    _write_dicom_series(tmp_path / "dcm", small, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), "1.2.826.0.1.3680043.2.1125.2.2002")
+    image = read_image(tmp_path / "dcm")
+    assert image.GetSize() == (12, 10, 6)
+    assert image.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_allclose(image.GetSpacing(), (0.7, 0.8, 2.5), rtol=1e-5)
+    np.testing.assert_allclose(image.GetOrigin(), (-3.0, 4.0, 5.0), atol=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), big)
+
+
+def test_labels_read_encoded_and_written_decoded(tmp_path, tmp_volume):
+    raw = np.array([0, 205, 420, 500, 820, 550, 600, 850, 0], np.int16).reshape(1, 3, 3)
+    path = tmp_volume(raw, spacing=(0.5, 0.5, 2.0), origin=(1.0, 2.0, 3.0), name="lab.nii.gz")
+    reference = tmp_volume(np.zeros((1, 3, 3), np.float32), spacing=(0.5, 0.5, 2.0), origin=(1.0, 2.0, 3.0))
+    classes = read_label(path, MMWHS, reference=reference)
+    assert classes.GetPixelID() == sitk.sitkUInt8
+    assert sitk.GetArrayFromImage(classes).ravel().tolist() == [0, 1, 2, 3, 4, 0, 0, 0, 0]
+    out = write_label(classes, tmp_path / "again.nrrd", MMWHS)
+    written = sitk.ReadImage(str(out))
+    assert sitk.GetArrayFromImage(written).ravel().tolist() == [0, 205, 420, 500, 820, 0, 0, 0, 0]
+    _assert_same_geometry(written, classes)
+    write_label(classes, tmp_path / "consecutive.mha", CONSECUTIVE)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "consecutive.mha"))).ravel().tolist() == \
+        [0, 1, 2, 3, 4, 0, 0, 0, 0]
+
+
+def test_geometry_tolerance_is_relative():
+    a = sitk.Image(4, 5, 6, sitk.sitkUInt8)
+    a.SetSpacing((0.5, 0.5, 3.0))
+    b = sitk.Image(a)
+    b.SetSpacing((0.5 * (1 + 1e-6), 0.5, 3.0))
+    b.SetOrigin((1e-5, 0.0, 0.0))
+    assert geometry_mismatch(b, a) is None
+    b.SetOrigin((1e-2, 0.0, 0.0))
+    assert geometry_mismatch(b, a).startswith("origin")
+    assert Geometry.of(a).size == (4, 5, 6)

@@ -1,0 +1,284 @@
+"""Readers for the preprocessed MM-WHS slices that the PnP-AdaNet and SIFA authors released.
+
+No TensorFlow: the ``.tfrecords`` framing (with its CRC-32C checks) and the ``tf.train.Example``
+protobuf are parsed by hand, the ``.npz`` files with numpy (never unpickling).
+
+Released samples are coronal slices, 256 x 256, channel last on disk. Here they come back channels
+first: images ``(3, 256, 256)`` / ``(N, 256, 256)`` float32 as stored (already z-scored), labels
+``(256, 256)`` / ``(N, 256, 256)`` uint8 class indices 0..4. The released files carry a fifth
+structure, value 5, that the released loaders drop: it becomes background here too.
+:func:`released_to_image` stacks slices into a 3D volume so :class:`vaeuda.volumes.SliceGrid`
+cuts it back into the very same slices.
+"""
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import VaeudaError
+from .labels import SIFA_IGNORED_VALUE
+
+PathLike = Union[str, Path]
+
+# --- CRC-32C (Castagnoli), as TFRecord uses it ---------------------------------------------
+
+def _crc32c_table() -> Tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # reflected polynomial 0x1EDC6F41
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C of ``data`` (pure Python, table driven; about 1 s for 10 MB)."""
+    table = _CRC32C_TABLE
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The masked CRC that TFRecord stores: rotate right by 15 bits, add a constant (mod 2**32)."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _tfrecord_payloads(path: Path, blob: bytes) -> Iterator[bytes]:
+    """Each record's bytes; a record on disk is uint64 length, uint32 masked CRC of the length,
+    the bytes, uint32 masked CRC of the bytes (all little endian)."""
+    pos, index = 0, 0
+    while pos < len(blob):
+        if len(blob) - pos < 12:
+            raise VaeudaError(f"{path}: record {index} is truncated (file is incomplete).")
+        header = blob[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", blob[pos + 8:pos + 12])
+        if masked_crc32c(header) != header_crc:
+            raise VaeudaError(f"{path}: record {index} fails its CRC check (file is corrupt).")
+        start = pos + 12
+        end = start + length
+        if end + 4 > len(blob):
+            raise VaeudaError(f"{path}: record {index} is truncated (file is incomplete).")
+        payload = blob[start:end]
+        (payload_crc,) = struct.unpack("<I", blob[end:end + 4])
+        if masked_crc32c(payload) != payload_crc:
+            raise VaeudaError(f"{path}: record {index} fails its CRC check (file is corrupt).")
+        yield payload
+        pos, index = end + 4, index + 1
+
+
+# --- protobuf wire format, the little of it tf.train.Example needs -------------------------
+
+class _WireError(ValueError):
+    pass
+
+
+def _varint(buf: bytes, pos: int) -> Tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise _WireError("bad varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _fields(buf: bytes) -> Iterator[Tuple[int, int, Union[int, bytes]]]:
+    """(field number, wire type, value) of one message: int for varints, bytes otherwise."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > len(buf):
+                raise _WireError("field runs past the end")
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if pos + width > len(buf):
+                raise _WireError("field runs past the end")
+            value, pos = buf[pos:pos + width], pos + width
+        else:
+            raise _WireError(f"unsupported wire type {wire}")
+        yield number, wire, value
+
+
+def _int64s(buf: bytes) -> List[int]:
+    """Int64List{repeated int64 value = 1}, packed or not."""
+    out: List[int] = []
+    for number, wire, value in _fields(buf):
+        if number != 1:
+            continue
+        if wire == 0:
+            raws = [value]
+        elif wire == 2:
+            raws, pos = [], 0
+            while pos < len(value):
+                raw, pos = _varint(value, pos)
+                raws.append(raw)
+        else:
+            raise _WireError("bad int64 list")
+        out.extend(r - (1 << 64) if r >= 1 << 63 else r for r in raws)
+    return out
+
+
+def parse_example(payload: bytes) -> Dict[str, Union[bytes, List[int], List[float]]]:
+    """A serialised ``tf.train.Example`` -> {feature name: bytes (first bytes_list value) or list}.
+
+    Example{Features features = 1}; Features{map<string, Feature> feature = 1};
+    Feature{BytesList bytes_list = 1 | FloatList float_list = 2 | Int64List int64_list = 3}.
+    Raises ValueError on malformed input.
+    """
+    features: Dict[str, Union[bytes, List[int], List[float]]] = {}
+    for number, _, features_msg in _fields(payload):
+        if number != 1 or not isinstance(features_msg, bytes):
+            continue
+        for entry_number, _, entry in _fields(features_msg):
+            if entry_number != 1 or not isinstance(entry, bytes):
+                continue
+            name, feature = "", b""
+            for n, _, v in _fields(entry):
+                if n == 1 and isinstance(v, bytes):
+                    name = v.decode("utf-8")
+                elif n == 2 and isinstance(v, bytes):
+                    feature = v
+            for kind, _, lst in _fields(feature):
+                if not isinstance(lst, bytes):
+                    continue
+                if kind == 1:
+                    values = [v for n, _, v in _fields(lst) if n == 1]
+                    features[name] = values[0] if values else b""
+                elif kind == 2:
+                    floats: List[float] = []
+                    for n, w, v in _fields(lst):
+                        if n == 1 and isinstance(v, bytes):  # packed (wire 2) or single fixed32 (wire 5)
+                            floats.extend(np.frombuffer(v, "<f4").tolist())
+                    features[name] = floats
+                elif kind == 3:
+                    features[name] = _int64s(lst)
+    return features
+
+
+# --- the released files --------------------------------------------------------------------
+
+def _check_labels(path: Path, labels: np.ndarray, where: str) -> np.ndarray:
+    """Float or integer label values 0..5 -> uint8 class indices 0..4 (5 becomes background)."""
+    if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+        raise VaeudaError(f"{path}: {where} label values are not whole numbers.")
+    found = np.unique(labels)
+    bad = [int(v) for v in found if not 0 <= v <= SIFA_IGNORED_VALUE]
+    if bad:
+        raise VaeudaError(f"{path}: {where} label values {', '.join(map(str, bad[:8]))} are outside 0..{SIFA_IGNORED_VALUE}.")
+    classes = labels.astype(np.uint8)
+    classes[classes == SIFA_IGNORED_VALUE] = 0
+    return classes
+
+
+def _volume_feature(path: Path, index: int, features: dict, name: str, size_prefix: str) -> np.ndarray:
+    """Raw little-endian float32 bytes of feature ``name`` -> array of shape (dim0, dim1, dim2)."""
+    raw = features.get(name)
+    sizes = [features.get(f"{size_prefix}{d}") for d in range(3)]
+    if not isinstance(raw, bytes) or not all(isinstance(s, list) and len(s) == 1 for s in sizes):
+        raise VaeudaError(f"{path}: record {index} lacks '{name}' or its sizes {size_prefix}0..2.")
+    shape = tuple(int(s[0]) for s in sizes)
+    if min(shape) < 1 or len(raw) != 4 * int(np.prod(shape)):
+        raise VaeudaError(f"{path}: record {index} has {len(raw)} bytes of '{name}', "
+                          f"not the {4 * int(np.prod(shape))} that float32 {shape} needs.")
+    return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def read_tfrecords(path: PathLike) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Every sample of a released ``.tfrecords`` file, after checking both CRCs of each record.
+
+    Returns a list of ``(image, label)``: image ``(3, H, W)`` float32 (the 3 adjacent coronal
+    slices, channels first; 256 x 256 in the released files), label ``(H, W)`` uint8 class
+    indices 0..4 of the middle slice (the label's middle channel; value 5 -> 0).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VaeudaError(f"{path}: file does not exist.")
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise VaeudaError(f"{path}: cannot be read ({exc.strerror}).") from None
+    if not blob:
+        raise VaeudaError(f"{path}: file is empty.")
+    samples = []
+    for index, payload in enumerate(_tfrecord_payloads(path, blob)):
+        try:
+            features = parse_example(payload)
+        except (_WireError, UnicodeDecodeError):
+            raise VaeudaError(f"{path}: record {index} is not a valid tf.train.Example.") from None
+        data = _volume_feature(path, index, features, "data_vol", "dsize_dim")
+        label = _volume_feature(path, index, features, "label_vol", "lsize_dim")
+        if data.shape[:2] != label.shape[:2]:
+            raise VaeudaError(f"{path}: record {index} has image size {data.shape} but label size {label.shape}.")
+        middle = label[:, :, label.shape[2] // 2]
+        samples.append((np.ascontiguousarray(data.transpose(2, 0, 1)),
+                        _check_labels(path, middle, f"record {index}")))
+    return samples
+
+
+def read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
+    """A released ``.npz``: ``arr_0`` image and ``arr_1`` label, each ``(H, W, N)`` (N slices).
+
+    Returns image ``(N, H, W)`` float32 and label ``(N, H, W)`` uint8 class indices 0..4 (5 -> 0),
+    in the stored orientation (SIFA's evaluation flips its test volumes on both in-plane axes
+    before use; this reader does not).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VaeudaError(f"{path}: file does not exist.")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("arr_0", "arr_1") if k not in npz.files]
+            if missing:
+                raise VaeudaError(f"{path}: lacks the array(s) {', '.join(missing)} (found {', '.join(npz.files) or 'none'}).")
+            image, label = npz["arr_0"], npz["arr_1"]
+    except VaeudaError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise VaeudaError(f"{path}: is not a readable .npz file ({exc}).") from None
+    if image.ndim != 3 or image.shape != label.shape:
+        raise VaeudaError(f"{path}: expected arr_0 and arr_1 of the same shape H x W x N, found {image.shape} and {label.shape}.")
+    if image.dtype.kind not in "fiu" or label.dtype.kind not in "fiu":
+        raise VaeudaError(f"{path}: arr_0 and arr_1 must be numeric, found {image.dtype} and {label.dtype}.")
+    return (np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32),
+            _check_labels(path, np.ascontiguousarray(label.transpose(2, 0, 1)), "arr_1"))
+
+
+def released_to_image(images: np.ndarray, labels: np.ndarray) -> Tuple[sitk.Image, sitk.Image]:
+    """Stack released coronal slices into a 3D image and class-index label volume.
+
+    ``images`` ``(N, H, W)`` float, ``labels`` ``(N, H, W)`` class indices. The volume is in LPS
+    (identity direction), unit spacing, origin 0; slice ``j`` is coronal index ``y = j`` with its
+    rows running superior -> inferior and its columns along x, which is how
+    :class:`vaeuda.volumes.SliceGrid` cuts a volume: ``SliceGrid.from_image(image, W)`` with
+    ``H == W`` gives back exactly these slices. Returns (float32 image, uint8 label).
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.ndim != 3 or images.shape != labels.shape:
+        raise ValueError(f"images and labels must both be (N, H, W), got {images.shape} and {labels.shape}")
+    # numpy (z, y, x): z counts upwards (superior), the slices' rows downwards.
+    image = sitk.GetImageFromArray(np.ascontiguousarray(images.transpose(1, 0, 2)[::-1], dtype=np.float32))
+    label = sitk.GetImageFromArray(np.ascontiguousarray(labels.transpose(1, 0, 2)[::-1], dtype=np.uint8))
+    return image, label

@@ -1,0 +1,445 @@
+"""Volumes in and out: SimpleITK I/O, canonical orientation, normalisation, and coronal slicing.
+
+The model sees a volume as a stack of coronal slices (see ``Docs/engine-contract.md``, "Slices"):
+the volume is brought to LPS, each coronal (posterior-index) plane is resampled in-plane to
+``size x size`` with rows superior -> inferior and columns along the canonical x axis, and the
+planes either side of it become channels 0 and 2. :class:`SliceGrid` does this cut and its exact
+inverse: per-class scores on the slices go back onto the input's own grid, so a segmentation has
+exactly the input's origin, spacing, direction and size.
+
+Array conventions: ``sitk.GetArrayFromImage`` order, i.e. a 3D image of size ``(x, y, z)`` is a
+numpy array ``(z, y, x)``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import VaeudaError
+from .fileio import atomic_path, full_suffix
+from .labels import Convention
+
+PathLike = Union[str, Path]
+log = logging.getLogger(__name__)
+
+READ_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Single-file formats only: a two-file format (.mhd/.nhdr) written under a temporary name
+# would point at a data file that is not renamed with it.
+WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+
+# PnP-AdaNet recipe: clip the top 2% of the histogram, then z-score per volume.
+DEFAULT_NORMALISATION = {"method": "zscore", "clip_upper_percentile": 98.0, "clip_lower_percentile": None}
+
+CANONICAL_ORIENTATION = "LPS"
+
+
+# --- geometry --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a 3D image's voxels are: size (x, y, z), spacing, origin, direction (row-major 3x3)."""
+    size: Tuple[int, ...]
+    spacing: Tuple[float, ...]
+    origin: Tuple[float, ...]
+    direction: Tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()))
+
+    def stamp(self, image: sitk.Image) -> sitk.Image:
+        """Give ``image`` (same size) this geometry, in place; returns it."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def resampler(self, interpolator: int) -> sitk.ResampleImageFilter:
+        """A resample filter onto this grid (no reference image needs to be allocated)."""
+        f = sitk.ResampleImageFilter()
+        f.SetSize([int(s) for s in self.size])
+        f.SetOutputSpacing(self.spacing)
+        f.SetOutputOrigin(self.origin)
+        f.SetOutputDirection(self.direction)
+        f.SetInterpolator(interpolator)
+        # Samples a rounding error outside the input (the outermost half voxel) take the
+        # nearest value instead of 0.
+        f.SetUseNearestNeighborExtrapolator(True)
+        return f
+
+
+def geometry_mismatch(image: Union[sitk.Image, Geometry], reference: Union[sitk.Image, Geometry],
+                      rtol: float = 1e-4) -> Optional[str]:
+    """None when both lie on the same grid, else a short phrase such as ``"size (4, 5, 6) vs (4, 5, 7)"``.
+
+    Spacing is compared relatively, origin relative to the reference's largest spacing,
+    direction absolutely, all with tolerance ``rtol``.
+    """
+    a = image if isinstance(image, Geometry) else Geometry.of(image)
+    b = reference if isinstance(reference, Geometry) else Geometry.of(reference)
+    if a.size != b.size:
+        return f"size {a.size} vs {b.size}"
+    if not np.allclose(a.spacing, b.spacing, rtol=rtol, atol=0):
+        return f"spacing {_fmt(a.spacing)} vs {_fmt(b.spacing)}"
+    if not np.allclose(a.origin, b.origin, rtol=0, atol=rtol * max(b.spacing)):
+        return f"origin {_fmt(a.origin)} vs {_fmt(b.origin)}"
+    if not np.allclose(a.direction, b.direction, rtol=0, atol=rtol):
+        return f"direction {_fmt(a.direction)} vs {_fmt(b.direction)}"
+    return None
+
+
+def _fmt(values: Iterable[float]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+# --- reading and writing ---------------------------------------------------------------------
+
+def _read_any(path: Path) -> sitk.Image:
+    """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar."""
+    if not path.exists():
+        raise VaeudaError(f"{path}: file or folder does not exist.")
+    if path.is_dir():
+        image = _read_dicom_folder(path)
+    else:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError:
+            raise VaeudaError(f"{path}: cannot be read as an image (corrupt, or not one of "
+                              f"{', '.join(READ_SUFFIXES)}, or a DICOM folder).") from None
+    if image.GetDimension() != 3:
+        raise VaeudaError(f"{path}: expected a 3D scalar image, found a {image.GetDimension()}D image.")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise VaeudaError(f"{path}: expected a 3D scalar image, found a vector image with "
+                          f"{image.GetNumberOfComponentsPerPixel()} components per voxel.")
+    return image
+
+
+def _read_dicom_folder(path: Path) -> sitk.Image:
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)) or ()
+    except RuntimeError:
+        series = ()
+    if not series:
+        raise VaeudaError(f"{path}: folder holds no DICOM series.")
+    files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid) for sid in series}
+    chosen = max(series, key=lambda sid: len(files[sid]))
+    if len(series) > 1:
+        log.info("%s: %d DICOM series, reading the largest (%s, %d files)", path, len(series), chosen, len(files[chosen]))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files[chosen])
+    try:
+        return reader.Execute()
+    except RuntimeError:
+        raise VaeudaError(f"{path}: DICOM series {chosen} cannot be read (corrupt or incomplete).") from None
+
+
+def read_image(path: PathLike) -> sitk.Image:
+    """A 3D scalar image as float32, geometry and metadata kept.
+
+    ``path``: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), or a folder
+    holding a DICOM series (the largest series if there are several).
+    """
+    path = Path(path)
+    image = _read_any(path)
+    if image.GetPixelID() == sitk.sitkFloat32:
+        return image
+    try:
+        cast = sitk.Cast(image, sitk.sitkFloat32)
+    except RuntimeError:
+        raise VaeudaError(f"{path}: voxel type {image.GetPixelIDTypeAsString()} cannot be used as intensities.") from None
+    for key in image.GetMetaDataKeys():
+        cast.SetMetaData(key, image.GetMetaData(key))
+    return cast
+
+
+def read_label(path: PathLike, convention: Convention,
+               reference: Union[sitk.Image, PathLike, None] = None) -> sitk.Image:
+    """A label file as a uint8 class-index image (0 background, 1..4 structures).
+
+    Raw values are mapped with ``convention.encode`` (unknown values are refused or become
+    background, as the convention says). With ``reference`` (an image, or the path of one) the
+    label must lie on the same grid.
+    """
+    path = Path(path)
+    raw = _read_any(path)
+    if reference is not None:
+        if isinstance(reference, sitk.Image):
+            ref_image, ref_name = reference, "the image"
+        else:
+            ref_image, ref_name = _read_any(Path(reference)), str(reference)
+        mismatch = geometry_mismatch(raw, ref_image)
+        if mismatch:
+            raise VaeudaError(f"{path}: geometry does not match {ref_name} ({mismatch}).")
+    classes = convention.encode(sitk.GetArrayViewFromImage(raw), source=str(path))
+    out = sitk.GetImageFromArray(classes)
+    out.CopyInformation(raw)
+    return out
+
+
+def _checked_suffix(path: Path) -> str:
+    suffix = full_suffix(path).lower()
+    if suffix not in WRITE_SUFFIXES:
+        raise VaeudaError(f"{path}: cannot write '{suffix or 'no extension'}' files; use one of {', '.join(WRITE_SUFFIXES)}.")
+    return suffix
+
+
+def write_image(image: sitk.Image, path: PathLike) -> Path:
+    """Write ``image`` atomically (all or nothing); the format follows the extension
+    (.nii, .nii.gz, .nrrd, .mha). Returns the path."""
+    path = Path(path)
+    _checked_suffix(path)
+    try:
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+    except RuntimeError as exc:
+        raise VaeudaError(f"{path}: cannot be written ({str(exc).strip().splitlines()[-1]}).") from None
+    except OSError as exc:
+        raise VaeudaError(f"{path}: cannot be written ({exc.strerror}).") from None
+    return path
+
+
+def write_label(classes_image: sitk.Image, path: PathLike, convention: Convention) -> Path:
+    """Write a class-index image as the label-file values of ``convention``, same geometry."""
+    path = Path(path)
+    _checked_suffix(path)
+    classes = sitk.GetArrayViewFromImage(classes_image)
+    if classes.size and int(classes.max()) >= len(convention.from_index):
+        raise ValueError(f"class index {int(classes.max())} has no value in the '{convention.name}' convention")
+    out = sitk.GetImageFromArray(convention.decode(classes))
+    out.CopyInformation(classes_image)
+    return write_image(out, path)
+
+
+def to_canonical(image: sitk.Image) -> sitk.Image:
+    """The same voxels with axes permuted/flipped so that x, y, z point Left, Posterior, Superior
+    (the nearest such axes for an oblique image, whose small rotation stays in its direction)."""
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+# --- intensities -----------------------------------------------------------------------------
+
+def normalise(array: np.ndarray, recipe: Mapping = DEFAULT_NORMALISATION) -> np.ndarray:
+    """Intensity normalisation of a whole volume; returns a new float32 array of the same shape.
+
+    ``recipe["method"]``:
+      - ``"zscore"``: clip at the ``clip_lower_percentile`` / ``clip_upper_percentile``
+        percentiles (each optional, None = no clip), then subtract the mean, divide by the std.
+      - ``"minmax"``: the same optional clipping, then map [min, max] linearly to [-1, 1].
+      - ``"fixed"``: map ``recipe["range"] = [lo, hi]`` linearly to [-1, 1], then clip to [-1, 1]
+        (the SIFA loaders: MR (-1.8, 4.4), CT (-2.8, 3.2)).
+    A constant volume becomes all zeros.
+    """
+    method = recipe.get("method", "zscore")
+    if method not in ("zscore", "minmax", "fixed"):
+        raise VaeudaError(f"normalisation method '{method}' is unknown: use zscore, minmax or fixed.")
+    lower, upper = recipe.get("clip_lower_percentile"), recipe.get("clip_upper_percentile")
+    clip = None
+    if method != "fixed" and (lower is not None or upper is not None):
+        # Percentiles of the input before the copy below (np.percentile makes its own).
+        q = [0.0 if lower is None else float(lower), 100.0 if upper is None else float(upper)]
+        clip = np.percentile(array, q)
+    out = np.array(array, dtype=np.float32, copy=True)
+    if clip is not None:
+        np.clip(out, clip[0], clip[1], out=out)
+    if method == "fixed":
+        lo, hi = (float(v) for v in recipe["range"])
+        if not hi > lo:
+            raise VaeudaError(f"normalisation range {recipe['range']} is empty: it needs low < high.")
+        out -= lo
+        out *= 2.0 / (hi - lo)
+        out -= 1.0
+        return np.clip(out, -1.0, 1.0, out=out)
+    if method == "zscore":
+        mean, std = _mean_std(out)
+        out -= mean
+        if std > 0:
+            out /= std
+        return out
+    lo, hi = float(out.min()), float(out.max())
+    if hi > lo:
+        out -= lo
+        out *= 2.0 / (hi - lo)
+        out -= 1.0
+    else:
+        out[...] = 0.0
+    return out
+
+
+def _mean_std(values: np.ndarray, chunk: int = 1 << 18) -> Tuple[float, float]:
+    """Mean and standard deviation in float64, a chunk at a time (``np.std`` would make a
+    float64 temporary twice the size of a float32 volume)."""
+    flat = values.reshape(-1)
+    mean = float(flat.mean(dtype=np.float64))
+    squares = 0.0
+    for start in range(0, flat.size, chunk):
+        deviation = flat[start:start + chunk].astype(np.float64) - mean
+        squares += float(np.dot(deviation, deviation))
+    return mean, (squares / max(flat.size, 1)) ** 0.5
+
+
+# --- coronal slicing -------------------------------------------------------------------------
+
+ScoreChunks = Iterable[Tuple[int, np.ndarray]]
+
+
+class SliceGrid:
+    """How one volume is cut into model input slices and how predictions go back.
+
+    ``original``: the input's grid. ``canonical``: the same voxels in LPS. ``grid``: the slice
+    grid, in the canonical frame: the same y samples (one coronal slice per canonical y index,
+    ``n_slices`` of them) and ``size`` samples spanning the same physical extent along x and z.
+    Slice ``j`` is grid plane ``y = j`` as a ``(size, size)`` array, rows = z from superior to
+    inferior, columns = x.
+    """
+
+    def __init__(self, original: Geometry, canonical: Geometry, grid: Geometry, size: int):
+        self.original, self.canonical, self.grid, self.size = original, canonical, grid, int(size)
+        self.n_slices = int(grid.size[1])
+
+    @classmethod
+    def from_image(cls, image: sitk.Image, size: int) -> "SliceGrid":
+        """The slice grid of ``image`` (3D) for ``size x size`` model slices."""
+        if image.GetDimension() != 3:
+            raise ValueError(f"SliceGrid needs a 3D image, got {image.GetDimension()}D")
+        if int(size) < 1:
+            raise ValueError(f"slice size must be positive, got {size}")
+        # Only the canonical geometry is needed: orient a uint8 stand-in on the same grid
+        # (a quarter of the memory of a float image), as label_slices/scores_to_image orient.
+        stand_in = sitk.Image([int(s) for s in image.GetSize()], sitk.sitkUInt8)
+        stand_in.CopyInformation(image)
+        canonical = Geometry.of(to_canonical(stand_in))
+        del stand_in
+        nx, ny, nz = canonical.size
+        sx, sy, sz = canonical.spacing
+        gx, gz = nx * sx / size, nz * sz / size  # same extent (voxel edge to voxel edge)
+        # First grid sample in canonical continuous index: half a grid voxel in from the edge.
+        first = (-0.5 + 0.5 * gx / sx, 0.0, -0.5 + 0.5 * gz / sz)
+        direction = np.asarray(canonical.direction).reshape(3, 3)
+        origin = np.asarray(canonical.origin) + direction @ (np.asarray(first) * np.asarray(canonical.spacing))
+        grid = Geometry((int(size), ny, int(size)), (gx, sy, gz), tuple(float(v) for v in origin),
+                        canonical.direction)
+        return cls(Geometry.of(image), canonical, grid, size)
+
+    # ---- volume -> slices
+
+    def _check(self, image: sitk.Image, what: str) -> None:
+        mismatch = geometry_mismatch(image, self.original)
+        if mismatch:
+            raise VaeudaError(f"{what}: geometry does not match the image the slice grid was made for ({mismatch}).")
+
+    def _to_grid(self, image: sitk.Image, interpolator: int) -> np.ndarray:
+        """Image (any orientation: resampling works in physical space) -> grid array
+        (size, n_slices, size), i.e. (z, y, x)."""
+        return sitk.GetArrayFromImage(self.grid.resampler(interpolator).Execute(image))
+
+    @staticmethod
+    def _planes(grid_array: np.ndarray) -> np.ndarray:
+        """Grid array (z, y, x) -> coronal planes (n_slices, size, size), rows superior -> inferior (a view)."""
+        return grid_array[::-1].swapaxes(0, 1)
+
+    def image_slices(self, image: sitk.Image, normalisation: Mapping = DEFAULT_NORMALISATION) -> np.ndarray:
+        """Model input ``(n_slices, 3, size, size)`` float32: channel 1 is coronal slice ``j``,
+        channels 0 and 2 its neighbours ``j-1`` and ``j+1`` (edges repeat). The whole volume is
+        normalised with ``normalisation`` (see :func:`normalise`) before it is resampled
+        (linearly) and cut."""
+        self._check(image, "image")
+        values = normalise(sitk.GetArrayViewFromImage(image), normalisation)
+        normalised = sitk.GetImageFromArray(values)
+        del values
+        normalised.CopyInformation(image)
+        # Resampled straight from the input's own grid: trilinear interpolation does not depend
+        # on axis order or direction, so this equals resampling the LPS copy, minus the copy.
+        grid_array = self._to_grid(normalised, sitk.sitkLinear)
+        del normalised
+        n = self.n_slices
+        out = np.empty((n, 3, self.size, self.size), dtype=np.float32)
+        planes = self._planes(grid_array)
+        out[:, 1] = planes
+        out[1:, 0] = planes[:-1]
+        out[0, 0] = planes[0]
+        out[:-1, 2] = planes[1:]
+        out[-1, 2] = planes[-1]
+        return out
+
+    def label_slices(self, classes_image: sitk.Image) -> np.ndarray:
+        """Training targets ``(n_slices, size, size)`` uint8: the class-index image cut like
+        :meth:`image_slices` (middle slice only), nearest-neighbour resampled."""
+        self._check(classes_image, "label")
+        canonical = to_canonical(sitk.Cast(classes_image, sitk.sitkUInt8))
+        grid_array = self._to_grid(canonical, sitk.sitkNearestNeighbor)
+        return np.ascontiguousarray(self._planes(grid_array))
+
+    # ---- scores -> volume
+
+    def _score_volumes(self, scores: Union[np.ndarray, ScoreChunks]):
+        """(number of classes, function class -> grid array (z, y, x) of that class's scores)."""
+        n, s = self.n_slices, self.size
+        if isinstance(scores, np.ndarray):
+            if scores.ndim != 4 or scores.shape[0] != n or scores.shape[2:] != (s, s):
+                raise ValueError(f"scores must be ({n}, C, {s}, {s}), got {scores.shape}")
+
+            def class_volume(c: int) -> np.ndarray:
+                grid = np.empty((s, n, s), dtype=np.float32)
+                grid[::-1] = scores[:, c].swapaxes(0, 1)  # (n, rows, x) -> (rows, n, x), rows flipped to z
+                return grid
+            return scores.shape[1], class_volume
+
+        # Chunks arrive once, in any order: gather them in grid layout, class first,
+        # keeping their dtype (float16 halves the memory).
+        buffer = None
+        seen = np.zeros(n, dtype=bool)
+        for start, batch in scores:
+            batch = np.asarray(batch)
+            if batch.ndim != 4 or batch.shape[2:] != (s, s) or not 0 <= start <= n - batch.shape[0]:
+                raise ValueError(f"score chunk at {start} of shape {batch.shape} does not fit ({n}, C, {s}, {s})")
+            if buffer is None:
+                dtype = np.float16 if batch.dtype == np.float16 else np.float32
+                buffer = np.zeros((batch.shape[1], s, n, s), dtype=dtype)
+            elif batch.shape[1] != buffer.shape[0]:
+                raise ValueError(f"score chunk at {start} has {batch.shape[1]} classes, earlier ones {buffer.shape[0]}")
+            stop = start + batch.shape[0]
+            buffer[:, ::-1, start:stop, :] = batch.transpose(1, 2, 0, 3)  # (b, C, rows, x) -> (C, rows, b, x)
+            seen[start:stop] = True
+        if buffer is None or not seen.all():
+            missing = np.flatnonzero(~seen)
+            raise ValueError(f"scores for {missing.size} of {n} slices are missing (first: {missing[:1].tolist()})")
+        return buffer.shape[0], lambda c: buffer[c].astype(np.float32)
+
+    def scores_to_image(self, scores: Union[np.ndarray, ScoreChunks]) -> sitk.Image:
+        """Per-class scores on the slices -> uint8 class-index image on exactly the input grid.
+
+        ``scores``: ``(n_slices, C, size, size)`` float (float16 or float32: probabilities or
+        logits), or an iterable of ``(start_slice, (b, C, size, size))`` chunks covering every
+        slice once. Each class is resampled linearly onto the canonical grid in turn while a
+        running max/argmax is kept, so memory holds a few input-sized volumes, not C of them.
+        The argmax is then put back on the input's own grid (a permutation/flip: exact).
+        """
+        n_classes, class_volume = self._score_volumes(scores)
+        to_canonical_grid = self.canonical.resampler(sitk.sitkLinear)
+        best = labels = None
+        for c in range(n_classes):
+            grid_image = self.grid.stamp(sitk.GetImageFromArray(class_volume(c)))
+            resampled_image = to_canonical_grid.Execute(grid_image)
+            del grid_image
+            if best is None:
+                best = sitk.GetArrayFromImage(resampled_image)  # owns its memory: it is updated in place
+                labels = np.zeros(best.shape, dtype=np.uint8)
+            else:
+                resampled = sitk.GetArrayViewFromImage(resampled_image)
+                better = resampled > best  # strict: ties keep the lower class
+                labels[better] = c
+                np.maximum(best, resampled, out=best)
+                del resampled, better
+            del resampled_image
+        del best
+        canonical_labels = self.canonical.stamp(sitk.GetImageFromArray(labels))
+        del labels
+        # Canonical voxel centres coincide with the input's, so nearest neighbour is exact,
+        # and it also handles oblique directions, for which DICOMOrient only picks the nearest axes.
+        return self.original.resampler(sitk.sitkNearestNeighbor).Execute(canonical_labels)
