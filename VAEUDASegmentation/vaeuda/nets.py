@@ -40,6 +40,7 @@ class NetConfig:
     n_res_shared: int = 1            # residual blocks in the trunk of E_Z (before the mu/logvar branches)
     n_res_branch: int = 2            # the last blocks of E_Z, one copy for mu and one for logvar
     n_res_dec_shared: int = 2        # residual blocks in D_Z
+    dec_kernel: int = 5              # kernel of the upsampling convolutions in D_S/D_T (UNIT: 5)
     drn_channels: Tuple[int, ...] = (16, 32, 64, 128, 256, 512, 512, 512)
     drn_layers: Tuple[int, ...] = (1, 1, 2, 2, 2, 2, 1, 1)
     drn_strides: Tuple[int, ...] = (1, 1, 1, 2, 1, 1, 1, 1)   # the latent is already /4: one more stride gives DRN's output stride 8
@@ -73,11 +74,11 @@ PRESETS: Dict[str, NetConfig] = {
     # As the paper: 3 x 256 x 256 slices, UNIT widths, DRN-C-26 widths.
     "paper": NetConfig(),
     # Small enough that `make demo` trains, adapts and evaluates in minutes on 2 CPU cores.
-    "cpu": NetConfig(input_size=64, base=16, disc_base=16, disc_layers=3, disc_scales=2,
+    "cpu": NetConfig(input_size=64, base=16, dec_kernel=3, disc_base=16, disc_layers=3, disc_scales=2,
                      drn_channels=(16, 16, 32, 32, 64, 64, 64, 64),
                      drn_strides=(1, 1, 1, 1, 1, 1, 1, 1)),
     # For tests only: seconds per run.
-    "tiny": NetConfig(input_size=32, base=4, n_res_dec_shared=1, disc_base=4, disc_layers=2, disc_scales=2,
+    "tiny": NetConfig(input_size=32, base=4, n_res_dec_shared=1, dec_kernel=3, disc_base=4, disc_layers=2, disc_scales=2,
                       drn_channels=(4, 4, 8, 8, 8, 8, 8, 8), drn_strides=(1, 1, 1, 1, 1, 1, 1, 1)),
 }
 
@@ -165,7 +166,8 @@ class SharedDecoder(nn.Module):
 class DomainDecoder(nn.Module):
     """D_S or D_T: h (B, C, s, s) -> image (B, in_ch, S, S).
 
-    Upsampling is nearest-neighbour x2 then a 5x5 convolution (UNIT), which avoids the
+    Upsampling is nearest-neighbour x2 then a 5x5 convolution (UNIT; 3x3 in the ``cpu``
+    preset, which halves the decoder's cost), which avoids the
     checkerboard of transposed convolutions. The output is linear: images are z-scored, not in [-1, 1].
     """
 
@@ -174,7 +176,7 @@ class DomainDecoder(nn.Module):
         ch = cfg.latent_channels
         layers: List[nn.Module] = [ResBlock(ch) for _ in range(cfg.n_res_domain)]
         for _ in range(cfg.n_down):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv_block(ch, ch // 2, 5)]
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv_block(ch, ch // 2, cfg.dec_kernel)]
             ch //= 2
         layers.append(_conv_block(ch, cfg.in_channels, 7, norm=False, act=False))
         self.net = nn.Sequential(*layers)

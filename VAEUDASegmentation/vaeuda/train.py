@@ -118,13 +118,13 @@ def _sample(net: VAEUDANet, mu: torch.Tensor, logvar: torch.Tensor, gen: torch.G
 
 def source_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, seg_loss: SegmentationLoss,
                  gen: torch.Generator) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Eq. 1-2 on a source batch xs (B, 3, S, S), ys (B, S, S) -> (terms, images for Disc)."""
+    """Eq. 1-2 on a source batch xs (B, 3, S, S), ys (B, S, S) -> (terms, {"x_ss": for Disc, "z_s": the sample})."""
     mu, logvar = net.posterior(xs, "source")
     z = _sample(net, mu, logvar, gen)
     x_ss = net.decode(z, "source")
     terms = {"S_rec": reconstruction(x_ss, xs), "S_kl": kl_to_standard_normal(mu, logvar),
              "seg": seg_loss(net.seg(z).float(), ys)}
-    return terms, {"x_ss": x_ss}
+    return terms, {"x_ss": x_ss, "z_s": z}
 
 
 def target_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, z_s: torch.Tensor,
@@ -284,9 +284,9 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
 
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda_bf16):
             terms, fakes = source_terms(net, xs, ys, seg_loss, gen)
+            z_s = fakes.pop("z_s")
             if xt is not None:
-                mu_s_sample = _source_latent_sample(net, xs, gen) if cfg.use_task else None
-                t_terms, t_fakes = target_terms(net, xs, ys, xt, mu_s_sample, seg_loss, cfg, gen)
+                t_terms, t_fakes = target_terms(net, xs, ys, xt, z_s, seg_loss, cfg, gen)
                 terms.update(t_terms)
                 fakes.update(t_fakes)
 
@@ -349,13 +349,6 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     if ckpt.exists():
         ckpt.unlink()
     return stage.meta
-
-
-def _source_latent_sample(net: VAEUDANet, xs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """z_S for x_ST, sampled without a graph (x_ST is an input to the task-consistency term)."""
-    with torch.no_grad():
-        mu, logvar = net.posterior(xs, "source")
-        return _sample(net, mu, logvar, gen)
 
 
 # ----------------------------------------------------------------------------- public stages

@@ -1,0 +1,84 @@
+"""Model files: round trip, and refusal of files that are not ours, damaged or unsafe."""
+import json
+import pickle
+
+import pytest
+import torch
+
+from vaeuda.errors import VaeudaError
+from vaeuda.modelfile import load_model, read_tensors, save_model
+from vaeuda.nets import VAEUDANet, get_preset
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    net = VAEUDANet(get_preset("tiny"))
+    path = tmp_path / "m.safetensors"
+    save_model(path, net, {"stage": "source", "preset": "tiny", "normalisation": {"method": "zscore"}})
+    return net, path
+
+
+def test_round_trip_gives_identical_networks(saved):
+    net, path = saved
+    loaded, meta = load_model(path)
+    assert meta["stage"] == "source" and meta["config"] == net.cfg.to_dict()
+    for (k1, v1), (k2, v2) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    x = torch.randn(1, 3, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net.segment_logits(x, "source"), loaded.segment_logits(x, "source"))
+
+
+def test_pickled_file_is_refused_without_unpickling(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("open(r'%s', 'w').write('pwned')" % (tmp_path / "pwned"),))
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"net": Boom()}))
+    with pytest.raises(VaeudaError, match="not a VAE-UDA model file"):
+        load_model(path)
+    assert not (tmp_path / "pwned").exists()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "torch.pt")
+    with pytest.raises(VaeudaError, match="not a VAE-UDA model file"):
+        load_model(tmp_path / "torch.pt")
+
+
+def test_foreign_safetensors_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(3)}, str(path))
+    with pytest.raises(VaeudaError, match="without the 'vaeuda-model' metadata"):
+        load_model(path)
+
+
+def test_tampered_weights_are_refused(saved):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF                        # flip bits inside the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(VaeudaError, match="checksum"):
+        load_model(path)
+
+
+def test_truncated_file_is_refused(saved):
+    _, path = saved
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(VaeudaError, match="not a VAE-UDA model file"):
+        load_model(path)
+
+
+def test_newer_format_version_is_refused(saved, tmp_path):
+    from safetensors.torch import save_file
+    tensors, meta, header = read_tensors(saved[1])
+    header = dict(header, format_version="99")
+    path = tmp_path / "future.safetensors"
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(VaeudaError, match="format version 99 is not supported"):
+        load_model(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(VaeudaError, match="model file not found"):
+        load_model(tmp_path / "nope.safetensors")

@@ -1,0 +1,119 @@
+"""The method end to end through the command line at tiny size, and the training guarantees."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from vaeuda import train as train_mod
+from vaeuda.cli import main
+from vaeuda.errors import VaeudaError
+from vaeuda.modelfile import load_model, read_tensors
+from vaeuda.train import checkpoint_path, train_source
+
+
+def test_cli_end_to_end(tiny_cohort, tmp_path, capsys):
+    c = tiny_cohort
+    src, ada, ora = tmp_path / "src.safetensors", tmp_path / "ada.safetensors", tmp_path / "ora.safetensors"
+    assert main(["train-source", "--preset", "tiny", "--iterations", "3", "--out", str(src), "--progress", "none",
+                 "--device", "cpu", str(c / "mr_1001_image.nii.gz")]) == 0
+    assert main(["adapt", "--model", str(src), "--out", str(ada), "--iterations", "3", "--progress", "json",
+                 str(c / "ct_1001_image.nii.gz")]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert lines[-1] == {"event": "done", "outputs": [str(ada)]}
+    assert any(l["event"] == "progress" and l["step"] == 3 for l in lines)
+    assert main(["finetune", "--model", str(src), "--out", str(ora), "--iterations", "2", "--progress", "none",
+                 str(c / "ct_1001_image.nii.gz")]) == 0
+    _, meta = load_model(ada)
+    assert meta["stage"] == "adapted" and meta["has_target_encoder"] is True
+    assert meta["provenance"]["target_data"] == [str((c / "ct_1001_image.nii.gz").resolve())]
+    assert load_model(src)[1]["has_target_encoder"] is False
+    assert load_model(ora)[1]["stage"] == "finetuned"
+
+    out = tmp_path / "seg"
+    assert main(["segment", "--model", str(ada), "--out", str(out), "--progress", "none",
+                 str(c / "ct_1002_image.nii.gz")]) == 0
+    seg_path = out / "ct_1002_image_seg.nii.gz"
+    seg, image = sitk.ReadImage(str(seg_path)), sitk.ReadImage(str(c / "ct_1002_image.nii.gz"))
+    assert seg.GetSize() == image.GetSize() and seg.GetSpacing() == image.GetSpacing()
+    assert seg.GetOrigin() == image.GetOrigin() and seg.GetDirection() == image.GetDirection()
+    assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 205, 420, 500, 820}
+    assert list(out.iterdir()) == [seg_path]          # nothing else (no temporary files) left
+    assert main(["evaluate", "--pred", str(out), "--ref", str(c), "--progress", "none"]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["n_volumes"] == 1
+
+
+def test_bad_input_exits_2_with_one_sentence(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vaeuda", "segment", "--model", str(tmp_path / "m.safetensors"),
+                           "--out", str(tmp_path / "o"), str(tmp_path / "missing.nii.gz")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"vaeuda: error: {tmp_path / 'missing.nii.gz'}: file not found."]
+    assert not (tmp_path / "o").exists()
+
+
+def test_segment_with_foreign_model_fails_cleanly(tiny_cohort, tmp_path, capsys):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"\x00" * 64)
+    code = main(["segment", "--model", str(bogus), "--out", str(tmp_path / "o"), "--progress", "json",
+                 str(tiny_cohort / "ct_1002_image.nii.gz")])
+    assert code == 2
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert last["event"] == "error" and "not a VAE-UDA model file" in last["message"]
+    assert not (tmp_path / "o").exists()
+
+
+def _train(cohort, out, iterations=4, **kw):
+    return train_source([cohort / "mr_1001_image.nii.gz"], [cohort / "mr_1001_label.nii.gz"], out,
+                        preset="tiny", iterations=iterations, seed=7, device="cpu", **kw)
+
+
+def test_same_seed_same_numbers(tiny_cohort, tmp_path):
+    _train(tiny_cohort, tmp_path / "a.safetensors")
+    _train(tiny_cohort, tmp_path / "b.safetensors")
+    ta, tb = read_tensors(tmp_path / "a.safetensors")[0], read_tensors(tmp_path / "b.safetensors")[0]
+    assert ta.keys() == tb.keys()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_nan_stops_training_and_keeps_last_checkpoint(tiny_cohort, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.reconstruction
+
+    def poisoned(x_hat, x):
+        calls["n"] += 1
+        value = real(x_hat, x)
+        return value * float("nan") if calls["n"] > 5 else value     # the source stage calls it once per iteration
+
+    monkeypatch.setattr(train_mod, "reconstruction", poisoned)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(VaeudaError, match=r"S_rec became NaN or infinite at iteration 6 .*last good checkpoint is kept at"):
+        _train(tiny_cohort, out, iterations=10, overrides={"checkpoint_every": 2})
+    assert not out.exists()
+    _, _, header = read_tensors(checkpoint_path(out))
+    assert json.loads(header["train_state"])["iteration"] == 4
+
+
+def test_resume_continues_from_checkpoint(tiny_cohort, tmp_path, monkeypatch):
+    """An interrupted run resumed with --resume ends with the same weights as an uninterrupted one."""
+    full = tmp_path / "full.safetensors"
+    _train(tiny_cohort, full, iterations=6, overrides={"checkpoint_every": 3})
+    part = tmp_path / "part.safetensors"
+    real_save = train_mod.save_checkpoint
+
+    def interrupt_after_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_cohort, part, iterations=6, overrides={"checkpoint_every": 3})
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    _train(tiny_cohort, part, iterations=6, overrides={"checkpoint_every": 3}, resume=True)
+    ta, tb = read_tensors(full)[0], read_tensors(part)[0]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not checkpoint_path(part).exists()
