@@ -44,6 +44,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import fileio
+from . import volumes as vol
 from .errors import VaeudaError
 from .labels import CLASS_KEYS, STRUCTURES, Convention
 
@@ -252,9 +253,11 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
                                   f"in {pred_dir}.")
     volumes, per_volume = [], []
     for key in sorted(preds):
-        pred_image = _read_classes(preds[key], convention)
-        ref_image = _read_classes(refs[key], convention)
-        _check_same_geometry(pred_image, ref_image, preds[key], refs[key])
+        pred_image = vol.read_label(preds[key], convention)
+        ref_image = vol.read_label(refs[key], convention)
+        mismatch = vol.geometry_mismatch(pred_image, ref_image)
+        if mismatch:
+            raise VaeudaError(f"{preds[key]} and {refs[key]}: prediction and reference differ in {mismatch}.")
         spacing_zyx = tuple(reversed(ref_image.GetSpacing()))
         scores = evaluate_volume(sitk.GetArrayViewFromImage(pred_image), sitk.GetArrayViewFromImage(ref_image),
                                  spacing_zyx)
@@ -352,38 +355,3 @@ def _keyed_files(folder: Path, role: str) -> Dict[str, Path]:
                               "keep one of them.")
         keyed[key] = path
     return keyed
-
-
-def _read_classes(path, convention: Convention) -> sitk.Image:
-    """Label file -> uint8 image of class indices 0..4 with the file's geometry.
-
-    Stand-in for ``volumes.read_label(path, convention)``; swap when that module exists.
-    """
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise VaeudaError(f"{path}: cannot be read as an image.") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise VaeudaError(f"{path}: label map must be a 3D single-component image.")
-    classes = sitk.GetImageFromArray(convention.encode(sitk.GetArrayViewFromImage(image), source=str(path)))
-    classes.CopyInformation(image)
-    return classes
-
-
-def _check_same_geometry(pred: sitk.Image, ref: sitk.Image, pred_path, ref_path) -> None:
-    """VaeudaError naming both files unless size, spacing, origin and direction agree.
-
-    Tolerances as ``volumes.geometry_mismatch``: spacing 1e-4 relative, origin 1e-4 of the
-    largest spacing, direction 1e-4 absolute.
-    """
-    spacing = np.asarray(ref.GetSpacing())
-    checks = (
-        ("size", pred.GetSize() == ref.GetSize()),
-        ("spacing", np.allclose(pred.GetSpacing(), spacing, rtol=1e-4, atol=0)),
-        ("origin", np.allclose(pred.GetOrigin(), ref.GetOrigin(), rtol=0, atol=1e-4 * float(spacing.max()))),
-        ("direction", np.allclose(pred.GetDirection(), ref.GetDirection(), rtol=0, atol=1e-4)),
-    )
-    differing = [name for name, same in checks if not same]
-    if differing:
-        raise VaeudaError(f"{pred_path} and {ref_path}: prediction and reference differ in "
-                          f"{' and '.join(differing)}.")

@@ -31,6 +31,7 @@ from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstru
 from .modelfile import read_tensors, save_model, build_from_meta
 from .nets import VAEUDANet, get_preset
 from .progress import Reporter, null_reporter
+from .volumes import DEFAULT_NORMALISATION
 
 SOURCE_NETS = ("enc_s", "enc_z", "dec_z", "dec_s", "seg")
 TARGET_NETS = ("enc_t", "dec_t")
@@ -50,7 +51,6 @@ DEFAULT_ITERATIONS = {
     "tiny": {"source": 20, "adapt": 10, "finetune": 10},
 }
 DEFAULT_BATCH = {"paper": 8, "cpu": 8, "tiny": 2}
-DEFAULT_NORMALISATION = {"method": "zscore", "clip_upper_percentile": 98.0, "clip_lower_percentile": None}
 
 
 @dataclass
