@@ -1,0 +1,98 @@
+"""A stand-in for ``python -m vaeuda ... --progress json`` to test the Slicer module's job machinery.
+
+The behaviour comes from environment variables (the child inherits the test's environment):
+
+- ``VAEUDA_FAKE_MODE``:
+  ``done``  - progress lines, a plain text line, then the outputs: for ``segment``, a label file
+              ``OUT/<stem>_seg.nii.gz`` on the input's grid (:func:`fake_labels`); otherwise a small
+              file at ``--out``; then ``{"event": "done", "outputs": [...]}``, exit 0;
+  ``sleep`` - a stage and one progress line, starts a grandchild process that sleeps too, then
+              sleeps 60 s (to be cancelled);
+  ``fail``  - the engine's error protocol: an error event on stdout, ``vaeuda: error: ...`` on
+              stderr, exit 2;
+  ``crash`` - a Python traceback on stderr and exit 1, with no JSON error line.
+- ``VAEUDA_FAKE_ARGS``: write the command line (JSON list) there, for the test to inspect.
+- ``VAEUDA_FAKE_PIDFILE``: write the grandchild's process id there (``sleep`` mode).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+FAIL_SENTENCE = "input.nii.gz: the fake engine refuses this volume on purpose."
+
+
+def emit(event, **fields):
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def option(args, name):
+    return args[args.index(name) + 1] if name in args else None
+
+
+def fake_labels(image):
+    """MM-WHS label values from intensity ranks, so a test can predict them: the brightest quarter of the
+    voxels 820 (aorta), the next 500, the next 420; the darkest quarter background."""
+    import numpy as np
+    q1, q2, q3 = np.quantile(image, [0.25, 0.5, 0.75])
+    return np.select([image > q3, image > q2, image > q1], [820, 500, 420], 0).astype(np.uint16)
+
+
+def write_segmentation(input_path, out_dir):
+    import SimpleITK as sitk
+    image = sitk.ReadImage(input_path)
+    labels = sitk.GetImageFromArray(fake_labels(sitk.GetArrayFromImage(image)))
+    labels.CopyInformation(image)
+    os.makedirs(out_dir, exist_ok=True)
+    name = os.path.basename(input_path).split(".")[0]
+    path = os.path.join(out_dir, f"{name}_seg.nii.gz")
+    sitk.WriteImage(labels, path, True)
+    return path
+
+
+def main(args):
+    mode = os.environ.get("VAEUDA_FAKE_MODE", "done")
+    if os.environ.get("VAEUDA_FAKE_ARGS"):
+        with open(os.environ["VAEUDA_FAKE_ARGS"], "w") as f:
+            json.dump(args, f)
+    command = args[0] if args else ""
+    emit("stage", stage=command, total=3)
+    if mode == "fail":
+        emit("error", message=FAIL_SENTENCE)
+        print(f"vaeuda: error: {FAIL_SENTENCE}", file=sys.stderr, flush=True)
+        return 2
+    if mode == "crash":
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print('  File "fake_engine.py", line 1, in <module>', file=sys.stderr)
+        print("ZeroDivisionError: division by zero", file=sys.stderr, flush=True)
+        return 1
+    if mode == "sleep":
+        emit("progress", stage=command, step=1, total=3, fraction=0.3333, eta_s=120.0)
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if os.environ.get("VAEUDA_FAKE_PIDFILE"):
+            with open(os.environ["VAEUDA_FAKE_PIDFILE"], "w") as f:
+                f.write(str(grandchild.pid))
+        time.sleep(60)
+        return 0
+    for step in (1, 2, 3):
+        emit("progress", stage=command, step=step, total=3, fraction=round(step / 3, 4), eta_s=0.0)
+    print("a plain text line", flush=True)
+    out = option(args, "--out")
+    outputs = []
+    if command == "segment":
+        outputs.append(write_segmentation(args[-1], out))
+    elif out:
+        with open(out, "w") as f:
+            f.write("fake model\n")
+        outputs.append(out)
+    emit("done", outputs=outputs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

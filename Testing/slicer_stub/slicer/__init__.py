@@ -1,0 +1,477 @@
+"""Stand-in for the ``slicer`` package: the scene, the application, the MRML nodes the module uses.
+
+Everything here mirrors a name in 3D Slicer's source with the same signature; the citing comment
+names the header. Nodes hold real data: a volume node keeps its voxels as a numpy array in
+``(K, J, I)`` order (as ``slicer.util.arrayFromVolume`` returns them) and a 4x4 IJK-to-RAS matrix;
+a segment keeps a binary mask with the geometry it was imported in. Nothing resamples: the stand-in
+raises where Slicer would resample, so a geometry mismatch cannot pass unnoticed.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+import qt as _qt
+import vtk as _vtk
+
+
+# ----------------------------------------------------------------------------- nodes
+
+class vtkMRMLNode:
+    """Libs/MRML/Core/vtkMRMLNode.h: ID, name, attributes, node references."""
+
+    def __init__(self):
+        self._id = None
+        self._name = ""
+        self._scene = None
+        self._attributes = {}
+        self._references = {}
+
+    def GetClassName(self):
+        return type(self).__name__
+
+    def IsA(self, className):
+        return any(cls.__name__ == className for cls in type(self).__mro__)
+
+    def GetID(self):
+        return self._id
+
+    def GetName(self):
+        return self._name
+
+    def SetName(self, name):
+        self._name = str(name)
+
+    def GetScene(self):
+        return self._scene
+
+    def SetAttribute(self, name, value):
+        self._attributes[name] = value
+
+    def GetAttribute(self, name):
+        return self._attributes.get(name)
+
+    def SetNodeReferenceID(self, referenceRole, referencedNodeID):
+        self._references[referenceRole] = referencedNodeID
+
+    def GetNodeReferenceID(self, referenceRole):
+        return self._references.get(referenceRole)
+
+    def GetNodeReference(self, referenceRole):
+        nodeID = self._references.get(referenceRole)
+        return self._scene.GetNodeByID(nodeID) if (self._scene is not None and nodeID) else None
+
+
+class vtkMRMLTransformableNode(vtkMRMLNode):
+    """Libs/MRML/Core/vtkMRMLTransformableNode.h: the parent transform reference."""
+
+    def GetTransformNodeID(self):
+        return self.GetNodeReferenceID("transform")
+
+    def SetAndObserveTransformNodeID(self, transformNodeID):
+        self.SetNodeReferenceID("transform", transformNodeID)
+        return True
+
+
+class _ImageData:
+    """The part of vtkImageData (Common/DataModel/vtkImageData.h) the module looks at: its dimensions."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def GetDimensions(self):
+        return tuple(int(n) for n in reversed(self._array.shape))
+
+
+class vtkMRMLVolumeNode(vtkMRMLTransformableNode):
+    """Libs/MRML/Core/vtkMRMLVolumeNode.h: voxels and the IJK-to-RAS matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self._array = None           # (K, J, I) voxels, or None before image data is set
+        self._ijkToRAS = np.eye(4)
+
+    def GetImageData(self):
+        return None if self._array is None else _ImageData(self._array)
+
+    def SetIJKToRASMatrix(self, mat):
+        self._ijkToRAS = mat._m.copy()
+
+    def GetIJKToRASMatrix(self, mat):
+        mat._m = self._ijkToRAS.copy()
+
+    def GetSpacing(self):
+        return tuple(float(s) for s in np.linalg.norm(self._ijkToRAS[:3, :3], axis=0))
+
+    def GetOrigin(self):
+        return tuple(float(v) for v in self._ijkToRAS[:3, 3])
+
+    def CreateDefaultDisplayNodes(self):
+        pass
+
+
+class vtkMRMLScalarVolumeNode(vtkMRMLVolumeNode):
+    """Libs/MRML/Core/vtkMRMLScalarVolumeNode.h"""
+
+
+class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
+    """Libs/MRML/Core/vtkMRMLLabelMapVolumeNode.h"""
+
+
+class vtkSegment:
+    """Libs/vtkSegmentationCore/vtkSegment.h: name, colour, tags, and (here) one binary mask."""
+
+    def __init__(self):
+        self._name = ""
+        self._color = (0.5, 0.5, 0.5)
+        self._tags = {}
+        self._mask = None          # (K, J, I) uint8, in the geometry below
+        self._ijkToRAS = None
+
+    @staticmethod
+    def GetTerminologyEntryTagName():
+        return "TerminologyEntry"
+
+    def GetName(self):
+        return self._name
+
+    def SetName(self, name):
+        self._name = str(name)
+
+    def GetColor(self):
+        return tuple(self._color)
+
+    def SetColor(self, *color):
+        # vtkSetVector3Macro: SetColor(r, g, b) and SetColor(double[3])
+        rgb = color[0] if len(color) == 1 else color
+        self._color = tuple(float(c) for c in rgb)
+
+    def SetTag(self, tag, value):
+        self._tags[str(tag)] = str(value)
+
+    def HasTag(self, tag):
+        return str(tag) in self._tags
+
+    def GetTag(self, tag, value):
+        # bool GetTag(std::string tag, std::string& value): the value comes back in a vtk.reference
+        if str(tag) not in self._tags:
+            return False
+        value.set(self._tags[str(tag)])
+        return True
+
+
+class vtkSegmentation:
+    """Libs/vtkSegmentationCore/vtkSegmentation.h: an ordered set of segments by ID."""
+
+    def __init__(self):
+        self._segments = {}   # ID -> vtkSegment, in insertion order
+
+    def AddEmptySegment(self, segmentId="", segmentName="", color=None):
+        if not segmentId:
+            n = len(self._segments) + 1
+            while f"Segment_{n}" in self._segments:
+                n += 1
+            segmentId = f"Segment_{n}"
+        if segmentId in self._segments:
+            return ""  # Slicer refuses a duplicate ID (returns an empty ID)
+        segment = vtkSegment()
+        segment.SetName(segmentName or segmentId)
+        if color is not None:
+            segment.SetColor(color)
+        self._segments[segmentId] = segment
+        return segmentId
+
+    def GetSegment(self, segmentId):
+        return self._segments.get(segmentId)
+
+    def GetNumberOfSegments(self):
+        return len(self._segments)
+
+    def GetNthSegmentID(self, index):
+        return list(self._segments)[index]
+
+    def GetSegmentIdBySegmentName(self, name):
+        for segmentId, segment in self._segments.items():
+            if segment.GetName().lower() == str(name).lower():
+                return segmentId
+        return ""
+
+    def RemoveAllSegments(self):
+        self._segments.clear()
+
+
+class vtkMRMLSegmentationNode(vtkMRMLTransformableNode):
+    """Libs/MRML/Core/vtkMRMLSegmentationNode.h"""
+
+    def __init__(self):
+        super().__init__()
+        self._segmentation = vtkSegmentation()
+        self._referenceGeometry = None   # (ijkToRAS 4x4, (K, J, I) shape)
+
+    @staticmethod
+    def GetReferenceImageGeometryReferenceRole():
+        return "referenceImageGeometryRef"
+
+    def GetSegmentation(self):
+        return self._segmentation
+
+    def SetReferenceImageGeometryParameterFromVolumeNode(self, volumeNode):
+        self._referenceGeometry = (volumeNode._ijkToRAS.copy(), tuple(volumeNode._array.shape))
+        self.SetNodeReferenceID(self.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
+
+    def CreateDefaultDisplayNodes(self):
+        pass
+
+
+class vtkMRMLTableNode(vtkMRMLNode):
+    """Libs/MRML/Core/vtkMRMLTableNode.h: string columns, addressed by index."""
+
+    def __init__(self):
+        super().__init__()
+        self._columnNames = []
+        self._columns = []     # list of lists of str
+
+    def RemoveAllColumns(self):
+        self._columnNames, self._columns = [], []
+        return True
+
+    def AddColumn(self, column=None):
+        rows = self.GetNumberOfRows()
+        name = f"Column {len(self._columns) + 1}"
+        self._columnNames.append(name)
+        self._columns.append([""] * rows)
+        return self._columns[-1]
+
+    def RenameColumn(self, columnIndex, newName):
+        self._columnNames[columnIndex] = str(newName)
+        return True
+
+    def AddEmptyRow(self):
+        for column in self._columns:
+            column.append("")
+        return self.GetNumberOfRows() - 1
+
+    def SetCellText(self, rowIndex, columnIndex, text):
+        self._columns[columnIndex][rowIndex] = str(text)
+        return True
+
+    def GetCellText(self, rowIndex, columnIndex):
+        return self._columns[columnIndex][rowIndex]
+
+    def GetColumnName(self, columnIndex):
+        return self._columnNames[columnIndex]
+
+    def GetNumberOfRows(self):
+        return len(self._columns[0]) if self._columns else 0
+
+    def GetNumberOfColumns(self):
+        return len(self._columns)
+
+
+class vtkMRMLScriptedModuleNode(vtkMRMLNode):
+    """Libs/MRML/Core/vtkMRMLScriptedModuleNode.h (parameter nodes)."""
+
+
+class vtkMRMLSubjectHierarchyNode(vtkMRMLNode):
+    """Libs/MRML/Core/vtkMRMLSubjectHierarchyNode.h: a tree of items, each maybe holding a data node."""
+
+    INVALID_ITEM_ID = 0
+
+    def __init__(self):
+        super().__init__()
+        self._sceneItem = 1
+        self._nextItem = 2
+        self._parent = {self._sceneItem: self.INVALID_ITEM_ID}
+        self._dataNode = {}     # item -> node ID
+        self._names = {self._sceneItem: "Scene"}
+
+    @staticmethod
+    def GetSubjectHierarchyNode(scene):
+        return scene._subjectHierarchy
+
+    def GetSceneItemID(self):
+        return self._sceneItem
+
+    def _newItem(self, parentItemID, name, dataNodeID=None):
+        item = self._nextItem
+        self._nextItem += 1
+        self._parent[item] = parentItemID
+        self._names[item] = name
+        if dataNodeID:
+            self._dataNode[item] = dataNodeID
+        return item
+
+    def CreateSubjectItem(self, parentItemID, name):
+        return self._newItem(parentItemID, name)
+
+    def CreateStudyItem(self, parentItemID, name):
+        return self._newItem(parentItemID, name)
+
+    def GetItemByDataNode(self, dataNode):
+        for item, nodeID in self._dataNode.items():
+            if nodeID == dataNode.GetID():
+                return item
+        return self.INVALID_ITEM_ID
+
+    def GetItemParent(self, itemID):
+        return self._parent.get(itemID, self.INVALID_ITEM_ID)
+
+    def SetItemParent(self, itemID, parentItemID, enableCircularCheck=True):
+        if itemID in self._parent and parentItemID in self._parent:
+            self._parent[itemID] = parentItemID
+
+    def _removeDataNodeItem(self, nodeID):
+        for item in [i for i, n in self._dataNode.items() if n == nodeID]:
+            del self._dataNode[item]
+            del self._parent[item]
+
+
+# ----------------------------------------------------------------------------- scene, logic, app
+
+_SUBJECT_HIERARCHY_CLASSES = ("vtkMRMLVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode")
+
+
+class vtkMRMLScene:
+    """Libs/MRML/Core/vtkMRMLScene.h: nodes by ID; data nodes get a subject hierarchy item on adding,
+    as Slicer's subject hierarchy plugins do."""
+
+    def __init__(self):
+        self._nodes = []
+        self._counters = {}
+        self._subjectHierarchy = vtkMRMLSubjectHierarchyNode()
+
+    def AddNode(self, node):
+        className = node.GetClassName()
+        self._counters[className] = self._counters.get(className, 0) + 1
+        node._id = f"{className}{self._counters[className]}"
+        node._scene = self
+        if not node.GetName():
+            node.SetName(self.GenerateUniqueName(className.replace("vtkMRML", "").replace("Node", "")))
+        self._nodes.append(node)
+        if any(node.IsA(c) for c in _SUBJECT_HIERARCHY_CLASSES):
+            sh = self._subjectHierarchy
+            sh._newItem(sh.GetSceneItemID(), node.GetName(), node.GetID())
+        return node
+
+    def AddNewNodeByClass(self, className, nodeBaseName=""):
+        cls = globals().get(className)
+        if cls is None or not isinstance(cls, type) or not issubclass(cls, vtkMRMLNode):
+            raise NotImplementedError(f"stand-in has no node class {className}")
+        node = cls()
+        if nodeBaseName:
+            node.SetName(self.GenerateUniqueName(nodeBaseName))
+        return self.AddNode(node)
+
+    def RemoveNode(self, node):
+        if node in self._nodes:
+            self._nodes.remove(node)
+            self._subjectHierarchy._removeDataNodeItem(node.GetID())
+            node._scene = None
+
+    def GetNodeByID(self, nodeID):
+        for node in self._nodes:
+            if node.GetID() == nodeID:
+                return node
+        return None
+
+    def GetFirstNodeByName(self, name):
+        for node in self._nodes:
+            if node.GetName() == name:
+                return node
+        return None
+
+    def GetNumberOfNodes(self):
+        return len(self._nodes)
+
+    def GetNthNode(self, n):
+        return self._nodes[n]
+
+    def GenerateUniqueName(self, baseName):
+        if not self.GetFirstNodeByName(baseName):
+            return baseName
+        n = 1
+        while self.GetFirstNodeByName(f"{baseName}_{n}"):
+            n += 1
+        return f"{baseName}_{n}"
+
+    def Clear(self, removeSingletons=0):
+        for node in list(self._nodes):
+            self.RemoveNode(node)
+
+
+class vtkSlicerSegmentationsModuleLogic:
+    """Modules/Loadable/Segmentations/Logic/vtkSlicerSegmentationsModuleLogic.h (two overloads used)."""
+
+    def ImportLabelmapToSegmentationNode(self, labelmapNode, segmentationNode, updatedSegmentIDs):
+        """Overload ``(vtkMRMLLabelMapVolumeNode*, vtkMRMLSegmentationNode*, vtkStringArray* updatedSegmentIDs)``:
+        label value v goes to segment ``updatedSegmentIDs[v-1]``; segments keep name, colour and tags."""
+        if not isinstance(updatedSegmentIDs, _vtk.vtkStringArray):
+            raise NotImplementedError("stand-in implements only the vtkStringArray overload")
+        labels = labelmapNode._array
+        segmentation = segmentationNode.GetSegmentation()
+        for index in range(updatedSegmentIDs.GetNumberOfValues()):
+            segment = segmentation.GetSegment(updatedSegmentIDs.GetValue(index))
+            if segment is None:
+                return False
+            segment._mask = (labels == index + 1).astype(np.uint8)
+            segment._ijkToRAS = labelmapNode._ijkToRAS.copy()
+        return True
+
+    def ExportSegmentsToLabelmapNode(self, segmentationNode, segmentIDs, labelmapNode, referenceVolumeNode=None,
+                                     extentComputationMode=None, colorTableNode=None):
+        """Segments ``segmentIDs`` (vtkStringArray) -> label values 1..N in ``labelmapNode``, in the reference
+        volume's geometry. Slicer resamples a segment stored in another geometry; the stand-in refuses."""
+        if referenceVolumeNode is None:
+            raise NotImplementedError("stand-in needs a reference volume")
+        shape = referenceVolumeNode._array.shape
+        out = np.zeros(shape, dtype=np.int16)
+        for index in range(segmentIDs.GetNumberOfValues()):
+            segment = segmentationNode.GetSegmentation().GetSegment(segmentIDs.GetValue(index))
+            if segment is None:
+                return False
+            if segment._mask is None:
+                continue
+            if segment._mask.shape != shape or not np.allclose(segment._ijkToRAS, referenceVolumeNode._ijkToRAS, atol=1e-6):
+                raise NotImplementedError("stand-in does not resample: segment geometry differs from the reference volume")
+            out[segment._mask > 0] = index + 1
+        labelmapNode._array = out
+        labelmapNode._ijkToRAS = referenceVolumeNode._ijkToRAS.copy()
+        return True
+
+
+class _Segmentations:
+    def __init__(self):
+        self._logic = vtkSlicerSegmentationsModuleLogic()
+
+    def logic(self):
+        return self._logic
+
+
+class _Modules:
+    """``slicer.modules``: only ``segmentations`` (qSlicerSegmentationsModule::logic())."""
+
+    def __init__(self):
+        self.segmentations = _Segmentations()
+
+
+class _Application:
+    """``slicer.app`` (Base/QTCore/qSlicerCoreApplication.h): temporaryPath, testingEnabled, processEvents."""
+
+    def __init__(self):
+        self.temporaryPath = tempfile.gettempdir()
+        self._testingEnabled = False
+
+    def testingEnabled(self):
+        return self._testingEnabled
+
+    def processEvents(self):
+        _qt._runDueTimers()
+
+
+mrmlScene = vtkMRMLScene()
+app = _Application()
+modules = _Modules()
+
+from . import util  # noqa: E402  (util refers back to this package)

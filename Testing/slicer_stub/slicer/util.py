@@ -1,0 +1,166 @@
+"""Stand-in for ``slicer.util`` (Base/Python/slicer/util.py): the functions the module and its tests call.
+
+Volume files are written and read with SimpleITK. Slicer's nodes are in RAS, ITK files in LPS: as
+Slicer's ITK-based I/O does, the writer negates the first two rows of IJK-to-RAS and the reader
+negates them back, so ``exportNode`` then ``loadLabelVolume`` is an exact round trip and the file
+holds what Slicer itself would write.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import numpy as np
+import SimpleITK as sitk
+
+import vtk
+
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _writeImage(array, ijkToRAS, filename):
+    ijkToLPS = _LPS_FROM_RAS @ ijkToRAS
+    axes = ijkToLPS[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in ijkToLPS[:3, 3]])
+    image.SetDirection([float(v) for v in (axes / spacing).ravel()])
+    sitk.WriteImage(image, str(filename), True)
+
+
+def _readImage(filename):
+    image = sitk.ReadImage(str(filename))
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    ijkToLPS = np.eye(4)
+    ijkToLPS[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)
+    ijkToLPS[:3, 3] = image.GetOrigin()
+    return sitk.GetArrayFromImage(image), _LPS_FROM_RAS @ ijkToLPS
+
+
+def _addVolumeNode(array, ijkToRAS, name, nodeClassName):
+    import slicer
+    node = slicer.mrmlScene.AddNewNodeByClass(nodeClassName, name or "")
+    node._array = np.array(array)
+    node._ijkToRAS = np.array(ijkToRAS, dtype=float)
+    return node
+
+
+# ----------------------------------------------------------------------------- MRML-numpy
+
+def arrayFromVolume(volumeNode):
+    """Voxels as a ``(K, J, I)`` numpy array, not copied (util.py ``arrayFromVolume``)."""
+    if volumeNode._array is None:
+        raise RuntimeError("volume node has no image data")
+    return volumeNode._array
+
+
+def updateVolumeFromArray(volumeNode, narray):
+    """Set the voxels from a ``(K, J, I)`` array, deep-copied (util.py ``updateVolumeFromArray``)."""
+    volumeNode._array = np.array(narray)
+
+
+def addVolumeFromArray(narray, ijkToRAS=None, name=None, nodeClassName=None):
+    """New volume node from an array; ``ijkToRAS`` a 4x4 array or vtkMatrix4x4 (util.py ``addVolumeFromArray``)."""
+    if ijkToRAS is None:
+        matrix = np.eye(4)
+    elif isinstance(ijkToRAS, vtk.vtkMatrix4x4):
+        matrix = ijkToRAS._m.copy()
+    else:
+        matrix = np.asarray(ijkToRAS, dtype=float)
+    return _addVolumeNode(narray, matrix, name, nodeClassName or "vtkMRMLScalarVolumeNode")
+
+
+def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None):
+    """A segment's mask in the reference volume's geometry, as Slicer does it: export to a temporary labelmap."""
+    import slicer
+    if not referenceVolumeNode:
+        referenceVolumeNode = segmentationNode.GetNodeReference(
+            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+        if not referenceVolumeNode:
+            raise RuntimeError("No reference volume is found in the input segmentationNode, therefore a valid "
+                               "referenceVolumeNode input is required.")
+    segmentIds = vtk.vtkStringArray()
+    segmentIds.InsertNextValue(segmentId)
+    labelmapVolumeNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__temp__")
+    try:
+        if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
+                segmentationNode, segmentIds, labelmapVolumeNode, referenceVolumeNode):
+            raise RuntimeError("Export of segment failed.")
+        narray = arrayFromVolume(labelmapVolumeNode)
+    finally:
+        slicer.mrmlScene.RemoveNode(labelmapVolumeNode)
+    return narray
+
+
+# ----------------------------------------------------------------------------- IO
+
+def exportNode(node, filename, properties={}, world=False):
+    """Write a volume node to a file without touching its storage node (util.py ``exportNode``)."""
+    if world and node.GetTransformNodeID():
+        raise NotImplementedError("stand-in has no transforms")
+    _writeImage(arrayFromVolume(node), node._ijkToRAS, filename)
+    return True
+
+
+def _loadVolumeFile(filename, properties, nodeClassName):
+    if not os.path.isfile(filename):
+        raise RuntimeError("Failed to load node from file: " + str(filename))
+    array, ijkToRAS = _readImage(filename)
+    name = properties.get("name") or os.path.basename(str(filename)).split(".")[0]
+    return _addVolumeNode(array, ijkToRAS, name, nodeClassName)
+
+
+def loadVolume(filename, properties={}, returnNode=False):
+    """Load a scalar volume; properties ``name``, ``show`` (util.py ``loadVolume``)."""
+    return _loadVolumeFile(filename, properties, "vtkMRMLScalarVolumeNode")
+
+
+def loadLabelVolume(filename, properties={}, returnNode=False):
+    """Load a labelmap volume (util.py ``loadLabelVolume``)."""
+    return _loadVolumeFile(filename, properties, "vtkMRMLLabelMapVolumeNode")
+
+
+# ----------------------------------------------------------------------------- dialogs, packages
+
+def confirmOkCancelDisplay(text, windowTitle=None, parent=None, **kwargs):
+    """Ask OK/Cancel (util.py). The stand-in answers Cancel; tests replace it to answer OK."""
+    logging.info("confirmOkCancelDisplay: %s -> Cancel", text)
+    return False
+
+
+def errorDisplay(text, windowTitle=None, parent=None, standardButtons=None, **kwargs):
+    logging.error(text)
+
+
+@contextlib.contextmanager
+def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
+    """Show the error and re-raise (util.py ``tryWithErrorDisplay``)."""
+    try:
+        yield
+    except Exception as exc:
+        if show:
+            errorDisplay(f"{message}\n\n{exc}" if message else str(exc))
+        raise
+
+
+def pip_install(requirements):
+    """Install Python packages (util.py). The stand-in never installs; tests replace it to record calls."""
+    raise RuntimeError("the Slicer stand-in does not install packages")
+
+
+class VTKObservationMixin:
+    """util.py ``VTKObservationMixin``: the widget's observer bookkeeping (the widget does not run here)."""
+
+    def __init__(self):
+        self.Observations = []
+
+    def addObserver(self, obj, event, method, group="none", priority=0.0):
+        self.Observations.append((obj, event, method))
+
+    def removeObserver(self, obj, event, method):
+        self.Observations = [o for o in self.Observations if o != (obj, event, method)]
+
+    def removeObservers(self, method=None):
+        self.Observations = [o for o in self.Observations if method is not None and o[2] != method]

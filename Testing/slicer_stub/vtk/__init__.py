@@ -1,0 +1,61 @@
+"""Stand-in for the few VTK classes the VAEUDASegmentation module and its tests use.
+
+Signatures follow VTK's Python wrapping (Common/Core/vtkStringArray.h, Common/Math/vtkMatrix4x4.h,
+Wrapping/Python/vtkmodules/util/misc.py ``reference``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class vtkMatrix4x4:
+    """4x4 matrix, identity on creation (Common/Math/vtkMatrix4x4.h)."""
+
+    def __init__(self):
+        self._m = np.eye(4)
+
+    def GetElement(self, i, j):
+        return float(self._m[i, j])
+
+    def SetElement(self, i, j, value):
+        self._m[i, j] = float(value)
+
+    def DeepCopy(self, source):
+        # vtkMatrix4x4::DeepCopy(const vtkMatrix4x4*) and DeepCopy(const double elements[16])
+        if isinstance(source, vtkMatrix4x4):
+            self._m = source._m.copy()
+        else:
+            self._m = np.asarray(source, dtype=float).reshape(4, 4).copy()
+
+
+class vtkStringArray:
+    """Array of strings (Common/Core/vtkStringArray.h)."""
+
+    def __init__(self):
+        self._values = []
+
+    def InsertNextValue(self, value):
+        self._values.append(str(value))
+        return len(self._values) - 1
+
+    def GetNumberOfValues(self):
+        return len(self._values)
+
+    def GetValue(self, index):
+        return self._values[index]
+
+
+class reference:
+    """``vtk.reference``: a mutable holder for C++ output arguments such as vtkSegment::GetTag's value."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def get(self):
+        return self._value
+
+    def set(self, value):
+        self._value = value
+
+    def __str__(self):
+        return str(self._value)

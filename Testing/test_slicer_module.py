@@ -1,0 +1,481 @@
+"""The Slicer module (VAEUDASegmentation/VAEUDASegmentation.py) driven outside Slicer.
+
+The module runs against Testing/slicer_stub, a stand-in of exactly the Slicer API it uses. The job
+machinery (progress, cancel, error sentences, temporary folders) is tested with a fake engine
+(slicer_stub/fake_engine.py); the end-to-end tests use the real engine with a tiny model and
+compare with running ``vaeuda segment`` directly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+HERE = Path(__file__).resolve().parent
+STUB = HERE / "slicer_stub"
+MODULE_DIR = HERE.parent / "VAEUDASegmentation"
+FAKE_ENGINE = STUB / "fake_engine.py"
+STUB_MODULES = ("slicer", "vtk", "qt", "VAEUDASegmentation")
+
+sys.path.insert(0, str(STUB))
+import fake_engine  # noqa: E402
+
+sys.path.remove(str(STUB))
+
+# A non-identity IJK-to-RAS: axes permuted and flipped, anisotropic spacing, shifted origin.
+IJK_TO_RAS = np.array([[0.0, 0.0, -1.5, 40.0],
+                       [-0.8, 0.0, 0.0, 10.0],
+                       [0.0, 1.2, 0.0, -30.0],
+                       [0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.fixture(scope="module")
+def mod():
+    """The module imported against the stand-in; the stand-in leaves sys.path and sys.modules afterwards."""
+    sys.path[:0] = [str(STUB), str(MODULE_DIR)]
+    try:
+        import VAEUDASegmentation
+        yield VAEUDASegmentation
+    finally:
+        for path in (str(STUB), str(MODULE_DIR)):
+            sys.path.remove(path)
+        for name in list(sys.modules):
+            if name.split(".")[0] in STUB_MODULES:
+                del sys.modules[name]
+
+
+@pytest.fixture
+def slicer(mod, tmp_path):
+    """The stand-in's ``slicer`` with an empty scene and a private temporary path."""
+    import qt
+    import slicer
+    slicer.mrmlScene.Clear()
+    qt._pending.clear()
+    slicer.app.temporaryPath = str(tmp_path / "slicer-temp")
+    os.makedirs(slicer.app.temporaryPath)
+    slicer.app._testingEnabled = False
+    return slicer
+
+
+@pytest.fixture
+def fake_logic(mod, monkeypatch, tmp_path):
+    logic = mod.VAEUDASegmentationLogic()
+    logic.engineCommand = [sys.executable, str(FAKE_ENGINE)]
+    monkeypatch.setenv("VAEUDA_FAKE_ARGS", str(tmp_path / "args.json"))
+    return logic
+
+
+def write_fake_model(path, convention):
+    """A file with a safetensors header holding the engine's model metadata (no tensors)."""
+    meta = {"labels": {"convention": convention.to_dict()}}
+    header = json.dumps({"__metadata__": {"format": "vaeuda-model", "format_version": "1",
+                                          "meta": json.dumps(meta)}}).encode()
+    Path(path).write_bytes(struct.pack("<Q", len(header)) + header)
+    return str(path)
+
+
+def add_volume(slicer, array, name="ct_case"):
+    return slicer.util.addVolumeFromArray(np.asarray(array), IJK_TO_RAS, name)
+
+
+def pump(slicer, done, timeout=30.0):
+    """Run Qt timers (the logic's polling) until ``done()``, as Slicer's event loop would."""
+    start = time.monotonic()
+    while not done():
+        slicer.app.processEvents()
+        time.sleep(0.01)
+        assert time.monotonic() - start < timeout, "background job did not finish"
+
+
+def scene_node_ids(slicer):
+    return [slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())]
+
+
+def is_alive(pid):
+    """Running and not a zombie (a killed orphan may wait to be reaped by init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def test_parse_engine_line(mod):
+    assert mod.parseEngineLine('{"event": "progress", "step": 3, "total": 10}\n') == \
+        {"event": "progress", "step": 3, "total": 10}
+    assert mod.parseEngineLine("reading 2 volumes\n") == {"event": "log", "message": "reading 2 volumes"}
+    # JSON that is not an event, and broken JSON, are text for the log
+    assert mod.parseEngineLine('{"step": 3}') == {"event": "log", "message": '{"step": 3}'}
+    assert mod.parseEngineLine('{"event": ') == {"event": "log", "message": '{"event": '}
+
+
+def test_class_indices_from_label_values(mod):
+    from vaeuda.labels import CONSECUTIVE, MMWHS
+    mmwhs = np.array([[0, 205, 420], [500, 820, 600]])          # 600 (RV) is background for MM-WHS
+    expected = np.array([[0, 1, 2], [3, 4, 0]], dtype=np.uint8)
+    assert np.array_equal(mod.classIndicesFromLabelValues(mmwhs), expected)            # guessed: MM-WHS
+    engine_written = np.where(mmwhs == 600, 0, mmwhs)      # the engine writes only the model's own values
+    assert np.array_equal(mod.classIndicesFromLabelValues(engine_written, list(MMWHS.from_index)), expected)
+    consecutive = np.array([[0, 1, 2], [3, 4, 0]])
+    assert np.array_equal(mod.classIndicesFromLabelValues(consecutive, list(CONSECUTIVE.from_index)), expected)
+    assert np.array_equal(mod.classIndicesFromLabelValues(consecutive), expected)      # guessed: consecutive
+    custom = [9, 10, 20, 30, 40]                                                       # background 9
+    assert np.array_equal(mod.classIndicesFromLabelValues(np.array([9, 30, 40]), custom), [0, 3, 4])
+    with pytest.raises(ValueError, match=r"out\.nii\.gz: label values 7 are not"):
+        mod.classIndicesFromLabelValues(np.array([0, 1, 7]), source="out.nii.gz")
+    with pytest.raises(ValueError, match="label values 205"):
+        mod.classIndicesFromLabelValues(np.array([0, 205]), list(CONSECUTIVE.from_index))
+
+
+def test_terminology_entry_has_the_seven_parts_and_the_structure_code(mod):
+    for structure in mod.STRUCTURES:
+        parts = mod.terminologyEntry(structure).split("~")
+        assert len(parts) == 7
+        assert parts[1] == "SCT^123037004^Anatomical Structure"
+        assert parts[2] == f"SCT^{structure.snomed_code}^{structure.snomed_meaning}"
+        assert parts[3] == "^^"
+
+
+def test_read_model_metadata(mod, tmp_path):
+    from vaeuda.labels import MMWHS
+    meta = mod.readModelMetadata(write_fake_model(tmp_path / "m.safetensors", MMWHS))
+    assert mod.labelValuesOfModel(meta) == [0, 205, 420, 500, 820]
+    (tmp_path / "notes.txt").write_text("hello, not a model")
+    with pytest.raises(ValueError, match=r"notes\.txt: not a VAE-UDA model file"):
+        mod.readModelMetadata(tmp_path / "notes.txt")
+    other = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    (tmp_path / "other.safetensors").write_bytes(struct.pack("<Q", len(other)) + other)
+    with pytest.raises(ValueError, match="without the 'vaeuda-model' metadata"):
+        mod.readModelMetadata(tmp_path / "other.safetensors")
+
+
+def test_stand_in_volume_io_converts_ras_to_lps_and_round_trips(slicer, tmp_path):
+    """The geometry the other tests rely on: what the stand-in writes is what Slicer would write."""
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)       # (K, J, I)
+    volume = add_volume(slicer, array)
+    path = str(tmp_path / "v.nii.gz")
+    assert slicer.util.exportNode(volume, path, {}, world=False)
+    image = sitk.ReadImage(path)
+    assert image.GetSize() == (6, 5, 4)
+    # LPS = RAS with x and y negated: origin (40, 10, -30) RAS -> (-40, -10, -30) LPS
+    assert np.allclose(image.GetOrigin(), (-40.0, -10.0, -30.0))
+    assert np.allclose(image.GetSpacing(), (0.8, 1.2, 1.5))
+    # column i of IJK-to-LPS is (0, 0.8, 0) / 0.8, column j (0, 0, 1), column k (1.5, 0, 0) / 1.5
+    assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), [[0, 0, 1], [1, 0, 0], [0, 1, 0]])
+    loaded = slicer.util.loadLabelVolume(path, {"name": "back", "show": False})
+    assert np.array_equal(slicer.util.arrayFromVolume(loaded), array)
+    assert np.allclose(loaded._ijkToRAS, IJK_TO_RAS)
+
+
+# ----------------------------------------------------------------------------- job machinery (fake engine)
+
+def test_engine_process_reports_events_outputs_and_text(mod, tmp_path):
+    out = tmp_path / "model.safetensors"
+    process = mod.EngineProcess([sys.executable, str(FAKE_ENGINE), "adapt", "--out", str(out)])
+    process.start()
+    events = []
+    while not process.isFinished():
+        events += process.events(timeout=0.1)
+    events += process.events()
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "stage" and kinds.count("progress") == 3 and kinds[-1] == "done"
+    assert [e["step"] for e in events if e["event"] == "progress"] == [1, 2, 3]
+    assert {"event": "log", "message": "a plain text line"} in events
+    assert process.returncode == 0
+    assert process.outputs == [str(out)] and out.read_text() == "fake model\n"
+
+
+def test_failing_engine_raises_its_sentence_and_leaves_the_scene(slicer, mod, fake_logic, monkeypatch, tmp_path):
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "fail")
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    before = scene_node_ids(slicer)
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    with pytest.raises(mod.JobFailedError) as raised:
+        fake_logic.segment(volume, model, device="cpu")
+    assert str(raised.value) == fake_engine.FAIL_SENTENCE
+    assert scene_node_ids(slicer) == before
+    assert os.listdir(slicer.app.temporaryPath) == []
+    assert not fake_logic.isRunning()
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args[:3] == ["segment", "--progress", "json"]
+    assert args[args.index("--model") + 1] == model and args[args.index("--device") + 1] == "cpu"
+    assert args[-1].endswith("input.nii.gz")
+
+    # The same failure in the background reaches finishedCallback, and the error event the progress callback.
+    results, events = [], []
+    assert fake_logic.segment(volume, model, waitForCompletion=False, progressCallback=events.append,
+                              finishedCallback=results.append) is None
+    pump(slicer, lambda: results)
+    assert results[0].status == "failed" and results[0].message == fake_engine.FAIL_SENTENCE
+    assert {"event": "error", "message": fake_engine.FAIL_SENTENCE} in events
+    assert scene_node_ids(slicer) == before and os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_crash_without_an_error_line_shows_the_last_stderr_line(slicer, mod, fake_logic, monkeypatch, tmp_path):
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "crash")
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    with pytest.raises(mod.JobFailedError, match="ZeroDivisionError: division by zero"):
+        fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS))
+    assert os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_cancel_mid_job_kills_the_process_tree_and_leaves_nothing(slicer, mod, fake_logic, monkeypatch, tmp_path):
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
+    pidfile = tmp_path / "grandchild.pid"
+    monkeypatch.setenv("VAEUDA_FAKE_PIDFILE", str(pidfile))
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    before = scene_node_ids(slicer)
+    events, results = [], []
+    fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), waitForCompletion=False,
+                       progressCallback=events.append, finishedCallback=results.append)
+    pump(slicer, lambda: any(e["event"] == "progress" for e in events) and pidfile.exists()
+         and pidfile.read_text().strip())
+    grandchild = int(pidfile.read_text())
+    assert is_alive(grandchild)
+    assert len(os.listdir(slicer.app.temporaryPath)) == 1          # the job's folder, while it runs
+    with pytest.raises(RuntimeError, match=r"A VAE-UDA job \(segment\) is running"):
+        fake_logic.segment(volume, str(tmp_path / "m.safetensors"))   # one job at a time
+    started = time.monotonic()
+    fake_logic.cancel()
+    pump(slicer, lambda: results)
+    assert time.monotonic() - started < 10                       # not the fake engine's 60 s sleep
+    assert results[0].status == "cancelled"
+    assert scene_node_ids(slicer) == before
+    assert os.listdir(slicer.app.temporaryPath) == []
+    deadline = time.monotonic() + 5
+    while is_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_alive(grandchild), "the engine's own child process survived the cancel"
+
+
+def test_cancel_from_a_progress_callback_stops_a_blocking_call(slicer, mod, fake_logic, monkeypatch, tmp_path):
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+
+    def cancel_on_progress(event):
+        if event["event"] == "progress":
+            fake_logic.cancel()
+
+    with pytest.raises(mod.JobCancelledError):
+        fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS),
+                           progressCallback=cancel_on_progress)
+    assert os.listdir(slicer.app.temporaryPath) == [] and not fake_logic.isRunning()
+
+
+def test_bad_inputs_are_refused_with_one_sentence_before_anything_runs(slicer, mod, fake_logic, tmp_path):
+    from vaeuda.labels import MMWHS
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match=r"absent\.safetensors: model file not found\."):
+        fake_logic.segment(volume, tmp_path / "absent.safetensors")
+    with pytest.raises(ValueError, match=r"notes\.txt: not a VAE-UDA model file"):
+        fake_logic.segment(volume, tmp_path / "notes.txt")
+    label = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(ValueError, match="not a label map"):
+        fake_logic.segment(label, write_fake_model(tmp_path / "m.safetensors", MMWHS))
+    with pytest.raises(ValueError, match="at least one target volume"):
+        fake_logic.adapt(tmp_path / "m.safetensors", [], tmp_path / "adapted.safetensors")
+    assert not (tmp_path / "args.json").exists()          # the engine never ran
+    assert os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_adapt_writes_every_target_and_moves_the_model_into_place(slicer, mod, fake_logic, tmp_path):
+    from vaeuda.labels import MMWHS
+    source = write_fake_model(tmp_path / "source.safetensors", MMWHS)
+    targets = [add_volume(slicer, np.zeros((3, 4, 5), np.float32), name) for name in ("ct_a", "ct_b")]
+    destination = tmp_path / "models" / "adapted.safetensors"
+    result = fake_logic.adapt(source, targets, destination, iterations=5, seed=3, device="cpu")
+    assert result == str(destination) and destination.read_text() == "fake model\n"
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args[0] == "adapt" and args[args.index("--model") + 1] == source
+    assert args[args.index("--iterations") + 1] == "5" and args[args.index("--seed") + 1] == "3"
+    assert args[args.index("--device") + 1] == "cpu"
+    assert [os.path.basename(a) for a in args[-2:]] == ["target_0.nii.gz", "target_1.nii.gz"]
+    # the engine wrote into the job's temporary folder, which is gone; only the destination remains
+    assert os.path.dirname(args[args.index("--out") + 1]) != str(destination.parent)
+    assert os.listdir(slicer.app.temporaryPath) == [] and os.listdir(destination.parent) == ["adapted.safetensors"]
+
+
+def test_segment_into_an_existing_node_replaces_its_segments(slicer, mod, fake_logic, tmp_path):
+    """Importing a label file: value -> structure, names, colours, terminology, reference, study."""
+    from vaeuda.labels import MMWHS
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=(6, 7, 8)).astype(np.float32)
+    volume = add_volume(slicer, array)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "patient"), "study")
+    sh.SetItemParent(sh.GetItemByDataNode(volume), study)
+    existing = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "old")
+    existing.GetSegmentation().AddEmptySegment("junk", "junk", [1.0, 0.0, 0.0])
+    before = scene_node_ids(slicer)
+
+    result = fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), existing)
+    assert result is existing and scene_node_ids(slicer) == before       # no temporary node left behind
+    segmentation = existing.GetSegmentation()
+    assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == \
+        ["LV-M", "LA-B", "LV-B", "A-A"]
+    expected = fake_engine.fake_labels(array)
+    for structure in mod.STRUCTURES:
+        segment = segmentation.GetSegment(structure.key)
+        assert segment.GetName() == structure.name and segment.GetColor() == structure.color
+        import vtk
+        tag = vtk.reference("")
+        assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+        assert tag.get() == mod.terminologyEntry(structure)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(existing, structure.key)   # in the reference geometry
+        assert np.array_equal(mask > 0, expected == structure.mmwhs_value)
+    assert np.count_nonzero(expected == 205) == 0                             # LV-M empty, but present
+    assert existing.GetNodeReference(existing.GetReferenceImageGeometryReferenceRole()) is volume
+    assert sh.GetItemParent(sh.GetItemByDataNode(existing)) == study
+
+
+def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(slicer, mod, monkeypatch, tmp_path):
+    from importlib import metadata
+    logic = mod.VAEUDASegmentationLogic()
+    logic.requirementsPath = str(tmp_path / "requirements.txt")
+    Path(logic.requirementsPath).write_text("# comment\nvaeuda-test-absent-package>=1\nscipy>=1.0\n")
+    assert logic.missingPythonRequirements() == ["vaeuda-test-absent-package>=1"]
+
+    asked, installs = [], []
+
+    def pip_install(requirements):
+        constraints = Path(requirements[1]).read_text()
+        installs.append((requirements, constraints))
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or False)
+    assert logic.setupPythonRequirements() is False and installs == []       # the user said Cancel
+    assert "vaeuda-test-absent-package>=1" in asked[0]
+
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or True)
+    assert logic.setupPythonRequirements() is False                          # still missing after the fake install
+    (requirements, constraints), = installs
+    assert requirements[0] == "-c" and requirements[2:] == ["vaeuda-test-absent-package>=1"]
+    assert f"numpy=={metadata.version('numpy')}\n" in constraints
+    assert f"SimpleITK=={metadata.version('SimpleITK')}\n" in constraints
+
+    slicer.app._testingEnabled = True                                         # Slicer's testing mode: no installs
+    asked.clear()
+    assert logic.setupPythonRequirements() is False and asked == [] and len(installs) == 1
+
+
+# ----------------------------------------------------------------------------- real engine, tiny model
+
+ENGINE_READY = all(importlib.util.find_spec(name) is not None for name in ("vaeuda.train", "vaeuda.cli"))
+needs_engine = pytest.mark.skipif(not ENGINE_READY, reason="the engine's train/cli modules are not there yet")
+
+
+def run_engine(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(MODULE_DIR))
+    done = subprocess.run([sys.executable, "-m", "vaeuda", *map(str, args), "--progress", "none"], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+# After one iteration the tiny model calls every voxel background, which would make the comparison
+# vacuous: rewrite its head bias (through the engine's own model-file API) so that background never
+# wins and the untrained logits split the volume among the structures.
+NO_BACKGROUND = """
+from vaeuda.modelfile import read_tensors, save_tensors
+tensors, meta, _ = read_tensors("M.safetensors")
+bias = tensors["net.seg.head.bias"]
+bias[:] = 0.0
+bias[0] = -10.0
+save_tensors("M.safetensors", tensors, meta)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny model from a tiny synthetic cohort, made with the engine's command line."""
+    if not ENGINE_READY:
+        pytest.skip("the engine's train/cli modules are not there yet")
+    work = tmp_path_factory.mktemp("tiny")
+    run_engine("synth", "D", "--n-source", 2, "--n-target", 2, "--n-train", 1, "--size", 32, "--seed", 0, cwd=work)
+    run_engine("train-source", "--preset", "tiny", "--iterations", 1, "--out", "M.safetensors", "D", cwd=work)
+    subprocess.run([sys.executable, "-c", NO_BACKGROUND], cwd=work, check=True,
+                   env=dict(os.environ, PYTHONPATH=str(MODULE_DIR)))
+    return work / "M.safetensors", work / "D"
+
+
+@needs_engine
+def test_segment_end_to_end_matches_the_engine_run_directly(slicer, mod, tiny_model, tmp_path):
+    model, cohort = tiny_model
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(cohort / "ct_1002_image.nii.gz")))
+    volume = add_volume(slicer, ct, "ct_1002")
+    before = scene_node_ids(slicer)
+
+    # The engine on the same file, directly.
+    direct_input = tmp_path / "ct_1002.nii.gz"
+    slicer.util.exportNode(volume, str(direct_input), {}, world=False)
+    run_engine("segment", "--model", model, "--out", tmp_path / "direct", "--device", "cpu", direct_input, cwd=tmp_path)
+    direct = sitk.ReadImage(str(tmp_path / "direct" / "ct_1002_seg.nii.gz"))
+    given = sitk.ReadImage(str(direct_input))
+    assert direct.GetSize() == given.GetSize() and np.allclose(direct.GetOrigin(), given.GetOrigin())
+    assert np.allclose(direct.GetDirection(), given.GetDirection()) and np.allclose(direct.GetSpacing(), given.GetSpacing())
+    direct_labels = sitk.GetArrayFromImage(direct)
+
+    logic = mod.VAEUDASegmentationLogic()
+    events = []
+    segmentationNode = logic.segment(volume, str(model), device="cpu", progressCallback=events.append)
+    assert events[-1]["event"] == "done" and any(e["event"] == "stage" for e in events)
+    assert segmentationNode.GetName() == "ct_1002 segmentation"
+    assert scene_node_ids(slicer) == before + [segmentationNode.GetID()]
+    assert os.listdir(slicer.app.temporaryPath) == []
+    role = segmentationNode.GetReferenceImageGeometryReferenceRole()
+    assert segmentationNode.GetNodeReference(role) is volume
+    segmentation = segmentationNode.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 4
+    for index, structure in enumerate(mod.STRUCTURES):
+        segmentId = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segmentId)
+        assert (segment.GetName(), segment.GetColor()) == (structure.name, structure.color)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volume)
+        assert mask.shape == ct.shape
+        assert np.count_nonzero(mask) == np.count_nonzero(direct_labels == structure.mmwhs_value)
+        assert np.array_equal(mask > 0, direct_labels == structure.mmwhs_value)
+    assert len(np.unique(direct_labels)) >= 3, "too few structures found: the comparison would be weak"
+
+    # Evaluating the segmentation against itself: Dice 100 % and ASSD 0 for every structure.
+    table = logic.evaluate(segmentationNode, segmentationNode)
+    assert [table.GetColumnName(c) for c in range(4)] == ["Structure", "Dice [%]", "ASSD [mm]", "ASSD [voxel]"]
+    assert [table.GetCellText(r, 0) for r in range(5)] == [s.name for s in mod.STRUCTURES] + ["Mean"]
+    assert {table.GetCellText(r, 1) for r in range(5)} == {"100.00"}
+    assert {table.GetCellText(r, c) for r in range(5) for c in (2, 3)} == {"0.00"}
+    assert os.listdir(slicer.app.temporaryPath) == []
+
+
+@needs_engine
+def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_path):
+    logic = mod.VAEUDASegmentationLogic()
+    cohort = logic.makeTryItCohort(tmp_path / "cohort", nSource=2, nTarget=2, nTrain=1, size=32)
+    assert (Path(cohort.folder) / "splits.json").is_file()
+    assert cohort.volumeNode.GetName() == "ct_1002"                    # the first test CT
+    reference = cohort.referenceSegmentationNode
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cohort" / "ct_1002_label.nii.gz")))
+    for structure in mod.STRUCTURES:
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(reference, structure.key, cohort.volumeNode)
+        assert np.array_equal(mask > 0, label == structure.mmwhs_value)
+    with pytest.raises(ValueError, match="must be new or empty"):
+        logic.makeTryItCohort(tmp_path / "cohort")
+
+    model = logic.trainSource(cohort.folder, tmp_path / "out" / "tiny.safetensors", preset="tiny",
+                              iterations=1, seed=0, device="cpu")
+    assert model == str(tmp_path / "out" / "tiny.safetensors")
+    assert mod.labelValuesOfModel(mod.readModelMetadata(model)) == [0, 205, 420, 500, 820]
+    assert os.listdir(slicer.app.temporaryPath) == []

@@ -1,0 +1,1235 @@
+"""VAE-UDA Segmentation: the 3D Slicer module (panel, batch logic, self-test).
+
+Segments LV myocardium, LA blood cavity, LV blood cavity and ascending aorta in a modality without
+labels (CT) by adapting a model trained on labelled MR, after Ouyang et al., MICCAI 2019.
+
+The module is thin. It never imports torch: every long task runs the ``vaeuda`` engine that ships
+beside this file as a child process (``PythonSlicer -m vaeuda <command> --progress json ...``),
+reads its JSON progress lines, and moves results between the scene and files in a temporary
+folder that is always deleted afterwards. :class:`EngineProcess` (plain Python, no Slicer) runs
+and cancels one such process; :class:`VAEUDASegmentationLogic` is the batch API for the Python
+console; :class:`VAEUDASegmentationWidget` is the panel.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import pathlib
+import queue
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+# The engine's table of structures is the one source of names, values, colours and codes.
+# vaeuda/__init__.py and vaeuda/labels.py import only numpy and json, never torch.
+from vaeuda import labels as vaeudaLabels
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+REQUIREMENTS_PATH = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
+TORCH_REQUIREMENT = ">=2.1"
+# Packages Slicer ships: never installed, upgraded or replaced by this module.
+SLICER_OWNED_PACKAGES = ("numpy", "SimpleITK")
+
+STRUCTURES = vaeudaLabels.STRUCTURES
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+ANATOMICAL_STRUCTURE_CATEGORY = "SCT^123037004^Anatomical Structure"
+MODEL_FORMAT = "vaeuda-model"   # safetensors header field "format" of an engine model file
+
+
+def terminologyEntry(structure) -> str:
+    """Slicer's ``TerminologyEntry`` segment tag for a structure of :data:`vaeuda.labels.STRUCTURES`.
+
+    Seven ``~``-separated parts (Slicer Docs, developer_guide/modules/segmentations.md): context,
+    category, type, type modifier, anatomic context, anatomic region, region modifier; codes are
+    ``scheme^value^meaning`` with SNOMED CT (``SCT``) codes from the label table.
+    """
+    return "~".join([TERMINOLOGY_CONTEXT, ANATOMICAL_STRUCTURE_CATEGORY,
+                     f"SCT^{structure.snomed_code}^{structure.snomed_meaning}", "^^",
+                     ANATOMIC_CONTEXT, "^^", "^^"])
+
+
+def readModelMetadata(modelPath) -> dict:
+    """The ``meta`` JSON of a ``vaeuda`` model file, read from its safetensors header.
+
+    A safetensors file starts with an 8-byte little-endian header length and a JSON header whose
+    ``__metadata__`` holds the engine's string fields; reading it needs neither torch nor the
+    safetensors package. Raises ValueError naming the file if it is not a VAE-UDA model file.
+    """
+    path = str(modelPath)
+    try:
+        with open(path, "rb") as f:
+            lengthBytes = f.read(8)
+            if len(lengthBytes) != 8:
+                raise ValueError
+            (length,) = struct.unpack("<Q", lengthBytes)
+            if length > 100_000_000:
+                raise ValueError
+            header = json.loads(f.read(length).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path}: not a VAE-UDA model file (no readable safetensors header).") from None
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: not a VAE-UDA model file (a safetensors file without the '{MODEL_FORMAT}' metadata).")
+    try:
+        return json.loads(metadata.get("meta") or "{}")
+    except ValueError:
+        raise ValueError(f"{path}: the model file's metadata is damaged.") from None
+
+
+def labelValuesOfModel(meta: dict) -> Optional[List[int]]:
+    """Label-file value of each class index 0..4 for a model's metadata, or None if it does not say.
+
+    The engine writes segmentations with its label convention's ``from_index`` (vaeuda/labels.py
+    ``Convention``); the metadata keeps that convention under ``labels`` (directly or as
+    ``labels.convention``).
+    """
+    labels = meta.get("labels")
+    if isinstance(labels, dict) and isinstance(labels.get("convention"), dict):
+        labels = labels["convention"]
+    if isinstance(labels, dict) and isinstance(labels.get("from_index"), list) \
+            and len(labels["from_index"]) == vaeudaLabels.N_CLASSES:
+        return [int(v) for v in labels["from_index"]]
+    return None
+
+
+def classIndicesFromLabelValues(labelArray: np.ndarray, fromIndex: Optional[Sequence[int]] = None,
+                                source: str = "segmentation") -> np.ndarray:
+    """Label values written by ``vaeuda segment`` -> class indices 0..4 (uint8, same shape).
+
+    ``fromIndex``: the value of each class index (background first), from the model file. Without
+    it the values are read as MM-WHS values (205, 420, 500, 820; other MM-WHS structures are
+    background) if they all are, else as consecutive indices 1..4. Raises ValueError naming
+    ``source`` for a value that fits neither.
+    """
+    labelArray = np.asarray(labelArray)
+    values = set(int(v) for v in np.unique(labelArray))
+    background, ignored = 0, set()
+    if fromIndex is not None:
+        background = int(fromIndex[0])
+        mapping = {int(v): index for index, v in enumerate(fromIndex) if index > 0}
+    elif values <= set(vaeudaLabels.MMWHS.to_index):
+        mapping = {v: i for v, i in vaeudaLabels.MMWHS.to_index.items() if i > 0}
+        ignored = set(vaeudaLabels.MMWHS_OTHER_VALUES)
+    else:
+        mapping = {s.index: s.index for s in STRUCTURES}
+    unknown = sorted(v for v in values - ignored if v != background and v not in mapping)
+    if unknown:
+        shown = ", ".join(str(v) for v in unknown[:8])
+        raise ValueError(f"{source}: label values {shown} are not values of the model's structures.")
+    classes = np.zeros(labelArray.shape, dtype=np.uint8)
+    for value, index in mapping.items():
+        classes[labelArray == value] = index
+    return classes
+
+
+# ----------------------------------------------------------------------------- engine process
+
+@dataclass
+class JobResult:
+    """How an engine job ended. ``status``: "done", "failed" or "cancelled"; ``message``: the
+    engine's error sentence when failed; ``outputs``: files the engine reported; ``value``: what
+    the logic call returns (a node, a model path...)."""
+    status: str
+    message: str = ""
+    outputs: List[str] = field(default_factory=list)
+    value: object = None
+
+
+class JobFailedError(RuntimeError):
+    """An engine job failed; the message is the engine's one-sentence explanation."""
+
+
+class JobCancelledError(JobFailedError):
+    """An engine job was cancelled; nothing was added to the scene."""
+
+
+def parseEngineLine(line: str) -> dict:
+    """One line of engine output -> an event dict (see vaeuda/progress.py). Plain text becomes a log event."""
+    text = line.rstrip("\r\n")
+    if text.startswith("{"):
+        try:
+            event = json.loads(text)
+        except ValueError:
+            event = None
+        if isinstance(event, dict) and isinstance(event.get("event"), str):
+            return event
+    return {"event": "log", "message": text}
+
+
+class EngineProcess:
+    """One ``vaeuda`` child process, watched without blocking the caller. Plain Python, no Slicer.
+
+    Two reader threads turn stdout lines into event dicts (JSON progress lines, other text as
+    ``log`` events) and stderr lines into ``log`` events, in one queue that the caller drains
+    with :meth:`events` on its own thread. The child runs in its own process group (POSIX
+    session / Windows process group) so that :meth:`cancel` kills it with all its children.
+    """
+
+    # After the child exits, how long to wait for the readers to reach the end of its output
+    # (a grandchild that inherited the pipes could otherwise keep them open).
+    READER_GRACE_S = 2.0
+
+    def __init__(self, args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
+        self.args = [str(a) for a in args]
+        self.env = env
+        self.cwd = cwd
+        self.process: Optional[subprocess.Popen] = None
+        self.cancelRequested = False
+        self.errorMessage: Optional[str] = None    # from an {"event": "error"} line
+        self.outputs: List[str] = []               # from the {"event": "done"} line
+        self._events: "queue.Queue[dict]" = queue.Queue()
+        self._stderrTail = collections.deque(maxlen=20)
+        self._readers: List[threading.Thread] = []
+        self._exitTime: Optional[float] = None
+
+    def start(self) -> None:
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True
+        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, text=True,
+                                        encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+        self._readers = [threading.Thread(target=self._readStdout, daemon=True),
+                         threading.Thread(target=self._readStderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _readStdout(self) -> None:
+        for line in self.process.stdout:
+            event = parseEngineLine(line)
+            if event["event"] == "error":
+                self.errorMessage = str(event.get("message", ""))
+            elif event["event"] == "done":
+                self.outputs = [str(p) for p in event.get("outputs") or []]
+            self._events.put(event)
+
+    def _readStderr(self) -> None:
+        for line in self.process.stderr:
+            text = line.rstrip("\r\n")
+            if text:
+                self._stderrTail.append(text)
+                self._events.put({"event": "log", "message": text, "stream": "stderr"})
+
+    def events(self, timeout: float = 0.0) -> List[dict]:
+        """Events that arrived since the last call; waits up to ``timeout`` seconds for the first one."""
+        got = []
+        try:
+            got.append(self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait())
+            while True:
+                got.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        return got
+
+    def isFinished(self) -> bool:
+        """True once the child has exited and its output has been read (or the grace time passed)."""
+        if self.process is None or self.process.poll() is None:
+            return False
+        if self._exitTime is None:
+            self._exitTime = time.monotonic()
+        readersDone = not any(reader.is_alive() for reader in self._readers)
+        return (readersDone or time.monotonic() - self._exitTime > self.READER_GRACE_S) and self._events.empty()
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self.process is None else self.process.poll()
+
+    def cancel(self) -> None:
+        """Kill the child and everything it started; returns when the child is gone."""
+        self.cancelRequested = True
+        if self.process is None:
+            return
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.process.wait()
+
+    def failureMessage(self) -> str:
+        """The engine's error sentence; else its last stderr line; else the exit status."""
+        if self.errorMessage:
+            return self.errorMessage
+        for line in reversed(self._stderrTail):
+            if line.startswith("vaeuda: error: "):
+                return line[len("vaeuda: error: "):]
+        if self._stderrTail:
+            return f"the VAE-UDA engine stopped with an error: {self._stderrTail[-1]}"
+        return f"the VAE-UDA engine stopped with exit status {self.returncode}."
+
+
+@dataclass
+class TryItCohort:
+    """What :meth:`VAEUDASegmentationLogic.makeTryItCohort` made: the cohort folder (MR and CT
+    volumes with labels, ``splits.json``), and the CT volume and its reference segmentation loaded
+    into the scene (None when not loaded)."""
+    folder: str
+    volumeNode: object = None
+    referenceSegmentationNode: object = None
+
+
+@dataclass
+class _Job:
+    name: str
+    process: EngineProcess
+    tempDir: str
+    onSuccess: Optional[Callable[[List[str]], object]]
+    progressCallback: Optional[Callable[[dict], None]]
+    finishedCallback: Optional[Callable[[JobResult], None]]
+
+
+# ----------------------------------------------------------------------------- module
+
+class VAEUDASegmentation(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "VAE-UDA Segmentation"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["VAE-UDA Segmentation contributors"]
+        self.parent.helpText = """
+Segments the LV myocardium, LA blood cavity, LV blood cavity and ascending aorta in a CT (or any
+modality without labels) with the data-efficient unsupervised domain adaptation of
+Ouyang, Kamnitsas, Biffi, Duan and Rueckert, "Data Efficient Unsupervised Domain Adaptation for
+Cross-Modality Image Segmentation", MICCAI 2019.
+<br><br>
+Workflow: (1) pick a model trained on labelled MR volumes, or train one from a folder of them;
+(2) adapt it to one unlabelled CT of the scene, which needs no CT labels at all; (3) segment CT
+volumes with the adapted model to get a segmentation with named, coloured segments.
+Press "Try it" to make a small synthetic MR/CT cohort and run the whole workflow offline.
+See the <a href="https://github.com/VAEUDA/SlicerVAEUDASegmentation/blob/main/Docs/slicer.md">user guide</a>.
+"""
+        self.parent.acknowledgementText = """
+The method is that of C. Ouyang, K. Kamnitsas, C. Biffi, J. Duan and D. Rueckert (MICCAI 2019).
+The module follows the designs of Slicer's scripted module template, SlicerMONAIAuto3DSeg,
+SlicerTotalSegmentator, SlicerNNUNet and SlicerPyTorch.
+"""
+
+
+# ----------------------------------------------------------------------------- parameter node
+
+@parameterNodeWrapper
+class VAEUDASegmentationParameterNode:
+    """The panel's state, saved with the scene. An empty path reads as ``Path(".")``."""
+    sourceModelPath: pathlib.Path
+    trainDataFolder: pathlib.Path
+    trainOutputModelPath: pathlib.Path
+    adaptedModelPath: pathlib.Path
+    adaptIterations: Annotated[int, WithinRange(0, 10_000_000)] = 0
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentModelPath: pathlib.Path
+    outputSegmentation: vtkMRMLSegmentationNode
+    referenceSegmentation: vtkMRMLSegmentationNode
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    preset: Annotated[str, Choice(["auto", "cpu", "paper"])] = "auto"
+    seed: Annotated[int, WithinRange(0, 2_147_483_647)] = 0
+    trainIterations: Annotated[int, WithinRange(0, 10_000_000)] = 0
+
+
+def _pathOrNone(path) -> Optional[str]:
+    text = "" if path is None else str(path)
+    return None if text in ("", ".") else text
+
+
+# ----------------------------------------------------------------------------- widget
+
+class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: Try it, Model, Adapt, Segment, Evaluate, Advanced; a progress bar and a log.
+
+    Every engine job runs in the background; the button that started it reads "Cancel" until it ends.
+    """
+
+    ACTION_LABELS = {"tryIt": "Making the synthetic cohort", "train": "Training the source model",
+                     "adapt": "Adapting the model", "segment": "Segmenting", "evaluate": "Evaluating"}
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._runningAction = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/VAEUDASegmentation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = VAEUDASegmentationLogic()
+        self._actionButtons = {"tryIt": self.ui.tryItButton, "train": self.ui.trainButton,
+                               "adapt": self.ui.adaptButton, "segment": self.ui.applyButton,
+                               "evaluate": self.ui.evaluateButton}
+        self._buttonTexts = {name: button.text for name, button in self._actionButtons.items()}
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.tryItButton.connect("clicked(bool)", self.onTryItButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluateButton)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                                   self.ui.segmentationShow3DButton.setSegmentationNode)
+        self.ui.progressBar.setValue(0)
+        self.ui.statusLabel.text = "Idle"
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        # Leaving Slicer (or reloading) must not leave an engine process running.
+        if self.logic is not None and self.logic.isRunning():
+            self.logic.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+            self._updateButtonStates()
+
+    def _updateButtonStates(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        ready = {"tryIt": True,
+                 "train": bool(_pathOrNone(p.trainDataFolder) and _pathOrNone(p.trainOutputModelPath)),
+                 "adapt": bool(_pathOrNone(p.sourceModelPath) and _pathOrNone(p.adaptedModelPath)),
+                 "segment": bool(p.inputVolume and _pathOrNone(p.segmentModelPath)),
+                 "evaluate": bool(p.outputSegmentation and p.referenceSegmentation)}
+        for name, button in self._actionButtons.items():
+            if self._runningAction is None:
+                button.enabled = ready[name]
+                button.text = self._buttonTexts[name]
+            else:
+                # While a job runs, only its own button is active, and it cancels the job.
+                button.enabled = name == self._runningAction
+                button.text = "Cancel" if name == self._runningAction else self._buttonTexts[name]
+
+    # -- running jobs
+
+    def _ensureRequirements(self) -> None:
+        if not self.logic.setupPythonRequirements(askConfirmation=True):
+            raise RuntimeError("VAE-UDA Segmentation needs Python packages that are not installed: "
+                               + ", ".join(self.logic.missingPythonRequirements()) + ".")
+
+    def _runAction(self, name: str, start: Callable[[], None]) -> None:
+        """Start the job of button ``name``, or cancel it if it is the one running."""
+        if self._runningAction == name:
+            self.logic.cancel()
+            self.ui.statusLabel.text = "Cancelling..."
+            return
+        with slicer.util.tryWithErrorDisplay(f"{self.ACTION_LABELS[name]} could not start.", waitCursor=True):
+            self._ensureRequirements()
+            self._runningAction = name
+            self._updateButtonStates()
+            self.ui.progressBar.setValue(0)
+            self.ui.statusLabel.text = f"{self.ACTION_LABELS[name]}..."
+            self.ui.logTextEdit.appendPlainText(f"--- {self.ACTION_LABELS[name]}")
+            try:
+                start()
+            except Exception:
+                self._runningAction = None
+                self._updateButtonStates()
+                self.ui.statusLabel.text = "Idle"
+                raise
+
+    def _onProgress(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "stage":
+            self.ui.statusLabel.text = f"{event.get('stage', '')}..."
+            self.ui.progressBar.setValue(0)
+        elif kind == "progress":
+            self.ui.progressBar.setValue(int(round(100 * float(event.get("fraction") or 0.0))))
+            eta = event.get("eta_s")
+            etaText = f", about {int(eta // 60)} min {int(eta % 60)} s left" if eta is not None else ""
+            self.ui.statusLabel.text = f"{event.get('stage', '')}: {event.get('step')}/{event.get('total')}{etaText}"
+        elif kind == "log":
+            self.ui.logTextEdit.appendPlainText(str(event.get("message", "")))
+        elif kind == "error":
+            self.ui.logTextEdit.appendPlainText(f"Error: {event.get('message', '')}")
+        elif kind == "table":   # evaluate's Markdown table
+            self.ui.logTextEdit.appendPlainText(str(event.get("markdown", "")))
+
+    def _finishAction(self, result: JobResult) -> bool:
+        """Reset the panel after a job; show its error. True if it succeeded."""
+        name = self._runningAction
+        self._runningAction = None
+        self._updateButtonStates()
+        label = self.ACTION_LABELS.get(name, "The job")
+        if result.status == "done":
+            self.ui.progressBar.setValue(100)
+            self.ui.statusLabel.text = f"{label}: done."
+            return True
+        self.ui.progressBar.setValue(0)
+        if result.status == "cancelled":
+            self.ui.statusLabel.text = f"{label}: cancelled."
+            self.ui.logTextEdit.appendPlainText("Cancelled.")
+        else:
+            self.ui.statusLabel.text = f"{label}: failed."
+            self.ui.logTextEdit.appendPlainText(f"Failed: {result.message}")
+            slicer.util.errorDisplay(f"{label} failed: {result.message}")
+        return False
+
+    def _jobOptions(self, finished: Callable[[JobResult], None]) -> dict:
+        return {"waitForCompletion": False, "progressCallback": self._onProgress, "finishedCallback": finished}
+
+    # -- buttons
+
+    def onTryItButton(self) -> None:
+        folder = self.logic.defaultTryItFolder()
+
+        def finished(result: JobResult) -> None:
+            if self._finishAction(result):
+                cohort = result.value
+                p = self._parameterNode
+                p.trainDataFolder = pathlib.Path(cohort.folder)
+                p.trainOutputModelPath = pathlib.Path(cohort.folder) / "source_model.safetensors"
+                p.adaptedModelPath = pathlib.Path(cohort.folder) / "adapted_model.safetensors"
+                p.inputVolume = cohort.volumeNode
+                p.referenceSegmentation = cohort.referenceSegmentationNode
+                self.ui.targetVolumesSelector.setCheckState(cohort.volumeNode, qt.Qt.Checked)
+                self.ui.logTextEdit.appendPlainText(
+                    f"Synthetic cohort in {cohort.folder}. Next: train a source model from it, adapt, segment.")
+
+        self._runAction("tryIt", lambda: self.logic.makeTryItCohort(folder, seed=self._parameterNode.seed,
+                                                                    **self._jobOptions(finished)))
+
+    def onTrainButton(self) -> None:
+        p = self._parameterNode
+
+        def finished(result: JobResult) -> None:
+            if self._finishAction(result):
+                p.sourceModelPath = pathlib.Path(result.value)
+                p.segmentModelPath = pathlib.Path(result.value)
+
+        self._runAction("train", lambda: self.logic.trainSource(
+            _pathOrNone(p.trainDataFolder), _pathOrNone(p.trainOutputModelPath),
+            preset=None if p.preset == "auto" else p.preset, iterations=p.trainIterations or None, seed=p.seed,
+            device=p.device, **self._jobOptions(finished)))
+
+    def onAdaptButton(self) -> None:
+        p = self._parameterNode
+        targets = list(self.ui.targetVolumesSelector.checkedNodes())
+        if not targets and p.inputVolume:
+            targets = [p.inputVolume]
+
+        def finished(result: JobResult) -> None:
+            if self._finishAction(result):
+                # The adapted model is remembered in the parameter node and used for segmenting.
+                p.adaptedModelPath = pathlib.Path(result.value)
+                p.segmentModelPath = pathlib.Path(result.value)
+
+        self._runAction("adapt", lambda: self.logic.adapt(
+            _pathOrNone(p.sourceModelPath), targets, _pathOrNone(p.adaptedModelPath),
+            iterations=p.adaptIterations or None, seed=p.seed, device=p.device, **self._jobOptions(finished)))
+
+    def onApplyButton(self) -> None:
+        p = self._parameterNode
+
+        def finished(result: JobResult) -> None:
+            if self._finishAction(result):
+                p.outputSegmentation = result.value
+
+        self._runAction("segment", lambda: self.logic.segment(
+            p.inputVolume, _pathOrNone(p.segmentModelPath), p.outputSegmentation, device=p.device,
+            **self._jobOptions(finished)))
+
+    def onEvaluateButton(self) -> None:
+        p = self._parameterNode
+
+        def finished(result: JobResult) -> None:
+            if self._finishAction(result):
+                slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+                slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.value.GetID())
+                slicer.app.applicationLogic().PropagateTableSelection()
+
+        self._runAction("evaluate", lambda: self.logic.evaluate(
+            p.outputSegmentation, p.referenceSegmentation, **self._jobOptions(finished)))
+
+
+# ----------------------------------------------------------------------------- logic
+
+class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
+    """The batch API: train, adapt, segment and evaluate from the Python console, without the panel.
+
+    Each long call runs the engine in a child process. With ``waitForCompletion=True`` (the
+    default) it blocks and returns the result, raising :class:`JobFailedError` with the engine's
+    error sentence (or :class:`JobCancelledError`); with ``waitForCompletion=False`` it returns
+    at once, reports engine events to ``progressCallback(event)`` and the end to
+    ``finishedCallback(JobResult)`` from Qt timer callbacks on the main thread. One job at a time;
+    :meth:`cancel` stops it. A failed or cancelled job leaves the scene as it was, and the
+    temporary folder of every job is deleted.
+
+    Example (Python console)::
+
+        from VAEUDASegmentation import VAEUDASegmentationLogic
+        logic = VAEUDASegmentationLogic()
+        logic.setupPythonRequirements()
+        segmentation = logic.segment(getNode("ct_1017"), "/data/adapted.safetensors")
+    """
+
+    POLL_INTERVAL_MS = 100
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        # The engine command line before the subcommand; None: PythonSlicer (or this Python) -m vaeuda.
+        self.engineCommand: Optional[List[str]] = None
+        self.requirementsPath = REQUIREMENTS_PATH
+        self._job: Optional[_Job] = None
+        self._requirementsSatisfied = False
+
+    def getParameterNode(self):
+        return VAEUDASegmentationParameterNode(super().getParameterNode())
+
+    # -- dependencies
+
+    def _requirements(self) -> List[str]:
+        """``torch<TORCH_REQUIREMENT>`` and the lines of Resources/requirements.txt."""
+        lines = [f"torch{TORCH_REQUIREMENT}"]
+        with open(self.requirementsPath, encoding="utf-8") as f:
+            for line in f:
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    lines.append(line)
+        return lines
+
+    def missingPythonRequirements(self) -> List[str]:
+        """Requirements (pip specifiers) not installed in Slicer's Python, or installed too old."""
+        from importlib import metadata
+        try:
+            from packaging.requirements import Requirement
+        except ImportError:   # without packaging, only presence is checked
+            Requirement = None
+        missing = []
+        for line in self._requirements():
+            name = Requirement(line).name if Requirement else line.split("<")[0].split(">")[0].split("=")[0].strip()
+            try:
+                version = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                missing.append(line)
+                continue
+            if Requirement and not Requirement(line).specifier.contains(version, prereleases=True):
+                missing.append(line)
+        return missing
+
+    def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
+        """Install what the engine needs into Slicer's Python, asking first. True when all is there.
+
+        torch comes from the PyTorch extension (``PyTorchUtilsLogic().installTorch``, which picks
+        the CUDA build matching the driver); the rest from Resources/requirements.txt with
+        ``slicer.util.pip_install``, constrained so that Slicer's own numpy and SimpleITK are
+        never replaced. Never installs in Slicer's testing mode. Example::
+
+            VAEUDASegmentationLogic().setupPythonRequirements()
+        """
+        missing = self.missingPythonRequirements()
+        if not missing:
+            self._requirementsSatisfied = True
+            return True
+        if slicer.app.testingEnabled():
+            logging.info("VAE-UDA: not installing %s in testing mode.", ", ".join(missing))
+            return False
+        torchMissing = [r for r in missing if r.startswith("torch")]
+        others = [r for r in missing if not r.startswith("torch")
+                  and not any(r.lower().startswith(p.lower()) for p in SLICER_OWNED_PACKAGES)]
+        if torchMissing:
+            import PyTorchUtils   # the PyTorch extension, declared in EXTENSION_DEPENDS
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
+                                                                  torchVersionRequirement=TORCH_REQUIREMENT)
+            if torch is None:
+                return False
+        if others:
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    "VAE-UDA Segmentation needs these Python packages: " + ", ".join(others)
+                    + ". Download and install them now? This takes a few minutes."):
+                return False
+            constraintsDir = tempfile.mkdtemp(prefix="VAEUDASegmentation-pip-")
+            try:
+                constraintsPath = os.path.join(constraintsDir, "constraints.txt")
+                with open(constraintsPath, "w", encoding="utf-8") as f:
+                    f.write(self._slicerPackagePins())
+                slicer.util.pip_install(["-c", constraintsPath] + others)
+            finally:
+                shutil.rmtree(constraintsDir, ignore_errors=True)
+        stillMissing = self.missingPythonRequirements()
+        self._requirementsSatisfied = not stillMissing
+        return self._requirementsSatisfied
+
+    @staticmethod
+    def _slicerPackagePins() -> str:
+        """pip constraints pinning the installed numpy and SimpleITK, so no install can replace them."""
+        from importlib import metadata
+        pins = []
+        for name in SLICER_OWNED_PACKAGES:
+            try:
+                pins.append(f"{name}=={metadata.version(name)}\n")
+            except metadata.PackageNotFoundError:
+                pass
+        return "".join(pins)
+
+    def _ensureRequirements(self) -> None:
+        if self._requirementsSatisfied:
+            return
+        if not self.setupPythonRequirements(askConfirmation=True):
+            raise RuntimeError("VAE-UDA Segmentation needs Python packages that are not installed: "
+                               + ", ".join(self.missingPythonRequirements())
+                               + "; install them with VAEUDASegmentationLogic().setupPythonRequirements().")
+
+    # -- running the engine
+
+    def isRunning(self) -> bool:
+        return self._job is not None
+
+    def cancel(self) -> None:
+        """Stop the running job: kill the engine process and all its children. The scene is not changed.
+
+        A blocking call then raises :class:`JobCancelledError`; a background one reports a
+        ``cancelled`` :class:`JobResult` to its ``finishedCallback``.
+        """
+        if self._job is not None:
+            self._job.process.cancel()
+
+    def _engineArgs(self) -> List[str]:
+        if self.engineCommand:
+            return list(self.engineCommand)
+        python = shutil.which("PythonSlicer") or sys.executable
+        return [python, "-m", "vaeuda"]
+
+    @staticmethod
+    def _engineEnvironment() -> Dict[str, str]:
+        env = os.environ.copy()
+        # The engine ships beside this file; make ``-m vaeuda`` find it in the child too.
+        env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    @staticmethod
+    def _makeTempDir() -> str:
+        return tempfile.mkdtemp(prefix="VAEUDASegmentation-", dir=slicer.app.temporaryPath)
+
+    def _run(self, name: str, subcommandArgs: List[str], tempDir: str,
+             onSuccess: Optional[Callable[[List[str]], object]], waitForCompletion: bool,
+             progressCallback: Optional[Callable[[dict], None]],
+             finishedCallback: Optional[Callable[[JobResult], None]]):
+        """Run ``vaeuda <subcommandArgs> --progress json``; see the class docstring for the two modes."""
+        if self._job is not None:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise RuntimeError(f"A VAE-UDA job ({self._job.name}) is running; wait for it or cancel it first.")
+        args = [str(a) for a in self._engineArgs() + subcommandArgs[:1] + ["--progress", "json"] + subcommandArgs[1:]]
+        logging.info("VAE-UDA: running %s", " ".join(args))
+        process = EngineProcess(args, env=self._engineEnvironment(), cwd=tempDir)
+        job = _Job(name, process, tempDir, onSuccess, progressCallback, finishedCallback)
+        try:
+            process.start()
+        except OSError as exc:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise RuntimeError(f"Cannot start the VAE-UDA engine ({args[0]}): {exc}.") from None
+        self._job = job
+        if not waitForCompletion:
+            qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._poll(job))
+            return None
+        while not process.isFinished():
+            self._forward(job, process.events(timeout=0.1))
+        self._forward(job, process.events())
+        result = self._complete(job)
+        if result.status == "cancelled":
+            raise JobCancelledError(result.message)
+        if result.status == "failed":
+            raise JobFailedError(result.message)
+        return result.value
+
+    def _poll(self, job: _Job) -> None:
+        """Timer callback of a background job: forward its events; finish it, or look again later."""
+        self._forward(job, job.process.events())
+        if job.process.isFinished():
+            self._complete(job)
+        else:
+            qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._poll(job))
+
+    @staticmethod
+    def _forward(job: _Job, events: List[dict]) -> None:
+        for event in events:
+            if event.get("event") in ("stage", "log", "error"):
+                logging.info("VAE-UDA %s: %s", job.name, event.get("message") or event.get("stage"))
+            if job.progressCallback:
+                job.progressCallback(event)
+
+    def _complete(self, job: _Job) -> JobResult:
+        """Turn the ended process into a JobResult (importing results on success), always clean up."""
+        process = job.process
+        try:
+            if process.cancelRequested:
+                result = JobResult("cancelled", "Cancelled by the user.")
+            elif process.returncode != 0:
+                result = JobResult("failed", process.failureMessage())
+            else:
+                try:
+                    value = job.onSuccess(process.outputs) if job.onSuccess else None
+                    result = JobResult("done", outputs=list(process.outputs), value=value)
+                except Exception as exc:
+                    logging.exception("VAE-UDA %s: reading the results failed", job.name)
+                    result = JobResult("failed", str(exc))
+        finally:
+            shutil.rmtree(job.tempDir, ignore_errors=True)
+            self._job = None
+        logging.info("VAE-UDA %s: %s %s", job.name, result.status, result.message)
+        if job.finishedCallback:
+            job.finishedCallback(result)
+        return result
+
+    # -- scene <-> files
+
+    @staticmethod
+    def _writeVolume(volumeNode, path: str) -> None:
+        if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode") \
+                or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise ValueError("Select a scalar volume (not a label map) as input.")
+        if volumeNode.GetImageData() is None:
+            raise ValueError(f"Volume '{volumeNode.GetName()}' has no voxels.")
+        # exportNode leaves the node's storage node (its file name for "Save") untouched.
+        if not slicer.util.exportNode(volumeNode, path, {}, world=False):
+            raise RuntimeError(f"Could not write volume '{volumeNode.GetName()}' to {path}.")
+
+    @staticmethod
+    def _existingFile(path, what: str) -> str:
+        if not _pathOrNone(path):
+            raise ValueError(f"Choose a {what}.")
+        if not os.path.isfile(str(path)):
+            raise ValueError(f"{path}: {what} not found.")
+        return os.path.abspath(str(path))
+
+    @staticmethod
+    def _placeInStudy(node, volumeNode) -> None:
+        """Put ``node`` beside ``volumeNode`` in the subject hierarchy (the volume's study)."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        volumeItem = shNode.GetItemByDataNode(volumeNode)
+        nodeItem = shNode.GetItemByDataNode(node)
+        if volumeItem and nodeItem:
+            shNode.SetItemParent(nodeItem, shNode.GetItemParent(volumeItem))
+
+    def _importSegmentation(self, labelPath: str, inputVolumeNode, outputSegmentationNode,
+                            fromIndex: Optional[Sequence[int]], name: Optional[str] = None):
+        """Label file (in the input volume's geometry) -> segmentation node with the four named segments.
+
+        Fills ``outputSegmentationNode`` (its old segments are replaced) or a new node named after
+        the input volume; its reference geometry is the input volume, it sits under the volume's
+        transform and in the volume's study. Nothing in the scene changes if the file is unusable.
+        """
+        labelmapNode = slicer.util.loadLabelVolume(labelPath, {"name": "VAE-UDA temporary labels", "show": False})
+        createdNode = None
+        try:
+            classes = classIndicesFromLabelValues(slicer.util.arrayFromVolume(labelmapNode), fromIndex, source=labelPath)
+            slicer.util.updateVolumeFromArray(labelmapNode, classes)
+            segmentationNode = outputSegmentationNode
+            if segmentationNode is None:
+                segmentationNode = createdNode = slicer.mrmlScene.AddNewNodeByClass(
+                    "vtkMRMLSegmentationNode", name or f"{inputVolumeNode.GetName()} segmentation")
+                segmentationNode.CreateDefaultDisplayNodes()
+            segmentation = segmentationNode.GetSegmentation()
+            segmentation.RemoveAllSegments()
+            segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
+                                                inputVolumeNode.GetID())
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolumeNode)
+            segmentationNode.SetAndObserveTransformNodeID(inputVolumeNode.GetTransformNodeID())
+            segmentIds = vtk.vtkStringArray()
+            for structure in STRUCTURES:   # label value s.index -> the segment of s (STRUCTURES order)
+                segmentId = segmentation.AddEmptySegment(structure.key, structure.name, list(structure.color))
+                segment = segmentation.GetSegment(segmentId)
+                segment.SetTag(segment.GetTerminologyEntryTagName(), terminologyEntry(structure))
+                segmentIds.InsertNextValue(segmentId)
+            if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(
+                    labelmapNode, segmentationNode, segmentIds):
+                raise RuntimeError(f"{labelPath}: could not import the labels into segmentation "
+                                   f"'{segmentationNode.GetName()}'.")
+            self._placeInStudy(segmentationNode, inputVolumeNode)
+            return segmentationNode
+        except Exception:
+            if createdNode is not None:
+                slicer.mrmlScene.RemoveNode(createdNode)
+            raise
+        finally:
+            slicer.mrmlScene.RemoveNode(labelmapNode)
+
+    # -- the batch API
+
+    def segment(self, inputVolumeNode, modelPath, outputSegmentationNode=None, *, device: str = "auto",
+                waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
+        """Segment a volume; returns the vtkMRMLSegmentationNode (None when not waiting).
+
+        The result has one segment per structure (LV myocardium, LA blood cavity, LV blood
+        cavity, ascending aorta) with name, colour and SNOMED CT terminology, the input volume
+        as reference geometry, placed in the input volume's study. ``outputSegmentationNode``:
+        a segmentation to overwrite; None makes a new one named after the volume.
+        ``device``: "auto", "cpu" or "cuda". Example::
+
+            logic = VAEUDASegmentationLogic()
+            seg = logic.segment(getNode("ct_1017"), "/data/adapted.safetensors", device="cpu")
+            seg.CreateClosedSurfaceRepresentation()   # show in 3D
+        """
+        modelPath = self._existingFile(modelPath, "model file")
+        fromIndex = labelValuesOfModel(readModelMetadata(modelPath))
+        self._ensureRequirements()
+        tempDir = self._makeTempDir()
+        try:
+            inputPath = os.path.join(tempDir, "input.nii.gz")
+            self._writeVolume(inputVolumeNode, inputPath)
+        except Exception:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        outputDir = os.path.join(tempDir, "output")
+
+        def importResult(outputs: List[str]):
+            labelPath = next((p for p in outputs if p.endswith("_seg.nii.gz")),
+                             os.path.join(outputDir, "input_seg.nii.gz"))
+            return self._importSegmentation(labelPath, inputVolumeNode, outputSegmentationNode, fromIndex)
+
+        return self._run("segment", ["segment", "--model", modelPath, "--out", outputDir, "--device", device, inputPath],
+                         tempDir, importResult, waitForCompletion, progressCallback, finishedCallback)
+
+    def trainSource(self, dataFolder, outputModelPath, *, preset: Optional[str] = None,
+                    iterations: Optional[int] = None, seed: Optional[int] = None, device: str = "auto",
+                    labelConvention: Optional[str] = None, waitForCompletion: bool = True,
+                    progressCallback=None, finishedCallback=None):
+        """Train a source model on labelled volumes; returns the model path (None when not waiting).
+
+        ``dataFolder``: ``X_image`` / ``X_label`` volume pairs (MR). ``preset``: "cpu" or "paper"
+        (engine default if None); ``labelConvention``: "mmwhs" (default), "consecutive" or a JSON
+        mapping file. The model is written to a temporary folder and moved to
+        ``outputModelPath`` only when complete. Example::
+
+            logic.trainSource("/data/mr_train", "/data/source.safetensors", preset="cpu", iterations=5000)
+        """
+        if not _pathOrNone(dataFolder) or not os.path.isdir(str(dataFolder)):
+            raise ValueError(f"{dataFolder}: training data folder not found.")
+        if not _pathOrNone(outputModelPath):
+            raise ValueError("Choose where to write the trained model.")
+        self._ensureRequirements()
+        tempDir = self._makeTempDir()
+        tempModel = os.path.join(tempDir, "model" + _modelSuffix(outputModelPath))
+        args = ["train-source", "--out", tempModel, "--device", device]
+        args += _option("--preset", preset) + _option("--iterations", iterations) + _option("--seed", seed)
+        args += _option("--label-convention", labelConvention) + [os.path.abspath(str(dataFolder))]
+        return self._run("train-source", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
+                         waitForCompletion, progressCallback, finishedCallback)
+
+    def adapt(self, sourceModelPath, targetVolumeNodes, outputModelPath, *, iterations: Optional[int] = None,
+              seed: Optional[int] = None, device: str = "auto", waitForCompletion: bool = True,
+              progressCallback=None, finishedCallback=None):
+        """Adapt a source model to unlabelled target volumes of the scene; returns the adapted model's path.
+
+        ``targetVolumeNodes``: one volume node or a list (the paper adapts to a single CT). No
+        target labels are used; the labelled source volumes are the ones the source model records.
+        ``iterations``: engine default if None. Example::
+
+            adapted = logic.adapt("/data/source.safetensors", [getNode("ct_1017")], "/data/adapted.safetensors")
+        """
+        sourceModelPath = self._existingFile(sourceModelPath, "source model file")
+        readModelMetadata(sourceModelPath)
+        if targetVolumeNodes is not None and not isinstance(targetVolumeNodes, (list, tuple)):
+            targetVolumeNodes = [targetVolumeNodes]
+        if not targetVolumeNodes:
+            raise ValueError("Select at least one target volume to adapt to.")
+        if not _pathOrNone(outputModelPath):
+            raise ValueError("Choose where to write the adapted model.")
+        self._ensureRequirements()
+        tempDir = self._makeTempDir()
+        try:
+            targets = []
+            for index, node in enumerate(targetVolumeNodes):
+                targets.append(os.path.join(tempDir, f"target_{index}.nii.gz"))
+                self._writeVolume(node, targets[-1])
+        except Exception:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        tempModel = os.path.join(tempDir, "model" + _modelSuffix(outputModelPath))
+        args = ["adapt", "--model", sourceModelPath, "--out", tempModel, "--device", device]
+        args += _option("--iterations", iterations) + _option("--seed", seed) + targets
+        return self._run("adapt", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
+                         waitForCompletion, progressCallback, finishedCallback)
+
+    def evaluate(self, segmentationNode, referenceSegmentationNode, outputTableNode=None, *,
+                 waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
+        """Dice and ASSD per structure of a segmentation against a reference; returns a vtkMRMLTableNode.
+
+        Both are compared in the geometry of the segmentation's reference volume, each on its
+        largest 3D component as in the paper (the engine's ``evaluate``). Reference segments are
+        matched to structures by terminology code, by name (e.g. "LV myocardium" or "LV-M") or
+        by a number in the name (an MM-WHS value such as "Segment_205", or 1..4). Rows: the four
+        structures and "Mean"; columns: Dice [%], ASSD [mm], ASSD [voxel]. Example::
+
+            table = logic.evaluate(getNode("ct_1017 segmentation"), getNode("ct_1017 reference"))
+        """
+        if segmentationNode is None or referenceSegmentationNode is None:
+            raise ValueError("Select a segmentation and a reference segmentation to compare.")
+        referenceVolume = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
+        if referenceVolume is None:
+            raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no reference volume to compare in.")
+        self._ensureRequirements()
+        tempDir = self._makeTempDir()
+        predDir, refDir = os.path.join(tempDir, "pred"), os.path.join(tempDir, "ref")
+        try:
+            os.makedirs(predDir)
+            os.makedirs(refDir)
+            for node, path in ((segmentationNode, os.path.join(predDir, "case_seg.nii.gz")),
+                               (referenceSegmentationNode, os.path.join(refDir, "case_label.nii.gz"))):
+                self._writeClassLabels(node, referenceVolume, path)
+        except Exception:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        jsonPath = os.path.join(tempDir, "evaluation.json")
+
+        def makeTable(outputs: List[str]):
+            with open(jsonPath, encoding="utf-8") as f:
+                return self._evaluationTable(json.load(f), segmentationNode, outputTableNode)
+
+        args = ["evaluate", "--pred", predDir, "--ref", refDir, "--labels", "consecutive", "--json", jsonPath]
+        return self._run("evaluate", args, tempDir, makeTable, waitForCompletion, progressCallback, finishedCallback)
+
+    def makeTryItCohort(self, outputFolder=None, *, nSource: int = 6, nTarget: int = 2, nTrain: int = 4,
+                        size: Optional[int] = 64, seed: int = 0, loadVolume: bool = True,
+                        waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
+        """Make a small synthetic MR/CT cohort with the engine (offline) and load one CT; returns a TryItCohort.
+
+        The cohort (``mr_*`` and ``ct_*`` image/label volumes, ``splits.json``) goes to
+        ``outputFolder`` (must be new or empty; default :meth:`defaultTryItFolder`). With
+        ``loadVolume`` the first test CT is loaded, with its reference labels as a segmentation
+        for Evaluate. Then: train a source model on the folder, adapt to the CT, segment it. Example::
+
+            cohort = logic.makeTryItCohort()
+            model = logic.trainSource(cohort.folder, cohort.folder + "/source.safetensors", iterations=300)
+        """
+        outputFolder = os.path.abspath(str(outputFolder or self.defaultTryItFolder()))
+        if os.path.isdir(outputFolder) and os.listdir(outputFolder):
+            raise ValueError(f"{outputFolder}: the folder for the synthetic cohort must be new or empty.")
+        self._ensureRequirements()
+        tempDir = self._makeTempDir()
+        cohortDir = os.path.join(tempDir, "cohort")
+        args = ["synth", cohortDir, "--n-source", nSource, "--n-target", nTarget, "--n-train", nTrain, "--seed", seed]
+        args += _option("--size", size)
+
+        def loadCohort(outputs: List[str]) -> TryItCohort:
+            if os.path.isdir(outputFolder):
+                os.rmdir(outputFolder)
+            shutil.move(cohortDir, outputFolder)
+            cohort = TryItCohort(outputFolder)
+            if loadVolume:
+                with open(os.path.join(outputFolder, "splits.json"), encoding="utf-8") as f:
+                    splits = json.load(f)
+                prefix = (splits["ct"].get("test") or splits["ct"]["train"])[0]
+                cohort.volumeNode = slicer.util.loadVolume(os.path.join(outputFolder, f"{prefix}_image.nii.gz"),
+                                                           {"name": prefix, "show": True})
+                cohort.referenceSegmentationNode = self._importSegmentation(
+                    # MM-WHS labels: the other annotated structures (RA, RV, PA) are left out
+                    os.path.join(outputFolder, f"{prefix}_label.nii.gz"), cohort.volumeNode, None,
+                    None, name=f"{prefix} reference")
+            return cohort
+
+        return self._run("synth", args, tempDir, loadCohort, waitForCompletion, progressCallback, finishedCallback)
+
+    @staticmethod
+    def defaultTryItFolder() -> str:
+        """A new folder under Slicer's temporary path for a synthetic cohort."""
+        return os.path.join(slicer.app.temporaryPath, "VAEUDASegmentation-TryIt-" + time.strftime("%Y%m%d-%H%M%S"))
+
+    # -- evaluation helpers
+
+    @staticmethod
+    def _segmentIdForStructure(segmentationNode, structure) -> Optional[str]:
+        """The segment that holds ``structure``: by terminology code, by name or key, or by a number in the name."""
+        import re
+        segmentation = segmentationNode.GetSegmentation()
+        candidates = []
+        for index in range(segmentation.GetNumberOfSegments()):
+            segmentId = segmentation.GetNthSegmentID(index)
+            segment = segmentation.GetSegment(segmentId)
+            tag = vtk.reference("")
+            code = f"~SCT^{structure.snomed_code}^"
+            numbers = [int(n) for n in re.findall(r"\d+", segment.GetName())]
+            if segment.GetTag(segment.GetTerminologyEntryTagName(), tag) and code in str(tag.get()):
+                rank = 0
+            elif segment.GetName().strip().lower() in (structure.name.lower(), structure.key.lower()) \
+                    or segmentId.lower() == structure.key.lower():
+                rank = 1
+            elif numbers and numbers[-1] in (structure.mmwhs_value, structure.index):
+                rank = 2
+            else:
+                continue
+            candidates.append((rank, index, segmentId))
+        return min(candidates)[2] if candidates else None
+
+    def _writeClassLabels(self, segmentationNode, referenceVolume, path: str) -> None:
+        """Write a segmentation as class indices 1..4 (consecutive convention) in the reference volume's geometry."""
+        classes = np.zeros(slicer.util.arrayFromVolume(referenceVolume).shape, dtype=np.uint8)
+        found = 0
+        for structure in STRUCTURES:
+            segmentId = self._segmentIdForStructure(segmentationNode, structure)
+            if segmentId is None:
+                continue
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolume)
+            classes[mask > 0] = structure.index
+            found += 1
+        if not found:
+            raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no segment for any of "
+                             + ", ".join(s.name for s in STRUCTURES) + ".")
+        ijkToRAS = vtk.vtkMatrix4x4()
+        referenceVolume.GetIJKToRASMatrix(ijkToRAS)
+        labelmapNode = slicer.util.addVolumeFromArray(classes, ijkToRAS, "VAE-UDA temporary labels",
+                                                      "vtkMRMLLabelMapVolumeNode")
+        try:
+            if not slicer.util.exportNode(labelmapNode, path, {}, world=False):
+                raise RuntimeError(f"Could not write the labels of '{segmentationNode.GetName()}' to {path}.")
+        finally:
+            slicer.mrmlScene.RemoveNode(labelmapNode)
+
+    @staticmethod
+    def _evaluationTable(result: dict, segmentationNode, tableNode=None):
+        """Engine evaluation JSON (vaeuda/metrics.py ``evaluate_dirs``) -> table: structures and Mean x metrics."""
+        metrics = result["volumes"][0]["metrics"]
+        mean = result["summary"]["Mean"]
+        if tableNode is None:
+            tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", f"{segmentationNode.GetName()} evaluation")
+        tableNode.RemoveAllColumns()
+        columns = (("Structure", None, 1.0), ("Dice [%]", "dice", 100.0), ("ASSD [mm]", "assd_mm", 1.0),
+                   ("ASSD [voxel]", "assd_vox", 1.0))
+        for index, (title, _, _) in enumerate(columns):
+            tableNode.AddColumn()
+            tableNode.RenameColumn(index, title)
+        rows = [(s.name, metrics[s.key]) for s in STRUCTURES]
+        rows.append(("Mean", {m: (mean[m] or {}).get("mean") for m in ("dice", "assd_mm", "assd_vox")}))
+        for name, values in rows:
+            row = tableNode.AddEmptyRow()
+            tableNode.SetCellText(row, 0, name)
+            for column, (_, key, scale) in enumerate(columns[1:], start=1):
+                value = values.get(key)
+                tableNode.SetCellText(row, column, "n/a" if value is None else f"{value * scale:.2f}")
+        return tableNode
+
+
+def _option(name: str, value) -> List[str]:
+    return [] if value is None else [name, str(value)]
+
+
+def _modelSuffix(path) -> str:
+    name = os.path.basename(str(path)).lower()
+    return ".safetensors" if name.endswith(".safetensors") or "." not in name else os.path.splitext(name)[1]
+
+
+def _moveInPlace(source: str, destination) -> str:
+    """Move a finished file from the job's temporary folder to ``destination`` (replacing it); return its path."""
+    destination = os.path.abspath(str(destination))
+    if not os.path.isfile(source):
+        raise RuntimeError(f"{source}: the engine finished without writing this file.")
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    staging = destination + ".part"
+    shutil.move(source, staging)   # may copy across file systems: rename into place only when whole
+    os.replace(staging, destination)
+    return destination
+
+
+# ----------------------------------------------------------------------------- self-test
+
+class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
+    """Inside Slicer: a tiny synthetic cohort, a tiny model, one segmentation, checked.
+
+    Skips (with a message, without failing) where the engine's Python packages are missing,
+    which is the case in Slicer's testing mode on a fresh install (no installs there).
+    """
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_TinyModelSegmentation()
+
+    def test_TinyModelSegmentation(self) -> None:
+        logic = VAEUDASegmentationLogic()
+        missing = logic.missingPythonRequirements()
+        if missing:
+            self.delayDisplay("Skipped: the VAE-UDA engine needs " + ", ".join(missing) + ".")
+            return
+        workDir = tempfile.mkdtemp(prefix="VAEUDASegmentationTest-", dir=slicer.app.temporaryPath)
+        try:
+            self.delayDisplay("Making a tiny synthetic cohort")
+            cohort = logic.makeTryItCohort(os.path.join(workDir, "cohort"), nSource=2, nTarget=2, nTrain=1, size=32)
+            volumeNode = cohort.volumeNode
+            self.assertIsNotNone(volumeNode)
+
+            self.delayDisplay("Training a tiny model")
+            modelPath = logic.trainSource(cohort.folder, os.path.join(workDir, "tiny.safetensors"),
+                                          preset="tiny", iterations=2, seed=0, device="cpu")
+            self.assertTrue(os.path.isfile(modelPath))
+
+            self.delayDisplay("Segmenting")
+            segmentationNode = logic.segment(volumeNode, modelPath, device="cpu")
+            segmentation = segmentationNode.GetSegmentation()
+            self.assertEqual(segmentation.GetNumberOfSegments(), len(STRUCTURES))
+            for index, structure in enumerate(STRUCTURES):
+                segment = segmentation.GetSegment(segmentation.GetNthSegmentID(index))
+                self.assertEqual(segment.GetName(), structure.name)
+                self.assertEqual(tuple(round(c, 4) for c in segment.GetColor()), structure.color)
+            referenceRole = segmentationNode.GetReferenceImageGeometryReferenceRole()
+            self.assertEqual(segmentationNode.GetNodeReference(referenceRole), volumeNode)
+            for structure in STRUCTURES:
+                mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, structure.key, volumeNode)
+                self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volumeNode).shape)
+            shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+            self.assertEqual(shNode.GetItemParent(shNode.GetItemByDataNode(segmentationNode)),
+                             shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode)))
+            self.delayDisplay("Test passed")
+        finally:
+            shutil.rmtree(workDir, ignore_errors=True)
