@@ -106,16 +106,18 @@ def parse_slice_range(spec: Optional[str]) -> Optional[Tuple[int, int]]:
     return a, b
 
 
-def load_slices(images: Sequence[Path], size: int, normalisation: dict,
+def load_slices(images: Sequence[Path], size: int, fov_mm: Optional[float], normalisation: dict,
                 labels: Optional[Sequence[Path]] = None, convention: Optional[Convention] = None,
                 slice_range: Optional[Tuple[int, int]] = None) -> SliceSet:
-    """Read volumes and cut them into (N, 3, size, size) slices (and (N, size, size) labels)."""
+    """Read volumes and cut them into (N, 3, size, size) slices (and (N, size, size) labels).
+
+    ``size``, ``fov_mm``: the slice grid, as ``volumes.SliceGrid.from_image``."""
     from . import volumes
 
     all_images, all_labels, index = [], [], []
     for k, path in enumerate(images):
         image = volumes.read_image(path)
-        grid = volumes.SliceGrid.from_image(image, size)
+        grid = volumes.SliceGrid.from_image(image, size, fov_mm)
         x = grid.image_slices(image, normalisation)
         y = None
         if labels is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ class NetConfig:
     """Every architectural choice; stored in each model file so it can be rebuilt exactly."""
     input_size: int = 256            # S: model input is (3, S, S)
     in_channels: int = 3             # the coronal slice and its two neighbours
+    slice_fov_mm: Optional[float] = 192.0   # square field of view of a slice, centred on the volume (None: whole extent)
     n_classes: int = 5               # background + 4 structures
     base: int = 64                   # width of the first encoder convolution; latent has base * 2**n_down
     n_down: int = 2                  # stride-2 convolutions in the encoder (latent is S / 2**n_down)

@@ -46,7 +46,7 @@ def segment_image(net: VAEUDANet, meta: dict, image: sitk.Image, device: torch.d
     """image (any 3D grid) -> class-index image (uint8, 0..4) on exactly the same grid."""
     from .volumes import SliceGrid
 
-    grid = SliceGrid.from_image(image, net.cfg.input_size)
+    grid = SliceGrid.from_image(image, net.cfg.input_size, net.cfg.slice_fov_mm)
     slices = grid.image_slices(image, meta["normalisation"])
     probs = slice_probabilities(net, slices, domain or model_domain(meta), device, batch_size)
     return grid.scores_to_image(probs)

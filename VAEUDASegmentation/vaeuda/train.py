@@ -392,7 +392,7 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     torch.manual_seed(seed)
     net = VAEUDANet(net_cfg)
     reporter.log(f"reading {len(images)} labelled source volumes")
-    data = load_slices(images, net_cfg.input_size, normalisation, labels, convention)
+    data = load_slices(images, net_cfg.input_size, net_cfg.slice_fov_mm, normalisation, labels, convention)
     cfg = _train_config(overrides, batch_size, preset)
     if cfg.class_weights is None:
         cfg.class_weights = class_weights_from(data.labels)
@@ -437,11 +437,11 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
-    size = net.cfg.input_size
+    size, fov = net.cfg.input_size, net.cfg.slice_fov_mm
     pairs = _source_pairs(src_meta, source_model, source_data)
     reporter.log(f"reading {len(pairs)} labelled source volumes and {len(targets)} target volume(s)")
-    source = load_slices([p[0] for p in pairs], size, normalisation, [p[1] for p in pairs], convention)
-    target = load_slices(list(targets), size, normalisation, slice_range=slice_range)
+    source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
+    target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
     cfg = _train_config(overrides, batch_size, preset)
     cfg.use_kl, cfg.use_adv, cfg.use_cycle, cfg.use_task = use_kl, use_adv, use_cycle, use_task
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(source.labels))
@@ -472,7 +472,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
-    data = load_slices(images, net.cfg.input_size, normalisation, labels, convention)
+    data = load_slices(images, net.cfg.input_size, net.cfg.slice_fov_mm, normalisation, labels, convention)
     cfg = _train_config(None, batch_size, preset)
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(data.labels))
     iters = iterations or DEFAULT_ITERATIONS[preset]["finetune"]

@@ -303,8 +303,14 @@ class SliceGrid:
         self.n_slices = int(grid.size[1])
 
     @classmethod
-    def from_image(cls, image: sitk.Image, size: int) -> "SliceGrid":
-        """The slice grid of ``image`` (3D) for ``size x size`` model slices."""
+    def from_image(cls, image: sitk.Image, size: int, fov_mm: Optional[float] = None) -> "SliceGrid":
+        """The slice grid of ``image`` (3D) for ``size x size`` model slices.
+
+        ``fov_mm``: None stretches the whole x-z extent onto the slice; a number gives a square
+        field of view of that many millimetres centred on the volume (pixels of ``fov_mm / size``
+        mm), so anatomy has the same scale in every scanner's images; outside the volume the
+        nearest edge value is repeated.
+        """
         if image.GetDimension() != 3:
             raise ValueError(f"SliceGrid needs a 3D image, got {image.GetDimension()}D")
         if int(size) < 1:
@@ -317,9 +323,14 @@ class SliceGrid:
         del stand_in
         nx, ny, nz = canonical.size
         sx, sy, sz = canonical.spacing
-        gx, gz = nx * sx / size, nz * sz / size  # same extent (voxel edge to voxel edge)
-        # First grid sample in canonical continuous index: half a grid voxel in from the edge.
-        first = (-0.5 + 0.5 * gx / sx, 0.0, -0.5 + 0.5 * gz / sz)
+        if fov_mm is None:
+            gx, gz = nx * sx / size, nz * sz / size  # same extent (voxel edge to voxel edge)
+            # First grid sample in canonical continuous index: half a grid voxel in from the edge.
+            first = (-0.5 + 0.5 * gx / sx, 0.0, -0.5 + 0.5 * gz / sz)
+        else:
+            gx = gz = float(fov_mm) / size
+            # Centred: the middle of the slice grid is the middle of the volume.
+            first = ((nx - 1) / 2 - (size - 1) / 2 * gx / sx, 0.0, (nz - 1) / 2 - (size - 1) / 2 * gz / sz)
         direction = np.asarray(canonical.direction).reshape(3, 3)
         origin = np.asarray(canonical.origin) + direction @ (np.asarray(first) * np.asarray(canonical.spacing))
         grid = Geometry((int(size), ny, int(size)), (gx, sy, gz), tuple(float(v) for v in origin),
