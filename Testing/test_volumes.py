@@ -284,3 +284,33 @@ def test_geometry_tolerance_is_relative():
     b.SetOrigin((1e-2, 0.0, 0.0))
     assert geometry_mismatch(b, a).startswith("origin")
     assert Geometry.of(a).size == (4, 5, 6)
+
+
+# --- slices with a physical field of view ------------------------------------------------------
+
+@pytest.mark.parametrize("direction", [IDENTITY, PERMUTED], ids=["identity", "permuted"])
+def test_field_of_view_larger_than_volume_pads_and_round_trips_exactly(tmp_volume, direction):
+    labels = _phantom_labels(sheet=False)  # nothing touches the border (edge values are repeated outside)
+    # 2 mm in-plane in every orientation, so the 2 mm slice pixels fall on whole voxel offsets
+    image = tmp_volume(labels, spacing=(2.0, 2.0, 2.0), origin=(-10.0, 5.0, 30.0), direction=direction)
+    grid = SliceGrid.from_image(image, 30, fov_mm=60.0)
+    assert grid.grid.spacing[0] == grid.grid.spacing[2] == 2.0
+    slices = grid.label_slices(image)
+    assert slices.shape == (grid.n_slices, 30, 30)
+    assert int((slices > 0).sum()) == int((labels > 0).sum())   # every labelled voxel lands in the field
+    back = grid.scores_to_image(_one_hot(slices))
+    _assert_same_geometry(back, image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), labels)
+
+
+def test_field_of_view_is_centred_and_crops_the_border(tmp_volume):
+    labels = np.zeros((20, 6, 20), np.uint8)           # x and z span 20 voxels of 1 mm
+    labels[8:12, :, 8:12] = 3                          # a block in the middle
+    labels[0, :, 0] = 1                                # a corner voxel outside a 10 mm field
+    image = tmp_volume(labels)
+    grid = SliceGrid.from_image(image, 10, fov_mm=10.0)
+    slices = grid.label_slices(image)
+    assert set(np.unique(slices)) == {0, 3}            # the corner is cropped away
+    assert (slices[:, 3:7, 3:7] == 3).all() and (slices == 3).sum() == 6 * 16   # centred block
+    back = sitk.GetArrayFromImage(grid.scores_to_image(_one_hot(slices)))
+    np.testing.assert_array_equal(back[5:15, :, 5:15], labels[5:15, :, 5:15])   # inside the field: exact

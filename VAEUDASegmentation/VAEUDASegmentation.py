@@ -967,13 +967,14 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                          waitForCompletion, progressCallback, finishedCallback)
 
     def adapt(self, sourceModelPath, targetVolumeNodes, outputModelPath, *, iterations: Optional[int] = None,
-              seed: Optional[int] = None, device: str = "auto", waitForCompletion: bool = True,
+              seed: Optional[int] = None, device: str = "auto", sourceDataFolder=None, waitForCompletion: bool = True,
               progressCallback=None, finishedCallback=None):
         """Adapt a source model to unlabelled target volumes of the scene; returns the adapted model's path.
 
         ``targetVolumeNodes``: one volume node or a list (the paper adapts to a single CT). No
-        target labels are used; the labelled source volumes are the ones the source model records.
-        ``iterations``: engine default if None. Example::
+        target labels are used. Adaptation keeps training on the labelled source volumes too: by
+        default the ones the source model records, or those in ``sourceDataFolder``
+        (``X_image``/``X_label`` pairs). ``iterations``: engine default if None. Example::
 
             adapted = logic.adapt("/data/source.safetensors", [getNode("ct_1017")], "/data/adapted.safetensors")
         """
@@ -998,6 +999,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         tempModel = os.path.join(tempDir, "model" + _modelSuffix(outputModelPath))
         args = ["adapt", "--model", sourceModelPath, "--out", tempModel, "--device", device]
         args += _option("--iterations", iterations) + _option("--seed", seed) + targets
+        if _pathOrNone(sourceDataFolder):
+            args += ["--source-data", str(sourceDataFolder)]   # last: it takes one or more values
         return self._run("adapt", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
                          waitForCompletion, progressCallback, finishedCallback)
 
