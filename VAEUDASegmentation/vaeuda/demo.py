@@ -17,14 +17,26 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .errors import VaeudaError
 from .fileio import atomic_path
 from .labels import STRUCTURES
 from .progress import Reporter, null_reporter
 
 
 def cohort_split(cohort: Path, modality: str, split: str) -> List[str]:
-    splits = json.loads((cohort / "splits.json").read_text())
-    return splits[modality][split]
+    """The scan prefixes of ``splits.json`` -> ``modality`` -> ``split`` (e.g. "ct", "test")."""
+    path = Path(cohort) / "splits.json"
+    try:
+        splits = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VaeudaError(f"{path}: not found; a cohort folder needs it (make one with `vaeuda synth`).") from None
+    except (OSError, ValueError) as exc:
+        raise VaeudaError(f"{path}: cannot be read as JSON ({exc}).") from None
+    entry = splits.get(modality) if isinstance(splits, dict) else None
+    prefixes = entry.get(split) if isinstance(entry, dict) else None
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+        raise VaeudaError(f"{path}: has no \"{modality}\" -> \"{split}\" list of scan prefixes.")
+    return prefixes
 
 
 def image_of(cohort: Path, prefix: str) -> Path:

@@ -320,7 +320,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         if it % 10 == 0 or it == stage.iterations:
             reporter.step(it, loss=float(total.detach()), **{k: record[k] for k in ("seg", "task") if k in record})
         if stage.target is not None and it % cfg.eval_every == 0:
-            proxy = float(terms.get("T_cyc", terms["T_rec"]))
+            proxy = float(terms.get("T_cyc", terms["T_rec"]).detach())
             ema = proxy if ema is None else 0.7 * ema + 0.3 * proxy
             entry = {"iteration": it, "proxy": round(ema, 5), **record}
             if stage.callback is not None:

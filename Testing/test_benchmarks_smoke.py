@@ -1,0 +1,102 @@
+"""The benchmark scripts at smoke size: they run, their outputs parse, and what can be checked by
+hand is right (CI runs only these; the real measurements are `make bench` / `make bench-gpu`)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    # One thread: the smoke sizes gain nothing from two, and lose a lot when the cores are busy.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def gpu_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "gpu.json"
+    proc = _run("bench_gpu.py", "--device", "cpu", "--smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def speed_smoke(tmp_path_factory, gpu_smoke):
+    folder = tmp_path_factory.mktemp("bench")
+    md = folder / "bench.md"
+    proc = _run("bench_speed.py", "--smoke", "--presets", "tiny", "cpu", "--threads", "1", "--out", str(md),
+                "--gpu-json", str(gpu_smoke[0]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return md, json.loads((folder / "bench.json").read_text())
+
+
+def test_bench_gpu_runs_on_the_cpu(gpu_smoke):
+    out, proc = gpu_smoke
+    result = json.loads(out.read_text())
+    assert [r["bf16"] for r in result["rows"]] == [True, False]
+    for row in result["rows"]:
+        for stage in ("source", "adapt"):
+            assert row[stage]["images_per_s"] > 0 and row[stage]["peak_bytes"] is None   # no CUDA memory on a CPU
+        assert row["inference"]["slices"] == 8 and row["inference"]["volume_s"] > 0
+    assert result["markdown"] in proc.stdout and "| on |" in result["markdown"]
+
+
+def test_bench_gpu_refuses_cuda_without_a_gpu():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = _run("bench_gpu.py", "--out", "/nonexistent/never-written.json")
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
+
+
+def test_bench_speed_smoke_outputs(speed_smoke):
+    md, js = speed_smoke
+    text = md.read_text()
+    for heading in ("## Machine", "## FLOPs per image", "## Training throughput", "## Inference against the limit",
+                    "## Inference time per volume", "## Peak memory", "## Inference variants", "## GPU"):
+        assert heading in text
+    assert "Measured by `benchmarks/bench_gpu.py" in text            # the GPU JSON was folded in
+    assert [(r["preset"], r["stage"]) for r in js["training"]] == [
+        ("tiny", "source"), ("tiny", "adapt"), ("cpu", "source"), ("cpu", "adapt")]
+    assert all(r["images_per_s"] > 0 and r["train_flops_per_image"] > 0 for r in js["training"])
+    for r in js["inference_rate"]:
+        assert 0 < r["achieved_over_attainable"] and r["attainable_conv_gflops_per_s"] > 0
+    assert js["memory"]["rss_peak"] >= js["memory"]["rss_with_input"] > 0
+    assert js["variants"]["rows"][0]["speedup"] == 1.0
+    assert set(js["load"]) >= {"flops", "training", "memory"}
+
+
+def test_flop_count_matches_a_hand_count(speed_smoke):
+    _, js = speed_smoke
+    # tiny Disc, 32x32 input, 2 scales of [pad 1, conv 4x4/2] x 2 then a 1x1 conv:
+    # scale 1: 16*16*4*(3*16) + 8*8*8*(4*16) + 8*8*8 = 82432 multiply-adds
+    # scale 2 (input pooled to 16x16): 8*8*4*48 + 4*4*8*64 + 4*4*8 = 20608
+    assert js["flops"]["tiny"]["Disc"] == 2 * (82432 + 20608)
+    # the inference path is E_S + E_Z + Seg
+    f = js["flops"]["cpu"]
+    assert f["inference path"] == f["E_S / E_T"] + f["E_Z"] + f["Seg (DRN)"]
+
+
+def test_forced_autocast_switches_bf16_where_the_engine_does_not():
+    import torch
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import forced_autocast
+    finally:
+        sys.path.remove(str(BENCH))
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 8, 8)
+    with forced_autocast(True), torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=False):
+        assert conv(x).dtype == torch.bfloat16
+    with forced_autocast(False), torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=True):
+        assert conv(x).dtype == torch.float32
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=False):
+        assert conv(x).dtype == torch.float32          # restored afterwards

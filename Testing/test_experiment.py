@@ -1,0 +1,197 @@
+"""The Table 1 protocol (vaeuda.experiment): the whole run at the tiny preset, and its pieces."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from vaeuda import experiment
+from vaeuda.errors import VaeudaError
+from vaeuda.experiment import (ROWS, ROW_FEW_SHOT, ROW_NO_ADV, ROW_NO_KL, ROW_P1, ROW_UNADAPTED, curve_stats,
+                               draw_targets, pick_few_shot_window, scaled_iterations)
+from vaeuda.labels import CLASS_KEYS
+from vaeuda.progress import Reporter
+
+REPEATS = 2
+SCALE = 0.4          # tiny preset: source 8, adapt 4, fine-tune 4 iterations; a curve point every iteration
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from vaeuda.phantom import make_cohort
+    out = tmp_path_factory.mktemp("t1cohort")
+    make_cohort(out, n_source=3, n_target=5, n_train=3, seed=0, size=32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def table1(cohort, tmp_path_factory):
+    import torch
+    out = tmp_path_factory.mktemp("table1")
+    # Tiny networks gain nothing from a second thread and lose several-fold when the cores are
+    # shared (see Docs/benchmarks.md): one thread keeps this test fast on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        files = experiment.run_table1(cohort, out, repeats=REPEATS, preset="tiny", seed=1, device="cpu",
+                                      iterations_scale=SCALE, reporter=Reporter("none"))
+    finally:
+        torch.set_num_threads(threads)
+    return out, files, json.loads((out / "table1.json").read_text())
+
+
+def test_writes_every_output(table1):
+    out, files, _ = table1
+    assert [f.name for f in files] == ["table1.md", "table1.json", "table1_dice.png", "curves.png"]
+    for f in files:
+        assert f.is_file() and f.stat().st_size > 0
+    for png in files[2:]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.part*")), "temporary files left behind"
+    md = files[0].read_text()
+    for row in ROWS + ("SIFA-1", "PnP-AdaNet-16"):
+        assert row in md
+    assert "72.18 (16.31)" in md          # the paper's Proposed-1 mean Dice, as printed in its Table 1
+
+
+def test_rows_in_paper_order_with_four_structures(table1):
+    _, _, js = table1
+    assert list(js["rows"]) == list(ROWS)
+    for row in ROWS:
+        summary = js["rows"][row]["summary"]
+        assert list(summary) == list(CLASS_KEYS) + ["Mean"]
+        for key in CLASS_KEYS:
+            assert 0.0 <= summary[key]["dice"]["mean"] <= 1.0
+
+
+def test_proposed1_pools_repeats_times_test_volumes(table1):
+    _, _, js = table1
+    n_test = len(js["protocol"]["ct_test"])
+    assert n_test == 2
+    row = js["rows"][ROW_P1]
+    assert row["n_runs"] == REPEATS and row["n_volumes"] == REPEATS * n_test
+    for key in CLASS_KEYS:
+        assert row["summary"][key]["dice"]["n"] == REPEATS * n_test
+    # Dice is never undefined, every run has n_test volumes: the pooled mean is the mean of run means.
+    run_means = [r["summary"]["Mean"]["dice"]["mean"] for r in row["runs"]]
+    assert row["summary"]["Mean"]["dice"]["mean"] == pytest.approx(np.mean(run_means), abs=1e-12)
+    assert js["rows"][ROW_UNADAPTED]["n_volumes"] == n_test
+
+
+def test_draws_and_ablations_share_them(table1):
+    _, _, js = table1
+    p = js["protocol"]
+    draws = p["draws"]
+    assert len(draws) == REPEATS and len(set(draws)) == REPEATS and set(draws) <= set(p["ct_train"])
+    assert draws[0] == random.Random(1).choice(p["ct_train"])      # the demo's draw for the same seed
+    p1 = [(r["targets"], r["seed"]) for r in js["rows"][ROW_P1]["runs"]]
+    assert p1 == [([d], 1 + k) for k, d in enumerate(draws)]
+    for row in (ROW_NO_KL, ROW_NO_ADV):
+        assert [(r["targets"], r["seed"]) for r in js["rows"][row]["runs"]] == p1
+    # the switches reached the models: their records say which term was off
+    out = table1[0]
+    nokl = json.loads((out / "models" / f"nokl_r1_{draws[0]}.run.json").read_text())["spec"]
+    noadv = json.loads((out / "models" / f"noadv_r1_{draws[0]}.run.json").read_text())["spec"]
+    assert (nokl["use_kl"], nokl["use_adv"], noadv["use_kl"], noadv["use_adv"]) == (False, True, True, False)
+
+
+def test_few_shot_slices_cross_three_structures(table1, cohort):
+    from vaeuda import volumes
+    from vaeuda.labels import MMWHS
+    from vaeuda.nets import get_preset
+    _, _, js = table1
+    fs = js["protocol"]["few_shot"]
+    a, b = fs["slices"]
+    assert b - a == 3 and fs["scan"] == js["protocol"]["draws"][0]
+    # independently of the code that picked them: cut the label again and look
+    image = volumes.read_image(cohort / f"{fs['scan']}_image.nii.gz")
+    labels = volumes.SliceGrid.from_image(image, get_preset("tiny").input_size).label_slices(
+        volumes.read_label(cohort / f"{fs['scan']}_label.nii.gz", MMWHS, reference=image))
+    crossed = {int(c) for c in np.unique(labels[a:b]) if c > 0}
+    assert len(crossed) >= 3 and len(fs["union"]) == len(crossed)
+    run = js["rows"][ROW_FEW_SHOT]["runs"][0]
+    assert run["targets"] == [fs["scan"]]
+
+
+def test_curves_have_entries(table1):
+    _, _, js = table1
+    adapt_iterations = js["protocol"]["iterations"]["adapt"]
+    assert js["protocol"]["eval_every"] == 1 and adapt_iterations == 4
+    for row in (ROW_P1, ROW_NO_KL, ROW_NO_ADV):
+        curve = js["curves"][row]
+        assert [e["iteration"] for e in curve] == list(range(1, adapt_iterations + 1))
+        assert all(0.0 <= e["test_dice_mean"] <= 1.0 for e in curve)
+        assert set(curve[0]["test_dice"]) == set(CLASS_KEYS)
+    assert js["curves"][ROW_FEW_SHOT]            # few-shot may stop early, but has at least one point
+    assert len(js["findings"]) == 8
+
+
+def test_rerun_reuses_models_with_the_same_settings(tmp_path):
+    calls = []
+
+    def train(path):
+        calls.append(path)
+        path.write_bytes(b"model")
+        return {"history": [{"iteration": 1}], "normalisation": {"method": "zscore"}, "provenance": {"started": "t"}}
+
+    null = Reporter("none")
+    _, first = experiment._trained(tmp_path, "m", {"iterations": 3, "targets": ("a",)}, train, null)
+    _, again = experiment._trained(tmp_path, "m", {"iterations": 3, "targets": ["a"]}, train, null)
+    _, changed = experiment._trained(tmp_path, "m", {"iterations": 4, "targets": ["a"]}, train, null)
+    assert len(calls) == 2 and (first["reused"], again["reused"], changed["reused"]) == (False, True, False)
+    assert again["history"] == [{"iteration": 1}]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def test_scaled_iterations():
+    assert scaled_iterations("cpu", "adapt", 1.0) == 600
+    assert scaled_iterations("cpu", "source", 0.1) == 150
+    assert scaled_iterations("tiny", "adapt", 0.01) == 1       # never zero
+
+
+def test_draw_targets_without_then_with_replacement():
+    pool = [f"ct_{i}" for i in range(16)]
+    six = draw_targets(pool, 6, seed=0)
+    assert len(set(six)) == 6 and six == draw_targets(pool, 6, seed=0) != draw_targets(pool, 6, seed=1)
+    many = draw_targets(pool[:2], 5, seed=0)
+    assert len(many) == 5 and set(many) <= set(pool[:2])
+
+
+def test_pick_few_shot_window_prefers_the_fullest_window():
+    labels = np.zeros((8, 4, 4), dtype=np.uint8)
+    labels[1, 0, 0] = 1                                  # slices 1-3: union of 3 structures, poorest slice 1
+    labels[2, 0, 1] = 2
+    labels[3, 0, 2] = 3
+    for j in (4, 5, 6):                                  # slices 4-6: 3 structures in every slice
+        labels[j, 1, :3] = (1, 2, 3)
+    assert pick_few_shot_window(labels) == (4, 7)
+    only_union = labels.copy()
+    only_union[4:] = 0
+    assert pick_few_shot_window(only_union) == (1, 4)
+    with pytest.raises(ValueError):
+        pick_few_shot_window(np.where(labels == 3, 0, labels))   # never 3 structures
+
+
+def test_curve_stats_hand_computed():
+    s = curve_stats([10.0, 20.0, 30.0, 50.0, 40.0, 60.0])
+    # second half 50, 40, 60: std sqrt(200/3), steps 10 and 20
+    assert s["final"] == 60.0 and s["best"] == 60.0 and s["n"] == 6
+    assert s["second_half_std"] == pytest.approx((200 / 3) ** 0.5)
+    assert s["second_half_mean_abs_step"] == pytest.approx(15.0)
+
+
+def test_bad_cohort_is_one_clear_error(tmp_path):
+    with pytest.raises(VaeudaError, match="splits.json: not found"):
+        experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
+    (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1"]}, "ct": {"train": ["ct_1"], "test": []}}))
+    with pytest.raises(VaeudaError, match="ct test split is empty"):
+        experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
+    (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1"]}, "ct": {"train": ["ct_1"], "test": ["ct_2"]}}))
+    with pytest.raises(VaeudaError, match="mr_1_image.nii.gz: listed in splits.json"):
+        experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
+    with pytest.raises(VaeudaError, match="--repeats"):
+        experiment.run_table1(tmp_path, tmp_path / "out", repeats=0)
+    assert not (tmp_path / "out").exists()

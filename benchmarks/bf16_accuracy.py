@@ -1,0 +1,63 @@
+"""Does bf16 autocast change the segmentation? fp32 and bf16 on one labelled volume with a trained model.
+
+    .venv/bin/python benchmarks/bf16_accuracy.py --model MODEL IMAGE LABEL [--device cpu|cuda] [--domain source|target]
+
+Prints one JSON object: time per volume and Dice / ASSD against the label for fp32 and for
+bf16, and the per-structure Dice between the two segmentations (1.0: identical).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from common import forced_autocast, sync
+
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+
+from vaeuda import volumes  # noqa: E402
+from vaeuda.labels import CLASS_KEYS, STRUCTURES, Convention  # noqa: E402
+from vaeuda.metrics import dice, evaluate_volume, summarise  # noqa: E402
+from vaeuda.modelfile import load_model  # noqa: E402
+from vaeuda.predict import model_domain, segment_image  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--domain", default=None, choices=("source", "target"), help="default: as the model says")
+    p.add_argument("image")
+    p.add_argument("label")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    net, meta = load_model(args.model, str(device))
+    domain = args.domain or model_domain(meta)
+    image = volumes.read_image(args.image)
+    ref_image = volumes.read_label(args.label, Convention.from_dict(meta["labels"]["convention"]), reference=image)
+    ref = sitk.GetArrayFromImage(ref_image)
+    spacing_zyx = tuple(reversed(ref_image.GetSpacing()))
+    out, segs = {"model": args.model, "image": args.image, "domain": domain, "device": str(device)}, {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        with forced_autocast(bf16):
+            segment_image(net, meta, image, device, domain)            # warm-up
+            sync(device)
+            t = time.perf_counter()
+            seg = sitk.GetArrayFromImage(segment_image(net, meta, image, device, domain))
+            sync(device)
+            seconds = time.perf_counter() - t
+        summary = summarise([evaluate_volume(seg, ref, spacing_zyx)])
+        segs[name] = seg
+        out[name] = {"seconds": seconds, "dice": {k: summary[k]["dice"]["mean"] for k in CLASS_KEYS + ("Mean",)},
+                     "assd_vox_mean": summary["Mean"]["assd_vox"]["mean"]}
+    out["dice_fp32_vs_bf16"] = {s.key: dice(segs["fp32"] == s.index, segs["bf16"] == s.index) for s in STRUCTURES}
+    out["voxels_differing"] = float(np.mean(segs["fp32"] != segs["bf16"]))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
