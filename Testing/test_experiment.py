@@ -7,6 +7,8 @@ import random
 import numpy as np
 import pytest
 
+from vaeuda.train import DEFAULT_ITERATIONS
+
 from vaeuda import experiment
 from vaeuda.errors import VaeudaError
 from vaeuda.experiment import (ROWS, ROW_FEW_SHOT, ROW_NO_ADV, ROW_NO_KL, ROW_P1, ROW_UNADAPTED, curve_stats,
@@ -147,8 +149,8 @@ def test_rerun_reuses_models_with_the_same_settings(tmp_path):
 # ----------------------------------------------------------------------------- pieces
 
 def test_scaled_iterations():
-    assert scaled_iterations("cpu", "adapt", 1.0) == 600
-    assert scaled_iterations("cpu", "source", 0.1) == 150
+    assert scaled_iterations("cpu", "adapt", 1.0) == DEFAULT_ITERATIONS["cpu"]["adapt"]
+    assert scaled_iterations("cpu", "source", 0.1) == round(0.1 * DEFAULT_ITERATIONS["cpu"]["source"])
     assert scaled_iterations("tiny", "adapt", 0.01) == 1       # never zero
 
 

@@ -388,11 +388,15 @@ def run_engine(*args, cwd):
 
 
 # After one iteration the tiny model calls every voxel background, which would make the comparison
-# vacuous: rewrite its head bias (through the engine's own model-file API) so that background never
-# wins and the untrained logits split the volume among the structures.
+# vacuous: rewrite its head (through the engine's own model-file API) with large seeded random
+# weights and a background bias that never wins, so the untrained features split the volume
+# among the structures.
 NO_BACKGROUND = """
+import torch
 from vaeuda.modelfile import read_tensors, save_tensors
 tensors, meta, _ = read_tensors("M.safetensors")
+weight = tensors["net.seg.head.weight"]
+weight[:] = 5.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
 bias = tensors["net.seg.head.bias"]
 bias[:] = 0.0
 bias[0] = -10.0
@@ -449,7 +453,7 @@ def test_segment_end_to_end_matches_the_engine_run_directly(slicer, mod, tiny_mo
         assert mask.shape == ct.shape
         assert np.count_nonzero(mask) == np.count_nonzero(direct_labels == structure.mmwhs_value)
         assert np.array_equal(mask > 0, direct_labels == structure.mmwhs_value)
-    assert len(np.unique(direct_labels)) >= 3, "too few structures found: the comparison would be weak"
+    assert len(set(np.unique(direct_labels).tolist()) - {0}) >= 2, "too few structures found: the comparison would be weak"
 
     # Evaluating the segmentation against itself: Dice 100 % and ASSD 0 for every structure.
     table = logic.evaluate(segmentationNode, segmentationNode)
