@@ -244,8 +244,9 @@ def measure_variants(preset: str, mode: str, threads: int, model: Optional[str] 
 COMPILE_CHILD = "--compile-child"
 
 
-def compile_child(preset: str, n: int, batch: int) -> None:
+def compile_child(preset: str, n: int, batch: int, threads: int) -> None:
     """In its own process: eager vs torch.compile'd inference path, with the compile time."""
+    torch.set_num_threads(threads)
     cfg = get_preset(preset)
     torch.manual_seed(0)
     net = VAEUDANet(cfg).eval()
@@ -268,12 +269,12 @@ def compile_child(preset: str, n: int, batch: int) -> None:
         compile_s = time.perf_counter() - t
         compiled_s = median(time_call(lambda: compiled(x), CPU, 5, warmup=2))
         diff = float((compiled(x) - eager(x)).abs().max())
-    print(json.dumps({"preset": preset, "batch": batch, "eager_s": eager_s, "compiled_s": compiled_s,
+    print(json.dumps({"preset": preset, "batch": batch, "threads": threads, "eager_s": eager_s, "compiled_s": compiled_s,
                       "compile_s": compile_s, "speedup": eager_s / compiled_s, "max_abs_logit_diff": diff}))
 
 
-def measure_compile(preset: str, timeout: int) -> dict:
-    proc_args = [sys.executable, __file__, COMPILE_CHILD, preset, "16", "16"]
+def measure_compile(preset: str, timeout: int, threads: int) -> dict:
+    proc_args = [sys.executable, __file__, COMPILE_CHILD, preset, "16", "16", str(threads)]
     t = time.time()
     try:
         proc = subprocess.run(proc_args, capture_output=True, text=True, timeout=timeout)
@@ -337,22 +338,35 @@ def measure_threads(preset: str, mode: str) -> List[dict]:
 
 # ----------------------------------------------------------------------------- report
 
+def _load_sentence(results: dict) -> str:
+    """Whether other work shared the machine, from the 1-minute load averages around each section."""
+    cores = results["machine"]["logical_cores"] or 1
+    loads = [v[0] for section_ in results["load"].values() for v in (section_["before"], section_["after"]) if v]
+    lo, hi = (min(loads), max(loads)) if loads else (0.0, 0.0)
+    shared = (f"Other work was running: the 1-minute load average was {lo:.1f} to {hi:.1f} on {cores} logical "
+              "cores, so the benchmark shared the CPU and its times are slower and noisier than on an idle machine."
+              if hi >= 0.5 * cores else
+              f"The machine was nearly idle (1-minute load average {lo:.1f} to {hi:.1f} on {cores} logical cores).")
+    return (shared + " Medians are over repeats; \"best\" is the fastest repeat, the closest to an idle machine. "
+            "Load before and after each section:")
+
+
+
 def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
     m, s = results["machine"], results["settings"]
     lines = [
         "# Benchmarks", "",
-        f"Made by `{s['command']}` ({'smoke run: sizes cut to seconds' if s['smoke'] else 'full run'}), "
-        f"{results['date']}.", "",
+        f"Measured by `{s['command']}` ({'smoke run: sizes cut to seconds' if s['smoke'] else 'full run'}), "
+        f"{results['date']}" + (f"; this page rendered from `{results['rendered_from']}`."
+                                if results.get("rendered_from") else "."), "",
         "## Machine", "",
-        md_table(["", ""], [["CPU", m["cpu"]], ["logical cores", m["logical_cores"]],
+        md_table(["", ""], [["CPU", m["cpu"]], ["CPU features", ", ".join(m.get("cpu_features") or ["not recorded"])],
+                            ["logical cores", m["logical_cores"]],
                             ["memory", f"{m['memory_gib']} GiB"], ["GPU", m["gpu"] or "none"],
                             ["torch", m["torch"]], ["torch threads", m["torch_threads"]],
                             ["python", m["python"]],
                             ["load average (1, 5, 15 min) at start", ", ".join(map(str, m["load_average"]))]], "ll"),
-        "Other work was running on this machine during the measurements whenever the load average "
-        f"below exceeds 0 by much: it has {m['logical_cores']} logical cores, so a load of "
-        f"{m['logical_cores']} or more means the benchmark shared them. Medians are over repeats; "
-        "\"best\" is the fastest repeat, closest to an idle machine.", "",
+        _load_sentence(results), "",
         md_table(["section", "seconds", "load before", "load after"],
                  [[k, v["seconds"], ", ".join(map(str, v["before"])), ", ".join(map(str, v["after"]))]
                   for k, v in results["load"].items()], "lrll"),
@@ -464,7 +478,8 @@ def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
         co = results.get("compile")
         if co:
             if co.get("ok"):
-                lines += [f"`torch.compile` ({co['preset']}, batch {co['batch']}): compiling took "
+                lines += [f"`torch.compile` ({co['preset']}, batch {co['batch']}, {co.get('threads', '?')} "
+                          "threads): compiling took "
                           f"{co['compile_s']:.0f} s; {co['eager_s'] * 1e3:.1f} ms eager vs "
                           f"{co['compiled_s'] * 1e3:.1f} ms compiled per batch (speed-up {co['speedup']:.2f}, "
                           f"max |logit diff| {co['max_abs_logit_diff']:.1e}).", ""]
@@ -494,11 +509,14 @@ def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
                   "GPU memory, bf16 on and off); it is tested on the CPU in CI (`--device cpu --smoke`). On a "
                   "machine with a CUDA GPU run `make bench-gpu`, then `make bench` to fold its JSON "
                   "(`Docs/benchmarks_gpu.json`) into this page.", ""]
+    this_page = (".venv/bin/python benchmarks/bench_speed.py" + (" --smoke" if s["smoke"] else "")
+                 + f" --presets {' '.join(s['presets'])} --threads {s['threads']} --paper-slices {s['paper_slices']}"
+                 + (f" --model {s['model']}" if s.get("model") else "") + " --out Docs/benchmarks.md")
     lines += ["## Reproduce", "",
-              "```", "make bench                     # this page: .venv/bin/python benchmarks/bench_speed.py "
-              "--out Docs/benchmarks.md",
+              "```", f"{this_page}   # this page's settings",
+              "make bench          # the defaults: torch's thread count, 200-slice paper volume",
               ".venv/bin/python benchmarks/bench_speed.py --smoke --out /tmp/bench.md   # seconds, as CI",
-              "make bench-gpu                 # on a CUDA machine: benchmarks/bench_gpu.py", "```", ""]
+              "make bench-gpu      # on a CUDA machine: benchmarks/bench_gpu.py -> Docs/benchmarks_gpu.json", "```", ""]
     return "\n".join(lines)
 
 
@@ -507,7 +525,7 @@ def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == COMPILE_CHILD:
-        compile_child(argv[1], int(argv[2]), int(argv[3]))
+        compile_child(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
         return 0
     if argv and argv[0] == THREADS_CHILD:
         threads_child(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), int(argv[5]) or None)
@@ -536,6 +554,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
+        results["rendered_from"] = args.from_json
         write_report(results, args, smoke=results["settings"]["smoke"])
         return 0
     mode = "smoke" if args.smoke else "full"
@@ -581,7 +600,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "threads" not in args.skip:
         run("threads", "threads and OpenMP", measure_threads, variant_preset, mode)
     if "compile" not in args.skip and not args.smoke:
-        run("compile", "torch.compile", measure_compile, variant_preset, args.compile_timeout)
+        run("compile", "torch.compile", measure_compile, variant_preset, args.compile_timeout, threads)
     write_report(results, args, smoke=args.smoke)
     print(f"[bench] measurements in {json_path}", file=sys.stderr)
     return 0

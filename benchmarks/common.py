@@ -63,10 +63,24 @@ def _memory_gib() -> Optional[float]:
     return None
 
 
+def _cpu_features() -> List[str]:
+    """The vector-unit flags that decide convolution speed (AVX2, AVX-512, bf16, AMX)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict:
-    """CPU model, cores, memory, GPU, torch and its thread count, and the load average now."""
+    """CPU model and features, cores, memory, GPU, torch and its thread count, and the load average now."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": _lscpu_model(), "logical_cores": os.cpu_count(), "memory_gib": _memory_gib(), "gpu": gpu,
+    return {"cpu": _lscpu_model(), "cpu_features": _cpu_features(), "logical_cores": os.cpu_count(),
+            "memory_gib": _memory_gib(), "gpu": gpu,
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.version.cuda, "load_average": load_average()}
 

@@ -148,7 +148,7 @@ def _few_shot_slices(cohort: Path, prefix: str, size: int, fov_mm: Optional[floa
             "union": [k for k, on in zip(CLASS_KEYS, shown.any(axis=0)) if on]}
 
 
-class TestDiceProbe:
+class HeldOutDiceProbe:
     """``train.adapt`` callback: Dice of the networks being trained on the CT test volumes.
 
     The test volumes are cut into model slices once (``SliceGrid.image_slices``); each call runs
@@ -307,13 +307,13 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     # Downstream models name the source run they start from, so a retrained source retrains them.
     base["source_started"] = source_record["provenance"].get("started")
     normalisation = source_record["normalisation"]
-    probe: Optional[TestDiceProbe] = None
+    probe: Optional[HeldOutDiceProbe] = None
 
     def adapt_run(name: str, targets: Sequence[str], run_seed: int, use_kl: bool = True, use_adv: bool = True,
                   slices: Optional[Sequence[int]] = None, curve: bool = False) -> Tuple[Path, dict]:
         nonlocal probe
         if curve and probe is None:
-            probe = TestDiceProbe(cohort, ct_test, size, fov, normalisation, dev)
+            probe = HeldOutDiceProbe(cohort, ct_test, size, fov, normalisation, dev)
         early_stop = FEW_SHOT_PATIENCE if slices else None
         spec = dict(base, stage="adapt", targets=list(targets), iterations=iterations["adapt"], seed=run_seed,
                     use_kl=use_kl, use_adv=use_adv, slices=slices, early_stop=early_stop, eval_every=eval_every,
