@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_speed.py --out Docs/benchmarks.md
 
 bench-gpu: $(STAMP)
-	$(PY) benchmarks/bench_gpu.py
+	$(PY) benchmarks/bench_gpu.py --device cuda --out Docs/benchmarks_gpu.json
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache
