@@ -18,7 +18,7 @@ Who is who (the paper's notation)::
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -320,8 +320,12 @@ class VAEUDANet(nn.Module):
 
     @staticmethod
     def sample(mu: torch.Tensor, logvar: torch.Tensor, generator: "torch.Generator | None" = None) -> torch.Tensor:
-        """Re-parameterisation: z = mu + sigma * eps, eps ~ N(0, I)."""
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        """Re-parameterisation: z = mu + sigma * eps, eps ~ N(0, I).
+
+        eps is drawn on the CPU from ``generator`` and moved to mu's device, so one seeded CPU
+        generator gives the same draws whatever device trains.
+        """
+        eps = torch.randn(mu.shape, generator=generator, dtype=torch.float32).to(mu.device, mu.dtype)
         return mu + torch.exp(0.5 * logvar) * eps
 
     def segment_logits(self, x: torch.Tensor, domain: str) -> torch.Tensor:

@@ -12,14 +12,12 @@ import copy
 import dataclasses
 import datetime as _dt
 import json
-import math
 import platform
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from . import __version__
@@ -115,16 +113,11 @@ def class_weights_from(labels: torch.Tensor) -> Tuple[float, ...]:
 
 # ----------------------------------------------------------------------------- loss terms
 
-def _sample(net: VAEUDANet, mu: torch.Tensor, logvar: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    eps = torch.randn(mu.shape, generator=gen, dtype=torch.float32).to(mu.device, mu.dtype)
-    return mu + torch.exp(0.5 * logvar) * eps
-
-
 def source_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, seg_loss: SegmentationLoss,
                  gen: torch.Generator) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """Eq. 1-2 on a source batch xs (B, 3, S, S), ys (B, S, S) -> (terms, {"x_ss": for Disc, "z_s": the sample})."""
     mu, logvar = net.posterior(xs, "source")
-    z = _sample(net, mu, logvar, gen)
+    z = net.sample(mu, logvar, gen)
     x_ss = net.decode(z, "source")
     terms = {"S_rec": reconstruction(x_ss, xs), "S_kl": kl_to_standard_normal(mu, logvar),
              "seg": seg_loss(net.seg(z).float(), ys)}
@@ -136,7 +129,7 @@ def target_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.T
                  ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """Eq. 4, 6, 7 on a target batch xt (B, 3, S, S), given the source batch and its latent sample z_s."""
     mu_t, logvar_t = net.posterior(xt, "target")
-    z_t = _sample(net, mu_t, logvar_t, gen)
+    z_t = net.sample(mu_t, logvar_t, gen)
     x_tt = net.decode(z_t, "target")
     x_ts = net.decode(z_t, "source")
     terms = {"T_rec": reconstruction(x_tt, xt), "T_kl": kl_to_standard_normal(mu_t, logvar_t)}
@@ -149,7 +142,7 @@ def target_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.T
         with torch.no_grad():
             x_st = net.decode(z_s.detach(), "target")
         mu_st, logvar_st = net.posterior(x_st, "target")
-        terms["task"] = seg_loss(net.seg(_sample(net, mu_st, logvar_st, gen)).float(), ys)
+        terms["task"] = seg_loss(net.seg(net.sample(mu_st, logvar_st, gen)).float(), ys)
     return terms, {"x_ts": x_ts}
 
 
