@@ -93,16 +93,21 @@ def save_model(path, net: VAEUDANet, meta: dict, extra_tensors: Optional[Dict[st
     save_tensors(path, tensors, meta, extra_header)
 
 
-def load_model(path, device: str = "cpu") -> Tuple[VAEUDANet, dict]:
-    """Rebuild the networks from a model file -> (net in eval mode on ``device``, meta)."""
-    tensors, meta, _ = read_tensors(path)
-    net = build_from_meta(path, meta)
-    state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+def load_networks(net: VAEUDANet, tensors: Dict[str, torch.Tensor], path) -> None:
+    """Load the ``net.*`` tensors of a model file or checkpoint into ``net`` (VaeudaError if they do not fit)."""
+    state = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise VaeudaError(f"{path}: model weights do not fit its configuration ({first}).") from None
+
+
+def load_model(path, device: str = "cpu") -> Tuple[VAEUDANet, dict]:
+    """Rebuild the networks from a model file -> (net in eval mode on ``device``, meta)."""
+    tensors, meta, _ = read_tensors(path)
+    net = build_from_meta(path, meta)
+    load_networks(net, tensors, path)
     return net.to(device).eval(), meta
 
 

@@ -26,7 +26,7 @@ from .data import SliceSet, load_slices
 from .errors import VaeudaError
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
-from .modelfile import read_tensors, save_model, build_from_meta
+from .modelfile import load_model, load_networks, read_tensors, save_model
 from .nets import VAEUDANet, get_preset
 from .progress import Reporter, null_reporter
 from .volumes import DEFAULT_NORMALISATION
@@ -247,7 +247,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         tensors, meta, header = read_tensors(ckpt)
         if meta.get("stage") != stage.meta.get("stage"):
             raise VaeudaError(f"{ckpt}: checkpoint is of the '{meta.get('stage')}' stage, not '{stage.meta.get('stage')}'.")
-        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        load_networks(net, tensors, ckpt)
         net.to(device)
         _load_optim("gen", opts[0], tensors)
         _load_optim("disc", opts[1], tensors)
@@ -401,13 +401,6 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)
 
 
-def _load_for_stage(model_path, device: torch.device) -> Tuple[VAEUDANet, dict]:
-    tensors, meta, _ = read_tensors(model_path)
-    net = build_from_meta(model_path, meta)
-    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    return net, meta
-
-
 def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]]):
     from .data import find_pairs
     if source_data:
@@ -428,7 +421,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     """Adaptation stage (Eq. 8) on unlabelled target volumes, usually one."""
     reporter = reporter or null_reporter()
     dev = resolve_device(device)
-    net, src_meta = _load_for_stage(source_model, dev)
+    net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":
         reporter.log(f"note: {source_model} is a '{src_meta.get('stage')}' model; adapting it anyway")
     preset = src_meta["preset"]
@@ -465,7 +458,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     """
     reporter = reporter or null_reporter()
     dev = resolve_device(device)
-    net, src_meta = _load_for_stage(source_model, dev)
+    net, src_meta = load_model(source_model)
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
