@@ -22,6 +22,10 @@ Appearance is what differs between the modalities (the domain shift the method m
   right heart less enhanced, fat -100, lung -850; Gaussian noise, 1.3-1.5 mm in-plane and
   1.8-2.5 mm slices, larger field of view.
 
+Epicardial fat (5-10 mm around and between the chambers) is bright in MR and dark in CT, so the
+outer border of the LV myocardium changes polarity between the modalities; that is what makes
+an MR model fail on CT (Docs/phantom.md).
+
 Determinism: the anatomy depends only on ``subject_seed``; the grid and appearance on
 ``(subject_seed, modality)``. :func:`make_cohort` derives a different seed for every
 ``(seed, modality, index)``, so its MR and CT subjects are different people, as in MM-WHS.
@@ -42,7 +46,7 @@ from .fileio import PathLike, atomic_dir, atomic_path
 from .labels import STRUCTURES
 from .progress import Reporter, null_reporter
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 MODALITIES = ("mr", "ct")
 _MODALITY_CODE = {"mr": 1, "ct": 2}
 FIRST_ID = 1001
@@ -380,7 +384,7 @@ def _plan_heart(heart: _HeartPose, rng: np.random.Generator, spine_y: float,
     ivc = [ra_c + np.array([4, 4, -0.6 * ra_semi[2]]), ra_c + np.array([8, 8, -50]), ra_c + np.array([10, 10, -160])]
     pv_dirs = [np.array([sx, u(0.4, 0.8), sz]) for sx in (-1, 1) for sz in (-0.5, 0.5)]
 
-    fat = u(2.5, 5.0)  # epicardial fat left between the chambers
+    fat = u(5.0, 10.0)  # epicardial fat left between the chambers (real: a few mm to over 10)
     lv_outer = heart.ellipsoid(np.zeros(3), (lv_long + 0.8 * myo_t, lv_short + myo_t, lv_short + myo_t),
                                lv_rot, cut=base_cut)
     lv_cavity = heart.ellipsoid(np.zeros(3), (lv_long, lv_short, lv_short), lv_rot, cut=base_cut)
