@@ -98,10 +98,35 @@ def test_nan_stops_training_and_keeps_last_checkpoint(tiny_cohort, tmp_path, mon
     assert json.loads(header["train_state"])["iteration"] == 4
 
 
-def test_resume_continues_from_checkpoint(tiny_cohort, tmp_path, monkeypatch):
-    """An interrupted run resumed with --resume ends with the same weights as an uninterrupted one."""
+def test_weight_average_is_the_ema_of_the_iterates(tiny_cohort, tmp_path):
+    """With ema_decay d the saved weights are d * w1 + (1 - d) * w2 after two steps (w_i: live weights)."""
+    w1, w2, avg = (tmp_path / f"{n}.safetensors" for n in ("w1", "w2", "avg"))
+    _train(tiny_cohort, w1, iterations=1)
+    _train(tiny_cohort, w2, iterations=2)
+    _train(tiny_cohort, avg, iterations=2, overrides={"ema_decay": 0.25})
+    t1, t2, ta = (read_tensors(p)[0] for p in (w1, w2, avg))
+    moved = 0
+    for k in ta:
+        if not k.startswith("net.") or not ta[k].is_floating_point():
+            continue
+        expected = 0.25 * t1[k] + 0.75 * t2[k]
+        assert torch.allclose(ta[k], expected, atol=1e-6), k
+        moved += int(not torch.equal(t1[k], t2[k]))
+    assert moved > 10      # the two iterates differ, so the test can tell an average from either
+
+
+def test_weight_average_rejects_bad_decay(tiny_cohort, tmp_path):
+    with pytest.raises(VaeudaError, match="ema_decay must be 0"):
+        _train(tiny_cohort, tmp_path / "m.safetensors", iterations=1, overrides={"ema_decay": 1.5})
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_resume_continues_from_checkpoint(tiny_cohort, tmp_path, monkeypatch, ema_decay):
+    """An interrupted run resumed with --resume ends with the same weights as an uninterrupted one
+    (with and without the weight average, which the checkpoint carries)."""
+    overrides = {"checkpoint_every": 3, "ema_decay": ema_decay}
     full = tmp_path / "full.safetensors"
-    _train(tiny_cohort, full, iterations=6, overrides={"checkpoint_every": 3})
+    _train(tiny_cohort, full, iterations=6, overrides=overrides)
     part = tmp_path / "part.safetensors"
     real_save = train_mod.save_checkpoint
 
@@ -111,9 +136,9 @@ def test_resume_continues_from_checkpoint(tiny_cohort, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_cohort, part, iterations=6, overrides={"checkpoint_every": 3})
+        _train(tiny_cohort, part, iterations=6, overrides=overrides)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    _train(tiny_cohort, part, iterations=6, overrides={"checkpoint_every": 3}, resume=True)
+    _train(tiny_cohort, part, iterations=6, overrides=overrides, resume=True)
     ta, tb = read_tensors(full)[0], read_tensors(part)[0]
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not checkpoint_path(part).exists()

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-stop", type=int, metavar="PATIENCE",
                    help="stop when the unsupervised cycle-consistency proxy has not improved for PATIENCE evaluations; keep the best")
     p.add_argument("--source-data", nargs="+", help="labelled source volumes (default: the paths recorded in the model)")
+    p.add_argument("--ema-decay", type=float, metavar="D",
+                   help="keep and save an exponential moving average of the weights with decay D "
+                        "(default 0.98; 0 saves the last iterate)")
     _training(p)
     _common(p)
 
@@ -149,7 +152,8 @@ def run(args, reporter: Reporter) -> List[str]:
               device=args.device, use_kl=not args.no_kl, use_adv=not args.no_adv, use_cycle=not args.no_cycle,
               use_task=not args.no_task_consistency, slice_range=parse_slice_range(args.slices),
               early_stop=args.early_stop, source_data=args.source_data, batch_size=args.batch_size,
-              resume=args.resume, reporter=reporter)
+              resume=args.resume, reporter=reporter,
+              overrides=None if args.ema_decay is None else {"ema_decay": args.ema_decay})
         return [args.out]
     if cmd == "finetune":
         from .train import finetune

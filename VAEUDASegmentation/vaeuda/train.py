@@ -53,6 +53,9 @@ DEFAULT_BATCH = {"paper": 8, "cpu": 8, "tiny": 2}
 # 10-minute budget for the whole demo, ~25x fewer iterations than the paper preset: at UNIT's
 # lr 1e-4 its source model is still far from converged there (Docs/results.md), at 3e-4 it is.
 PRESET_TRAINING = {"paper": {}, "cpu": {"lr": 3e-4}, "tiny": {}}
+# Adaptation keeps a weight average (TrainConfig.ema_decay); at the cpu preset it also steps
+# faster, since its budget is a few hundred iterations (both measured in Docs/results.md).
+ADAPT_TRAINING = {"paper": {"ema_decay": 0.98}, "cpu": {"lr": 5e-4, "ema_decay": 0.98}, "tiny": {"ema_decay": 0.98}}
 
 
 @dataclass
@@ -77,6 +80,10 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     checkpoint_every: int = 200
     eval_every: int = 50                  # adaptation: how often the early-stop proxy / callback runs
+    # Exponential moving average of all weights (0 = off): the saved model, the callback and early
+    # stopping see the average. Averaging the iterates damps the oscillation of adversarial
+    # training (Yazici et al., ICLR 2019); it changes no loss and no gradient.
+    ema_decay: float = 0.0
 
     def weights(self) -> Dict[str, float]:
         """Term -> lambda, with the ablation switches applied."""
@@ -220,8 +227,21 @@ def _load_optim(name: str, opt: torch.optim.Optimizer, tensors: Dict[str, torch.
     opt.load_state_dict(sd)
 
 
-def save_checkpoint(path: Path, net, opts, gen: torch.Generator, iteration: int, history: list, meta: dict) -> None:
+def _weight_average(net: VAEUDANet, decay: float):
+    """An EMA copy of ``net`` (parameters and buffers), or None when ``decay`` is 0."""
+    if not decay:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise VaeudaError(f"ema_decay must be 0 (off) or between 0 and 1, not {decay}.")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def save_checkpoint(path: Path, net, opts, gen: torch.Generator, iteration: int, history: list, meta: dict,
+                    ema=None) -> None:
     extra = {"rng.gen": gen.get_state()}
+    if ema is not None:
+        extra.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     extra.update(_optim_tensors("gen", opts[0]))
     extra.update(_optim_tensors("disc", opts[1]))
     state = {"iteration": iteration, "history": history}
@@ -242,6 +262,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     opts = _optimizers(net, cfg)
     history: List[dict] = []
     start = 0
+    ema = _weight_average(net, cfg.ema_decay)
     ckpt = checkpoint_path(stage.out)
     if resume and ckpt.exists():
         tensors, meta, header = read_tensors(ckpt)
@@ -252,6 +273,11 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         _load_optim("gen", opts[0], tensors)
         _load_optim("disc", opts[1], tensors)
         gen.set_state(tensors["rng.gen"])
+        if ema is not None:
+            ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+            if not ema_state:
+                raise VaeudaError(f"{ckpt}: checkpoint has no weight average, but this run keeps one (ema_decay).")
+            ema.load_state_dict(ema_state)
         state = json.loads(header["train_state"])
         start, history = int(state["iteration"]), list(state["history"])
         reporter.log(f"resuming {stage.name} from iteration {start} ({ckpt})")
@@ -263,7 +289,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     use_cuda_bf16 = device.type == "cuda"
     best: Optional[Tuple[float, dict, int]] = None
     bad_evals = 0
-    ema: Optional[float] = None
+    proxy_ema: Optional[float] = None
     good_checkpoint = ckpt if ckpt.exists() else None
 
     reporter.stage(stage.name, stage.iterations)
@@ -308,23 +334,26 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         opts[0].zero_grad(set_to_none=True)
         routed_backward(net, weighted)
         opts[0].step()
+        if ema is not None:
+            ema.update_parameters(net)
+        model = net if ema is None else ema.module   # what is evaluated and saved
 
         record = {k: round(float(v.detach()), 5) for k, v in terms.items()}
         if it % 10 == 0 or it == stage.iterations:
             reporter.step(it, loss=float(total.detach()), **{k: record[k] for k in ("seg", "task") if k in record})
         if stage.target is not None and it % cfg.eval_every == 0:
             proxy = float(terms.get("T_cyc", terms["T_rec"]).detach())
-            ema = proxy if ema is None else 0.7 * ema + 0.3 * proxy
-            entry = {"iteration": it, "proxy": round(ema, 5), **record}
+            proxy_ema = proxy if proxy_ema is None else 0.7 * proxy_ema + 0.3 * proxy
+            entry = {"iteration": it, "proxy": round(proxy_ema, 5), **record}
             if stage.callback is not None:
-                extra = stage.callback(it, net)
+                extra = stage.callback(it, model)
                 net.train()
                 if extra:
                     entry.update(extra)
             history.append(entry)
             if stage.early_stop:
-                if best is None or ema < best[0]:
-                    best, bad_evals = (ema, copy.deepcopy(net.state_dict()), it), 0
+                if best is None or proxy_ema < best[0]:
+                    best, bad_evals = (proxy_ema, copy.deepcopy(model.state_dict()), it), 0
                 else:
                     bad_evals += 1
                     if bad_evals >= stage.early_stop:
@@ -332,10 +361,12 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
                                      f"for {bad_evals} evaluations; keeping iteration {best[2]}")
                         break
         if it % cfg.checkpoint_every == 0 and it < stage.iterations:
-            save_checkpoint(ckpt, net, opts, gen, it, history, stage.meta)
+            save_checkpoint(ckpt, net, opts, gen, it, history, stage.meta, ema)
             good_checkpoint = ckpt
     reporter.close()
 
+    if ema is not None:
+        net.load_state_dict(ema.module.state_dict())
     if best is not None and stage.early_stop:
         net.load_state_dict(best[1])
         stage.meta["provenance"]["early_stopped_at"] = best[2]
@@ -363,9 +394,10 @@ def _base_meta(stage: str, preset: str, convention: Convention, normalisation: d
     }
 
 
-def _train_config(overrides: Optional[dict], batch_size: Optional[int], preset: str) -> TrainConfig:
+def _train_config(overrides: Optional[dict], batch_size: Optional[int], preset: str,
+                  stage_defaults: Optional[dict] = None) -> TrainConfig:
     cfg = TrainConfig(batch_size=batch_size or DEFAULT_BATCH.get(preset, 8))
-    for k, v in {**PRESET_TRAINING.get(preset, {}), **(overrides or {})}.items():
+    for k, v in {**PRESET_TRAINING.get(preset, {}), **(stage_defaults or {}), **(overrides or {})}.items():
         if not hasattr(cfg, k):
             raise VaeudaError(f"unknown training option '{k}'.")
         setattr(cfg, k, v)
@@ -432,7 +464,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     reporter.log(f"reading {len(pairs)} labelled source volumes and {len(targets)} target volume(s)")
     source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
-    cfg = _train_config(overrides, batch_size, preset)
+    cfg = _train_config(overrides, batch_size, preset, ADAPT_TRAINING.get(preset))
     cfg.use_kl, cfg.use_adv, cfg.use_cycle, cfg.use_task = use_kl, use_adv, use_cycle, use_task
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(source.labels))
     net.copy_source_to_target()
