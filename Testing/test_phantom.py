@@ -254,3 +254,19 @@ def test_save_preview_writes_a_png(cohort, tmp_path):
     assert width > 300 and height > 300          # 2 x 2 panels plus a legend
     with pytest.raises(VaeudaError, match="no mr_"):
         phantom.save_preview(tmp_path / "empty", tmp_path / "x.png")
+
+
+def test_demo_reuses_only_a_cohort_of_the_same_generator_seed_and_size(tmp_path):
+    from vaeuda.demo import is_phantom_cohort
+    cohort = tmp_path / "cohort"
+    assert not is_phantom_cohort(cohort, 0, None)                     # nothing there
+    phantom.make_cohort(cohort, n_source=1, n_target=1, n_train=1, seed=3, size=16)
+    assert is_phantom_cohort(cohort, 3, 16)
+    assert not is_phantom_cohort(cohort, 0, 16)                        # another seed
+    assert not is_phantom_cohort(cohort, 3, None)                      # another size
+    splits = json.loads((cohort / "splits.json").read_text())
+    splits["generator"] = "vaeuda.phantom 1"                           # made by an older generator
+    (cohort / "splits.json").write_text(json.dumps(splits))
+    assert not is_phantom_cohort(cohort, 3, 16)
+    (cohort / "splits.json").write_text("{not json")
+    assert not is_phantom_cohort(cohort, 3, 16)

@@ -39,6 +39,17 @@ def cohort_split(cohort: Path, modality: str, split: str) -> List[str]:
     return prefixes
 
 
+def is_phantom_cohort(cohort: Path, seed: int, size: Optional[int]) -> bool:
+    """True if ``cohort`` holds a phantom cohort of this generator version, seed and size (so it can be reused)."""
+    from .phantom import GENERATOR
+    try:
+        splits = json.loads((Path(cohort) / "splits.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(splits, dict) and splits.get("generator") == GENERATOR and splits.get("seed") == seed
+            and splits.get("size") == size)
+
+
 def image_of(cohort: Path, prefix: str) -> Path:
     return cohort / f"{prefix}_image.nii.gz"
 
@@ -131,9 +142,10 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     iters = {"source": 60, "adapt": 30, "finetune": 30} if quick else {}
 
     t = time.time()
-    if not (cohort / "splits.json").exists():
+    size = 48 if quick else None
+    if not is_phantom_cohort(cohort, seed, size):
         reporter.log(f"making the synthetic cohort in {cohort}")
-        make_cohort(cohort, seed=seed, size=48 if quick else None, reporter=reporter)
+        make_cohort(cohort, seed=seed, size=size, reporter=reporter)
     timings["cohort"] = time.time() - t
     mr_train = cohort_split(cohort, "mr", "train")
     ct_train, ct_test = cohort_split(cohort, "ct", "train"), cohort_split(cohort, "ct", "test")

@@ -47,6 +47,7 @@ from .labels import STRUCTURES
 from .progress import Reporter, null_reporter
 
 GENERATOR_VERSION = "2"
+GENERATOR = f"vaeuda.phantom {GENERATOR_VERSION}"   # as recorded in a cohort's splits.json
 MODALITIES = ("mr", "ct")
 _MODALITY_CODE = {"mr": 1, "ct": 2}
 FIRST_ID = 1001
@@ -657,7 +658,7 @@ def make_cohort(out_dir: PathLike, n_source: int = 20, n_target: int = 20, n_tra
     if out.exists() and not out.is_dir():
         raise VaeudaError(f"{out}: the cohort folder path is an existing file.")
 
-    splits: Dict[str, object] = {"labels": "mmwhs", "seed": seed, "generator": f"vaeuda.phantom {GENERATOR_VERSION}"}
+    splits: Dict[str, object] = {"labels": "mmwhs", "seed": seed, "generator": GENERATOR, "size": size}
     total = n_source + n_target
     reporter.stage("synth", total)
     done = 0
