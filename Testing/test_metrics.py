@@ -237,6 +237,17 @@ def test_table_marks_cells_with_missing_assd_and_empty_cells():
     assert "n_missing" in metrics.table_markdown(rows)
 
 
+def test_table_from_a_summary_read_back_from_json():
+    """NaN is written to JSON as null; a summary read back (as the demo does) still makes a table."""
+    nan = float("nan")
+    summary = metrics.summarise([volume([0.5] * 4, [nan, 1.0, 1.0, 1.0])])
+    read_back = json.loads(json.dumps(metrics._json_ready(summary)))
+    assert read_back["LV-M"]["assd_vox"]["mean"] is None
+    cells = metrics.table_markdown(OrderedDict([("r", read_back)])).splitlines()[3].split(" | ")
+    assert cells[6] == "n/a"
+    assert cells[7] == "1.00 (0.00)"
+
+
 # ----------------------------------------------------------------------------- folders
 
 def write_label(path, classes, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0)):

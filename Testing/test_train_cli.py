@@ -142,3 +142,15 @@ def test_resume_continues_from_checkpoint(tiny_cohort, tmp_path, monkeypatch, em
     ta, tb = read_tensors(full)[0], read_tensors(part)[0]
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not checkpoint_path(part).exists()
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    """`vaeuda demo --quick`: the whole pipeline at the tiny preset writes its report, JSON and figure."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--progress", "none"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["quick"] is True and len(report["test_scans"]) == 4
+    assert set(report["mean_dice"]) == {"Unadapted", "Proposed-1 (adapted)", "Oracle"}
+    text = (out / "report.md").read_text()
+    assert text.count("| Unadapted |") == 1 and "Oracle" in text
+    assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic cohort, with a report")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--quick", action="store_true", help="a smoke run of a couple of minutes")
+    p.add_argument("--quick", action="store_true", help="a smoke run of the same pipeline at the tiny preset (seconds; its numbers mean nothing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     _common(p)

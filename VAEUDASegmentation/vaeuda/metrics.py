@@ -312,9 +312,9 @@ def _stats(values) -> dict:
             "n": n, "n_missing": int(values.size - n)}
 
 
-def _format_cell(mean: float, std: Optional[float], scale: float) -> str:
-    """``"75.00 (0.00)"``; without ``std`` just ``"75.00"``; ``"n/a"`` for NaN."""
-    if math.isnan(mean):
+def _format_cell(mean: Optional[float], std: Optional[float], scale: float) -> str:
+    """``"75.00 (0.00)"``; without ``std`` just ``"75.00"``; ``"n/a"`` for NaN or None (NaN read back from JSON)."""
+    if mean is None or math.isnan(mean):
         return "n/a"
     return f"{mean * scale:.2f}" if std is None else f"{mean * scale:.2f} ({std * scale:.2f})"
 
