@@ -197,3 +197,34 @@ def test_bad_cohort_is_one_clear_error(tmp_path):
     with pytest.raises(VaeudaError, match="--repeats"):
         experiment.run_table1(tmp_path, tmp_path / "out", repeats=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_probe_scores_what_segment_and_evaluate_score(cohort, table1):
+    """The curve probe and the table's file-based scoring agree on the same model and volumes."""
+    import torch
+
+    from vaeuda.demo import image_of, label_of
+    from vaeuda.labels import MMWHS
+    from vaeuda.metrics import evaluate_volume, summarise
+    from vaeuda.modelfile import load_model
+    from vaeuda.predict import segment_image
+    from vaeuda import volumes
+    import SimpleITK as sitk
+
+    out, _, _ = table1
+    model = sorted((out / "models").glob("proposed1_*.safetensors"))[0]
+    net, meta = load_model(model)
+    tests = json.loads((cohort / "splits.json").read_text())["ct"]["test"]
+    probe = experiment.HeldOutDiceProbe(cohort, tests, net.cfg.input_size, net.cfg.slice_fov_mm,
+                                        meta["normalisation"], torch.device("cpu"))
+    got = probe(0, net)
+    scores = []
+    for prefix in tests:
+        image = volumes.read_image(image_of(cohort, prefix))
+        pred = sitk.GetArrayFromImage(segment_image(net, meta, image, torch.device("cpu"), "target"))
+        ref = sitk.GetArrayFromImage(volumes.read_label(label_of(cohort, prefix), MMWHS, reference=image))
+        scores.append(evaluate_volume(pred, ref, tuple(reversed(image.GetSpacing()))))
+    expected = summarise(scores)
+    assert got["test_dice_mean"] == pytest.approx(expected["Mean"]["dice"]["mean"], abs=1e-5)
+    for key in CLASS_KEYS:
+        assert got["test_dice"][key] == pytest.approx(expected[key]["dice"]["mean"], abs=1e-5)

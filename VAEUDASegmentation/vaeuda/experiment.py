@@ -181,7 +181,8 @@ class HeldOutDiceProbe:
         scores = []
         for grid, slices, ref, spacing_zyx in self.volumes:
             probs = slice_probabilities(net, slices, "target", self.device)
-            pred = sitk.GetArrayViewFromImage(grid.scores_to_image(probs))
+            # a copy: a view into the temporary image would outlive it and read freed memory
+            pred = sitk.GetArrayFromImage(grid.scores_to_image(probs))
             scores.append(evaluate_volume(pred, ref, spacing_zyx))
         summary = summarise(scores)
         assd = summary[MEAN_KEY]["assd_vox"]["mean"]
