@@ -263,6 +263,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     history: List[dict] = []
     start = 0
     ema = _weight_average(net, cfg.ema_decay)
+    model = net if ema is None else ema.module   # what the callback, early stopping and the saved file see
     ckpt = checkpoint_path(stage.out)
     if resume and ckpt.exists():
         tensors, meta, header = read_tensors(ckpt)
@@ -336,7 +337,6 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         opts[0].step()
         if ema is not None:
             ema.update_parameters(net)
-        model = net if ema is None else ema.module   # what is evaluated and saved
 
         record = {k: round(float(v.detach()), 5) for k, v in terms.items()}
         if it % 10 == 0 or it == stage.iterations:
@@ -365,8 +365,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
             good_checkpoint = ckpt
     reporter.close()
 
-    if ema is not None:
-        net.load_state_dict(ema.module.state_dict())
+    if model is not net:
+        net.load_state_dict(model.state_dict())
     if best is not None and stage.early_stop:
         net.load_state_dict(best[1])
         stage.meta["provenance"]["early_stopped_at"] = best[2]
