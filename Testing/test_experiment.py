@@ -97,6 +97,9 @@ def test_draws_and_ablations_share_them(table1):
     nokl = json.loads((out / "models" / f"nokl_r1_{draws[0]}.run.json").read_text())["spec"]
     noadv = json.loads((out / "models" / f"noadv_r1_{draws[0]}.run.json").read_text())["spec"]
     assert (nokl["use_kl"], nokl["use_adv"], noadv["use_kl"], noadv["use_adv"]) == (False, True, True, False)
+    # and the engine's training defaults are in every record, so other defaults retrain
+    from vaeuda.train import ADAPT_TRAINING
+    assert nokl["training"]["adapt"] == ADAPT_TRAINING["tiny"]
 
 
 def test_few_shot_slices_cross_three_structures(table1, cohort):

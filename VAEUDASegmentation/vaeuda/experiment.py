@@ -276,7 +276,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     Returns ``[table1.md, table1.json, table1_dice.png, curves.png]`` in ``out``.
     """
     from .nets import get_preset
-    from .train import adapt, finetune, resolve_device, train_source
+    from .train import adapt, finetune, preset_training, resolve_device, train_source
 
     reporter = reporter or null_reporter()
     if int(repeats) != repeats or repeats < 1:
@@ -298,7 +298,9 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
                  f"few-shot slices {few_shot['slices'][0]}:{few_shot['slices'][1]} of {few_shot['scan']}")
     started = time.time()
 
-    base = {"cohort": str(cohort.resolve()), "preset": preset, "device": dev.type}
+    # The engine's training defaults are part of every run's settings: a model trained under other
+    # defaults (an older engine) is not reused.
+    base = {"cohort": str(cohort.resolve()), "preset": preset, "device": dev.type, "training": preset_training(preset)}
     source_model, source_record = _trained(
         models, "source", dict(base, stage="source", scans=mr_train, iterations=iterations["source"], seed=seed),
         lambda path: train_source([image_of(cohort, p) for p in mr_train], [label_of(cohort, p) for p in mr_train],
