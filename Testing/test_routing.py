@@ -29,7 +29,7 @@ def _all_terms(net, seed=0):
     ys = torch.randint(0, 5, (2, 32, 32), generator=gen)
     seg = SegmentationLoss([0.5, 1, 1, 1, 1])
     terms, fakes = source_terms(net, xs, ys, seg, gen)
-    t_terms, t_fakes = target_terms(net, xs, ys, xt, fakes["z_s"], seg, TrainConfig(), gen)
+    t_terms, t_fakes = target_terms(net, xs, ys, xt, fakes["mu_s"], seg, TrainConfig(), gen)
     terms.update(t_terms)
     terms["S_adv"] = gan_loss(net.disc(fakes["x_ss"]), True)
     terms["T_adv"] = gan_loss(net.disc(t_fakes["x_ts"]), True)
@@ -84,3 +84,18 @@ def test_grouped_backward_equals_sum_of_single_terms():
     assert together.keys() == single.keys()
     for n in together:
         assert torch.allclose(together[n], single[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_task_consistency_renders_x_st_from_the_source_posterior_mean(monkeypatch):
+    """x_ST = D_T(D_Z(mu_S)) (Eq. 7: one image per x_S), not a noisy sample of q(Z|x_S)."""
+    net = VAEUDANet(get_preset("tiny")).train()
+    decoded = []
+    real_decode = net.decode
+    monkeypatch.setattr(net, "decode", lambda z, domain: decoded.append((z.detach().clone(), domain)) or real_decode(z, domain))
+    terms, xs, fakes, _ = _all_terms(net)
+    mu_s, logvar_s = net.posterior(xs, "source")
+    assert torch.allclose(fakes["mu_s"], mu_s) and logvar_s.exp().min() > 1e-3   # a sample would differ from mu
+    to_target = [z for z, domain in decoded if domain == "target"]
+    # D_T decodes z_T (x_TT), mu_TS (cycle) and, last, the source mean (x_ST)
+    assert len(to_target) == 3 and torch.equal(to_target[-1], fakes["mu_s"].detach())
+    assert "task" in terms

@@ -127,19 +127,19 @@ def class_weights_from(labels: torch.Tensor) -> Tuple[float, ...]:
 
 def source_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, seg_loss: SegmentationLoss,
                  gen: torch.Generator) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Eq. 1-2 on a source batch xs (B, 3, S, S), ys (B, S, S) -> (terms, {"x_ss": for Disc, "z_s": the sample})."""
+    """Eq. 1-2 on a source batch xs (B, 3, S, S), ys (B, S, S) -> (terms, {"x_ss": for Disc, "mu_s": the posterior mean})."""
     mu, logvar = net.posterior(xs, "source")
     z = net.sample(mu, logvar, gen)
     x_ss = net.decode(z, "source")
     terms = {"S_rec": reconstruction(x_ss, xs), "S_kl": kl_to_standard_normal(mu, logvar),
              "seg": seg_loss(net.seg(z).float(), ys)}
-    return terms, {"x_ss": x_ss, "z_s": z}
+    return terms, {"x_ss": x_ss, "mu_s": mu}
 
 
-def target_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, z_s: torch.Tensor,
+def target_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, mu_s: torch.Tensor,
                  seg_loss: SegmentationLoss, cfg: TrainConfig, gen: torch.Generator
                  ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Eq. 4, 6, 7 on a target batch xt (B, 3, S, S), given the source batch and its latent sample z_s."""
+    """Eq. 4, 6, 7 on a target batch xt (B, 3, S, S), given the source batch and its posterior mean mu_s (B, C, s, s)."""
     mu_t, logvar_t = net.posterior(xt, "target")
     z_t = net.sample(mu_t, logvar_t, gen)
     x_tt = net.decode(z_t, "target")
@@ -150,9 +150,11 @@ def target_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, xt: torch.T
         mu_ts, _ = net.posterior(x_ts, "source")
         terms["T_cyc"] = reconstruction(net.decode(mu_ts, "target"), xt)
     if cfg.use_task:
-        # x_ST = D_T(D_Z(z_S)) is an input here: only Seg and E_Z learn from it (Eq. 7)
+        # x_ST = D_T(D_Z(mu_S)) is an input here: only Seg and E_Z learn from it (Eq. 7). Eq. 7 writes
+        # x_ST = D_T(D_Z(E_Z(E_S(x_S)))), one image per x_S: the posterior mean, since a sample would
+        # render the posterior noise as blur that real target images do not have.
         with torch.no_grad():
-            x_st = net.decode(z_s.detach(), "target")
+            x_st = net.decode(mu_s.detach(), "target")
         mu_st, logvar_st = net.posterior(x_st, "target")
         terms["task"] = seg_loss(net.seg(net.sample(mu_st, logvar_st, gen)).float(), ys)
     return terms, {"x_ts": x_ts}
@@ -313,9 +315,9 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
 
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda_bf16):
             terms, fakes = source_terms(net, xs, ys, seg_loss, gen)
-            z_s = fakes.pop("z_s")
+            mu_s = fakes.pop("mu_s")
             if xt is not None:
-                t_terms, t_fakes = target_terms(net, xs, ys, xt, z_s, seg_loss, cfg, gen)
+                t_terms, t_fakes = target_terms(net, xs, ys, xt, mu_s, seg_loss, cfg, gen)
                 terms.update(t_terms)
                 fakes.update(t_fakes)
 

@@ -1,0 +1,50 @@
+"""Border contrast of the LV myocardium: hand-computed values, and the translation table's rows."""
+import math
+
+import numpy as np
+import torch
+
+from vaeuda.diagnose import LV_BLOOD, LV_MYOCARDIUM, border_contrast, translation_contrast
+from vaeuda.nets import VAEUDANet, get_preset
+
+
+def _plus():
+    """Slice 0: LV blood at the centre of a 5x5 slice, myocardium on its 4 neighbours; slice 1: no LV."""
+    labels = np.zeros((2, 5, 5), dtype=np.uint8)
+    labels[0, 2, 2] = LV_BLOOD
+    for y, x in ((1, 2), (3, 2), (2, 1), (2, 3)):
+        labels[0, y, x] = LV_MYOCARDIUM
+    images = np.full((2, 5, 5), 100.0)
+    images[0, 2, 2] = 5.0
+    images[0][labels[0] == LV_MYOCARDIUM] = 1.0
+    # the ring: 4 pixels two steps out along the axes and the 4 diagonal neighbours of the centre
+    for (y, x), v in zip(((0, 2), (4, 2), (2, 0), (2, 4), (1, 1), (1, 3), (3, 1), (3, 3)), range(8)):
+        images[0, y, x] = float(v)
+    return images, labels
+
+
+def test_border_contrast_by_hand():
+    images, labels = _plus()
+    c = border_contrast(images, labels)
+    # slice 1 (all 100) and the corners of slice 0 stay out: the ring is in-plane, one pixel wide
+    assert c == {"blood": 5.0, "myocardium": 1.0, "ring": 3.5, "blood - myocardium": 4.0, "ring - myocardium": 2.5}
+
+
+def test_border_contrast_without_lv_is_nan():
+    c = border_contrast(np.zeros((1, 4, 4)), np.zeros((1, 4, 4), dtype=np.uint8))
+    assert all(math.isnan(v) for v in c.values())
+
+
+def test_translation_table_rows_use_real_images_unchanged():
+    torch.manual_seed(0)
+    net = VAEUDANet(get_preset("tiny"))
+    images, labels = _plus()
+    img = torch.zeros(2, 3, 32, 32)
+    lab = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    img[:, 1, :5, :5] = torch.from_numpy(images).float()
+    lab[:, :5, :5] = torch.from_numpy(labels)
+    rows = translation_contrast(net, img, lab, img * 0.5, lab)
+    assert list(rows) == ["x_S (real MR)", "x_SS", "x_ST (MR as CT)", "x_T (real CT)", "x_TT", "x_TS (CT as MR)"]
+    assert rows["x_S (real MR)"]["ring - myocardium"] == 2.5
+    assert rows["x_T (real CT)"]["ring - myocardium"] == 1.25
+    assert all(math.isfinite(v) for row in rows.values() for v in row.values())

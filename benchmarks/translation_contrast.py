@@ -1,0 +1,57 @@
+"""The LV myocardium's border contrast in real and translated images (vaeuda.diagnose), as a table.
+
+    python benchmarks/translation_contrast.py --model adapted.safetensors --cohort demo_out/cohort
+
+MR rows use the cohort's MR test split, CT rows its CT test split (``splits.json``), unless
+``--mr`` / ``--ct`` name scan prefixes. Units: the normalised model input (z-scores).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VAEUDASegmentation"))
+
+from vaeuda.data import load_slices  # noqa: E402
+from vaeuda.demo import cohort_split, image_of, label_of  # noqa: E402
+from vaeuda.diagnose import translation_contrast  # noqa: E402
+from vaeuda.labels import MMWHS  # noqa: E402
+from vaeuda.modelfile import load_model  # noqa: E402
+
+COLUMNS = ("blood", "myocardium", "ring", "blood - myocardium", "ring - myocardium")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="an adapted model file")
+    p.add_argument("--cohort", required=True, help="cohort folder with splits.json")
+    p.add_argument("--mr", nargs="+", help="MR scan prefixes (default: the MR test split)")
+    p.add_argument("--ct", nargs="+", help="CT scan prefixes (default: the CT test split)")
+    p.add_argument("--out", help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    cohort = Path(args.cohort)
+    net, meta = load_model(args.model)
+    cfg, norm = net.cfg, meta["normalisation"]
+
+    def slices(prefixes):
+        return load_slices([image_of(cohort, s) for s in prefixes], cfg.input_size, cfg.slice_fov_mm, norm,
+                           [label_of(cohort, s) for s in prefixes], MMWHS)
+
+    mr_scans = args.mr or cohort_split(cohort, "mr", "test")
+    ct_scans = args.ct or cohort_split(cohort, "ct", "test")
+    mr, ct = slices(mr_scans), slices(ct_scans)
+    rows = translation_contrast(net, mr.images, mr.labels, ct.images, ct.labels)
+    lines = [f"LV border contrast, model `{Path(args.model).name}`, MR {', '.join(mr_scans)}, CT {', '.join(ct_scans)} "
+             "(mean normalised intensity; ring = one pixel outside the LV myocardium)", "",
+             "| image | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    lines += [f"| {name} | " + " | ".join(f"{row[c]:.2f}" for c in COLUMNS) + " |" for name, row in rows.items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
