@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 STUB = HERE / "slicer_stub"
 MODULE_DIR = HERE.parent / "VAEUDASegmentation"
 FAKE_ENGINE = STUB / "fake_engine.py"
-STUB_MODULES = ("slicer", "vtk", "qt", "VAEUDASegmentation")
+STUB_MODULES = ("slicer", "vtk", "qt", "VAEUDASegmentation", "VAEUDASegmentationLib")
 
 sys.path.insert(0, str(STUB))
 import fake_engine  # noqa: E402
@@ -111,13 +111,21 @@ def is_alive(pid):
 
 # ----------------------------------------------------------------------------- pure helpers
 
-def test_parse_engine_line(mod):
-    assert mod.parseEngineLine('{"event": "progress", "step": 3, "total": 10}\n') == \
+@pytest.fixture
+def engineprocess(mod):
+    """VAEUDASegmentationLib.engineprocess, the module's plain-Python child-process runner."""
+    from VAEUDASegmentationLib import engineprocess
+    assert mod.EngineProcess is engineprocess.EngineProcess and mod.JobFailedError is engineprocess.JobFailedError
+    return engineprocess
+
+
+def test_parse_engine_line(engineprocess):
+    assert engineprocess.parseEngineLine('{"event": "progress", "step": 3, "total": 10}\n') == \
         {"event": "progress", "step": 3, "total": 10}
-    assert mod.parseEngineLine("reading 2 volumes\n") == {"event": "log", "message": "reading 2 volumes"}
+    assert engineprocess.parseEngineLine("reading 2 volumes\n") == {"event": "log", "message": "reading 2 volumes"}
     # JSON that is not an event, and broken JSON, are text for the log
-    assert mod.parseEngineLine('{"step": 3}') == {"event": "log", "message": '{"step": 3}'}
-    assert mod.parseEngineLine('{"event": ') == {"event": "log", "message": '{"event": '}
+    assert engineprocess.parseEngineLine('{"step": 3}') == {"event": "log", "message": '{"step": 3}'}
+    assert engineprocess.parseEngineLine('{"event": ') == {"event": "log", "message": '{"event": '}
 
 
 def test_class_indices_from_label_values(mod):
@@ -180,9 +188,9 @@ def test_stand_in_volume_io_converts_ras_to_lps_and_round_trips(slicer, tmp_path
 
 # ----------------------------------------------------------------------------- job machinery (fake engine)
 
-def test_engine_process_reports_events_outputs_and_text(mod, tmp_path):
+def test_engine_process_reports_events_outputs_and_text(engineprocess, tmp_path):
     out = tmp_path / "model.safetensors"
-    process = mod.EngineProcess([sys.executable, str(FAKE_ENGINE), "adapt", "--out", str(out)])
+    process = engineprocess.EngineProcess([sys.executable, str(FAKE_ENGINE), "adapt", "--out", str(out)])
     process.start()
     events = []
     while not process.isFinished():

@@ -18,6 +18,8 @@ MODULE_DIR = ROOT / "VAEUDASegmentation"
 MODULE_FILE = MODULE_DIR / "VAEUDASegmentation.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "VAEUDASegmentation.ui"
 ENGINE_FILES = sorted((MODULE_DIR / "vaeuda").glob("*.py"))
+# The module's own plain-Python helpers (the child-process runner): no Slicer, no torch.
+LIB_FILES = sorted((MODULE_DIR / "VAEUDASegmentationLib").glob("*.py"))
 SLICER_SIDE = {"slicer", "qt", "ctk", "vtk", "vtkmodules", "PythonQt", "SampleData", "PyTorchUtils"}
 
 
@@ -75,9 +77,10 @@ def test_cmake_lists_exist_and_every_engine_file_is_listed():
     listed = cmake_listed_files(MODULE_DIR / "CMakeLists.txt", "VAEUDASegmentation")
     missing_files = [f for f in listed if not (MODULE_DIR / f).is_file()]
     assert not missing_files, f"listed in CMakeLists.txt but absent: {missing_files}"
-    engine = {f"vaeuda/{p.name}" for p in ENGINE_FILES}
-    unlisted = sorted(engine - set(listed))
-    assert not unlisted, f"engine files not listed in VAEUDASegmentation/CMakeLists.txt: {unlisted}"
+    assert LIB_FILES, "VAEUDASegmentationLib/ has no Python files"
+    python = {str(p.relative_to(MODULE_DIR)) for p in ENGINE_FILES + LIB_FILES}
+    unlisted = sorted(python - set(listed))
+    assert not unlisted, f"Python files not listed in VAEUDASegmentation/CMakeLists.txt: {unlisted}"
     resources = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
     assert resources <= set(listed), f"resources not listed: {sorted(resources - set(listed))}"
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
@@ -125,9 +128,10 @@ def test_requirements_never_name_what_slicer_or_the_pytorch_extension_provides()
     assert names and not names & {"numpy", "simpleitk", "torch", "torchvision"}
 
 
-def test_engine_imports_nothing_from_slicer():
+def test_engine_and_module_helpers_import_nothing_from_slicer():
     offenders = []
-    for path in ENGINE_FILES:
+    for path in ENGINE_FILES + LIB_FILES:
+        banned = SLICER_SIDE | ({"torch"} if path in LIB_FILES else set())
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 modules = [a.name for a in node.names]
@@ -135,7 +139,7 @@ def test_engine_imports_nothing_from_slicer():
                 modules = [node.module or ""]
             else:
                 continue
-            offenders += [f"{path.name}: {m}" for m in modules if m.split(".")[0] in SLICER_SIDE]
+            offenders += [f"{path.name}: {m}" for m in modules if m.split(".")[0] in banned]
     assert not offenders, offenders
 
 
@@ -151,7 +155,7 @@ PYTHON39 = sorted(glob.glob(str(Path.home() / ".pyenv" / "versions" / "3.9*" / "
 
 @pytest.mark.skipif(not PYTHON39, reason="no Python 3.9 under ~/.pyenv/versions")
 def test_module_engine_and_stand_in_compile_with_python_3_9(tmp_path):
-    files = [MODULE_FILE] + ENGINE_FILES + sorted((ROOT / "Testing" / "slicer_stub").rglob("*.py"))
+    files = [MODULE_FILE] + ENGINE_FILES + LIB_FILES + sorted((ROOT / "Testing" / "slicer_stub").rglob("*.py"))
     # py_compile with a private cache prefix: nothing is written into the source tree
     code = ("import py_compile, sys\n"
             "for f in sys.argv[1:]:\n"

@@ -1,0 +1,1 @@
+"""Plain-Python helpers of the VAEUDASegmentation Slicer module (no Slicer imports)."""

@@ -1,0 +1,158 @@
+"""Runs one ``vaeuda`` engine command as a child process and watches it without blocking.
+
+Plain Python (no Slicer, no Qt, no torch), so it is tested outside Slicer against a fake
+engine. The Slicer module's logic starts one :class:`EngineProcess` per job, drains its
+:meth:`EngineProcess.events` from a ``qt.QTimer`` (or a loop, for blocking batch calls), and
+turns the outcome into a :class:`JobResult`.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+
+@dataclass
+class JobResult:
+    """How an engine job ended. ``status``: "done", "failed" or "cancelled"; ``message``: the
+    engine's error sentence when failed; ``outputs``: files the engine reported; ``value``: what
+    the logic call returns (a node, a model path...)."""
+    status: str
+    message: str = ""
+    outputs: List[str] = field(default_factory=list)
+    value: object = None
+
+
+class JobFailedError(RuntimeError):
+    """An engine job failed; the message is the engine's one-sentence explanation."""
+
+
+class JobCancelledError(JobFailedError):
+    """An engine job was cancelled; nothing was added to the scene."""
+
+
+def parseEngineLine(line: str) -> dict:
+    """One line of engine output -> an event dict (see vaeuda/progress.py). Plain text becomes a log event."""
+    text = line.rstrip("\r\n")
+    if text.startswith("{"):
+        try:
+            event = json.loads(text)
+        except ValueError:
+            event = None
+        if isinstance(event, dict) and isinstance(event.get("event"), str):
+            return event
+    return {"event": "log", "message": text}
+
+
+class EngineProcess:
+    """One ``vaeuda`` child process, watched without blocking the caller. Plain Python, no Slicer.
+
+    Two reader threads turn stdout lines into event dicts (JSON progress lines, other text as
+    ``log`` events) and stderr lines into ``log`` events, in one queue that the caller drains
+    with :meth:`events` on its own thread. The child runs in its own process group (POSIX
+    session / Windows process group) so that :meth:`cancel` kills it with all its children.
+    """
+
+    # After the child exits, how long to wait for the readers to reach the end of its output
+    # (a grandchild that inherited the pipes could otherwise keep them open).
+    READER_GRACE_S = 2.0
+
+    def __init__(self, args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
+        self.args = [str(a) for a in args]
+        self.env = env
+        self.cwd = cwd
+        self.process: Optional[subprocess.Popen] = None
+        self.cancelRequested = False
+        self.errorMessage: Optional[str] = None    # from an {"event": "error"} line
+        self.outputs: List[str] = []               # from the {"event": "done"} line
+        self._events: "queue.Queue[dict]" = queue.Queue()
+        self._stderrTail = collections.deque(maxlen=20)
+        self._readers: List[threading.Thread] = []
+        self._exitTime: Optional[float] = None
+
+    def start(self) -> None:
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True
+        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, text=True,
+                                        encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+        self._readers = [threading.Thread(target=self._readStdout, daemon=True),
+                         threading.Thread(target=self._readStderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _readStdout(self) -> None:
+        for line in self.process.stdout:
+            event = parseEngineLine(line)
+            if event["event"] == "error":
+                self.errorMessage = str(event.get("message", ""))
+            elif event["event"] == "done":
+                self.outputs = [str(p) for p in event.get("outputs") or []]
+            self._events.put(event)
+
+    def _readStderr(self) -> None:
+        for line in self.process.stderr:
+            text = line.rstrip("\r\n")
+            if text:
+                self._stderrTail.append(text)
+                self._events.put({"event": "log", "message": text, "stream": "stderr"})
+
+    def events(self, timeout: float = 0.0) -> List[dict]:
+        """Events that arrived since the last call; waits up to ``timeout`` seconds for the first one."""
+        got = []
+        try:
+            got.append(self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait())
+            while True:
+                got.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        return got
+
+    def isFinished(self) -> bool:
+        """True once the child has exited and its output has been read (or the grace time passed)."""
+        if self.process is None or self.process.poll() is None:
+            return False
+        if self._exitTime is None:
+            self._exitTime = time.monotonic()
+        readersDone = not any(reader.is_alive() for reader in self._readers)
+        return (readersDone or time.monotonic() - self._exitTime > self.READER_GRACE_S) and self._events.empty()
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self.process is None else self.process.poll()
+
+    def cancel(self) -> None:
+        """Kill the child and everything it started; returns when the child is gone."""
+        self.cancelRequested = True
+        if self.process is None:
+            return
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.process.wait()
+
+    def failureMessage(self) -> str:
+        """The engine's error sentence; else its last stderr line; else the exit status."""
+        if self.errorMessage:
+            return self.errorMessage
+        for line in reversed(self._stderrTail):
+            if line.startswith("vaeuda: error: "):
+                return line[len("vaeuda: error: "):]
+        if self._stderrTail:
+            return f"the VAE-UDA engine stopped with an error: {self._stderrTail[-1]}"
+        return f"the VAE-UDA engine stopped with exit status {self.returncode}."
