@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VAEUDASegmentation"))
+import common  # noqa: F401  (puts the engine on sys.path, as for every benchmark script)
 
 from vaeuda.data import load_slices  # noqa: E402
 from vaeuda.demo import cohort_split, image_of, label_of  # noqa: E402

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-data", nargs="+", help="labelled source volumes (default: the paths recorded in the model)")
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help="keep and save an exponential moving average of the weights with decay D "
-                        "(default: the preset's, 0.995 at cpu, 0.98 at paper; 0 saves the last iterate)")
+                        "(default: the preset's, train.ADAPT_TRAINING; 0 saves the last iterate)")
     _training(p)
     _common(p)
 
