@@ -120,3 +120,22 @@ def test_translation_contrast_table(tiny_cohort, tiny_source_model, tmp_path):
                      meta["normalisation"], [tiny_cohort / "ct_1002_label.nii.gz"], MMWHS)
     expected = border_contrast(ct.images[:, 1].numpy(), ct.labels.numpy())["ring - myocardium"]
     assert rows[3].rstrip(" |").split(" | ")[-1] == f"{expected:.2f}"
+
+
+def test_released_contrast_of_the_real_samples(mmwhs_samples):
+    from vaeuda.formats import read_tfrecords
+    files = [mmwhs_samples / f for f in ("training_mr.tfrecords", "validation_ct.tfrecords")]
+    proc = _run("released_contrast.py", *map(str, files))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:]
+            for line in proc.stdout.splitlines() if ".tfrecords" in line}
+    assert rows["validation_ct.tfrecords"] == ["no LV"] * 5        # that slice shows only the LA
+    # blood - myocardium by hand: the middle channel's mean over label 3 minus its mean over label 1
+    (image, label), = read_tfrecords(files[0])
+    expected = image[1][label == 3].mean() - image[1][label == 1].mean()
+    assert rows["training_mr.tfrecords"][3] == f"{expected:.2f}"
+
+
+def test_released_contrast_refuses_a_foreign_file(mmwhs_samples):
+    proc = _run("released_contrast.py", str(mmwhs_samples / "README.md"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "CRC" in proc.stderr
