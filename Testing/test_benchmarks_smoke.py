@@ -139,3 +139,29 @@ def test_released_contrast_of_the_real_samples(mmwhs_samples):
 def test_released_contrast_refuses_a_foreign_file(mmwhs_samples):
     proc = _run("released_contrast.py", str(mmwhs_samples / "README.md"))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "CRC" in proc.stderr
+
+
+@pytest.mark.parametrize("switch", [None, "--no-adv"])
+def test_adaptation_curves(tiny_cohort, tiny_source_model, tmp_path, switch):
+    out = tmp_path / "curves.json"
+    model = tmp_path / "adapted.safetensors"
+    proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                "--target", "ct_1001", "--val", "ct_1002", "--iterations", "4", "--every", "2",
+                "--out", str(out), "--model-out", str(model), *([switch] if switch else []))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    curve = json.loads(out.read_text())["curve"]
+    assert [row["iteration"] for row in curve] == [0, 2, 4]
+    assert all(0 <= row["val"] <= 100 and 0 <= row["test"] <= 100 for row in curve)
+    assert all(set(row["disc"]) == {"x_S", "x_SS", "x_TS", "x_T"} for row in curve)
+    # the ablation reaches the engine: without the adversarial terms Disc is never stepped, so its
+    # score on the same real MR slices cannot change between evaluations; with them it does
+    same = curve[1]["disc"]["x_S"] == curve[2]["disc"]["x_S"]
+    assert same if switch == "--no-adv" else not same
+    from vaeuda.modelfile import load_model
+    assert load_model(model)[1]["train"]["use_adv"] is (switch is None)
+
+
+def test_adaptation_curves_refuses_a_missing_cohort(tiny_source_model, tmp_path):
+    proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"),
+                "--target", "ct_1001")
+    assert proc.returncode == 1 and "splits.json" in proc.stderr

@@ -1,0 +1,147 @@
+"""Adaptation curves: held-out Dice and the discriminator's scores every few iterations of `adapt`.
+
+    python benchmarks/adaptation_curves.py --model demo_out/models/source.safetensors \\
+        --cohort demo_out/cohort --target ct_1013 --out curves.json [--no-task ...]
+
+Adapts a source model on one target scan with the engine's own ``train.adapt`` (defaults of the
+model's preset, or the ablation switches given) and, before it starts (iteration 0: the source
+model) and every ``--every`` iterations, records:
+
+- ``val``: mean Dice [%] on validation scans, by default the CT training-pool scans other than
+  the adaptation scan (their labels play no part in adaptation). Choose settings on these.
+- ``test``: mean Dice [%] on the cohort's CT test split, for the record only.
+- ``disc``: the discriminator's mean score (over patches and scales; LSGAN: real -> 1, fake -> 0)
+  on fixed slices of real MR (x_S), their reconstruction (x_SS), the adaptation scan rendered as
+  MR (x_TS) and the raw adaptation scan (x_T). Dice is that of the weight average the saved model
+  keeps; the scores are of the live discriminator and generators, which is what the generators
+  train against.
+
+Prints one JSON line per evaluation; ``--out`` also gets ``{"args", "curve"}``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import common  # noqa: F401  (puts the engine on sys.path, as for every benchmark script)
+
+import torch  # noqa: E402
+
+from vaeuda import train  # noqa: E402
+from vaeuda.data import load_slices  # noqa: E402
+from vaeuda.demo import cohort_split, image_of  # noqa: E402
+from vaeuda.errors import VaeudaError  # noqa: E402
+from vaeuda.experiment import HeldOutDiceProbe  # noqa: E402
+from vaeuda.modelfile import load_model  # noqa: E402
+
+DISC_SLICES = 32          # fixed slices per image kind for the discriminator's scores
+
+
+def mean_score(disc, images: torch.Tensor) -> float:
+    """Disc's score averaged over patches, then over scales. images (N, 3, S, S) -> float."""
+    maps = disc(images)
+    return round(float(sum(m.mean() for m in maps) / len(maps)), 4)
+
+
+@torch.no_grad()
+def disc_scores(net, mr: torch.Tensor, ct: torch.Tensor) -> Dict[str, float]:
+    """The live discriminator on real MR, x_SS (from the posterior mean), x_TS and raw x_T."""
+    was_training = net.training
+    net.eval()
+    mu_s, _ = net.posterior(mr, "source")
+    mu_t, _ = net.posterior(ct, "target")
+    scores = {"x_S": mean_score(net.disc, mr), "x_SS": mean_score(net.disc, net.decode(mu_s, "source")),
+              "x_TS": mean_score(net.disc, net.decode(mu_t, "source")), "x_T": mean_score(net.disc, ct)}
+    net.train(was_training)
+    return scores
+
+
+@contextlib.contextmanager
+def live_network(holder: Dict[str, object]) -> Iterator[None]:
+    """While active, ``holder["net"]`` is the network ``train.run_stage`` is training (the
+    adaptation callback only sees the weight average)."""
+    original = train.run_stage
+
+    def recording(net, *args, **kwargs):
+        holder["net"] = net
+        return original(net, *args, **kwargs)
+
+    train.run_stage = recording
+    try:
+        yield
+    finally:
+        train.run_stage = original
+
+
+def fixed_slices(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images[order[:n]]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a source model file")
+    p.add_argument("--cohort", required=True, help="cohort folder with splits.json")
+    p.add_argument("--target", required=True, help="scan prefix of the adaptation scan, e.g. ct_1013")
+    p.add_argument("--val", nargs="*", help="validation scan prefixes (default: the CT training pool without --target, "
+                                            "at most 4)")
+    p.add_argument("--iterations", type=int, help="adaptation iterations (default: the preset's)")
+    p.add_argument("--every", type=int, default=50, help="evaluate every N iterations (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="write {args, curve} to this JSON file")
+    p.add_argument("--model-out", help="keep the adapted model here (default: a temporary folder, removed)")
+    for switch in ("kl", "adv", "cycle", "task-consistency"):
+        p.add_argument(f"--no-{switch}", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        cohort = Path(args.cohort)
+        net, meta = load_model(args.model)
+        cfg, norm = net.cfg, meta["normalisation"]
+        val = args.val if args.val is not None else [
+            s for s in cohort_split(cohort, "ct", "train") if s != args.target][:4]
+        device = torch.device("cpu")
+        probes = {name: HeldOutDiceProbe(cohort, scans, cfg.input_size, cfg.slice_fov_mm, norm, device)
+                  for name, scans in (("val", val), ("test", cohort_split(cohort, "ct", "test"))) if scans}
+
+        def images(scans: List[str]) -> torch.Tensor:
+            return load_slices([image_of(cohort, s) for s in scans], cfg.input_size, cfg.slice_fov_mm, norm).images
+
+        mr = fixed_slices(images(cohort_split(cohort, "mr", "train")[:2]), DISC_SLICES, args.seed)
+        ct = fixed_slices(images([args.target]), DISC_SLICES, args.seed)
+        holder: Dict[str, object] = {}
+        curve: List[dict] = []
+
+        def evaluate(iteration: int, averaged) -> None:
+            row = {"iteration": iteration}
+            row.update({name: round(100 * probe(iteration, averaged)["test_dice_mean"], 2)
+                        for name, probe in probes.items()})
+            row["disc"] = disc_scores(holder["net"], mr, ct)
+            curve.append(row)
+            print(json.dumps(row), flush=True)
+
+        # iteration 0: the source model, its source encoder copied into the target one (as adapt does)
+        net.copy_source_to_target()
+        holder["net"] = net
+        evaluate(0, net.eval())
+        with live_network(holder), tempfile.TemporaryDirectory() as scratch:
+            train.adapt(args.model, [image_of(cohort, args.target)],
+                        Path(args.model_out or Path(scratch) / "adapted.safetensors"), iterations=args.iterations, seed=args.seed, device="cpu", use_kl=not args.no_kl,
+                        use_adv=not args.no_adv, use_cycle=not args.no_cycle, use_task=not args.no_task_consistency,
+                        callback=evaluate, overrides={"eval_every": args.every})
+    except VaeudaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "curve": curve}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
