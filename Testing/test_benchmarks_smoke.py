@@ -165,3 +165,20 @@ def test_adaptation_curves_refuses_a_missing_cohort(tiny_source_model, tmp_path)
     proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"),
                 "--target", "ct_1001")
     assert proc.returncode == 1 and "splits.json" in proc.stderr
+
+
+def test_adaptation_curves_can_freeze_the_target_encoder(tiny_cohort, tiny_source_model, tmp_path):
+    import torch
+    from vaeuda.modelfile import load_model
+    source, _ = load_model(tiny_source_model)
+    for scale in ("0", "1"):
+        model = tmp_path / f"adapted_{scale}.safetensors"
+        proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                    "--target", "ct_1001", "--iterations", "3", "--every", "3", "--model-out", str(model),
+                    "--target-encoder-lr-scale", scale)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        adapted, _ = load_model(model)
+        frozen = all(torch.equal(a, b) for a, b in zip(adapted.enc_t.state_dict().values(),
+                                                       source.enc_s.state_dict().values()))
+        assert frozen is (scale == "0")          # E_T stays E_S's copy only when frozen
+        assert not torch.equal(adapted.dec_t.net[-1][1].weight, source.dec_s.net[-1][1].weight)  # D_T learns either way

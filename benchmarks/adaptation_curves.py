@@ -16,6 +16,9 @@ model) and every ``--every`` iterations, records:
   keeps; the scores are of the live discriminator and generators, which is what the generators
   train against.
 
+``--target-encoder-lr-scale 0`` freezes E_T at its copy of E_S (then the KL and adversarial
+target terms update nothing): what adaptation reaches without the target encoder learning.
+
 Prints one JSON line per evaluation; ``--out`` also gets ``{"args", "curve"}``.
 """
 from __future__ import annotations
@@ -78,6 +81,28 @@ def live_network(holder: Dict[str, object]) -> Iterator[None]:
         train.run_stage = original
 
 
+@contextlib.contextmanager
+def target_encoder_lr_scale(scale: float) -> Iterator[None]:
+    """While active, the generators' optimiser steps E_T at ``scale`` times the learning rate of
+    the other networks (0 freezes it at its copy of E_S). A diagnostic, not an engine option."""
+    original = train._optimizers
+
+    def scaled(net, cfg):
+        generators, disc = original(net, cfg)
+        if scale == 1.0:
+            return generators, disc
+        enc_t = {id(p) for p in net.enc_t.parameters()}
+        others = [p for group in generators.param_groups for p in group["params"] if id(p) not in enc_t]
+        groups = [{"params": others}, {"params": list(net.enc_t.parameters()), "lr": cfg.lr * scale}]
+        return torch.optim.Adam(groups, **{k: generators.defaults[k] for k in ("lr", "betas", "weight_decay")}), disc
+
+    train._optimizers = scaled
+    try:
+        yield
+    finally:
+        train._optimizers = original
+
+
 def fixed_slices(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images[order[:n]]
@@ -98,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-out", help="keep the adapted model here (default: a temporary folder, removed)")
     for switch in ("kl", "adv", "cycle", "task-consistency"):
         p.add_argument(f"--no-{switch}", action="store_true")
+    p.add_argument("--target-encoder-lr-scale", type=float, default=1.0,
+                   help="step E_T at this multiple of the learning rate (0: frozen at its copy of E_S)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -130,7 +157,8 @@ def main(argv=None) -> int:
         net.copy_source_to_target()
         holder["net"] = net
         evaluate(0, net.eval())
-        with live_network(holder), tempfile.TemporaryDirectory() as scratch:
+        with live_network(holder), target_encoder_lr_scale(args.target_encoder_lr_scale), \
+                tempfile.TemporaryDirectory() as scratch:
             train.adapt(args.model, [image_of(cohort, args.target)],
                         Path(args.model_out or Path(scratch) / "adapted.safetensors"), iterations=args.iterations, seed=args.seed, device="cpu", use_kl=not args.no_kl,
                         use_adv=not args.no_adv, use_cycle=not args.no_cycle, use_task=not args.no_task_consistency,
