@@ -1,7 +1,7 @@
 """Adaptation curves: held-out Dice and the discriminator's scores every few iterations of `adapt`.
 
     python benchmarks/adaptation_curves.py --model demo_out/models/source.safetensors \\
-        --cohort demo_out/cohort --target ct_1013 --out curves.json [--no-task ...]
+        --cohort demo_out/cohort --target ct_1013 --out curves.json [--no-task-consistency ...]
 
 Adapts a source model on one target scan with the engine's own ``train.adapt`` (defaults of the
 model's preset, or the ablation switches given) and, before it starts (iteration 0: the source
@@ -159,9 +159,10 @@ def main(argv=None) -> int:
         evaluate(0, net.eval())
         with live_network(holder), target_encoder_lr_scale(args.target_encoder_lr_scale), \
                 tempfile.TemporaryDirectory() as scratch:
-            train.adapt(args.model, [image_of(cohort, args.target)],
-                        Path(args.model_out or Path(scratch) / "adapted.safetensors"), iterations=args.iterations, seed=args.seed, device="cpu", use_kl=not args.no_kl,
-                        use_adv=not args.no_adv, use_cycle=not args.no_cycle, use_task=not args.no_task_consistency,
+            out = Path(args.model_out or Path(scratch) / "adapted.safetensors")
+            train.adapt(args.model, [image_of(cohort, args.target)], out, iterations=args.iterations,
+                        seed=args.seed, device="cpu", use_kl=not args.no_kl, use_adv=not args.no_adv,
+                        use_cycle=not args.no_cycle, use_task=not args.no_task_consistency,
                         callback=evaluate, overrides={"eval_every": args.every})
     except VaeudaError as exc:
         print(f"error: {exc}", file=sys.stderr)
