@@ -85,12 +85,13 @@ def live_network(holder: Dict[str, object]) -> Iterator[None]:
 def target_encoder_lr_scale(scale: float) -> Iterator[None]:
     """While active, the generators' optimiser steps E_T at ``scale`` times the learning rate of
     the other networks (0 freezes it at its copy of E_S). A diagnostic, not an engine option."""
+    if scale == 1.0:            # the engine's own optimisers, untouched
+        yield
+        return
     original = train._optimizers
 
     def scaled(net, cfg):
         generators, disc = original(net, cfg)
-        if scale == 1.0:
-            return generators, disc
         enc_t = {id(p) for p in net.enc_t.parameters()}
         others = [p for group in generators.param_groups for p in group["params"] if id(p) not in enc_t]
         groups = [{"params": others}, {"params": list(net.enc_t.parameters()), "lr": cfg.lr * scale}]

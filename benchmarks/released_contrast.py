@@ -17,11 +17,9 @@ import numpy as np
 
 import common  # noqa: F401  (puts the engine on sys.path, as for every benchmark script)
 
-from vaeuda.diagnose import border_contrast  # noqa: E402
+from vaeuda.diagnose import CONTRAST_KEYS as COLUMNS, border_contrast  # noqa: E402
 from vaeuda.errors import VaeudaError  # noqa: E402
 from vaeuda.formats import read_npz, read_tfrecords  # noqa: E402
-
-COLUMNS = ("blood", "myocardium", "ring", "blood - myocardium", "ring - myocardium")
 
 
 def released_slices(path: Path):

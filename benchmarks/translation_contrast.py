@@ -15,11 +15,9 @@ import common  # noqa: F401  (puts the engine on sys.path, as for every benchmar
 
 from vaeuda.data import load_slices  # noqa: E402
 from vaeuda.demo import cohort_split, image_of, label_of  # noqa: E402
-from vaeuda.diagnose import translation_contrast  # noqa: E402
+from vaeuda.diagnose import CONTRAST_KEYS as COLUMNS, translation_contrast  # noqa: E402
 from vaeuda.labels import MMWHS  # noqa: E402
 from vaeuda.modelfile import load_model  # noqa: E402
-
-COLUMNS = ("blood", "myocardium", "ring", "blood - myocardium", "ring - myocardium")
 
 
 def main(argv=None) -> int:

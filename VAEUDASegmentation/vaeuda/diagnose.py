@@ -20,6 +20,8 @@ from .labels import CLASS_KEYS
 
 LV_MYOCARDIUM = CLASS_KEYS.index("LV-M") + 1     # class indices of the label slices
 LV_BLOOD = CLASS_KEYS.index("LV-B") + 1
+# What border_contrast returns, in table order.
+CONTRAST_KEYS = ("blood", "myocardium", "ring", "blood - myocardium", "ring - myocardium")
 
 
 def border_contrast(images: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
@@ -27,9 +29,8 @@ def border_contrast(images: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
 
     images (N, S, S) float (one channel of the model input), labels (N, S, S) class indices.
     The ring is the 4-connected one-pixel dilation of LV blood + myocardium, minus both: the
-    tissue at the myocardium's outer border (epicardial fat where there is some). Returns
-    ``{"blood", "myocardium", "ring", "blood - myocardium", "ring - myocardium"}``; NaN where the
-    slices show no LV.
+    tissue at the myocardium's outer border (epicardial fat where there is some). Returns a dict
+    with the keys of ``CONTRAST_KEYS``, in that order; NaN where the slices show no LV.
     """
     images, labels = np.asarray(images, dtype=np.float64), np.asarray(labels)
     if images.shape != labels.shape or images.ndim != 3:
@@ -43,7 +44,7 @@ def border_contrast(images: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
         return float(images[mask].mean()) if mask.any() else float("nan")
 
     b, m, r = mean(blood), mean(myo), mean(ring)
-    return {"blood": b, "myocardium": m, "ring": r, "blood - myocardium": b - m, "ring - myocardium": r - m}
+    return dict(zip(CONTRAST_KEYS, (b, m, r, b - m, r - m)))
 
 
 @torch.no_grad()
