@@ -161,6 +161,42 @@ def test_adaptation_curves(tiny_cohort, tiny_source_model, tmp_path, switch):
     assert load_model(model)[1]["train"]["use_adv"] is (switch is None)
 
 
+def test_adaptation_curves_records_the_translations_contrast(tiny_cohort, tiny_source_model, tmp_path):
+    from vaeuda.data import load_slices
+    from vaeuda.diagnose import translation_contrast
+    from vaeuda.labels import MMWHS
+    from vaeuda.modelfile import load_model
+    out, model = tmp_path / "curves.json", tmp_path / "adapted.safetensors"
+    proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                "--target", "ct_1001", "--val", "ct_1002", "--iterations", "4", "--every", "2", "--contrast",
+                "--out", str(out), "--model-out", str(model))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    curve = json.loads(out.read_text())["curve"]
+
+    def contrast(path):
+        net, meta = load_model(path)
+        cfg = net.cfg
+
+        def labelled(scan):
+            return load_slices([tiny_cohort / f"{scan}_image.nii.gz"], cfg.input_size, cfg.slice_fov_mm,
+                               meta["normalisation"], [tiny_cohort / f"{scan}_label.nii.gz"], MMWHS)
+        mr, ct = labelled("mr_1001"), labelled("ct_1002")
+        return translation_contrast(net, mr.images, mr.labels, ct.images, ct.labels)
+
+    def recorded(row, name, column):
+        return row["contrast"][name][{"blood - myocardium": "blood-myo", "ring - myocardium": "ring-myo"}[column]]
+
+    # iteration 0: D_T is D_S's copy, so MR rendered as CT is the source model's own reconstruction
+    before = contrast(tiny_source_model)
+    # the last row is the weight average the saved model keeps
+    after = contrast(model)
+    for column in ("blood - myocardium", "ring - myocardium"):
+        assert recorded(curve[0], "x_ST", column) == pytest.approx(before["x_SS"][column], abs=1e-3)
+        assert recorded(curve[-1], "x_ST", column) == pytest.approx(after["x_ST (MR as CT)"][column], abs=1e-3)
+        assert recorded(curve[-1], "x_TS", column) == pytest.approx(after["x_TS (CT as MR)"][column], abs=1e-3)
+    assert recorded(curve[-1], "x_ST", "ring - myocardium") != recorded(curve[0], "x_ST", "ring - myocardium")
+
+
 def test_adaptation_curves_refuses_a_missing_cohort(tiny_source_model, tmp_path):
     proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"),
                 "--target", "ct_1001")
