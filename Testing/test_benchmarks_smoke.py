@@ -197,6 +197,26 @@ def test_adaptation_curves_records_the_translations_contrast(tiny_cohort, tiny_s
     assert recorded(curve[-1], "x_ST", "ring - myocardium") != recorded(curve[0], "x_ST", "ring - myocardium")
 
 
+def test_adaptation_curves_overrides_reach_the_engine(tiny_cohort, tiny_source_model, tmp_path):
+    from vaeuda.modelfile import load_model
+    model = tmp_path / "adapted.safetensors"
+    proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                "--target", "ct_1001", "--iterations", "2", "--every", "2", "--model-out", str(model),
+                "--set", "lambda_adv=10", "--set", "ema_decay=0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    train = load_model(model)[1]["train"]
+    assert (train["lambda_adv"], train["ema_decay"], train["lambda_cyc"]) == (10, 0.5, 10.0)
+
+
+@pytest.mark.parametrize("setting, message", [("lambda_advv=1", "unknown training option 'lambda_advv'"),
+                                              ("lambda_adv", "expected NAME=VALUE")])
+def test_adaptation_curves_refuses_a_bad_override(tiny_cohort, tiny_source_model, tmp_path, setting, message):
+    out = tmp_path / "curves.json"
+    proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                "--target", "ct_1001", "--iterations", "2", "--out", str(out), "--set", setting)
+    assert proc.returncode != 0 and message in proc.stderr and not out.exists()
+
+
 def test_adaptation_curves_refuses_a_missing_cohort(tiny_source_model, tmp_path):
     proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"),
                 "--target", "ct_1001")

@@ -20,6 +20,9 @@ model) and every ``--every`` iterations, records:
   of two MR training scans and of the validation scans: whether the translations flip the
   border's polarity as adaptation goes on (real CT about 0.4 / -0.1, real MR 1.4 / 1.3).
 
+``--set NAME=VALUE`` (repeatable) overrides one of the engine's training options
+(``train.TrainConfig``, e.g. ``--set lambda_adv=10``); values are read as JSON.
+
 ``--target-encoder-lr-scale 0`` freezes E_T at its copy of E_S (then the KL and adversarial
 target terms update nothing): what adaptation reaches without the target encoder learning.
 
@@ -132,11 +135,22 @@ def main(argv=None) -> int:
     p.add_argument("--model-out", help="keep the adapted model here (default: a temporary folder, removed)")
     for switch in ("kl", "adv", "cycle", "task-consistency"):
         p.add_argument(f"--no-{switch}", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a training option (train.TrainConfig), e.g. lambda_adv=10; repeatable")
     p.add_argument("--contrast", action="store_true", help="also record the translations' LV border contrast")
     p.add_argument("--target-encoder-lr-scale", type=float, default=1.0,
                    help="step E_T at this multiple of the learning rate (0: frozen at its copy of E_S)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    overrides = {"eval_every": args.every}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            sep = ""
+        if not sep:
+            p.error(f"--set {item}: expected NAME=VALUE with a JSON value, e.g. lambda_adv=10")
     try:
         cohort = Path(args.cohort)
         net, meta = load_model(args.model)
@@ -182,7 +196,7 @@ def main(argv=None) -> int:
             train.adapt(args.model, [image_of(cohort, args.target)], out, iterations=args.iterations,
                         seed=args.seed, device="cpu", use_kl=not args.no_kl, use_adv=not args.no_adv,
                         use_cycle=not args.no_cycle, use_task=not args.no_task_consistency,
-                        callback=evaluate, overrides={"eval_every": args.every})
+                        callback=evaluate, overrides=overrides)
     except VaeudaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
