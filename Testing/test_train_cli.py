@@ -115,6 +115,21 @@ def test_weight_average_is_the_ema_of_the_iterates(tiny_cohort, tmp_path):
     assert moved > 10      # the two iterates differ, so the test can tell an average from either
 
 
+def test_later_stages_keep_the_discriminators_loss(tiny_cohort, tmp_path):
+    """A discriminator trained as a vanilla GAN outputs logits; adapting or fine-tuning it with the
+    LSGAN loss would read them as scores. Both stages take gan_mode from the source model."""
+    source = tmp_path / "vanilla.safetensors"
+    _train(tiny_cohort, source, iterations=1, overrides={"gan_mode": "vanilla"})
+    ct = [tiny_cohort / "ct_1001_image.nii.gz"]
+    train_mod.adapt(source, ct, tmp_path / "a.safetensors", iterations=1, device="cpu")
+    train_mod.finetune(source, ct, [tiny_cohort / "ct_1001_label.nii.gz"], tmp_path / "f.safetensors",
+                       iterations=1, device="cpu")
+    train_mod.adapt(source, ct, tmp_path / "l.safetensors", iterations=1, device="cpu",
+                    overrides={"gan_mode": "lsgan"})
+    modes = [load_model(tmp_path / f"{n}.safetensors")[1]["train"]["gan_mode"] for n in ("vanilla", "a", "f", "l")]
+    assert modes == ["vanilla", "vanilla", "vanilla", "lsgan"]    # an explicit override still wins
+
+
 def test_weight_average_rejects_bad_decay(tiny_cohort, tmp_path):
     with pytest.raises(VaeudaError, match="ema_decay must be 0"):
         _train(tiny_cohort, tmp_path / "m.safetensors", iterations=1, overrides={"ema_decay": 1.5})

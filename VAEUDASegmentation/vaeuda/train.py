@@ -414,6 +414,12 @@ def _train_config(overrides: Optional[dict], batch_size: Optional[int], preset: 
     return cfg
 
 
+def _inherited_options(src_meta: dict) -> dict:
+    """Training options that belong to the source model's networks rather than to the stage: the
+    discriminator keeps the loss it was trained with (LSGAN scores or vanilla-GAN logits)."""
+    return {"gan_mode": src_meta["train"].get("gan_mode", "lsgan")}
+
+
 def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Optional[str] = None,
                  iterations: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0,
                  device: str = "auto", convention: Convention = MMWHS, normalisation: Optional[dict] = None,
@@ -472,7 +478,8 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     reporter.log(f"reading {len(pairs)} labelled source volumes and {len(targets)} target volume(s)")
     source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
-    cfg = _train_config(overrides, batch_size, preset, ADAPT_TRAINING.get(preset))
+    stage_defaults = {**ADAPT_TRAINING.get(preset, {}), **_inherited_options(src_meta)}
+    cfg = _train_config(overrides, batch_size, preset, stage_defaults)
     cfg.use_kl, cfg.use_adv, cfg.use_cycle, cfg.use_task = use_kl, use_adv, use_cycle, use_task
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(source.labels))
     net.copy_source_to_target()
@@ -503,7 +510,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
     data = load_slices(images, net.cfg.input_size, net.cfg.slice_fov_mm, normalisation, labels, convention)
-    cfg = _train_config(None, batch_size, preset)
+    cfg = _train_config(None, batch_size, preset, _inherited_options(src_meta))
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(data.labels))
     iters = iterations or DEFAULT_ITERATIONS[preset]["finetune"]
     meta = _base_meta("finetuned", preset, convention, normalisation, cfg, seed, dev,
