@@ -10,7 +10,7 @@ model) and every ``--every`` iterations, records:
 - ``val``: mean Dice [%] on validation scans, by default the CT training-pool scans other than
   the adaptation scan (their labels play no part in adaptation). Choose settings on these.
 - ``test``: mean Dice [%] on the cohort's CT test split, for the record only.
-- ``disc``: the discriminator's mean score (over patches and scales; LSGAN: real -> 1, fake -> 0)
+- ``disc``: the discriminator's mean score (over patches and scales; real -> 1, fake -> 0)
   on fixed slices of real MR (x_S), their reconstruction (x_SS), the adaptation scan rendered as
   MR (x_TS) and the raw adaptation scan (x_T). Dice is that of the weight average the saved model
   keeps; the scores are of the live discriminator and generators, which is what the generators
@@ -56,21 +56,25 @@ CONTRAST_ROWS = {"x_ST (MR as CT)": "x_ST", "x_TS (CT as MR)": "x_TS"}
 CONTRAST_COLUMNS = {"blood - myocardium": "blood-myo", "ring - myocardium": "ring-myo"}
 
 
-def mean_score(disc, images: torch.Tensor) -> float:
-    """Disc's score averaged over patches, then over scales. images (N, 3, S, S) -> float."""
+def mean_score(disc, images: torch.Tensor, gan_mode: str = "lsgan") -> float:
+    """Disc's score averaged over patches, then over scales. images (N, 3, S, S) -> float.
+    A ``vanilla`` discriminator outputs logits: its patch scores are taken through the sigmoid, so
+    that both modes read as real 1, fake 0."""
     maps = disc(images)
+    if gan_mode == "vanilla":
+        maps = [torch.sigmoid(m) for m in maps]
     return round(float(sum(m.mean() for m in maps) / len(maps)), 4)
 
 
 @torch.no_grad()
-def disc_scores(net, mr: torch.Tensor, ct: torch.Tensor) -> Dict[str, float]:
+def disc_scores(net, mr: torch.Tensor, ct: torch.Tensor, gan_mode: str = "lsgan") -> Dict[str, float]:
     """The live discriminator on real MR, x_SS (from the posterior mean), x_TS and raw x_T."""
     was_training = net.training
     net.eval()
     mu_s, _ = net.posterior(mr, "source")
     mu_t, _ = net.posterior(ct, "target")
-    scores = {"x_S": mean_score(net.disc, mr), "x_SS": mean_score(net.disc, net.decode(mu_s, "source")),
-              "x_TS": mean_score(net.disc, net.decode(mu_t, "source")), "x_T": mean_score(net.disc, ct)}
+    images = {"x_S": mr, "x_SS": net.decode(mu_s, "source"), "x_TS": net.decode(mu_t, "source"), "x_T": ct}
+    scores = {name: mean_score(net.disc, x, gan_mode) for name, x in images.items()}
     net.train(was_training)
     return scores
 
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
             row = {"iteration": iteration}
             row.update({name: round(100 * probe(iteration, averaged)["test_dice_mean"], 2)
                         for name, probe in probes.items()})
-            row["disc"] = disc_scores(holder["net"], mr, ct)
+            row["disc"] = disc_scores(holder["net"], mr, ct, overrides.get("gan_mode", "lsgan"))
             if args.contrast:
                 rows = translation_contrast(averaged, mr_lab.images, mr_lab.labels, ct_lab.images, ct_lab.labels)
                 row["contrast"] = {short: {c: round(rows[name][col], 3) for col, c in CONTRAST_COLUMNS.items()}
