@@ -217,6 +217,23 @@ def test_adaptation_curves_refuses_a_bad_override(tiny_cohort, tiny_source_model
     assert proc.returncode != 0 and message in proc.stderr and not out.exists()
 
 
+def test_adaptation_curves_reads_both_gan_forms_as_real_1_fake_0():
+    import torch
+    sys.path.insert(0, str(BENCH))
+    try:
+        from adaptation_curves import mean_score
+    finally:
+        sys.path.remove(str(BENCH))
+    logits = [torch.tensor([[0.0, 2.0]]), torch.tensor([[-2.0]])]      # two scales
+
+    def disc(images):
+        return logits
+    assert mean_score(disc, None) == pytest.approx((1.0 + -2.0) / 2, abs=1e-4)     # LSGAN: scores as they are
+    sigmoid_2 = 1 / (1 + 2.718281828 ** -2)
+    vanilla = ((0.5 + sigmoid_2) / 2 + (1 - sigmoid_2)) / 2              # patch mean of sigmoid, then scale mean
+    assert mean_score(disc, None, "vanilla") == pytest.approx(vanilla, abs=1e-4)
+
+
 def test_adaptation_curves_refuses_a_missing_cohort(tiny_source_model, tmp_path):
     proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"),
                 "--target", "ct_1001")
