@@ -13,6 +13,16 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _bench_module(name: str):
+    """A benchmark script imported as a module (for its helpers); sys.path is left as it was."""
+    import importlib
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     # One thread: the smoke sizes gain nothing from two, and lose a lot when the cores are busy.
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
@@ -87,11 +97,7 @@ def test_flop_count_matches_a_hand_count(speed_smoke):
 
 def test_forced_autocast_switches_bf16_where_the_engine_does_not():
     import torch
-    sys.path.insert(0, str(BENCH))
-    try:
-        from common import forced_autocast
-    finally:
-        sys.path.remove(str(BENCH))
+    forced_autocast = _bench_module("common").forced_autocast
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(1, 3, 8, 8)
     with forced_autocast(True), torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=False):
@@ -183,8 +189,10 @@ def test_adaptation_curves_records_the_translations_contrast(tiny_cohort, tiny_s
         mr, ct = labelled("mr_1001"), labelled("ct_1002")
         return translation_contrast(net, mr.images, mr.labels, ct.images, ct.labels)
 
+    short_names = _bench_module("adaptation_curves").CONTRAST_COLUMNS
+
     def recorded(row, name, column):
-        return row["contrast"][name][{"blood - myocardium": "blood-myo", "ring - myocardium": "ring-myo"}[column]]
+        return row["contrast"][name][short_names[column]]
 
     # iteration 0: D_T is D_S's copy, so MR rendered as CT is the source model's own reconstruction
     before = contrast(tiny_source_model)
@@ -219,11 +227,7 @@ def test_adaptation_curves_refuses_a_bad_override(tiny_cohort, tiny_source_model
 
 def test_adaptation_curves_reads_both_gan_forms_as_real_1_fake_0():
     import torch
-    sys.path.insert(0, str(BENCH))
-    try:
-        from adaptation_curves import mean_score
-    finally:
-        sys.path.remove(str(BENCH))
+    mean_score = _bench_module("adaptation_curves").mean_score
     logits = [torch.tensor([[0.0, 2.0]]), torch.tensor([[-2.0]])]      # two scales
 
     def disc(images):

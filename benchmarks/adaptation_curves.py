@@ -38,17 +38,15 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List
 
-import common  # noqa: F401  (puts the engine on sys.path, as for every benchmark script)
+from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
 
 import torch  # noqa: E402
 
 from vaeuda import train  # noqa: E402
-from vaeuda.data import load_slices  # noqa: E402
-from vaeuda.demo import cohort_split, image_of, label_of  # noqa: E402
+from vaeuda.demo import cohort_split, image_of  # noqa: E402
 from vaeuda.diagnose import translation_contrast  # noqa: E402
 from vaeuda.errors import VaeudaError  # noqa: E402
 from vaeuda.experiment import HeldOutDiceProbe  # noqa: E402
-from vaeuda.labels import MMWHS  # noqa: E402
 from vaeuda.modelfile import load_model  # noqa: E402
 
 DISC_SLICES = 32          # fixed slices per image kind for the discriminator's scores
@@ -165,16 +163,11 @@ def main(argv=None) -> int:
         probes = {name: HeldOutDiceProbe(cohort, scans, cfg.input_size, cfg.slice_fov_mm, norm, device)
                   for name, scans in (("val", val), ("test", cohort_split(cohort, "ct", "test"))) if scans}
 
-        def images(scans: List[str]) -> torch.Tensor:
-            return load_slices([image_of(cohort, s) for s in scans], cfg.input_size, cfg.slice_fov_mm, norm).images
-
-        mr = fixed_slices(images(cohort_split(cohort, "mr", "train")[:2]), DISC_SLICES, args.seed)
-        ct = fixed_slices(images([args.target]), DISC_SLICES, args.seed)
-        if args.contrast:
-            def labelled(scans: List[str]):
-                return load_slices([image_of(cohort, s) for s in scans], cfg.input_size, cfg.slice_fov_mm, norm,
-                                   [label_of(cohort, s) for s in scans], MMWHS)
-            mr_lab, ct_lab = labelled(cohort_split(cohort, "mr", "train")[:2]), labelled(val)
+        # two MR training scans: the discriminator's real slices and, labelled, the contrast's MR rows
+        mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=args.contrast)
+        mr = fixed_slices(mr_set.images, DISC_SLICES, args.seed)
+        ct = fixed_slices(cohort_slices(cohort, [args.target], cfg, norm).images, DISC_SLICES, args.seed)
+        ct_val = cohort_slices(cohort, val, cfg, norm, labelled=True) if args.contrast else None
         holder: Dict[str, object] = {}
         curve: List[dict] = []
 
@@ -184,7 +177,7 @@ def main(argv=None) -> int:
                         for name, probe in probes.items()})
             row["disc"] = disc_scores(holder["net"], mr, ct, overrides.get("gan_mode", "lsgan"))
             if args.contrast:
-                rows = translation_contrast(averaged, mr_lab.images, mr_lab.labels, ct_lab.images, ct_lab.labels)
+                rows = translation_contrast(averaged, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
                 row["contrast"] = {short: {c: round(rows[name][col], 3) for col, c in CONTRAST_COLUMNS.items()}
                                    for name, short in CONTRAST_ROWS.items()}
             curve.append(row)

@@ -26,7 +26,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vaeuda.data import SliceSet  # noqa: E402
+from vaeuda.data import SliceSet, load_slices  # noqa: E402
+from vaeuda.demo import image_of, label_of  # noqa: E402
+from vaeuda.labels import MMWHS  # noqa: E402
 from vaeuda.nets import VAEUDANet, get_preset  # noqa: E402
 from vaeuda.progress import Reporter  # noqa: E402
 from vaeuda.train import Stage, TrainConfig, run_stage  # noqa: E402
@@ -166,6 +168,14 @@ def synthetic_slices(n: int, size: int, labelled: bool, seed: int = 0) -> SliceS
                 r = size * 0.08
                 labels[i][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = c
     return SliceSet(images, labels, torch.zeros(n, dtype=torch.int32), ["synthetic"])
+
+
+def cohort_slices(cohort: Path, prefixes: Sequence[str], net_cfg, normalisation: dict,
+                  labelled: bool = False) -> SliceSet:
+    """The model slices of a cohort's scans (``vaeuda synth`` names, MM-WHS labels) on the grid of
+    ``net_cfg`` (a model's ``NetConfig``): images (N, 3, S, S), with labels (N, S, S) if ``labelled``."""
+    return load_slices([image_of(cohort, s) for s in prefixes], net_cfg.input_size, net_cfg.slice_fov_mm,
+                       normalisation, [label_of(cohort, s) for s in prefixes] if labelled else None, MMWHS)
 
 
 def stage_throughput(preset: str, stage: str, batch: int, iterations: int, repeats: int, device: torch.device,

@@ -11,12 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import common  # noqa: F401  (puts the engine on sys.path, as for every benchmark script)
+from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
 
-from vaeuda.data import load_slices  # noqa: E402
-from vaeuda.demo import cohort_split, image_of, label_of  # noqa: E402
+from vaeuda.demo import cohort_split  # noqa: E402
 from vaeuda.diagnose import CONTRAST_KEYS as COLUMNS, translation_contrast  # noqa: E402
-from vaeuda.labels import MMWHS  # noqa: E402
 from vaeuda.modelfile import load_model  # noqa: E402
 
 
@@ -30,15 +28,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cohort = Path(args.cohort)
     net, meta = load_model(args.model)
-    cfg, norm = net.cfg, meta["normalisation"]
-
-    def slices(prefixes):
-        return load_slices([image_of(cohort, s) for s in prefixes], cfg.input_size, cfg.slice_fov_mm, norm,
-                           [label_of(cohort, s) for s in prefixes], MMWHS)
-
     mr_scans = args.mr or cohort_split(cohort, "mr", "test")
     ct_scans = args.ct or cohort_split(cohort, "ct", "test")
-    mr, ct = slices(mr_scans), slices(ct_scans)
+    mr, ct = (cohort_slices(cohort, scans, net.cfg, meta["normalisation"], labelled=True)
+              for scans in (mr_scans, ct_scans))
     rows = translation_contrast(net, mr.images, mr.labels, ct.images, ct.labels)
     lines = [f"LV border contrast, model `{Path(args.model).name}`, MR {', '.join(mr_scans)}, CT {', '.join(ct_scans)} "
              "(mean normalised intensity; ring = one pixel outside the LV myocardium)", "",
