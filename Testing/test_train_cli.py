@@ -130,6 +130,57 @@ def test_later_stages_keep_the_discriminators_loss(tiny_cohort, tmp_path):
     assert modes == ["vanilla", "vanilla", "vanilla", "lsgan"]    # an explicit override still wins
 
 
+def test_input_size_replaces_the_presets_and_follows_the_model(tiny_cohort, tmp_path):
+    """--input-size changes the slice size only; adapt keeps it, segment maps back to the input grid."""
+    c, src, ada = tiny_cohort, tmp_path / "src.safetensors", tmp_path / "ada.safetensors"
+    assert main(["train-source", "--preset", "tiny", "--input-size", "48", "--iterations", "1", "--out", str(src),
+                 "--progress", "none", "--device", "cpu", str(c / "mr_1001_image.nii.gz")]) == 0
+    net, meta = load_model(src)
+    tiny = train_mod.get_preset("tiny")
+    assert (net.cfg.input_size, meta["config"]["input_size"], meta["preset"]) == (48, 48, "tiny")
+    assert net.cfg == train_mod.dataclasses.replace(tiny, input_size=48)      # nothing else changed
+    assert main(["adapt", "--model", str(src), "--out", str(ada), "--iterations", "1", "--progress", "none",
+                 str(c / "ct_1001_image.nii.gz")]) == 0
+    assert load_model(ada)[0].cfg.input_size == 48
+    out = tmp_path / "seg"
+    assert main(["segment", "--model", str(ada), "--out", str(out), "--progress", "none",
+                 str(c / "ct_1002_image.nii.gz")]) == 0
+    seg, image = sitk.ReadImage(str(out / "ct_1002_image_seg.nii.gz")), sitk.ReadImage(str(c / "ct_1002_image.nii.gz"))
+    assert seg.GetSize() == image.GetSize() and seg.GetOrigin() == image.GetOrigin()
+
+
+@pytest.mark.parametrize("size, message", [(50, "not divisible by 4"), (8, "at least 16 pixels")])
+def test_bad_input_size_exits_with_one_sentence(tiny_cohort, tmp_path, capsys, size, message):
+    out = tmp_path / "m.safetensors"
+    assert main(["train-source", "--preset", "tiny", "--input-size", str(size), "--iterations", "1", "--out", str(out),
+                 "--progress", "none", "--device", "cpu", str(tiny_cohort / "mr_1001_image.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_refuses_a_checkpoint_of_another_input_size(tiny_cohort, tmp_path, monkeypatch):
+    """The networks' weights fit any slice size, so only the recorded configuration can tell a
+    checkpoint of another --input-size apart; resuming it would silently change the data."""
+    overrides = {"checkpoint_every": 2}
+    out = tmp_path / "m.safetensors"
+    real_save = train_mod.save_checkpoint
+
+    def interrupt_after_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_cohort, out, iterations=4, overrides=overrides)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    with pytest.raises(VaeudaError, match="different network configuration"):
+        _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True, input_size=48)
+    assert checkpoint_path(out).exists() and not out.exists()
+    _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)      # the same configuration resumes
+    assert out.exists() and not checkpoint_path(out).exists()
+
+
 def test_weight_average_rejects_bad_decay(tiny_cohort, tmp_path):
     with pytest.raises(VaeudaError, match="ema_decay must be 0"):
         _train(tiny_cohort, tmp_path / "m.safetensors", iterations=1, overrides={"ema_decay": 1.5})

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("cpu", "paper", "tiny"), help="default: paper with CUDA, cpu without")
     p.add_argument("--labels", nargs="+", help="label files in the same order as the images")
     p.add_argument("--label-convention", default="mmwhs", help="mmwhs (default), consecutive, or a JSON mapping file")
+    p.add_argument("--input-size", type=int, metavar="S",
+                   help="slice size in pixels instead of the preset's (cpu 64, paper 256; a multiple of 4)")
     _training(p)
     _common(p)
 
@@ -143,7 +145,8 @@ def run(args, reporter: Reporter) -> List[str]:
         images, labels = _labelled(args)
         train_source(images, labels, args.out, preset=args.preset, iterations=args.iterations,
                      batch_size=args.batch_size, seed=args.seed, device=args.device,
-                     convention=load_convention(args.label_convention), resume=args.resume, reporter=reporter)
+                     convention=load_convention(args.label_convention), resume=args.resume, reporter=reporter,
+                     input_size=args.input_size)
         return [args.out]
     if cmd == "adapt":
         from .data import find_images, parse_slice_range

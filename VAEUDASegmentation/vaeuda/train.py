@@ -277,6 +277,9 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         tensors, meta, header = read_tensors(ckpt)
         if meta.get("stage") != stage.meta.get("stage"):
             raise VaeudaError(f"{ckpt}: checkpoint is of the '{meta.get('stage')}' stage, not '{stage.meta.get('stage')}'.")
+        if meta.get("config") != net.cfg.to_dict():
+            raise VaeudaError(f"{ckpt}: checkpoint was made with a different network configuration "
+                              f"(preset or input size) than this run.")
         load_networks(net, tensors, ckpt)
         net.to(device)
         _load_optim("gen", opts[0], tensors)
@@ -423,14 +426,24 @@ def _inherited_options(src_meta: dict) -> dict:
 def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Optional[str] = None,
                  iterations: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0,
                  device: str = "auto", convention: Convention = MMWHS, normalisation: Optional[dict] = None,
-                 resume: bool = False, reporter: Optional[Reporter] = None, overrides: Optional[dict] = None) -> dict:
-    """Source stage: E_S, E_Z, D_Z, D_S, Seg minimise L^S_vae + L_seg + L^S_adv; Disc learns x_S vs x_SS."""
+                 resume: bool = False, reporter: Optional[Reporter] = None, overrides: Optional[dict] = None,
+                 input_size: Optional[int] = None) -> dict:
+    """Source stage: E_S, E_Z, D_Z, D_S, Seg minimise L^S_vae + L_seg + L^S_adv; Disc learns x_S vs x_SS.
+
+    ``input_size`` replaces the preset's slice size S (the same 192 mm field of view, sampled
+    finer or coarser; widths and depths stay the preset's). Every later stage and ``segment``
+    take it from the model file.
+    """
     reporter = reporter or null_reporter()
     dev = resolve_device(device)
     if preset is None:
         preset = "paper" if dev.type == "cuda" else "cpu"
         reporter.log(f"no --preset given: using '{preset}' ({'CUDA GPU found' if dev.type == 'cuda' else 'no CUDA GPU'})")
     net_cfg = get_preset(preset)
+    if input_size is not None:
+        if input_size < 16:
+            raise VaeudaError(f"--input-size must be at least 16 pixels, not {input_size}.")
+        net_cfg = dataclasses.replace(net_cfg, input_size=input_size)
     normalisation = normalisation or dict(DEFAULT_NORMALISATION)
     torch.manual_seed(seed)
     net = VAEUDANet(net_cfg)
