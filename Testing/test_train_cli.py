@@ -1,4 +1,5 @@
 """The method end to end through the command line at tiny size, and the training guarantees."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from vaeuda import train as train_mod
 from vaeuda.cli import main
 from vaeuda.errors import VaeudaError
 from vaeuda.modelfile import load_model, read_tensors
+from vaeuda.nets import get_preset
 from vaeuda.train import checkpoint_path, train_source
 
 
@@ -136,9 +138,8 @@ def test_input_size_replaces_the_presets_and_follows_the_model(tiny_cohort, tmp_
     assert main(["train-source", "--preset", "tiny", "--input-size", "48", "--iterations", "1", "--out", str(src),
                  "--progress", "none", "--device", "cpu", str(c / "mr_1001_image.nii.gz")]) == 0
     net, meta = load_model(src)
-    tiny = train_mod.get_preset("tiny")
     assert (net.cfg.input_size, meta["config"]["input_size"], meta["preset"]) == (48, 48, "tiny")
-    assert net.cfg == train_mod.dataclasses.replace(tiny, input_size=48)      # nothing else changed
+    assert net.cfg == dataclasses.replace(get_preset("tiny"), input_size=48)      # nothing else changed
     assert main(["adapt", "--model", str(src), "--out", str(ada), "--iterations", "1", "--progress", "none",
                  str(c / "ct_1001_image.nii.gz")]) == 0
     assert load_model(ada)[0].cfg.input_size == 48
