@@ -168,9 +168,7 @@ def test_adaptation_curves(tiny_cohort, tiny_source_model, tmp_path, switch):
 
 
 def test_adaptation_curves_records_the_translations_contrast(tiny_cohort, tiny_source_model, tmp_path):
-    from vaeuda.data import load_slices
     from vaeuda.diagnose import translation_contrast
-    from vaeuda.labels import MMWHS
     from vaeuda.modelfile import load_model
     out, model = tmp_path / "curves.json", tmp_path / "adapted.safetensors"
     proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
@@ -179,14 +177,12 @@ def test_adaptation_curves_records_the_translations_contrast(tiny_cohort, tiny_s
     assert proc.returncode == 0, proc.stderr[-2000:]
     curve = json.loads(out.read_text())["curve"]
 
+    cohort_slices = _bench_module("common").cohort_slices
+
     def contrast(path):
         net, meta = load_model(path)
-        cfg = net.cfg
-
-        def labelled(scan):
-            return load_slices([tiny_cohort / f"{scan}_image.nii.gz"], cfg.input_size, cfg.slice_fov_mm,
-                               meta["normalisation"], [tiny_cohort / f"{scan}_label.nii.gz"], MMWHS)
-        mr, ct = labelled("mr_1001"), labelled("ct_1002")
+        mr, ct = (cohort_slices(tiny_cohort, [scan], net.cfg, meta["normalisation"], labelled=True)
+                  for scan in ("mr_1001", "ct_1002"))
         return translation_contrast(net, mr.images, mr.labels, ct.images, ct.labels)
 
     short_names = _bench_module("adaptation_curves").CONTRAST_COLUMNS

@@ -74,6 +74,19 @@ def _train(cohort, out, iterations=4, **kw):
                         preset="tiny", iterations=iterations, seed=7, device="cpu", **kw)
 
 
+def _interrupt_after_first_checkpoint(monkeypatch, cohort, out, **kw):
+    """Train as ``_train`` does, but stop as if interrupted right after the first checkpoint is written."""
+    real_save = train_mod.save_checkpoint
+
+    def interrupt_after_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
+        _train(cohort, out, **kw)
+
+
 def test_same_seed_same_numbers(tiny_cohort, tmp_path):
     _train(tiny_cohort, tmp_path / "a.safetensors")
     _train(tiny_cohort, tmp_path / "b.safetensors")
@@ -165,16 +178,7 @@ def test_resume_refuses_a_checkpoint_of_another_input_size(tiny_cohort, tmp_path
     checkpoint of another --input-size apart; resuming it would silently change the data."""
     overrides = {"checkpoint_every": 2}
     out = tmp_path / "m.safetensors"
-    real_save = train_mod.save_checkpoint
-
-    def interrupt_after_checkpoint(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tiny_cohort, out, iterations=4, overrides=overrides)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4, overrides=overrides)
     with pytest.raises(VaeudaError, match="different network configuration"):
         _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True, input_size=48)
     assert checkpoint_path(out).exists() and not out.exists()
@@ -195,16 +199,7 @@ def test_resume_continues_from_checkpoint(tiny_cohort, tmp_path, monkeypatch, em
     full = tmp_path / "full.safetensors"
     _train(tiny_cohort, full, iterations=6, overrides=overrides)
     part = tmp_path / "part.safetensors"
-    real_save = train_mod.save_checkpoint
-
-    def interrupt_after_checkpoint(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tiny_cohort, part, iterations=6, overrides=overrides)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, part, iterations=6, overrides=overrides)
     _train(tiny_cohort, part, iterations=6, overrides=overrides, resume=True)
     ta, tb = read_tensors(full)[0], read_tensors(part)[0]
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
