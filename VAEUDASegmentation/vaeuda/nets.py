@@ -84,6 +84,9 @@ PRESETS: Dict[str, NetConfig] = {
 }
 
 
+MIN_INPUT_SIZE = 16   # a floor: the latent is S/4, and the discriminator halves S again per scale and per layer
+
+
 def get_preset(name: str) -> NetConfig:
     if name not in PRESETS:
         raise VaeudaError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}.")
@@ -298,6 +301,9 @@ class VAEUDANet(nn.Module):
 
     def __init__(self, cfg: NetConfig):
         super().__init__()
+        if cfg.input_size < MIN_INPUT_SIZE:
+            raise VaeudaError(f"input size {cfg.input_size} is too small: the networks need at least "
+                              f"{MIN_INPUT_SIZE} pixels.")
         if cfg.input_size % (2 ** cfg.n_down):
             raise VaeudaError(f"input size {cfg.input_size} is not divisible by {2 ** cfg.n_down}.")
         self.cfg = cfg

@@ -440,9 +440,7 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
         preset = "paper" if dev.type == "cuda" else "cpu"
         reporter.log(f"no --preset given: using '{preset}' ({'CUDA GPU found' if dev.type == 'cuda' else 'no CUDA GPU'})")
     net_cfg = get_preset(preset)
-    if input_size is not None:
-        if input_size < 16:
-            raise VaeudaError(f"--input-size must be at least 16 pixels, not {input_size}.")
+    if input_size is not None:           # VAEUDANet checks it
         net_cfg = dataclasses.replace(net_cfg, input_size=input_size)
     normalisation = normalisation or dict(DEFAULT_NORMALISATION)
     torch.manual_seed(seed)
