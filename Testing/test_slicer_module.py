@@ -487,7 +487,9 @@ def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_p
         logic.makeTryItCohort(tmp_path / "cohort")
 
     model = logic.trainSource(cohort.folder, tmp_path / "out" / "tiny.safetensors", preset="tiny",
-                              iterations=1, seed=0, device="cpu")
+                              iterations=1, seed=0, device="cpu", inputSize=48)
     assert model == str(tmp_path / "out" / "tiny.safetensors")
-    assert mod.labelValuesOfModel(mod.readModelMetadata(model)) == [0, 205, 420, 500, 820]
+    metadata = mod.readModelMetadata(model)
+    assert mod.labelValuesOfModel(metadata) == [0, 205, 420, 500, 820]
+    assert metadata["config"]["input_size"] == 48                       # the tiny preset's own is 32
     assert os.listdir(slicer.app.temporaryPath) == []

@@ -798,13 +798,15 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
     def trainSource(self, dataFolder, outputModelPath, *, preset: Optional[str] = None,
                     iterations: Optional[int] = None, seed: Optional[int] = None, device: str = "auto",
-                    labelConvention: Optional[str] = None, waitForCompletion: bool = True,
+                    labelConvention: Optional[str] = None, inputSize: Optional[int] = None,
+                    waitForCompletion: bool = True,
                     progressCallback=None, finishedCallback=None):
         """Train a source model on labelled volumes; returns the model path (None when not waiting).
 
         ``dataFolder``: ``X_image`` / ``X_label`` volume pairs (MR). ``preset``: "cpu" or "paper"
         (engine default if None); ``labelConvention``: "mmwhs" (default), "consecutive" or a JSON
-        mapping file. The model is written to a temporary folder and moved to
+        mapping file; ``inputSize``: slice size in pixels over the preset's field of view (the
+        preset's own if None; adaptation and segmentation follow the model's). The model is written to a temporary folder and moved to
         ``outputModelPath`` only when complete. Example::
 
             logic.trainSource("/data/mr_train", "/data/source.safetensors", preset="cpu", iterations=5000)
@@ -818,7 +820,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         tempModel = os.path.join(tempDir, "model" + _modelSuffix(outputModelPath))
         args = ["train-source", "--out", tempModel, "--device", device]
         args += _option("--preset", preset) + _option("--iterations", iterations) + _option("--seed", seed)
-        args += _option("--label-convention", labelConvention) + [os.path.abspath(str(dataFolder))]
+        args += _option("--label-convention", labelConvention) + _option("--input-size", inputSize)
+        args += [os.path.abspath(str(dataFolder))]
         return self._run("train-source", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
                          waitForCompletion, progressCallback, finishedCallback)
 
