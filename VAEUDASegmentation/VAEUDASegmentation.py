@@ -806,8 +806,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         ``dataFolder``: ``X_image`` / ``X_label`` volume pairs (MR). ``preset``: "cpu" or "paper"
         (engine default if None); ``labelConvention``: "mmwhs" (default), "consecutive" or a JSON
         mapping file; ``inputSize``: slice size in pixels over the preset's field of view (the
-        preset's own if None; adaptation and segmentation follow the model's). The model is written to a temporary folder and moved to
-        ``outputModelPath`` only when complete. Example::
+        preset's own if None; adaptation and segmentation follow the model's). The model is
+        written to a temporary folder and moved to ``outputModelPath`` only when complete. Example::
 
             logic.trainSource("/data/mr_train", "/data/source.safetensors", preset="cpu", iterations=5000)
         """
