@@ -255,3 +255,29 @@ def test_adaptation_curves_can_freeze_the_target_encoder(tiny_cohort, tiny_sourc
                                                        source.enc_s.state_dict().values()))
         assert frozen is (scale == "0")          # E_T stays E_S's copy only when frozen
         assert not torch.equal(adapted.dec_t.net[-1][1].weight, source.dec_s.net[-1][1].weight)  # D_T learns either way
+
+
+def test_paired_alignment_moves_the_target_encoding_towards_the_mr_latent(tiny_cohort, tiny_source_model,
+                                                                          tmp_path):
+    out = tmp_path / "paired.json"
+    proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                "--iterations", "6", "--every", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["pairing"]["slices"] == 32                            # one MR training volume of 32 coronal slices
+    assert record["pairing"]["label_agreement"] > 0.6                   # the CT of the same body overlays its MR
+    curve = record["curve"]
+    assert [row["iteration"] for row in curve] == [0, 3, 6]
+    assert curve[-1]["latent_mse"] < curve[0]["latent_mse"]
+    assert set(record["kl"]) == {"E_T on CT, before", "E_T on CT, aligned", "E_S on MR"}
+
+
+def test_paired_alignment_refuses_a_cohort_it_cannot_redraw(tiny_cohort, tiny_source_model, tmp_path):
+    import shutil
+    cohort = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, cohort)
+    splits = json.loads((cohort / "splits.json").read_text())
+    (cohort / "splits.json").write_text(json.dumps(dict(splits, seed=splits["seed"] + 1)))
+    proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(cohort), "--iterations", "1")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "is not the subject its seed draws" in proc.stderr

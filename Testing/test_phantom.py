@@ -83,6 +83,22 @@ def test_same_subject_seed_is_the_same_body_in_both_modalities(small_subjects):
     assert abs(mr - ct) / mr < 0.1
 
 
+def test_body_frame_overlays_the_mr_and_ct_renderings_of_one_subject(small_subjects):
+    mr, ct = small_subjects[("mr", 0)], small_subjects[("ct", 0)]
+    scanner_origin = ct.label.GetOrigin()
+
+    def dice_on_mr_grid(ct_label, value):
+        moved = sitk.GetArrayFromImage(sitk.Resample(ct_label, mr.label, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        a, b = sitk.GetArrayFromImage(mr.label) == value, moved == value
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert dice_on_mr_grid(ct.label, 500) == 0.0                      # scanner frames: the bodies do not meet
+    for value in (500, 205):                                          # LV blood, and its 8-12 mm wall
+        assert dice_on_mr_grid(phantom.body_frame(ct.label, "ct"), value) > 0.8
+    assert ct.label.GetOrigin() == scanner_origin                     # a copy: the input keeps its origin
+    assert phantom.body_frame(mr.label, "mr").GetOrigin() == mr.label.GetOrigin()
+
+
 def test_anatomy_keeps_its_size_in_mm_whatever_the_grid():
     def lv_volume_ml(size):
         label = phantom.make_subject("mr", 3, size)[1]

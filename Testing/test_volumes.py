@@ -106,6 +106,22 @@ def test_image_slices_do_not_depend_on_the_input_orientation(tmp_volume):
     np.testing.assert_allclose(from_input, from_canonical, atol=1e-4)
 
 
+def test_resampled_slices_cut_an_already_normalised_image_from_any_grid(tmp_volume):
+    z, y, x = np.meshgrid(np.arange(12), np.arange(10), np.arange(14), indexing="ij")
+    ramp = (0.5 * x - 0.3 * y + 0.2 * z).astype(np.float32)          # linear: trilinear interpolation is exact on it
+    image = tmp_volume(ramp, spacing=(1.5, 1.5, 2.0), origin=(-10.0, 5.0, 30.0))
+    grid = SliceGrid.from_image(image, 16)
+    normalised = sitk.GetImageFromArray(normalise(ramp))
+    normalised.CopyInformation(image)
+    np.testing.assert_array_equal(grid.resampled_slices(normalised), grid.image_slices(image))
+    # the same normalised values on another grid (finer, starting one coarse voxel earlier) cut the same
+    other = sitk.Image([29, 21, 25], sitk.sitkFloat32)
+    other.SetSpacing((0.75, 0.75, 1.0))
+    other.SetOrigin((-11.5, 3.5, 28.0))
+    finer = sitk.Resample(normalised, other, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
+    np.testing.assert_allclose(grid.resampled_slices(finer), grid.image_slices(image), atol=1e-4)
+
+
 def test_scores_are_interpolated_before_the_argmax(tmp_volume):
     """Class 1 never wins on the slice grid but wins between grid points: only per-class linear
     interpolation of scores (not of hard labels) produces it there."""

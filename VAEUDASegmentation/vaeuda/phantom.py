@@ -57,6 +57,9 @@ FIRST_ID = 1001
 DEFAULT_GRID = {"mr": (96, 96, 96), "ct": (160, 160, 96)}
 # CT's in-plane field of view (208-240 mm) is always wider than MR's (163-202 mm).
 _SPACING_RANGE = {"mr": ((1.7, 2.1), (1.7, 2.1)), "ct": ((1.3, 1.5), (1.8, 2.5))}  # (in-plane, slice)
+# Scanner coordinates differ per modality (table position); the anatomy does not care. The body's
+# own frame is the scanner's minus this offset (see body_frame).
+SCANNER_OFFSET_MM = {"mr": (0.0, 0.0, 0.0), "ct": (0.0, 160.0, -420.0)}
 MIN_SIZE, MAX_SIZE = 16, 512
 
 # Tissue classes of the tissue map; appearance is a per-modality, per-subject value for each.
@@ -599,9 +602,7 @@ def simulate_subject(modality: str, subject_seed: int, size: Optional[int] = Non
     canvas = _Canvas(center - spacing * (np.array(n) - 1) / 2, spacing, n)
     _draw_anatomy(canvas, anatomy_rng)
     pixels, tissue = _render(modality, canvas, imaging_rng)
-    # scanner coordinates differ per modality (table position), the anatomy does not care
-    scanner = (np.array([0.0, 0.0, 0.0]) if modality == "mr" else np.array([0.0, 160.0, -420.0]))
-    origin = tuple(float(v) for v in canvas.origin + scanner)
+    origin = tuple(float(v) for v in canvas.origin + np.array(SCANNER_OFFSET_MM[modality]))
 
     def to_image(array: np.ndarray) -> sitk.Image:
         img = sitk.GetImageFromArray(array)
@@ -610,6 +611,15 @@ def simulate_subject(modality: str, subject_seed: int, size: Optional[int] = Non
         return img
 
     return Subject(to_image(pixels), to_image(canvas.label), to_image(tissue))
+
+
+def body_frame(image: sitk.Image, modality: str) -> sitk.Image:
+    """A copy of a phantom image of ``modality`` moved from its scanner's coordinates into the
+    body's own, where the MR and the CT rendering of one ``subject_seed`` overlay (same voxels,
+    origin shifted by :data:`SCANNER_OFFSET_MM`). Real MR and CT scans have no such common frame."""
+    moved = sitk.Image(image)
+    moved.SetOrigin(tuple(float(o - d) for o, d in zip(image.GetOrigin(), SCANNER_OFFSET_MM[_check_modality(modality)])))
+    return moved
 
 
 def make_subject(modality: str, subject_seed: int, size: Optional[int] = None) -> Tuple[sitk.Image, sitk.Image]:

@@ -368,6 +368,16 @@ class SliceGrid:
         # on axis order or direction, so this equals resampling the LPS copy, minus the copy.
         grid_array = self._to_grid(normalised, sitk.sitkLinear)
         del normalised
+        return self._with_neighbours(grid_array)
+
+    def resampled_slices(self, image: sitk.Image) -> np.ndarray:
+        """As :meth:`image_slices`, of an image that is already normalised: ``(n_slices, 3, size,
+        size)`` float32. ``image`` may lie anywhere in physical space (on another volume's grid,
+        e.g.); outside it the nearest edge value is repeated."""
+        return self._with_neighbours(self._to_grid(image, sitk.sitkLinear))
+
+    def _with_neighbours(self, grid_array: np.ndarray) -> np.ndarray:
+        """Grid array (z, y, x) -> (n_slices, 3, size, size): each coronal plane between its neighbours."""
         n = self.n_slices
         out = np.empty((n, 3, self.size, self.size), dtype=np.float32)
         planes = self._planes(grid_array)

@@ -1,0 +1,174 @@
+"""Paired alignment: can the target encoder map CT into the source latent at all?
+
+    python benchmarks/paired_alignment.py --model demo_out/models/source.safetensors \\
+        --cohort demo_out/cohort --out paired.json
+
+A diagnostic that only a phantom allows. The cohort's MR training subjects are drawn again as CT
+(``phantom.simulate_subject`` with the same subject seed: the same body), moved into the body's
+frame (``phantom.body_frame``) and cut on each MR volume's slice grid, so every MR slice has a CT
+slice of the same anatomy. Starting from the source model (E_T a copy of E_S), **only E_T** is
+trained, with a supervised signal the method never has: the mean squared difference between the
+posterior means mu_T(x_CT) and mu_S(x_MR) (E_Z and everything else frozen; Seg is the source
+model's). Every ``--every`` iterations the cohort's CT test volumes are segmented through E_T.
+
+What it tells: how far latent alignment through E_T alone can take the source model, i.e. whether
+the architecture or the unsupervised alignment signal (KL, adversarial, cycle) is what limits
+adaptation. At the end it also records the LV border contrast (``vaeuda.diagnose``) of the
+translations with the aligned E_T (D_T is still the source model's copy of D_S, so only x_TS
+means something) and the closed-form KL of E_T's posterior on CT, before and after.
+
+Prints one JSON line per evaluation; ``--out`` also gets the whole record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List
+
+from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
+
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+
+from vaeuda import phantom, volumes  # noqa: E402
+from vaeuda.demo import cohort_split, image_of  # noqa: E402
+from vaeuda.diagnose import translation_contrast  # noqa: E402
+from vaeuda.errors import VaeudaError  # noqa: E402
+from vaeuda.experiment import HeldOutDiceProbe  # noqa: E402
+from vaeuda.labels import MMWHS  # noqa: E402
+from vaeuda.losses import kl_to_standard_normal  # noqa: E402
+from vaeuda.modelfile import load_model  # noqa: E402
+
+
+def _classes(label: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(MMWHS.encode(sitk.GetArrayViewFromImage(label)))
+    out.CopyInformation(label)
+    return out
+
+
+def paired_slices(cohort: Path, net_cfg, normalisation: dict):
+    """(x_MR, x_CT, label agreement): the cohort's MR training subjects and their CT renderings,
+    both (N, 3, S, S) on each MR volume's slice grid. Label agreement: the fraction of voxels
+    labelled in either rendering whose class is the same in both (1 for a perfect overlay; the CT
+    is drawn on another grid, so a little less)."""
+    splits = json.loads((cohort / "splits.json").read_text())
+    if not str(splits.get("generator", "")).startswith("vaeuda.phantom"):
+        raise VaeudaError(f"{cohort}: not a phantom cohort (splits.json names no vaeuda.phantom generator).")
+    if splits["generator"] != phantom.GENERATOR:
+        raise VaeudaError(f"{cohort}: made by {splits['generator']}, this engine draws {phantom.GENERATOR}.")
+    xs_mr, xs_ct, same, labelled = [], [], 0, 0
+    for prefix in cohort_split(cohort, "mr", "train"):
+        index = int(prefix.rsplit("_", 1)[1]) - phantom.FIRST_ID
+        subject_seed = phantom.cohort_subject_seed(splits["seed"], "mr", index)
+        mr = phantom.simulate_subject("mr", subject_seed, splits.get("size"))
+        on_disk = volumes.read_image(image_of(cohort, prefix))   # kept alive: a view of a freed image crashes
+        if not np.array_equal(sitk.GetArrayViewFromImage(mr.image), sitk.GetArrayViewFromImage(on_disk)):
+            raise VaeudaError(f"{cohort}: {prefix} is not the subject its seed draws; the pairing would be wrong.")
+        ct = phantom.simulate_subject("ct", subject_seed, splits.get("size"))
+        grid = volumes.SliceGrid.from_image(mr.image, net_cfg.input_size, net_cfg.slice_fov_mm)
+        # the CT normalised on its own volume, as the engine reads any CT, then moved into the body frame
+        ct_norm = sitk.GetImageFromArray(volumes.normalise(sitk.GetArrayViewFromImage(ct.image), normalisation))
+        ct_norm.CopyInformation(ct.image)
+        xs_mr.append(torch.from_numpy(grid.image_slices(mr.image, normalisation)))
+        xs_ct.append(torch.from_numpy(grid.resampled_slices(phantom.body_frame(ct_norm, "ct"))))
+        mr_classes = _classes(mr.label)
+        ct_on_mr = sitk.Resample(phantom.body_frame(_classes(ct.label), "ct"), mr_classes, sitk.Transform(),
+                                 sitk.sitkNearestNeighbor, 0)
+        a, b = grid.label_slices(mr_classes), grid.label_slices(ct_on_mr)
+        either = (a > 0) | (b > 0)
+        same += int((a[either] == b[either]).sum())
+        labelled += int(either.sum())
+    return torch.cat(xs_mr), torch.cat(xs_ct), same / max(labelled, 1)
+
+
+@torch.no_grad()
+def posterior_means(net, x: torch.Tensor, domain: str, chunk: int = 64) -> torch.Tensor:
+    return torch.cat([net.posterior(x[k:k + chunk], domain)[0] for k in range(0, len(x), chunk)])
+
+
+@torch.no_grad()
+def mean_kl(net, x: torch.Tensor, domain: str, chunk: int = 64) -> float:
+    parts = [kl_to_standard_normal(*net.posterior(x[k:k + chunk], domain)) * len(x[k:k + chunk])
+             for k in range(0, len(x), chunk)]
+    return float(sum(parts) / len(x))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a source model file")
+    p.add_argument("--cohort", required=True, help="the phantom cohort the model was trained on (splits.json)")
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--every", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate for E_T (the cpu preset adapts at 5e-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="write the record to this JSON file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    try:
+        cohort = Path(args.cohort)
+        net, meta = load_model(args.model)
+        cfg, norm = net.cfg, meta["normalisation"]
+        x_mr, x_ct, agreement = paired_slices(cohort, cfg, norm)
+        device = torch.device("cpu")
+        probe = HeldOutDiceProbe(cohort, cohort_split(cohort, "ct", "test"), cfg.input_size, cfg.slice_fov_mm,
+                                 norm, device)
+        mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=True)
+        ct_val = cohort_slices(cohort, cohort_split(cohort, "ct", "train")[:4], cfg, norm, labelled=True)
+    except VaeudaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    record = {"args": vars(args), "pairing": {"slices": len(x_mr), "label_agreement": round(agreement, 4)}}
+    print(json.dumps(record["pairing"]), flush=True)
+
+    net.copy_source_to_target()
+    net.eval()
+    target_means = posterior_means(net, x_mr, "source")      # what E_T should produce for the paired CT
+    kl_before = mean_kl(net, ct_val.images, "target")
+    curve: List[dict] = []
+
+    def evaluate(iteration: int) -> None:
+        net.eval()
+        scores = probe(iteration, net)
+        mse = float(torch.mean((posterior_means(net, x_ct, "target") - target_means) ** 2))
+        row = {"iteration": iteration, "latent_mse": round(mse, 4), "test": round(100 * scores["test_dice_mean"], 2),
+               "test_per_structure": {k: round(100 * v, 2) for k, v in scores["test_dice"].items()}}
+        curve.append(row)
+        print(json.dumps(row), flush=True)
+
+    evaluate(0)
+    for param in net.parameters():
+        param.requires_grad_(False)
+    for param in net.enc_t.parameters():
+        param.requires_grad_(True)
+    opt = torch.optim.Adam(net.enc_t.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    gen = torch.Generator().manual_seed(args.seed)
+    for it in range(1, args.iterations + 1):
+        net.enc_t.train()
+        idx = torch.randint(len(x_ct), (args.batch_size,), generator=gen)
+        loss = torch.mean((net.posterior(x_ct[idx], "target")[0] - target_means[idx]) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % args.every == 0 or it == args.iterations:
+            evaluate(it)
+
+    net.eval()
+    rows = translation_contrast(net, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
+    record.update(curve=curve, kl={"E_T on CT, before": round(kl_before, 4),
+                                   "E_T on CT, aligned": round(mean_kl(net, ct_val.images, "target"), 4),
+                                   "E_S on MR": round(mean_kl(net, mr_set.images, "source"), 4)},
+                  x_ts_contrast={k: round(v, 3) for k, v in rows["x_TS (CT as MR)"].items()})
+    print(json.dumps({"kl": record["kl"], "x_ts_contrast": record["x_ts_contrast"]}), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
