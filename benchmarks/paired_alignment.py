@@ -13,7 +13,16 @@ model's). Every ``--every`` iterations the cohort's CT test volumes are segmente
 
 What it tells: how far latent alignment through E_T alone can take the source model, i.e. whether
 the architecture or the unsupervised alignment signal (KL, adversarial, cycle) is what limits
-adaptation. At the end it also records the LV border contrast (``vaeuda.diagnose``) of the
+adaptation.
+
+``--disc-on SCAN`` also trains, before E_T moves, a fresh discriminator of the model's architecture
+(``--disc-steps``, LSGAN as the engine's) on real MR training slices against x_TS = D_S(D_Z(mu_T))
+of that one CT scan, and records at each evaluation its mean score (real 1, fake 0) of real MR and
+of that scan's x_TS: how an informed discriminator rates the aligned encoder.
+``--objective adversarial`` (needs ``--disc-on``) replaces the paired loss by the method's
+generator-side L^T_adv on that scan's slices against this discriminator (held fixed, or still
+learning with ``--disc-learns``): where the adversarial term alone takes E_T, in latent distance
+to the aligned encoder and in Dice. At the end it also records the LV border contrast (``vaeuda.diagnose``) of the
 translations with the aligned E_T (D_T is still the source model's copy of D_S, so only x_TS
 means something) and the closed-form KL of E_T's posterior on CT, before and after.
 
@@ -27,6 +36,7 @@ import sys
 from pathlib import Path
 from typing import List
 
+from adaptation_curves import fixed_slices, mean_score
 from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
 
 import numpy as np  # noqa: E402
@@ -39,8 +49,11 @@ from vaeuda.diagnose import translation_contrast  # noqa: E402
 from vaeuda.errors import VaeudaError  # noqa: E402
 from vaeuda.experiment import HeldOutDiceProbe  # noqa: E402
 from vaeuda.labels import MMWHS  # noqa: E402
-from vaeuda.losses import kl_to_standard_normal  # noqa: E402
+from vaeuda.losses import gan_loss, kl_to_standard_normal  # noqa: E402
 from vaeuda.modelfile import load_model  # noqa: E402
+from vaeuda.nets import MultiScaleDiscriminator  # noqa: E402
+
+SCORED_SLICES = 96        # fixed slices per image kind for the informed discriminator's scores
 
 
 def _classes(label: sitk.Image) -> sitk.Image:
@@ -96,6 +109,39 @@ def mean_kl(net, x: torch.Tensor, domain: str, chunk: int = 64) -> float:
     return float(sum(parts) / len(x))
 
 
+def x_ts(net, x: torch.Tensor) -> torch.Tensor:
+    """CT rendered as MR from the target posterior mean: D_S(D_Z(mu_T(x))), (N, 3, S, S)."""
+    return net.decode(net.posterior(x, "target")[0], "source")
+
+
+class InformedDiscriminator:
+    """A fresh Disc of ``net``'s configuration that learns real MR slices (N, 3, S, S) against x_TS
+    of one CT scan's slices, with Adam as the engine's discriminator (betas 0.5, 0.999, weight
+    decay 1e-4)."""
+
+    def __init__(self, net, mr: torch.Tensor, ct: torch.Tensor, lr: float, batch_size: int, gen: torch.Generator):
+        self.disc = MultiScaleDiscriminator(net.cfg)
+        self.opt = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=(0.5, 0.999), weight_decay=1e-4)
+        self.mr, self.ct, self.batch_size, self.gen = mr, ct, batch_size, gen
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        return x[torch.randint(len(x), (self.batch_size,), generator=self.gen)]
+
+    def step(self, net) -> None:
+        real = self.batch(self.mr)
+        with torch.no_grad():
+            fake = x_ts(net, self.batch(self.ct))
+        loss = gan_loss(self.disc(real), True) + gan_loss(self.disc(fake), False)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    @torch.no_grad()
+    def scores(self, net, seed: int) -> dict:
+        return {"x_S": mean_score(self.disc, fixed_slices(self.mr, SCORED_SLICES, seed)),
+                "x_TS": mean_score(self.disc, x_ts(net, fixed_slices(self.ct, SCORED_SLICES, seed)))}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a source model file")
@@ -106,8 +152,17 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate for E_T (the cpu preset adapts at 5e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--disc-on", metavar="SCAN", help="train an informed discriminator on real MR against this CT "
+                                                     "scan's x_TS (a scan prefix, e.g. ct_1013) and record its scores")
+    p.add_argument("--disc-steps", type=int, default=400, help="discriminator steps before E_T moves (default 400)")
+    p.add_argument("--objective", choices=("paired", "adversarial"), default="paired",
+                   help="what E_T minimises: the paired latent distance (default) or L^T_adv against the discriminator")
+    p.add_argument("--disc-learns", action="store_true", help="with --objective adversarial: one discriminator "
+                                                             "step per E_T step, as in the method")
     p.add_argument("--out", help="write the record to this JSON file")
     args = p.parse_args(argv)
+    if args.objective == "adversarial" and not args.disc_on:
+        p.error("--objective adversarial needs --disc-on SCAN (the discriminator it plays against).")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
@@ -120,6 +175,7 @@ def main(argv=None) -> int:
                                  norm, device)
         mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=True)
         ct_val = cohort_slices(cohort, cohort_split(cohort, "ct", "train")[:4], cfg, norm, labelled=True)
+        ct_scan = cohort_slices(cohort, [args.disc_on], cfg, norm).images if args.disc_on else None
     except VaeudaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -130,6 +186,14 @@ def main(argv=None) -> int:
     net.eval()
     target_means = posterior_means(net, x_mr, "source")      # what E_T should produce for the paired CT
     kl_before = mean_kl(net, ct_val.images, "target")
+    for param in net.parameters():
+        param.requires_grad_(False)
+    gen = torch.Generator().manual_seed(args.seed)
+    informed = None
+    if ct_scan is not None:
+        informed = InformedDiscriminator(net, x_mr, ct_scan, args.lr, args.batch_size, gen)
+        for _ in range(args.disc_steps):
+            informed.step(net)
     curve: List[dict] = []
 
     def evaluate(iteration: int) -> None:
@@ -138,20 +202,26 @@ def main(argv=None) -> int:
         mse = float(torch.mean((posterior_means(net, x_ct, "target") - target_means) ** 2))
         row = {"iteration": iteration, "latent_mse": round(mse, 4), "test": round(100 * scores["test_dice_mean"], 2),
                "test_per_structure": {k: round(100 * v, 2) for k, v in scores["test_dice"].items()}}
+        if informed is not None:
+            row["disc"] = informed.scores(net, args.seed)
         curve.append(row)
         print(json.dumps(row), flush=True)
 
     evaluate(0)
-    for param in net.parameters():
-        param.requires_grad_(False)
     for param in net.enc_t.parameters():
         param.requires_grad_(True)
     opt = torch.optim.Adam(net.enc_t.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    gen = torch.Generator().manual_seed(args.seed)
     for it in range(1, args.iterations + 1):
-        net.enc_t.train()
-        idx = torch.randint(len(x_ct), (args.batch_size,), generator=gen)
-        loss = torch.mean((net.posterior(x_ct[idx], "target")[0] - target_means[idx]) ** 2)
+        if args.objective == "adversarial":
+            if args.disc_learns:
+                net.eval()
+                informed.step(net)
+            net.enc_t.train()
+            loss = gan_loss(informed.disc(x_ts(net, informed.batch(ct_scan))), True)
+        else:
+            net.enc_t.train()
+            idx = torch.randint(len(x_ct), (args.batch_size,), generator=gen)
+            loss = torch.mean((net.posterior(x_ct[idx], "target")[0] - target_means[idx]) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -161,7 +231,7 @@ def main(argv=None) -> int:
     net.eval()
     rows = translation_contrast(net, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
     record.update(curve=curve, kl={"E_T on CT, before": round(kl_before, 4),
-                                   "E_T on CT, aligned": round(mean_kl(net, ct_val.images, "target"), 4),
+                                   "E_T on CT, after": round(mean_kl(net, ct_val.images, "target"), 4),
                                    "E_S on MR": round(mean_kl(net, mr_set.images, "source"), 4)},
                   x_ts_contrast={k: round(v, 3) for k, v in rows["x_TS (CT as MR)"].items()})
     print(json.dumps({"kl": record["kl"], "x_ts_contrast": record["x_ts_contrast"]}), flush=True)
