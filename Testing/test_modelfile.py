@@ -1,5 +1,4 @@
 """Model files: round trip, and refusal of files that are not ours, damaged or unsafe."""
-import json
 import pickle
 
 import pytest
