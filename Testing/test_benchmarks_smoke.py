@@ -281,6 +281,8 @@ def test_paired_alignment_refuses_a_cohort_it_cannot_redraw(tiny_cohort, tiny_so
     proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(cohort), "--iterations", "1")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "is not the subject its seed draws" in proc.stderr
+    proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no splits.json" in proc.stderr
 
 
 def test_paired_alignment_plays_e_t_against_an_informed_discriminator(tiny_cohort, tiny_source_model, tmp_path):

@@ -13,7 +13,9 @@ model's). Every ``--every`` iterations the cohort's CT test volumes are segmente
 
 What it tells: how far latent alignment through E_T alone can take the source model, i.e. whether
 the architecture or the unsupervised alignment signal (KL, adversarial, cycle) is what limits
-adaptation.
+adaptation. At the end it records the LV border contrast (``vaeuda.diagnose``) of x_TS with the
+final E_T (D_T is still the source model's copy of D_S, so only x_TS means something) and the
+closed-form KL of E_T's posterior on CT, before and after.
 
 ``--disc-on SCAN`` also trains, before E_T moves, a fresh discriminator of the model's architecture
 (``--disc-steps``, LSGAN as the engine's) on real MR training slices against x_TS = D_S(D_Z(mu_T))
@@ -22,9 +24,7 @@ of that scan's x_TS: how an informed discriminator rates the aligned encoder.
 ``--objective adversarial`` (needs ``--disc-on``) replaces the paired loss by the method's
 generator-side L^T_adv on that scan's slices against this discriminator (held fixed, or still
 learning with ``--disc-learns``): where the adversarial term alone takes E_T, in latent distance
-to the aligned encoder and in Dice. At the end it also records the LV border contrast (``vaeuda.diagnose``) of the
-translations with the aligned E_T (D_T is still the source model's copy of D_S, so only x_TS
-means something) and the closed-form KL of E_T's posterior on CT, before and after.
+to the aligned encoder and in Dice.
 
 Prints one JSON line per evaluation; ``--out`` also gets the whole record.
 """
@@ -36,8 +36,8 @@ import sys
 from pathlib import Path
 from typing import List
 
-from adaptation_curves import fixed_slices, mean_score
 from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
+from adaptation_curves import fixed_slices, mean_score  # noqa: E402
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -67,6 +67,8 @@ def paired_slices(cohort: Path, net_cfg, normalisation: dict):
     both (N, 3, S, S) on each MR volume's slice grid. Label agreement: the fraction of voxels
     labelled in either rendering whose class is the same in both (1 for a perfect overlay; the CT
     is drawn on another grid, so a little less)."""
+    if not (cohort / "splits.json").is_file():
+        raise VaeudaError(f"{cohort}: no splits.json; pass a cohort folder written by `vaeuda synth`.")
     splits = json.loads((cohort / "splits.json").read_text())
     if not str(splits.get("generator", "")).startswith("vaeuda.phantom"):
         raise VaeudaError(f"{cohort}: not a phantom cohort (splits.json names no vaeuda.phantom generator).")
