@@ -298,3 +298,20 @@ def test_paired_alignment_plays_e_t_against_an_informed_discriminator(tiny_cohor
     proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
                 "--objective", "adversarial")
     assert proc.returncode == 2 and "needs --disc-on" in proc.stderr
+
+
+def test_paired_alignment_measures_an_adapted_models_own_target_encoder(tiny_cohort, tiny_source_model, tmp_path):
+    from vaeuda.train import adapt
+    adapted = tmp_path / "adapted.safetensors"
+    adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], adapted, iterations=3, seed=0, device="cpu")
+    rows = {}
+    for name, model, extra in (("copy of E_S", adapted, []), ("own", adapted, ["--own-target-encoder"])):
+        out = tmp_path / f"{name}.json"
+        proc = _run("paired_alignment.py", "--model", str(model), "--cohort", str(tiny_cohort), "--iterations", "0",
+                    "--out", str(out), *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows[name], = json.loads(out.read_text())["curve"]                 # --iterations 0: the start only
+    assert rows["own"]["latent_mse"] != rows["copy of E_S"]["latent_mse"]   # E_T after adaptation, not E_S's copy
+    proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                "--own-target-encoder", "--iterations", "0")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "needs an adapted model" in proc.stderr

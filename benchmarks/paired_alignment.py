@@ -10,6 +10,9 @@ slice of the same anatomy. Starting from the source model (E_T a copy of E_S), *
 trained, with a supervised signal the method never has: the mean squared difference between the
 posterior means mu_T(x_CT) and mu_S(x_MR) (E_Z and everything else frozen; Seg is the source
 model's). Every ``--every`` iterations the cohort's CT test volumes are segmented through E_T.
+``--own-target-encoder`` starts instead from an adapted model's own E_T (its E_S and E_Z are the
+adapted model's too): with ``--iterations 0`` it measures how far adaptation took E_T from the
+aligned encoder.
 
 What it tells: how far latent alignment through E_T alone can take the source model, i.e. whether
 the architecture or the unsupervised alignment signal (KL, adversarial, cycle) is what limits
@@ -154,6 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate for E_T (the cpu preset adapts at 5e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--own-target-encoder", action="store_true",
+                   help="start from the model's own E_T (an adapted model: where adaptation left it) instead of "
+                        "a copy of E_S; with --iterations 0, only measure it")
     p.add_argument("--disc-on", metavar="SCAN", help="train an informed discriminator on real MR against this CT "
                                                      "scan's x_TS (a scan prefix, e.g. ct_1013) and record its scores")
     p.add_argument("--disc-steps", type=int, default=400, help="discriminator steps before E_T moves (default 400)")
@@ -184,7 +190,13 @@ def main(argv=None) -> int:
     record = {"args": vars(args), "pairing": {"slices": len(x_mr), "label_agreement": round(agreement, 4)}}
     print(json.dumps(record["pairing"]), flush=True)
 
-    net.copy_source_to_target()
+    if args.own_target_encoder:
+        if not meta.get("has_target_encoder"):
+            print(f"error: {args.model}: --own-target-encoder needs an adapted model (this one is from the "
+                  f"'{meta.get('stage')}' stage).", file=sys.stderr)
+            return 1
+    else:
+        net.copy_source_to_target()
     net.eval()
     target_means = posterior_means(net, x_mr, "source")      # what E_T should produce for the paired CT
     kl_before = mean_kl(net, ct_val.images, "target")
