@@ -59,12 +59,6 @@ from vaeuda.nets import MultiScaleDiscriminator  # noqa: E402
 SCORED_SLICES = 96        # fixed slices per image kind for the informed discriminator's scores
 
 
-def _classes(label: sitk.Image) -> sitk.Image:
-    out = sitk.GetImageFromArray(MMWHS.encode(sitk.GetArrayViewFromImage(label)))
-    out.CopyInformation(label)
-    return out
-
-
 def paired_slices(cohort: Path, net_cfg, normalisation: dict):
     """(x_MR, x_CT, label agreement): the cohort's MR training subjects and their CT renderings,
     both (N, 3, S, S) on each MR volume's slice grid. Label agreement: the fraction of voxels
@@ -88,13 +82,12 @@ def paired_slices(cohort: Path, net_cfg, normalisation: dict):
         ct = phantom.simulate_subject("ct", subject_seed, splits.get("size"))
         grid = volumes.SliceGrid.from_image(mr.image, net_cfg.input_size, net_cfg.slice_fov_mm)
         # the CT normalised on its own volume, as the engine reads any CT, then moved into the body frame
-        ct_norm = sitk.GetImageFromArray(volumes.normalise(sitk.GetArrayViewFromImage(ct.image), normalisation))
-        ct_norm.CopyInformation(ct.image)
+        ct_norm = volumes.normalised_image(ct.image, normalisation)
         xs_mr.append(torch.from_numpy(grid.image_slices(mr.image, normalisation)))
         xs_ct.append(torch.from_numpy(grid.resampled_slices(phantom.body_frame(ct_norm, "ct"))))
-        mr_classes = _classes(mr.label)
-        ct_on_mr = sitk.Resample(phantom.body_frame(_classes(ct.label), "ct"), mr_classes, sitk.Transform(),
-                                 sitk.sitkNearestNeighbor, 0)
+        mr_classes = volumes.label_classes(mr.label, MMWHS)
+        ct_on_mr = sitk.Resample(phantom.body_frame(volumes.label_classes(ct.label, MMWHS), "ct"), mr_classes,
+                                 sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         a, b = grid.label_slices(mr_classes), grid.label_slices(ct_on_mr)
         either = (a > 0) | (b > 0)
         same += int((a[either] == b[either]).sum())
@@ -176,6 +169,9 @@ def main(argv=None) -> int:
     try:
         cohort = Path(args.cohort)
         net, meta = load_model(args.model)
+        if args.own_target_encoder and not meta.get("has_target_encoder"):
+            raise VaeudaError(f"{args.model}: --own-target-encoder needs an adapted model (this one is from the "
+                              f"'{meta.get('stage')}' stage).")
         cfg, norm = net.cfg, meta["normalisation"]
         x_mr, x_ct, agreement = paired_slices(cohort, cfg, norm)
         device = torch.device("cpu")
@@ -190,12 +186,7 @@ def main(argv=None) -> int:
     record = {"args": vars(args), "pairing": {"slices": len(x_mr), "label_agreement": round(agreement, 4)}}
     print(json.dumps(record["pairing"]), flush=True)
 
-    if args.own_target_encoder:
-        if not meta.get("has_target_encoder"):
-            print(f"error: {args.model}: --own-target-encoder needs an adapted model (this one is from the "
-                  f"'{meta.get('stage')}' stage).", file=sys.stderr)
-            return 1
-    else:
+    if not args.own_target_encoder:
         net.copy_source_to_target()
     net.eval()
     target_means = posterior_means(net, x_mr, "source")      # what E_T should produce for the paired CT

@@ -176,8 +176,13 @@ def read_label(path: PathLike, convention: Convention,
         mismatch = geometry_mismatch(raw, ref_image)
         if mismatch:
             raise VaeudaError(f"{path}: geometry does not match {ref_name} ({mismatch}).")
-    classes = convention.encode(sitk.GetArrayViewFromImage(raw), source=str(path))
-    out = sitk.GetImageFromArray(classes)
+    return label_classes(raw, convention, source=str(path))
+
+
+def label_classes(raw: sitk.Image, convention: Convention, source: str = "label map") -> sitk.Image:
+    """A label image of raw values as a uint8 class-index image on the same grid
+    (``convention.encode``; ``source`` names it in the error for an unknown value)."""
+    out = sitk.GetImageFromArray(convention.encode(sitk.GetArrayViewFromImage(raw), source=source))
     out.CopyInformation(raw)
     return out
 
@@ -223,6 +228,13 @@ def to_canonical(image: sitk.Image) -> sitk.Image:
 
 
 # --- intensities -----------------------------------------------------------------------------
+
+def normalised_image(image: sitk.Image, recipe: Mapping = DEFAULT_NORMALISATION) -> sitk.Image:
+    """:func:`normalise` of a whole image, as a float32 image on the same grid."""
+    out = sitk.GetImageFromArray(normalise(sitk.GetArrayViewFromImage(image), recipe))
+    out.CopyInformation(image)
+    return out
+
 
 def normalise(array: np.ndarray, recipe: Mapping = DEFAULT_NORMALISATION) -> np.ndarray:
     """Intensity normalisation of a whole volume; returns a new float32 array of the same shape.
@@ -360,10 +372,7 @@ class SliceGrid:
         normalised with ``normalisation`` (see :func:`normalise`) before it is resampled
         (linearly) and cut."""
         self._check(image, "image")
-        values = normalise(sitk.GetArrayViewFromImage(image), normalisation)
-        normalised = sitk.GetImageFromArray(values)
-        del values
-        normalised.CopyInformation(image)
+        normalised = normalised_image(image, normalisation)
         # Resampled straight from the input's own grid: trilinear interpolation does not depend
         # on axis order or direction, so this equals resampling the LPS copy, minus the copy.
         grid_array = self._to_grid(normalised, sitk.sitkLinear)
