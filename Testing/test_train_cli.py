@@ -186,6 +186,54 @@ def test_resume_refuses_a_checkpoint_of_another_input_size(tiny_cohort, tmp_path
     assert out.exists() and not checkpoint_path(out).exists()
 
 
+def test_lr_scale_steps_each_named_network_at_its_multiple(tiny_cohort, tmp_path):
+    """lr_scale {"enc_s": 0} freezes E_S (weight decay included) while the rest learns; the
+    optimiser holds every generator parameter once, at lr x its network's scale."""
+    from vaeuda.nets import VAEUDANet
+    torch.manual_seed(7)                     # train_source seeds, then builds the network
+    initial = VAEUDANet(get_preset("tiny"))
+    out = tmp_path / "m.safetensors"
+    _train(tiny_cohort, out, iterations=2, overrides={"lr_scale": {"enc_s": 0}})
+    trained, meta = load_model(out)
+    assert meta["train"]["lr_scale"] == {"enc_s": 0}
+    assert all(torch.equal(a, b) for a, b in zip(trained.enc_s.parameters(), initial.enc_s.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(trained.dec_s.parameters(), initial.dec_s.parameters()))
+
+    cfg = train_mod.TrainConfig(lr=1e-3, lr_scale={"enc_t": 0.0, "seg": 0.5})
+    gen_opt, _ = train_mod._optimizers(initial, cfg)
+    lr_of = {id(p): group["lr"] for group in gen_opt.param_groups for p in group["params"]}
+    assert sum(len(g["params"]) for g in gen_opt.param_groups) == len(lr_of)        # none twice
+    for name in train_mod.GENERATOR_NETS:
+        expected = {"enc_t": 0.0, "seg": 5e-4}.get(name, 1e-3)
+        assert {lr_of[id(p)] for p in getattr(initial, name).parameters()} == {expected}, name
+    assert all(id(p) not in lr_of for p in initial.disc.parameters())
+
+
+@pytest.mark.parametrize("lr_scale, message", [({"disc": 0}, "generator networks only"),
+                                               ({"enc_t": -1}, "at least 0")])
+def test_lr_scale_refuses_what_it_cannot_scale(tiny_cohort, tmp_path, lr_scale, message):
+    with pytest.raises(VaeudaError, match=message):
+        _train(tiny_cohort, tmp_path / "m.safetensors", iterations=1, overrides={"lr_scale": lr_scale})
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_adaptation_callback_sees_the_average_and_the_live_network(tiny_cohort, tiny_source_model, tmp_path):
+    """callback(iteration, averaged, live) every eval_every iterations: with a weight average the
+    two differ; what the callback returns joins the run's history."""
+    seen = []
+
+    def callback(iteration, averaged, live):
+        differs = any(not torch.equal(a, b) for a, b in zip(averaged.enc_t.parameters(), live.enc_t.parameters()))
+        seen.append((iteration, averaged is live, differs))
+        return {"probe": iteration * 10}
+
+    meta = train_mod.adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], tmp_path / "a.safetensors",
+                           iterations=4, device="cpu", callback=callback,
+                           overrides={"eval_every": 2, "ema_decay": 0.5})
+    assert seen == [(2, False, True), (4, False, True)]
+    assert [entry["probe"] for entry in meta["history"]] == [20, 40]
+
+
 def test_weight_average_rejects_bad_decay(tiny_cohort, tmp_path):
     with pytest.raises(VaeudaError, match="ema_decay must be 0"):
         _train(tiny_cohort, tmp_path / "m.safetensors", iterations=1, overrides={"ema_decay": 1.5})

@@ -24,19 +24,19 @@ model) and every ``--every`` iterations, records:
 (``train.TrainConfig``, e.g. ``--set lambda_adv=10``); values are read as JSON.
 
 ``--target-encoder-lr-scale 0`` freezes E_T at its copy of E_S (then the KL and adversarial
-target terms update nothing): what adaptation reaches without the target encoder learning.
+target terms update nothing): what adaptation reaches without the target encoder learning. It is
+the engine's ``lr_scale`` option (``--set lr_scale={"enc_t": 0}`` says the same).
 
 Prints one JSON line per evaluation; ``--out`` also gets ``{"args", "curve"}``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
 
@@ -77,46 +77,6 @@ def disc_scores(net, mr: torch.Tensor, ct: torch.Tensor, gan_mode: str = "lsgan"
     return scores
 
 
-@contextlib.contextmanager
-def live_network(holder: Dict[str, object]) -> Iterator[None]:
-    """While active, ``holder["net"]`` is the network ``train.run_stage`` is training (the
-    adaptation callback only sees the weight average)."""
-    original = train.run_stage
-
-    def recording(net, *args, **kwargs):
-        holder["net"] = net
-        return original(net, *args, **kwargs)
-
-    train.run_stage = recording
-    try:
-        yield
-    finally:
-        train.run_stage = original
-
-
-@contextlib.contextmanager
-def target_encoder_lr_scale(scale: float) -> Iterator[None]:
-    """While active, the generators' optimiser steps E_T at ``scale`` times the learning rate of
-    the other networks (0 freezes it at its copy of E_S). A diagnostic, not an engine option."""
-    if scale == 1.0:            # the engine's own optimisers, untouched
-        yield
-        return
-    original = train._optimizers
-
-    def scaled(net, cfg):
-        generators, disc = original(net, cfg)
-        enc_t = {id(p) for p in net.enc_t.parameters()}
-        others = [p for group in generators.param_groups for p in group["params"] if id(p) not in enc_t]
-        groups = [{"params": others}, {"params": list(net.enc_t.parameters()), "lr": cfg.lr * scale}]
-        return torch.optim.Adam(groups, **{k: generators.defaults[k] for k in ("lr", "betas", "weight_decay")}), disc
-
-    train._optimizers = scaled
-    try:
-        yield
-    finally:
-        train._optimizers = original
-
-
 def fixed_slices(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images[order[:n]]
@@ -153,6 +113,8 @@ def main(argv=None) -> int:
             sep = ""
         if not sep:
             p.error(f"--set {item}: expected NAME=VALUE with a JSON value, e.g. lambda_adv=10")
+    if args.target_encoder_lr_scale != 1.0:
+        overrides["lr_scale"] = {**overrides.get("lr_scale", {}), "enc_t": args.target_encoder_lr_scale}
     try:
         cohort = Path(args.cohort)
         net, meta = load_model(args.model)
@@ -168,14 +130,13 @@ def main(argv=None) -> int:
         mr = fixed_slices(mr_set.images, DISC_SLICES, args.seed)
         ct = fixed_slices(cohort_slices(cohort, [args.target], cfg, norm).images, DISC_SLICES, args.seed)
         ct_val = cohort_slices(cohort, val, cfg, norm, labelled=True) if args.contrast else None
-        holder: Dict[str, object] = {}
         curve: List[dict] = []
 
-        def evaluate(iteration: int, averaged) -> None:
+        def evaluate(iteration: int, averaged, live) -> None:
             row = {"iteration": iteration}
             row.update({name: round(100 * probe(iteration, averaged)["test_dice_mean"], 2)
                         for name, probe in probes.items()})
-            row["disc"] = disc_scores(holder["net"], mr, ct, overrides.get("gan_mode", "lsgan"))
+            row["disc"] = disc_scores(live, mr, ct, overrides.get("gan_mode", "lsgan"))
             if args.contrast:
                 rows = translation_contrast(averaged, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
                 row["contrast"] = {short: {c: round(rows[name][col], 3) for col, c in CONTRAST_COLUMNS.items()}
@@ -185,10 +146,8 @@ def main(argv=None) -> int:
 
         # iteration 0: the source model, its source encoder copied into the target one (as adapt does)
         net.copy_source_to_target()
-        holder["net"] = net
-        evaluate(0, net.eval())
-        with live_network(holder), target_encoder_lr_scale(args.target_encoder_lr_scale), \
-                tempfile.TemporaryDirectory() as scratch:
+        evaluate(0, net.eval(), net)
+        with tempfile.TemporaryDirectory() as scratch:
             out = Path(args.model_out or Path(scratch) / "adapted.safetensors")
             train.adapt(args.model, [image_of(cohort, args.target)], out, iterations=args.iterations,
                         seed=args.seed, device="cpu", use_kl=not args.no_kl, use_adv=not args.no_adv,

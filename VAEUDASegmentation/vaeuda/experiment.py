@@ -149,7 +149,8 @@ def _few_shot_slices(cohort: Path, prefix: str, size: int, fov_mm: Optional[floa
 
 
 class HeldOutDiceProbe:
-    """``train.adapt`` callback: Dice of the networks being trained on the CT test volumes.
+    """``train.adapt`` callback: Dice on the CT test volumes of the network the model file will hold
+    (the weight average, when one is kept).
 
     The test volumes are cut into model slices once (``SliceGrid.image_slices``); each call runs
     the target encoder path on them, puts the scores back on the volume grid (what
@@ -173,7 +174,7 @@ class HeldOutDiceProbe:
             self.volumes.append((grid, grid.image_slices(image, normalisation), sitk.GetArrayFromImage(ref),
                                  tuple(reversed(ref.GetSpacing()))))
 
-    def __call__(self, iteration: int, net) -> dict:
+    def __call__(self, iteration: int, net, live=None) -> dict:
         import SimpleITK as sitk
 
         from .predict import slice_probabilities

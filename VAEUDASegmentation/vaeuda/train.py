@@ -90,6 +90,10 @@ class TrainConfig:
     # stopping see the average. Averaging the iterates damps the oscillation of adversarial
     # training (Yazici et al., ICLR 2019); it changes no loss and no gradient.
     ema_decay: float = 0.0
+    # Generator network name (GENERATOR_NETS) -> multiple of ``lr`` it steps at; 0 freezes it
+    # (weight decay included). Empty: one learning rate for all. A diagnostic, e.g. {"enc_t": 0}
+    # measures what adaptation reaches without the target encoder learning.
+    lr_scale: Dict[str, float] = field(default_factory=dict)
 
     def weights(self) -> Dict[str, float]:
         """Term -> lambda, with the ablation switches applied."""
@@ -195,7 +199,11 @@ class Stage:
     out: Path
     meta: dict                    # metadata written into the model file
     early_stop: Optional[int] = None
-    callback: Optional[Callable[[int, VAEUDANet], Optional[dict]]] = None
+    # Called every ``eval_every`` iterations of adaptation as callback(iteration, averaged, live):
+    # ``averaged`` is what the model file will hold (the weight average, or the live network when
+    # none is kept), ``live`` the network the optimisers step (what the generators train against,
+    # e.g. its current discriminator). A returned dict joins the history entry.
+    callback: Optional[Callable[[int, VAEUDANet, VAEUDANet], Optional[dict]]] = None
 
 
 def _batch(data: SliceSet, weights: torch.Tensor, b: int, gen: torch.Generator):
@@ -209,10 +217,24 @@ def checkpoint_path(out: Path) -> Path:
     return Path(str(out) + ".ckpt")
 
 
+def _generator_groups(net: VAEUDANet, cfg: TrainConfig) -> List[dict]:
+    """The generators' Adam parameter groups: one at ``cfg.lr``, plus one per ``cfg.lr_scale`` entry."""
+    unknown = sorted(set(cfg.lr_scale) - set(GENERATOR_NETS))
+    if unknown:
+        raise VaeudaError(f"lr_scale names {', '.join(unknown)}; it takes generator networks only "
+                          f"({', '.join(GENERATOR_NETS)}).")
+    bad = [name for name, scale in cfg.lr_scale.items() if not (isinstance(scale, (int, float)) and scale >= 0)]
+    if bad:
+        raise VaeudaError(f"lr_scale of {', '.join(bad)} must be a number of at least 0.")
+    plain = [p for m in GENERATOR_NETS if m not in cfg.lr_scale for p in getattr(net, m).parameters()]
+    scaled = [{"params": list(getattr(net, m).parameters()), "lr": cfg.lr * cfg.lr_scale[m]}
+              for m in GENERATOR_NETS if m in cfg.lr_scale]
+    return [{"params": plain}] + scaled
+
+
 def _optimizers(net: VAEUDANet, cfg: TrainConfig):
-    gen_params = [p for m in GENERATOR_NETS for p in getattr(net, m).parameters()]
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(gen_params, **kw), torch.optim.Adam(net.disc.parameters(), **kw)
+    return torch.optim.Adam(_generator_groups(net, cfg), **kw), torch.optim.Adam(net.disc.parameters(), **kw)
 
 
 def _optim_tensors(name: str, opt: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
@@ -357,7 +379,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
             proxy_ema = proxy if proxy_ema is None else 0.7 * proxy_ema + 0.3 * proxy
             entry = {"iteration": it, "proxy": round(proxy_ema, 5), **record}
             if stage.callback is not None:
-                extra = stage.callback(it, model)
+                extra = stage.callback(it, model, net)
                 net.train()
                 if extra:
                     entry.update(extra)
