@@ -257,6 +257,28 @@ def test_adaptation_curves_can_freeze_the_target_encoder(tiny_cohort, tiny_sourc
         assert not torch.equal(adapted.dec_t.net[-1][1].weight, source.dec_s.net[-1][1].weight)  # D_T learns either way
 
 
+def test_one_scan_draws_adapts_once_per_draw_and_summarises(tiny_cohort, tiny_source_model, tmp_path):
+    out = tmp_path / "draws.json"
+    # the tiny cohort's CT pool is one scan, so two draws take it twice: same scan, same seed
+    proc = _run("one_scan_draws.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                "--draws", "2", "--iterations", "2", "--threads", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    first, second = record["draws"]
+    assert first["scan"] == second["scan"] == "ct_1001"
+    assert first["dice"] == second["dice"]                      # deterministic per seed
+    assert set(first["dice"]) == {"LV-M", "LA-B", "LV-B", "A-A", "Mean"}
+    mean = first["dice"]["Mean"]
+    assert mean == pytest.approx(sum(first["dice"][k] for k in ("LV-M", "LA-B", "LV-B", "A-A")) / 4, abs=0.02)
+    assert record["summary"]["mean_dice"]["Mean"] == mean
+    assert record["summary"]["draw_mean_dice"] == {"median": mean, "min": mean, "max": mean, "std": 0.0}
+
+
+def test_one_scan_draws_refuses_a_missing_cohort(tiny_source_model, tmp_path):
+    proc = _run("one_scan_draws.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "splits.json" in proc.stderr
+
+
 def test_paired_alignment_moves_the_target_encoding_towards_the_mr_latent(tiny_cohort, tiny_source_model,
                                                                           tmp_path):
     out = tmp_path / "paired.json"

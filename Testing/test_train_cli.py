@@ -210,7 +210,8 @@ def test_lr_scale_steps_each_named_network_at_its_multiple(tiny_cohort, tmp_path
 
 
 @pytest.mark.parametrize("lr_scale, message", [({"disc": 0}, "generator networks only"),
-                                               ({"enc_t": -1}, "at least 0")])
+                                               ({"enc_t": -1}, "at least 0"), ({"enc_t": "0"}, "at least 0"),
+                                               (0.5, "must map generator network names")])
 def test_lr_scale_refuses_what_it_cannot_scale(tiny_cohort, tmp_path, lr_scale, message):
     with pytest.raises(VaeudaError, match=message):
         _train(tiny_cohort, tmp_path / "m.safetensors", iterations=1, overrides={"lr_scale": lr_scale})

@@ -114,7 +114,8 @@ def main(argv=None) -> int:
         if not sep:
             p.error(f"--set {item}: expected NAME=VALUE with a JSON value, e.g. lambda_adv=10")
     if args.target_encoder_lr_scale != 1.0:
-        overrides["lr_scale"] = {**overrides.get("lr_scale", {}), "enc_t": args.target_encoder_lr_scale}
+        scales = overrides.get("lr_scale", {})      # not a dict: left for the engine to refuse
+        overrides["lr_scale"] = {**scales, "enc_t": args.target_encoder_lr_scale} if isinstance(scales, dict) else scales
     try:
         cohort = Path(args.cohort)
         net, meta = load_model(args.model)

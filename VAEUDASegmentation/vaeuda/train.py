@@ -219,11 +219,14 @@ def checkpoint_path(out: Path) -> Path:
 
 def _generator_groups(net: VAEUDANet, cfg: TrainConfig) -> List[dict]:
     """The generators' Adam parameter groups: one at ``cfg.lr``, plus one per ``cfg.lr_scale`` entry."""
+    if not isinstance(cfg.lr_scale, dict):
+        raise VaeudaError(f"lr_scale must map generator network names to numbers, not {cfg.lr_scale!r}.")
     unknown = sorted(set(cfg.lr_scale) - set(GENERATOR_NETS))
     if unknown:
         raise VaeudaError(f"lr_scale names {', '.join(unknown)}; it takes generator networks only "
                           f"({', '.join(GENERATOR_NETS)}).")
-    bad = [name for name, scale in cfg.lr_scale.items() if not (isinstance(scale, (int, float)) and scale >= 0)]
+    bad = [name for name, scale in cfg.lr_scale.items()
+           if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and scale >= 0)]
     if bad:
         raise VaeudaError(f"lr_scale of {', '.join(bad)} must be a number of at least 0.")
     plain = [p for m in GENERATOR_NETS if m not in cfg.lr_scale for p in getattr(net, m).parameters()]
