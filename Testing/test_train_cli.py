@@ -255,10 +255,14 @@ def test_resume_continues_from_checkpoint(tiny_cohort, tmp_path, monkeypatch, em
     assert not checkpoint_path(part).exists()
 
 
-def test_quick_demo_end_to_end(tmp_path):
-    """`vaeuda demo --quick`: the whole pipeline at the tiny preset writes its report, JSON and figure."""
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    """`vaeuda demo --quick`: the whole pipeline at the tiny preset writes its report, JSON and figure,
+    and prints the report's results (not a cut-off stage table) with the total time."""
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--progress", "none"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-3].startswith("- One draw of the adaptation scan") and printed[-1].startswith("Total ")
+    assert printed[-1].endswith(str(out / "report.md")) and not any(l.startswith("| stage") for l in printed)
     report = json.loads((out / "report.json").read_text())
     assert report["quick"] is True and len(report["test_scans"]) == 4
     assert set(report["mean_dice"]) == {"Unadapted", "Proposed-1 (adapted)", "Oracle"}
