@@ -6,10 +6,11 @@
 ``make demo`` adapts on one scan drawn from the 16-scan CT training pool; the paper averages six
 adaptations on six randomly chosen scans ("to avoid being biased on one particular target
 training scan"). This script adapts the given source model on each of ``--draws`` scans, drawn
-as ``vaeuda experiment table1`` draws them (``experiment.draw_targets`` with ``--draw-seed``; with
-seed 0 on a demo cohort the first draw is the demo's own scan), with the engine's defaults and the
-demo's adaptation seed, and scores each adapted model on the cohort's CT test split. It reuses the
-source model instead of training one (unlike ``table1``), so it measures the draw alone.
+as ``vaeuda experiment table1`` draws them (``experiment.draw_targets`` with ``--draw-seed``), with
+the engine's defaults and the adaptation seed ``--seed``, and scores each adapted model on the
+cohort's CT test split. On the cohort of ``vaeuda demo --seed S``, ``--draw-seed S --seed S`` makes
+the first draw that demo's own adaptation (scan and seed). It reuses the source model instead of
+training one (unlike ``table1``), so it measures the draw alone.
 
 Writes ``{"args", "machine", "draws": [{"scan", "dice": {structure: %}, "seconds"}], "summary"}``:
 per-structure means over the draws, and the median, min, max and population std of the draws'
