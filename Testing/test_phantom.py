@@ -10,6 +10,7 @@ from scipy import ndimage
 
 from vaeuda import phantom
 from vaeuda.errors import VaeudaError
+from vaeuda.metrics import dice
 
 TARGETS = (205, 420, 500, 820)
 DISTRACTORS = (550, 600, 850)
@@ -89,8 +90,7 @@ def test_body_frame_overlays_the_mr_and_ct_renderings_of_one_subject(small_subje
 
     def dice_on_mr_grid(ct_label, value):
         moved = sitk.GetArrayFromImage(sitk.Resample(ct_label, mr.label, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-        a, b = sitk.GetArrayFromImage(mr.label) == value, moved == value
-        return 2 * (a & b).sum() / (a.sum() + b.sum())
+        return dice(sitk.GetArrayFromImage(mr.label) == value, moved == value)
 
     assert dice_on_mr_grid(ct.label, 500) == 0.0                      # scanner frames: the bodies do not meet
     for value in (500, 205):                                          # LV blood, and its 8-12 mm wall

@@ -55,8 +55,10 @@ from vaeuda.labels import MMWHS  # noqa: E402
 from vaeuda.losses import gan_loss, kl_to_standard_normal  # noqa: E402
 from vaeuda.modelfile import load_model  # noqa: E402
 from vaeuda.nets import MultiScaleDiscriminator  # noqa: E402
+from vaeuda.train import TrainConfig  # noqa: E402
 
 SCORED_SLICES = 96        # fixed slices per image kind for the informed discriminator's scores
+ENGINE_ADAM = TrainConfig()  # the engine's Adam defaults (betas, weight decay), one source of truth
 
 
 def paired_slices(cohort: Path, net_cfg, normalisation: dict):
@@ -114,12 +116,13 @@ def x_ts(net, x: torch.Tensor) -> torch.Tensor:
 
 class InformedDiscriminator:
     """A fresh Disc of ``net``'s configuration that learns real MR slices (N, 3, S, S) against x_TS
-    of one CT scan's slices, with Adam as the engine's discriminator (betas 0.5, 0.999, weight
-    decay 1e-4)."""
+    of one CT scan's slices, with Adam as the engine's discriminator (``TrainConfig``'s betas and
+    weight decay)."""
 
     def __init__(self, net, mr: torch.Tensor, ct: torch.Tensor, lr: float, batch_size: int, gen: torch.Generator):
         self.disc = MultiScaleDiscriminator(net.cfg)
-        self.opt = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=(0.5, 0.999), weight_decay=1e-4)
+        self.opt = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=ENGINE_ADAM.betas,
+                                    weight_decay=ENGINE_ADAM.weight_decay)
         self.mr, self.ct, self.batch_size, self.gen = mr, ct, batch_size, gen
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +218,7 @@ def main(argv=None) -> int:
     evaluate(0)
     for param in net.enc_t.parameters():
         param.requires_grad_(True)
-    opt = torch.optim.Adam(net.enc_t.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt = torch.optim.Adam(net.enc_t.parameters(), lr=args.lr, betas=ENGINE_ADAM.betas)
     for it in range(1, args.iterations + 1):
         if args.objective == "adversarial":
             if args.disc_learns:
