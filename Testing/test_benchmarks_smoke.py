@@ -303,8 +303,14 @@ def test_paired_alignment_refuses_a_cohort_it_cannot_redraw(tiny_cohort, tiny_so
     proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(cohort), "--iterations", "1")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "is not the subject its seed draws" in proc.stderr
+    (cohort / "splits.json").write_text(json.dumps(dict(splits, seed="7")))
+    proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(cohort), "--iterations", "1")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no integer cohort seed" in proc.stderr
+    (cohort / "splits.json").write_text(json.dumps(splits)[:-5])          # cut short: not JSON
+    proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(cohort), "--iterations", "1")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "cannot be read as JSON" in proc.stderr
     proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"))
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no splits.json" in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "splits.json: not found" in proc.stderr
 
 
 def test_paired_alignment_plays_e_t_against_an_informed_discriminator(tiny_cohort, tiny_source_model, tmp_path):

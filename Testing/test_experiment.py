@@ -191,6 +191,9 @@ def test_curve_stats_hand_computed():
 def test_bad_cohort_is_one_clear_error(tmp_path):
     with pytest.raises(VaeudaError, match="splits.json: not found"):
         experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
+    (tmp_path / "splits.json").write_text(json.dumps([["mr_1"], ["ct_1"]]))
+    with pytest.raises(VaeudaError, match="splits.json: holds no JSON object of splits"):
+        experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
     (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1"]}, "ct": {"train": ["ct_1"], "test": []}}))
     with pytest.raises(VaeudaError, match="ct test split is empty"):
         experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")

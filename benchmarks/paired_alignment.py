@@ -37,7 +37,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
 from adaptation_curves import fixed_slices, mean_score  # noqa: E402
@@ -47,7 +47,7 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
 from vaeuda import phantom, volumes  # noqa: E402
-from vaeuda.demo import cohort_split, image_of  # noqa: E402
+from vaeuda.demo import cohort_split, image_of, read_splits  # noqa: E402
 from vaeuda.diagnose import translation_contrast  # noqa: E402
 from vaeuda.errors import VaeudaError  # noqa: E402
 from vaeuda.experiment import HeldOutDiceProbe  # noqa: E402
@@ -66,13 +66,14 @@ def paired_slices(cohort: Path, net_cfg, normalisation: dict):
     both (N, 3, S, S) on each MR volume's slice grid. Label agreement: the fraction of voxels
     labelled in either rendering whose class is the same in both (1 for a perfect overlay; the CT
     is drawn on another grid, so a little less)."""
-    if not (cohort / "splits.json").is_file():
-        raise VaeudaError(f"{cohort}: no splits.json; pass a cohort folder written by `vaeuda synth`.")
-    splits = json.loads((cohort / "splits.json").read_text())
-    if not str(splits.get("generator", "")).startswith("vaeuda.phantom"):
+    splits = read_splits(cohort)
+    generator = splits.get("generator")
+    if not str(generator or "").startswith("vaeuda.phantom"):
         raise VaeudaError(f"{cohort}: not a phantom cohort (splits.json names no vaeuda.phantom generator).")
-    if splits["generator"] != phantom.GENERATOR:
-        raise VaeudaError(f"{cohort}: made by {splits['generator']}, this engine draws {phantom.GENERATOR}.")
+    if generator != phantom.GENERATOR:
+        raise VaeudaError(f"{cohort}: made by {generator}, this engine draws {phantom.GENERATOR}.")
+    if not isinstance(splits.get("seed"), int):
+        raise VaeudaError(f"{cohort}: splits.json records no integer cohort seed, so its subjects cannot be drawn again.")
     xs_mr, xs_ct, same, labelled = [], [], 0, 0
     for prefix in cohort_split(cohort, "mr", "train"):
         index = int(prefix.rsplit("_", 1)[1]) - phantom.FIRST_ID
@@ -98,15 +99,14 @@ def paired_slices(cohort: Path, net_cfg, normalisation: dict):
 
 
 @torch.no_grad()
-def posterior_means(net, x: torch.Tensor, domain: str, chunk: int = 64) -> torch.Tensor:
-    return torch.cat([net.posterior(x[k:k + chunk], domain)[0] for k in range(0, len(x), chunk)])
-
-
-@torch.no_grad()
-def mean_kl(net, x: torch.Tensor, domain: str, chunk: int = 64) -> float:
-    parts = [kl_to_standard_normal(*net.posterior(x[k:k + chunk], domain)) * len(x[k:k + chunk])
-             for k in range(0, len(x), chunk)]
-    return float(sum(parts) / len(x))
+def posterior_summary(net, x: torch.Tensor, domain: str, chunk: int = 64) -> Tuple[torch.Tensor, float]:
+    """The posterior means (N, C, s, s) of slices x (N, 3, S, S) and their mean closed-form KL to N(0, I)."""
+    means, kl_sum = [], 0.0
+    for k in range(0, len(x), chunk):
+        mu, logvar = net.posterior(x[k:k + chunk], domain)
+        means.append(mu)
+        kl_sum += float(kl_to_standard_normal(mu, logvar)) * len(mu)
+    return torch.cat(means), kl_sum / len(x)
 
 
 def x_ts(net, x: torch.Tensor) -> torch.Tensor:
@@ -192,8 +192,8 @@ def main(argv=None) -> int:
     if not args.own_target_encoder:
         net.copy_source_to_target()
     net.eval()
-    target_means = posterior_means(net, x_mr, "source")      # what E_T should produce for the paired CT
-    kl_before = mean_kl(net, ct_val.images, "target")
+    target_means = posterior_summary(net, x_mr, "source")[0]      # what E_T should produce for the paired CT
+    kl_before = posterior_summary(net, ct_val.images, "target")[1]
     for param in net.parameters():
         param.requires_grad_(False)
     gen = torch.Generator().manual_seed(args.seed)
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     def evaluate(iteration: int) -> None:
         net.eval()
         scores = probe(iteration, net)
-        mse = float(torch.mean((posterior_means(net, x_ct, "target") - target_means) ** 2))
+        mse = float(torch.mean((posterior_summary(net, x_ct, "target")[0] - target_means) ** 2))
         row = {"iteration": iteration, "latent_mse": round(mse, 4), "test": round(100 * scores["test_dice_mean"], 2),
                "test_per_structure": {k: round(100 * v, 2) for k, v in scores["test_dice"].items()}}
         if informed is not None:
@@ -239,8 +239,8 @@ def main(argv=None) -> int:
     net.eval()
     rows = translation_contrast(net, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
     record.update(curve=curve, kl={"E_T on CT, before": round(kl_before, 4),
-                                   "E_T on CT, after": round(mean_kl(net, ct_val.images, "target"), 4),
-                                   "E_S on MR": round(mean_kl(net, mr_set.images, "source"), 4)},
+                                   "E_T on CT, after": round(posterior_summary(net, ct_val.images, "target")[1], 4),
+                                   "E_S on MR": round(posterior_summary(net, mr_set.images, "source")[1], 4)},
                   x_ts_contrast={k: round(v, 3) for k, v in rows["x_TS (CT as MR)"].items()})
     print(json.dumps({"kl": record["kl"], "x_ts_contrast": record["x_ts_contrast"]}), flush=True)
     if args.out:

@@ -23,8 +23,8 @@ from .labels import STRUCTURES
 from .progress import Reporter, null_reporter
 
 
-def cohort_split(cohort: Path, modality: str, split: str) -> List[str]:
-    """The scan prefixes of ``splits.json`` -> ``modality`` -> ``split`` (e.g. "ct", "test")."""
+def read_splits(cohort: Path) -> dict:
+    """``cohort/splits.json`` as a dict, or VaeudaError in one sentence (missing, unreadable, not an object)."""
     path = Path(cohort) / "splits.json"
     try:
         splits = json.loads(path.read_text())
@@ -32,10 +32,17 @@ def cohort_split(cohort: Path, modality: str, split: str) -> List[str]:
         raise VaeudaError(f"{path}: not found; a cohort folder needs it (make one with `vaeuda synth`).") from None
     except (OSError, ValueError) as exc:
         raise VaeudaError(f"{path}: cannot be read as JSON ({exc}).") from None
-    entry = splits.get(modality) if isinstance(splits, dict) else None
+    if not isinstance(splits, dict):
+        raise VaeudaError(f"{path}: holds no JSON object of splits.")
+    return splits
+
+
+def cohort_split(cohort: Path, modality: str, split: str) -> List[str]:
+    """The scan prefixes of ``splits.json`` -> ``modality`` -> ``split`` (e.g. "ct", "test")."""
+    entry = read_splits(cohort).get(modality)
     prefixes = entry.get(split) if isinstance(entry, dict) else None
     if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
-        raise VaeudaError(f"{path}: has no \"{modality}\" -> \"{split}\" list of scan prefixes.")
+        raise VaeudaError(f"{Path(cohort) / 'splits.json'}: has no \"{modality}\" -> \"{split}\" list of scan prefixes.")
     return prefixes
 
 
