@@ -168,6 +168,17 @@ def test_read_model_metadata(mod, tmp_path):
         mod.readModelMetadata(tmp_path / "other.safetensors")
 
 
+def test_engine_environment_finds_the_engine_and_lets_openmp_threads_sleep(mod, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = mod.VAEUDASegmentationLogic._engineEnvironment()
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep) == [mod.MODULE_DIR, "/elsewhere"]
+    assert "OMP_WAIT_POLICY" not in os.environ          # the GUI process's own environment is untouched
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")     # a user's choice wins
+    assert mod.VAEUDASegmentationLogic._engineEnvironment()["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_stand_in_volume_io_converts_ras_to_lps_and_round_trips(slicer, tmp_path):
     """The geometry the other tests rely on: what the stand-in writes is what Slicer would write."""
     array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)       # (K, J, I)
