@@ -611,8 +611,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         # The engine ships beside this file; make ``-m vaeuda`` find it in the child too.
         env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
-        # Slicer's own threads share the cores with the engine: spinning OpenMP workers then wait on
-        # descheduled ones (4x slower with one core busy; idle, sleeping ones cost 5-25 %,
+        # Slicer shares the cores with the engine: spinning OpenMP workers then wait on descheduled
+        # ones (adaptation 4x slower with one of two cores busy; sleeping ones cost 5-25 % when idle,
         # Docs/benchmarks.md). OpenMP reads this at start-up, so it goes into the child's environment.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return env
