@@ -303,9 +303,10 @@ def test_paired_alignment_refuses_a_cohort_it_cannot_redraw(tiny_cohort, tiny_so
     proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(cohort), "--iterations", "1")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "is not the subject its seed draws" in proc.stderr
-    (cohort / "splits.json").write_text(json.dumps(dict(splits, seed="7")))
-    proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(cohort), "--iterations", "1")
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no integer cohort seed" in proc.stderr
+    for not_a_seed in ("7", True):
+        (cohort / "splits.json").write_text(json.dumps(dict(splits, seed=not_a_seed)))
+        proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(cohort), "--iterations", "1")
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no integer cohort seed" in proc.stderr
     (cohort / "splits.json").write_text(json.dumps(splits)[:-5])          # cut short: not JSON
     proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(cohort), "--iterations", "1")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "cannot be read as JSON" in proc.stderr

@@ -72,7 +72,7 @@ def paired_slices(cohort: Path, net_cfg, normalisation: dict):
         raise VaeudaError(f"{cohort}: not a phantom cohort (splits.json names no vaeuda.phantom generator).")
     if generator != phantom.GENERATOR:
         raise VaeudaError(f"{cohort}: made by {generator}, this engine draws {phantom.GENERATOR}.")
-    if not isinstance(splits.get("seed"), int):
+    if isinstance(splits.get("seed"), bool) or not isinstance(splits.get("seed"), int):
         raise VaeudaError(f"{cohort}: splits.json records no integer cohort seed, so its subjects cannot be drawn again.")
     xs_mr, xs_ct, same, labelled = [], [], 0, 0
     for prefix in cohort_split(cohort, "mr", "train"):
