@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pathlib
 import struct
 import subprocess
 import sys
@@ -345,6 +346,7 @@ def test_segment_into_an_existing_node_replaces_its_segments(slicer, mod, fake_l
 
     result = fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), existing)
     assert result is existing and scene_node_ids(slicer) == before       # no temporary node left behind
+    assert "--cpu-bf16" not in json.loads((tmp_path / "args.json").read_text())   # fp32 unless asked
     segmentation = existing.GetSegmentation()
     assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == \
         ["LV-M", "LA-B", "LV-B", "A-A"]
@@ -361,6 +363,9 @@ def test_segment_into_an_existing_node_replaces_its_segments(slicer, mod, fake_l
     assert np.count_nonzero(expected == 205) == 0                             # LV-M empty, but present
     assert existing.GetNodeReference(existing.GetReferenceImageGeometryReferenceRole()) is volume
     assert sh.GetItemParent(sh.GetItemByDataNode(existing)) == study
+    fake_logic.segment(volume, str(tmp_path / "m.safetensors"), existing, cpuBf16=True)
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert "--cpu-bf16" in args and args[-1].endswith("input.nii.gz")
 
 
 def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(slicer, mod, monkeypatch, tmp_path):
@@ -504,3 +509,32 @@ def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_p
     assert mod.labelValuesOfModel(metadata) == [0, 205, 420, 500, 820]
     assert metadata["config"]["input_size"] == 48                       # the tiny preset's own is 32
     assert os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_every_panel_widget_names_a_parameter_of_its_type(mod):
+    """The .ui binds widgets to the parameter node by SlicerParameterName; a typo or a type the
+    widget cannot show would leave the control silently unconnected in Slicer."""
+    import typing
+    import xml.etree.ElementTree as ET
+    ui = ET.parse(os.path.join(mod.MODULE_DIR, "Resources", "UI", "VAEUDASegmentation.ui"))
+    bound = {}
+    for widget in ui.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = widget.get("class")
+    fields = typing.get_type_hints(mod.VAEUDASegmentationParameterNode, include_extras=True)
+    assert set(bound) == set(fields)                       # every parameter shown, every widget bound
+    # What Slicer's guiConnectors.py accepts for each widget class the panel uses.
+    shown_by = {"QCheckBox": (bool,), "QSpinBox": (int,), "QComboBox": (int, float, str, bool),
+                "ctkPathLineEdit": (pathlib.Path,), "ctkDirectoryButton": (pathlib.Path,)}
+    from slicer.parameterNodeWrapper import Choice
+    for name, widget_class in bound.items():
+        hint = fields[name]
+        annotated = typing.get_origin(hint) is typing.Annotated
+        base, extras = (typing.get_args(hint)[0], hint.__metadata__) if annotated else (hint, ())
+        if widget_class == "qMRMLNodeComboBox":
+            assert base.__name__.startswith("vtkMRML"), name
+            continue
+        assert base in shown_by[widget_class], (name, widget_class, base)
+        if widget_class == "QComboBox":                   # Slicer requires the Choice annotation there
+            assert any(isinstance(e, Choice) for e in extras), name

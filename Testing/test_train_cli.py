@@ -269,3 +269,27 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert text.count("| Unadapted |") == 1 and "Oracle" in text
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_bf16_is_opt_in_and_stays_close_to_fp32(tiny_cohort, tiny_source_model, tmp_path):
+    from vaeuda.predict import slice_probabilities
+    from vaeuda.volumes import SliceGrid, read_image
+    net, meta = load_model(tiny_source_model)
+    image = read_image(tiny_cohort / "ct_1002_image.nii.gz")
+    slices = SliceGrid.from_image(image, net.cfg.input_size, net.cfg.slice_fov_mm).image_slices(image, meta["normalisation"])
+    cpu = torch.device("cpu")
+    fp32 = slice_probabilities(net, slices, "source", cpu).astype(np.float32)
+    assert np.array_equal(slice_probabilities(net, slices, "source", cpu, cpu_bf16=False), fp32)   # the default
+    bf16 = slice_probabilities(net, slices, "source", cpu, cpu_bf16=True).astype(np.float32)
+    assert not np.array_equal(bf16, fp32)                 # autocast did engage
+    assert np.abs(bf16 - fp32).max() < 0.01               # bf16's 8-bit mantissa, not another network (5e-4 here)
+
+    outs = {}
+    for flag in ([], ["--cpu-bf16"]):
+        out = tmp_path / ("bf16" if flag else "fp32")
+        assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--device", "cpu",
+                     "--progress", "none", *flag, str(tiny_cohort / "ct_1002_image.nii.gz")]) == 0
+        outs[bool(flag)] = sitk.ReadImage(str(out / "ct_1002_image_seg.nii.gz"))
+    assert outs[True].GetSize() == image.GetSize() and outs[True].GetOrigin() == image.GetOrigin()
+    agree = np.mean(sitk.GetArrayFromImage(outs[True]) == sitk.GetArrayFromImage(outs[False]))
+    assert agree > 0.99

@@ -134,9 +134,10 @@ class StepClock(Reporter):
 def forced_autocast(bf16: bool) -> Iterator[None]:
     """bf16 autocast on or off for the code inside, whatever the device.
 
-    ``train.run_stage`` and ``predict.slice_probabilities`` switch bf16 on by device type
-    (CUDA) and have no option for it, so benchmarks swap ``torch.autocast`` for a version with
-    ``enabled`` fixed. Only for measuring: the engine itself is untouched.
+    ``train.run_stage`` switches bf16 on by device type (CUDA) and has no option for it, and
+    ``predict.slice_probabilities`` can only add it on the CPU (``cpu_bf16``), not take it off on
+    CUDA, so benchmarks swap ``torch.autocast`` for a version with ``enabled`` fixed. Only for
+    measuring: the engine itself is untouched.
     """
     real = torch.autocast
 

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (bounds memory)")
     p.add_argument("--domain", choices=("source", "target"), help="force an encoder (default: target if adapted)")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="bf16 autocast on the CPU too (as on CUDA): 1.6-1.9x faster on CPUs with native bf16 "
+                        "(AVX512-BF16, AMX), slower where it is emulated; a few voxels may change label")
     _common(p)
 
     p = sub.add_parser("evaluate", help="Dice and ASSD of predictions against references, paired by name")
@@ -168,7 +171,8 @@ def run(args, reporter: Reporter) -> List[str]:
         from .data import find_images
         from .predict import segment_files
         written = segment_files(args.model, find_images(args.inputs), args.out, device=args.device,
-                                batch_size=args.batch_size, domain=args.domain, reporter=reporter)
+                                batch_size=args.batch_size, domain=args.domain, reporter=reporter,
+                                cpu_bf16=args.cpu_bf16)
         return [str(p) for p in written]
     if cmd == "evaluate":
         from .labels import load_convention
