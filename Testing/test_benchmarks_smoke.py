@@ -234,6 +234,39 @@ def test_adaptation_curves_reads_both_gan_forms_as_real_1_fake_0():
     assert mean_score(disc, None, "vanilla") == pytest.approx(vanilla, abs=1e-4)
 
 
+def test_latent_probe_reads_separable_and_identical_encodings():
+    import torch
+    latent_probe = _bench_module("adaptation_curves").latent_probe
+    g = torch.Generator().manual_seed(0)
+    noise = lambda: torch.randn(24, 8, 6, 6, generator=g)          # noqa: E731
+    # shifted by 3 noise stds in every channel: any location tells its domain
+    far = latent_probe(noise() + 3, noise(), noise() + 3, noise(), seed=0)
+    assert far["accuracy"] > 0.99 and far["pad"] == pytest.approx(2 * (2 * far["accuracy"] - 1), abs=1e-3)
+    # the same distribution on both sides: the held-out balanced accuracy is near chance
+    same = latent_probe(noise(), noise(), noise(), noise(), seed=0)
+    assert abs(same["accuracy"] - 0.5) < 0.1 and same["pad"] == pytest.approx(2 * (2 * same["accuracy"] - 1), abs=1e-3)
+    # its own randomness: the global generator is where it was
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    latent_probe(noise(), noise(), noise(), noise(), seed=1, steps=3)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_adaptation_curves_latent_probe_leaves_the_curve_unchanged(tiny_cohort, tiny_source_model, tmp_path):
+    curves = {}
+    for flag in ([], ["--latent-probe"]):
+        out = tmp_path / f"curves{len(flag)}.json"
+        proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                    "--target", "ct_1001", "--val", "ct_1002", "--iterations", "4", "--every", "2", "--out", str(out),
+                    *flag)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        curves[bool(flag)] = json.loads(out.read_text())["curve"]
+    with_probe = curves[True]
+    assert all(0.0 <= row["latent"]["accuracy"] <= 1.0 for row in with_probe)
+    assert [{k: v for k, v in row.items() if k != "latent"} for row in with_probe] == curves[False]
+
+
 def test_adaptation_curves_refuses_a_missing_cohort(tiny_source_model, tmp_path):
     proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"),
                 "--target", "ct_1001")

@@ -19,6 +19,11 @@ model) and every ``--every`` iterations, records:
   and ring - myocardium) of x_ST and x_TS as the weight average renders them, on labelled slices
   of two MR training scans and of the validation scans: whether the translations flip the
   border's polarity as adaptation goes on (real CT about 0.4 / -0.1, real MR 1.4 / 1.3).
+- ``latent`` (with ``--latent-probe``): how well a fresh domain classifier tells the target
+  encoding from the source encoding (:func:`latent_probe`): trained on the posterior means of two
+  MR training scans (E_S) against the adaptation scan's (E_T), scored on the MR test scans against
+  the validation scans. Balanced accuracy 0.5: the encodings are indistinguishable (aligned);
+  1.0: separable. It draws no random number the training draws, so the curve is the same with it.
 
 ``--set NAME=VALUE`` (repeatable) overrides one of the engine's training options
 (``train.TrainConfig``, e.g. ``--set lambda_adv=10``); values are read as JSON.
@@ -36,20 +41,24 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from vaeuda import train  # noqa: E402
 from vaeuda.demo import cohort_split, image_of  # noqa: E402
 from vaeuda.diagnose import translation_contrast  # noqa: E402
 from vaeuda.errors import VaeudaError  # noqa: E402
 from vaeuda.experiment import HeldOutDiceProbe  # noqa: E402
+from vaeuda.losses import kl_to_standard_normal  # noqa: E402
 from vaeuda.modelfile import load_model  # noqa: E402
 
 DISC_SLICES = 32          # fixed slices per image kind for the discriminator's scores
+LATENT_PROBE_STEPS = 200  # Adam steps of the fresh domain classifier at each evaluation
 CONTRAST_ROWS = {"x_ST (MR as CT)": "x_ST", "x_TS (CT as MR)": "x_TS"}
 CONTRAST_COLUMNS = {"blood - myocardium": "blood-myo", "ring - myocardium": "ring-myo"}
 
@@ -77,6 +86,45 @@ def disc_scores(net, mr: torch.Tensor, ct: torch.Tensor, gan_mode: str = "lsgan"
     return scores
 
 
+def latent_probe(train_s: torch.Tensor, train_t: torch.Tensor, test_s: torch.Tensor, test_t: torch.Tensor,
+                 seed: int, steps: int = LATENT_PROBE_STEPS, batch: int = 16) -> Dict[str, float]:
+    """Domain classification of latent maps (N, C, s, s): a fresh classifier of each latent location
+    from its 3 x 3 neighbourhood (a 3x3 convolution, LeakyReLU, a 1x1 head) learns source (1)
+    against target (0) on the training pair for ``steps`` Adam steps and is scored on the held-out
+    pair. Returns the balanced held-out accuracy over locations and the proxy A-distance
+    2 (2 acc - 1) (Ben-David et al., NeurIPS 2007; 0: indistinguishable, 2: separable).
+    Its randomness is its own (a forked global generator), so a training run it watches is unchanged."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clf = nn.Sequential(nn.Conv2d(train_s.shape[1], 32, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(32, 1, 1))
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    with torch.enable_grad():
+        for _ in range(steps):
+            s = train_s[torch.randint(len(train_s), (batch,), generator=gen)]
+            t = train_t[torch.randint(len(train_t), (batch,), generator=gen)]
+            logits = clf(torch.cat([s, t]))
+            labels = torch.cat([torch.ones_like(logits[:batch]), torch.zeros_like(logits[batch:])])
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        accuracy = (float((clf(test_s) > 0).float().mean()) + float((clf(test_t) <= 0).float().mean())) / 2
+    return {"accuracy": round(accuracy, 4), "pad": round(2 * (2 * accuracy - 1), 4)}
+
+
+@torch.no_grad()
+def posterior_summary(net, x: torch.Tensor, domain: str, chunk: int = 64) -> Tuple[torch.Tensor, float]:
+    """The posterior means (N, C, s, s) of slices x (N, 3, S, S) and their mean closed-form KL to N(0, I)."""
+    means, kl_sum = [], 0.0
+    for k in range(0, len(x), chunk):
+        mu, logvar = net.posterior(x[k:k + chunk], domain)
+        means.append(mu)
+        kl_sum += float(kl_to_standard_normal(mu, logvar)) * len(mu)
+    return torch.cat(means), kl_sum / len(x)
+
+
 def fixed_slices(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images[order[:n]]
@@ -100,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a training option (train.TrainConfig), e.g. lambda_adv=10; repeatable")
     p.add_argument("--contrast", action="store_true", help="also record the translations' LV border contrast")
+    p.add_argument("--latent-probe", action="store_true",
+                   help="also record how well a fresh domain classifier separates the target from the source encoding")
     p.add_argument("--target-encoder-lr-scale", type=float, default=1.0,
                    help="step E_T at this multiple of the learning rate (0: frozen at its copy of E_S)")
     args = p.parse_args(argv)
@@ -131,6 +181,13 @@ def main(argv=None) -> int:
         mr = fixed_slices(mr_set.images, DISC_SLICES, args.seed)
         ct = fixed_slices(cohort_slices(cohort, [args.target], cfg, norm).images, DISC_SLICES, args.seed)
         ct_val = cohort_slices(cohort, val, cfg, norm, labelled=True) if args.contrast else None
+        if args.latent_probe:
+            if not val:
+                raise VaeudaError("--latent-probe scores on the validation scans; there are none (--val).")
+            probe_sets = {"train_s": mr_set.images,
+                          "train_t": cohort_slices(cohort, [args.target], cfg, norm).images,
+                          "test_s": cohort_slices(cohort, cohort_split(cohort, "mr", "test"), cfg, norm).images,
+                          "test_t": ct_val.images if ct_val is not None else cohort_slices(cohort, val, cfg, norm).images}
         curve: List[dict] = []
 
         def evaluate(iteration: int, averaged, live) -> None:
@@ -142,6 +199,11 @@ def main(argv=None) -> int:
                 rows = translation_contrast(averaged, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
                 row["contrast"] = {short: {c: round(rows[name][col], 3) for col, c in CONTRAST_COLUMNS.items()}
                                    for name, short in CONTRAST_ROWS.items()}
+            if args.latent_probe:
+                averaged.eval()
+                means = {k: posterior_summary(averaged, x, "source" if k.endswith("_s") else "target")[0]
+                         for k, x in probe_sets.items()}
+                row["latent"] = latent_probe(**means, seed=args.seed)
             curve.append(row)
             print(json.dumps(row), flush=True)
 

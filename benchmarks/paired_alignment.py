@@ -37,10 +37,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List
 
 from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
-from adaptation_curves import fixed_slices, mean_score  # noqa: E402
+from adaptation_curves import fixed_slices, mean_score, posterior_summary  # noqa: E402
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -52,7 +52,7 @@ from vaeuda.diagnose import translation_contrast  # noqa: E402
 from vaeuda.errors import VaeudaError  # noqa: E402
 from vaeuda.experiment import HeldOutDiceProbe  # noqa: E402
 from vaeuda.labels import MMWHS  # noqa: E402
-from vaeuda.losses import gan_loss, kl_to_standard_normal  # noqa: E402
+from vaeuda.losses import gan_loss  # noqa: E402
 from vaeuda.modelfile import load_model  # noqa: E402
 from vaeuda.nets import MultiScaleDiscriminator  # noqa: E402
 from vaeuda.train import TrainConfig  # noqa: E402
@@ -96,17 +96,6 @@ def paired_slices(cohort: Path, net_cfg, normalisation: dict):
         same += int((a[either] == b[either]).sum())
         labelled += int(either.sum())
     return torch.cat(xs_mr), torch.cat(xs_ct), same / max(labelled, 1)
-
-
-@torch.no_grad()
-def posterior_summary(net, x: torch.Tensor, domain: str, chunk: int = 64) -> Tuple[torch.Tensor, float]:
-    """The posterior means (N, C, s, s) of slices x (N, 3, S, S) and their mean closed-form KL to N(0, I)."""
-    means, kl_sum = [], 0.0
-    for k in range(0, len(x), chunk):
-        mu, logvar = net.posterior(x[k:k + chunk], domain)
-        means.append(mu)
-        kl_sum += float(kl_to_standard_normal(mu, logvar)) * len(mu)
-    return torch.cat(means), kl_sum / len(x)
 
 
 def x_ts(net, x: torch.Tensor) -> torch.Tensor:
