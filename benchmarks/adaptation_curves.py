@@ -179,13 +179,14 @@ def main(argv=None) -> int:
         # two MR training scans: the discriminator's real slices and, labelled, the contrast's MR rows
         mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=args.contrast)
         mr = fixed_slices(mr_set.images, DISC_SLICES, args.seed)
-        ct = fixed_slices(cohort_slices(cohort, [args.target], cfg, norm).images, DISC_SLICES, args.seed)
+        target_images = cohort_slices(cohort, [args.target], cfg, norm).images
+        ct = fixed_slices(target_images, DISC_SLICES, args.seed)
         ct_val = cohort_slices(cohort, val, cfg, norm, labelled=True) if args.contrast else None
         if args.latent_probe:
             if not val:
                 raise VaeudaError("--latent-probe scores on the validation scans; there are none (--val).")
             probe_sets = {"train_s": mr_set.images,
-                          "train_t": cohort_slices(cohort, [args.target], cfg, norm).images,
+                          "train_t": target_images,
                           "test_s": cohort_slices(cohort, cohort_split(cohort, "mr", "test"), cfg, norm).images,
                           "test_t": ct_val.images if ct_val is not None else cohort_slices(cohort, val, cfg, norm).images}
         curve: List[dict] = []
