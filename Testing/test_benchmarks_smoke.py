@@ -316,9 +316,10 @@ def test_paired_alignment_moves_the_target_encoding_towards_the_mr_latent(tiny_c
                                                                           tmp_path):
     out = tmp_path / "paired.json"
     proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
-                "--iterations", "6", "--every", "3", "--out", str(out))
+                "--iterations", "6", "--every", "3", "--out", str(out), "--latent-probe", "ct_1002")
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(out.read_text())
+    assert all(0.0 <= row["latent"]["accuracy"] <= 1.0 for row in record["curve"])
     assert record["pairing"]["slices"] == 32                            # one MR training volume of 32 coronal slices
     assert record["pairing"]["label_agreement"] > 0.6                   # the CT of the same body overlays its MR
     curve = record["curve"]
@@ -345,6 +346,9 @@ def test_paired_alignment_refuses_a_cohort_it_cannot_redraw(tiny_cohort, tiny_so
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "cannot be read as JSON" in proc.stderr
     proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "splits.json: not found" in proc.stderr
+    proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                "--latent-probe", "ct_1001")                     # the tiny cohort's only CT training scan
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no CT training scan besides" in proc.stderr
 
 
 def test_paired_alignment_plays_e_t_against_an_informed_discriminator(tiny_cohort, tiny_source_model, tmp_path):

@@ -29,6 +29,11 @@ generator-side L^T_adv on that scan's slices against this discriminator (held fi
 learning with ``--disc-learns``): where the adversarial term alone takes E_T, in latent distance
 to the aligned encoder and in Dice.
 
+``--latent-probe SCAN`` records at each evaluation ``adaptation_curves.latent_probe`` with that
+CT scan as the probe's target training scan (the same sets as ``adaptation_curves.py --target
+SCAN --latent-probe`` on the default validation scans): whether the aligned encoder also makes the
+two encodings indistinguishable.
+
 Prints one JSON line per evaluation; ``--out`` also gets the whole record.
 """
 from __future__ import annotations
@@ -40,7 +45,7 @@ from pathlib import Path
 from typing import List
 
 from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
-from adaptation_curves import fixed_slices, mean_score, posterior_summary  # noqa: E402
+from adaptation_curves import fixed_slices, latent_probe, mean_score, posterior_summary  # noqa: E402
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -152,6 +157,8 @@ def main(argv=None) -> int:
                    help="what E_T minimises: the paired latent distance (default) or L^T_adv against the discriminator")
     p.add_argument("--disc-learns", action="store_true", help="with --objective adversarial: one discriminator "
                                                              "step per E_T step, as in the method")
+    p.add_argument("--latent-probe", metavar="SCAN",
+                   help="record the latent domain probe, trained on this CT scan (see adaptation_curves.py)")
     p.add_argument("--out", help="write the record to this JSON file")
     args = p.parse_args(argv)
     if args.objective == "adversarial" and not args.disc_on:
@@ -172,6 +179,14 @@ def main(argv=None) -> int:
         mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=True)
         ct_val = cohort_slices(cohort, cohort_split(cohort, "ct", "train")[:4], cfg, norm, labelled=True)
         ct_scan = cohort_slices(cohort, [args.disc_on], cfg, norm).images if args.disc_on else None
+        if args.latent_probe:
+            val = [s for s in cohort_split(cohort, "ct", "train") if s != args.latent_probe][:4]
+            if not val:
+                raise VaeudaError(f"{cohort}: no CT training scan besides {args.latent_probe} to score the latent probe on.")
+            probe_sets = {"train_s": mr_set.images,
+                          "train_t": cohort_slices(cohort, [args.latent_probe], cfg, norm).images,
+                          "test_s": cohort_slices(cohort, cohort_split(cohort, "mr", "test"), cfg, norm).images,
+                          "test_t": cohort_slices(cohort, val, cfg, norm).images}
     except VaeudaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -201,6 +216,10 @@ def main(argv=None) -> int:
                "test_per_structure": {k: round(100 * v, 2) for k, v in scores["test_dice"].items()}}
         if informed is not None:
             row["disc"] = informed.scores(net, args.seed)
+        if args.latent_probe:
+            means = {k: posterior_summary(net, x, "source" if k.endswith("_s") else "target")[0]
+                     for k, x in probe_sets.items()}
+            row["latent"] = latent_probe(**means, seed=args.seed)
         curve.append(row)
         print(json.dumps(row), flush=True)
 
