@@ -348,7 +348,7 @@ def test_paired_alignment_refuses_a_cohort_it_cannot_redraw(tiny_cohort, tiny_so
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "splits.json: not found" in proc.stderr
     proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
                 "--latent-probe", "ct_1001")                     # the tiny cohort's only CT training scan
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no CT training scan besides" in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no validation CT scan to score the latent probe on" in proc.stderr
 
 
 def test_paired_alignment_plays_e_t_against_an_informed_discriminator(tiny_cohort, tiny_source_model, tmp_path):

@@ -125,6 +125,25 @@ def posterior_summary(net, x: torch.Tensor, domain: str, chunk: int = 64) -> Tup
     return torch.cat(means), kl_sum / len(x)
 
 
+def latent_probe_sets(cohort: Path, mr_train: torch.Tensor, target: torch.Tensor, val: List[str], cfg,
+                      norm: dict) -> Dict[str, torch.Tensor]:
+    """The probe's slices (N, 3, S, S): MR training slices and the target scan's to train on, the
+    cohort's MR test split and the validation scans ``val`` to score on."""
+    if not val:
+        raise VaeudaError(f"{cohort}: no validation CT scan to score the latent probe on.")
+    return {"train_s": mr_train, "train_t": target,
+            "test_s": cohort_slices(cohort, cohort_split(cohort, "mr", "test"), cfg, norm).images,
+            "test_t": cohort_slices(cohort, val, cfg, norm).images}
+
+
+def latent_probe_of(net, sets: Dict[str, torch.Tensor], seed: int) -> Dict[str, float]:
+    """:func:`latent_probe` on ``net``'s posterior means of :func:`latent_probe_sets` (``*_s`` through
+    the source encoder, ``*_t`` through the target encoder)."""
+    net.eval()
+    means = {k: posterior_summary(net, x, "source" if k.endswith("_s") else "target")[0] for k, x in sets.items()}
+    return latent_probe(**means, seed=seed)
+
+
 def fixed_slices(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images[order[:n]]
@@ -182,13 +201,7 @@ def main(argv=None) -> int:
         target_images = cohort_slices(cohort, [args.target], cfg, norm).images
         ct = fixed_slices(target_images, DISC_SLICES, args.seed)
         ct_val = cohort_slices(cohort, val, cfg, norm, labelled=True) if args.contrast else None
-        if args.latent_probe:
-            if not val:
-                raise VaeudaError("--latent-probe scores on the validation scans; there are none (--val).")
-            probe_sets = {"train_s": mr_set.images,
-                          "train_t": target_images,
-                          "test_s": cohort_slices(cohort, cohort_split(cohort, "mr", "test"), cfg, norm).images,
-                          "test_t": ct_val.images if ct_val is not None else cohort_slices(cohort, val, cfg, norm).images}
+        probe_sets = latent_probe_sets(cohort, mr_set.images, target_images, val, cfg, norm) if args.latent_probe else None
         curve: List[dict] = []
 
         def evaluate(iteration: int, averaged, live) -> None:
@@ -200,11 +213,8 @@ def main(argv=None) -> int:
                 rows = translation_contrast(averaged, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
                 row["contrast"] = {short: {c: round(rows[name][col], 3) for col, c in CONTRAST_COLUMNS.items()}
                                    for name, short in CONTRAST_ROWS.items()}
-            if args.latent_probe:
-                averaged.eval()
-                means = {k: posterior_summary(averaged, x, "source" if k.endswith("_s") else "target")[0]
-                         for k, x in probe_sets.items()}
-                row["latent"] = latent_probe(**means, seed=args.seed)
+            if probe_sets is not None:
+                row["latent"] = latent_probe_of(averaged, probe_sets, args.seed)
             curve.append(row)
             print(json.dumps(row), flush=True)
 

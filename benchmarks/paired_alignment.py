@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import List
 
 from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
-from adaptation_curves import fixed_slices, latent_probe, mean_score, posterior_summary  # noqa: E402
+from adaptation_curves import fixed_slices, latent_probe_of, latent_probe_sets, mean_score, posterior_summary  # noqa: E402
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -179,14 +179,11 @@ def main(argv=None) -> int:
         mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=True)
         ct_val = cohort_slices(cohort, cohort_split(cohort, "ct", "train")[:4], cfg, norm, labelled=True)
         ct_scan = cohort_slices(cohort, [args.disc_on], cfg, norm).images if args.disc_on else None
-        if args.latent_probe:
+        probe_sets = None
+        if args.latent_probe:     # adaptation_curves.py's sets for --target SCAN and its default validation scans
             val = [s for s in cohort_split(cohort, "ct", "train") if s != args.latent_probe][:4]
-            if not val:
-                raise VaeudaError(f"{cohort}: no CT training scan besides {args.latent_probe} to score the latent probe on.")
-            probe_sets = {"train_s": mr_set.images,
-                          "train_t": cohort_slices(cohort, [args.latent_probe], cfg, norm).images,
-                          "test_s": cohort_slices(cohort, cohort_split(cohort, "mr", "test"), cfg, norm).images,
-                          "test_t": cohort_slices(cohort, val, cfg, norm).images}
+            probe_sets = latent_probe_sets(cohort, mr_set.images,
+                                           cohort_slices(cohort, [args.latent_probe], cfg, norm).images, val, cfg, norm)
     except VaeudaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -216,10 +213,8 @@ def main(argv=None) -> int:
                "test_per_structure": {k: round(100 * v, 2) for k, v in scores["test_dice"].items()}}
         if informed is not None:
             row["disc"] = informed.scores(net, args.seed)
-        if args.latent_probe:
-            means = {k: posterior_summary(net, x, "source" if k.endswith("_s") else "target")[0]
-                     for k, x in probe_sets.items()}
-            row["latent"] = latent_probe(**means, seed=args.seed)
+        if probe_sets is not None:
+            row["latent"] = latent_probe_of(net, probe_sets, args.seed)
         curve.append(row)
         print(json.dumps(row), flush=True)
 
