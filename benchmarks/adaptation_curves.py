@@ -125,6 +125,12 @@ def posterior_summary(net, x: torch.Tensor, domain: str, chunk: int = 64) -> Tup
     return torch.cat(means), kl_sum / len(x)
 
 
+def default_validation_scans(cohort: Path, target: str) -> List[str]:
+    """The CT training-pool scans other than the adaptation scan ``target``, at most 4 (labels unused
+    in adaptation, so they can choose settings)."""
+    return [s for s in cohort_split(cohort, "ct", "train") if s != target][:4]
+
+
 def latent_probe_sets(cohort: Path, mr_train: torch.Tensor, target: torch.Tensor, val: List[str], cfg,
                       norm: dict) -> Dict[str, torch.Tensor]:
     """The probe's slices (N, 3, S, S): MR training slices and the target scan's to train on, the
@@ -189,8 +195,7 @@ def main(argv=None) -> int:
         cohort = Path(args.cohort)
         net, meta = load_model(args.model)
         cfg, norm = net.cfg, meta["normalisation"]
-        val = args.val if args.val is not None else [
-            s for s in cohort_split(cohort, "ct", "train") if s != args.target][:4]
+        val = args.val if args.val is not None else default_validation_scans(cohort, args.target)
         device = torch.device("cpu")
         probes = {name: HeldOutDiceProbe(cohort, scans, cfg.input_size, cfg.slice_fov_mm, norm, device)
                   for name, scans in (("val", val), ("test", cohort_split(cohort, "ct", "test"))) if scans}

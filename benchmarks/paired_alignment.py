@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import List
 
 from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
-from adaptation_curves import fixed_slices, latent_probe_of, latent_probe_sets, mean_score, posterior_summary  # noqa: E402
+from adaptation_curves import (default_validation_scans, fixed_slices, latent_probe_of,  # noqa: E402
+                               latent_probe_sets, mean_score, posterior_summary)
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -181,9 +182,9 @@ def main(argv=None) -> int:
         ct_scan = cohort_slices(cohort, [args.disc_on], cfg, norm).images if args.disc_on else None
         probe_sets = None
         if args.latent_probe:     # adaptation_curves.py's sets for --target SCAN and its default validation scans
-            val = [s for s in cohort_split(cohort, "ct", "train") if s != args.latent_probe][:4]
             probe_sets = latent_probe_sets(cohort, mr_set.images,
-                                           cohort_slices(cohort, [args.latent_probe], cfg, norm).images, val, cfg, norm)
+                                           cohort_slices(cohort, [args.latent_probe], cfg, norm).images,
+                                           default_validation_scans(cohort, args.latent_probe), cfg, norm)
     except VaeudaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
