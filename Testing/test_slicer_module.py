@@ -368,6 +368,41 @@ def test_segment_into_an_existing_node_replaces_its_segments(slicer, mod, fake_l
     assert "--cpu-bf16" in args and args[-1].endswith("input.nii.gz")
 
 
+def test_segment_a_transformed_volume_into_a_surface_segmentation(slicer, mod, fake_logic, tmp_path):
+    """A volume under a transform: labels, segmentation and reference geometry share that transform
+    (Slicer would resample the labels or transform the geometry otherwise; the stand-in refuses);
+    a reused node whose source representation is closed surface is switched to binary labelmap."""
+    from vaeuda.labels import MMWHS
+    array = np.random.default_rng(1).normal(size=(5, 6, 7)).astype(np.float32)
+    volume = add_volume(slicer, array)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    surfaces = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    surfaces.GetSegmentation().SetSourceRepresentationName(slicer.CLOSED_SURFACE)
+    surfaces.GetSegmentation().AddEmptySegment("old")
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+
+    for output in (None, surfaces):
+        result = fake_logic.segment(volume, model, output)
+        assert result.GetTransformNodeID() == transform.GetID()
+        assert result.GetNodeReference(result.GetReferenceImageGeometryReferenceRole()) is volume
+        assert result.GetSegmentation().GetSourceRepresentationName() == slicer.BINARY_LABELMAP
+        expected = fake_engine.fake_labels(array)
+        for structure in mod.STRUCTURES:
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(result, structure.key)
+            assert np.array_equal(mask > 0, expected == structure.mmwhs_value)
+    assert surfaces.GetSegmentation().GetNumberOfSegments() == len(mod.STRUCTURES)
+
+
+def test_stand_in_segment_ids_follow_slicer(slicer):
+    """vtkSegmentation::GenerateUniqueSegmentID: a taken or empty ID gets ``_<counter>``, never refused."""
+    segmentation = slicer.vtkSegmentation()
+    assert segmentation.AddEmptySegment("LV-M") == "LV-M"
+    assert segmentation.AddEmptySegment("LV-M") == "LV-M_1"
+    assert segmentation.AddEmptySegment("") == "Segment_2"
+    assert segmentation.GetNumberOfSegments() == 3
+
+
 def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(slicer, mod, monkeypatch, tmp_path):
     from importlib import metadata
     logic = mod.VAEUDASegmentationLogic()
@@ -489,6 +524,19 @@ def test_segment_end_to_end_matches_the_engine_run_directly(slicer, mod, tiny_mo
 
 
 @needs_engine
+def test_try_it_cohort_with_the_panel_defaults_separates_the_mr_training_volumes(slicer, mod, tmp_path):
+    """The panel calls makeTryItCohort with its defaults; its source-training folder is what the
+    panel trains on, so it must hold the labelled MR training pairs and nothing else (no CT)."""
+    cohort = mod.VAEUDASegmentationLogic().makeTryItCohort(tmp_path / "cohort")
+    splits = json.loads((Path(cohort.folder) / "splits.json").read_text())
+    assert len(splits["mr"]["train"]) == 4 and splits["ct"]["test"]
+    assert sorted(os.listdir(cohort.sourceTrainingFolder)) == sorted(
+        f"{prefix}_{kind}.nii.gz" for prefix in splits["mr"]["train"] for kind in ("image", "label"))
+    for name in os.listdir(cohort.sourceTrainingFolder):
+        assert (Path(cohort.sourceTrainingFolder) / name).read_bytes() == (Path(cohort.folder) / name).read_bytes()
+    assert cohort.volumeNode.GetName() == splits["ct"]["test"][0]
+
+
 def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_path):
     logic = mod.VAEUDASegmentationLogic()
     cohort = logic.makeTryItCohort(tmp_path / "cohort", nSource=2, nTarget=2, nTrain=1, size=32)
@@ -502,13 +550,23 @@ def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_p
     with pytest.raises(ValueError, match="must be new or empty"):
         logic.makeTryItCohort(tmp_path / "cohort")
 
-    model = logic.trainSource(cohort.folder, tmp_path / "out" / "tiny.safetensors", preset="tiny",
+    model = logic.trainSource(cohort.sourceTrainingFolder, tmp_path / "out" / "tiny.safetensors", preset="tiny",
                               iterations=1, seed=0, device="cpu", inputSize=48)
     assert model == str(tmp_path / "out" / "tiny.safetensors")
     metadata = mod.readModelMetadata(model)
+    assert [Path(p).name for p in metadata["provenance"]["source_data"]] == ["mr_1001_image.nii.gz"]
     assert mod.labelValuesOfModel(metadata) == [0, 205, 420, 500, 820]
     assert metadata["config"]["input_size"] == 48                       # the tiny preset's own is 32
     assert os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_module_self_test_runs_to_the_end_against_the_stand_in(slicer, mod, capsys):
+    """The self-test users run inside Slicer (tiny cohort, tiny model, segment, segment again under a
+    transform) also runs here, against the stand-in and the real engine: it must not skip."""
+    assert mod.VAEUDASegmentationLogic().missingPythonRequirements() == []
+    mod.VAEUDASegmentationTest().runTest()
+    printed = capsys.readouterr().out
+    assert "Segmenting the volume under a transform" in printed and printed.rstrip().endswith("Test passed")
 
 
 def test_every_panel_widget_names_a_parameter_of_its_type(mod):

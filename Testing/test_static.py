@@ -68,9 +68,13 @@ def test_ui_file_is_well_formed_with_unique_names_and_declared_custom_widgets():
     used = {w.get("class") for w in root.iter("widget")}
     custom = {c for c in used if c.startswith(("ctk", "qMRML"))}
     assert custom <= declared, f"custom widgets not declared: {sorted(custom - declared)}"
-    receivers = {c.find("receiver").text for c in root.iter("connection")}
-    mrml_widgets = {w.get("name") for w in root.iter("widget") if w.get("class", "").startswith("qMRML")} - {"VAEUDASegmentation"}
-    assert mrml_widgets <= receivers, "every MRML widget must get the scene (mrmlSceneChanged -> setMRMLScene)"
+    # Node selectors (qMRMLNodeComboBox and its subclass qMRMLCheckableNodeComboBox) list the scene's
+    # nodes, so each needs mrmlSceneChanged -> setMRMLScene; a widget without that slot (such as
+    # qMRMLSegmentationShow3DButton, which gets its node instead) must not be connected to it.
+    scene_receivers = {c.find("receiver").text for c in root.iter("connection")
+                       if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"}
+    node_selectors = {w.get("name") for w in root.iter("widget") if w.get("class", "").endswith("NodeComboBox")}
+    assert scene_receivers == node_selectors, "exactly the node selectors get the scene (mrmlSceneChanged -> setMRMLScene)"
 
 
 def test_cmake_lists_exist_and_every_engine_file_is_listed():

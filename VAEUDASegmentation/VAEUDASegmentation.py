@@ -142,9 +142,11 @@ def classIndicesFromLabelValues(labelArray: np.ndarray, fromIndex: Optional[Sequ
 @dataclass
 class TryItCohort:
     """What :meth:`VAEUDASegmentationLogic.makeTryItCohort` made: the cohort folder (MR and CT
-    volumes with labels, ``splits.json``), and the CT volume and its reference segmentation loaded
-    into the scene (None when not loaded)."""
+    volumes with labels, ``splits.json``); ``sourceTrainingFolder``, its labelled MR training
+    volumes alone (what a source model trains on: the cohort folder also holds labelled CT); and
+    the CT volume and its reference segmentation loaded into the scene (None when not loaded)."""
     folder: str
+    sourceTrainingFolder: str = ""
     volumeNode: object = None
     referenceSegmentationNode: object = None
 
@@ -393,7 +395,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             if self._finishAction(result):
                 cohort = result.value
                 p = self._parameterNode
-                p.trainDataFolder = pathlib.Path(cohort.folder)
+                p.trainDataFolder = pathlib.Path(cohort.sourceTrainingFolder)
                 p.trainOutputModelPath = pathlib.Path(cohort.folder) / "source_model.safetensors"
                 p.adaptedModelPath = pathlib.Path(cohort.folder) / "adapted_model.safetensors"
                 p.inputVolume = cohort.volumeNode
@@ -742,10 +744,15 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 segmentationNode.CreateDefaultDisplayNodes()
             segmentation = segmentationNode.GetSegmentation()
             segmentation.RemoveAllSegments()
-            segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
-                                                inputVolumeNode.GetID())
+            # Labels can only be imported into a binary-labelmap source (a reused node may hold surfaces).
+            segmentationNode.SetSourceRepresentationToBinaryLabelmap()
+            # The label file is in the volume's own frame: labelmap, segmentation and volume all sit under
+            # the volume's transform, so Slicer neither resamples the labels nor transforms the reference
+            # geometry (both happen when parent transforms differ; the transform comes first for that).
+            transformNodeID = inputVolumeNode.GetTransformNodeID()
+            labelmapNode.SetAndObserveTransformNodeID(transformNodeID)
+            segmentationNode.SetAndObserveTransformNodeID(transformNodeID)
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolumeNode)
-            segmentationNode.SetAndObserveTransformNodeID(inputVolumeNode.GetTransformNodeID())
             segmentIds = vtk.vtkStringArray()
             for structure in STRUCTURES:   # label value s.index -> the segment of s (STRUCTURES order)
                 segmentId = segmentation.AddEmptySegment(structure.key, structure.name, list(structure.color))
@@ -911,18 +918,20 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args = ["evaluate", "--pred", predDir, "--ref", refDir, "--labels", "consecutive", "--json", jsonPath]
         return self._run("evaluate", args, tempDir, makeTable, waitForCompletion, progressCallback, finishedCallback)
 
-    def makeTryItCohort(self, outputFolder=None, *, nSource: int = 6, nTarget: int = 2, nTrain: int = 4,
+    def makeTryItCohort(self, outputFolder=None, *, nSource: int = 6, nTarget: int = 6, nTrain: int = 4,
                         size: Optional[int] = 64, seed: int = 0, loadVolume: bool = True,
                         waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
         """Make a small synthetic MR/CT cohort with the engine (offline) and load one CT; returns a TryItCohort.
 
-        The cohort (``mr_*`` and ``ct_*`` image/label volumes, ``splits.json``) goes to
-        ``outputFolder`` (must be new or empty; default :meth:`defaultTryItFolder`). With
-        ``loadVolume`` the first test CT is loaded, with its reference labels as a segmentation
-        for Evaluate. Then: train a source model on the folder, adapt to the CT, segment it. Example::
+        The cohort (``mr_*`` and ``ct_*`` image/label volumes, ``splits.json``; the first ``nTrain``
+        of each modality train, ``nTrain`` at most ``nSource`` and ``nTarget``) goes to
+        ``outputFolder`` (must be new or empty; default :meth:`defaultTryItFolder`), its MR
+        training volumes also to ``outputFolder/source_training``. With ``loadVolume`` the first
+        test CT is loaded, with its reference labels as a segmentation for Evaluate. Then: train a
+        source model on ``sourceTrainingFolder``, adapt to the CT, segment it. Example::
 
             cohort = logic.makeTryItCohort()
-            model = logic.trainSource(cohort.folder, cohort.folder + "/source.safetensors", iterations=300)
+            model = logic.trainSource(cohort.sourceTrainingFolder, cohort.folder + "/source.safetensors", iterations=300)
         """
         outputFolder = os.path.abspath(str(outputFolder or self.defaultTryItFolder()))
         if os.path.isdir(outputFolder) and os.listdir(outputFolder):
@@ -937,10 +946,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             if os.path.isdir(outputFolder):
                 os.rmdir(outputFolder)
             shutil.move(cohortDir, outputFolder)
-            cohort = TryItCohort(outputFolder)
+            with open(os.path.join(outputFolder, "splits.json"), encoding="utf-8") as f:
+                splits = json.load(f)
+            cohort = TryItCohort(outputFolder, _linkSourceTraining(outputFolder, splits["mr"]["train"]))
             if loadVolume:
-                with open(os.path.join(outputFolder, "splits.json"), encoding="utf-8") as f:
-                    splits = json.load(f)
                 prefix = (splits["ct"].get("test") or splits["ct"]["train"])[0]
                 cohort.volumeNode = slicer.util.loadVolume(os.path.join(outputFolder, f"{prefix}_image.nii.gz"),
                                                            {"name": prefix, "show": True})
@@ -1040,6 +1049,21 @@ def _modelSuffix(path) -> str:
     return ".safetensors" if name.endswith(".safetensors") or "." not in name else os.path.splitext(name)[1]
 
 
+def _linkSourceTraining(cohortFolder: str, prefixes: Sequence[str]) -> str:
+    """``cohortFolder/source_training`` with the image/label pairs of ``prefixes`` (hard links where
+    the file system has them, copies otherwise); returns the folder."""
+    folder = os.path.join(cohortFolder, "source_training")
+    os.makedirs(folder)
+    for prefix in prefixes:
+        for suffix in ("_image.nii.gz", "_label.nii.gz"):
+            source, target = os.path.join(cohortFolder, prefix + suffix), os.path.join(folder, prefix + suffix)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+    return folder
+
+
 def _moveInPlace(source: str, destination) -> str:
     """Move a finished file from the job's temporary folder to ``destination`` (replacing it); return its path."""
     destination = os.path.abspath(str(destination))
@@ -1082,7 +1106,7 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
             self.assertIsNotNone(volumeNode)
 
             self.delayDisplay("Training a tiny model")
-            modelPath = logic.trainSource(cohort.folder, os.path.join(workDir, "tiny.safetensors"),
+            modelPath = logic.trainSource(cohort.sourceTrainingFolder, os.path.join(workDir, "tiny.safetensors"),
                                           preset="tiny", iterations=2, seed=0, device="cpu")
             self.assertTrue(os.path.isfile(modelPath))
 
@@ -1102,6 +1126,20 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
             shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
             self.assertEqual(shNode.GetItemParent(shNode.GetItemByDataNode(segmentationNode)),
                              shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode)))
+
+            self.delayDisplay("Segmenting the volume under a transform")
+            masks = {s.key: slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, s.key, volumeNode)
+                     for s in STRUCTURES}
+            shift = vtk.vtkMatrix4x4()
+            shift.SetElement(0, 3, 7.5)   # mm; the segmentation must follow the volume, not be resampled
+            transformNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "VAE-UDA test shift")
+            transformNode.SetMatrixTransformToParent(shift)
+            volumeNode.SetAndObserveTransformNodeID(transformNode.GetID())
+            movedNode = logic.segment(volumeNode, modelPath, device="cpu")
+            self.assertEqual(movedNode.GetTransformNodeID(), transformNode.GetID())
+            for structure in STRUCTURES:
+                mask = slicer.util.arrayFromSegmentBinaryLabelmap(movedNode, structure.key, volumeNode)
+                self.assertTrue(np.array_equal(mask > 0, masks[structure.key] > 0), structure.name)
             self.delayDisplay("Test passed")
         finally:
             shutil.rmtree(workDir, ignore_errors=True)

@@ -1,7 +1,6 @@
 """Stand-in for Base/Python/slicer/ScriptedLoadableModule.py: the four base classes the module derives from."""
 from __future__ import annotations
 
-import os
 import unittest
 
 __all__ = ["ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",

@@ -8,7 +8,6 @@ raises where Slicer would resample, so a geometry mismatch cannot pass unnoticed
 """
 from __future__ import annotations
 
-import os
 import tempfile
 
 import numpy as np
@@ -17,16 +16,19 @@ import qt as _qt
 import vtk as _vtk
 
 
+# vtkSegmentationConverter::GetSegmentationBinaryLabelmapRepresentationName(), ...ClosedSurface...
+BINARY_LABELMAP = "Binary labelmap"
+CLOSED_SURFACE = "Closed surface"
+
 # ----------------------------------------------------------------------------- nodes
 
 class vtkMRMLNode:
-    """Libs/MRML/Core/vtkMRMLNode.h: ID, name, attributes, node references."""
+    """Libs/MRML/Core/vtkMRMLNode.h: ID, name, node references."""
 
     def __init__(self):
         self._id = None
         self._name = ""
         self._scene = None
-        self._attributes = {}
         self._references = {}
 
     def GetClassName(self):
@@ -46,12 +48,6 @@ class vtkMRMLNode:
 
     def GetScene(self):
         return self._scene
-
-    def SetAttribute(self, name, value):
-        self._attributes[name] = value
-
-    def GetAttribute(self, name):
-        return self._attributes.get(name)
 
     def SetNodeReferenceID(self, referenceRole, referencedNodeID):
         self._references[referenceRole] = referencedNodeID
@@ -75,6 +71,18 @@ class vtkMRMLTransformableNode(vtkMRMLNode):
         return True
 
 
+class vtkMRMLLinearTransformNode(vtkMRMLNode):
+    """Libs/MRML/Core/vtkMRMLTransformNode.h: a parent transform; the stand-in keeps its matrix but never
+    applies it (nodes under different transforms are refused where Slicer would resample)."""
+
+    def __init__(self):
+        super().__init__()
+        self._matrixToParent = None
+
+    def SetMatrixTransformToParent(self, matrix):
+        self._matrixToParent = matrix
+
+
 class _ImageData:
     """The part of vtkImageData (Common/DataModel/vtkImageData.h) the module looks at: its dimensions."""
 
@@ -95,9 +103,6 @@ class vtkMRMLVolumeNode(vtkMRMLTransformableNode):
 
     def GetImageData(self):
         return None if self._array is None else _ImageData(self._array)
-
-    def SetIJKToRASMatrix(self, mat):
-        self._ijkToRAS = mat._m.copy()
 
     def GetIJKToRASMatrix(self, mat):
         mat._m = self._ijkToRAS.copy()
@@ -151,9 +156,6 @@ class vtkSegment:
     def SetTag(self, tag, value):
         self._tags[str(tag)] = str(value)
 
-    def HasTag(self, tag):
-        return str(tag) in self._tags
-
     def GetTag(self, tag, value):
         # bool GetTag(std::string tag, std::string& value): the value comes back in a vtk.reference
         if str(tag) not in self._tags:
@@ -167,21 +169,34 @@ class vtkSegmentation:
 
     def __init__(self):
         self._segments = {}   # ID -> vtkSegment, in insertion order
+        self._segmentIdAutogeneratorIndex = 0
+        self._sourceRepresentationName = BINARY_LABELMAP   # Slicer's default for a new segmentation
+
+    def _generateUniqueSegmentID(self, segmentId):
+        """vtkSegmentation::GenerateUniqueSegmentID: the ID itself if free, else ``<ID or Segment>_<counter>``."""
+        if segmentId and segmentId not in self._segments:
+            return segmentId
+        prefix = segmentId or "Segment"
+        while True:
+            self._segmentIdAutogeneratorIndex += 1
+            candidate = f"{prefix}_{self._segmentIdAutogeneratorIndex}"
+            if candidate not in self._segments:
+                return candidate
 
     def AddEmptySegment(self, segmentId="", segmentName="", color=None):
-        if not segmentId:
-            n = len(self._segments) + 1
-            while f"Segment_{n}" in self._segments:
-                n += 1
-            segmentId = f"Segment_{n}"
-        if segmentId in self._segments:
-            return ""  # Slicer refuses a duplicate ID (returns an empty ID)
+        segmentId = self._generateUniqueSegmentID(segmentId)
         segment = vtkSegment()
         segment.SetName(segmentName or segmentId)
         if color is not None:
             segment.SetColor(color)
         self._segments[segmentId] = segment
         return segmentId
+
+    def GetSourceRepresentationName(self):
+        return self._sourceRepresentationName
+
+    def SetSourceRepresentationName(self, representationName):
+        self._sourceRepresentationName = str(representationName)
 
     def GetSegment(self, segmentId):
         return self._segments.get(segmentId)
@@ -191,12 +206,6 @@ class vtkSegmentation:
 
     def GetNthSegmentID(self, index):
         return list(self._segments)[index]
-
-    def GetSegmentIdBySegmentName(self, name):
-        for segmentId, segment in self._segments.items():
-            if segment.GetName().lower() == str(name).lower():
-                return segmentId
-        return ""
 
     def RemoveAllSegments(self):
         self._segments.clear()
@@ -218,8 +227,23 @@ class vtkMRMLSegmentationNode(vtkMRMLTransformableNode):
         return self._segmentation
 
     def SetReferenceImageGeometryParameterFromVolumeNode(self, volumeNode):
+        """Slicer returns without a change when the volume has no voxels, and maps the volume's geometry
+        through the transform between the two nodes when their parent transforms differ; the stand-in
+        has no transform matrices, so it refuses that case instead of storing an untransformed geometry."""
+        if volumeNode is None or volumeNode is self or volumeNode.GetImageData() is None:
+            return
+        if volumeNode.GetTransformNodeID() != self.GetTransformNodeID():
+            raise NotImplementedError("stand-in does not transform: the volume and the segmentation "
+                                      "have different parent transforms")
         self._referenceGeometry = (volumeNode._ijkToRAS.copy(), tuple(volumeNode._array.shape))
         self.SetNodeReferenceID(self.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
+
+    def SetSourceRepresentationToBinaryLabelmap(self):
+        """Slicer converts existing segments first; the stand-in only switches an empty segmentation."""
+        if self._segmentation.GetNumberOfSegments():
+            raise NotImplementedError("stand-in converts only an empty segmentation")
+        self._segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
+        return True
 
     def CreateDefaultDisplayNodes(self):
         pass
@@ -266,12 +290,6 @@ class vtkMRMLTableNode(vtkMRMLNode):
     def GetNumberOfRows(self):
         return len(self._columns[0]) if self._columns else 0
 
-    def GetNumberOfColumns(self):
-        return len(self._columns)
-
-
-class vtkMRMLScriptedModuleNode(vtkMRMLNode):
-    """Libs/MRML/Core/vtkMRMLScriptedModuleNode.h (parameter nodes)."""
 
 
 class vtkMRMLSubjectHierarchyNode(vtkMRMLNode):
@@ -409,12 +427,19 @@ class vtkSlicerSegmentationsModuleLogic:
         label value v goes to segment ``updatedSegmentIDs[v-1]``; segments keep name, colour and tags."""
         if not isinstance(updatedSegmentIDs, _vtk.vtkStringArray):
             raise NotImplementedError("stand-in implements only the vtkStringArray overload")
-        labels = labelmapNode._array
         segmentation = segmentationNode.GetSegmentation()
+        if labelmapNode is None or labelmapNode.GetImageData() is None:
+            return False
+        if labelmapNode.GetTransformNodeID() != segmentationNode.GetTransformNodeID():
+            raise NotImplementedError("stand-in does not resample: the labelmap and the segmentation "
+                                      "have different parent transforms")
+        if segmentation.GetSourceRepresentationName() != BINARY_LABELMAP:
+            return False   # Slicer: "source representation ... is not binary labelmap"
+        labels = labelmapNode._array
         for index in range(updatedSegmentIDs.GetNumberOfValues()):
             segment = segmentation.GetSegment(updatedSegmentIDs.GetValue(index))
             if segment is None:
-                return False
+                continue   # Slicer skips an empty or unknown segment ID
             segment._mask = (labels == index + 1).astype(np.uint8)
             segment._ijkToRAS = labelmapNode._ijkToRAS.copy()
         return True
@@ -425,6 +450,10 @@ class vtkSlicerSegmentationsModuleLogic:
         volume's geometry. Slicer resamples a segment stored in another geometry; the stand-in refuses."""
         if referenceVolumeNode is None:
             raise NotImplementedError("stand-in needs a reference volume")
+        if referenceVolumeNode.GetTransformNodeID() != segmentationNode.GetTransformNodeID():
+            raise NotImplementedError("stand-in does not resample: the reference volume and the segmentation "
+                                      "have different parent transforms")
+        labelmapNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())   # as Slicer does
         shape = referenceVolumeNode._array.shape
         out = np.zeros(shape, dtype=np.int16)
         for index in range(segmentIDs.GetNumberOfValues()):

@@ -14,18 +14,9 @@ class vtkMatrix4x4:
     def __init__(self):
         self._m = np.eye(4)
 
-    def GetElement(self, i, j):
-        return float(self._m[i, j])
-
     def SetElement(self, i, j, value):
         self._m[i, j] = float(value)
 
-    def DeepCopy(self, source):
-        # vtkMatrix4x4::DeepCopy(const vtkMatrix4x4*) and DeepCopy(const double elements[16])
-        if isinstance(source, vtkMatrix4x4):
-            self._m = source._m.copy()
-        else:
-            self._m = np.asarray(source, dtype=float).reshape(4, 4).copy()
 
 
 class vtkStringArray:
