@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # The CPU build of torch that lies on this kind of machine; pyproject.toml itself declares a range.
 TORCH_PIN ?= torch==2.13.0
+# Where another machine should take torch from, e.g. --index-url https://download.pytorch.org/whl/cpu
+TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test quick-demo table1 bench bench-gpu clean
@@ -11,7 +13,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
@@ -24,9 +26,11 @@ quick-demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# e.g. make table1 TABLE1_ARGS="--repeats 3"
+TABLE1_ARGS ?=
 table1: $(STAMP)
 	$(PY) -m vaeuda synth runs/cohort --seed 0
-	$(PY) -m vaeuda experiment table1 --data runs/cohort --out runs/table1 --preset cpu
+	$(PY) -m vaeuda experiment table1 --data runs/cohort --out runs/table1 --preset cpu $(TABLE1_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_speed.py --out Docs/benchmarks.md

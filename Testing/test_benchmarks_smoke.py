@@ -381,3 +381,15 @@ def test_paired_alignment_measures_an_adapted_models_own_target_encoder(tiny_coh
     proc = _run("paired_alignment.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
                 "--own-target-encoder", "--iterations", "0")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "needs an adapted model" in proc.stderr
+
+
+def test_docs_benchmarks_is_the_render_of_its_record_and_notes(tmp_path):
+    """Docs/benchmarks.md is generated (`bench_speed.py --from-json`, from the recorded run and
+    benchmarks/NOTES.md): an edit made in the page instead of NOTES.md would be lost by `make bench`."""
+    root = BENCH.parent
+    out = tmp_path / "benchmarks.md"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--from-json",
+                           "benchmarks/results/cpu-1thread-loaded.json", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=root)   # the page names the path
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_text() == (root / "Docs" / "benchmarks.md").read_text()

@@ -38,8 +38,11 @@ def fake_labels(image):
     """MM-WHS label values from intensity ranks, so a test can predict them: the brightest quarter of the
     voxels 820 (aorta), the next 500, the next 420; the darkest quarter background."""
     import numpy as np
+    from vaeuda.labels import STRUCTURES
+    value = {s.key: s.mmwhs_value for s in STRUCTURES}
     q1, q2, q3 = np.quantile(image, [0.25, 0.5, 0.75])
-    return np.select([image > q3, image > q2, image > q1], [820, 500, 420], 0).astype(np.uint16)
+    return np.select([image > q3, image > q2, image > q1],
+                     [value["A-A"], value["LV-B"], value["LA-B"]], 0).astype(np.uint16)
 
 
 def write_segmentation(input_path, out_dir):

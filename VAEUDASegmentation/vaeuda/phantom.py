@@ -43,7 +43,7 @@ import SimpleITK as sitk
 
 from .errors import VaeudaError
 from .fileio import PathLike, atomic_dir, atomic_path
-from .labels import STRUCTURES
+from .labels import MMWHS_OTHER_VALUES, STRUCTURES
 from .progress import Reporter, null_reporter
 
 GENERATOR_VERSION = "2"
@@ -68,9 +68,10 @@ TISSUES = ("air", "fat", "muscle", "lung", "lung vessel", "liver", "abdomen", "c
 (AIR, FAT, MUSCLE, LUNG, LUNG_VESSEL, LIVER, ABDOMEN, BONE, MARROW, CSF, DISC, MYOCARDIUM,
  BLOOD_LEFT, BLOOD_RIGHT) = range(len(TISSUES))
 
-# MM-WHS values drawn by the phantom (targets and distractors).
-LV_MYO, LA_BLOOD, LV_BLOOD, ASC_AORTA = 205, 420, 500, 820
-RA_BLOOD, RV_BLOOD, PULM_ARTERY = 550, 600, 850
+# MM-WHS values drawn by the phantom (targets and distractors), from the one table in labels.py.
+_MMWHS_VALUE = {s.key: s.mmwhs_value for s in STRUCTURES}
+LV_MYO, LA_BLOOD, LV_BLOOD, ASC_AORTA = (_MMWHS_VALUE[k] for k in ("LV-M", "LA-B", "LV-B", "A-A"))
+RA_BLOOD, RV_BLOOD, PULM_ARTERY = MMWHS_OTHER_VALUES
 
 Vec = np.ndarray
 

@@ -2,13 +2,14 @@
 
 JSON mode writes one object per line to stdout, flushed, for example::
 
-    {"event": "stage", "stage": "adapt", "total": 3000}
-    {"event": "progress", "stage": "adapt", "step": 150, "total": 3000, "fraction": 0.05, "eta_s": 412.3, "loss": 1.23}
+    {"event": "stage", "stage": "adapt", "total": 250}
+    {"event": "progress", "stage": "adapt", "step": 150, "total": 250, "fraction": 0.6, "eta_s": 62.1, "loss": 1.23}
     {"event": "log", "message": "..."}
+    {"event": "table", "markdown": "| ... |"}          (evaluate only: its result table)
     {"event": "done", "outputs": ["/path/model.safetensors"]}
     {"event": "error", "message": "one sentence"}
 
-The Slicer module parses exactly these keys.
+The Slicer module parses exactly these keys (Docs/engine-contract.md).
 """
 from __future__ import annotations
 
