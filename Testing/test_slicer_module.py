@@ -308,6 +308,9 @@ def test_bad_inputs_are_refused_with_one_sentence_before_anything_runs(slicer, m
     label = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
     with pytest.raises(ValueError, match="not a label map"):
         fake_logic.segment(label, write_fake_model(tmp_path / "m.safetensors", MMWHS))
+    rgb = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5, 3), np.uint8), nodeClassName="vtkMRMLVectorVolumeNode")
+    with pytest.raises(ValueError, match="has 3 components per voxel; select a single-channel"):
+        fake_logic.segment(rgb, tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="at least one target volume"):
         fake_logic.adapt(tmp_path / "m.safetensors", [], tmp_path / "adapted.safetensors")
     assert not (tmp_path / "args.json").exists()          # the engine never ran

@@ -703,6 +703,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError("Select a scalar volume (not a label map) as input.")
         if volumeNode.GetImageData() is None:
             raise ValueError(f"Volume '{volumeNode.GetName()}' has no voxels.")
+        components = volumeNode.GetImageData().GetNumberOfScalarComponents()
+        if components != 1:   # a vector (e.g. RGB) volume is a vtkMRMLScalarVolumeNode subclass
+            raise ValueError(f"Volume '{volumeNode.GetName()}' has {components} components per voxel; "
+                             "select a single-channel CT or MR volume.")
         # exportNode leaves the node's storage node (its file name for "Save") untouched.
         if not slicer.util.exportNode(volumeNode, path, {}, world=False):
             raise RuntimeError(f"Could not write volume '{volumeNode.GetName()}' to {path}.")

@@ -84,13 +84,17 @@ class vtkMRMLLinearTransformNode(vtkMRMLNode):
 
 
 class _ImageData:
-    """The part of vtkImageData (Common/DataModel/vtkImageData.h) the module looks at: its dimensions."""
+    """The part of vtkImageData (Common/DataModel/vtkImageData.h) the module looks at: dimensions
+    and components (a vector volume's array is (K, J, I, components), as arrayFromVolume gives it)."""
 
     def __init__(self, array):
         self._array = array
 
     def GetDimensions(self):
-        return tuple(int(n) for n in reversed(self._array.shape))
+        return tuple(int(n) for n in reversed(self._array.shape[:3]))
+
+    def GetNumberOfScalarComponents(self):
+        return int(self._array.shape[3]) if self._array.ndim == 4 else 1
 
 
 class vtkMRMLVolumeNode(vtkMRMLTransformableNode):
@@ -119,6 +123,10 @@ class vtkMRMLVolumeNode(vtkMRMLTransformableNode):
 
 class vtkMRMLScalarVolumeNode(vtkMRMLVolumeNode):
     """Libs/MRML/Core/vtkMRMLScalarVolumeNode.h"""
+
+
+class vtkMRMLVectorVolumeNode(vtkMRMLScalarVolumeNode):
+    """Libs/MRML/Core/vtkMRMLVectorVolumeNode.h: several components per voxel (e.g. RGB)."""
 
 
 class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
