@@ -116,3 +116,54 @@ def test_bad_normalisation_recipes():
         normalise(np.zeros(3), {"method": "histogram"})
     with pytest.raises(VaeudaError, match="range"):
         normalise(np.zeros(3), {"method": "fixed", "range": [2.0, 2.0]})
+
+
+@pytest.mark.parametrize("name", ["whole.nii.gz", "whole.nii"])
+def test_truncated_nifti_is_refused(tmp_path, tmp_volume, name):
+    """ITK's NIfTI reader fills a truncated file's missing voxels with zeros without a word."""
+    path = tmp_volume(np.random.default_rng(0).normal(size=(20, 21, 22)).astype(np.float32), name=name)
+    assert read_image(path).GetSize() == (22, 21, 20)          # the whole file reads
+    data = path.read_bytes()
+    cut = tmp_path / ("cut_" + name)
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    assert sitk.ReadImage(str(cut)).GetSize() == (22, 21, 20)  # ITK takes the cut one too
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(cut))}: the file is truncated"):
+        read_image(cut)
+    with pytest.raises(VaeudaError, match="the file is truncated"):
+        read_label(cut, MMWHS)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_intensities_are_refused(tmp_volume, bad):
+    array = np.zeros((6, 7, 8), np.float32)
+    array[2, 3, 4] = bad
+    path = tmp_volume(array, name="bad.mha")                   # MetaImage keeps NaN (NIfTI writing does not)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 1 voxels are NaN or infinite"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ('{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "background": "zero"}', "'background' must be a whole number, not 'zero'"),
+    ('{"LV-M": 1.5, "LA-B": 2, "LV-B": 3, "A-A": 4}', "'LV-M' must be a whole number, not 1.5"),
+    ('[205, 420]', "must be a JSON object"),
+])
+def test_label_mapping_file_with_bad_values_is_refused(tmp_path, mapping, message):
+    from vaeuda.labels import load_convention
+    path = tmp_path / "map.json"
+    path.write_text(mapping)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: .*{re.escape(message)}"):
+        load_convention(str(path))
+
+
+def test_evaluation_json_never_replaces_a_prediction(tmp_path, tmp_volume):
+    from vaeuda.metrics import evaluate_dirs
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "ref").mkdir()
+    labels = np.zeros((6, 7, 8), np.uint8)
+    labels[2:4, 2:5, 3:6] = 1
+    for name in ("pred/case_seg.nii.gz", "ref/case_label.nii.gz"):
+        sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / name))
+    before = (tmp_path / "pred" / "case_seg.nii.gz").read_bytes()
+    with pytest.raises(VaeudaError, match="is also an input"):
+        evaluate_dirs(tmp_path / "pred", tmp_path / "ref", CONSECUTIVE, tmp_path / "pred" / "case_seg.nii.gz")
+    assert (tmp_path / "pred" / "case_seg.nii.gz").read_bytes() == before

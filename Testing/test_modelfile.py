@@ -14,8 +14,15 @@ def saved(tmp_path):
     torch.manual_seed(0)
     net = VAEUDANet(get_preset("tiny"))
     path = tmp_path / "m.safetensors"
-    save_model(path, net, {"stage": "source", "preset": "tiny", "normalisation": {"method": "zscore"}})
+    save_model(path, net, REAL_META)
     return net, path
+
+
+# What a trained model's metadata holds besides "config" (train._base_meta; values shortened).
+REAL_META = {"stage": "source", "preset": "tiny", "normalisation": {"method": "zscore"},
+             "labels": {"convention": {"name": "mmwhs", "to_index": {"0": 0, "205": 1, "420": 2, "500": 3, "820": 4},
+                                       "from_index": [0, 205, 420, 500, 820], "unknown": "background"}},
+             "train": {"batch_size": 2}}
 
 
 def test_round_trip_gives_identical_networks(saved):
@@ -81,3 +88,23 @@ def test_newer_format_version_is_refused(saved, tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(VaeudaError, match="model file not found"):
         load_model(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("normalisation"), "'normalisation' is missing"),
+    (lambda m: m.pop("labels"), "'labels' is missing"),
+    (lambda m: m["labels"].update(convention={"name": "x"}), "label convention is unreadable"),
+    (lambda m: m.update(preset="huge"), "preset 'huge' is not one of"),
+    (lambda m: m.update(train=[1]), "'train' is not a JSON object"),
+    (lambda m: m["config"].update(input_size="abc"), "model configuration is missing or damaged"),
+])
+def test_edited_metadata_is_refused_in_one_sentence(saved, tmp_path, edit, message):
+    """JSON that parses but lacks what the stages read (the checksum covers only the tensors)."""
+    from vaeuda.modelfile import save_tensors
+    _, path = saved
+    tensors, meta, _ = read_tensors(path)
+    edit(meta)
+    edited = tmp_path / "edited.safetensors"
+    save_tensors(edited, tensors, meta)
+    with pytest.raises(VaeudaError, match=message):
+        load_model(edited)

@@ -293,3 +293,82 @@ def test_cpu_bf16_is_opt_in_and_stays_close_to_fp32(tiny_cohort, tiny_source_mod
     assert outs[True].GetSize() == image.GetSize() and outs[True].GetOrigin() == image.GetOrigin()
     agree = np.mean(sitk.GetArrayFromImage(outs[True]) == sitk.GetArrayFromImage(outs[False]))
     assert agree > 0.99
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--iterations", "0"], "--iterations must be a whole number of at least 1, not 0"),
+    (["--iterations", "-3"], "--iterations must be a whole number of at least 1, not -3"),
+    (["--batch-size", "0"], "--batch-size must be a whole number of at least 1, not 0"),
+])
+def test_counts_below_one_are_refused_not_replaced_by_defaults(tiny_cohort, tmp_path, capsys, flags, message):
+    out = tmp_path / "m.safetensors"
+    rc = main(["train-source", "--preset", "tiny", "--progress", "none", "--out", str(out), *flags,
+               str(tiny_cohort / "mr_1001_image.nii.gz")])
+    assert rc == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_outputs_that_would_replace_an_input_or_a_folder_are_refused_before_work(tiny_cohort, tiny_source_model,
+                                                                              tmp_path, capsys):
+    import shutil
+    image = tmp_path / "mr_1001_image.nii.gz"
+    shutil.copy(tiny_cohort / "mr_1001_image.nii.gz", image)
+    shutil.copy(tiny_cohort / "mr_1001_label.nii.gz", tmp_path / "mr_1001_label.nii.gz")
+    model = tmp_path / "source.safetensors"
+    shutil.copy(tiny_source_model, model)
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (["train-source", "--preset", "tiny", "--out", str(image), str(image)], "is also an input"),
+        (["adapt", "--model", str(model), "--out", str(model), str(tiny_cohort / "ct_1001_image.nii.gz")],
+         "is also an input"),
+        (["finetune", "--model", str(model), "--out", str(tmp_path / "folder"), str(image)], "is a folder"),
+        (["train-source", "--preset", "tiny", "--out", str(tmp_path / "a_file" / "m.safetensors"), str(image)],
+         "a_file is a file"),
+        (["adapt", "--model", str(model), "--out", str(tmp_path / "b.safetensors"), "--early-stop", "0",
+          str(tiny_cohort / "ct_1001_image.nii.gz")], "--early-stop must be a whole number of at least 1"),
+    ]
+    for args, message in cases:
+        assert main([*args, "--progress", "none"]) == 2
+        assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in before), "folder", "a_file"])
+
+
+def test_segment_is_all_or_nothing_and_never_replaces_an_input(tiny_cohort, tiny_source_model, tmp_path, capsys):
+    import shutil
+    ct = tiny_cohort / "ct_1002_image.nii.gz"
+    flat = tmp_path / "flat.nrrd"
+    sitk.WriteImage(sitk.Image(5, 6, sitk.sitkInt16), str(flat))
+    out = tmp_path / "seg"
+    assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--progress", "none",
+                 str(ct), str(flat)]) == 2
+    assert "expected a 3D scalar image, found a 2D image" in capsys.readouterr().err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["flat.nrrd"]   # no ct_1002 result, no staging
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(ct, other / "ct_1002_image.nii.gz")
+    assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--progress", "none",
+                 str(ct), str(other / "ct_1002_image.nii.gz")]) == 2
+    assert "would write the same ct_1002_image_seg.nii.gz" in capsys.readouterr().err
+    victim = other / "ct_1002_image_seg.nii.gz"
+    shutil.copy(ct, victim)
+    assert main(["segment", "--model", str(tiny_source_model), "--out", str(other), "--progress", "none",
+                 str(other / "ct_1002_image.nii.gz"), str(victim)]) == 2
+    assert "would replace this input" in capsys.readouterr().err
+    assert victim.read_bytes() == ct.read_bytes()
+    assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--progress", "none",
+                 "--batch-size", "0", str(ct)]) == 2
+    assert "--batch-size must be a whole number of at least 1, not 0" in capsys.readouterr().err
+
+
+def test_written_files_get_the_umask_permissions_not_private_ones(tmp_path):
+    import os
+    from vaeuda.fileio import atomic_path
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "f.json") as tmp:      # mkstemp alone would leave it 0600
+            tmp.write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644

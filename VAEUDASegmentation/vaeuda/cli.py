@@ -204,6 +204,10 @@ def run(args, reporter: Reporter) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    import SimpleITK as sitk
+    # ITK's own warnings (a truncated MetaImage, a folder without DICOM) would print beside the one
+    # sentence the engine gives for the same problem.
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
     reporter = Reporter(args.progress)
     try:
         outputs = run(args, reporter)

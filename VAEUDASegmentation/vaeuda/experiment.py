@@ -41,7 +41,7 @@ import numpy as np
 
 from .demo import cohort_split, evaluate_model, image_of, label_of, machine_description
 from .errors import VaeudaError
-from .fileio import atomic_path
+from .fileio import atomic_path, check_output_dir
 from .labels import CLASS_KEYS, MMWHS, STRUCTURES
 from .metrics import MEAN_KEY, _json_ready, evaluate_volume, summarise, table_markdown
 from .progress import Reporter, null_reporter
@@ -284,7 +284,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
         raise VaeudaError(f"--repeats must be a whole number of at least 1, not {repeats}.")
     if not (isinstance(iterations_scale, (int, float)) and iterations_scale > 0 and math.isfinite(iterations_scale)):
         raise VaeudaError(f"--iterations-scale must be a positive number, not {iterations_scale}.")
-    cohort, out = Path(data), Path(out)
+    cohort, out = Path(data), check_output_dir(out)
     mr_train, ct_train, ct_test = _check_cohort(cohort)
     dev = resolve_device(device)
     preset = preset or ("paper" if dev.type == "cuda" else "cpu")
@@ -294,7 +294,10 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     draws = draw_targets(ct_train, int(repeats), seed)
     few_shot = _few_shot_slices(cohort, draws[0], size, fov)      # fails before any training if impossible
     models, preds = out / "models", out / "pred"
-    models.mkdir(parents=True, exist_ok=True)
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VaeudaError(f"{models}: cannot be written ({exc.strerror or exc}).") from None
     reporter.log(f"Table 1 on {cohort}: preset {preset}, iterations {iterations}, draws {draws}, "
                  f"few-shot slices {few_shot['slices'][0]}:{few_shot['slices'][1]} of {few_shot['scan']}")
     started = time.time()

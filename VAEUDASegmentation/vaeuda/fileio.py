@@ -6,7 +6,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterable, Iterator, Union
+
+from .errors import VaeudaError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -27,24 +29,79 @@ def stem(path: PathLike) -> str:
     return name[: len(name) - len(suffix)] if suffix else name
 
 
+def _umask_mode(mode: int) -> int:
+    """``mode`` as the process umask leaves it (mkstemp/mkdtemp make private 0600/0700 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def _unwritable(path: Path, exc: OSError) -> VaeudaError:
+    return VaeudaError(f"{path}: cannot be written ({exc.strerror or exc}).")
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` with the same suffix; rename it to ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was. The file gets
+    the permissions an ordinary new file would (umask), not mkstemp's private ones. A path that
+    cannot be written (no permission, a folder there, a file where its folder should be) is a
+    VaeudaError naming it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem(path)}.", suffix=f".part{full_suffix(path)}", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem(path)}.", suffix=f".part{full_suffix(path)}", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, _umask_mode(0o666))
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            raise _unwritable(path, exc) from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
+    """Refuse, before any work, an output file path that is a folder, lies under a file, cannot be
+    created, or is one of ``inputs`` (which are never overwritten). Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise VaeudaError(f"{path}: is a folder; give the output a file name.")
+    _check_creatable(path)
+    resolved = path.resolve()
+    for item in inputs:
+        if Path(item).resolve() == resolved:
+            raise VaeudaError(f"{path}: is also an input, which is never overwritten; choose another output.")
+    return path
+
+
+def check_output_dir(path: PathLike) -> Path:
+    """Refuse, before any work, an output folder path that is a file or cannot be created. Returns it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise VaeudaError(f"{path}: is an existing file, not a folder.")
+    _check_creatable(path / "x")
+    return path
+
+
+def _check_creatable(path: Path) -> None:
+    """``path``'s nearest existing ancestor is a folder we may write in."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise VaeudaError(f"{path}: cannot be written ({ancestor} is a file).")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise VaeudaError(f"{path}: cannot be written (no permission to write in {ancestor}).")
 
 
 @contextlib.contextmanager
@@ -54,17 +111,24 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     Files already in ``path`` that the new folder does not have are kept.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+        os.chmod(tmp, _umask_mode(0o777))
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
     try:
         yield tmp
-        path.mkdir(parents=True, exist_ok=True)
-        for item in tmp.iterdir():
-            target = path / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        tmp.rmdir()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for item in tmp.iterdir():
+                target = path / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+            tmp.rmdir()
+        except OSError as exc:
+            raise _unwritable(path, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

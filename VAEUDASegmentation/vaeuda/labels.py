@@ -134,13 +134,21 @@ def load_convention(spec: Optional[str]) -> Convention:
     for s in STRUCTURES:
         lookup[s.key.lower()] = s
         lookup[s.name.lower()] = s
+    if not isinstance(data, dict):
+        raise VaeudaError(f"{path}: label mapping must be a JSON object of structure -> value.")
+
+    def whole(value, key):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise VaeudaError(f"{path}: the value of '{key}' must be a whole number, not {value!r}.")
+        return int(value)
+
     to_index: Dict[int, int] = {}
     from_index = [0] * N_CLASSES
     background = data.get("background", [0])
-    if isinstance(background, int):
+    if not isinstance(background, list):
         background = [background]
     for v in background:
-        to_index[int(v)] = 0
+        to_index[whole(v, "background")] = 0
     from_index[0] = int(background[0]) if background else 0
     for key, value in data.items():
         if key in ("background", "unknown"):
@@ -148,7 +156,7 @@ def load_convention(spec: Optional[str]) -> Convention:
         s = lookup.get(key.lower())
         if s is None:
             raise VaeudaError(f"{path}: '{key}' is not one of the structures {', '.join(CLASS_KEYS)}.")
-        to_index[int(value)] = s.index
+        to_index[whole(value, key)] = s.index
         from_index[s.index] = int(value)
     missing = [s.key for s in STRUCTURES if s.index not in to_index.values()]
     if missing:

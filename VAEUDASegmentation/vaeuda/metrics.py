@@ -251,6 +251,8 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
             if key not in preds:
                 raise VaeudaError(f"{path}: reference has no prediction named '{key}_seg' or '{key}_image_seg' "
                                   f"in {pred_dir}.")
+    if json_path is not None:
+        fileio.check_output_file(json_path, [*preds.values(), *refs.values()])
     volumes, per_volume = [], []
     for key in sorted(preds):
         pred_image = vol.read_label(preds[key], convention)

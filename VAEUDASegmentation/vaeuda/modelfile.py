@@ -103,9 +103,40 @@ def load_networks(net: VAEUDANet, tensors: Dict[str, torch.Tensor], path) -> Non
         raise VaeudaError(f"{path}: model weights do not fit its configuration ({first}).") from None
 
 
+def check_metadata(path, meta) -> None:
+    """Refuse metadata that parses as JSON but lacks what the stages read (an edited file: the
+    checksum covers the tensors only): preset, stage, label convention, normalisation, training
+    options, network configuration."""
+    from .labels import Convention
+    from .nets import PRESETS
+
+    def damaged(what: str) -> VaeudaError:
+        return VaeudaError(f"{path}: model file metadata is damaged ({what}).")
+
+    if not isinstance(meta, dict):
+        raise damaged("not a JSON object")
+    if meta.get("preset") not in PRESETS:
+        raise damaged(f"preset {meta.get('preset')!r} is not one of {', '.join(PRESETS)}")
+    for key in ("stage", "labels", "normalisation", "train", "config"):
+        if key not in meta:
+            raise damaged(f"'{key}' is missing")
+    if not isinstance(meta["stage"], str):
+        raise damaged("'stage' is not a name")
+    for key in ("labels", "normalisation", "train", "config"):
+        if not isinstance(meta[key], dict):
+            raise damaged(f"'{key}' is not a JSON object")
+    try:
+        Convention.from_dict(meta["labels"]["convention"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise damaged("the label convention is unreadable") from None
+    if not isinstance(meta["normalisation"].get("method"), str):
+        raise damaged("the intensity normalisation has no method")
+
+
 def load_model(path, device: str = "cpu") -> Tuple[VAEUDANet, dict]:
     """Rebuild the networks from a model file -> (net in eval mode on ``device``, meta)."""
     tensors, meta, _ = read_tensors(path)
+    check_metadata(path, meta)
     net = build_from_meta(path, meta)
     load_networks(net, tensors, path)
     return net.to(device).eval(), meta
@@ -118,4 +149,9 @@ def build_from_meta(path, meta: dict) -> VAEUDANet:
         raise VaeudaError(f"{path}: model configuration is missing or damaged ({exc}).") from None
     except VaeudaError as exc:
         raise VaeudaError(f"{path}: {exc}") from None
-    return VAEUDANet(cfg)
+    try:
+        return VAEUDANet(cfg)
+    except VaeudaError as exc:
+        raise VaeudaError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise VaeudaError(f"{path}: model configuration is missing or damaged ({exc}).") from None

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import VaeudaError
-from .fileio import stem
+from .fileio import atomic_dir, check_output_dir, stem
 from .labels import Convention
 from .modelfile import load_model
 from .nets import VAEUDANet
@@ -35,6 +35,7 @@ def slice_probabilities(net: VAEUDANet, slices: np.ndarray, domain: str, device:
     the CPU has native bf16, AVX512-BF16 or AMX, slower where it is emulated, and a few voxels
     may change label; Docs/benchmarks.md).
     """
+    _check_batch_size(batch_size)
     net.eval()
     out = np.empty((slices.shape[0], net.cfg.n_classes) + slices.shape[2:], dtype=np.float16)
     use_bf16 = device.type == "cuda" or (cpu_bf16 and device.type == "cpu")
@@ -65,25 +66,46 @@ def output_path(out_dir, input_path) -> Path:
 def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "auto", batch_size: int = 16,
                   domain: Optional[str] = None, reporter: Optional[Reporter] = None,
                   cpu_bf16: bool = False) -> List[Path]:
-    """Segment each input volume; write label files with the model's label values. Returns their paths."""
+    """Segment each input volume; write label files with the model's label values. Returns their paths.
+
+    All or nothing: the segmentations are written to a staging folder and moved into ``out_dir``
+    only when every input has been segmented. Refused before any work: two inputs that would
+    write the same file, an output that would replace an input, an unusable ``out_dir``.
+    """
     from . import volumes
 
     reporter = reporter or null_reporter()
+    _check_batch_size(batch_size)
+    if domain and domain not in ("source", "target"):
+        raise VaeudaError(f"--domain must be source or target, not '{domain}'.")
+    check_output_dir(out_dir)
+    targets = [output_path(out_dir, path) for path in inputs]
+    resolved_inputs = {Path(p).resolve(): p for p in inputs}
+    seen = {}
+    for path, target in zip(inputs, targets):
+        if target in seen:
+            raise VaeudaError(f"{path}: {seen[target]} would write the same {target.name}; rename one of them.")
+        seen[target] = path
+        if target.is_dir():
+            raise VaeudaError(f"{target}: is a folder where the segmentation of {path} would go.")
+        if target.resolve() in resolved_inputs:
+            raise VaeudaError(f"{target}: the segmentation of {path} would replace this input; choose another --out.")
     dev = resolve_device(device)
     net, meta = load_model(model_path, str(dev))
     convention = Convention.from_dict(meta["labels"]["convention"])
     dom = domain or model_domain(meta)
-    if domain and domain not in ("source", "target"):
-        raise VaeudaError(f"--domain must be source or target, not '{domain}'.")
     reporter.log(f"segmenting {len(inputs)} volume(s) with the {dom} encoder of {model_path}")
-    written = []
     reporter.stage("segment", len(inputs))
-    for i, path in enumerate(inputs, 1):
-        image = volumes.read_image(path)
-        classes = segment_image(net, meta, image, dev, dom, batch_size, cpu_bf16)
-        target = output_path(out_dir, path)
-        volumes.write_label(classes, target, convention)
-        written.append(target)
-        reporter.step(i, force=True)
+    with atomic_dir(out_dir) as staging:
+        for i, (path, target) in enumerate(zip(inputs, targets), 1):
+            image = volumes.read_image(path)
+            classes = segment_image(net, meta, image, dev, dom, batch_size, cpu_bf16)
+            volumes.write_label(classes, staging / target.name, convention)
+            reporter.step(i, force=True)
     reporter.close()
-    return written
+    return targets
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise VaeudaError(f"--batch-size must be a whole number of at least 1, not {batch_size!r}.")

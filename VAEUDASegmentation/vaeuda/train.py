@@ -24,6 +24,7 @@ from . import __version__
 from .augment import AugmentConfig, augment_batch
 from .data import SliceSet, load_slices
 from .errors import VaeudaError
+from .fileio import check_output_file
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
 from .modelfile import load_model, load_networks, read_tensors, save_model
@@ -432,14 +433,30 @@ def _base_meta(stage: str, preset: str, convention: Convention, normalisation: d
 
 def _train_config(overrides: Optional[dict], batch_size: Optional[int], preset: str,
                   stage_defaults: Optional[dict] = None) -> TrainConfig:
-    cfg = TrainConfig(batch_size=batch_size or DEFAULT_BATCH.get(preset, 8))
+    cfg = TrainConfig(batch_size=DEFAULT_BATCH.get(preset, 8) if batch_size is None else batch_size)
     for k, v in {**PRESET_TRAINING.get(preset, {}), **(stage_defaults or {}), **(overrides or {})}.items():
         if not hasattr(cfg, k):
             raise VaeudaError(f"unknown training option '{k}'.")
         setattr(cfg, k, v)
-    if cfg.batch_size < 1:
-        raise VaeudaError("--batch-size must be at least 1.")
+    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise VaeudaError(f"--batch-size must be a whole number of at least 1, not {cfg.batch_size!r}.")
     return cfg
+
+
+def _stage_iterations(iterations: Optional[int], preset: str, stage: str) -> int:
+    """The stage's iteration count: the preset's default when None, else a whole number >= 1."""
+    if iterations is None:
+        return DEFAULT_ITERATIONS[preset][stage]
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise VaeudaError(f"--iterations must be a whole number of at least 1, not {iterations!r}.")
+    return iterations
+
+
+def _check_run_arguments(iterations, batch_size, early_stop=None) -> None:
+    """Refuse bad counts before any data is read (the stage checks them again in context)."""
+    for flag, value in (("--iterations", iterations), ("--batch-size", batch_size), ("--early-stop", early_stop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise VaeudaError(f"{flag} must be a whole number of at least 1, not {value!r}.")
 
 
 def _inherited_options(src_meta: dict) -> dict:
@@ -460,6 +477,8 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     take it from the model file.
     """
     reporter = reporter or null_reporter()
+    _check_run_arguments(iterations, batch_size)
+    check_output_file(out, list(images) + list(labels))
     dev = resolve_device(device)
     if preset is None:
         preset = "paper" if dev.type == "cuda" else "cpu"
@@ -475,7 +494,7 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     cfg = _train_config(overrides, batch_size, preset)
     if cfg.class_weights is None:
         cfg.class_weights = class_weights_from(data.labels)
-    iters = iterations or DEFAULT_ITERATIONS[preset]["source"]
+    iters = _stage_iterations(iterations, preset, "source")
     meta = _base_meta("source", preset, convention, normalisation, cfg, seed, dev,
                       {"source_data": [str(Path(p).resolve()) for p in images],
                        "source_labels": [str(Path(p).resolve()) for p in labels], "iterations": iters})
@@ -502,6 +521,8 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
           reporter: Optional[Reporter] = None, callback=None, overrides: Optional[dict] = None) -> dict:
     """Adaptation stage (Eq. 8) on unlabelled target volumes, usually one."""
     reporter = reporter or null_reporter()
+    _check_run_arguments(iterations, batch_size, early_stop)
+    check_output_file(out, [source_model, *targets])
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":
@@ -511,6 +532,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     normalisation = src_meta["normalisation"]
     size, fov = net.cfg.input_size, net.cfg.slice_fov_mm
     pairs = _source_pairs(src_meta, source_model, source_data)
+    check_output_file(out, [p for pair in pairs for p in pair])
     reporter.log(f"reading {len(pairs)} labelled source volumes and {len(targets)} target volume(s)")
     source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
@@ -519,7 +541,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     cfg.use_kl, cfg.use_adv, cfg.use_cycle, cfg.use_task = use_kl, use_adv, use_cycle, use_task
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(source.labels))
     net.copy_source_to_target()
-    iters = iterations or DEFAULT_ITERATIONS[preset]["adapt"]
+    iters = _stage_iterations(iterations, preset, "adapt")
     meta = _base_meta("adapted", preset, convention, normalisation, cfg, seed, dev,
                       {"source_model": str(Path(source_model).resolve()),
                        "source_data": [str(p[0].resolve()) for p in pairs],
@@ -540,6 +562,8 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     images and labels, so the result segments with the source encoder.
     """
     reporter = reporter or null_reporter()
+    _check_run_arguments(iterations, batch_size)
+    check_output_file(out, [source_model, *images, *labels])
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
     preset = src_meta["preset"]
@@ -548,7 +572,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     data = load_slices(images, net.cfg.input_size, net.cfg.slice_fov_mm, normalisation, labels, convention)
     cfg = _train_config(None, batch_size, preset, _inherited_options(src_meta))
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(data.labels))
-    iters = iterations or DEFAULT_ITERATIONS[preset]["finetune"]
+    iters = _stage_iterations(iterations, preset, "finetune")
     meta = _base_meta("finetuned", preset, convention, normalisation, cfg, seed, dev,
                       {"source_model": str(Path(source_model).resolve()),
                        "finetune_data": [str(Path(p).resolve()) for p in images], "iterations": iters})

@@ -12,7 +12,10 @@ numpy array ``(z, y, x)``.
 """
 from __future__ import annotations
 
+import gzip
 import logging
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Tuple, Union
@@ -100,8 +103,51 @@ def _fmt(values: Iterable[float]) -> str:
 
 # --- reading and writing ---------------------------------------------------------------------
 
+def _nifti_data_end(header: bytes) -> Optional[int]:
+    """Offset of the voxel data in a NIfTI-1 or NIfTI-2 header (either byte order); None if not NIfTI."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            return int(struct.unpack(order + "f", header[108:112])[0])
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            return int(struct.unpack(order + "q", header[168:176])[0])
+    return None
+
+
+def _check_nifti_complete(path: Path, image: sitk.Image) -> None:
+    """Refuse a truncated NIfTI file. ITK's NIfTI reader fills missing voxels with zeros and says nothing."""
+    suffix = full_suffix(path).lower()
+    if suffix not in (".nii", ".nii.gz"):
+        return
+    data_bytes = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    truncated = VaeudaError(f"{path}: the file is truncated (incomplete copy or download).")
+    if suffix == ".nii":
+        with open(path, "rb") as f:
+            offset = _nifti_data_end(f.read(540))
+        if offset is not None and path.stat().st_size < offset + data_bytes:
+            raise truncated
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            offset = _nifti_data_end(f.read(540))
+        if offset is None:
+            return
+        expected = offset + data_bytes
+        with open(path, "rb") as f:   # fast path: the gzip trailer holds the size modulo 2**32
+            f.seek(-4, 2)
+            if struct.unpack("<I", f.read(4))[0] == expected % 2 ** 32:
+                return
+        total = 0
+        with gzip.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        raise truncated from None
+    if total < expected:
+        raise truncated
+
+
 def _read_any(path: Path) -> sitk.Image:
-    """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar."""
+    """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
     if not path.exists():
         raise VaeudaError(f"{path}: file or folder does not exist.")
     if path.is_dir():
@@ -112,6 +158,7 @@ def _read_any(path: Path) -> sitk.Image:
         except RuntimeError:
             raise VaeudaError(f"{path}: cannot be read as an image (corrupt, or not one of "
                               f"{', '.join(READ_SUFFIXES)}, or a DICOM folder).") from None
+        _check_nifti_complete(path, image)
     if image.GetDimension() != 3:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a {image.GetDimension()}D image.")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -147,15 +194,18 @@ def read_image(path: PathLike) -> sitk.Image:
     """
     path = Path(path)
     image = _read_any(path)
-    if image.GetPixelID() == sitk.sitkFloat32:
-        return image
-    try:
-        cast = sitk.Cast(image, sitk.sitkFloat32)
-    except RuntimeError:
-        raise VaeudaError(f"{path}: voxel type {image.GetPixelIDTypeAsString()} cannot be used as intensities.") from None
-    for key in image.GetMetaDataKeys():
-        cast.SetMetaData(key, image.GetMetaData(key))
-    return cast
+    if image.GetPixelID() != sitk.sitkFloat32:
+        try:
+            cast = sitk.Cast(image, sitk.sitkFloat32)
+        except RuntimeError:
+            raise VaeudaError(f"{path}: voxel type {image.GetPixelIDTypeAsString()} cannot be used as intensities.") from None
+        for key in image.GetMetaDataKeys():
+            cast.SetMetaData(key, image.GetMetaData(key))
+        image = cast
+    finite = np.isfinite(sitk.GetArrayViewFromImage(image))
+    if not finite.all():
+        raise VaeudaError(f"{path}: {finite.size - np.count_nonzero(finite)} voxels are NaN or infinite.")
+    return image
 
 
 def read_label(path: PathLike, convention: Convention,
