@@ -106,14 +106,16 @@ def _check_creatable(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (which must not hold other work).
+    """Yield a temporary folder; on success its contents move into ``path`` (which must not hold other work).
 
-    Files already in ``path`` that the new folder does not have are kept.
+    Files already in ``path`` that the new folder does not have are kept. The temporary folder is
+    inside ``path`` when that exists (so only ``path`` need be writable), else beside it.
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+        staging_parent = path if path.is_dir() else path.parent
+        staging_parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=staging_parent))
         os.chmod(tmp, _umask_mode(0o777))
     except OSError as exc:
         raise _unwritable(path, exc) from None
