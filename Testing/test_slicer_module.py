@@ -297,6 +297,31 @@ def test_cancel_from_a_progress_callback_stops_a_blocking_call(slicer, mod, fake
     assert os.listdir(slicer.app.temporaryPath) == [] and not fake_logic.isRunning()
 
 
+def test_a_blocking_call_keeps_processing_events_and_refuses_a_second_job(slicer, mod, fake_logic, monkeypatch,
+                                                                          tmp_path):
+    """From the console a blocking call must not freeze Slicer's window: Qt events (here a timer,
+    as a button press would be) run while it waits, and a job they start is refused."""
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    seen = []
+
+    def press_segment_again():
+        try:
+            fake_logic.segment(volume, model, waitForCompletion=False)
+        except RuntimeError as exc:
+            seen.append(str(exc))
+        fake_logic.cancel()   # end the sleeping job
+
+    import qt
+    qt.QTimer.singleShot(0, press_segment_again)
+    with pytest.raises(mod.JobCancelledError):
+        fake_logic.segment(volume, model)
+    assert seen == ["A VAE-UDA job (segment) is running; wait for it or cancel it first."]
+    assert not fake_logic.isRunning() and os.listdir(slicer.app.temporaryPath) == []
+
+
 def test_bad_inputs_are_refused_with_one_sentence_before_anything_runs(slicer, mod, fake_logic, tmp_path):
     from vaeuda.labels import MMWHS
     volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))

@@ -467,7 +467,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
     Each long call runs the engine in a child process. With ``waitForCompletion=True`` (the
     default) it blocks and returns the result, raising :class:`JobFailedError` with the engine's
-    error sentence (or :class:`JobCancelledError`); with ``waitForCompletion=False`` it returns
+    error sentence (or :class:`JobCancelledError`); while it waits it processes Qt events, so the
+    window keeps painting (a job started meanwhile is refused: one at a time); with ``waitForCompletion=False`` it returns
     at once, reports engine events to ``progressCallback(event)`` and the end to
     ``finishedCallback(JobResult)`` from Qt timer callbacks on the main thread. One job at a time;
     :meth:`cancel` stops it. A failed or cancelled job leaves the scene as it was, and the
@@ -647,6 +648,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             return None
         while not process.isFinished():
             self._forward(job, process.events(timeout=0.1))
+            slicer.app.processEvents()   # keep the window painting during a long call from the console
         self._forward(job, process.events())
         result = self._complete(job)
         if result.status == "cancelled":
