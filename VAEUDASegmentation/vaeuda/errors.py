@@ -7,3 +7,9 @@ The command line prints it and exits with status 2; the Slicer module shows it a
 
 class VaeudaError(Exception):
     """Bad input or an unrecoverable run error, with a one-sentence user-facing message."""
+
+
+def require_count(flag: str, value) -> None:
+    """Refuse a count (iterations, batch size, patience) that is not a whole number >= 1, naming ``flag``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise VaeudaError(f"{flag} must be a whole number of at least 1, not {value!r}.")

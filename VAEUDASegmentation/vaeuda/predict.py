@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import VaeudaError
+from .errors import VaeudaError, require_count
 from .fileio import atomic_dir, check_output_dir, stem
 from .labels import Convention
 from .modelfile import load_model
@@ -35,7 +35,7 @@ def slice_probabilities(net: VAEUDANet, slices: np.ndarray, domain: str, device:
     the CPU has native bf16, AVX512-BF16 or AMX, slower where it is emulated, and a few voxels
     may change label; Docs/benchmarks.md).
     """
-    _check_batch_size(batch_size)
+    require_count("--batch-size", batch_size)
     net.eval()
     out = np.empty((slices.shape[0], net.cfg.n_classes) + slices.shape[2:], dtype=np.float16)
     use_bf16 = device.type == "cuda" or (cpu_bf16 and device.type == "cpu")
@@ -75,12 +75,12 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     from . import volumes
 
     reporter = reporter or null_reporter()
-    _check_batch_size(batch_size)
+    require_count("--batch-size", batch_size)   # before the model is loaded
     if domain and domain not in ("source", "target"):
         raise VaeudaError(f"--domain must be source or target, not '{domain}'.")
     check_output_dir(out_dir)
     targets = [output_path(out_dir, path) for path in inputs]
-    resolved_inputs = {Path(p).resolve(): p for p in inputs}
+    resolved_inputs = {Path(p).resolve() for p in inputs}
     seen = {}
     for path, target in zip(inputs, targets):
         if target in seen:
@@ -104,8 +104,3 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
             reporter.step(i, force=True)
     reporter.close()
     return targets
-
-
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise VaeudaError(f"--batch-size must be a whole number of at least 1, not {batch_size!r}.")

@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .augment import AugmentConfig, augment_batch
 from .data import SliceSet, load_slices
-from .errors import VaeudaError
+from .errors import VaeudaError, require_count
 from .fileio import check_output_file
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
@@ -438,25 +438,21 @@ def _train_config(overrides: Optional[dict], batch_size: Optional[int], preset: 
         if not hasattr(cfg, k):
             raise VaeudaError(f"unknown training option '{k}'.")
         setattr(cfg, k, v)
-    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise VaeudaError(f"--batch-size must be a whole number of at least 1, not {cfg.batch_size!r}.")
+    require_count("--batch-size", cfg.batch_size)   # overrides may set it too
     return cfg
 
 
 def _stage_iterations(iterations: Optional[int], preset: str, stage: str) -> int:
-    """The stage's iteration count: the preset's default when None, else a whole number >= 1."""
-    if iterations is None:
-        return DEFAULT_ITERATIONS[preset][stage]
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise VaeudaError(f"--iterations must be a whole number of at least 1, not {iterations!r}.")
-    return iterations
+    """The stage's iteration count: the preset's default when None (0 is not None: the stages refuse
+    counts below 1 up front, with :func:`_check_run_arguments`)."""
+    return DEFAULT_ITERATIONS[preset][stage] if iterations is None else iterations
 
 
 def _check_run_arguments(iterations, batch_size, early_stop=None) -> None:
-    """Refuse bad counts before any data is read (the stage checks them again in context)."""
+    """Refuse bad counts before any data is read."""
     for flag, value in (("--iterations", iterations), ("--batch-size", batch_size), ("--early-stop", early_stop)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise VaeudaError(f"{flag} must be a whole number of at least 1, not {value!r}.")
+        if value is not None:
+            require_count(flag, value)
 
 
 def _inherited_options(src_meta: dict) -> dict:
@@ -522,7 +518,6 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     """Adaptation stage (Eq. 8) on unlabelled target volumes, usually one."""
     reporter = reporter or null_reporter()
     _check_run_arguments(iterations, batch_size, early_stop)
-    check_output_file(out, [source_model, *targets])
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":
@@ -532,7 +527,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     normalisation = src_meta["normalisation"]
     size, fov = net.cfg.input_size, net.cfg.slice_fov_mm
     pairs = _source_pairs(src_meta, source_model, source_data)
-    check_output_file(out, [p for pair in pairs for p in pair])
+    check_output_file(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
     reporter.log(f"reading {len(pairs)} labelled source volumes and {len(targets)} target volume(s)")
     source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
