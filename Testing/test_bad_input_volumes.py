@@ -133,6 +133,34 @@ def test_truncated_nifti_is_refused(tmp_path, tmp_volume, name):
         read_label(cut, MMWHS)
 
 
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("suffix", [".mha", ".mhd"])
+def test_truncated_metaimage_is_refused_before_itk(tmp_path, capfd, suffix, compress):
+    """MetaIO refuses a truncated file too, but prints its own two lines on stderr first; the
+    engine sizes the data from the header and says it in one sentence, before ITK runs."""
+    array = np.random.default_rng(1).normal(size=(9, 10, 11)).astype(np.float32)
+    path = tmp_path / ("whole" + suffix)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path), useCompression=compress)
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), array)   # the whole file reads
+    data_path = path if suffix == ".mha" else path.with_suffix(".zraw" if compress else ".raw")
+    data = data_path.read_bytes()
+    data_path.write_bytes(data[:-7])
+    capfd.readouterr()
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: the file is truncated"):
+        read_image(path)
+    assert capfd.readouterr().err == ""                      # nothing from MetaIO
+    data_path.write_bytes(data)
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), array)   # the check is exact
+
+
+def test_metaimage_with_missing_data_file(tmp_path):
+    path = tmp_path / "header.mhd"
+    sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkInt16), str(path))
+    path.with_suffix(".raw").unlink()
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: its data file .*header.raw does not exist"):
+        read_image(path)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_intensities_are_refused(tmp_volume, bad):
     array = np.zeros((6, 7, 8), np.float32)

@@ -146,6 +146,57 @@ def _check_nifti_complete(path: Path, image: sitk.Image) -> None:
         raise truncated
 
 
+# MetaImage element types and their sizes in bytes (MetaIO's metaTypes.h).
+_META_ELEMENT_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+                       "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8,
+                       "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _check_metaimage_complete(path: Path) -> None:
+    """Refuse a truncated MetaImage before ITK reads it (MetaIO reports it on stderr, in two lines of its own).
+
+    Checks the one-file case (``ElementDataFile = LOCAL``, the data after the header) and a
+    ``.mhd``'s single data file; a compressed file is checked against ``CompressedDataSize``.
+    Anything this cannot size (a file list, a missing field) is left to ITK.
+    """
+    if full_suffix(path).lower() not in (".mha", ".mhd"):
+        return
+    fields, header_bytes = {}, 0
+    with open(path, "rb") as f:
+        for raw in iter(lambda: f.readline(4096), b""):
+            header_bytes += len(raw)
+            key, sep, value = raw.decode("latin-1").partition("=")
+            if not sep:
+                return   # not a MetaImage header: ITK's own refusal follows
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+    data_file = fields.get("ElementDataFile")
+    try:
+        if fields.get("CompressedData", "False").lower() == "true":
+            expected = int(fields["CompressedDataSize"])
+        else:
+            expected = (int(np.prod([int(v) for v in fields["DimSize"].split()]))
+                        * int(fields.get("ElementNumberOfChannels", "1"))
+                        * _META_ELEMENT_BYTES[fields["ElementType"]])
+        offset = int(fields.get("HeaderSize", "0"))
+    except (KeyError, ValueError):
+        return
+    if data_file == "LOCAL":
+        available = path.stat().st_size - header_bytes
+    elif data_file and not data_file.startswith("LIST") and "%" not in data_file:
+        data_path = path.parent / data_file
+        if not data_path.is_file():
+            raise VaeudaError(f"{path}: its data file {data_path} does not exist.")
+        available = data_path.stat().st_size
+        if offset >= 0:   # HeaderSize = -1 means the data are the file's last bytes
+            available -= offset
+    else:
+        return
+    if available < expected:
+        raise VaeudaError(f"{path}: the file is truncated (incomplete copy or download).")
+
+
 def _read_any(path: Path) -> sitk.Image:
     """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
     if not path.exists():
@@ -153,6 +204,7 @@ def _read_any(path: Path) -> sitk.Image:
     if path.is_dir():
         image = _read_dicom_folder(path)
     else:
+        _check_metaimage_complete(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError:
