@@ -255,16 +255,18 @@ def test_latent_probe_reads_separable_and_identical_encodings():
 
 def test_adaptation_curves_latent_probe_leaves_the_curve_unchanged(tiny_cohort, tiny_source_model, tmp_path):
     curves = {}
-    for flag in ([], ["--latent-probe"]):
-        out = tmp_path / f"curves{len(flag)}.json"
+    for flags in ((), ("--latent-probe",), ("--latent-probe", "--contrast")):
+        out = tmp_path / f"curves{len(flags)}.json"
         proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
                     "--target", "ct_1001", "--val", "ct_1002", "--iterations", "4", "--every", "2", "--out", str(out),
-                    *flag)
+                    *flags)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        curves[bool(flag)] = json.loads(out.read_text())["curve"]
-    with_probe = curves[True]
+        curves[flags] = json.loads(out.read_text())["curve"]
+    with_probe = curves[("--latent-probe",)]
     assert all(0.0 <= row["latent"]["accuracy"] <= 1.0 for row in with_probe)
-    assert [{k: v for k, v in row.items() if k != "latent"} for row in with_probe] == curves[False]
+    assert [{k: v for k, v in row.items() if k != "latent"} for row in with_probe] == curves[()]
+    # with --contrast the probe scores the validation slices read once for both: the same numbers
+    assert [row["latent"] for row in curves[("--latent-probe", "--contrast")]] == [row["latent"] for row in with_probe]
 
 
 def test_adaptation_curves_refuses_a_missing_cohort(tiny_source_model, tmp_path):

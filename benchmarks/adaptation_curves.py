@@ -41,7 +41,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
 
@@ -132,14 +132,15 @@ def default_validation_scans(cohort: Path, target: str) -> List[str]:
 
 
 def latent_probe_sets(cohort: Path, mr_train: torch.Tensor, target: torch.Tensor, val: List[str], cfg,
-                      norm: dict) -> Dict[str, torch.Tensor]:
+                      norm: dict, val_images: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """The probe's slices (N, 3, S, S): MR training slices and the target scan's to train on, the
-    cohort's MR test split and the validation scans ``val`` to score on."""
+    cohort's MR test split and the validation scans ``val`` to score on (``val_images``: their
+    slices when the caller has read them already)."""
     if not val:
         raise VaeudaError(f"{cohort}: no validation CT scan to score the latent probe on.")
     return {"train_s": mr_train, "train_t": target,
             "test_s": cohort_slices(cohort, cohort_split(cohort, "mr", "test"), cfg, norm).images,
-            "test_t": cohort_slices(cohort, val, cfg, norm).images}
+            "test_t": val_images if val_images is not None else cohort_slices(cohort, val, cfg, norm).images}
 
 
 def latent_probe_of(net, sets: Dict[str, torch.Tensor], seed: int) -> Dict[str, float]:
@@ -206,7 +207,9 @@ def main(argv=None) -> int:
         target_images = cohort_slices(cohort, [args.target], cfg, norm).images
         ct = fixed_slices(target_images, DISC_SLICES, args.seed)
         ct_val = cohort_slices(cohort, val, cfg, norm, labelled=True) if args.contrast else None
-        probe_sets = latent_probe_sets(cohort, mr_set.images, target_images, val, cfg, norm) if args.latent_probe else None
+        probe_sets = (latent_probe_sets(cohort, mr_set.images, target_images, val, cfg, norm,
+                                        ct_val.images if ct_val is not None else None)
+                      if args.latent_probe else None)
         curve: List[dict] = []
 
         def evaluate(iteration: int, averaged, live) -> None:
