@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from vaeuda.losses import SegmentationLoss, gan_loss
+from vaeuda.losses import SegmentationLoss
 from vaeuda.nets import VAEUDANet, get_preset
-from vaeuda.train import ROUTES, TrainConfig, disc_loss, routed_backward, source_terms, target_terms
+from vaeuda.train import (ROUTES, TrainConfig, class_weights_from, disc_loss, generator_adv_terms, routed_backward,
+                          source_terms, target_terms)
 
 # Derived by hand from Eq. 1-7 and the update rules (only E_T and D_T learn from target terms;
 # task consistency updates Seg and E_Z). Where a term's path misses a network of its route,
@@ -31,8 +32,7 @@ def _all_terms(net, seed=0):
     terms, fakes = source_terms(net, xs, ys, seg, gen)
     t_terms, t_fakes = target_terms(net, xs, ys, xt, fakes["mu_s"], seg, TrainConfig(), gen)
     terms.update(t_terms)
-    terms["S_adv"] = gan_loss(net.disc(fakes["x_ss"]), True)
-    terms["T_adv"] = gan_loss(net.disc(t_fakes["x_ts"]), True)
+    terms.update(generator_adv_terms(net, {**fakes, **t_fakes}, "lsgan"))    # what run_stage adds
     return terms, xs, fakes, t_fakes
 
 
@@ -99,3 +99,92 @@ def test_task_consistency_renders_x_st_from_the_source_posterior_mean(monkeypatc
     # D_T decodes z_T (x_TT), mu_TS (cycle) and, last, the source mean (x_ST)
     assert len(to_target) == 3 and torch.equal(to_target[-1], fakes["mu_s"].detach())
     assert "task" in terms
+
+
+def _disc_reading_first_voxel(net, monkeypatch):
+    """Disc replaced by one whose single-scale score is its input's first voxel, so a test can tell
+    which image it scored."""
+    monkeypatch.setattr(net.disc, "forward", lambda x: [x.reshape(len(x), -1)[:, :1]])
+
+
+def test_generator_adv_terms_score_x_ss_and_x_ts_against_the_real_label(monkeypatch):
+    """S_adv = (D(x_SS) - 1)^2, T_adv = (D(x_TS) - 1)^2 (LSGAN, generator side of Eq. 3 and 5)."""
+    net = VAEUDANet(get_preset("tiny"))
+    _disc_reading_first_voxel(net, monkeypatch)
+    x_ss, x_ts = torch.full((2, 3, 4, 4), 0.8), torch.full((2, 3, 4, 4), 0.3)
+    terms = generator_adv_terms(net, {"x_ss": x_ss, "x_ts": x_ts}, "lsgan")
+    assert terms["S_adv"].item() == pytest.approx(0.04)       # (0.8 - 1)^2
+    assert terms["T_adv"].item() == pytest.approx(0.49)       # (0.3 - 1)^2
+    assert set(generator_adv_terms(net, {"x_ss": x_ss}, "lsgan")) == {"S_adv"}   # the source stage
+
+
+def test_discriminator_loss_averages_its_fake_sets(monkeypatch):
+    """Disc: (D(x_S) - 1)^2 + mean over the fake sets of D(fake)^2, so adding x_TS does not double
+    the weight of the fake side."""
+    net = VAEUDANet(get_preset("tiny"))
+    _disc_reading_first_voxel(net, monkeypatch)
+    real = torch.full((2, 3, 4, 4), 0.9)
+    fakes = [torch.full((2, 3, 4, 4), 0.2), torch.full((2, 3, 4, 4), 0.4)]
+    # 0.1^2 + (0.2^2 + 0.4^2) / 2 = 0.01 + 0.10
+    assert disc_loss(net, real, fakes, "lsgan").item() == pytest.approx(0.11)
+    assert disc_loss(net, real, fakes[:1], "lsgan").item() == pytest.approx(0.05)
+
+
+def test_task_consistency_does_not_differentiate_through_the_rendering():
+    """x_ST is an input to the task term: no gradient flows back into mu_S (hence E_Z through the
+    source path) or D_T."""
+    net = VAEUDANet(get_preset("tiny")).train()
+    terms, _, fakes, _ = _all_terms(net)
+    grads = torch.autograd.grad(terms["task"], [fakes["mu_s"], *net.dec_t.parameters()], allow_unused=True)
+    assert all(g is None for g in grads)
+
+
+def test_paths_take_the_encoders_eq_6_and_7_name(monkeypatch):
+    """Encoders in order: E_T on x_T, E_S on x_TS (cycle, Eq. 6), E_T on x_ST (task, Eq. 7); the
+    cycle decodes the posterior mean of x_TS and Seg reads a sample of q(Z|x_S), not its mean (Eq. 2)."""
+    net = VAEUDANet(get_preset("tiny")).train()
+    domains, decoded, seg_inputs, samples = [], [], [], []
+    real_posterior, real_decode, real_seg, real_sample = net.posterior, net.decode, net.seg.forward, net.sample
+
+    def posterior(x, domain):
+        domains.append(domain)
+        return real_posterior(x, domain)
+
+    def sample(mu, logvar, gen):
+        samples.append(real_sample(mu, logvar, gen))
+        return samples[-1]
+
+    monkeypatch.setattr(net, "posterior", posterior)
+    monkeypatch.setattr(net, "decode", lambda z, domain: decoded.append((z.detach().clone(), domain)) or real_decode(z, domain))
+    monkeypatch.setattr(net.seg, "forward", lambda z: seg_inputs.append(z) or real_seg(z))
+    monkeypatch.setattr(net, "sample", sample)
+    gen = torch.Generator().manual_seed(0)
+    xs, xt = torch.randn(2, 3, 32, 32, generator=gen), torch.randn(2, 3, 32, 32, generator=gen) + 1
+    ys = torch.randint(0, 5, (2, 32, 32), generator=gen)
+    seg = SegmentationLoss([0.5, 1, 1, 1, 1])
+    _, fakes = source_terms(net, xs, ys, seg, gen)
+    _, t_fakes = target_terms(net, xs, ys, xt, fakes["mu_s"], seg, TrainConfig(), gen)
+    assert domains == ["source", "target", "source", "target"]
+    assert seg_inputs[0] is samples[0] and not torch.equal(samples[0], fakes["mu_s"])
+    mu_ts, _ = real_posterior(t_fakes["x_ts"], "source")
+    to_target = [z for z, domain in decoded if domain == "target"]
+    assert torch.allclose(to_target[1], mu_ts.detach(), atol=1e-6)     # the cycle's D_T input
+
+
+def test_term_weights_and_ablation_switches():
+    """Eq. 8 with the paper's lambdas; each switch zeroes its own terms only."""
+    paper = {"S_rec": 1.0, "S_kl": 0.1, "seg": 1.0, "S_adv": 1.0,
+             "T_rec": 1.0, "T_kl": 0.1, "T_adv": 1.0, "T_cyc": 10.0, "task": 1.0}
+    assert TrainConfig().weights() == paper
+    for switch, zeroed in (("use_kl", {"S_kl", "T_kl"}), ("use_adv", {"S_adv", "T_adv"}),
+                           ("use_cycle", {"T_cyc"}), ("use_task", {"task"})):
+        weights = TrainConfig(**{switch: False}).weights()
+        assert weights == {k: 0.0 if k in zeroed else v for k, v in paper.items()}, switch
+    assert TrainConfig(lambda_rec=2.0, lambda_cyc=3.0).weights()["T_cyc"] == 3.0
+
+
+def test_class_weights_are_inverse_square_root_frequencies_of_mean_one():
+    """Counts 16, 4, 4, 1, 1 (26 in all): sqrt(26 / n) = 1.2748, 2.5495, 2.5495, 5.0990, 5.0990,
+    mean 3.3144, so the weights are 0.3846, 0.7692, 0.7692, 1.5385, 1.5385."""
+    labels = torch.tensor([0] * 16 + [1] * 4 + [2] * 4 + [3, 4], dtype=torch.uint8).reshape(1, 2, 13)
+    assert class_weights_from(labels) == pytest.approx((0.3846, 0.7692, 0.7692, 1.5385, 1.5385), abs=1e-4)

@@ -188,6 +188,15 @@ def disc_loss(net: VAEUDANet, real: torch.Tensor, fakes: Sequence[torch.Tensor],
     return loss + fake
 
 
+def generator_adv_terms(net: VAEUDANet, fakes: Dict[str, torch.Tensor], mode: str) -> Dict[str, torch.Tensor]:
+    """The generators' side of Eq. 3 and 5: Disc's opinion of x_SS (S_adv) and, in adaptation, of
+    x_TS (T_adv), each scored against the *real* label (B, 3, S, S fakes -> scalar terms)."""
+    terms = {"S_adv": gan_loss(net.disc(fakes["x_ss"]), True, mode)}
+    if "x_ts" in fakes:
+        terms["T_adv"] = gan_loss(net.disc(fakes["x_ts"]), True, mode)
+    return terms
+
+
 # ----------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -357,9 +366,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
                 opts[1].zero_grad(set_to_none=True)
                 d_loss.float().backward()
                 opts[1].step()
-                terms["S_adv"] = gan_loss(net.disc(fakes["x_ss"]), True, cfg.gan_mode)
-                if "x_ts" in fakes:
-                    terms["T_adv"] = gan_loss(net.disc(fakes["x_ts"]), True, cfg.gan_mode)
+                terms.update(generator_adv_terms(net, fakes, cfg.gan_mode))
 
         weighted = {k: weights[k] * v.float() for k, v in terms.items() if weights[k] > 0}
         total = sum(weighted.values())
