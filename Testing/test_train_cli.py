@@ -95,14 +95,15 @@ def test_same_seed_same_numbers(tiny_cohort, tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_nan_stops_training_and_keeps_last_checkpoint(tiny_cohort, tmp_path, monkeypatch):
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_nan_stops_training_and_keeps_last_checkpoint(tiny_cohort, tmp_path, monkeypatch, poison):
     calls = {"n": 0}
     real = train_mod.reconstruction
 
     def poisoned(x_hat, x):
         calls["n"] += 1
         value = real(x_hat, x)
-        return value * float("nan") if calls["n"] > 5 else value     # the source stage calls it once per iteration
+        return value * poison if calls["n"] > 5 else value     # the source stage calls it once per iteration
 
     monkeypatch.setattr(train_mod, "reconstruction", poisoned)
     out = tmp_path / "m.safetensors"
@@ -372,3 +373,64 @@ def test_written_files_get_the_umask_permissions_not_private_ones(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_resume_refuses_a_checkpoint_of_another_stage(tiny_cohort, tiny_source_model, tmp_path, monkeypatch):
+    """A source run's checkpoint left at the path a fine-tune resumes from has the same network
+    configuration; only its stage tells it apart, and resuming it would fine-tune from a half-trained
+    source model."""
+    out = tmp_path / "m.safetensors"
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=6, overrides={"checkpoint_every": 3})
+    with pytest.raises(VaeudaError, match="checkpoint is of the 'source' stage, not 'finetuned'"):
+        train_mod.finetune(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"],
+                           [tiny_cohort / "ct_1001_label.nii.gz"], out, iterations=4, device="cpu", resume=True)
+    assert not out.exists() and checkpoint_path(out).exists()
+
+
+def test_early_stop_keeps_the_weights_of_the_best_proxy(tiny_cohort, tiny_source_model, tmp_path, monkeypatch):
+    """The proxy is an average (0.7 old + 0.3 new) of T_cyc. With T_cyc 3, 2, 1, 5, 5 it reads 3, 2.7,
+    2.19, 3.033, 3.623: the best is iteration 3, and two evaluations without improvement stop the run
+    at 5. The saved weights are those of iteration 3, which a 3-iteration run reproduces."""
+    real = train_mod.reconstruction
+    calls = {"n": 0}
+    cycle_values = [3.0, 2.0, 1.0, 5.0, 5.0, 5.0]
+
+    def scripted_cycle(x_hat, x):
+        calls["n"] += 1
+        value = real(x_hat, x)
+        if calls["n"] % 3:                     # S_rec, T_rec, then T_cyc, each iteration
+            return value
+        return value * 0 + cycle_values[calls["n"] // 3 - 1]   # no gradient: it scripts the proxy only
+
+    target = [tiny_cohort / "ct_1001_image.nii.gz"]
+    monkeypatch.setattr(train_mod, "reconstruction", scripted_cycle)
+    stopped = train_mod.adapt(tiny_source_model, target, tmp_path / "stopped.safetensors", iterations=6,
+                              device="cpu", early_stop=2, overrides={"eval_every": 1})
+    assert stopped["provenance"]["early_stopped_at"] == 3 and stopped["provenance"]["iterations_done"] == 5
+    assert [e["proxy"] for e in stopped["history"]] == pytest.approx([3.0, 2.7, 2.19, 3.033, 3.6231], abs=1e-4)
+    calls["n"] = 0
+    train_mod.adapt(tiny_source_model, target, tmp_path / "three.safetensors", iterations=3, device="cpu",
+                    overrides={"eval_every": 1})
+    a, b = read_tensors(tmp_path / "stopped.safetensors")[0], read_tensors(tmp_path / "three.safetensors")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adaptation_starts_the_target_networks_from_the_source_ones(tiny_source_model, tiny_cohort, tmp_path):
+    """E_T and D_T start as copies of E_S and D_S; frozen (lr_scale 0) they stay those copies."""
+    out = tmp_path / "a.safetensors"
+    train_mod.adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], out, iterations=2, device="cpu",
+                    overrides={"lr_scale": {"enc_t": 0, "dec_t": 0}})
+    source, _ = load_model(tiny_source_model)
+    adapted, meta = load_model(out)
+    for target, origin in (("enc_t", "enc_s"), ("dec_t", "dec_s")):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(adapted, target).state_dict().values(),
+                                                     getattr(source, origin).state_dict().values())), target
+    assert not all(torch.equal(a, b) for a, b in zip(adapted.seg.parameters(), source.seg.parameters()))
+
+
+def test_models_segment_with_the_encoder_of_their_stage():
+    """Adapted models segment through E_T; source and fine-tuned ones (no target encoder) through E_S."""
+    from vaeuda.predict import model_domain
+    assert model_domain({"stage": "adapted", "has_target_encoder": True}) == "target"
+    assert model_domain({"stage": "source", "has_target_encoder": False}) == "source"
+    assert model_domain({"stage": "finetuned", "has_target_encoder": False}) == "source"
