@@ -46,3 +46,43 @@ def test_gan_loss_lsgan_values():
     # real: (0.5-1)^2 + (1-1)^2 = 0.25 ; fake: 0.25 + 1
     assert float(gan_loss(scores, True)) == 0.25
     assert float(gan_loss(scores, False)) == 1.25
+
+
+def test_segmentation_loss_uniform_logits_is_foreground_softmax_dice_plus_cross_entropy():
+    """Dice over the 4 foreground classes of softmax probabilities, plus plain CE (catches
+    include_background=True -> 2.4317 and sigmoid instead of softmax -> 2.3594)."""
+    target = torch.tensor([[[0, 1], [2, 3]]])
+    logits = torch.zeros(1, 5, 2, 2)            # softmax: 0.2 everywhere
+    # classes 1-3: 1 - 2*0.2 / (4*0.2 + 1) = 7/9 each; class 4 absent: 1; mean (3*7/9 + 1)/4 = 5/6
+    # cross-entropy: -ln 0.2 = ln 5 ; total 5/6 + ln 5 = 2.4428
+    assert abs(float(SegmentationLoss()(logits, target)) - (5 / 6 + math.log(5))) < 1e-4
+
+
+def test_segmentation_loss_cross_entropy_uses_class_weights():
+    """The class weights reach the cross-entropy (catches weight=None -> 11/12 + 0.5 ln 5 = 1.7214)."""
+    target = torch.tensor([[[0, 1]]])
+    logits = torch.zeros(1, 5, 1, 2)
+    logits[0, 0, 0, 0] = 20.0                   # pixel 0: class 0 certain (CE ~ 0); pixel 1: uniform (CE ln 5)
+    loss = SegmentationLoss([1.0, 3.0, 1.0, 1.0, 1.0])
+    # weighted CE: (1*0 + 3*ln 5) / (1 + 3) = 0.75 ln 5 = 1.2071
+    # Dice: class 1: 1 - 2*0.2 / (0.2 + 1) = 2/3; classes 2-4 absent: 1 each; mean (2/3 + 3)/4 = 11/12
+    assert abs(float(loss(logits, target)) - (11 / 12 + 0.75 * math.log(5))) < 1e-4
+
+
+def test_segmentation_loss_dice_pools_the_batch():
+    """Dice sums intersections over the batch before dividing (catches batch=False, which averages
+    per-sample Dice: (5/6 + 1)/2 + ln 5 = 2.5261)."""
+    target = torch.tensor([[[0, 1], [2, 3]], [[0, 0], [0, 0]]])   # second sample: background only
+    logits = torch.zeros(2, 5, 2, 2)
+    # classes 1-3 over both samples: 1 - 2*0.2 / (8*0.2 + 1) = 11/13; class 4: 1
+    # mean (3*11/13 + 1)/4 = 23/26 = 0.8846 ; plus CE ln 5 -> 2.4941
+    assert abs(float(SegmentationLoss()(logits, target)) - (23 / 26 + math.log(5))) < 1e-4
+
+
+def test_gan_loss_vanilla_values_summed_over_scales():
+    """Vanilla mode is BCE-with-logits against 1 for real and 0 for fake, summed over scales
+    (catches swapped targets)."""
+    scores = [torch.full((1, 1, 2, 2), 2.0), torch.full((1, 1, 1, 1), 2.0)]
+    # real: 2 scales * ln(1 + e^-2) = 2 * 0.1269 = 0.2539 ; fake: 2 * ln(1 + e^2) = 2 * 2.1269 = 4.2539
+    assert abs(float(gan_loss(scores, True, "vanilla")) - 2 * math.log1p(math.exp(-2))) < 1e-5
+    assert abs(float(gan_loss(scores, False, "vanilla")) - 2 * math.log1p(math.exp(2))) < 1e-5

@@ -97,6 +97,7 @@ def test_missing_file(tmp_path):
     (lambda m: m.update(preset="huge"), "preset 'huge' is not one of"),
     (lambda m: m.update(train=[1]), "'train' is not a JSON object"),
     (lambda m: m["config"].update(input_size="abc"), "model configuration is missing or damaged"),
+    (lambda m: m["normalisation"].pop("method"), "the intensity normalisation has no method"),
 ])
 def test_edited_metadata_is_refused_in_one_sentence(saved, tmp_path, edit, message):
     """JSON that parses but lacks what the stages read (the checksum covers only the tensors)."""
@@ -108,3 +109,61 @@ def test_edited_metadata_is_refused_in_one_sentence(saved, tmp_path, edit, messa
     save_tensors(edited, tensors, meta)
     with pytest.raises(VaeudaError, match=message):
         load_model(edited)
+
+
+def _resave_with_header(saved, tmp_path, edit):
+    """Copy of the saved model file with its raw safetensors header edited by ``edit(header)``."""
+    from safetensors.torch import save_file
+    tensors, _, header = read_tensors(saved[1])
+    header = dict(header)
+    edit(header)
+    path = tmp_path / "edited.safetensors"
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def test_missing_format_version_is_refused(saved, tmp_path):
+    """A header without format_version reads as version 0, below the first format (catches a
+    check of the upper bound only)."""
+    path = _resave_with_header(saved, tmp_path, lambda h: h.pop("format_version"))
+    with pytest.raises(VaeudaError, match="format version None is not valid"):
+        load_model(path)
+
+
+def test_format_version_zero_is_refused(saved, tmp_path):
+    """Versions start at 1 (catches a check of the upper bound only)."""
+    path = _resave_with_header(saved, tmp_path, lambda h: h.update(format_version="0"))
+    with pytest.raises(VaeudaError, match="format version '0' is not valid"):
+        load_model(path)
+
+
+def test_missing_checksum_is_refused(saved, tmp_path):
+    """A header without tensors_sha256 is not taken as unchecked-but-fine (catches skipping the
+    comparison when the field is absent)."""
+    path = _resave_with_header(saved, tmp_path, lambda h: h.pop("tensors_sha256"))
+    with pytest.raises(VaeudaError, match="do not match their checksum"):
+        load_model(path)
+
+
+def test_checksum_covers_dtype_not_only_bytes(saved, tmp_path):
+    """The same bytes reinterpreted as int32 under the old header are refused (catches a digest
+    of the raw bytes only; load_state_dict would silently cast the integers to float)."""
+    from safetensors.torch import save_file
+    tensors, _, header = read_tensors(saved[1])
+    tensors["net.seg.head.bias"] = tensors["net.seg.head.bias"].view(torch.int32)   # (5,) float32 -> (5,) int32
+    path = tmp_path / "retyped.safetensors"
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(VaeudaError, match="do not match their checksum"):
+        load_model(path)
+
+
+def test_missing_weight_tensor_is_refused(saved, tmp_path):
+    """A file lacking one network tensor, with a valid checksum, is refused (catches
+    load_state_dict(strict=False), which would keep the fresh initialisation)."""
+    from vaeuda.modelfile import save_tensors
+    tensors, meta, _ = read_tensors(saved[1])
+    del tensors["net.seg.head.bias"]
+    path = tmp_path / "incomplete.safetensors"
+    save_tensors(path, tensors, meta)
+    with pytest.raises(VaeudaError, match="model weights do not fit its configuration"):
+        load_model(path)

@@ -290,6 +290,21 @@ def test_labels_read_encoded_and_written_decoded(tmp_path, tmp_volume):
         [0, 1, 2, 3, 4, 0, 0, 0, 0]
 
 
+def test_custom_mapping_writes_its_first_background_value(tmp_path, tmp_volume):
+    """A JSON mapping's background is written as the first value of its "background" list
+    (catches background always written as 0)."""
+    from vaeuda.labels import load_convention
+    mapping = tmp_path / "map.json"
+    mapping.write_text('{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "background": [7, 0]}')
+    convention = load_convention(str(mapping))
+    assert convention.from_index == (7, 1, 2, 3, 4)
+    raw = np.array([0, 1, 2, 3, 4, 7], np.uint8).reshape(1, 2, 3)
+    classes = read_label(tmp_volume(raw, name="lab.nrrd"), convention)
+    assert sitk.GetArrayFromImage(classes).ravel().tolist() == [0, 1, 2, 3, 4, 0]   # 0 and 7 are both background
+    write_label(classes, tmp_path / "out.nrrd", convention)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.nrrd"))).ravel().tolist() == [7, 1, 2, 3, 4, 7]
+
+
 def test_geometry_tolerance_is_relative():
     a = sitk.Image(4, 5, 6, sitk.sitkUInt8)
     a.SetSpacing((0.5, 0.5, 3.0))
@@ -300,6 +315,27 @@ def test_geometry_tolerance_is_relative():
     b.SetOrigin((1e-2, 0.0, 0.0))
     assert geometry_mismatch(b, a).startswith("origin")
     assert Geometry.of(a).size == (4, 5, 6)
+
+
+def test_geometry_origin_tolerance_scales_with_the_largest_spacing():
+    """Origin tolerance is rtol * max(spacing) = 1e-4 * 3 = 3e-4 (catches min(spacing), whose
+    1e-4 * 0.5 = 5e-5 would refuse the 1e-4 offset)."""
+    a = sitk.Image(4, 5, 6, sitk.sitkUInt8)
+    a.SetSpacing((0.5, 0.5, 3.0))
+    b = sitk.Image(a)
+    b.SetOrigin((1e-4, 0.0, 0.0))              # 1e-4 <= 3e-4
+    assert geometry_mismatch(b, a) is None
+    b.SetOrigin((4e-4, 0.0, 0.0))              # 4e-4 > 3e-4
+    assert geometry_mismatch(b, a).startswith("origin")
+
+
+def test_geometry_mismatch_reports_a_different_direction():
+    """Same size, spacing and origin but a permuted direction is a different grid (catches a
+    comparison that skips the direction)."""
+    a = sitk.Image(4, 5, 6, sitk.sitkUInt8)
+    b = sitk.Image(a)
+    b.SetDirection(PERMUTED)
+    assert geometry_mismatch(b, a).startswith("direction")
 
 
 # --- slices with a physical field of view ------------------------------------------------------

@@ -70,7 +70,10 @@ def read_tensors(path) -> Tuple[Dict[str, torch.Tensor], dict, Dict[str, str]]:
         version = int(header.get("format_version", "0"))
     except ValueError:
         version = -1
-    if version < 1 or version > FORMAT_VERSION:
+    if version < 1:
+        raise VaeudaError(f"{path}: model file format version {header.get('format_version')!r} is not valid "
+                          f"(the file was altered or damaged).")
+    if version > FORMAT_VERSION:
         raise VaeudaError(f"{path}: model file format version {header.get('format_version')} is not supported "
                           f"by this engine ({__version__}, format {FORMAT_VERSION}); update the extension.")
     try:
