@@ -432,6 +432,52 @@ def test_stand_in_segment_ids_follow_slicer(slicer):
     assert segmentation.GetNumberOfSegments() == 3
 
 
+def make_segmentation(slicer, volume, labels, segments, name):
+    """A segmentation node on ``volume``'s geometry: label value v of ``labels`` (K, J, I) -> ``segments[v-1]``,
+    each ``(segment ID, name, terminology entry or None)``, imported as a user's own segmentation would be."""
+    import vtk
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segmentation = node.GetSegmentation()
+    segmentIds = vtk.vtkStringArray()
+    for segmentId, segmentName, terminology in segments:
+        segmentId = segmentation.AddEmptySegment(segmentId, segmentName)
+        if terminology is not None:
+            segment = segmentation.GetSegment(segmentId)
+            segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
+        segmentIds.InsertNextValue(segmentId)
+    labelmap = slicer.util.addVolumeFromArray(np.asarray(labels), IJK_TO_RAS, "labels", "vtkMRMLLabelMapVolumeNode")
+    try:
+        assert slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, node, segmentIds)
+    finally:
+        slicer.mrmlScene.RemoveNode(labelmap)
+    return node
+
+
+def test_segment_for_structure_prefers_terminology_then_name_then_the_last_number(slicer, mod):
+    """Matching reference segments to structures: rank 0 terminology code, 1 name or key, 2 the last
+    number in the name (an MM-WHS value or 1..4); the best rank wins whatever the segment order."""
+    lvm, lab, lvb, aa = mod.STRUCTURES
+    find = mod.VAEUDASegmentationLogic._segmentIdForStructure
+    volume = add_volume(slicer, np.zeros((2, 2, 2), np.float32))
+    empty = np.zeros((2, 2, 2), np.uint8)
+
+    # Worst rank first, best last: the tagged segment wins over the named and the numbered one.
+    node = make_segmentation(slicer, volume, empty, [("Segment_205", "Segment_205", None),
+                                                     ("named", "LV myocardium", None),
+                                                     ("tagged", "heart muscle", mod.terminologyEntry(lvm))], "ranks")
+    assert find(node, lvm) == "tagged"
+    node = make_segmentation(slicer, volume, empty, [("Segment_205", "Segment_205", None),
+                                                     ("named", "lv-m", None)], "name beats number")
+    assert find(node, lvm) == "named"
+    assert find(node, lab) is None
+
+    # The label is the last number in the name: "ct_1017 205" is LV-M (205), not 1017 (nothing).
+    node = make_segmentation(slicer, volume, empty, [("s1", "ct_1017 205", None), ("s2", "ct_1017 label 3", None),
+                                                     ("s3", "Segment_820", None)], "numbers")
+    assert [find(node, s) for s in mod.STRUCTURES] == ["s1", None, "s2", "s3"]
+
+
 def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(slicer, mod, monkeypatch, tmp_path):
     from importlib import metadata
     logic = mod.VAEUDASegmentationLogic()
@@ -550,6 +596,51 @@ def test_segment_end_to_end_matches_the_engine_run_directly(slicer, mod, tiny_mo
     assert {table.GetCellText(r, 1) for r in range(5)} == {"100.00"}
     assert {table.GetCellText(r, c) for r in range(5) for c in (2, 3)} == {"0.00"}
     assert os.listdir(slicer.app.temporaryPath) == []
+
+
+def cubes(shape, corners):
+    """Class indices 1..4: a 4x4x4 cube of class n+1 with its lowest (k, j, i) corner at ``corners[n]``."""
+    labels = np.zeros(shape, np.uint8)
+    for value, (k, j, i) in enumerate(corners, start=1):
+        labels[k:k + 4, j:j + 4, i:i + 4] = value
+    return labels
+
+
+@needs_engine
+def test_evaluate_scores_shifted_cubes_in_mm_and_voxels_in_the_volume_geometry(slicer, mod):
+    """Each structure a 4x4x4 cube; the reference is shifted one voxel along k (LV-M), j (LA-B), i (LV-B)
+    or not at all (A-A), on a volume with spacing i 0.8, j 1.2, k 1.5 mm (IJK_TO_RAS).
+
+    Expected, by hand, from Docs/metrics.md: Dice = 2*48/(64+64) = 0.75. A cube's surface is its
+    64 - 8 = 56 voxels outside the 2x2x2 core. For a shift of one voxel along axis a: the 16 voxels
+    of the face left behind are one step (spacing s_a) from the other cube's surface, the 4 core-adjacent
+    voxels of the opposite face lie in the other cube's core, one step from its surface along the
+    finest axis (i, 0.8 mm); the other 36 are on both surfaces (0). Both directions are alike, so
+    ASSD = (16 s_a + 4 * 0.8) / 56: k 27.2/56, j 22.4/56, i 16/56 mm; 20/56 voxels for every shift.
+    """
+    shape = (7, 7, 25)                                    # (K, J, I), cubes apart and off the border
+    corners = [(1, 1, 1), (1, 1, 7), (1, 1, 13), (1, 1, 19)]
+    shifts = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 0)]
+    volume = add_volume(slicer, np.zeros(shape, np.float32))
+    prediction = make_segmentation(
+        slicer, volume, cubes(shape, corners),
+        [(s.key, s.name, mod.terminologyEntry(s)) for s in mod.STRUCTURES], "ct_case segmentation")
+    # The reference as a user's file import names it: by value, key, name, or number.
+    reference = make_segmentation(
+        slicer, volume, cubes(shape, [tuple(np.add(c, d)) for c, d in zip(corners, shifts)]),
+        [("Segment_1", "Segment_205", None), ("Segment_2", "LA-B", None), ("Segment_3", "lv blood cavity", None),
+         ("Segment_4", "ct_1017 820", None)], "ct_case reference")
+    before = scene_node_ids(slicer)
+
+    table = mod.VAEUDASegmentationLogic().evaluate(prediction, reference)
+    assert scene_node_ids(slicer) == before + [table.GetID()] and os.listdir(slicer.app.temporaryPath) == []
+    assert [table.GetColumnName(c) for c in range(4)] == ["Structure", "Dice [%]", "ASSD [mm]", "ASSD [voxel]"]
+    expected = [(75.0, 27.2 / 56, 20 / 56), (75.0, 22.4 / 56, 20 / 56), (75.0, 16 / 56, 20 / 56), (100.0, 0.0, 0.0)]
+    expected.append(tuple(np.mean(expected, axis=0)))    # Mean: 81.25, 65.6/224, 15/56
+    names = [s.name for s in mod.STRUCTURES] + ["Mean"]
+    assert [[table.GetCellText(r, c) for c in range(4)] for r in range(5)] == \
+        [[name] + [f"{v:.2f}" for v in values] for name, values in zip(names, expected)]
+    assert [table.GetCellText(4, c) for c in (1, 2, 3)] == ["81.25", "0.29", "0.27"]
 
 
 @needs_engine
