@@ -97,6 +97,10 @@ def test_draws_and_ablations_share_them(table1):
     nokl = json.loads((out / "models" / f"nokl_r1_{draws[0]}.run.json").read_text())["spec"]
     noadv = json.loads((out / "models" / f"noadv_r1_{draws[0]}.run.json").read_text())["spec"]
     assert (nokl["use_kl"], nokl["use_adv"], noadv["use_kl"], noadv["use_adv"]) == (False, True, True, False)
+    # ... and the trained models' own configurations (what TrainConfig.weights() zeroes) agree
+    from vaeuda.modelfile import read_tensors
+    trained = [read_tensors(out / "models" / f"{n}_r1_{draws[0]}.safetensors")[1]["train"] for n in ("nokl", "noadv")]
+    assert [(t["use_kl"], t["use_adv"]) for t in trained] == [(False, True), (True, False)]
     # and the engine's training defaults are in every record, so other defaults retrain
     from vaeuda.train import ADAPT_TRAINING
     assert nokl["training"]["adapt"] == ADAPT_TRAINING["tiny"]

@@ -19,7 +19,8 @@ from .progress import MODES, Reporter, emit
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=MODES, default="auto",
-                   help="progress display: tty bar with ETA, json lines (for Slicer), or none (default: auto)")
+                   help="progress display: tty bar with ETA, json lines (for Slicer), or none; log lines go to "
+                        "stderr except in json mode (default: auto, tty on a terminal)")
 
 
 def _training(p: argparse.ArgumentParser) -> None:

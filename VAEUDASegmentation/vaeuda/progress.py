@@ -28,7 +28,11 @@ def emit(event: str, **fields) -> None:
 
 
 class Reporter:
-    """Reports the stages and steps of one command in the chosen mode ("tty", "json" or "none")."""
+    """Reports the stages and steps of one command in the chosen mode ("tty", "json" or "none").
+
+    "none" shows no progress; log lines (which preset was chosen, a resume, an early stop) still
+    go to stderr, as they do beside a bar. "auto" is "tty" on a terminal, else "none".
+    """
 
     def __init__(self, mode: str = "auto"):
         if mode == "auto":
@@ -89,7 +93,7 @@ _NULL: Optional[Reporter] = None
 
 
 def null_reporter() -> Reporter:
-    """A reporter that shows nothing (library calls without a terminal)."""
+    """A reporter for library calls: no progress, log lines on stderr (mode "none")."""
     global _NULL
     if _NULL is None:
         _NULL = Reporter("none")
