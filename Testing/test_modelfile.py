@@ -122,27 +122,16 @@ def _resave_with_header(saved, tmp_path, edit):
     return path
 
 
-def test_missing_format_version_is_refused(saved, tmp_path):
-    """A header without format_version reads as version 0, below the first format (catches a
-    check of the upper bound only)."""
-    path = _resave_with_header(saved, tmp_path, lambda h: h.pop("format_version"))
-    with pytest.raises(VaeudaError, match="format version None is not valid"):
-        load_model(path)
-
-
-def test_format_version_zero_is_refused(saved, tmp_path):
-    """Versions start at 1 (catches a check of the upper bound only)."""
-    path = _resave_with_header(saved, tmp_path, lambda h: h.update(format_version="0"))
-    with pytest.raises(VaeudaError, match="format version '0' is not valid"):
-        load_model(path)
-
-
-def test_missing_checksum_is_refused(saved, tmp_path):
-    """A header without tensors_sha256 is not taken as unchecked-but-fine (catches skipping the
-    comparison when the field is absent)."""
-    path = _resave_with_header(saved, tmp_path, lambda h: h.pop("tensors_sha256"))
-    with pytest.raises(VaeudaError, match="do not match their checksum"):
-        load_model(path)
+@pytest.mark.parametrize("edit, message", [
+    # read as version 0, below the first format (catches a check of the upper bound only)
+    (lambda h: h.pop("format_version"), "format version None is not valid"),
+    (lambda h: h.update(format_version="0"), "format version '0' is not valid"),   # versions start at 1
+    # not taken as unchecked-but-fine (catches skipping the comparison when the field is absent)
+    (lambda h: h.pop("tensors_sha256"), "do not match their checksum"),
+], ids=["no format version", "format version 0", "no checksum"])
+def test_edited_header_is_refused(saved, tmp_path, edit, message):
+    with pytest.raises(VaeudaError, match=message):
+        load_model(_resave_with_header(saved, tmp_path, edit))
 
 
 def test_checksum_covers_dtype_not_only_bytes(saved, tmp_path):
