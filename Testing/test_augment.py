@@ -1,0 +1,97 @@
+"""augment: the transforms are the ones configured, and images and labels move together."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vaeuda.augment import AugmentConfig, augment_batch, random_gamma, random_grid
+
+SIZE = 32
+
+
+def _affine_of(grid: torch.Tensor) -> torch.Tensor:
+    """The 2x3 matrices (n, 2, 3) of affine grids (n, S, S, 2): exact least squares over all pixels,
+    since each grid point is theta @ (x, y, 1) at the output pixel's normalised (x, y)."""
+    identity = F.affine_grid(torch.eye(2, 3)[None], [1, 1, SIZE, SIZE], align_corners=False)[0]
+    design = torch.cat([identity.reshape(-1, 2), torch.ones(SIZE * SIZE, 1)], 1).double()   # (S*S, 3)
+    targets = grid.reshape(len(grid), -1, 2).double()                                          # (n, S*S, 2)
+    solution = torch.linalg.lstsq(design.expand(len(grid), -1, -1), targets).solution          # (n, 3, 2)
+    return solution.transpose(1, 2)
+
+
+def _grids(n=2000, **cfg):
+    return random_grid(n, SIZE, AugmentConfig(elastic_alpha=0.0, **cfg), torch.Generator().manual_seed(0), "cpu")
+
+
+def test_translation_spans_the_configured_fraction_of_the_image():
+    """translate 0.06 of the image size: the normalised image spans 2, so offsets reach +-0.12."""
+    theta = _affine_of(_grids(rotate_deg=0.0, shear=0.0, scale=0.0, probability=1.0))
+    assert torch.allclose(theta[:, :, :2], torch.eye(2, dtype=theta.dtype).expand(len(theta), 2, 2), atol=1e-6)
+    offsets = theta[:, :, 2].abs()
+    assert offsets.max() <= 0.12 + 1e-6 and offsets.max() > 0.115
+
+
+def test_rotation_stays_within_the_configured_degrees():
+    theta = _affine_of(_grids(rotate_deg=10.0, translate=0.0, shear=0.0, scale=0.0, probability=1.0))
+    angles = torch.rad2deg(torch.atan2(theta[:, 1, 0], theta[:, 0, 0]))
+    assert angles.abs().max() <= 10.0 + 1e-4 and angles.abs().max() > 9.9
+    assert torch.allclose(theta[:, 0, 0], theta[:, 1, 1], atol=1e-6)      # a rotation: [[c, -s], [s, c]]
+    assert torch.allclose(theta[:, 0, 1], -theta[:, 1, 0], atol=1e-6)
+
+
+def test_rotation_shear_and_scale_compose_as_rotation_times_shear_over_scale():
+    """theta = R(angle) @ [[1, shear], [0, 1]] / scale: its first column has length 1/scale and its
+    determinant is 1/scale^2, so det / |column 1|^2 = 1 exactly; the shear, read back, is within +-0.06."""
+    theta = _affine_of(_grids(translate=0.0, probability=1.0))[:, :, :2]
+    column = theta[:, :, 0].norm(dim=1)
+    assert torch.allclose(torch.linalg.det(theta) / column ** 2, torch.ones(len(theta), dtype=theta.dtype), atol=1e-5)
+    assert column.min() >= 1 / 1.08 - 1e-5 and column.max() <= 1 / 0.92 + 1e-5
+    rotation_inverse = torch.stack([torch.stack([theta[:, 0, 0], theta[:, 1, 0]], 1),
+                                    torch.stack([-theta[:, 1, 0], theta[:, 0, 0]], 1)], 1) / column[:, None, None] ** 2
+    shear = (rotation_inverse @ theta)[:, 0, 1] / (rotation_inverse @ theta)[:, 1, 1]
+    assert shear.abs().max() <= 0.06 + 1e-5 and shear.abs().max() > 0.059
+
+
+def test_one_sample_in_ten_keeps_the_identity():
+    """probability 0.9 transforms 90 % of the samples; the others keep the identity grid exactly,
+    elastic field included."""
+    grids = random_grid(2000, SIZE, AugmentConfig(), torch.Generator().manual_seed(0), "cpu")
+    identity = F.affine_grid(torch.eye(2, 3)[None], [1, 1, SIZE, SIZE], align_corners=False)
+    untouched = (grids == identity).flatten(1).all(1).float().mean().item()
+    assert untouched == pytest.approx(0.1, abs=0.02)
+
+
+def test_gamma_keeps_each_images_range_and_applies_one_power():
+    """out = lo + span * ((x - lo) / span) ** gamma per sample, gamma log-uniform in exp(+-0.3)."""
+    ramp = torch.linspace(-2.0, 3.0, 11)                        # lo -2, span 5: steps of 0.1 of the span
+    images = ramp.view(1, 1, 1, 11).repeat(500, 2, 3, 1)
+    out = random_gamma(images, AugmentConfig(), torch.Generator().manual_seed(0))
+    assert torch.allclose(out[..., 0], torch.full_like(out[..., 0], -2.0))
+    assert torch.allclose(out[..., -1], torch.full_like(out[..., -1], 3.0))
+    gamma = torch.log((out[:, 0, 0, 5] + 2) / 5) / math.log(0.5)   # from the midpoint, 0.5 of the span
+    expected = -2 + 5 * (torch.arange(11) / 10.0)[None, :] ** gamma[:, None]
+    assert torch.allclose(out[:, :, :, :], expected[:, None, None, :].expand_as(out), atol=1e-5)
+    assert gamma.log().abs().max() <= 0.3 + 1e-5 and gamma.log().abs().max() > 0.29
+
+
+def test_labels_follow_the_images_grid_by_nearest_neighbour():
+    """Each output label is the input label at the nearest input pixel of the same sampling point
+    as the image (align_corners=False: pixel = ((g + 1) * S - 1) / 2), 0 outside; so only the input's
+    label values occur."""
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.zeros(16, SIZE, SIZE, dtype=torch.long)
+    labels[:, 6:20, 8:26] = 4
+    labels[:, 12:28, 4:14] = 2
+    images = torch.randn(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    out, out_labels = augment_batch(images, labels, AugmentConfig(), gen)
+    grid = random_grid(16, SIZE, AugmentConfig(), torch.Generator().manual_seed(3), "cpu").numpy()
+    col = np.rint(((grid[..., 0] + 1) * SIZE - 1) / 2).astype(int)
+    row = np.rint(((grid[..., 1] + 1) * SIZE - 1) / 2).astype(int)
+    inside = (col >= 0) & (col < SIZE) & (row >= 0) & (row < SIZE)
+    n = np.arange(16)[:, None, None]
+    expected = np.where(inside, labels.numpy()[n, row.clip(0, SIZE - 1), col.clip(0, SIZE - 1)], 0)
+    assert set(np.unique(out_labels.numpy())) <= {0, 2, 4}
+    assert (out_labels.numpy() == expected).mean() > 0.999      # rounding ties aside
+    assert out.shape == images.shape and out_labels.dtype == torch.long
