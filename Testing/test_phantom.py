@@ -286,3 +286,14 @@ def test_demo_reuses_only_a_cohort_of_the_same_generator_seed_and_size(tmp_path)
     assert not is_phantom_cohort(cohort, 3, 16)
     (cohort / "splits.json").write_text("{not json")
     assert not is_phantom_cohort(cohort, 3, 16)
+
+
+def test_demo_figure_shows_the_coronal_slice_with_the_most_labelled_voxels():
+    """(z, y, x): y = 2 holds 6 labelled voxels, y = 0 holds 4 spread over z and x; axis 0 or 2
+    would pick something else (index 3 along z, index 4 along x)."""
+    from vaeuda.demo import coronal_slice_with_most_structure
+    labels = np.zeros((4, 3, 5), np.uint8)
+    labels[3, 2, :] = 1
+    labels[1, 2, 4] = 2
+    labels[0, 0, 0] = labels[1, 0, 1] = labels[2, 0, 4] = labels[3, 0, 4] = 3
+    assert coronal_slice_with_most_structure(labels) == 2

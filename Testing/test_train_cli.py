@@ -1,6 +1,7 @@
 """The method end to end through the command line at tiny size, and the training guarantees."""
 import dataclasses
 import json
+import random
 import subprocess
 import sys
 
@@ -267,6 +268,16 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["quick"] is True and len(report["test_scans"]) == 4
     assert set(report["mean_dice"]) == {"Unadapted", "Proposed-1 (adapted)", "Oracle"}
+    # the one CT scan is drawn from the training pool with the seed; the test scans are never it
+    splits = json.loads((out / "cohort" / "splits.json").read_text())
+    assert report["target_scan"] == random.Random(0).choice(splits["ct"]["train"])
+    assert report["test_scans"] == splits["ct"]["test"]
+    # the summary lines are the results' mean Dice, their difference and their ratio
+    mean = {name: r["summary"]["Mean"]["dice"]["mean"] * 100 for name, r in report["results"].items()}
+    assert mean == pytest.approx(report["mean_dice"])
+    una, ada, ora = (mean[k] for k in ("Unadapted", "Proposed-1 (adapted)", "Oracle"))
+    assert f"- Adaptation gain in mean Dice: {ada - una:+.2f} points (unadapted {una:.2f} -> adapted {ada:.2f})." in printed
+    assert f"- Adapted / oracle mean Dice: {100 * ada / ora:.1f}%." in printed
     text = (out / "report.md").read_text()
     assert text.count("| Unadapted |") == 1 and "Oracle" in text
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

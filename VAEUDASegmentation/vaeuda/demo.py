@@ -93,6 +93,11 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, {gpu}, torch {torch.__version__}"
 
 
+def coronal_slice_with_most_structure(labels: np.ndarray) -> int:
+    """The coronal (y) index of a canonical LPS label array (z, y, x) holding the most labelled voxels."""
+    return int(np.argmax((labels > 0).sum(axis=(0, 2))))
+
+
 def figure_fig2(cohort: Path, prefix: str, preds: Dict[str, Path], png: Path) -> None:
     """The paper's Fig. 2 layout: CT slice, ground truth, and one overlay per model."""
     import matplotlib
@@ -108,7 +113,7 @@ def figure_fig2(cohort: Path, prefix: str, preds: Dict[str, Path], png: Path) ->
     import SimpleITK as sitk
     img = sitk.GetArrayFromImage(image)                      # (z, y, x) in LPS
     lab = sitk.GetArrayFromImage(ref)
-    j = int(np.argmax((lab > 0).sum(axis=(0, 2))))            # coronal slice with the most structure
+    j = coronal_slice_with_most_structure(lab)
     panels = [("CT", None), ("Ground truth", lab)]
     for name, path in preds.items():
         pred = volumes.to_canonical(volumes.read_label(path, MMWHS))
