@@ -11,8 +11,8 @@ from vaeuda.train import DEFAULT_ITERATIONS
 
 from vaeuda import experiment
 from vaeuda.errors import VaeudaError
-from vaeuda.experiment import (ROWS, ROW_FEW_SHOT, ROW_NO_ADV, ROW_NO_KL, ROW_P1, ROW_UNADAPTED, curve_stats,
-                               draw_targets, pick_few_shot_window, scaled_iterations)
+from vaeuda.experiment import (ROWS, ROW_FEW_SHOT, ROW_NO_ADV, ROW_NO_KL, ROW_ORACLE, ROW_P1, ROW_P16, ROW_UNADAPTED,
+                               curve_stats, draw_targets, pick_few_shot_window, scaled_iterations)
 from vaeuda.labels import CLASS_KEYS
 from vaeuda.progress import Reporter
 
@@ -165,6 +165,7 @@ def test_draw_targets_without_then_with_replacement():
     pool = [f"ct_{i}" for i in range(16)]
     six = draw_targets(pool, 6, seed=0)
     assert len(set(six)) == 6 and six == draw_targets(pool, 6, seed=0) != draw_targets(pool, 6, seed=1)
+    assert sorted(draw_targets(pool[:6], 6, seed=3)) == sorted(pool[:6])    # as many as the pool: each once
     many = draw_targets(pool[:2], 5, seed=0)
     assert len(many) == 5 and set(many) <= set(pool[:2])
 
@@ -180,6 +181,9 @@ def test_pick_few_shot_window_prefers_the_fullest_window():
     only_union = labels.copy()
     only_union[4:] = 0
     assert pick_few_shot_window(only_union) == (1, 4)
+    last = np.zeros((6, 4, 4), dtype=np.uint8)          # only the last three slices qualify
+    last[3:, 0, :3] = (1, 2, 3)
+    assert pick_few_shot_window(last) == (3, 6)
     with pytest.raises(ValueError):
         pick_few_shot_window(np.where(labels == 3, 0, labels))   # never 3 structures
 
@@ -190,6 +194,59 @@ def test_curve_stats_hand_computed():
     assert s["final"] == 60.0 and s["best"] == 60.0 and s["n"] == 6
     assert s["second_half_std"] == pytest.approx((200 / 3) ** 0.5)
     assert s["second_half_mean_abs_step"] == pytest.approx(15.0)
+    odd = curve_stats([1.0, 2.0, 3.0, 4.0, 5.0])      # odd length: the second half keeps the middle, 3, 4, 5
+    assert odd["second_half_std"] == pytest.approx((2 / 3) ** 0.5) and odd["second_half_mean_abs_step"] == 1.0
+
+
+def test_findings_criteria_by_hand():
+    """Each claim's criterion on made-up mean Dice where it and its likeliest misreading disagree."""
+    md = {ROW_UNADAPTED: 20.0, ROW_P1: 40.0, ROW_P16: 50.0, ROW_ORACLE: 70.0,
+          ROW_NO_KL: 37.0, ROW_NO_ADV: 39.0, ROW_FEW_SHOT: 61.0}
+    stats = {ROW_P1: {"n": 5, "second_half_std": 1.0}, ROW_NO_KL: {"n": 5, "second_half_std": 3.0},
+             ROW_NO_ADV: {"n": 2, "second_half_std": 0.5}}
+    findings = experiment.check_findings(md, stats)
+    assert [f["holds"] for f in findings] == [
+        True,     # gain +20 >= 10 (Proposed-16's +30 would read the same, hence the text below)
+        False,    # Proposed-1 40 is not within 5 of Proposed-16 50
+        True,     # the oracle 70 >= 40
+        True,     # no KL 37: 3 points below Proposed-1
+        True,     # and its curve moves more (std 3 vs 1)
+        False,    # no adversarial 39: only 1 point below
+        None,     # its curve has two evaluations: cannot tell
+        True,     # few-shot 61 > 60 (Proposed-1's 40 would not be)
+    ]
+    assert findings[0]["this_run"] == "+20.00 (20.00 -> 40.00)"
+    assert findings[3]["this_run"] == "37.00 vs 40.00 (-3.00)"
+
+
+def test_paper_rows_keep_dice_in_percent_and_assd_in_voxels(table1):
+    """The reference table shows the paper's numbers as printed: Mean Dice 72.18 for Proposed-1,
+    ASSD 5.11 voxels (a fraction for Dice inside, like every summary; ASSD not divided)."""
+    summary = experiment._paper_summary(experiment.PAPER_TABLE1[ROW_P1])
+    assert summary["Mean"]["dice"]["mean"] == pytest.approx(0.7218)
+    assert summary["Mean"]["assd_vox"]["mean"] == pytest.approx(5.11)
+    assert summary["LV-M"]["assd_vox"]["std"] == pytest.approx(10.87)
+    md = table1[1][0].read_text()
+    side_by_side = md[md.index("## Mean Dice [%] side by side"):]
+    mine = table1[2]["mean_dice_percent"][ROW_P1]
+    assert f"| {ROW_P1} | {mine:.2f} | 72.18 |" in side_by_side        # the Mean column, not A-A's 78.38
+
+
+def test_held_out_probe_segments_through_the_target_encoder(tiny_cohort, tiny_source_model, monkeypatch):
+    """The curves score what the adapted model segments with: the target encoder path."""
+    import torch
+
+    from vaeuda import predict
+    from vaeuda.modelfile import load_model
+    net, meta = load_model(tiny_source_model)
+    seen = []
+    real = predict.slice_probabilities
+    monkeypatch.setattr(predict, "slice_probabilities",
+                        lambda n, s, domain, *a, **k: seen.append(domain) or real(n, s, domain, *a, **k))
+    probe = experiment.HeldOutDiceProbe(tiny_cohort, ["ct_1002"], net.cfg.input_size, net.cfg.slice_fov_mm,
+                                        meta["normalisation"], torch.device("cpu"))
+    result = probe(1, net)
+    assert seen == ["target"] and 0.0 <= result["test_dice_mean"] <= 1.0
 
 
 def test_bad_cohort_is_one_clear_error(tmp_path):
