@@ -102,6 +102,25 @@ def test_record_with_wrong_sizes_or_label_values_is_refused(tmp_path):
     path.write_bytes(_record(b"\x0a\xff\xff"))  # a length that runs past the end
     with pytest.raises(VaeudaError, match="record 0 is not a valid tf.train.Example"):
         read_tfrecords(path)
+    # the label grid differs from the image's in its second dimension only
+    path.write_bytes(_record(_sample(image, np.zeros((4, 5, 3), np.float32))))
+    with pytest.raises(VaeudaError, match=r"record 0 has image size \(4, 6, 3\) but label size \(4, 5, 3\)"):
+        read_tfrecords(path)
+
+
+def test_record_cut_inside_its_last_crc_is_truncated(tmp_path):
+    """The payload whole, its 4-byte CRC cut to 2: still a truncated record, not a struct error."""
+    path = tmp_path / "cut.tfrecords"
+    path.write_bytes(_record(_sample(np.zeros((4, 6, 3), np.float32), np.zeros((4, 6, 3), np.float32)))[:-2])
+    with pytest.raises(VaeudaError, match="record 0 is truncated"):
+        read_tfrecords(path)
+
+
+def test_float_list_features_are_little_endian_float32():
+    """A float_list feature, packed (wire type 2): values 1.5 and -2.0 as little-endian float32."""
+    floats = _field(1, struct.pack("<2f", 1.5, -2.0))                    # FloatList.value, packed
+    entry = _field(1, b"spacing") + _field(2, _field(2, floats))         # key, Feature.float_list
+    assert parse_example(_field(1, _field(1, entry)))["spacing"] == [1.5, -2.0]
 
 
 # --- the released fixtures ---------------------------------------------------------------------
