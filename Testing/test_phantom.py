@@ -297,3 +297,13 @@ def test_demo_figure_shows_the_coronal_slice_with_the_most_labelled_voxels():
     labels[1, 2, 4] = 2
     labels[0, 0, 0] = labels[1, 0, 1] = labels[2, 0, 4] = labels[3, 0, 4] = 3
     assert coronal_slice_with_most_structure(labels) == 2
+
+
+def test_right_heart_values_follow_the_documented_table():
+    """Docs/phantom.md: right-heart blood is 0.92-1.04 x the left in MR, and in CT +150 up to
+    min(+300, left blood - 30) HU, i.e. always darker than the left by 30 HU or more."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        mr, ct = phantom._tissue_values("mr", rng), phantom._tissue_values("ct", rng)
+        assert 0.92 <= mr[phantom.BLOOD_RIGHT] / mr[phantom.BLOOD_LEFT] <= 1.04
+        assert 150 <= ct[phantom.BLOOD_RIGHT] <= min(300.0, ct[phantom.BLOOD_LEFT] - 30)
