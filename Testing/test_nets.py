@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vaeuda.errors import VaeudaError
-from vaeuda.nets import PRESETS, NetConfig, VAEUDANet, get_preset
+from vaeuda.nets import PRESETS, DRNBasicBlock, NetConfig, ResBlock, VAEUDANet, get_preset
 
 
 @pytest.mark.parametrize("preset", ["paper", "cpu", "tiny"])
@@ -57,3 +57,45 @@ def test_config_round_trip_and_unknown_fields():
         NetConfig.from_dict({**cfg.to_dict(), "wings": 2})
     with pytest.raises(VaeudaError, match="unknown preset"):
         get_preset("huge")
+
+
+def test_drn_stages_use_their_dilations_and_residual_only_in_the_middle():
+    """DRN-C-26: dilation 1 in stages 1-4, 2 and 4 in stages 5-6, 2 then 1 in the plain stages 7-8,
+    in both convolutions of every block; residual blocks in stages 3-6 only."""
+    cfg = PRESETS["paper"]
+    assert cfg.drn_dilations == (1, 1, 1, 1, 2, 4, 2, 1)
+    seg = VAEUDANet(cfg).seg
+    for stage, dilation in enumerate(cfg.drn_dilations, start=1):
+        convs = [m for m in seg.stages[stage].modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert convs and all(c.dilation == (dilation, dilation) and c.padding == (dilation, dilation) for c in convs), stage
+        residual = [m for m in seg.stages[stage].modules() if isinstance(m, DRNBasicBlock)]
+        assert len(residual) == (cfg.drn_layers[stage - 1] if 3 <= stage <= 6 else 0), stage
+
+
+def test_posterior_branches_are_the_last_blocks_of_the_shared_encoder():
+    """E_Z's last n_res_branch blocks are duplicated for mu and logvar: n_res_branch - 1 residual
+    blocks and a 1x1 output convolution in each branch, after n_res_shared shared ones."""
+    cfg = PRESETS["paper"]
+    enc_z = VAEUDANet(cfg).enc_z
+    assert len(enc_z.trunk) == cfg.n_res_shared
+    for branch in (enc_z.mu, enc_z.logvar):
+        assert len(branch) == cfg.n_res_branch
+        assert all(isinstance(b, ResBlock) for b in branch[:-1])
+        assert isinstance(branch[-1], torch.nn.Conv2d) and branch[-1].kernel_size == (1, 1)
+
+
+def test_sample_has_the_posterior_mean_and_standard_deviation():
+    """z = mu + exp(logvar / 2) * eps: logvar = log 4 gives standard deviation 2 around mu = 3."""
+    mu, logvar = torch.full((200_000,), 3.0), torch.full((200_000,), float(torch.log(torch.tensor(4.0))))
+    z = VAEUDANet.sample(mu, logvar, torch.Generator().manual_seed(0))
+    assert z.mean().item() == pytest.approx(3.0, abs=0.02) and z.std().item() == pytest.approx(2.0, abs=0.02)
+
+
+def test_log_variance_is_bounded():
+    """|logvar| <= logvar_clamp (8), so exp() stays finite however far the branch strays."""
+    cfg = get_preset("tiny")
+    net = VAEUDANet(cfg)
+    with torch.no_grad():
+        net.enc_z.logvar[-1].bias.fill_(100.0)
+    _, logvar = net.posterior(torch.randn(1, 3, cfg.input_size, cfg.input_size), "source")
+    assert torch.all(logvar == cfg.logvar_clamp)
