@@ -1,0 +1,50 @@
+"""fileio: output checks before work, and all-or-nothing folders."""
+import re
+
+import pytest
+
+from vaeuda.errors import VaeudaError
+from vaeuda.fileio import atomic_dir, check_output_dir, check_output_file
+
+
+def test_output_folder_that_is_a_file_is_refused(tmp_path):
+    existing = tmp_path / "report"
+    existing.write_text("x")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(existing))}: is an existing file, not a folder"):
+        check_output_dir(existing)
+    assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"   # created later
+
+
+def test_output_equal_to_an_input_under_another_spelling_is_refused(tmp_path, monkeypatch):
+    """The same file as ``sub/../model.safetensors``, as a relative path, or through a link."""
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.safetensors").symlink_to(model)
+    monkeypatch.chdir(tmp_path)
+    for spelling in (tmp_path / "sub" / ".." / "model.safetensors", "model.safetensors", tmp_path / "link.safetensors"):
+        with pytest.raises(VaeudaError, match="is also an input"):
+            check_output_file(spelling, [model])
+    assert model.read_bytes() == b"weights"
+
+
+def test_atomic_dir_replaces_a_folder_of_the_same_name_and_keeps_other_files(tmp_path):
+    out = tmp_path / "out"
+    (out / "cohort").mkdir(parents=True)
+    (out / "cohort" / "old.nii.gz").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    with atomic_dir(out) as staging:
+        (staging / "cohort").mkdir()
+        (staging / "cohort" / "new.nii.gz").write_text("new")
+    assert sorted(p.name for p in (out / "cohort").iterdir()) == ["new.nii.gz"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["cohort", "notes.txt"]      # no staging folder left
+
+
+def test_atomic_dir_leaves_nothing_when_the_work_fails(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_dir(out) as staging:
+        (staging / "half.nii.gz").write_text("half")
+        raise RuntimeError("stopped")
+    assert not out.exists() or list(out.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["out"])
