@@ -127,6 +127,17 @@ def test_parse_engine_line(engineprocess):
     # JSON that is not an event, and broken JSON, are text for the log
     assert engineprocess.parseEngineLine('{"step": 3}') == {"event": "log", "message": '{"step": 3}'}
     assert engineprocess.parseEngineLine('{"event": ') == {"event": "log", "message": '{"event": '}
+    # an event name must be a string; JSON with a space after the brace is still an event
+    assert engineprocess.parseEngineLine('{"event": 3}') == {"event": "log", "message": '{"event": 3}'}
+    assert engineprocess.parseEngineLine('{ "event": "done", "outputs": []}') == {"event": "done", "outputs": []}
+
+
+def test_failure_message_prefers_the_last_engine_sentence(engineprocess):
+    """The engine's own sentence (the last one, if a retry printed two) over other stderr text."""
+    process = engineprocess.EngineProcess(["vaeuda"])
+    for line in ("vaeuda: error: first sentence.", "a warning", "vaeuda: error: last sentence.", "Traceback tail"):
+        process._stderrTail.append(line)
+    assert process.failureMessage() == "last sentence."
 
 
 def test_class_indices_from_label_values(mod):
