@@ -366,3 +366,10 @@ def test_field_of_view_is_centred_and_crops_the_border(tmp_volume):
     assert (slices[:, 3:7, 3:7] == 3).all() and (slices == 3).sum() == 6 * 16   # centred block
     back = sitk.GetArrayFromImage(grid.scores_to_image(_one_hot(slices)))
     np.testing.assert_array_equal(back[5:15, :, 5:15], labels[5:15, :, 5:15])   # inside the field: exact
+
+
+def test_chunked_mean_std_sums_every_chunk():
+    """Values 0..9 in chunks of 4 (4 + 4 + 2): mean 4.5, population std sqrt(8.25) = 2.8723."""
+    from vaeuda.volumes import _mean_std
+    mean, std = _mean_std(np.arange(10, dtype=np.float32), chunk=4)
+    assert mean == pytest.approx(4.5) and std == pytest.approx(8.25 ** 0.5)
