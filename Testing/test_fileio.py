@@ -4,7 +4,7 @@ import re
 import pytest
 
 from vaeuda.errors import VaeudaError
-from vaeuda.fileio import atomic_dir, check_output_dir, check_output_file
+from vaeuda.fileio import atomic_dir, check_output_dir, check_output_file, make_dir
 
 
 def test_output_folder_that_is_a_file_is_refused(tmp_path):
@@ -48,3 +48,11 @@ def test_atomic_dir_leaves_nothing_when_the_work_fails(tmp_path):
         raise RuntimeError("stopped")
     assert not out.exists() or list(out.iterdir()) == []
     assert [p.name for p in tmp_path.iterdir()] in ([], ["out"])
+
+
+def test_make_dir_makes_parents_and_names_a_folder_it_cannot_make(tmp_path):
+    assert make_dir(tmp_path / "a" / "b").is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(blocker / 'sub'))}: cannot be written"):
+        make_dir(blocker / "sub")

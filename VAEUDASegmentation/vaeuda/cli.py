@@ -206,8 +206,8 @@ def run(args, reporter: Reporter) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import SimpleITK as sitk
-    # ITK's own warnings (a truncated MetaImage, a folder without DICOM) would print beside the one
-    # sentence the engine gives for the same problem.
+    # ITK's own warnings (e.g. for a folder without DICOM) would print beside the one sentence the
+    # engine gives for the same problem.
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     reporter = Reporter(args.progress)
     try:

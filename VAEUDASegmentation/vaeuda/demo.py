@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .errors import VaeudaError
-from .fileio import atomic_path, check_output_dir
+from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import STRUCTURES
 from .progress import Reporter, null_reporter
 
@@ -144,11 +144,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     from .train import adapt, finetune, train_source
 
     reporter = reporter or null_reporter()
-    out = check_output_dir(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VaeudaError(f"{out}: cannot be written ({exc.strerror or exc}).") from None
+    out = make_dir(check_output_dir(out))
     cohort = out / "cohort"
     models = out / "models"
     timings: Dict[str, float] = OrderedDict()

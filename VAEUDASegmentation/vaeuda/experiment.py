@@ -41,7 +41,7 @@ import numpy as np
 
 from .demo import cohort_split, evaluate_model, image_of, label_of, machine_description
 from .errors import VaeudaError
-from .fileio import atomic_path, check_output_dir
+from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import CLASS_KEYS, MMWHS, STRUCTURES
 from .metrics import MEAN_KEY, _json_ready, evaluate_volume, summarise, table_markdown
 from .progress import Reporter, null_reporter
@@ -294,10 +294,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     draws = draw_targets(ct_train, int(repeats), seed)
     few_shot = _few_shot_slices(cohort, draws[0], size, fov)      # fails before any training if impossible
     models, preds = out / "models", out / "pred"
-    try:
-        models.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VaeudaError(f"{models}: cannot be written ({exc.strerror or exc}).") from None
+    make_dir(models)
     reporter.log(f"Table 1 on {cohort}: preset {preset}, iterations {iterations}, draws {draws}, "
                  f"few-shot slices {few_shot['slices'][0]}:{few_shot['slices'][1]} of {few_shot['scan']}")
     started = time.time()

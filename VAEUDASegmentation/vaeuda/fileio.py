@@ -70,6 +70,16 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
+def make_dir(path: PathLike) -> Path:
+    """``mkdir -p path``; a folder that cannot be made is a VaeudaError naming it. Returns the path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+    return path
+
+
 def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
     """Refuse, before any work, an output file path that is a folder, lies under a file, cannot be
     created, or is one of ``inputs`` (which are never overwritten). Returns the path."""

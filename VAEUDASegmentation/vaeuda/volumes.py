@@ -113,13 +113,17 @@ def _nifti_data_end(header: bytes) -> Optional[int]:
     return None
 
 
+def _truncated(path: Path) -> VaeudaError:
+    return VaeudaError(f"{path}: the file is truncated (incomplete copy or download).")
+
+
 def _check_nifti_complete(path: Path, image: sitk.Image) -> None:
     """Refuse a truncated NIfTI file. ITK's NIfTI reader fills missing voxels with zeros and says nothing."""
     suffix = full_suffix(path).lower()
     if suffix not in (".nii", ".nii.gz"):
         return
     data_bytes = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
-    truncated = VaeudaError(f"{path}: the file is truncated (incomplete copy or download).")
+    truncated = _truncated(path)
     if suffix == ".nii":
         with open(path, "rb") as f:
             offset = _nifti_data_end(f.read(540))
@@ -194,7 +198,7 @@ def _check_metaimage_complete(path: Path) -> None:
     else:
         return
     if available < expected:
-        raise VaeudaError(f"{path}: the file is truncated (incomplete copy or download).")
+        raise _truncated(path)
 
 
 def _read_any(path: Path) -> sitk.Image:
@@ -306,8 +310,6 @@ def write_image(image: sitk.Image, path: PathLike) -> Path:
             sitk.WriteImage(image, str(tmp), useCompression=True)
     except RuntimeError as exc:
         raise VaeudaError(f"{path}: cannot be written ({str(exc).strip().splitlines()[-1]}).") from None
-    except OSError as exc:
-        raise VaeudaError(f"{path}: cannot be written ({exc.strerror}).") from None
     return path
 
 
