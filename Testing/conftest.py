@@ -68,3 +68,14 @@ def tiny_source_model(tiny_cohort, tmp_path_factory) -> Path:
     train_source([tiny_cohort / "mr_1001_image.nii.gz"], [tiny_cohort / "mr_1001_label.nii.gz"], out,
                  preset="tiny", iterations=4, seed=0, device="cpu")
     return out
+
+
+@pytest.fixture
+def segmented_domains(monkeypatch) -> list:
+    """The ``domain`` of every ``predict.slice_probabilities`` call from now on, in order (the calls still run)."""
+    from vaeuda import predict
+    seen = []
+    real = predict.slice_probabilities
+    monkeypatch.setattr(predict, "slice_probabilities",
+                        lambda net, slices, domain, *a, **k: seen.append(domain) or real(net, slices, domain, *a, **k))
+    return seen
