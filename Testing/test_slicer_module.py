@@ -227,6 +227,37 @@ def test_engine_process_reports_events_outputs_and_text(engineprocess, tmp_path)
     assert process.outputs == [str(out)] and out.read_text() == "fake model\n"
 
 
+def test_engine_process_is_not_finished_while_its_output_waits_to_be_drained(engineprocess):
+    """Exited and read to the end is not enough: a poll that saw no events yet would otherwise
+    complete the job and drop the last lines (the error sentence, the "done" event)."""
+    process = engineprocess.EngineProcess([sys.executable, "-c", "print('first'); print('last')"])
+    process.start()
+    process.process.wait()
+    for reader in process._readers:
+        reader.join(timeout=10)
+    assert not any(reader.is_alive() for reader in process._readers)
+    assert not process.isFinished()
+    assert [e["message"] for e in process.events()] == ["first", "last"]
+    assert process.isFinished()
+
+
+def test_engine_process_finishes_after_the_grace_time_when_a_grandchild_keeps_the_pipes(engineprocess,
+                                                                                        monkeypatch):
+    """A grandchild that inherited stdout keeps the reader waiting; the child's exit plus the
+    grace time ends the job anyway (and cancel still reaches the grandchild, same process group)."""
+    monkeypatch.setattr(engineprocess.EngineProcess, "READER_GRACE_S", 0.5)
+    process = engineprocess.EngineProcess(["/bin/sh", "-c", "sleep 60 & echo started"])
+    process.start()
+    try:
+        process.process.wait()
+        assert process.events(timeout=10) == [{"event": "log", "message": "started"}]
+        assert not process.isFinished()                    # exited, but the reader is still open
+        assert any(reader.is_alive() for reader in process._readers)
+        time.sleep(0.7)
+        assert process.isFinished()
+    finally:
+        process.cancel()
+
 def test_failing_engine_raises_its_sentence_and_leaves_the_scene(slicer, mod, fake_logic, monkeypatch, tmp_path):
     from vaeuda.labels import MMWHS
     monkeypatch.setenv("VAEUDA_FAKE_MODE", "fail")
