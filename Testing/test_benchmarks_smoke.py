@@ -395,3 +395,29 @@ def test_docs_benchmarks_is_the_render_of_its_record_and_notes(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=root)   # the page names the path
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_text() == (root / "Docs" / "benchmarks.md").read_text()
+
+
+def test_kernel_paths_strips_every_varied_variable_and_sets_only_its_own():
+    kernel_paths = _bench_module("kernel_paths")
+    base = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "HOME": "/home/u",
+            "PYTHONPATH": "/elsewhere"}
+    engine = str(BENCH.parent / "VAEUDASegmentation")
+    assert kernel_paths.variant_env("default", base) == {"HOME": "/home/u", "PYTHONPATH": engine + os.pathsep + "/elsewhere"}
+    cnr = kernel_paths.variant_env("mkl-cnr-compatible", base)
+    assert cnr["MKL_CBWR"] == "COMPATIBLE" and "OMP_NUM_THREADS" not in cnr and "ONEDNN_MAX_CPU_ISA" not in cnr
+    assert kernel_paths.variant_env("one-thread", {})["OMP_NUM_THREADS"] == "1"
+    assert base["MKL_CBWR"] == "AVX2"                                      # the caller's environment is not edited
+
+
+def test_kernel_paths_tabulates_each_variants_demo_report(tmp_path):
+    out, keep = tmp_path / "paths.json", tmp_path / "runs"
+    proc = _run("kernel_paths.py", "--variants", "one-thread", "--quick", "--keep", str(keep), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row, = json.loads(out.read_text())["variants"]
+    report = json.loads((keep / "one-thread" / "report.json").read_text())
+    assert report["quick"] is True
+    unadapted, adapted, oracle = (report["mean_dice"][k] for k in ("Unadapted", "Proposed-1 (adapted)", "Oracle"))
+    assert row["env"] == {"OMP_NUM_THREADS": "1"}
+    assert row["gain"] == round(adapted - unadapted, 2)
+    assert row["ratio_to_oracle"] == (round(100 * adapted / oracle, 1) if oracle > 0 else None)
+    assert f"| one-thread | `OMP_NUM_THREADS=1` | {unadapted:.2f} | {adapted:.2f} | {oracle:.2f} |" in proc.stdout

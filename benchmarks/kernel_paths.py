@@ -1,0 +1,107 @@
+"""`vaeuda demo` under other floating-point kernel paths of the same CPU: how much of the demo's
+numbers is rounding.
+
+    python benchmarks/kernel_paths.py --out kernel_paths.json [--variants default mkl-avx2 ...] [--quick]
+
+The engine is bit-reproducible on one machine with one set of kernels, but MKL and oneDNN pick
+their kernels by the CPU's instruction set (and the thread count changes reduction orders), so
+another CPU computes the same training with different rounding. This script runs the whole demo
+(same seed, same cohort, same draw) in a fresh process per variant, each with the environment
+variables below that make MKL / oneDNN / OpenMP take another path on this CPU, and tabulates the
+three rows of each report. The variables are the libraries' own; the demo's code is unchanged.
+
+Writes ``{"args", "machine", "variants": [{"name", "env", "mean_dice": {row: %}, "gain",
+"ratio_to_oracle", "seconds"}]}`` and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from common import REPO, machine_info  # (also puts the engine on sys.path, as for every benchmark script)
+
+# name -> environment overrides. Every variable any variant sets is removed for the others, so
+# "default" is the libraries' own choice on this CPU whatever the calling shell exported.
+KERNEL_PATHS: Dict[str, Dict[str, str]] = {
+    "default": {},
+    "mkl-avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},          # MKL's AVX2 kernels, not AVX-512
+    "onednn-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},            # oneDNN's (the convolutions) likewise
+    # MKL's conditional numerical reproducibility on its SSE2 branch: the one branch MKL documents
+    # as giving the same results on Intel and non-Intel CPUs (with a fixed thread count)
+    "mkl-cnr-compatible": {"MKL_CBWR": "COMPATIBLE"},
+    "one-thread": {"OMP_NUM_THREADS": "1"},
+}
+VARIED = sorted({name for env in KERNEL_PATHS.values() for name in env})
+UNADAPTED, ADAPTED, ORACLE = "Unadapted", "Proposed-1 (adapted)", "Oracle"
+
+
+def variant_env(name: str, base: Dict[str, str]) -> Dict[str, str]:
+    """``base`` without any of the varied variables, plus variant ``name``'s own."""
+    env = {k: v for k, v in base.items() if k not in VARIED}
+    env.update(KERNEL_PATHS[name])
+    # the engine of this checkout, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "VAEUDASegmentation"), base.get("PYTHONPATH")]))
+    return env
+
+
+def summarise(name: str, report: dict, seconds: float) -> dict:
+    """One variant's row from its demo ``report.json``: the three mean Dice, the gain, the ratio."""
+    unadapted, adapted, oracle = (report["mean_dice"][row] for row in (UNADAPTED, ADAPTED, ORACLE))
+    return {"name": name, "env": KERNEL_PATHS[name],
+            "mean_dice": {UNADAPTED: round(unadapted, 2), ADAPTED: round(adapted, 2), ORACLE: round(oracle, 2)},
+            "gain": round(adapted - unadapted, 2),
+            "ratio_to_oracle": round(100 * adapted / oracle, 1) if oracle > 0 else None,   # a --quick oracle may be 0
+            "demo_total_s": round(report["total_s"], 1), "seconds": round(seconds, 1)}
+
+
+def markdown(rows: List[dict]) -> str:
+    lines = ["| kernel path | environment | unadapted | adapted | oracle | gain | adapted / oracle | demo s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        env = ", ".join(f"`{k}={v}`" for k, v in r["env"].items()) or "(none)"
+        d = r["mean_dice"]
+        ratio = "-" if r["ratio_to_oracle"] is None else f"{r['ratio_to_oracle']:.1f} %"
+        lines.append(f"| {r['name']} | {env} | {d[UNADAPTED]:.2f} | {d[ADAPTED]:.2f} | {d[ORACLE]:.2f} | "
+                     f"{r['gain']:+.2f} | {ratio} | {r['demo_total_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", choices=list(KERNEL_PATHS), default=list(KERNEL_PATHS))
+    p.add_argument("--seed", type=int, default=0, help="the demo's seed (default 0, as make demo)")
+    p.add_argument("--quick", action="store_true", help="the demo's smoke run (numbers mean nothing)")
+    p.add_argument("--keep", help="keep each variant's demo folder under this folder")
+    p.add_argument("--out", help="write the record to this JSON file")
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        parent = Path(args.keep or scratch)
+        for name in args.variants:
+            out = parent / name
+            cmd = [sys.executable, "-m", "vaeuda", "demo", "--out", str(out), "--seed", str(args.seed),
+                   "--device", "cpu", "--progress", "none"] + (["--quick"] if args.quick else [])
+            started = time.time()
+            proc = subprocess.run(cmd, env=variant_env(name, dict(os.environ)), capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"error: the demo under {name} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+                return 1
+            rows.append(summarise(name, json.loads((out / "report.json").read_text()), time.time() - started))
+            print(json.dumps(rows[-1]), flush=True)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine_info(), "variants": rows,
+                                              "markdown": table}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
