@@ -397,10 +397,12 @@ def test_docs_benchmarks_is_the_render_of_its_record_and_notes(tmp_path):
     assert out.read_text() == (root / "Docs" / "benchmarks.md").read_text()
 
 
-def test_kernel_paths_strips_every_varied_variable_and_sets_only_its_own():
+def test_kernel_paths_strips_every_kernel_variable_and_sets_only_its_own():
     kernel_paths = _bench_module("kernel_paths")
-    base = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "HOME": "/home/u",
-            "PYTHONPATH": "/elsewhere"}
+    from vaeuda.machine import KERNEL_VARIABLES
+    assert {k for env in kernel_paths.KERNEL_PATHS.values() for k in env} <= set(KERNEL_VARIABLES)
+    base = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+            "HOME": "/home/u", "PYTHONPATH": "/elsewhere"}
     engine = str(BENCH.parent / "VAEUDASegmentation")
     assert kernel_paths.variant_env("default", base) == {"HOME": "/home/u", "PYTHONPATH": engine + os.pathsep + "/elsewhere"}
     cnr = kernel_paths.variant_env("mkl-cnr-compatible", base)

@@ -11,7 +11,6 @@ import contextlib
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from vaeuda import machine  # noqa: E402
 from vaeuda.data import SliceSet, load_slices  # noqa: E402
 from vaeuda.demo import image_of, label_of  # noqa: E402
 from vaeuda.labels import MMWHS  # noqa: E402
@@ -42,17 +42,6 @@ def load_average() -> List[float]:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return []
-
-
-def _lscpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in text.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _memory_gib() -> Optional[float]:
@@ -81,7 +70,7 @@ def _cpu_features() -> List[str]:
 def machine_info() -> dict:
     """CPU model and features, cores, memory, GPU, torch and its thread count, and the load average now."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": _lscpu_model(), "cpu_features": _cpu_features(), "logical_cores": os.cpu_count(),
+    return {"cpu": machine.cpu_model(), "cpu_features": _cpu_features(), "logical_cores": os.cpu_count(),
             "memory_gib": _memory_gib(), "gpu": gpu,
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.version.cuda, "load_average": load_average()}

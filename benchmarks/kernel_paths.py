@@ -27,8 +27,11 @@ from typing import Dict, List
 
 from common import REPO, machine_info  # (also puts the engine on sys.path, as for every benchmark script)
 
-# name -> environment overrides. Every variable any variant sets is removed for the others, so
-# "default" is the libraries' own choice on this CPU whatever the calling shell exported.
+from vaeuda.machine import KERNEL_VARIABLES  # noqa: E402
+
+# name -> environment overrides, all of them among the engine's KERNEL_VARIABLES (which a model
+# file records). Every one of those is removed for the others, so "default" is the libraries'
+# own choice on this CPU whatever the calling shell exported.
 KERNEL_PATHS: Dict[str, Dict[str, str]] = {
     "default": {},
     "mkl-avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},          # MKL's AVX2 kernels, not AVX-512
@@ -38,13 +41,12 @@ KERNEL_PATHS: Dict[str, Dict[str, str]] = {
     "mkl-cnr-compatible": {"MKL_CBWR": "COMPATIBLE"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
 }
-VARIED = sorted({name for env in KERNEL_PATHS.values() for name in env})
 UNADAPTED, ADAPTED, ORACLE = "Unadapted", "Proposed-1 (adapted)", "Oracle"
 
 
 def variant_env(name: str, base: Dict[str, str]) -> Dict[str, str]:
-    """``base`` without any of the varied variables, plus variant ``name``'s own."""
-    env = {k: v for k, v in base.items() if k not in VARIED}
+    """``base`` without any of the kernel variables, plus variant ``name``'s own."""
+    env = {k: v for k, v in base.items() if k not in KERNEL_VARIABLES}
     env.update(KERNEL_PATHS[name])
     # the engine of this checkout, installed or not
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "VAEUDASegmentation"), base.get("PYTHONPATH")]))

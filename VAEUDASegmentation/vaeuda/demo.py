@@ -8,7 +8,6 @@ models, and write ``report.md``, ``report.json`` and a figure like the paper's F
 from __future__ import annotations
 
 import json
-import platform
 import random
 import time
 from collections import OrderedDict
@@ -17,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import machine
 from .errors import VaeudaError
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import STRUCTURES
@@ -75,22 +75,6 @@ def evaluate_model(model: Path, cohort: Path, prefixes: Sequence[str], out_dir: 
     segment_files(model, [image_of(cohort, p) for p in prefixes], out_dir, device=device, reporter=reporter)
     _, result = evaluate_dirs(out_dir, cohort, MMWHS, out_dir / "evaluation.json", ignore_unmatched_refs=True)
     return result
-
-
-def machine_description() -> str:
-    import os
-
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} logical cores, {gpu}, torch {torch.__version__}"
 
 
 def coronal_slice_with_most_structure(labels: np.ndarray) -> int:
@@ -216,7 +200,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         "| stage | seconds |", "|---|---:|",
         *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
         f"| **total** | **{total:.1f}** |", "",
-        f"Machine: {machine_description()}.", "",
+        f"Machine: {machine.description()}.", "",
         "![CT slice, ground truth and segmentations](fig2.png)", "",
     ]
     report_md = out / "report.md"
@@ -224,7 +208,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         tmp.write_text("\n".join(lines))
     report_json = out / "report.json"
     payload = {"seed": seed, "quick": quick, "target_scan": target, "test_scans": ct_test,
-               "timings_s": timings, "total_s": total, "machine": machine_description(),
+               "timings_s": timings, "total_s": total, "machine": machine.description(),
                "mean_dice": mean, "results": results}
     with atomic_path(report_json) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, default=lambda v: None))

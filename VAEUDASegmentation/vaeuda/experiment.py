@@ -39,7 +39,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .demo import cohort_split, evaluate_model, image_of, label_of, machine_description
+from . import machine
+from .demo import cohort_split, evaluate_model, image_of, label_of
 from .errors import VaeudaError
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import CLASS_KEYS, MMWHS, STRUCTURES
@@ -399,7 +400,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     plot_curves(curves, mean_dice[ROW_UNADAPTED], curves_png)
     payload = {"protocol": protocol, "rows": rows, "mean_dice_percent": mean_dice, "curves": curves,
                "curve_stats": stats, "findings": findings, "timings_s": timings, "total_s": total_s,
-               "machine": machine_description(),
+               "machine": machine.description(),
                "paper_table1": PAPER_TABLE1, "paper_text": PAPER_TEXT}
     with atomic_path(js) as tmp:
         tmp.write_text(_json_text(payload))
@@ -502,7 +503,7 @@ def _markdown(protocol: dict, rows: dict, mean_dice: dict, findings: List[dict],
         f"| **total (wall clock)** | | **{total_s:.1f}** | | |", "",
         "Unadapted's training time is the source model's, which every other row starts from. Models reused from "
         "an earlier run with the same settings count their original training time.", "",
-        f"Machine: {machine_description()}.", "",
+        f"Machine: {machine.description()}.", "",
     ]
     return "\n".join(lines)
 

@@ -5,7 +5,8 @@ Metadata (safetensors' string header fields):
 - ``format``: ``"vaeuda-model"``; ``format_version``: integer, refused when newer than this engine's;
 - ``meta``: JSON with ``engine_version``, ``preset``, ``config`` (:class:`nets.NetConfig`),
   ``labels`` (the label convention), ``normalisation``, ``stage`` (source / adapted /
-  finetuned), ``has_target_encoder``, ``provenance`` (data, iterations, seed, device, time);
+  finetuned), ``has_target_encoder``, ``provenance`` (data, iterations, seed, device, time,
+  and the CPU, threads and kernel variables that decide the rounding: ``machine.numerics``);
 - ``tensors_sha256``: digest of all tensors in key order, so an edited or damaged file is
   refused instead of silently giving wrong segmentations.
 

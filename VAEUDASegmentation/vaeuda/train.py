@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import __version__
+from . import __version__, machine
 from .augment import AugmentConfig, augment_batch
 from .data import SliceSet, load_slices
 from .errors import VaeudaError, require_count
@@ -434,6 +434,8 @@ def _base_meta(stage: str, preset: str, convention: Convention, normalisation: d
         "has_target_encoder": stage == "adapted",
         "provenance": {"seed": seed, "device": str(device), "torch": torch.__version__,
                        "engine": __version__, "host": platform.node(),
+                       # what decides the rounding on a CPU: the same seed elsewhere is another model
+                       "numerics": machine.numerics(),
                        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **provenance},
     }
 
