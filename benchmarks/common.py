@@ -68,12 +68,14 @@ def _cpu_features() -> List[str]:
 
 
 def machine_info() -> dict:
-    """CPU model and features, cores, memory, GPU, torch and its thread count, and the load average now."""
+    """CPU model and features, cores, memory, GPU, torch and its thread count, the MKL / oneDNN /
+    OpenMP variables set (``machine.KERNEL_VARIABLES``), and the load average now."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": machine.cpu_model(), "cpu_features": _cpu_features(), "logical_cores": os.cpu_count(),
             "memory_gib": _memory_gib(), "gpu": gpu,
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.version.cuda, "load_average": load_average()}
+            "cuda": torch.version.cuda, "kernel_environment": machine.numerics()["environment"],
+            "load_average": load_average()}
 
 
 # ----------------------------------------------------------------------------- timing
