@@ -418,7 +418,8 @@ def test_kernel_paths_tabulates_each_variants_demo_report(tmp_path):
     row, = json.loads(out.read_text())["variants"]
     report = json.loads((keep / "one-thread" / "report.json").read_text())
     assert report["quick"] is True
-    unadapted, adapted, oracle = (report["mean_dice"][k] for k in ("Unadapted", "Proposed-1 (adapted)", "Oracle"))
+    from vaeuda.demo import ROW_ADAPTED, ROW_ORACLE, ROW_UNADAPTED
+    unadapted, adapted, oracle = (report["mean_dice"][k] for k in (ROW_UNADAPTED, ROW_ADAPTED, ROW_ORACLE))
     assert row["env"] == {"OMP_NUM_THREADS": "1"}
     assert row["gain"] == round(adapted - unadapted, 2)
     assert row["ratio_to_oracle"] == (round(100 * adapted / oracle, 1) if oracle > 0 else None)

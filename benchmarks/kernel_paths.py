@@ -27,6 +27,7 @@ from typing import Dict, List
 
 from common import REPO, machine_info  # (also puts the engine on sys.path, as for every benchmark script)
 
+from vaeuda.demo import ROW_ADAPTED as ADAPTED, ROW_ORACLE as ORACLE, ROW_UNADAPTED as UNADAPTED  # noqa: E402
 from vaeuda.machine import KERNEL_VARIABLES  # noqa: E402
 
 # name -> environment overrides, all of them among the engine's KERNEL_VARIABLES (which a model
@@ -41,7 +42,6 @@ KERNEL_PATHS: Dict[str, Dict[str, str]] = {
     "mkl-cnr-compatible": {"MKL_CBWR": "COMPATIBLE"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
 }
-UNADAPTED, ADAPTED, ORACLE = "Unadapted", "Proposed-1 (adapted)", "Oracle"
 
 
 def variant_env(name: str, base: Dict[str, str]) -> Dict[str, str]:

@@ -22,6 +22,9 @@ from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import STRUCTURES
 from .progress import Reporter, null_reporter
 
+# The report's three rows (report.json "mean_dice" / "results" keys).
+ROW_UNADAPTED, ROW_ADAPTED, ROW_ORACLE = "Unadapted", "Proposed-1 (adapted)", "Oracle"
+
 
 def read_splits(cohort: Path) -> dict:
     """``cohort/splits.json`` as a dict, or VaeudaError in one sentence (missing, unreadable, not an object)."""
@@ -166,8 +169,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     timings["oracle fine-tune (16 labelled CT)"] = time.time() - t
 
     t = time.time()
-    runs = OrderedDict([("Unadapted", source_model), ("Proposed-1 (adapted)", adapted_model),
-                        ("Oracle", oracle_model)])
+    runs = OrderedDict([(ROW_UNADAPTED, source_model), (ROW_ADAPTED, adapted_model), (ROW_ORACLE, oracle_model)])
     results = OrderedDict()
     for name, model in runs.items():
         pred_dir = out / "pred" / name.split()[0].lower()
