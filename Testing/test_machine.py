@@ -1,9 +1,18 @@
 """What a model file and a report record of the computer: CPU, threads, kernel variables."""
+import pytest
 import torch
 
 from vaeuda import machine
 from vaeuda.modelfile import load_model
 from vaeuda.train import train_source
+
+
+@pytest.fixture
+def no_kernel_variables(monkeypatch):
+    """The environment without any of machine.KERNEL_VARIABLES; set the ones a test needs on the result."""
+    for name in machine.KERNEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
 
 
 def test_cpu_model_reads_cpuinfo_and_falls_back_to_platform(tmp_path, monkeypatch):
@@ -17,9 +26,8 @@ def test_cpu_model_reads_cpuinfo_and_falls_back_to_platform(tmp_path, monkeypatc
     assert machine.cpu_model() == "x86_64"
 
 
-def test_numerics_names_the_threads_and_only_the_kernel_variables_that_are_set(monkeypatch):
-    for name in machine.KERNEL_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+def test_numerics_names_the_threads_and_only_the_kernel_variables_that_are_set(no_kernel_variables):
+    monkeypatch = no_kernel_variables
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
     monkeypatch.setenv("HOME", "/home/someone")                       # not a kernel variable
     threads = torch.get_num_threads()
@@ -34,10 +42,8 @@ def test_numerics_names_the_threads_and_only_the_kernel_variables_that_are_set(m
     assert line.startswith(machine.cpu_model() + ", ")
 
 
-def test_a_model_file_records_the_numerics_it_was_trained_with(tiny_cohort, tmp_path, monkeypatch):
-    for name in machine.KERNEL_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")                  # recorded (set too late to change kernels here)
+def test_a_model_file_records_the_numerics_it_was_trained_with(tiny_cohort, tmp_path, no_kernel_variables):
+    no_kernel_variables.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")                  # recorded (set too late to change kernels here)
     out = tmp_path / "src.safetensors"
     train_source([tiny_cohort / "mr_1001_image.nii.gz"], [tiny_cohort / "mr_1001_label.nii.gz"], out, preset="tiny",
                  iterations=1, seed=0, device="cpu")

@@ -258,6 +258,7 @@ def test_engine_process_finishes_after_the_grace_time_when_a_grandchild_keeps_th
     finally:
         process.cancel()
 
+
 def test_failing_engine_raises_its_sentence_and_leaves_the_scene(slicer, mod, fake_logic, monkeypatch, tmp_path):
     from vaeuda.labels import MMWHS
     monkeypatch.setenv("VAEUDA_FAKE_MODE", "fail")

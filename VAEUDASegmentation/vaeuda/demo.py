@@ -198,11 +198,12 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         "- One draw of the adaptation scan; the paper averages six: `benchmarks/one_scan_draws.py` adapts "
         "this source model on six.", "",
     ]
+    machine_line = machine.description()        # one reading for both reports
     lines = summary + [
         "| stage | seconds |", "|---|---:|",
         *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
         f"| **total** | **{total:.1f}** |", "",
-        f"Machine: {machine.description()}.", "",
+        f"Machine: {machine_line}.", "",
         "![CT slice, ground truth and segmentations](fig2.png)", "",
     ]
     report_md = out / "report.md"
@@ -210,7 +211,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         tmp.write_text("\n".join(lines))
     report_json = out / "report.json"
     payload = {"seed": seed, "quick": quick, "target_scan": target, "test_scans": ct_test,
-               "timings_s": timings, "total_s": total, "machine": machine.description(),
+               "timings_s": timings, "total_s": total, "machine": machine_line,
                "mean_dice": mean, "results": results}
     with atomic_path(report_json) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, default=lambda v: None))

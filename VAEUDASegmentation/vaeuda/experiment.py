@@ -398,14 +398,15 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     dice_png, curves_png = out / "table1_dice.png", out / "curves.png"
     plot_dice_rows(rows, dice_png)
     plot_curves(curves, mean_dice[ROW_UNADAPTED], curves_png)
+    machine_line = machine.description()        # one reading for both reports
     payload = {"protocol": protocol, "rows": rows, "mean_dice_percent": mean_dice, "curves": curves,
                "curve_stats": stats, "findings": findings, "timings_s": timings, "total_s": total_s,
-               "machine": machine.description(),
+               "machine": machine_line,
                "paper_table1": PAPER_TABLE1, "paper_text": PAPER_TEXT}
     with atomic_path(js) as tmp:
         tmp.write_text(_json_text(payload))
     with atomic_path(md) as tmp:
-        tmp.write_text(_markdown(protocol, rows, mean_dice, findings, timings, total_s))
+        tmp.write_text(_markdown(protocol, rows, mean_dice, findings, timings, total_s, machine_line))
     reporter.log(f"Table 1 written to {md}")
     return [md, js, dice_png, curves_png]
 
@@ -459,7 +460,7 @@ def _paper_summary(entry: dict) -> dict:
 
 
 def _markdown(protocol: dict, rows: dict, mean_dice: dict, findings: List[dict], timings: dict,
-              total_s: float) -> str:
+              total_s: float, machine_line: str) -> str:
     p = protocol
     fs = p["few_shot"]
     n_test = len(p["ct_test"])
@@ -503,7 +504,7 @@ def _markdown(protocol: dict, rows: dict, mean_dice: dict, findings: List[dict],
         f"| **total (wall clock)** | | **{total_s:.1f}** | | |", "",
         "Unadapted's training time is the source model's, which every other row starts from. Models reused from "
         "an earlier run with the same settings count their original training time.", "",
-        f"Machine: {machine.description()}.", "",
+        f"Machine: {machine_line}.", "",
     ]
     return "\n".join(lines)
 
