@@ -411,6 +411,18 @@ def test_kernel_paths_strips_every_kernel_variable_and_sets_only_its_own():
     assert base["MKL_CBWR"] == "AVX2"                                      # the caller's environment is not edited
 
 
+def test_kernel_paths_under_portable_numerics_leaves_out_the_variants_that_set_their_variables():
+    kernel_paths = _bench_module("kernel_paths")
+    assert kernel_paths.portable_conflicts(list(kernel_paths.KERNEL_PATHS)) == ["mkl-cnr-compatible"]
+    proc = _run("kernel_paths.py", "--portable", "--variants", "default", "mkl-cnr-compatible")
+    assert proc.returncode == 2
+    assert "--portable sets MKL_CBWR, ATEN_CPU_CAPABILITY itself; leave out mkl-cnr-compatible" in proc.stderr
+    command = kernel_paths.demo_command(Path("out"), 2, quick=False, portable=True)
+    assert command[1:] == ["-m", "vaeuda", "demo", "--out", "out", "--seed", "2", "--device", "cpu",
+                           "--progress", "none", "--portable"]
+    assert "--portable" not in kernel_paths.demo_command(Path("out"), 0, quick=True, portable=False)
+
+
 def test_kernel_paths_tabulates_each_variants_demo_report(tmp_path):
     out, keep = tmp_path / "paths.json", tmp_path / "runs"
     proc = _run("kernel_paths.py", "--variants", "one-thread", "--quick", "--keep", str(keep), "--out", str(out))
@@ -418,6 +430,7 @@ def test_kernel_paths_tabulates_each_variants_demo_report(tmp_path):
     row, = json.loads(out.read_text())["variants"]
     report = json.loads((keep / "one-thread" / "report.json").read_text())
     assert report["quick"] is True
+    assert ", 1 thread, " in report["machine"] and report["machine"].endswith(", OMP_NUM_THREADS=1")
     from vaeuda.demo import ROW_ADAPTED, ROW_ORACLE, ROW_UNADAPTED
     unadapted, adapted, oracle = (report["mean_dice"][k] for k in (ROW_UNADAPTED, ROW_ADAPTED, ROW_ORACLE))
     assert row["env"] == {"OMP_NUM_THREADS": "1"}

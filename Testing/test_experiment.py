@@ -256,8 +256,9 @@ def test_bad_cohort_is_one_clear_error(tmp_path):
     (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1"]}, "ct": {"train": ["ct_1"], "test": ["ct_2"]}}))
     with pytest.raises(VaeudaError, match="mr_1_image.nii.gz: listed in splits.json"):
         experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
-    with pytest.raises(VaeudaError, match="--repeats"):
-        experiment.run_table1(tmp_path, tmp_path / "out", repeats=0)
+    for repeats in (0, 3.0, True):          # the Python API is held to what the command line takes
+        with pytest.raises(VaeudaError, match=f"--repeats must be a whole number of at least 1, not {repeats!r}"):
+            experiment.run_table1(tmp_path, tmp_path / "out", repeats=repeats)
     assert not (tmp_path / "out").exists()
 
 

@@ -1,8 +1,18 @@
-"""What a model file and a report record of the computer: CPU, threads, kernel variables."""
+"""What a model file and a report record of the computer: CPU, threads, kernel variables; and
+portable numerics, which make a run independent of the CPU's instruction set."""
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+from safetensors.torch import load_file
 
 from vaeuda import machine
+from vaeuda.cli import main
+from vaeuda.errors import VaeudaError
 from vaeuda.modelfile import load_model
 from vaeuda.train import train_source
 
@@ -38,8 +48,11 @@ def test_numerics_names_the_threads_and_only_the_kernel_variables_that_are_set(n
         torch.set_num_threads(threads)
     assert numerics["environment"] == {"MKL_CBWR": "COMPATIBLE"}
     assert numerics["threads"] == 1 and numerics["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert f", 1 thread, {numerics['cpu_capability']} kernels, MKL_CBWR=COMPATIBLE" in line
-    assert line.startswith(machine.cpu_model() + ", ")
+    assert line.endswith(f", 1 thread, {numerics['cpu_capability']} kernels, MKL_CBWR=COMPATIBLE")
+    assert line.startswith(machine.cpu_model() + ", ") and numerics["portable"] is False
+    monkeypatch.setattr(machine, "portable", lambda: True)
+    assert machine.numerics()["portable"] is True
+    assert machine.description().endswith(", MKL_CBWR=COMPATIBLE, portable numerics")
 
 
 def test_a_model_file_records_the_numerics_it_was_trained_with(tiny_cohort, tmp_path, no_kernel_variables):
@@ -50,4 +63,94 @@ def test_a_model_file_records_the_numerics_it_was_trained_with(tiny_cohort, tmp_
     recorded = load_model(out)[1]["provenance"]["numerics"]
     assert recorded == {"cpu": machine.cpu_model(), "threads": torch.get_num_threads(),
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                        "environment": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
+                        "environment": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "portable": False}
+
+
+def test_portable_numerics_refuse_a_conflicting_variable_and_change_nothing(no_kernel_variables):
+    no_kernel_variables.setenv("MKL_CBWR", "AVX2")
+    threads = torch.get_num_threads()
+    with pytest.raises(VaeudaError, match=r"need MKL_CBWR=COMPATIBLE,STRICT, but the environment sets MKL_CBWR=AVX2\."):
+        machine.use_portable_numerics()
+    assert os.environ["MKL_CBWR"] == "AVX2" and "ATEN_CPU_CAPABILITY" not in os.environ
+    assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads
+
+
+def test_portable_numerics_cannot_start_once_torch_runs_without_them(no_kernel_variables, monkeypatch):
+    threads = torch.get_num_threads()
+    # torch is imported here, and MKL may have read its variables already: only the user can set them.
+    with pytest.raises(VaeudaError, match="before torch is imported: start Python with "
+                                          "MKL_CBWR=COMPATIBLE,STRICT ATEN_CPU_CAPABILITY=default"):
+        machine.use_portable_numerics()
+    assert not any(name in os.environ for name in machine.PORTABLE_ENVIRONMENT)
+    # Both set, but torch chose its vector kernels before ATEN_CPU_CAPABILITY was set.
+    for name, value in machine.PORTABLE_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.raises(VaeudaError, match="torch had already chosen its AVX2 kernels"):
+        machine.use_portable_numerics()
+    assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads
+    assert not machine.portable() and machine.numerics()["portable"] is False
+
+
+def test_portable_runs_on_a_gpu_or_in_bf16_are_refused_before_anything_runs(tiny_cohort, tmp_path, capsys):
+    image = str(tiny_cohort / "mr_1001_image.nii.gz")
+    assert main(["train-source", "--portable", "--device", "cuda", "--preset", "tiny", "--iterations", "1",
+                 "--out", str(tmp_path / "m.safetensors"), "--progress", "none", image]) == 2
+    assert "--portable is for the CPU; it cannot be combined with --device cuda." in capsys.readouterr().err
+    assert main(["segment", "--portable", "--cpu-bf16", "--model", str(tmp_path / "m.safetensors"),
+                 "--out", str(tmp_path / "seg"), "--progress", "none", image]) == 2
+    assert "--portable computes in float32; it cannot be combined with --cpu-bf16." in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    assert torch.backends.mkldnn.enabled                    # this process was left as it was
+
+
+# Train, adapt and segment in one fresh process (portable numerics hold for the rest of a process).
+PIPELINE = """
+import sys
+from vaeuda.cli import main
+cohort, out, portable = sys.argv[1], sys.argv[2], sys.argv[3:]
+common = ["--progress", "none", *portable]
+assert main(["train-source", "--preset", "tiny", "--iterations", "3", "--out", out + "/source.safetensors",
+             *common, cohort + "/mr_1001_image.nii.gz"]) == 0
+assert main(["adapt", "--model", out + "/source.safetensors", "--iterations", "2", "--out", out + "/adapted.safetensors",
+             *common, cohort + "/ct_1001_image.nii.gz"]) == 0
+assert main(["segment", "--model", out + "/adapted.safetensors", "--out", out + "/seg", *common,
+             cohort + "/ct_1002_image.nii.gz"]) == 0
+"""
+
+# What another CPU would do differently, simulated on this one: MKL without AVX / AVX2 / AVX-512,
+# oneDNN without AVX-512, one thread.
+OTHER_CPU = {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+
+
+def _pipeline(cohort, out, portable: bool, extra_env: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in machine.KERNEL_VARIABLES}
+    env.update(extra_env)
+    out.mkdir()
+    subprocess.run([sys.executable, "-c", PIPELINE, str(cohort), str(out)] + (["--portable"] if portable else []),
+                   env=env, check=True, capture_output=True, text=True)
+    result = {name: load_file(out / f"{name}.safetensors") for name in ("source", "adapted")}
+    result["labels"] = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "seg" / "ct_1002_image_seg.nii.gz")))
+    result["numerics"] = load_model(out / "adapted.safetensors")[1]["provenance"]["numerics"]
+    return result
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_portable_numerics_give_the_same_models_and_labels_under_another_cpus_kernels(tiny_cohort, tmp_path):
+    """The check that can be made on one CPU: its other kernel paths change a default run's weights,
+    and a portable run's weights and labels not at all (bit for bit)."""
+    here = _pipeline(tiny_cohort, tmp_path / "here", True, {})
+    there = _pipeline(tiny_cohort, tmp_path / "there", True, OTHER_CPU)
+    assert _same(here["source"], there["source"]) and _same(here["adapted"], there["adapted"])
+    assert np.array_equal(here["labels"], there["labels"])
+    assert here["numerics"]["portable"] and there["numerics"]["portable"]
+    assert here["numerics"]["threads"] == machine.PORTABLE_THREADS and here["numerics"]["cpu_capability"] == "DEFAULT"
+    assert there["numerics"]["environment"] == {**OTHER_CPU, **machine.PORTABLE_ENVIRONMENT}
+    # Without --portable the same two runs differ: the simulation does change the rounding.
+    default_here = _pipeline(tiny_cohort, tmp_path / "default_here", False, {})
+    default_there = _pipeline(tiny_cohort, tmp_path / "default_there", False, OTHER_CPU)
+    assert not _same(default_here["source"], default_there["source"])
+    assert not default_here["numerics"]["portable"]

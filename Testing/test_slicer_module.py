@@ -390,12 +390,12 @@ def test_adapt_writes_every_target_and_moves_the_model_into_place(slicer, mod, f
     source = write_fake_model(tmp_path / "source.safetensors", MMWHS)
     targets = [add_volume(slicer, np.zeros((3, 4, 5), np.float32), name) for name in ("ct_a", "ct_b")]
     destination = tmp_path / "models" / "adapted.safetensors"
-    result = fake_logic.adapt(source, targets, destination, iterations=5, seed=3, device="cpu")
+    result = fake_logic.adapt(source, targets, destination, iterations=5, seed=3, device="cpu", portable=True)
     assert result == str(destination) and destination.read_text() == "fake model\n"
     args = json.loads((tmp_path / "args.json").read_text())
     assert args[0] == "adapt" and args[args.index("--model") + 1] == source
     assert args[args.index("--iterations") + 1] == "5" and args[args.index("--seed") + 1] == "3"
-    assert args[args.index("--device") + 1] == "cpu"
+    assert args[args.index("--device") + 1] == "cpu" and "--portable" in args
     assert [os.path.basename(a) for a in args[-2:]] == ["target_0.nii.gz", "target_1.nii.gz"]
     # the engine wrote into the job's temporary folder, which is gone; only the destination remains
     assert os.path.dirname(args[args.index("--out") + 1]) != str(destination.parent)
@@ -417,7 +417,8 @@ def test_segment_into_an_existing_node_replaces_its_segments(slicer, mod, fake_l
 
     result = fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), existing)
     assert result is existing and scene_node_ids(slicer) == before       # no temporary node left behind
-    assert "--cpu-bf16" not in json.loads((tmp_path / "args.json").read_text())   # fp32 unless asked
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert "--cpu-bf16" not in args and "--portable" not in args      # fp32, this CPU's kernels, unless asked
     segmentation = existing.GetSegmentation()
     assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == \
         ["LV-M", "LA-B", "LV-B", "A-A"]
@@ -437,7 +438,10 @@ def test_segment_into_an_existing_node_replaces_its_segments(slicer, mod, fake_l
     assert sh.GetItemParent(sh.GetItemByDataNode(existing)) == study
     fake_logic.segment(volume, str(tmp_path / "m.safetensors"), existing, cpuBf16=True)
     args = json.loads((tmp_path / "args.json").read_text())
-    assert "--cpu-bf16" in args and args[-1].endswith("input.nii.gz")
+    assert "--cpu-bf16" in args and "--portable" not in args and args[-1].endswith("input.nii.gz")
+    fake_logic.segment(volume, str(tmp_path / "m.safetensors"), existing, portable=True)
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert "--portable" in args and "--cpu-bf16" not in args and args[-1].endswith("input.nii.gz")
 
 
 def test_segment_a_transformed_volume_into_a_surface_segmentation(slicer, mod, fake_logic, tmp_path):
@@ -714,12 +718,13 @@ def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_p
         logic.makeTryItCohort(tmp_path / "cohort")
 
     model = logic.trainSource(cohort.sourceTrainingFolder, tmp_path / "out" / "tiny.safetensors", preset="tiny",
-                              iterations=1, seed=0, device="cpu", inputSize=48)
+                              iterations=1, seed=0, device="cpu", inputSize=48, portable=True)
     assert model == str(tmp_path / "out" / "tiny.safetensors")
     metadata = mod.readModelMetadata(model)
     assert [Path(p).name for p in metadata["provenance"]["source_data"]] == ["mr_1001_image.nii.gz"]
     assert mod.labelValuesOfModel(metadata) == [0, 205, 420, 500, 820]
     assert metadata["config"]["input_size"] == 48                       # the tiny preset's own is 32
+    assert metadata["provenance"]["numerics"]["portable"] is True
     assert os.listdir(slicer.app.temporaryPath) == []
 
 

@@ -208,6 +208,7 @@ class VAEUDASegmentationParameterNode:
     seed: Annotated[int, WithinRange(0, 2_147_483_647)] = 0
     trainIterations: Annotated[int, WithinRange(0, 10_000_000)] = 0
     cpuBf16: bool = False
+    portable: bool = False
 
 
 def _pathOrNone(path) -> Optional[str]:
@@ -418,7 +419,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._runAction("train", lambda: self.logic.trainSource(
             _pathOrNone(p.trainDataFolder), _pathOrNone(p.trainOutputModelPath),
             preset=None if p.preset == "auto" else p.preset, iterations=p.trainIterations or None, seed=p.seed,
-            device=p.device, **self._jobOptions(finished)))
+            device=p.device, portable=p.portable, **self._jobOptions(finished)))
 
     def onAdaptButton(self) -> None:
         p = self._parameterNode
@@ -434,7 +435,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
         self._runAction("adapt", lambda: self.logic.adapt(
             _pathOrNone(p.sourceModelPath), targets, _pathOrNone(p.adaptedModelPath),
-            iterations=p.adaptIterations or None, seed=p.seed, device=p.device, **self._jobOptions(finished)))
+            iterations=p.adaptIterations or None, seed=p.seed, device=p.device, portable=p.portable,
+            **self._jobOptions(finished)))
 
     def onApplyButton(self) -> None:
         p = self._parameterNode
@@ -445,7 +447,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
         self._runAction("segment", lambda: self.logic.segment(
             p.inputVolume, _pathOrNone(p.segmentModelPath), p.outputSegmentation, device=p.device,
-            cpuBf16=p.cpuBf16, **self._jobOptions(finished)))
+            cpuBf16=p.cpuBf16, portable=p.portable, **self._jobOptions(finished)))
 
     def onEvaluateButton(self) -> None:
         p = self._parameterNode
@@ -784,8 +786,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     # -- the batch API
 
     def segment(self, inputVolumeNode, modelPath, outputSegmentationNode=None, *, device: str = "auto",
-                cpuBf16: bool = False, waitForCompletion: bool = True, progressCallback=None,
-                finishedCallback=None):
+                cpuBf16: bool = False, portable: bool = False, waitForCompletion: bool = True,
+                progressCallback=None, finishedCallback=None):
         """Segment a volume; returns the vtkMRMLSegmentationNode (None when not waiting).
 
         The result has one segment per structure (LV myocardium, LA blood cavity, LV blood
@@ -793,7 +795,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         as reference geometry, placed in the input volume's study. ``outputSegmentationNode``:
         a segmentation to overwrite; None makes a new one named after the volume.
         ``device``: "auto", "cpu" or "cuda". ``cpuBf16``: bf16 on the CPU too (the engine's
-        ``--cpu-bf16``: faster on CPUs with native bf16, a few voxels may change label). Example::
+        ``--cpu-bf16``: faster on CPUs with native bf16, a few voxels may change label).
+        ``portable``: the engine's ``--portable``, the same labels on any x86-64 CPU (CPU only,
+        slower; as for :meth:`trainSource` and :meth:`adapt`). Example::
 
             logic = VAEUDASegmentationLogic()
             seg = logic.segment(getNode("ct_1017"), "/data/adapted.safetensors", device="cpu")
@@ -817,23 +821,24 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             return self._importSegmentation(labelPath, inputVolumeNode, outputSegmentationNode, fromIndex)
 
         args = ["segment", "--model", modelPath, "--out", outputDir, "--device", device]
-        if cpuBf16:
-            args.append("--cpu-bf16")
+        args += _flag("--cpu-bf16", cpuBf16) + _flag("--portable", portable)
         return self._run("segment", args + [inputPath], tempDir, importResult, waitForCompletion,
                          progressCallback, finishedCallback)
 
     def trainSource(self, dataFolder, outputModelPath, *, preset: Optional[str] = None,
                     iterations: Optional[int] = None, seed: Optional[int] = None, device: str = "auto",
                     labelConvention: Optional[str] = None, inputSize: Optional[int] = None,
-                    waitForCompletion: bool = True,
+                    portable: bool = False, waitForCompletion: bool = True,
                     progressCallback=None, finishedCallback=None):
         """Train a source model on labelled volumes; returns the model path (None when not waiting).
 
         ``dataFolder``: ``X_image`` / ``X_label`` volume pairs (MR). ``preset``: "cpu" or "paper"
         (engine default if None); ``labelConvention``: "mmwhs" (default), "consecutive" or a JSON
         mapping file; ``inputSize``: slice size in pixels over the preset's field of view (the
-        preset's own if None; adaptation and segmentation follow the model's). The model is
-        written to a temporary folder and moved to ``outputModelPath`` only when complete. Example::
+        preset's own if None; adaptation and segmentation follow the model's); ``portable``: the
+        engine's ``--portable``, the same model for a seed on any x86-64 CPU, not only on this one
+        (CPU only, about 2.5x slower). The model is written to a temporary folder and moved to
+        ``outputModelPath`` only when complete. Example::
 
             logic.trainSource("/data/mr_train", "/data/source.safetensors", preset="cpu", iterations=5000)
         """
@@ -847,19 +852,20 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args = ["train-source", "--out", tempModel, "--device", device]
         args += _option("--preset", preset) + _option("--iterations", iterations) + _option("--seed", seed)
         args += _option("--label-convention", labelConvention) + _option("--input-size", inputSize)
-        args += [os.path.abspath(str(dataFolder))]
+        args += _flag("--portable", portable) + [os.path.abspath(str(dataFolder))]
         return self._run("train-source", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
                          waitForCompletion, progressCallback, finishedCallback)
 
     def adapt(self, sourceModelPath, targetVolumeNodes, outputModelPath, *, iterations: Optional[int] = None,
-              seed: Optional[int] = None, device: str = "auto", sourceDataFolder=None, waitForCompletion: bool = True,
-              progressCallback=None, finishedCallback=None):
+              seed: Optional[int] = None, device: str = "auto", sourceDataFolder=None, portable: bool = False,
+              waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
         """Adapt a source model to unlabelled target volumes of the scene; returns the adapted model's path.
 
         ``targetVolumeNodes``: one volume node or a list (the paper adapts to a single CT). No
         target labels are used. Adaptation keeps training on the labelled source volumes too: by
         default the ones the source model records, or those in ``sourceDataFolder``
-        (``X_image``/``X_label`` pairs). ``iterations``: engine default if None. Example::
+        (``X_image``/``X_label`` pairs). ``iterations``: engine default if None. ``portable``:
+        as for :meth:`trainSource`. Example::
 
             adapted = logic.adapt("/data/source.safetensors", [getNode("ct_1017")], "/data/adapted.safetensors")
         """
@@ -883,7 +889,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise
         tempModel = os.path.join(tempDir, "model" + _modelSuffix(outputModelPath))
         args = ["adapt", "--model", sourceModelPath, "--out", tempModel, "--device", device]
-        args += _option("--iterations", iterations) + _option("--seed", seed) + targets
+        args += _option("--iterations", iterations) + _option("--seed", seed) + _flag("--portable", portable)
+        args += targets
         if _pathOrNone(sourceDataFolder):
             args += ["--source-data", str(sourceDataFolder)]   # last: it takes one or more values
         return self._run("adapt", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
@@ -1051,6 +1058,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
 def _option(name: str, value) -> List[str]:
     return [] if value is None else [name, str(value)]
+
+
+def _flag(name: str, on: bool) -> List[str]:
+    return [name] if on else []
 
 
 def _modelSuffix(path) -> str:

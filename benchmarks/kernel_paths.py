@@ -1,7 +1,7 @@
 """`vaeuda demo` under other floating-point kernel paths of the same CPU: how much of the demo's
 numbers is rounding.
 
-    python benchmarks/kernel_paths.py --out kernel_paths.json [--variants default mkl-avx2 ...] [--quick]
+    python benchmarks/kernel_paths.py --out kernel_paths.json [--variants default mkl-avx2 ...] [--quick] [--portable]
 
 The engine is bit-reproducible on one machine with one set of kernels, but MKL and oneDNN pick
 their kernels by the CPU's instruction set (and the thread count changes reduction orders), so
@@ -9,6 +9,9 @@ another CPU computes the same training with different rounding. This script runs
 (same seed, same cohort, same draw) in a fresh process per variant, each with the environment
 variables below that make MKL / oneDNN / OpenMP take another path on this CPU, and tabulates the
 three rows of each report. The variables are the libraries' own; the demo's code is unchanged.
+With ``--portable`` each demo runs with the engine's ``--portable``, which should make every
+variant give the same numbers (the variants that set one of its own variables are left out, and
+refused when named).
 
 Writes ``{"args", "machine", "variants": [{"name", "env", "mean_dice": {row: %}, "gain",
 "ratio_to_oracle", "seconds"}]}`` and prints a Markdown table.
@@ -28,7 +31,7 @@ from typing import Dict, List
 from common import REPO, machine_info  # (also puts the engine on sys.path, as for every benchmark script)
 
 from vaeuda.demo import ROW_ADAPTED as ADAPTED, ROW_ORACLE as ORACLE, ROW_UNADAPTED as UNADAPTED  # noqa: E402
-from vaeuda.machine import KERNEL_VARIABLES  # noqa: E402
+from vaeuda.machine import KERNEL_VARIABLES, PORTABLE_ENVIRONMENT  # noqa: E402
 
 # name -> environment overrides, all of them among the engine's KERNEL_VARIABLES (which a model
 # file records). Every one of those is removed for the others, so "default" is the libraries'
@@ -51,6 +54,17 @@ def variant_env(name: str, base: Dict[str, str]) -> Dict[str, str]:
     # the engine of this checkout, installed or not
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "VAEUDASegmentation"), base.get("PYTHONPATH")]))
     return env
+
+
+def demo_command(out: Path, seed: int, quick: bool, portable: bool) -> List[str]:
+    """The demo one variant runs, in a fresh process."""
+    return ([sys.executable, "-m", "vaeuda", "demo", "--out", str(out), "--seed", str(seed), "--device", "cpu",
+             "--progress", "none"] + (["--quick"] if quick else []) + (["--portable"] if portable else []))
+
+
+def portable_conflicts(names: List[str]) -> List[str]:
+    """The variants that set a variable ``--portable`` itself sets (the engine refuses them)."""
+    return [n for n in names if set(KERNEL_PATHS[n]) & set(PORTABLE_ENVIRONMENT)]
 
 
 def summarise(name: str, report: dict, seconds: float) -> dict:
@@ -77,21 +91,27 @@ def markdown(rows: List[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", choices=list(KERNEL_PATHS), default=list(KERNEL_PATHS))
+    p.add_argument("--variants", nargs="+", choices=list(KERNEL_PATHS),
+                   help="default: all (with --portable, all that leave its variables alone)")
     p.add_argument("--seed", type=int, default=0, help="the demo's seed (default 0, as make demo)")
     p.add_argument("--quick", action="store_true", help="the demo's smoke run (numbers mean nothing)")
+    p.add_argument("--portable", action="store_true", help="run each demo with the engine's --portable")
     p.add_argument("--keep", help="keep each variant's demo folder under this folder")
     p.add_argument("--out", help="write the record to this JSON file")
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = [n for n in KERNEL_PATHS if not (args.portable and portable_conflicts([n]))]
+    if args.portable and portable_conflicts(args.variants):
+        p.error(f"--portable sets {', '.join(PORTABLE_ENVIRONMENT)} itself; leave out "
+                f"{', '.join(portable_conflicts(args.variants))}")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         parent = Path(args.keep or scratch)
         for name in args.variants:
             out = parent / name
-            cmd = [sys.executable, "-m", "vaeuda", "demo", "--out", str(out), "--seed", str(args.seed),
-                   "--device", "cpu", "--progress", "none"] + (["--quick"] if args.quick else [])
             started = time.time()
-            proc = subprocess.run(cmd, env=variant_env(name, dict(os.environ)), capture_output=True, text=True)
+            proc = subprocess.run(demo_command(out, args.seed, args.quick, args.portable),
+                                  env=variant_env(name, dict(os.environ)), capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"error: the demo under {name} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
                 return 1

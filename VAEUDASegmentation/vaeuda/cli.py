@@ -23,6 +23,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "stderr except in json mode (default: auto, tty on a terminal)")
 
 
+def _numerics(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--portable", action="store_true",
+                   help="the same numbers on any x86-64 CPU, not only on this one: kernels that do not depend "
+                        "on the instruction set, 2 threads, CPU only; about 2.5x slower (vaeuda.machine)")
+
+
 def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, help="training iterations (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="slices per batch (default: the preset's)")
@@ -30,6 +36,7 @@ def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto uses a CUDA GPU when present (with bf16 autocast), else the CPU")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if an earlier run was interrupted")
+    _numerics(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-bf16", action="store_true",
                    help="bf16 autocast on the CPU too (as on CUDA): 1.6-1.9x faster on CPUs with native bf16 "
                         "(AVX512-BF16, AMX), slower where it is emulated; a few voxels may change label")
+    _numerics(p)
     _common(p)
 
     p = sub.add_parser("evaluate", help="Dice and ASSD of predictions against references, paired by name")
@@ -113,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smoke run of the same pipeline at the tiny preset (seconds; its numbers mean nothing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _numerics(p)
     _common(p)
 
     p = sub.add_parser("experiment", help="the paper's experiments")
@@ -125,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     e.add_argument("--iterations-scale", type=float, default=1.0, help="scale every stage's iterations (smoke runs)")
+    _numerics(e)
     _common(e)
     return parser
 
@@ -138,6 +148,14 @@ def _labelled(args) -> tuple:
 def run(args, reporter: Reporter) -> List[str]:
     """Execute one parsed command; returns the paths it wrote."""
     cmd = args.command
+    if getattr(args, "portable", False):
+        if args.device == "cuda":
+            raise VaeudaError("--portable is for the CPU; it cannot be combined with --device cuda.")
+        if getattr(args, "cpu_bf16", False):   # native and emulated bf16 round differently
+            raise VaeudaError("--portable computes in float32; it cannot be combined with --cpu-bf16.")
+        args.device = "cpu"
+        from .machine import use_portable_numerics
+        use_portable_numerics()      # before anything imports torch
     if cmd == "synth":
         from .phantom import make_cohort
         make_cohort(args.out_dir, n_source=args.n_source, n_target=args.n_target, n_train=args.n_train,

@@ -41,7 +41,7 @@ import numpy as np
 
 from . import machine
 from .demo import cohort_split, evaluate_model, image_of, label_of
-from .errors import VaeudaError
+from .errors import VaeudaError, require_count
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import CLASS_KEYS, MMWHS, STRUCTURES
 from .metrics import MEAN_KEY, _json_ready, evaluate_volume, summarise, table_markdown
@@ -281,8 +281,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     from .train import adapt, finetune, preset_training, resolve_device, train_source
 
     reporter = reporter or null_reporter()
-    if int(repeats) != repeats or repeats < 1:
-        raise VaeudaError(f"--repeats must be a whole number of at least 1, not {repeats}.")
+    require_count("--repeats", repeats)
     if not (isinstance(iterations_scale, (int, float)) and iterations_scale > 0 and math.isfinite(iterations_scale)):
         raise VaeudaError(f"--iterations-scale must be a positive number, not {iterations_scale}.")
     cohort, out = Path(data), check_output_dir(out)
@@ -292,7 +291,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     size, fov = get_preset(preset).input_size, get_preset(preset).slice_fov_mm
     iterations = {stage: scaled_iterations(preset, stage, iterations_scale) for stage in ("source", "adapt", "finetune")}
     eval_every = max(1, iterations["adapt"] // CURVE_POINTS)
-    draws = draw_targets(ct_train, int(repeats), seed)
+    draws = draw_targets(ct_train, repeats, seed)
     few_shot = _few_shot_slices(cohort, draws[0], size, fov)      # fails before any training if impossible
     models, preds = out / "models", out / "pred"
     make_dir(models)
@@ -388,7 +387,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
                                  "curve_s": round(sum(r["seconds_curve"] for r in rows[row]["runs"]), 1),
                                  "eval_s": round(sum(r["seconds_eval"] for r in rows[row]["runs"]), 1)})
                           for row in ROWS)
-    protocol = {"cohort": str(cohort), "preset": preset, "seed": seed, "repeats": int(repeats), "device": str(dev),
+    protocol = {"cohort": str(cohort), "preset": preset, "seed": seed, "repeats": repeats, "device": str(dev),
                 "iterations_scale": iterations_scale, "iterations": iterations, "eval_every": eval_every,
                 "few_shot_patience": FEW_SHOT_PATIENCE, "mr_train": mr_train, "ct_train": ct_train, "ct_test": ct_test,
                 "draws": draws, "few_shot": few_shot}
