@@ -175,6 +175,22 @@ def test_bad_input_size_exits_with_one_sentence(tiny_cohort, tmp_path, capsys, s
     assert list(tmp_path.iterdir()) == []
 
 
+def test_resume_refuses_to_mix_portable_and_default_numerics(tiny_cohort, tmp_path, monkeypatch):
+    overrides = {"checkpoint_every": 2}
+    out = tmp_path / "m.safetensors"
+    from vaeuda import machine
+    monkeypatch.setattr(machine, "portable", lambda: True)           # as if run with --portable
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4, overrides=overrides)
+    assert read_tensors(checkpoint_path(out))[1]["provenance"]["numerics"]["portable"] is True
+    monkeypatch.setattr(machine, "portable", lambda: False)
+    with pytest.raises(VaeudaError, match="checkpoint was made with --portable; resume it with --portable too"):
+        _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
+    assert checkpoint_path(out).exists() and not out.exists()
+    monkeypatch.setattr(machine, "portable", lambda: True)
+    _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
+    assert out.exists() and not checkpoint_path(out).exists()
+
+
 def test_resume_refuses_a_checkpoint_of_another_input_size(tiny_cohort, tmp_path, monkeypatch):
     """The networks' weights fit any slice size, so only the recorded configuration can tell a
     checkpoint of another --input-size apart; resuming it would silently change the data."""

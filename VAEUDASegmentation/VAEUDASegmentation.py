@@ -796,8 +796,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         a segmentation to overwrite; None makes a new one named after the volume.
         ``device``: "auto", "cpu" or "cuda". ``cpuBf16``: bf16 on the CPU too (the engine's
         ``--cpu-bf16``: faster on CPUs with native bf16, a few voxels may change label).
-        ``portable``: the engine's ``--portable``, the same labels on any x86-64 CPU (CPU only,
-        slower; as for :meth:`trainSource` and :meth:`adapt`). Example::
+        ``portable``: the engine's ``--portable`` (CPU only, slower; as for :meth:`trainSource`). Example::
 
             logic = VAEUDASegmentationLogic()
             seg = logic.segment(getNode("ct_1017"), "/data/adapted.safetensors", device="cpu")
@@ -836,9 +835,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         (engine default if None); ``labelConvention``: "mmwhs" (default), "consecutive" or a JSON
         mapping file; ``inputSize``: slice size in pixels over the preset's field of view (the
         preset's own if None; adaptation and segmentation follow the model's); ``portable``: the
-        engine's ``--portable``, the same model for a seed on any x86-64 CPU, not only on this one
-        (CPU only, about 2.5x slower). The model is written to a temporary folder and moved to
-        ``outputModelPath`` only when complete. Example::
+        engine's ``--portable``, kernels that do not depend on the CPU's instruction set, so that
+        another x86-64 CPU should give the same model for a seed (CPU only, about 3x slower). The
+        model is written to a temporary folder and moved to ``outputModelPath`` only when complete.
+        Example::
 
             logic.trainSource("/data/mr_train", "/data/source.safetensors", preset="cpu", iterations=5000)
         """

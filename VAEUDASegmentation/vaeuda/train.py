@@ -315,6 +315,10 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         if meta.get("config") != net.cfg.to_dict():
             raise VaeudaError(f"{ckpt}: checkpoint was made with a different network configuration "
                               f"(preset or input size) than this run.")
+        portable_then = meta.get("provenance", {}).get("numerics", {}).get("portable", False)
+        if portable_then != machine.portable():      # half of each would reproduce nowhere
+            raise VaeudaError(f"{ckpt}: checkpoint was made {'with' if portable_then else 'without'} "
+                              f"--portable; resume it {'with' if portable_then else 'without'} --portable too.")
         load_networks(net, tensors, ckpt)
         net.to(device)
         _load_optim("gen", opts[0], tensors)
