@@ -836,7 +836,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         mapping file; ``inputSize``: slice size in pixels over the preset's field of view (the
         preset's own if None; adaptation and segmentation follow the model's); ``portable``: the
         engine's ``--portable``, kernels that do not depend on the CPU's instruction set, so that
-        another x86-64 CPU should give the same model for a seed (CPU only, about 3x slower). The
+        another x86-64 CPU should give the same model for a seed (CPU only, about 3.5x slower). The
         model is written to a temporary folder and moved to ``outputModelPath`` only when complete.
         Example::
 

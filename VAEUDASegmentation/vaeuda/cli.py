@@ -26,7 +26,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _numerics(p: argparse.ArgumentParser) -> None:
     p.add_argument("--portable", action="store_true",
                    help="kernels that do not depend on the CPU's instruction set, 2 threads, CPU only: numbers "
-                        "another x86-64 CPU should reproduce, not only this one; about 3x slower (vaeuda.machine)")
+                        "another x86-64 CPU should reproduce, not only this one; about 3.5x slower (vaeuda.machine)")
 
 
 def _training(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ depend on the instruction set: MKL's conditional-numerical-reproducibility branc
 (``MKL_CBWR=COMPATIBLE,STRICT``, which Intel documents as reproducible on Intel and non-Intel
 CPUs), torch's baseline kernels instead of its AVX2 / AVX-512 ones, no oneDNN (it has no such
 mode; convolutions then run as im2col and MKL matrix products) and a fixed thread count. It costs
-about 3x the time of a training run (Docs/results.md, "Portable numerics").
+about 3.5x the time of a training run (Docs/results.md, "Portable numerics").
 """
 from __future__ import annotations
 
