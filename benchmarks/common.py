@@ -74,7 +74,7 @@ def machine_info() -> dict:
     return {"cpu": machine.cpu_model(), "cpu_features": _cpu_features(), "logical_cores": os.cpu_count(),
             "memory_gib": _memory_gib(), "gpu": gpu,
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.version.cuda, "kernel_environment": machine.numerics()["environment"],
+            "cuda": torch.version.cuda, "kernel_environment": machine.kernel_environment(),
             "load_average": load_average()}
 
 

@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the record to this JSON file")
     args = p.parse_args(argv)
     if args.variants is None:
-        args.variants = [n for n in KERNEL_PATHS if not (args.portable and portable_conflicts([n]))]
+        left_out = portable_conflicts(list(KERNEL_PATHS)) if args.portable else []
+        args.variants = [n for n in KERNEL_PATHS if n not in left_out]
     if args.portable and portable_conflicts(args.variants):
         p.error(f"--portable sets {', '.join(PORTABLE_ENVIRONMENT)} itself; leave out "
                 f"{', '.join(portable_conflicts(args.variants))}")

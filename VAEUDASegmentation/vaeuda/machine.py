@@ -59,8 +59,7 @@ def use_portable_numerics() -> None:
         if os.environ.get(name, value).upper() != value.upper():
             raise VaeudaError(f"Portable numerics need {name}={value}, but the environment sets "
                               f"{name}={os.environ[name]}.")
-    missing = [name for name in PORTABLE_ENVIRONMENT if name not in os.environ]
-    if missing and "torch" in sys.modules:
+    if "torch" in sys.modules and any(name not in os.environ for name in PORTABLE_ENVIRONMENT):
         raise VaeudaError("Portable numerics must be chosen before torch is imported: start Python with "
                           + " ".join(f"{k}={v}" for k, v in PORTABLE_ENVIRONMENT.items())
                           + ", or use the vaeuda command line with --portable.")
@@ -81,13 +80,18 @@ def portable() -> bool:
             and torch.backends.cpu.get_cpu_capability() == "DEFAULT")
 
 
+def kernel_environment() -> dict:
+    """The :data:`KERNEL_VARIABLES` set in this process's environment, name -> value."""
+    return {k: os.environ[k] for k in KERNEL_VARIABLES if k in os.environ}
+
+
 def numerics() -> dict:
     """What decides the rounding of a CPU run: CPU model, torch threads, torch's vector kernels,
     any of :data:`KERNEL_VARIABLES` set in the environment, and whether the run is portable."""
     import torch   # here, not at the top: the CLI imports this module before it needs torch
     return {"cpu": cpu_model(), "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "environment": {k: os.environ[k] for k in KERNEL_VARIABLES if k in os.environ},
+            "environment": kernel_environment(),
             "portable": portable()}
 
 

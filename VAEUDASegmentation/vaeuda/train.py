@@ -317,8 +317,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
                               f"(preset or input size) than this run.")
         portable_then = meta.get("provenance", {}).get("numerics", {}).get("portable", False)
         if portable_then != machine.portable():      # half of each would reproduce nowhere
-            raise VaeudaError(f"{ckpt}: checkpoint was made {'with' if portable_then else 'without'} "
-                              f"--portable; resume it {'with' if portable_then else 'without'} --portable too.")
+            how = "with" if portable_then else "without"
+            raise VaeudaError(f"{ckpt}: checkpoint was made {how} --portable; resume it {how} --portable too.")
         load_networks(net, tensors, ckpt)
         net.to(device)
         _load_optim("gen", opts[0], tensors)
