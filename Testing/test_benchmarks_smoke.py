@@ -430,10 +430,24 @@ def test_kernel_paths_tabulates_each_variants_demo_report(tmp_path):
     row, = json.loads(out.read_text())["variants"]
     report = json.loads((keep / "one-thread" / "report.json").read_text())
     assert report["quick"] is True
-    assert ", 1 thread, " in report["machine"] and report["machine"].endswith(", OMP_NUM_THREADS=1")
+    assert ", 1 thread, " in report["machine"] and ", OMP_NUM_THREADS=1, kernel fingerprint " in report["machine"]
     from vaeuda.demo import ROW_ADAPTED, ROW_ORACLE, ROW_UNADAPTED
     unadapted, adapted, oracle = (report["mean_dice"][k] for k in (ROW_UNADAPTED, ROW_ADAPTED, ROW_ORACLE))
     assert row["env"] == {"OMP_NUM_THREADS": "1"}
     assert row["gain"] == round(adapted - unadapted, 2)
     assert row["ratio_to_oracle"] == (round(100 * adapted / oracle, 1) if oracle > 0 else None)
     assert f"| one-thread | `OMP_NUM_THREADS=1` | {unadapted:.2f} | {adapted:.2f} | {oracle:.2f} |" in proc.stdout
+
+
+def test_kernel_paths_fingerprints_name_the_library_path_a_variant_changes(tmp_path):
+    """MKL's reproducible branch changes MKL's matrix product and leaves torch's own kernels alone."""
+    out = tmp_path / "prints.json"
+    proc = _run("kernel_paths.py", "--fingerprints", "--variants", "default", "mkl-cnr-compatible", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    default, cnr = json.loads(out.read_text())["variants"]
+    assert cnr["env"] == {"MKL_CBWR": "COMPATIBLE"} and cnr["numerics"]["environment"] == cnr["env"]
+    assert default["fingerprint"]["gemm"] != cnr["fingerprint"]["gemm"]
+    assert default["fingerprint"]["norm"] == cnr["fingerprint"]["norm"]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| mkl-cnr-compatible |"))
+    assert f"**{cnr['fingerprint']['gemm']}**" in row and f"**{cnr['fingerprint']['norm']}**" not in row
+    assert f" {cnr['fingerprint']['norm']} " in row

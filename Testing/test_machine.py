@@ -1,5 +1,6 @@
 """What a model file and a report record of the computer: CPU, threads, kernel variables; and
 portable numerics, which make a run independent of the CPU's instruction set."""
+import json
 import os
 import subprocess
 import sys
@@ -43,16 +44,20 @@ def test_numerics_names_the_threads_and_only_the_kernel_variables_that_are_set(n
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        numerics, line = machine.numerics(), machine.description()
+        numerics, line, again = machine.numerics(), machine.description(), machine.fingerprint()
     finally:
         torch.set_num_threads(threads)
     assert numerics["environment"] == {"MKL_CBWR": "COMPATIBLE"}
     assert numerics["threads"] == 1 and numerics["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert line.endswith(f", 1 thread, {numerics['cpu_capability']} kernels, MKL_CBWR=COMPATIBLE")
+    assert numerics["fingerprint"] == again                         # the same process and threads round alike
+    if threads > 1:                                                 # another thread count splits the sums otherwise
+        assert machine.fingerprint()["reduce"] != again["reduce"]
+    assert line.endswith(f", 1 thread, {numerics['cpu_capability']} kernels, MKL_CBWR=COMPATIBLE, "
+                         f"kernel fingerprint {again['all']}")
     assert line.startswith(machine.cpu_model() + ", ") and numerics["portable"] is False
     monkeypatch.setattr(machine, "portable", lambda: True)
     assert machine.numerics()["portable"] is True
-    assert machine.description().endswith(", MKL_CBWR=COMPATIBLE, portable numerics")
+    assert ", MKL_CBWR=COMPATIBLE, portable numerics, kernel fingerprint " in machine.description()
 
 
 def test_a_model_file_records_the_numerics_it_was_trained_with(tiny_cohort, tmp_path, no_kernel_variables):
@@ -63,7 +68,20 @@ def test_a_model_file_records_the_numerics_it_was_trained_with(tiny_cohort, tmp_
     recorded = load_model(out)[1]["provenance"]["numerics"]
     assert recorded == {"cpu": machine.cpu_model(), "threads": torch.get_num_threads(),
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                        "environment": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "portable": False}
+                        "environment": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "portable": False,
+                        "fingerprint": machine.fingerprint()}
+
+
+def test_the_fingerprint_names_each_computation_and_leaves_the_global_generator_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    prints = machine.fingerprint()
+    assert torch.equal(torch.rand(3), expected)                  # training's draws are not shifted
+    assert set(prints) == {"gemm", "conv_train", "conv_inference", "dilated", "norm", "math", "random",
+                           "resample", "reduce", "all"}
+    assert all(len(v) == 12 and int(v, 16) >= 0 for v in prints.values())
+    assert len(set(prints.values())) == len(prints)             # each entry digests its own computation
 
 
 def test_portable_numerics_refuse_a_conflicting_variable_and_change_nothing(no_kernel_variables):
@@ -149,8 +167,47 @@ def test_portable_numerics_give_the_same_models_and_labels_under_another_cpus_ke
     assert here["numerics"]["portable"] and there["numerics"]["portable"]
     assert here["numerics"]["threads"] == machine.PORTABLE_THREADS and here["numerics"]["cpu_capability"] == "DEFAULT"
     assert there["numerics"]["environment"] == {**OTHER_CPU, **machine.PORTABLE_ENVIRONMENT}
-    # Without --portable the same two runs differ: the simulation does change the rounding.
+    assert here["numerics"]["fingerprint"] == there["numerics"]["fingerprint"]
+    # Without --portable the same two runs differ: the simulation does change the rounding, and
+    # the fingerprints the models record say so (oneDNN's convolutions and the thread count).
     default_here = _pipeline(tiny_cohort, tmp_path / "default_here", False, {})
     default_there = _pipeline(tiny_cohort, tmp_path / "default_there", False, OTHER_CPU)
     assert not _same(default_here["source"], default_there["source"])
     assert not default_here["numerics"]["portable"]
+    prints_here, prints_there = default_here["numerics"]["fingerprint"], default_there["numerics"]["fingerprint"]
+    assert prints_here["conv_train"] != prints_there["conv_train"] and prints_here["all"] != prints_there["all"]
+
+
+# Under portable numerics, segment a tiny model's slices 16 at a time and 8 at a time.
+BATCHES = """
+import sys
+from vaeuda import machine
+machine.use_portable_numerics()
+import torch
+from vaeuda.modelfile import load_model
+net, _ = load_model(sys.argv[1])
+x = torch.randn(16, net.cfg.in_channels, net.cfg.input_size, net.cfg.input_size, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    whole, halves = net.segment_logits(x, "source"), torch.cat([net.segment_logits(x[:8], "source"),
+                                                                net.segment_logits(x[8:], "source")])
+assert machine.portable()
+print(torch.equal(whole, halves), float((whole - halves).abs().max()))
+"""
+
+
+def test_portable_inference_does_not_depend_on_the_batch_size(tiny_source_model):
+    """torch hands batches of 16 and more to NNPACK, whose sums are blocked by the CPU's cache sizes
+    (and which needs AVX2); portable numerics switch it off, so `segment --batch-size` cannot
+    change a portable result."""
+    env = {k: v for k, v in os.environ.items() if k not in machine.KERNEL_VARIABLES}
+    run = subprocess.run([sys.executable, "-c", BATCHES, str(tiny_source_model)], env=env, check=True,
+                         capture_output=True, text=True)
+    assert run.stdout.split()[0] == "True", run.stdout
+
+
+def test_the_numerics_command_prints_this_computers_numerics(capsys, no_kernel_variables):
+    assert main(["numerics"]) == 0
+    assert json.loads(capsys.readouterr().out) == machine.numerics()
+    # --portable has to start before torch does: in this process it is refused, in one sentence
+    assert main(["numerics", "--portable"]) == 2
+    assert "Portable numerics must be chosen before torch is imported" in capsys.readouterr().err

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from safetensors.torch import load_file
 
 from vaeuda import train as train_mod
 from vaeuda.cli import main
 from vaeuda.errors import VaeudaError
-from vaeuda.modelfile import load_model, read_tensors
+from vaeuda.modelfile import _digest, load_model, read_tensors
 from vaeuda.nets import get_preset
 from vaeuda.train import checkpoint_path, train_source
 
@@ -297,6 +298,16 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert text.count("| Unadapted |") == 1 and "Oracle" in text
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each model's weight digest, as `vaeuda info` prints it and as the tensors on disk hash
+    models = {"Unadapted": "source", "Proposed-1 (adapted)": "adapted", "Oracle": "oracle"}
+    for row, name in models.items():
+        path = out / "models" / f"{name}.safetensors"
+        assert main(["info", str(path)]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert report["weights_sha256"][row] == info["weights_sha256"] == _digest(load_file(path))
+        assert info["stage"] == load_model(path)[1]["stage"]                        # the metadata follows it
+        assert f"{row.split()[0].lower()} `{info['weights_sha256'][:16]}`" in text
+    assert len(set(report["weights_sha256"].values())) == 3
 
 
 def test_cpu_bf16_is_opt_in_and_stays_close_to_fp32(tiny_cohort, tiny_source_model, tmp_path):

@@ -835,8 +835,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         (engine default if None); ``labelConvention``: "mmwhs" (default), "consecutive" or a JSON
         mapping file; ``inputSize``: slice size in pixels over the preset's field of view (the
         preset's own if None; adaptation and segmentation follow the model's); ``portable``: the
-        engine's ``--portable``, kernels that do not depend on the CPU's instruction set, so that
-        another x86-64 CPU should give the same model for a seed (CPU only, about 3.5x slower). The
+        engine's ``--portable``, kernels that do not depend on the CPU's instruction set, so that a
+        seed gives the same model whatever thread count or instruction-set limit is set (CPU only,
+        about 3.5x slower; CPUs of another maker have still given another model). The
         model is written to a temporary folder and moved to ``outputModelPath`` only when complete.
         Example::
 

@@ -2,6 +2,7 @@
 numbers is rounding.
 
     python benchmarks/kernel_paths.py --out kernel_paths.json [--variants default mkl-avx2 ...] [--quick] [--portable]
+    python benchmarks/kernel_paths.py --fingerprints [--portable] --out fingerprints.json
 
 The engine is bit-reproducible on one machine with one set of kernels, but MKL and oneDNN pick
 their kernels by the CPU's instruction set (and the thread count changes reduction orders), so
@@ -15,6 +16,11 @@ refused when named).
 
 Writes ``{"args", "machine", "variants": [{"name", "env", "mean_dice": {row: %}, "gain",
 "ratio_to_oracle", "seconds"}]}`` and prints a Markdown table.
+
+``--fingerprints`` runs ``vaeuda numerics`` instead of the demo (seconds, not minutes): each
+variant's kernel fingerprint (``vaeuda.machine.fingerprint``), which says which library paths a
+variant changes on this CPU, and, recorded on two computers, which ones differ between them.
+Its records have ``"fingerprint"`` in place of the demo's numbers.
 """
 from __future__ import annotations
 
@@ -62,6 +68,11 @@ def demo_command(out: Path, seed: int, quick: bool, portable: bool) -> List[str]
              "--progress", "none"] + (["--quick"] if quick else []) + (["--portable"] if portable else []))
 
 
+def numerics_command(portable: bool) -> List[str]:
+    """``vaeuda numerics`` in a fresh process: the kernels a variant's environment gives."""
+    return [sys.executable, "-m", "vaeuda", "numerics"] + (["--portable"] if portable else [])
+
+
 def portable_conflicts(names: List[str]) -> List[str]:
     """The variants that set a variable ``--portable`` itself sets (the engine refuses them)."""
     return [n for n in names if set(KERNEL_PATHS[n]) & set(PORTABLE_ENVIRONMENT)]
@@ -89,6 +100,19 @@ def markdown(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def fingerprint_markdown(rows: List[dict]) -> str:
+    """One row per variant, one column per fingerprint entry; an entry that differs from the first
+    row's is in bold."""
+    keys = list(rows[0]["fingerprint"])
+    lines = ["| kernel path | environment | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        env = ", ".join(f"`{k}={v}`" for k, v in r["env"].items()) or "(none)"
+        cells = [f"**{r['fingerprint'][k]}**" if r["fingerprint"][k] != rows[0]["fingerprint"][k]
+                 else r["fingerprint"][k] for k in keys]
+        lines.append(f"| {r['name']} | {env} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", choices=list(KERNEL_PATHS),
@@ -96,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the demo's seed (default 0, as make demo)")
     p.add_argument("--quick", action="store_true", help="the demo's smoke run (numbers mean nothing)")
     p.add_argument("--portable", action="store_true", help="run each demo with the engine's --portable")
+    p.add_argument("--fingerprints", action="store_true",
+                   help="print each variant's kernel fingerprint (vaeuda numerics) instead of running the demo")
     p.add_argument("--keep", help="keep each variant's demo folder under this folder")
     p.add_argument("--out", help="write the record to this JSON file")
     args = p.parse_args(argv)
@@ -109,6 +135,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         parent = Path(args.keep or scratch)
         for name in args.variants:
+            if args.fingerprints:
+                proc = subprocess.run(numerics_command(args.portable), env=variant_env(name, dict(os.environ)),
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"error: vaeuda numerics under {name} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+                    return 1
+                numerics = json.loads(proc.stdout)
+                rows.append({"name": name, "env": KERNEL_PATHS[name], "fingerprint": numerics["fingerprint"],
+                             "numerics": numerics})
+                print(json.dumps(rows[-1]["fingerprint"]), flush=True)
+                continue
             out = parent / name
             started = time.time()
             proc = subprocess.run(demo_command(out, args.seed, args.quick, args.portable),
@@ -118,7 +155,7 @@ def main(argv=None) -> int:
                 return 1
             rows.append(summarise(name, json.loads((out / "report.json").read_text()), time.time() - started))
             print(json.dumps(rows[-1]), flush=True)
-    table = markdown(rows)
+    table = fingerprint_markdown(rows) if args.fingerprints else markdown(rows)
     print(table)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine_info(), "variants": rows,

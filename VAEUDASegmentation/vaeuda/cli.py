@@ -25,8 +25,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _numerics(p: argparse.ArgumentParser) -> None:
     p.add_argument("--portable", action="store_true",
-                   help="kernels that do not depend on the CPU's instruction set, 2 threads, CPU only: numbers "
-                        "another x86-64 CPU should reproduce, not only this one; about 3.5x slower (vaeuda.machine)")
+                   help="kernels that do not depend on the CPU's instruction set, 2 threads, CPU only: the same "
+                        "numbers under any thread count or instruction-set limit of this CPU model (not across "
+                        "CPU makers, as measured); about 3.5x slower (vaeuda.machine)")
 
 
 def _training(p: argparse.ArgumentParser) -> None:
@@ -112,8 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="where to write the JSON (default: PRED/evaluation.json)")
     _common(p)
 
-    p = sub.add_parser("info", help="print a model file's metadata as JSON")
+    p = sub.add_parser("info", help="print a model file's metadata as JSON, with the SHA-256 of its weights")
     p.add_argument("model")
+    _common(p)
+
+    p = sub.add_parser("numerics", help="print what decides this computer's rounding as JSON: CPU, threads, "
+                                        "kernels, kernel variables and a fingerprint of the kernels")
+    _numerics(p)
     _common(p)
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic cohort, with a report")
@@ -149,7 +155,7 @@ def run(args, reporter: Reporter) -> List[str]:
     """Execute one parsed command; returns the paths it wrote."""
     cmd = args.command
     if getattr(args, "portable", False):
-        if args.device == "cuda":
+        if getattr(args, "device", "cpu") == "cuda":
             raise VaeudaError("--portable is for the CPU; it cannot be combined with --device cuda.")
         if getattr(args, "cpu_bf16", False):   # native and emulated bf16 round differently
             raise VaeudaError("--portable computes in float32; it cannot be combined with --cpu-bf16.")
@@ -206,8 +212,13 @@ def run(args, reporter: Reporter) -> List[str]:
         return [json_path]
     if cmd == "info":
         from .modelfile import read_tensors
-        _, meta, _ = read_tensors(args.model)
-        print(json.dumps(meta, indent=2))
+        _, meta, header = read_tensors(args.model)
+        # the checksum read_tensors verified: equal digests, equal weights (e.g. from two computers)
+        print(json.dumps({"weights_sha256": header["tensors_sha256"], **meta}, indent=2))
+        return []
+    if cmd == "numerics":
+        from .machine import numerics
+        print(json.dumps(numerics(), indent=2))
         return []
     if cmd == "demo":
         from .demo import run_demo

@@ -181,6 +181,9 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     figure_fig2(cohort, first, OrderedDict(
         (name, out / "pred" / name.split()[0].lower() / f"{first}_image_seg.nii.gz") for name in runs), png)
 
+    from .modelfile import read_tensors
+    # what two computers compare to tell the same models from other ones (`vaeuda info` prints it too)
+    weights = OrderedDict((name, read_tensors(model)[2]["tensors_sha256"]) for name, model in runs.items())
     summaries = OrderedDict((name, r["summary"]) for name, r in results.items())
     table = table_markdown(summaries, metrics=("dice", "assd_vox"))
     mean = {name: s["Mean"]["dice"]["mean"] * 100 for name, s in summaries.items()}
@@ -204,6 +207,8 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
         f"| **total** | **{total:.1f}** |", "",
         f"Machine: {machine_line}.", "",
+        "Weights, SHA-256 of the tensors (first 16 hex digits; `vaeuda info MODEL` prints them whole): "
+        + ", ".join(f"{name.split()[0].lower()} `{digest[:16]}`" for name, digest in weights.items()) + ".", "",
         "![CT slice, ground truth and segmentations](fig2.png)", "",
     ]
     report_md = out / "report.md"
@@ -212,7 +217,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     report_json = out / "report.json"
     payload = {"seed": seed, "quick": quick, "target_scan": target, "test_scans": ct_test,
                "timings_s": timings, "total_s": total, "machine": machine_line,
-               "mean_dice": mean, "results": results}
+               "mean_dice": mean, "weights_sha256": weights, "results": results}
     with atomic_path(report_json) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, default=lambda v: None))
     reporter.log(f"report written to {report_md}")

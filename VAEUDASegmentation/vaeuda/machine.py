@@ -5,22 +5,27 @@ MKL and oneDNN pick their kernels by the CPU's instruction set, the thread count
 order of reductions, and the libraries' environment variables below switch both. Each gives
 the same training other rounding, and hundreds of iterations turn that into another model (on
 the demo's cohort the unadapted CT score moves by up to 31 points on one machine:
-Docs/results.md, "The source model depends on the CPU"). So a model file records them, and a
-report names them.
+Docs/results.md, "The source model depends on the CPU"). So a model file records them, with a
+:func:`fingerprint` of how the kernels round, and a report names them.
 
 :func:`use_portable_numerics` (the command line's ``--portable``) takes the paths that do not
 depend on the instruction set: MKL's conditional-numerical-reproducibility branch for SSE2
 (``MKL_CBWR=COMPATIBLE,STRICT``, which Intel documents as reproducible on Intel and non-Intel
 CPUs), torch's baseline kernels instead of its AVX2 / AVX-512 ones, no oneDNN (it has no such
-mode; convolutions then run as im2col and MKL matrix products) and a fixed thread count. It costs
-about 3.5x the time of a training run (Docs/results.md, "Portable numerics").
+mode; convolutions then run as im2col and MKL matrix products), no NNPACK (inference batches of
+16 and more would use it; it blocks its sums by the CPU's cache sizes and needs AVX2) and a fixed
+thread count. It costs about 3.5x the time of a training run. Measured: it makes a run the same
+under every kernel path of one CPU, but an AMD EPYC and an Intel Xeon still trained different
+models with it (Docs/results.md, "Portable numerics").
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
 from pathlib import Path
+from typing import Dict
 
 from .errors import VaeudaError
 
@@ -69,6 +74,7 @@ def use_portable_numerics() -> None:
         raise VaeudaError("Portable numerics need torch's baseline CPU kernels, but torch had already "
                           f"chosen its {torch.backends.cpu.get_cpu_capability()} kernels.")
     torch.backends.mkldnn.enabled = False
+    torch.backends.nnpack.set_flags(False)
     torch.set_num_threads(PORTABLE_THREADS)
 
 
@@ -76,8 +82,8 @@ def portable() -> bool:
     """Whether this process computes as :func:`use_portable_numerics` sets it up."""
     import torch
     return (all(os.environ.get(k, "").upper() == v.upper() for k, v in PORTABLE_ENVIRONMENT.items())
-            and not torch.backends.mkldnn.enabled and torch.get_num_threads() == PORTABLE_THREADS
-            and torch.backends.cpu.get_cpu_capability() == "DEFAULT")
+            and not torch.backends.mkldnn.enabled and not torch._C._get_nnpack_enabled()
+            and torch.get_num_threads() == PORTABLE_THREADS and torch.backends.cpu.get_cpu_capability() == "DEFAULT")
 
 
 def kernel_environment() -> dict:
@@ -85,24 +91,83 @@ def kernel_environment() -> dict:
     return {k: os.environ[k] for k in KERNEL_VARIABLES if k in os.environ}
 
 
+def fingerprint() -> Dict[str, str]:
+    """How this process's CPU kernels round: a SHA-256 digest (first 12 hex digits) of each of a few
+    small computations the networks are made of, on fixed inputs, and ``all`` over them.
+
+    Two processes with the same fingerprint computed these bit for bit alike; one entry that
+    differs names the library path that does: ``gemm`` (MKL's matrix product), ``conv_train`` (a
+    convolution with its gradients, as in training: oneDNN, or im2col and MKL), ``conv_inference``
+    (a batch of 16 without gradients, as ``segment`` runs it: oneDNN, NNPACK or im2col),
+    ``dilated`` (DRN's convolutions), ``norm`` (instance and batch norm), ``math`` (exp, log1p,
+    tanh, sigmoid), ``random`` (the normal and uniform draws), ``resample`` (the augmentation's
+    grid sampling and bicubic interpolation), ``reduce`` (a long sum). A CPU run's training goes
+    through all of them, so a model whose recorded fingerprint differs from another's was
+    computed along another path. Its inputs come from a private generator: torch's global one,
+    which training draws from, is untouched. Some 10 ms.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(20191013)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    results: Dict[str, list] = {}
+    results["gemm"] = [draw(64, 147) @ draw(147, 256)]
+    x, w = draw(8, 16, 32, 32).requires_grad_(), draw(32, 16, 3, 3).requires_grad_()
+    out = F.conv2d(x, w, padding=1)
+    out.backward(draw(*out.shape))
+    results["conv_train"] = [out, x.grad, w.grad]
+    with torch.no_grad():
+        results["conv_inference"] = [F.conv2d(draw(16, 16, 32, 32), w, padding=1)]
+        v = draw(8, 16, 32, 32)
+        results["dilated"] = [F.conv2d(v, w, padding=2, dilation=2)]
+        results["norm"] = [F.instance_norm(v), F.batch_norm(v, None, None, training=True)]
+        u = draw(4096)
+        results["math"] = [u.exp(), u.abs().log1p(), u.tanh(), u.sigmoid()]
+        results["random"] = [torch.randn(4096, generator=gen), torch.rand(4096, generator=gen)]
+        theta = torch.eye(2, 3).repeat(2, 1, 1) + 0.1 * draw(2, 2, 3)
+        img = draw(2, 3, 32, 32)
+        results["resample"] = [F.grid_sample(img, F.affine_grid(theta, [2, 3, 32, 32], align_corners=False),
+                                             align_corners=False),
+                               F.interpolate(img, size=(48, 48), mode="bicubic", align_corners=True)]
+        results["reduce"] = [draw(1 << 18).sum()]
+    digests = {}
+    overall = hashlib.sha256()
+    for name, tensors in results.items():
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().contiguous().numpy().tobytes())
+        digests[name] = h.hexdigest()[:12]
+        overall.update(h.digest())
+    digests["all"] = overall.hexdigest()[:12]
+    return digests
+
+
 def numerics() -> dict:
     """What decides the rounding of a CPU run: CPU model, torch threads, torch's vector kernels,
-    any of :data:`KERNEL_VARIABLES` set in the environment, and whether the run is portable."""
+    any of :data:`KERNEL_VARIABLES` set in the environment, whether the run is portable, and the
+    :func:`fingerprint` of the kernels these give."""
     import torch   # here, not at the top: the CLI imports this module before it needs torch
     return {"cpu": cpu_model(), "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "environment": kernel_environment(),
-            "portable": portable()}
+            "portable": portable(),
+            "fingerprint": fingerprint()}
 
 
 def description() -> str:
     """One line for a report, e.g. ``Intel(R) Xeon(R) Processor, 2 logical cores, no GPU, torch
-    2.13.0+cpu, 2 threads, AVX512 kernels``, plus any kernel variable that is set and, for a
-    portable run, ``portable numerics``."""
+    2.13.0+cpu, 2 threads, AVX512 kernels``, plus any kernel variable that is set, for a
+    portable run ``portable numerics``, and ``kernel fingerprint`` with the :func:`fingerprint`'s
+    ``all`` digest (two reports with the same one were computed along the same kernel paths)."""
     import torch
     n = numerics()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     text = (f"{n['cpu']}, {os.cpu_count()} logical cores, {gpu}, torch {torch.__version__}, "
             f"{n['threads']} thread{'' if n['threads'] == 1 else 's'}, {n['cpu_capability']} kernels")
     text += "".join(f", {k}={v}" for k, v in n["environment"].items())
-    return text + (", portable numerics" if n["portable"] else "")
+    text += ", portable numerics" if n["portable"] else ""
+    return text + f", kernel fingerprint {n['fingerprint']['all']}"
