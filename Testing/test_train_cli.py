@@ -306,7 +306,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         info = json.loads(capsys.readouterr().out)
         assert report["weights_sha256"][row] == info["weights_sha256"] == _digest(load_file(path))
         assert info["stage"] == load_model(path)[1]["stage"]                        # the metadata follows it
-        assert f"{row.split()[0].lower()} `{info['weights_sha256'][:16]}`" in text
+        assert f"{name}.safetensors `{info['weights_sha256'][:16]}`" in text
     assert len(set(report["weights_sha256"].values())) == 3
 
 

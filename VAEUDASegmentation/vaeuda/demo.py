@@ -208,7 +208,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         f"| **total** | **{total:.1f}** |", "",
         f"Machine: {machine_line}.", "",
         "Weights, SHA-256 of the tensors (first 16 hex digits; `vaeuda info MODEL` prints them whole): "
-        + ", ".join(f"{name.split()[0].lower()} `{digest[:16]}`" for name, digest in weights.items()) + ".", "",
+        + ", ".join(f"{runs[name].name} `{digest[:16]}`" for name, digest in weights.items()) + ".", "",
         "![CT slice, ground truth and segmentations](fig2.png)", "",
     ]
     report_md = out / "report.md"
