@@ -101,9 +101,9 @@ def fingerprint() -> Dict[str, str]:
     (a batch of 16 without gradients, as ``segment`` runs it: oneDNN, NNPACK or im2col),
     ``dilated`` (DRN's convolutions), ``norm`` (instance and batch norm), ``math`` (exp, log1p,
     tanh, sigmoid), ``random`` (the normal and uniform draws), ``resample`` (the augmentation's
-    grid sampling and bicubic interpolation), ``reduce`` (a long sum). A CPU run's training goes
-    through all of them, so a model whose recorded fingerprint differs from another's was
-    computed along another path. Its inputs come from a private generator: torch's global one,
+    grid sampling and bicubic interpolation), ``reduce`` (a long sum). A CPU run's training and
+    segmentation go through all of them, so a model whose recorded fingerprint differs from
+    another's was computed along another path. Its inputs come from a private generator: torch's global one,
     which training draws from, is untouched. Some 10 ms.
     """
     import torch
