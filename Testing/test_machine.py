@@ -141,9 +141,13 @@ assert main(["segment", "--model", out + "/adapted.safetensors", "--out", out + 
 OTHER_CPU = {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
 
 
+def _kernel_free_environment(**extra) -> dict:
+    """This process's environment without any of machine.KERNEL_VARIABLES, plus ``extra``: a child's."""
+    return {**{k: v for k, v in os.environ.items() if k not in machine.KERNEL_VARIABLES}, **extra}
+
+
 def _pipeline(cohort, out, portable: bool, extra_env: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in machine.KERNEL_VARIABLES}
-    env.update(extra_env)
+    env = _kernel_free_environment(**extra_env)
     out.mkdir()
     subprocess.run([sys.executable, "-c", PIPELINE, str(cohort), str(out)] + (["--portable"] if portable else []),
                    env=env, check=True, capture_output=True, text=True)
@@ -199,8 +203,7 @@ def test_portable_inference_does_not_depend_on_the_batch_size(tiny_source_model)
     """torch hands batches of 16 and more to NNPACK, whose sums are blocked by the CPU's cache sizes
     (and which needs AVX2); portable numerics switch it off, so `segment --batch-size` cannot
     change a portable result."""
-    env = {k: v for k, v in os.environ.items() if k not in machine.KERNEL_VARIABLES}
-    run = subprocess.run([sys.executable, "-c", BATCHES, str(tiny_source_model)], env=env, check=True,
+    run = subprocess.run([sys.executable, "-c", BATCHES, str(tiny_source_model)], env=_kernel_free_environment(), check=True,
                          capture_output=True, text=True)
     assert run.stdout.split()[0] == "True", run.stdout
 

@@ -88,11 +88,16 @@ def summarise(name: str, report: dict, seconds: float) -> dict:
             "demo_total_s": round(report["total_s"], 1), "seconds": round(seconds, 1)}
 
 
+def environment_cell(env: Dict[str, str]) -> str:
+    """A variant's environment as a table cell."""
+    return ", ".join(f"`{k}={v}`" for k, v in env.items()) or "(none)"
+
+
 def markdown(rows: List[dict]) -> str:
     lines = ["| kernel path | environment | unadapted | adapted | oracle | gain | adapted / oracle | demo s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        env = ", ".join(f"`{k}={v}`" for k, v in r["env"].items()) or "(none)"
+        env = environment_cell(r["env"])
         d = r["mean_dice"]
         ratio = "-" if r["ratio_to_oracle"] is None else f"{r['ratio_to_oracle']:.1f} %"
         lines.append(f"| {r['name']} | {env} | {d[UNADAPTED]:.2f} | {d[ADAPTED]:.2f} | {d[ORACLE]:.2f} | "
@@ -106,7 +111,7 @@ def fingerprint_markdown(rows: List[dict]) -> str:
     keys = list(rows[0]["fingerprint"])
     lines = ["| kernel path | environment | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for r in rows:
-        env = ", ".join(f"`{k}={v}`" for k, v in r["env"].items()) or "(none)"
+        env = environment_cell(r["env"])
         cells = [f"**{r['fingerprint'][k]}**" if r["fingerprint"][k] != rows[0]["fingerprint"][k]
                  else r["fingerprint"][k] for k in keys]
         lines.append(f"| {r['name']} | {env} | " + " | ".join(cells) + " |")
@@ -135,24 +140,20 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         parent = Path(args.keep or scratch)
         for name in args.variants:
+            out = parent / name
+            what, command = (("vaeuda numerics", numerics_command(args.portable)) if args.fingerprints
+                             else ("the demo", demo_command(out, args.seed, args.quick, args.portable)))
+            started = time.time()
+            proc = subprocess.run(command, env=variant_env(name, dict(os.environ)), capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"error: {what} under {name} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+                return 1
             if args.fingerprints:
-                proc = subprocess.run(numerics_command(args.portable), env=variant_env(name, dict(os.environ)),
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(f"error: vaeuda numerics under {name} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
-                    return 1
                 numerics = json.loads(proc.stdout)
                 rows.append({"name": name, "env": KERNEL_PATHS[name], "fingerprint": numerics["fingerprint"],
                              "numerics": numerics})
                 print(json.dumps(rows[-1]["fingerprint"]), flush=True)
                 continue
-            out = parent / name
-            started = time.time()
-            proc = subprocess.run(demo_command(out, args.seed, args.quick, args.portable),
-                                  env=variant_env(name, dict(os.environ)), capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"error: the demo under {name} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
-                return 1
             rows.append(summarise(name, json.loads((out / "report.json").read_text()), time.time() - started))
             print(json.dumps(rows[-1]), flush=True)
     table = fingerprint_markdown(rows) if args.fingerprints else markdown(rows)
