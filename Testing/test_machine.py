@@ -203,8 +203,8 @@ def test_portable_inference_does_not_depend_on_the_batch_size(tiny_source_model)
     """torch hands batches of 16 and more to NNPACK, whose sums are blocked by the CPU's cache sizes
     (and which needs AVX2); portable numerics switch it off, so `segment --batch-size` cannot
     change a portable result."""
-    run = subprocess.run([sys.executable, "-c", BATCHES, str(tiny_source_model)], env=_kernel_free_environment(), check=True,
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", BATCHES, str(tiny_source_model)], env=_kernel_free_environment(),
+                         check=True, capture_output=True, text=True)
     assert run.stdout.split()[0] == "True", run.stdout
 
 
