@@ -188,3 +188,19 @@ def test_class_weights_are_inverse_square_root_frequencies_of_mean_one():
     mean 3.3144, so the weights are 0.3846, 0.7692, 0.7692, 1.5385, 1.5385."""
     labels = torch.tensor([0] * 16 + [1] * 4 + [2] * 4 + [3, 4], dtype=torch.uint8).reshape(1, 2, 13)
     assert class_weights_from(labels) == pytest.approx((0.3846, 0.7692, 0.7692, 1.5385, 1.5385), abs=1e-4)
+
+
+def test_remapped_source_input_is_encoded_but_the_original_is_reconstructed(monkeypatch):
+    """train-source --intensity-remap: E_S reads the remapped batch, while S_rec scores x_SS against
+    the original xs (the decoder must render MR whatever contrast came in)."""
+    net = VAEUDANet(get_preset("tiny")).train()
+    gen = torch.Generator().manual_seed(0)
+    xs, remapped = torch.randn(2, 3, 32, 32, generator=gen), torch.randn(2, 3, 32, 32, generator=gen)
+    ys = torch.randint(0, 5, (2, 32, 32), generator=gen)
+    seen = []
+    real_posterior = net.posterior
+    monkeypatch.setattr(net, "posterior", lambda x, domain: seen.append(x) or real_posterior(x, domain))
+    terms, fakes = source_terms(net, xs, ys, SegmentationLoss([0.5, 1, 1, 1, 1]), gen, remapped)
+    assert len(seen) == 1 and seen[0] is remapped
+    assert torch.allclose(terms["S_rec"], (fakes["x_ss"] - xs).abs().mean())
+    assert not torch.allclose(terms["S_rec"], (fakes["x_ss"] - remapped).abs().mean())

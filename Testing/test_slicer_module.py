@@ -718,13 +718,14 @@ def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_p
         logic.makeTryItCohort(tmp_path / "cohort")
 
     model = logic.trainSource(cohort.sourceTrainingFolder, tmp_path / "out" / "tiny.safetensors", preset="tiny",
-                              iterations=1, seed=0, device="cpu", inputSize=48, portable=True)
+                              iterations=1, seed=0, device="cpu", inputSize=48, portable=True, intensityRemap=True)
     assert model == str(tmp_path / "out" / "tiny.safetensors")
     metadata = mod.readModelMetadata(model)
     assert [Path(p).name for p in metadata["provenance"]["source_data"]] == ["mr_1001_image.nii.gz"]
     assert mod.labelValuesOfModel(metadata) == [0, 205, 420, 500, 820]
     assert metadata["config"]["input_size"] == 48                       # the tiny preset's own is 32
     assert metadata["provenance"]["numerics"]["portable"] is True
+    assert metadata["train"]["intensity_remap"] is True
     assert os.listdir(slicer.app.temporaryPath) == []
 
 

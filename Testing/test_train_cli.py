@@ -192,6 +192,18 @@ def test_resume_refuses_to_mix_portable_and_default_numerics(tiny_cohort, tmp_pa
     assert out.exists() and not checkpoint_path(out).exists()
 
 
+def test_resume_refuses_to_mix_remapped_and_plain_source_training(tiny_cohort, tmp_path, monkeypatch):
+    overrides = {"checkpoint_every": 2}
+    out = tmp_path / "m.safetensors"
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4, overrides=overrides,
+                                      intensity_remap=True)
+    with pytest.raises(VaeudaError, match="checkpoint was made with --intensity-remap; resume it with it too"):
+        _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
+    assert checkpoint_path(out).exists() and not out.exists()
+    _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True, intensity_remap=True)
+    assert out.exists() and not checkpoint_path(out).exists()
+
+
 def test_resume_refuses_a_checkpoint_of_another_input_size(tiny_cohort, tmp_path, monkeypatch):
     """The networks' weights fit any slice size, so only the recorded configuration can tell a
     checkpoint of another --input-size apart; resuming it would silently change the data."""
@@ -297,6 +309,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert f"- Adapted / oracle mean Dice: {100 * ada / ora:.1f}%." in printed
     text = (out / "report.md").read_text()
     assert text.count("| Unadapted |") == 1 and "Oracle" in text
+    assert report["intensity_remap"] is False and "intensity-remap" not in text      # the paper's method
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # each model's weight digest, as `vaeuda info` prints it and as the tensors on disk hash
     models = {"Unadapted": "source", "Proposed-1 (adapted)": "adapted", "Oracle": "oracle"}
@@ -472,3 +485,39 @@ def test_models_segment_with_the_encoder_of_their_stage():
     assert model_domain({"stage": "adapted", "has_target_encoder": True}) == "target"
     assert model_domain({"stage": "source", "has_target_encoder": False}) == "source"
     assert model_domain({"stage": "finetuned", "has_target_encoder": False}) == "source"
+
+
+def test_intensity_remap_is_opt_in_and_only_in_the_source_stage(tiny_cohort, tmp_path, monkeypatch):
+    """train-source --intensity-remap remaps every source batch of its own stage and records it;
+    adaptation and fine-tuning of that model read the images as they are."""
+    calls = []
+    real_remap = train_mod.random_intensity_remap
+    monkeypatch.setattr(train_mod, "random_intensity_remap", lambda x, gen: calls.append(x.shape) or real_remap(x, gen))
+    plain, remapped, cli = (tmp_path / f"{n}.safetensors" for n in ("plain", "remapped", "cli"))
+    _train(tiny_cohort, plain, iterations=3)
+    assert calls == []
+    _train(tiny_cohort, remapped, iterations=3, intensity_remap=True)
+    assert len(calls) == 3
+    ta, tb = read_tensors(plain)[0], read_tensors(remapped)[0]        # same seed: only the remap differs
+    assert not torch.equal(ta["net.enc_s.net.0.1.weight"], tb["net.enc_s.net.0.1.weight"])
+    ct = [tiny_cohort / "ct_1001_image.nii.gz"]
+    train_mod.adapt(remapped, ct, tmp_path / "a.safetensors", iterations=2, device="cpu")
+    train_mod.finetune(remapped, ct, [tiny_cohort / "ct_1001_label.nii.gz"], tmp_path / "f.safetensors",
+                       iterations=2, device="cpu")
+    assert len(calls) == 3
+    assert main(["train-source", "--preset", "tiny", "--iterations", "1", "--device", "cpu", "--progress", "none",
+                 "--intensity-remap", "--out", str(cli), str(tiny_cohort / "mr_1001_image.nii.gz")]) == 0
+    flags = [load_model(tmp_path / f"{n}.safetensors")[1]["train"]["intensity_remap"]
+             for n in ("plain", "remapped", "a", "f", "cli")]
+    assert flags == [False, True, False, False, True]
+
+
+def test_quick_demo_with_intensity_remap_says_so_and_remaps_only_the_source_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--intensity-remap", "--out", str(out), "--progress", "none"]) == 0
+    assert "trained with `--intensity-remap`" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["intensity_remap"] is True
+    assert "trained with `--intensity-remap`" in (out / "report.md").read_text()
+    flags = {n: load_model(out / "models" / f"{n}.safetensors")[1]["train"]["intensity_remap"]
+             for n in ("source", "adapted", "oracle")}
+    assert flags == {"source": True, "adapted": False, "oracle": False}

@@ -209,6 +209,7 @@ class VAEUDASegmentationParameterNode:
     trainIterations: Annotated[int, WithinRange(0, 10_000_000)] = 0
     cpuBf16: bool = False
     portable: bool = False
+    intensityRemap: bool = False
 
 
 def _pathOrNone(path) -> Optional[str]:
@@ -419,7 +420,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._runAction("train", lambda: self.logic.trainSource(
             _pathOrNone(p.trainDataFolder), _pathOrNone(p.trainOutputModelPath),
             preset=None if p.preset == "auto" else p.preset, iterations=p.trainIterations or None, seed=p.seed,
-            device=p.device, portable=p.portable, **self._jobOptions(finished)))
+            device=p.device, portable=p.portable, intensityRemap=p.intensityRemap, **self._jobOptions(finished)))
 
     def onAdaptButton(self) -> None:
         p = self._parameterNode
@@ -827,7 +828,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     def trainSource(self, dataFolder, outputModelPath, *, preset: Optional[str] = None,
                     iterations: Optional[int] = None, seed: Optional[int] = None, device: str = "auto",
                     labelConvention: Optional[str] = None, inputSize: Optional[int] = None,
-                    portable: bool = False, waitForCompletion: bool = True,
+                    portable: bool = False, intensityRemap: bool = False, waitForCompletion: bool = True,
                     progressCallback=None, finishedCallback=None):
         """Train a source model on labelled volumes; returns the model path (None when not waiting).
 
@@ -837,7 +838,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         preset's own if None; adaptation and segmentation follow the model's); ``portable``: the
         engine's ``--portable``, kernels that do not depend on the CPU's instruction set, so that a
         seed gives the same model whatever thread count or instruction-set limit is set (CPU only,
-        about 3.5x slower; CPUs of another maker have still given another model). The
+        about 3.5x slower; CPUs of another maker have still given another model);
+        ``intensityRemap``: the engine's ``--intensity-remap``, not the paper's method: the source
+        encoder reads randomly remapped intensities (GIN), which makes the model carry over to other
+        modalities better. The
         model is written to a temporary folder and moved to ``outputModelPath`` only when complete.
         Example::
 
@@ -853,7 +857,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args = ["train-source", "--out", tempModel, "--device", device]
         args += _option("--preset", preset) + _option("--iterations", iterations) + _option("--seed", seed)
         args += _option("--label-convention", labelConvention) + _option("--input-size", inputSize)
-        args += _flag("--portable", portable) + [os.path.abspath(str(dataFolder))]
+        args += _flag("--portable", portable) + _flag("--intensity-remap", intensityRemap)
+        args += [os.path.abspath(str(dataFolder))]
         return self._run("train-source", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
                          waitForCompletion, progressCallback, finishedCallback)
 

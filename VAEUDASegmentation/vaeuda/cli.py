@@ -17,6 +17,11 @@ from .errors import VaeudaError
 from .progress import MODES, Reporter, emit
 
 
+INTENSITY_REMAP_HELP = ("not part of the 2019 method: the source encoder reads randomly remapped intensities "
+                        "(GIN, Ouyang et al. 2021) and must still reconstruct the MR, so the source model carries "
+                        "over to CT better and adaptation has less to add (Docs/results.md)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=MODES, default="auto",
                    help="progress display: tty bar with ETA, json lines (for Slicer), or none; log lines go to "
@@ -64,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-convention", default="mmwhs", help="mmwhs (default), consecutive, or a JSON mapping file")
     p.add_argument("--input-size", type=int, metavar="S",
                    help="slice size in pixels instead of the preset's (cpu 64, paper 256; a multiple of 4)")
+    p.add_argument("--intensity-remap", action="store_true", help=INTENSITY_REMAP_HELP)
     _training(p)
     _common(p)
 
@@ -126,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="a smoke run of the same pipeline at the tiny preset (seconds; its numbers mean nothing)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--intensity-remap", action="store_true", help="train the source model with --intensity-remap: "
+                                                                  + INTENSITY_REMAP_HELP)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     _numerics(p)
     _common(p)
@@ -174,7 +182,7 @@ def run(args, reporter: Reporter) -> List[str]:
         train_source(images, labels, args.out, preset=args.preset, iterations=args.iterations,
                      batch_size=args.batch_size, seed=args.seed, device=args.device,
                      convention=load_convention(args.label_convention), resume=args.resume, reporter=reporter,
-                     input_size=args.input_size)
+                     input_size=args.input_size, intensity_remap=args.intensity_remap)
         return [args.out]
     if cmd == "adapt":
         from .data import find_images, parse_slice_range
@@ -223,7 +231,7 @@ def run(args, reporter: Reporter) -> List[str]:
     if cmd == "demo":
         from .demo import run_demo
         return [str(p) for p in run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device,
-                                         reporter=reporter)]
+                                         reporter=reporter, intensity_remap=args.intensity_remap)]
     if cmd == "experiment":
         from .experiment import run_table1
         return [str(p) for p in run_table1(args.data, args.out, repeats=args.repeats, preset=args.preset,

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import __version__, machine
-from .augment import AugmentConfig, augment_batch
+from .augment import AugmentConfig, augment_batch, random_intensity_remap
 from .data import SliceSet, load_slices
 from .errors import VaeudaError, require_count
 from .fileio import check_output_file
@@ -95,6 +95,11 @@ class TrainConfig:
     # (weight decay included). Empty: one learning rate for all. A diagnostic, e.g. {"enc_t": 0}
     # measures what adaptation reaches without the target encoder learning.
     lr_scale: Dict[str, float] = field(default_factory=dict)
+    # Opt-in, not the paper's method: the source encoder reads a random non-linear intensity
+    # remapping of each source batch (augment.random_intensity_remap, GIN) and the decoder must
+    # still reconstruct the original, so E_S learns to encode anatomy whatever its contrast.
+    # Used by train-source --intensity-remap; adaptation and fine-tuning do not remap.
+    intensity_remap: bool = False
 
     def weights(self) -> Dict[str, float]:
         """Term -> lambda, with the ablation switches applied."""
@@ -132,9 +137,14 @@ def class_weights_from(labels: torch.Tensor) -> Tuple[float, ...]:
 # ----------------------------------------------------------------------------- loss terms
 
 def source_terms(net: VAEUDANet, xs: torch.Tensor, ys: torch.Tensor, seg_loss: SegmentationLoss,
-                 gen: torch.Generator) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Eq. 1-2 on a source batch xs (B, 3, S, S), ys (B, S, S) -> (terms, {"x_ss": for Disc, "mu_s": the posterior mean})."""
-    mu, logvar = net.posterior(xs, "source")
+                 gen: torch.Generator, encoder_input: Optional[torch.Tensor] = None
+                 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Eq. 1-2 on a source batch xs (B, 3, S, S), ys (B, S, S) -> (terms, {"x_ss": for Disc, "mu_s": the posterior mean}).
+
+    ``encoder_input`` (B, 3, S, S), if given, is what E_S reads instead of xs (an intensity
+    remapping of it); the reconstruction is still scored against xs.
+    """
+    mu, logvar = net.posterior(xs if encoder_input is None else encoder_input, "source")
     z = net.sample(mu, logvar, gen)
     x_ss = net.decode(z, "source")
     terms = {"S_rec": reconstruction(x_ss, xs), "S_kl": kl_to_standard_normal(mu, logvar),
@@ -319,6 +329,10 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         if portable_then != machine.portable():      # half of each would reproduce nowhere
             how = "with" if portable_then else "without"
             raise VaeudaError(f"{ckpt}: checkpoint was made {how} --portable; resume it {how} --portable too.")
+        remapped_then = meta.get("train", {}).get("intensity_remap", False)
+        if remapped_then != cfg.intensity_remap:     # half of the run would be another method
+            how = "with" if remapped_then else "without"
+            raise VaeudaError(f"{ckpt}: checkpoint was made {how} --intensity-remap; resume it {how} it too.")
         load_networks(net, tensors, ckpt)
         net.to(device)
         _load_optim("gen", opts[0], tensors)
@@ -356,8 +370,10 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
             xt, _ = augment_batch(xt, None, cfg.augment, gen)
             xt = xt.to(device, non_blocking=True)
 
+        remapped = random_intensity_remap(xs, gen) if cfg.intensity_remap else None
+
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda_bf16):
-            terms, fakes = source_terms(net, xs, ys, seg_loss, gen)
+            terms, fakes = source_terms(net, xs, ys, seg_loss, gen, remapped)
             mu_s = fakes.pop("mu_s")
             if xt is not None:
                 t_terms, t_fakes = target_terms(net, xs, ys, xt, mu_s, seg_loss, cfg, gen)
@@ -478,12 +494,13 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
                  iterations: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0,
                  device: str = "auto", convention: Convention = MMWHS, normalisation: Optional[dict] = None,
                  resume: bool = False, reporter: Optional[Reporter] = None, overrides: Optional[dict] = None,
-                 input_size: Optional[int] = None) -> dict:
+                 input_size: Optional[int] = None, intensity_remap: bool = False) -> dict:
     """Source stage: E_S, E_Z, D_Z, D_S, Seg minimise L^S_vae + L_seg + L^S_adv; Disc learns x_S vs x_SS.
 
     ``input_size`` replaces the preset's slice size S (the same 192 mm field of view, sampled
     finer or coarser; widths and depths stay the preset's). Every later stage and ``segment``
-    take it from the model file.
+    take it from the model file. ``intensity_remap`` (opt-in, not the paper's method): E_S reads
+    randomly remapped intensities (:func:`augment.random_intensity_remap`), see TrainConfig.
     """
     reporter = reporter or null_reporter()
     _check_run_arguments(iterations, batch_size)
@@ -500,7 +517,8 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     net = VAEUDANet(net_cfg)
     reporter.log(f"reading {len(images)} labelled source volumes")
     data = load_slices(images, net_cfg.input_size, net_cfg.slice_fov_mm, normalisation, labels, convention)
-    cfg = _train_config(overrides, batch_size, preset)
+    cfg = _train_config({**(overrides or {}), **({"intensity_remap": True} if intensity_remap else {})},
+                        batch_size, preset)
     if cfg.class_weights is None:
         cfg.class_weights = class_weights_from(data.labels)
     iters = _stage_iterations(iterations, preset, "source")
