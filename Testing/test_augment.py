@@ -144,3 +144,15 @@ def test_intensity_remap_reverses_tissue_contrast_where_a_gamma_cannot():
     assert 0.1 < reversed_share < 0.5
     gamma = random_gamma(images, AugmentConfig(gamma=1.0), torch.Generator().manual_seed(3))
     assert bool((gamma[:, 0, 8, 3] < gamma[:, 0, 8, 12]).all())
+
+
+def test_intensity_remap_layers_are_1x1_or_3x3_at_random():
+    """Each layer of each image's network is a 1x1 or a 3x3 convolution with probability 1/2, so
+    about 1 image in 16 gets four 1x1 layers: a pointwise map, under which two pixels of equal
+    intensity stay equal whatever their neighbours; in the others the neighbours leak in."""
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn(256, 3, 16, 16, generator=gen)
+    images[:, :, 4, 4] = images[:, :, 11, 11] = 0.5
+    out = random_intensity_remap(images, gen)
+    pointwise = torch.isclose(out[:, 0, 4, 4], out[:, 0, 11, 11], atol=1e-5, rtol=0)
+    assert 5 <= int(pointwise.sum()) <= 40

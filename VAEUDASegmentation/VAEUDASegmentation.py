@@ -840,8 +840,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         seed gives the same model whatever thread count or instruction-set limit is set (CPU only,
         about 3.5x slower; CPUs of another maker have still given another model);
         ``intensityRemap``: the engine's ``--intensity-remap``, not the paper's method: the source
-        encoder reads randomly remapped intensities (GIN), which makes the model carry over to other
-        modalities better. The
+        encoder reads randomly remapped intensities (GIN), so the model carries over to other
+        modalities better; adapting such a model has also lost what it had (Docs/results.md). The
         model is written to a temporary folder and moved to ``outputModelPath`` only when complete.
         Example::
 

@@ -106,14 +106,14 @@ def random_intensity_remap(images: torch.Tensor, gen: torch.Generator) -> torch.
     """
     b = images.shape[0]
     dims = (1, 2, 3)
+    ring = torch.ones(3, 3)
+    ring[1, 1] = 0                            # zeroing it turns a 3x3 kernel into a 1x1 one
     x = images.transpose(0, 1)                # (C, B, H, W): slices as the batch, one group per image
     cin = 1
     for layer in range(REMAP_LAYERS):
         cout = 1 if layer == REMAP_LAYERS - 1 else REMAP_WIDTH
         weight = torch.randn(b, cout, cin, 3, 3, generator=gen)
         pointwise = torch.rand(b, generator=gen) < 0.5            # this image's layer is a 1x1 convolution
-        ring = torch.ones(3, 3)
-        ring[1, 1] = 0
         weight = weight * (1 - pointwise.float().view(b, 1, 1, 1, 1) * ring)
         bias = torch.randn(b * cout, generator=gen) * REMAP_BIAS_STD
         x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), weight.view(b * cout, cin, 3, 3).to(x.device),
