@@ -197,7 +197,7 @@ def test_resume_refuses_to_mix_remapped_and_plain_source_training(tiny_cohort, t
     out = tmp_path / "m.safetensors"
     _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4, overrides=overrides,
                                       intensity_remap=True)
-    with pytest.raises(VaeudaError, match="checkpoint was made with --intensity-remap; resume it with it too"):
+    with pytest.raises(VaeudaError, match="checkpoint was made with --intensity-remap; resume it with --intensity-remap too"):
         _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
     assert checkpoint_path(out).exists() and not out.exists()
     _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True, intensity_remap=True)

@@ -325,14 +325,15 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         if meta.get("config") != net.cfg.to_dict():
             raise VaeudaError(f"{ckpt}: checkpoint was made with a different network configuration "
                               f"(preset or input size) than this run.")
-        portable_then = meta.get("provenance", {}).get("numerics", {}).get("portable", False)
-        if portable_then != machine.portable():      # half of each would reproduce nowhere
-            how = "with" if portable_then else "without"
-            raise VaeudaError(f"{ckpt}: checkpoint was made {how} --portable; resume it {how} --portable too.")
-        remapped_then = meta.get("train", {}).get("intensity_remap", False)
-        if remapped_then != cfg.intensity_remap:     # half of the run would be another method
-            how = "with" if remapped_then else "without"
-            raise VaeudaError(f"{ckpt}: checkpoint was made {how} --intensity-remap; resume it {how} it too.")
+        # Switches a run must keep: half of each would reproduce nowhere (--portable), or be
+        # another method (--intensity-remap). Flag -> (as recorded, as now).
+        switches = {"--portable": (meta.get("provenance", {}).get("numerics", {}).get("portable", False),
+                                   machine.portable()),
+                    "--intensity-remap": (meta.get("train", {}).get("intensity_remap", False), cfg.intensity_remap)}
+        for flag, (then, now) in switches.items():
+            if then != now:
+                how = "with" if then else "without"
+                raise VaeudaError(f"{ckpt}: checkpoint was made {how} {flag}; resume it {how} {flag} too.")
         load_networks(net, tensors, ckpt)
         net.to(device)
         _load_optim("gen", opts[0], tensors)
@@ -517,8 +518,8 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     net = VAEUDANet(net_cfg)
     reporter.log(f"reading {len(images)} labelled source volumes")
     data = load_slices(images, net_cfg.input_size, net_cfg.slice_fov_mm, normalisation, labels, convention)
-    cfg = _train_config({**(overrides or {}), **({"intensity_remap": True} if intensity_remap else {})},
-                        batch_size, preset)
+    cfg = _train_config(overrides, batch_size, preset)
+    cfg.intensity_remap = cfg.intensity_remap or intensity_remap
     if cfg.class_weights is None:
         cfg.class_weights = class_weights_from(data.labels)
     iters = _stage_iterations(iterations, preset, "source")
