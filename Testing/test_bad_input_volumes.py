@@ -1,7 +1,9 @@
 """volumes: every kind of bad input is refused with a VaeudaError naming the file, nothing half-written."""
 from __future__ import annotations
 
+import gzip
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -45,6 +47,12 @@ def test_corrupt_file(tmp_path):
     path.write_bytes(b"\x1f\x8b this is not really gzip" * 10)
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: cannot be read as an image"):
         read_image(path)
+    # ITK's own reason is in the sentence
+    text = tmp_path / "notes.nii"
+    text.write_text("not an image")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(text))}: cannot be read as an image: Unable to "
+                                          f"determine ImageIO reader for \"{re.escape(str(text))}\" \\(readable: .nii,"):
+        read_image(text)
 
 
 def test_empty_folder(tmp_path):
@@ -70,8 +78,17 @@ def test_unknown_label_values(tmp_volume):
     path = tmp_volume(np.array([0, 1, 7], np.uint8).reshape(1, 1, 3), name="lab.nrrd")
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: label values 7 are not in the 'consecutive'"):
         read_label(path, CONSECUTIVE)
-    # Under MM-WHS, unknown values are background by definition.
-    assert sitk.GetArrayFromImage(read_label(path, MMWHS)).ravel().tolist() == [0, 0, 0]
+    # Under MM-WHS, unknown values are background by definition (421: a stray value beside LV-M) ...
+    mixed = tmp_volume(np.array([0, 205, 421], np.uint16).reshape(1, 1, 3), name="mixed.nrrd")
+    assert sitk.GetArrayFromImage(read_label(mixed, MMWHS)).ravel().tolist() == [0, 1, 0]
+    # ... and so are MM-WHS's other structures, even alone (a map of the right ventricle only),
+    others = tmp_volume(np.array([0, 600, 550], np.uint16).reshape(1, 1, 3), name="others.nrrd")
+    assert sitk.GetArrayFromImage(read_label(others, MMWHS)).ravel().tolist() == [0, 0, 0]
+    # ... but a map with none of the structures and values MM-WHS does not know is in another
+    # convention (1..4 read as MM-WHS would score every structure 0 without a word).
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: none of its label values \\(1, 7\\) is a "
+                                          f"structure of the 'mmwhs' label mapping; is it in another label convention"):
+        read_label(path, MMWHS)
 
 
 def test_unsupported_output_format_writes_nothing(tmp_path, tmp_volume):
@@ -131,6 +148,42 @@ def test_truncated_nifti_is_refused(tmp_path, tmp_volume, name):
         read_image(cut)
     with pytest.raises(VaeudaError, match="the file is truncated"):
         read_label(cut, MMWHS)
+
+
+def _int16_nifti_with_scaling(path, array, slope, inter):
+    """An int16 NIfTI-1 file whose header scales its voxels (scl_slope, scl_inter), as dcm2niix writes CT."""
+    sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.int16)), str(path.with_suffix(".tmp.nii")))
+    data = bytearray(path.with_suffix(".tmp.nii").read_bytes())
+    assert struct.unpack("<h", data[70:72])[0] == 4 and struct.unpack("<h", data[72:74])[0] == 16   # int16
+    data[112:120] = struct.pack("<ff", slope, inter)
+    if path.name.endswith(".gz"):
+        data = gzip.compress(bytes(data))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["scaled.nii", "scaled.nii.gz"])
+def test_nifti_with_intensity_scaling_is_read_and_its_truncation_still_seen(tmp_path, name):
+    """ITK returns float32 voxels for a scaled int16 file: its size on disk is the header's, not ITK's."""
+    array = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    path = tmp_path / name
+    _int16_nifti_with_scaling(path, array, 2.0, -1024.0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)), 2.0 * array - 1024.0)
+    raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+    cut = tmp_path / ("cut_" + name)
+    cut.write_bytes(gzip.compress(raw[:-10]) if name.endswith(".gz") else raw[:-10])
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(cut))}: the file is truncated"):
+        read_image(cut)
+
+
+def test_uncompressed_nifti_named_nii_gz_is_read_and_checked_as_nii(tmp_path, tmp_volume):
+    array = np.random.default_rng(2).normal(size=(5, 6, 7)).astype(np.float32)
+    plain = tmp_volume(array, name="plain.nii")
+    named = tmp_path / "named.nii.gz"
+    named.write_bytes(plain.read_bytes())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(named)), array)
+    named.write_bytes(plain.read_bytes()[:-3])
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(named))}: the file is truncated"):
+        read_image(named)
 
 
 @pytest.mark.parametrize("compress", [False, True])

@@ -195,6 +195,28 @@ def test_bad_npz_files(tmp_path):
     np.savez(labels, np.zeros((2, 2, 1)), np.full((2, 2, 1), 2.5))
     with pytest.raises(VaeudaError, match="arr_1 label values are not whole numbers"):
         read_npz(labels)
+    lone = tmp_path / "lone.npz"                    # np.save's .npy bytes under an .npz name
+    with open(lone, "wb") as f:
+        np.save(f, np.zeros((4, 4, 2)))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(lone))}: holds a single array, not the arr_0"):
+        read_npz(lone)
+    for name, value, count in (("nan.npz", np.nan, 1), ("huge.npz", 1e300, 1)):   # 1e300: inf as float32
+        image = np.zeros((2, 2, 3))
+        image[1, 0, 2] = value
+        np.savez(tmp_path / name, image, np.zeros((2, 2, 3)))
+        with pytest.raises(VaeudaError, match=f"{name}: arr_0 has {count} NaN or infinite intensities"):
+            read_npz(tmp_path / name)
+
+
+def test_records_with_non_finite_intensities_are_refused(tmp_path):
+    image = np.zeros((4, 6, 3), np.float32)
+    image[2, 1, 0] = np.nan
+    image[0, 5, 2] = np.inf
+    path = tmp_path / "nan.tfrecords"
+    zeros = np.zeros((4, 6, 3), np.float32)
+    path.write_bytes(_record(_sample(zeros, zeros)) + _record(_sample(image, zeros)))
+    with pytest.raises(VaeudaError, match=r"nan.tfrecords: record 1 has 2 NaN or infinite intensities"):
+        read_tfrecords(path)
 
 
 def test_released_slices_come_back_from_slice_grid_unchanged():

@@ -1,9 +1,13 @@
-"""predict: batched probabilities equal one pass of the network in eval mode; the domain asked for is used."""
+"""predict: batched probabilities equal one pass of the network in eval mode; the domain asked for is used; outputs are named by the input as given."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from vaeuda import predict
+from vaeuda.errors import VaeudaError
 from vaeuda.modelfile import load_model
 
 
@@ -38,3 +42,37 @@ def test_segment_image_uses_the_domain_asked_for(net_and_slices, segmented_domai
     for domain in (None, "target", "source"):
         predict.segment_image(net, meta, image, torch.device("cpu"), domain=domain)
     assert segmented_domains == ["source", "target", "source"]
+
+
+def test_outputs_are_named_by_the_input_as_given_not_by_where_a_link_points(tmp_path, monkeypatch):
+    from vaeuda.predict import output_path
+    store = tmp_path / "annex"
+    store.mkdir()
+    (store / "SHA256E-s123--ab12.nii.gz").write_bytes(b"")
+    link = tmp_path / "ct_1017_image.nii.gz"
+    link.symlink_to(store / "SHA256E-s123--ab12.nii.gz")
+    assert output_path(tmp_path / "out", link) == tmp_path / "out" / "ct_1017_image_seg.nii.gz"
+    (tmp_path / "ct_1018_dicom").mkdir()
+    monkeypatch.chdir(tmp_path / "ct_1018_dicom")          # a DICOM folder given as "."
+    assert output_path("out", ".") == Path("out") / "ct_1018_dicom_seg.nii.gz"
+
+
+def test_bad_inputs_are_refused_before_the_model_is_read(tmp_path):
+    from vaeuda.predict import output_path, segment_files
+    model = tmp_path / "never_read.safetensors"          # does not exist: each refusal must come first
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (first / "Case1.nii.gz").write_bytes(b"")
+    (second / "case1.nii.gz").write_bytes(b"")
+    with pytest.raises(VaeudaError, match=r"case1.nii.gz: its case1_seg.nii.gz and the Case1_seg.nii.gz of "
+                                          r".*Case1.nii.gz are one file where file names ignore case"):
+        segment_files(model, [first / "Case1.nii.gz", second / "case1.nii.gz"], tmp_path / "out")
+    gone = tmp_path / "gone.nii.gz"
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(gone))}: file or folder does not exist"):
+        segment_files(model, [first / "Case1.nii.gz", gone], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    series = tmp_path / "1.2.840.113619.2.55"               # a DICOM folder named by its series UID
+    series.mkdir()
+    assert output_path(tmp_path / "out", series).name == "1.2.840.113619.2.55_seg.nii.gz"
+

@@ -1,12 +1,14 @@
 """volumes: I/O in each format, normalisation by hand, and the coronal slicing with its exact inverse."""
 from __future__ import annotations
 
+import re
 import tracemalloc
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from vaeuda.errors import VaeudaError
 from vaeuda.labels import CONSECUTIVE, MMWHS
 from vaeuda.volumes import (DEFAULT_NORMALISATION, Geometry, SliceGrid, geometry_mismatch, normalise,
                             read_image, read_label, to_canonical, write_image, write_label)
@@ -238,8 +240,9 @@ def test_read_image_casts_to_float32_and_keeps_metadata(tmp_volume):
     assert raw.GetMetaDataKeys() and set(image.GetMetaDataKeys()) == set(raw.GetMetaDataKeys())
 
 
-def _write_dicom_series(folder, array, spacing, origin, series_uid):
-    """One file per slice, tags as in SimpleITK's DICOM series writing example."""
+def _write_dicom_series(folder, array, spacing, origin, series_uid, jitter=None):
+    """One file per slice, tags as in SimpleITK's DICOM series writing example; ``jitter``: mm
+    added to each slice's z position (a scanner's position noise)."""
     folder.mkdir(exist_ok=True)
     image = sitk.GetImageFromArray(array.astype(np.int16))
     image.SetSpacing(spacing)
@@ -252,7 +255,7 @@ def _write_dicom_series(folder, array, spacing, origin, series_uid):
         plane = image[:, :, k]
         for tag, value in common:
             plane.SetMetaData(tag, value)
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        position = np.add(image.TransformIndexToPhysicalPoint((0, 0, k)), (0, 0, 0 if jitter is None else jitter[k]))
         plane.SetMetaData("0020|0032", "\\".join(f"{p:.6f}" for p in position))
         plane.SetMetaData("0020|0013", str(k + 1))
         plane.SetMetaData("0018|0050", f"{spacing[2]:.6f}")
@@ -272,6 +275,36 @@ def test_read_dicom_series_folder_takes_the_largest_series(tmp_path):
     np.testing.assert_allclose(image.GetSpacing(), (0.7, 0.8, 2.5), rtol=1e-5)
     np.testing.assert_allclose(image.GetOrigin(), (-3.0, 4.0, 5.0), atol=1e-5)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), big)
+
+
+def test_label_values_negative_or_beyond_uint16_are_written_exactly(tmp_path):
+    from vaeuda.labels import load_convention
+    mapping = tmp_path / "wide.json"
+    mapping.write_text('{"LV-M": 70000, "LA-B": 2, "LV-B": 3, "A-A": 4, "background": [-1]}')
+    convention = load_convention(str(mapping))
+    classes = sitk.GetImageFromArray(np.array([0, 1, 2, 3, 4], np.uint8).reshape(1, 1, 5))
+    out = write_label(classes, tmp_path / "wide.nii.gz", convention)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out))).ravel().tolist() == [-1, 70000, 2, 3, 4]
+    assert sitk.GetArrayFromImage(read_label(out, convention)).ravel().tolist() == [0, 1, 2, 3, 4]
+    assert MMWHS.decode(np.arange(5)).dtype == np.uint16 and CONSECUTIVE.decode(np.arange(5)).dtype == np.uint8
+
+
+def test_dicom_series_with_a_missing_slice_is_refused_and_position_noise_is_not(tmp_path):
+    """ITK would stack the slices around a gap at their mean spacing, and only warn."""
+    array = np.random.default_rng(7).integers(-500, 1500, size=(6, 8, 9))
+    uid = "1.2.826.0.1.3680043.2.1125.2.3003"
+    _write_dicom_series(tmp_path / "noisy", array, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), uid,
+                        jitter=[0.0, 0.05, -0.05, 0.05, -0.05, 0.0])   # gaps 2 +- 0.1 mm: within a tenth
+    noisy = read_image(tmp_path / "noisy")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(noisy), array)
+    assert noisy.GetSpacing()[2] == pytest.approx(2.0, abs=1e-5)
+    _write_dicom_series(tmp_path / "gap", array, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), uid)
+    (tmp_path / "gap" / f"{uid[-4:]}_003.dcm").unlink()               # slices at z = 0, 2, 4, 8, 10
+    # mean gap 2.5 mm; the gap of 4 mm differs by 1.5
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'gap'))}: the slices of DICOM series {uid} "
+                                          r"are not evenly spaced \(missing slices\? a gap differs by 1.5 mm from "
+                                          r"the mean spacing of 2.5 mm\)"):
+        read_image(tmp_path / "gap")
 
 
 def test_labels_read_encoded_and_written_decoded(tmp_path, tmp_volume):
@@ -366,6 +399,21 @@ def test_field_of_view_is_centred_and_crops_the_border(tmp_volume):
     assert (slices[:, 3:7, 3:7] == 3).all() and (slices == 3).sum() == 6 * 16   # centred block
     back = sitk.GetArrayFromImage(grid.scores_to_image(_one_hot(slices)))
     np.testing.assert_array_equal(back[5:15, :, 5:15], labels[5:15, :, 5:15])   # inside the field: exact
+
+
+def test_outside_the_field_of_view_is_background(tmp_volume):
+    """The model sees nothing outside its field of view: the edge rows' classes are not repeated
+    outwards. 20 voxels of 1 mm, a 10 mm field centred: voxels 5..14 along x and z."""
+    image = tmp_volume(np.zeros((20, 6, 20), np.float32))
+    scores = np.zeros((6, 5, 10, 10), np.float32)
+    scores[:, 2] = 1                                   # class 2 everywhere in the field, its edges included
+    back = sitk.GetArrayFromImage(SliceGrid.from_image(image, 10, fov_mm=10.0).scores_to_image(scores))
+    expected = np.zeros((20, 6, 20), np.uint8)
+    expected[5:15, :, 5:15] = 2
+    np.testing.assert_array_equal(back, expected)
+    # without a field of view the slices span the whole volume
+    whole = SliceGrid.from_image(image, 10)
+    assert (sitk.GetArrayFromImage(whole.scores_to_image(scores)) == 2).all()
 
 
 def test_chunked_mean_std_sums_every_chunk():

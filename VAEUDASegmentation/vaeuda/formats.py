@@ -192,6 +192,16 @@ def _check_labels(path: Path, labels: np.ndarray, where: str) -> np.ndarray:
     return classes
 
 
+def _check_intensities(path: Path, image: np.ndarray, where: str) -> np.ndarray:
+    """``image`` as float32, refused if a value is NaN or infinite there (a float64 beyond float32's range included)."""
+    with np.errstate(over="ignore"):    # beyond float32's range becomes inf, refused below
+        image = np.asarray(image, dtype=np.float32)
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise VaeudaError(f"{path}: {where} has {finite.size - np.count_nonzero(finite)} NaN or infinite intensities.")
+    return image
+
+
 def _volume_feature(path: Path, index: int, features: dict, name: str, size_prefix: str) -> np.ndarray:
     """Raw little-endian float32 bytes of feature ``name`` -> array of shape (dim0, dim1, dim2)."""
     raw = features.get(name)
@@ -232,7 +242,7 @@ def read_tfrecords(path: PathLike) -> List[Tuple[np.ndarray, np.ndarray]]:
         if data.shape[:2] != label.shape[:2]:
             raise VaeudaError(f"{path}: record {index} has image size {data.shape} but label size {label.shape}.")
         middle = label[:, :, label.shape[2] // 2]
-        samples.append((np.ascontiguousarray(data.transpose(2, 0, 1)),
+        samples.append((_check_intensities(path, np.ascontiguousarray(data.transpose(2, 0, 1)), f"record {index}"),
                         _check_labels(path, middle, f"record {index}")))
     return samples
 
@@ -248,7 +258,10 @@ def read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise VaeudaError(f"{path}: file does not exist.")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):    # a lone .npy array under an .npz name
+            raise VaeudaError(f"{path}: holds a single array, not the arr_0 (image) and arr_1 (label) of a released .npz.")
+        with loaded as npz:
             missing = [k for k in ("arr_0", "arr_1") if k not in npz.files]
             if missing:
                 raise VaeudaError(f"{path}: lacks the array(s) {', '.join(missing)} (found {', '.join(npz.files) or 'none'}).")
@@ -261,7 +274,7 @@ def read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
         raise VaeudaError(f"{path}: expected arr_0 and arr_1 of the same shape H x W x N, found {image.shape} and {label.shape}.")
     if image.dtype.kind not in "fiu" or label.dtype.kind not in "fiu":
         raise VaeudaError(f"{path}: arr_0 and arr_1 must be numeric, found {image.dtype} and {label.dtype}.")
-    return (np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32),
+    return (_check_intensities(path, np.ascontiguousarray(image.transpose(2, 0, 1)), "arr_0"),
             _check_labels(path, np.ascontiguousarray(label.transpose(2, 0, 1)), "arr_1"))
 
 

@@ -73,7 +73,8 @@ class Convention:
         """Raw label values (any integer array) -> class indices (uint8, same shape).
 
         Raises VaeudaError naming ``source`` when a value is outside the mapping and the
-        convention refuses unknown values.
+        convention refuses unknown values, or when the map holds values outside the mapping and
+        none of its structures (the whole map must be given, not a crop of it).
         """
         raw = np.asarray(raw)
         if raw.dtype.kind == "f":
@@ -82,9 +83,15 @@ class Convention:
         values = np.unique(raw).astype(np.int64)
         out = np.zeros(raw.shape, dtype=np.uint8)
         unknown = [int(v) for v in values if int(v) not in self.to_index]
+        shown = ", ".join(str(v) for v in unknown[:8])
         if unknown and self.unknown == "error":
-            shown = ", ".join(str(v) for v in unknown[:8])
             raise VaeudaError(f"{source}: label values {shown} are not in the '{self.name}' label mapping.")
+        if unknown and not any(self.to_index.get(int(v), 0) for v in values):
+            # Unknown values are background here (MM-WHS), but a map with no structure at all and
+            # values this convention does not know is in another one (1..4 read as MM-WHS): every
+            # structure would silently become background, and a score of it 0.
+            raise VaeudaError(f"{source}: none of its label values ({shown}) is a structure of the '{self.name}' "
+                              f"label mapping; is it in another label convention?")
         for v in values:
             idx = self.to_index.get(int(v), 0)
             if idx:
@@ -92,9 +99,11 @@ class Convention:
         return out
 
     def decode(self, classes: np.ndarray) -> np.ndarray:
-        """Class indices -> label-file values (smallest integer dtype that holds them)."""
+        """Class indices -> label-file values (the smallest integer dtype that holds all the
+        convention's values: uint8 for MM-WHS's up to 255, uint16 up to 65535, signed ones for
+        negative values)."""
         lut = np.asarray(self.from_index, dtype=np.int64)
-        dtype = np.uint8 if lut.max() < 256 else np.uint16
+        dtype = np.promote_types(np.min_scalar_type(int(lut.min())), np.min_scalar_type(int(lut.max())))
         return lut[np.asarray(classes, dtype=np.int64)].astype(dtype)
 
 

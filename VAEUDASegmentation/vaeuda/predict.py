@@ -6,6 +6,7 @@ class by class onto the exact input grid and arg-maxed (``volumes.SliceGrid.scor
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -59,8 +60,12 @@ def segment_image(net: VAEUDANet, meta: dict, image: sitk.Image, device: torch.d
 
 
 def output_path(out_dir, input_path) -> Path:
-    """``DIR/<input file name without extension>_seg.nii.gz``."""
-    return Path(out_dir) / f"{stem(Path(input_path).resolve())}_seg.nii.gz"
+    """``DIR/<input file name without extension>_seg.nii.gz``. The name as given, made absolute
+    without following links (a DICOM folder given as ``.`` is named by the folder; a link into an
+    annexed store by the link, not by the store's hashed file). A folder keeps its whole name (a
+    DICOM series UID such as ``1.2.840.55`` has no extension)."""
+    absolute = Path(os.path.abspath(input_path))
+    return Path(out_dir) / f"{absolute.name if absolute.is_dir() else stem(absolute)}_seg.nii.gz"
 
 
 def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "auto", batch_size: int = 16,
@@ -69,8 +74,9 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     """Segment each input volume; write label files with the model's label values. Returns their paths.
 
     All or nothing: the segmentations are written to a staging folder and moved into ``out_dir``
-    only when every input has been segmented. Refused before any work: two inputs that would
-    write the same file, an output that would replace an input, an unusable ``out_dir``.
+    only when every input has been segmented. Refused before any work: a missing input, two
+    inputs that would write the same file (names that differ only in case included), an output
+    that would replace an input, an unusable ``out_dir``.
     """
     from . import volumes
 
@@ -79,13 +85,22 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     if domain and domain not in ("source", "target"):
         raise VaeudaError(f"--domain must be source or target, not '{domain}'.")
     check_output_dir(out_dir)
+    for path in inputs:                         # before the model is loaded and earlier inputs segmented
+        if not Path(path).exists():
+            raise VaeudaError(f"{path}: file or folder does not exist.")
     targets = [output_path(out_dir, path) for path in inputs]
     resolved_inputs = {Path(p).resolve() for p in inputs}
     seen = {}
     for path, target in zip(inputs, targets):
-        if target in seen:
-            raise VaeudaError(f"{path}: {seen[target]} would write the same {target.name}; rename one of them.")
-        seen[target] = path
+        # Names that differ only in case are one file on macOS and Windows, where Slicer runs too.
+        key = target.name.casefold()
+        if key in seen:
+            first, first_target = seen[key]
+            if first_target.name == target.name:
+                raise VaeudaError(f"{path}: {first} would write the same {target.name}; rename one of them.")
+            raise VaeudaError(f"{path}: its {target.name} and the {first_target.name} of {first} are one file where "
+                              f"file names ignore case (macOS, Windows); rename one of them.")
+        seen[key] = (path, target)
         if target.is_dir():
             raise VaeudaError(f"{target}: is a folder where the segmentation of {path} would go.")
         if target.resolve() in resolved_inputs:

@@ -18,7 +18,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Tuple, Union
+from typing import Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -63,17 +63,18 @@ class Geometry:
         image.SetDirection(self.direction)
         return image
 
-    def resampler(self, interpolator: int) -> sitk.ResampleImageFilter:
-        """A resample filter onto this grid (no reference image needs to be allocated)."""
+    def resampler(self, interpolator: int, extrapolate: bool = True) -> sitk.ResampleImageFilter:
+        """A resample filter onto this grid (no reference image needs to be allocated).
+
+        ``extrapolate``: samples outside the input take the nearest input value (so that those a
+        rounding error outside, in the outermost half voxel, are not 0); else they are 0."""
         f = sitk.ResampleImageFilter()
         f.SetSize([int(s) for s in self.size])
         f.SetOutputSpacing(self.spacing)
         f.SetOutputOrigin(self.origin)
         f.SetOutputDirection(self.direction)
         f.SetInterpolator(interpolator)
-        # Samples a rounding error outside the input (the outermost half voxel) take the
-        # nearest value instead of 0.
-        f.SetUseNearestNeighborExtrapolator(True)
+        f.SetUseNearestNeighborExtrapolator(extrapolate)
         return f
 
 
@@ -103,13 +104,28 @@ def _fmt(values: Iterable[float]) -> str:
 
 # --- reading and writing ---------------------------------------------------------------------
 
-def _nifti_data_end(header: bytes) -> Optional[int]:
-    """Offset of the voxel data in a NIfTI-1 or NIfTI-2 header (either byte order); None if not NIfTI."""
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _nifti_layout(header: bytes) -> Optional[Tuple[int, int]]:
+    """(offset of the voxel data, bytes of voxel data) from a NIfTI-1 or NIfTI-2 header (either
+    byte order), as the file stores them; None if not NIfTI. Taken from the header's own
+    ``dim`` and ``bitpix``, not from the image ITK returns: with ``scl_slope`` / ``scl_inter``
+    set (dcm2niix's CT: int16 on disk, ``scl_inter`` -1024) ITK hands back float32 voxels."""
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
-            return int(struct.unpack(order + "f", header[108:112])[0])
-        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            return int(struct.unpack(order + "q", header[168:176])[0])
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+        elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            offset = int(struct.unpack(order + "q", header[168:176])[0])
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+        else:
+            continue
+        n_dims = min(max(int(dims[0]), 0), 7)
+        voxels = int(np.prod([max(int(d), 1) for d in dims[1:1 + n_dims]], dtype=np.int64))
+        return offset, voxels * max(int(bitpix), 0) // 8
     return None
 
 
@@ -117,25 +133,29 @@ def _truncated(path: Path) -> VaeudaError:
     return VaeudaError(f"{path}: the file is truncated (incomplete copy or download).")
 
 
-def _check_nifti_complete(path: Path, image: sitk.Image) -> None:
-    """Refuse a truncated NIfTI file. ITK's NIfTI reader fills missing voxels with zeros and says nothing."""
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated NIfTI file. ITK's NIfTI reader fills missing voxels with zeros and says nothing.
+
+    A ``.nii.gz`` that is not compressed (ITK reads it all the same) is checked as a ``.nii``.
+    """
     suffix = full_suffix(path).lower()
     if suffix not in (".nii", ".nii.gz"):
         return
-    data_bytes = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
     truncated = _truncated(path)
-    if suffix == ".nii":
+    with open(path, "rb") as f:
+        compressed = f.read(2) == GZIP_MAGIC
+    if not compressed:
         with open(path, "rb") as f:
-            offset = _nifti_data_end(f.read(540))
-        if offset is not None and path.stat().st_size < offset + data_bytes:
+            layout = _nifti_layout(f.read(540))
+        if layout is not None and path.stat().st_size < sum(layout):
             raise truncated
         return
     try:
         with gzip.open(path, "rb") as f:
-            offset = _nifti_data_end(f.read(540))
-        if offset is None:
+            layout = _nifti_layout(f.read(540))
+        if layout is None:
             return
-        expected = offset + data_bytes
+        expected = sum(layout)
         with open(path, "rb") as f:   # fast path: the gzip trailer holds the size modulo 2**32
             f.seek(-4, 2)
             if struct.unpack("<I", f.read(4))[0] == expected % 2 ** 32:
@@ -201,6 +221,15 @@ def _check_metaimage_complete(path: Path) -> None:
         raise _truncated(path)
 
 
+def _itk_reason(exc: RuntimeError) -> str:
+    """ITK's own reason for a failed read, the last line of its exception without the prefixes,
+    e.g. 'ITK only supports orthonormal direction cosines.  No orthonormal definition found'."""
+    line = (str(exc).strip().splitlines() or ["unknown error"])[-1]
+    for prefix in ("sitk::ERROR:", "ITK ERROR:"):
+        line = line.split(prefix, 1)[-1]
+    return line.strip().rstrip(".!") or "unknown error"
+
+
 def _read_any(path: Path) -> sitk.Image:
     """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
     if not path.exists():
@@ -211,16 +240,39 @@ def _read_any(path: Path) -> sitk.Image:
         _check_metaimage_complete(path)
         try:
             image = sitk.ReadImage(str(path))
-        except RuntimeError:
-            raise VaeudaError(f"{path}: cannot be read as an image (corrupt, or not one of "
-                              f"{', '.join(READ_SUFFIXES)}, or a DICOM folder).") from None
-        _check_nifti_complete(path, image)
+        except RuntimeError as exc:
+            raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)} (readable: "
+                              f"{', '.join(READ_SUFFIXES)} files and DICOM folders).") from None
+        _check_nifti_complete(path)
     if image.GetDimension() != 3:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a {image.GetDimension()}D image.")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a vector image with "
                           f"{image.GetNumberOfComponentsPerPixel()} components per voxel.")
     return image
+
+
+# Set by ITK's series reader on a series whose slice spacing varies; its value is the largest
+# deviation from the mean spacing, in mm. Position jitter of real scanners stays far below a tenth.
+NON_UNIFORM_KEY = "ITK_non_uniform_sampling_deviation"
+NON_UNIFORM_TOLERANCE = 0.1
+
+
+def _slice_spacing_deviation(files: Sequence[str], image: sitk.Image) -> Tuple[float, float]:
+    """(largest deviation of a gap between consecutive slices from their mean, the mean), in mm:
+    the slices' positions (their headers' origins) along the series' slice normal."""
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    reader = sitk.ImageFileReader()
+    positions = []
+    for name in files:
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        positions.append(float(np.dot(reader.GetOrigin(), normal)))
+    gaps = np.diff(positions)
+    if gaps.size == 0:
+        return 0.0, float(image.GetSpacing()[2])
+    mean = float(np.mean(gaps))
+    return float(np.max(np.abs(gaps - mean))), abs(mean)
 
 
 def _read_dicom_folder(path: Path) -> sitk.Image:
@@ -237,9 +289,19 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError:
         raise VaeudaError(f"{path}: DICOM series {chosen} cannot be read (corrupt or incomplete).") from None
+    # ITK stacks unevenly spaced slices at their mean spacing and only warns (the command line
+    # silences ITK's warnings): every slice after a gap would sit at the wrong place. ITK marks
+    # such a series with a key whose value SimpleITK cannot read, so measure the gaps here.
+    if NON_UNIFORM_KEY in image.GetMetaDataKeys():
+        deviation, spacing = _slice_spacing_deviation(files[chosen], image)
+        if deviation > NON_UNIFORM_TOLERANCE * spacing:
+            raise VaeudaError(f"{path}: the slices of DICOM series {chosen} are not evenly spaced (missing slices? "
+                              f"a gap differs by {deviation:.3g} mm from the mean spacing of "
+                              f"{spacing:.3g} mm).")
+    return image
 
 
 def read_image(path: PathLike) -> sitk.Image:
@@ -309,7 +371,7 @@ def write_image(image: sitk.Image, path: PathLike) -> Path:
         with atomic_path(path) as tmp:
             sitk.WriteImage(image, str(tmp), useCompression=True)
     except RuntimeError as exc:
-        raise VaeudaError(f"{path}: cannot be written ({str(exc).strip().splitlines()[-1]}).") from None
+        raise VaeudaError(f"{path}: cannot be written ({_itk_reason(exc)}).") from None
     return path
 
 
@@ -552,7 +614,8 @@ class SliceGrid:
         logits), or an iterable of ``(start_slice, (b, C, size, size))`` chunks covering every
         slice once. Each class is resampled linearly onto the canonical grid in turn while a
         running max/argmax is kept, so memory holds a few input-sized volumes, not C of them.
-        The argmax is then put back on the input's own grid (a permutation/flip: exact).
+        The argmax is then put back on the input's own grid (a permutation/flip: exact). Voxels
+        outside the slices' field of view (see :meth:`from_image`) are background.
         """
         n_classes, class_volume = self._score_volumes(scores)
         to_canonical_grid = self.canonical.resampler(sitk.sitkLinear)
@@ -572,6 +635,12 @@ class SliceGrid:
                 del resampled, better
             del resampled_image
         del best
+        # Outside the slices' field of view (a volume taller or wider than it) the model saw
+        # nothing: background there, not the edge row's classes repeated outwards.
+        ones = self.grid.stamp(sitk.Image([int(v) for v in self.grid.size], sitk.sitkUInt8) + 1)
+        seen = self.canonical.resampler(sitk.sitkNearestNeighbor, extrapolate=False).Execute(ones)
+        labels[sitk.GetArrayViewFromImage(seen) == 0] = 0
+        del ones, seen
         canonical_labels = self.canonical.stamp(sitk.GetImageFromArray(labels))
         del labels
         # Canonical voxel centres coincide with the input's, so nearest neighbour is exact,
