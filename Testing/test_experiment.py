@@ -137,6 +137,16 @@ def test_curves_have_entries(table1):
     assert len(js["findings"]) == 8
 
 
+def test_portable_and_default_numerics_runs_do_not_share_models(tmp_path, monkeypatch):
+    from vaeuda import machine
+    monkeypatch.setattr(machine, "portable", lambda: False)
+    default = experiment.run_settings(tmp_path, "cpu", "cpu")
+    monkeypatch.setattr(machine, "portable", lambda: True)
+    portable = experiment.run_settings(tmp_path, "cpu", "cpu")
+    assert default != portable and {k for k in default if default[k] != portable[k]} == {"portable"}
+    assert default["cohort"] == str(tmp_path.resolve()) and default["training"]["adapt"]["ema_decay"] == 0.995
+
+
 def test_rerun_reuses_models_with_the_same_settings(tmp_path):
     calls = []
 

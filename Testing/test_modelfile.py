@@ -85,6 +85,32 @@ def test_newer_format_version_is_refused(saved, tmp_path):
         load_model(path)
 
 
+def test_model_files_get_the_umask_permissions(saved, tmp_path):
+    """safetensors' save_file writes a private (0600) file of its own; the model file is an ordinary one."""
+    import os
+    old = os.umask(0o022)
+    try:
+        save_model(tmp_path / "shared.safetensors", saved[0], REAL_META)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_info_refuses_metadata_that_is_not_an_object_and_prints_one_line_in_json_mode(saved, tmp_path, capsys):
+    import json
+    from vaeuda.cli import main
+    from vaeuda.modelfile import save_tensors
+    tensors, _, _ = read_tensors(saved[1])
+    listed = tmp_path / "listed.safetensors"
+    save_tensors(listed, tensors, [1, 2])
+    assert main(["info", str(listed)]) == 2
+    assert "model file metadata is damaged (not a JSON object)" in capsys.readouterr().err
+    assert main(["info", "--progress", "json", str(saved[1])]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[0])["stage"] == "source" and json.loads(lines[-1])["event"] == "done"
+    assert all(isinstance(json.loads(line), dict) for line in lines)     # one object per line
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(VaeudaError, match="model file not found"):
         load_model(tmp_path / "nope.safetensors")
@@ -97,6 +123,8 @@ def test_missing_file(tmp_path):
     (lambda m: m.update(preset="huge"), "preset 'huge' is not one of"),
     (lambda m: m.update(train=[1]), "'train' is not a JSON object"),
     (lambda m: m["config"].update(input_size="abc"), "model configuration is missing or damaged"),
+    (lambda m: m["config"].update(drn_channels=[]), "model configuration is missing or damaged"),   # IndexError
+    (lambda m: m["config"].update(base=-4), "model configuration is missing or damaged"),          # RuntimeError
     (lambda m: m["normalisation"].pop("method"), "the intensity normalisation has no method"),
 ])
 def test_edited_metadata_is_refused_in_one_sentence(saved, tmp_path, edit, message):

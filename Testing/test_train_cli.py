@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -166,10 +167,14 @@ def test_input_size_replaces_the_presets_and_follows_the_model(tiny_cohort, tmp_
     assert seg.GetSize() == image.GetSize() and seg.GetOrigin() == image.GetOrigin()
 
 
-@pytest.mark.parametrize("size, message", [(50, "not divisible by 4"), (8, "at least 16 pixels")])
-def test_bad_input_size_exits_with_one_sentence(tiny_cohort, tmp_path, capsys, size, message):
+@pytest.mark.parametrize("preset, size, message", [
+    ("tiny", 50, "not divisible by 4"), ("tiny", 8, "at least 16 pixels"),
+    # the paper preset's 3-scale, 4-layer discriminator: its coarsest scale sees 60 px as 15, 7, 3, 1
+    ("paper", 60, "too small for the 3-scale, 4-layer discriminator of this preset: it needs at least 64 pixels"),
+])
+def test_bad_input_size_exits_with_one_sentence(tiny_cohort, tmp_path, capsys, preset, size, message):
     out = tmp_path / "m.safetensors"
-    assert main(["train-source", "--preset", "tiny", "--input-size", str(size), "--iterations", "1", "--out", str(out),
+    assert main(["train-source", "--preset", preset, "--input-size", str(size), "--iterations", "1", "--out", str(out),
                  "--progress", "none", "--device", "cpu", str(tiny_cohort / "mr_1001_image.nii.gz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
@@ -202,6 +207,51 @@ def test_resume_refuses_to_mix_remapped_and_plain_source_training(tiny_cohort, t
     assert checkpoint_path(out).exists() and not out.exists()
     _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True, intensity_remap=True)
     assert out.exists() and not checkpoint_path(out).exists()
+
+
+def test_resume_refuses_a_file_that_is_not_a_training_checkpoint(tiny_cohort, tiny_source_model, tmp_path, capsys):
+    """A model file copied to the checkpoint's path has the format but no training state."""
+    import shutil
+    out = tmp_path / "m.safetensors"
+    shutil.copy(tiny_source_model, checkpoint_path(out))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(checkpoint_path(out)))}: not a training checkpoint "
+                                          r"\(its training state is missing or damaged\); remove it to start afresh"):
+        _train(tiny_cohort, out, iterations=1, resume=True)
+    assert not out.exists()
+
+
+def test_a_checkpoint_another_run_left_is_not_called_the_last_good_one(tiny_cohort, tiny_source_model, tmp_path,
+                                                                       monkeypatch):
+    """Without --resume a leftover checkpoint is another run's: a NaN before this run's first
+    checkpoint must not send the user to it."""
+    import shutil
+    out = tmp_path / "m.safetensors"
+    shutil.copy(tiny_source_model, checkpoint_path(out))
+    monkeypatch.setattr(train_mod, "reconstruction", lambda a, b: torch.tensor(float("nan")))
+    with pytest.raises(VaeudaError, match="became NaN or infinite at iteration 1 of the source stage; no checkpoint "
+                                          "had been written yet"):
+        _train(tiny_cohort, out, iterations=2)
+
+
+def test_resume_with_early_stopping_stops_and_keeps_what_an_uninterrupted_run_does(tiny_cohort, tiny_source_model,
+                                                                                   tmp_path):
+    """Early stopping's moving average, patience count and best weights travel in the checkpoint."""
+    ct = [tiny_cohort / "ct_1001_image.nii.gz"]
+    kw = dict(iterations=14, device="cpu", early_stop=3, overrides={"eval_every": 1, "checkpoint_every": 5})
+    full = train_mod.adapt(tiny_source_model, ct, tmp_path / "full.safetensors", **kw)
+
+    def interrupt(iteration, averaged, live):
+        if iteration == 7:                 # after the checkpoint of iteration 5
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.adapt(tiny_source_model, ct, tmp_path / "part.safetensors", callback=interrupt, **kw)
+    part = train_mod.adapt(tiny_source_model, ct, tmp_path / "part.safetensors", resume=True, **kw)
+    for key in ("early_stopped_at", "iterations_done"):
+        assert part["provenance"][key] == full["provenance"][key]
+    assert full["provenance"]["iterations_done"] < 14            # it did stop early
+    assert [h["proxy"] for h in part["history"]] == [h["proxy"] for h in full["history"]]
+    ta, tb = read_tensors(tmp_path / "full.safetensors")[0], read_tensors(tmp_path / "part.safetensors")[0]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_resume_refuses_a_checkpoint_of_another_input_size(tiny_cohort, tmp_path, monkeypatch):
@@ -284,6 +334,27 @@ def test_resume_continues_from_checkpoint(tiny_cohort, tmp_path, monkeypatch, em
     ta, tb = read_tensors(full)[0], read_tensors(part)[0]
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not checkpoint_path(part).exists()
+
+
+@pytest.mark.parametrize("quick, preset", [(False, "cpu"), (True, "tiny")])
+def test_demo_trains_the_preset_its_report_names_whatever_the_device(tmp_path, monkeypatch, quick, preset):
+    """train-source alone takes the paper preset where CUDA is present; the demo stays the cpu one."""
+    from vaeuda import demo
+
+    class Stop(Exception):
+        pass
+
+    asked = {}
+
+    def record(*args, **kwargs):
+        asked.update(kwargs)
+        raise Stop
+    monkeypatch.setattr(demo, "is_phantom_cohort", lambda *args: True)      # no cohort is made
+    monkeypatch.setattr(demo, "cohort_split", lambda cohort, modality, split: ["x_1001"])
+    monkeypatch.setattr(train_mod, "train_source", record)
+    with pytest.raises(Stop):
+        demo.run_demo(tmp_path / "demo", quick=quick, device="cuda")
+    assert asked["preset"] == preset and asked["device"] == "cuda"
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):

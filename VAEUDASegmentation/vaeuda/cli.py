@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _indent(reporter: Reporter) -> Optional[int]:
+    """JSON printed by info / numerics: indented for a reader, one line in --progress json mode
+    (whose stdout is one JSON object per line)."""
+    return None if reporter.mode == "json" else 2
+
+
 def _labelled(args) -> tuple:
     from .data import find_pairs
     pairs = find_pairs(args.inputs, getattr(args, "labels", None))
@@ -220,14 +226,15 @@ def run(args, reporter: Reporter) -> List[str]:
             print(table)
         return [json_path]
     if cmd == "info":
-        from .modelfile import read_tensors
+        from .modelfile import check_metadata, read_tensors
         _, meta, header = read_tensors(args.model)
+        check_metadata(args.model, meta)
         # the checksum read_tensors verified: equal digests, equal weights (e.g. from two computers)
-        print(json.dumps({"weights_sha256": header["tensors_sha256"], **meta}, indent=2))
+        print(json.dumps({"weights_sha256": header["tensors_sha256"], **meta}, indent=_indent(reporter)))
         return []
     if cmd == "numerics":
         from .machine import numerics
-        print(json.dumps(numerics(), indent=2))
+        print(json.dumps(numerics(), indent=_indent(reporter)))
         return []
     if cmd == "demo":
         from .demo import run_demo

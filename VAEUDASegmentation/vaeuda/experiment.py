@@ -217,6 +217,15 @@ def _normalised(spec: dict) -> dict:
     return json.loads(json.dumps(_json_ready(spec)))
 
 
+def run_settings(cohort: Path, preset: str, device_type: str) -> dict:
+    """What every model of a Table-1 run shares; a model whose record holds other settings is not
+    reused. The engine's training defaults are among them (a model an older engine trained is
+    retrained), and so is ``--portable`` (a portable rerun must not reuse default-numerics models)."""
+    from .train import preset_training
+    return {"cohort": str(Path(cohort).resolve()), "preset": preset, "device": device_type,
+            "training": preset_training(preset), "portable": machine.portable()}
+
+
 def _trained(models: Path, name: str, spec: dict, train: Callable[[Path], dict],
              reporter: Reporter) -> Tuple[Path, dict]:
     """Train ``models/<name>.safetensors`` with ``train(path) -> meta``, or reuse it when its
@@ -278,7 +287,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     Returns ``[table1.md, table1.json, table1_dice.png, curves.png]`` in ``out``.
     """
     from .nets import get_preset
-    from .train import adapt, finetune, preset_training, resolve_device, train_source
+    from .train import adapt, finetune, resolve_device, train_source
 
     reporter = reporter or null_reporter()
     require_count("--repeats", repeats)
@@ -299,9 +308,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
                  f"few-shot slices {few_shot['slices'][0]}:{few_shot['slices'][1]} of {few_shot['scan']}")
     started = time.time()
 
-    # The engine's training defaults are part of every run's settings: a model trained under other
-    # defaults (an older engine) is not reused.
-    base = {"cohort": str(cohort.resolve()), "preset": preset, "device": dev.type, "training": preset_training(preset)}
+    base = run_settings(cohort, preset, dev.type)
     source_model, source_record = _trained(
         models, "source", dict(base, stage="source", scans=mr_train, iterations=iterations["source"], seed=seed),
         lambda path: train_source([image_of(cohort, p) for p in mr_train], [label_of(cohort, p) for p in mr_train],

@@ -61,6 +61,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         try:
+            # again: a writer may have replaced the file with a private one of its own
+            # (safetensors' save_file does, mode 0600)
+            os.chmod(tmp_path, _umask_mode(0o666))
             os.replace(tmp_path, path)
         except OSError as exc:
             raise _unwritable(path, exc) from None

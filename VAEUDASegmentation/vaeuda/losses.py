@@ -48,6 +48,7 @@ class SegmentationLoss(torch.nn.Module):
         self.register_buffer("class_weights", weight, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # the weighted mean sum(w_y * l) / sum(w_y): the weights' scale does not change the loss's
         ce = F.cross_entropy(logits, target, weight=self.class_weights)
         return self.dice(logits, target.unsqueeze(1)) + ce
 

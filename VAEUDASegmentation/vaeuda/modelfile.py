@@ -157,5 +157,6 @@ def build_from_meta(path, meta: dict) -> VAEUDANet:
         return VAEUDANet(cfg)
     except VaeudaError as exc:
         raise VaeudaError(f"{path}: {exc}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, IndexError, RuntimeError, OverflowError) as exc:
+        # e.g. an edited width: a negative channel count, DRN stages missing
         raise VaeudaError(f"{path}: model configuration is missing or damaged ({exc}).") from None

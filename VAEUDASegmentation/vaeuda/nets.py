@@ -287,6 +287,20 @@ class MultiScaleDiscriminator(nn.Module):
         return outputs
 
 
+def _discriminator_fits(cfg: NetConfig, size: int) -> bool:
+    """Whether every scale of :class:`MultiScaleDiscriminator` can run on ``size x size`` images:
+    each of its stride-2 layers reflect-pads by 1, which needs at least 2 pixels."""
+    for scale in range(cfg.disc_scales):
+        s = size
+        for _ in range(scale):
+            s = (s + 1) // 2                    # AvgPool2d(3, stride 2, padding 1)
+        for _ in range(cfg.disc_layers):
+            if s < 2:
+                return False
+            s //= 2                             # pad 1, 4x4 convolution, stride 2
+    return True
+
+
 DOMAINS = ("source", "target")
 
 
@@ -306,6 +320,10 @@ class VAEUDANet(nn.Module):
                               f"{MIN_INPUT_SIZE} pixels.")
         if cfg.input_size % (2 ** cfg.n_down):
             raise VaeudaError(f"input size {cfg.input_size} is not divisible by {2 ** cfg.n_down}.")
+        if not _discriminator_fits(cfg, cfg.input_size):
+            smallest = next(s for s in range(MIN_INPUT_SIZE, 1 << 16, 2 ** cfg.n_down) if _discriminator_fits(cfg, s))
+            raise VaeudaError(f"input size {cfg.input_size} is too small for the {cfg.disc_scales}-scale, "
+                              f"{cfg.disc_layers}-layer discriminator of this preset: it needs at least {smallest} pixels.")
         self.cfg = cfg
         self.enc_s, self.enc_t = DomainEncoder(cfg), DomainEncoder(cfg)
         self.enc_z = SharedEncoder(cfg)

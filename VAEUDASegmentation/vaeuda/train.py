@@ -27,7 +27,7 @@ from .errors import VaeudaError, require_count
 from .fileio import check_output_file
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
-from .modelfile import load_model, load_networks, read_tensors, save_model
+from .modelfile import check_metadata, load_model, load_networks, read_tensors, save_model
 from .nets import VAEUDANet, get_preset
 from .progress import Reporter, null_reporter
 from .volumes import DEFAULT_NORMALISATION
@@ -290,14 +290,33 @@ def _weight_average(net: VAEUDANet, decay: float):
     return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+@dataclass
+class EarlyStopState:
+    """Early stopping's memory (and the proxy's average, which adaptation's history records with or
+    without ``--early-stop``): kept in checkpoints, so that a resumed run stops where an
+    uninterrupted one would, keeps the same weights and records the same history."""
+    proxy_ema: Optional[float] = None       # moving average of the cycle-consistency proxy
+    bad_evals: int = 0                      # evaluations since it last improved
+    best_proxy: Optional[float] = None
+    best_iteration: Optional[int] = None
+    best_weights: Optional[dict] = None     # the state_dict of the network the file would hold then
+
+    def header(self) -> dict:
+        return {"proxy_ema": self.proxy_ema, "bad_evals": self.bad_evals, "best_proxy": self.best_proxy,
+                "best_iteration": self.best_iteration}
+
+
 def save_checkpoint(path: Path, net, opts, gen: torch.Generator, iteration: int, history: list, meta: dict,
-                    ema=None) -> None:
+                    ema=None, early: Optional[EarlyStopState] = None) -> None:
     extra = {"rng.gen": gen.get_state()}
     if ema is not None:
         extra.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     extra.update(_optim_tensors("gen", opts[0]))
     extra.update(_optim_tensors("disc", opts[1]))
     state = {"iteration": iteration, "history": history}
+    if early is not None:
+        state["early_stop"] = early.header()
+        extra.update({f"best.{k}": v for k, v in (early.best_weights or {}).items()})   # --early-stop only
     save_model(path, net, meta, extra_tensors=extra, extra_header={"train_state": json.dumps(state)})
 
 
@@ -318,8 +337,18 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     ema = _weight_average(net, cfg.ema_decay)
     model = net if ema is None else ema.module   # what the callback, early stopping and the saved file see
     ckpt = checkpoint_path(stage.out)
-    if resume and ckpt.exists():
+    early = EarlyStopState()
+    resumed = resume and ckpt.exists()
+    if resumed:
         tensors, meta, header = read_tensors(ckpt)
+        check_metadata(ckpt, meta)
+        try:
+            state = json.loads(header["train_state"])
+            start, history = int(state["iteration"]), list(state["history"])
+            rng_state = tensors["rng.gen"]
+        except (KeyError, TypeError, ValueError):
+            raise VaeudaError(f"{ckpt}: not a training checkpoint (its training state is missing or damaged); "
+                              f"remove it to start afresh.") from None
         if meta.get("stage") != stage.meta.get("stage"):
             raise VaeudaError(f"{ckpt}: checkpoint is of the '{meta.get('stage')}' stage, not '{stage.meta.get('stage')}'.")
         if meta.get("config") != net.cfg.to_dict():
@@ -338,14 +367,17 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         net.to(device)
         _load_optim("gen", opts[0], tensors)
         _load_optim("disc", opts[1], tensors)
-        gen.set_state(tensors["rng.gen"])
+        gen.set_state(rng_state)
         if ema is not None:
             ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
             if not ema_state:
                 raise VaeudaError(f"{ckpt}: checkpoint has no weight average, but this run keeps one (ema_decay).")
             ema.load_state_dict(ema_state)
-        state = json.loads(header["train_state"])
-        start, history = int(state["iteration"]), list(state["history"])
+        if isinstance(state.get("early_stop"), dict):
+            kept = state["early_stop"]
+            best_weights = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+            early = EarlyStopState(kept.get("proxy_ema"), int(kept.get("bad_evals", 0)), kept.get("best_proxy"),
+                                   kept.get("best_iteration"), best_weights or None)
         reporter.log(f"resuming {stage.name} from iteration {start} ({ckpt})")
 
     seg_loss = SegmentationLoss(cfg.class_weights).to(device)
@@ -353,10 +385,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     src_w = stage.source.sampling_weights(cfg.background_weight)
     tgt_w = stage.target.sampling_weights() if stage.target is not None else None
     use_cuda_bf16 = device.type == "cuda"
-    best: Optional[Tuple[float, dict, int]] = None
-    bad_evals = 0
-    proxy_ema: Optional[float] = None
-    good_checkpoint = ckpt if ckpt.exists() else None
+    # a checkpoint this run did not write or resume from (another run's) is not its last good one
+    good_checkpoint = ckpt if resumed else None
 
     reporter.stage(stage.name, stage.iterations)
     reporter.step(start)
@@ -408,8 +438,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
             reporter.step(it, loss=float(total.detach()), **{k: record[k] for k in ("seg", "task") if k in record})
         if stage.target is not None and it % cfg.eval_every == 0:
             proxy = float(terms.get("T_cyc", terms["T_rec"]).detach())
-            proxy_ema = proxy if proxy_ema is None else 0.7 * proxy_ema + 0.3 * proxy
-            entry = {"iteration": it, "proxy": round(proxy_ema, 5), **record}
+            early.proxy_ema = proxy if early.proxy_ema is None else 0.7 * early.proxy_ema + 0.3 * proxy
+            entry = {"iteration": it, "proxy": round(early.proxy_ema, 5), **record}
             if stage.callback is not None:
                 extra = stage.callback(it, model, net)
                 net.train()
@@ -417,24 +447,25 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
                     entry.update(extra)
             history.append(entry)
             if stage.early_stop:
-                if best is None or proxy_ema < best[0]:
-                    best, bad_evals = (proxy_ema, copy.deepcopy(model.state_dict()), it), 0
+                if early.best_proxy is None or early.proxy_ema < early.best_proxy:
+                    early.best_proxy, early.best_iteration, early.bad_evals = early.proxy_ema, it, 0
+                    early.best_weights = copy.deepcopy(model.state_dict())
                 else:
-                    bad_evals += 1
-                    if bad_evals >= stage.early_stop:
+                    early.bad_evals += 1
+                    if early.bad_evals >= stage.early_stop:
                         reporter.log(f"early stop at iteration {it}: the cycle-consistency proxy has not improved "
-                                     f"for {bad_evals} evaluations; keeping iteration {best[2]}")
+                                     f"for {early.bad_evals} evaluations; keeping iteration {early.best_iteration}")
                         break
         if it % cfg.checkpoint_every == 0 and it < stage.iterations:
-            save_checkpoint(ckpt, net, opts, gen, it, history, stage.meta, ema)
+            save_checkpoint(ckpt, net, opts, gen, it, history, stage.meta, ema, early)
             good_checkpoint = ckpt
     reporter.close()
 
     if model is not net:
         net.load_state_dict(model.state_dict())
-    if best is not None and stage.early_stop:
-        net.load_state_dict(best[1])
-        stage.meta["provenance"]["early_stopped_at"] = best[2]
+    if early.best_weights is not None and stage.early_stop:
+        net.load_state_dict(early.best_weights)
+        stage.meta["provenance"]["early_stopped_at"] = early.best_iteration
     stage.meta["provenance"]["iterations_done"] = it
     stage.meta["history"] = history
     net.eval()
