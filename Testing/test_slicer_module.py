@@ -454,7 +454,8 @@ def test_segment_a_transformed_volume_into_a_surface_segmentation(slicer, mod, f
     transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
     volume.SetAndObserveTransformNodeID(transform.GetID())
     surfaces = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
-    surfaces.GetSegmentation().SetSourceRepresentationName(slicer.CLOSED_SURFACE)
+    converter = slicer.vtkSegmentationConverter
+    surfaces.GetSegmentation().SetSourceRepresentationName(converter.GetSegmentationClosedSurfaceRepresentationName())
     surfaces.GetSegmentation().AddEmptySegment("old")
     model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
 
@@ -462,7 +463,8 @@ def test_segment_a_transformed_volume_into_a_surface_segmentation(slicer, mod, f
         result = fake_logic.segment(volume, model, output)
         assert result.GetTransformNodeID() == transform.GetID()
         assert result.GetNodeReference(result.GetReferenceImageGeometryReferenceRole()) is volume
-        assert result.GetSegmentation().GetSourceRepresentationName() == slicer.BINARY_LABELMAP
+        assert (result.GetSegmentation().GetSourceRepresentationName()
+                == converter.GetSegmentationBinaryLabelmapRepresentationName())
         expected = fake_engine.fake_labels(array)
         for structure in mod.STRUCTURES:
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(result, structure.key)
@@ -553,6 +555,16 @@ def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(sl
     slicer.app._testingEnabled = True                                         # Slicer's testing mode: no installs
     asked.clear()
     assert logic.setupPythonRequirements() is False and asked == [] and len(installs) == 1
+
+
+def test_torch_missing_without_the_pytorch_extension_says_how_to_get_it(slicer, mod, monkeypatch):
+    logic = mod.VAEUDASegmentationLogic()
+    monkeypatch.setattr(logic, "missingPythonRequirements", lambda: ["torch>=2.1"])
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)                  # `import PyTorchUtils` fails
+    shown = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, *a, **k: shown.append(text))
+    assert logic.setupPythonRequirements(askConfirmation=False) is False
+    assert len(shown) == 1 and "install the PyTorch extension from the Extensions Manager" in shown[0]
 
 
 # ----------------------------------------------------------------------------- real engine, tiny model

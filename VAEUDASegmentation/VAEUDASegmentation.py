@@ -65,6 +65,22 @@ def terminologyEntry(structure) -> str:
                      ANATOMIC_CONTEXT, "^^", "^^"])
 
 
+# What ExportSegmentsToLabelmapNode names the colour table it adds for arrayFromSegmentBinaryLabelmap's
+# temporary labelmap "__temp__" (vtkSlicerSegmentationsModuleLogic.cxx: the labelmap's name + "_ColorTable").
+TEMPORARY_COLOR_TABLE = "__temp___ColorTable"
+
+
+def segmentMask(segmentationNode, segmentId: str, referenceVolume) -> np.ndarray:
+    """slicer.util.arrayFromSegmentBinaryLabelmap (the segment in the reference volume's geometry,
+    (K, J, I)), without the colour table node the export adds to the scene and that slicer.util
+    before Slicer 5.10 leaves there: one node per call would pile up in the user's scene."""
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolume)
+    leftover = slicer.mrmlScene.GetFirstNodeByName(TEMPORARY_COLOR_TABLE)
+    if leftover is not None and leftover.IsA("vtkMRMLColorTableNode"):
+        slicer.mrmlScene.RemoveNode(leftover)
+    return mask
+
+
 def readModelMetadata(modelPath) -> dict:
     """The ``meta`` JSON of a ``vaeuda`` model file, read from its safetensors header.
 
@@ -550,7 +566,13 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         others = [r for r in missing if not r.startswith("torch")
                   and not any(r.lower().startswith(p.lower()) for p in SLICER_OWNED_PACKAGES)]
         if torchMissing:
-            import PyTorchUtils   # the PyTorch extension, declared in EXTENSION_DEPENDS
+            try:
+                import PyTorchUtils   # the PyTorch extension, declared in EXTENSION_DEPENDS
+            except ImportError:
+                # installed without its dependency (a copied module folder, a manual install)
+                slicer.util.errorDisplay("VAE-UDA Segmentation needs PyTorch: install the PyTorch extension "
+                                         "from the Extensions Manager, restart Slicer, and try again.")
+                return False
             torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
                                                                   torchVersionRequirement=TORCH_REQUIREMENT)
             if torch is None:
@@ -1022,7 +1044,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             segmentId = self._segmentIdForStructure(segmentationNode, structure)
             if segmentId is None:
                 continue
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolume)
+            mask = segmentMask(segmentationNode, segmentId, referenceVolume)
             classes[mask > 0] = structure.index
             found += 1
         if not found:
@@ -1147,15 +1169,14 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
             referenceRole = segmentationNode.GetReferenceImageGeometryReferenceRole()
             self.assertEqual(segmentationNode.GetNodeReference(referenceRole), volumeNode)
             for structure in STRUCTURES:
-                mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, structure.key, volumeNode)
+                mask = segmentMask(segmentationNode, structure.key, volumeNode)
                 self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volumeNode).shape)
             shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
             self.assertEqual(shNode.GetItemParent(shNode.GetItemByDataNode(segmentationNode)),
                              shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode)))
 
             self.delayDisplay("Segmenting the volume under a transform")
-            masks = {s.key: slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, s.key, volumeNode)
-                     for s in STRUCTURES}
+            masks = {s.key: segmentMask(segmentationNode, s.key, volumeNode) for s in STRUCTURES}
             shift = vtk.vtkMatrix4x4()
             shift.SetElement(0, 3, 7.5)   # mm; the segmentation must follow the volume, not be resampled
             transformNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "VAE-UDA test shift")
@@ -1164,7 +1185,7 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
             movedNode = logic.segment(volumeNode, modelPath, device="cpu")
             self.assertEqual(movedNode.GetTransformNodeID(), transformNode.GetID())
             for structure in STRUCTURES:
-                mask = slicer.util.arrayFromSegmentBinaryLabelmap(movedNode, structure.key, volumeNode)
+                mask = segmentMask(movedNode, structure.key, volumeNode)
                 self.assertTrue(np.array_equal(mask > 0, masks[structure.key] > 0), structure.name)
             self.delayDisplay("Test passed")
         finally:

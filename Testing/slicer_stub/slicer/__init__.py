@@ -16,9 +16,19 @@ import qt as _qt
 import vtk as _vtk
 
 
-# vtkSegmentationConverter::GetSegmentationBinaryLabelmapRepresentationName(), ...ClosedSurface...
-BINARY_LABELMAP = "Binary labelmap"
-CLOSED_SURFACE = "Closed surface"
+class vtkSegmentationConverter:
+    """Libs/vtkSegmentationCore/vtkSegmentationConverter.h: the representation names (static)."""
+
+    @staticmethod
+    def GetSegmentationBinaryLabelmapRepresentationName():
+        return "Binary labelmap"
+
+    @staticmethod
+    def GetSegmentationClosedSurfaceRepresentationName():
+        return "Closed surface"
+
+
+_BINARY_LABELMAP = vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()   # private shorthand, not a Slicer name
 
 # ----------------------------------------------------------------------------- nodes
 
@@ -129,6 +139,17 @@ class vtkMRMLVectorVolumeNode(vtkMRMLScalarVolumeNode):
     """Libs/MRML/Core/vtkMRMLVectorVolumeNode.h: several components per voxel (e.g. RGB)."""
 
 
+class vtkMRMLColorTableNode(vtkMRMLNode):
+    """Libs/MRML/Core/vtkMRMLColorTableNode.h: only what ExportSegmentsToLabelmapNode does with one."""
+
+    def __init__(self):
+        super().__init__()
+        self._type = None
+
+    def SetTypeToUser(self):
+        self._type = "User"
+
+
 class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
     """Libs/MRML/Core/vtkMRMLLabelMapVolumeNode.h"""
 
@@ -192,7 +213,7 @@ class vtkSegmentation:
     def __init__(self):
         self._segments = {}   # ID -> vtkSegment, in insertion order
         self._segmentIdAutogeneratorIndex = 0
-        self._sourceRepresentationName = BINARY_LABELMAP   # Slicer's default for a new segmentation
+        self._sourceRepresentationName = _BINARY_LABELMAP   # Slicer's default for a new segmentation
 
     def _generateUniqueSegmentID(self, segmentId):
         """vtkSegmentation::GenerateUniqueSegmentID: the ID itself if free, else ``<ID or Segment>_<counter>``."""
@@ -264,7 +285,7 @@ class vtkMRMLSegmentationNode(vtkMRMLTransformableNode):
         """Slicer converts existing segments first; the stand-in only switches an empty segmentation."""
         if self._segmentation.GetNumberOfSegments():
             raise NotImplementedError("stand-in converts only an empty segmentation")
-        self._segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
+        self._segmentation.SetSourceRepresentationName(_BINARY_LABELMAP)
         return True
 
     def CreateDefaultDisplayNodes(self):
@@ -455,7 +476,7 @@ class vtkSlicerSegmentationsModuleLogic:
         if labelmapNode.GetTransformNodeID() != segmentationNode.GetTransformNodeID():
             raise NotImplementedError("stand-in does not resample: the labelmap and the segmentation "
                                       "have different parent transforms")
-        if segmentation.GetSourceRepresentationName() != BINARY_LABELMAP:
+        if segmentation.GetSourceRepresentationName() != _BINARY_LABELMAP:
             return False   # Slicer: "source representation ... is not binary labelmap"
         labels = labelmapNode._array
         for index in range(updatedSegmentIDs.GetNumberOfValues()):
@@ -467,11 +488,21 @@ class vtkSlicerSegmentationsModuleLogic:
         return True
 
     def ExportSegmentsToLabelmapNode(self, segmentationNode, segmentIDs, labelmapNode, referenceVolumeNode=None,
-                                     extentComputationMode=None, colorTableNode=None):
+                                     extentComputationMode=None, exportColorTable=None):
         """Segments ``segmentIDs`` (vtkStringArray) -> label values 1..N in ``labelmapNode``, in the reference
-        volume's geometry. Slicer resamples a segment stored in another geometry; the stand-in refuses."""
+        volume's geometry. Slicer resamples a segment stored in another geometry; the stand-in refuses.
+        ``extentComputationMode``: Slicer's default is vtkSegmentation::EXTENT_UNION_OF_EFFECTIVE_SEGMENTS;
+        the stand-in exports the reference volume's whole extent, as arrayFromSegmentBinaryLabelmap gives.
+        Without ``exportColorTable`` Slicer adds a colour table node named ``<labelmap name>_ColorTable``
+        to the labelmap's scene (which slicer.util.arrayFromSegmentBinaryLabelmap before Slicer 5.10
+        does not remove); so does the stand-in."""
         if referenceVolumeNode is None:
             raise NotImplementedError("stand-in needs a reference volume")
+        if exportColorTable is None and labelmapNode._scene is not None:
+            colorTable = vtkMRMLColorTableNode()
+            colorTable.SetName(labelmapNode.GetName() + "_ColorTable")
+            colorTable.SetTypeToUser()
+            labelmapNode._scene.AddNode(colorTable)
         if referenceVolumeNode.GetTransformNodeID() != segmentationNode.GetTransformNodeID():
             raise NotImplementedError("stand-in does not resample: the reference volume and the segmentation "
                                       "have different parent transforms")

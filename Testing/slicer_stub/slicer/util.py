@@ -151,16 +151,18 @@ def pip_install(requirements):
 
 
 class VTKObservationMixin:
-    """util.py ``VTKObservationMixin``: the widget's observer bookkeeping (the widget does not run here)."""
+    """util.py ``VTKObservationMixin``: the widget's observer bookkeeping (the widget does not run here).
+    Slicer's keeps ``Observations`` as (obj, event, method, group, tag, priority); the module never
+    reads it, so the stand-in keeps its own private list rather than a look-alike."""
 
     def __init__(self):
-        self.Observations = []
+        self._observed = []
 
     def addObserver(self, obj, event, method, group="none", priority=0.0):
-        self.Observations.append((obj, event, method))
+        self._observed.append((obj, event, method))
 
     def removeObserver(self, obj, event, method):
-        self.Observations = [o for o in self.Observations if o != (obj, event, method)]
+        self._observed = [o for o in self._observed if o != (obj, event, method)]
 
     def removeObservers(self, method=None):
-        self.Observations = [o for o in self.Observations if method is not None and o[2] != method]
+        self._observed = [o for o in self._observed if method is not None and o[2] != method]
