@@ -111,6 +111,42 @@ def test_info_refuses_metadata_that_is_not_an_object_and_prints_one_line_in_json
     assert all(isinstance(json.loads(line), dict) for line in lines)     # one object per line
 
 
+def test_a_foreign_file_is_refused_before_its_tensors_are_read(saved, tmp_path, monkeypatch):
+    """A large safetensors model of another kind must not be loaded whole only to be refused."""
+    import safetensors
+    from safetensors.torch import save_file
+    path = tmp_path / "other_model.safetensors"
+    save_file({"w": torch.zeros(3)}, str(path))
+    real, read = safetensors.safe_open, []
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self._file = real(*args, **kwargs)
+
+        def __enter__(self):
+            self._open = self._file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._file.__exit__(*exc)
+
+        def metadata(self):
+            return self._open.metadata()
+
+        def keys(self):
+            return self._open.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self._open.get_tensor(key)
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    with pytest.raises(VaeudaError, match="without the 'vaeuda-model' metadata"):
+        load_model(path)
+    assert read == []
+    load_model(saved[1])                                   # the spy does see a model file's reads
+    assert len(read) == len(saved[0].state_dict())
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(VaeudaError, match="model file not found"):
         load_model(tmp_path / "nope.safetensors")

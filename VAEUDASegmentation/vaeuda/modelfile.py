@@ -62,11 +62,11 @@ def read_tensors(path) -> Tuple[Dict[str, torch.Tensor], dict, Dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
+            if header.get("format") != FORMAT:   # before its tensors are read: it may be a large model of another kind
+                raise VaeudaError(f"{path}: not a VAE-UDA model file (safetensors without the '{FORMAT}' metadata).")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise VaeudaError(f"{path}: not a VAE-UDA model file (not a readable safetensors file: {exc}).") from None
-    if header.get("format") != FORMAT:
-        raise VaeudaError(f"{path}: not a VAE-UDA model file (safetensors without the '{FORMAT}' metadata).")
     try:
         version = int(header.get("format_version", "0"))
     except ValueError:

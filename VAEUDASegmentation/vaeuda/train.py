@@ -453,7 +453,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
                 else:
                     early.bad_evals += 1
                     if early.bad_evals >= stage.early_stop:
-                        reporter.log(f"early stop at iteration {it}: the cycle-consistency proxy has not improved "
+                        proxy_name = "cycle-consistency" if "T_cyc" in terms else "target reconstruction"
+                        reporter.log(f"early stop at iteration {it}: the {proxy_name} proxy has not improved "
                                      f"for {early.bad_evals} evaluations; keeping iteration {early.best_iteration}")
                         break
         if it % cfg.checkpoint_every == 0 and it < stage.iterations:
