@@ -137,14 +137,34 @@ def test_curves_have_entries(table1):
     assert len(js["findings"]) == 8
 
 
+def _write_splits(folder):
+    splits = {m: {"train": [f"{m}_1001"], "test": [f"{m}_1002"]} for m in ("mr", "ct")}
+    (folder / "splits.json").write_text(json.dumps(splits))
+
+
 def test_portable_and_default_numerics_runs_do_not_share_models(tmp_path, monkeypatch):
     from vaeuda import machine
+    _write_splits(tmp_path)
     monkeypatch.setattr(machine, "portable", lambda: False)
     default = experiment.run_settings(tmp_path, "cpu", "cpu")
     monkeypatch.setattr(machine, "portable", lambda: True)
     portable = experiment.run_settings(tmp_path, "cpu", "cpu")
     assert default != portable and {k for k in default if default[k] != portable[k]} == {"portable"}
     assert default["cohort"] == str(tmp_path.resolve()) and default["training"]["adapt"]["ema_decay"] == 0.995
+
+
+def test_a_cohort_made_again_in_the_same_folder_is_another_cohort(tmp_path):
+    import os
+    (tmp_path / "ct_1001_image.nii.gz").write_bytes(b"first")
+    _write_splits(tmp_path)
+    before = experiment.run_settings(tmp_path, "cpu", "cpu")
+    assert experiment.run_settings(tmp_path, "cpu", "cpu") == before          # unchanged: reused
+    (tmp_path / "table1.md").write_text("a report written beside the cohort")
+    assert experiment.run_settings(tmp_path, "cpu", "cpu") == before          # not the cohort's
+    (tmp_path / "ct_1001_image.nii.gz").write_bytes(b"other")                 # same size, written again
+    os.utime(tmp_path / "ct_1001_image.nii.gz", ns=(1, 1))
+    after = experiment.run_settings(tmp_path, "cpu", "cpu")
+    assert {k for k in before if before[k] != after[k]} == {"cohort_state"}
 
 
 def test_rerun_reuses_models_with_the_same_settings(tmp_path):

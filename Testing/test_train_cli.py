@@ -117,6 +117,28 @@ def test_nan_stops_training_and_keeps_last_checkpoint(tiny_cohort, tmp_path, mon
     assert json.loads(header["train_state"])["iteration"] == 4
 
 
+def test_weights_that_a_finite_loss_stepped_to_nan_are_never_checkpointed(tiny_cohort, tmp_path, monkeypatch):
+    """An infinite gradient under a finite loss makes Adam's step NaN; the checkpoint of that iteration
+    (and the model file) would hold it, and the loss only shows it an iteration later."""
+    calls = {"n": 0}
+    real = train_mod.routed_backward
+
+    def infinite_gradient_at_4(net, weighted):
+        real(net, weighted)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            next(net.dec_s.parameters()).grad.fill_(float("inf"))
+    monkeypatch.setattr(train_mod, "routed_backward", infinite_gradient_at_4)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(VaeudaError, match=r"weights of dec_s became NaN or infinite by iteration 4 of the source "
+                                          r"stage; the last good checkpoint is kept at"):
+        _train(tiny_cohort, out, iterations=10, overrides={"checkpoint_every": 2})
+    assert not out.exists()
+    tensors, _, header = read_tensors(checkpoint_path(out))
+    assert json.loads(header["train_state"])["iteration"] == 2
+    assert all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
 def test_weight_average_is_the_ema_of_the_iterates(tiny_cohort, tmp_path):
     """With ema_decay d the saved weights are d * w1 + (1 - d) * w2 after two steps (w_i: live weights)."""
     w1, w2, avg = (tmp_path / f"{n}.safetensors" for n in ("w1", "w2", "avg"))
@@ -165,6 +187,15 @@ def test_input_size_replaces_the_presets_and_follows_the_model(tiny_cohort, tmp_
                  str(c / "ct_1002_image.nii.gz")]) == 0
     seg, image = sitk.ReadImage(str(out / "ct_1002_image_seg.nii.gz")), sitk.ReadImage(str(c / "ct_1002_image.nii.gz"))
     assert seg.GetSize() == image.GetSize() and seg.GetOrigin() == image.GetOrigin()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 64), "1.5"])
+def test_seed_outside_what_the_generators_take_is_a_usage_error(tmp_path, capsys, seed):
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", str(tmp_path / "cohort"), "--seed", seed])
+    assert exit_.value.code == 2
+    assert f"--seed: must be a whole number from 0 to {2 ** 64 - 1}, not '{seed}'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("preset, size, message", [

@@ -23,6 +23,20 @@ INTENSITY_REMAP_HELP = ("not part of the 2019 method: the source encoder reads r
                         "(Docs/results.md)")
 
 
+MAX_SEED = 2 ** 64 - 1   # torch's generators take 0 .. 2**64 - 1; numpy's (the phantom's) no negative seed
+
+
+def _seed(text: str) -> int:
+    """--seed: a whole number from 0 to MAX_SEED (argparse's usage error otherwise, not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}, not {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=MODES, default="auto",
                    help="progress display: tty bar with ETA, json lines (for Slicer), or none; log lines go to "
@@ -39,7 +53,7 @@ def _numerics(p: argparse.ArgumentParser) -> None:
 def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, help="training iterations (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="slices per batch (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0, help="seeds every randomness (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds every randomness (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto uses a CUDA GPU when present (with bf16 autocast), else the CPU")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if an earlier run was interrupted")
@@ -58,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-source", type=int, default=20, help="MR subjects (default 20)")
     p.add_argument("--n-target", type=int, default=20, help="CT subjects (default 20)")
     p.add_argument("--n-train", type=int, default=16, help="training subjects per modality (default 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--size", type=int, help="voxels per side (default: realistic per modality)")
     _common(p)
 
@@ -132,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic cohort, with a report")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="a smoke run of the same pipeline at the tiny preset (seconds; its numbers mean nothing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--intensity-remap", action="store_true", help="train the source model with --intensity-remap: "
                                                                   + INTENSITY_REMAP_HELP)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -146,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--repeats", type=int, default=6)
     e.add_argument("--preset", choices=("cpu", "paper", "tiny"), default=None)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=_seed, default=0)
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     e.add_argument("--iterations-scale", type=float, default=1.0, help="scale every stage's iterations (smoke runs)")
     _numerics(e)

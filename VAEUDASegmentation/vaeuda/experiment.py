@@ -28,6 +28,7 @@ interrupted run picks up where it stopped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -217,13 +218,28 @@ def _normalised(spec: dict) -> dict:
     return json.loads(json.dumps(_json_ready(spec)))
 
 
+def cohort_state(cohort: Path) -> str:
+    """A digest of the cohort as it is now: ``splits.json`` and the files of every scan it names
+    (names, sizes, modification times). A cohort made again in the same folder (another seed) is
+    another cohort; files it does not name (reports written beside it) do not count."""
+    prefixes = [p for modality in ("mr", "ct") for split in ("train", "test")
+                for p in cohort_split(cohort, modality, split)]
+    h = hashlib.sha256()
+    for item in sorted(Path(cohort).iterdir()):
+        if item.is_file() and (item.name == "splits.json" or any(item.name.startswith(p + "_") for p in prefixes)):
+            stat = item.stat()
+            h.update(f"{item.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def run_settings(cohort: Path, preset: str, device_type: str) -> dict:
     """What every model of a Table-1 run shares; a model whose record holds other settings is not
     reused. The engine's training defaults are among them (a model an older engine trained is
-    retrained), and so is ``--portable`` (a portable rerun must not reuse default-numerics models)."""
+    retrained), so are ``--portable`` (a portable rerun must not reuse default-numerics models) and
+    the cohort's files (:func:`cohort_state`)."""
     from .train import preset_training
-    return {"cohort": str(Path(cohort).resolve()), "preset": preset, "device": device_type,
-            "training": preset_training(preset), "portable": machine.portable()}
+    return {"cohort": str(Path(cohort).resolve()), "cohort_state": cohort_state(cohort), "preset": preset,
+            "device": device_type, "training": preset_training(preset), "portable": machine.portable()}
 
 
 def _trained(models: Path, name: str, spec: dict, train: Callable[[Path], dict],

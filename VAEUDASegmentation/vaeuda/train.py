@@ -320,6 +320,20 @@ def save_checkpoint(path: Path, net, opts, gen: torch.Generator, iteration: int,
     save_model(path, net, meta, extra_tensors=extra, extra_header={"train_state": json.dumps(state)})
 
 
+def _kept(good_checkpoint: Optional[Path]) -> str:
+    return (f"the last good checkpoint is kept at {good_checkpoint}" if good_checkpoint
+            else "no checkpoint had been written yet")
+
+
+def _refuse_non_finite_weights(net: VAEUDANet, when: str, good_checkpoint: Optional[Path]) -> None:
+    """A finite loss can still step weights to infinity (an infinite gradient): never save those."""
+    bad = [name for name in VAEUDANet.MODULES
+           if not all(bool(torch.isfinite(p).all()) for p in getattr(net, name).parameters())]
+    if bad:
+        raise VaeudaError(f"training diverged: weights of {', '.join(bad)} became NaN or infinite {when}; "
+                          f"{_kept(good_checkpoint)}.")
+
+
 def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.device, seed: int,
               resume: bool = False, reporter: Optional[Reporter] = None) -> dict:
     """Train ``net`` for one stage, checkpointing as it goes, and write the model file ``stage.out``.
@@ -423,10 +437,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         total = sum(weighted.values())
         if not torch.isfinite(total):
             bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-            where = (f"the last good checkpoint is kept at {good_checkpoint}" if good_checkpoint
-                     else "no checkpoint had been written yet")
             raise VaeudaError(f"training diverged: loss {', '.join(bad) or 'total'} became NaN or infinite at "
-                              f"iteration {it} of the {stage.name} stage; {where}.")
+                              f"iteration {it} of the {stage.name} stage; {_kept(good_checkpoint)}.")
         opts[0].zero_grad(set_to_none=True)
         routed_backward(net, weighted)
         opts[0].step()
@@ -458,6 +470,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
                                      f"for {early.bad_evals} evaluations; keeping iteration {early.best_iteration}")
                         break
         if it % cfg.checkpoint_every == 0 and it < stage.iterations:
+            _refuse_non_finite_weights(net, f"by iteration {it} of the {stage.name} stage", good_checkpoint)
             save_checkpoint(ckpt, net, opts, gen, it, history, stage.meta, ema, early)
             good_checkpoint = ckpt
     reporter.close()
@@ -469,6 +482,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         stage.meta["provenance"]["early_stopped_at"] = early.best_iteration
     stage.meta["provenance"]["iterations_done"] = it
     stage.meta["history"] = history
+    _refuse_non_finite_weights(net, f"by the end of the {stage.name} stage", good_checkpoint)   # what would be saved
     net.eval()
     save_model(stage.out, net, stage.meta)
     if ckpt.exists():
