@@ -302,8 +302,14 @@ class EarlyStopState:
     best_weights: Optional[dict] = None     # the state_dict of the network the file would hold then
 
     def header(self) -> dict:
-        return {"proxy_ema": self.proxy_ema, "bad_evals": self.bad_evals, "best_proxy": self.best_proxy,
-                "best_iteration": self.best_iteration}
+        """The checkpoint's ``train_state["early_stop"]``: every field but the weights (kept as tensors)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "best_weights"}
+
+    @classmethod
+    def restored(cls, header: dict, best_weights: Optional[dict]) -> "EarlyStopState":
+        """The state :meth:`header` and the checkpoint's ``best.*`` tensors describe."""
+        return cls(**{name: header[name] for name in cls().header() if name in header},
+                   best_weights=best_weights or None)
 
 
 def save_checkpoint(path: Path, net, opts, gen: torch.Generator, iteration: int, history: list, meta: dict,
@@ -388,10 +394,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
                 raise VaeudaError(f"{ckpt}: checkpoint has no weight average, but this run keeps one (ema_decay).")
             ema.load_state_dict(ema_state)
         if isinstance(state.get("early_stop"), dict):
-            kept = state["early_stop"]
             best_weights = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
-            early = EarlyStopState(kept.get("proxy_ema"), int(kept.get("bad_evals", 0)), kept.get("best_proxy"),
-                                   kept.get("best_iteration"), best_weights or None)
+            early = EarlyStopState.restored(state["early_stop"], best_weights)
         reporter.log(f"resuming {stage.name} from iteration {start} ({ckpt})")
 
     seg_loss = SegmentationLoss(cfg.class_weights).to(device)

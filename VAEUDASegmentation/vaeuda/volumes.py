@@ -143,10 +143,9 @@ def _check_nifti_complete(path: Path) -> None:
         return
     truncated = _truncated(path)
     with open(path, "rb") as f:
-        compressed = f.read(2) == GZIP_MAGIC
-    if not compressed:
-        with open(path, "rb") as f:
-            layout = _nifti_layout(f.read(540))
+        head = f.read(540)
+    if head[:2] != GZIP_MAGIC:
+        layout = _nifti_layout(head)
         if layout is not None and path.stat().st_size < sum(layout):
             raise truncated
         return
