@@ -50,6 +50,36 @@ def test_atomic_dir_leaves_nothing_when_the_work_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] in ([], ["out"])
 
 
+def test_atomic_dir_undoes_the_moves_made_when_one_fails(tmp_path, monkeypatch):
+    """A rename that fails midway (a full disk, a file held open elsewhere) leaves the folder as it was."""
+    import os
+    from vaeuda import fileio
+    out = tmp_path / "out"
+    (out / "a_seg").mkdir(parents=True)
+    (out / "a_seg" / "old.nii.gz").write_text("old a")
+    (out / "b_seg.nii.gz").write_text("old b")
+    (out / "notes.txt").write_text("mine")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if os.path.basename(src) == "c_seg.nii.gz" and ".part" in str(src):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", failing_replace)
+    with pytest.raises(VaeudaError, match=r"out: cannot be written \(No space left on device\)"), \
+            atomic_dir(out) as staging:
+        (staging / "a_seg").mkdir()
+        (staging / "a_seg" / "new.nii.gz").write_text("new a")
+        for name in ("b_seg.nii.gz", "c_seg.nii.gz"):
+            (staging / name).write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg", "b_seg.nii.gz", "notes.txt"]
+    assert [p.name for p in (out / "a_seg").iterdir()] == ["old.nii.gz"]
+    assert (out / "a_seg" / "old.nii.gz").read_text() == "old a"
+    assert (out / "b_seg.nii.gz").read_text() == "old b" and (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_make_dir_makes_parents_and_names_a_folder_it_cannot_make(tmp_path):
     assert make_dir(tmp_path / "a" / "b").is_dir()
     blocker = tmp_path / "file"

@@ -165,6 +165,11 @@ def test_terminology_entry_has_the_seven_parts_and_the_structure_code(mod):
         assert parts[1] == "SCT^123037004^Anatomical Structure"
         assert parts[2] == f"SCT^{structure.snomed_code}^{structure.snomed_meaning}"
         assert parts[3] == "^^"
+    # Each code with its own meaning (SNOMED CT / DICOM CID 7152): 74281007 is the myocardium as a
+    # whole; "left ventricle" is in the segment's name, not in that code.
+    assert [mod.terminologyEntry(s).split("~")[2] for s in mod.STRUCTURES] == [
+        "SCT^74281007^Myocardium", "SCT^82471001^Left atrium", "SCT^87878005^Left ventricle",
+        "SCT^54247002^Ascending aorta"]
 
 
 def test_read_model_metadata(mod, tmp_path):
@@ -323,6 +328,22 @@ def test_cancel_mid_job_kills_the_process_tree_and_leaves_nothing(slicer, mod, f
     while is_alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not is_alive(grandchild), "the engine's own child process survived the cancel"
+
+
+def test_cancel_with_detach_calls_nothing_back_and_still_cleans_up(slicer, mod, fake_logic, monkeypatch, tmp_path):
+    """The widget's cleanup cancels with detach=True: its callbacks would reach deleted Qt objects."""
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    events, results = [], []
+    fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), waitForCompletion=False,
+                       progressCallback=events.append, finishedCallback=results.append)
+    pump(slicer, lambda: any(e["event"] == "progress" for e in events))
+    seen = len(events)
+    fake_logic.cancel(detach=True)
+    pump(slicer, lambda: not fake_logic.isRunning())
+    assert results == [] and len(events) == seen
+    assert os.listdir(slicer.app.temporaryPath) == []
 
 
 def test_cancel_from_a_progress_callback_stops_a_blocking_call(slicer, mod, fake_logic, monkeypatch, tmp_path):

@@ -281,8 +281,9 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def cleanup(self) -> None:
         # Leaving Slicer (or reloading) must not leave an engine process running.
+        # Its callbacks would reach this widget's deleted Qt objects, so they are dropped too.
         if self.logic is not None and self.logic.isRunning():
-            self.logic.cancel()
+            self.logic.cancel(detach=True)
         self.removeObservers()
 
     def enter(self) -> None:
@@ -619,13 +620,17 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     def isRunning(self) -> bool:
         return self._job is not None
 
-    def cancel(self) -> None:
+    def cancel(self, detach: bool = False) -> None:
         """Stop the running job: kill the engine process and all its children. The scene is not changed.
 
         A blocking call then raises :class:`JobCancelledError`; a background one reports a
-        ``cancelled`` :class:`JobResult` to its ``finishedCallback``.
+        ``cancelled`` :class:`JobResult` to its ``finishedCallback``, unless ``detach``: then the
+        job's callbacks are dropped and nothing is called back (a widget that is being destroyed
+        calls it so; the job still cleans up its temporary folder).
         """
         if self._job is not None:
+            if detach:
+                self._job.progressCallback = self._job.finishedCallback = None
             self._job.process.cancel()
 
     def _engineArgs(self) -> List[str]:

@@ -122,7 +122,9 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     """Yield a temporary folder; on success its contents move into ``path`` (which must not hold other work).
 
     Files already in ``path`` that the new folder does not have are kept. The temporary folder is
-    inside ``path`` when that exists (so only ``path`` need be writable), else beside it.
+    inside ``path`` when that exists (so only ``path`` need be writable), else beside it. The
+    entries it replaces are first moved aside, so that when a move fails midway the ones already
+    made are undone and ``path`` is left as it was.
     """
     path = Path(path)
     try:
@@ -136,14 +138,39 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         yield tmp
         try:
             path.mkdir(parents=True, exist_ok=True)
-            for item in tmp.iterdir():
-                target = path / item.name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                os.replace(item, target)
+            _move_entries(tmp, path)
             tmp.rmdir()
         except OSError as exc:
             raise _unwritable(path, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_entries(source: Path, dest: Path) -> None:
+    """Move every entry of ``source`` into ``dest``, replacing those of the same name, all or none."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest))
+    done = []   # (name, whether an old entry was moved aside), in order
+    try:
+        for item in sorted(source.iterdir()):
+            target = dest / item.name
+            replaced = target.exists() or target.is_symlink()
+            if replaced:
+                os.replace(target, aside / item.name)
+            done.append((item.name, replaced))
+            os.replace(item, target)
+    except BaseException:
+        restored = True
+        for name, replaced in reversed(done):
+            target = dest / name
+            try:
+                if not (source / name).exists() and not (source / name).is_symlink():   # the new entry got there
+                    os.replace(target, source / name)
+                if replaced:
+                    os.replace(aside / name, target)
+            except OSError:
+                restored = False
+        if restored:   # else the old entries stay in ``aside``, not deleted
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

@@ -27,11 +27,11 @@ class Structure:
     mmwhs_value: int    # value in MM-WHS label files
     color: Tuple[float, float, float]  # RGB in 0..1, as Slicer segments use
     snomed_code: str    # SNOMED CT code of the anatomic structure (terminology entry)
-    snomed_meaning: str
+    snomed_meaning: str  # the code's meaning, as DICOM lists it (not the segment name)
 
 
 STRUCTURES: Tuple[Structure, ...] = (
-    Structure(1, "LV-M", "LV myocardium", 205, (0.85, 0.55, 0.25), "74281007", "Myocardium of left ventricle"),
+    Structure(1, "LV-M", "LV myocardium", 205, (0.85, 0.55, 0.25), "74281007", "Myocardium"),
     Structure(2, "LA-B", "LA blood cavity", 420, (0.30, 0.60, 0.90), "82471001", "Left atrium"),
     Structure(3, "LV-B", "LV blood cavity", 500, (0.90, 0.25, 0.25), "87878005", "Left ventricle"),
     Structure(4, "A-A", "Ascending aorta", 820, (0.95, 0.85, 0.30), "54247002", "Ascending aorta"),
