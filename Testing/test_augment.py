@@ -78,8 +78,8 @@ def test_gamma_keeps_each_images_range_and_applies_one_power():
 
 def test_labels_follow_the_images_grid_by_nearest_neighbour():
     """Each output label is the input label at the nearest input pixel of the same sampling point
-    as the image (align_corners=False: pixel = ((g + 1) * S - 1) / 2), 0 outside; so only the input's
-    label values occur."""
+    as the image (align_corners=False: pixel = ((g + 1) * S - 1) / 2), the border pixel's outside;
+    so only the input's label values occur."""
     gen = torch.Generator().manual_seed(3)
     labels = torch.zeros(16, SIZE, SIZE, dtype=torch.long)
     labels[:, 6:20, 8:26] = 4
@@ -89,12 +89,23 @@ def test_labels_follow_the_images_grid_by_nearest_neighbour():
     grid = random_grid(16, SIZE, AugmentConfig(), torch.Generator().manual_seed(3), "cpu").numpy()
     col = np.rint(((grid[..., 0] + 1) * SIZE - 1) / 2).astype(int)
     row = np.rint(((grid[..., 1] + 1) * SIZE - 1) / 2).astype(int)
-    inside = (col >= 0) & (col < SIZE) & (row >= 0) & (row < SIZE)
     n = np.arange(16)[:, None, None]
-    expected = np.where(inside, labels.numpy()[n, row.clip(0, SIZE - 1), col.clip(0, SIZE - 1)], 0)
+    expected = labels.numpy()[n, row.clip(0, SIZE - 1), col.clip(0, SIZE - 1)]
     assert set(np.unique(out_labels.numpy())) <= {0, 2, 4}
     assert (out_labels.numpy() == expected).mean() > 0.999      # rounding ties aside
     assert out.shape == images.shape and out_labels.dtype == torch.long
+
+
+def test_a_structure_at_the_edge_stays_labelled_where_the_image_shows_it():
+    """The image replicates its border outside the slice; the label must too, or a shift inward
+    draws a strip of the structure's intensity labelled background."""
+    labels = torch.zeros(16, SIZE, SIZE, dtype=torch.long)
+    labels[:, :, :6] = 2                                   # touches the left edge
+    images = (labels == 2).float()[:, None].repeat(1, 3, 1, 1) * 2.0
+    cfg = AugmentConfig(rotate_deg=0, shear=0, scale=0, elastic_alpha=0, gamma=0, probability=1.0)
+    out, out_labels = augment_batch(images, labels, cfg, torch.Generator().manual_seed(0))
+    assert ((out[:, 0] > 1.5).sum((1, 2)) > 6 * SIZE).any()   # a shift right brought the outside in
+    assert torch.equal(out_labels == 2, out[:, 0] > 1.0)
 
 
 def _two_tissue_images(n: int) -> torch.Tensor:

@@ -76,14 +76,16 @@ def augment_batch(images: torch.Tensor, labels: Optional[torch.Tensor], cfg: Aug
                   gen: torch.Generator) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """images (B, C, S, S) float, labels (B, S, S) int64 or None -> the same shapes, transformed alike.
 
-    Images are resampled bilinearly (border values replicated), labels by nearest neighbour.
+    Images are resampled bilinearly, labels by nearest neighbour; where the grid reaches outside
+    the slice both replicate their border, so a structure that touches the edge stays labelled
+    where the image shows it.
     """
     b, _, size, _ = images.shape
     grid = random_grid(b, size, cfg, gen, images.device)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     out = random_gamma(out, cfg, gen)
     if labels is not None:
-        lab = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        lab = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="border", align_corners=False)
         labels = lab[:, 0].round().long()
     return out, labels
 
