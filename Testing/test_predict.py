@@ -36,12 +36,31 @@ def test_batched_probabilities_equal_one_eval_pass(net_and_slices, batch_size):
 
 
 def test_segment_image_uses_the_domain_asked_for(net_and_slices, segmented_domains, tmp_volume):
-    """segment_image(domain=None) takes the model's own encoder (source here); an explicit domain wins."""
+    """segment_image(domain=None) takes the model's own encoder; an explicit domain wins."""
+    net, meta, _ = net_and_slices
+    adapted = dict(meta, stage="adapted", has_target_encoder=True)
+    image = tmp_volume(np.random.default_rng(1).normal(size=(6, 7, 8)).astype(np.float32))
+    for model_meta, domain in ((meta, None), (adapted, None), (adapted, "source"), (meta, "source")):
+        predict.segment_image(net, model_meta, image, torch.device("cpu"), domain=domain)
+    assert segmented_domains == ["source", "target", "source", "source"]
+
+
+def test_the_target_encoder_of_a_model_that_was_never_adapted_is_refused(net_and_slices, segmented_domains,
+                                                                        tmp_volume, tiny_source_model, tmp_path):
+    """Only adaptation trains E_T: in a source (or fine-tuned) model it holds random weights, and
+    segmenting with it wrote all-background files without a word. An unknown domain is refused too
+    (any string but "source" used to select E_T)."""
     net, meta, _ = net_and_slices
     image = tmp_volume(np.random.default_rng(1).normal(size=(6, 7, 8)).astype(np.float32))
-    for domain in (None, "target", "source"):
-        predict.segment_image(net, meta, image, torch.device("cpu"), domain=domain)
-    assert segmented_domains == ["source", "target", "source"]
+    with pytest.raises(VaeudaError, match="a source model has no trained target encoder"):
+        predict.segment_image(net, meta, image, torch.device("cpu"), domain="target")
+    with pytest.raises(VaeudaError, match="--domain must be source or target, not 'Source'"):
+        predict.segment_image(net, meta, image, torch.device("cpu"), domain="Source")
+    assert segmented_domains == []
+    volume = tmp_volume(np.zeros((6, 7, 8), np.float32), name="ct_image.nii.gz")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tiny_source_model))}: a source model has no trained"):
+        predict.segment_files(tiny_source_model, [volume], tmp_path / "out", domain="target")
+    assert not (tmp_path / "out").exists()
 
 
 def test_outputs_are_named_by_the_input_as_given_not_by_where_a_link_points(tmp_path, monkeypatch):

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (bounds memory)")
-    p.add_argument("--domain", choices=("source", "target"), help="force an encoder (default: target if adapted)")
+    p.add_argument("--domain", choices=("source", "target"), help="force an encoder (default: target if adapted; target only for an adapted model)")
     p.add_argument("--cpu-bf16", action="store_true",
                    help="bf16 autocast on the CPU too (as on CUDA): 1.6-1.9x faster on CPUs with native bf16 "
                         "(AVX512-BF16, AMX), slower where it is emulated; a few voxels may change label")

@@ -28,6 +28,23 @@ def model_domain(meta: dict) -> str:
     return "target" if meta.get("has_target_encoder") else "source"
 
 
+def _check_domain_name(domain: str) -> None:
+    if domain not in ("source", "target"):
+        raise VaeudaError(f"--domain must be source or target, not '{domain}'.")
+
+
+def check_domain(meta: dict, domain: Optional[str], model_path="the model") -> str:
+    """The encoder to segment with: ``domain`` if given and usable, else :func:`model_domain`.
+    Only adaptation trains E_T; in a source or fine-tuned model it holds its random initial weights."""
+    if domain is None:
+        return model_domain(meta)
+    _check_domain_name(domain)
+    if domain == "target" and not meta.get("has_target_encoder"):
+        raise VaeudaError(f"{model_path}: a {meta.get('stage', 'non-adapted')} model has no trained target encoder; "
+                          "segment with --domain source or adapt it first.")
+    return domain
+
+
 def slice_probabilities(net: VAEUDANet, slices: np.ndarray, domain: str, device: torch.device,
                         batch_size: int = 16, cpu_bf16: bool = False) -> np.ndarray:
     """slices (N, 3, S, S) float32 -> softmax probabilities (N, C, S, S) float16.
@@ -55,7 +72,7 @@ def segment_image(net: VAEUDANet, meta: dict, image: sitk.Image, device: torch.d
 
     grid = SliceGrid.from_image(image, net.cfg.input_size, net.cfg.slice_fov_mm)
     slices = grid.image_slices(image, meta["normalisation"])
-    probs = slice_probabilities(net, slices, domain or model_domain(meta), device, batch_size, cpu_bf16)
+    probs = slice_probabilities(net, slices, check_domain(meta, domain), device, batch_size, cpu_bf16)
     return grid.scores_to_image(probs)
 
 
@@ -82,8 +99,8 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
 
     reporter = reporter or null_reporter()
     require_count("--batch-size", batch_size)   # before the model is loaded
-    if domain and domain not in ("source", "target"):
-        raise VaeudaError(f"--domain must be source or target, not '{domain}'.")
+    if domain is not None:
+        _check_domain_name(domain)
     check_output_dir(out_dir)
     for path in inputs:                         # before the model is loaded and earlier inputs segmented
         if not Path(path).exists():
@@ -108,7 +125,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     dev = resolve_device(device)
     net, meta = load_model(model_path, str(dev))
     convention = Convention.from_dict(meta["labels"]["convention"])
-    dom = domain or model_domain(meta)
+    dom = check_domain(meta, domain, model_path)
     reporter.log(f"segmenting {len(inputs)} volume(s) with the {dom} encoder of {model_path}")
     reporter.stage("segment", len(inputs))
     with atomic_dir(out_dir) as staging:
