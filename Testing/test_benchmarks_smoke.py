@@ -167,6 +167,30 @@ def test_adaptation_curves(tiny_cohort, tiny_source_model, tmp_path, switch):
     assert load_model(model)[1]["train"]["use_adv"] is (switch is None)
 
 
+def test_adaptation_curves_reads_a_vanilla_discriminators_logits_as_scores(tiny_cohort, tmp_path):
+    """A source model trained with the log-form GAN loss keeps it in adaptation (train.adapt inherits
+    it), so its discriminator gives logits; the curve must show them through the sigmoid (real 1,
+    fake 0) without --set gan_mode saying so."""
+    import torch
+    from vaeuda.modelfile import load_model
+    from vaeuda.train import train_source
+    source, out = tmp_path / "vanilla.safetensors", tmp_path / "curves.json"
+    train_source([tiny_cohort / "mr_1001_image.nii.gz"], [tiny_cohort / "mr_1001_label.nii.gz"], source,
+                 preset="tiny", iterations=2, seed=0, device="cpu", overrides={"gan_mode": "vanilla"})
+    proc = _run("adaptation_curves.py", "--model", str(source), "--cohort", str(tiny_cohort),
+                "--target", "ct_1001", "--val", "ct_1002", "--iterations", "1", "--every", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recorded = json.loads(out.read_text())["curve"][0]["disc"]["x_S"]
+    curves, common = _bench_module("adaptation_curves"), _bench_module("common")
+    net, meta = load_model(source)
+    from vaeuda.demo import cohort_split
+    mr = common.cohort_slices(tiny_cohort, cohort_split(tiny_cohort, "mr", "train")[:2], net.cfg,
+                              meta["normalisation"]).images
+    with torch.no_grad():
+        expected = curves.mean_score(net.disc, curves.fixed_slices(mr, curves.DISC_SLICES, 0), "vanilla")
+    assert recorded == pytest.approx(expected, abs=1e-4) and 0 < recorded < 1
+
+
 def test_adaptation_curves_records_the_translations_contrast(tiny_cohort, tiny_source_model, tmp_path):
     from vaeuda.diagnose import translation_contrast
     from vaeuda.modelfile import load_model

@@ -102,8 +102,10 @@ def test_draws_and_ablations_share_them(table1):
     trained = [read_tensors(out / "models" / f"{n}_r1_{draws[0]}.safetensors")[1]["train"] for n in ("nokl", "noadv")]
     assert [(t["use_kl"], t["use_adv"]) for t in trained] == [(False, True), (True, False)]
     # and the engine's training defaults are in every record, so other defaults retrain
-    from vaeuda.train import ADAPT_TRAINING
-    assert nokl["training"]["adapt"] == ADAPT_TRAINING["tiny"]
+    RUN_SPECIFIC = ("use_kl", "class_weights", "eval_every")   # the run's switch, its data, the curve's spacing
+    assert nokl["training"]["adapt"]["ema_decay"] == 0.98 and nokl["training"]["adapt"]["batch_size"] == 2
+    assert {k: v for k, v in trained[0].items() if k not in RUN_SPECIFIC} == \
+        {k: v for k, v in nokl["training"]["adapt"].items() if k not in RUN_SPECIFIC}
 
 
 def test_few_shot_slices_cross_three_structures(table1, cohort):
@@ -153,6 +155,33 @@ def test_portable_and_default_numerics_runs_do_not_share_models(tmp_path, monkey
     assert default["cohort"] == str(tmp_path.resolve()) and default["training"]["adapt"]["ema_decay"] == 0.995
 
 
+def test_models_trained_with_other_engine_defaults_are_not_reused(tmp_path, monkeypatch):
+    """The settings hold every training option as the stages resolve it, not only the preset's
+    extras: a default batch size, a TrainConfig default or a network width changed since the
+    models were trained means training them again."""
+    import dataclasses
+    from vaeuda import nets, train
+    _write_splits(tmp_path)
+    before = experiment.run_settings(tmp_path, "cpu", "cpu")
+    assert before["training"]["all"]["batch_size"] == 8 and before["training"]["all"]["lr"] == 3e-4
+    assert before["training"]["adapt"]["lr"] == 5e-4 and before["network"]["base"] == 16
+    monkeypatch.setitem(train.DEFAULT_BATCH, "cpu", 4)
+    assert experiment.run_settings(tmp_path, "cpu", "cpu")["training"]["all"]["batch_size"] == 4
+    monkeypatch.undo()
+    monkeypatch.setattr(train.TrainConfig, "__init__", _with_default(train.TrainConfig.__init__, lambda_cyc=5.0))
+    assert experiment.run_settings(tmp_path, "cpu", "cpu")["training"]["adapt"]["lambda_cyc"] == 5.0
+    monkeypatch.undo()
+    monkeypatch.setitem(nets.PRESETS, "cpu", dataclasses.replace(nets.PRESETS["cpu"], base=32))
+    changed = experiment.run_settings(tmp_path, "cpu", "cpu")
+    assert {k for k in before if before[k] != changed[k]} == {"network"}
+
+
+def _with_default(init, **defaults):
+    def patched(self, *args, **kwargs):
+        init(self, *args, **{**defaults, **kwargs})
+    return patched
+
+
 def test_a_cohort_made_again_in_the_same_folder_is_another_cohort(tmp_path):
     import os
     (tmp_path / "ct_1001_image.nii.gz").write_bytes(b"first")
@@ -176,11 +205,15 @@ def test_rerun_reuses_models_with_the_same_settings(tmp_path):
         return {"history": [{"iteration": 1}], "normalisation": {"method": "zscore"}, "provenance": {"started": "t"}}
 
     null = Reporter("none")
-    _, first = experiment._trained(tmp_path, "m", {"iterations": 3, "targets": ("a",)}, train, null)
-    _, again = experiment._trained(tmp_path, "m", {"iterations": 3, "targets": ["a"]}, train, null)
+    curve_total = iter([10.0, 12.5, 99.0, 99.0, 99.0])   # the probe's running seconds: 2.5 s during training
+    clock = lambda: next(curve_total)   # noqa: E731
+    _, first = experiment._trained(tmp_path, "m", {"iterations": 3, "targets": ("a",)}, train, null, clock)
+    _, again = experiment._trained(tmp_path, "m", {"iterations": 3, "targets": ["a"]}, train, null, clock)
     _, changed = experiment._trained(tmp_path, "m", {"iterations": 4, "targets": ["a"]}, train, null)
     assert len(calls) == 2 and (first["reused"], again["reused"], changed["reused"]) == (False, True, False)
     assert again["history"] == [{"iteration": 1}]
+    # a reused model reports the curve time of its first training, not the 0 s of this run
+    assert first["seconds_curve"] == again["seconds_curve"] == 2.5 and changed["seconds_curve"] == 0.0
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -235,6 +268,10 @@ def test_findings_criteria_by_hand():
     stats = {ROW_P1: {"n": 5, "second_half_std": 1.0}, ROW_NO_KL: {"n": 5, "second_half_std": 3.0},
              ROW_NO_ADV: {"n": 2, "second_half_std": 0.5}}
     findings = experiment.check_findings(md, stats)
+    # a std only a little above Proposed-1's is not oscillation: 1.9 vs 1.0 does not hold, 2.0 does
+    for std, holds in ((1.9, False), (2.0, True)):
+        near = experiment.check_findings(md, dict(stats, **{ROW_NO_KL: {"n": 5, "second_half_std": std}}))
+        assert near[4]["holds"] is holds and near[4]["this_run"] == f"std {std:.2f} vs 1.00 points"
     assert [f["holds"] for f in findings] == [
         True,     # gain +20 >= 10 (Proposed-16's +30 would read the same, hence the text below)
         False,    # Proposed-1 40 is not within 5 of Proposed-16 50

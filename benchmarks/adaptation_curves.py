@@ -196,6 +196,8 @@ def main(argv=None) -> int:
         cohort = Path(args.cohort)
         net, meta = load_model(args.model)
         cfg, norm = net.cfg, meta["normalisation"]
+        # as train.adapt resolves it: the source model's own loss unless --set says otherwise
+        gan_mode = overrides.get("gan_mode", meta["train"].get("gan_mode", "lsgan"))
         val = args.val if args.val is not None else default_validation_scans(cohort, args.target)
         device = torch.device("cpu")
         probes = {name: HeldOutDiceProbe(cohort, scans, cfg.input_size, cfg.slice_fov_mm, norm, device)
@@ -216,7 +218,7 @@ def main(argv=None) -> int:
             row = {"iteration": iteration}
             row.update({name: round(100 * probe(iteration, averaged)["test_dice_mean"], 2)
                         for name, probe in probes.items()})
-            row["disc"] = disc_scores(live, mr, ct, overrides.get("gan_mode", "lsgan"))
+            row["disc"] = disc_scores(live, mr, ct, gan_mode)
             if args.contrast:
                 rows = translation_contrast(averaged, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
                 row["contrast"] = {short: {c: round(rows[name][col], 3) for col, c in CONTRAST_COLUMNS.items()}

@@ -60,11 +60,6 @@ PRESET_TRAINING = {"paper": {}, "cpu": {"lr": 3e-4}, "tiny": {}}
 ADAPT_TRAINING = {"paper": {"ema_decay": 0.98}, "cpu": {"lr": 5e-4, "ema_decay": 0.995}, "tiny": {"ema_decay": 0.98}}
 
 
-def preset_training(preset: str) -> Dict[str, dict]:
-    """The training defaults a preset adds to TrainConfig's, per stage group (for records and caches)."""
-    return {"all": dict(PRESET_TRAINING.get(preset, {})), "adapt": dict(ADAPT_TRAINING.get(preset, {}))}
-
-
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a training run (stored in the model file)."""
