@@ -333,6 +333,17 @@ def test_one_scan_draws_adapts_once_per_draw_and_summarises(tiny_cohort, tiny_so
     assert record["summary"]["draw_mean_dice"] == {"median": mean, "min": mean, "max": mean, "std": 0.0}
 
 
+def test_one_scan_draws_passes_set_options_to_the_engine(tiny_cohort, tiny_source_model):
+    """--set reaches train.adapt (the engine refuses a batch size of 0 in its own sentence); a
+    malformed one is a usage error before anything runs."""
+    base = ("one_scan_draws.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort), "--draws", "1",
+            "--iterations", "1", "--threads", "1")
+    proc = _run(*base, "--set", "batch_size=0")
+    assert proc.returncode == 1 and "--batch-size must be a whole number of at least 1, not 0" in proc.stderr
+    proc = _run(*base, "--set", "lr_scale")
+    assert proc.returncode == 2 and "--set lr_scale: expected NAME=VALUE" in proc.stderr
+
+
 def test_one_scan_draws_refuses_a_missing_cohort(tiny_source_model, tmp_path):
     proc = _run("one_scan_draws.py", "--model", str(tiny_source_model), "--cohort", str(tmp_path / "none"))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "splits.json" in proc.stderr

@@ -43,7 +43,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
+from common import add_set_option, cohort_slices, parsed_set_options  # (also puts the engine on sys.path)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -171,8 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-out", help="keep the adapted model here (default: a temporary folder, removed)")
     for switch in ("kl", "adv", "cycle", "task-consistency"):
         p.add_argument(f"--no-{switch}", action="store_true")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a training option (train.TrainConfig), e.g. lambda_adv=10; repeatable")
+    add_set_option(p)
     p.add_argument("--contrast", action="store_true", help="also record the translations' LV border contrast")
     p.add_argument("--latent-probe", action="store_true",
                    help="also record how well a fresh domain classifier separates the target from the source encoding")
@@ -180,15 +179,7 @@ def main(argv=None) -> int:
                    help="step E_T at this multiple of the learning rate (0: frozen at its copy of E_S)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    overrides = {"eval_every": args.every}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        try:
-            overrides[name] = json.loads(value)
-        except json.JSONDecodeError:
-            sep = ""
-        if not sep:
-            p.error(f"--set {item}: expected NAME=VALUE with a JSON value, e.g. lambda_adv=10")
+    overrides = {"eval_every": args.every, **parsed_set_options(p, args.set)}
     if args.target_encoder_lr_scale != 1.0:
         scales = overrides.get("lr_scale", {})      # not a dict: left for the engine to refuse
         overrides["lr_scale"] = {**scales, "enc_t": args.target_encoder_lr_scale} if isinstance(scales, dict) else scales

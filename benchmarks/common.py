@@ -36,6 +36,28 @@ from vaeuda.train import Stage, TrainConfig, run_stage  # noqa: E402
 
 # ----------------------------------------------------------------------------- the machine
 
+def add_set_option(parser) -> None:
+    """``--set NAME=VALUE`` (repeatable): override one of the engine's training options."""
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a training option (train.TrainConfig), e.g. lambda_adv=10 or "
+                             "lr_scale='{\"enc_t\": 2}'; values are JSON; repeatable")
+
+
+def parsed_set_options(parser, items: Sequence[str]) -> dict:
+    """The ``--set`` items as {name: JSON value}; a malformed one is the parser's usage error."""
+    import json
+    overrides = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            sep = ""
+        if not sep:
+            parser.error(f"--set {item}: expected NAME=VALUE with a JSON value, e.g. lambda_adv=10")
+    return overrides
+
+
 def load_average() -> List[float]:
     """1, 5 and 15 minute load averages (other work on the machine makes timings slower)."""
     try:

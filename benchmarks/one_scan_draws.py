@@ -1,13 +1,13 @@
 """One-scan adaptation over several draws of the adaptation scan, as the paper's Proposed-1 row.
 
     python benchmarks/one_scan_draws.py --model demo_out/models/source.safetensors \\
-        --cohort demo_out/cohort --draws 6 --out draws.json [--threads 2] [--iterations N]
+        --cohort demo_out/cohort --draws 6 --out draws.json [--threads 2] [--iterations N] [--set NAME=VALUE]
 
 ``make demo`` adapts on one scan drawn from the 16-scan CT training pool; the paper averages six
 adaptations on six randomly chosen scans ("to avoid being biased on one particular target
 training scan"). This script adapts the given source model on each of ``--draws`` scans, drawn
 as ``vaeuda experiment table1`` draws them (``experiment.draw_targets`` with ``--draw-seed``), with
-the engine's defaults and the adaptation seed ``--seed``, and scores each adapted model on the
+the engine's defaults (or the ``--set`` overrides) and the adaptation seed ``--seed``, and scores each adapted model on the
 cohort's CT test split. On the cohort of ``vaeuda demo --seed S``, ``--draw-seed S --seed S`` makes
 the first draw that demo's own adaptation (scan and seed). It reuses the source model instead of
 training one (unlike ``table1``), so it measures the draw alone.
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_info  # (also puts the engine on sys.path, as for every benchmark script)
+from common import add_set_option, machine_info, parsed_set_options  # (also puts the engine on sys.path)
 
 import torch  # noqa: E402
 
@@ -57,9 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, help="adaptation iterations (default: the preset's)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as make demo on 2 cores)")
     p.add_argument("--out", help="write the record to this JSON file")
+    add_set_option(p)
     args = p.parse_args(argv)
     if args.draws < 1:
         p.error("--draws must be at least 1")
+    overrides = parsed_set_options(p, args.set)
     torch.set_num_threads(args.threads)
     cohort = Path(args.cohort)
     try:
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
                 started = time.time()
                 model = Path(scratch) / f"adapted_{scan}.safetensors"
                 train.adapt(args.model, [image_of(cohort, scan)], model, iterations=args.iterations,
-                            seed=args.seed, device="cpu")
+                            seed=args.seed, device="cpu", overrides=overrides or None)
                 result = evaluate_model(model, cohort, tests, Path(scratch) / f"pred_{scan}", "cpu", null_reporter())
                 dice = {k: round(100 * v["dice"]["mean"], 2) for k, v in result["summary"].items()}
                 draws.append({"scan": scan, "dice": dice, "seconds": round(time.time() - started, 1)})
