@@ -42,12 +42,16 @@ def test_atomic_dir_replaces_a_folder_of_the_same_name_and_keeps_other_files(tmp
 
 
 def test_atomic_dir_leaves_nothing_when_the_work_fails(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError), atomic_dir(out) as staging:
-        (staging / "half.nii.gz").write_text("half")
+    """Not the staged files, nor the folders it made on the way (an output under new folders)."""
+    for out in (tmp_path / "out", tmp_path / "new" / "deeper" / "out"):
+        with pytest.raises(RuntimeError), atomic_dir(out) as staging:
+            (staging / "half.nii.gz").write_text("half")
+            raise RuntimeError("stopped")
+        assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()                      # a folder that was there stays
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "mine" / "out"):
         raise RuntimeError("stopped")
-    assert not out.exists() or list(out.iterdir()) == []
-    assert [p.name for p in tmp_path.iterdir()] in ([], ["out"])
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"] and list((tmp_path / "mine").iterdir()) == []
 
 
 def test_atomic_dir_undoes_the_moves_made_when_one_fails(tmp_path, monkeypatch):

@@ -127,12 +127,14 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     made are undone and ``path`` is left as it was.
     """
     path = Path(path)
+    made = [d for d in (path, *path.parents) if not d.exists()]   # folders this call creates, deepest first
     try:
         staging_parent = path if path.is_dir() else path.parent
         staging_parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=staging_parent))
         os.chmod(tmp, _umask_mode(0o777))
     except OSError as exc:
+        _remove_empty(made)
         raise _unwritable(path, exc) from None
     try:
         yield tmp
@@ -144,7 +146,17 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
             raise _unwritable(path, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
+
+
+def _remove_empty(folders: Iterable[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty; a failed run leaves none it made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _move_entries(source: Path, dest: Path) -> None:
