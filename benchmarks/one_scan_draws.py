@@ -7,8 +7,8 @@
 adaptations on six randomly chosen scans ("to avoid being biased on one particular target
 training scan"). This script adapts the given source model on each of ``--draws`` scans, drawn
 as ``vaeuda experiment table1`` draws them (``experiment.draw_targets`` with ``--draw-seed``), with
-the engine's defaults (or the ``--set`` overrides) and the adaptation seed ``--seed``, and scores each adapted model on the
-cohort's CT test split. On the cohort of ``vaeuda demo --seed S``, ``--draw-seed S --seed S`` makes
+the engine's defaults (or the ``--set`` overrides) and the adaptation seed ``--seed``, and scores
+each adapted model on the cohort's CT test split. On the cohort of ``vaeuda demo --seed S``, ``--draw-seed S --seed S`` makes
 the first draw that demo's own adaptation (scan and seed). It reuses the source model instead of
 training one (unlike ``table1``), so it measures the draw alone.
 
