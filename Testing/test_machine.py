@@ -93,6 +93,30 @@ def test_portable_numerics_refuse_a_conflicting_variable_and_change_nothing(no_k
     assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads
 
 
+def test_portable_numerics_need_the_variables_exactly_as_the_libraries_read_them(no_kernel_variables):
+    """MKL ignores a lower-case MKL_CBWR: accepting it recorded portable: true for a run that was not."""
+    no_kernel_variables.setenv("MKL_CBWR", "compatible,strict")
+    no_kernel_variables.setenv("ATEN_CPU_CAPABILITY", "default")
+    with pytest.raises(VaeudaError, match="need MKL_CBWR=COMPATIBLE,STRICT, but the environment sets "
+                                          "MKL_CBWR=compatible,strict"):
+        machine.use_portable_numerics()
+    assert not machine.portable()
+
+
+def test_oneDNNs_older_variable_name_is_recorded_too(no_kernel_variables):
+    no_kernel_variables.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert machine.kernel_environment() == {"DNNL_MAX_CPU_ISA": "AVX2"}
+
+
+def test_the_fingerprint_is_the_same_under_no_grad():
+    """Its training convolution needs gradients: a caller in no_grad or inference mode got a RuntimeError."""
+    expected = machine.fingerprint()
+    with torch.no_grad():
+        assert machine.fingerprint() == expected
+    with torch.inference_mode():
+        assert machine.fingerprint() == expected
+
+
 def test_portable_numerics_cannot_start_once_torch_runs_without_them(no_kernel_variables, monkeypatch):
     threads = torch.get_num_threads()
     # torch is imported here, and MKL may have read its variables already: only the user can set them.

@@ -1,6 +1,8 @@
 """progress.Reporter: what each mode writes where (the Slicer module reads stdout in JSON mode)."""
 import json
 
+import pytest
+
 from vaeuda.progress import Reporter
 
 
@@ -31,6 +33,30 @@ def test_json_mode_writes_events_on_stdout_only(capsys, monkeypatch):
         {"event": "progress", "stage": "adapt", "step": 4, "total": 4, "fraction": 1.0, "eta_s": 0.0},
         {"event": "log", "message": "early stop"},
     ]
+
+
+def test_a_resumed_stage_counts_only_its_own_steps_in_the_eta(capsys, monkeypatch):
+    """Resumed at step 200 of 250, 10 s for the next 10 steps: 40 s to go, not the 1.9 s that
+    counting the 200 steps of the interrupted run would give."""
+    clock = iter([100.0, 100.0, 110.0])
+    monkeypatch.setattr("vaeuda.progress.time.monotonic", lambda: next(clock))
+    reporter = Reporter("json")
+    reporter.stage("adapt", 250, start=200)
+    reporter.step(200, force=True)
+    reporter.step(210, force=True)
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e.get("step"), e.get("eta_s")) for e in events] == [(None, None), (200, None), (210, 40.0)]
+    assert events[2]["fraction"] == 0.84
+
+
+def test_json_lines_stay_json_with_a_non_finite_metric(capsys):
+    """NaN and Infinity are not JSON (a strict reader, or another language's, refuses the line)."""
+    reporter = Reporter("json")
+    reporter.stage("source", 10)
+    reporter.step(10, loss=float("nan"), seg=float("inf"), task=0.5)
+    line = capsys.readouterr().out.splitlines()[-1]
+    event = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+    assert (event["loss"], event["seg"], event["task"]) == (None, None, 0.5)
 
 
 def test_json_mode_throttles_steps_to_two_a_second(capsys, monkeypatch):

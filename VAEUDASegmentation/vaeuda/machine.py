@@ -33,7 +33,7 @@ CPUINFO = Path("/proc/cpuinfo")
 
 # The variables that change which kernels run or how many threads share them.
 KERNEL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
-                    "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+                    "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")   # DNNL_: oneDNN's older name
 
 # What --portable sets before torch starts; both libraries read them once, at their first use.
 PORTABLE_ENVIRONMENT = {"MKL_CBWR": "COMPATIBLE,STRICT", "ATEN_CPU_CAPABILITY": "default"}
@@ -61,7 +61,7 @@ def use_portable_numerics() -> None:
     :data:`PORTABLE_ENVIRONMENT` must have been set before the process started.
     """
     for name, value in PORTABLE_ENVIRONMENT.items():
-        if os.environ.get(name, value).upper() != value.upper():
+        if os.environ.get(name, value) != value:     # exactly: MKL ignores a lower-case MKL_CBWR
             raise VaeudaError(f"Portable numerics need {name}={value}, but the environment sets "
                               f"{name}={os.environ[name]}.")
     if "torch" in sys.modules and any(name not in os.environ for name in PORTABLE_ENVIRONMENT):
@@ -81,7 +81,7 @@ def use_portable_numerics() -> None:
 def portable() -> bool:
     """Whether this process computes as :func:`use_portable_numerics` sets it up."""
     import torch
-    return (all(os.environ.get(k, "").upper() == v.upper() for k, v in PORTABLE_ENVIRONMENT.items())
+    return (all(os.environ.get(k) == v for k, v in PORTABLE_ENVIRONMENT.items())
             and not torch.backends.mkldnn.enabled and not torch._C._get_nnpack_enabled()
             and torch.get_num_threads() == PORTABLE_THREADS and torch.backends.cpu.get_cpu_capability() == "DEFAULT")
 
@@ -116,9 +116,11 @@ def fingerprint() -> Dict[str, str]:
 
     results: Dict[str, list] = {}
     results["gemm"] = [draw(64, 147) @ draw(147, 256)]
-    x, w = draw(8, 16, 32, 32).requires_grad_(), draw(32, 16, 3, 3).requires_grad_()
-    out = F.conv2d(x, w, padding=1)
-    out.backward(draw(*out.shape))
+    # its own autograd mode: a caller under no_grad or inference_mode gets the same digests
+    with torch.inference_mode(False), torch.enable_grad():
+        x, w = draw(8, 16, 32, 32).requires_grad_(), draw(32, 16, 3, 3).requires_grad_()
+        out = F.conv2d(x, w, padding=1)
+        out.backward(draw(*out.shape))
     results["conv_train"] = [out, x.grad, w.grad]
     with torch.no_grad():
         results["conv_inference"] = [F.conv2d(draw(16, 16, 32, 32), w, padding=1)]

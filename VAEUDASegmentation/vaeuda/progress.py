@@ -9,11 +9,13 @@ JSON mode writes one object per line to stdout, flushed, for example::
     {"event": "done", "outputs": ["/path/model.safetensors"]}
     {"event": "error", "message": "one sentence"}
 
-The Slicer module parses exactly these keys (Docs/engine-contract.md).
+Training's progress events also carry ``seg`` and ``task``; a non-finite value is written as
+null. The Slicer module reads these keys and ignores others (Docs/engine-contract.md).
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from typing import Optional
@@ -22,8 +24,10 @@ MODES = ("auto", "tty", "json", "none")
 
 
 def emit(event: str, **fields) -> None:
-    """Write one JSON progress line to stdout (used in JSON mode, and for the final events)."""
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    """Write one JSON progress line to stdout (used in JSON mode, and for the final events).
+    A non-finite number is written as null: NaN and Infinity are not JSON."""
+    fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
+    sys.stdout.write(json.dumps({"event": event, **fields}, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -41,19 +45,21 @@ class Reporter:
         self._bar = None
         self._stage = ""
         self._total = 0
+        self._start = 0
         self._t0 = 0.0
         self._last_emit = 0.0
 
-    def stage(self, name: str, total: int) -> None:
-        """Start a stage of ``total`` steps (closes the previous one)."""
+    def stage(self, name: str, total: int, start: int = 0) -> None:
+        """Start a stage of ``total`` steps (closes the previous one); ``start`` steps were done
+        before this process (a resumed run), so the rate and ETA count only the steps after them."""
         self.close()
-        self._stage, self._total, self._t0 = name, int(total), time.monotonic()
+        self._stage, self._total, self._start, self._t0 = name, int(total), int(start), time.monotonic()
         self._last_emit = 0.0
         if self.mode == "json":
             emit("stage", stage=name, total=int(total))
         elif self.mode == "tty":
             from tqdm import tqdm
-            self._bar = tqdm(total=int(total), desc=name, file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(total=int(total), initial=int(start), desc=name, file=sys.stderr, dynamic_ncols=True)
 
     def step(self, step: int, force: bool = False, **metrics) -> None:
         """Steps done so far in this stage (1-based), with optional scalar metrics to show."""
@@ -69,7 +75,8 @@ class Reporter:
             self._last_emit = now
             elapsed = now - self._t0
             frac = step / self._total if self._total else 1.0
-            eta = elapsed * (1 - frac) / frac if frac > 0 else None
+            done_here = step - self._start
+            eta = elapsed * (self._total - step) / done_here if done_here > 0 else None
             emit("progress", stage=self._stage, step=int(step), total=self._total,
                  fraction=round(frac, 4), eta_s=None if eta is None else round(eta, 1),
                  **{k: float(v) for k, v in metrics.items()})

@@ -401,7 +401,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     # a checkpoint this run did not write or resume from (another run's) is not its last good one
     good_checkpoint = ckpt if resumed else None
 
-    reporter.stage(stage.name, stage.iterations)
+    reporter.stage(stage.name, stage.iterations, start=start)
     reporter.step(start)
     it = start
     for it in range(start + 1, stage.iterations + 1):
