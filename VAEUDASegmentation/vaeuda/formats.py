@@ -193,9 +193,10 @@ def _check_labels(path: Path, labels: np.ndarray, where: str) -> np.ndarray:
 
 
 def _check_intensities(path: Path, image: np.ndarray, where: str) -> np.ndarray:
-    """``image`` as float32, refused if a value is NaN or infinite there (a float64 beyond float32's range included)."""
+    """``image`` as contiguous float32 (one copy at most), refused if a value is NaN or infinite
+    there (a float64 beyond float32's range included)."""
     with np.errstate(over="ignore"):    # beyond float32's range becomes inf, refused below
-        image = np.asarray(image, dtype=np.float32)
+        image = np.ascontiguousarray(image, dtype=np.float32)
     finite = np.isfinite(image)
     if not finite.all():
         raise VaeudaError(f"{path}: {where} has {finite.size - np.count_nonzero(finite)} NaN or infinite intensities.")
@@ -242,7 +243,7 @@ def read_tfrecords(path: PathLike) -> List[Tuple[np.ndarray, np.ndarray]]:
         if data.shape[:2] != label.shape[:2]:
             raise VaeudaError(f"{path}: record {index} has image size {data.shape} but label size {label.shape}.")
         middle = label[:, :, label.shape[2] // 2]
-        samples.append((_check_intensities(path, np.ascontiguousarray(data.transpose(2, 0, 1)), f"record {index}"),
+        samples.append((_check_intensities(path, data.transpose(2, 0, 1), f"record {index}"),
                         _check_labels(path, middle, f"record {index}")))
     return samples
 
@@ -274,7 +275,7 @@ def read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
         raise VaeudaError(f"{path}: expected arr_0 and arr_1 of the same shape H x W x N, found {image.shape} and {label.shape}.")
     if image.dtype.kind not in "fiu" or label.dtype.kind not in "fiu":
         raise VaeudaError(f"{path}: arr_0 and arr_1 must be numeric, found {image.dtype} and {label.dtype}.")
-    return (_check_intensities(path, np.ascontiguousarray(image.transpose(2, 0, 1)), "arr_0"),
+    return (_check_intensities(path, image.transpose(2, 0, 1), "arr_0"),
             _check_labels(path, np.ascontiguousarray(label.transpose(2, 0, 1)), "arr_1"))
 
 

@@ -18,7 +18,7 @@ from .errors import VaeudaError, require_count
 from .fileio import atomic_dir, check_output_dir, stem
 from .labels import Convention
 from .modelfile import load_model
-from .nets import VAEUDANet
+from .nets import DOMAINS, VAEUDANet
 from .progress import Reporter, null_reporter
 from .train import resolve_device
 
@@ -29,7 +29,7 @@ def model_domain(meta: dict) -> str:
 
 
 def _check_domain_name(domain: str) -> None:
-    if domain not in ("source", "target"):
+    if domain not in DOMAINS:
         raise VaeudaError(f"--domain must be source or target, not '{domain}'.")
 
 
@@ -103,8 +103,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
         _check_domain_name(domain)
     check_output_dir(out_dir)
     for path in inputs:                         # before the model is loaded and earlier inputs segmented
-        if not Path(path).exists():
-            raise VaeudaError(f"{path}: file or folder does not exist.")
+        volumes.require_existing(path)
     targets = [output_path(out_dir, path) for path in inputs]
     resolved_inputs = {Path(p).resolve() for p in inputs}
     seen = {}

@@ -229,10 +229,15 @@ def _itk_reason(exc: RuntimeError) -> str:
     return line.strip().rstrip(".!") or "unknown error"
 
 
+def require_existing(path: PathLike) -> None:
+    """Refuse an input image file or DICOM folder that is not there."""
+    if not Path(path).exists():
+        raise VaeudaError(f"{path}: file or folder does not exist.")
+
+
 def _read_any(path: Path) -> sitk.Image:
     """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
-    if not path.exists():
-        raise VaeudaError(f"{path}: file or folder does not exist.")
+    require_existing(path)
     if path.is_dir():
         image = _read_dicom_folder(path)
     else:
