@@ -555,13 +555,15 @@ def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(sl
     Path(logic.requirementsPath).write_text("# comment\nvaeuda-test-absent-package>=1\nscipy>=1.0\n")
     assert logic.missingPythonRequirements() == ["vaeuda-test-absent-package>=1"]
 
+    importlib.import_module("slicer.packaging")
     asked, installs = [], []
 
-    def pip_install(requirements):
-        constraints = Path(requirements[1]).read_text()
-        installs.append((requirements, constraints))
+    def pip_install(args=None, *, requirements=None, interactive=True):   # slicer.packaging's signature
+        assert interactive is False                  # the module asked already: Slicer must not ask again
+        constraints = Path(args[1]).read_text()
+        installs.append((args, constraints))
 
-    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    monkeypatch.setattr(slicer.packaging, "pip_install", pip_install)
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or False)
     assert logic.setupPythonRequirements() is False and installs == []       # the user said Cancel
     assert "vaeuda-test-absent-package>=1" in asked[0]
@@ -576,6 +578,74 @@ def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(sl
     slicer.app._testingEnabled = True                                         # Slicer's testing mode: no installs
     asked.clear()
     assert logic.setupPythonRequirements() is False and asked == [] and len(installs) == 1
+
+
+def test_a_cancelled_or_failed_install_returns_false_with_one_sentence_on_any_slicer(slicer, mod, monkeypatch,
+                                                                                 tmp_path):
+    """Slicer 5.11's slicer.packaging raises InstallationAbortedError (cancelled) or CalledProcessError;
+    older Slicer's util.pip_install(requirements) takes no options and raises CalledProcessError."""
+    import subprocess as sp
+    logic = mod.VAEUDASegmentationLogic()
+    logic.requirementsPath = str(tmp_path / "requirements.txt")
+    Path(logic.requirementsPath).write_text("vaeuda-test-absent-package>=1\n")
+    importlib.import_module("slicer.packaging")
+    shown, constraintFiles = [], []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, *a, **k: shown.append(text))
+
+    def aborted(args=None, *, requirements=None, interactive=True):
+        constraintFiles.append(args[1])
+        raise slicer.packaging.InstallationAbortedError(args, "vaeuda-test-absent-package>=1")
+
+    monkeypatch.setattr(slicer.packaging, "pip_install", aborted)
+    assert logic.setupPythonRequirements(askConfirmation=False) is False
+    assert len(shown) == 1 and shown[0].startswith("VAE-UDA Segmentation could not install vaeuda-test-absent-package>=1")
+    assert not os.path.exists(constraintFiles[0])                      # its temporary folder is gone
+
+    calls = []
+
+    def oldPipInstall(requirements):                                    # before slicer.packaging
+        calls.append(requirements)
+        raise sp.CalledProcessError(1, ["pip", "install"])
+
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)         # `from slicer import packaging` fails
+    monkeypatch.delattr(slicer, "packaging")
+    monkeypatch.setattr(slicer.util, "pip_install", oldPipInstall)
+    assert logic.setupPythonRequirements(askConfirmation=False) is False
+    assert len(calls) == 1 and calls[0][2:] == ["vaeuda-test-absent-package>=1"] and len(shown) == 2
+
+
+def test_segment_mask_removes_only_the_colour_table_its_export_added(slicer, mod):
+    """Scene names are not unique: a user's node that happens to have the export's name stays."""
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    labels = np.zeros((3, 4, 5), np.int16)
+    labels[1, 1:3, 2:4] = 1
+    node = make_segmentation(slicer, volume, labels, [("s1", "LV-M", None)], "user's")
+    users = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", mod.TEMPORARY_COLOR_TABLE)
+    before = scene_node_ids(slicer)
+    mask = mod.segmentMask(node, "s1", volume)
+    assert np.array_equal(mask > 0, labels == 1)
+    assert scene_node_ids(slicer) == before and slicer.mrmlScene.GetNodeByID(users.GetID()) is users
+
+
+def test_stand_in_geometry_matches_within_slicers_tolerance(slicer):
+    """vtkOrientedImageDataResample::DoGeometriesMatch: closer than 1e-4 in every IJK-to-RAS element is the
+    same geometry (a NIfTI round trip in float32 moves a -172.4 mm origin by ~6e-6); 1e-3 is not."""
+    import vtk
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segmentIds = vtk.vtkStringArray()
+    segmentIds.InsertNextValue(node.GetSegmentation().AddEmptySegment("s1"))
+    for offset, matches in ((6e-6, True), (1e-3, False)):
+        shifted = IJK_TO_RAS.copy()
+        shifted[:3, 3] += offset
+        labelmap = slicer.util.addVolumeFromArray(np.ones((3, 4, 5), np.int16), shifted, "l", "vtkMRMLLabelMapVolumeNode")
+        assert slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, node, segmentIds)
+        if matches:
+            assert slicer.util.arrayFromSegmentBinaryLabelmap(node, "s1", volume).sum() == 60
+        else:
+            with pytest.raises(NotImplementedError, match="does not resample"):
+                slicer.util.arrayFromSegmentBinaryLabelmap(node, "s1", volume)
 
 
 def test_torch_missing_without_the_pytorch_extension_says_how_to_get_it(slicer, mod, monkeypatch):

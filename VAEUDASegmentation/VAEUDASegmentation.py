@@ -12,6 +12,7 @@ API for the Python console; :class:`VAEUDASegmentationWidget` is the panel.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -70,15 +71,22 @@ def terminologyEntry(structure) -> str:
 TEMPORARY_COLOR_TABLE = "__temp___ColorTable"
 
 
+def _temporaryColorTableIds() -> set:
+    return {node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLColorTableNode")
+            if node.GetName() == TEMPORARY_COLOR_TABLE}
+
+
 def segmentMask(segmentationNode, segmentId: str, referenceVolume) -> np.ndarray:
     """slicer.util.arrayFromSegmentBinaryLabelmap (the segment in the reference volume's geometry,
-    (K, J, I)), without the colour table node the export adds to the scene and that slicer.util
-    before Slicer 5.10 leaves there: one node per call would pile up in the user's scene."""
-    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolume)
-    leftover = slicer.mrmlScene.GetFirstNodeByName(TEMPORARY_COLOR_TABLE)
-    if leftover is not None and leftover.IsA("vtkMRMLColorTableNode"):
-        slicer.mrmlScene.RemoveNode(leftover)
-    return mask
+    (K, J, I)), without the colour table node the export adds to the scene and that older
+    slicer.util leaves there: one node per call would pile up in the user's scene. Only the table
+    this call added is removed; scene names are not unique, so older ones of that name stay."""
+    before = _temporaryColorTableIds()
+    try:
+        return slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolume)
+    finally:
+        for nodeId in _temporaryColorTableIds() - before:
+            slicer.mrmlScene.RemoveNode(slicer.mrmlScene.GetNodeByID(nodeId))
 
 
 def readModelMetadata(modelPath) -> dict:
@@ -588,12 +596,26 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 constraintsPath = os.path.join(constraintsDir, "constraints.txt")
                 with open(constraintsPath, "w", encoding="utf-8") as f:
                     f.write(self._slicerPackagePins())
-                slicer.util.pip_install(["-c", constraintsPath] + others)
+                slicer.util.pip_install(["-c", constraintsPath] + others, **self._pipInstallOptions())
+            except Exception as exc:   # CalledProcessError; Slicer 5.11's InstallationAbortedError (cancelled)
+                slicer.util.errorDisplay(f"VAE-UDA Segmentation could not install {', '.join(others)}: {exc}")
+                return False
             finally:
                 shutil.rmtree(constraintsDir, ignore_errors=True)
         stillMissing = self.missingPythonRequirements()
         self._requirementsSatisfied = not stillMissing
         return self._requirementsSatisfied
+
+    @staticmethod
+    def _pipInstallOptions() -> dict:
+        """``interactive=False`` where slicer.util.pip_install hands over to slicer.packaging's (Slicer
+        5.11), which would otherwise ask the user a second time; the caller has asked, or was told not to."""
+        try:
+            from slicer import packaging as slicerPackaging
+            parameters = inspect.signature(slicerPackaging.pip_install).parameters
+        except (ImportError, AttributeError, TypeError, ValueError):   # older Slicer: pip_install(requirements)
+            return {}
+        return {"interactive": False} if "interactive" in parameters else {}
 
     @staticmethod
     def _slicerPackagePins() -> str:
@@ -1148,7 +1170,8 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
     def test_TinyModelSegmentation(self) -> None:
         logic = VAEUDASegmentationLogic()
         missing = logic.missingPythonRequirements()
-        if missing:
+        if missing:   # Slicer's self-test runner has no "skipped": say so in the log, where it is read
+            logging.warning("VAEUDASegmentationTest skipped: the VAE-UDA engine needs %s.", ", ".join(missing))
             self.delayDisplay("Skipped: the VAE-UDA engine needs " + ", ".join(missing) + ".")
             return
         workDir = tempfile.mkdtemp(prefix="VAEUDASegmentationTest-", dir=slicer.app.temporaryPath)
@@ -1194,4 +1217,5 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
                 self.assertTrue(np.array_equal(mask > 0, masks[structure.key] > 0), structure.name)
             self.delayDisplay("Test passed")
         finally:
+            slicer.mrmlScene.Clear()   # no node left pointing into the folder removed below
             shutil.rmtree(workDir, ignore_errors=True)

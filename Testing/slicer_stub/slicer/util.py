@@ -72,6 +72,13 @@ def addVolumeFromArray(narray, ijkToRAS=None, name=None, nodeClassName=None):
     return _addVolumeNode(narray, matrix, name, nodeClassName or "vtkMRMLScalarVolumeNode")
 
 
+def getNodesByClass(className, scene=None):
+    """All nodes of the scene that are of ``className`` or a subclass, as a list (util.py ``getNodesByClass``)."""
+    import slicer
+    scene = scene or slicer.mrmlScene
+    return [node for node in scene._nodes if node.IsA(className)]
+
+
 def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None):
     """A segment's mask in the reference volume's geometry, as Slicer does it: export to a temporary labelmap."""
     import slicer
@@ -97,10 +104,15 @@ def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeN
 # ----------------------------------------------------------------------------- IO
 
 def exportNode(node, filename, properties={}, world=False):
-    """Write a volume node to a file without touching its storage node (util.py ``exportNode``)."""
+    """Write a volume node to a file without touching its storage node (util.py ``exportNode``).
+    Slicer logs a failed write and returns False; so does the stand-in."""
     if world and node.GetTransformNodeID():
         raise NotImplementedError("stand-in has no transforms")
-    _writeImage(arrayFromVolume(node), node._ijkToRAS, filename)
+    try:
+        _writeImage(arrayFromVolume(node), node._ijkToRAS, filename)
+    except RuntimeError as exc:   # SimpleITK's I/O errors
+        logging.error("Failed to export node to %s: %s", filename, exc)
+        return False
     return True
 
 
@@ -124,30 +136,40 @@ def loadLabelVolume(filename, properties={}, returnNode=False):
 
 # ----------------------------------------------------------------------------- dialogs, packages
 
+def _testingEnabled():
+    import slicer
+    return slicer.app.testingEnabled()
+
+
 def confirmOkCancelDisplay(text, windowTitle=None, parent=None, **kwargs):
-    """Ask OK/Cancel (util.py). The stand-in answers Cancel; tests replace it to answer OK."""
-    logging.info("confirmOkCancelDisplay: %s -> Cancel", text)
-    return False
+    """Ask OK/Cancel (util.py): in testing mode Slicer skips the popup and answers OK. Otherwise the
+    stand-in, with no user to click, answers Cancel; tests replace it to answer OK."""
+    logging.info("confirmOkCancelDisplay: %s", text)
+    return _testingEnabled()
 
 
 def errorDisplay(text, windowTitle=None, parent=None, standardButtons=None, **kwargs):
+    """Log at error level and show a popup (util.py); the stand-in only logs."""
     logging.error(text)
 
 
 @contextlib.contextmanager
 def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
-    """Show the error and re-raise (util.py ``tryWithErrorDisplay``)."""
+    """Show the error, with the traceback as detailed text, and re-raise (util.py ``tryWithErrorDisplay``);
+    in testing mode Slicer shows nothing."""
     try:
         yield
     except Exception as exc:
-        if show:
-            errorDisplay(f"{message}\n\n{exc}" if message else str(exc))
+        if show and not _testingEnabled():
+            import traceback
+            errorDisplay(f"{message}\n\n{exc}" if message else str(exc), detailedText=traceback.format_exc())
         raise
 
 
-def pip_install(requirements):
-    """Install Python packages (util.py). The stand-in never installs; tests replace it to record calls."""
-    raise RuntimeError("the Slicer stand-in does not install packages")
+def pip_install(requirements, **kwargs):
+    """Install Python packages: current Slicer's util.py delegates to slicer.packaging.pip_install."""
+    from slicer.packaging import pip_install as _pip_install
+    return _pip_install(requirements, **kwargs)
 
 
 class VTKObservationMixin:

@@ -1,7 +1,7 @@
 """Stand-in for the few VTK classes the VAEUDASegmentation module and its tests use.
 
 Signatures follow VTK's Python wrapping (Common/Core/vtkStringArray.h, Common/Math/vtkMatrix4x4.h,
-Wrapping/Python/vtkmodules/util/misc.py ``reference``).
+Wrapping/PythonCore/PyVTKReference.cxx ``reference``).
 """
 from __future__ import annotations
 
