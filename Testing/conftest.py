@@ -79,3 +79,13 @@ def segmented_domains(monkeypatch) -> list:
     monkeypatch.setattr(predict, "slice_probabilities",
                         lambda net, slices, domain, *a, **k: seen.append(domain) or real(net, slices, domain, *a, **k))
     return seen
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_locale():
+    """GDCM's DICOM writer (tests that make DICOM series use it) sets the process's LC_CTYPE to "C";
+    later tests must not depend on which ran before them."""
+    import locale
+    saved = locale.setlocale(locale.LC_CTYPE)
+    yield
+    locale.setlocale(locale.LC_CTYPE, saved)

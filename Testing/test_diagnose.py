@@ -48,3 +48,23 @@ def test_translation_table_rows_use_real_images_unchanged():
     assert rows["x_S (real MR)"]["ring - myocardium"] == 2.5
     assert rows["x_T (real CT)"]["ring - myocardium"] == 1.25
     assert all(math.isfinite(v) for row in rows.values() for v in row.values())
+
+
+def test_translated_rows_decode_each_encoding_with_the_decoder_their_name_says():
+    """x_SS / x_TT: own decoder; x_ST: the MR mean by D_T; x_TS: the CT mean by D_S. Swapping the
+    decoders would swap the rows' values, which the real-image rows cannot show."""
+    torch.manual_seed(0)
+    net = VAEUDANet(get_preset("tiny")).eval()
+    images, labels = _plus()
+    mr, ct = torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 32)
+    lab = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    mr[:, 1, :5, :5] = torch.from_numpy(images).float()
+    ct[:, 1, :5, :5] = torch.from_numpy(images).float() * -0.5 + 3.0
+    lab[:, :5, :5] = torch.from_numpy(labels)
+    rows = translation_contrast(net, mr, lab, ct, lab)
+    with torch.no_grad():
+        mu_s, mu_t = net.posterior(mr, "source")[0], net.posterior(ct, "target")[0]
+        for name, image in (("x_SS", net.decode(mu_s, "source")), ("x_ST (MR as CT)", net.decode(mu_s, "target")),
+                            ("x_TT", net.decode(mu_t, "target")), ("x_TS (CT as MR)", net.decode(mu_t, "source"))):
+            assert rows[name] == border_contrast(image[:, 1].numpy(), lab.numpy()), name
+    assert rows["x_ST (MR as CT)"] != rows["x_SS"] and rows["x_TS (CT as MR)"] != rows["x_TT"]

@@ -40,13 +40,22 @@ def test_paper_preset_is_the_paper():
     # 1 + 1 plain convs, 2 x 2 blocks x 4 residual stages x 2 convs, 1 + 1 plain convs = 20 (+ stage-0 7x7 + head = 22 weighted layers, + shortcuts)
     assert len(convs) == 1 + 1 + 4 * 2 * 2 + 1 + 1
     assert net.seg.stages[0][0].in_channels == 256          # first layer takes the latent map
+    # DRN's output stride 8: the latent is already at 1/4 of the input, so the stages halve it once
+    # more (256 -> 64 -> 32) before the head upsamples to the input size
+    with torch.no_grad():
+        assert net.seg.stages(torch.zeros(1, 256, 64, 64)).shape[-2:] == (32, 32)
 
 
 def test_posterior_covariance_is_predicted():
+    """The log-variance is a function of the image, not a constant (nor the identity's zero): it
+    differs between two images and across positions of one."""
+    torch.manual_seed(0)
     net = VAEUDANet(get_preset("tiny"))
     x = torch.randn(2, 3, 32, 32)
     mu, logvar = net.posterior(x, "source")
     assert not torch.allclose(logvar, torch.zeros_like(logvar))
+    assert not torch.allclose(logvar[0], logvar[1])
+    assert logvar[0].std(dim=(1, 2)).min() > 0
     assert set(dict(net.enc_z.named_children())) >= {"mu", "logvar"}
 
 

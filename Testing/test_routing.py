@@ -204,3 +204,43 @@ def test_remapped_source_input_is_encoded_but_the_original_is_reconstructed(monk
     assert len(seen) == 1 and seen[0] is remapped
     assert torch.allclose(terms["S_rec"], (fakes["x_ss"] - xs).abs().mean())
     assert not torch.allclose(terms["S_rec"], (fakes["x_ss"] - remapped).abs().mean())
+
+
+def _first_adaptation_step(monkeypatch, tmp_path, **options):
+    """The weighted terms the training loop hands to routed_backward in the first iteration of an
+    adaptation stage (tiny preset, random slices, fixed seeds: the raw terms are the same each run)."""
+    from vaeuda import train as train_mod
+    from vaeuda.data import SliceSet
+    captured = []
+    real = train_mod.routed_backward
+    monkeypatch.setattr(train_mod, "routed_backward",
+                        lambda net, weighted: captured.append({k: v.detach().clone() for k, v in weighted.items()})
+                        or real(net, weighted))
+    gen = torch.Generator().manual_seed(0)
+    source = SliceSet(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4, 32, 32), generator=gen).byte(),
+                      torch.zeros(4, dtype=torch.int32), ["mr"])
+    target = SliceSet(torch.randn(4, 3, 32, 32, generator=gen) + 1, None, torch.zeros(4, dtype=torch.int32), ["ct"])
+    torch.manual_seed(0)
+    net = VAEUDANet(get_preset("tiny"))
+    cfg = TrainConfig(batch_size=2, class_weights=(1.0,) * 5, checkpoint_every=10 ** 9, eval_every=10 ** 9, **options)
+    stage = train_mod.Stage("adapt", source, target, 1, tmp_path / "adapted.safetensors", {"stage": "adapt", "provenance": {}})
+    train_mod.run_stage(net, stage, cfg, torch.device("cpu"), seed=0)
+    (weighted,) = captured
+    return weighted
+
+
+def test_the_loop_weights_each_term_by_its_lambda_and_drops_switched_off_terms(monkeypatch, tmp_path):
+    """Eq. 8 as the loop applies it: lambda_cyc 10 (vs 1) scales T_cyc tenfold, lambda_kl 0.1 (vs 1)
+    scales both KL terms by a tenth, and --no-kl removes both KL terms; every other term is unchanged."""
+    default = _first_adaptation_step(monkeypatch, tmp_path)
+    assert set(default) == set(EXPECTED)
+    cycle_one = _first_adaptation_step(monkeypatch, tmp_path, lambda_cyc=1.0)
+    kl_one = _first_adaptation_step(monkeypatch, tmp_path, lambda_kl=1.0)
+    no_kl = _first_adaptation_step(monkeypatch, tmp_path, use_kl=False)
+    assert torch.allclose(default["T_cyc"], 10 * cycle_one["T_cyc"], rtol=1e-5)
+    for term in ("S_kl", "T_kl"):
+        assert torch.allclose(default[term], 0.1 * kl_one[term], rtol=1e-5)
+    assert set(no_kl) == set(EXPECTED) - {"S_kl", "T_kl"}
+    for other, changed in ((cycle_one, {"T_cyc"}), (kl_one, {"S_kl", "T_kl"}), (no_kl, set())):
+        for term in set(other) - changed:
+            assert torch.allclose(other[term], default[term], rtol=1e-5), term

@@ -167,3 +167,27 @@ def test_module_engine_and_stand_in_compile_with_python_3_9(tmp_path):
     done = subprocess.run([PYTHON39[-1], "-X", f"pycache_prefix={tmp_path}", "-c", code, *map(str, files)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _text_io_without_encoding(path: Path):
+    """Calls in ``path`` that read or write text in the locale's encoding: ``read_text``/``write_text``
+    or a text-mode ``open`` without ``encoding=``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        if name in ("read_text", "write_text"):
+            found.append(f"{path.name}:{node.lineno} {name}")
+        elif name == "open" and isinstance(node.func, ast.Name):
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            if not (isinstance(mode, ast.Constant) and "b" in str(mode.value)):
+                found.append(f"{path.name}:{node.lineno} open")
+    return found
+
+
+def test_engine_and_benchmarks_read_and_write_text_as_utf8_whatever_the_locale():
+    """Reports hold non-ASCII text (the demo's dagger, ±); in a process whose locale is "C" (GDCM's
+    DICOM writer sets LC_CTYPE to "C", and a user's shell may) the default encoding is ASCII."""
+    files = ENGINE_FILES + LIB_FILES + [MODULE_FILE] + sorted((ROOT / "benchmarks").glob("*.py"))
+    assert [hit for path in files for hit in _text_io_without_encoding(path)] == []

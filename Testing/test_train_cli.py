@@ -623,3 +623,49 @@ def test_quick_demo_with_intensity_remap_says_so_and_remaps_only_the_source_mode
     flags = {n: load_model(out / "models" / f"{n}.safetensors")[1]["train"]["intensity_remap"]
              for n in ("source", "adapted", "oracle")}
     assert flags == {"source": True, "adapted": False, "oracle": False}
+
+
+def test_adapt_passes_each_ablation_switch_and_option_through_unchanged(tiny_cohort, tmp_path, monkeypatch):
+    """`vaeuda adapt` flags -> train.adapt arguments: each switch turns off its own term only, --slices
+    is the half-open coronal range, --ema-decay the one override, --source-data the given files."""
+    from vaeuda import train as train_mod
+    calls = []
+    monkeypatch.setattr(train_mod, "adapt", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
+    ct = str(tiny_cohort / "ct_1001_image.nii.gz")
+    common = ["adapt", "--model", "m.safetensors", "--out", str(tmp_path / "a.safetensors"), "--progress", "none"]
+    assert main(common + [ct]) == 0
+    assert main(common + ["--source-data", str(tiny_cohort), "--no-kl", "--no-cycle", "--slices", "2:5",
+                          "--ema-decay", "0", ct]) == 0
+    assert main(common + ["--no-adv", "--no-task-consistency", ct]) == 0
+    (args, plain), (_, switched), (_, others) = calls
+    assert args[0] == "m.safetensors" and [str(p) for p in args[1]] == [ct]
+    flags = ("use_kl", "use_adv", "use_cycle", "use_task")
+    assert [plain[f] for f in flags] == [True, True, True, True]
+    assert plain["slice_range"] is None and plain["overrides"] is None and not plain["source_data"]
+    assert [switched[f] for f in flags] == [False, True, False, True]
+    assert switched["slice_range"] == (2, 5) and switched["overrides"] == {"ema_decay": 0.0}
+    assert switched["source_data"] == [str(tiny_cohort)]
+    assert [others[f] for f in flags] == [True, False, True, False]
+
+
+def test_adapt_names_the_way_out_when_the_source_volumes_have_moved(tiny_cohort, tmp_path, capsys):
+    """The model records where its MR volumes were; moved, adaptation asks for --source-data in one
+    sentence, and with it adaptation runs."""
+    import shutil
+    moved = tmp_path / "mr"
+    moved.mkdir()
+    for name in ("mr_1001_image.nii.gz", "mr_1001_label.nii.gz"):
+        shutil.copy(tiny_cohort / name, moved / name)
+    src = tmp_path / "source.safetensors"
+    assert main(["train-source", "--preset", "tiny", "--iterations", "2", "--out", str(src), "--progress", "none",
+                 str(moved)]) == 0
+    shutil.rmtree(moved)
+    ct = str(tiny_cohort / "ct_1001_image.nii.gz")
+    out = tmp_path / "adapted.safetensors"
+    assert main(["adapt", "--model", str(src), "--out", str(out), "--iterations", "1", "--progress", "none", ct]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("the labelled source volumes it was trained on are not at their recorded paths; "
+                            "pass them with --source-data.") and not out.exists()
+    assert main(["adapt", "--source-data", str(tiny_cohort / "mr_1001_image.nii.gz"), "--model", str(src),
+                 "--out", str(out), "--iterations", "1", "--progress", "none", ct]) == 0
+    assert out.is_file()

@@ -348,6 +348,16 @@ def test_geometry_tolerance_is_relative():
     b.SetOrigin((1e-2, 0.0, 0.0))
     assert geometry_mismatch(b, a).startswith("origin")
     assert Geometry.of(a).size == (4, 5, 6)
+    # relative, not absolute: 100 mm vs 100.005 mm (5e-5 of it, 5e-3 absolute) is the same spacing,
+    # 0.5 mm vs 0.5001 mm (2e-4 of it, 1e-4 absolute) is not
+    wide, narrow = sitk.Image(a), sitk.Image(a)
+    wide.SetSpacing((100.0, 0.5, 3.0))
+    b = sitk.Image(wide)
+    b.SetSpacing((100.0 * (1 + 5e-5), 0.5, 3.0))
+    assert geometry_mismatch(b, wide) is None
+    b = sitk.Image(narrow)
+    b.SetSpacing((0.5 * (1 + 2e-4), 0.5, 3.0))
+    assert geometry_mismatch(b, narrow).startswith("spacing")
 
 
 def test_geometry_origin_tolerance_scales_with_the_largest_spacing():

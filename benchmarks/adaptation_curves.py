@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "curve": curve}, indent=1))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "curve": curve}, indent=1), encoding="utf-8")
     return 0
 
 

@@ -139,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "machine": machine_info(), "device": str(device), "settings": s, "flags": flags, "rows": rows,
               "seconds": round(time.time() - started, 1), "markdown": markdown}
     with atomic_path(Path(args.out)) as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(markdown)
     print(f"[bench_gpu] wrote {args.out} in {result['seconds']:.0f} s", file=sys.stderr)
     return 0

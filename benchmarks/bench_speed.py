@@ -553,7 +553,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                               "threads", "compile"), help="sections to leave out")
     args = p.parse_args(argv)
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
+        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
         results["rendered_from"] = args.from_json
         write_report(results, args, smoke=results["settings"]["smoke"])
         return 0
@@ -569,7 +569,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: dict = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load": OrderedDict(),
                      "settings": dict(settings, command=("benchmarks/bench_speed.py " + " ".join(argv)).strip())}
     if args.resume and json_path.is_file():
-        earlier = json.loads(json_path.read_text())
+        earlier = json.loads(json_path.read_text(encoding="utf-8"))
         if {k: v for k, v in earlier.get("settings", {}).items() if k != "command"} == settings:
             results = earlier
             print(f"[bench] resuming: keeping the sections already in {json_path}", file=sys.stderr)
@@ -583,7 +583,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return
         results[key] = section(results, name)(fn, *a)
         with atomic_path(json_path) as tmp:
-            tmp.write_text(json.dumps(results, indent=1) + "\n")
+            tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
     run("flops", "flops", lambda: OrderedDict((pr, network_flops(pr)) for pr in presets))
     if "training" not in args.skip:
@@ -609,12 +609,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 def write_report(results: dict, args, smoke: bool) -> None:
     """The Markdown report, written whole or not at all."""
     gpu_path = Path(args.gpu_json)
-    gpu = json.loads(gpu_path.read_text()) if gpu_path.is_file() else None
+    gpu = json.loads(gpu_path.read_text(encoding="utf-8")) if gpu_path.is_file() else None
     out = Path(args.out)
     notes_path = Path(args.notes)
-    notes = notes_path.read_text() if notes_path.is_file() and not smoke else ""
+    notes = notes_path.read_text(encoding="utf-8") if notes_path.is_file() and not smoke else ""
     with atomic_path(out) as tmp:
-        tmp.write_text(report(results, gpu, notes))
+        tmp.write_text(report(results, gpu, notes), encoding="utf-8")
     print(f"[bench] wrote {out}", file=sys.stderr)
 
 

@@ -68,7 +68,7 @@ def load_average() -> List[float]:
 
 def _memory_gib() -> Optional[float]:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemTotal:"):
                 return round(int(line.split()[1]) / 2 ** 20, 1)
     except OSError:
@@ -80,7 +80,7 @@ def _cpu_features() -> List[str]:
     """The vector-unit flags that decide convolution speed (AVX2, AVX-512, bf16, AMX)."""
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
     try:
-        for line in machine.CPUINFO.read_text().splitlines():
+        for line in machine.CPUINFO.read_text(encoding="utf-8").splitlines():
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 return [f for f in wanted if f in flags]

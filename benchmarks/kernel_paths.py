@@ -154,13 +154,13 @@ def main(argv=None) -> int:
                              "numerics": numerics})
                 print(json.dumps(rows[-1]["fingerprint"]), flush=True)
                 continue
-            rows.append(summarise(name, json.loads((out / "report.json").read_text()), time.time() - started))
+            rows.append(summarise(name, json.loads((out / "report.json").read_text(encoding="utf-8")), time.time() - started))
             print(json.dumps(rows[-1]), flush=True)
     table = fingerprint_markdown(rows) if args.fingerprints else markdown(rows)
     print(table)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine_info(), "variants": rows,
-                                              "markdown": table}, indent=1) + "\n")
+                                              "markdown": table}, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

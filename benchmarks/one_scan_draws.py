@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     record = {"args": vars(args), "machine": machine_info(), "draws": draws, "summary": summary(draws)}
     print(json.dumps(record["summary"]))
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=1))
+        Path(args.out).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return 0
 
 

@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                   x_ts_contrast={k: round(v, 3) for k, v in rows["x_TS (CT as MR)"].items()})
     print(json.dumps({"kl": record["kl"], "x_ts_contrast": record["x_ts_contrast"]}), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=1))
+        Path(args.out).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return 0
 
 

@@ -28,7 +28,7 @@ def peak_rss_bytes() -> int:
     process's own memory map only. Elsewhere ``getrusage`` (KiB on Linux, bytes on macOS).
     """
     try:
-        for line in open("/proc/self/status"):
+        for line in open("/proc/self/status", encoding="utf-8"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:

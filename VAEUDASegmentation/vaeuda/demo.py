@@ -30,7 +30,7 @@ def read_splits(cohort: Path) -> dict:
     """``cohort/splits.json`` as a dict, or VaeudaError in one sentence (missing, unreadable, not an object)."""
     path = Path(cohort) / "splits.json"
     try:
-        splits = json.loads(path.read_text())
+        splits = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise VaeudaError(f"{path}: not found; a cohort folder needs it (make one with `vaeuda synth`).") from None
     except (OSError, ValueError) as exc:
@@ -53,7 +53,7 @@ def is_phantom_cohort(cohort: Path, seed: int, size: Optional[int]) -> bool:
     """True if ``cohort`` holds a phantom cohort of this generator version, seed and size (so it can be reused)."""
     from .phantom import GENERATOR
     try:
-        splits = json.loads((Path(cohort) / "splits.json").read_text())
+        splits = json.loads((Path(cohort) / "splits.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return (isinstance(splits, dict) and splits.get("generator") == GENERATOR and splits.get("seed") == seed
@@ -220,13 +220,13 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     ]
     report_md = out / "report.md"
     with atomic_path(report_md) as tmp:
-        tmp.write_text("\n".join(lines))
+        tmp.write_text("\n".join(lines), encoding="utf-8")
     report_json = out / "report.json"
     payload = {"seed": seed, "quick": quick, "intensity_remap": intensity_remap, "target_scan": target, "test_scans": ct_test,
                "timings_s": timings, "total_s": total, "machine": machine_line,
                "mean_dice": mean, "weights_sha256": weights, "results": results}
     with atomic_path(report_json) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=lambda v: None))
+        tmp.write_text(json.dumps(payload, indent=2, default=lambda v: None), encoding="utf-8")
     reporter.log(f"report written to {report_md}")
     if reporter.mode != "json":
         print("\n".join(summary + [f"Total {total:.1f} s; the full report with the stage times: {report_md}"]))

@@ -260,7 +260,7 @@ def _trained(models: Path, name: str, spec: dict, train: Callable[[Path], dict],
     model, record_path = models / f"{name}.safetensors", models / f"{name}.run.json"
     if model.exists() and record_path.exists():
         try:
-            record = json.loads(record_path.read_text())
+            record = json.loads(record_path.read_text(encoding="utf-8"))
         except ValueError:
             record = None
         if isinstance(record, dict) and record.get("spec") == spec:
@@ -272,7 +272,7 @@ def _trained(models: Path, name: str, spec: dict, train: Callable[[Path], dict],
               "seconds_curve": round(curve_clock() - curve_before, 2), "history": meta.get("history", []),
               "normalisation": meta.get("normalisation"), "provenance": meta.get("provenance", {})}
     with atomic_path(record_path) as tmp:
-        tmp.write_text(_json_text(record))
+        tmp.write_text(_json_text(record), encoding="utf-8")
     return model, dict(_normalised(record), reused=False)
 
 
@@ -437,9 +437,9 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
                "machine": machine_line,
                "paper_table1": PAPER_TABLE1, "paper_text": PAPER_TEXT}
     with atomic_path(js) as tmp:
-        tmp.write_text(_json_text(payload))
+        tmp.write_text(_json_text(payload), encoding="utf-8")
     with atomic_path(md) as tmp:
-        tmp.write_text(_markdown(protocol, rows, mean_dice, findings, timings, total_s, machine_line))
+        tmp.write_text(_markdown(protocol, rows, mean_dice, findings, timings, total_s, machine_line), encoding="utf-8")
     reporter.log(f"Table 1 written to {md}")
     return [md, js, dice_png, curves_png]
 

@@ -136,7 +136,7 @@ def load_convention(spec: Optional[str]) -> Convention:
     if not path.is_file():
         raise VaeudaError(f"{spec}: label mapping is neither 'mmwhs', 'consecutive' nor an existing JSON file.")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise VaeudaError(f"{path}: label mapping file is not valid JSON ({exc}).") from None
     lookup = {}

@@ -275,7 +275,7 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
     if json_path is not None:
         text = json.dumps(result, indent=2, allow_nan=False) + "\n"
         with fileio.atomic_path(json_path) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
     return markdown, result
 
 

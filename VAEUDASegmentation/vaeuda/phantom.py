@@ -687,7 +687,7 @@ def make_cohort(out_dir: PathLike, n_source: int = 20, n_target: int = 20, n_tra
                     reporter.step(done)
                 splits[modality] = {"train": prefixes[:n_train], "test": prefixes[n_train:]}
             with atomic_path(tmp / "splits.json") as tmp_json:
-                tmp_json.write_text(json.dumps(splits, indent=1) + "\n")
+                tmp_json.write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
     except OSError as exc:
         raise VaeudaError(f"{out}: could not write the cohort ({exc.strerror or exc}).") from None
     finally:
