@@ -109,6 +109,18 @@ def test_record_with_wrong_sizes_or_label_values_is_refused(tmp_path):
         read_tfrecords(path)
 
 
+def test_empty_file_and_record_without_the_image_are_refused(tmp_path):
+    path = tmp_path / "empty.tfrecords"
+    path.write_bytes(b"")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: file is empty.$"):
+        read_tfrecords(path)
+    image = np.zeros((4, 6, 3), np.float32)
+    label_only = {"label_vol": image.tobytes(), **{f"lsize_dim{d}": [image.shape[d]] for d in range(3)}}
+    path.write_bytes(_record(_example(label_only)))
+    with pytest.raises(VaeudaError, match=r"record 0 lacks 'data_vol' or its sizes dsize_dim0..2"):
+        read_tfrecords(path)
+
+
 def test_record_cut_inside_its_last_crc_is_truncated(tmp_path):
     """The payload whole, its 4-byte CRC cut to 2: still a truncated record, not a struct error."""
     path = tmp_path / "cut.tfrecords"
@@ -196,6 +208,10 @@ def test_bad_npz_files(tmp_path):
     np.savez(labels, np.zeros((2, 2, 1)), np.full((2, 2, 1), 2.5))
     with pytest.raises(VaeudaError, match="arr_1 label values are not whole numbers"):
         read_npz(labels)
+    text = tmp_path / "strings.npz"
+    np.savez(text, np.full((2, 2, 1), "a"), np.zeros((2, 2, 1)))
+    with pytest.raises(VaeudaError, match="arr_0 and arr_1 must be numeric, found <U1 and float64"):
+        read_npz(text)
     lone = tmp_path / "lone.npz"                    # np.save's .npy bytes under an .npz name
     with open(lone, "wb") as f:
         np.save(f, np.zeros((4, 4, 2)))

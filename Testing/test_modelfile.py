@@ -190,9 +190,10 @@ def _resave_with_header(saved, tmp_path, edit):
     # read as version 0, below the first format (catches a check of the upper bound only)
     (lambda h: h.pop("format_version"), "format version None is not valid"),
     (lambda h: h.update(format_version="0"), "format version '0' is not valid"),   # versions start at 1
+    (lambda h: h.update(format_version="1.x"), "format version '1.x' is not valid"),  # not an integer
     # not taken as unchecked-but-fine (catches skipping the comparison when the field is absent)
     (lambda h: h.pop("tensors_sha256"), "do not match their checksum"),
-], ids=["no format version", "format version 0", "no checksum"])
+], ids=["no format version", "format version 0", "format version not an integer", "no checksum"])
 def test_edited_header_is_refused(saved, tmp_path, edit, message):
     with pytest.raises(VaeudaError, match=message):
         load_model(_resave_with_header(saved, tmp_path, edit))

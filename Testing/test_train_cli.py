@@ -669,3 +669,33 @@ def test_adapt_names_the_way_out_when_the_source_volumes_have_moved(tiny_cohort,
     assert main(["adapt", "--source-data", str(tiny_cohort / "mr_1001_image.nii.gz"), "--model", str(src),
                  "--out", str(out), "--iterations", "1", "--progress", "none", ct]) == 0
     assert out.is_file()
+
+
+def test_cuda_without_a_gpu_and_an_interrupt_each_end_in_one_sentence(tiny_cohort, tmp_path, capsys, monkeypatch):
+    """--device cuda on a machine without CUDA: exit 2 and the sentence; Ctrl-C: exit 130, "interrupted",
+    and no output file."""
+    import torch
+    from vaeuda import train as train_mod
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "m.safetensors"
+    args = ["train-source", "--preset", "tiny", "--iterations", "1", "--out", str(out), "--progress", "none",
+            str(tiny_cohort / "mr_1001_image.nii.gz")]
+    assert main(args + ["--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--device cuda was asked for, but no CUDA GPU is available to PyTorch.")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod, "run_stage", interrupted)
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vaeuda: interrupted" and not out.exists()
+
+
+def test_segment_refuses_a_folder_where_a_segmentation_would_go(tiny_cohort, tiny_source_model, tmp_path, capsys):
+    out = tmp_path / "seg"
+    (out / "ct_1001_image_seg.nii.gz").mkdir(parents=True)
+    ct = tiny_cohort / "ct_1001_image.nii.gz"
+    assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--progress", "none", str(ct)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"ct_1001_image_seg.nii.gz: is a folder where the segmentation of {ct} would go.")
+    assert sorted(p.name for p in out.iterdir()) == ["ct_1001_image_seg.nii.gz"]
