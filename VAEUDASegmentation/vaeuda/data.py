@@ -10,7 +10,7 @@ import torch
 
 from .errors import VaeudaError
 from .fileio import full_suffix, stem
-from .labels import Convention
+from .labels import MMWHS, Convention
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -41,6 +41,8 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
             images = [q for q in vols if stem(q).endswith("_image")]
             chosen = images or [q for q in vols if not stem(q).endswith("_label")]
             if not chosen:
+                if vols:                  # only *_label volumes: not a DICOM folder
+                    raise VaeudaError(f"{p}: folder holds label volumes (*_label) but no image volumes.")
                 if any(q.is_file() for q in p.iterdir()):
                     chosen = [p]          # a DICOM series folder
                 else:
@@ -107,7 +109,7 @@ def parse_slice_range(spec: Optional[str]) -> Optional[Tuple[int, int]]:
 
 
 def load_slices(images: Sequence[Path], size: int, fov_mm: Optional[float], normalisation: dict,
-                labels: Optional[Sequence[Path]] = None, convention: Optional[Convention] = None,
+                labels: Optional[Sequence[Path]] = None, convention: Convention = MMWHS,
                 slice_range: Optional[Tuple[int, int]] = None) -> SliceSet:
     """Read volumes and cut them into (N, 3, size, size) slices (and (N, size, size) labels).
 

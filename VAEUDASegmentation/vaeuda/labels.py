@@ -10,9 +10,10 @@ these indices and back.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -147,27 +148,35 @@ def load_convention(spec: Optional[str]) -> Convention:
         raise VaeudaError(f"{path}: label mapping must be a JSON object of structure -> value.")
 
     def whole(value, key):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value)):
             raise VaeudaError(f"{path}: the value of '{key}' must be a whole number, not {value!r}.")
         return int(value)
 
-    to_index: Dict[int, int] = {}
-    from_index = [0] * N_CLASSES
     background = data.get("background", [0])
     if not isinstance(background, list):
         background = [background]
-    for v in background:
-        to_index[whole(v, "background")] = 0
-    from_index[0] = int(background[0]) if background else 0
+    if not background:
+        raise VaeudaError(f"{path}: 'background' must give at least one value (the first is what background is written as).")
+    to_index: Dict[int, int] = {whole(v, "background"): 0 for v in background}
+    owner = {v: "background" for v in to_index}        # value -> who has it: one value, one meaning
+    from_index: List[Optional[int]] = [int(background[0])] + [None] * (N_CLASSES - 1)
     for key, value in data.items():
         if key in ("background", "unknown"):
             continue
         s = lookup.get(key.lower())
         if s is None:
             raise VaeudaError(f"{path}: '{key}' is not one of the structures {', '.join(CLASS_KEYS)}.")
-        to_index[whole(value, key)] = s.index
-        from_index[s.index] = int(value)
-    missing = [s.key for s in STRUCTURES if s.index not in to_index.values()]
+        if from_index[s.index] is not None:
+            raise VaeudaError(f"{path}: '{key}' gives {s.key} a second value.")
+        v = whole(value, key)
+        if v in owner:
+            raise VaeudaError(f"{path}: '{key}' and '{owner[v]}' have the same value {v}; "
+                              f"each structure and the background need values of their own.")
+        owner[v] = key
+        to_index[v] = s.index
+        from_index[s.index] = v
+    missing = [s.key for s in STRUCTURES if from_index[s.index] is None]
     if missing:
         raise VaeudaError(f"{path}: label mapping gives no value for {', '.join(missing)}.")
     unknown = data.get("unknown", "error")

@@ -1,0 +1,123 @@
+"""labels: --label-convention names and JSON mapping files, each way one is refused, and a mapping's round trip."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from vaeuda.cli import main
+from vaeuda.errors import VaeudaError
+from vaeuda.labels import CONSECUTIVE, MMWHS, load_convention
+
+
+def _mapping(tmp_path, text: str):
+    path = tmp_path / "map.json"
+    path.write_text(text)
+    return path
+
+
+def test_named_conventions():
+    assert load_convention(None) is MMWHS and load_convention("") is MMWHS and load_convention("mmwhs") is MMWHS
+    assert load_convention("consecutive") is CONSECUTIVE
+
+
+@pytest.mark.parametrize("spec", ["MMWHS-v2", "missing.json"])
+def test_neither_a_name_nor_a_file_is_refused(tmp_path, spec):
+    spec = str(tmp_path / spec) if spec.endswith(".json") else spec
+    with pytest.raises(VaeudaError, match=f"^{re.escape(spec)}: label mapping is neither 'mmwhs', 'consecutive' "
+                                          f"nor an existing JSON file\\.$"):
+        load_convention(spec)
+
+
+def test_a_folder_is_not_a_mapping_file(tmp_path):
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path))}: label mapping is neither"):
+        load_convention(str(tmp_path))
+
+
+def test_invalid_json_is_refused(tmp_path):
+    path = _mapping(tmp_path, '{"LV-M": 1, "LA-B": 2,')
+    with pytest.raises(VaeudaError,
+                       match=f"^{re.escape(str(path))}: label mapping file is not valid JSON \\(.+\\)\\.$"):
+        load_convention(str(path))
+
+
+def test_unknown_structure_is_refused(tmp_path):
+    path = _mapping(tmp_path, '{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "RA": 5}')
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 'RA' is not one of the structures "
+                                          f"LV-M, LA-B, LV-B, A-A\\.$"):
+        load_convention(str(path))
+
+
+@pytest.mark.parametrize("text, missing", [
+    ('{"LV-M": 1, "LA-B": 2, "LV-B": 3}', "A-A"),
+    ('{"LA-B": 2, "A-A": 4}', "LV-M, LV-B"),
+    ('{"background": [0]}', "LV-M, LA-B, LV-B, A-A"),
+])
+def test_structure_without_a_value_is_refused(tmp_path, text, missing):
+    """Without this check the missing structure is never read from a label file and is written as 0 (background)."""
+    path = _mapping(tmp_path, text)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: label mapping gives no value for {missing}\\.$"):
+        load_convention(str(path))
+
+
+@pytest.mark.parametrize("setting, shown", [('"ignore"', "ignore"), ('"Error"', "Error"), ("null", "None")])
+def test_bad_unknown_setting_is_refused(tmp_path, setting, shown):
+    path = _mapping(tmp_path, f'{{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "unknown": {setting}}}')
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 'unknown' must be 'error' or 'background', "
+                                          f"not '{shown}'\\.$"):
+        load_convention(str(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    # json reads NaN and Infinity; int() of them is a ValueError / OverflowError, not a sentence
+    ('{"LV-M": NaN, "LA-B": 2, "LV-B": 3, "A-A": 4}', "the value of 'LV-M' must be a whole number, not nan."),
+    ('{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "background": [Infinity]}',
+     "the value of 'background' must be a whole number, not inf."),
+    # LV-M at 0 would turn every background voxel into myocardium on reading
+    ('{"LV-M": 0, "LA-B": 2, "LV-B": 3, "A-A": 4}',
+     "'LV-M' and 'background' have the same value 0; each structure and the background need values of their own."),
+    ('{"LV-M": 2, "LA-B": 2, "LV-B": 3, "A-A": 4}',
+     "'LA-B' and 'LV-M' have the same value 2; each structure and the background need values of their own."),
+    ('{"LV-M": 1, "LV myocardium": 5, "LA-B": 2, "LV-B": 3, "A-A": 4}', "'LV myocardium' gives LV-M a second value."),
+    # background is written as its first value; with none, what is written could not be read back
+    ('{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "background": []}',
+     "'background' must give at least one value (the first is what background is written as)."),
+], ids=["NaN", "Infinity", "structure at the background value", "two structures, one value", "a structure twice",
+        "no background value"])
+def test_a_mapping_that_cannot_round_trip_is_refused(tmp_path, text, message):
+    path = _mapping(tmp_path, text)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: {re.escape(message)}$"):
+        load_convention(str(path))
+
+
+def test_mapping_by_key_or_name_reads_and_writes_its_values(tmp_path):
+    """Names and keys in any case; two background values; unknown values as background. Catches a structure
+    mapped to another one's index, or a value lost on the way out."""
+    path = _mapping(tmp_path, '{"lv myocardium": 11, "LA-B": 12, "lv-b": 13, "Ascending aorta": 14, '
+                              '"background": [9, 0], "unknown": "background"}')
+    convention = load_convention(str(path))
+    assert convention.name == "map" and convention.unknown == "background"
+    raw = np.array([[0, 11, 12, 13], [14, 9, 77, 11]], np.int32)
+    assert convention.encode(raw).tolist() == [[0, 1, 2, 3], [4, 0, 0, 1]]
+    assert convention.decode(np.array([0, 1, 2, 3, 4])).tolist() == [9, 11, 12, 13, 14]
+
+
+def test_mapping_refuses_unknown_values_by_default(tmp_path):
+    path = _mapping(tmp_path, '{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4}')
+    convention = load_convention(str(path))
+    assert convention.encode(np.array([0, 4, 1])).tolist() == [0, 4, 1]
+    with pytest.raises(VaeudaError, match=r"^lab\.nii: label values 7 are not in the 'map' label mapping\.$"):
+        convention.encode(np.array([0, 4, 7]), source="lab.nii")
+
+
+def test_cli_unknown_convention_exits_2_and_writes_nothing(tmp_path, tmp_volume, capsys):
+    image = tmp_volume(np.zeros((4, 5, 6), np.float32), name="a_image.nii.gz")
+    tmp_volume(np.zeros((4, 5, 6), np.uint8), name="a_label.nii.gz")
+    out = tmp_path / "source.safetensors"
+    code = main(["train-source", "--preset", "tiny", "--out", str(out), "--progress", "none", "--device", "cpu",
+                 "--label-convention", "sifa", str(image)])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == \
+        ["vaeuda: error: sifa: label mapping is neither 'mmwhs', 'consecutive' nor an existing JSON file."]
+    assert not out.exists()
