@@ -486,3 +486,24 @@ def test_kernel_paths_fingerprints_name_the_library_path_a_variant_changes(tmp_p
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| mkl-cnr-compatible |"))
     assert f"**{cnr['fingerprint']['gemm']}**" in row and f"**{cnr['fingerprint']['norm']}**" not in row
     assert f" {cnr['fingerprint']['norm']} " in row
+
+
+def test_oracle_convergence_fine_tunes_per_count_and_split(tiny_source_model, tmp_path):
+    """Two counts x (validation, test); the same count and seed gives the same scores in another run;
+    holding out the whole pool is a usage error."""
+    from vaeuda.phantom import make_cohort
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, n_source=2, n_target=3, n_train=2, seed=3, size=32)      # a CT pool of two
+    base = ("oracle_convergence.py", "--model", str(tiny_source_model), "--cohort", str(cohort), "--validation", "1",
+            "--threads", "1")
+    out = tmp_path / "oracle.json"
+    proc = _run(*base, "--iterations", "1", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["iterations"], r["split"]) for r in runs] == [(1, "validation"), (1, "test"), (2, "validation"), (2, "test")]
+    assert all(set(r["dice"]) == {"LV-M", "LA-B", "LV-B", "A-A", "Mean"} for r in runs)
+    again = tmp_path / "again.json"
+    assert _run(*base, "--iterations", "2", "--out", str(again)).returncode == 0
+    assert [r["dice"] for r in json.loads(again.read_text())["runs"]] == [r["dice"] for r in runs[2:]]
+    proc = _run(*base[:-4], "--validation", "2", "--iterations", "1")
+    assert proc.returncode == 2 and "--validation must be between 1 and 1 (the pool has 2 scans)" in proc.stderr
