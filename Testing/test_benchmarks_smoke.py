@@ -503,7 +503,7 @@ def test_oracle_convergence_fine_tunes_per_count_and_split(tiny_source_model, tm
     assert [(r["iterations"], r["split"]) for r in runs] == [(1, "validation"), (1, "test"), (2, "validation"), (2, "test")]
     assert all(set(r["dice"]) == {"LV-M", "LA-B", "LV-B", "A-A", "Mean"} for r in runs)
     again = tmp_path / "again.json"
-    assert _run(*base, "--iterations", "2", "--out", str(again)).returncode == 0
-    assert [r["dice"] for r in json.loads(again.read_text())["runs"]] == [r["dice"] for r in runs[2:]]
+    assert _run(*base, "--iterations", "2", "--splits", "test", "--out", str(again)).returncode == 0
+    assert [(r["split"], r["dice"]) for r in json.loads(again.read_text())["runs"]] == [("test", runs[3]["dice"])]
     proc = _run(*base[:-4], "--validation", "2", "--iterations", "1")
     assert proc.returncode == 2 and "--validation must be between 1 and 1 (the pool has 2 scans)" in proc.stderr

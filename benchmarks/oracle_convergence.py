@@ -1,7 +1,8 @@
 """Is the oracle converged? Held-out Dice of ``vaeuda finetune`` against its iteration count.
 
     python benchmarks/oracle_convergence.py --model demo_out/models/source.safetensors \\
-        --cohort demo_out/cohort --iterations 200 400 800 1600 --out oracle.json [--validation 4] [--threads 2]
+        --cohort demo_out/cohort --iterations 200 400 800 1600 --out oracle.json \\
+        [--validation 4] [--splits validation test] [--threads 2]
 
 The oracle is the source model fine-tuned on the labelled CT training pool; the ratio issue 3
 asks for (adapted / oracle) is only meaningful against an oracle that has stopped improving. For
@@ -38,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--cohort", required=True, help="cohort folder with splits.json")
     p.add_argument("--iterations", type=int, nargs="+", required=True, help="fine-tuning iteration counts to try")
     p.add_argument("--validation", type=int, default=4, help="pool scans held out for validation (default 4)")
+    p.add_argument("--splits", nargs="+", choices=("validation", "test"), default=["validation", "test"],
+                   help="which fine-tunings to run (default both)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (default 0, as make demo)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as make demo on 2 cores)")
     p.add_argument("--out", help="write the record to this JSON file")
@@ -55,6 +58,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as scratch:
             for iterations in args.iterations:
                 for split, train_on, score_on in (("validation", kept, held_out), ("test", pool, tests)):
+                    if split not in args.splits:
+                        continue
                     started = time.time()
                     model = Path(scratch) / f"oracle_{split}_{iterations}.safetensors"
                     train.finetune(args.model, [image_of(cohort, s) for s in train_on],
