@@ -7,8 +7,8 @@ Adapts a source model on one target scan with the engine's own ``train.adapt`` (
 model's preset, or the ablation switches given) and, before it starts (iteration 0: the source
 model) and every ``--every`` iterations, records:
 
-- ``val``: mean Dice [%] on validation scans, by default the CT training-pool scans other than
-  the adaptation scan (their labels play no part in adaptation). Choose settings on these.
+- ``val``: mean Dice [%] on validation scans, by default (at most 4 of) the CT training-pool scans
+  other than the adaptation scan (their labels play no part in adaptation). Choose settings on these.
 - ``test``: mean Dice [%] on the cohort's CT test split, for the record only.
 - ``disc``: the discriminator's mean score (over patches and scales; real -> 1, fake -> 0)
   on fixed slices of real MR (x_S), their reconstruction (x_SS), the adaptation scan rendered as

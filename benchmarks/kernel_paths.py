@@ -15,7 +15,7 @@ variant give the same numbers (the variants that set one of its own variables ar
 refused when named).
 
 Writes ``{"args", "machine", "variants": [{"name", "env", "mean_dice": {row: %}, "gain",
-"ratio_to_oracle", "seconds"}]}`` and prints a Markdown table.
+"ratio_to_oracle", "demo_total_s", "seconds"}], "markdown"}`` and prints the Markdown table.
 
 ``--fingerprints`` runs ``vaeuda numerics`` instead of the demo (seconds, not minutes): each
 variant's kernel fingerprint (``vaeuda.machine.fingerprint``), which says which library paths a
