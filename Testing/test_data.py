@@ -196,11 +196,7 @@ def test_empty_folder_holds_no_image_volumes(tmp_path):
 
 def test_folder_of_label_volumes_only_is_not_taken_for_a_dicom_series(tmp_path, tmp_volume):
     """Only *_label volumes: no image to segment, and no DICOM series either."""
-    folder = tmp_path / "labels"
-    folder.mkdir()
-    sitk_image = tmp_volume(np.zeros((2, 3, 4), np.uint8))
-    import SimpleITK as sitk
-    sitk.WriteImage(sitk_image, str(folder / "a_label.nii.gz"))
+    folder = tmp_volume(np.zeros((2, 3, 4), np.uint8), name="a_label.nii.gz").parent   # tmp_path, nothing else in it
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: folder holds label volumes \\(\\*_label\\) "
                                           f"but no image volumes\\.$"):
         find_images([str(folder)])

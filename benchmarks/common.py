@@ -27,10 +27,10 @@ from torch import nn  # noqa: E402
 
 from vaeuda import machine  # noqa: E402
 from vaeuda.data import SliceSet, load_slices  # noqa: E402
-from vaeuda.demo import image_of, label_of  # noqa: E402
+from vaeuda.demo import evaluate_model, image_of, label_of  # noqa: E402
 from vaeuda.labels import MMWHS  # noqa: E402
 from vaeuda.nets import VAEUDANet, get_preset  # noqa: E402
-from vaeuda.progress import Reporter  # noqa: E402
+from vaeuda.progress import Reporter, null_reporter  # noqa: E402
 from vaeuda.train import Stage, TrainConfig, run_stage  # noqa: E402
 
 
@@ -190,6 +190,13 @@ def cohort_slices(cohort: Path, prefixes: Sequence[str], net_cfg, normalisation:
     ``net_cfg`` (a model's ``NetConfig``): images (N, 3, S, S), with labels (N, S, S) if ``labelled``."""
     return load_slices([image_of(cohort, s) for s in prefixes], net_cfg.input_size, net_cfg.slice_fov_mm,
                        normalisation, [label_of(cohort, s) for s in prefixes] if labelled else None, MMWHS)
+
+
+def scored_dice(model: Path, cohort: Path, prefixes: Sequence[str], out_dir: Path) -> Dict[str, float]:
+    """Mean Dice [%] per structure and ``Mean`` of ``model`` on the cohort scans ``prefixes``, on the CPU
+    (``demo.evaluate_model``, predictions written into ``out_dir``), rounded to 0.01."""
+    result = evaluate_model(model, cohort, prefixes, out_dir, "cpu", null_reporter())
+    return {k: round(100 * v["dice"]["mean"], 2) for k, v in result["summary"].items()}
 
 
 def stage_throughput(preset: str, stage: str, batch: int, iterations: int, repeats: int, device: torch.device,

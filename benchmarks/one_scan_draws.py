@@ -26,16 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_set_option, machine_info, parsed_set_options  # (also puts the engine on sys.path)
+from common import add_set_option, machine_info, parsed_set_options, scored_dice  # (also puts the engine on sys.path)
 
 import torch  # noqa: E402
 
 from vaeuda import train  # noqa: E402
-from vaeuda.demo import cohort_split, evaluate_model, image_of  # noqa: E402
+from vaeuda.demo import cohort_split, image_of  # noqa: E402
 from vaeuda.errors import VaeudaError  # noqa: E402
 from vaeuda.experiment import draw_targets  # noqa: E402
 from vaeuda.metrics import MEAN_KEY  # noqa: E402
-from vaeuda.progress import null_reporter  # noqa: E402
 
 
 def summary(draws) -> dict:
@@ -73,8 +72,7 @@ def main(argv=None) -> int:
                 model = Path(scratch) / f"adapted_{scan}.safetensors"
                 train.adapt(args.model, [image_of(cohort, scan)], model, iterations=args.iterations,
                             seed=args.seed, device="cpu", overrides=overrides or None)
-                result = evaluate_model(model, cohort, tests, Path(scratch) / f"pred_{scan}", "cpu", null_reporter())
-                dice = {k: round(100 * v["dice"]["mean"], 2) for k, v in result["summary"].items()}
+                dice = scored_dice(model, cohort, tests, Path(scratch) / f"pred_{scan}")
                 draws.append({"scan": scan, "dice": dice, "seconds": round(time.time() - started, 1)})
                 print(json.dumps(draws[-1]), flush=True)
     except VaeudaError as exc:

@@ -23,14 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_info  # (also puts the engine on sys.path)
+from common import machine_info, scored_dice  # (also puts the engine on sys.path)
 
 import torch  # noqa: E402
 
 from vaeuda import train  # noqa: E402
-from vaeuda.demo import cohort_split, evaluate_model, image_of, label_of  # noqa: E402
+from vaeuda.demo import cohort_split, image_of, label_of  # noqa: E402
 from vaeuda.errors import VaeudaError  # noqa: E402
-from vaeuda.progress import null_reporter  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -65,9 +64,7 @@ def main(argv=None) -> int:
                     train.finetune(args.model, [image_of(cohort, s) for s in train_on],
                                    [label_of(cohort, s) for s in train_on], model, iterations=iterations,
                                    seed=args.seed, device="cpu")
-                    result = evaluate_model(model, cohort, score_on, Path(scratch) / f"pred_{split}_{iterations}",
-                                            "cpu", null_reporter())
-                    dice = {k: round(100 * v["dice"]["mean"], 2) for k, v in result["summary"].items()}
+                    dice = scored_dice(model, cohort, score_on, Path(scratch) / f"pred_{split}_{iterations}")
                     runs.append({"iterations": iterations, "split": split, "dice": dice,
                                  "seconds": round(time.time() - started, 1)})
                     print(json.dumps(runs[-1]), flush=True)
