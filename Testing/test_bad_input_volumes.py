@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from vaeuda import volumes
+from vaeuda.data import find_images
 from vaeuda.errors import VaeudaError
 from vaeuda.labels import CONSECUTIVE, MMWHS
 from vaeuda.volumes import normalise, read_image, read_label, write_image, write_label
@@ -58,8 +59,20 @@ def test_corrupt_file(tmp_path):
 def test_empty_folder(tmp_path):
     folder = tmp_path / "dicom"
     folder.mkdir()
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: folder holds no DICOM series"):
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: folder holds no DICOM series and no image "
+                                          r"volumes \(.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd\)\.$"):
         read_image(folder)
+
+
+def test_folder_of_other_files(tmp_path):
+    """Text files only: data.find_images passes the folder on as DICOM; the sentence names both."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not an image", encoding="utf-8")
+    [found] = find_images([str(folder)])
+    assert found == folder
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: folder holds no DICOM series and no image volumes"):
+        read_image(found)
 
 
 def test_label_of_other_geometry(tmp_path, tmp_volume):

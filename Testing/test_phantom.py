@@ -209,6 +209,29 @@ def test_cohort_into_existing_file_fails_and_leaves_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cohort"]
 
 
+def test_smaller_cohort_over_a_larger_one_removes_the_scans_it_no_longer_lists(tmp_path):
+    out = tmp_path / "cohort"
+    phantom.make_cohort(out, n_source=3, n_target=2, n_train=1, seed=1, size=16)
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    (out / "mr_1009_image.nii.gz").write_bytes(b"not listed by any splits.json")
+    phantom.make_cohort(out, n_source=2, n_target=1, n_train=1, seed=2, size=16)
+    scans = sorted(p.name for p in out.glob("*_*.nii.gz"))
+    assert scans == ["ct_1001_image.nii.gz", "ct_1001_label.nii.gz", "mr_1001_image.nii.gz",
+                     "mr_1001_label.nii.gz", "mr_1002_image.nii.gz", "mr_1002_label.nii.gz",
+                     "mr_1009_image.nii.gz"]
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert json.loads((out / "splits.json").read_text(encoding="utf-8"))["mr"]["test"] == ["mr_1002"]
+
+
+def test_cohort_over_a_folder_whose_splits_json_is_not_ours_removes_nothing(tmp_path):
+    out = tmp_path / "cohort"
+    out.mkdir()
+    (out / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1002"], "test": []}}), encoding="utf-8")
+    (out / "mr_1002_image.nii.gz").write_bytes(b"someone else's")
+    phantom.make_cohort(out, n_source=1, n_target=1, n_train=1, size=16)
+    assert (out / "mr_1002_image.nii.gz").read_bytes() == b"someone else's"
+
+
 def test_cohort_failing_midway_leaves_no_folder(tmp_path, monkeypatch):
     real = phantom.make_subject
     calls = []

@@ -242,9 +242,9 @@ def run_settings(cohort: Path, preset: str, device_type: str) -> dict:
     (:func:`cohort_state`)."""
     from . import __version__
     from .nets import get_preset
-    from .train import ADAPT_TRAINING, _train_config
-    training = {"all": _train_config(None, None, preset).to_dict(),
-                "adapt": _train_config(None, None, preset, ADAPT_TRAINING.get(preset)).to_dict()}
+    from .train import ADAPT_TRAINING, resolve_train_config
+    training = {"all": resolve_train_config(None, None, preset).to_dict(),
+                "adapt": resolve_train_config(None, None, preset, ADAPT_TRAINING.get(preset)).to_dict()}
     return {"cohort": str(Path(cohort).resolve()), "cohort_state": cohort_state(cohort), "preset": preset,
             "device": device_type, "training": training, "network": get_preset(preset).to_dict(),
             "engine_version": __version__, "portable": machine.portable()}

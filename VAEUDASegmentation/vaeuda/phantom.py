@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -645,6 +646,25 @@ def _write_nifti(image: sitk.Image, path: Path) -> None:
             raise VaeudaError(f"{path}: could not write the NIfTI file.") from None
 
 
+def _previous_cohort_files(out: Path) -> set:
+    """File names of the scans a phantom cohort's ``splits.json`` in ``out`` lists (empty if none is ours)."""
+    try:
+        splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(splits, dict) or not str(splits.get("generator", "")).startswith("vaeuda.phantom"):
+        return set()
+    names = set()
+    for modality in MODALITIES:
+        lists = splits.get(modality)
+        for prefixes in (lists.values() if isinstance(lists, dict) else ()):
+            for prefix in (prefixes if isinstance(prefixes, list) else ()):
+                # only names this generator writes: a hand-edited list cannot reach other files
+                if isinstance(prefix, str) and re.fullmatch(rf"{modality}_\d+", prefix):
+                    names.update(f"{prefix}_{kind}.nii.gz" for kind in ("image", "label"))
+    return names
+
+
 def make_cohort(out_dir: PathLike, n_source: int = 20, n_target: int = 20, n_train: int = 16, seed: int = 0,
                 size: Optional[int] = None, reporter: Optional[Reporter] = None) -> dict:
     """Write an unpaired MR (source) / CT (target) cohort into ``out_dir`` and return its splits.
@@ -652,7 +672,9 @@ def make_cohort(out_dir: PathLike, n_source: int = 20, n_target: int = 20, n_tra
     Files: ``mr_<id>_image.nii.gz``, ``mr_<id>_label.nii.gz``, ``ct_...`` with ids 1001, 1002, ...
     per modality, and ``splits.json``: the first ``n_train`` subjects of each modality train, the
     rest test. Everything is written in a temporary folder first, so a failed run leaves nothing;
-    on success the files replace those of the same name in ``out_dir`` (others there are kept).
+    on success the files replace those of the same name in ``out_dir``, and the scans a previous
+    cohort's ``splits.json`` there listed that this one does not have are removed (so a smaller
+    cohort over a larger one leaves no unlisted scans behind); other files there are kept.
     """
     reporter = reporter or null_reporter()
     out = Path(out_dir)
@@ -669,6 +691,7 @@ def make_cohort(out_dir: PathLike, n_source: int = 20, n_target: int = 20, n_tra
     if out.exists() and not out.is_dir():
         raise VaeudaError(f"{out}: the cohort folder path is an existing file.")
 
+    previous = _previous_cohort_files(out)
     splits: Dict[str, object] = {"labels": "mmwhs", "seed": seed, "generator": GENERATOR, "size": size}
     total = n_source + n_target
     reporter.stage("synth", total)
@@ -688,6 +711,9 @@ def make_cohort(out_dir: PathLike, n_source: int = 20, n_target: int = 20, n_tra
                 splits[modality] = {"train": prefixes[:n_train], "test": prefixes[n_train:]}
             with atomic_path(tmp / "splits.json") as tmp_json:
                 tmp_json.write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
+            written = {item.name for item in tmp.iterdir()}
+        for name in sorted(previous - written):
+            (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise VaeudaError(f"{out}: could not write the cohort ({exc.strerror or exc}).") from None
     finally:

@@ -510,8 +510,12 @@ def _base_meta(stage: str, preset: str, convention: Convention, normalisation: d
     }
 
 
-def _train_config(overrides: Optional[dict], batch_size: Optional[int], preset: str,
+def resolve_train_config(overrides: Optional[dict], batch_size: Optional[int], preset: str,
                   stage_defaults: Optional[dict] = None) -> TrainConfig:
+    """The options a run uses: TrainConfig's defaults, then the preset's, the stage's and ``overrides``.
+
+    ``batch_size`` None means the preset's. An option TrainConfig does not have is refused.
+    """
     cfg = TrainConfig(batch_size=DEFAULT_BATCH.get(preset, 8) if batch_size is None else batch_size)
     for k, v in {**PRESET_TRAINING.get(preset, {}), **(stage_defaults or {}), **(overrides or {})}.items():
         if not hasattr(cfg, k):
@@ -567,7 +571,7 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     net = VAEUDANet(net_cfg)
     reporter.log(f"reading {len(images)} labelled source volumes")
     data = load_slices(images, net_cfg.input_size, net_cfg.slice_fov_mm, normalisation, labels, convention)
-    cfg = _train_config(overrides, batch_size, preset)
+    cfg = resolve_train_config(overrides, batch_size, preset)
     cfg.intensity_remap = cfg.intensity_remap or intensity_remap
     if cfg.class_weights is None:
         cfg.class_weights = class_weights_from(data.labels)
@@ -613,7 +617,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
     stage_defaults = {**ADAPT_TRAINING.get(preset, {}), **_inherited_options(src_meta)}
-    cfg = _train_config(overrides, batch_size, preset, stage_defaults)
+    cfg = resolve_train_config(overrides, batch_size, preset, stage_defaults)
     cfg.use_kl, cfg.use_adv, cfg.use_cycle, cfg.use_task = use_kl, use_adv, use_cycle, use_task
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(source.labels))
     net.copy_source_to_target()
@@ -646,7 +650,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
     data = load_slices(images, net.cfg.input_size, net.cfg.slice_fov_mm, normalisation, labels, convention)
-    cfg = _train_config(None, batch_size, preset, _inherited_options(src_meta))
+    cfg = resolve_train_config(None, batch_size, preset, _inherited_options(src_meta))
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(data.labels))
     iters = _stage_iterations(iterations, preset, "finetune")
     meta = _base_meta("finetuned", preset, convention, normalisation, cfg, seed, dev,

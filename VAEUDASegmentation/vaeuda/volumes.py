@@ -285,7 +285,9 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
     except RuntimeError:
         series = ()
     if not series:
-        raise VaeudaError(f"{path}: folder holds no DICOM series.")
+        # a folder of other files reaches here too (data.find_images takes any folder without
+        # volume files for a DICOM folder): name both things that were looked for
+        raise VaeudaError(f"{path}: folder holds no DICOM series and no image volumes ({', '.join(READ_SUFFIXES)}).")
     files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid) for sid in series}
     chosen = max(series, key=lambda sid: len(files[sid]))
     if len(series) > 1:
