@@ -240,6 +240,39 @@ def test_resume_refuses_to_mix_remapped_and_plain_source_training(tiny_cohort, t
     assert out.exists() and not checkpoint_path(out).exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(seed=8), "checkpoint was made with a different --seed from this run; resume with the interrupted run's settings"),
+    (dict(overrides={"checkpoint_every": 2, "lambda_kl": 0.5}), "checkpoint was made with different training options from this run"),
+    (dict(batch_size=3), "checkpoint was made with different training options from this run"),
+    (dict(images=["mr_1002"]), "checkpoint was made with different input volumes or source model from this run"),
+    (dict(iterations=1), "checkpoint has done 2 iterations, more than the 1 asked for; resume with --iterations 2 or more"),
+])
+def test_resume_refuses_a_checkpoint_of_a_run_with_other_settings(tiny_cohort, tmp_path, monkeypatch, change, message):
+    """Resumed with another seed, options, inputs or fewer iterations than it has done, a run would
+    be neither the interrupted one nor the one its model file records."""
+    overrides = {"checkpoint_every": 2}
+    out = tmp_path / "m.safetensors"
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4, overrides=overrides)
+    kw = dict(iterations=4, overrides=overrides, seed=7, batch_size=None, images=["mr_1001"])
+    kw.update(change)
+    names = kw.pop("images")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(checkpoint_path(out)))}: {re.escape(message)}"):
+        train_source([tiny_cohort / f"{n}_image.nii.gz" for n in names], [tiny_cohort / f"{n}_label.nii.gz" for n in names],
+                     out, preset="tiny", device="cpu", resume=True, **kw)
+    assert checkpoint_path(out).exists() and not out.exists()
+
+
+def test_resume_with_more_iterations_continues_as_a_longer_run(tiny_cohort, tmp_path, monkeypatch):
+    overrides = {"checkpoint_every": 2}
+    full, part = tmp_path / "full.safetensors", tmp_path / "part.safetensors"
+    _train(tiny_cohort, full, iterations=5, overrides=overrides)
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, part, iterations=3, overrides=overrides)
+    meta = _train(tiny_cohort, part, iterations=5, overrides=overrides, resume=True)
+    assert meta["provenance"]["iterations"] == meta["provenance"]["iterations_done"] == 5
+    ta, tb = read_tensors(full)[0], read_tensors(part)[0]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def test_resume_refuses_a_file_that_is_not_a_training_checkpoint(tiny_cohort, tiny_source_model, tmp_path, capsys):
     """A model file copied to the checkpoint's path has the format but no training state."""
     import shutil

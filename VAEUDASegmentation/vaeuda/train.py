@@ -339,6 +339,37 @@ def _refuse_non_finite_weights(net: VAEUDANet, when: str, good_checkpoint: Optio
                           f"{_kept(good_checkpoint)}.")
 
 
+# Provenance entries that name a run's inputs (the stages record those that apply to them).
+RUN_INPUTS = ("source_model", "source_data", "source_labels", "target_data", "slices", "finetune_data")
+
+
+def _refuse_other_settings(ckpt: Path, then: dict, now: dict, done: int, iterations: int) -> None:
+    """Refuse to resume a checkpoint whose run differs from this one in what decides its steps.
+
+    ``then`` is the checkpoint's metadata, ``now`` this run's. Resumed with another seed, other
+    training options or other inputs, a run would be neither the interrupted one nor the one
+    asked for, while its model file recorded the latter. More iterations than the checkpoint's
+    run asked for continue it as an uninterrupted longer run would; fewer than it has done cannot.
+    """
+    def as_stored(value):    # the checkpoint's metadata went through JSON (tuples are lists there)
+        return json.loads(json.dumps(value))
+
+    then_prov, now_prov = then.get("provenance", {}), now["provenance"]
+    other_inputs = ({k: then_prov.get(k) for k in RUN_INPUTS} != as_stored({k: now_prov.get(k) for k in RUN_INPUTS}))
+    differs = [what for what, differ in (
+        ("a different --seed", then_prov.get("seed") != now_prov.get("seed")),
+        ("different input volumes or source model", other_inputs),
+        # other inputs give other class weights, an option: then the inputs are the difference to name
+        ("different training options", not other_inputs and then.get("train") != as_stored(now["train"])),
+    ) if differ]
+    if differs:
+        raise VaeudaError(f"{ckpt}: checkpoint was made with {' and '.join(differs)} from this run; "
+                          f"resume with the interrupted run's settings, or remove it to start afresh.")
+    if done > iterations:
+        raise VaeudaError(f"{ckpt}: checkpoint has done {done} iterations, more than the {iterations} asked for; "
+                          f"resume with --iterations {done} or more, or remove it to start afresh.")
+
+
 def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.device, seed: int,
               resume: bool = False, reporter: Optional[Reporter] = None) -> dict:
     """Train ``net`` for one stage, checkpointing as it goes, and write the model file ``stage.out``.
@@ -382,6 +413,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
             if then != now:
                 how = "with" if then else "without"
                 raise VaeudaError(f"{ckpt}: checkpoint was made {how} {flag}; resume it {how} {flag} too.")
+        _refuse_other_settings(ckpt, meta, stage.meta, start, stage.iterations)
         load_networks(net, tensors, ckpt)
         net.to(device)
         _load_optim("gen", opts[0], tensors)
