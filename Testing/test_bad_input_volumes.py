@@ -231,9 +231,30 @@ def test_metaimage_with_missing_data_file(tmp_path):
 def test_non_finite_intensities_are_refused(tmp_volume, bad):
     array = np.zeros((6, 7, 8), np.float32)
     array[2, 3, 4] = bad
-    path = tmp_volume(array, name="bad.mha")                   # MetaImage keeps NaN (NIfTI writing does not)
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 1 voxels are NaN or infinite"):
+    path = tmp_volume(array, name="bad.mha")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 1 voxel is NaN or infinite\\.$"):
         read_image(path)
+
+
+@pytest.mark.parametrize("name, dtype", [("bad.nii.gz", np.float32), ("bad.nii", np.float32),
+                                         ("bad.nii.gz", np.float64)])
+def test_non_finite_intensities_in_nifti_are_refused(tmp_volume, name, dtype):
+    """ITK's NIfTI reader hands NaN and infinite voxels back as 0 (the file holds them): the check
+    reads the file's own bytes."""
+    array = np.ones((6, 7, 8), dtype)
+    array[2, 3, 4], array[5, 6, 7] = np.nan, -np.inf
+    path = tmp_volume(array, name=name)
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).all()     # what ITK alone shows
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 2 voxels are NaN or infinite\\.$"):
+        read_image(path)
+    with pytest.raises(VaeudaError, match="2 voxels are NaN or infinite"):
+        read_label(path, MMWHS)
+
+
+def test_finite_float_and_integer_nifti_pass_the_check(tmp_volume):
+    for array in (np.full((4, 5, 6), 3.5, np.float32), np.full((4, 5, 6), -1024, np.int16)):
+        path = tmp_volume(array, name=f"ok_{array.dtype}.nii.gz")
+        assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), array.astype(np.float32))
 
 
 @pytest.mark.parametrize("mapping, message", [

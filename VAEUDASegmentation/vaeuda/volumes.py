@@ -129,6 +129,49 @@ def _nifti_layout(header: bytes) -> Optional[Tuple[int, int]]:
     return None
 
 
+# NIfTI datatype codes of floating-point voxels (nifti1.h) -> numpy type, without byte order
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_non_finite(path: Path) -> int:
+    """How many voxels of a floating-point NIfTI file are NaN or infinite, counted on the file's bytes.
+
+    ITK's NIfTI reader hands such voxels back as 0 and says nothing, so the image it returns cannot
+    tell. 0 for other files, integer voxels, or a header this cannot read (ITK's check then rules).
+    """
+    if full_suffix(path).lower() not in (".nii", ".nii.gz"):
+        return 0
+    with open(path, "rb") as f:
+        compressed = f.read(2) == GZIP_MAGIC
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+        layout = _nifti_layout(head)
+        if layout is None:
+            return 0
+        order = "<" if struct.unpack("<i", head[:4])[0] in (348, 540) else ">"
+        code_at = 70 if struct.unpack(order + "i", head[:4])[0] == 348 else 12
+        kind = _NIFTI_FLOATS.get(struct.unpack(order + "h", head[code_at:code_at + 2])[0])
+        if kind is None:
+            return 0
+        dtype = np.dtype(order + kind)
+        f.seek(layout[0])
+        remaining, bad = layout[1], 0
+        chunk = (1 << 24) // dtype.itemsize * dtype.itemsize
+        while remaining > 0:
+            data = f.read(min(chunk, remaining))
+            if not data:
+                break
+            values = np.frombuffer(data[: len(data) // dtype.itemsize * dtype.itemsize], dtype)
+            bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+            remaining -= len(data)
+    return bad
+
+
+def _voxels(count: int) -> str:
+    return "1 voxel is" if count == 1 else f"{count} voxels are"
+
+
 def _truncated(path: Path) -> VaeudaError:
     return VaeudaError(f"{path}: the file is truncated (incomplete copy or download).")
 
@@ -248,6 +291,9 @@ def _read_any(path: Path) -> sitk.Image:
             raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)} (readable: "
                               f"{', '.join(READ_SUFFIXES)} files and DICOM folders).") from None
         _check_nifti_complete(path)
+        non_finite = _nifti_non_finite(path)
+        if non_finite:
+            raise VaeudaError(f"{path}: {_voxels(non_finite)} NaN or infinite.")
     if image.GetDimension() != 3:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a {image.GetDimension()}D image.")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -328,7 +374,7 @@ def read_image(path: PathLike) -> sitk.Image:
         image = cast
     finite = np.isfinite(sitk.GetArrayViewFromImage(image))
     if not finite.all():
-        raise VaeudaError(f"{path}: {finite.size - np.count_nonzero(finite)} voxels are NaN or infinite.")
+        raise VaeudaError(f"{path}: {_voxels(finite.size - np.count_nonzero(finite))} NaN or infinite.")
     return image
 
 
