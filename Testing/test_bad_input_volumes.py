@@ -236,6 +236,28 @@ def test_non_finite_intensities_are_refused(tmp_volume, bad):
         read_image(path)
 
 
+@pytest.mark.parametrize("values, convention", [((0, 205, 420, 500, 820, 850), "mmwhs"), ((0, 1, 2, 3, 4, 5), "consecutive")])
+def test_a_label_map_given_as_an_image_is_refused(tmp_volume, values, convention):
+    array = np.zeros((6, 7, 8), np.uint8 if max(values) < 256 else np.uint16)
+    array.reshape(-1)[: len(values)] = values
+    path = tmp_volume(array, name="heart_label.nii.gz")
+    shown = ", ".join(map(str, values))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: is a label map \\(its only values are {shown}\\), "
+                                          f"not an image; give the image it labels\\.$"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("array", [
+    np.zeros((6, 7, 8), np.int16),                                  # no structure value: nothing to say
+    np.full((6, 7, 8), -1024, np.int16),                            # air
+    np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8),          # a scan's many values
+    np.where(np.arange(6 * 7 * 8).reshape(6, 7, 8) % 2, 205.0, 0.0).astype(np.float32),   # float voxels are intensities
+])
+def test_integer_images_that_are_no_label_maps_are_read(tmp_volume, array):
+    path = tmp_volume(array, name="scan.nii.gz")
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), array.astype(np.float32))
+
+
 @pytest.mark.parametrize("name, dtype", [("bad.nii.gz", np.float32), ("bad.nii", np.float32),
                                          ("bad.nii.gz", np.float64)])
 def test_non_finite_intensities_in_nifti_are_refused(tmp_volume, name, dtype):

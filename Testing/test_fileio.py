@@ -90,3 +90,25 @@ def test_make_dir_makes_parents_and_names_a_folder_it_cannot_make(tmp_path):
     blocker.write_text("x")
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(blocker / 'sub'))}: cannot be written"):
         make_dir(blocker / "sub")
+
+
+def test_an_output_where_no_file_can_be_made_is_refused_before_work_even_for_root(tmp_path, monkeypatch):
+    """os.access says yes to root everywhere (and on /proc); a file made and removed there is the test."""
+    import os
+    import tempfile
+    real = tempfile.mkstemp
+
+    def refused(*args, **kwargs):
+        if kwargs.get("dir") == tmp_path:
+            raise OSError(30, "Read-only file system")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    for check, path in ((check_output_file, tmp_path / "m.safetensors"), (check_output_dir, tmp_path / "seg")):
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: "
+                                              f"cannot be written \\(making a file in {re.escape(str(tmp_path))} failed: "
+                                              f"Read-only file system\\)\\.$"):
+            check(path)
+    monkeypatch.setattr(tempfile, "mkstemp", real)
+    assert check_output_file(tmp_path / "m.safetensors") == tmp_path / "m.safetensors"
+    assert list(tmp_path.iterdir()) == []                      # the probe file is gone

@@ -8,7 +8,7 @@ import pytest
 
 from vaeuda.cli import main
 from vaeuda.errors import VaeudaError
-from vaeuda.labels import CONSECUTIVE, MMWHS, load_convention
+from vaeuda.labels import CONSECUTIVE, MAX_UNKNOWN_VALUES, MMWHS, load_convention
 
 
 def _mapping(tmp_path, text: str):
@@ -107,8 +107,20 @@ def test_mapping_refuses_unknown_values_by_default(tmp_path):
     path = _mapping(tmp_path, '{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4}')
     convention = load_convention(str(path))
     assert convention.encode(np.array([0, 4, 1])).tolist() == [0, 4, 1]
-    with pytest.raises(VaeudaError, match=r"^lab\.nii: label values 7 are not in the 'map' label mapping\.$"):
+    with pytest.raises(VaeudaError, match=r"^lab\.nii: label values 7 are not in the 'map' label mapping \(a "
+                                          r"--label-convention JSON file can list them under \"background\" or set "
+                                          r"\"unknown\": \"background\"\)\.$"):
         convention.encode(np.array([0, 4, 7]), source="lab.nii")
+
+
+def test_an_image_read_as_a_label_map_is_refused():
+    """MM-WHS leaves stray values to background; an image's hundreds of whole-number intensities are not stray."""
+    image = np.arange(0, 1000, dtype=np.float32).reshape(10, 10, 10)      # 205, 420, 500, 820 among them
+    with pytest.raises(VaeudaError, match=r"^img\.nii: 992 of its values \(1, 2, 3, 4, 5, 6, 7, 8, \.\.\.\) are not in "
+                                          r"the 'mmwhs' label mapping; is it an image rather than a label map\?$"):
+        MMWHS.encode(image, source="img.nii")
+    stray = np.array([0, 205, 421, *range(1000, 1000 + MAX_UNKNOWN_VALUES - 1)])   # 32 stray values: still labels
+    assert MMWHS.encode(stray).tolist()[:3] == [0, 1, 0]
 
 
 def test_cli_unknown_convention_exits_2_and_writes_nothing(tmp_path, tmp_volume, capsys):

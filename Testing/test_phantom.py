@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -249,13 +250,14 @@ def test_cohort_failing_midway_leaves_no_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(n_source=2, n_target=2, n_train=3), "n_train"),
+    (dict(n_source=2, n_target=2, n_train=3), "n_train (--n-train) 3 is larger than the number of MR (2) or CT (2)"),
     (dict(n_source=0, n_target=2, n_train=0), "at least one"),
-    (dict(n_source=2, n_target=2, n_train=1, size=8), "size"),
-    (dict(n_source=2, n_target=2, n_train=1, seed=-1), "seed"),
+    (dict(n_source=2, n_target=2, n_train=1, size=8), "phantom size (--size) 8 must be a whole number of voxels from 16 to 512"),
+    (dict(n_source=2, n_target=2, n_train=1, seed=-1), "seed (--seed) must be a non-negative whole number, not -1"),
+    (dict(n_source=2.5, n_target=2, n_train=1), "n_source (--n-source) must be a non-negative whole number, not 2.5"),
 ])
 def test_cohort_rejects_bad_arguments(tmp_path, kwargs, message):
-    with pytest.raises(VaeudaError, match=message):
+    with pytest.raises(VaeudaError, match=re.escape(message)):
         phantom.make_cohort(tmp_path / "c", **kwargs)
     assert list(tmp_path.iterdir()) == []
 
@@ -330,3 +332,9 @@ def test_right_heart_values_follow_the_documented_table():
         mr, ct = phantom._tissue_values("mr", rng), phantom._tissue_values("ct", rng)
         assert 0.92 <= mr[phantom.BLOOD_RIGHT] / mr[phantom.BLOOD_LEFT] <= 1.04
         assert 150 <= ct[phantom.BLOOD_RIGHT] <= min(300.0, ct[phantom.BLOOD_LEFT] - 30)
+
+
+def test_synth_help_gives_the_phantom_size_limits():
+    from vaeuda.cli import build_parser
+    synth = build_parser()._subparsers._group_actions[0].choices["synth"]
+    assert f"{phantom.MIN_SIZE} to {phantom.MAX_SIZE}" in synth.format_help()

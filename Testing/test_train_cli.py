@@ -189,6 +189,22 @@ def test_input_size_replaces_the_presets_and_follows_the_model(tiny_cohort, tmp_
     assert seg.GetSize() == image.GetSize() and seg.GetOrigin() == image.GetOrigin()
 
 
+@pytest.mark.parametrize("argv, hint", [
+    (["train-source", "--out", "m.safetensors", "--labels", "a_label.nii.gz", "a_image.nii.gz"],
+     "IMAGE_OR_DIR (--labels took every value after it: give IMAGE_OR_DIR first)"),
+    (["adapt", "--model", "s.safetensors", "--out", "a.safetensors", "--source-data", "mr/", "ct_image.nii.gz"],
+     "TARGET (--source-data took every value after it: give TARGET first)"),
+    (["finetune", "--model", "s.safetensors", "--out", "o.safetensors", "--labels", "a_label.nii.gz"],
+     "IMAGE_OR_DIR (--labels took every value after it: give IMAGE_OR_DIR first)"),
+    (["train-source", "--out", "m.safetensors"], "IMAGE_OR_DIR"),           # nothing swallowed: no hint
+])
+def test_volumes_taken_by_an_option_of_several_values_are_explained(capsys, argv, hint):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: the following arguments are required: {hint}")
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2 ** 64), "1.5"])
 def test_seed_outside_what_the_generators_take_is_a_usage_error(tmp_path, capsys, seed):
     with pytest.raises(SystemExit) as exit_:
@@ -385,6 +401,15 @@ def test_weight_average_rejects_bad_decay(tiny_cohort, tmp_path):
         _train(tiny_cohort, tmp_path / "m.safetensors", iterations=1, overrides={"ema_decay": 1.5})
 
 
+@pytest.mark.parametrize("value", ["1.5", "1", "-0.1", "nan", "x"])
+def test_ema_decay_out_of_range_is_a_usage_error_before_any_volume_is_read(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["adapt", "--model", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "a.safetensors"),
+              "--ema-decay", value, str(tmp_path / "missing_ct.nii.gz")])
+    assert exit_.value.code == 2
+    assert f"--ema-decay: must be 0 (off) or a number between 0 and 1, not '{value}'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("ema_decay", [0.0, 0.5])
 def test_resume_continues_from_checkpoint(tiny_cohort, tmp_path, monkeypatch, ema_decay):
     """An interrupted run resumed with --resume ends with the same weights as an uninterrupted one
@@ -538,6 +563,9 @@ def test_segment_is_all_or_nothing_and_never_replaces_an_input(tiny_cohort, tiny
     assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--progress", "none",
                  str(ct), str(other / "ct_1002_image.nii.gz")]) == 2
     assert "would write the same ct_1002_image_seg.nii.gz" in capsys.readouterr().err
+    assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--progress", "none",
+                 str(ct), str(tiny_cohort / "." / "ct_1002_image.nii.gz")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{tiny_cohort / '.' / 'ct_1002_image.nii.gz'}: given twice; give each input once.")
     victim = other / "ct_1002_image_seg.nii.gz"
     shutil.copy(ct, victim)
     assert main(["segment", "--model", str(tiny_source_model), "--out", str(other), "--progress", "none",

@@ -37,6 +37,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _decay(text: str) -> float:
+    """--ema-decay: 0 (off) or a number between 0 and 1, refused before any volume is read."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value == 0.0 or 0.0 < value < 1.0):
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a number between 0 and 1, not {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=MODES, default="auto",
                    help="progress display: tty bar with ETA, json lines (for Slicer), or none; log lines go to "
@@ -60,8 +71,27 @@ def _training(p: argparse.ArgumentParser) -> None:
     _numerics(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying why the volumes are missing when an option of several values took them:
+    ``--labels a_label b_image`` reads b_image as a label, as the usage line's order invites."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        if message.startswith("the following arguments are required"):
+            greedy = [a.option_strings[0] for a in self._actions
+                      if a.nargs == "+" and a.option_strings and a.option_strings[0] in getattr(self, "_given", ())]
+            missing = [a.metavar for a in self._actions if not a.option_strings and a.metavar and a.metavar in message]
+            if greedy and missing:
+                message += (f" ({' and '.join(greedy)} took every value after {'them' if len(greedy) > 1 else 'it'}: "
+                            f"give {missing[0]} first)")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vaeuda", description=(
+    parser = _Parser(prog="vaeuda", description=(
         "Data-efficient unsupervised domain adaptation for cross-modality cardiac segmentation "
         "(Ouyang et al., MICCAI 2019): train on labelled MR, adapt with one unlabelled CT."))
     parser.add_argument("--version", action="version", version=f"vaeuda {__version__}")
@@ -73,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-target", type=int, default=20, help="CT subjects (default 20)")
     p.add_argument("--n-train", type=int, default=16, help="training subjects per modality (default 16)")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--size", type=int, help="voxels per side (default: realistic per modality)")
+    p.add_argument("--size", type=int, help="voxels per side, 16 to 512 (default: realistic per modality)")
     _common(p)
 
     p = sub.add_parser("train-source", help="train the source model on labelled volumes")
@@ -100,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-stop", type=int, metavar="PATIENCE",
                    help="stop when the unsupervised cycle-consistency proxy has not improved for PATIENCE evaluations; keep the best")
     p.add_argument("--source-data", nargs="+", help="labelled source volumes (default: the paths recorded in the model)")
-    p.add_argument("--ema-decay", type=float, metavar="D",
+    p.add_argument("--ema-decay", type=_decay, metavar="D",
                    help="keep and save an exponential moving average of the weights with decay D "
                         "(default: the preset's, train.ADAPT_TRAINING; 0 saves the last iterate)")
     _training(p)
@@ -108,15 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="the oracle: supervised fine-tuning on labelled target volumes")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--labels", nargs="+")
+    p.add_argument("--model", required=True, help="source model file")
+    p.add_argument("--out", required=True, help="fine-tuned (oracle) model file to write")
+    p.add_argument("--labels", nargs="+", help="label files in the same order as the images")
     _training(p)
     _common(p)
 
     p = sub.add_parser("segment", help="segment volumes: writes DIR/<name>_seg.nii.gz on the exact input grid")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model file (source, adapted or fine-tuned)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (bounds memory)")

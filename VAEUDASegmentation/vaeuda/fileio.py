@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, Optional, Union
 
 from .errors import VaeudaError
 
@@ -102,19 +102,28 @@ def check_output_dir(path: PathLike) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise VaeudaError(f"{path}: is an existing file, not a folder.")
-    _check_creatable(path / "x")
+    _check_creatable(path / "x", shown=path)
     return path
 
 
-def _check_creatable(path: Path) -> None:
-    """``path``'s nearest existing ancestor is a folder we may write in."""
+def _check_creatable(path: Path, shown: Optional[Path] = None) -> None:
+    """``path``'s nearest existing ancestor is a folder we may write in; errors name ``shown`` (default ``path``)."""
+    shown = path if shown is None else shown
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise VaeudaError(f"{path}: cannot be written ({ancestor} is a file).")
+        raise VaeudaError(f"{shown}: cannot be written ({ancestor} is a file).")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise VaeudaError(f"{path}: cannot be written (no permission to write in {ancestor}).")
+        raise VaeudaError(f"{shown}: cannot be written (no permission to write in {ancestor}).")
+    # os.access says yes to root everywhere and knows nothing of read-only or pseudo file systems
+    # (/proc): a file made and removed there is the test the output will face.
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".vaeuda-write-check.", dir=ancestor)
+    except OSError as exc:
+        raise VaeudaError(f"{shown}: cannot be written (making a file in {ancestor} failed: {exc.strerror or exc}).") from None
+    os.close(handle)
+    os.remove(probe)
 
 
 @contextlib.contextmanager

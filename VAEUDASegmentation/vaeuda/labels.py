@@ -46,6 +46,8 @@ CLASS_NAMES = ("background",) + tuple(s.name for s in STRUCTURES)
 MMWHS_OTHER_VALUES = (550, 600, 850)
 # The PnP-AdaNet/SIFA released files carry a fifth structure (value 5) that their loaders drop.
 SIFA_IGNORED_VALUE = 5
+# More values outside a mapping than this, and a "label map" is taken for an image given in its place.
+MAX_UNKNOWN_VALUES = 32
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,14 @@ class Convention:
         out = np.zeros(raw.shape, dtype=np.uint8)
         unknown = [int(v) for v in values if int(v) not in self.to_index]
         shown = ", ".join(str(v) for v in unknown[:8])
+        if len(unknown) > MAX_UNKNOWN_VALUES:
+            # MM-WHS's few stray values become background; hundreds of them are image intensities
+            raise VaeudaError(f"{source}: {len(unknown)} of its values ({shown}, ...) are not in the '{self.name}' "
+                              f"label mapping; is it an image rather than a label map?")
         if unknown and self.unknown == "error":
-            raise VaeudaError(f"{source}: label values {shown} are not in the '{self.name}' label mapping.")
+            raise VaeudaError(f"{source}: label values {shown} are not in the '{self.name}' label mapping (a "
+                              f"--label-convention JSON file can list them under \"background\" or set "
+                              f"\"unknown\": \"background\").")
         if unknown and not any(self.to_index.get(int(v), 0) for v in values):
             # Unknown values are background here (MM-WHS), but a map with no structure at all and
             # values this convention does not know is in another one (1..4 read as MM-WHS): every

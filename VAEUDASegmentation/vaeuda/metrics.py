@@ -268,7 +268,7 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
                         "spacing_zyx": list(spacing_zyx), "metrics": scores})
     summary = summarise(per_volume)
     rows: "OrderedDict[str, dict]" = OrderedDict((v["name"], v["metrics"]) for v in volumes)
-    rows[f"All ({len(volumes)} volumes)"] = summary
+    rows[f"All ({len(volumes)} volume{'' if len(volumes) == 1 else 's'})"] = summary
     markdown = table_markdown(rows, metrics=("dice", "assd_vox", "assd_mm"))
     result = _json_ready({"convention": convention.name, "connectivity": CONNECTIVITY,
                           "n_volumes": len(volumes), "volumes": volumes, "summary": summary})

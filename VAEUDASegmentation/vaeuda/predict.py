@@ -112,6 +112,8 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
         key = target.name.casefold()
         if key in seen:
             first, first_target = seen[key]
+            if Path(first).resolve() == Path(path).resolve():
+                raise VaeudaError(f"{path}: given twice; give each input once.")
             if first_target.name == target.name:
                 raise VaeudaError(f"{path}: {first} would write the same {target.name}; rename one of them.")
             raise VaeudaError(f"{path}: its {target.name} and the {first_target.name} of {first} are one file where "

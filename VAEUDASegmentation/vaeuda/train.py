@@ -638,7 +638,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":
-        reporter.log(f"note: {source_model} is a '{src_meta.get('stage')}' model; adapting it anyway")
+        reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); adapting it anyway")
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from .errors import VaeudaError
 from .fileio import atomic_path, full_suffix
-from .labels import Convention
+from .labels import CONSECUTIVE, MMWHS, Convention
 
 PathLike = Union[str, Path]
 log = logging.getLogger(__name__)
@@ -356,6 +356,25 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
     return image
 
 
+_INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32,
+                   sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64)
+
+
+def _refuse_label_map(image: sitk.Image, path: Path) -> None:
+    """Refuse a label map given where an image belongs: integer voxels whose only values are a
+    known label convention's, a structure's among them (no scan has so few values)."""
+    if image.GetPixelID() not in _INTEGER_PIXELS:
+        return
+    array = sitk.GetArrayViewFromImage(image)
+    label_values = {int(v) for convention in (MMWHS, CONSECUTIVE) for v in convention.to_index}
+    if np.unique(array.ravel()[:: max(1, array.size // 65536)]).size > len(label_values):
+        return                                   # a sample already has too many values: the usual case
+    values = [int(v) for v in np.unique(array)]
+    if max(values) > 0 and set(values) <= label_values:
+        raise VaeudaError(f"{path}: is a label map (its only values are {', '.join(map(str, values))}), not an "
+                          f"image; give the image it labels.")
+
+
 def read_image(path: PathLike) -> sitk.Image:
     """A 3D scalar image as float32, geometry and metadata kept.
 
@@ -364,6 +383,7 @@ def read_image(path: PathLike) -> sitk.Image:
     """
     path = Path(path)
     image = _read_any(path)
+    _refuse_label_map(image, path)
     if image.GetPixelID() != sitk.sitkFloat32:
         try:
             cast = sitk.Cast(image, sitk.sitkFloat32)
