@@ -232,7 +232,7 @@ def test_non_finite_intensities_are_refused(tmp_volume, bad):
     array = np.zeros((6, 7, 8), np.float32)
     array[2, 3, 4] = bad
     path = tmp_volume(array, name="bad.mha")
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 1 voxel is NaN or infinite\\.$"):
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 1 voxel is NaN or infinite; set such voxels to a number first\\.$"):
         read_image(path)
 
 
@@ -267,7 +267,7 @@ def test_non_finite_intensities_in_nifti_are_refused(tmp_volume, name, dtype):
     array[2, 3, 4], array[5, 6, 7] = np.nan, -np.inf
     path = tmp_volume(array, name=name)
     assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).all()     # what ITK alone shows
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 2 voxels are NaN or infinite\\.$"):
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 2 voxels are NaN or infinite; set such voxels to a number first\\.$"):
         read_image(path)
     with pytest.raises(VaeudaError, match="2 voxels are NaN or infinite"):
         read_label(path, MMWHS)

@@ -123,6 +123,16 @@ def test_an_image_read_as_a_label_map_is_refused():
     assert MMWHS.encode(stray).tolist()[:3] == [0, 1, 0]
 
 
+def test_a_mapping_that_makes_unknown_values_background_takes_any_number_of_them(tmp_path):
+    """An atlas of many labels read through its own mapping; the same mapping refusing unknowns says "image"."""
+    many = np.arange(60)
+    background = load_convention(str(_mapping(tmp_path, '{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "unknown": "background"}')))
+    assert background.encode(many).tolist()[:6] == [0, 1, 2, 3, 4, 0]
+    refusing = load_convention(str(_mapping(tmp_path, '{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4}')))
+    with pytest.raises(VaeudaError, match="55 of its values .* is it an image rather than a label map"):
+        refusing.encode(many, source="atlas.nii")
+
+
 def test_cli_unknown_convention_exits_2_and_writes_nothing(tmp_path, tmp_volume, capsys):
     image = tmp_volume(np.zeros((4, 5, 6), np.float32), name="a_image.nii.gz")
     tmp_volume(np.zeros((4, 5, 6), np.uint8), name="a_label.nii.gz")

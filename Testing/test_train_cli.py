@@ -197,6 +197,8 @@ def test_input_size_replaces_the_presets_and_follows_the_model(tiny_cohort, tmp_
     (["finetune", "--model", "s.safetensors", "--out", "o.safetensors", "--labels", "a_label.nii.gz"],
      "IMAGE_OR_DIR (--labels took every value after it: give IMAGE_OR_DIR first)"),
     (["train-source", "--out", "m.safetensors"], "IMAGE_OR_DIR"),           # nothing swallowed: no hint
+    (["finetune", "--labels", "a_label.nii.gz", "--model", "s.safetensors", "--out", "o.safetensors"],
+     "IMAGE_OR_DIR"),                                                        # --model ended --labels: no hint
 ])
 def test_volumes_taken_by_an_option_of_several_values_are_explained(capsys, argv, hint):
     with pytest.raises(SystemExit) as exit_:
@@ -276,6 +278,26 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_other_settings(tiny_cohort, t
         train_source([tiny_cohort / f"{n}_image.nii.gz" for n in names], [tiny_cohort / f"{n}_label.nii.gz" for n in names],
                      out, preset="tiny", device="cpu", resume=True, **kw)
     assert checkpoint_path(out).exists() and not out.exists()
+
+
+def test_resume_of_a_finetuning_refuses_other_label_files(tiny_cohort, tiny_source_model, tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setitem(train_mod.PRESET_TRAINING, "tiny", {"checkpoint_every": 2})
+    image, label = tiny_cohort / "ct_1001_image.nii.gz", tiny_cohort / "ct_1001_label.nii.gz"
+    other = shutil.copy(label, tmp_path / "other_label.nii.gz")         # the same voxels, another file
+    out = tmp_path / "oracle.safetensors"
+    real_save = train_mod.save_checkpoint
+
+    def interrupt_after_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
+        train_mod.finetune(tiny_source_model, [image], [label], out, iterations=4, device="cpu")
+    with pytest.raises(VaeudaError, match="checkpoint was made with different input volumes or source model"):
+        train_mod.finetune(tiny_source_model, [image], [other], out, iterations=4, device="cpu", resume=True)
+    meta = train_mod.finetune(tiny_source_model, [image], [label], out, iterations=4, device="cpu", resume=True)
+    assert meta["provenance"]["finetune_labels"] == [str(label.resolve())]
 
 
 def test_resume_with_more_iterations_continues_as_a_longer_run(tiny_cohort, tmp_path, monkeypatch):
@@ -547,7 +569,8 @@ def test_outputs_that_would_replace_an_input_or_a_folder_are_refused_before_work
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in before), "folder", "a_file"])
 
 
-def test_segment_is_all_or_nothing_and_never_replaces_an_input(tiny_cohort, tiny_source_model, tmp_path, capsys):
+def test_segment_is_all_or_nothing_and_never_replaces_an_input(tiny_cohort, tiny_source_model, tmp_path, capsys,
+                                                                 monkeypatch):
     import shutil
     ct = tiny_cohort / "ct_1002_image.nii.gz"
     flat = tmp_path / "flat.nrrd"
@@ -563,9 +586,11 @@ def test_segment_is_all_or_nothing_and_never_replaces_an_input(tiny_cohort, tiny
     assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--progress", "none",
                  str(ct), str(other / "ct_1002_image.nii.gz")]) == 2
     assert "would write the same ct_1002_image_seg.nii.gz" in capsys.readouterr().err
-    assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--progress", "none",
-                 str(ct), str(tiny_cohort / "." / "ct_1002_image.nii.gz")]) == 2
-    assert capsys.readouterr().err.strip().endswith(f"{tiny_cohort / '.' / 'ct_1002_image.nii.gz'}: given twice; give each input once.")
+    with monkeypatch.context() as here:                       # the same file, written another way
+        here.chdir(tiny_cohort)
+        assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--progress", "none",
+                     str(ct), "ct_1002_image.nii.gz"]) == 2
+    assert capsys.readouterr().err.strip().endswith("ct_1002_image.nii.gz: given twice; give each input once.")
     victim = other / "ct_1002_image_seg.nii.gz"
     shutil.copy(ct, victim)
     assert main(["segment", "--model", str(tiny_source_model), "--out", str(other), "--progress", "none",

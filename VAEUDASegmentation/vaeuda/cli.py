@@ -81,8 +81,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         if message.startswith("the following arguments are required"):
+            given = getattr(self, "_given", [])
+            # an option of several values that nothing after it stopped (no later option)
             greedy = [a.option_strings[0] for a in self._actions
-                      if a.nargs == "+" and a.option_strings and a.option_strings[0] in getattr(self, "_given", ())]
+                      if a.nargs == "+" and a.option_strings and a.option_strings[0] in given
+                      and not any(t.startswith("-") for t in given[len(given) - given[::-1].index(a.option_strings[0]):])]
             missing = [a.metavar for a in self._actions if not a.option_strings and a.metavar and a.metavar in message]
             if greedy and missing:
                 message += (f" ({' and '.join(greedy)} took every value after {'them' if len(greedy) > 1 else 'it'}: "

@@ -123,7 +123,10 @@ def _check_creatable(path: Path, shown: Optional[Path] = None) -> None:
     except OSError as exc:
         raise VaeudaError(f"{shown}: cannot be written (making a file in {ancestor} failed: {exc.strerror or exc}).") from None
     os.close(handle)
-    os.remove(probe)
+    try:
+        os.remove(probe)
+    except OSError:
+        pass    # held open by another program (Windows): a hidden empty file is left, the check stands
 
 
 @contextlib.contextmanager

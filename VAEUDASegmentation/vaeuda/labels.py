@@ -46,7 +46,8 @@ CLASS_NAMES = ("background",) + tuple(s.name for s in STRUCTURES)
 MMWHS_OTHER_VALUES = (550, 600, 850)
 # The PnP-AdaNet/SIFA released files carry a fifth structure (value 5) that their loaders drop.
 SIFA_IGNORED_VALUE = 5
-# More values outside a mapping than this, and a "label map" is taken for an image given in its place.
+# More values outside the built-in MM-WHS convention (or a mapping that refuses unknown values) than
+# this, and a "label map" is taken for an image given in its place.
 MAX_UNKNOWN_VALUES = 32
 
 
@@ -87,8 +88,9 @@ class Convention:
         out = np.zeros(raw.shape, dtype=np.uint8)
         unknown = [int(v) for v in values if int(v) not in self.to_index]
         shown = ", ".join(str(v) for v in unknown[:8])
-        if len(unknown) > MAX_UNKNOWN_VALUES:
-            # MM-WHS's few stray values become background; hundreds of them are image intensities
+        if len(unknown) > MAX_UNKNOWN_VALUES and (self.unknown == "error" or self == MMWHS):
+            # MM-WHS's few stray values become background; hundreds of them are image intensities.
+            # A mapping whose author chose "unknown": "background" may mean a map of many labels.
             raise VaeudaError(f"{source}: {len(unknown)} of its values ({shown}, ...) are not in the '{self.name}' "
                               f"label mapping; is it an image rather than a label map?")
         if unknown and self.unknown == "error":

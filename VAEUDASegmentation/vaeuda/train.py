@@ -340,7 +340,8 @@ def _refuse_non_finite_weights(net: VAEUDANet, when: str, good_checkpoint: Optio
 
 
 # Provenance entries that name a run's inputs (the stages record those that apply to them).
-RUN_INPUTS = ("source_model", "source_data", "source_labels", "target_data", "slices", "finetune_data")
+RUN_INPUTS = ("source_model", "source_data", "source_labels", "target_data", "slices", "finetune_data",
+              "finetune_labels")
 
 
 def _refuse_other_settings(ckpt: Path, then: dict, now: dict, done: int, iterations: int) -> None:
@@ -687,6 +688,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     iters = _stage_iterations(iterations, preset, "finetune")
     meta = _base_meta("finetuned", preset, convention, normalisation, cfg, seed, dev,
                       {"source_model": str(Path(source_model).resolve()),
-                       "finetune_data": [str(Path(p).resolve()) for p in images], "iterations": iters})
+                       "finetune_data": [str(Path(p).resolve()) for p in images],
+                       "finetune_labels": [str(Path(p).resolve()) for p in labels], "iterations": iters})
     stage = Stage("finetune", data, None, iters, Path(out), meta)
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)

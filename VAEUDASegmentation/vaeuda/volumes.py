@@ -291,14 +291,15 @@ def _read_any(path: Path) -> sitk.Image:
             raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)} (readable: "
                               f"{', '.join(READ_SUFFIXES)} files and DICOM folders).") from None
         _check_nifti_complete(path)
-        non_finite = _nifti_non_finite(path)
-        if non_finite:
-            raise VaeudaError(f"{path}: {_voxels(non_finite)} NaN or infinite.")
     if image.GetDimension() != 3:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a {image.GetDimension()}D image.")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a vector image with "
                           f"{image.GetNumberOfComponentsPerPixel()} components per voxel.")
+    if not path.is_dir():
+        non_finite = _nifti_non_finite(path)
+        if non_finite:
+            raise VaeudaError(f"{path}: {_voxels(non_finite)} NaN or infinite; set such voxels to a number first.")
     return image
 
 
@@ -394,7 +395,8 @@ def read_image(path: PathLike) -> sitk.Image:
         image = cast
     finite = np.isfinite(sitk.GetArrayViewFromImage(image))
     if not finite.all():
-        raise VaeudaError(f"{path}: {_voxels(finite.size - np.count_nonzero(finite))} NaN or infinite.")
+        raise VaeudaError(f"{path}: {_voxels(finite.size - np.count_nonzero(finite))} NaN or infinite; set such voxels "
+                          f"to a number first.")
     return image
 
 
