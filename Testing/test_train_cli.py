@@ -77,8 +77,9 @@ def _train(cohort, out, iterations=4, **kw):
                         preset="tiny", iterations=iterations, seed=7, device="cpu", **kw)
 
 
-def _interrupt_after_first_checkpoint(monkeypatch, cohort, out, **kw):
-    """Train as ``_train`` does, but stop as if interrupted right after the first checkpoint is written."""
+def _interrupt_after_first_checkpoint(monkeypatch, cohort, out, run=None, **kw):
+    """Train as ``_train`` does (or call ``run()``), but stop as if interrupted right after the first
+    checkpoint is written."""
     real_save = train_mod.save_checkpoint
 
     def interrupt_after_checkpoint(*args, **kwargs):
@@ -87,7 +88,7 @@ def _interrupt_after_first_checkpoint(monkeypatch, cohort, out, **kw):
 
     with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
         patched.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
-        _train(cohort, out, **kw)
+        run() if run is not None else _train(cohort, out, **kw)
 
 
 def test_same_seed_same_numbers(tiny_cohort, tmp_path):
@@ -286,14 +287,8 @@ def test_resume_of_a_finetuning_refuses_other_label_files(tiny_cohort, tiny_sour
     image, label = tiny_cohort / "ct_1001_image.nii.gz", tiny_cohort / "ct_1001_label.nii.gz"
     other = shutil.copy(label, tmp_path / "other_label.nii.gz")         # the same voxels, another file
     out = tmp_path / "oracle.safetensors"
-    real_save = train_mod.save_checkpoint
-
-    def interrupt_after_checkpoint(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
-        patched.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
-        train_mod.finetune(tiny_source_model, [image], [label], out, iterations=4, device="cpu")
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, run=lambda: train_mod.finetune(
+        tiny_source_model, [image], [label], out, iterations=4, device="cpu"))
     with pytest.raises(VaeudaError, match="checkpoint was made with different input volumes or source model"):
         train_mod.finetune(tiny_source_model, [image], [other], out, iterations=4, device="cpu", resume=True)
     meta = train_mod.finetune(tiny_source_model, [image], [label], out, iterations=4, device="cpu", resume=True)
