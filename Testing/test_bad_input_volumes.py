@@ -273,6 +273,16 @@ def test_non_finite_intensities_in_nifti_are_refused(tmp_volume, name, dtype):
         read_label(path, MMWHS)
 
 
+def test_compressed_data_damaged_past_what_itk_read_is_one_sentence(tmp_volume, monkeypatch):
+    path = tmp_volume(np.ones((4, 5, 6), np.float32), name="late.nii.gz")
+
+    def damaged(_path):
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+    monkeypatch.setattr(volumes, "_nifti_non_finite", damaged)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: the file is damaged \\(Compressed file ended"):
+        read_image(path)
+
+
 def test_finite_float_and_integer_nifti_pass_the_check(tmp_volume):
     for array in (np.full((4, 5, 6), 3.5, np.float32), np.full((4, 5, 6), -1024, np.int16)):
         path = tmp_volume(array, name=f"ok_{array.dtype}.nii.gz")

@@ -544,7 +544,7 @@ def _base_meta(stage: str, preset: str, convention: Convention, normalisation: d
 
 
 def resolve_train_config(overrides: Optional[dict], batch_size: Optional[int], preset: str,
-                  stage_defaults: Optional[dict] = None) -> TrainConfig:
+                         stage_defaults: Optional[dict] = None) -> TrainConfig:
     """The options a run uses: TrainConfig's defaults, then the preset's, the stage's and ``overrides``.
 
     ``batch_size`` None means the preset's. An option TrainConfig does not have is refused.

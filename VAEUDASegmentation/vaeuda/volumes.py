@@ -297,7 +297,10 @@ def _read_any(path: Path) -> sitk.Image:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a vector image with "
                           f"{image.GetNumberOfComponentsPerPixel()} components per voxel.")
     if not path.is_dir():
-        non_finite = _nifti_non_finite(path)
+        try:
+            non_finite = _nifti_non_finite(path)
+        except (OSError, EOFError, zlib.error) as exc:    # ITK read it; its compressed data are damaged further on
+            raise VaeudaError(f"{path}: the file is damaged ({exc}).") from None
         if non_finite:
             raise VaeudaError(f"{path}: {_voxels(non_finite)} NaN or infinite; set such voxels to a number first.")
     return image
