@@ -81,15 +81,12 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         if message.startswith("the following arguments are required"):
-            given = getattr(self, "_given", [])
-            # an option of several values that nothing after it stopped (no later option)
-            greedy = [a.option_strings[0] for a in self._actions
-                      if a.nargs == "+" and a.option_strings and a.option_strings[0] in given
-                      and not any(t.startswith("-") for t in given[len(given) - given[::-1].index(a.option_strings[0]):])]
+            # the last option given, if it takes several values: nothing after it stopped it
+            last = next((t for t in reversed(getattr(self, "_given", [])) if t.startswith("-")), None)
+            greedy = any(a.nargs == "+" and last in a.option_strings for a in self._actions)
             missing = [a.metavar for a in self._actions if not a.option_strings and a.metavar and a.metavar in message]
             if greedy and missing:
-                message += (f" ({' and '.join(greedy)} took every value after {'them' if len(greedy) > 1 else 'it'}: "
-                            f"give {missing[0]} first)")
+                message += f" ({last} took every value after it: give {missing[0]} first)"
         super().error(message)
 
 

@@ -18,7 +18,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -107,30 +107,46 @@ def _fmt(values: Iterable[float]) -> str:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _nifti_layout(header: bytes) -> Optional[Tuple[int, int]]:
-    """(offset of the voxel data, bytes of voxel data) from a NIfTI-1 or NIfTI-2 header (either
-    byte order), as the file stores them; None if not NIfTI. Taken from the header's own
-    ``dim`` and ``bitpix``, not from the image ITK returns: with ``scl_slope`` / ``scl_inter``
-    set (dcm2niix's CT: int16 on disk, ``scl_inter`` -1024) ITK hands back float32 voxels."""
+# NIfTI datatype codes of floating-point voxels (nifti1.h) -> numpy type, without byte order
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+class _NiftiLayout(NamedTuple):
+    offset: int                      # where the voxel data start
+    nbytes: int                      # how many bytes of voxel data the header promises
+    float_dtype: Optional[np.dtype]  # the voxels' type with the file's byte order; None unless floating-point
+
+
+def _nifti_layout(header: bytes) -> Optional[_NiftiLayout]:
+    """The voxel data's place, size and (floating-point) type from a NIfTI-1 or NIfTI-2 header
+    (either byte order), as the file stores them; None if not NIfTI. Taken from the header's own
+    ``dim``, ``bitpix`` and ``datatype``, not from the image ITK returns: with ``scl_slope`` /
+    ``scl_inter`` set (dcm2niix's CT: int16 on disk, ``scl_inter`` -1024) ITK hands back float32 voxels."""
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
             offset = int(struct.unpack(order + "f", header[108:112])[0])
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
         elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
             offset = int(struct.unpack(order + "q", header[168:176])[0])
             dims = struct.unpack(order + "8q", header[16:80])
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
         else:
             continue
         n_dims = min(max(int(dims[0]), 0), 7)
         voxels = int(np.prod([max(int(d), 1) for d in dims[1:1 + n_dims]], dtype=np.int64))
-        return offset, voxels * max(int(bitpix), 0) // 8
+        kind = _NIFTI_FLOATS.get(datatype)
+        return _NiftiLayout(offset, voxels * max(int(bitpix), 0) // 8, np.dtype(order + kind) if kind else None)
     return None
 
 
-# NIfTI datatype codes of floating-point voxels (nifti1.h) -> numpy type, without byte order
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+def _nifti_is_compressed(path: Path) -> Optional[bool]:
+    """Whether a NIfTI file's bytes are gzip-compressed (a ``.nii.gz`` may not be: ITK reads it all
+    the same); None if ``path`` is not named as NIfTI."""
+    if full_suffix(path).lower() not in (".nii", ".nii.gz"):
+        return None
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
 
 
 def _nifti_non_finite(path: Path) -> int:
@@ -139,24 +155,16 @@ def _nifti_non_finite(path: Path) -> int:
     ITK's NIfTI reader hands such voxels back as 0 and says nothing, so the image it returns cannot
     tell. 0 for other files, integer voxels, or a header this cannot read (ITK's check then rules).
     """
-    if full_suffix(path).lower() not in (".nii", ".nii.gz"):
+    compressed = _nifti_is_compressed(path)
+    if compressed is None:
         return 0
-    with open(path, "rb") as f:
-        compressed = f.read(2) == GZIP_MAGIC
-    opener = gzip.open if compressed else open
-    with opener(path, "rb") as f:
-        head = f.read(540)
-        layout = _nifti_layout(head)
-        if layout is None:
+    with (gzip.open if compressed else open)(path, "rb") as f:
+        layout = _nifti_layout(f.read(540))
+        if layout is None or layout.float_dtype is None:
             return 0
-        order = "<" if struct.unpack("<i", head[:4])[0] in (348, 540) else ">"
-        code_at = 70 if struct.unpack(order + "i", head[:4])[0] == 348 else 12
-        kind = _NIFTI_FLOATS.get(struct.unpack(order + "h", head[code_at:code_at + 2])[0])
-        if kind is None:
-            return 0
-        dtype = np.dtype(order + kind)
-        f.seek(layout[0])
-        remaining, bad = layout[1], 0
+        dtype = layout.float_dtype
+        f.seek(layout.offset)
+        remaining, bad = layout.nbytes, 0
         chunk = (1 << 24) // dtype.itemsize * dtype.itemsize
         while remaining > 0:
             data = f.read(min(chunk, remaining))
@@ -181,15 +189,14 @@ def _check_nifti_complete(path: Path) -> None:
 
     A ``.nii.gz`` that is not compressed (ITK reads it all the same) is checked as a ``.nii``.
     """
-    suffix = full_suffix(path).lower()
-    if suffix not in (".nii", ".nii.gz"):
+    compressed = _nifti_is_compressed(path)
+    if compressed is None:
         return
     truncated = _truncated(path)
-    with open(path, "rb") as f:
-        head = f.read(540)
-    if head[:2] != GZIP_MAGIC:
-        layout = _nifti_layout(head)
-        if layout is not None and path.stat().st_size < sum(layout):
+    if not compressed:
+        with open(path, "rb") as f:
+            layout = _nifti_layout(f.read(540))
+        if layout is not None and path.stat().st_size < layout.offset + layout.nbytes:
             raise truncated
         return
     try:
@@ -197,7 +204,7 @@ def _check_nifti_complete(path: Path) -> None:
             layout = _nifti_layout(f.read(540))
         if layout is None:
             return
-        expected = sum(layout)
+        expected = layout.offset + layout.nbytes
         with open(path, "rb") as f:   # fast path: the gzip trailer holds the size modulo 2**32
             f.seek(-4, 2)
             if struct.unpack("<I", f.read(4))[0] == expected % 2 ** 32:
