@@ -8,6 +8,7 @@ compare with running ``vaeuda segment`` directly.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import pathlib
@@ -557,12 +558,13 @@ def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(sl
 
     importlib.import_module("slicer.packaging")
     asked, installs = [], []
+    stand_in = inspect.signature(slicer.packaging.pip_install)
 
-    def pip_install(args=None, *, requirements=None, interactive=True):   # slicer.packaging's signature
-        assert interactive is False                  # the module asked already: Slicer must not ask again
-        constraints = Path(args[1]).read_text()
-        installs.append((args, constraints))
+    def pip_install(requirements, constraints=None, no_deps_requirements=None, skip_packages=None, blocking=True,
+                    show_progress=True, requester=None, parent=None, logCallback=None, completedCallback=None):
+        installs.append((requirements, Path(constraints).read_text(), requester))
 
+    assert inspect.signature(pip_install) == stand_in             # the recorder takes what Slicer's takes
     monkeypatch.setattr(slicer.packaging, "pip_install", pip_install)
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or False)
     assert logic.setupPythonRequirements() is False and installs == []       # the user said Cancel
@@ -570,8 +572,8 @@ def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(sl
 
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or True)
     assert logic.setupPythonRequirements() is False                          # still missing after the fake install
-    (requirements, constraints), = installs
-    assert requirements[0] == "-c" and requirements[2:] == ["vaeuda-test-absent-package>=1"]
+    (requirements, constraints, requester), = installs
+    assert requirements == ["vaeuda-test-absent-package>=1"] and requester == "VAE-UDA Segmentation"
     assert f"numpy=={metadata.version('numpy')}\n" in constraints
     assert f"SimpleITK=={metadata.version('SimpleITK')}\n" in constraints
 
@@ -580,10 +582,10 @@ def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(sl
     assert logic.setupPythonRequirements() is False and asked == [] and len(installs) == 1
 
 
-def test_a_cancelled_or_failed_install_returns_false_with_one_sentence_on_any_slicer(slicer, mod, monkeypatch,
-                                                                                 tmp_path):
-    """Slicer 5.11's slicer.packaging raises InstallationAbortedError (cancelled) or CalledProcessError;
-    older Slicer's util.pip_install(requirements) takes no options and raises CalledProcessError."""
+def test_a_failed_install_returns_false_with_one_sentence_on_any_slicer(slicer, mod, monkeypatch, tmp_path):
+    """Slicer 5.11 and later: slicer.packaging.pip_install(requirements, constraints=...) raises
+    CalledProcessError; older Slicer has no slicer.packaging, and its util.pip_install(requirements)
+    passes a list to pip as its arguments (the constraints file as ``-c``)."""
     import subprocess as sp
     logic = mod.VAEUDASegmentationLogic()
     logic.requirementsPath = str(tmp_path / "requirements.txt")
@@ -592,11 +594,12 @@ def test_a_cancelled_or_failed_install_returns_false_with_one_sentence_on_any_sl
     shown, constraintFiles = [], []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, *a, **k: shown.append(text))
 
-    def aborted(args=None, *, requirements=None, interactive=True):
-        constraintFiles.append(args[1])
-        raise slicer.packaging.InstallationAbortedError(args, "vaeuda-test-absent-package>=1")
+    def failed(requirements, constraints=None, no_deps_requirements=None, skip_packages=None, blocking=True,
+               show_progress=True, requester=None, parent=None, logCallback=None, completedCallback=None):
+        constraintFiles.append(constraints)
+        raise sp.CalledProcessError(1, "pip install")
 
-    monkeypatch.setattr(slicer.packaging, "pip_install", aborted)
+    monkeypatch.setattr(slicer.packaging, "pip_install", failed)
     assert logic.setupPythonRequirements(askConfirmation=False) is False
     assert len(shown) == 1 and shown[0].startswith("VAE-UDA Segmentation could not install vaeuda-test-absent-package>=1")
     assert not os.path.exists(constraintFiles[0])                      # its temporary folder is gone
@@ -611,7 +614,9 @@ def test_a_cancelled_or_failed_install_returns_false_with_one_sentence_on_any_sl
     monkeypatch.delattr(slicer, "packaging")
     monkeypatch.setattr(slicer.util, "pip_install", oldPipInstall)
     assert logic.setupPythonRequirements(askConfirmation=False) is False
-    assert len(calls) == 1 and calls[0][2:] == ["vaeuda-test-absent-package>=1"] and len(shown) == 2
+    (arguments,) = calls
+    assert arguments[0] == "-c" and arguments[2:] == ["vaeuda-test-absent-package>=1"] and len(shown) == 2
+    assert not os.path.exists(arguments[1])
 
 
 def test_segment_mask_removes_only_the_colour_table_its_export_added(slicer, mod):

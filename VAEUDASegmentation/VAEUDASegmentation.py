@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Annotated, Callable, Dict, List, Optional, Sequence
+from typing import Annotated, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import qt
@@ -596,8 +596,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 constraintsPath = os.path.join(constraintsDir, "constraints.txt")
                 with open(constraintsPath, "w", encoding="utf-8") as f:
                     f.write(self._slicerPackagePins())
-                slicer.util.pip_install(["-c", constraintsPath] + others, **self._pipInstallOptions())
-            except Exception as exc:   # CalledProcessError; Slicer 5.11's InstallationAbortedError (cancelled)
+                requirements, options = self._pipInstallArguments(others, constraintsPath)
+                slicer.util.pip_install(requirements, **options)
+            except Exception as exc:   # CalledProcessError, from any Slicer
                 slicer.util.errorDisplay(f"VAE-UDA Segmentation could not install {', '.join(others)}: {exc}")
                 return False
             finally:
@@ -607,15 +608,23 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         return self._requirementsSatisfied
 
     @staticmethod
-    def _pipInstallOptions() -> dict:
-        """``interactive=False`` where slicer.util.pip_install hands over to slicer.packaging's (Slicer
-        5.11), which would otherwise ask the user a second time; the caller has asked, or was told not to."""
+    def _pipInstallArguments(requirements: List[str], constraintsPath: str) -> Tuple[list, dict]:
+        """Arguments of ``slicer.util.pip_install`` for ``requirements`` under a constraints file.
+
+        Slicer 5.11 and later hand it to ``slicer.packaging.pip_install``, which takes the file as
+        ``constraints`` and shows its progress and failure dialogs under the ``requester``'s name;
+        older Slicer's ``pip_install(requirements)`` passes a list on to pip as its arguments."""
         try:
             from slicer import packaging as slicerPackaging
             parameters = inspect.signature(slicerPackaging.pip_install).parameters
-        except (ImportError, AttributeError, TypeError, ValueError):   # older Slicer: pip_install(requirements)
-            return {}
-        return {"interactive": False} if "interactive" in parameters else {}
+        except (ImportError, AttributeError, TypeError, ValueError):   # older Slicer: no slicer.packaging
+            parameters = {}
+        if "constraints" in parameters:
+            options = {"constraints": constraintsPath}
+            if "requester" in parameters:
+                options["requester"] = "VAE-UDA Segmentation"
+            return list(requirements), options
+        return ["-c", constraintsPath] + list(requirements), {}
 
     @staticmethod
     def _slicerPackagePins() -> str:

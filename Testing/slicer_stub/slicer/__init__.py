@@ -508,14 +508,14 @@ class vtkSlicerSegmentationsModuleLogic:
         return True
 
     def ExportSegmentsToLabelmapNode(self, segmentationNode, segmentIDs, labelmapNode, referenceVolumeNode=None,
-                                     extentComputationMode=None, exportColorTable=None):
+                                     extentComputationMode=None, colorTableNode=None):
         """Segments ``segmentIDs`` (vtkStringArray) -> label values 1..N in ``labelmapNode``, in the reference
         volume's geometry. Slicer resamples a segment stored in another geometry (one that differs from
         the reference by 1e-4 or more in any IJK-to-RAS element: vtkOrientedImageDataResample's
         DoGeometriesMatch); the stand-in refuses that case.
         ``extentComputationMode``: Slicer's default is vtkSegmentation::EXTENT_UNION_OF_EFFECTIVE_SEGMENTS;
         the stand-in exports the reference volume's whole extent, as arrayFromSegmentBinaryLabelmap gives.
-        Without ``exportColorTable``, and only once the export has succeeded, Slicer adds a colour table
+        Without ``colorTableNode``, and only once the export has succeeded, Slicer adds a colour table
         node named ``<labelmap name>_ColorTable`` to the labelmap's scene; so does the stand-in. (Older
         slicer.util's arrayFromSegmentBinaryLabelmap leaves it there; current Slicer removes it.)"""
         if referenceVolumeNode is None:
@@ -538,7 +538,7 @@ class vtkSlicerSegmentationsModuleLogic:
         labelmapNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())   # as Slicer does
         labelmapNode._array = out
         labelmapNode._ijkToRAS = referenceVolumeNode._ijkToRAS.copy()
-        if exportColorTable is None and labelmapNode._scene is not None:
+        if colorTableNode is None and labelmapNode._scene is not None:
             colorTable = vtkMRMLColorTableNode()
             colorTable.SetName(labelmapNode.GetName() + "_ColorTable")
             colorTable.SetTypeToUser()

@@ -1,23 +1,15 @@
-"""Stand-in for ``slicer.packaging`` (Base/Python/slicer/packaging/installer.py, Slicer 5.11 previews).
+"""Stand-in for ``slicer.packaging`` (Base/Python/slicer/packaging.py, Slicer 5.11 and later).
 
-Slicer's ``pip_install`` runs ``uv pip install --dry-run``, then, when ``interactive``, asks the user
-to confirm the changes (``InstallationAbortedError`` when they cancel), then installs; a failed dry
-run or install raises ``subprocess.CalledProcessError``. The stand-in never installs; tests replace
+Slicer's ``pip_install`` runs pip (a constraints file as ``-c``), with a progress dialog naming the
+``requester`` when ``show_progress`` and ``blocking`` on the main thread, plain in testing mode; a
+failed install raises ``subprocess.CalledProcessError``. ``slicer.util.pip_install(requirements,
+**kwargs)`` delegates to it. Older Slicer has no ``slicer.packaging`` and only
+``slicer.util.pip_install(requirements)``. The stand-in never installs; tests replace
 ``pip_install`` to record calls or to raise what Slicer raises.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
 
-
-class InstallationAbortedError(Exception):
-    """The user cancelled the confirmation ``pip_install`` asked for."""
-
-    def __init__(self, command: list, dependee: str):
-        super().__init__(command, dependee)
-        self.command = command
-        self.dependee = dependee
-
-
-def pip_install(args: Optional[Union[str, list]] = None, *, requirements=None, interactive=True):
+def pip_install(requirements, constraints=None, no_deps_requirements=None, skip_packages=None, blocking=True,
+                show_progress=True, requester=None, parent=None, logCallback=None, completedCallback=None):
     raise RuntimeError("the Slicer stand-in does not install packages")

@@ -50,14 +50,18 @@ def _addVolumeNode(array, ijkToRAS, name, nodeClassName):
 # ----------------------------------------------------------------------------- MRML-numpy
 
 def arrayFromVolume(volumeNode):
-    """Voxels as a ``(K, J, I)`` numpy array, not copied (util.py ``arrayFromVolume``)."""
+    """Voxels as a ``(K, J, I)`` numpy array, not copied (util.py ``arrayFromVolume``). Without image
+    data Slicer fails on ``None.GetDimensions()``: an AttributeError."""
     if volumeNode._array is None:
-        raise RuntimeError("volume node has no image data")
+        raise AttributeError("'NoneType' object has no attribute 'GetDimensions'")
     return volumeNode._array
 
 
 def updateVolumeFromArray(volumeNode, narray):
-    """Set the voxels from a ``(K, J, I)`` array, deep-copied (util.py ``updateVolumeFromArray``)."""
+    """Set the voxels from a ``(K, J, I)`` array, deep-copied (util.py ``updateVolumeFromArray``).
+    Slicer refuses 64-bit integers (VTK's "long long" volumes do not render)."""
+    if np.asarray(narray).dtype == np.int64:
+        raise RuntimeError("Unsupported numpy array type: long long")
     volumeNode._array = np.array(narray)
 
 
@@ -73,14 +77,16 @@ def addVolumeFromArray(narray, ijkToRAS=None, name=None, nodeClassName=None):
 
 
 def getNodesByClass(className, scene=None):
-    """All nodes of the scene that are of ``className`` or a subclass, as a list (util.py ``getNodesByClass``)."""
+    """All nodes of ``slicer.mrmlScene`` that are of ``className`` or a subclass, as a list (util.py
+    ``getNodesByClass``: it reads ``slicer.mrmlScene`` whatever ``scene`` is)."""
     import slicer
-    scene = scene or slicer.mrmlScene
-    return [node for node in scene._nodes if node.IsA(className)]
+    return [node for node in slicer.mrmlScene._nodes if node.IsA(className)]
 
 
 def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None):
-    """A segment's mask in the reference volume's geometry, as Slicer does it: export to a temporary labelmap."""
+    """A segment's mask in the reference volume's geometry, exported through a temporary labelmap, as
+    slicer.util did before it also removed the colour table the export adds (current util.py removes
+    it in its ``finally``; the module copes with both)."""
     import slicer
     if not referenceVolumeNode:
         referenceVolumeNode = segmentationNode.GetNodeReference(
@@ -103,11 +109,20 @@ def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeN
 
 # ----------------------------------------------------------------------------- IO
 
+_VOLUME_WRITER_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
 def exportNode(node, filename, properties={}, world=False):
     """Write a volume node to a file without touching its storage node (util.py ``exportNode``).
-    Slicer logs a failed write and returns False; so does the stand-in."""
+    A file name no writer knows raises ValueError; a failed write is logged and returns False."""
     if world and node.GetTransformNodeID():
         raise NotImplementedError("stand-in has no transforms")
+    if "fileFormat" not in properties:
+        extension = next((e for e in _VOLUME_WRITER_EXTENSIONS if str(filename).lower().endswith(e)), None)
+        if extension is None:
+            raise ValueError(f"Failed to export {node.GetID()} - no known file format was found for filename "
+                             f"{filename}")
+        properties["fileFormat"] = f"Volume ({extension})"
     try:
         _writeImage(arrayFromVolume(node), node._ijkToRAS, filename)
     except RuntimeError as exc:   # SimpleITK's I/O errors
@@ -130,7 +145,8 @@ def loadVolume(filename, properties={}, returnNode=False):
 
 
 def loadLabelVolume(filename, properties={}, returnNode=False):
-    """Load a labelmap volume (util.py ``loadLabelVolume``)."""
+    """Load a labelmap volume (util.py ``loadLabelVolume``, which sets ``properties["labelmap"]``)."""
+    properties["labelmap"] = True
     return _loadVolumeFile(filename, properties, "vtkMRMLLabelMapVolumeNode")
 
 
