@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test quick-demo table1 bench bench-gpu clean
+.PHONY: demo test quick-demo table1 bench bench-gpu gpu-session clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/bench_gpu.py --device cuda --out Docs/benchmarks_gpu.json
+
+# a few minutes on a CUDA GPU, everything at once (benchmarks/gpu_session.sh says what)
+gpu-session: $(STAMP)
+	PYTHON=$(PY) benchmarks/gpu_session.sh runs/gpu_session
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache

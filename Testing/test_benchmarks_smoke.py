@@ -507,3 +507,45 @@ def test_oracle_convergence_fine_tunes_per_count_and_split(tiny_source_model, tm
     assert [(r["split"], r["dice"]) for r in json.loads(again.read_text())["runs"]] == [("test", runs[3]["dice"])]
     proc = _run(*base[:-4], "--validation", "2", "--iterations", "1")
     assert proc.returncode == 2 and "--validation must be between 1 and 1 (the pool has 2 scans)" in proc.stderr
+
+
+def test_gpu_session_runs_every_step_on_the_cpu(tmp_path):
+    """benchmarks/gpu_session.sh --smoke: the prepared GPU session's steps on the CPU at toy sizes,
+    so that the script has not rotted when a session is next lent a GPU for a few minutes."""
+    out = tmp_path / "session"
+    env = dict(os.environ, PYTHON=sys.executable, MPLBACKEND="Agg", TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(out), "--smoke"], capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    # at most 8 files: what the GPU tool brings back from a session
+    assert sorted(p.name for p in out.iterdir()) == ["bench_gpu.json", "bf16.json", "demos.json", "demos.md",
+                                                    "env.txt", "fig2.png", "logs.tar.gz", "paper_cli.log"]
+    assert not list(tmp_path.glob("gpu_session.*"))                 # its scratch folder is gone
+    demos = json.loads((out / "demos.json").read_text())
+    assert list(demos) == ["demo_s0"]
+    report = demos["demo_s0"]
+    assert report["quick"] is True and report["seed"] == 0
+    assert sorted(report["mean_dice"]) == ["Oracle", "Proposed-1 (adapted)", "Unadapted"]
+    assert all(len(d) == 64 for d in report["weights_sha256"].values())
+    assert "# demo_s0" in (out / "demos.md").read_text()
+    cli = (out / "paper_cli.log").read_text()
+    assert "on the input grid: True" in cli and cli.rstrip().endswith("paper_cli rc=0")
+    bf16 = json.loads((out / "bf16.json").read_text())
+    assert bf16["domain"] == "target" and 0.0 <= bf16["voxels_differing"] <= 1.0
+    assert json.loads((out / "bench_gpu.json").read_text())["settings"]["preset"] == "tiny"
+    assert "torch" in (out / "env.txt").read_text()
+
+
+def test_gpu_session_exits_non_zero_naming_the_steps_that_failed(tmp_path):
+    """Every step runs even when the ones before it fail, and the script fails naming them: here an
+    interpreter that runs only `-c` snippets (the environment probes), so every script step fails."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\ncase "$1" in -c) exec "{sys.executable}" "$@";; esac\nexit 7\n')
+    python.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(python), TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(tmp_path / "session"), "--smoke"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert ("these steps failed or ran out of time: bench_gpu demo_s0 paper_cli bf16_accuracy"
+            in proc.stderr), proc.stderr
+    assert "no cohort" in (tmp_path / "session" / "paper_cli.log").read_text()

@@ -508,7 +508,10 @@ def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
                   "for one (paper preset: throughput of both stages, inference time per 256x256x200 volume, peak "
                   "GPU memory, bf16 on and off); it is tested on the CPU in CI (`--device cpu --smoke`). On a "
                   "machine with a CUDA GPU run `make bench-gpu`, then `make bench` to fold its JSON "
-                  "(`Docs/benchmarks_gpu.json`) into this page.", ""]
+                  "(`Docs/benchmarks_gpu.json`) into this page. For a GPU lent for a few minutes, "
+                  "`make gpu-session` (`benchmarks/gpu_session.sh`, about 8 minutes on an H100) runs it together "
+                  "with the demo on CUDA (four cohorts, one twice), the paper preset through the command line and "
+                  "bf16 against fp32, in one go.", ""]
     this_page = (".venv/bin/python benchmarks/bench_speed.py" + (" --smoke" if s["smoke"] else "")
                  + f" --presets {' '.join(s['presets'])} --threads {s['threads']} --paper-slices {s['paper_slices']}"
                  + (f" --model {s['model']}" if s.get("model") else "") + " --out Docs/benchmarks.md")
@@ -516,7 +519,8 @@ def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
               "```", f"{this_page}   # this page's settings",
               "make bench          # the defaults: torch's thread count, 200-slice paper volume",
               ".venv/bin/python benchmarks/bench_speed.py --smoke --out /tmp/bench.md   # seconds, as CI",
-              "make bench-gpu      # on a CUDA machine: benchmarks/bench_gpu.py -> Docs/benchmarks_gpu.json", "```", ""]
+              "make bench-gpu      # on a CUDA machine: benchmarks/bench_gpu.py -> Docs/benchmarks_gpu.json",
+              "make gpu-session    # on a CUDA machine: benchmarks/gpu_session.sh -> runs/gpu_session/", "```", ""]
     return "\n".join(lines)
 
 
