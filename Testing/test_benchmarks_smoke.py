@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -533,7 +534,24 @@ def test_gpu_session_runs_every_step_on_the_cpu(tmp_path):
     bf16 = json.loads((out / "bf16.json").read_text())
     assert bf16["domain"] == "target" and 0.0 <= bf16["voxels_differing"] <= 1.0
     assert json.loads((out / "bench_gpu.json").read_text())["settings"]["preset"] == "tiny"
-    assert "torch" in (out / "env.txt").read_text()
+    assert re.search(r"^python \S+ torch \S+ cuda", (out / "env.txt").read_text(), re.M)
+
+
+def test_gpu_session_keeps_its_deadline_and_collects_what_it_has(tmp_path):
+    """Past GPU_SESSION_SECONDS every step is cut short (its limit is what is left of the deadline),
+    and what there is is still collected; an earlier run's files do not survive."""
+    out = tmp_path / "session"
+    out.mkdir()
+    (out / "bf16.json").write_text("{}")                              # left by an earlier run
+    env = dict(os.environ, PYTHON=sys.executable, TMPDIR=str(tmp_path), GPU_SESSION_SECONDS="16")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(out), "--smoke"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "these steps failed or ran out of time: bench_gpu demo_s0 paper_cli bf16_accuracy" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["demos.json", "demos.md", "env.txt", "logs.tar.gz",
+                                                    "paper_cli.log"]
+    assert set(json.loads((out / "demos.json").read_text()).values()) <= {None}   # no demo got to its report
+    assert not list(tmp_path.glob("gpu_session.*"))
 
 
 def test_gpu_session_exits_non_zero_naming_the_steps_that_failed(tmp_path):

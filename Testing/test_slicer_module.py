@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import pathlib
 import struct
@@ -582,10 +583,11 @@ def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(sl
     assert logic.setupPythonRequirements() is False and asked == [] and len(installs) == 1
 
 
-def test_a_failed_install_returns_false_with_one_sentence_on_any_slicer(slicer, mod, monkeypatch, tmp_path):
-    """Slicer 5.11 and later: slicer.packaging.pip_install(requirements, constraints=...) raises
-    CalledProcessError; older Slicer has no slicer.packaging, and its util.pip_install(requirements)
-    passes a list to pip as its arguments (the constraints file as ``-c``)."""
+def test_a_failed_install_returns_false_with_one_message_on_any_slicer(slicer, mod, monkeypatch, tmp_path, caplog):
+    """Slicer 5.11 and later: slicer.packaging.pip_install(requirements, constraints=...) shows its
+    own failure dialog and raises CalledProcessError; older Slicer has no slicer.packaging, and its
+    util.pip_install(requirements) passes a list to pip as its arguments (the constraints file as
+    ``-c``). Either way the user sees one error message."""
     import subprocess as sp
     logic = mod.VAEUDASegmentationLogic()
     logic.requirementsPath = str(tmp_path / "requirements.txt")
@@ -597,12 +599,25 @@ def test_a_failed_install_returns_false_with_one_sentence_on_any_slicer(slicer, 
     def failed(requirements, constraints=None, no_deps_requirements=None, skip_packages=None, blocking=True,
                show_progress=True, requester=None, parent=None, logCallback=None, completedCallback=None):
         constraintFiles.append(constraints)
+        # as slicer.packaging's progress dialog ends (_pip_install_with_dialog): its own error, then the raise
+        slicer.util.errorDisplay("Package installation failed.", windowTitle=f"{requester} - Installation Failed",
+                                 detailedText="pip's log")
         raise sp.CalledProcessError(1, "pip install")
 
     monkeypatch.setattr(slicer.packaging, "pip_install", failed)
-    assert logic.setupPythonRequirements(askConfirmation=False) is False
-    assert len(shown) == 1 and shown[0].startswith("VAE-UDA Segmentation could not install vaeuda-test-absent-package>=1")
+    with caplog.at_level(logging.ERROR):
+        assert logic.setupPythonRequirements(askConfirmation=False) is False
+    assert shown == ["Package installation failed."]                  # one dialog, Slicer's, not a second one
+    assert "VAE-UDA Segmentation could not install vaeuda-test-absent-package>=1" in caplog.text
     assert not os.path.exists(constraintFiles[0])                      # its temporary folder is gone
+
+    def refused(requirements, constraints=None, no_deps_requirements=None, skip_packages=None, blocking=True,
+                show_progress=True, requester=None, parent=None, logCallback=None, completedCallback=None):
+        raise RuntimeError("pip_install(blocking=False) is only supported on the main thread")   # no dialog
+
+    monkeypatch.setattr(slicer.packaging, "pip_install", refused)
+    assert logic.setupPythonRequirements(askConfirmation=False) is False
+    assert len(shown) == 2 and shown[1].startswith("VAE-UDA Segmentation could not install vaeuda-test-absent-package>=1")
 
     calls = []
 
@@ -615,7 +630,7 @@ def test_a_failed_install_returns_false_with_one_sentence_on_any_slicer(slicer, 
     monkeypatch.setattr(slicer.util, "pip_install", oldPipInstall)
     assert logic.setupPythonRequirements(askConfirmation=False) is False
     (arguments,) = calls
-    assert arguments[0] == "-c" and arguments[2:] == ["vaeuda-test-absent-package>=1"] and len(shown) == 2
+    assert arguments[0] == "-c" and arguments[2:] == ["vaeuda-test-absent-package>=1"] and len(shown) == 3
     assert not os.path.exists(arguments[1])
 
 

@@ -19,6 +19,7 @@ import os
 import pathlib
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -592,6 +593,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                     + ". Download and install them now? This takes a few minutes."):
                 return False
             constraintsDir = tempfile.mkdtemp(prefix="VAEUDASegmentation-pip-")
+            options = {}
             try:
                 constraintsPath = os.path.join(constraintsDir, "constraints.txt")
                 with open(constraintsPath, "w", encoding="utf-8") as f:
@@ -599,7 +601,11 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 requirements, options = self._pipInstallArguments(others, constraintsPath)
                 slicer.util.pip_install(requirements, **options)
             except Exception as exc:   # CalledProcessError, from any Slicer
-                slicer.util.errorDisplay(f"VAE-UDA Segmentation could not install {', '.join(others)}: {exc}")
+                message = f"VAE-UDA Segmentation could not install {', '.join(others)}: {exc}"
+                if isinstance(exc, subprocess.CalledProcessError) and "requester" in options:
+                    logging.error(message)   # slicer.packaging has shown its failure dialog, with pip's log
+                else:
+                    slicer.util.errorDisplay(message)
                 return False
             finally:
                 shutil.rmtree(constraintsDir, ignore_errors=True)

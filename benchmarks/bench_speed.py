@@ -509,7 +509,7 @@ def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
                   "GPU memory, bf16 on and off); it is tested on the CPU in CI (`--device cpu --smoke`). On a "
                   "machine with a CUDA GPU run `make bench-gpu`, then `make bench` to fold its JSON "
                   "(`Docs/benchmarks_gpu.json`) into this page. For a GPU lent for a few minutes, "
-                  "`make gpu-session` (`benchmarks/gpu_session.sh`, about 8 minutes on an H100) runs it together "
+                  "`make gpu-session` (`benchmarks/gpu_session.sh`, within 9 minutes; not yet run on a GPU) runs it together "
                   "with the demo on CUDA (four cohorts, one twice), the paper preset through the command line and "
                   "bf16 against fp32, in one go.", ""]
     this_page = (".venv/bin/python benchmarks/bench_speed.py" + (" --smoke" if s["smoke"] else "")

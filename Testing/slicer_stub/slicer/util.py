@@ -123,6 +123,9 @@ def exportNode(node, filename, properties={}, world=False):
             raise ValueError(f"Failed to export {node.GetID()} - no known file format was found for filename "
                              f"{filename}")
         properties["fileFormat"] = f"Volume ({extension})"
+    if node._array is None:                          # Slicer's writer fails: logged, False
+        logging.error("Failed to export node to file: %s", filename)
+        return False
     try:
         _writeImage(arrayFromVolume(node), node._ijkToRAS, filename)
     except RuntimeError as exc:   # SimpleITK's I/O errors
