@@ -550,6 +550,20 @@ def test_segment_for_structure_prefers_terminology_then_name_then_the_last_numbe
     assert [find(node, s) for s in mod.STRUCTURES] == ["s1", None, "s2", "s3"]
 
 
+def like_slicers_pip_install(slicer, body):
+    """A fake ``slicer.packaging.pip_install`` with the stand-in's (Slicer's) exact signature: a call
+    Slicer's would refuse fails, and ``body`` gets every parameter by name, defaults filled in."""
+    signature = inspect.signature(slicer.packaging.pip_install)
+
+    def pip_install(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return body(**bound.arguments)
+
+    pip_install.__signature__ = signature   # what the module inspects
+    return pip_install
+
+
 def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(slicer, mod, monkeypatch, tmp_path):
     from importlib import metadata
     logic = mod.VAEUDASegmentationLogic()
@@ -559,14 +573,11 @@ def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(sl
 
     importlib.import_module("slicer.packaging")
     asked, installs = [], []
-    stand_in = inspect.signature(slicer.packaging.pip_install)
 
-    def pip_install(requirements, constraints=None, no_deps_requirements=None, skip_packages=None, blocking=True,
-                    show_progress=True, requester=None, parent=None, logCallback=None, completedCallback=None):
+    def record(requirements, constraints, requester, **_):
         installs.append((requirements, Path(constraints).read_text(), requester))
 
-    assert inspect.signature(pip_install) == stand_in             # the recorder takes what Slicer's takes
-    monkeypatch.setattr(slicer.packaging, "pip_install", pip_install)
+    monkeypatch.setattr(slicer.packaging, "pip_install", like_slicers_pip_install(slicer, record))
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or False)
     assert logic.setupPythonRequirements() is False and installs == []       # the user said Cancel
     assert "vaeuda-test-absent-package>=1" in asked[0]
@@ -596,26 +607,24 @@ def test_a_failed_install_returns_false_with_one_message_on_any_slicer(slicer, m
     shown, constraintFiles = [], []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, *a, **k: shown.append(text))
 
-    def failed(requirements, constraints=None, no_deps_requirements=None, skip_packages=None, blocking=True,
-               show_progress=True, requester=None, parent=None, logCallback=None, completedCallback=None):
+    def failed(constraints, requester, **_):
         constraintFiles.append(constraints)
         # as slicer.packaging's progress dialog ends (_pip_install_with_dialog): its own error, then the raise
         slicer.util.errorDisplay("Package installation failed.", windowTitle=f"{requester} - Installation Failed",
                                  detailedText="pip's log")
         raise sp.CalledProcessError(1, "pip install")
 
-    monkeypatch.setattr(slicer.packaging, "pip_install", failed)
+    monkeypatch.setattr(slicer.packaging, "pip_install", like_slicers_pip_install(slicer, failed))
     with caplog.at_level(logging.ERROR):
         assert logic.setupPythonRequirements(askConfirmation=False) is False
     assert shown == ["Package installation failed."]                  # one dialog, Slicer's, not a second one
     assert "VAE-UDA Segmentation could not install vaeuda-test-absent-package>=1" in caplog.text
     assert not os.path.exists(constraintFiles[0])                      # its temporary folder is gone
 
-    def refused(requirements, constraints=None, no_deps_requirements=None, skip_packages=None, blocking=True,
-                show_progress=True, requester=None, parent=None, logCallback=None, completedCallback=None):
+    def refused(**_):
         raise RuntimeError("pip_install(blocking=False) is only supported on the main thread")   # no dialog
 
-    monkeypatch.setattr(slicer.packaging, "pip_install", refused)
+    monkeypatch.setattr(slicer.packaging, "pip_install", like_slicers_pip_install(slicer, refused))
     assert logic.setupPythonRequirements(askConfirmation=False) is False
     assert len(shown) == 2 and shown[1].startswith("VAE-UDA Segmentation could not install vaeuda-test-absent-package>=1")
 

@@ -125,7 +125,7 @@ done
   done
   [ -f "$C/splits.json" ] || { echo "no cohort: the seed-0 demo wrote none"; echo "paper_cli rc=1"; exit 1; }
   # the scans by split, as the demo chose them: 4 MR training scans, the first CT training and test scans
-  read -r MR1 MR2 MR3 MR4 CT_ADAPT CT_TEST < <("$PY" -c "import json, sys; s = json.load(open(sys.argv[1])); print(*s['mr']['train'][:4], s['ct']['train'][0], s['ct']['test'][0])" "$C/splits.json")
+  read -r MR1 MR2 MR3 MR4 CT_ADAPT CT_TEST < <("$PY" -c "import sys; from vaeuda.demo import cohort_split as split; c = sys.argv[1]; print(*split(c, 'mr', 'train')[:4], split(c, 'ct', 'train')[0], split(c, 'ct', 'test')[0])" "$C")
   set -x
   timeout "$(limit "$T_CLI")" "$PY" -m vaeuda train-source --out "$P/source.safetensors" --preset "$PRESET" \
       --iterations "$ITERS_SRC" --device "$DEVICE" --progress json \
@@ -139,15 +139,16 @@ done
   timeout "$(limit 60)" "$PY" -m vaeuda info "$P/adapted.safetensors" > "$LOGS/cli_info.json"
   echo "paper_cli rc=$?" ) > "$OUT/paper_cli.log" 2>&1 &
 wait
-log "demos: $(for f in "$LOGS"/demo_*.log; do printf '%s %s; ' "$(basename "$f" .log)" "$(tail -1 "$f")"; done)"
-log "$(tail -1 "$OUT/paper_cli.log")"
-for f in "$LOGS"/demo_*.log; do [ "$(tail -1 "$f")" = "rc=0" ] || FAILED="$FAILED $(basename "$f" .log)"; done
-[ "$(tail -1 "$OUT/paper_cli.log")" = "paper_cli rc=0" ] || FAILED="$FAILED paper_cli"
+for f in "$LOGS"/demo_*.log "$OUT/paper_cli.log"; do   # each ends in its step's exit status
+  name=$(basename "$f" .log); status=$(tail -1 "$f")
+  log "$name: $status"
+  [ "${status##*rc=}" = 0 ] || FAILED="$FAILED $name"
+done
 
 # 3. bf16 against fp32 on the trained, adapted model
 D=$WORK/demo_s0
 if [ -f "$D/models/adapted.safetensors" ]; then
-  TEST=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['ct']['test'][0])" "$D/cohort/splits.json")
+  TEST=$("$PY" -c "import sys; from vaeuda.demo import cohort_split; print(cohort_split(sys.argv[1], 'ct', 'test')[0])" "$D/cohort")
   timeout "$(limit 90)" "$PY" "$REPO/benchmarks/bf16_accuracy.py" --model "$D/models/adapted.safetensors" \
       --device "$DEVICE" "$D/cohort/${TEST}_image.nii.gz" "$D/cohort/${TEST}_label.nii.gz" \
       > "$OUT/bf16.json" 2> "$LOGS/bf16.log"
