@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,7 +113,7 @@ def test_few_shot_slices_cross_three_structures(table1, cohort):
     from vaeuda import volumes
     from vaeuda.labels import MMWHS
     from vaeuda.nets import get_preset
-    _, _, js = table1
+    out, _, js = table1
     fs = js["protocol"]["few_shot"]
     a, b = fs["slices"]
     assert b - a == 3 and fs["scan"] == js["protocol"]["draws"][0]
@@ -124,6 +125,9 @@ def test_few_shot_slices_cross_three_structures(table1, cohort):
     assert len(crossed) >= 3 and len(fs["union"]) == len(crossed)
     run = js["rows"][ROW_FEW_SHOT]["runs"][0]
     assert run["targets"] == [fs["scan"]]
+    from vaeuda.modelfile import read_tensors
+    trained = read_tensors(out / "models" / Path(run["model"]).name)[1]["train"]
+    assert trained["eval_every"] == js["protocol"]["few_shot_eval_every"] == 4
 
 
 def test_curves_have_entries(table1):
@@ -135,7 +139,10 @@ def test_curves_have_entries(table1):
         assert [e["iteration"] for e in curve] == list(range(1, adapt_iterations + 1))
         assert all(0.0 <= e["test_dice_mean"] <= 1.0 for e in curve)
         assert set(curve[0]["test_dice"]) == set(CLASS_KEYS)
-    assert js["curves"][ROW_FEW_SHOT]            # few-shot may stop early, but has at least one point
+    # few-shot evaluates its early-stop proxy at the engine's spacing (TrainConfig.eval_every = 50,
+    # capped at the run's 4 iterations), not the curves' 1: the stopping rule of `vaeuda adapt --early-stop`
+    assert js["protocol"]["few_shot_eval_every"] == 4
+    assert [e["iteration"] for e in js["curves"][ROW_FEW_SHOT]] == [4]
     assert len(js["findings"]) == 8
 
 

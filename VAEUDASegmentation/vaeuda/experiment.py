@@ -62,6 +62,9 @@ CURVE_POINTS = 20          # evaluations per adaptation run: eval_every = adapt 
 FEW_SHOT_SLICES = 3
 FEW_SHOT_MIN_STRUCTURES = 3
 FEW_SHOT_PATIENCE = 3      # early stop after this many evaluations without improvement of the proxy
+# The few-shot run evaluates its proxy as `vaeuda adapt --early-stop` does (TrainConfig.eval_every), not
+# at the curves' spacing: the proxy's average and the patience count evaluations, so a finer curve
+# would otherwise stop the run after fewer iterations (3 x 12 instead of 3 x 50 at the cpu preset).
 OSCILLATION_MARGIN = 1.0   # Dice points of second-half std above Proposed-1's that count as oscillating
 
 # Ouyang et al. 2019, Table 1 (MM-WHS, MR -> CT): (mean, std) for LV-M, LA-B, LV-B, A-A, Mean.
@@ -314,7 +317,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     Returns ``[table1.md, table1.json, table1_dice.png, curves.png]`` in ``out``.
     """
     from .nets import get_preset
-    from .train import adapt, finetune, resolve_device, train_source
+    from .train import TrainConfig, adapt, finetune, resolve_device, train_source
 
     reporter = reporter or null_reporter()
     require_count("--repeats", repeats)
@@ -327,6 +330,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     size, fov = get_preset(preset).input_size, get_preset(preset).slice_fov_mm
     iterations = {stage: scaled_iterations(preset, stage, iterations_scale) for stage in ("source", "adapt", "finetune")}
     eval_every = max(1, iterations["adapt"] // CURVE_POINTS)
+    few_shot_eval_every = min(TrainConfig().eval_every, iterations["adapt"])
     draws = draw_targets(ct_train, repeats, seed)
     few_shot = _few_shot_slices(cohort, draws[0], size, fov)      # fails before any training if impossible
     models, preds = out / "models", out / "pred"
@@ -353,14 +357,15 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
         if curve and probe is None:
             probe = HeldOutDiceProbe(cohort, ct_test, size, fov, normalisation, dev)
         early_stop = FEW_SHOT_PATIENCE if slices else None
+        every = few_shot_eval_every if slices else eval_every
         spec = dict(base, stage="adapt", targets=list(targets), iterations=iterations["adapt"], seed=run_seed,
-                    use_kl=use_kl, use_adv=use_adv, slices=slices, early_stop=early_stop, eval_every=eval_every,
+                    use_kl=use_kl, use_adv=use_adv, slices=slices, early_stop=early_stop, eval_every=every,
                     curve=curve)
         return _trained(models, name, spec, lambda path: adapt(
             source_model, [image_of(cohort, t) for t in targets], path, iterations=iterations["adapt"],
             seed=run_seed, device=device, use_kl=use_kl, use_adv=use_adv,
             slice_range=tuple(slices) if slices else None, early_stop=early_stop, reporter=reporter,
-            callback=probe if curve else None, overrides={"eval_every": eval_every}), reporter,
+            callback=probe if curve else None, overrides={"eval_every": every}), reporter,
             curve_clock=lambda: probe.seconds if probe is not None else 0.0)
 
     # name -> list of (model file name stem, targets, seed, thunk giving (model, record))
@@ -423,8 +428,8 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
                           for row in ROWS)
     protocol = {"cohort": str(cohort), "preset": preset, "seed": seed, "repeats": repeats, "device": str(dev),
                 "iterations_scale": iterations_scale, "iterations": iterations, "eval_every": eval_every,
-                "few_shot_patience": FEW_SHOT_PATIENCE, "mr_train": mr_train, "ct_train": ct_train, "ct_test": ct_test,
-                "draws": draws, "few_shot": few_shot}
+                "few_shot_patience": FEW_SHOT_PATIENCE, "few_shot_eval_every": few_shot_eval_every,
+                "mr_train": mr_train, "ct_train": ct_train, "ct_test": ct_test, "draws": draws, "few_shot": few_shot}
     total_s = round(time.time() - started, 1)
 
     md, js = out / "table1.md", out / "table1.json"
@@ -513,7 +518,8 @@ def _markdown(protocol: dict, rows: dict, mean_dice: dict, findings: List[dict],
         f"all {p['repeats']} x {n_test} (draw x test volume) results. The ablations use the same draws and seeds. "
         f"Few-shot: coronal slices {fs['slices'][0]}-{fs['slices'][1] - 1} of {fs['scan']} "
         f"(structures per slice: {'; '.join(', '.join(s) for s in fs['structures'])}), early stopping after "
-        f"{p['few_shot_patience']} evaluations without improvement of the cycle-consistency proxy.", "",
+        f"{p['few_shot_patience']} evaluations (every {p['few_shot_eval_every']} iterations) "
+        f"without improvement of the cycle-consistency proxy.", "",
         "Dice [%] and ASSD [voxel] on the largest 3D component, mean (std).", "",
         "## This run", "",
         table_markdown(ours, metrics=("dice", "assd_vox")),
