@@ -62,7 +62,7 @@ CURVE_POINTS = 20          # evaluations per adaptation run: eval_every = adapt 
 FEW_SHOT_SLICES = 3
 FEW_SHOT_MIN_STRUCTURES = 3
 FEW_SHOT_PATIENCE = 3      # early stop after this many evaluations without improvement of the proxy
-# The few-shot run evaluates its proxy as `vaeuda adapt --early-stop` does (TrainConfig.eval_every), not
+# The few-shot run evaluates its proxy as `vaeuda adapt --early-stop` does (its eval_every), not
 # at the curves' spacing: the proxy's average and the patience count evaluations, so a finer curve
 # would otherwise stop the run after fewer iterations (3 x 12 instead of 3 x 50 at the cpu preset).
 OSCILLATION_MARGIN = 1.0   # Dice points of second-half std above Proposed-1's that count as oscillating
@@ -317,7 +317,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     Returns ``[table1.md, table1.json, table1_dice.png, curves.png]`` in ``out``.
     """
     from .nets import get_preset
-    from .train import TrainConfig, adapt, finetune, resolve_device, train_source
+    from .train import adapt, finetune, resolve_device, train_source
 
     reporter = reporter or null_reporter()
     require_count("--repeats", repeats)
@@ -330,7 +330,6 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     size, fov = get_preset(preset).input_size, get_preset(preset).slice_fov_mm
     iterations = {stage: scaled_iterations(preset, stage, iterations_scale) for stage in ("source", "adapt", "finetune")}
     eval_every = max(1, iterations["adapt"] // CURVE_POINTS)
-    few_shot_eval_every = min(TrainConfig().eval_every, iterations["adapt"])
     draws = draw_targets(ct_train, repeats, seed)
     few_shot = _few_shot_slices(cohort, draws[0], size, fov)      # fails before any training if impossible
     models, preds = out / "models", out / "pred"
@@ -340,6 +339,8 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     started = time.time()
 
     base = run_settings(cohort, preset, dev.type)
+    # the spacing `vaeuda adapt` evaluates its early-stop proxy at, as the stage resolves it
+    few_shot_eval_every = min(base["training"]["adapt"]["eval_every"], iterations["adapt"])
     source_model, source_record = _trained(
         models, "source", dict(base, stage="source", scans=mr_train, iterations=iterations["source"], seed=seed),
         lambda path: train_source([image_of(cohort, p) for p in mr_train], [label_of(cohort, p) for p in mr_train],
