@@ -567,3 +567,90 @@ def test_gpu_session_exits_non_zero_naming_the_steps_that_failed(tmp_path):
     assert ("these steps failed or ran out of time: bench_gpu demo_s0 paper_cli bf16_accuracy"
             in proc.stderr), proc.stderr
     assert "no cohort" in (tmp_path / "session" / "paper_cli.log").read_text()
+
+
+class _PointwiseNet:
+    """A stand-in network for ``selection_proxies``: the latent is the image itself, decoding to the
+    target domain adds ``target_offset``, and Seg labels each pixel by its centre channel's value
+    (class k where k <= 10 x < k + 1, as confident logits, or all-zero logits when ``uniform``)."""
+
+    def __init__(self, n_classes: int = 5, target_offset: float = 0.0, uniform: bool = False):
+        import types
+        self.cfg = types.SimpleNamespace(n_classes=n_classes)
+        self.target_offset, self.uniform = target_offset, uniform
+
+    def eval(self):
+        return self
+
+    def posterior(self, x, domain):
+        import torch
+        return x, torch.zeros_like(x)
+
+    def decode(self, z, domain):
+        return z + self.target_offset if domain == "target" else z
+
+    def seg(self, z):
+        import torch
+        labels = (10 * z[:, 1]).floor().long().clamp(0, self.cfg.n_classes - 1)
+        logits = 100.0 * torch.nn.functional.one_hot(labels, self.cfg.n_classes).permute(0, 3, 1, 2).float()
+        return torch.zeros_like(logits) if self.uniform else logits
+
+    def segment_logits(self, x, domain):
+        return self.seg(self.posterior(x, domain)[0])
+
+
+def test_selection_proxies_on_a_hand_built_network():
+    import torch
+    proxies = _bench_module("adaptation_curves").selection_proxies
+    # 2 slices of 3 x 8 x 8: the left half class 0, the right half class 1 (x = 0.15)
+    x = torch.zeros(2, 3, 8, 8)
+    x[:, :, :, 4:] = 0.15
+    source_fractions = torch.tensor([0.4, 0.3, 0.1, 0.1, 0.1])
+    out = proxies(_PointwiseNet(target_offset=0.25), x, source_fractions, chunk=1)
+    # x_TT = x + 0.25; x_TS = x, re-encoded by E_S and rendered as CT: x + 0.25 again
+    assert out["rec_l1"] == pytest.approx(0.25) and out["cycle_l1"] == pytest.approx(0.25)
+    # confident logits: no entropy; x_TS = x and a pointwise Seg: both agreements are perfect
+    assert out["entropy"] == pytest.approx(0.0, abs=1e-5) and out["fg_entropy"] == pytest.approx(0.0, abs=1e-5)
+    assert out["semantic_cycle"] == 0.0 and out["shift_disagreement"] == 0.0
+    # predicted fractions 0.5, 0.5, 0, 0, 0 against the source's: |0.5-0.3| + 0.1 + 0.1 + 0.1
+    assert out["class_fraction_l1"] == pytest.approx(0.5)
+    # all-zero logits: the uniform distribution, one log(n_classes) of entropy; everything class 0
+    flat = proxies(_PointwiseNet(uniform=True), x, source_fractions)
+    assert flat["entropy"] == pytest.approx(1.0, abs=1e-5) and flat["rec_l1"] == 0.0
+    assert flat["class_fraction_l1"] == pytest.approx(0.6) and flat["semantic_cycle"] == 1.0
+
+
+def test_proxy_study_scores_a_curve_by_hand():
+    study = _bench_module("proxy_study")
+    curve = [{"iteration": 0, "val": 10, "test": 11, "proxies": {"a": 9.0, "b": 0.0}},
+             {"iteration": 25, "val": 20, "test": 21, "proxies": {"a": 3.0, "b": 1.0}},
+             {"iteration": 50, "val": 40, "test": 41, "proxies": {"a": 1.0, "b": 3.0}},
+             {"iteration": 75, "val": 30, "test": 31, "proxies": {"a": 2.0, "b": 2.0}},
+             {"iteration": 100, "val": 50, "test": 51, "proxies": {"a": 0.0, "b": 4.0}}]
+    scores = study.score_curve(curve, horizon=75)       # iterations 25, 50, 75; iteration 0 is no choice
+    # a orders 25 < 75 < 50 as val does: rank correlation 1, picks 50, no regret
+    assert scores["a"] == {"spearman": 1.0, "picked": 50, "val": 40, "test": 41, "regret": 0.0}
+    # b is lowest at 25 (val 20): regret 40 - 20; -b ranks 3, 1, 2 against val's 1, 3, 2:
+    # rho = 1 - 6 (4 + 4 + 0) / (3 (9 - 1)) = -1
+    assert scores["b"] == {"spearman": -1.0, "picked": 25, "val": 20, "test": 21, "regret": 20.0}
+    assert scores["last"]["picked"] == 75 and scores["last"]["regret"] == 10.0
+    assert scores["best val"]["picked"] == 50
+    with pytest.raises(ValueError, match="only 2 evaluations"):
+        study.score_curve(curve, horizon=50)
+
+
+def test_adaptation_curves_records_proxies_on_the_slices_it_adapts_on(tiny_cohort, tiny_source_model, tmp_path):
+    out, model = tmp_path / "curves.json", tmp_path / "adapted.safetensors"
+    proc = _run("adaptation_curves.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
+                "--target", "ct_1001", "--val", "ct_1002", "--iterations", "4", "--every", "2", "--proxies",
+                "--slices", "2:5", "--out", str(out), "--model-out", str(model))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    curve = json.loads(out.read_text())["curve"]
+    names = {"cycle_l1", "rec_l1", "entropy", "fg_entropy", "semantic_cycle", "shift_disagreement",
+             "class_fraction_l1"}
+    assert set(curve[0]["proxies"]) == names                          # the source model: no engine history yet
+    assert all(set(row["proxies"]) == names | {"engine_proxy"} for row in curve[1:])
+    from vaeuda.modelfile import load_model
+    meta = load_model(model)[1]
+    assert meta["provenance"]["slices"] == [2, 5]
+    assert [row["proxies"]["engine_proxy"] for row in curve[1:]] == [h["proxy"] for h in meta["history"]]

@@ -128,6 +128,14 @@ def test_few_shot_slices_cross_three_structures(table1, cohort):
     from vaeuda.modelfile import read_tensors
     trained = read_tensors(out / "models" / Path(run["model"]).name)[1]["train"]
     assert trained["eval_every"] == js["protocol"]["few_shot_eval_every"] == 4
+    # the early-stopped run's record names the proxy that stopped it, so a model stopped by another
+    # proxy is trained again; runs without early stopping do not name one, and stay reusable
+    from vaeuda.train import EARLY_STOP_PROXY
+    spec = json.loads((out / "models" / (Path(run["model"]).name.replace(".safetensors", ".run.json"))).read_text())["spec"]
+    assert spec["early_stop"] == 3 and spec["early_stop_proxy"] == EARLY_STOP_PROXY
+    p1 = js["rows"][ROW_P1]["runs"][0]["model"]
+    assert "early_stop_proxy" not in json.loads(
+        (out / "models" / Path(p1).name.replace(".safetensors", ".run.json")).read_text())["spec"]
 
 
 def test_curves_have_entries(table1):

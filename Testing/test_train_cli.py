@@ -331,14 +331,18 @@ def test_a_checkpoint_another_run_left_is_not_called_the_last_good_one(tiny_coho
 
 
 def test_resume_with_early_stopping_stops_and_keeps_what_an_uninterrupted_run_does(tiny_cohort, tiny_source_model,
-                                                                                   tmp_path):
-    """Early stopping's moving average, patience count and best weights travel in the checkpoint."""
+                                                                                   tmp_path, monkeypatch):
+    """Early stopping's best proxy, patience count and best weights travel in the checkpoint. The
+    proxy is read negated, still a function of the weights alone: the cycle error falls as the tiny
+    model trains, so the negated one stops the run early, at a point the checkpoint lies before."""
+    real = train_mod.target_proxy
+    monkeypatch.setattr(train_mod, "target_proxy", lambda *args, **kw: -real(*args, **kw))
     ct = [tiny_cohort / "ct_1001_image.nii.gz"]
-    kw = dict(iterations=14, device="cpu", early_stop=3, overrides={"eval_every": 1, "checkpoint_every": 5})
+    kw = dict(iterations=14, device="cpu", early_stop=3, overrides={"eval_every": 1, "checkpoint_every": 2})
     full = train_mod.adapt(tiny_source_model, ct, tmp_path / "full.safetensors", **kw)
 
     def interrupt(iteration, averaged, live):
-        if iteration == 7:                 # after the checkpoint of iteration 5
+        if iteration == 3:                 # after the checkpoint of iteration 2; patience 3 stops at 4 at the earliest
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         train_mod.adapt(tiny_source_model, ct, tmp_path / "part.safetensors", callback=interrupt, **kw)
@@ -622,31 +626,74 @@ def test_resume_refuses_a_checkpoint_of_another_stage(tiny_cohort, tiny_source_m
 
 
 def test_early_stop_keeps_the_weights_of_the_best_proxy(tiny_cohort, tiny_source_model, tmp_path, monkeypatch):
-    """The proxy is an average (0.7 old + 0.3 new) of T_cyc. With T_cyc 3, 2, 1, 5, 5 it reads 3, 2.7,
-    2.19, 3.033, 3.623: the best is iteration 3, and two evaluations without improvement stop the run
-    at 5. The saved weights are those of iteration 3, which a 3-iteration run reproduces."""
-    real = train_mod.reconstruction
-    calls = {"n": 0}
-    cycle_values = [3.0, 2.0, 1.0, 5.0, 5.0, 5.0]
-
-    def scripted_cycle(x_hat, x):
-        calls["n"] += 1
-        value = real(x_hat, x)
-        if calls["n"] % 3:                     # S_rec, T_rec, then T_cyc, each iteration
-            return value
-        return value * 0 + cycle_values[calls["n"] // 3 - 1]   # no gradient: it scripts the proxy only
-
+    """With the proxy reading 3, 2, 1, 5, 5 the best is iteration 3, and two evaluations without
+    improvement stop the run at 5. The saved weights are those of iteration 3, which a 3-iteration
+    run reproduces; the history records the proxy as read."""
+    readings = iter([3.0, 2.0, 1.0, 5.0, 5.0, 5.0])
+    monkeypatch.setattr(train_mod, "target_proxy", lambda *args, **kw: next(readings))
     target = [tiny_cohort / "ct_1001_image.nii.gz"]
-    monkeypatch.setattr(train_mod, "reconstruction", scripted_cycle)
     stopped = train_mod.adapt(tiny_source_model, target, tmp_path / "stopped.safetensors", iterations=6,
                               device="cpu", early_stop=2, overrides={"eval_every": 1})
     assert stopped["provenance"]["early_stopped_at"] == 3 and stopped["provenance"]["iterations_done"] == 5
-    assert [e["proxy"] for e in stopped["history"]] == pytest.approx([3.0, 2.7, 2.19, 3.033, 3.6231], abs=1e-4)
-    calls["n"] = 0
+    assert [e["proxy"] for e in stopped["history"]] == [3.0, 2.0, 1.0, 5.0, 5.0]
+    readings = iter([3.0, 2.0, 1.0])
     train_mod.adapt(tiny_source_model, target, tmp_path / "three.safetensors", iterations=3, device="cpu",
                     overrides={"eval_every": 1})
     a, b = read_tensors(tmp_path / "stopped.safetensors")[0], read_tensors(tmp_path / "three.safetensors")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _ShiftingNet(torch.nn.Module):
+    """For ``target_proxy``: the latent is the image, decoding to CT adds 0.25 and to MR doubles it."""
+
+    def posterior(self, x, domain):
+        return x, torch.zeros_like(x)
+
+    def decode(self, z, domain):
+        return z + 0.25 if domain == "target" else 2 * z
+
+
+def test_target_proxy_by_hand():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4) / 100
+    net = _ShiftingNet().train()
+    # x_TT = x + 0.25; x_TS = 2 x, re-encoded and rendered as CT: 2 x + 0.25, so |x_TST - x_T| = x + 0.25
+    assert train_mod.target_proxy(net, x, use_cycle=False, device=torch.device("cpu")) == pytest.approx(0.25)
+    assert train_mod.target_proxy(net, x, use_cycle=True, device=torch.device("cpu"), batch_size=1) == \
+        pytest.approx(float(x.mean()) + 0.25)
+    assert net.training                                        # the caller's mode is restored
+    train_mod.target_proxy(net.eval(), x, True, torch.device("cpu"))
+    assert not net.training
+
+
+def test_target_proxy_is_the_same_for_the_same_weights_and_draws_no_random_number(tiny_source_model):
+    net, _ = load_model(tiny_source_model)
+    net.copy_source_to_target()
+    x = torch.randn(5, net.cfg.in_channels, net.cfg.input_size, net.cfg.input_size, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    first = train_mod.target_proxy(net, x, True, torch.device("cpu"), batch_size=2)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert train_mod.target_proxy(net, x, True, torch.device("cpu"), batch_size=5) == pytest.approx(first, rel=1e-6)
+    assert torch.equal(torch.rand(1), after)
+
+
+def test_proxy_slices_are_all_or_evenly_spaced():
+    few = torch.arange(10).float().reshape(10, 1, 1, 1)
+    assert torch.equal(train_mod.proxy_slices(few), few)
+    many = torch.arange(127).float().reshape(127, 1, 1, 1)
+    picked = train_mod.proxy_slices(many).flatten()
+    assert len(picked) == train_mod.PROXY_MAX_SLICES == 64
+    # 0, 2, 4, ..., 126: 126 / 63 = 2 apart
+    assert torch.equal(picked, torch.arange(0, 127, 2).float())
+
+
+def test_resume_refuses_early_stopping_state_of_the_earlier_proxy():
+    old = {"proxy_ema": 0.41, "bad_evals": 1, "best_proxy": 0.40, "best_iteration": 100}
+    with pytest.raises(VaeudaError, match="earlier engine's proxy"):
+        train_mod.EarlyStopState.restored(old, None)
+    # a run that never had a best (no --early-stop) carries nothing to compare: it resumes
+    assert train_mod.EarlyStopState.restored({"proxy_ema": 0.41, "bad_evals": 0, "best_proxy": None},
+                                             None).best_proxy is None
 
 
 def test_adaptation_starts_the_target_networks_from_the_source_ones(tiny_source_model, tiny_cohort, tmp_path):

@@ -19,6 +19,12 @@ model) and every ``--every`` iterations, records:
   and ring - myocardium) of x_ST and x_TS as the weight average renders them, on labelled slices
   of two MR training scans and of the validation scans: whether the translations flip the
   border's polarity as adaptation goes on (real CT about 0.4 / -0.1, real MR 1.4 / 1.3).
+- ``proxies`` (with ``--proxies``): label-free model-selection signals on the adaptation scan's
+  own slices (:func:`selection_proxies`), to see which of them tracks held-out Dice; the engine's
+  early-stop proxy (``train.target_proxy``; before the nineteenth session the moving average of
+  one batch's cycle loss) is added as ``engine_proxy`` from the run's history.
+  ``benchmarks/proxy_study.py`` scores them. ``--slices A:B`` adapts on those slices only (the
+  few-shot setting), and the proxies read those slices.
 - ``latent`` (with ``--latent-probe``): how well a fresh domain classifier tells the target
   encoding from the source encoding (:func:`latent_probe`): trained on the posterior means of two
   MR training scans (E_S) against the adaptation scan's (E_T), scored on the MR test scans against
@@ -151,6 +157,68 @@ def latent_probe_of(net, sets: Dict[str, torch.Tensor], seed: int) -> Dict[str, 
     return latent_probe(**means, seed=seed)
 
 
+@torch.no_grad()
+def selection_proxies(net, target: torch.Tensor, source_fractions: torch.Tensor, chunk: int = 32) -> Dict[str, float]:
+    """Label-free signals of ``net`` (the model being saved) on the adaptation scan's slices
+    target (N, 3, S, S), all from posterior means:
+
+    - ``cycle_l1`` / ``rec_l1``: mean |x_TST - x_T| and |x_TT - x_T| over every slice (the
+      engine's proxy is one augmented batch's cycle loss, sampled);
+    - ``entropy``: Seg's mean softmax entropy over pixels, in units of log(n_classes);
+    - ``fg_entropy``: the same over the pixels predicted as a structure;
+    - ``semantic_cycle``: 1 - mean Dice over structures between Seg's labels of x_T (through E_T)
+      and of x_TS re-encoded by E_S (the translation kept the anatomy where 0);
+    - ``shift_disagreement``: 1 - mean Dice between the labels of x_T and those of x_T shifted by
+      two pixels (shifted back);
+    - ``class_fraction_l1``: sum over structures of |predicted fraction - source label fraction|,
+      ``source_fractions`` (n_classes,) the source labels' class frequencies.
+    Lower is better for all."""
+    net.eval()
+    n_classes = net.cfg.n_classes
+    sums = {"cycle_l1": 0.0, "rec_l1": 0.0, "entropy": 0.0}
+    fg_entropy, fg_pixels = 0.0, 0
+    counts = {k: torch.zeros(3, n_classes - 1) for k in ("semantic", "shift")}  # intersection, |a|, |b|
+    class_counts = torch.zeros(n_classes)
+
+    def overlap(key: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        for c in range(1, n_classes):
+            pa, pb = a == c, b == c
+            counts[key][:, c - 1] += torch.tensor([float((pa & pb).sum()), float(pa.sum()), float(pb.sum())])
+
+    for k in range(0, len(target), chunk):
+        x_t = target[k:k + chunk]
+        mu_t, _ = net.posterior(x_t, "target")
+        x_ts = net.decode(mu_t, "source")
+        mu_ts, _ = net.posterior(x_ts, "source")
+        sums["cycle_l1"] += float((net.decode(mu_ts, "target") - x_t).abs().mean()) * len(x_t)
+        sums["rec_l1"] += float((net.decode(mu_t, "target") - x_t).abs().mean()) * len(x_t)
+        prob = torch.softmax(net.seg(mu_t), 1)
+        ent = -(prob * prob.clamp_min(1e-8).log()).sum(1) / torch.log(torch.tensor(float(n_classes)))
+        labels = prob.argmax(1)
+        sums["entropy"] += float(ent.mean()) * len(x_t)
+        fg_entropy += float(ent[labels > 0].sum())
+        fg_pixels += int((labels > 0).sum())
+        class_counts += torch.bincount(labels.flatten(), minlength=n_classes).float()
+        overlap("semantic", labels, net.seg(mu_ts).argmax(1))
+        shifted = torch.roll(x_t, shifts=(2, 2), dims=(2, 3))
+        overlap("shift", labels[:, 2:, 2:],
+                torch.roll(net.segment_logits(shifted, "target").argmax(1), shifts=(-2, -2), dims=(1, 2))[:, 2:, 2:])
+
+    def disagreement(key: str) -> float:
+        inter, a, b = counts[key]
+        present = (a + b) > 0          # a structure neither labelling shows does not count
+        dice = 2 * inter[present] / (a + b)[present]
+        return 1.0 - float(dice.mean()) if present.any() else 1.0
+
+    out = {name: value / len(target) for name, value in sums.items()}
+    out["fg_entropy"] = fg_entropy / max(fg_pixels, 1)
+    out["semantic_cycle"] = disagreement("semantic")
+    out["shift_disagreement"] = disagreement("shift")
+    fractions = class_counts / class_counts.sum()
+    out["class_fraction_l1"] = float((fractions[1:] - source_fractions[1:]).abs().sum())
+    return {k: round(v, 5) for k, v in out.items()}
+
+
 def fixed_slices(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images[order[:n]]
@@ -175,6 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--contrast", action="store_true", help="also record the translations' LV border contrast")
     p.add_argument("--latent-probe", action="store_true",
                    help="also record how well a fresh domain classifier separates the target from the source encoding")
+    p.add_argument("--proxies", action="store_true",
+                   help="also record label-free model-selection signals on the adaptation scan")
+    p.add_argument("--slices", help="adapt on slices A:B of the adaptation scan only (the few-shot setting)")
     p.add_argument("--target-encoder-lr-scale", type=float, default=1.0,
                    help="step E_T at this multiple of the learning rate (0: frozen at its copy of E_S)")
     args = p.parse_args(argv)
@@ -196,8 +267,16 @@ def main(argv=None) -> int:
 
         # two MR training scans: the discriminator's real slices and, labelled, the contrast's MR rows
         mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=args.contrast)
+        slice_range = tuple(int(v) for v in args.slices.split(":")) if args.slices else None
         mr = fixed_slices(mr_set.images, DISC_SLICES, args.seed)
         target_images = cohort_slices(cohort, [args.target], cfg, norm).images
+        adapted_on = target_images[slice_range[0]:slice_range[1]] if slice_range else target_images
+        source_fractions = None
+        if args.proxies:
+            mr_labels = cohort_slices(cohort, cohort_split(cohort, "mr", "train"), cfg, norm, labelled=True).labels
+            source_fractions = torch.bincount(torch.as_tensor(mr_labels).flatten().long(),
+                                              minlength=cfg.n_classes).float()
+            source_fractions /= source_fractions.sum()
         ct = fixed_slices(target_images, DISC_SLICES, args.seed)
         ct_val = cohort_slices(cohort, val, cfg, norm, labelled=True) if args.contrast else None
         probe_sets = (latent_probe_sets(cohort, mr_set.images, target_images, val, cfg, norm,
@@ -214,6 +293,8 @@ def main(argv=None) -> int:
                 rows = translation_contrast(averaged, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
                 row["contrast"] = {short: {c: round(rows[name][col], 3) for col, c in CONTRAST_COLUMNS.items()}
                                    for name, short in CONTRAST_ROWS.items()}
+            if source_fractions is not None:
+                row["proxies"] = selection_proxies(averaged, adapted_on, source_fractions)
             if probe_sets is not None:
                 row["latent"] = latent_probe_of(averaged, probe_sets, args.seed)
             curve.append(row)
@@ -224,10 +305,14 @@ def main(argv=None) -> int:
         evaluate(0, net.eval(), net)
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(args.model_out or Path(scratch) / "adapted.safetensors")
-            train.adapt(args.model, [image_of(cohort, args.target)], out, iterations=args.iterations,
-                        seed=args.seed, device="cpu", use_kl=not args.no_kl, use_adv=not args.no_adv,
-                        use_cycle=not args.no_cycle, use_task=not args.no_task_consistency,
-                        callback=evaluate, overrides=overrides)
+            meta = train.adapt(args.model, [image_of(cohort, args.target)], out, iterations=args.iterations,
+                               seed=args.seed, device="cpu", use_kl=not args.no_kl, use_adv=not args.no_adv,
+                               use_cycle=not args.no_cycle, use_task=not args.no_task_consistency,
+                               slice_range=slice_range, callback=evaluate, overrides=overrides)
+        engine_proxy = {entry["iteration"]: entry["proxy"] for entry in meta.get("history", []) if "proxy" in entry}
+        for row in curve:
+            if row["iteration"] in engine_proxy and "proxies" in row:
+                row["proxies"]["engine_proxy"] = engine_proxy[row["iteration"]]
     except VaeudaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-task-consistency", action="store_true", help="ablation: no task consistency")
     p.add_argument("--slices", help="use only coronal slices A:B of the target (few-shot)")
     p.add_argument("--early-stop", type=int, metavar="PATIENCE",
-                   help="stop when the unsupervised cycle-consistency proxy has not improved for PATIENCE evaluations; keep the best")
+                   help="stop when the unsupervised proxy (the mean T->S->T cycle error on the target slices) has not "
+                        "improved for PATIENCE evaluations; keep the best")
     p.add_argument("--source-data", nargs="+", help="labelled source volumes (default: the paths recorded in the model)")
     p.add_argument("--ema-decay", type=_decay, metavar="D",
                    help="keep and save an exponential moving average of the weights with decay D "

@@ -289,13 +289,53 @@ def _weight_average(net: VAEUDANet, decay: float):
     return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+PROXY_MAX_SLICES = 64   # the early-stop proxy reads at most this many target slices, evenly spaced
+# What early stopping watches, by name: records of early-stopped runs keep it (Table 1 reuses a
+# model only when it matches), so a run stopped by an earlier proxy is not taken for this one's.
+EARLY_STOP_PROXY = "target_cycle_l1: mean |x_TST - x_T| over <= 64 target slices, posterior means"
+
+
+def proxy_slices(images: torch.Tensor) -> torch.Tensor:
+    """The target slices (N, 3, S, S) the early-stop proxy reads: all of them, or
+    ``PROXY_MAX_SLICES`` evenly spaced ones (first and last included) when there are more."""
+    if len(images) <= PROXY_MAX_SLICES:
+        return images
+    return images[torch.linspace(0, len(images) - 1, PROXY_MAX_SLICES).round().long()]
+
+
+@torch.no_grad()
+def target_proxy(net: VAEUDANet, images: torch.Tensor, use_cycle: bool, device: torch.device,
+                 batch_size: int = 16) -> float:
+    """Early stopping's unsupervised proxy (lower is better): the mean T->S->T cycle error
+    |x_TST - x_T| over the target slices ``images`` (N, 3, S, S), or the reconstruction error
+    |x_TT - x_T| when the cycle term is off.
+
+    Every image is encoded to its posterior mean, not a sample, and read as it is, not augmented:
+    the same weights always give the same number, so the proxy moves only when the model does.
+    (One augmented training batch's sampled loss, the earlier proxy, moved more between
+    evaluations than the model did and did not track held-out Dice; Docs/results.md, "Which
+    signal tells when to stop".) ``net``'s training mode is restored on return."""
+    was_training = net.training
+    net.eval()
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        x_t = images[start:start + batch_size].to(device)
+        mu_t, _ = net.posterior(x_t, "target")
+        if use_cycle:
+            mu_ts, _ = net.posterior(net.decode(mu_t, "source"), "source")
+            x_back = net.decode(mu_ts, "target")
+        else:
+            x_back = net.decode(mu_t, "target")
+        total += float((x_back.float() - x_t).abs().mean()) * len(x_t)
+    net.train(was_training)
+    return total / len(images)
+
+
 @dataclass
 class EarlyStopState:
-    """Early stopping's memory (and the proxy's average, which adaptation's history records with or
-    without ``--early-stop``): kept in checkpoints, so that a resumed run stops where an
-    uninterrupted one would, keeps the same weights and records the same history."""
-    proxy_ema: Optional[float] = None       # moving average of the cycle-consistency proxy
-    bad_evals: int = 0                      # evaluations since it last improved
+    """Early stopping's memory: kept in checkpoints, so that a resumed run stops where an
+    uninterrupted one would and keeps the same weights."""
+    bad_evals: int = 0                      # evaluations since the proxy last improved
     best_proxy: Optional[float] = None
     best_iteration: Optional[int] = None
     best_weights: Optional[dict] = None     # the state_dict of the network the file would hold then
@@ -306,7 +346,13 @@ class EarlyStopState:
 
     @classmethod
     def restored(cls, header: dict, best_weights: Optional[dict]) -> "EarlyStopState":
-        """The state :meth:`header` and the checkpoint's ``best.*`` tensors describe."""
+        """The state :meth:`header` and the checkpoint's ``best.*`` tensors describe. A header with
+        ``proxy_ema`` was written by an earlier engine, whose proxy was one batch's cycle loss: its
+        best value is not comparable with :func:`target_proxy`'s, so it is refused."""
+        if "proxy_ema" in header and header.get("best_proxy") is not None:
+            raise VaeudaError("its early stopping watched an earlier engine's proxy (one batch's cycle loss), "
+                              "which this engine's cannot continue; remove the checkpoint to start afresh, "
+                              "or resume with the engine that made it.")
         return cls(**{name: header[name] for name in cls().header() if name in header},
                    best_weights=best_weights or None)
 
@@ -427,13 +473,17 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
             ema.load_state_dict(ema_state)
         if isinstance(state.get("early_stop"), dict):
             best_weights = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
-            early = EarlyStopState.restored(state["early_stop"], best_weights)
+            try:
+                early = EarlyStopState.restored(state["early_stop"], best_weights)
+            except VaeudaError as exc:
+                raise VaeudaError(f"{ckpt}: {exc}") from None
         reporter.log(f"resuming {stage.name} from iteration {start} ({ckpt})")
 
     seg_loss = SegmentationLoss(cfg.class_weights).to(device)
     weights = cfg.weights()
     src_w = stage.source.sampling_weights(cfg.background_weight)
     tgt_w = stage.target.sampling_weights() if stage.target is not None else None
+    proxy_images = proxy_slices(stage.target.images) if stage.target is not None else None
     use_cuda_bf16 = device.type == "cuda"
     # a checkpoint this run did not write or resume from (another run's) is not its last good one
     good_checkpoint = ckpt if resumed else None
@@ -485,9 +535,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         if it % 10 == 0 or it == stage.iterations:
             reporter.step(it, loss=float(total.detach()), **{k: record[k] for k in ("seg", "task") if k in record})
         if stage.target is not None and it % cfg.eval_every == 0:
-            proxy = float(terms.get("T_cyc", terms["T_rec"]).detach())
-            early.proxy_ema = proxy if early.proxy_ema is None else 0.7 * early.proxy_ema + 0.3 * proxy
-            entry = {"iteration": it, "proxy": round(early.proxy_ema, 5), **record}
+            proxy = target_proxy(model, proxy_images, cfg.use_cycle, device)
+            entry = {"iteration": it, "proxy": round(proxy, 5), **record}
             if stage.callback is not None:
                 extra = stage.callback(it, model, net)
                 net.train()
@@ -495,13 +544,13 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
                     entry.update(extra)
             history.append(entry)
             if stage.early_stop:
-                if early.best_proxy is None or early.proxy_ema < early.best_proxy:
-                    early.best_proxy, early.best_iteration, early.bad_evals = early.proxy_ema, it, 0
+                if early.best_proxy is None or proxy < early.best_proxy:
+                    early.best_proxy, early.best_iteration, early.bad_evals = proxy, it, 0
                     early.best_weights = copy.deepcopy(model.state_dict())
                 else:
                     early.bad_evals += 1
                     if early.bad_evals >= stage.early_stop:
-                        proxy_name = "cycle-consistency" if "T_cyc" in terms else "target reconstruction"
+                        proxy_name = "cycle-consistency" if cfg.use_cycle else "target reconstruction"
                         reporter.log(f"early stop at iteration {it}: the {proxy_name} proxy has not improved "
                                      f"for {early.bad_evals} evaluations; keeping iteration {early.best_iteration}")
                         break
