@@ -579,7 +579,12 @@ class _PointwiseNet:
         self.cfg = types.SimpleNamespace(n_classes=n_classes)
         self.target_offset, self.uniform = target_offset, uniform
 
+    training = False
+
     def eval(self):
+        return self
+
+    def train(self, mode: bool = True):       # train.target_proxy restores the mode it found
         return self
 
     def posterior(self, x, domain):

@@ -56,6 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vaeuda import train  # noqa: E402
+from vaeuda.data import parse_slice_range  # noqa: E402
 from vaeuda.demo import cohort_split, image_of  # noqa: E402
 from vaeuda.diagnose import translation_contrast  # noqa: E402
 from vaeuda.errors import VaeudaError  # noqa: E402
@@ -162,8 +163,9 @@ def selection_proxies(net, target: torch.Tensor, source_fractions: torch.Tensor,
     """Label-free signals of ``net`` (the model being saved) on the adaptation scan's slices
     target (N, 3, S, S), all from posterior means:
 
-    - ``cycle_l1`` / ``rec_l1``: mean |x_TST - x_T| and |x_TT - x_T| over every slice (the
-      engine's proxy is one augmented batch's cycle loss, sampled);
+    - ``cycle_l1`` / ``rec_l1``: mean |x_TST - x_T| and |x_TT - x_T| over every slice, as
+      ``train.target_proxy`` reads them (the engine's early-stop proxy since the nineteenth
+      session; before, it was one augmented batch's sampled cycle loss, averaged);
     - ``entropy``: Seg's mean softmax entropy over pixels, in units of log(n_classes);
     - ``fg_entropy``: the same over the pixels predicted as a structure;
     - ``semantic_cycle``: 1 - mean Dice over structures between Seg's labels of x_T (through E_T)
@@ -173,9 +175,12 @@ def selection_proxies(net, target: torch.Tensor, source_fractions: torch.Tensor,
     - ``class_fraction_l1``: sum over structures of |predicted fraction - source label fraction|,
       ``source_fractions`` (n_classes,) the source labels' class frequencies.
     Lower is better for all."""
+    cpu = torch.device("cpu")
+    out = {"cycle_l1": train.target_proxy(net, target, True, cpu),
+           "rec_l1": train.target_proxy(net, target, False, cpu)}
     net.eval()
     n_classes = net.cfg.n_classes
-    sums = {"cycle_l1": 0.0, "rec_l1": 0.0, "entropy": 0.0}
+    entropy = 0.0
     fg_entropy, fg_pixels = 0.0, 0
     counts = {k: torch.zeros(3, n_classes - 1) for k in ("semantic", "shift")}  # intersection, |a|, |b|
     class_counts = torch.zeros(n_classes)
@@ -188,14 +193,11 @@ def selection_proxies(net, target: torch.Tensor, source_fractions: torch.Tensor,
     for k in range(0, len(target), chunk):
         x_t = target[k:k + chunk]
         mu_t, _ = net.posterior(x_t, "target")
-        x_ts = net.decode(mu_t, "source")
-        mu_ts, _ = net.posterior(x_ts, "source")
-        sums["cycle_l1"] += float((net.decode(mu_ts, "target") - x_t).abs().mean()) * len(x_t)
-        sums["rec_l1"] += float((net.decode(mu_t, "target") - x_t).abs().mean()) * len(x_t)
+        mu_ts, _ = net.posterior(net.decode(mu_t, "source"), "source")   # x_TS re-encoded by E_S
         prob = torch.softmax(net.seg(mu_t), 1)
         ent = -(prob * prob.clamp_min(1e-8).log()).sum(1) / torch.log(torch.tensor(float(n_classes)))
         labels = prob.argmax(1)
-        sums["entropy"] += float(ent.mean()) * len(x_t)
+        entropy += float(ent.mean()) * len(x_t)
         fg_entropy += float(ent[labels > 0].sum())
         fg_pixels += int((labels > 0).sum())
         class_counts += torch.bincount(labels.flatten(), minlength=n_classes).float()
@@ -210,7 +212,7 @@ def selection_proxies(net, target: torch.Tensor, source_fractions: torch.Tensor,
         dice = 2 * inter[present] / (a + b)[present]
         return 1.0 - float(dice.mean()) if present.any() else 1.0
 
-    out = {name: value / len(target) for name, value in sums.items()}
+    out["entropy"] = entropy / len(target)
     out["fg_entropy"] = fg_entropy / max(fg_pixels, 1)
     out["semantic_cycle"] = disagreement("semantic")
     out["shift_disagreement"] = disagreement("shift")
@@ -267,7 +269,7 @@ def main(argv=None) -> int:
 
         # two MR training scans: the discriminator's real slices and, labelled, the contrast's MR rows
         mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=args.contrast)
-        slice_range = tuple(int(v) for v in args.slices.split(":")) if args.slices else None
+        slice_range = parse_slice_range(args.slices)
         mr = fixed_slices(mr_set.images, DISC_SLICES, args.seed)
         target_images = cohort_slices(cohort, [args.target], cfg, norm).images
         adapted_on = target_images[slice_range[0]:slice_range[1]] if slice_range else target_images
