@@ -656,6 +656,35 @@ def test_segment_mask_removes_only_the_colour_table_its_export_added(slicer, mod
     assert scene_node_ids(slicer) == before and slicer.mrmlScene.GetNodeByID(users.GetID()) is users
 
 
+def test_segment_mask_under_current_util_that_removes_the_colour_table_itself(slicer, mod, monkeypatch):
+    """Current util.py removes the export's colour table in its own ``finally``; segmentMask must then
+    remove nothing more (the user's node of the same name stays) and still return the mask."""
+    older = slicer.util.arrayFromSegmentBinaryLabelmap
+    removedByUtil = []
+
+    def current(segmentationNode, segmentId, referenceVolumeNode=None):
+        before = {node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLColorTableNode")}
+        try:
+            return older(segmentationNode, segmentId, referenceVolumeNode)
+        finally:
+            for node in slicer.util.getNodesByClass("vtkMRMLColorTableNode"):
+                if node.GetID() not in before:
+                    removedByUtil.append(node.GetName())
+                    slicer.mrmlScene.RemoveNode(node)
+
+    monkeypatch.setattr(slicer.util, "arrayFromSegmentBinaryLabelmap", current)
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    labels = np.zeros((3, 4, 5), np.int16)
+    labels[2, 0:2, 1:4] = 1
+    node = make_segmentation(slicer, volume, labels, [("s1", "LV-M", None)], "user's")
+    users = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", mod.TEMPORARY_COLOR_TABLE)
+    before = scene_node_ids(slicer)
+    mask = mod.segmentMask(node, "s1", volume)
+    assert np.array_equal(mask > 0, labels == 1)
+    assert removedByUtil == [mod.TEMPORARY_COLOR_TABLE]     # the export did add one, and util took it away
+    assert scene_node_ids(slicer) == before and slicer.mrmlScene.GetNodeByID(users.GetID()) is users
+
+
 def test_stand_in_geometry_matches_within_slicers_tolerance(slicer):
     """vtkOrientedImageDataResample::DoGeometriesMatch: closer than 1e-4 in every IJK-to-RAS element is the
     same geometry (a NIfTI round trip in float32 moves a -172.4 mm origin by ~6e-6); 1e-3 is not."""
