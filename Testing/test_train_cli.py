@@ -688,12 +688,58 @@ def test_proxy_slices_are_all_or_evenly_spaced():
 
 
 def test_resume_refuses_early_stopping_state_of_the_earlier_proxy():
-    old = {"proxy_ema": 0.41, "bad_evals": 1, "best_proxy": 0.40, "best_iteration": 100}
-    with pytest.raises(VaeudaError, match="earlier engine's proxy"):
-        train_mod.EarlyStopState.restored(old, None)
-    # a run that never had a best (no --early-stop) carries nothing to compare: it resumes
-    assert train_mod.EarlyStopState.restored({"proxy_ema": 0.41, "bad_evals": 0, "best_proxy": None},
-                                             None).best_proxy is None
+    """An earlier engine's checkpoint (its header has ``proxy_ema``) is refused with or without early
+    stopping: without, its history's proxy readings would sit unmarked beside this engine's."""
+    for old in ({"proxy_ema": 0.41, "bad_evals": 1, "best_proxy": 0.40, "best_iteration": 100},
+                {"proxy_ema": 0.41, "bad_evals": 0, "best_proxy": None}):
+        with pytest.raises(VaeudaError, match="proxy readings are an earlier engine's"):
+            train_mod.EarlyStopState.restored(old, None)
+    assert train_mod.EarlyStopState.restored({"bad_evals": 2, "best_proxy": 0.3, "best_iteration": 50},
+                                             None).bad_evals == 2
+
+
+def test_a_non_finite_proxy_reading_is_never_the_best_and_is_recorded_as_null(tiny_cohort, tiny_source_model,
+                                                                              tmp_path, monkeypatch):
+    """Readings nan, 2, inf, 3, 3: the best is iteration 2 (nan and inf count as evaluations without
+    improvement), patience 2 stops at 4; the history is JSON (null for the non-finite readings)."""
+    readings = iter([float("nan"), 2.0, float("inf"), 3.0, 3.0])
+    monkeypatch.setattr(train_mod, "target_proxy", lambda *args, **kw: next(readings))
+    meta = train_mod.adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], tmp_path / "a.safetensors",
+                           iterations=5, device="cpu", early_stop=2, overrides={"eval_every": 1})
+    assert meta["provenance"]["early_stopped_at"] == 2 and meta["provenance"]["iterations_done"] == 4
+    assert [e["proxy"] for e in meta["history"]] == [None, 2.0, None, 3.0]
+    json.loads(json.dumps(meta["history"], allow_nan=False))
+
+
+def test_early_stopping_reads_the_network_the_file_keeps(tiny_cohort, tiny_source_model, tmp_path, monkeypatch):
+    """The proxy reads the weight average the file keeps, not the live network the optimisers step."""
+    real, seen = train_mod.target_proxy, []
+
+    def recording(net, *args, **kw):
+        seen.append(net)
+        return real(net, *args, **kw)
+    monkeypatch.setattr(train_mod, "target_proxy", recording)
+    nets = []
+    train_mod.adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], tmp_path / "a.safetensors",
+                    iterations=2, device="cpu", early_stop=3, overrides={"eval_every": 1},
+                    callback=lambda iteration, averaged, live: nets.append((averaged, live)) and None)
+    assert len(seen) == len(nets) == 2
+    assert all(read is averaged and averaged is not live for read, (averaged, live) in zip(seen, nets))
+
+
+def test_resume_refuses_a_checkpoint_of_another_early_stop_patience(tiny_cohort, tiny_source_model, tmp_path,
+                                                                    monkeypatch):
+    """Patience decides where a run stops and which weights it keeps: a checkpoint of a run without
+    --early-stop resumed with it (or with another patience) would be neither run."""
+    ct, out = [tiny_cohort / "ct_1001_image.nii.gz"], tmp_path / "a.safetensors"
+    kw = dict(iterations=4, device="cpu", overrides={"eval_every": 1, "checkpoint_every": 2})
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out,
+                                      run=lambda: train_mod.adapt(tiny_source_model, ct, out, **kw))
+    for patience in (3, 1):
+        with pytest.raises(VaeudaError, match="checkpoint was made with a different --early-stop from this run"):
+            train_mod.adapt(tiny_source_model, ct, out, resume=True, early_stop=patience, **kw)
+    meta = train_mod.adapt(tiny_source_model, ct, out, resume=True, **kw)
+    assert meta["provenance"]["early_stop"] is None and meta["provenance"]["iterations_done"] == 4
 
 
 def test_adaptation_starts_the_target_networks_from_the_source_ones(tiny_source_model, tiny_cohort, tmp_path):

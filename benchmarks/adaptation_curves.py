@@ -21,8 +21,9 @@ model) and every ``--every`` iterations, records:
   border's polarity as adaptation goes on (real CT about 0.4 / -0.1, real MR 1.4 / 1.3).
 - ``proxies`` (with ``--proxies``): label-free model-selection signals on the adaptation scan's
   own slices (:func:`selection_proxies`), to see which of them tracks held-out Dice; the engine's
-  early-stop proxy (``train.target_proxy``; before the nineteenth session the moving average of
-  one batch's cycle loss) is added as ``engine_proxy`` from the run's history.
+  early-stop proxy (``train.target_proxy`` on ``train.proxy_slices``; before the nineteenth
+  session the moving average of one batch's cycle loss) is added as ``engine_proxy`` from the
+  run's history.
   ``benchmarks/proxy_study.py`` scores them. ``--slices A:B`` adapts on those slices only (the
   few-shot setting), and the proxies read those slices.
 - ``latent`` (with ``--latent-probe``): how well a fresh domain classifier tells the target
@@ -163,9 +164,10 @@ def selection_proxies(net, target: torch.Tensor, source_fractions: torch.Tensor,
     """Label-free signals of ``net`` (the model being saved) on the adaptation scan's slices
     target (N, 3, S, S), all from posterior means:
 
-    - ``cycle_l1`` / ``rec_l1``: mean |x_TST - x_T| and |x_TT - x_T| over every slice, as
-      ``train.target_proxy`` reads them (the engine's early-stop proxy since the nineteenth
-      session; before, it was one augmented batch's sampled cycle loss, averaged);
+    - ``cycle_l1`` / ``rec_l1``: mean |x_TST - x_T| and |x_TT - x_T| over *every* slice, computed
+      by ``train.target_proxy``. The engine's early-stop proxy (since the nineteenth session) is
+      the same function on at most 64 evenly spaced slices (``train.proxy_slices``): equal where
+      there are 64 or fewer, e.g. with ``--slices``; the run's own readings are ``engine_proxy``;
     - ``entropy``: Seg's mean softmax entropy over pixels, in units of log(n_classes);
     - ``fg_entropy``: the same over the pixels predicted as a structure;
     - ``semantic_cycle``: 1 - mean Dice over structures between Seg's labels of x_T (through E_T)

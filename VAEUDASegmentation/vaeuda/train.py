@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import json
+import math
 import platform
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -348,10 +349,12 @@ class EarlyStopState:
     def restored(cls, header: dict, best_weights: Optional[dict]) -> "EarlyStopState":
         """The state :meth:`header` and the checkpoint's ``best.*`` tensors describe. A header with
         ``proxy_ema`` was written by an earlier engine, whose proxy was one batch's cycle loss: its
-        best value is not comparable with :func:`target_proxy`'s, so it is refused."""
-        if "proxy_ema" in header and header.get("best_proxy") is not None:
-            raise VaeudaError("its early stopping watched an earlier engine's proxy (one batch's cycle loss), "
-                              "which this engine's cannot continue; remove the checkpoint to start afresh, "
+        best value is not comparable with :func:`target_proxy`'s, and its history's ``proxy``
+        readings would sit beside this engine's unmarked, so it is refused (with or without
+        early stopping)."""
+        if "proxy_ema" in header:
+            raise VaeudaError("its proxy readings are an earlier engine's (one batch's cycle loss), which this "
+                              "engine's cannot continue; remove the checkpoint to start afresh, "
                               "or resume with the engine that made it.")
         return cls(**{name: header[name] for name in cls().header() if name in header},
                    best_weights=best_weights or None)
@@ -405,6 +408,8 @@ def _refuse_other_settings(ckpt: Path, then: dict, now: dict, done: int, iterati
     other_inputs = ({k: then_prov.get(k) for k in RUN_INPUTS} != as_stored({k: now_prov.get(k) for k in RUN_INPUTS}))
     differs = [what for what, differ in (
         ("a different --seed", then_prov.get("seed") != now_prov.get("seed")),
+        # patience decides where the run stops and which weights it keeps
+        ("a different --early-stop", then_prov.get("early_stop") != now_prov.get("early_stop")),
         ("different input volumes or source model", other_inputs),
         # other inputs give other class weights, an option: then the inputs are the difference to name
         ("different training options", not other_inputs and then.get("train") != as_stored(now["train"])),
@@ -536,7 +541,10 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
             reporter.step(it, loss=float(total.detach()), **{k: record[k] for k in ("seg", "task") if k in record})
         if stage.target is not None and it % cfg.eval_every == 0:
             proxy = target_proxy(model, proxy_images, cfg.use_cycle, device)
-            entry = {"iteration": it, "proxy": round(proxy, 5), **record}
+            # a non-finite reading (finite weights can still decode to inf) is never the best one,
+            # and is recorded as null: the history is JSON
+            finite = math.isfinite(proxy)
+            entry = {"iteration": it, "proxy": round(proxy, 5) if finite else None, **record}
             if stage.callback is not None:
                 extra = stage.callback(it, model, net)
                 net.train()
@@ -544,7 +552,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
                     entry.update(extra)
             history.append(entry)
             if stage.early_stop:
-                if early.best_proxy is None or proxy < early.best_proxy:
+                if finite and (early.best_proxy is None or proxy < early.best_proxy):
                     early.best_proxy, early.best_iteration, early.bad_evals = proxy, it, 0
                     early.best_weights = copy.deepcopy(model.state_dict())
                 else:
@@ -710,7 +718,8 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
                        "source_labels": [str(p[1].resolve()) for p in pairs],
                        "target_data": [str(Path(t).resolve()) for t in targets],
                        "slices": list(slice_range) if slice_range else None,
-                       "iterations": iters, "source_provenance": src_meta.get("provenance")})
+                       "iterations": iters, "early_stop": early_stop,
+                       "source_provenance": src_meta.get("provenance")})
     stage = Stage("adapt", source, target, iters, Path(out), meta, early_stop=early_stop, callback=callback)
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)
 
