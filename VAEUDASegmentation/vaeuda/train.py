@@ -293,7 +293,7 @@ def _weight_average(net: VAEUDANet, decay: float):
 PROXY_MAX_SLICES = 64   # the early-stop proxy reads at most this many target slices, evenly spaced
 # What early stopping watches, by name: records of early-stopped runs keep it (Table 1 reuses a
 # model only when it matches), so a run stopped by an earlier proxy is not taken for this one's.
-EARLY_STOP_PROXY = "target_cycle_l1: mean |x_TST - x_T| over <= 64 target slices, posterior means"
+EARLY_STOP_PROXY = f"target_cycle_l1: mean |x_TST - x_T| over <= {PROXY_MAX_SLICES} target slices, posterior means"
 
 
 def proxy_slices(images: torch.Tensor) -> torch.Tensor:
