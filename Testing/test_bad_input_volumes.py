@@ -29,6 +29,24 @@ def test_2d_image(tmp_path):
         read_image(path)
 
 
+@pytest.mark.parametrize("size", [(5, 6, 1), (1, 6, 5), (5, 1, 6)])
+def test_a_single_slice_saved_as_3d_is_refused(tmp_path, size):
+    """Cut into coronal slices, a one-voxel-thick volume gives image rows, not anatomy."""
+    path = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.Image(list(size), sitk.sitkInt16), str(path))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: is a single slice "
+                                          rf"\({' x '.join(map(str, size))} voxels\), not a volume; give the whole scan\.$"):
+        read_image(path)
+
+
+def test_one_file_of_a_dicom_series_is_refused_with_the_folder_named(tmp_path):
+    path = tmp_path / "IM0001.dcm"
+    sitk.WriteImage(sitk.Image([5, 6, 1], sitk.sitkInt16), str(path))
+    with pytest.raises(VaeudaError, match=r"IM0001\.dcm: is a single slice \(5 x 6 x 1 voxels\), not a volume; give "
+                                          r"the whole scan \(the folder that holds the DICOM series\)\.$"):
+        read_image(path)
+
+
 def test_4d_image(tmp_path):
     path = tmp_path / "series.nii.gz"
     sitk.WriteImage(sitk.Image([4, 5, 6, 3], sitk.sitkFloat32), str(path))
@@ -236,9 +254,11 @@ def test_non_finite_intensities_are_refused(tmp_volume, bad):
         read_image(path)
 
 
-@pytest.mark.parametrize("values, convention", [((0, 205, 420, 500, 820, 850), "mmwhs"), ((0, 1, 2, 3, 4, 5), "consecutive")])
-def test_a_label_map_given_as_an_image_is_refused(tmp_volume, values, convention):
-    array = np.zeros((6, 7, 8), np.uint8 if max(values) < 256 else np.uint16)
+@pytest.mark.parametrize("values, dtype", [((0, 205, 420, 500, 820, 850), np.uint16), ((0, 1, 2, 3, 4, 5), np.uint8),
+                                           ((0, 205, 420, 500, 820, 850), np.float32),    # as nibabel often saves them
+                                           ((0, 1, 2, 3, 4, 5), np.float64)])
+def test_a_label_map_given_as_an_image_is_refused(tmp_volume, values, dtype):
+    array = np.zeros((6, 7, 8), dtype)
     array.reshape(-1)[: len(values)] = values
     path = tmp_volume(array, name="heart_label.nii.gz")
     shown = ", ".join(map(str, values))
@@ -251,7 +271,7 @@ def test_a_label_map_given_as_an_image_is_refused(tmp_volume, values, convention
     np.zeros((6, 7, 8), np.int16),                                  # no structure value: nothing to say
     np.full((6, 7, 8), -1024, np.int16),                            # air
     np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8),          # a scan's many values
-    np.where(np.arange(6 * 7 * 8).reshape(6, 7, 8) % 2, 205.0, 0.0).astype(np.float32),   # float voxels are intensities
+    np.where(np.arange(6 * 7 * 8).reshape(6, 7, 8) % 2, 205.5, 0.0).astype(np.float32),   # fractional: intensities
 ])
 def test_integer_images_that_are_no_label_maps_are_read(tmp_volume, array):
     path = tmp_volume(array, name="scan.nii.gz")

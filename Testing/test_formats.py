@@ -236,18 +236,33 @@ def test_records_with_non_finite_intensities_are_refused(tmp_path):
         read_tfrecords(path)
 
 
-def test_released_slices_come_back_from_slice_grid_unchanged():
+def test_released_slices_come_back_from_slice_grid_turned():
     rng = np.random.default_rng(1)
     images = rng.normal(size=(4, 256, 256)).astype(np.float32)
     labels = rng.integers(0, 5, size=(4, 256, 256)).astype(np.uint8)
     image, label = released_to_image(images, labels)
     grid = SliceGrid.from_image(image, 256)
     assert grid.n_slices == 4
+    turned = images.transpose(0, 2, 1)[:, ::-1, ::-1]       # (x, z) -> rows z downwards, columns x leftwards
     recipe = {"method": "zscore", "clip_upper_percentile": 98.0, "clip_lower_percentile": None}
     slices = grid.image_slices(image, recipe)
-    np.testing.assert_allclose(slices[:, 1], normalise(images, recipe), atol=1e-5)
-    np.testing.assert_allclose(slices[1:3, 0], normalise(images, recipe)[0:2], atol=1e-5)
-    np.testing.assert_array_equal(grid.label_slices(label), labels)
+    np.testing.assert_allclose(slices[:, 1], normalise(turned, recipe), atol=1e-5)
+    np.testing.assert_allclose(slices[1:3, 0], normalise(turned, recipe)[0:2], atol=1e-5)
+    np.testing.assert_array_equal(grid.label_slices(label), labels.transpose(0, 2, 1)[:, ::-1, ::-1])
+
+
+@pytest.mark.parametrize("name", ["training_ct", "training_mr"])
+def test_released_slices_land_in_the_engine_layout_with_the_aorta_above_and_right_of_the_lv(mmwhs_samples, name):
+    """Anatomy fixes the released slices' orientation: in the engine's slices (rows superior ->
+    inferior, columns along LPS x, towards the patient's left) the ascending aorta lies above the
+    LV cavity (smaller row) and to the patient's right of it (smaller column). Taking the released
+    rows as superior -> inferior, as this function once did, puts the aorta below the ventricle."""
+    (channels, label), = read_tfrecords(mmwhs_samples / f"{name}.tfrecords")
+    image, label_image = released_to_image(channels[1][None], label[None])
+    cut = SliceGrid.from_image(image, 256).label_slices(label_image)[0]
+    lv_cavity, aorta = (np.argwhere(cut == index).mean(axis=0) for index in (3, 4))   # (row, column)
+    assert aorta[0] < lv_cavity[0] - 20                    # superior
+    assert aorta[1] < lv_cavity[1] - 20                    # to the patient's right (LPS x smaller)
 
 
 def test_released_fixture_round_trip(mmwhs_samples):
@@ -255,7 +270,8 @@ def test_released_fixture_round_trip(mmwhs_samples):
     image, label = released_to_image(images, labels)
     grid = SliceGrid.from_image(image, 256)
     keep = {"method": "fixed", "range": [-1000.0, 1000.0]}  # v -> v / 1000, no clipping
-    np.testing.assert_allclose(grid.image_slices(image, keep)[:, 1] * 1000.0, images, atol=1e-3)
+    np.testing.assert_allclose(grid.image_slices(image, keep)[:, 1] * 1000.0,
+                               images.transpose(0, 2, 1)[:, ::-1, ::-1], atol=1e-3)
     one_hot = (np.arange(5)[None, :, None, None] == grid.label_slices(label)[:, None]).astype(np.float16)
     back = grid.scores_to_image(one_hot)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(label))

@@ -360,6 +360,8 @@ def test_evaluate_dirs_refuses_empty_missing_ambiguous_and_bad_labels(cohort, tm
     (empty / "notes.txt").write_text("not an image")
     expect_error_and_no_json(empty, ref_dir, json_path, "empty", "no image files")
     expect_error_and_no_json(tmp_path / "nowhere", ref_dir, json_path, "does not exist")
+    one_file = next(pred_dir.iterdir())
+    expect_error_and_no_json(one_file, ref_dir, json_path, "is a file; give the prediction folder that holds it")
     a, _ = two_cubes()
     write_label(pred_dir / "ct_1_seg.nii.gz", a.astype(np.uint8))   # same key as ct_1_image_seg
     expect_error_and_no_json(pred_dir, ref_dir, json_path, "ct_1", "same name")

@@ -372,6 +372,30 @@ def test_geometry_origin_tolerance_scales_with_the_largest_spacing():
     assert geometry_mismatch(b, a).startswith("origin")
 
 
+def test_a_grid_far_from_the_scanner_origin_survives_a_nifti_round_trip(tmp_path):
+    """NIfTI keeps float32 coordinates: z = -1987.654 comes back 5.3e-5 mm off, more than
+    rtol * max(spacing) = 5e-5 allows alone; the float32 allowance (2.4e-4 here) takes it."""
+    a = sitk.Image(4, 5, 6, sitk.sitkUInt8)
+    a.SetSpacing((0.4, 0.4, 0.5))
+    a.SetOrigin((-160.3, -180.7, -1987.654))
+    sitk.WriteImage(a, str(tmp_path / "a.nii.gz"))
+    back = sitk.ReadImage(str(tmp_path / "a.nii.gz"))
+    assert back.GetOrigin() != a.GetOrigin()                               # it did round
+    assert geometry_mismatch(back, a) is None
+    moved = sitk.Image(a)
+    moved.SetOrigin((-160.3, -180.7, -1987.655))                           # 1 um: more than both allowances
+    assert geometry_mismatch(moved, a) == "origin (-160.3, -180.7, -1987.655) vs (-160.3, -180.7, -1987.654)"
+
+
+def test_geometry_mismatch_shows_the_digits_that_differ():
+    a = sitk.Image(4, 5, 6, sitk.sitkUInt8)
+    a.SetSpacing((0.5, 0.5, 3.0))
+    a.SetOrigin((1000.0, 0.0, 0.0))
+    b = sitk.Image(a)
+    b.SetOrigin((1000.001, 0.0, 0.0))                       # 6 significant digits read 1000 for both
+    assert geometry_mismatch(b, a) == "origin (1000.001, 0, 0) vs (1000, 0, 0)"
+
+
 def test_geometry_mismatch_reports_a_different_direction():
     """Same size, spacing and origin but a permuted direction is a different grid (catches a
     comparison that skips the direction)."""

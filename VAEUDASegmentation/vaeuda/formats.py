@@ -8,7 +8,7 @@ first: images ``(3, 256, 256)`` / ``(N, 256, 256)`` float32 as stored (already z
 ``(256, 256)`` / ``(N, 256, 256)`` uint8 class indices 0..4. The released files carry a fifth
 structure, value 5, that the released loaders drop: it becomes background here too.
 :func:`released_to_image` stacks slices into a 3D volume so :class:`vaeuda.volumes.SliceGrid`
-cuts it back into the very same slices.
+cuts it back into the same slices, turned into the engine's layout (rows superior -> inferior).
 """
 from __future__ import annotations
 
@@ -280,19 +280,28 @@ def read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def released_to_image(images: np.ndarray, labels: np.ndarray) -> Tuple[sitk.Image, sitk.Image]:
-    """Stack released coronal slices into a 3D image and class-index label volume.
+    """Stack released coronal slices into a 3D image and class-index label volume, in the
+    orientation :class:`vaeuda.volumes.SliceGrid` cuts.
 
-    ``images`` ``(N, H, W)`` float, ``labels`` ``(N, H, W)`` class indices. The volume is in LPS
-    (identity direction), unit spacing, origin 0; slice ``j`` is coronal index ``y = j`` with its
-    rows running superior -> inferior and its columns along x, which is how
-    :class:`vaeuda.volumes.SliceGrid` cuts a volume: ``SliceGrid.from_image(image, W)`` with
-    ``H == W`` gives back exactly these slices. Returns (float32 image, uint8 label).
+    ``images`` ``(N, H, W)`` float, ``labels`` ``(N, H, W)`` class indices, as the readers return
+    them. A released slice is a coronal plane stored as (x, z), the axis order of a nibabel array
+    cut at fixed y: its rows run from the patient's left to right and its columns from inferior to
+    superior. The labelled samples in ``../shared/data/mmwhs-samples`` show it: the ascending aorta
+    lies at larger columns than the LV cavity (superior to it) and at larger rows (to its right),
+    the LV's apex towards row 0 and column 0 (left, inferior), and the lateral ribs of
+    ``validation_ct`` run along row 0. The slices are turned so that rows run superior ->
+    inferior and columns along LPS x (right -> left), the engine's layout: slice ``j`` becomes
+    coronal index ``y = j`` of a volume in LPS (identity direction), unit spacing, origin 0, and
+    ``SliceGrid.from_image(image, H)`` with ``H == W`` cuts out slice ``j`` turned,
+    ``images[j].T[::-1, ::-1]``. Returns (float32 image of H x N x W voxels along x, y, z; uint8 label).
     """
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim != 3 or images.shape != labels.shape:
         raise ValueError(f"images and labels must both be (N, H, W), got {images.shape} and {labels.shape}")
-    # numpy (z, y, x): z counts upwards (superior), the slices' rows downwards.
-    image = sitk.GetImageFromArray(np.ascontiguousarray(images.transpose(1, 0, 2)[::-1], dtype=np.float32))
-    label = sitk.GetImageFromArray(np.ascontiguousarray(labels.transpose(1, 0, 2)[::-1], dtype=np.uint8))
-    return image, label
+
+    def volume(slices: np.ndarray, dtype) -> sitk.Image:
+        # (N, x from the left, z upwards) -> numpy (z, y, x) of an LPS volume: z upwards, x to the left
+        return sitk.GetImageFromArray(np.ascontiguousarray(slices.transpose(2, 0, 1)[:, :, ::-1], dtype=dtype))
+
+    return volume(images, np.float32), volume(labels, np.uint8)

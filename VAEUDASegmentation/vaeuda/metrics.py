@@ -340,6 +340,8 @@ def _json_ready(value):
 
 def _keyed_files(folder: Path, role: str) -> Dict[str, Path]:
     """Image files of ``folder`` by pairing key; VaeudaError if missing, empty or ambiguous."""
+    if folder.is_file():
+        raise VaeudaError(f"{folder}: is a file; give the {role} folder that holds it (files are paired by name).")
     if not folder.is_dir():
         raise VaeudaError(f"{folder}: {role} folder does not exist.")
     files = sorted(p for p in folder.iterdir()

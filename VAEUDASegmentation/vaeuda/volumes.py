@@ -78,28 +78,47 @@ class Geometry:
         return f
 
 
+# NIfTI stores origin, spacing and direction as 32-bit floats, so a grid written as NIfTI (every
+# segmentation the engine writes) comes back with each coordinate rounded to float32: up to half
+# a unit in the last place, 6e-8 of it (0.1 um at 2000 mm from the scanner's origin).
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
 def geometry_mismatch(image: Union[sitk.Image, Geometry], reference: Union[sitk.Image, Geometry],
                       rtol: float = 1e-4) -> Optional[str]:
     """None when both lie on the same grid, else a short phrase such as ``"size (4, 5, 6) vs (4, 5, 7)"``.
 
     Spacing is compared relatively, origin relative to the reference's largest spacing,
-    direction absolutely, all with tolerance ``rtol``.
+    direction absolutely, all with tolerance ``rtol``; the origin also allows the rounding of its
+    coordinates to float32 (one unit in the last place), so that a grid read back from NIfTI
+    matches the one it was written from, however far from the scanner's origin it lies.
     """
     a = image if isinstance(image, Geometry) else Geometry.of(image)
     b = reference if isinstance(reference, Geometry) else Geometry.of(reference)
     if a.size != b.size:
         return f"size {a.size} vs {b.size}"
     if not np.allclose(a.spacing, b.spacing, rtol=rtol, atol=0):
-        return f"spacing {_fmt(a.spacing)} vs {_fmt(b.spacing)}"
-    if not np.allclose(a.origin, b.origin, rtol=0, atol=rtol * max(b.spacing)):
-        return f"origin {_fmt(a.origin)} vs {_fmt(b.origin)}"
+        return "spacing " + _fmt_pair(a.spacing, b.spacing)
+    origin_tolerance = rtol * max(b.spacing) + FLOAT32_EPS * max(abs(v) for v in b.origin)
+    if not np.allclose(a.origin, b.origin, rtol=0, atol=origin_tolerance):
+        return "origin " + _fmt_pair(a.origin, b.origin)
     if not np.allclose(a.direction, b.direction, rtol=0, atol=rtol):
-        return f"direction {_fmt(a.direction)} vs {_fmt(b.direction)}"
+        return "direction " + _fmt_pair(a.direction, b.direction)
     return None
 
 
-def _fmt(values: Iterable[float]) -> str:
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+def _fmt_pair(a: Iterable[float], b: Iterable[float]) -> str:
+    """``"(1, 2) vs (1, 2.5)"`` with as many digits as it takes for two different tuples to read differently."""
+    a, b = tuple(a), tuple(b)
+    for digits in range(6, 18):
+        left, right = (_fmt(v, digits) for v in (a, b))
+        if left != right:
+            break
+    return f"{left} vs {right}"
+
+
+def _fmt(values: Iterable[float], digits: int = 6) -> str:
+    return "(" + ", ".join(f"{v:.{digits}g}" for v in values) + ")"
 
 
 # --- reading and writing ---------------------------------------------------------------------
@@ -285,6 +304,9 @@ def require_existing(path: PathLike) -> None:
         raise VaeudaError(f"{path}: file or folder does not exist.")
 
 
+SOP_CLASS_UID = "0008|0016"   # a DICOM tag every DICOM file carries; ITK keeps it in the metadata
+
+
 def _read_any(path: Path) -> sitk.Image:
     """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
     require_existing(path)
@@ -372,15 +394,19 @@ _INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt1
 
 
 def _refuse_label_map(image: sitk.Image, path: Path) -> None:
-    """Refuse a label map given where an image belongs: integer voxels whose only values are a
-    known label convention's, a structure's among them (no scan has so few values)."""
-    if image.GetPixelID() not in _INTEGER_PIXELS:
+    """Refuse a label map given where an image belongs: voxels (integer, or floating-point holding
+    whole numbers) whose only values are a known label convention's, a structure's among them (no
+    scan has so few values)."""
+    if image.GetPixelID() not in _INTEGER_PIXELS + (sitk.sitkFloat32, sitk.sitkFloat64):
         return
     array = sitk.GetArrayViewFromImage(image)
     label_values = {int(v) for convention in (MMWHS, CONSECUTIVE) for v in convention.to_index}
     if np.unique(array.ravel()[:: max(1, array.size // 65536)]).size > len(label_values):
         return                                   # a sample already has too many values: the usual case
-    values = [int(v) for v in np.unique(array)]
+    unique = np.unique(array)
+    if not (np.isfinite(unique).all() and np.array_equal(unique, np.round(unique))):
+        return                                   # fractional values are intensities; non-finite ones are refused later
+    values = [int(v) for v in unique]
     if max(values) > 0 and set(values) <= label_values:
         raise VaeudaError(f"{path}: is a label map (its only values are {', '.join(map(str, values))}), not an "
                           f"image; give the image it labels.")
@@ -394,6 +420,11 @@ def read_image(path: PathLike) -> sitk.Image:
     """
     path = Path(path)
     image = _read_any(path)
+    if 1 in image.GetSize():
+        # A 2D slice saved as 3D, or one file of a DICOM series: cut across, it gives rows, not slices.
+        size = " x ".join(map(str, image.GetSize()))
+        raise VaeudaError(f"{path}: is a single slice ({size} voxels), not a volume; give the whole scan"
+                          f"{' (the folder that holds the DICOM series)' if image.HasMetaDataKey(SOP_CLASS_UID) else ''}.")
     _refuse_label_map(image, path)
     if image.GetPixelID() != sitk.sitkFloat32:
         try:
