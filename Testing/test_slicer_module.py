@@ -57,10 +57,16 @@ def mod():
 
 
 @pytest.fixture
-def slicer(mod, tmp_path):
-    """The stand-in's ``slicer`` with an empty scene and a private temporary path."""
+def slicer(mod, tmp_path, monkeypatch):
+    """The stand-in's ``slicer`` with an empty scene, a private temporary path, and, as in Slicer,
+    a ``PythonSlicer`` on the PATH: here a script that runs this Python."""
     import qt
     import slicer
+    bin_dir = tmp_path / "slicer-bin"
+    bin_dir.mkdir()
+    (bin_dir / "PythonSlicer").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "PythonSlicer").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir) + os.pathsep + os.environ.get("PATH", ""))
     slicer.mrmlScene.Clear()
     qt._pending.clear()
     slicer.app.temporaryPath = str(tmp_path / "slicer-temp")
@@ -291,6 +297,21 @@ def test_failing_engine_raises_its_sentence_and_leaves_the_scene(slicer, mod, fa
     assert results[0].status == "failed" and results[0].message == fake_engine.FAIL_SENTENCE
     assert {"event": "error", "message": fake_engine.FAIL_SENTENCE} in events
     assert scene_node_ids(slicer) == before and os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_the_engine_runs_in_pythonslicer_found_on_the_path_and_nowhere_else(slicer, mod, monkeypatch, tmp_path):
+    """As slicer.pydeps: PythonSlicer from the PATH, else a clear error (inside Slicer sys.executable
+    is the application, which would not run ``-m vaeuda``), with the job's folder removed."""
+    from vaeuda.labels import MMWHS
+    logic = mod.VAEUDASegmentationLogic()
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    before = scene_node_ids(slicer)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(RuntimeError, match=r"^Cannot start the VAE-UDA engine: the PythonSlicer executable is not on the PATH"):
+        logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS))
+    assert scene_node_ids(slicer) == before and os.listdir(slicer.app.temporaryPath) == [] and not logic.isRunning()
+    monkeypatch.setenv("PATH", str(tmp_path / "slicer-bin"))                # the fixture's PythonSlicer
+    assert logic._engineArgs() == [str(tmp_path / "slicer-bin" / "PythonSlicer"), "-m", "vaeuda"]
 
 
 def test_crash_without_an_error_line_shows_the_last_stderr_line(slicer, mod, fake_logic, monkeypatch, tmp_path):
@@ -588,6 +609,7 @@ def test_requirements_are_installed_only_after_asking_and_never_replace_numpy(sl
     assert requirements == ["vaeuda-test-absent-package>=1"] and requester == "VAE-UDA Segmentation"
     assert f"numpy=={metadata.version('numpy')}\n" in constraints
     assert f"SimpleITK=={metadata.version('SimpleITK')}\n" in constraints
+    assert f"torch=={metadata.version('torch')}\n" in constraints        # the PyTorch extension's build stays
 
     slicer.app._testingEnabled = True                                         # Slicer's testing mode: no installs
     asked.clear()

@@ -20,7 +20,6 @@ import pathlib
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,6 +46,10 @@ REQUIREMENTS_PATH = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
 TORCH_REQUIREMENT = ">=2.1"
 # Packages Slicer ships: never installed, upgraded or replaced by this module.
 SLICER_OWNED_PACKAGES = ("numpy", "SimpleITK")
+# Installed by the PyTorch extension for this computer's driver: pip must not replace them while
+# it installs the requirements (a requirement that wants a newer torch would otherwise pull a
+# PyPI build over the loaded one, CPU-only on Windows).
+PYTORCH_EXTENSION_PACKAGES = ("torch", "torchvision")
 
 STRUCTURES = vaeudaLabels.STRUCTURES
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
@@ -515,7 +518,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        # The engine command line before the subcommand; None: PythonSlicer (or this Python) -m vaeuda.
+        # The engine command line before the subcommand; None: PythonSlicer -m vaeuda.
         self.engineCommand: Optional[List[str]] = None
         self.requirementsPath = REQUIREMENTS_PATH
         self._job: Optional[_Job] = None
@@ -560,8 +563,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
         torch comes from the PyTorch extension (``PyTorchUtilsLogic().installTorch``, which picks
         the CUDA build matching the driver); the rest from Resources/requirements.txt with
-        ``slicer.util.pip_install``, constrained so that Slicer's own numpy and SimpleITK are
-        never replaced. Never installs in Slicer's testing mode. Example::
+        ``slicer.util.pip_install``, constrained so that Slicer's own numpy and SimpleITK and the
+        PyTorch extension's torch are never replaced. Never installs in Slicer's testing mode. Example::
 
             VAEUDASegmentationLogic().setupPythonRequirements()
         """
@@ -597,7 +600,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             try:
                 constraintsPath = os.path.join(constraintsDir, "constraints.txt")
                 with open(constraintsPath, "w", encoding="utf-8") as f:
-                    f.write(self._slicerPackagePins())
+                    f.write(self._installedPackagePins())
                 requirements, options = self._pipInstallArguments(others, constraintsPath)
                 slicer.util.pip_install(requirements, **options)
             except Exception as exc:   # CalledProcessError, from any Slicer
@@ -633,11 +636,12 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         return ["-c", constraintsPath] + list(requirements), {}
 
     @staticmethod
-    def _slicerPackagePins() -> str:
-        """pip constraints pinning the installed numpy and SimpleITK, so no install can replace them."""
+    def _installedPackagePins() -> str:
+        """pip constraints pinning the installed numpy, SimpleITK, torch and torchvision, so no
+        install can replace them."""
         from importlib import metadata
         pins = []
-        for name in SLICER_OWNED_PACKAGES:
+        for name in SLICER_OWNED_PACKAGES + PYTORCH_EXTENSION_PACKAGES:
             try:
                 pins.append(f"{name}=={metadata.version(name)}\n")
             except metadata.PackageNotFoundError:
@@ -673,7 +677,12 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     def _engineArgs(self) -> List[str]:
         if self.engineCommand:
             return list(self.engineCommand)
-        python = shutil.which("PythonSlicer") or sys.executable
+        # As Slicer's own slicer.pydeps runs Python modules: inside Slicer, sys.executable is the
+        # application, not a Python interpreter, so there is nothing to fall back on.
+        python = shutil.which("PythonSlicer")
+        if not python:
+            raise RuntimeError("Cannot start the VAE-UDA engine: the PythonSlicer executable is not on the PATH "
+                               "(set VAEUDASegmentationLogic().engineCommand to run the engine another way).")
         return [python, "-m", "vaeuda"]
 
     @staticmethod
@@ -700,7 +709,12 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         if self._job is not None:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise RuntimeError(f"A VAE-UDA job ({self._job.name}) is running; wait for it or cancel it first.")
-        args = [str(a) for a in self._engineArgs() + subcommandArgs[:1] + ["--progress", "json"] + subcommandArgs[1:]]
+        try:
+            engine = self._engineArgs()
+        except RuntimeError:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        args = [str(a) for a in engine + subcommandArgs[:1] + ["--progress", "json"] + subcommandArgs[1:]]
         logging.info("VAE-UDA: running %s", " ".join(args))
         process = EngineProcess(args, env=self._engineEnvironment(), cwd=tempDir)
         job = _Job(name, process, tempDir, onSuccess, progressCallback, finishedCallback)
