@@ -342,6 +342,9 @@ def test_bad_cohort_is_one_clear_error(tmp_path):
     for repeats in (0, 3.0, True):          # the Python API is held to what the command line takes
         with pytest.raises(VaeudaError, match=f"--repeats must be a whole number of at least 1, not {repeats!r}"):
             experiment.run_table1(tmp_path, tmp_path / "out", repeats=repeats)
+    # repeat k adapts with seed + k: refused before any training, not as an overflow after hours of it
+    with pytest.raises(VaeudaError, match=r"--seed 18446744073709551615 leaves no room for 2 repeats"):
+        experiment.run_table1(tmp_path, tmp_path / "out", repeats=2, seed=2 ** 64 - 1)
     assert not (tmp_path / "out").exists()
 
 

@@ -372,6 +372,18 @@ def test_evaluate_dirs_refuses_empty_missing_ambiguous_and_bad_labels(cohort, tm
     expect_error_and_no_json(pred_dir, ref_dir, json_path, "ct_1_label.nii.gz", "cannot be read")
 
 
+def test_evaluate_never_writes_its_json_over_the_label_mapping_it_reads(cohort, tmp_path, capsys):
+    from vaeuda.cli import main
+    pred_dir, ref_dir = cohort
+    mapping = tmp_path / "map.json"
+    mapping.write_text('{"LV-M": 205, "LA-B": 420, "LV-B": 500, "A-A": 820}')
+    before = mapping.read_bytes()
+    assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--labels", str(mapping),
+                 "--json", str(mapping), "--progress", "none"]) == 2
+    assert "map.json: is also an input, which is never overwritten" in capsys.readouterr().err
+    assert mapping.read_bytes() == before
+
+
 def test_two_dimensional_file_is_refused(cohort, tmp_path):
     pred_dir, ref_dir = cohort
     sitk.WriteImage(sitk.Image(4, 4, sitk.sitkUInt8), str(ref_dir / "ct_1_label.nii.gz"))

@@ -22,7 +22,9 @@ def saved(tmp_path):
 REAL_META = {"stage": "source", "preset": "tiny", "normalisation": {"method": "zscore"},
              "labels": {"convention": {"name": "mmwhs", "to_index": {"0": 0, "205": 1, "420": 2, "500": 3, "820": 4},
                                        "from_index": [0, 205, 420, 500, 820], "unknown": "background"}},
-             "train": {"batch_size": 2}}
+             "train": {"batch_size": 2, "gan_mode": "lsgan", "class_weights": [0.2, 1.1, 1.3, 1.0, 1.4]},
+             "provenance": {"seed": 0, "source_data": ["/d/mr_1001_image.nii.gz"],
+                            "source_labels": ["/d/mr_1001_label.nii.gz"]}}
 
 
 def test_round_trip_gives_identical_networks(saved):
@@ -162,9 +164,21 @@ def test_missing_file(tmp_path):
     (lambda m: m["config"].update(drn_channels=[]), "model configuration is missing or damaged"),   # IndexError
     (lambda m: m["config"].update(base=-4), "model configuration is missing or damaged"),          # RuntimeError
     (lambda m: m["normalisation"].pop("method"), "the intensity normalisation has no method"),
+    (lambda m: m["normalisation"].update(method="zscore", clip_upper_percentile="high"),
+     "the intensity normalisation is unusable"),
+    (lambda m: m["normalisation"].update(method="fixed", range=[1.0]), "the intensity normalisation is unusable"),
+    # values the later stages read: tracebacks from deep in training before
+    (lambda m: m["train"].update(gan_mode="foo"), "gan_mode 'foo' is not one of lsgan, vanilla"),
+    (lambda m: m["train"].update(class_weights=[1, 2]), "class_weights is not a list of 5 positive numbers"),
+    (lambda m: m["train"].update(class_weights=[1, 1, 1, 1, -1]), "class_weights is not a list of 5 positive"),
+    (lambda m: m.update(provenance="x"), "'provenance' is not a JSON object"),
+    (lambda m: m["provenance"].pop("source_labels"), "the source volumes in its provenance are not two lists"),
+    (lambda m: m["provenance"]["source_labels"].pop(), "the source volumes in its provenance are not two lists"),
 ])
 def test_edited_metadata_is_refused_in_one_sentence(saved, tmp_path, edit, message):
-    """JSON that parses but lacks what the stages read (the checksum covers only the tensors)."""
+    """JSON that parses but lacks what the stages read, or holds values they cannot use (the
+    checksum covers only the tensors)."""
+    from vaeuda.cli import main
     from vaeuda.modelfile import save_tensors
     _, path = saved
     tensors, meta, _ = read_tensors(path)
@@ -173,6 +187,7 @@ def test_edited_metadata_is_refused_in_one_sentence(saved, tmp_path, edit, messa
     save_tensors(edited, tensors, meta)
     with pytest.raises(VaeudaError, match=message):
         load_model(edited)
+    assert main(["info", str(edited)]) != 0                       # info refuses what the stages refuse
 
 
 def _resave_with_header(saved, tmp_path, edit):

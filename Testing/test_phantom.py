@@ -313,6 +313,16 @@ def test_demo_reuses_only_a_cohort_of_the_same_generator_seed_and_size(tmp_path)
     assert not is_phantom_cohort(cohort, 3, 16)
 
 
+def test_demo_refuses_a_missing_gpu_before_making_the_cohort(tmp_path):
+    import torch
+    from vaeuda.demo import run_demo
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: --device cuda is no error here")
+    with pytest.raises(VaeudaError, match="--device cuda was asked for, but no CUDA GPU is available"):
+        run_demo(tmp_path / "demo", quick=True, device="cuda")
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_figure_shows_the_coronal_slice_with_the_most_labelled_voxels():
     """(z, y, x): y = 2 holds 6 labelled voxels, y = 0 holds 4 spread over z and x; axis 0 or 2
     would pick something else (index 3 along z, index 4 along x)."""

@@ -548,10 +548,22 @@ def test_outputs_that_would_replace_an_input_or_a_folder_are_refused_before_work
     shutil.copy(tiny_cohort / "mr_1001_label.nii.gz", tmp_path / "mr_1001_label.nii.gz")
     model = tmp_path / "source.safetensors"
     shutil.copy(tiny_source_model, model)
+    shutil.copy(tiny_source_model, tmp_path / "src.ckpt")           # a model that is also OUT.ckpt of --out src
+    (tmp_path / "map.json").write_text('{"LV-M": 205, "LA-B": 420, "LV-B": 500, "A-A": 820}')
+    (tmp_path / "stale.safetensors.ckpt").write_text("an interrupted run's work")
     before = {p: p.read_bytes() for p in tmp_path.iterdir()}
     (tmp_path / "folder").mkdir()
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "c.safetensors.ckpt").mkdir()
     cases = [
+        (["train-source", "--preset", "tiny", "--label-convention", str(tmp_path / "map.json"),
+          "--out", str(tmp_path / "map.json"), str(image)], "map.json: is also an input"),
+        (["adapt", "--model", str(tmp_path / "src.ckpt"), "--out", str(tmp_path / "src"), "--resume",
+          str(tiny_cohort / "ct_1001_image.nii.gz")], "src.ckpt: is also an input"),   # without --resume: "interrupted run"
+        (["finetune", "--model", str(model), "--out", str(tmp_path / "c.safetensors"), str(image)],
+         "c.safetensors.ckpt: is a folder"),
+        (["train-source", "--preset", "tiny", "--out", str(tmp_path / "stale.safetensors"), str(image)],
+         "stale.safetensors.ckpt: an interrupted run left this checkpoint; continue it with --resume, or delete it"),
         (["train-source", "--preset", "tiny", "--out", str(image), str(image)], "is also an input"),
         (["adapt", "--model", str(model), "--out", str(model), str(tiny_cohort / "ct_1001_image.nii.gz")],
          "is also an input"),
@@ -565,7 +577,8 @@ def test_outputs_that_would_replace_an_input_or_a_folder_are_refused_before_work
         assert main([*args, "--progress", "none"]) == 2
         assert message in capsys.readouterr().err
     assert {p: p.read_bytes() for p in before} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in before), "folder", "a_file"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in before), "folder", "a_file",
+                                                                 "c.safetensors.ckpt"])
 
 
 def test_segment_is_all_or_nothing_and_never_replaces_an_input(tiny_cohort, tiny_source_model, tmp_path, capsys,
@@ -641,6 +654,24 @@ def test_early_stop_keeps_the_weights_of_the_best_proxy(tiny_cohort, tiny_source
                     overrides={"eval_every": 1})
     a, b = read_tensors(tmp_path / "stopped.safetensors")[0], read_tensors(tmp_path / "three.safetensors")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stop_scores_the_last_iteration_between_evaluations(tiny_cohort, tiny_source_model, tmp_path,
+                                                                   monkeypatch):
+    """Evaluating every 4 of 6 iterations, early stopping also reads the proxy at 6, and keeps it
+    when it is the best: before, iterations 5 and 6 were trained and thrown away unscored (and a
+    run shorter than eval_every never evaluated). Without early stopping nothing changes."""
+    readings = iter([2.0, 1.0])
+    monkeypatch.setattr(train_mod, "target_proxy", lambda *args, **kw: next(readings))
+    target = [tiny_cohort / "ct_1001_image.nii.gz"]
+    meta = train_mod.adapt(tiny_source_model, target, tmp_path / "a.safetensors", iterations=6, device="cpu",
+                           early_stop=2, overrides={"eval_every": 4})
+    assert [e["iteration"] for e in meta["history"]] == [4, 6]
+    assert meta["provenance"]["early_stopped_at"] == 6 and meta["provenance"]["iterations_done"] == 6
+    readings = iter([2.0])
+    plain = train_mod.adapt(tiny_source_model, target, tmp_path / "b.safetensors", iterations=6, device="cpu",
+                            overrides={"eval_every": 4})
+    assert [e["iteration"] for e in plain["history"]] == [4]
 
 
 class _ShiftingNet(torch.nn.Module):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .errors import VaeudaError
+from .errors import MAX_SEED, VaeudaError
 from .progress import MODES, Reporter, emit
 
 
@@ -21,9 +21,6 @@ INTENSITY_REMAP_HELP = ("not part of the 2019 method: the source encoder reads r
                         "(GIN, Ouyang et al. 2021) and must still reconstruct the MR, so the source model carries "
                         "over to CT better; adapting it added 5-7 points on one synthetic cohort and lost 15-25 on another "
                         "(Docs/results.md)")
-
-
-MAX_SEED = 2 ** 64 - 1   # torch's generators take 0 .. 2**64 - 1; numpy's (the phantom's) no negative seed
 
 
 def _seed(text: str) -> int:
@@ -222,14 +219,22 @@ def run(args, reporter: Reporter) -> List[str]:
         args.device = "cpu"
         from .machine import use_portable_numerics
         use_portable_numerics()      # before anything imports torch
+    if cmd in ("train-source", "adapt", "finetune") and not args.resume:
+        from .train import checkpoint_path
+        ckpt = checkpoint_path(Path(args.out))
+        if ckpt.is_file():    # another run's work: never thrown away unasked
+            raise VaeudaError(f"{ckpt}: an interrupted run left this checkpoint; continue it with --resume, or "
+                              f"delete it to start afresh.")
     if cmd == "synth":
         from .phantom import make_cohort
         make_cohort(args.out_dir, n_source=args.n_source, n_target=args.n_target, n_train=args.n_train,
                     seed=args.seed, size=args.size, reporter=reporter)
         return [str(Path(args.out_dir) / "splits.json")]
     if cmd == "train-source":
+        from .fileio import check_output_file
         from .labels import load_convention
         from .train import train_source
+        check_output_file(args.out, _mapping_file(args.label_convention))
         images, labels = _labelled(args)
         train_source(images, labels, args.out, preset=args.preset, iterations=args.iterations,
                      batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -260,9 +265,11 @@ def run(args, reporter: Reporter) -> List[str]:
                                 cpu_bf16=args.cpu_bf16)
         return [str(p) for p in written]
     if cmd == "evaluate":
+        from .fileio import check_output_file
         from .labels import load_convention
         from .metrics import evaluate_dirs
         json_path = args.json or str(Path(args.pred) / "evaluation.json")
+        check_output_file(json_path, _mapping_file(args.labels))
         table, _ = evaluate_dirs(args.pred, args.ref, load_convention(args.labels), json_path,
                                  ignore_unmatched_refs=True)
         if reporter.mode == "json":
@@ -271,9 +278,10 @@ def run(args, reporter: Reporter) -> List[str]:
             print(table)
         return [json_path]
     if cmd == "info":
-        from .modelfile import check_metadata, read_tensors
+        from .modelfile import build_from_meta, check_metadata, read_tensors
         _, meta, header = read_tensors(args.model)
         check_metadata(args.model, meta)
+        build_from_meta(args.model, meta)        # refuses a configuration that builds no network
         # the checksum read_tensors verified: equal digests, equal weights (e.g. from two computers)
         print(json.dumps({"weights_sha256": header["tensors_sha256"], **meta}, indent=_indent(reporter)))
         return []
@@ -291,6 +299,11 @@ def run(args, reporter: Reporter) -> List[str]:
                                            seed=args.seed, device=args.device,
                                            iterations_scale=args.iterations_scale, reporter=reporter)]
     raise VaeudaError(f"unknown command {cmd}")
+
+
+def _mapping_file(spec: Optional[str]) -> List[str]:
+    """The label-mapping JSON file a ``--label-convention`` / ``--labels`` value names (an input), if any."""
+    return [] if spec in (None, "", "mmwhs", "consecutive") else [spec]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -130,9 +130,10 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     (not the paper's method)."""
     from .metrics import table_markdown
     from .phantom import make_cohort
-    from .train import adapt, finetune, train_source
+    from .train import adapt, finetune, resolve_device, train_source
 
     reporter = reporter or null_reporter()
+    resolve_device(device)               # --device cuda without a GPU: refused before the cohort is made
     out = make_dir(check_output_dir(out))
     cohort = out / "cohort"
     models = out / "models"

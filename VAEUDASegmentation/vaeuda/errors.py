@@ -1,4 +1,4 @@
-"""The one exception type the engine raises for bad input or a failed run.
+"""The one exception type the engine raises for bad input or a failed run, and the checks of counts and seeds.
 
 Its message is a single sentence meant for the user: it names the file and what is wrong.
 The command line prints it and exits with status 2; the Slicer module shows it as is.
@@ -7,6 +7,9 @@ The command line prints it and exits with status 2; the Slicer module shows it a
 
 class VaeudaError(Exception):
     """Bad input or an unrecoverable run error, with a one-sentence user-facing message."""
+
+
+MAX_SEED = 2 ** 64 - 1   # torch's generators take 0 .. 2**64 - 1; numpy's (the phantom's) no negative seed
 
 
 def require_count(flag: str, value) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 
 from . import machine
 from .demo import cohort_split, evaluate_model, image_of, label_of
-from .errors import VaeudaError, require_count
+from .errors import MAX_SEED, VaeudaError, require_count
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import CLASS_KEYS, MMWHS, STRUCTURES
 from .metrics import MEAN_KEY, _json_ready, evaluate_volume, summarise, table_markdown
@@ -321,6 +321,9 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
 
     reporter = reporter or null_reporter()
     require_count("--repeats", repeats)
+    if seed + repeats - 1 > MAX_SEED:      # repeat k adapts with seed + k
+        raise VaeudaError(f"--seed {seed} leaves no room for {repeats} repeats: they use seeds {seed} to "
+                          f"{seed + repeats - 1}, and the largest is {MAX_SEED}.")
     if not (isinstance(iterations_scale, (int, float)) and iterations_scale > 0 and math.isfinite(iterations_scale)):
         raise VaeudaError(f"--iterations-scale must be a positive number, not {iterations_scale}.")
     cohort, out = Path(data), check_output_dir(out)

@@ -53,6 +53,9 @@ class SegmentationLoss(torch.nn.Module):
         return self.dice(logits, target.unsqueeze(1)) + ce
 
 
+GAN_MODES = ("lsgan", "vanilla")
+
+
 def gan_loss(scores: List[torch.Tensor], real: bool, mode: str = "lsgan") -> torch.Tensor:
     """Adversarial loss of a multi-scale discriminator's outputs against the label real/fake.
 

@@ -108,11 +108,18 @@ def load_networks(net: VAEUDANet, tensors: Dict[str, torch.Tensor], path) -> Non
 
 
 def check_metadata(path, meta) -> None:
-    """Refuse metadata that parses as JSON but lacks what the stages read (an edited file: the
-    checksum covers the tensors only): preset, stage, label convention, normalisation, training
-    options, network configuration."""
-    from .labels import Convention
+    """Refuse metadata that parses as JSON but lacks what the stages read, or holds values they
+    cannot use (an edited file: the checksum covers the tensors only): preset, stage, label
+    convention, normalisation, training options (the discriminator's loss, the class weights),
+    network configuration, the source volumes of its provenance."""
+    import math
+
+    import numpy as np
+
+    from .labels import N_CLASSES, Convention
+    from .losses import GAN_MODES
     from .nets import PRESETS
+    from .volumes import normalise
 
     def damaged(what: str) -> VaeudaError:
         return VaeudaError(f"{path}: model file metadata is damaged ({what}).")
@@ -135,6 +142,25 @@ def check_metadata(path, meta) -> None:
         raise damaged("the label convention is unreadable") from None
     if not isinstance(meta["normalisation"].get("method"), str):
         raise damaged("the intensity normalisation has no method")
+    try:
+        normalise(np.arange(8, dtype=np.float32).reshape(2, 2, 2), meta["normalisation"])
+    except (VaeudaError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise damaged(f"the intensity normalisation is unusable: {exc}") from None
+    # the training options that later stages read from the source model
+    train = meta["train"]
+    if train.get("gan_mode", "lsgan") not in GAN_MODES:
+        raise damaged(f"gan_mode {train.get('gan_mode')!r} is not one of {', '.join(GAN_MODES)}")
+    weights = train.get("class_weights")
+    if weights is not None and not (isinstance(weights, list) and len(weights) == N_CLASSES and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights)):
+        raise damaged(f"class_weights is not a list of {N_CLASSES} positive numbers")
+    provenance = meta.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise damaged("'provenance' is not a JSON object")
+    paths = [provenance.get(k) for k in ("source_data", "source_labels") if provenance.get(k) is not None]
+    if not all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in paths) or (
+            len(paths) == 2 and len(paths[0]) != len(paths[1])) or len(paths) == 1:
+        raise damaged("the source volumes in its provenance are not two lists of paths of one length")
 
 
 def load_model(path, device: str = "cpu") -> Tuple[VAEUDANet, dict]:

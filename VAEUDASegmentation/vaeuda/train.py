@@ -237,6 +237,13 @@ def checkpoint_path(out: Path) -> Path:
     return Path(str(out) + ".ckpt")
 
 
+def _check_outputs(out, inputs: Sequence) -> None:
+    """Refuse, before any work, a model path or its checkpoint's path (both written, and the
+    checkpoint removed at the end) that is a folder, cannot be written, or is one of ``inputs``."""
+    check_output_file(out, inputs)
+    check_output_file(checkpoint_path(Path(out)), inputs)
+
+
 def _generator_groups(net: VAEUDANet, cfg: TrainConfig) -> List[dict]:
     """The generators' Adam parameter groups: one at ``cfg.lr``, plus one per ``cfg.lr_scale`` entry."""
     if not isinstance(cfg.lr_scale, dict):
@@ -539,7 +546,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         record = {k: round(float(v.detach()), 5) for k, v in terms.items()}
         if it % 10 == 0 or it == stage.iterations:
             reporter.step(it, loss=float(total.detach()), **{k: record[k] for k in ("seg", "task") if k in record})
-        if stage.target is not None and it % cfg.eval_every == 0:
+        # early stopping also scores the last iteration, so that every iteration it may keep was scored
+        if stage.target is not None and (it % cfg.eval_every == 0 or (stage.early_stop and it == stage.iterations)):
             proxy = target_proxy(model, proxy_images, cfg.use_cycle, device)
             # a non-finite reading (finite weights can still decode to inf) is never the best one,
             # and is recorded as null: the history is JSON
@@ -648,7 +656,7 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     """
     reporter = reporter or null_reporter()
     _check_run_arguments(iterations, batch_size)
-    check_output_file(out, list(images) + list(labels))
+    _check_outputs(out, list(images) + list(labels))
     dev = resolve_device(device)
     if preset is None:
         preset = "paper" if dev.type == "cuda" else "cpu"
@@ -702,7 +710,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     normalisation = src_meta["normalisation"]
     size, fov = net.cfg.input_size, net.cfg.slice_fov_mm
     pairs = _source_pairs(src_meta, source_model, source_data)
-    check_output_file(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
+    _check_outputs(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
     reporter.log(f"reading {len(pairs)} labelled source volumes and {len(targets)} target volume(s)")
     source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
@@ -734,7 +742,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     """
     reporter = reporter or null_reporter()
     _check_run_arguments(iterations, batch_size)
-    check_output_file(out, [source_model, *images, *labels])
+    _check_outputs(out, [source_model, *images, *labels])
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
     preset = src_meta["preset"]
