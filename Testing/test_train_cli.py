@@ -462,6 +462,7 @@ def test_demo_trains_the_preset_its_report_names_whatever_the_device(tmp_path, m
     monkeypatch.setattr(demo, "is_phantom_cohort", lambda *args: True)      # no cohort is made
     monkeypatch.setattr(demo, "cohort_split", lambda cohort, modality, split: ["x_1001"])
     monkeypatch.setattr(train_mod, "train_source", record)
+    monkeypatch.setattr(train_mod, "resolve_device", torch.device)           # as if a GPU were there
     with pytest.raises(Stop):
         demo.run_demo(tmp_path / "demo", quick=quick, device="cuda")
     assert asked["preset"] == preset and asked["device"] == "cuda"
