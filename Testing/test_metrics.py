@@ -130,6 +130,19 @@ def test_largest_component_uses_26_connectivity():
     assert not metrics.largest_component(np.zeros((3, 3, 3), dtype=bool)).any()
 
 
+def test_a_reference_piece_the_prediction_misses_counts_against_it():
+    """Only the prediction is reduced to its largest component: a reference of 80 + 20 voxels in two
+    pieces against a prediction of the 80 gives Dice 2 * 80 / 180 and a non-zero ASSD, not a perfect score."""
+    ref = np.zeros((10, 10, 30), dtype=bool)
+    ref[2:6, 2:6, 2:7] = True                     # 80 voxels
+    ref[2:4, 2:4, 20:25] = True                   # 20 voxels, far away
+    pred = ref.copy()
+    pred[:, :, 15:] = False
+    scores = metrics.evaluate_volume(pred.astype(np.uint8) * 3, ref.astype(np.uint8) * 3, (1, 1, 1))["LV-B"]
+    assert scores["dice"] == pytest.approx(160 / 180)
+    assert scores["assd_vox"] > 0
+
+
 def test_small_distant_blob_changes_nothing():
     shape = (30, 30, 40)
     ref = ball(shape, (15, 15, 12), 7)
@@ -350,6 +363,15 @@ def test_evaluate_dirs_refuses_unmatched_files(cohort, tmp_path):
     expect_error_and_no_json(pred_dir, ref_dir, json_path, "ct_2_label.nii.gz", "no prediction")
     _, result = metrics.evaluate_dirs(pred_dir, ref_dir, MMWHS, ignore_unmatched_refs=True)
     assert [v["name"] for v in result["volumes"]] == ["ct_1"]
+    assert result["unscored_references"] == [str(ref_dir / "ct_2_label.nii.gz")]
+
+
+def test_evaluate_names_the_references_it_skips(cohort, capsys):
+    from vaeuda.cli import main
+    pred_dir, ref_dir = cohort
+    (pred_dir / "ct_2_image_seg.nii.gz").unlink()
+    assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--progress", "none"]) == 0
+    assert "1 reference(s) without a prediction not scored: ct_2_label.nii.gz" in capsys.readouterr().err
 
 
 def test_evaluate_dirs_refuses_empty_missing_ambiguous_and_bad_labels(cohort, tmp_path):

@@ -984,8 +984,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                  waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
         """Dice and ASSD per structure of a segmentation against a reference; returns a vtkMRMLTableNode.
 
-        Both are compared in the geometry of the segmentation's reference volume, each on its
-        largest 3D component as in the paper (the engine's ``evaluate``). Reference segments are
+        Both are compared in the geometry of the segmentation's reference volume, the
+        segmentation's largest 3D component of each structure against the whole reference, as in
+        the paper (the engine's ``evaluate``). Reference segments are
         matched to structures by terminology code, by name (e.g. "LV myocardium" or "LV-M") or
         by a number in the name (an MM-WHS value such as "Segment_205", or 1..4). Rows: the four
         structures and "Mean"; columns: Dice [%], ASSD [mm], ASSD [voxel]. Example::

@@ -270,8 +270,12 @@ def run(args, reporter: Reporter) -> List[str]:
         from .metrics import evaluate_dirs
         json_path = args.json or str(Path(args.pred) / "evaluation.json")
         check_output_file(json_path, _mapping_file(args.labels))
-        table, _ = evaluate_dirs(args.pred, args.ref, load_convention(args.labels), json_path,
-                                 ignore_unmatched_refs=True)
+        table, result = evaluate_dirs(args.pred, args.ref, load_convention(args.labels), json_path,
+                                      ignore_unmatched_refs=True)
+        skipped = result["unscored_references"]
+        if skipped:    # e.g. --ref a whole cohort folder; a lost segmentation would only shrink N otherwise
+            reporter.log(f"note: {len(skipped)} reference(s) without a prediction not scored: "
+                         f"{', '.join(Path(p).name for p in skipped)}")
         if reporter.mode == "json":
             emit("table", markdown=table)
         else:

@@ -2,9 +2,10 @@
 
 Ouyang et al. (MICCAI 2019), Sec. 3: "The Dice score, and average symmetric surface distance
 (ASSD) of the largest 3D connected component for each label class". Here, for every structure
-of :data:`labels.STRUCTURES`, the prediction mask and the reference mask are each reduced to
-their largest 3D connected component (26-connectivity, as MONAI's
-``KeepLargestConnectedComponent`` and scikit-image's ``label`` default to), then:
+of :data:`labels.STRUCTURES`, the prediction mask is reduced to its largest 3D connected
+component (26-connectivity, as MONAI's ``KeepLargestConnectedComponent`` and scikit-image's
+``label`` default to), post-processing of the segmentation; the reference is scored as drawn, so
+a piece of it the prediction misses counts against the prediction. Then:
 
 * **Dice** = 2 |P n R| / (|P| + |R|).
 * **ASSD** as medpy's ``medpy.metric.binary.assd`` (the definition MM-WHS-based papers use):
@@ -15,7 +16,7 @@ their largest 3D connected component (26-connectivity, as MONAI's
   distance between voxel centres. It is given in millimetres (``assd_mm``, voxel spacing) and
   in voxels (``assd_vox``, spacing 1), the unit of the paper's Table 1.
 
-Empty masks (after the largest-component step):
+Empty masks:
 
 * both empty: Dice 1.0, ASSD 0.0 (a correct "absent");
 * exactly one empty: Dice 0.0, ASSD NaN (undefined). NaN ASSDs are left out of the ASSD
@@ -113,7 +114,7 @@ def assd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
 
 def evaluate_volume(pred_classes: np.ndarray, ref_classes: np.ndarray,
                     spacing_zyx: Sequence[float]) -> Dict[str, Dict[str, float]]:
-    """Dice and ASSD of every structure, each on the largest component of prediction and reference.
+    """Dice and ASSD of every structure: the prediction's largest component against the whole reference.
 
     ``pred_classes``, ``ref_classes``: integer class indices ``(Z, Y, X)`` (0 background, 1..4 as
     :data:`labels.STRUCTURES`). ``spacing_zyx``: voxel size in mm in array order (SimpleITK's
@@ -127,7 +128,7 @@ def evaluate_volume(pred_classes: np.ndarray, ref_classes: np.ndarray,
     result: Dict[str, Dict[str, float]] = OrderedDict()
     for s in STRUCTURES:
         pred = largest_component(pred_classes == s.index)
-        ref = largest_component(ref_classes == s.index)
+        ref = ref_classes == s.index          # the ground truth is never edited
         result[s.key] = {
             "dice": dice(pred, ref),
             "assd_mm": assd(pred, ref, spacing_zyx),
@@ -238,7 +239,8 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
     Returns ``(markdown, result)``: a table with one row per volume and a last row over all
     volumes (Dice [%], ASSD [voxel], ASSD [mm]), and the JSON-able dict
     ``{"convention", "connectivity", "n_volumes", "volumes": [{"name", "pred", "ref",
-    "spacing_zyx", "metrics"}], "summary"}`` with NaN as ``None``. ``json_path``: also write the
+    "spacing_zyx", "metrics"}], "summary", "unscored_references"}`` with NaN as ``None``
+    (``unscored_references``: the references skipped for want of a prediction). ``json_path``: also write the
     dict there, atomically.
     """
     preds = _keyed_files(Path(pred_dir), "prediction")
@@ -270,8 +272,10 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
     rows: "OrderedDict[str, dict]" = OrderedDict((v["name"], v["metrics"]) for v in volumes)
     rows[f"All ({len(volumes)} volume{'' if len(volumes) == 1 else 's'})"] = summary
     markdown = table_markdown(rows, metrics=("dice", "assd_vox", "assd_mm"))
+    unscored = [str(path) for key, path in sorted(refs.items()) if key not in preds]
     result = _json_ready({"convention": convention.name, "connectivity": CONNECTIVITY,
-                          "n_volumes": len(volumes), "volumes": volumes, "summary": summary})
+                          "n_volumes": len(volumes), "volumes": volumes, "summary": summary,
+                          "unscored_references": unscored})
     if json_path is not None:
         text = json.dumps(result, indent=2, allow_nan=False) + "\n"
         with fileio.atomic_path(json_path) as tmp:
