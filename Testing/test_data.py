@@ -168,6 +168,23 @@ def test_each_image_is_paired_with_its_own_label(tmp_path, tmp_volume):
         [(image_b, seg_z), (image_a, seg_y)]              # --labels: in the order given, whatever the names
 
 
+def test_hidden_files_are_no_scans(tmp_path, tmp_volume):
+    """A folder copied from a Mac carries "._X" metadata twins with the scans' extensions."""
+    image, label = _write_pair(tmp_volume, "a")
+    for twin in ("._a_image.nii.gz", "._a_label.nii.gz"):
+        (tmp_path / twin).write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert find_pairs([str(tmp_path)]) == [(image, label)]
+
+
+def test_image_and_label_roles_match_in_any_case(tmp_path, tmp_volume):
+    """Extensions match in any case, so the roles do: before, A_IMAGE / A_LABEL made the label an
+    image, and b_Image / b_Label was dropped beside a_image / a_label without a word."""
+    upper = (tmp_volume(_ramp_image(), name="A_IMAGE.nii.gz"), tmp_volume(_plane_labels(), name="A_LABEL.nii.gz"))
+    title = (tmp_volume(_ramp_image(), name="b_Image.nii.gz"), tmp_volume(_plane_labels(), name="b_Label.nii.gz"))
+    mixed = (tmp_volume(_ramp_image(), name="c_image.nii.gz"), tmp_volume(_plane_labels(), name="c_LABEL.nii.gz"))
+    assert find_pairs([str(tmp_path)]) == sorted([upper, title, mixed])
+
+
 def test_image_whose_label_is_missing_is_refused(tmp_path, tmp_volume):
     image = tmp_volume(_ramp_image(), name="a_image.nii.gz")
     label = tmp_path / "a_label.nii.gz"

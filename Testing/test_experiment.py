@@ -336,6 +336,12 @@ def test_bad_cohort_is_one_clear_error(tmp_path):
     (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1"]}, "ct": {"train": ["ct_1"], "test": []}}))
     with pytest.raises(VaeudaError, match="ct test split is empty"):
         experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
+    (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1"]}, "ct": {"train": ["ct_1", "ct_2"], "test": ["ct_2"]}}))
+    with pytest.raises(VaeudaError, match="ct_2 is in both the ct train and test splits; a held-out test scan must not"):
+        experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
+    (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1", "mr_1"]}, "ct": {"train": ["ct_1"], "test": ["ct_2"]}}))
+    with pytest.raises(VaeudaError, match="mr_1 is listed twice in the mr train split"):
+        experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
     (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1"]}, "ct": {"train": ["ct_1"], "test": ["ct_2"]}}))
     with pytest.raises(VaeudaError, match="mr_1_image.nii.gz: listed in splits.json"):
         experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")

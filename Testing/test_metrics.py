@@ -296,6 +296,9 @@ def test_pairing_key():
     assert metrics.pairing_key("ct_1017_label.nii.gz") == "ct_1017"
     assert metrics.pairing_key("case7_seg.nrrd") == metrics.pairing_key("case7.nrrd") == "case7"
     assert metrics.pairing_key("a_label_seg.mha") == "a"
+    # roles in any case, as their extensions: CT_1017_IMAGE.nii.gz segmented pairs with CT_1017_Label.nii.gz
+    assert metrics.pairing_key("CT_1017_IMAGE_seg.nii.gz") == metrics.pairing_key("CT_1017_Label.nii.gz") == "CT_1017"
+    assert metrics.pairing_key("image.nii.gz") == "image"                  # a role needs its underscore
 
 
 def test_evaluate_dirs_pairs_scores_and_writes_json(cohort, tmp_path):

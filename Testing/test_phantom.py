@@ -301,7 +301,12 @@ def test_demo_reuses_only_a_cohort_of_the_same_generator_seed_and_size(tmp_path)
     from vaeuda.demo import is_phantom_cohort
     cohort = tmp_path / "cohort"
     assert not is_phantom_cohort(cohort, 0, None)                     # nothing there
-    phantom.make_cohort(cohort, n_source=1, n_target=1, n_train=1, seed=3, size=16)
+    phantom.make_cohort(cohort, n_source=2, n_target=2, n_train=1, seed=3, size=16)
+    assert not is_phantom_cohort(cohort, 3, 16)                        # not the demo's 20 + 20 subjects
+    splits = json.loads((cohort / "splits.json").read_text())
+    splits.update(mr=phantom.split_prefixes("mr", 20, 16), ct=phantom.split_prefixes("ct", 20, 16))
+    (cohort / "splits.json").write_text(json.dumps(splits))
+    assert splits["ct"]["test"] == ["ct_1017", "ct_1018", "ct_1019", "ct_1020"]
     assert is_phantom_cohort(cohort, 3, 16)
     assert not is_phantom_cohort(cohort, 0, 16)                        # another seed
     assert not is_phantom_cohort(cohort, 3, None)                      # another size

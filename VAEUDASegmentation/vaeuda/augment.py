@@ -2,10 +2,10 @@
 translations, shears (and scaling), elastic deformation, gamma transforms; and, opt-in and not
 part of the paper, a random non-linear intensity remapping (:func:`random_intensity_remap`).
 
-Why not MONAI's ``RandAffined``/``Rand2DElasticd``: they transform one sample at a time on
-the host with their own random state; here every training batch is transformed in one
-``grid_sample`` call on the training device, driven by the one seeded ``torch.Generator``
-of the run, so a seed gives the same batches on any machine. (Intensity normalisation is
+Why not MONAI's ``RandAffined``/``Rand2DElasticd``: they transform one sample at a time with
+their own random state; here every training batch is transformed in one ``grid_sample`` call
+(on the CPU, before the batch moves to the training device), driven by the one seeded
+``torch.Generator`` of the run, so a seed gives the same batches on any machine. (Intensity normalisation is
 done per volume when slices are made, see ``volumes``.)
 """
 from __future__ import annotations

@@ -9,23 +9,33 @@ import numpy as np
 import torch
 
 from .errors import VaeudaError
-from .fileio import full_suffix, stem
+from .fileio import full_suffix, stem, without_role
 from .labels import MMWHS, Convention
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def _is_volume(path: Path) -> bool:
-    return path.is_file() and full_suffix(path).lower() in VOLUME_SUFFIXES
+    # hidden files are no scans: e.g. the "._X_image.nii.gz" metadata twins a Mac copies along
+    return path.is_file() and not path.name.startswith(".") and full_suffix(path).lower() in VOLUME_SUFFIXES
 
 
 def _label_for(image: Path) -> Path:
-    """``X_image.ext`` -> ``X_label.ext`` (the MM-WHS convention)."""
-    s = stem(image)
-    if not s.endswith("_image"):
+    """``X_image.ext`` -> ``X_label.ext`` (the MM-WHS convention), the role in any case: the
+    ``_label`` file spelt as the ``_image`` one is (``X_IMAGE`` -> ``X_LABEL``), else the one file
+    beside it whose name differs from that only in case."""
+    base = without_role(stem(image), "_image")
+    if base is None:
         raise VaeudaError(f"{image}: cannot find its label: name it X_image{full_suffix(image)} beside "
                           f"X_label{full_suffix(image)}, or pass --labels.")
-    return image.with_name(s[: -len("_image")] + "_label" + full_suffix(image))
+    role = stem(image)[len(base):]
+    label = image.with_name(base + "".join(c.upper() if r.isupper() else c for r, c in zip(role, "_label"))
+                            + full_suffix(image))
+    if not label.exists() and image.parent.is_dir():
+        same = [q for q in image.parent.iterdir() if q.name.lower() == label.name.lower()]
+        if len(same) == 1:
+            return same[0]
+    return label
 
 
 def find_images(inputs: Sequence[str]) -> List[Path]:
@@ -38,8 +48,8 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
         p = Path(item)
         if p.is_dir():
             vols = sorted(q for q in p.iterdir() if _is_volume(q))
-            images = [q for q in vols if stem(q).endswith("_image")]
-            chosen = images or [q for q in vols if not stem(q).endswith("_label")]
+            images = [q for q in vols if without_role(stem(q), "_image") is not None]
+            chosen = images or [q for q in vols if without_role(stem(q), "_label") is None]
             if not chosen:
                 if vols:                  # only *_label volumes: not a DICOM folder
                     raise VaeudaError(f"{p}: folder holds label volumes (*_label) but no image volumes.")

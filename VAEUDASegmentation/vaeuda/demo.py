@@ -50,14 +50,16 @@ def cohort_split(cohort: Path, modality: str, split: str) -> List[str]:
 
 
 def is_phantom_cohort(cohort: Path, seed: int, size: Optional[int]) -> bool:
-    """True if ``cohort`` holds a phantom cohort of this generator version, seed and size (so it can be reused)."""
-    from .phantom import GENERATOR
+    """True if ``cohort`` holds the default phantom cohort (20 MR and 20 CT subjects, 16 of each
+    training) of this generator version, seed and size, so that it can be reused."""
+    from .phantom import GENERATOR, N_SOURCE, N_TARGET, N_TRAIN, split_prefixes
     try:
         splits = json.loads((Path(cohort) / "splits.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return (isinstance(splits, dict) and splits.get("generator") == GENERATOR and splits.get("seed") == seed
-            and splits.get("size") == size)
+            and splits.get("size") == size and splits.get("mr") == split_prefixes("mr", N_SOURCE, N_TRAIN)
+            and splits.get("ct") == split_prefixes("ct", N_TARGET, N_TRAIN))
 
 
 def image_of(cohort: Path, prefix: str) -> Path:

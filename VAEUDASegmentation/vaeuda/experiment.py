@@ -289,7 +289,8 @@ def _volume_results(result: dict) -> List[dict]:
 
 
 def _check_cohort(cohort: Path) -> Tuple[List[str], List[str], List[str]]:
-    """(MR train, CT train, CT test) prefixes of a cohort folder; VaeudaError for anything missing."""
+    """(MR train, CT train, CT test) prefixes of a cohort folder; VaeudaError for anything missing,
+    a scan listed twice in a split, or a CT test scan that is also a training one."""
     if not cohort.is_dir():
         raise VaeudaError(f"{cohort}: cohort folder does not exist.")
     names = (("mr", "train"), ("ct", "train"), ("ct", "test"))
@@ -298,6 +299,14 @@ def _check_cohort(cohort: Path) -> Tuple[List[str], List[str], List[str]]:
         if not prefixes:
             raise VaeudaError(f"{cohort / 'splits.json'}: the {modality} {split} split is empty; Table 1 needs "
                               f"labelled MR training scans and CT training and test scans.")
+    for (modality, split), prefixes in zip(names, splits):
+        twice = sorted({p for p in prefixes if prefixes.count(p) > 1})
+        if twice:
+            raise VaeudaError(f"{cohort / 'splits.json'}: {twice[0]} is listed twice in the {modality} {split} split.")
+    leaked = sorted(set(splits[1]) & set(splits[2]))
+    if leaked:    # the oracle would fine-tune on it and adaptation could draw it, then it is scored as held out
+        raise VaeudaError(f"{cohort / 'splits.json'}: {leaked[0]} is in both the ct train and test splits; a "
+                          f"held-out test scan must not be trained on.")
     for (modality, split), prefixes in zip(names, splits):
         for prefix in prefixes:
             for path in (image_of(cohort, prefix), label_of(cohort, prefix)):

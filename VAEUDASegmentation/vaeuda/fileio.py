@@ -29,6 +29,13 @@ def stem(path: PathLike) -> str:
     return name[: len(name) - len(suffix)] if suffix else name
 
 
+def without_role(name: str, role: str) -> Optional[str]:
+    """``name`` without a trailing ``role`` (``"_image"``, ``"_label"``, ``"_seg"``) in any case,
+    or None if it has none: ``ct_1001`` for ``ct_1001_image`` and for ``CT_1001_IMAGE``'s ``CT_1001``.
+    Extensions match in any case, so file roles do too (case-insensitive file systems agree)."""
+    return name[: -len(role)] if name.lower().endswith(role) else None
+
+
 def _umask_mode(mode: int) -> int:
     """``mode`` as the process umask leaves it (mkstemp/mkdtemp make private 0600/0700 files)."""
     mask = os.umask(0)

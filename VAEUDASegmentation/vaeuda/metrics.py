@@ -210,14 +210,15 @@ def table_markdown(rows: "OrderedDict[str, dict]", metrics: Sequence[str] = ("di
 # ----------------------------------------------------------------------------- folders
 
 def pairing_key(path) -> str:
-    """The name two files are paired on: stem, minus a trailing ``_seg``, minus ``_image``/``_label``."""
+    """The name two files are paired on: stem, minus a trailing ``_seg``, minus ``_image``/``_label``
+    (each in any case, :func:`fileio.without_role`)."""
     key = fileio.stem(path)
-    if key.endswith("_seg"):
-        key = key[: -len("_seg")]
-    for suffix in ("_image", "_label"):
-        if key.endswith(suffix):
-            key = key[: -len(suffix)]
-            break
+    for roles in (("_seg",), ("_image", "_label")):
+        for role in roles:
+            base = fileio.without_role(key, role)
+            if base is not None:
+                key = base
+                break
     return key
 
 
@@ -353,9 +354,10 @@ def _keyed_files(folder: Path, role: str) -> Dict[str, Path]:
     if not files:
         raise VaeudaError(f"{folder}: {role} folder holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
     keyed: Dict[str, Path] = {}
-    labelled_only = role == "reference" and any(fileio.stem(p).endswith("_label") for p in files)
+    labelled_only = role == "reference" and any(fileio.without_role(fileio.stem(p), "_label") is not None
+                                                for p in files)
     for path in files:
-        if labelled_only and not fileio.stem(path).endswith("_label"):
+        if labelled_only and fileio.without_role(fileio.stem(path), "_label") is None:
             continue
         key = pairing_key(path)
         if key in keyed:

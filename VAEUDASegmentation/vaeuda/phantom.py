@@ -665,8 +665,19 @@ def _previous_cohort_files(out: Path) -> set:
     return names
 
 
-def make_cohort(out_dir: PathLike, n_source: int = 20, n_target: int = 20, n_train: int = 16, seed: int = 0,
-                size: Optional[int] = None, reporter: Optional[Reporter] = None) -> dict:
+# The default cohort (the demo's and `vaeuda synth`'s): 16 training and 4 test subjects per modality.
+N_SOURCE, N_TARGET, N_TRAIN = 20, 20, 16
+
+
+def split_prefixes(modality: str, n_subjects: int, n_train: int) -> Dict[str, List[str]]:
+    """``{"train": [...], "test": [...]}``, the scan prefixes a cohort of ``n_subjects`` of one
+    modality lists in its ``splits.json``: ``mr_1001``, ``mr_1002``, ..., the first ``n_train`` training."""
+    prefixes = [f"{modality}_{FIRST_ID + index}" for index in range(n_subjects)]
+    return {"train": prefixes[:n_train], "test": prefixes[n_train:]}
+
+
+def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_TARGET, n_train: int = N_TRAIN,
+                seed: int = 0, size: Optional[int] = None, reporter: Optional[Reporter] = None) -> dict:
     """Write an unpaired MR (source) / CT (target) cohort into ``out_dir`` and return its splits.
 
     Files: ``mr_<id>_image.nii.gz``, ``mr_<id>_label.nii.gz``, ``ct_...`` with ids 1001, 1002, ...
@@ -699,16 +710,14 @@ def make_cohort(out_dir: PathLike, n_source: int = 20, n_target: int = 20, n_tra
     try:
         with atomic_dir(out) as tmp:
             for modality in MODALITIES:
-                prefixes: List[str] = []
-                for index in range(counts[modality]):
-                    prefix = f"{modality}_{FIRST_ID + index}"
+                split = split_prefixes(modality, counts[modality], n_train)
+                for index, prefix in enumerate(split["train"] + split["test"]):
                     image, label = make_subject(modality, cohort_subject_seed(seed, modality, index), size)
                     _write_nifti(image, tmp / f"{prefix}_image.nii.gz")
                     _write_nifti(label, tmp / f"{prefix}_label.nii.gz")
-                    prefixes.append(prefix)
                     done += 1
                     reporter.step(done)
-                splits[modality] = {"train": prefixes[:n_train], "test": prefixes[n_train:]}
+                splits[modality] = split
             with atomic_path(tmp / "splits.json") as tmp_json:
                 tmp_json.write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
             written = {item.name for item in tmp.iterdir()}
