@@ -281,6 +281,21 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_other_settings(tiny_cohort, t
     assert checkpoint_path(out).exists() and not out.exists()
 
 
+def test_resume_refuses_a_checkpoint_made_on_another_device(tiny_cohort, tmp_path, monkeypatch):
+    """A GPU run computes in bf16 autocast: continued on the CPU it would be neither run."""
+    from vaeuda.modelfile import save_tensors
+    overrides = {"checkpoint_every": 2}
+    out = tmp_path / "m.safetensors"
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4, overrides=overrides)
+    tensors, meta, header = read_tensors(checkpoint_path(out))
+    meta["provenance"]["device"] = "cuda"                          # as if interrupted on a GPU
+    own = ("format", "format_version", "meta", "tensors_sha256")           # what save_tensors writes itself
+    save_tensors(checkpoint_path(out), tensors, meta, {k: v for k, v in header.items() if k not in own})
+    with pytest.raises(VaeudaError, match="checkpoint was made with another --device from this run"):
+        _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
+    assert checkpoint_path(out).exists() and not out.exists()
+
+
 def test_resume_of_a_finetuning_refuses_other_label_files(tiny_cohort, tiny_source_model, tmp_path, monkeypatch):
     import shutil
     monkeypatch.setitem(train_mod.PRESET_TRAINING, "tiny", {"checkpoint_every": 2})

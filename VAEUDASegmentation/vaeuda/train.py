@@ -417,6 +417,8 @@ def _refuse_other_settings(ckpt: Path, then: dict, now: dict, done: int, iterati
         ("a different --seed", then_prov.get("seed") != now_prov.get("seed")),
         # patience decides where the run stops and which weights it keeps
         ("a different --early-stop", then_prov.get("early_stop") != now_prov.get("early_stop")),
+        # a GPU computes in bf16 autocast, a CPU in float32: half of each is neither run
+        ("another --device", then_prov.get("device") != now_prov.get("device")),
         ("different input volumes or source model", other_inputs),
         # other inputs give other class weights, an option: then the inputs are the difference to name
         ("different training options", not other_inputs and then.get("train") != as_stored(now["train"])),
