@@ -240,6 +240,57 @@ def test_engine_process_reports_events_outputs_and_text(engineprocess, tmp_path)
     assert process.outputs == [str(out)] and out.read_text() == "fake model\n"
 
 
+def test_engine_process_keeps_a_redrawn_line_whole_and_names_a_killing_signal(engineprocess):
+    """Lines end at "\\n" only (a progress bar's 200 redraws are one line, its last state), and an
+    engine killed by a signal says so instead of quoting its last, unrelated, stderr line."""
+    bar = "".join(f"\\r{i}%" for i in range(200))
+    process = engineprocess.EngineProcess([sys.executable, "-c", f"import sys; sys.stderr.write('{bar}\\n')"])
+    process.start()
+    process.process.wait()
+    deadline = time.monotonic() + 10
+    while not process.isFinished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e["message"] for e in process.events()] == ["199%"]
+    killed = engineprocess.EngineProcess([sys.executable, "-c", "import os, signal, sys; "
+                                          "sys.stderr.write('UserWarning: unrelated\\n'); sys.stderr.flush(); "
+                                          "os.kill(os.getpid(), signal.SIGKILL)"])
+    killed.start()
+    killed.process.wait()
+    assert killed.failureMessage() == ("the VAE-UDA engine was killed by SIGKILL (out of memory? the system's "
+                                       "OOM killer sends it).")
+
+
+def test_a_failing_progress_callback_neither_strands_the_job_nor_stops_it(slicer, mod, fake_logic, tmp_path):
+    from vaeuda.labels import MMWHS
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    results = []
+
+    def broken(event):
+        raise ValueError("a bug in the caller's callback")
+    assert fake_logic.segment(volume, model, waitForCompletion=False, progressCallback=broken,
+                              finishedCallback=results.append) is None
+    pump(slicer, lambda: results)
+    assert results[0].status == "done" and not fake_logic.isRunning()
+    assert os.listdir(slicer.app.temporaryPath) == []
+    assert fake_logic.segment(volume, model, progressCallback=broken) is not None    # blocking, and again
+
+
+def test_a_model_move_that_fails_midway_leaves_no_part_file(mod, tmp_path, monkeypatch):
+    source = tmp_path / "job" / "model.safetensors"
+    source.parent.mkdir()
+    source.write_bytes(b"model")
+    destination = tmp_path / "models" / "adapted.safetensors"
+
+    def disk_full(src, dst):
+        Path(dst).write_bytes(b"mo")                       # part of the copy made, then the disk is full
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(mod.shutil, "move", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        mod._moveInPlace(str(source), destination)
+    assert sorted(p.name for p in destination.parent.iterdir()) == [] and source.read_bytes() == b"model"
+
+
 def test_engine_process_is_not_finished_while_its_output_waits_to_be_drained(engineprocess):
     """Exited and read to the end is not enough: a poll that saw no events yet would otherwise
     complete the job and drop the last lines (the error sentence, the "done" event)."""

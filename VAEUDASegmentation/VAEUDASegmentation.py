@@ -691,6 +691,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         # The engine ships beside this file; make ``-m vaeuda`` find it in the child too.
         env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
+        # The pipes are read as UTF-8; on Windows a child would otherwise write its ANSI code page.
+        env["PYTHONIOENCODING"] = "utf-8"
         # Slicer shares the cores with the engine: spinning OpenMP workers then wait on descheduled
         # ones (adaptation 4x slower with one of two cores busy; sleeping ones cost 5-25 % when idle,
         # Docs/benchmarks.md). OpenMP reads this at start-up, so it goes into the child's environment.
@@ -752,7 +754,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             if event.get("event") in ("stage", "log", "error"):
                 logging.info("VAE-UDA %s: %s", job.name, event.get("message") or event.get("stage"))
             if job.progressCallback:
-                job.progressCallback(event)
+                try:
+                    job.progressCallback(event)
+                except Exception:   # the caller's bug must not strand the job (no more polls, no clean-up)
+                    logging.exception("VAE-UDA %s: the progress callback failed", job.name)
 
     def _complete(self, job: _Job) -> JobResult:
         """Turn the ended process into a JobResult (importing results on success), always clean up."""
@@ -1176,8 +1181,13 @@ def _moveInPlace(source: str, destination) -> str:
         raise RuntimeError(f"{source}: the engine finished without writing this file.")
     os.makedirs(os.path.dirname(destination), exist_ok=True)
     staging = destination + ".part"
-    shutil.move(source, staging)   # may copy across file systems: rename into place only when whole
-    os.replace(staging, destination)
+    try:
+        shutil.move(source, staging)   # may copy across file systems: rename into place only when whole
+        os.replace(staging, destination)
+    except BaseException:
+        if os.path.exists(staging):    # e.g. the disk filled during the copy: no half-written file stays
+            os.remove(staging)
+        raise
     return destination
 
 

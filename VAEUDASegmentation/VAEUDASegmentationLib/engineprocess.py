@@ -8,6 +8,7 @@ turns the outcome into a :class:`JobResult`.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import queue
@@ -84,15 +85,18 @@ class EngineProcess:
         else:
             kwargs["start_new_session"] = True
         self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, text=True,
-                                        encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+                                        stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, **kwargs)
+        # Lines end at "\n" only: text mode's universal newlines would make every "\r" of a progress
+        # bar another line.
+        self._stdout, self._stderr = (io.TextIOWrapper(pipe, encoding="utf-8", errors="replace", newline="\n")
+                                      for pipe in (self.process.stdout, self.process.stderr))
         self._readers = [threading.Thread(target=self._readStdout, daemon=True),
                          threading.Thread(target=self._readStderr, daemon=True)]
         for reader in self._readers:
             reader.start()
 
     def _readStdout(self) -> None:
-        for line in self.process.stdout:
+        for line in self._stdout:
             event = parseEngineLine(line)
             if event["event"] == "error":
                 self.errorMessage = str(event.get("message", ""))
@@ -101,8 +105,8 @@ class EngineProcess:
             self._events.put(event)
 
     def _readStderr(self) -> None:
-        for line in self.process.stderr:
-            text = line.rstrip("\r\n")
+        for line in self._stderr:
+            text = line.rstrip("\r\n").rsplit("\r", 1)[-1]   # a line a progress bar redrew: its last state
             if text:
                 self._stderrTail.append(text)
                 self._events.put({"event": "log", "message": text, "stream": "stderr"})
@@ -138,7 +142,8 @@ class EngineProcess:
             return
         if os.name == "nt":
             subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))   # no console flashes up
         else:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -153,6 +158,12 @@ class EngineProcess:
         for line in reversed(self._stderrTail):
             if line.startswith("vaeuda: error: "):
                 return line[len("vaeuda: error: "):]
+        code = self.returncode
+        if code is not None and code < 0:   # killed by a signal: its last stderr line is not the reason
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            return (f"the VAE-UDA engine was killed by {name}"
+                    + (" (out of memory? the system's OOM killer sends it)."
+                       if -code == getattr(signal, "SIGKILL", None) else "."))
         if self._stderrTail:
             return f"the VAE-UDA engine stopped with an error: {self._stderrTail[-1]}"
-        return f"the VAE-UDA engine stopped with exit status {self.returncode}."
+        return f"the VAE-UDA engine stopped with exit status {code}."
