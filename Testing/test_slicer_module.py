@@ -539,6 +539,21 @@ def test_segment_into_an_existing_node_replaces_its_segments(slicer, mod, fake_l
     assert "--portable" in args and "--cpu-bf16" not in args and args[-1].endswith("input.nii.gz")
 
 
+def test_a_failed_import_leaves_an_existing_segmentation_as_it_was(slicer, mod, fake_logic, tmp_path, monkeypatch):
+    """The labels go into a new node first: before, the node's segments were removed, then the import failed."""
+    from vaeuda.labels import MMWHS
+    volume = add_volume(slicer, np.random.default_rng(2).normal(size=(6, 7, 8)).astype(np.float32))
+    existing = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my manual work")
+    existing.GetSegmentation().AddEmptySegment("tumour", "tumour", [1.0, 0.0, 0.0])
+    before = scene_node_ids(slicer)
+    monkeypatch.setattr(slicer.modules.segmentations.logic(), "ImportLabelmapToSegmentationNode", lambda *a: False)
+    with pytest.raises(mod.JobFailedError, match="could not import the labels into segmentation 'my manual work'"):
+        fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), existing)
+    segmentation = existing.GetSegmentation()
+    assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == ["tumour"]
+    assert scene_node_ids(slicer) == before and os.listdir(slicer.app.temporaryPath) == []
+
+
 def test_segment_a_transformed_volume_into_a_surface_segmentation(slicer, mod, fake_logic, tmp_path):
     """A volume under a transform: labels, segmentation and reference geometry share that transform
     (Slicer would resample the labels or transform the geometry otherwise; the stand-in refuses);

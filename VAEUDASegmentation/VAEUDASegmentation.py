@@ -822,29 +822,23 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
         Fills ``outputSegmentationNode`` (its old segments are replaced) or a new node named after
         the input volume; its reference geometry is the input volume, it sits under the volume's
-        transform and in the volume's study. Nothing in the scene changes if the file is unusable.
+        transform and in the volume's study. The labels are imported into a new node first, so
+        nothing in the scene changes, ``outputSegmentationNode`` included, if the file is unusable.
         """
         labelmapNode = slicer.util.loadLabelVolume(labelPath, {"name": "VAE-UDA temporary labels", "show": False})
-        createdNode = None
+        importedNode = None
         try:
             classes = classIndicesFromLabelValues(slicer.util.arrayFromVolume(labelmapNode), fromIndex, source=labelPath)
             slicer.util.updateVolumeFromArray(labelmapNode, classes)
-            segmentationNode = outputSegmentationNode
-            if segmentationNode is None:
-                segmentationNode = createdNode = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", name or f"{inputVolumeNode.GetName()} segmentation")
-                segmentationNode.CreateDefaultDisplayNodes()
-            segmentation = segmentationNode.GetSegmentation()
-            segmentation.RemoveAllSegments()
-            # Labels can only be imported into a binary-labelmap source (a reused node may hold surfaces).
-            segmentationNode.SetSourceRepresentationToBinaryLabelmap()
+            importedNode = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", name or f"{inputVolumeNode.GetName()} segmentation")
+            importedNode.CreateDefaultDisplayNodes()
+            self._referToVolume(importedNode, inputVolumeNode)
             # The label file is in the volume's own frame: labelmap, segmentation and volume all sit under
             # the volume's transform, so Slicer neither resamples the labels nor transforms the reference
-            # geometry (both happen when parent transforms differ; the transform comes first for that).
-            transformNodeID = inputVolumeNode.GetTransformNodeID()
-            labelmapNode.SetAndObserveTransformNodeID(transformNodeID)
-            segmentationNode.SetAndObserveTransformNodeID(transformNodeID)
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolumeNode)
+            # geometry (both happen when parent transforms differ).
+            labelmapNode.SetAndObserveTransformNodeID(inputVolumeNode.GetTransformNodeID())
+            segmentation = importedNode.GetSegmentation()
             segmentIds = vtk.vtkStringArray()
             for structure in STRUCTURES:   # label value s.index -> the segment of s (STRUCTURES order)
                 segmentId = segmentation.AddEmptySegment(structure.key, structure.name, list(structure.color))
@@ -855,17 +849,35 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 segment.SetTag(segment.GetTerminologyEntryTagName(), terminologyEntry(structure))
                 segmentIds.InsertNextValue(segmentId)
             if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(
-                    labelmapNode, segmentationNode, segmentIds):
+                    labelmapNode, importedNode, segmentIds):
                 raise RuntimeError(f"{labelPath}: could not import the labels into segmentation "
-                                   f"'{segmentationNode.GetName()}'.")
+                                   f"'{(outputSegmentationNode or importedNode).GetName()}'.")
+            if outputSegmentationNode is None:
+                segmentationNode, importedNode = importedNode, None     # kept
+            else:
+                segmentationNode = outputSegmentationNode
+                segmentationNode.GetSegmentation().RemoveAllSegments()
+                self._referToVolume(segmentationNode, inputVolumeNode)
+                for index in range(segmentIds.GetNumberOfValues()):
+                    if not segmentationNode.GetSegmentation().CopySegmentFromSegmentation(
+                            segmentation, segmentIds.GetValue(index), True):
+                        raise RuntimeError(f"could not copy segment {segmentIds.GetValue(index)} into segmentation "
+                                           f"'{segmentationNode.GetName()}'.")
             self._placeInStudy(segmentationNode, inputVolumeNode)
             return segmentationNode
-        except Exception:
-            if createdNode is not None:
-                slicer.mrmlScene.RemoveNode(createdNode)
-            raise
         finally:
+            if importedNode is not None:
+                slicer.mrmlScene.RemoveNode(importedNode)
             slicer.mrmlScene.RemoveNode(labelmapNode)
+
+    @staticmethod
+    def _referToVolume(segmentationNode, volumeNode) -> None:
+        """Binary-labelmap source, the volume's transform, then its geometry as reference (the transform
+        comes first: Slicer transforms the geometry when the two parent transforms differ)."""
+        # Labels can only be imported into a binary-labelmap source (a reused node may hold surfaces).
+        segmentationNode.SetSourceRepresentationToBinaryLabelmap()
+        segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
 
     # -- the batch API
 

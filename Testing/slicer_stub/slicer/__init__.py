@@ -267,6 +267,21 @@ class vtkSegmentation:
     def RemoveAllSegments(self):
         self._segments.clear()
 
+    def CopySegmentFromSegmentation(self, fromSegmentation, segmentId, removeFromSource=False):
+        """Slicer: a copy of the segment (moved with ``removeFromSource``) under the same ID, or a
+        generated unique one if this segmentation has that ID already; False for no such segment."""
+        if fromSegmentation is None or not segmentId:
+            return False
+        segment = fromSegmentation.GetSegment(segmentId)
+        if segment is None:
+            return False
+        copy = vtkSegment()
+        copy.__dict__.update({k: (v.copy() if hasattr(v, "copy") else v) for k, v in segment.__dict__.items()})
+        self._segments[self._generateUniqueSegmentID(segmentId)] = copy
+        if removeFromSource:
+            del fromSegmentation._segments[segmentId]
+        return True
+
 
 class vtkMRMLSegmentationNode(vtkMRMLTransformableNode):
     """Libs/MRML/Core/vtkMRMLSegmentationNode.h"""
