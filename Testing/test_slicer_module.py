@@ -950,6 +950,19 @@ def test_try_it_cohort_with_the_panel_defaults_separates_the_mr_training_volumes
     assert cohort.volumeNode.GetName() == splits["ct"]["test"][0]
 
 
+def test_a_try_it_cohort_that_fails_to_load_leaves_no_node_and_no_folder(slicer, mod, tmp_path, monkeypatch):
+    """All or nothing: before, the CT stayed loaded and the folder stayed, refusing the next try."""
+    before = scene_node_ids(slicer)
+    logic = mod.VAEUDASegmentationLogic()
+    with monkeypatch.context() as failing:
+        failing.setattr(slicer.modules.segmentations.logic(), "ImportLabelmapToSegmentationNode", lambda *a: False)
+        with pytest.raises(mod.JobFailedError, match="could not import the labels"):
+            logic.makeTryItCohort(tmp_path / "cohort", nSource=2, nTarget=2, nTrain=1, size=16)
+    assert scene_node_ids(slicer) == before and not (tmp_path / "cohort").exists()
+    assert os.listdir(slicer.app.temporaryPath) == []
+    assert logic.makeTryItCohort(tmp_path / "cohort", nSource=2, nTarget=2, nTrain=1, size=16).volumeNode is not None
+
+
 def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_path):
     logic = mod.VAEUDASegmentationLogic()
     cohort = logic.makeTryItCohort(tmp_path / "cohort", nSource=2, nTarget=2, nTrain=1, size=32)

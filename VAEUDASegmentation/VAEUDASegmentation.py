@@ -1064,17 +1064,25 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             if os.path.isdir(outputFolder):
                 os.rmdir(outputFolder)
             shutil.move(cohortDir, outputFolder)
-            with open(os.path.join(outputFolder, "splits.json"), encoding="utf-8") as f:
-                splits = json.load(f)
-            cohort = TryItCohort(outputFolder, _linkSourceTraining(outputFolder, splits["mr"]["train"]))
-            if loadVolume:
-                prefix = (splits["ct"].get("test") or splits["ct"]["train"])[0]
-                cohort.volumeNode = slicer.util.loadVolume(os.path.join(outputFolder, f"{prefix}_image.nii.gz"),
-                                                           {"name": prefix, "show": True})
-                cohort.referenceSegmentationNode = self._importSegmentation(
-                    # MM-WHS labels: the other annotated structures (RA, RV, PA) are left out
-                    os.path.join(outputFolder, f"{prefix}_label.nii.gz"), cohort.volumeNode, None,
-                    None, name=f"{prefix} reference")
+            cohort = None
+            try:
+                with open(os.path.join(outputFolder, "splits.json"), encoding="utf-8") as f:
+                    splits = json.load(f)
+                cohort = TryItCohort(outputFolder, _linkSourceTraining(outputFolder, splits["mr"]["train"]))
+                if loadVolume:
+                    prefix = (splits["ct"].get("test") or splits["ct"]["train"])[0]
+                    cohort.volumeNode = slicer.util.loadVolume(os.path.join(outputFolder, f"{prefix}_image.nii.gz"),
+                                                               {"name": prefix, "show": True})
+                    cohort.referenceSegmentationNode = self._importSegmentation(
+                        # MM-WHS labels: the other annotated structures (RA, RV, PA) are left out
+                        os.path.join(outputFolder, f"{prefix}_label.nii.gz"), cohort.volumeNode, None,
+                        None, name=f"{prefix} reference")
+            except Exception:
+                # all or nothing, as every job: no loaded CT, and the folder free for another try
+                if cohort is not None and cohort.volumeNode is not None:
+                    slicer.mrmlScene.RemoveNode(cohort.volumeNode)
+                shutil.rmtree(outputFolder, ignore_errors=True)
+                raise
             return cohort
 
         return self._run("synth", args, tempDir, loadCohort, waitForCompletion, progressCallback, finishedCallback)
