@@ -291,6 +291,20 @@ def test_a_model_move_that_fails_midway_leaves_no_part_file(mod, tmp_path, monke
     assert sorted(p.name for p in destination.parent.iterdir()) == [] and source.read_bytes() == b"model"
 
 
+def test_cancel_after_the_engine_has_ended_leaves_its_result_standing(engineprocess):
+    """Cancel pressed between the engine's successful exit and the next poll: before, the job was
+    reported cancelled and the model it had written was thrown away."""
+    process = engineprocess.EngineProcess([sys.executable, "-c", "print('done')"])
+    process.start()
+    process.process.wait()
+    process.cancel()
+    assert not process.cancelRequested and process.returncode == 0
+    running = engineprocess.EngineProcess([sys.executable, "-c", "import time; time.sleep(60)"])
+    running.start()
+    running.cancel()
+    assert running.cancelRequested and running.returncode is not None     # killed and reaped
+
+
 def test_engine_process_is_not_finished_while_its_output_waits_to_be_drained(engineprocess):
     """Exited and read to the end is not enough: a poll that saw no events yet would otherwise
     complete the job and drop the last lines (the error sentence, the "done" event)."""

@@ -308,6 +308,10 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # A running job's result belongs to the scene being closed (its volume, the parameter node):
+        # cancelled, it reports back to the panel, which shows it and becomes ready again.
+        if self.logic is not None and self.logic.isRunning():
+            self.logic.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:

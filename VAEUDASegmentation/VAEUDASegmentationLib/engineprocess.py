@@ -135,8 +135,15 @@ class EngineProcess:
     def returncode(self) -> Optional[int]:
         return None if self.process is None else self.process.poll()
 
+    # How long cancel waits for the killed child to be reaped; it does not block the caller longer
+    # (a GPU process can take seconds to tear down; the caller's next poll sees the end anyway).
+    KILL_WAIT_S = 5.0
+
     def cancel(self) -> None:
-        """Kill the child and everything it started; returns when the child is gone."""
+        """Kill the child and everything it started; returns when the child is gone (or after
+        KILL_WAIT_S). A child that has already exited is left as it ended: its result stands."""
+        if self.process is not None and self.process.poll() is not None:
+            return
         self.cancelRequested = True
         if self.process is None:
             return
@@ -149,7 +156,10 @@ class EngineProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        self.process.wait()
+        try:
+            self.process.wait(timeout=self.KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pass
 
     def failureMessage(self) -> str:
         """The engine's error sentence; else its last stderr line; else the exit status."""
