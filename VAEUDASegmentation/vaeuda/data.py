@@ -9,16 +9,8 @@ import numpy as np
 import torch
 
 from .errors import VaeudaError
-from .fileio import full_suffix, stem, without_role
+from .fileio import full_suffix, is_volume_file, stem, without_role
 from .labels import MMWHS, Convention
-
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-def _is_volume(path: Path) -> bool:
-    # hidden files are no scans: e.g. the "._X_image.nii.gz" metadata twins a Mac copies along
-    return path.is_file() and not path.name.startswith(".") and full_suffix(path).lower() in VOLUME_SUFFIXES
-
 
 def _label_for(image: Path) -> Path:
     """``X_image.ext`` -> ``X_label.ext`` (the MM-WHS convention), the role in any case: the
@@ -47,7 +39,7 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            vols = sorted(q for q in p.iterdir() if _is_volume(q))
+            vols = sorted(q for q in p.iterdir() if is_volume_file(q))
             images = [q for q in vols if without_role(stem(q), "_image") is not None]
             chosen = images or [q for q in vols if without_role(stem(q), "_label") is None]
             if not chosen:

@@ -29,6 +29,16 @@ def stem(path: PathLike) -> str:
     return name[: len(name) - len(suffix)] if suffix else name
 
 
+# The image file formats the engine reads (SimpleITK), by their full suffix in any case.
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def is_volume_file(path: Path) -> bool:
+    """A file of a readable image format, not a hidden one (e.g. the "._X_image.nii.gz" metadata
+    twins a Mac copies along, which carry the scans' extensions)."""
+    return path.is_file() and not path.name.startswith(".") and full_suffix(path).lower() in VOLUME_SUFFIXES
+
+
 def without_role(name: str, role: str) -> Optional[str]:
     """``name`` without a trailing ``role`` (``"_image"``, ``"_label"``, ``"_seg"``) in any case,
     or None if it has none: ``ct_1001`` for ``ct_1001_image`` and for ``CT_1001_IMAGE``'s ``CT_1001``.

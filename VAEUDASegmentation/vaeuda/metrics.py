@@ -53,7 +53,6 @@ CONNECTIVITY = 26                 # neighbourhood of the largest-component step 
 METRICS = ("dice", "assd_mm", "assd_vox")
 MEAN_KEY = "Mean"
 METRIC_HEADERS = {"dice": "Dice [%]", "assd_vox": "ASSD [voxel]", "assd_mm": "ASSD [mm]"}
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MISSING_MARK = "\u2020"           # dagger: cell averages over fewer volumes (some ASSD undefined)
 
 
@@ -349,10 +348,9 @@ def _keyed_files(folder: Path, role: str) -> Dict[str, Path]:
         raise VaeudaError(f"{folder}: is a file; give the {role} folder that holds it (files are paired by name).")
     if not folder.is_dir():
         raise VaeudaError(f"{folder}: {role} folder does not exist.")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES))
+    files = sorted(p for p in folder.iterdir() if fileio.is_volume_file(p))
     if not files:
-        raise VaeudaError(f"{folder}: {role} folder holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+        raise VaeudaError(f"{folder}: {role} folder holds no image files ({', '.join(fileio.VOLUME_SUFFIXES)}).")
     keyed: Dict[str, Path] = {}
     labelled_only = role == "reference" and any(fileio.without_role(fileio.stem(p), "_label") is not None
                                                 for p in files)

@@ -157,9 +157,10 @@ def check_metadata(path, meta) -> None:
     provenance = meta.get("provenance", {})
     if not isinstance(provenance, dict):
         raise damaged("'provenance' is not a JSON object")
-    paths = [provenance.get(k) for k in ("source_data", "source_labels") if provenance.get(k) is not None]
-    if not all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in paths) or (
-            len(paths) == 2 and len(paths[0]) != len(paths[1])) or len(paths) == 1:
+    images, labels = provenance.get("source_data"), provenance.get("source_labels")
+    if (images, labels) != (None, None) and not (
+            all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in (images, labels))
+            and len(images) == len(labels)):
         raise damaged("the source volumes in its provenance are not two lists of paths of one length")
 
 

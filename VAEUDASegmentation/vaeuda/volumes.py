@@ -24,13 +24,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .fileio import atomic_path, full_suffix
+from .fileio import VOLUME_SUFFIXES, atomic_path, full_suffix
 from .labels import CONSECUTIVE, MMWHS, Convention
 
 PathLike = Union[str, Path]
 log = logging.getLogger(__name__)
 
-READ_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Single-file formats only: a two-file format (.mhd/.nhdr) written under a temporary name
 # would point at a data file that is not renamed with it.
 WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
@@ -318,7 +317,7 @@ def _read_any(path: Path) -> sitk.Image:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)} (readable: "
-                              f"{', '.join(READ_SUFFIXES)} files and DICOM folders).") from None
+                              f"{', '.join(VOLUME_SUFFIXES)} files and DICOM folders).") from None
         _check_nifti_complete(path)
     if image.GetDimension() != 3:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a {image.GetDimension()}D image.")
@@ -366,7 +365,7 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
     if not series:
         # a folder of other files reaches here too (data.find_images takes any folder without
         # volume files for a DICOM folder): name both things that were looked for
-        raise VaeudaError(f"{path}: folder holds no DICOM series and no image volumes ({', '.join(READ_SUFFIXES)}).")
+        raise VaeudaError(f"{path}: folder holds no DICOM series and no image volumes ({', '.join(VOLUME_SUFFIXES)}).")
     files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid) for sid in series}
     chosen = max(series, key=lambda sid: len(files[sid]))
     if len(series) > 1:
