@@ -327,6 +327,29 @@ def test_held_out_probe_segments_through_the_target_encoder(tiny_cohort, tiny_so
     assert segmented_domains == ["target"] and 0.0 <= result["test_dice_mean"] <= 1.0
 
 
+def test_held_out_probe_counts_the_undefined_assds(tiny_cohort, tiny_source_model, monkeypatch):
+    """A prediction of background everywhere: Dice 0 for each structure, and every ASSD undefined,
+    so the ASSD mean is None and the count says how many entries it lost (4 structures x 2 volumes)."""
+    import numpy as np
+    import torch
+
+    from vaeuda import predict
+    from vaeuda.modelfile import load_model
+
+    def background(net, slices, domain, *a, **k):
+        probs = np.zeros((slices.shape[0], net.cfg.n_classes) + slices.shape[2:], dtype=np.float16)
+        probs[:, 0] = 1.0
+        return probs
+
+    net, meta = load_model(tiny_source_model)
+    probe = experiment.HeldOutDiceProbe(tiny_cohort, ["ct_1001", "ct_1002"], net.cfg.input_size,
+                                        net.cfg.slice_fov_mm, meta["normalisation"], torch.device("cpu"))
+    monkeypatch.setattr(predict, "slice_probabilities", background)
+    result = probe(1, net)
+    assert result["test_dice_mean"] == 0.0
+    assert result["test_assd_vox_mean"] is None and result["test_assd_vox_undefined"] == 8
+
+
 def test_bad_cohort_is_one_clear_error(tmp_path):
     with pytest.raises(VaeudaError, match="splits.json: not found"):
         experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")

@@ -605,6 +605,19 @@ def test_stand_in_segment_ids_follow_slicer(slicer):
     assert segmentation.GetNumberOfSegments() == 3
 
 
+def test_stand_in_table_columns_are_string_arrays(slicer):
+    """vtkMRMLTableNode::AddColumn returns the vtkStringArray it appended, as long as the table; a
+    row added later grows every column."""
+    table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "t")
+    first = table.AddColumn()
+    assert first.GetNumberOfValues() == 0
+    assert table.AddEmptyRow() == 0 and table.AddEmptyRow() == 1
+    second = table.AddColumn()
+    assert second.GetNumberOfValues() == 2 and first.GetNumberOfValues() == 2
+    table.SetCellText(1, 1, "x")
+    assert second.GetValue(1) == "x" and table.GetCellText(1, 1) == "x" and table.GetCellText(1, 0) == ""
+
+
 def make_segmentation(slicer, volume, labels, segments, name):
     """A segmentation node on ``volume``'s geometry: label value v of ``labels`` (K, J, I) -> ``segments[v-1]``,
     each ``(segment ID, name, terminology entry or None)``, imported as a user's own segmentation would be."""

@@ -162,7 +162,9 @@ class HeldOutDiceProbe:
     the target encoder path on them, puts the scores back on the volume grid (what
     ``predict.segment_image`` does after slicing) and scores every volume with
     ``metrics.evaluate_volume``. Returns ``{"test_dice_mean", "test_dice": {structure: mean},
-    "test_assd_vox_mean"}`` (means over volumes; Dice as a fraction).
+    "test_assd_vox_mean", "test_assd_vox_undefined"}`` (means over volumes; Dice as a fraction;
+    the ASSD mean leaves out the structure x volume entries whose ASSD is undefined, a structure
+    missing from the prediction or the reference, and the last key counts them).
     """
 
     def __init__(self, cohort: Path, prefixes: Sequence[str], size: int, fov_mm: Optional[float],
@@ -192,11 +194,12 @@ class HeldOutDiceProbe:
             pred = sitk.GetArrayFromImage(grid.scores_to_image(probs))
             scores.append(evaluate_volume(pred, ref, spacing_zyx))
         summary = summarise(scores)
-        assd = summary[MEAN_KEY]["assd_vox"]["mean"]
+        assd = summary[MEAN_KEY]["assd_vox"]
         self.seconds += time.time() - started
         return {"test_dice_mean": round(summary[MEAN_KEY]["dice"]["mean"], 5),
                 "test_dice": {k: round(summary[k]["dice"]["mean"], 5) for k in CLASS_KEYS},
-                "test_assd_vox_mean": None if math.isnan(assd) else round(assd, 4)}
+                "test_assd_vox_mean": None if math.isnan(assd["mean"]) else round(assd["mean"], 4),
+                "test_assd_vox_undefined": assd["n_missing"]}
 
 
 def curve_stats(values: Sequence[float]) -> dict:
@@ -429,7 +432,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
         rows[row] = {"n_runs": len(row_runs), "n_volumes": len(pooled), "summary": summarise(pooled), "runs": row_runs}
 
     curves = OrderedDict((row, [{k: e.get(k) for k in ("iteration", "test_dice_mean", "test_dice",
-                                                         "test_assd_vox_mean", "proxy")}
+                                                         "test_assd_vox_mean", "test_assd_vox_undefined", "proxy")}
                                 for e in rows[row]["runs"][0]["history"] if "test_dice_mean" in e])
                          for row in CURVE_ROWS)
     mean_dice = OrderedDict((row, 100 * rows[row]["summary"][MEAN_KEY]["dice"]["mean"]) for row in ROWS)

@@ -222,6 +222,13 @@ class vtkSegment:
 class vtkSegmentation:
     """Libs/vtkSegmentationCore/vtkSegmentation.h: an ordered set of segments by ID."""
 
+    # the header's extent-computation enum, in its order
+    EXTENT_REFERENCE_GEOMETRY = 0
+    EXTENT_UNION_OF_SEGMENTS = 1
+    EXTENT_UNION_OF_SEGMENTS_PADDED = 2
+    EXTENT_UNION_OF_EFFECTIVE_SEGMENTS = 3
+    EXTENT_UNION_OF_EFFECTIVE_SEGMENTS_PADDED = 4
+
     def __init__(self):
         self._segments = {}   # ID -> vtkSegment, in insertion order
         self._segmentIdAutogeneratorIndex = 0
@@ -324,23 +331,28 @@ class vtkMRMLSegmentationNode(vtkMRMLTransformableNode):
 
 
 class vtkMRMLTableNode(vtkMRMLNode):
-    """Libs/MRML/Core/vtkMRMLTableNode.h: string columns, addressed by index."""
+    """Libs/MRML/Core/vtkMRMLTableNode.h: string columns (vtkStringArray), addressed by index."""
 
     def __init__(self):
         super().__init__()
         self._columnNames = []
-        self._columns = []     # list of lists of str
+        self._columns = []     # vtkStringArray each, as many values as the table has rows
 
     def RemoveAllColumns(self):
         self._columnNames, self._columns = [], []
         return True
 
     def AddColumn(self, column=None):
-        rows = self.GetNumberOfRows()
-        name = f"Column {len(self._columns) + 1}"
-        self._columnNames.append(name)
-        self._columns.append([""] * rows)
-        return self._columns[-1]
+        """Slicer appends ``column`` or, without one, a new vtkStringArray of empty strings as long
+        as the table, and returns the array it appended; the stand-in only makes new columns."""
+        if column is not None:
+            raise NotImplementedError("stand-in only adds new, empty columns")
+        column = _vtk.vtkStringArray()
+        for _ in range(self.GetNumberOfRows()):
+            column.InsertNextValue("")
+        self._columnNames.append(f"Column {len(self._columns) + 1}")
+        self._columns.append(column)
+        return column
 
     def RenameColumn(self, columnIndex, newName):
         self._columnNames[columnIndex] = str(newName)
@@ -348,22 +360,21 @@ class vtkMRMLTableNode(vtkMRMLNode):
 
     def AddEmptyRow(self):
         for column in self._columns:
-            column.append("")
+            column.InsertNextValue("")
         return self.GetNumberOfRows() - 1
 
     def SetCellText(self, rowIndex, columnIndex, text):
-        self._columns[columnIndex][rowIndex] = str(text)
+        self._columns[columnIndex].SetValue(rowIndex, str(text))
         return True
 
     def GetCellText(self, rowIndex, columnIndex):
-        return self._columns[columnIndex][rowIndex]
+        return self._columns[columnIndex].GetValue(rowIndex)
 
     def GetColumnName(self, columnIndex):
         return self._columnNames[columnIndex]
 
     def GetNumberOfRows(self):
-        return len(self._columns[0]) if self._columns else 0
-
+        return self._columns[0].GetNumberOfValues() if self._columns else 0
 
 
 class vtkMRMLSubjectHierarchyNode(vtkMRMLNode):
@@ -523,13 +534,14 @@ class vtkSlicerSegmentationsModuleLogic:
         return True
 
     def ExportSegmentsToLabelmapNode(self, segmentationNode, segmentIDs, labelmapNode, referenceVolumeNode=None,
-                                     extentComputationMode=None, colorTableNode=None):
+                                     extentComputationMode=vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS,
+                                     colorTableNode=None):
         """Segments ``segmentIDs`` (vtkStringArray) -> label values 1..N in ``labelmapNode``, in the reference
         volume's geometry. Slicer resamples a segment stored in another geometry (one that differs from
         the reference by 1e-4 or more in any IJK-to-RAS element: vtkOrientedImageDataResample's
         DoGeometriesMatch); the stand-in refuses that case.
-        ``extentComputationMode``: Slicer's default is vtkSegmentation::EXTENT_UNION_OF_EFFECTIVE_SEGMENTS;
-        the stand-in exports the reference volume's whole extent, as arrayFromSegmentBinaryLabelmap gives.
+        ``extentComputationMode``: Slicer's default, as here; whatever the mode, the stand-in exports
+        the reference volume's whole extent, as arrayFromSegmentBinaryLabelmap gives.
         Without ``colorTableNode``, and only once the export has succeeded, Slicer adds a colour table
         node named ``<labelmap name>_ColorTable`` to the labelmap's scene; so does the stand-in. (Older
         slicer.util's arrayFromSegmentBinaryLabelmap leaves it there; current Slicer removes it.)"""

@@ -35,6 +35,10 @@ class vtkStringArray:
     def GetValue(self, index):
         return self._values[index]
 
+    def SetValue(self, index, value):
+        """VTK writes into an allocated slot without a range check; the stand-in raises for one out of range."""
+        self._values[index] = str(value)
+
 
 class reference:
     """``vtk.reference``: a mutable holder for C++ output arguments such as vtkSegment::GetTag's value."""
