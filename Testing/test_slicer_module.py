@@ -303,6 +303,34 @@ def test_cancel_after_the_engine_has_ended_leaves_its_result_standing(engineproc
     running.start()
     running.cancel()
     assert running.cancelRequested and running.returncode is not None     # killed and reaped
+    process.cancel(evenIfEnded=True)                                      # a closing scene's cancel
+    assert process.cancelRequested and process.returncode == 0
+
+
+def test_the_default_input_volume_is_one_the_selector_lists(slicer, mod):
+    """getNodesByClass("vtkMRMLScalarVolumeNode") also returns label maps (a subclass), which the
+    input selector hides: the panel must not preselect one."""
+    logic = mod.VAEUDASegmentationLogic
+    slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.uint8), IJK_TO_RAS, "labels", "vtkMRMLLabelMapVolumeNode")
+    assert logic.defaultInputVolume() is None
+    ct = add_volume(slicer, np.zeros((2, 2, 2), np.float32))
+    assert logic.defaultInputVolume() is ct
+
+
+def test_a_job_ended_before_its_scene_closed_imports_nothing(slicer, mod, fake_logic, tmp_path):
+    """The engine exits, the scene closes before the next poll: the widget cancels with
+    discardFinished, and the segmentation is not imported into whatever scene comes next."""
+    from vaeuda.labels import MMWHS
+    volume = add_volume(slicer, np.arange(60, dtype=np.float32).reshape(3, 4, 5))
+    results = []
+    fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), waitForCompletion=False,
+                       finishedCallback=results.append)
+    fake_logic._job.process.process.wait()           # ended; no poll has run yet
+    slicer.mrmlScene.Clear()
+    fake_logic.cancel(discardFinished=True)
+    pump(slicer, lambda: results)
+    assert results[0].status == "cancelled" and slicer.mrmlScene.GetNumberOfNodes() == 0
+    assert os.listdir(slicer.app.temporaryPath) == []
 
 
 def test_engine_process_is_not_finished_while_its_output_waits_to_be_drained(engineprocess):
@@ -756,6 +784,26 @@ def test_a_failed_install_returns_false_with_one_message_on_any_slicer(slicer, m
     (arguments,) = calls
     assert arguments[0] == "-c" and arguments[2:] == ["vaeuda-test-absent-package>=1"] and len(shown) == 3
     assert not os.path.exists(arguments[1])
+
+
+def test_requirements_install_through_slicer_pydeps_where_slicer_names_it_so(slicer, mod, monkeypatch, tmp_path):
+    """Slicer's main branch had the package installer as slicer.pydeps before naming it slicer.packaging
+    (Base/Python/slicer/pydeps.py, the same pip_install signature): found under either name."""
+    import types
+    logic = mod.VAEUDASegmentationLogic()
+    logic.requirementsPath = str(tmp_path / "requirements.txt")
+    Path(logic.requirementsPath).write_text("vaeuda-test-absent-package>=1\n")
+    importlib.import_module("slicer.packaging")
+    installs = []
+    pydeps = types.ModuleType("slicer.pydeps")
+    pydeps.pip_install = like_slicers_pip_install(
+        slicer, lambda requirements, constraints, requester, **_: installs.append((requirements, requester)))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)         # `import slicer.packaging` fails
+    monkeypatch.delattr(slicer, "packaging")
+    monkeypatch.setitem(sys.modules, "slicer.pydeps", pydeps)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: pytest.fail("util.pip_install was called"))
+    assert logic.setupPythonRequirements(askConfirmation=False) is False       # still missing after the fake
+    assert installs == [(["vaeuda-test-absent-package>=1"], "VAE-UDA Segmentation")]
 
 
 @pytest.mark.parametrize("currentUtil", [False, True])

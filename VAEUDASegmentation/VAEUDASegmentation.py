@@ -287,15 +287,19 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluateButton)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
                                                    self.ui.segmentationShow3DButton.setSegmentationNode)
+        # Not a parameter-node value (its checks live in the scene), so Adapt's state follows it here.
+        self.ui.targetVolumesSelector.connect("checkedNodesChanged()", self._updateButtonStates)
         self.ui.progressBar.setValue(0)
         self.ui.statusLabel.text = "Idle"
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         # Leaving Slicer (or reloading) must not leave an engine process running.
-        # Its callbacks would reach this widget's deleted Qt objects, so they are dropped too.
+        # Its callbacks would reach this widget's deleted Qt objects, so they are dropped too;
+        # so are the parameter node's connections to those widgets (the node outlives a reload).
         if self.logic is not None and self.logic.isRunning():
             self.logic.cancel(detach=True)
+        self.setParameterNode(None)
         self.removeObservers()
 
     def enter(self) -> None:
@@ -308,10 +312,11 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
 
     def onSceneStartClose(self, caller, event) -> None:
-        # A running job's result belongs to the scene being closed (its volume, the parameter node):
-        # cancelled, it reports back to the panel, which shows it and becomes ready again.
+        # A running job's result belongs to the scene being closed (its volume, the parameter node),
+        # even when the engine has just ended: cancelled, it reports back to the panel, which shows
+        # it and becomes ready again, and nothing is imported into the next scene.
         if self.logic is not None and self.logic.isRunning():
-            self.logic.cancel()
+            self.logic.cancel(discardFinished=True)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -321,7 +326,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            firstVolumeNode = self.logic.defaultInputVolume()
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
 
@@ -341,7 +346,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             return
         ready = {"tryIt": True,
                  "train": bool(_pathOrNone(p.trainDataFolder) and _pathOrNone(p.trainOutputModelPath)),
-                 "adapt": bool(_pathOrNone(p.sourceModelPath) and _pathOrNone(p.adaptedModelPath)),
+                 "adapt": bool(_pathOrNone(p.sourceModelPath) and _pathOrNone(p.adaptedModelPath)
+                               and (self.ui.targetVolumesSelector.checkedNodes() or p.inputVolume)),
                  "segment": bool(p.inputVolume and _pathOrNone(p.segmentModelPath)),
                  "evaluate": bool(p.outputSegmentation and p.referenceSegmentation)}
         for name, button in self._actionButtons.items():
@@ -425,11 +431,11 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def onTryItButton(self) -> None:
         folder = self.logic.defaultTryItFolder()
+        p = self._parameterNode
 
         def finished(result: JobResult) -> None:
             if self._finishAction(result):
                 cohort = result.value
-                p = self._parameterNode
                 p.trainDataFolder = pathlib.Path(cohort.sourceTrainingFolder)
                 p.trainOutputModelPath = pathlib.Path(cohort.folder) / "source_model.safetensors"
                 p.adaptedModelPath = pathlib.Path(cohort.folder) / "adapted_model.safetensors"
@@ -439,7 +445,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 self.ui.logTextEdit.appendPlainText(
                     f"Synthetic cohort in {cohort.folder}. Next: train a source model from it, adapt, segment.")
 
-        self._runAction("tryIt", lambda: self.logic.makeTryItCohort(folder, seed=self._parameterNode.seed,
+        self._runAction("tryIt", lambda: self.logic.makeTryItCohort(folder, seed=p.seed,
                                                                     **self._jobOptions(finished)))
 
     def onTrainButton(self) -> None:
@@ -567,7 +573,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
         torch comes from the PyTorch extension (``PyTorchUtilsLogic().installTorch``, which picks
         the CUDA build matching the driver); the rest from Resources/requirements.txt with
-        ``slicer.util.pip_install``, constrained so that Slicer's own numpy and SimpleITK and the
+        Slicer's ``pip_install``, constrained so that Slicer's own numpy and SimpleITK and the
         PyTorch extension's torch are never replaced. Never installs in Slicer's testing mode. Example::
 
             VAEUDASegmentationLogic().setupPythonRequirements()
@@ -605,12 +611,12 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 constraintsPath = os.path.join(constraintsDir, "constraints.txt")
                 with open(constraintsPath, "w", encoding="utf-8") as f:
                     f.write(self._installedPackagePins())
-                requirements, options = self._pipInstallArguments(others, constraintsPath)
-                slicer.util.pip_install(requirements, **options)
+                install, requirements, options = self._pipInstallArguments(others, constraintsPath)
+                install(requirements, **options)
             except Exception as exc:   # CalledProcessError, from any Slicer
                 message = f"VAE-UDA Segmentation could not install {', '.join(others)}: {exc}"
                 if isinstance(exc, subprocess.CalledProcessError) and "requester" in options:
-                    logging.error(message)   # slicer.packaging has shown its failure dialog, with pip's log
+                    logging.error(message)   # Slicer's installer has shown its failure dialog, with pip's log
                 else:
                     slicer.util.errorDisplay(message)
                 return False
@@ -621,23 +627,27 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         return self._requirementsSatisfied
 
     @staticmethod
-    def _pipInstallArguments(requirements: List[str], constraintsPath: str) -> Tuple[list, dict]:
-        """Arguments of ``slicer.util.pip_install`` for ``requirements`` under a constraints file.
+    def _pipInstallArguments(requirements: List[str], constraintsPath: str) -> Tuple[Callable, list, dict]:
+        """Slicer's ``pip_install`` and its arguments for ``requirements`` under a constraints file.
 
-        Slicer 5.11 and later hand it to ``slicer.packaging.pip_install``, which takes the file as
-        ``constraints`` and shows its progress and failure dialogs under the ``requester``'s name;
-        older Slicer's ``pip_install(requirements)`` passes a list on to pip as its arguments."""
-        try:
-            from slicer import packaging as slicerPackaging
-            parameters = inspect.signature(slicerPackaging.pip_install).parameters
-        except (ImportError, AttributeError, TypeError, ValueError):   # older Slicer: no slicer.packaging
-            parameters = {}
-        if "constraints" in parameters:
-            options = {"constraints": constraintsPath}
-            if "requester" in parameters:
-                options["requester"] = "VAE-UDA Segmentation"
-            return list(requirements), options
-        return ["-c", constraintsPath] + list(requirements), {}
+        Slicer 5.11's package module (``slicer.packaging``; ``slicer.pydeps`` on the main branch
+        for a while before) takes the file as ``constraints`` and shows its progress and failure
+        dialogs under the ``requester``'s name; it is called directly, since what
+        ``slicer.util.pip_install`` forwards has changed with it. Older Slicer has only
+        ``slicer.util.pip_install(requirements)``, which passes a list on to pip as its arguments."""
+        import importlib
+        for name in ("packaging", "pydeps"):
+            try:
+                install = importlib.import_module(f"slicer.{name}").pip_install
+                parameters = inspect.signature(install).parameters
+            except (ImportError, AttributeError, TypeError, ValueError):   # not in this Slicer
+                continue
+            if "constraints" in parameters:
+                options = {"constraints": constraintsPath}
+                if "requester" in parameters:
+                    options["requester"] = "VAE-UDA Segmentation"
+                return install, list(requirements), options
+        return slicer.util.pip_install, ["-c", constraintsPath] + list(requirements), {}
 
     @staticmethod
     def _installedPackagePins() -> str:
@@ -665,23 +675,25 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     def isRunning(self) -> bool:
         return self._job is not None
 
-    def cancel(self, detach: bool = False) -> None:
+    def cancel(self, detach: bool = False, discardFinished: bool = False) -> None:
         """Stop the running job: kill the engine process and all its children. The scene is not changed.
 
         A blocking call then raises :class:`JobCancelledError`; a background one reports a
         ``cancelled`` :class:`JobResult` to its ``finishedCallback``, unless ``detach``: then the
         job's callbacks are dropped and nothing is called back (a widget that is being destroyed
-        calls it so; the job still cleans up its temporary folder).
+        calls it so; the job still cleans up its temporary folder). A background engine that has
+        already ended keeps its result (imported at the next poll), unless ``discardFinished``:
+        a scene being closed cancels so, since the result belongs to that scene.
         """
         if self._job is not None:
             if detach:
                 self._job.progressCallback = self._job.finishedCallback = None
-            self._job.process.cancel()
+            self._job.process.cancel(evenIfEnded=discardFinished)
 
     def _engineArgs(self) -> List[str]:
         if self.engineCommand:
             return list(self.engineCommand)
-        # As Slicer's own slicer.pydeps runs Python modules: inside Slicer, sys.executable is the
+        # As Slicer's own package installer runs Python modules: inside Slicer, sys.executable is the
         # application, not a Python interpreter, so there is nothing to fall back on.
         python = shutil.which("PythonSlicer")
         if not python:
@@ -1090,6 +1102,16 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             return cohort
 
         return self._run("synth", args, tempDir, loadCohort, waitForCompletion, progressCallback, finishedCallback)
+
+    @staticmethod
+    def defaultInputVolume():
+        """The scene's first volume the panel's input selector lists, or None: a node of class
+        vtkMRMLScalarVolumeNode itself. The selector hides its subclasses (label maps, vector
+        volumes: showChildNodeTypes is off), which the scene's getNodesByClass also returns."""
+        for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+            if node.GetClassName() == "vtkMRMLScalarVolumeNode":
+                return node
+        return None
 
     @staticmethod
     def defaultTryItFolder() -> str:

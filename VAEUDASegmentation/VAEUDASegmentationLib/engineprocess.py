@@ -139,10 +139,12 @@ class EngineProcess:
     # (a GPU process can take seconds to tear down; the caller's next poll sees the end anyway).
     KILL_WAIT_S = 5.0
 
-    def cancel(self) -> None:
+    def cancel(self, evenIfEnded: bool = False) -> None:
         """Kill the child and everything it started; returns when the child is gone (or after
-        KILL_WAIT_S). A child that has already exited is left as it ended: its result stands."""
+        KILL_WAIT_S). A child that has already exited is left as it ended, its result standing,
+        unless ``evenIfEnded``: then it is marked cancelled all the same (its result is void)."""
         if self.process is not None and self.process.poll() is not None:
+            self.cancelRequested = self.cancelRequested or evenIfEnded
             return
         self.cancelRequested = True
         if self.process is None:

@@ -159,7 +159,7 @@ class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
 
 
 # vtkOrientedImageDataResample.h AreEqualWithTolerance: geometries closer than this in every element match
-GEOMETRY_TOLERANCE = 1e-4
+_GEOMETRY_TOLERANCE = 1e-4
 
 _DEFAULT_TERMINOLOGY_ENTRY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue"
                               "~SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~^^~^^")
@@ -559,7 +559,7 @@ class vtkSlicerSegmentationsModuleLogic:
             if segment._mask is None:
                 continue
             if (segment._mask.shape != shape
-                    or not np.all(np.abs(segment._ijkToRAS - referenceVolumeNode._ijkToRAS) < GEOMETRY_TOLERANCE)):
+                    or not np.all(np.abs(segment._ijkToRAS - referenceVolumeNode._ijkToRAS) < _GEOMETRY_TOLERANCE)):
                 raise NotImplementedError("stand-in does not resample: segment geometry differs from the reference volume")
             out[segment._mask > 0] = index + 1
         labelmapNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())   # as Slicer does
