@@ -2,7 +2,7 @@
 
 The module runs against Testing/slicer_stub, a stand-in of exactly the Slicer API it uses. The job
 machinery (progress, cancel, error sentences, temporary folders) is tested with a fake engine
-(slicer_stub/fake_engine.py); the end-to-end tests use the real engine with a tiny model and
+(VAEUDASegmentationLib/standinengine.py); the end-to-end tests use the real engine with a tiny model and
 compare with running ``vaeuda segment`` directly.
 """
 from __future__ import annotations
@@ -26,13 +26,13 @@ import SimpleITK as sitk
 HERE = Path(__file__).resolve().parent
 STUB = HERE / "slicer_stub"
 MODULE_DIR = HERE.parent / "VAEUDASegmentation"
-FAKE_ENGINE = STUB / "fake_engine.py"
+FAKE_ENGINE = MODULE_DIR / "VAEUDASegmentationLib" / "standinengine.py"
 STUB_MODULES = ("slicer", "vtk", "qt", "VAEUDASegmentation", "VAEUDASegmentationLib")
 
-sys.path.insert(0, str(STUB))
-import fake_engine  # noqa: E402
+sys.path.insert(0, str(FAKE_ENGINE.parent))
+import standinengine as fake_engine  # noqa: E402
 
-sys.path.remove(str(STUB))
+sys.path.remove(str(FAKE_ENGINE.parent))
 
 # A non-identity IJK-to-RAS: axes permuted and flipped, anisotropic spacing, shifted origin.
 IJK_TO_RAS = np.array([[0.0, 0.0, -1.5, 40.0],
@@ -85,11 +85,7 @@ def fake_logic(mod, monkeypatch, tmp_path):
 
 def write_fake_model(path, convention):
     """A file with a safetensors header holding the engine's model metadata (no tensors)."""
-    meta = {"labels": {"convention": convention.to_dict()}}
-    header = json.dumps({"__metadata__": {"format": "vaeuda-model", "format_version": "1",
-                                          "meta": json.dumps(meta)}}).encode()
-    Path(path).write_bytes(struct.pack("<Q", len(header)) + header)
-    return str(path)
+    return fake_engine.write_model(path, convention.to_dict(), "vaeuda-model")
 
 
 def add_volume(slicer, array, name="ct_case"):
@@ -1070,6 +1066,17 @@ def test_module_self_test_runs_to_the_end_against_the_stand_in(slicer, mod, caps
     mod.VAEUDASegmentationTest().runTest()
     printed = capsys.readouterr().out
     assert "Segmenting the volume under a transform" in printed and printed.rstrip().endswith("Test passed")
+
+
+def test_module_self_test_checks_the_slicer_side_with_the_stand_in_engine_without_torch(slicer, mod, capsys,
+                                                                                       monkeypatch):
+    """On a fresh install in Slicer's testing mode the engine's packages are missing: the self-test
+    then runs the stand-in engine through PythonSlicer and checks the segments against its labels."""
+    monkeypatch.setattr(mod.VAEUDASegmentationLogic, "missingPythonRequirements", lambda self: ["torch>=2.1"])
+    mod.VAEUDASegmentationTest().runTest()
+    printed = capsys.readouterr().out
+    assert "stand-in engine" in printed and "Segmenting the volume under a transform" in printed
+    assert printed.rstrip().endswith("Test passed")
 
 
 def test_every_panel_widget_names_a_parameter_of_its_type(mod):

@@ -528,7 +528,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        # The engine command line before the subcommand; None: PythonSlicer -m vaeuda.
+        # The engine command line before the subcommand; None: PythonSlicer -m vaeuda. Another
+        # command runs an engine with its own Python, which needs none of the engine's packages here.
         self.engineCommand: Optional[List[str]] = None
         self.requirementsPath = REQUIREMENTS_PATH
         self._job: Optional[_Job] = None
@@ -663,7 +664,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         return "".join(pins)
 
     def _ensureRequirements(self) -> None:
-        if self._requirementsSatisfied:
+        if self._requirementsSatisfied or self.engineCommand:
             return
         if not self.setupPythonRequirements(askConfirmation=True):
             raise RuntimeError("VAE-UDA Segmentation needs Python packages that are not installed: "
@@ -1242,8 +1243,10 @@ def _moveInPlace(source: str, destination) -> str:
 class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
     """Inside Slicer: a tiny synthetic cohort, a tiny model, one segmentation, checked.
 
-    Skips (with a message, without failing) where the engine's Python packages are missing,
-    which is the case in Slicer's testing mode on a fresh install (no installs there).
+    Where the engine's Python packages are missing (Slicer's testing mode on a fresh install
+    installs nothing), the Slicer side is checked all the same with a stand-in engine
+    (VAEUDASegmentationLib/standinengine.py: the engine's protocol, labels from intensity ranks,
+    numpy and SimpleITK only); only without PythonSlicer on the PATH does it skip, saying so.
     """
 
     def setUp(self) -> None:
@@ -1251,14 +1254,17 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_TinyModelSegmentation()
+        if VAEUDASegmentationLogic().missingPythonRequirements():
+            self.test_SegmentationWithStandInEngine()
+        else:
+            self.test_TinyModelSegmentation()
 
     def test_TinyModelSegmentation(self) -> None:
         logic = VAEUDASegmentationLogic()
         missing = logic.missingPythonRequirements()
         if missing:   # Slicer's self-test runner has no "skipped": say so in the log, where it is read
-            logging.warning("VAEUDASegmentationTest skipped: the VAE-UDA engine needs %s.", ", ".join(missing))
-            self.delayDisplay("Skipped: the VAE-UDA engine needs " + ", ".join(missing) + ".")
+            logging.warning("VAEUDASegmentationTest: the real engine is not tested, it needs %s.", ", ".join(missing))
+            self.delayDisplay("Not tested: the VAE-UDA engine needs " + ", ".join(missing) + ".")
             return
         workDir = tempfile.mkdtemp(prefix="VAEUDASegmentationTest-", dir=slicer.app.temporaryPath)
         try:
@@ -1271,37 +1277,66 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
             modelPath = logic.trainSource(cohort.sourceTrainingFolder, os.path.join(workDir, "tiny.safetensors"),
                                           preset="tiny", iterations=2, seed=0, device="cpu")
             self.assertTrue(os.path.isfile(modelPath))
-
-            self.delayDisplay("Segmenting")
-            segmentationNode = logic.segment(volumeNode, modelPath, device="cpu")
-            segmentation = segmentationNode.GetSegmentation()
-            self.assertEqual(segmentation.GetNumberOfSegments(), len(STRUCTURES))
-            for index, structure in enumerate(STRUCTURES):
-                segment = segmentation.GetSegment(segmentation.GetNthSegmentID(index))
-                self.assertEqual(segment.GetName(), structure.name)
-                self.assertEqual(tuple(round(c, 4) for c in segment.GetColor()), structure.color)
-            referenceRole = segmentationNode.GetReferenceImageGeometryReferenceRole()
-            self.assertEqual(segmentationNode.GetNodeReference(referenceRole), volumeNode)
-            for structure in STRUCTURES:
-                mask = segmentMask(segmentationNode, structure.key, volumeNode)
-                self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volumeNode).shape)
-            shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-            self.assertEqual(shNode.GetItemParent(shNode.GetItemByDataNode(segmentationNode)),
-                             shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode)))
-
-            self.delayDisplay("Segmenting the volume under a transform")
-            masks = {s.key: segmentMask(segmentationNode, s.key, volumeNode) for s in STRUCTURES}
-            shift = vtk.vtkMatrix4x4()
-            shift.SetElement(0, 3, 7.5)   # mm; the segmentation must follow the volume, not be resampled
-            transformNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "VAE-UDA test shift")
-            transformNode.SetMatrixTransformToParent(shift)
-            volumeNode.SetAndObserveTransformNodeID(transformNode.GetID())
-            movedNode = logic.segment(volumeNode, modelPath, device="cpu")
-            self.assertEqual(movedNode.GetTransformNodeID(), transformNode.GetID())
-            for structure in STRUCTURES:
-                mask = segmentMask(movedNode, structure.key, volumeNode)
-                self.assertTrue(np.array_equal(mask > 0, masks[structure.key] > 0), structure.name)
-            self.delayDisplay("Test passed")
+            self._checkSegmentation(logic, volumeNode, modelPath, expectedLabels=None)
         finally:
             slicer.mrmlScene.Clear()   # no node left pointing into the folder removed below
             shutil.rmtree(workDir, ignore_errors=True)
+
+    def test_SegmentationWithStandInEngine(self) -> None:
+        from VAEUDASegmentationLib import standinengine
+        python = shutil.which("PythonSlicer")
+        if not python:
+            logging.warning("VAEUDASegmentationTest skipped: PythonSlicer is not on the PATH.")
+            self.delayDisplay("Skipped: PythonSlicer is not on the PATH.")
+            return
+        logic = VAEUDASegmentationLogic()
+        logic.engineCommand = [python, standinengine.__file__]
+        workDir = tempfile.mkdtemp(prefix="VAEUDASegmentationTest-", dir=slicer.app.temporaryPath)
+        try:
+            self.delayDisplay("Segmenting with a stand-in engine (the engine's packages are not installed)")
+            voxels = np.arange(6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8)   # K, J, I
+            ijkToRAS = np.array([[-0.8, 0, 0, 12.0], [0, -1.1, 0, -30.5], [0, 0, 2.5, 101.0], [0, 0, 0, 1]])
+            volumeNode = slicer.util.addVolumeFromArray(voxels, ijkToRAS, "VAE-UDA self-test volume")
+            modelPath = standinengine.write_model(os.path.join(workDir, "standin.safetensors"),
+                                                  vaeudaLabels.MMWHS.to_dict(), MODEL_FORMAT)
+            self._checkSegmentation(logic, volumeNode, modelPath, expectedLabels=standinengine.fake_labels(voxels))
+        finally:
+            slicer.mrmlScene.Clear()
+            shutil.rmtree(workDir, ignore_errors=True)
+
+    def _checkSegmentation(self, logic, volumeNode, modelPath: str, expectedLabels) -> None:
+        """Segment ``volumeNode``: named, coloured segments on its geometry, beside it in the subject
+        hierarchy (each equal to ``expectedLabels == its MM-WHS value`` when given); then again
+        under a transform, where the segmentation must follow the volume, not be resampled."""
+        self.delayDisplay("Segmenting")
+        segmentationNode = logic.segment(volumeNode, modelPath, device="cpu")
+        segmentation = segmentationNode.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), len(STRUCTURES))
+        for index, structure in enumerate(STRUCTURES):
+            segment = segmentation.GetSegment(segmentation.GetNthSegmentID(index))
+            self.assertEqual(segment.GetName(), structure.name)
+            self.assertEqual(tuple(round(c, 4) for c in segment.GetColor()), structure.color)
+        referenceRole = segmentationNode.GetReferenceImageGeometryReferenceRole()
+        self.assertEqual(segmentationNode.GetNodeReference(referenceRole), volumeNode)
+        masks = {s.key: segmentMask(segmentationNode, s.key, volumeNode) for s in STRUCTURES}
+        for structure in STRUCTURES:
+            self.assertEqual(masks[structure.key].shape, slicer.util.arrayFromVolume(volumeNode).shape)
+            if expectedLabels is not None:
+                self.assertTrue(np.array_equal(masks[structure.key] > 0, expectedLabels == structure.mmwhs_value),
+                                structure.name)
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        self.assertEqual(shNode.GetItemParent(shNode.GetItemByDataNode(segmentationNode)),
+                         shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode)))
+
+        self.delayDisplay("Segmenting the volume under a transform")
+        shift = vtk.vtkMatrix4x4()
+        shift.SetElement(0, 3, 7.5)   # mm; the segmentation must follow the volume, not be resampled
+        transformNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "VAE-UDA test shift")
+        transformNode.SetMatrixTransformToParent(shift)
+        volumeNode.SetAndObserveTransformNodeID(transformNode.GetID())
+        movedNode = logic.segment(volumeNode, modelPath, device="cpu")
+        self.assertEqual(movedNode.GetTransformNodeID(), transformNode.GetID())
+        for structure in STRUCTURES:
+            mask = segmentMask(movedNode, structure.key, volumeNode)
+            self.assertTrue(np.array_equal(mask > 0, masks[structure.key] > 0), structure.name)
+        self.delayDisplay("Test passed")

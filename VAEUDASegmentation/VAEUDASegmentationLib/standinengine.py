@@ -1,23 +1,29 @@
-"""A stand-in for ``python -m vaeuda ... --progress json`` to test the Slicer module's job machinery.
+"""A stand-in for ``python -m vaeuda ... --progress json``: the engine's protocol without torch.
 
-The behaviour comes from environment variables (the child inherits the test's environment):
+The module's self-test runs it in the engine's place where the engine's packages are missing (a
+fresh install in Slicer's testing mode), so that the Slicer side (volume out, job, labels back as
+segments) is still checked; Testing/test_slicer_module.py uses it to test the job machinery.
+It needs numpy and SimpleITK (both ship with Slicer) and ``vaeuda.labels``.
+
+The behaviour comes from environment variables (the child inherits its parent's environment):
 
 - ``VAEUDA_FAKE_MODE``:
-  ``done``  - progress lines, a plain text line, then the outputs: for ``segment``, a label file
-              ``OUT/<stem>_seg.nii.gz`` on the input's grid (:func:`fake_labels`); otherwise a small
-              file at ``--out``; then ``{"event": "done", "outputs": [...]}``, exit 0;
+  ``done``  - the default: progress lines, a plain text line, then the outputs: for ``segment``,
+              a label file ``OUT/<stem>_seg.nii.gz`` on the input's grid (:func:`fake_labels`);
+              otherwise a small file at ``--out``; then ``{"event": "done", "outputs": [...]}``, exit 0;
   ``sleep`` - a stage and one progress line, starts a grandchild process that sleeps too, then
               sleeps 60 s (to be cancelled);
   ``fail``  - the engine's error protocol: an error event on stdout, ``vaeuda: error: ...`` on
               stderr, exit 2;
   ``crash`` - a Python traceback on stderr and exit 1, with no JSON error line.
-- ``VAEUDA_FAKE_ARGS``: write the command line (JSON list) there, for the test to inspect.
+- ``VAEUDA_FAKE_ARGS``: write the command line (JSON list) there, for a test to inspect.
 - ``VAEUDA_FAKE_PIDFILE``: write the grandchild's process id there (``sleep`` mode).
 """
 from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -28,6 +34,18 @@ FAIL_SENTENCE = "input.nii.gz: the fake engine refuses this volume on purpose."
 def emit(event, **fields):
     sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
+
+
+def write_model(path, convention: dict, model_format: str) -> str:
+    """A file with only a safetensors header holding the engine's model metadata (the label
+    convention, ``Convention.to_dict()``), no tensors: what the module reads before running the
+    engine. ``model_format``: the module's MODEL_FORMAT."""
+    meta = {"labels": {"convention": convention}}
+    header = json.dumps({"__metadata__": {"format": model_format, "format_version": "1",
+                                          "meta": json.dumps(meta)}}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+    return str(path)
 
 
 def option(args, name):
@@ -60,7 +78,7 @@ def write_segmentation(input_path, out_dir):
 def main(args):
     mode = os.environ.get("VAEUDA_FAKE_MODE", "done")
     if os.environ.get("VAEUDA_FAKE_ARGS"):
-        with open(os.environ["VAEUDA_FAKE_ARGS"], "w") as f:
+        with open(os.environ["VAEUDA_FAKE_ARGS"], "w", encoding="utf-8") as f:
             json.dump(args, f)
     command = args[0] if args else ""
     emit("stage", stage=command, total=3)
@@ -70,7 +88,7 @@ def main(args):
         return 2
     if mode == "crash":
         print("Traceback (most recent call last):", file=sys.stderr)
-        print('  File "fake_engine.py", line 1, in <module>', file=sys.stderr)
+        print('  File "standinengine.py", line 1, in <module>', file=sys.stderr)
         print("ZeroDivisionError: division by zero", file=sys.stderr, flush=True)
         return 1
     if mode == "sleep":
@@ -78,7 +96,7 @@ def main(args):
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if os.environ.get("VAEUDA_FAKE_PIDFILE"):
-            with open(os.environ["VAEUDA_FAKE_PIDFILE"], "w") as f:
+            with open(os.environ["VAEUDA_FAKE_PIDFILE"], "w", encoding="utf-8") as f:
                 f.write(str(grandchild.pid))
         time.sleep(60)
         return 0
@@ -90,7 +108,7 @@ def main(args):
     if command == "segment":
         outputs.append(write_segmentation(args[-1], out))
     elif out:
-        with open(out, "w") as f:
+        with open(out, "w", encoding="utf-8") as f:
             f.write("fake model\n")
         outputs.append(out)
     emit("done", outputs=outputs)
