@@ -1254,7 +1254,9 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         self.setUp()
-        if VAEUDASegmentationLogic().missingPythonRequirements():
+        missing = VAEUDASegmentationLogic().missingPythonRequirements()
+        if missing:
+            logging.warning("VAEUDASegmentationTest: the real engine is not tested, it needs %s.", ", ".join(missing))
             self.test_SegmentationWithStandInEngine()
         else:
             self.test_TinyModelSegmentation()
