@@ -29,6 +29,23 @@ def test_2d_image(tmp_path):
         read_image(path)
 
 
+@pytest.mark.parametrize("shear, refused", [(0.05, True), (5e-4, True), (3e-5, False)])
+def test_a_sheared_grid_is_refused(tmp_path, shear, refused):
+    """Direction cosines that are not orthonormal (a gantry tilt kept in an .mha header): the NIfTI
+    segmentation could not lie on that grid. Rounding below the geometry tolerance is accepted."""
+    path = tmp_path / "sheared.mha"
+    image = sitk.Image([5, 6, 7], sitk.sitkInt16) + 100
+    image.SetDirection((1.0, shear, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(path))
+    if not refused:
+        assert read_image(path).GetDirection() == image.GetDirection()
+        return
+    deviation = max(abs(shear), shear * shear)      # (D^T D - I) has off-diagonal shear, diagonal shear^2
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: its direction cosines are not orthonormal "
+                                          rf"\(off by {deviation:.2g}: a sheared or gantry-tilted grid"):
+        read_image(path)
+
+
 @pytest.mark.parametrize("size", [(5, 6, 1), (1, 6, 5), (5, 1, 6)])
 def test_a_single_slice_saved_as_3d_is_refused(tmp_path, size):
     """Cut into coronal slices, a one-voxel-thick volume gives image rows, not anatomy."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -425,6 +426,7 @@ def read_image(path: PathLike) -> sitk.Image:
         raise VaeudaError(f"{path}: is a single slice ({size} voxels), not a volume; give the whole scan"
                           f"{' (the folder that holds the DICOM series)' if image.HasMetaDataKey(SOP_CLASS_UID) else ''}.")
     _refuse_label_map(image, path)
+    _refuse_skewed_grid(image, path)
     if image.GetPixelID() != sitk.sitkFloat32:
         try:
             cast = sitk.Cast(image, sitk.sitkFloat32)
@@ -438,6 +440,19 @@ def read_image(path: PathLike) -> sitk.Image:
         raise VaeudaError(f"{path}: {_voxels(finite.size - np.count_nonzero(finite))} NaN or infinite; set such voxels "
                           f"to a number first.")
     return image
+
+
+def _refuse_skewed_grid(image: sitk.Image, path: Path, atol: float = 1e-4) -> None:
+    """Refuse direction cosines that are not orthonormal (a sheared grid, e.g. a gantry tilt kept in
+    the header, or cosines rounded by hand), within the tolerance the geometry checks use: the
+    segmentation is written as NIfTI, which stores only an orthonormal direction, so it could
+    not lie on the input's grid."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    deviation = float(np.abs(direction.T @ direction - np.eye(3)).max())
+    if deviation > atol:
+        raise VaeudaError(f"{path}: its direction cosines are not orthonormal (off by {deviation:.2g}: a sheared "
+                          f"or gantry-tilted grid, or rounded cosines), so no segmentation can lie on its grid; "
+                          f"resample the scan onto an orthonormal grid first.")
 
 
 def read_label(path: PathLike, convention: Convention,
@@ -580,12 +595,54 @@ def _mean_std(values: np.ndarray, chunk: int = 1 << 18) -> Tuple[float, float]:
 ScoreChunks = Iterable[Tuple[int, np.ndarray]]
 
 
+# A volume whose canonical direction is rotated by more than this from LPS is sliced along the
+# patient's axes (:func:`_oblique_slice_grid`). Below it, slicing in the volume's own frame tilts
+# the coronal planes by less than the training's rotation augmentation does, and keeps the
+# slice grid on the volume's voxel centres (an exact round trip of labels).
+OBLIQUE_DEGREES = 1.0
+
+
+def obliquity_degrees(direction: Iterable[float]) -> float:
+    """The rotation angle [degrees] of a canonical (nearest-to-LPS) direction matrix from the identity."""
+    trace = float(np.trace(np.asarray(tuple(direction), dtype=float).reshape(3, 3)))
+    return math.degrees(math.acos(min(1.0, max(-1.0, (trace - 1.0) / 2.0))))
+
+
+def _oblique_slice_grid(canonical: Geometry, size: int, fov_mm: Optional[float]) -> Geometry:
+    """The slice grid of an oblique volume: LPS-aligned (identity direction) over the physical
+    bounding box of its voxels (edge to edge), coronal planes ``canonical.spacing[1]`` apart, and
+    x and z as :meth:`SliceGrid.from_image` lays them out over that box. Slicing in the volume's own
+    tilted frame would show the model coronal planes rotated by the scan's obliquity, which it
+    never saw in training (+-10 degrees of rotation augmentation, in-plane)."""
+    direction = np.asarray(canonical.direction).reshape(3, 3)
+    spacing = np.asarray(canonical.spacing)
+    n = np.asarray(canonical.size)
+    edges = np.array([[-0.5 if bit == 0 else n[axis] - 0.5 for axis, bit in enumerate(corner)]
+                      for corner in np.ndindex(2, 2, 2)])        # the 8 corners, continuous index
+    corners = np.asarray(canonical.origin) + (edges * spacing) @ direction.T
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    extent = high - low
+    sy = float(spacing[1])
+    ny = max(1, int(math.ceil(extent[1] / sy - 1e-9)))
+    if fov_mm is None:
+        gx, gz = extent[0] / size, extent[2] / size
+    else:
+        gx = gz = float(fov_mm) / size
+    middle = (low + high) / 2
+    origin = (middle[0] - (size - 1) / 2 * gx, middle[1] - (ny - 1) / 2 * sy, middle[2] - (size - 1) / 2 * gz)
+    return Geometry((int(size), ny, int(size)), (float(gx), sy, float(gz)), tuple(float(v) for v in origin),
+                    (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+
 class SliceGrid:
     """How one volume is cut into model input slices and how predictions go back.
 
     ``original``: the input's grid. ``canonical``: the same voxels in LPS. ``grid``: the slice
     grid, in the canonical frame: the same y samples (one coronal slice per canonical y index,
     ``n_slices`` of them) and ``size`` samples spanning the same physical extent along x and z.
+    A volume oblique by more than ``OBLIQUE_DEGREES`` (a rotation left in the canonical direction)
+    is sliced along the patient's axes instead, over its physical bounding box, as the model was
+    trained: see :func:`_oblique_slice_grid`.
     Slice ``j`` is grid plane ``y = j`` as a ``(size, size)`` array, rows = z from superior to
     inferior, columns = x.
     """
@@ -613,6 +670,9 @@ class SliceGrid:
         stand_in.CopyInformation(image)
         canonical = Geometry.of(to_canonical(stand_in))
         del stand_in
+        direction = np.asarray(canonical.direction).reshape(3, 3)
+        if obliquity_degrees(canonical.direction) > OBLIQUE_DEGREES:
+            return cls(Geometry.of(image), canonical, _oblique_slice_grid(canonical, size, fov_mm), size)
         nx, ny, nz = canonical.size
         sx, sy, sz = canonical.spacing
         if fov_mm is None:
@@ -623,7 +683,6 @@ class SliceGrid:
             gx = gz = float(fov_mm) / size
             # Centred: the middle of the slice grid is the middle of the volume.
             first = ((nx - 1) / 2 - (size - 1) / 2 * gx / sx, 0.0, (nz - 1) / 2 - (size - 1) / 2 * gz / sz)
-        direction = np.asarray(canonical.direction).reshape(3, 3)
         origin = np.asarray(canonical.origin) + direction @ (np.asarray(first) * np.asarray(canonical.spacing))
         grid = Geometry((int(size), ny, int(size)), (gx, sy, gz), tuple(float(v) for v in origin),
                         canonical.direction)
