@@ -1,6 +1,7 @@
 """Loss terms against hand-computed values and a Monte-Carlo estimate."""
 import math
 
+import pytest
 import torch
 
 from vaeuda.losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
@@ -21,6 +22,19 @@ def test_kl_closed_form_matches_monte_carlo():
     # and the hand value of the first element: N(0,1) vs N(0,1) is zero, N(1, e^-1): 0.5 (1 + e^-1 + 1 - 1)
     assert float(kl_to_standard_normal(mu[:, :1], logvar[:, :1])) == 0.0
     assert abs(float(kl_to_standard_normal(mu[:, 1:2], logvar[:, 1:2])) - 0.5 * (1 + math.exp(-1) + 1 - 1)) < 1e-6
+
+
+def test_kl_is_the_mean_over_batch_channels_and_positions():
+    """The normalisation that fixes what lambda_KL = 0.1 means (Docs/method.md): per-element KLs of
+    the four channels above are 0, 0.5 (1 + e^-1) = 0.683940, 0.5 (0.25 + e^0.7 - 1.7) = 0.281877 and
+    0.5 (4 + e^0.3 - 1.3) = 2.024929, mean 0.747687. Repeated over 2x2 positions, beside a second
+    batch element at the prior (KL 0), the mean is half that: 0.373843."""
+    mu = torch.tensor([0.0, 1.0, -0.5, 2.0]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
+    logvar = torch.tensor([0.0, -1.0, 0.7, 0.3]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
+    assert float(kl_to_standard_normal(mu, logvar)) == pytest.approx(0.747687, abs=1e-6)
+    at_prior = torch.zeros(1, 4, 2, 2)
+    batch_mu, batch_logvar = torch.cat([mu, at_prior]), torch.cat([logvar, at_prior])
+    assert float(kl_to_standard_normal(batch_mu, batch_logvar)) == pytest.approx(0.373843, abs=1e-6)
 
 
 def test_reconstruction_is_mean_absolute_error():

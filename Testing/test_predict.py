@@ -35,6 +35,27 @@ def test_batched_probabilities_equal_one_eval_pass(net_and_slices, batch_size):
     np.testing.assert_allclose(probs.astype(np.float32).sum(1), 1.0, atol=5e-3)
 
 
+def test_target_probabilities_come_from_the_target_encoder(monkeypatch):
+    """E_T and E_S with different (random) weights: for "target" Seg reads mu = E_Z(E_T(x)), built
+    here from the parts by hand, not E_Z(E_S(x)) (a path that ignored the domain passed to it), and
+    the probabilities are its softmax."""
+    from vaeuda.nets import VAEUDANet, get_preset
+    torch.manual_seed(0)
+    net = VAEUDANet(get_preset("tiny")).eval()
+    x = np.random.default_rng(2).normal(size=(3, 3, net.cfg.input_size, net.cfg.input_size)).astype(np.float32)
+    with torch.no_grad():
+        mu_t, _ = net.enc_z(net.enc_t(torch.from_numpy(x)))
+        mu_s, _ = net.enc_z(net.enc_s(torch.from_numpy(x)))
+        expected = torch.softmax(net.seg(mu_t), 1).numpy()
+    read, real_seg = [], net.seg.forward
+    monkeypatch.setattr(net.seg, "forward", lambda z: read.append(z.detach().clone()) or real_seg(z))
+    target = predict.slice_probabilities(net, x, "target", torch.device("cpu")).astype(np.float32)
+    (seen,) = read
+    torch.testing.assert_close(seen, mu_t, atol=1e-5, rtol=0)
+    assert (seen - mu_s).abs().max() > 0.1
+    np.testing.assert_allclose(target, expected, atol=1e-3)          # float16 output
+
+
 def test_segment_image_uses_the_domain_asked_for(net_and_slices, segmented_domains, tmp_volume):
     """segment_image(domain=None) takes the model's own encoder; an explicit domain wins."""
     net, meta, _ = net_and_slices

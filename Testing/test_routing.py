@@ -167,8 +167,15 @@ def test_paths_take_the_encoders_eq_6_and_7_name(monkeypatch):
     assert domains == ["source", "target", "source", "target"]
     assert seg_inputs[0] is samples[0] and not torch.equal(samples[0], fakes["mu_s"])
     mu_ts, _ = real_posterior(t_fakes["x_ts"], "source")
-    to_target = [z for z, domain in decoded if domain == "target"]
-    assert torch.allclose(to_target[1], mu_ts.detach(), atol=1e-6)     # the cycle's D_T input
+    mu_t, _ = real_posterior(xt, "target")
+    # Decodes in order: x_SS and x_TT, x_TS from samples (the VAE's reparameterised z, Eq. 1 and 4),
+    # the cycle's D_T from the mean of x_TS's posterior, x_ST from mu_S.
+    assert [domain for _, domain in decoded] == ["source", "target", "source", "target", "target"]
+    assert torch.equal(decoded[0][0], samples[0].detach())
+    assert torch.equal(decoded[1][0], samples[1].detach()) and torch.equal(decoded[2][0], samples[1].detach())
+    assert not torch.allclose(samples[1], mu_t, atol=1e-3)              # a sample, not the mean
+    assert torch.allclose(decoded[3][0], mu_ts.detach(), atol=1e-6)     # the cycle's D_T input
+    assert torch.equal(decoded[4][0], fakes["mu_s"].detach())
 
 
 def test_term_weights_and_ablation_switches():
