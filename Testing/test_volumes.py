@@ -180,6 +180,16 @@ def test_scores_in_float16_chunks_give_the_same_result_as_one_array(tmp_volume):
         grid.scores_to_image(scores[:, :, :6])
 
 
+def test_slice_grid_spans_the_volume_edge_to_edge_by_hand(tmp_volume):
+    """8 x 7 x 6 voxels of 1.0 x 1.5 x 2.0 mm from (-10, 5, 30), cut into 4 x 4 slices without a field
+    of view: x spans 8 mm edge to edge in 2 mm samples, the first at -10 - 0.5 + 1.0 = -9.5; z spans
+    12 mm in 3 mm samples, the first at 30 - 1.0 + 1.5 = 30.5; one slice per y voxel (5, 6.5, ...)."""
+    grid = SliceGrid.from_image(tmp_volume(spacing=(1.0, 1.5, 2.0), origin=(-10.0, 5.0, 30.0)), 4).grid
+    assert grid.size == (4, 7, 4)
+    assert grid.spacing == pytest.approx((2.0, 1.5, 3.0))
+    assert grid.origin == pytest.approx((-9.5, 5.0, 30.5))
+
+
 def test_slicing_refuses_a_volume_of_other_geometry(tmp_volume):
     grid = SliceGrid.from_image(tmp_volume(spacing=(1.0, 1.0, 2.0)), 8)
     from vaeuda.errors import VaeudaError
