@@ -19,7 +19,7 @@ def saved(tmp_path):
 
 
 # What a trained model's metadata holds besides "config" (train._base_meta; values shortened).
-REAL_META = {"stage": "source", "preset": "tiny", "normalisation": {"method": "zscore"},
+REAL_META = {"stage": "source", "has_target_encoder": False, "preset": "tiny", "normalisation": {"method": "zscore"},
              "labels": {"convention": {"name": "mmwhs", "to_index": {"0": 0, "205": 1, "420": 2, "500": 3, "820": 4},
                                        "from_index": [0, 205, 420, 500, 820], "unknown": "background"}},
              "train": {"batch_size": 2, "gan_mode": "lsgan", "class_weights": [0.2, 1.1, 1.3, 1.0, 1.4]},
@@ -160,9 +160,22 @@ def test_missing_file(tmp_path):
     (lambda m: m["labels"].update(convention={"name": "x"}), "label convention is unreadable"),
     (lambda m: m.update(preset="huge"), "preset 'huge' is not one of"),
     (lambda m: m.update(train=[1]), "'train' is not a JSON object"),
-    (lambda m: m["config"].update(input_size="abc"), "model configuration is missing or damaged"),
-    (lambda m: m["config"].update(drn_channels=[]), "model configuration is missing or damaged"),   # IndexError
-    (lambda m: m["config"].update(base=-4), "model configuration is missing or damaged"),          # RuntimeError
+    (lambda m: m["config"].update(input_size="abc"), r"input_size must be a whole number in \[16, 4096\], not 'abc'"),
+    (lambda m: m["config"].update(input_size=16384), r"input_size must be a whole number in \[16, 4096\], not 16384"),
+    (lambda m: m["config"].update(drn_channels=[]), "drn_channels must list the DRN's 8 stages"),
+    (lambda m: m["config"].update(base=-4), r"base must be a whole number in \[1, 1024\], not -4"),
+    (lambda m: m["config"].update(base=10 ** 9), r"base must be a whole number in \[1, 1024\]"),   # 588 GB before
+    (lambda m: m["config"].update(drn_dilations=[0] * 8), "drn_dilations must be a whole number"),
+    (lambda m: m["config"].update(slice_fov_mm=0), "slice_fov_mm must be a positive number, not 0"),
+    (lambda m: m["config"].update(slice_fov_mm=float("nan")), "slice_fov_mm must be a positive number, not nan"),
+    (lambda m: m["config"].update(slice_fov_mm="x"), "slice_fov_mm must be a positive number, not 'x'"),
+    (lambda m: m["config"].update(logvar_clamp="x"), "logvar_clamp must be a positive number, not 'x'"),
+    (lambda m: m.update(stage="bogus"), "stage 'bogus' is not one of source, adapted, finetuned"),
+    (lambda m: m.update(has_target_encoder=True), "has_target_encoder is True in a model of stage 'source'"),
+    (lambda m: m.pop("has_target_encoder"), "has_target_encoder is None in a model of stage 'source'"),
+    (lambda m: m["labels"]["convention"].update(from_index=[0, 205]), "does not give each of the 5 classes its own"),
+    (lambda m: m["labels"]["convention"].update(from_index=[0, 205, 205, 205, 205]), "its own label value"),
+    (lambda m: m["labels"]["convention"]["to_index"].update({"420": 3}), "its own label value"),
     (lambda m: m["normalisation"].pop("method"), "the intensity normalisation has no method"),
     (lambda m: m["normalisation"].update(method="zscore", clip_upper_percentile="high"),
      "the intensity normalisation is unusable"),

@@ -12,6 +12,7 @@ from scipy import ndimage
 from vaeuda import phantom
 from vaeuda.errors import VaeudaError
 from vaeuda.metrics import dice
+from vaeuda.progress import Reporter
 
 TARGETS = (205, 420, 500, 820)
 DISTRACTORS = (550, 600, 850)
@@ -210,12 +211,18 @@ def test_cohort_into_existing_file_fails_and_leaves_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cohort"]
 
 
-def test_smaller_cohort_over_a_larger_one_removes_the_scans_it_no_longer_lists(tmp_path):
+def test_smaller_cohort_over_a_larger_one_removes_the_scans_it_no_longer_lists(tmp_path, capsys):
+    """... and says which: a user's own file of such a name goes too."""
     out = tmp_path / "cohort"
     phantom.make_cohort(out, n_source=3, n_target=2, n_train=1, seed=1, size=16)
     (out / "notes.txt").write_text("mine", encoding="utf-8")
     (out / "mr_1009_image.nii.gz").write_bytes(b"not listed by any splits.json")
-    phantom.make_cohort(out, n_source=2, n_target=1, n_train=1, seed=2, size=16)
+    reporter = Reporter("json")
+    phantom.make_cohort(out, n_source=2, n_target=1, n_train=1, seed=2, size=16, reporter=reporter)
+    logged = [json.loads(line)["message"] for line in capsys.readouterr().out.splitlines()
+              if json.loads(line)["event"] == "log"]
+    assert logged[-1] == ("Removed 4 file(s) of the cohort that was there before and has scans this one lacks: "
+                          "ct_1002_image.nii.gz, ct_1002_label.nii.gz, mr_1003_image.nii.gz, mr_1003_label.nii.gz.")
     scans = sorted(p.name for p in out.glob("*_*.nii.gz"))
     assert scans == ["ct_1001_image.nii.gz", "ct_1001_label.nii.gz", "mr_1001_image.nii.gz",
                      "mr_1001_label.nii.gz", "mr_1002_image.nii.gz", "mr_1002_label.nii.gz",

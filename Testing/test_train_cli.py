@@ -5,6 +5,7 @@ import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -548,12 +549,39 @@ def test_cpu_bf16_is_opt_in_and_stays_close_to_fp32(tiny_cohort, tiny_source_mod
     (["--iterations", "0"], "--iterations must be a whole number of at least 1, not 0"),
     (["--iterations", "-3"], "--iterations must be a whole number of at least 1, not -3"),
     (["--batch-size", "0"], "--batch-size must be a whole number of at least 1, not 0"),
+    (["--batch-size", "100000"], "--batch-size 100000 is more than 512 slices per step"),   # the OOM killer before
 ])
 def test_counts_below_one_are_refused_not_replaced_by_defaults(tiny_cohort, tmp_path, capsys, flags, message):
     out = tmp_path / "m.safetensors"
     rc = main(["train-source", "--preset", "tiny", "--progress", "none", "--out", str(out), *flags,
                str(tiny_cohort / "mr_1001_image.nii.gz")])
     assert rc == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_bad_paths_and_values_get_sentences_that_name_the_real_problem(tiny_cohort, tiny_source_model, tmp_path,
+                                                                        capsys):
+    """Each used to get a misleading sentence, argparse's usage text, or (a target given twice) none."""
+    ct = str(tiny_cohort / "ct_1001_image.nii.gz")
+    cases = [
+        (["info", str(tiny_cohort)], f"{tiny_cohort}: is a folder, not a model file."),
+        (["evaluate", "--pred", str(tiny_source_model), "--ref", str(tiny_cohort)],
+         f"{tiny_source_model}: is a file; --pred takes the folder of segmentations."),
+        (["adapt", "--model", str(tiny_source_model), "--out", str(tmp_path / "a.safetensors"), "--slices", "-1:5",
+          ct], "--slices '-1:5' must have 0 <= A < B."),
+        (["adapt", "--model", str(tiny_source_model), "--out", str(tmp_path / "a.safetensors"), ct, ct],
+         f"{ct}: given twice; give each target volume once."),
+    ]
+    for argv, sentence in cases:
+        assert main([*argv[:1], "--progress", "none", *argv[1:]]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.strip().endswith(sentence) and err.count("\n") == 1, err
+    assert not (tmp_path / "a.safetensors").exists()
+    # a checkpoint that is no checkpoint, with --resume: named as what it should have been
+    out = tmp_path / "m.safetensors"
+    Path(str(out) + ".ckpt").write_text("{}", encoding="utf-8")
+    assert main(["train-source", "--progress", "none", "--preset", "tiny", "--iterations", "1", "--resume",
+                 "--out", str(out), str(tiny_cohort / "mr_1001_image.nii.gz")]) == 2
+    assert f"{out}.ckpt: not a VAE-UDA training checkpoint (not a readable safetensors file" in capsys.readouterr().err
 
 
 def test_outputs_that_would_replace_an_input_or_a_folder_are_refused_before_work(tiny_cohort, tiny_source_model,

@@ -268,6 +268,8 @@ def run(args, reporter: Reporter) -> List[str]:
         from .fileio import check_output_file
         from .labels import load_convention
         from .metrics import evaluate_dirs
+        if Path(args.pred).is_file():     # else the default JSON path under it reads as the error
+            raise VaeudaError(f"{args.pred}: is a file; --pred takes the folder of segmentations.")
         json_path = args.json or str(Path(args.pred) / "evaluation.json")
         check_output_file(json_path, _mapping_file(args.labels))
         table, result = evaluate_dirs(args.pred, args.ref, load_convention(args.labels), json_path,
@@ -310,8 +312,20 @@ def _mapping_file(spec: Optional[str]) -> List[str]:
     return [] if spec in (None, "", "mmwhs", "consecutive") else [spec]
 
 
+def _joined_slice_ranges(argv: List[str]) -> List[str]:
+    """``--slices -1:5`` as ``--slices=-1:5``: argparse takes a value starting with "-" for an option
+    and would print its usage; joined, the range reaches the check that explains what is wrong."""
+    out: List[str] = []
+    for item in argv:
+        if out and out[-1] == "--slices" and item.startswith("-") and item[1:2].isdigit():
+            out[-1] = f"--slices={item}"
+        else:
+            out.append(item)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_slice_ranges(sys.argv[1:] if argv is None else list(argv)))
     import SimpleITK as sitk
     # ITK's own warnings (e.g. for a folder without DICOM) would print beside the one sentence the
     # engine gives for the same problem.

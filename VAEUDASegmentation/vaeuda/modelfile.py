@@ -28,6 +28,9 @@ from .nets import NetConfig, VAEUDANet
 
 FORMAT = "vaeuda-model"
 FORMAT_VERSION = 1
+# What a model file holds: a source model (E_S path only), an adapted one (with a trained E_T),
+# a fine-tuned one (the oracle: the source path trained on labelled target volumes).
+STAGES = ("source", "adapted", "finetuned")
 
 
 def _digest(tensors: Dict[str, torch.Tensor]) -> str:
@@ -52,21 +55,24 @@ def save_tensors(path, tensors: Dict[str, torch.Tensor], meta: dict, extra_heade
         save_file(tensors, str(tmp), metadata=header)
 
 
-def read_tensors(path) -> Tuple[Dict[str, torch.Tensor], dict, Dict[str, str]]:
-    """Read and verify a model file -> (tensors, meta, raw header). VaeudaError if it is not ours or damaged."""
+def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor], dict, Dict[str, str]]:
+    """Read and verify a model file (or training checkpoint: ``what`` names it in errors) ->
+    (tensors, meta, raw header). VaeudaError if it is not ours or damaged."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise VaeudaError(f"{path}: is a folder, not a {what}.")
     if not path.is_file():
-        raise VaeudaError(f"{path}: model file not found.")
+        raise VaeudaError(f"{path}: {what} not found.")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
             if header.get("format") != FORMAT:   # before its tensors are read: it may be a large model of another kind
-                raise VaeudaError(f"{path}: not a VAE-UDA model file (safetensors without the '{FORMAT}' metadata).")
+                raise VaeudaError(f"{path}: not a VAE-UDA {what} (safetensors without the '{FORMAT}' metadata).")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise VaeudaError(f"{path}: not a VAE-UDA model file (not a readable safetensors file: {exc}).") from None
+        raise VaeudaError(f"{path}: not a VAE-UDA {what} (not a readable safetensors file: {exc}).") from None
     try:
         version = int(header.get("format_version", "0"))
     except ValueError:
@@ -131,15 +137,23 @@ def check_metadata(path, meta) -> None:
     for key in ("stage", "labels", "normalisation", "train", "config"):
         if key not in meta:
             raise damaged(f"'{key}' is missing")
-    if not isinstance(meta["stage"], str):
-        raise damaged("'stage' is not a name")
+    if meta["stage"] not in STAGES:
+        raise damaged(f"stage {meta['stage']!r} is not one of {', '.join(STAGES)}")
+    if meta.get("has_target_encoder") is not (meta["stage"] == "adapted"):
+        raise damaged(f"has_target_encoder is {meta.get('has_target_encoder')!r} in a model of stage "
+                      f"'{meta['stage']}', and only adaptation trains a target encoder")
     for key in ("labels", "normalisation", "train", "config"):
         if not isinstance(meta[key], dict):
             raise damaged(f"'{key}' is not a JSON object")
     try:
-        Convention.from_dict(meta["labels"]["convention"])
+        convention = Convention.from_dict(meta["labels"]["convention"])
     except (KeyError, TypeError, ValueError, AttributeError):
         raise damaged("the label convention is unreadable") from None
+    # Segmentations are written with from_index and read back with to_index: one value per class,
+    # each read back as its own class.
+    if len(convention.from_index) != N_CLASSES or len(set(convention.from_index)) != N_CLASSES or any(
+            convention.to_index.get(value) != index for index, value in enumerate(convention.from_index)):
+        raise damaged(f"the label convention does not give each of the {N_CLASSES} classes its own label value")
     if not isinstance(meta["normalisation"].get("method"), str):
         raise damaged("the intensity normalisation has no method")
     try:

@@ -18,6 +18,7 @@ Who is who (the paper's notation)::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -68,7 +69,36 @@ class NetConfig:
         unknown = set(d) - known
         if unknown:
             raise VaeudaError(f"model configuration has unknown fields {sorted(unknown)}; it was written by a newer engine.")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Refuse values no network of this engine has (an edited model file): whole numbers in
+        range, the DRN's eight stages, a finite positive field of view and log-variance bound.
+        The bounds are far beyond the presets, and keep a damaged file from allocating without end."""
+        def whole(name, value, low, high):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise VaeudaError(f"model configuration: {name} must be a whole number in [{low}, {high}], not {value!r}.")
+
+        for name, low, high in (("input_size", MIN_INPUT_SIZE, 4096), ("in_channels", 3, 3), ("n_classes", 5, 5),
+                                ("base", 1, 1024), ("n_down", 0, 6), ("n_res_domain", 0, 32), ("n_res_shared", 0, 32),
+                                ("n_res_branch", 0, 32), ("n_res_dec_shared", 0, 32), ("dec_kernel", 1, 15),
+                                ("disc_base", 1, 1024), ("disc_layers", 1, 8), ("disc_scales", 1, 6)):
+            whole(name, getattr(self, name), low, high)
+        for name, low, high in (("drn_channels", 1, 4096), ("drn_layers", 0, 16), ("drn_strides", 1, 2),
+                                ("drn_dilations", 1, 16)):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or len(values) != 8:
+                raise VaeudaError(f"model configuration: {name} must list the DRN's 8 stages, not {values!r}.")
+            for value in values:
+                whole(name, value, low, high)
+        for name in ("slice_fov_mm", "logvar_clamp"):
+            value = getattr(self, name)
+            if name == "slice_fov_mm" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise VaeudaError(f"model configuration: {name} must be a positive number, not {value!r}.")
 
 
 PRESETS: Dict[str, NetConfig] = {

@@ -721,13 +721,17 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
             with atomic_path(tmp / "splits.json") as tmp_json:
                 tmp_json.write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
             written = {item.name for item in tmp.iterdir()}
-        for name in sorted(previous - written):
+        removed = sorted(previous - written)
+        for name in removed:
             (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise VaeudaError(f"{out}: could not write the cohort ({exc.strerror or exc}).") from None
     finally:
         reporter.close()
     reporter.log(f"Wrote {n_source} MR and {n_target} CT phantom subjects to {out}.")
+    if removed:   # said, since a user's own files of those names would be gone too
+        reporter.log(f"Removed {len(removed)} file(s) of the cohort that was there before and has scans this one "
+                     f"lacks: {', '.join(removed)}.")
     return splits
 
 

@@ -451,7 +451,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     early = EarlyStopState()
     resumed = resume and ckpt.exists()
     if resumed:
-        tensors, meta, header = read_tensors(ckpt)
+        tensors, meta, header = read_tensors(ckpt, what="training checkpoint")
         check_metadata(ckpt, meta)
         try:
             state = json.loads(header["train_state"])
@@ -631,11 +631,29 @@ def _stage_iterations(iterations: Optional[int], preset: str, stage: str) -> int
     return DEFAULT_ITERATIONS[preset][stage] if iterations is None else iterations
 
 
+# Far above any preset's batch (8, and 2 at the paper's 256x256): a larger one only exhausts memory
+# (100000 slices of the tiny preset took 23 GB before the system killed the process).
+MAX_BATCH_SIZE = 512
+
+
 def _check_run_arguments(iterations, batch_size, early_stop=None) -> None:
     """Refuse bad counts before any data is read."""
     for flag, value in (("--iterations", iterations), ("--batch-size", batch_size), ("--early-stop", early_stop)):
         if value is not None:
             require_count(flag, value)
+    if batch_size is not None and batch_size > MAX_BATCH_SIZE:
+        raise VaeudaError(f"--batch-size {batch_size} is more than {MAX_BATCH_SIZE} slices per step, which would "
+                          f"only exhaust memory; the presets use 8.")
+
+
+def _refuse_repeated(volumes: Sequence[Path]) -> None:
+    """One target volume given twice would count twice in the adaptation's sampling, unasked."""
+    seen = set()
+    for path in volumes:
+        key = Path(path).resolve()
+        if key in seen:
+            raise VaeudaError(f"{path}: given twice; give each target volume once.")
+        seen.add(key)
 
 
 def _inherited_options(src_meta: dict) -> dict:
@@ -703,6 +721,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     """Adaptation stage (Eq. 8) on unlabelled target volumes, usually one."""
     reporter = reporter or null_reporter()
     _check_run_arguments(iterations, batch_size, early_stop)
+    _refuse_repeated(targets)
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":
