@@ -165,6 +165,8 @@ def test_missing_file(tmp_path):
     (lambda m: m["config"].update(drn_channels=[]), "drn_channels must list the DRN's 8 stages"),
     (lambda m: m["config"].update(base=-4), r"base must be a whole number in \[1, 1024\], not -4"),
     (lambda m: m["config"].update(base=10 ** 9), r"base must be a whole number in \[1, 1024\]"),   # 588 GB before
+    (lambda m: m["config"].update(base=1024), r"weights do not fit its configuration \(\d+ tensor\(s\) missing, "
+                                              r"extra or of another shape"),                         # 14 GB before
     (lambda m: m["config"].update(drn_dilations=[0] * 8), "drn_dilations must be a whole number"),
     (lambda m: m["config"].update(slice_fov_mm=0), "slice_fov_mm must be a positive number, not 0"),
     (lambda m: m["config"].update(slice_fov_mm=float("nan")), "slice_fov_mm must be a positive number, not nan"),
@@ -247,5 +249,6 @@ def test_missing_weight_tensor_is_refused(saved, tmp_path):
     del tensors["net.seg.head.bias"]
     path = tmp_path / "incomplete.safetensors"
     save_tensors(path, tensors, meta)
-    with pytest.raises(VaeudaError, match="model weights do not fit its configuration"):
+    with pytest.raises(VaeudaError, match=r"^\S*incomplete.safetensors: model weights do not fit its configuration "
+                                          r"\(1 tensor\(s\) missing, extra or of another shape, e.g. net.seg.head.bias\)\.$"):
         load_model(path)

@@ -315,7 +315,8 @@ def test_the_default_input_volume_is_one_the_selector_lists(slicer, mod):
 
 def test_a_job_ended_before_its_scene_closed_imports_nothing(slicer, mod, fake_logic, tmp_path):
     """The engine exits, the scene closes before the next poll: the widget cancels with
-    discardFinished, and the segmentation is not imported into whatever scene comes next."""
+    discardFinished, and the segmentation is not imported into whatever scene comes next; a model
+    file an adaptation has finished is kept."""
     from vaeuda.labels import MMWHS
     volume = add_volume(slicer, np.arange(60, dtype=np.float32).reshape(3, 4, 5))
     results = []
@@ -327,6 +328,15 @@ def test_a_job_ended_before_its_scene_closed_imports_nothing(slicer, mod, fake_l
     pump(slicer, lambda: results)
     assert results[0].status == "cancelled" and slicer.mrmlScene.GetNumberOfNodes() == 0
     assert os.listdir(slicer.app.temporaryPath) == []
+    # A trained model is a file, not scene content: a closing scene does not throw it away.
+    done = []
+    fake_logic.adapt(write_fake_model(tmp_path / "source.safetensors", MMWHS), [add_volume(slicer, np.ones((3, 4, 5)))],
+                     tmp_path / "adapted.safetensors", waitForCompletion=False, finishedCallback=done.append)
+    fake_logic._job.process.process.wait()
+    slicer.mrmlScene.Clear()
+    fake_logic.cancel(discardFinished=True)
+    pump(slicer, lambda: done)
+    assert done[0].status == "done" and (tmp_path / "adapted.safetensors").read_text() == "fake model\n"
 
 
 def test_engine_process_is_not_finished_while_its_output_waits_to_be_drained(engineprocess):

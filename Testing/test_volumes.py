@@ -180,6 +180,32 @@ def test_scores_in_float16_chunks_give_the_same_result_as_one_array(tmp_volume):
         grid.scores_to_image(scores[:, :, :6])
 
 
+def test_an_oblique_volume_is_sliced_a_voxel_along_y_apart_and_covered(tmp_volume):
+    """Tilted 30 degrees about x: slices are a voxel's extent along y apart
+    (sqrt((1.5 cos 30)^2 + (2.0 sin 30)^2) = 1.6275 mm), not the 2 mm z spacing the tilt brings into
+    y, and every grid sample clearly inside the volume (labelled 1 everywhere) reads 1."""
+    direction = _rotation((1, 0, 0), 30.0)
+    spacing, origin = np.array([1.0, 1.5, 2.0]), np.array([-10.0, 4.0, 30.0])
+    shape = (10, 12, 14)                                                   # (z, y, x)
+    labels = tmp_volume(np.ones(shape, np.uint8), spacing=tuple(spacing), origin=tuple(origin),
+                        direction=tuple(direction.ravel()))
+    grid = SliceGrid.from_image(labels, 16)
+    assert grid.grid.spacing[1] == pytest.approx(np.hypot(1.5 * np.cos(np.pi / 6), 2.0 * np.sin(np.pi / 6)))
+    got = grid.label_slices(labels)                                        # (n_slices, rows z down, columns x)
+    g = grid.grid
+    j, r, c = np.meshgrid(np.arange(g.size[1]), np.arange(16), np.arange(16), indexing="ij")
+    points = np.stack([g.origin[0] + c * g.spacing[0], g.origin[1] + j * g.spacing[1],
+                       g.origin[2] + (15 - r) * g.spacing[2]], axis=-1)    # rows run superior -> inferior
+    index = ((points - origin) @ direction) / spacing                      # continuous (i, j, k)
+    inside = np.minimum(index + 0.5, np.array(shape[::-1]) - 0.5 - index).min(axis=-1) > 0.6
+    assert inside.sum() > 100 and np.all(got[inside] == 1)
+    # the box spans the volume: its first and last slices are within a slice of its y extent
+    corners = [origin + direction @ ((np.array(k) * (np.array(shape[::-1]) - 1)) * spacing)
+               for k in np.ndindex(2, 2, 2)]
+    extent_y = np.ptp([p[1] for p in corners]) + np.abs(direction[1] * spacing).sum()
+    assert abs(g.size[1] * g.spacing[1] - extent_y) < g.spacing[1]
+
+
 def test_slice_grid_spans_the_volume_edge_to_edge_by_hand(tmp_volume):
     """8 x 7 x 6 voxels of 1.0 x 1.5 x 2.0 mm from (-10, 5, 30), cut into 4 x 4 slices without a field
     of view: x spans 8 mm edge to edge in 2 mm samples, the first at -10 - 0.5 + 1.0 = -9.5; z spans

@@ -179,9 +179,13 @@ class TryItCohort:
     referenceSegmentationNode: object = None
 
 
+# Engine subcommands whose result the module imports into the scene (the others write model files).
+SCENE_JOBS = ("segment", "evaluate", "synth")
+
+
 @dataclass
 class _Job:
-    name: str
+    name: str   # the engine subcommand
     process: EngineProcess
     tempDir: str
     onSuccess: Optional[Callable[[List[str]], object]]
@@ -314,7 +318,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onSceneStartClose(self, caller, event) -> None:
         # A running job's result belongs to the scene being closed (its volume, the parameter node),
         # even when the engine has just ended: cancelled, it reports back to the panel, which shows
-        # it and becomes ready again, and nothing is imported into the next scene.
+        # it and becomes ready again, and nothing is imported into the next scene (a model that
+        # training or adaptation has finished is a file, and is kept).
         if self.logic is not None and self.logic.isRunning():
             self.logic.cancel(discardFinished=True)
         self.setParameterNode(None)
@@ -683,13 +688,15 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         ``cancelled`` :class:`JobResult` to its ``finishedCallback``, unless ``detach``: then the
         job's callbacks are dropped and nothing is called back (a widget that is being destroyed
         calls it so; the job still cleans up its temporary folder). A background engine that has
-        already ended keeps its result (imported at the next poll), unless ``discardFinished``:
-        a scene being closed cancels so, since the result belongs to that scene.
+        already ended keeps its result (finished at the next poll), unless ``discardFinished`` and
+        the job's result goes into the scene (segment, evaluate, the Try-it cohort): a scene being
+        closed cancels so, since such a result belongs to that scene. A trained model is a file,
+        not scene content: it is kept.
         """
         if self._job is not None:
             if detach:
                 self._job.progressCallback = self._job.finishedCallback = None
-            self._job.process.cancel(evenIfEnded=discardFinished)
+            self._job.process.cancel(evenIfEnded=discardFinished and self._job.name in SCENE_JOBS)
 
     def _engineArgs(self) -> List[str]:
         if self.engineCommand:

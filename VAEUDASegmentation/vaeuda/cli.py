@@ -285,9 +285,9 @@ def run(args, reporter: Reporter) -> List[str]:
         return [json_path]
     if cmd == "info":
         from .modelfile import build_from_meta, check_metadata, read_tensors
-        _, meta, header = read_tensors(args.model)
+        tensors, meta, header = read_tensors(args.model)
         check_metadata(args.model, meta)
-        build_from_meta(args.model, meta)        # refuses a configuration that builds no network
+        build_from_meta(args.model, meta, tensors)   # refuses a configuration that builds no network
         # the checksum read_tensors verified: equal digests, equal weights (e.g. from two computers)
         print(json.dumps({"weights_sha256": header["tensors_sha256"], **meta}, indent=_indent(reporter)))
         return []

@@ -182,12 +182,15 @@ def load_model(path, device: str = "cpu") -> Tuple[VAEUDANet, dict]:
     """Rebuild the networks from a model file -> (net in eval mode on ``device``, meta)."""
     tensors, meta, _ = read_tensors(path)
     check_metadata(path, meta)
-    net = build_from_meta(path, meta)
+    net = build_from_meta(path, meta, tensors)
     load_networks(net, tensors, path)
     return net.to(device).eval(), meta
 
 
-def build_from_meta(path, meta: dict) -> VAEUDANet:
+def build_from_meta(path, meta: dict, tensors: Optional[Dict[str, torch.Tensor]] = None) -> VAEUDANet:
+    """The networks ``meta["config"]`` describes, freshly initialised. With the file's ``tensors``,
+    their names and shapes are compared first on a network without memory (torch's meta device),
+    so an edited width is refused before it allocates (a 1024-wide configuration: 14 GB)."""
     try:
         cfg = NetConfig.from_dict(meta["config"])
     except (KeyError, TypeError) as exc:
@@ -195,6 +198,14 @@ def build_from_meta(path, meta: dict) -> VAEUDANet:
     except VaeudaError as exc:
         raise VaeudaError(f"{path}: {exc}") from None
     try:
+        if tensors is not None:
+            with torch.device("meta"):
+                shapes = {f"net.{k}": tuple(v.shape) for k, v in VAEUDANet(cfg).state_dict().items()}
+            stored = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
+            if shapes != stored:
+                differing = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
+                raise VaeudaError(f"model weights do not fit its configuration ({len(differing)} tensor(s) "
+                                  f"missing, extra or of another shape, e.g. {differing[0]}).")
         return VAEUDANet(cfg)
     except VaeudaError as exc:
         raise VaeudaError(f"{path}: {exc}") from None

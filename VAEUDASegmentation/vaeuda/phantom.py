@@ -721,9 +721,11 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
             with atomic_path(tmp / "splits.json") as tmp_json:
                 tmp_json.write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
             written = {item.name for item in tmp.iterdir()}
-        removed = sorted(previous - written)
-        for name in removed:
-            (out / name).unlink(missing_ok=True)
+        removed = []
+        for name in sorted(previous - written):
+            if (out / name).exists():
+                (out / name).unlink()
+                removed.append(name)
     except OSError as exc:
         raise VaeudaError(f"{out}: could not write the cohort ({exc.strerror or exc}).") from None
     finally:

@@ -610,6 +610,18 @@ def _base_meta(stage: str, preset: str, convention: Convention, normalisation: d
     }
 
 
+# Far above any preset's batch (8, and 2 at the paper's 256x256): a larger one only exhausts memory
+# (100000 slices of the tiny preset took 23 GB before the system killed the process).
+MAX_BATCH_SIZE = 512
+
+
+def _check_batch_size(batch_size) -> None:
+    require_count("--batch-size", batch_size)
+    if batch_size > MAX_BATCH_SIZE:
+        raise VaeudaError(f"--batch-size {batch_size} is more than {MAX_BATCH_SIZE} slices per step, which would "
+                          f"only exhaust memory; the presets use 8.")
+
+
 def resolve_train_config(overrides: Optional[dict], batch_size: Optional[int], preset: str,
                          stage_defaults: Optional[dict] = None) -> TrainConfig:
     """The options a run uses: TrainConfig's defaults, then the preset's, the stage's and ``overrides``.
@@ -621,7 +633,7 @@ def resolve_train_config(overrides: Optional[dict], batch_size: Optional[int], p
         if not hasattr(cfg, k):
             raise VaeudaError(f"unknown training option '{k}'.")
         setattr(cfg, k, v)
-    require_count("--batch-size", cfg.batch_size)   # overrides may set it too
+    _check_batch_size(cfg.batch_size)   # overrides may set it too
     return cfg
 
 
@@ -631,19 +643,13 @@ def _stage_iterations(iterations: Optional[int], preset: str, stage: str) -> int
     return DEFAULT_ITERATIONS[preset][stage] if iterations is None else iterations
 
 
-# Far above any preset's batch (8, and 2 at the paper's 256x256): a larger one only exhausts memory
-# (100000 slices of the tiny preset took 23 GB before the system killed the process).
-MAX_BATCH_SIZE = 512
-
-
 def _check_run_arguments(iterations, batch_size, early_stop=None) -> None:
     """Refuse bad counts before any data is read."""
-    for flag, value in (("--iterations", iterations), ("--batch-size", batch_size), ("--early-stop", early_stop)):
+    for flag, value in (("--iterations", iterations), ("--early-stop", early_stop)):
         if value is not None:
             require_count(flag, value)
-    if batch_size is not None and batch_size > MAX_BATCH_SIZE:
-        raise VaeudaError(f"--batch-size {batch_size} is more than {MAX_BATCH_SIZE} slices per step, which would "
-                          f"only exhaust memory; the presets use 8.")
+    if batch_size is not None:
+        _check_batch_size(batch_size)
 
 
 def _refuse_repeated(volumes: Sequence[Path]) -> None:
@@ -682,8 +688,9 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
         preset = "paper" if dev.type == "cuda" else "cpu"
         reporter.log(f"no --preset given: using '{preset}' ({'CUDA GPU found' if dev.type == 'cuda' else 'no CUDA GPU'})")
     net_cfg = get_preset(preset)
-    if input_size is not None:           # VAEUDANet checks it
+    if input_size is not None:           # VAEUDANet checks it fits the networks; check() its range, as loading will
         net_cfg = dataclasses.replace(net_cfg, input_size=input_size)
+        net_cfg.check()
     normalisation = normalisation or dict(DEFAULT_NORMALISATION)
     torch.manual_seed(seed)
     net = VAEUDANet(net_cfg)
