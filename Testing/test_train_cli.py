@@ -220,6 +220,7 @@ def test_seed_outside_what_the_generators_take_is_a_usage_error(tmp_path, capsys
 
 @pytest.mark.parametrize("preset, size, message", [
     ("tiny", 50, "not divisible by 4"), ("tiny", 8, "at least 16 pixels"),
+    ("tiny", 8192, "input_size must be a whole number in [16, 4096], not 8192"),   # a model it could not load
     # the paper preset's 3-scale, 4-layer discriminator: its coarsest scale sees 60 px as 15, 7, 3, 1
     ("paper", 60, "too small for the 3-scale, 4-layer discriminator of this preset: it needs at least 64 pixels"),
 ])

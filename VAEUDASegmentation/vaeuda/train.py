@@ -688,12 +688,12 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
         preset = "paper" if dev.type == "cuda" else "cpu"
         reporter.log(f"no --preset given: using '{preset}' ({'CUDA GPU found' if dev.type == 'cuda' else 'no CUDA GPU'})")
     net_cfg = get_preset(preset)
-    if input_size is not None:           # VAEUDANet checks it fits the networks; check() its range, as loading will
+    if input_size is not None:           # VAEUDANet checks it fits the networks
         net_cfg = dataclasses.replace(net_cfg, input_size=input_size)
-        net_cfg.check()
     normalisation = normalisation or dict(DEFAULT_NORMALISATION)
     torch.manual_seed(seed)
     net = VAEUDANet(net_cfg)
+    net_cfg.check()                      # and the range loading will check: a model it can read back
     reporter.log(f"reading {len(images)} labelled source volumes")
     data = load_slices(images, net_cfg.input_size, net_cfg.slice_fov_mm, normalisation, labels, convention)
     cfg = resolve_train_config(overrides, batch_size, preset)
