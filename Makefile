@@ -38,7 +38,8 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/bench_gpu.py --device cuda --out Docs/benchmarks_gpu.json
 
-# a few minutes on a CUDA GPU, everything at once (benchmarks/gpu_session.sh says what)
+# a few minutes on a CUDA GPU, everything at once (benchmarks/gpu_session.sh says what). On a GPU
+# machine without a network, skip make (it installs): PYTHON=python3 benchmarks/gpu_session.sh OUT
 gpu-session: $(STAMP)
 	PYTHON=$(PY) benchmarks/gpu_session.sh runs/gpu_session
 

@@ -421,6 +421,21 @@ def test_paired_alignment_measures_an_adapted_models_own_target_encoder(tiny_coh
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "needs an adapted model" in proc.stderr
 
 
+def test_a_gpu_run_stopped_midway_is_folded_in_as_partial(tmp_path):
+    """bench_gpu.py rewrites its JSON after every stage (a session's time limit may stop it); the page
+    says so instead of failing on the missing table."""
+    root = BENCH.parent
+    partial = tmp_path / "gpu.json"
+    partial.write_text(json.dumps({"command": "benchmarks/bench_gpu.py", "partial": True, "machine": {"gpu": "H100"},
+                                   "device": "cuda", "settings": {}, "rows": [{"bf16": True}]}), encoding="utf-8")
+    out = tmp_path / "benchmarks.md"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--from-json",
+                           "benchmarks/results/cpu-1thread-loaded.json", "--gpu-json", str(partial), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "`benchmarks/bench_gpu.py` on H100 was stopped before it finished" in out.read_text()
+
+
 def test_docs_benchmarks_is_the_render_of_its_record_and_notes(tmp_path):
     """Docs/benchmarks.md is generated (`bench_speed.py --from-json`, from the recorded run and
     benchmarks/NOTES.md): an edit made in the page instead of NOTES.md would be lost by `make bench`."""

@@ -11,8 +11,11 @@ For bf16 autocast on and off (the engine itself uses bf16 on CUDA):
   (``predict.slice_probabilities``) and the whole ``predict.segment_image`` (with the
   resampling back onto the input grid, which runs on the CPU), with peak GPU memory.
 
-Prints a Markdown table and writes everything to ``--out`` (JSON; ``make bench`` folds it into
-Docs/benchmarks.md). Sized to finish in a few minutes on an H100: budget about 5 minutes.
+Prints a Markdown table and writes everything to ``--out`` (JSON, rewritten with what is measured
+so far after every stage, ``"partial": true`` until the end). To fold it into Docs/benchmarks.md
+without measuring the CPU again: ``benchmarks/bench_speed.py --from-json
+benchmarks/results/cpu-1thread-loaded.json --gpu-json OUT.json --out Docs/benchmarks.md``. Sized to
+finish in a few minutes on an H100: budget about 5 minutes.
 """
 from __future__ import annotations
 
@@ -95,6 +98,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.backends.cudnn.benchmark = False        # as the engine runs
     started = time.time()
     rows = []
+
+    def save_partial(row) -> None:
+        """What is measured so far, rewritten after every stage: a session stopped by its time limit
+        keeps it (the complete record, with the table, replaces it at the end)."""
+        partial = {"command": "benchmarks/bench_gpu.py " + " ".join(argv), "partial": True, "machine": machine_info(),
+                   "device": str(device), "settings": s, "rows": rows + [row]}
+        with atomic_path(Path(args.out)) as tmp:
+            tmp.write_text(json.dumps(partial, indent=1) + "\n", encoding="utf-8")
+
     for bf16 in (True, False):
         row = {"bf16": bf16}
         for stage in ("source", "adapt"):
@@ -104,6 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             row[stage] = {"images_per_s": r["images_per_s"], "all_images_per_s": r["all_images_per_s"],
                           "seconds_per_iteration": r["seconds_per_iteration"], "peak_bytes": peak_bytes(device)}
             print(f"[bench_gpu] bf16={bf16} {stage}: {r['images_per_s']:.2f} images/s", file=sys.stderr, flush=True)
+            save_partial(row)
         row["inference"] = measure_inference(s["preset"], s["volume"], s["infer_repeats"], device, bf16)
         print(f"[bench_gpu] bf16={bf16} inference: {row['inference']['volume_s']:.2f} s per volume",
               file=sys.stderr, flush=True)

@@ -500,18 +500,24 @@ def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
     if notes:
         lines += [notes.strip(), ""]
     lines += ["## GPU", ""]
-    if gpu:
+    if gpu and gpu.get("partial"):
+        lines += [f"`{gpu['command']}` on {gpu['machine'].get('gpu')} was stopped before it finished; what it "
+                  f"measured is in its JSON ({len(gpu['rows'])} row(s), unsummarised).", ""]
+    elif gpu:
         lines += [f"Measured by `{gpu['command']}` on {gpu['machine'].get('gpu')} ({gpu['date']}).", "",
                   gpu["markdown"], ""]
     else:
         lines += ["No GPU was available to this measurement. `benchmarks/bench_gpu.py` is the prepared script "
                   "for one (paper preset: throughput of both stages, inference time per 256x256x200 volume, peak "
                   "GPU memory, bf16 on and off); it is tested on the CPU in CI (`--device cpu --smoke`). On a "
-                  "machine with a CUDA GPU run `make bench-gpu`, then `make bench` to fold its JSON "
-                  "(`Docs/benchmarks_gpu.json`) into this page. For a GPU lent for a few minutes, "
-                  "`make gpu-session` (`benchmarks/gpu_session.sh`, within 9 minutes; not yet run on a GPU) runs it together "
-                  "with the demo on CUDA (four cohorts, one twice), the paper preset through the command line and "
-                  "bf16 against fp32, in one go.", ""]
+                  "machine with a CUDA GPU run `make bench-gpu`, then fold its JSON (`Docs/benchmarks_gpu.json`) "
+                  "into this page without measuring the CPU again: `bench_speed.py --from-json "
+                  "benchmarks/results/cpu-1thread-loaded.json --gpu-json Docs/benchmarks_gpu.json --out "
+                  "Docs/benchmarks.md`. For a GPU lent for a few minutes, without a network: "
+                  "`PYTHON=python3 GPU_SESSION_SECONDS=<the command's time limit minus 60> "
+                  "benchmarks/gpu_session.sh OUT` (wheels of SimpleITK and MONAI in `.whl/`; not yet run on a "
+                  "GPU) runs it together with the demo on CUDA (four cohorts, one twice), the paper preset "
+                  "through the command line and bf16 against fp32, in one go.", ""]
     this_page = (".venv/bin/python benchmarks/bench_speed.py" + (" --smoke" if s["smoke"] else "")
                  + f" --presets {' '.join(s['presets'])} --threads {s['threads']} --paper-slices {s['paper_slices']}"
                  + (f" --model {s['model']}" if s.get("model") else "") + " --out Docs/benchmarks.md")

@@ -1,14 +1,17 @@
 """Does bf16 autocast change the segmentation? fp32 and bf16 on one labelled volume with a trained model.
 
     .venv/bin/python benchmarks/bf16_accuracy.py --model MODEL IMAGE LABEL [--device cpu|cuda] [--domain source|target]
+        [--repeats N]
 
-Prints one JSON object: time per volume and Dice / ASSD against the label for fp32 and for
-bf16, and the per-structure Dice between the two segmentations (1.0: identical).
+Prints one JSON object: time per volume (median of N calls per mode after a warm-up, the modes
+alternating) and Dice / ASSD against the label for fp32 and for bf16, and the per-structure Dice
+between the two segmentations (1.0: identical).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -30,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--domain", default=None, choices=("source", "target"), help="default: as the model says")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per mode, alternating (median; default 5)")
     p.add_argument("image")
     p.add_argument("label")
     args = p.parse_args(argv)
@@ -40,18 +44,25 @@ def main(argv=None) -> int:
     ref_image = volumes.read_label(args.label, Convention.from_dict(meta["labels"]["convention"]), reference=image)
     ref = sitk.GetArrayFromImage(ref_image)
     spacing_zyx = tuple(reversed(ref_image.GetSpacing()))
-    out, segs = {"model": args.model, "image": args.image, "domain": domain, "device": str(device)}, {}
-    for name, bf16 in (("fp32", False), ("bf16", True)):
+    out, segs = {"model": args.model, "image": args.image, "domain": domain, "device": str(device),
+                 "repeats": args.repeats}, {}
+    times = {"fp32": [], "bf16": []}
+    modes = (("fp32", False), ("bf16", True))
+    for name, bf16 in modes:                                           # one warm-up each, and the labels
         with forced_autocast(bf16):
-            segment_image(net, meta, image, device, domain)            # warm-up
-            sync(device)
-            t = time.perf_counter()
-            seg = sitk.GetArrayFromImage(segment_image(net, meta, image, device, domain))
-            sync(device)
-            seconds = time.perf_counter() - t
-        summary = summarise([evaluate_volume(seg, ref, spacing_zyx)])
-        segs[name] = seg
-        out[name] = {"seconds": seconds, "dice": {k: summary[k]["dice"]["mean"] for k in CLASS_KEYS + ("Mean",)},
+            segs[name] = sitk.GetArrayFromImage(segment_image(net, meta, image, device, domain))
+    sync(device)
+    for repeat in range(args.repeats):        # alternating, each mode first in turn: neither pays for the other
+        for name, bf16 in (modes if repeat % 2 == 0 else modes[::-1]):
+            with forced_autocast(bf16):
+                t = time.perf_counter()
+                segment_image(net, meta, image, device, domain)
+                sync(device)
+                times[name].append(time.perf_counter() - t)
+    for name, _ in modes:
+        summary = summarise([evaluate_volume(segs[name], ref, spacing_zyx)])
+        out[name] = {"seconds": statistics.median(times[name]), "seconds_each": times[name],
+                     "dice": {k: summary[k]["dice"]["mean"] for k in CLASS_KEYS + ("Mean",)},
                      "assd_vox_mean": summary["Mean"]["assd_vox"]["mean"]}
     out["dice_fp32_vs_bf16"] = {s.key: dice(segs["fp32"] == s.index, segs["bf16"] == s.index) for s in STRUCTURES}
     out["voxels_differing"] = float(np.mean(segs["fp32"] != segs["bf16"]))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a short GPU session should measure, in one prepared run, inside a deadline
-# (GPU_SESSION_SECONDS, default 540: a device tool that allows 600 s a command; not yet run on a GPU):
+# (GPU_SESSION_SECONDS, default 540: set it to the command's time limit minus about 60 s, since a
+# kill from outside leaves no time to collect; not yet run on a GPU):
 #
 #   benchmarks/gpu_session.sh OUT_DIR            # CUDA: the measurements
 #   benchmarks/gpu_session.sh OUT_DIR --smoke    # the same steps on the CPU at toy sizes (CI, ~1 minute)
@@ -36,8 +37,11 @@ T0=$(date +%s)
 DEADLINE=$(( T0 + ${GPU_SESSION_SECONDS:-540} ))
 FAILED=""
 log() { echo "[gpu_session $(( $(date +%s) - T0 ))s] $*"; }
-# a step's time limit: at most $1 seconds, and no later than 15 s before the deadline (for collecting)
-limit() { local left=$(( DEADLINE - 15 - $(date +%s) )); [ "$left" -lt "$1" ] || left=$1; [ "$left" -gt 1 ] || left=1; echo "$left"; }
+# a step's time limit: at most $1 seconds, ending no later than $2 (default: 15 s before the deadline,
+# for collecting)
+limit() { local left=$(( ${2:-$(( DEADLINE - 15 ))} - $(date +%s) )); [ "$left" -lt "$1" ] || left=$1; [ "$left" -gt 1 ] || left=1; echo "$left"; }
+# a child stuck in a CUDA call may ignore SIGTERM: SIGKILL 10 s after it
+TIMEOUT="timeout -k 10"
 
 collect() {
   "$PY" - "$WORK" > "$OUT/demos.json" 2>> "$LOGS/collect.log" <<'PY'
@@ -107,36 +111,37 @@ fi
 log "$(tr '\n' ' ' < "$OUT/env.txt")"
 
 # 1. throughput and memory, alone on the device
-timeout "$(limit "$T_BENCH")" "$PY" "$REPO/benchmarks/bench_gpu.py" --device "$DEVICE" $BENCH \
+$TIMEOUT "$(limit "$T_BENCH")" "$PY" "$REPO/benchmarks/bench_gpu.py" --device "$DEVICE" $BENCH \
     --out "$OUT/bench_gpu.json" > "$LOGS/bench_gpu.log" 2>&1
 rc=$?; log "bench_gpu.py rc=$rc"; [ $rc = 0 ] || FAILED="$FAILED bench_gpu"
 
-# 2. the demos and the command-line run side by side
+# 2. the demos and the command-line run side by side, all ending by PHASE2_END (step 3 keeps its time)
+PHASE2_END=$(( $(date +%s) + T_DEMO )); [ "$PHASE2_END" -lt $(( DEADLINE - 15 )) ] || PHASE2_END=$(( DEADLINE - 15 ))
 for run in $RUNS; do
   name=${run%%:*}; seed=${run##*:}
-  ( OMP_NUM_THREADS=$THREADS timeout "$(limit "$T_DEMO")" "$PY" -m vaeuda demo --out "$WORK/demo_$name" \
+  ( OMP_NUM_THREADS=$THREADS $TIMEOUT "$(limit "$T_DEMO" "$PHASE2_END")" "$PY" -m vaeuda demo --out "$WORK/demo_$name" \
         --seed "$seed" --device "$DEVICE" $DEMO --progress json > "$LOGS/demo_$name.log" 2>&1
     echo "rc=$?" >> "$LOGS/demo_$name.log" ) &
 done
 ( C=$WORK/demo_s0/cohort; P=$WORK/cli
   export OMP_NUM_THREADS=$THREADS
-  while [ "$(date +%s)" -lt $(( DEADLINE - 30 )) ]; do   # until the seed-0 demo has written its cohort, or has stopped
+  while [ "$(date +%s)" -lt $(( PHASE2_END - 30 )) ]; do   # until the seed-0 demo has written its cohort, or has stopped
     [ -f "$C/splits.json" ] || grep -q '^rc=' "$LOGS/demo_s0.log" 2>/dev/null && break; sleep 2
   done
   [ -f "$C/splits.json" ] || { echo "no cohort: the seed-0 demo wrote none"; echo "paper_cli rc=1"; exit 1; }
   # the scans by split, as the demo chose them: 4 MR training scans, the first CT training and test scans
   read -r MR1 MR2 MR3 MR4 CT_ADAPT CT_TEST < <("$PY" -c "import sys; from vaeuda.demo import cohort_split as split; c = sys.argv[1]; print(*split(c, 'mr', 'train')[:4], split(c, 'ct', 'train')[0], split(c, 'ct', 'test')[0])" "$C")
   set -x
-  timeout "$(limit "$T_CLI")" "$PY" -m vaeuda train-source --out "$P/source.safetensors" --preset "$PRESET" \
+  $TIMEOUT "$(limit "$T_CLI" "$PHASE2_END")" "$PY" -m vaeuda train-source --out "$P/source.safetensors" --preset "$PRESET" \
       --iterations "$ITERS_SRC" --device "$DEVICE" --progress json \
       "$C/${MR1}_image.nii.gz" "$C/${MR2}_image.nii.gz" "$C/${MR3}_image.nii.gz" "$C/${MR4}_image.nii.gz" &&
-  timeout "$(limit "$T_CLI")" "$PY" -m vaeuda adapt --model "$P/source.safetensors" --out "$P/adapted.safetensors" \
+  $TIMEOUT "$(limit "$T_CLI" "$PHASE2_END")" "$PY" -m vaeuda adapt --model "$P/source.safetensors" --out "$P/adapted.safetensors" \
       --iterations "$ITERS_ADAPT" --device "$DEVICE" --progress json "$C/${CT_ADAPT}_image.nii.gz" &&
-  timeout "$(limit "$T_CLI")" "$PY" -m vaeuda segment --model "$P/adapted.safetensors" --out "$P/seg" \
+  $TIMEOUT "$(limit "$T_CLI" "$PHASE2_END")" "$PY" -m vaeuda segment --model "$P/adapted.safetensors" --out "$P/seg" \
       --device "$DEVICE" "$C/${CT_TEST}_image.nii.gz" &&
-  timeout "$(limit 60)" "$PY" -c "import sys, SimpleITK as s, numpy as n; a, b = s.ReadImage(sys.argv[1]), s.ReadImage(sys.argv[2]); print('on the input grid:', a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection(), 'label values:', n.unique(s.GetArrayFromImage(a)).tolist())" \
+  $TIMEOUT "$(limit 60 "$PHASE2_END")" "$PY" -c "import sys, SimpleITK as s, numpy as n; a, b = s.ReadImage(sys.argv[1]), s.ReadImage(sys.argv[2]); print('on the input grid:', a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection(), 'label values:', n.unique(s.GetArrayFromImage(a)).tolist())" \
       "$P/seg/${CT_TEST}_image_seg.nii.gz" "$C/${CT_TEST}_image.nii.gz" &&
-  timeout "$(limit 60)" "$PY" -m vaeuda info "$P/adapted.safetensors" > "$LOGS/cli_info.json"
+  $TIMEOUT "$(limit 60 "$PHASE2_END")" "$PY" -m vaeuda info "$P/adapted.safetensors" > "$LOGS/cli_info.json"
   echo "paper_cli rc=$?" ) > "$OUT/paper_cli.log" 2>&1 &
 wait
 for f in "$LOGS"/demo_*.log "$OUT/paper_cli.log"; do   # each ends in its step's exit status
@@ -144,12 +149,13 @@ for f in "$LOGS"/demo_*.log "$OUT/paper_cli.log"; do   # each ends in its step's
   log "$name: $status"
   [ "${status##*rc=}" = 0 ] || FAILED="$FAILED $name"
 done
+collect   # now too: a kill from outside during step 3 would leave no time for the exit trap
 
 # 3. bf16 against fp32 on the trained, adapted model
 D=$WORK/demo_s0
 if [ -f "$D/models/adapted.safetensors" ]; then
   TEST=$("$PY" -c "import sys; from vaeuda.demo import cohort_split; print(cohort_split(sys.argv[1], 'ct', 'test')[0])" "$D/cohort")
-  timeout "$(limit 90)" "$PY" "$REPO/benchmarks/bf16_accuracy.py" --model "$D/models/adapted.safetensors" \
+  $TIMEOUT "$(limit 90)" "$PY" "$REPO/benchmarks/bf16_accuracy.py" --model "$D/models/adapted.safetensors" \
       --device "$DEVICE" "$D/cohort/${TEST}_image.nii.gz" "$D/cohort/${TEST}_label.nii.gz" \
       > "$OUT/bf16.json" 2> "$LOGS/bf16.log"
   rc=$?; log "bf16_accuracy.py rc=$rc"; [ $rc = 0 ] || FAILED="$FAILED bf16_accuracy"
