@@ -50,7 +50,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from common import add_set_option, cohort_slices, parsed_set_options  # (also puts the engine on sys.path)
+from common import add_set_option, cohort_slices, parsed_set_options, write_record  # (also puts the engine on sys.path)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "curve": curve}, indent=1), encoding="utf-8")
+        write_record(args.out, {"args": vars(args), "curve": curve})
     return 0
 
 

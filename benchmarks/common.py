@@ -8,6 +8,7 @@ loop only (set-up and the final model write are outside it).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -26,12 +27,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vaeuda import machine  # noqa: E402
+from vaeuda.fileio import atomic_path  # noqa: E402
 from vaeuda.data import SliceSet, load_slices  # noqa: E402
 from vaeuda.demo import evaluate_model, image_of, label_of  # noqa: E402
 from vaeuda.labels import MMWHS  # noqa: E402
 from vaeuda.nets import VAEUDANet, get_preset  # noqa: E402
 from vaeuda.progress import Reporter, null_reporter  # noqa: E402
-from vaeuda.train import Stage, TrainConfig, run_stage  # noqa: E402
+from vaeuda.train import ADAPT_TRAINING, Stage, TrainConfig, resolve_train_config, run_stage  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -192,6 +194,14 @@ def cohort_slices(cohort: Path, prefixes: Sequence[str], net_cfg, normalisation:
                        normalisation, [label_of(cohort, s) for s in prefixes] if labelled else None, MMWHS)
 
 
+def write_record(path, record: dict) -> None:
+    """A study's JSON record, written whole or not at all (an interrupted write leaves the old file),
+    with the machine it was measured on unless the record names one."""
+    record = record if "machine" in record else {**record, "machine": machine_info()}
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
 def scored_dice(model: Path, cohort: Path, prefixes: Sequence[str], out_dir: Path) -> Dict[str, float]:
     """Mean Dice [%] per structure and ``Mean`` of ``model`` on the cohort scans ``prefixes``, on the CPU
     (``demo.evaluate_model``, predictions written into ``out_dir``), rounded to 0.01."""
@@ -216,8 +226,11 @@ def stage_throughput(preset: str, stage: str, batch: int, iterations: int, repea
     target = synthetic_slices(n, size, labelled=False, seed=2) if stage == "adapt" else None
     torch.manual_seed(0)
     net = VAEUDANet(cfg)
-    train_cfg = TrainConfig(batch_size=batch, class_weights=(1.0,) * cfg.n_classes,
-                            checkpoint_every=10 ** 9, eval_every=10 ** 9)
+    # the engine's stage options (adaptation: its learning rate and weight average), minus the
+    # checkpoints and held-out evaluations, which are not training
+    train_cfg = resolve_train_config(None, batch, preset, ADAPT_TRAINING.get(preset, {}) if stage == "adapt" else None)
+    train_cfg.class_weights = (1.0,) * cfg.n_classes
+    train_cfg.checkpoint_every = train_cfg.eval_every = 10 ** 9
     rates: List[float] = []
     peak = None
     with tempfile.TemporaryDirectory() as tmp, \

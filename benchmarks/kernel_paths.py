@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from common import REPO, machine_info  # (also puts the engine on sys.path, as for every benchmark script)
+from common import REPO, machine_info, write_record  # (also puts the engine on sys.path, as for every benchmark script)
 
 from vaeuda.demo import ROW_ADAPTED as ADAPTED, ROW_ORACLE as ORACLE, ROW_UNADAPTED as UNADAPTED  # noqa: E402
 from vaeuda.machine import KERNEL_VARIABLES, PORTABLE_ENVIRONMENT  # noqa: E402
@@ -159,8 +159,7 @@ def main(argv=None) -> int:
     table = fingerprint_markdown(rows) if args.fingerprints else markdown(rows)
     print(table)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine_info(), "variants": rows,
-                                              "markdown": table}, indent=1) + "\n", encoding="utf-8")
+        write_record(args.out, {"args": vars(args), "machine": machine_info(), "variants": rows, "markdown": table})
     return 0
 
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_set_option, machine_info, parsed_set_options, scored_dice  # (also puts the engine on sys.path)
+from common import add_set_option, machine_info, parsed_set_options, scored_dice, write_record  # (also puts the engine on sys.path)
 
 import torch  # noqa: E402
 
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     record = {"args": vars(args), "machine": machine_info(), "draws": draws, "summary": summary(draws)}
     print(json.dumps(record["summary"]))
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        write_record(args.out, record)
     return 0
 
 

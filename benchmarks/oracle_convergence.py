@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_info, scored_dice  # (also puts the engine on sys.path)
+from common import machine_info, scored_dice, write_record  # (also puts the engine on sys.path)
 
 import torch  # noqa: E402
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         return 1
     record = {"args": vars(args), "machine": machine_info(), "runs": runs}
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        write_record(args.out, record)
     return 0
 
 

@@ -44,7 +44,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
+from common import cohort_slices, write_record  # (also puts the engine on sys.path, as for every benchmark script)
 from adaptation_curves import (default_validation_scans, fixed_slices, latent_probe_of,  # noqa: E402
                                latent_probe_sets, mean_score, posterior_summary)
 
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                   x_ts_contrast={k: round(v, 3) for k, v in rows["x_TS (CT as MR)"].items()})
     print(json.dumps({"kl": record["kl"], "x_ts_contrast": record["x_ts_contrast"]}), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        write_record(args.out, record)
     return 0
 
 

@@ -41,8 +41,9 @@ def score_curve(curve: List[dict], horizon: int) -> Dict[str, dict]:
         if np.isnan(values).any():
             continue
         k = int(np.argmin(values))
-        rho = spearmanr(-values, val).statistic if np.ptp(values) > 0 else float("nan")
-        out[name] = {"spearman": round(float(rho), 3), "picked": rows[k]["iteration"],
+        # a flat proxy ranks nothing: null (JSON has no NaN)
+        rho = round(float(spearmanr(-values, val).statistic), 3) if np.ptp(values) > 0 else None
+        out[name] = {"spearman": rho, "picked": rows[k]["iteration"],
                      "val": rows[k]["val"], "test": rows[k]["test"], "regret": round(best_val - rows[k]["val"], 2)}
     last = rows[-1]
     out["last"] = {"picked": last["iteration"], "val": last["val"], "test": last["test"],
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     study = {}
     for path in args.curves:
         try:
+            if Path(path).stem in study:   # runs are named by file name: two of one name would merge
+                raise ValueError(f"another curve file is also named {Path(path).stem}")
             curve = json.loads(Path(path).read_text(encoding="utf-8"))["curve"]
             study[Path(path).stem] = score_curve(curve, args.horizon)
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -76,12 +79,13 @@ def main(argv=None) -> int:
             if s is None:
                 cells.append("")
                 continue
-            rho = f"rho {s['spearman']:+.2f}, " if "spearman" in s else ""
+            rho = f"rho {s['spearman']:+.2f}, " if s.get("spearman") is not None else ""
             cells.append(f"{rho}it {s['picked']}: {s['val']:.2f} / {s['test']:.2f}")
             regrets.append(s["regret"])
         print(f"| {name} | " + " | ".join(cells) + f" | {np.mean(regrets):.2f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"horizon": args.horizon, "runs": study}, indent=1), encoding="utf-8")
+        from common import write_record   # the engine and torch only when a record is written
+        write_record(args.out, {"horizon": args.horizon, "runs": study})
     return 0
 
 
