@@ -421,6 +421,23 @@ def test_paired_alignment_measures_an_adapted_models_own_target_encoder(tiny_coh
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "needs an adapted model" in proc.stderr
 
 
+def test_study_records_name_their_machine_and_commit_and_are_written_whole(tmp_path, monkeypatch):
+    common = _bench_module("common")
+    path = tmp_path / "r.json"
+    path.write_text("earlier", encoding="utf-8")
+    common.write_record(path, {"args": {"draws": 6}})
+    record = json.loads(path.read_text(encoding="utf-8"))
+    assert record["args"] == {"draws": 6} and record["machine"]["logical_cores"] >= 1
+    assert record["engine_commit"] == common.engine_commit() and record["engine_commit"]   # this is a checkout
+
+    def unserialisable(*a, **k):
+        raise TypeError("not JSON")
+    monkeypatch.setattr(common.json, "dumps", unserialisable)
+    with pytest.raises(TypeError):
+        common.write_record(path, {"args": {}})
+    assert json.loads(path.read_text(encoding="utf-8"))["args"] == {"draws": 6}     # the old record stands
+
+
 def test_a_gpu_run_stopped_midway_is_folded_in_as_partial(tmp_path):
     """bench_gpu.py rewrites its JSON after every stage (a session's time limit may stop it); the page
     says so instead of failing on the missing table."""

@@ -194,10 +194,23 @@ def cohort_slices(cohort: Path, prefixes: Sequence[str], net_cfg, normalisation:
                        normalisation, [label_of(cohort, s) for s in prefixes] if labelled else None, MMWHS)
 
 
+def engine_commit() -> Optional[str]:
+    import subprocess
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def write_record(path, record: dict) -> None:
     """A study's JSON record, written whole or not at all (an interrupted write leaves the old file),
-    with the machine it was measured on unless the record names one."""
+    with the machine it was measured on unless the record names one, and the engine's commit
+    (``git describe --always --dirty``; None outside a git checkout): the defaults a run took
+    (e.g. ``iterations: null``) are those of that commit."""
     record = record if "machine" in record else {**record, "machine": machine_info()}
+    record.setdefault("engine_commit", engine_commit())
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
