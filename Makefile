@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m vaeuda demo --out demo_out
 
 quick-demo: $(STAMP)
-	$(PY) -m vaeuda demo --out demo_out --quick
+	$(PY) -m vaeuda demo --out demo_quick_out --quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -44,4 +44,4 @@ gpu-session: $(STAMP)
 	PYTHON=$(PY) benchmarks/gpu_session.sh runs/gpu_session
 
 clean:
-	rm -rf $(VENV) demo_out runs .pytest_cache
+	rm -rf $(VENV) demo_out demo_quick_out runs .pytest_cache

@@ -446,9 +446,13 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 p.adaptedModelPath = pathlib.Path(cohort.folder) / "adapted_model.safetensors"
                 p.inputVolume = cohort.volumeNode
                 p.referenceSegmentation = cohort.referenceSegmentationNode
+                # the cohort is small: the cpu preset's defaults train and adapt it in minutes, where
+                # "auto" would take the paper preset's hours on a GPU
+                p.preset = "cpu"
                 self.ui.targetVolumesSelector.setCheckState(cohort.volumeNode, qt.Qt.Checked)
                 self.ui.logTextEdit.appendPlainText(
-                    f"Synthetic cohort in {cohort.folder}. Next: train a source model from it, adapt, segment.")
+                    f"Synthetic cohort in {cohort.folder}; training preset set to cpu (minutes). Next: train a "
+                    f"source model from it, adapt, segment.")
 
         self._runAction("tryIt", lambda: self.logic.makeTryItCohort(folder, seed=p.seed,
                                                                     **self._jobOptions(finished)))
@@ -957,7 +961,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         preset's own if None; adaptation and segmentation follow the model's); ``portable``: the
         engine's ``--portable``, kernels that do not depend on the CPU's instruction set, so that a
         seed gives the same model whatever thread count or instruction-set limit is set (CPU only,
-        about 3.5x slower; CPUs of another maker have still given another model);
+        3.5-6x slower; CPUs of another maker have still given another model);
         ``intensityRemap``: the engine's ``--intensity-remap``, not the paper's method: the source
         encoder reads randomly remapped intensities (GIN), so the model carries over to other
         modalities better; adapting such a model has also lost what it had (Docs/results.md). The

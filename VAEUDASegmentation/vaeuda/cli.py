@@ -55,7 +55,7 @@ def _numerics(p: argparse.ArgumentParser) -> None:
     p.add_argument("--portable", action="store_true",
                    help="kernels that do not depend on the CPU's instruction set, 2 threads, CPU only: the same "
                         "numbers under any thread count or instruction-set limit of this CPU model (not across "
-                        "CPU makers, as measured); about 3.5x slower (vaeuda.machine)")
+                        "CPU makers, as measured); 3.5-6x slower (vaeuda.machine)")
 
 
 def _training(p: argparse.ArgumentParser) -> None:
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic cohort, with a report")
-    p.add_argument("--out", default="demo_out")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--quick", action="store_true", help="a smoke run of the same pipeline at the tiny preset (seconds; its numbers mean nothing)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--intensity-remap", action="store_true", help="train the source model with --intensity-remap: "
@@ -185,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="experiment", required=True)
     e = esub.add_parser("table1", help="Table 1 protocol with ablations on a cohort")
     e.add_argument("--data", required=True, help="cohort folder with splits.json")
-    e.add_argument("--out", required=True)
-    e.add_argument("--repeats", type=int, default=6)
-    e.add_argument("--preset", choices=("cpu", "paper", "tiny"), default=None)
+    e.add_argument("--out", required=True, help="output folder (models, predictions, report.md, report.json)")
+    e.add_argument("--repeats", type=int, default=6, help="draws of the adaptation scan per row (default 6, as the paper)")
+    e.add_argument("--preset", choices=("cpu", "paper", "tiny"), default=None,
+                   help="default: paper with CUDA, cpu without")
     e.add_argument("--seed", type=_seed, default=0)
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     e.add_argument("--iterations-scale", type=float, default=1.0, help="scale every stage's iterations (smoke runs)")
