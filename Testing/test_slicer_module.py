@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import struct
 import subprocess
 import sys
@@ -311,6 +312,81 @@ def test_the_default_input_volume_is_one_the_selector_lists(slicer, mod):
     assert logic.defaultInputVolume() is None
     ct = add_volume(slicer, np.zeros((2, 2, 2), np.float32))
     assert logic.defaultInputVolume() is ct
+
+
+def test_console_mistakes_are_refused_before_the_job_in_one_sentence(slicer, mod, fake_logic, tmp_path):
+    """From a bad-input sweep of the batch API: each ran the engine first and then failed with a raw
+    errno or AttributeError, or (an output equal to an input) replaced the input."""
+    from vaeuda.labels import MMWHS
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    volume = add_volume(slicer, np.arange(60, dtype=np.float32).reshape(3, 4, 5))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    seg = make_segmentation(slicer, volume, np.zeros((3, 4, 5), np.uint8), [("LV-M", "LV-M", None)], "seg")
+    nodes = scene_node_ids(slicer)
+
+    def header(body: bytes) -> str:
+        path = tmp_path / f"h{len(body)}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(body)) + body)
+        return str(path)
+
+    cases = [
+        (lambda: fake_logic.adapt(model, [volume], tmp_path / "folder"), "is a folder; choose a model file name"),
+        (lambda: fake_logic.adapt(model, [volume], tmp_path / "afile" / "a.safetensors"), "afile is a file, not a folder"),
+        (lambda: fake_logic.adapt(model, [volume], model), "is also an input, which is never overwritten"),
+        (lambda: fake_logic.makeTryItCohort(tmp_path / "afile"), "is a file; the synthetic cohort needs"),
+        (lambda: fake_logic.segment(volume, header(b"[1,2]")), "not a VAE-UDA model file"),
+        (lambda: fake_logic.segment(volume, header(b'{"__metadata__": {"format": "vaeuda-model", "meta": "[1]"}}')),
+         "the model file's metadata is damaged"),
+        (lambda: fake_logic.segment(volume, model, volume), "The output segmentation must be a vtkMRMLSegmentationNode "
+                                                            "node, not node 'ct_case' (vtkMRMLScalarVolumeNode)"),
+        (lambda: fake_logic.segment(volume.GetID(), model), "Select a scalar volume"),
+        (lambda: fake_logic.evaluate(volume, seg), "The segmentation must be a vtkMRMLSegmentationNode node"),
+        (lambda: fake_logic.evaluate(seg, seg, volume), "The output table must be a vtkMRMLTableNode node"),
+        (lambda: mod.segmentMask(None, "LV-M", volume), "must be a vtkMRMLSegmentationNode node, not nothing"),
+    ]
+    for call, sentence in cases:
+        with pytest.raises(ValueError, match=re.escape(sentence)):
+            call()
+    assert scene_node_ids(slicer) == nodes and os.listdir(slicer.app.temporaryPath) == []
+    assert (tmp_path / "afile").read_text(encoding="utf-8") == "x" and mod.readModelMetadata(model)   # untouched
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "mr_1_image.nii.gz").write_bytes(b"image")
+    with pytest.raises(ValueError, match="is also an input"):
+        fake_logic.trainSource(train, train / "mr_1_image.nii.gz")
+    assert (train / "mr_1_image.nii.gz").read_bytes() == b"image"
+
+
+def test_evaluate_says_which_structures_the_reference_lacks(slicer, mod, fake_logic, caplog):
+    """A reference without a segment for a structure scores it against nothing (Dice 0 where the
+    segmentation has it), which lowers the mean: said in the log, before the job."""
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    labels = np.zeros((3, 4, 5), np.uint8)
+    labels[1, 1:3, 1:4] = 1
+    seg = make_segmentation(slicer, volume, labels, [("LV-M", "LV-M", None)], "seg")
+    ref = make_segmentation(slicer, volume, labels, [("LV-M", "LV myocardium", None)], "ref")
+    with caplog.at_level(logging.WARNING):
+        try:
+            fake_logic.evaluate(seg, ref)
+        except mod.JobFailedError:    # the stand-in engine writes no evaluation: only the warning matters
+            pass
+    assert "the reference 'ref' has no segment for LA blood cavity, LV blood cavity, Ascending aorta" in caplog.text
+
+
+def test_a_node_removed_while_its_job_ran_gets_nothing_imported(slicer, mod, fake_logic, tmp_path):
+    from vaeuda.labels import MMWHS
+    volume = add_volume(slicer, np.arange(60, dtype=np.float32).reshape(3, 4, 5))
+    out = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+    results = []
+    fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), out, waitForCompletion=False,
+                       finishedCallback=results.append)
+    slicer.mrmlScene.RemoveNode(out)
+    pump(slicer, lambda: results)
+    assert results[0].status == "failed"
+    assert results[0].message == "The output segmentation 'out' was removed from the scene while the job ran; " \
+                                 "nothing was imported."
+    assert out.GetSegmentation().GetNumberOfSegments() == 0
 
 
 def test_a_job_ended_before_its_scene_closed_imports_nothing(slicer, mod, fake_logic, tmp_path):

@@ -85,6 +85,7 @@ def segmentMask(segmentationNode, segmentId: str, referenceVolume) -> np.ndarray
     (K, J, I)), without the colour table node the export adds to the scene and that older
     slicer.util leaves there: one node per call would pile up in the user's scene. Only the table
     this call added is removed; scene names are not unique, so older ones of that name stay."""
+    VAEUDASegmentationLogic._requireNode(segmentationNode, "vtkMRMLSegmentationNode", "segmentMask's segmentation")
     before = _temporaryColorTableIds()
     try:
         return slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolume)
@@ -112,13 +113,16 @@ def readModelMetadata(modelPath) -> dict:
             header = json.loads(f.read(length).decode("utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         raise ValueError(f"{path}: not a VAE-UDA model file (no readable safetensors header).") from None
-    metadata = header.get("__metadata__") or {}
-    if metadata.get("format") != MODEL_FORMAT:
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not a VAE-UDA model file (a safetensors file without the '{MODEL_FORMAT}' metadata).")
     try:
-        return json.loads(metadata.get("meta") or "{}")
-    except ValueError:
-        raise ValueError(f"{path}: the model file's metadata is damaged.") from None
+        meta = json.loads(metadata.get("meta") or "{}")
+    except (TypeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the model file's metadata is damaged.")
+    return meta
 
 
 def labelValuesOfModel(meta: dict) -> Optional[List[int]]:
@@ -133,7 +137,10 @@ def labelValuesOfModel(meta: dict) -> Optional[List[int]]:
         labels = labels["convention"]
     if isinstance(labels, dict) and isinstance(labels.get("from_index"), list) \
             and len(labels["from_index"]) == vaeudaLabels.N_CLASSES:
-        return [int(v) for v in labels["from_index"]]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels["from_index"]):
+            raise ValueError(f"the model file's label values {labels['from_index']!r} are not whole numbers "
+                             f"(its metadata is damaged).")
+        return list(labels["from_index"])
     return None
 
 
@@ -814,7 +821,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _writeVolume(volumeNode, path: str) -> None:
-        if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode") \
+        if volumeNode is None or not hasattr(volumeNode, "IsA") or not volumeNode.IsA("vtkMRMLScalarVolumeNode") \
                 or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
             raise ValueError("Select a scalar volume (not a label map) as input.")
         if volumeNode.GetImageData() is None:
@@ -826,6 +833,31 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         # exportNode leaves the node's storage node (its file name for "Save") untouched.
         if not slicer.util.exportNode(volumeNode, path, {}, world=False):
             raise RuntimeError(f"Could not write volume '{volumeNode.GetName()}' to {path}.")
+
+    @staticmethod
+    def _requireNode(node, className: str, what: str) -> None:
+        """Refuse, in one sentence, what is not a node of ``className`` (a node ID or name typed in
+        the console, a label map where a segmentation is meant)."""
+        if node is None or not hasattr(node, "IsA") or not node.IsA(className):
+            given = "nothing" if node is None else (f"node '{node.GetName()}' ({node.GetClassName()})"
+                                                    if hasattr(node, "GetClassName") else repr(node))
+            raise ValueError(f"{what} must be a {className} node, not {given}.")
+
+    @staticmethod
+    def _checkOutputFile(path, inputs: Sequence = (), what: str = "model file") -> None:
+        """Refuse, before the job, an output the finished job could not be moved to (a folder, a
+        path under a file) or that would replace one of ``inputs`` (never overwritten)."""
+        path = os.path.abspath(str(path))
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: is a folder; choose a {what} name.")
+        ancestor = os.path.dirname(path)
+        while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            raise ValueError(f"{path}: {ancestor} is a file, not a folder.")
+        for item in inputs:
+            if item is not None and os.path.abspath(str(item)) == path:
+                raise ValueError(f"{path}: is also an input, which is never overwritten; choose another {what} name.")
 
     @staticmethod
     def _existingFile(path, what: str) -> str:
@@ -927,7 +959,12 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             seg.CreateClosedSurfaceRepresentation()   # show in 3D
         """
         modelPath = self._existingFile(modelPath, "model file")
-        fromIndex = labelValuesOfModel(readModelMetadata(modelPath))
+        try:
+            fromIndex = labelValuesOfModel(readModelMetadata(modelPath))
+        except ValueError as exc:
+            raise ValueError(str(exc) if str(exc).startswith(modelPath) else f"{modelPath}: {exc}") from None
+        if outputSegmentationNode is not None:
+            self._requireNode(outputSegmentationNode, "vtkMRMLSegmentationNode", "The output segmentation")
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         try:
@@ -939,6 +976,11 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         outputDir = os.path.join(tempDir, "output")
 
         def importResult(outputs: List[str]):
+            # a background job: the user may have removed the nodes while it ran
+            for node, what in ((inputVolumeNode, "input volume"), (outputSegmentationNode, "output segmentation")):
+                if node is not None and node.GetScene() is None:
+                    raise RuntimeError(f"The {what} '{node.GetName()}' was removed from the scene while the job ran; "
+                                       f"nothing was imported.")
             labelPath = next((p for p in outputs if p.endswith("_seg.nii.gz")),
                              os.path.join(outputDir, "input_seg.nii.gz"))
             return self._importSegmentation(labelPath, inputVolumeNode, outputSegmentationNode, fromIndex)
@@ -974,6 +1016,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"{dataFolder}: training data folder not found.")
         if not _pathOrNone(outputModelPath):
             raise ValueError("Choose where to write the trained model.")
+        folder = os.path.abspath(str(dataFolder))
+        self._checkOutputFile(outputModelPath, [os.path.join(folder, name) for name in os.listdir(folder)])
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         tempModel = os.path.join(tempDir, "model" + _modelSuffix(outputModelPath))
@@ -1006,6 +1050,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError("Select at least one target volume to adapt to.")
         if not _pathOrNone(outputModelPath):
             raise ValueError("Choose where to write the adapted model.")
+        self._checkOutputFile(outputModelPath, [sourceModelPath])
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         try:
@@ -1033,16 +1078,28 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         segmentation's largest 3D component of each structure against the whole reference, as in
         the paper (the engine's ``evaluate``). Reference segments are
         matched to structures by terminology code, by name (e.g. "LV myocardium" or "LV-M") or
-        by a number in the name (an MM-WHS value such as "Segment_205", or 1..4). Rows: the four
-        structures and "Mean"; columns: Dice [%], ASSD [mm], ASSD [voxel]. Example::
+        by a number in the name (an MM-WHS value such as "Segment_205", or 1..4); a structure the
+        reference has no segment for is scored against nothing (Dice 0 where the segmentation has
+        it), and the log says which. Rows: the four structures and "Mean"; columns: Dice [%], ASSD
+        [mm], ASSD [voxel]. Example::
 
             table = logic.evaluate(getNode("ct_1017 segmentation"), getNode("ct_1017 reference"))
         """
         if segmentationNode is None or referenceSegmentationNode is None:
             raise ValueError("Select a segmentation and a reference segmentation to compare.")
+        self._requireNode(segmentationNode, "vtkMRMLSegmentationNode", "The segmentation")
+        self._requireNode(referenceSegmentationNode, "vtkMRMLSegmentationNode", "The reference segmentation")
+        if outputTableNode is not None:
+            self._requireNode(outputTableNode, "vtkMRMLTableNode", "The output table")
         referenceVolume = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
         if referenceVolume is None:
             raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no reference volume to compare in.")
+        if referenceVolume.GetImageData() is None:
+            raise ValueError(f"Volume '{referenceVolume.GetName()}' has no voxels.")
+        absent = [s.name for s in STRUCTURES if self._segmentIdForStructure(referenceSegmentationNode, s) is None]
+        if absent:   # scored against an empty reference: Dice 0 wherever the segmentation has the structure
+            logging.warning("VAE-UDA evaluate: the reference '%s' has no segment for %s; scored as empty there.",
+                            referenceSegmentationNode.GetName(), ", ".join(absent))
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         predDir, refDir = os.path.join(tempDir, "pred"), os.path.join(tempDir, "ref")
@@ -1082,6 +1139,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         outputFolder = os.path.abspath(str(outputFolder or self.defaultTryItFolder()))
         if os.path.isdir(outputFolder) and os.listdir(outputFolder):
             raise ValueError(f"{outputFolder}: the folder for the synthetic cohort must be new or empty.")
+        if os.path.exists(outputFolder) and not os.path.isdir(outputFolder):
+            raise ValueError(f"{outputFolder}: is a file; the synthetic cohort needs a new or empty folder.")
+        self._checkOutputFile(outputFolder, what="folder")
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         cohortDir = os.path.join(tempDir, "cohort")
