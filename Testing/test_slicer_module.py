@@ -331,10 +331,11 @@ def test_console_mistakes_are_refused_before_the_job_in_one_sentence(slicer, mod
         return str(path)
 
     cases = [
-        (lambda: fake_logic.adapt(model, [volume], tmp_path / "folder"), "is a folder; choose a model file name"),
-        (lambda: fake_logic.adapt(model, [volume], tmp_path / "afile" / "a.safetensors"), "afile is a file, not a folder"),
+        (lambda: fake_logic.adapt(model, [volume], tmp_path / "folder"), "folder: is a folder; give the output a file name."),
+        (lambda: fake_logic.adapt(model, [volume], tmp_path / "afile" / "a.safetensors"),
+         f"a.safetensors: cannot be written ({tmp_path / 'afile'} is a file)."),
         (lambda: fake_logic.adapt(model, [volume], model), "is also an input, which is never overwritten"),
-        (lambda: fake_logic.makeTryItCohort(tmp_path / "afile"), "is a file; the synthetic cohort needs"),
+        (lambda: fake_logic.makeTryItCohort(tmp_path / "afile"), "afile: is an existing file, not a folder."),
         (lambda: fake_logic.segment(volume, header(b"[1,2]")), "not a VAE-UDA model file"),
         (lambda: fake_logic.segment(volume, header(b'{"__metadata__": {"format": "vaeuda-model", "meta": "[1]"}}')),
          "the model file's metadata is damaged"),

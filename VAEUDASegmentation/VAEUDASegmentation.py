@@ -35,9 +35,12 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-# The engine's table of structures is the one source of names, values, colours and codes.
-# vaeuda/__init__.py and vaeuda/labels.py import only numpy and json, never torch.
+# The engine's table of structures is the one source of names, values, colours and codes, and its
+# output checks the one source of what an output path may be. vaeuda/__init__.py, labels.py,
+# fileio.py and errors.py import only numpy and the standard library, never torch.
+from vaeuda import fileio as vaeudaFileio
 from vaeuda import labels as vaeudaLabels
+from vaeuda.errors import VaeudaError
 # The child-process runner is plain Python, in its own file; the job errors are part of the batch API.
 from VAEUDASegmentationLib.engineprocess import EngineProcess, JobCancelledError, JobFailedError, JobResult
 
@@ -844,20 +847,17 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"{what} must be a {className} node, not {given}.")
 
     @staticmethod
-    def _checkOutputFile(path, inputs: Sequence = (), what: str = "model file") -> None:
-        """Refuse, before the job, an output the finished job could not be moved to (a folder, a
-        path under a file) or that would replace one of ``inputs`` (never overwritten)."""
-        path = os.path.abspath(str(path))
-        if os.path.isdir(path):
-            raise ValueError(f"{path}: is a folder; choose a {what} name.")
-        ancestor = os.path.dirname(path)
-        while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
-            ancestor = os.path.dirname(ancestor)
-        if not os.path.isdir(ancestor):
-            raise ValueError(f"{path}: {ancestor} is a file, not a folder.")
-        for item in inputs:
-            if item is not None and os.path.abspath(str(item)) == path:
-                raise ValueError(f"{path}: is also an input, which is never overwritten; choose another {what} name.")
+    def _checkOutput(path, inputs: Sequence = (), folder: bool = False) -> None:
+        """Refuse, before the job, an output the finished job could not be moved to (a folder for a
+        file or the reverse, a path under a file, a place that cannot be written) or that would
+        replace one of ``inputs`` (never overwritten): the engine's own output checks, as ValueError."""
+        try:
+            if folder:
+                vaeudaFileio.check_output_dir(path)
+            else:
+                vaeudaFileio.check_output_file(path, inputs)
+        except VaeudaError as exc:
+            raise ValueError(str(exc)) from None
 
     @staticmethod
     def _existingFile(path, what: str) -> str:
@@ -1017,7 +1017,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         if not _pathOrNone(outputModelPath):
             raise ValueError("Choose where to write the trained model.")
         folder = os.path.abspath(str(dataFolder))
-        self._checkOutputFile(outputModelPath, [os.path.join(folder, name) for name in os.listdir(folder)])
+        self._checkOutput(outputModelPath, [os.path.join(folder, name) for name in os.listdir(folder)])
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         tempModel = os.path.join(tempDir, "model" + _modelSuffix(outputModelPath))
@@ -1050,7 +1050,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError("Select at least one target volume to adapt to.")
         if not _pathOrNone(outputModelPath):
             raise ValueError("Choose where to write the adapted model.")
-        self._checkOutputFile(outputModelPath, [sourceModelPath])
+        self._checkOutput(outputModelPath, [sourceModelPath])
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         try:
@@ -1139,9 +1139,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         outputFolder = os.path.abspath(str(outputFolder or self.defaultTryItFolder()))
         if os.path.isdir(outputFolder) and os.listdir(outputFolder):
             raise ValueError(f"{outputFolder}: the folder for the synthetic cohort must be new or empty.")
-        if os.path.exists(outputFolder) and not os.path.isdir(outputFolder):
-            raise ValueError(f"{outputFolder}: is a file; the synthetic cohort needs a new or empty folder.")
-        self._checkOutputFile(outputFolder, what="folder")
+        self._checkOutput(outputFolder, folder=True)
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         cohortDir = os.path.join(tempDir, "cohort")
