@@ -83,9 +83,13 @@ class Geometry:
 # a unit in the last place, 6e-8 of it (0.1 um at 2000 mm from the scanner's origin).
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
+# Relative spacing and origin, absolute direction cosines: how far two grids may differ and still
+# be one grid, and how far a direction may be from orthonormal.
+GEOMETRY_TOLERANCE = 1e-4
+
 
 def geometry_mismatch(image: Union[sitk.Image, Geometry], reference: Union[sitk.Image, Geometry],
-                      rtol: float = 1e-4) -> Optional[str]:
+                      rtol: float = GEOMETRY_TOLERANCE) -> Optional[str]:
     """None when both lie on the same grid, else a short phrase such as ``"size (4, 5, 6) vs (4, 5, 7)"``.
 
     Spacing is compared relatively, origin relative to the reference's largest spacing,
@@ -442,14 +446,14 @@ def read_image(path: PathLike) -> sitk.Image:
     return image
 
 
-def _refuse_skewed_grid(image: sitk.Image, path: Path, atol: float = 1e-4) -> None:
+def _refuse_skewed_grid(image: sitk.Image, path: Path) -> None:
     """Refuse direction cosines that are not orthonormal (a sheared grid, e.g. a gantry tilt kept in
     the header, or cosines rounded by hand), within the tolerance the geometry checks use: the
     segmentation is written as NIfTI, which stores only an orthonormal direction, so it could
     not lie on the input's grid."""
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     deviation = float(np.abs(direction.T @ direction - np.eye(3)).max())
-    if deviation > atol:
+    if deviation > GEOMETRY_TOLERANCE:
         raise VaeudaError(f"{path}: its direction cosines are not orthonormal (off by {deviation:.2g}: a sheared "
                           f"or gantry-tilted grid, or rounded cosines), so no segmentation can lie on its grid; "
                           f"resample the scan onto an orthonormal grid first.")
