@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from vaeuda.choices import PANEL_PRESET_NAMES, PRESET_NAMES
 from vaeuda.errors import VaeudaError
 from vaeuda.nets import PRESETS, DRNBasicBlock, NetConfig, ResBlock, VAEUDANet, get_preset
 
@@ -64,8 +65,14 @@ def test_config_round_trip_and_unknown_fields():
     assert NetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(VaeudaError, match="unknown fields"):
         NetConfig.from_dict({**cfg.to_dict(), "wings": 2})
-    with pytest.raises(VaeudaError, match="unknown preset"):
+    with pytest.raises(VaeudaError, match=r"^--preset must be one of cpu, paper, tiny, not 'huge'\.$"):
         get_preset("huge")
+
+
+def test_the_preset_names_offered_are_the_presets_defined():
+    """choices.PRESET_NAMES (torch-free, for the command line and Slicer) lists nets.PRESETS."""
+    assert sorted(PRESET_NAMES) == sorted(PRESETS)
+    assert set(PANEL_PRESET_NAMES) < set(PRESETS)
 
 
 def test_drn_stages_use_their_dilations_and_residual_only_in_the_middle():

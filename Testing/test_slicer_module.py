@@ -345,6 +345,11 @@ def test_console_mistakes_are_refused_before_the_job_in_one_sentence(slicer, mod
         (lambda: fake_logic.evaluate(volume, seg), "The segmentation must be a vtkMRMLSegmentationNode node"),
         (lambda: fake_logic.evaluate(seg, seg, volume), "The output table must be a vtkMRMLTableNode node"),
         (lambda: mod.segmentMask(None, "LV-M", volume), "must be a vtkMRMLSegmentationNode node, not nothing"),
+        (lambda: fake_logic.segment(volume, model, device="gpu"), "device must be one of auto, cpu, cuda, not 'gpu'."),
+        (lambda: fake_logic.adapt(model, [volume], tmp_path / "a.safetensors", device=None),
+         "device must be one of auto, cpu, cuda, not None."),
+        (lambda: fake_logic.trainSource(tmp_path / "folder", tmp_path / "s.safetensors", preset="auto"),
+         "preset must be one of cpu, paper, tiny, not 'auto'."),
     ]
     for call, sentence in cases:
         with pytest.raises(ValueError, match=re.escape(sentence)):
@@ -456,7 +461,9 @@ def test_failing_engine_raises_its_sentence_and_leaves_the_scene(slicer, mod, fa
     model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
     with pytest.raises(mod.JobFailedError) as raised:
         fake_logic.segment(volume, model, device="cpu")
-    assert str(raised.value) == fake_engine.FAIL_SENTENCE
+    # the engine's sentence named the job's temporary file; the user is told the volume's name
+    sentence = f"Volume '{volume.GetName()}': {fake_engine.FAIL_REASON}"
+    assert str(raised.value) == sentence
     assert scene_node_ids(slicer) == before
     assert os.listdir(slicer.app.temporaryPath) == []
     assert not fake_logic.isRunning()
@@ -470,8 +477,8 @@ def test_failing_engine_raises_its_sentence_and_leaves_the_scene(slicer, mod, fa
     assert fake_logic.segment(volume, model, waitForCompletion=False, progressCallback=events.append,
                               finishedCallback=results.append) is None
     pump(slicer, lambda: results)
-    assert results[0].status == "failed" and results[0].message == fake_engine.FAIL_SENTENCE
-    assert {"event": "error", "message": fake_engine.FAIL_SENTENCE} in events
+    assert results[0].status == "failed" and results[0].message == sentence
+    assert {"event": "error", "message": sentence} in events
     assert scene_node_ids(slicer) == before and os.listdir(slicer.app.temporaryPath) == []
 
 
@@ -620,6 +627,20 @@ def test_adapt_writes_every_target_and_moves_the_model_into_place(slicer, mod, f
     # the engine wrote into the job's temporary folder, which is gone; only the destination remains
     assert os.path.dirname(args[args.index("--out") + 1]) != str(destination.parent)
     assert os.listdir(slicer.app.temporaryPath) == [] and os.listdir(destination.parent) == ["adapted.safetensors"]
+
+
+def test_engine_sentences_name_the_volumes_not_the_jobs_temporary_files(slicer, mod, fake_logic, monkeypatch,
+                                                                          tmp_path):
+    from vaeuda.labels import MMWHS
+    source = write_fake_model(tmp_path / "source.safetensors", MMWHS)
+    targets = [add_volume(slicer, np.zeros((3, 4, 5), np.float32), name) for name in ("ct_a", "ct_b")]
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "fail")   # its sentence names the last target's file
+    with pytest.raises(mod.JobFailedError, match=rf"^Volume 'ct_b': {re.escape(fake_engine.FAIL_REASON)}$"):
+        fake_logic.adapt(source, targets, tmp_path / "adapted.safetensors")
+    # the longer of two paths that begin alike is named first; a name inside a sentence keeps its case
+    names = {"/t/in.nii": "volume 'a'", "/t/in.nii.gz": "volume 'b'"}
+    assert mod._namePaths("/t/in.nii.gz: bad; /t/in.nii: worse", names) == "Volume 'b': bad; volume 'a': worse"
+    assert mod._namePaths("cannot read /t/in.nii", names) == "cannot read volume 'a'"
 
 
 def test_segment_into_an_existing_node_replaces_its_segments(slicer, mod, fake_logic, tmp_path):

@@ -949,3 +949,10 @@ def test_segment_refuses_a_folder_where_a_segmentation_would_go(tiny_cohort, tin
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         f"ct_1001_image_seg.nii.gz: is a folder where the segmentation of {ct} would go.")
     assert sorted(p.name for p in out.iterdir()) == ["ct_1001_image_seg.nii.gz"]
+
+
+def test_an_unknown_device_is_refused_in_one_sentence():
+    from vaeuda.train import resolve_device
+    with pytest.raises(VaeudaError, match=r"^--device must be one of auto, cpu, cuda, not 'gpu'\.$"):
+        resolve_device("gpu")
+    assert resolve_device("cpu") == torch.device("cpu")

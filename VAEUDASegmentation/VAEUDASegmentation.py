@@ -22,7 +22,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,6 +38,7 @@ from slicer.util import VTKObservationMixin
 # The engine's table of structures is the one source of names, values, colours and codes, and its
 # output checks the one source of what an output path may be. vaeuda/__init__.py, labels.py,
 # fileio.py and errors.py import only numpy and the standard library, never torch.
+from vaeuda import choices as vaeudaChoices
 from vaeuda import fileio as vaeudaFileio
 from vaeuda import labels as vaeudaLabels
 from vaeuda.errors import VaeudaError
@@ -201,6 +202,8 @@ class _Job:
     onSuccess: Optional[Callable[[List[str]], object]]
     progressCallback: Optional[Callable[[dict], None]]
     finishedCallback: Optional[Callable[[JobResult], None]]
+    # the job's temporary input files and what the user knows them as ("volume 'ct_1017'")
+    pathNames: Dict[str, str] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- module
@@ -245,13 +248,27 @@ class VAEUDASegmentationParameterNode:
     segmentModelPath: pathlib.Path
     outputSegmentation: vtkMRMLSegmentationNode
     referenceSegmentation: vtkMRMLSegmentationNode
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    preset: Annotated[str, Choice(["auto", "cpu", "paper"])] = "auto"
+    device: Annotated[str, Choice(list(vaeudaChoices.DEVICES))] = "auto"
+    preset: Annotated[str, Choice(["auto", *vaeudaChoices.PANEL_PRESET_NAMES])] = "auto"
     seed: Annotated[int, WithinRange(0, 2_147_483_647)] = 0
     trainIterations: Annotated[int, WithinRange(0, 10_000_000)] = 0
     cpuBf16: bool = False
     portable: bool = False
     intensityRemap: bool = False
+
+
+def _namePaths(message: str, pathNames: Dict[str, str]) -> str:
+    """``message`` with each temporary file named as the user knows it: the engine's sentences name
+    the file they are about ("/tmp/.../input.nii.gz: ..." becomes "Volume 'ct_1017': ...")."""
+    for path in sorted(pathNames, key=len, reverse=True):   # a path may begin another one
+        message = message.replace(path, pathNames[path])
+    if any(message.startswith(name) for name in pathNames.values()):
+        message = message[:1].upper() + message[1:]   # the sentence's start
+    return message
+
+
+def _volumeName(node) -> str:
+    return f"volume '{node.GetName()}'"
 
 
 def _pathOrNone(path) -> Optional[str]:
@@ -744,8 +761,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     def _run(self, name: str, subcommandArgs: List[str], tempDir: str,
              onSuccess: Optional[Callable[[List[str]], object]], waitForCompletion: bool,
              progressCallback: Optional[Callable[[dict], None]],
-             finishedCallback: Optional[Callable[[JobResult], None]]):
-        """Run ``vaeuda <subcommandArgs> --progress json``; see the class docstring for the two modes."""
+             finishedCallback: Optional[Callable[[JobResult], None]], pathNames: Optional[Dict[str, str]] = None):
+        """Run ``vaeuda <subcommandArgs> --progress json``; see the class docstring for the two modes.
+        ``pathNames``: temporary input files by what the user knows them as, for the engine's sentences."""
         if self._job is not None:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise RuntimeError(f"A VAE-UDA job ({self._job.name}) is running; wait for it or cancel it first.")
@@ -757,7 +775,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args = [str(a) for a in engine + subcommandArgs[:1] + ["--progress", "json"] + subcommandArgs[1:]]
         logging.info("VAE-UDA: running %s", " ".join(args))
         process = EngineProcess(args, env=self._engineEnvironment(), cwd=tempDir)
-        job = _Job(name, process, tempDir, onSuccess, progressCallback, finishedCallback)
+        job = _Job(name, process, tempDir, onSuccess, progressCallback, finishedCallback, dict(pathNames or {}))
         try:
             process.start()
         except OSError as exc:
@@ -789,6 +807,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _forward(job: _Job, events: List[dict]) -> None:
         for event in events:
+            if isinstance(event.get("message"), str):
+                event["message"] = _namePaths(event["message"], job.pathNames)
             if event.get("event") in ("stage", "log", "error"):
                 logging.info("VAE-UDA %s: %s", job.name, event.get("message") or event.get("stage"))
             if job.progressCallback:
@@ -804,7 +824,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             if process.cancelRequested:
                 result = JobResult("cancelled", "Cancelled by the user.")
             elif process.returncode != 0:
-                result = JobResult("failed", process.failureMessage())
+                result = JobResult("failed", _namePaths(process.failureMessage(), job.pathNames))
             else:
                 try:
                     value = job.onSuccess(process.outputs) if job.onSuccess else None
@@ -845,6 +865,14 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             given = "nothing" if node is None else (f"node '{node.GetName()}' ({node.GetClassName()})"
                                                     if hasattr(node, "GetClassName") else repr(node))
             raise ValueError(f"{what} must be a {className} node, not {given}.")
+
+    @staticmethod
+    def _requireChoice(name: str, value, choices: Sequence[str]) -> None:
+        """The engine's check of an option's value (``name`` as the batch API's argument), as ValueError."""
+        try:
+            vaeudaChoices.check_choice(name, value, choices)
+        except VaeudaError as exc:
+            raise ValueError(str(exc)) from None
 
     @staticmethod
     def _checkOutput(path, inputs: Sequence = (), folder: bool = False) -> None:
@@ -958,6 +986,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             seg = logic.segment(getNode("ct_1017"), "/data/adapted.safetensors", device="cpu")
             seg.CreateClosedSurfaceRepresentation()   # show in 3D
         """
+        self._requireChoice("device", device, vaeudaChoices.DEVICES)
         modelPath = self._existingFile(modelPath, "model file")
         try:
             fromIndex = labelValuesOfModel(readModelMetadata(modelPath))
@@ -988,7 +1017,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args = ["segment", "--model", modelPath, "--out", outputDir, "--device", device]
         args += _flag("--cpu-bf16", cpuBf16) + _flag("--portable", portable)
         return self._run("segment", args + [inputPath], tempDir, importResult, waitForCompletion,
-                         progressCallback, finishedCallback)
+                         progressCallback, finishedCallback, {inputPath: _volumeName(inputVolumeNode)})
 
     def trainSource(self, dataFolder, outputModelPath, *, preset: Optional[str] = None,
                     iterations: Optional[int] = None, seed: Optional[int] = None, device: str = "auto",
@@ -1012,6 +1041,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
             logic.trainSource("/data/mr_train", "/data/source.safetensors", preset="cpu", iterations=5000)
         """
+        self._requireChoice("device", device, vaeudaChoices.DEVICES)
+        if preset is not None:
+            self._requireChoice("preset", preset, vaeudaChoices.PRESET_NAMES)
         if not _pathOrNone(dataFolder) or not os.path.isdir(str(dataFolder)):
             raise ValueError(f"{dataFolder}: training data folder not found.")
         if not _pathOrNone(outputModelPath):
@@ -1042,6 +1074,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
             adapted = logic.adapt("/data/source.safetensors", [getNode("ct_1017")], "/data/adapted.safetensors")
         """
+        self._requireChoice("device", device, vaeudaChoices.DEVICES)
         sourceModelPath = self._existingFile(sourceModelPath, "source model file")
         readModelMetadata(sourceModelPath)
         if targetVolumeNodes is not None and not isinstance(targetVolumeNodes, (list, tuple)):
@@ -1068,7 +1101,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         if _pathOrNone(sourceDataFolder):
             args += ["--source-data", str(sourceDataFolder)]   # last: it takes one or more values
         return self._run("adapt", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
-                         waitForCompletion, progressCallback, finishedCallback)
+                         waitForCompletion, progressCallback, finishedCallback,
+                         {path: _volumeName(node) for path, node in zip(targets, targetVolumeNodes)})
 
     def evaluate(self, segmentationNode, referenceSegmentationNode, outputTableNode=None, *,
                  waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
@@ -1103,11 +1137,13 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         predDir, refDir = os.path.join(tempDir, "pred"), os.path.join(tempDir, "ref")
+        predPath, refPath = os.path.join(predDir, "case_seg.nii.gz"), os.path.join(refDir, "case_label.nii.gz")
+        pathNames = {predPath: f"segmentation '{segmentationNode.GetName()}'",
+                     refPath: f"reference segmentation '{referenceSegmentationNode.GetName()}'"}
         try:
             os.makedirs(predDir)
             os.makedirs(refDir)
-            for node, path in ((segmentationNode, os.path.join(predDir, "case_seg.nii.gz")),
-                               (referenceSegmentationNode, os.path.join(refDir, "case_label.nii.gz"))):
+            for node, path in ((segmentationNode, predPath), (referenceSegmentationNode, refPath)):
                 self._writeClassLabels(node, referenceVolume, path)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
@@ -1119,7 +1155,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 return self._evaluationTable(json.load(f), segmentationNode, outputTableNode)
 
         args = ["evaluate", "--pred", predDir, "--ref", refDir, "--labels", "consecutive", "--json", jsonPath]
-        return self._run("evaluate", args, tempDir, makeTable, waitForCompletion, progressCallback, finishedCallback)
+        return self._run("evaluate", args, tempDir, makeTable, waitForCompletion, progressCallback, finishedCallback,
+                         pathNames)
 
     def makeTryItCohort(self, outputFolder=None, *, nSource: int = 6, nTarget: int = 6, nTrain: int = 4,
                         size: Optional[int] = 64, seed: int = 0, loadVolume: bool = True,

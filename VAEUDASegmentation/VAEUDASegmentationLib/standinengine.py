@@ -14,7 +14,7 @@ The behaviour comes from environment variables (the child inherits its parent's 
   ``sleep`` - a stage and one progress line, starts a grandchild process that sleeps too, then
               sleeps 60 s (to be cancelled);
   ``fail``  - the engine's error protocol: an error event on stdout, ``vaeuda: error: ...`` on
-              stderr, exit 2;
+              stderr (a sentence naming the last argument, ``PATH:`` :data:`FAIL_REASON`), exit 2;
   ``crash`` - a Python traceback on stderr and exit 1, with no JSON error line.
 - ``VAEUDA_FAKE_ARGS``: write the command line (JSON list) there, for a test to inspect.
 - ``VAEUDA_FAKE_PIDFILE``: write the grandchild's process id there (``sleep`` mode).
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-FAIL_SENTENCE = "input.nii.gz: the fake engine refuses this volume on purpose."
+FAIL_REASON = "the fake engine refuses this volume on purpose."   # after the last argument's path, as the engine's sentences name a file
 
 
 def emit(event, **fields):
@@ -83,8 +83,9 @@ def main(args):
     command = args[0] if args else ""
     emit("stage", stage=command, total=3)
     if mode == "fail":
-        emit("error", message=FAIL_SENTENCE)
-        print(f"vaeuda: error: {FAIL_SENTENCE}", file=sys.stderr, flush=True)
+        sentence = f"{args[-1]}: {FAIL_REASON}"
+        emit("error", message=sentence)
+        print(f"vaeuda: error: {sentence}", file=sys.stderr, flush=True)
         return 2
     if mode == "crash":
         print("Traceback (most recent call last):", file=sys.stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
+from .choices import DEVICES, PRESET_NAMES
 from .errors import MAX_SEED, VaeudaError
 from .progress import MODES, Reporter, emit
 
@@ -62,7 +63,7 @@ def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, help="training iterations (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="slices per batch (default: the preset's)")
     p.add_argument("--seed", type=_seed, default=0, help="seeds every randomness (default 0)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto uses a CUDA GPU when present (with bf16 autocast), else the CPU")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if an earlier run was interrupted")
     _numerics(p)
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-source", help="train the source model on labelled volumes")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--out", required=True, help="model file to write (.safetensors)")
-    p.add_argument("--preset", choices=("cpu", "paper", "tiny"), help="default: paper with CUDA, cpu without")
+    p.add_argument("--preset", choices=PRESET_NAMES, help="default: paper with CUDA, cpu without")
     p.add_argument("--labels", nargs="+", help="label files in the same order as the images")
     p.add_argument("--label-convention", default="mmwhs", help="mmwhs (default), consecutive, or a JSON mapping file")
     p.add_argument("--input-size", type=int, metavar="S",
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--model", required=True, help="model file (source, adapted or fine-tuned)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (bounds memory)")
     p.add_argument("--domain", choices=("source", "target"), help="force an encoder (default: target if adapted; target only for an adapted model)")
     p.add_argument("--cpu-bf16", action="store_true",
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--intensity-remap", action="store_true", help="train the source model with --intensity-remap: "
                                                                   + INTENSITY_REMAP_HELP)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     _numerics(p)
     _common(p)
 
@@ -187,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="cohort folder with splits.json")
     e.add_argument("--out", required=True, help="output folder (models, predictions, report.md, report.json)")
     e.add_argument("--repeats", type=int, default=6, help="draws of the adaptation scan per row (default 6, as the paper)")
-    e.add_argument("--preset", choices=("cpu", "paper", "tiny"), default=None,
+    e.add_argument("--preset", choices=PRESET_NAMES, default=None,
                    help="default: paper with CUDA, cpu without")
     e.add_argument("--seed", type=_seed, default=0)
-    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--device", default="auto", choices=DEVICES)
     e.add_argument("--iterations-scale", type=float, default=1.0, help="scale every stage's iterations (smoke runs)")
     _numerics(e)
     _common(e)

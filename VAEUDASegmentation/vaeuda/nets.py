@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import PRESET_NAMES, check_choice
 from .errors import VaeudaError
 
 
@@ -118,8 +119,7 @@ MIN_INPUT_SIZE = 16   # a floor: the latent is S/4, and the discriminator halves
 
 
 def get_preset(name: str) -> NetConfig:
-    if name not in PRESETS:
-        raise VaeudaError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}.")
+    check_choice("--preset", name, PRESET_NAMES)
     return dataclasses.replace(PRESETS[name])
 
 

@@ -23,6 +23,7 @@ import torch
 
 from . import __version__, machine
 from .augment import AugmentConfig, augment_batch, random_intensity_remap
+from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
 from .errors import VaeudaError, require_count
 from .fileio import check_output_file
@@ -117,12 +118,11 @@ class TrainConfig:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    check_choice("--device", device, DEVICES)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise VaeudaError("--device cuda was asked for, but no CUDA GPU is available to PyTorch.")
-    if device not in ("cpu", "cuda"):
-        raise VaeudaError(f"--device must be auto, cpu or cuda, not '{device}'.")
     return torch.device(device)
 
 

@@ -1,0 +1,20 @@
+"""The devices and presets the command line and the Slicer module offer.
+
+Torch-free, so that the Slicer module can check a batch call's values before it starts the engine.
+"""
+from .errors import VaeudaError
+
+DEVICES = ("auto", "cpu", "cuda")
+"""``auto``: CUDA when present (bf16 autocast there), else the CPU."""
+
+PRESET_NAMES = ("cpu", "paper", "tiny")
+"""The keys of :data:`vaeuda.nets.PRESETS`; ``tiny`` is for tests (seconds per run)."""
+
+PANEL_PRESET_NAMES = ("cpu", "paper")
+"""The presets the Slicer panel offers (with ``auto``: the engine's choice)."""
+
+
+def check_choice(flag: str, value, choices) -> None:
+    """Refuse, in one sentence naming ``flag``, a ``value`` that is not one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise VaeudaError(f"{flag} must be one of {', '.join(choices)}, not {value!r}.")
