@@ -87,6 +87,17 @@ def test_newer_format_version_is_refused(saved, tmp_path):
         load_model(path)
 
 
+def test_a_file_of_an_earlier_format_is_refused_with_the_reason(saved, tmp_path):
+    """Format 1 (engine 0.1) had DRN-D-22's segmenter: its tensors do not fit, and the file says why."""
+    from safetensors.torch import save_file
+    tensors, meta, header = read_tensors(saved[1])
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata=dict(header, format_version="1"))
+    with pytest.raises(VaeudaError, match=r"format version 1 was written by an earlier engine and cannot be loaded: "
+                                          r"its segmenter has DRN-D-22's .*; train the model again\.$"):
+        load_model(path)
+
+
 def test_model_files_get_the_umask_permissions(saved, tmp_path):
     """safetensors' save_file writes a private (0600) file of its own; the model file is an ordinary one."""
     import os

@@ -38,8 +38,8 @@ def test_paper_preset_is_the_paper():
     assert cfg.drn_dilations[4:6] == (2, 4)
     net = VAEUDANet(cfg)
     convs = [m for m in net.seg.stages.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
-    # 1 + 1 plain convs, 2 x 2 blocks x 4 residual stages x 2 convs, 1 + 1 plain convs = 20 (+ stage-0 7x7 + head = 22 weighted layers, + shortcuts)
-    assert len(convs) == 1 + 1 + 4 * 2 * 2 + 1 + 1
+    # two per basic block: (1 + 1 + 2 + 2 + 2 + 2 + 1 + 1) x 2 = 24 (+ stage-0 7x7 + head = 26 weighted layers, + shortcuts)
+    assert len(convs) == 2 * sum(cfg.drn_layers) == 24
     assert net.seg.stages[0][0].in_channels == 256          # first layer takes the latent map
     # DRN's output stride 8: the latent is already at 1/4 of the input, so the stages halve it once
     # more (256 -> 64 -> 32) before the head upsamples to the input size
@@ -75,17 +75,36 @@ def test_the_preset_names_offered_are_the_presets_defined():
     assert set(PANEL_PRESET_NAMES) < set(PRESETS)
 
 
-def test_drn_stages_use_their_dilations_and_residual_only_in_the_middle():
-    """DRN-C-26: dilation 1 in stages 1-4, 2 and 4 in stages 5-6, 2 then 1 in the plain stages 7-8,
-    in both convolutions of every block; residual blocks in stages 3-6 only."""
+def test_drn_is_c_26_with_its_dilations_and_no_residual_in_the_last_two_stages():
+    """DRN-C-26 (fyu/drn drn_c_26): a 7x7 convolution, stages of basic blocks with depths
+    (1, 1, 2, 2, 2, 2, 1, 1), residual in stages 1-6 and not in 7-8; dilation 1 in stages 1-4,
+    2 and 4 in stages 5-6, 2 then 1 in stages 7-8, in both convolutions of every block;
+    1 + 24 + 1 weight layers with the head (1x1 shortcuts aside)."""
     cfg = PRESETS["paper"]
-    assert cfg.drn_dilations == (1, 1, 1, 1, 2, 4, 2, 1)
+    assert cfg.drn_dilations == (1, 1, 1, 1, 2, 4, 2, 1) and cfg.drn_layers == (1, 1, 2, 2, 2, 2, 1, 1)
     seg = VAEUDANet(cfg).seg
     for stage, dilation in enumerate(cfg.drn_dilations, start=1):
+        blocks = list(seg.stages[stage])
+        assert len(blocks) == cfg.drn_layers[stage - 1] and all(isinstance(b, DRNBasicBlock) for b in blocks), stage
+        assert all(b.residual == (stage <= 6) for b in blocks), stage
+        assert all(b.shortcut is None for b in blocks) if stage > 6 else True
         convs = [m for m in seg.stages[stage].modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
-        assert convs and all(c.dilation == (dilation, dilation) and c.padding == (dilation, dilation) for c in convs), stage
-        residual = [m for m in seg.stages[stage].modules() if isinstance(m, DRNBasicBlock)]
-        assert len(residual) == (cfg.drn_layers[stage - 1] if 3 <= stage <= 6 else 0), stage
+        assert len(convs) == 2 * len(blocks), stage
+        assert all(c.dilation == (dilation, dilation) and c.padding == (dilation, dilation) for c in convs), stage
+    weight_layers = [m for m in seg.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert len(weight_layers) + 1 == 26     # with the 1x1 head
+    assert seg.stages[0][0].kernel_size == (7, 7)
+
+
+def test_a_drn_residual_block_adds_its_input_and_a_plain_one_does_not():
+    """With both convolutions zeroed, a residual block returns relu(x); a plain block returns 0."""
+    x = torch.randn(2, 4, 6, 6)
+    for residual in (True, False):
+        block = DRNBasicBlock(4, 4, 1, 1, residual=residual).eval()
+        for conv in (block.conv1, block.conv2):
+            torch.nn.init.zeros_(conv.weight)
+        expected = torch.relu(x) if residual else torch.zeros_like(x)
+        assert torch.allclose(block(x), expected)
 
 
 def test_posterior_branches_are_the_last_blocks_of_the_shared_encoder():

@@ -994,7 +994,9 @@ import torch
 from vaeuda.modelfile import read_tensors, save_tensors
 tensors, meta, _ = read_tensors("M.safetensors")
 weight = tensors["net.seg.head.weight"]
-weight[:] = 5.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+# random head weights give several structures on the nearly uniform features of a 1-iteration model;
+# seed 3 gives three with DRN-C-26 (the test below refuses fewer than two, so a weak fixture shows)
+weight[:] = 5.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(3))
 bias = tensors["net.seg.head.bias"]
 bias[:] = 0.0
 bias[0] = -10.0

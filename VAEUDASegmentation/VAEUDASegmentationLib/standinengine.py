@@ -41,7 +41,7 @@ def write_model(path, convention: dict, model_format: str) -> str:
     convention, ``Convention.to_dict()``), no tensors: what the module reads before running the
     engine. ``model_format``: the module's MODEL_FORMAT."""
     meta = {"labels": {"convention": convention}}
-    header = json.dumps({"__metadata__": {"format": model_format, "format_version": "1",
+    header = json.dumps({"__metadata__": {"format": model_format, "format_version": "2",
                                           "meta": json.dumps(meta)}}).encode()
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)

@@ -5,6 +5,6 @@ after Ouyang et al., MICCAI 2019. Importable and testable without Slicer: nothin
 package imports ``slicer``, ``qt``, ``ctk`` or ``vtk``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import VaeudaError  # noqa: E402,F401

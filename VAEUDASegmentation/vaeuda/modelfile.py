@@ -2,7 +2,8 @@
 
 Metadata (safetensors' string header fields):
 
-- ``format``: ``"vaeuda-model"``; ``format_version``: integer, refused when newer than this engine's;
+- ``format``: ``"vaeuda-model"``; ``format_version``: integer, refused when newer than this engine's
+  or one of :data:`EARLIER_FORMATS` (networks that changed shape);
 - ``meta``: JSON with ``engine_version``, ``preset``, ``config`` (:class:`nets.NetConfig`),
   ``labels`` (the label convention), ``normalisation``, ``stage`` (source / adapted /
   finetuned), ``has_target_encoder``, ``provenance`` (data, iterations, seed, device, time,
@@ -27,7 +28,10 @@ from .fileio import atomic_path
 from .nets import NetConfig, VAEUDANet
 
 FORMAT = "vaeuda-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Earlier format versions this engine cannot load, and why (the same tensors would not fit).
+EARLIER_FORMATS = {1: "its segmenter has DRN-D-22's single convolutions in stages 1-2 and 7-8, "
+                      "where this engine's has DRN-C-26's basic blocks (engine 0.1)"}
 # What a model file holds: a source model (E_S path only), an adapted one (with a trained E_T),
 # a fine-tuned one (the oracle: the source path trained on labelled target volumes).
 STAGES = ("source", "adapted", "finetuned")
@@ -80,6 +84,9 @@ def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor
     if version < 1:
         raise VaeudaError(f"{path}: model file format version {header.get('format_version')!r} is not valid "
                           f"(the file was altered or damaged).")
+    if version in EARLIER_FORMATS:
+        raise VaeudaError(f"{path}: model file format version {version} was written by an earlier engine and cannot "
+                          f"be loaded: {EARLIER_FORMATS[version]}; train the model again.")
     if version > FORMAT_VERSION:
         raise VaeudaError(f"{path}: model file format version {header.get('format_version')} is not supported "
                           f"by this engine ({__version__}, format {FORMAT_VERSION}); update the extension.")

@@ -14,6 +14,8 @@ Who is who (the paper's notation)::
     D_S, D_T   DomainDecoder   h                        -> x (B, in_ch, H, W)     domain specific
     Seg        DRNSegmenter    z                        -> logits (B, n_classes, H, W)
     Disc       MultiScaleDiscriminator  x               -> list of patch score maps
+
+(H/4: the latent is H / 2**n_down, and every preset has n_down = 2.)
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ class NetConfig:
                                 ("n_res_branch", 0, 32), ("n_res_dec_shared", 0, 32), ("dec_kernel", 1, 15),
                                 ("disc_base", 1, 1024), ("disc_layers", 1, 8), ("disc_scales", 1, 6)):
             whole(name, getattr(self, name), low, high)
-        for name, low, high in (("drn_channels", 1, 4096), ("drn_layers", 0, 16), ("drn_strides", 1, 2),
+        for name, low, high in (("drn_channels", 1, 4096), ("drn_layers", 1, 16), ("drn_strides", 1, 2),
                                 ("drn_dilations", 1, 16)):
             values = getattr(self, name)
             if not isinstance(values, tuple) or len(values) != 8:
@@ -115,7 +117,7 @@ PRESETS: Dict[str, NetConfig] = {
 }
 
 
-MIN_INPUT_SIZE = 16   # a floor: the latent is S/4, and the discriminator halves S again per scale and per layer
+MIN_INPUT_SIZE = 16   # a floor: the latent is S / 2**n_down (S/4 in every preset), and the discriminator halves S again per scale and per layer
 
 
 def get_preset(name: str) -> NetConfig:
@@ -166,7 +168,7 @@ class SharedEncoder(nn.Module):
 
     The posterior covariance is predicted, not fixed to identity: the last ``n_res_branch``
     blocks are duplicated into a mean branch and a log-variance branch, each closed by a 1x1
-    convolution without normalisation (so mu and logvar can take any scale).
+    convolution without normalisation (mu is unbounded; logvar is clamped to +-``logvar_clamp``).
     """
 
     def __init__(self, cfg: NetConfig):
@@ -200,8 +202,8 @@ class SharedDecoder(nn.Module):
 class DomainDecoder(nn.Module):
     """D_S or D_T: h (B, C, s, s) -> image (B, in_ch, S, S).
 
-    Upsampling is nearest-neighbour x2 then a 5x5 convolution (UNIT; 3x3 in the ``cpu``
-    preset, which halves the decoder's cost), which avoids the
+    Upsampling is nearest-neighbour x2 then a 5x5 convolution (UNIT; 3x3 in the ``cpu`` and ``tiny``
+    presets, which halves the decoder's cost), which avoids the
     checkerboard of transposed convolutions. The output is linear: images are z-scored, not in [-1, 1].
     """
 
@@ -220,7 +222,8 @@ class DomainDecoder(nn.Module):
 
 
 class DRNBasicBlock(nn.Module):
-    """DRN's residual block: two dilated 3x3 convolutions with batch norm (Yu et al. 2017)."""
+    """DRN's basic block: two dilated 3x3 convolutions with batch norm (Yu et al. 2017), with a
+    residual connection unless ``residual`` is False (DRN-C's last two stages)."""
 
     def __init__(self, cin: int, cout: int, stride: int, dilation: int, residual: bool = True):
         super().__init__()
@@ -241,27 +244,24 @@ class DRNBasicBlock(nn.Module):
         return F.relu(out, inplace=True)
 
 
-def _drn_conv_layers(cin: int, cout: int, n: int, stride: int, dilation: int) -> nn.Sequential:
-    """DRN-C's plain (non-residual) stages: n x (3x3 conv, BN, ReLU)."""
-    layers: List[nn.Module] = []
-    for i in range(n):
-        layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, stride if i == 0 else 1,
-                             padding=dilation, dilation=dilation, bias=False),
-                   nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
+def _drn_stage(cin: int, cout: int, n: int, stride: int, dilation: int, residual: bool) -> nn.Sequential:
+    """n DRN basic blocks (two 3x3 convolutions each); the first one changes the width and strides."""
+    return nn.Sequential(*[DRNBasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, dilation, residual)
+                           for i in range(n)])
 
 
 class DRNSegmenter(nn.Module):
     """Seg: DRN-C-26 on the latent map. z (B, C_latent, s, s) -> logits (B, n_classes, S, S).
 
-    DRN-C-26 (Yu, Koltun, Funkhouser 2017): eight stages with channels (16, 32, 64, 128, 256,
-    512, 512, 512) and depths (1, 1, 2, 2, 2, 2, 1, 1); stages 1-2 and 7-8 are plain
-    convolutions (no residual, which removes gridding artefacts), stages 3-6 residual;
-    dilations 2 and 4 in stages 5-6, then 2 and 1. Changes for this use, as the paper's
-    "modifications on the front and the end": stage 0 (7x7 conv) takes the latent map instead
-    of an RGB image, and since the latent is already at 1/4 resolution only one stage keeps
-    a stride (``drn_strides``); the head is a 1x1 convolution to the classes followed by
-    bilinear upsampling to the input size.
+    DRN-C-26 (Yu, Koltun, Funkhouser 2017; fyu/drn ``drn_c_26``): a 7x7 convolution, then eight
+    stages of basic blocks (two 3x3 convolutions each) with channels (16, 32, 64, 128, 256, 512,
+    512, 512) and depths (1, 1, 2, 2, 2, 2, 1, 1); stages 1-6 are residual, stages 7-8 are not
+    (which removes gridding artefacts); dilations 2 and 4 in stages 5-6, then 2 and 1: 1 + 24 + 1
+    weight layers with the head. Changes for this use, as the paper's "modifications on the
+    front and the end": the 7x7 convolution takes the latent map instead of an RGB image, and
+    since the latent is already at 1/4 resolution only one stage keeps a stride
+    (``drn_strides``); the head is a 1x1 convolution to the classes followed by bilinear
+    upsampling to the input size.
     """
 
     def __init__(self, cfg: NetConfig):
@@ -270,14 +270,8 @@ class DRNSegmenter(nn.Module):
         stages: List[nn.Module] = [nn.Sequential(
             nn.Conv2d(cfg.latent_channels, ch[0], 7, st[0], padding=3, bias=False),
             nn.BatchNorm2d(ch[0]), nn.ReLU(inplace=True))]
-        stages.append(_drn_conv_layers(ch[0], ch[0], n[0], 1, dil[0]))            # stage 1
-        stages.append(_drn_conv_layers(ch[0], ch[1], n[1], st[1], dil[1]))        # stage 2
-        for i in range(2, 6):                                                      # stages 3-6, residual
-            blocks = [DRNBasicBlock(ch[i - 1], ch[i], st[i], dil[i])]
-            blocks += [DRNBasicBlock(ch[i], ch[i], 1, dil[i]) for _ in range(n[i] - 1)]
-            stages.append(nn.Sequential(*blocks))
-        stages.append(_drn_conv_layers(ch[5], ch[6], n[6], st[6], dil[6]))        # stage 7, no residual
-        stages.append(_drn_conv_layers(ch[6], ch[7], n[7], st[7], dil[7]))        # stage 8, no residual
+        for i in range(8):                                  # stage i + 1; its stride is st[i], stage 1's is 1
+            stages.append(_drn_stage(ch[max(i - 1, 0)], ch[i], n[i], st[i] if i else 1, dil[i], residual=i < 6))
         self.stages = nn.Sequential(*stages)
         self.head = nn.Conv2d(ch[7], cfg.n_classes, 1)
         self.output_size = cfg.input_size
