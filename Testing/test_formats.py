@@ -117,8 +117,50 @@ def test_empty_file_and_record_without_the_image_are_refused(tmp_path):
     image = np.zeros((4, 6, 3), np.float32)
     label_only = {"label_vol": image.tobytes(), **{f"lsize_dim{d}": [image.shape[d]] for d in range(3)}}
     path.write_bytes(_record(_example(label_only)))
-    with pytest.raises(VaeudaError, match=r"record 0 lacks 'data_vol' or its sizes dsize_dim0..2"):
+    with pytest.raises(VaeudaError, match=r"record 0 lacks 'data_vol' or its whole-number sizes dsize_dim0..2"):
         read_tfrecords(path)
+
+
+@pytest.mark.parametrize("sizes, what", [
+    ({"dsize_dim2": [1]}, r"'data_vol' the sizes \(4, 6, 1\); a released slice is H x W x 3"),       # one channel
+    ({"dsize_dim0": [3], "dsize_dim1": [4], "dsize_dim2": [6]}, r"the sizes \(3, 4, 6\)"),           # channels first
+    ({"dsize_dim0": [2 ** 62 + 49152], "dsize_dim1": [4]}, r"H and W at most 4096"),           # overflows int64 products
+    ({"dsize_dim0": [-4], "dsize_dim1": [-6]}, r"the sizes \(-4, -6, 3\)"),
+])
+def test_record_sizes_that_are_not_a_released_slice_are_refused(tmp_path, sizes, what):
+    """The bytes would fit each of these shapes (or overflow) but the slice would be garbage."""
+    image = np.zeros((4, 6, 3), np.float32)
+    path = tmp_path / "sizes.tfrecords"
+    path.write_bytes(_record(_sample(image, image, **sizes)))
+    with pytest.raises(VaeudaError, match=what):
+        read_tfrecords(path)
+
+
+def test_a_single_channel_label_is_read(tmp_path):
+    """lsize_dim2 1 (the PnP-AdaNet README's size) is the middle slice's label itself."""
+    path = tmp_path / "one.tfrecords"
+    label = np.arange(24, dtype=np.float32).reshape(4, 6, 1) % 5
+    path.write_bytes(_record(_sample(np.zeros((4, 6, 3), np.float32), label)))
+    np.testing.assert_array_equal(read_tfrecords(path)[0][1], label[:, :, 0])
+
+
+def test_float_sizes_are_refused(tmp_path):
+    """A float_list size would be truncated (256.4 read as 256): sizes must be int64."""
+    image = np.zeros((4, 6, 3), np.float32)
+    features = {"data_vol": image.tobytes(), "label_vol": image.tobytes(),
+                **{f"lsize_dim{d}": [image.shape[d]] for d in range(3)}, "dsize_dim1": [6], "dsize_dim2": [3]}
+    payload = _example(features)
+    floats = _field(1, _field(1, b"dsize_dim0") + _field(2, _field(2, _field(1, struct.pack("<f", 4.4)))))
+    path = tmp_path / "float.tfrecords"
+    path.write_bytes(_record(_field(1, _fields_of(payload) + floats)))
+    with pytest.raises(VaeudaError, match="lacks 'data_vol' or its whole-number sizes"):
+        read_tfrecords(path)
+
+
+def _fields_of(example: bytes) -> bytes:
+    """The Features message's bytes of an Example made by _example (its one field 1)."""
+    from vaeuda.formats import _fields
+    return next(value for number, _, value in _fields(example) if number == 1)
 
 
 def test_record_cut_inside_its_last_crc_is_truncated(tmp_path):
@@ -194,7 +236,7 @@ def test_bad_npz_files(tmp_path):
         read_npz(missing)
     mismatched = tmp_path / "mismatched.npz"
     np.savez(mismatched, np.zeros((4, 4, 2)), np.zeros((4, 4, 3)))
-    with pytest.raises(VaeudaError, match=r"same shape H x W x N, found \(4, 4, 2\) and \(4, 4, 3\)"):
+    with pytest.raises(VaeudaError, match=r"same shape H x W x N \(N slices, at least one\), found \(4, 4, 2\) and \(4, 4, 3\)"):
         read_npz(mismatched)
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, np.array([{"a": 1}], dtype=object), np.zeros(1))
@@ -223,6 +265,41 @@ def test_bad_npz_files(tmp_path):
         np.savez(tmp_path / name, image, np.zeros((2, 2, 3)))
         with pytest.raises(VaeudaError, match=f"{name}: arr_0 has {count} NaN or infinite intensities"):
             read_npz(tmp_path / name)
+
+
+def test_npz_that_is_not_a_released_volume_is_refused_in_one_sentence(tmp_path):
+    import zipfile
+    raw = tmp_path / "raw.npz"                      # zip members that are not .npy: numpy returns bytes
+    with zipfile.ZipFile(raw, "w") as z:
+        z.writestr("arr_0", b"abc")
+        z.writestr("arr_1", b"def")
+    with pytest.raises(VaeudaError, match=r"arr_0 and arr_1 are not numpy arrays"):
+        read_npz(raw)
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, np.zeros((4, 4, 0)), np.zeros((4, 4, 0)))
+    with pytest.raises(VaeudaError, match=r"at least one\), found \(4, 4, 0\)"):
+        read_npz(empty)
+    header = tmp_path / "header.npz"                # a damaged .npy header: numpy's text spans lines
+    np.savez(header, np.zeros((2, 2, 1)), np.zeros((2, 2, 1)))
+    data = header.read_bytes().replace(b"'descr'", b"'d\xd8cr'")
+    header.write_bytes(data)
+    with pytest.raises(VaeudaError) as raised:
+        read_npz(header)
+    assert "\n" not in str(raised.value) and str(raised.value).startswith(f"{header}: is not a readable .npz file (")
+
+
+def test_a_sifa_test_volume_is_flipped_back_on_both_in_plane_axes(tmp_path):
+    """SIFA's evaluate.py: np.flip(data, axis=0) and np.flip(data, axis=1) before use."""
+    image = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)          # H x W x N
+    label = (np.arange(24).reshape(2, 3, 4) % 5).astype(np.float32)
+    path = tmp_path / "test_volume.npz"
+    np.savez(path, image, label)
+    stored, _ = read_npz(path)
+    flipped, flipped_label = read_npz(path, flip_test_volume=True)
+    np.testing.assert_array_equal(stored[1], image[:, :, 1])
+    np.testing.assert_array_equal(flipped[1], image[::-1, ::-1, 1])
+    np.testing.assert_array_equal(flipped_label[3], label[::-1, ::-1, 3])
+    assert flipped[0, 0, 0] == image[1, 2, 0]
 
 
 def test_records_with_non_finite_intensities_are_refused(tmp_path):

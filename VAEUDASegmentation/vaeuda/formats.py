@@ -6,7 +6,8 @@ protobuf are parsed by hand, the ``.npz`` files with numpy (never unpickling).
 Released samples are coronal slices, 256 x 256, channel last on disk. Here they come back channels
 first: images ``(3, 256, 256)`` / ``(N, 256, 256)`` float32 as stored (already z-scored), labels
 ``(256, 256)`` / ``(N, 256, 256)`` uint8 class indices 0..4. The released files carry a fifth
-structure, value 5, that the released loaders drop: it becomes background here too.
+structure, value 5, that the released training loaders ignore (``tf.one_hot(label, 5)`` gives it
+no class) and their evaluation counts as background: it becomes background here.
 :func:`released_to_image` stacks slices into a 3D volume so :class:`vaeuda.volumes.SliceGrid`
 cuts it back into the same slices, turned into the engine's layout (rows superior -> inferior).
 """
@@ -203,16 +204,25 @@ def _check_intensities(path: Path, image: np.ndarray, where: str) -> np.ndarray:
     return image
 
 
-def _volume_feature(path: Path, index: int, features: dict, name: str, size_prefix: str) -> np.ndarray:
-    """Raw little-endian float32 bytes of feature ``name`` -> array of shape (dim0, dim1, dim2)."""
+MAX_SLICE_SIZE = 4096   # pixels per side: far above the released 256, far below a size that overflows
+
+
+def _volume_feature(path: Path, index: int, features: dict, name: str, size_prefix: str,
+                    channels: Tuple[int, ...]) -> np.ndarray:
+    """Raw little-endian float32 bytes of feature ``name`` -> array of shape (dim0, dim1, dim2),
+    dim2 (the slice channels, last on disk) one of ``channels``."""
     raw = features.get(name)
     sizes = [features.get(f"{size_prefix}{d}") for d in range(3)]
-    if not isinstance(raw, bytes) or not all(isinstance(s, list) and len(s) == 1 for s in sizes):
-        raise VaeudaError(f"{path}: record {index} lacks '{name}' or its sizes {size_prefix}0..2.")
-    shape = tuple(int(s[0]) for s in sizes)
-    if min(shape) < 1 or len(raw) != 4 * int(np.prod(shape)):
+    if not isinstance(raw, bytes) or not all(isinstance(s, list) and len(s) == 1 and isinstance(s[0], int)
+                                             for s in sizes):
+        raise VaeudaError(f"{path}: record {index} lacks '{name}' or its whole-number sizes {size_prefix}0..2.")
+    shape = tuple(s[0] for s in sizes)
+    if not all(1 <= n <= MAX_SLICE_SIZE for n in shape[:2]) or shape[2] not in channels:
+        raise VaeudaError(f"{path}: record {index} gives '{name}' the sizes {shape}; a released slice is "
+                          f"H x W x {' or '.join(map(str, channels))}, channels last, H and W at most {MAX_SLICE_SIZE}.")
+    if len(raw) != 4 * shape[0] * shape[1] * shape[2]:
         raise VaeudaError(f"{path}: record {index} has {len(raw)} bytes of '{name}', "
-                          f"not the {4 * int(np.prod(shape))} that float32 {shape} needs.")
+                          f"not the {4 * shape[0] * shape[1] * shape[2]} that float32 {shape} needs.")
     return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
 
 
@@ -238,8 +248,8 @@ def read_tfrecords(path: PathLike) -> List[Tuple[np.ndarray, np.ndarray]]:
             features = parse_example(payload)
         except (_WireError, UnicodeDecodeError):
             raise VaeudaError(f"{path}: record {index} is not a valid tf.train.Example.") from None
-        data = _volume_feature(path, index, features, "data_vol", "dsize_dim")
-        label = _volume_feature(path, index, features, "label_vol", "lsize_dim")
+        data = _volume_feature(path, index, features, "data_vol", "dsize_dim", (3,))
+        label = _volume_feature(path, index, features, "label_vol", "lsize_dim", (1, 3))
         if data.shape[:2] != label.shape[:2]:
             raise VaeudaError(f"{path}: record {index} has image size {data.shape} but label size {label.shape}.")
         middle = label[:, :, label.shape[2] // 2]
@@ -248,12 +258,15 @@ def read_tfrecords(path: PathLike) -> List[Tuple[np.ndarray, np.ndarray]]:
     return samples
 
 
-def read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
+def read_npz(path: PathLike, flip_test_volume: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """A released ``.npz``: ``arr_0`` image and ``arr_1`` label, each ``(H, W, N)`` (N slices).
 
-    Returns image ``(N, H, W)`` float32 and label ``(N, H, W)`` uint8 class indices 0..4 (5 -> 0),
-    in the stored orientation (SIFA's evaluation flips its test volumes on both in-plane axes
-    before use; this reader does not).
+    Returns image ``(N, H, W)`` float32 and label ``(N, H, W)`` uint8 class indices 0..4 (5 -> 0).
+    SIFA's released test volumes are stored flipped on both in-plane axes against its training
+    slices (its ``evaluate.py`` flips them back "to make the orientation of test data match with
+    the training data"); ``flip_test_volume`` does the same, so that the slices come back in the
+    training slices' orientation, the one :func:`released_to_image` expects. Without it they come
+    back as stored (right for ``example_mr.npz``, the source of a training slice).
     """
     path = Path(path)
     if not path.is_file():
@@ -270,11 +283,18 @@ def read_npz(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
     except VaeudaError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise VaeudaError(f"{path}: is not a readable .npz file ({exc}).") from None
-    if image.ndim != 3 or image.shape != label.shape:
-        raise VaeudaError(f"{path}: expected arr_0 and arr_1 of the same shape H x W x N, found {image.shape} and {label.shape}.")
+        # numpy's header errors span lines and quote raw bytes: the first line, escaped
+        reason = ascii(str(exc).splitlines()[0])[1:-1] if str(exc) else type(exc).__name__
+        raise VaeudaError(f"{path}: is not a readable .npz file ({reason}).") from None
+    if not isinstance(image, np.ndarray) or not isinstance(label, np.ndarray):   # a zip member that is not .npy
+        raise VaeudaError(f"{path}: arr_0 and arr_1 are not numpy arrays (.npy members of the .npz).")
+    if image.ndim != 3 or image.shape != label.shape or 0 in image.shape:
+        raise VaeudaError(f"{path}: expected arr_0 and arr_1 of the same shape H x W x N (N slices, at least one), "
+                          f"found {image.shape} and {label.shape}.")
     if image.dtype.kind not in "fiu" or label.dtype.kind not in "fiu":
         raise VaeudaError(f"{path}: arr_0 and arr_1 must be numeric, found {image.dtype} and {label.dtype}.")
+    if flip_test_volume:
+        image, label = image[::-1, ::-1], label[::-1, ::-1]
     return (_check_intensities(path, image.transpose(2, 0, 1), "arr_0"),
             _check_labels(path, np.ascontiguousarray(label.transpose(2, 0, 1)), "arr_1"))
 
@@ -284,7 +304,7 @@ def released_to_image(images: np.ndarray, labels: np.ndarray) -> Tuple[sitk.Imag
     orientation :class:`vaeuda.volumes.SliceGrid` cuts.
 
     ``images`` ``(N, H, W)`` float, ``labels`` ``(N, H, W)`` class indices, as the readers return
-    them. A released slice is a coronal plane stored as (x, z), the axis order of a nibabel array
+    them (a SIFA test volume read with ``read_npz(..., flip_test_volume=True)``). A released slice is a coronal plane stored as (x, z), the axis order of a nibabel array
     cut at fixed y: its rows run from the patient's left to right and its columns from inferior to
     superior. The labelled samples in ``../shared/data/mmwhs-samples`` show it: the ascending aorta
     lies at larger columns than the LV cavity (superior to it) and at larger rows (to its right),

@@ -44,7 +44,8 @@ CLASS_NAMES = ("background",) + tuple(s.name for s in STRUCTURES)
 # MM-WHS values of the other annotated structures (RA 550, RV 600, pulmonary artery 850).
 # They, and any other value, are background under the MM-WHS convention.
 MMWHS_OTHER_VALUES = (550, 600, 850)
-# The PnP-AdaNet/SIFA released files carry a fifth structure (value 5) that their loaders drop.
+# The PnP-AdaNet/SIFA released files carry a fifth structure (value 5): their training loaders give it
+# no class (ignored), their evaluation counts it as background.
 SIFA_IGNORED_VALUE = 5
 # More values outside the built-in MM-WHS convention (or a mapping that refuses unknown values) than
 # this, and a "label map" is taken for an image given in its place.
