@@ -1027,7 +1027,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         """Train a source model on labelled volumes; returns the model path (None when not waiting).
 
         ``dataFolder``: ``X_image`` / ``X_label`` volume pairs (MR). ``preset``: "cpu" or "paper"
-        (engine default if None); ``labelConvention``: "mmwhs" (default), "consecutive" or a JSON
+        (engine default if None; "tiny" for tests); ``labelConvention``: "mmwhs" (default), "consecutive" or a JSON
         mapping file; ``inputSize``: slice size in pixels over the preset's field of view (the
         preset's own if None; adaptation and segmentation follow the model's); ``portable``: the
         engine's ``--portable``, kernels that do not depend on the CPU's instruction set, so that a

@@ -610,7 +610,7 @@ def _base_meta(stage: str, preset: str, convention: Convention, normalisation: d
     }
 
 
-# Far above any preset's batch (8, and 2 at the paper's 256x256): a larger one only exhausts memory
+# Far above any preset's batch (DEFAULT_BATCH): a larger one only exhausts memory
 # (100000 slices of the tiny preset took 23 GB before the system killed the process).
 MAX_BATCH_SIZE = 512
 
@@ -619,7 +619,7 @@ def _check_batch_size(batch_size) -> None:
     require_count("--batch-size", batch_size)
     if batch_size > MAX_BATCH_SIZE:
         raise VaeudaError(f"--batch-size {batch_size} is more than {MAX_BATCH_SIZE} slices per step, which would "
-                          f"only exhaust memory; the presets use 8.")
+                          f"only exhaust memory; the presets use at most {max(DEFAULT_BATCH.values())}.")
 
 
 def resolve_train_config(overrides: Optional[dict], batch_size: Optional[int], preset: str,
