@@ -60,6 +60,26 @@ def test_ui_parameter_bindings_match_the_parameter_node():
     assert fields - set(bound) == set(), f"parameters without a widget: {sorted(fields - set(bound))}"
 
 
+def test_spin_box_ranges_are_the_parameter_nodes():
+    """A parameter's WithinRange(low, high) and its spin box's minimum / maximum: one range."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "VAEUDASegmentationParameterNode")
+    ranges = {}
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign):
+            for call in ast.walk(node.annotation):
+                if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "WithinRange":
+                    ranges[node.target.id] = tuple(ast.literal_eval(a) for a in call.args)
+    assert ranges, "found no WithinRange: the check would be vacuous"
+    spin_boxes = {}
+    for w in ui_widgets().values():
+        props = {p.get("name"): p for p in w.findall("property")}
+        if w.get("class") == "QSpinBox" and "SlicerParameterName" in props:
+            value = {k: int(props[k].find("number").text) if k in props else None for k in ("minimum", "maximum")}
+            spin_boxes[props["SlicerParameterName"].find("string").text] = (value["minimum"] or 0, value["maximum"])
+    assert spin_boxes == ranges
+
+
 def test_ui_file_is_well_formed_with_unique_names_and_declared_custom_widgets():
     root = ET.parse(UI_FILE).getroot()
     names = [w.get("name") for w in root.iter("widget")]
@@ -132,6 +152,29 @@ def test_requirements_never_name_what_slicer_or_the_pytorch_extension_provides()
     assert names and not names & {"numpy", "simpleitk", "torch", "torchvision"}
 
 
+def module_constant(name: str):
+    tree = ast.parse(MODULE_FILE.read_text())
+    return next(ast.literal_eval(n.value) for n in tree.body
+                if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == name for t in n.targets))
+
+
+def test_slicer_requirements_are_the_engines_minus_what_slicer_and_pytorch_provide():
+    """Resources/requirements.txt (installed in Slicer) and pyproject.toml (pip) list the same
+    packages and minimum versions, torch's included, but for what Slicer ships and the demo's plotting."""
+    tomllib = pytest.importorskip("tomllib")
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [l.split("#")[0].strip() for l in (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()]
+    provided = {"numpy", "simpleitk", "torch", "matplotlib"}
+    assert sorted(l for l in lines if l) == sorted(d for d in dependencies
+                                                   if re.split(r"[<>=!~ ]", d)[0].lower() not in provided)
+    assert "torch" + module_constant("TORCH_REQUIREMENT") in dependencies
+
+
+def test_the_module_knows_the_engines_model_format_name():
+    from vaeuda.modelfile import FORMAT
+    assert module_constant("MODEL_FORMAT") == FORMAT
+
+
 def test_engine_and_module_helpers_import_nothing_from_slicer():
     offenders = []
     for path in ENGINE_FILES + LIB_FILES:
@@ -148,8 +191,8 @@ def test_engine_and_module_helpers_import_nothing_from_slicer():
 
 
 def test_the_label_table_imports_without_torch():
-    """The module reads vaeuda.labels in Slicer's GUI process, which must never import torch."""
-    code = "import sys, vaeuda.labels; print('torch' in sys.modules)"
+    """The module reads vaeuda.labels, choices and fileio in Slicer's GUI process, which must never import torch."""
+    code = "import sys, vaeuda.labels, vaeuda.choices, vaeuda.fileio; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=MODULE_DIR, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

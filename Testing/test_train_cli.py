@@ -956,3 +956,14 @@ def test_an_unknown_device_is_refused_in_one_sentence():
     with pytest.raises(VaeudaError, match=r"^--device must be one of auto, cpu, cuda, not 'gpu'\.$"):
         resolve_device("gpu")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_synth_defaults_and_size_range_are_the_phantoms():
+    """The command line writes them out (importing phantom would load SimpleITK for --help)."""
+    from vaeuda import phantom
+    from vaeuda.cli import build_parser
+    parser = build_parser()
+    args = parser.parse_args(["synth", "out"])
+    assert (args.n_source, args.n_target, args.n_train) == (phantom.N_SOURCE, phantom.N_TARGET, phantom.N_TRAIN)
+    synth = next(a for a in parser._subparsers._group_actions[0].choices["synth"]._actions if a.dest == "size")
+    assert f"{phantom.MIN_SIZE} to {phantom.MAX_SIZE}" in synth.help

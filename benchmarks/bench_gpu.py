@@ -34,10 +34,11 @@ import torch  # noqa: E402
 from vaeuda.fileio import atomic_path  # noqa: E402
 from vaeuda.nets import VAEUDANet, get_preset  # noqa: E402
 from vaeuda.predict import segment_image, slice_probabilities  # noqa: E402
+from vaeuda.train import DEFAULT_BATCH  # noqa: E402
 from vaeuda.volumes import DEFAULT_NORMALISATION, SliceGrid  # noqa: E402
 
 SETTINGS = {  # preset, batch, timed iterations, repeats, warm-up iterations, volume (x, slices, z), inference repeats
-    "full": {"preset": "paper", "batch": 8, "iterations": 20, "repeats": 3, "warmup": 3,
+    "full": {"preset": "paper", "batch": DEFAULT_BATCH["paper"], "iterations": 20, "repeats": 3, "warmup": 3,
              "volume": (256, 200, 256), "infer_repeats": 3},
     "smoke": {"preset": "tiny", "batch": 2, "iterations": 2, "repeats": 1, "warmup": 1,
               "volume": (64, 8, 64), "infer_repeats": 1},

@@ -40,6 +40,7 @@ from common import (REPO, attainable_conv_rate, conv_calls, load_average, machin
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vaeuda.choices import PRESET_NAMES  # noqa: E402
 from vaeuda.fileio import atomic_path  # noqa: E402
 from vaeuda.nets import VAEUDANet, get_preset  # noqa: E402
 from vaeuda.predict import segment_image, slice_probabilities  # noqa: E402
@@ -545,7 +546,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", default=None, help="all measurements (default: the report's name with .json)")
     p.add_argument("--gpu-json", default=str(REPO / "Docs" / "benchmarks_gpu.json"),
                    help="bench_gpu.py output to include, if it exists")
-    p.add_argument("--presets", nargs="+", default=None, choices=("tiny", "cpu", "paper"),
+    p.add_argument("--presets", nargs="+", default=None, choices=PRESET_NAMES,
                    help="default: cpu paper (smoke: tiny)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script in seconds")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

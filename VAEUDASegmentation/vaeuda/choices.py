@@ -13,6 +13,9 @@ PRESET_NAMES = ("cpu", "paper", "tiny")
 PANEL_PRESET_NAMES = ("cpu", "paper")
 """The presets the Slicer panel offers (with ``auto``: the engine's choice)."""
 
+DOMAINS = ("source", "target")
+"""The encoders an image can be read with: E_S (source) or E_T (target)."""
+
 
 def check_choice(flag: str, value, choices) -> None:
     """Refuse, in one sentence naming ``flag``, a ``value`` that is not one of ``choices``."""

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .choices import DEVICES, PRESET_NAMES
+from .choices import DEVICES, DOMAINS, PRESET_NAMES
 from .errors import MAX_SEED, VaeudaError
+from .machine import PORTABLE_THREADS
 from .progress import MODES, Reporter, emit
 
 
@@ -54,7 +55,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _numerics(p: argparse.ArgumentParser) -> None:
     p.add_argument("--portable", action="store_true",
-                   help="kernels that do not depend on the CPU's instruction set, 2 threads, CPU only: the same "
+                   help=f"kernels that do not depend on the CPU's instruction set, {PORTABLE_THREADS} threads, CPU only: the same "
                         "numbers under any thread count or instruction-set limit of this CPU model (not across "
                         "CPU makers, as measured); 3.5-6x slower (vaeuda.machine)")
 
@@ -97,11 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic cardiac MR/CT cohort in the MM-WHS file convention")
     p.add_argument("out_dir")
-    p.add_argument("--n-source", type=int, default=20, help="MR subjects (default 20)")
-    p.add_argument("--n-target", type=int, default=20, help="CT subjects (default 20)")
-    p.add_argument("--n-train", type=int, default=16, help="training subjects per modality (default 16)")
+    # the defaults are phantom.N_SOURCE, N_TARGET, N_TRAIN (a test holds them equal; phantom loads SimpleITK)
+    p.add_argument("--n-source", type=int, default=20, help="MR subjects (default %(default)s)")
+    p.add_argument("--n-target", type=int, default=20, help="CT subjects (default %(default)s)")
+    p.add_argument("--n-train", type=int, default=16, help="training subjects per modality (default %(default)s)")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--size", type=int, help="voxels per side, 16 to 512 (default: realistic per modality)")
+    p.add_argument("--size", type=int, help="voxels per side, 16 to 512 (phantom.MIN_SIZE, MAX_SIZE; default: "
+                                            "realistic per modality)")
     _common(p)
 
     p = sub.add_parser("train-source", help="train the source model on labelled volumes")
@@ -149,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (bounds memory)")
-    p.add_argument("--domain", choices=("source", "target"), help="force an encoder (default: target if adapted; target only for an adapted model)")
+    p.add_argument("--domain", choices=DOMAINS, help="force an encoder (default: target if adapted; target only for an adapted model)")
     p.add_argument("--cpu-bf16", action="store_true",
                    help="bf16 autocast on the CPU too (as on CUDA): 1.6-1.9x faster on CPUs with native bf16 "
                         "(AVX512-BF16, AMX), slower where it is emulated; a few voxels may change label")
@@ -311,7 +314,8 @@ def run(args, reporter: Reporter) -> List[str]:
 
 def _mapping_file(spec: Optional[str]) -> List[str]:
     """The label-mapping JSON file a ``--label-convention`` / ``--labels`` value names (an input), if any."""
-    return [] if spec in (None, "", "mmwhs", "consecutive") else [spec]
+    from .labels import BUILTIN_CONVENTIONS
+    return [] if spec in (None, "") or spec in BUILTIN_CONVENTIONS else [spec]
 
 
 def _joined_slice_ranges(argv: List[str]) -> List[str]:

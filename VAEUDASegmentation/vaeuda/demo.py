@@ -143,6 +143,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     # quick: a smoke run of the same pipeline (tiny preset, small volumes); default: the cpu preset,
     # on a GPU too (train-source alone would take the paper preset there: hours, not minutes)
     preset = "tiny" if quick else "cpu"
+    # 3x the tiny preset's own counts (DEFAULT_ITERATIONS["tiny"], sized for unit tests): still seconds
     iters = {"source": 60, "adapt": 30, "finetune": 30} if quick else {}
 
     t = time.time()

@@ -41,15 +41,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import machine
-from .demo import cohort_split, evaluate_model, image_of, label_of
+from .demo import ROW_ORACLE, ROW_UNADAPTED, cohort_split, evaluate_model, image_of, label_of
 from .errors import MAX_SEED, VaeudaError, require_count
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import CLASS_KEYS, MMWHS, STRUCTURES
 from .metrics import MEAN_KEY, _json_ready, evaluate_volume, summarise, table_markdown
 from .progress import Reporter, null_reporter
 
-ROW_ORACLE = "Oracle"
-ROW_UNADAPTED = "Unadapted"
 ROW_P16 = "Proposed-16"
 ROW_P1 = "Proposed-1"
 ROW_NO_KL = "Proposed-1, no KL"

@@ -132,6 +132,9 @@ CONSECUTIVE = Convention(
     unknown="error",
 )
 
+# The conventions a --label-convention / --labels value names; any other value is a mapping file.
+BUILTIN_CONVENTIONS: Dict[str, Convention] = {"mmwhs": MMWHS, "consecutive": CONSECUTIVE}
+
 
 def load_convention(spec: Optional[str]) -> Convention:
     """``"mmwhs"`` (default), ``"consecutive"``, or a path to a JSON mapping file.
@@ -140,10 +143,10 @@ def load_convention(spec: Optional[str]) -> Convention:
 
         {"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "background": [0, 7], "unknown": "error"}
     """
-    if spec in (None, "", "mmwhs"):
+    if spec in (None, ""):
         return MMWHS
-    if spec == "consecutive":
-        return CONSECUTIVE
+    if spec in BUILTIN_CONVENTIONS:
+        return BUILTIN_CONVENTIONS[spec]
     path = Path(spec)
     if not path.is_file():
         raise VaeudaError(f"{spec}: label mapping is neither 'mmwhs', 'consecutive' nor an existing JSON file.")

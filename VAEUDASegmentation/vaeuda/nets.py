@@ -325,7 +325,6 @@ def _discriminator_fits(cfg: NetConfig, size: int) -> bool:
     return True
 
 
-DOMAINS = ("source", "target")
 
 
 class VAEUDANet(nn.Module):

@@ -18,7 +18,8 @@ from .errors import VaeudaError, require_count
 from .fileio import atomic_dir, check_output_dir, stem
 from .labels import Convention
 from .modelfile import load_model
-from .nets import DOMAINS, VAEUDANet
+from .choices import DOMAINS
+from .nets import VAEUDANet
 from .progress import Reporter, null_reporter
 from .train import resolve_device
 
