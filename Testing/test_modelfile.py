@@ -94,7 +94,7 @@ def test_a_file_of_an_earlier_format_is_refused_with_the_reason(saved, tmp_path)
     path = tmp_path / "old.safetensors"
     save_file(tensors, str(path), metadata=dict(header, format_version="1"))
     with pytest.raises(VaeudaError, match=r"format version 1 was written by an earlier engine and cannot be loaded: "
-                                          r"its segmenter has DRN-D-22's .*; train the model again\.$"):
+                                          r"its segmenter \(engine 0\.1\) has DRN-D-22's .*; train the model again\.$"):
         load_model(path)
 
 

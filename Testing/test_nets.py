@@ -7,7 +7,7 @@ from vaeuda.errors import VaeudaError
 from vaeuda.nets import PRESETS, DRNBasicBlock, NetConfig, ResBlock, VAEUDANet, get_preset
 
 
-@pytest.mark.parametrize("preset", ["paper", "cpu", "tiny"])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_shapes(preset):
     cfg = get_preset(preset)
     net = VAEUDANet(cfg).eval()

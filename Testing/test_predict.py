@@ -75,7 +75,7 @@ def test_the_target_encoder_of_a_model_that_was_never_adapted_is_refused(net_and
     image = tmp_volume(np.random.default_rng(1).normal(size=(6, 7, 8)).astype(np.float32))
     with pytest.raises(VaeudaError, match="a source model has no trained target encoder"):
         predict.segment_image(net, meta, image, torch.device("cpu"), domain="target")
-    with pytest.raises(VaeudaError, match="--domain must be source or target, not 'Source'"):
+    with pytest.raises(VaeudaError, match="--domain must be one of source, target, not 'Source'"):
         predict.segment_image(net, meta, image, torch.device("cpu"), domain="Source")
     assert segmented_domains == []
     volume = tmp_volume(np.zeros((6, 7, 8), np.float32), name="ct_image.nii.gz")

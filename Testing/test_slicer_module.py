@@ -345,11 +345,11 @@ def test_console_mistakes_are_refused_before_the_job_in_one_sentence(slicer, mod
         (lambda: fake_logic.evaluate(volume, seg), "The segmentation must be a vtkMRMLSegmentationNode node"),
         (lambda: fake_logic.evaluate(seg, seg, volume), "The output table must be a vtkMRMLTableNode node"),
         (lambda: mod.segmentMask(None, "LV-M", volume), "must be a vtkMRMLSegmentationNode node, not nothing"),
-        (lambda: fake_logic.segment(volume, model, device="gpu"), "device must be one of auto, cpu, cuda, not 'gpu'."),
+        (lambda: fake_logic.segment(volume, model, device="gpu"), "The device must be one of auto, cpu, cuda, not 'gpu'."),
         (lambda: fake_logic.adapt(model, [volume], tmp_path / "a.safetensors", device=None),
-         "device must be one of auto, cpu, cuda, not None."),
+         "The device must be one of auto, cpu, cuda, not None."),
         (lambda: fake_logic.trainSource(tmp_path / "folder", tmp_path / "s.safetensors", preset="auto"),
-         "preset must be one of cpu, paper, tiny, not 'auto'."),
+         "The preset must be one of cpu, paper, tiny, not 'auto'."),
     ]
     for call, sentence in cases:
         with pytest.raises(ValueError, match=re.escape(sentence)):

@@ -775,7 +775,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args = [str(a) for a in engine + subcommandArgs[:1] + ["--progress", "json"] + subcommandArgs[1:]]
         logging.info("VAE-UDA: running %s", " ".join(args))
         process = EngineProcess(args, env=self._engineEnvironment(), cwd=tempDir)
-        job = _Job(name, process, tempDir, onSuccess, progressCallback, finishedCallback, dict(pathNames or {}))
+        # the engine prints paths as the platform spells them (backslashes on Windows)
+        names = {variant: userName for path, userName in (pathNames or {}).items()
+                 for variant in (path, os.path.normpath(path))}
+        job = _Job(name, process, tempDir, onSuccess, progressCallback, finishedCallback, names)
         try:
             process.start()
         except OSError as exc:
@@ -868,7 +871,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _requireChoice(name: str, value, choices: Sequence[str]) -> None:
-        """The engine's check of an option's value (``name`` as the batch API's argument), as ValueError."""
+        """The engine's check of an option's value (``name``: the batch API's argument, as a sentence starts), as ValueError."""
         try:
             vaeudaChoices.check_choice(name, value, choices)
         except VaeudaError as exc:
@@ -986,7 +989,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             seg = logic.segment(getNode("ct_1017"), "/data/adapted.safetensors", device="cpu")
             seg.CreateClosedSurfaceRepresentation()   # show in 3D
         """
-        self._requireChoice("device", device, vaeudaChoices.DEVICES)
+        self._requireChoice("The device", device, vaeudaChoices.DEVICES)
         modelPath = self._existingFile(modelPath, "model file")
         try:
             fromIndex = labelValuesOfModel(readModelMetadata(modelPath))
@@ -1041,9 +1044,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
             logic.trainSource("/data/mr_train", "/data/source.safetensors", preset="cpu", iterations=5000)
         """
-        self._requireChoice("device", device, vaeudaChoices.DEVICES)
+        self._requireChoice("The device", device, vaeudaChoices.DEVICES)
         if preset is not None:
-            self._requireChoice("preset", preset, vaeudaChoices.PRESET_NAMES)
+            self._requireChoice("The preset", preset, vaeudaChoices.PRESET_NAMES)
         if not _pathOrNone(dataFolder) or not os.path.isdir(str(dataFolder)):
             raise ValueError(f"{dataFolder}: training data folder not found.")
         if not _pathOrNone(outputModelPath):
@@ -1074,7 +1077,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
             adapted = logic.adapt("/data/source.safetensors", [getNode("ct_1017")], "/data/adapted.safetensors")
         """
-        self._requireChoice("device", device, vaeudaChoices.DEVICES)
+        self._requireChoice("The device", device, vaeudaChoices.DEVICES)
         sourceModelPath = self._existingFile(sourceModelPath, "source model file")
         readModelMetadata(sourceModelPath)
         if targetVolumeNodes is not None and not isinstance(targetVolumeNodes, (list, tuple)):

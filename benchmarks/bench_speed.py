@@ -361,7 +361,7 @@ def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
         f"{results['date']}" + (f"; this page rendered from `{results['rendered_from']}`."
                                 if results.get("rendered_from") else "."), "",
         "## Machine", "",
-        md_table(["", ""], [["CPU", m["cpu"]], ["CPU features", ", ".join(m.get("cpu_features") or ["not recorded"])],
+        md_table(["", ""], [["engine", m.get("engine", "0.1.0 (before runs recorded it)")], ["CPU", m["cpu"]], ["CPU features", ", ".join(m.get("cpu_features") or ["not recorded"])],
                             ["logical cores", m["logical_cores"]],
                             ["memory", f"{m['memory_gib']} GiB"], ["GPU", m["gpu"] or "none"],
                             ["torch", m["torch"]], ["torch threads", m["torch_threads"]],

@@ -22,6 +22,7 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
 from vaeuda import volumes  # noqa: E402
+from vaeuda.choices import DOMAINS  # noqa: E402
 from vaeuda.labels import CLASS_KEYS, STRUCTURES, Convention  # noqa: E402
 from vaeuda.metrics import dice, evaluate_volume, summarise  # noqa: E402
 from vaeuda.modelfile import load_model  # noqa: E402
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--domain", default=None, choices=("source", "target"), help="default: as the model says")
+    p.add_argument("--domain", default=None, choices=DOMAINS, help="default: as the model says")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per mode, alternating (median; default 5)")
     p.add_argument("image")
     p.add_argument("label")

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vaeuda import machine  # noqa: E402
+from vaeuda import __version__ as ENGINE_VERSION, machine  # noqa: E402
 from vaeuda.fileio import atomic_path  # noqa: E402
 from vaeuda.data import SliceSet, load_slices  # noqa: E402
 from vaeuda.demo import evaluate_model, image_of, label_of  # noqa: E402
@@ -95,7 +95,8 @@ def machine_info() -> dict:
     """CPU model and features, cores, memory, GPU, torch and its thread count, the MKL / oneDNN /
     OpenMP variables set (``machine.KERNEL_VARIABLES``), and the load average now."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": machine.cpu_model(), "cpu_features": _cpu_features(), "logical_cores": os.cpu_count(),
+    return {"engine": ENGINE_VERSION,
+            "cpu": machine.cpu_model(), "cpu_features": _cpu_features(), "logical_cores": os.cpu_count(),
             "memory_gib": _memory_gib(), "gpu": gpu,
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.version.cuda, "kernel_environment": machine.kernel_environment(),

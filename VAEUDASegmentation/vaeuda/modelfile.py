@@ -30,8 +30,8 @@ from .nets import NetConfig, VAEUDANet
 FORMAT = "vaeuda-model"
 FORMAT_VERSION = 2
 # Earlier format versions this engine cannot load, and why (the same tensors would not fit).
-EARLIER_FORMATS = {1: "its segmenter has DRN-D-22's single convolutions in stages 1-2 and 7-8, "
-                      "where this engine's has DRN-C-26's basic blocks (engine 0.1)"}
+EARLIER_FORMATS = {1: "its segmenter (engine 0.1) has DRN-D-22's single convolutions in stages 1-2 and 7-8, "
+                      "where this engine's has DRN-C-26's basic blocks"}
 # What a model file holds: a source model (E_S path only), an adapted one (with a trained E_T),
 # a fine-tuned one (the oracle: the source path trained on labelled target volumes).
 STAGES = ("source", "adapted", "finetuned")

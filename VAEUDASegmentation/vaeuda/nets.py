@@ -1,5 +1,5 @@
 """The networks of Ouyang et al. (MICCAI 2019): a two-domain VAE with a shared latent space,
-a multi-scale patch discriminator, and a DRN-26 segmenter operating on the latent map.
+a multi-scale patch discriminator, and a DRN-C-26 segmenter operating on the latent map.
 
 Shapes follow UNIT (Liu et al. 2017) and one-shot translation (Benaim & Wolf 2018, the
 paper's [2]): a 7x7 convolution, ``n_down`` stride-2 convolutions and residual blocks with

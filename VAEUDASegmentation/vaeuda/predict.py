@@ -18,7 +18,7 @@ from .errors import VaeudaError, require_count
 from .fileio import atomic_dir, check_output_dir, stem
 from .labels import Convention
 from .modelfile import load_model
-from .choices import DOMAINS
+from .choices import DOMAINS, check_choice
 from .nets import VAEUDANet
 from .progress import Reporter, null_reporter
 from .train import resolve_device
@@ -30,8 +30,7 @@ def model_domain(meta: dict) -> str:
 
 
 def _check_domain_name(domain: str) -> None:
-    if domain not in DOMAINS:
-        raise VaeudaError(f"--domain must be source or target, not '{domain}'.")
+    check_choice("--domain", domain, DOMAINS)
 
 
 def check_domain(meta: dict, domain: Optional[str], model_path="the model") -> str:
