@@ -543,7 +543,8 @@ def normalise(array: np.ndarray, recipe: Mapping = DEFAULT_NORMALISATION) -> np.
         percentiles (each optional, None = no clip), then subtract the mean, divide by the std.
       - ``"minmax"``: the same optional clipping, then map [min, max] linearly to [-1, 1].
       - ``"fixed"``: map ``recipe["range"] = [lo, hi]`` linearly to [-1, 1], then clip to [-1, 1]
-        (the SIFA loaders: MR (-1.8, 4.4), CT (-2.8, 3.2)).
+        (ranges such as the SIFA loaders' MR (-1.8, 4.4), CT (-2.8, 3.2); SIFA maps its already
+        z-scored slices with them and does not clip).
     A constant volume becomes all zeros.
     """
     method = recipe.get("method", "zscore")
