@@ -1,4 +1,4 @@
-"""The devices and presets the command line and the Slicer module offer.
+"""The devices, presets and encoders the command line and the Slicer module offer.
 
 Torch-free, so that the Slicer module can check a batch call's values before it starts the engine.
 """
