@@ -56,8 +56,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _numerics(p: argparse.ArgumentParser) -> None:
     p.add_argument("--portable", action="store_true",
                    help=f"kernels that do not depend on the CPU's instruction set, {PORTABLE_THREADS} threads, CPU "
-                        "only: the same numbers under any thread count or instruction-set limit of this CPU model (not across "
-                        "CPU makers, as measured); 3.5-6x slower (vaeuda.machine)")
+                        "only: the same numbers under any thread count or instruction-set limit of this CPU model "
+                        "(not across CPU makers, as measured); 3.5-6x slower (vaeuda.machine)")
 
 
 def _training(p: argparse.ArgumentParser) -> None:
