@@ -871,7 +871,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _requireChoice(name: str, value, choices: Sequence[str]) -> None:
-        """The engine's check of an option's value (``name``: the batch API's argument, as a sentence starts), as ValueError."""
+        """The engine's check of an option's value, as ValueError; ``name``: the batch API's argument,
+        as a sentence starts ("The device")."""
         try:
             vaeudaChoices.check_choice(name, value, choices)
         except VaeudaError as exc:
@@ -1030,16 +1031,17 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         """Train a source model on labelled volumes; returns the model path (None when not waiting).
 
         ``dataFolder``: ``X_image`` / ``X_label`` volume pairs (MR). ``preset``: "cpu" or "paper"
-        (engine default if None; "tiny" for tests); ``labelConvention``: "mmwhs" (default), "consecutive" or a JSON
-        mapping file; ``inputSize``: slice size in pixels over the preset's field of view (the
-        preset's own if None; adaptation and segmentation follow the model's); ``portable``: the
-        engine's ``--portable``, kernels that do not depend on the CPU's instruction set, so that a
-        seed gives the same model whatever thread count or instruction-set limit is set (CPU only,
-        3.5-6x slower; CPUs of another maker have still given another model);
-        ``intensityRemap``: the engine's ``--intensity-remap``, not the paper's method: the source
-        encoder reads randomly remapped intensities (GIN), so the model carries over to other
-        modalities better; adapting such a model has also lost what it had (Docs/results.md). The
-        model is written to a temporary folder and moved to ``outputModelPath`` only when complete.
+        (engine default if None; "tiny" for tests); ``labelConvention``: "mmwhs" (default),
+        "consecutive" or a JSON mapping file; ``inputSize``: slice size in pixels over the preset's
+        field of view (the preset's own if None; adaptation and segmentation follow the model's);
+        ``portable``: the engine's ``--portable``, kernels that do not depend on the CPU's
+        instruction set, so that a seed gives the same model whatever thread count or
+        instruction-set limit is set (CPU only, 3.5-6x slower; CPUs of another maker have still
+        given another model); ``intensityRemap``: the engine's ``--intensity-remap``, not the
+        paper's method: the source encoder reads randomly remapped intensities (GIN), so the model
+        carries over to other modalities better; adapting such a model has also lost what it had
+        (Docs/results.md). The model is written to a temporary folder and moved to
+        ``outputModelPath`` only when complete.
         Example::
 
             logic.trainSource("/data/mr_train", "/data/source.safetensors", preset="cpu", iterations=5000)

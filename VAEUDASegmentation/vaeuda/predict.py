@@ -14,11 +14,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .choices import DOMAINS, check_choice
 from .errors import VaeudaError, require_count
 from .fileio import atomic_dir, check_output_dir, stem
 from .labels import Convention
 from .modelfile import load_model
-from .choices import DOMAINS, check_choice
 from .nets import VAEUDANet
 from .progress import Reporter, null_reporter
 from .train import resolve_device
