@@ -251,3 +251,30 @@ def test_the_loop_weights_each_term_by_its_lambda_and_drops_switched_off_terms(m
     for other, changed in ((cycle_one, {"T_cyc"}), (kl_one, {"S_kl", "T_kl"}), (no_kl, set())):
         for term in set(other) - changed:
             assert torch.allclose(other[term], default[term], rtol=1e-5), term
+
+
+def test_the_generators_meet_the_discriminator_after_its_step_under_autocast(monkeypatch, tmp_path):
+    """An autocast region keeps the bf16 copies of the weights it has cast until it ends: had the
+    Disc step and the generators' adversarial terms shared one region, on CUDA the generators would
+    be scored by the Disc of before its step. CPU bf16 autocast keeps the same cache, so the loop
+    runs under it here, with a step large enough to change the bf16 weights."""
+    import copy
+    from vaeuda import train as train_mod
+    monkeypatch.setattr(train_mod, "_mixed_precision", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    real = train_mod.generator_adv_terms
+    seen = []
+
+    def recording(net, fakes, mode):
+        terms = real(net, fakes, mode)
+        current = copy.deepcopy(net)          # new tensors: cast afresh, whatever the region has cached
+        with torch.no_grad():
+            fresh = real(current, {k: v.detach() for k, v in fakes.items()}, mode)
+        seen.append(({k: v.detach().float() for k, v in terms.items()}, {k: v.float() for k, v in fresh.items()}))
+        return terms
+
+    monkeypatch.setattr(train_mod, "generator_adv_terms", recording)
+    _first_adaptation_step(monkeypatch, tmp_path, lr=0.05)
+    ((terms, fresh),) = seen
+    assert set(terms) == {"S_adv", "T_adv"}
+    for name in terms:
+        assert torch.equal(terms[name], fresh[name]), name

@@ -191,6 +191,11 @@ def routed_backward(net: VAEUDANet, weighted: Dict[str, torch.Tensor]) -> None:
                 p.grad = g if p.grad is None else p.grad + g
 
 
+def _mixed_precision(device: torch.device):
+    """bf16 autocast on CUDA (the losses are taken in fp32); off on the CPU, where training is fp32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def disc_loss(net: VAEUDANet, real: torch.Tensor, fakes: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
     """Disc: real source images against the union of generated source-domain images (detached)."""
     loss = gan_loss(net.disc(real), True, mode)
@@ -498,7 +503,6 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     src_w = stage.source.sampling_weights(cfg.background_weight)
     tgt_w = stage.target.sampling_weights() if stage.target is not None else None
     proxy_images = proxy_slices(stage.target.images) if stage.target is not None else None
-    use_cuda_bf16 = device.type == "cuda"
     # a checkpoint this run did not write or resume from (another run's) is not its last good one
     good_checkpoint = ckpt if resumed else None
 
@@ -517,20 +521,23 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
 
         remapped = random_intensity_remap(xs, gen) if cfg.intensity_remap else None
 
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda_bf16):
+        with _mixed_precision(device):
             terms, fakes = source_terms(net, xs, ys, seg_loss, gen, remapped)
             mu_s = fakes.pop("mu_s")
             if xt is not None:
                 t_terms, t_fakes = target_terms(net, xs, ys, xt, mu_s, seg_loss, cfg, gen)
                 terms.update(t_terms)
                 fakes.update(t_fakes)
-
-            if cfg.use_adv:
-                # Disc first (on detached fakes), then its fresh opinion of the fakes for the generators.
+        if cfg.use_adv:
+            # Disc first (on detached fakes), then its fresh opinion of the fakes for the generators.
+            # Each in its own autocast region: a region keeps the bf16 copies of the weights it has
+            # cast until it ends, so in one region the generators would meet the Disc of before its step.
+            with _mixed_precision(device):
                 d_loss = disc_loss(net, xs, list(fakes.values()), cfg.gan_mode)
-                opts[1].zero_grad(set_to_none=True)
-                d_loss.float().backward()
-                opts[1].step()
+            opts[1].zero_grad(set_to_none=True)
+            d_loss.float().backward()
+            opts[1].step()
+            with _mixed_precision(device):
                 terms.update(generator_adv_terms(net, fakes, cfg.gan_mode))
 
         weighted = {k: weights[k] * v.float() for k, v in terms.items() if weights[k] > 0}
@@ -732,7 +739,8 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":
-        reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); adapting it anyway")
+        reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); adapting "
+                     f"it anyway from its source path (E_T and D_T start again as copies of E_S and D_S)")
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
