@@ -12,6 +12,7 @@ API for the Python console; :class:`VAEUDASegmentationWidget` is the panel.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -265,6 +266,15 @@ def _namePaths(message: str, pathNames: Dict[str, str]) -> str:
     if any(message.startswith(name) for name in pathNames.values()):
         message = message[:1].upper() + message[1:]   # the sentence's start
     return message
+
+
+@contextlib.contextmanager
+def _engineCheckAsValueError():
+    """The engine's input checks raise VaeudaError; the batch API refuses bad arguments with ValueError."""
+    try:
+        yield
+    except VaeudaError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _volumeName(node) -> str:
@@ -873,23 +883,19 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     def _requireChoice(name: str, value, choices: Sequence[str]) -> None:
         """The engine's check of an option's value, as ValueError; ``name``: the batch API's argument,
         as a sentence starts ("The device")."""
-        try:
+        with _engineCheckAsValueError():
             vaeudaChoices.check_choice(name, value, choices)
-        except VaeudaError as exc:
-            raise ValueError(str(exc)) from None
 
     @staticmethod
     def _checkOutput(path, inputs: Sequence = (), folder: bool = False) -> None:
         """Refuse, before the job, an output the finished job could not be moved to (a folder for a
         file or the reverse, a path under a file, a place that cannot be written) or that would
         replace one of ``inputs`` (never overwritten): the engine's own output checks, as ValueError."""
-        try:
+        with _engineCheckAsValueError():
             if folder:
                 vaeudaFileio.check_output_dir(path)
             else:
                 vaeudaFileio.check_output_file(path, inputs)
-        except VaeudaError as exc:
-            raise ValueError(str(exc)) from None
 
     @staticmethod
     def _existingFile(path, what: str) -> str:

@@ -306,8 +306,9 @@ def released_to_image(images: np.ndarray, labels: np.ndarray) -> Tuple[sitk.Imag
     ``images`` ``(N, H, W)`` float, ``labels`` ``(N, H, W)`` class indices, as the readers return
     them (a SIFA test volume read with ``read_npz(..., flip_test_volume=True)``). A released slice
     is a coronal plane stored as (x, z), the axis order of a nibabel array cut at fixed y: its rows
-    run from the patient's left to right and its columns from inferior to superior. The labelled samples in ``../shared/data/mmwhs-samples`` show it: the ascending aorta
-    lies at larger columns than the LV cavity (superior to it) and at larger rows (to its right),
+    run from the patient's left to right and its columns from inferior to superior. The labelled
+    samples in ``../shared/data/mmwhs-samples`` show it: the ascending aorta lies at larger
+    columns than the LV cavity (superior to it) and at larger rows (to its right),
     the LV's apex towards row 0 and column 0 (left, inferior), and the lateral ribs of
     ``validation_ct`` run along row 0. The slices are turned so that rows run superior ->
     inferior and columns along LPS x (right -> left), the engine's layout: slice ``j`` becomes

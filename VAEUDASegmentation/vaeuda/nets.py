@@ -117,7 +117,9 @@ PRESETS: Dict[str, NetConfig] = {
 }
 
 
-MIN_INPUT_SIZE = 16   # a floor: the latent is S / 2**n_down (S/4 in every preset), and the discriminator halves S again per scale and per layer
+# A floor: the latent is S / 2**n_down (S/4 in every preset), and the discriminator halves S again
+# per scale and per layer.
+MIN_INPUT_SIZE = 16
 
 
 def get_preset(name: str) -> NetConfig:

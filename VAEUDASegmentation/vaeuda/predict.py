@@ -29,16 +29,12 @@ def model_domain(meta: dict) -> str:
     return "target" if meta.get("has_target_encoder") else "source"
 
 
-def _check_domain_name(domain: str) -> None:
-    check_choice("--domain", domain, DOMAINS)
-
-
 def check_domain(meta: dict, domain: Optional[str], model_path="the model") -> str:
     """The encoder to segment with: ``domain`` if given and usable, else :func:`model_domain`.
     Only adaptation trains E_T; in a source or fine-tuned model it holds its random initial weights."""
     if domain is None:
         return model_domain(meta)
-    _check_domain_name(domain)
+    check_choice("--domain", domain, DOMAINS)
     if domain == "target" and not meta.get("has_target_encoder"):
         raise VaeudaError(f"{model_path}: a {meta.get('stage', 'non-adapted')} model has no trained target encoder; "
                           "segment with --domain source or adapt it first.")
@@ -100,7 +96,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     reporter = reporter or null_reporter()
     require_count("--batch-size", batch_size)   # before the model is loaded
     if domain is not None:
-        _check_domain_name(domain)
+        check_choice("--domain", domain, DOMAINS)
     check_output_dir(out_dir)
     for path in inputs:                         # before the model is loaded and earlier inputs segmented
         volumes.require_existing(path)
