@@ -1,15 +1,22 @@
 """formats: the released PnP-AdaNet/SIFA .tfrecords and .npz files, read without TensorFlow."""
 from __future__ import annotations
 
+import json
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from vaeuda.errors import VaeudaError
-from vaeuda.formats import crc32c, masked_crc32c, parse_example, read_npz, read_tfrecords, released_to_image
+from vaeuda.cli import main
+from vaeuda.data import find_pairs
+from vaeuda.formats import (convert_released, crc32c, masked_crc32c, parse_example, read_npz, read_tfrecords,
+                             released_to_image, unmatched_neighbours)
+from vaeuda.labels import BUILTIN_CONVENTIONS, MMWHS
+from vaeuda.volumes import read_image, read_label
 from vaeuda.volumes import SliceGrid, normalise
 
 TFRECORDS = ["training_ct", "training_mr", "validation_ct", "validation_mr"]
@@ -352,3 +359,123 @@ def test_released_fixture_round_trip(mmwhs_samples):
     one_hot = (np.arange(5)[None, :, None, None] == grid.label_slices(label)[:, None]).astype(np.float16)
     back = grid.scores_to_image(one_hot)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(label))
+
+
+# --- convert: released files as the engine's image / label pairs --------------------------------
+
+def _scan_records(tmp_path, scan: np.ndarray, labels: np.ndarray, split: int):
+    """A scan (N, H, W) as the released slices: record k holds slices k-1, k, k+1 (the ends
+    repeated) and slice k's label; records 0..split-1 in one file, the rest in another."""
+    n = len(scan)
+    channels = [np.stack([scan[max(k - 1, 0)], scan[k], scan[min(k + 1, n - 1)]], axis=-1) for k in range(n)]
+    label_channels = [np.repeat(labels[k][..., None], 3, axis=-1) for k in range(n)]
+    files = []
+    for part, ks in (("a", range(split)), ("b", range(split, n))):
+        path = tmp_path / f"slices_{part}.tfrecords"
+        path.write_bytes(b"".join(_record(_sample(channels[k], label_channels[k])) for k in ks))
+        files.append(path)
+    return files
+
+
+def test_convert_writes_a_released_volume_as_the_pair_the_engine_reads(mmwhs_samples, tmp_path):
+    out = tmp_path / "converted"
+    written, unmatched = convert_released([mmwhs_samples / "example_mr.npz"], out, MMWHS)
+    assert [p.name for p in written] == ["example_mr_image.nii.gz", "example_mr_label.nii.gz"] and unmatched == 0
+    (image_path, label_path), = find_pairs([str(out)])          # train-source's pairing of a folder
+    images, classes = read_npz(mmwhs_samples / "example_mr.npz")
+    expected_image, expected_label = released_to_image(images, classes)
+    image = read_image(image_path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected_image))
+    label = read_label(label_path, MMWHS, reference=image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(expected_label))
+    # MM-WHS values on disk: LV-M 205, LA-B 420, LV-B 500, A-A 820, as the challenge's own files
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    for index, value in enumerate((0, 205, 420, 500, 820)):
+        assert np.array_equal(raw == value, sitk.GetArrayFromImage(expected_label) == index), value
+
+
+def test_convert_writes_consecutive_values_when_asked(mmwhs_samples, tmp_path):
+    convert_released([mmwhs_samples / "example_mr.npz"], tmp_path, BUILTIN_CONVENTIONS["consecutive"])
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "example_mr_label.nii.gz")))
+    _, classes = read_npz(mmwhs_samples / "example_mr.npz")
+    assert np.array_equal(np.sort(raw.ravel()), np.sort(classes.ravel()))
+
+
+def test_convert_stacks_tfrecords_in_the_order_given_and_counts_the_slices_out_of_place(tmp_path):
+    rng = np.random.default_rng(3)
+    scan = rng.normal(size=(5, 8, 6)).astype(np.float32)
+    labels = rng.integers(0, 5, size=(5, 8, 6)).astype(np.float32)
+    first, second = _scan_records(tmp_path, scan, labels, split=3)
+    written, unmatched = convert_released([first, second], tmp_path / "in_order", MMWHS, name="ct_9")
+    assert unmatched == 0
+    image = sitk.ReadImage(str(tmp_path / "in_order" / "ct_9_image.nii.gz"))
+    expected, _ = released_to_image(scan, labels.astype(np.uint8))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected))
+    # the second file first: slices 3, 4, 0, 1, 2; only the step from 4 to 0 is out of place
+    _, unmatched = convert_released([second, first], tmp_path / "swapped", MMWHS, name="ct_9")
+    assert unmatched == 1
+    samples = read_tfrecords(first)
+    assert unmatched_neighbours(samples) == 0 and unmatched_neighbours(samples[::-1]) == 2
+
+
+def test_convert_logs_a_note_when_the_slices_are_out_of_order(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    scan = rng.normal(size=(4, 8, 6)).astype(np.float32)
+    first, second = _scan_records(tmp_path, scan, np.zeros((4, 8, 6), np.float32), split=2)
+    code = main(["convert", "--out", str(tmp_path / "out"), "--name", "ct_9", "--progress", "none",
+                 str(second), str(first)])
+    assert code == 0
+    assert "ct_9: 1 consecutive pair(s) of slices are not the neighbours their records store" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("folder", r"is a folder; give the released files themselves"),
+    ("suffix", r"slices\.nii\.gz: is not a released file; convert reads \.npz and \.tfrecords files"),
+    ("no name", r"the \.tfrecords files make one volume; give it a name \(--name\)"),
+    ("name without records", r"--name names the volume stacked from \.tfrecords files, and none was given"),
+    ("flip without npz", r"--flip-test-volume flips SIFA's released \.npz test volumes, and none was given"),
+    ("name with a folder", r"--name 'a/b' must be a plain file name"),
+    ("same stem", r"two inputs would both be written as example_mr_image\.nii\.gz"),
+    ("sizes", r"the \.tfrecords slices have different sizes \(4 x 6, 8 x 6\)"),
+    ("damaged", r"broken\.npz: is not a readable \.npz file"),
+])
+def test_convert_refuses_in_one_sentence_and_writes_nothing(mmwhs_samples, tmp_path, case, message):
+    npz = mmwhs_samples / "example_mr.npz"
+    small = tmp_path / "small.tfrecords"
+    small.write_bytes(_record(_sample(np.zeros((4, 6, 3)), np.zeros((4, 6, 3)))))
+    large = tmp_path / "large.tfrecords"
+    large.write_bytes(_record(_sample(np.zeros((8, 6, 3)), np.zeros((8, 6, 3)))))
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "example_mr.npz").write_bytes(npz.read_bytes())
+    (tmp_path / "broken.npz").write_bytes(b"PK not a zip")
+    (tmp_path / "slices.nii.gz").write_bytes(b"")
+    inputs, options = {
+        "folder": ([tmp_path / "copy"], {}),
+        "suffix": ([tmp_path / "slices.nii.gz"], {}),
+        "no name": ([small], {}),
+        "name without records": ([npz], {"name": "x"}),
+        "flip without npz": ([small], {"name": "x", "flip_test_volume": True}),
+        "name with a folder": ([small], {"name": "a/b"}),
+        "same stem": ([npz, tmp_path / "copy" / "example_mr.npz"], {}),
+        "sizes": ([small, large], {"name": "x"}),
+        "damaged": ([npz, tmp_path / "broken.npz"], {}),
+    }[case]
+    out = tmp_path / "out"
+    with pytest.raises(VaeudaError, match=message):
+        convert_released(inputs, out, MMWHS, **options)
+    assert not out.exists()
+
+
+def test_converted_released_files_train_segment_and_score_through_the_command_line(mmwhs_samples, tiny_source_model,
+                                                                                    tmp_path):
+    data, pred = tmp_path / "released", tmp_path / "pred"
+    assert main(["convert", "--out", str(data), "--progress", "none", str(mmwhs_samples / "example_mr.npz")]) == 0
+    assert main(["convert", "--out", str(data), "--name", "two_mr", "--progress", "none",
+                 str(mmwhs_samples / "training_mr.tfrecords"), str(mmwhs_samples / "validation_mr.tfrecords")]) == 0
+    assert main(["train-source", "--preset", "tiny", "--iterations", "1", "--out", str(tmp_path / "m.safetensors"),
+                 "--progress", "none", "--device", "cpu", str(data)]) == 0
+    assert main(["segment", "--model", str(tiny_source_model), "--out", str(pred), "--progress", "none",
+                 "--device", "cpu", str(data / "example_mr_image.nii.gz")]) == 0
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(data), "--progress", "none"]) == 0
+    scored = json.loads((pred / "evaluation.json").read_text())
+    assert [Path(v["ref"]).name for v in scored["volumes"]] == ["example_mr_label.nii.gz"]

@@ -166,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="where to write the JSON (default: PRED/evaluation.json)")
     _common(p)
 
+    p = sub.add_parser("convert", help="write released PnP-AdaNet/SIFA .npz / .tfrecords files as the "
+                                       "X_image / X_label NIfTI pairs the other commands read")
+    p.add_argument("inputs", nargs="+", metavar="FILE")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--name", help="the volume the .tfrecords files make together: their slices, one per record, "
+                                  "stacked in the order given (give one scan's slices in slice order)")
+    p.add_argument("--flip-test-volume", action="store_true",
+                   help="SIFA's released .npz test volumes are stored flipped on both in-plane axes; flip them back, "
+                        "as its evaluate.py does")
+    p.add_argument("--label-convention", default="mmwhs",
+                   help="label values to write: mmwhs (default: 205, 420, 500, 820), consecutive (1-4), "
+                        "or a JSON mapping file")
+    _common(p)
+
     p = sub.add_parser("info", help="print a model file's metadata as JSON, with the SHA-256 of its weights")
     p.add_argument("model")
     _common(p)
@@ -288,6 +302,15 @@ def run(args, reporter: Reporter) -> List[str]:
         else:
             print(table)
         return [json_path]
+    if cmd == "convert":
+        from .formats import convert_released
+        from .labels import load_convention
+        written, unmatched = convert_released(args.inputs, args.out, load_convention(args.label_convention),
+                                              name=args.name, flip_test_volume=args.flip_test_volume)
+        if unmatched:   # e.g. a shell glob's order: slice_10 before slice_2
+            reporter.log(f"note: {args.name}: {unmatched} consecutive pair(s) of slices are not the neighbours their "
+                         f"records store; are the .tfrecords files one scan's, in slice order?")
+        return [str(p) for p in written]
     if cmd == "info":
         from .modelfile import build_from_meta, check_metadata, read_tensors
         tensors, meta, header = read_tensors(args.model)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import struct
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .labels import SIFA_IGNORED_VALUE
+from .labels import SIFA_IGNORED_VALUE, Convention
 
 PathLike = Union[str, Path]
 
@@ -326,3 +326,80 @@ def released_to_image(images: np.ndarray, labels: np.ndarray) -> Tuple[sitk.Imag
         return sitk.GetImageFromArray(np.ascontiguousarray(slices.transpose(2, 0, 1)[:, :, ::-1], dtype=dtype))
 
     return volume(images, np.float32), volume(labels, np.uint8)
+
+
+# --- released files as the engine's volumes ---------------------------------------------------
+
+RELEASED_SUFFIXES = (".npz", ".tfrecords")
+
+
+def unmatched_neighbours(samples: Sequence[Tuple[np.ndarray, np.ndarray]]) -> int:
+    """How many consecutive pairs of released samples ``(3, H, W)`` are not each other's stored
+    neighbours: sample k's third channel must be sample k+1's middle one, and sample k+1's first
+    channel sample k's middle one (equal to the bit when they are one scan's adjacent slices)."""
+    return sum(1 for (a, _), (b, _) in zip(samples, samples[1:])
+               if a.shape != b.shape or not (np.array_equal(a[2], b[1]) and np.array_equal(b[0], a[1])))
+
+
+def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: Convention,
+                     name: Optional[str] = None, flip_test_volume: bool = False) -> Tuple[List[Path], int]:
+    """Write released files as the image / label volume pairs that ``train-source``, ``finetune``,
+    ``segment`` and ``evaluate`` read: ``OUT/<volume>_image.nii.gz`` and ``OUT/<volume>_label.nii.gz``.
+
+    - Each ``.npz`` (a released volume, ``(H, W, N)``) is one volume named after its file
+      (``gt_ct_1003.npz`` -> ``gt_ct_1003``); ``flip_test_volume`` as :func:`read_npz`.
+    - The ``.tfrecords`` files, one or more slices each, are stacked into **one** volume called
+      ``name``, record by record in the order given: the middle channel of each. The engine takes
+      a slice's neighbours from the volume, so give one scan's slices in slice order; the second
+      value returned counts the consecutive slices that are not the neighbours their records
+      store (0 when they are).
+
+    Geometry as :func:`released_to_image` (unit spacing: the released files keep none). Labels are
+    written in ``convention``'s values (MM-WHS values by default in the command line). All files
+    appear, or none (a refused input leaves ``out_dir`` as it was). Returns (paths written,
+    unmatched neighbours).
+    """
+    from .fileio import atomic_dir, check_output_dir, stem
+    from .volumes import write_image, write_label
+
+    paths = [Path(p) for p in inputs]
+    for path in paths:
+        if path.is_dir():
+            raise VaeudaError(f"{path}: is a folder; give the released files themselves (e.g. {path}/*.npz).")
+        if path.suffix.lower() not in RELEASED_SUFFIXES:
+            raise VaeudaError(f"{path}: is not a released file; convert reads {' and '.join(RELEASED_SUFFIXES)} files.")
+    records = [p for p in paths if p.suffix.lower() == ".tfrecords"]
+    volumes = [p for p in paths if p.suffix.lower() == ".npz"]
+    if records and not name:
+        raise VaeudaError("the .tfrecords files make one volume; give it a name (--name).")
+    if name and not records:
+        raise VaeudaError("--name names the volume stacked from .tfrecords files, and none was given.")
+    if flip_test_volume and not volumes:
+        raise VaeudaError("--flip-test-volume flips SIFA's released .npz test volumes, and none was given.")
+    if name is not None and (not name.strip() or Path(name).name != name or name.startswith(".")):
+        raise VaeudaError(f"--name {name!r} must be a plain file name, without folders.")
+    names = [stem(p) for p in volumes] + ([name] if records else [])
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise VaeudaError(f"two inputs would both be written as {repeated[0]}_image.nii.gz; rename one of them.")
+    check_output_dir(out_dir)
+
+    stacks = [(stem(p), read_npz(p, flip_test_volume)) for p in volumes]
+    unmatched = 0
+    if records:
+        samples = [sample for p in records for sample in read_tfrecords(p)]
+        sizes = sorted({s[0].shape[1:] for s in samples})
+        if len(sizes) > 1:
+            raise VaeudaError(f"the .tfrecords slices have different sizes ({', '.join(f'{h} x {w}' for h, w in sizes)}); "
+                              f"one volume needs one size.")
+        unmatched = unmatched_neighbours(samples)
+        stacks.append((name, (np.stack([s[0][1] for s in samples]), np.stack([s[1] for s in samples]))))
+
+    written = []
+    with atomic_dir(out_dir) as staging:
+        for volume_name, (images, labels) in stacks:
+            image, label = released_to_image(images, labels)
+            write_image(image, staging / f"{volume_name}_image.nii.gz")
+            write_label(label, staging / f"{volume_name}_label.nii.gz", convention)
+            written += [Path(out_dir) / f"{volume_name}_{role}.nii.gz" for role in ("image", "label")]
+    return written, unmatched
