@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from vaeuda.errors import VaeudaError
 from vaeuda.cli import main
 from vaeuda.data import find_pairs
-from vaeuda.formats import (convert_released, crc32c, masked_crc32c, parse_example, read_npz, read_tfrecords,
-                             released_to_image, unmatched_neighbours)
+from vaeuda.formats import (convert_released, crc32c, follows, masked_crc32c, parse_example, read_npz, read_tfrecords,
+                             released_to_image)
 from vaeuda.labels import BUILTIN_CONVENTIONS, MMWHS
 from vaeuda.volumes import read_image, read_label
 from vaeuda.volumes import SliceGrid, normalise
@@ -363,24 +363,24 @@ def test_released_fixture_round_trip(mmwhs_samples):
 
 # --- convert: released files as the engine's image / label pairs --------------------------------
 
-def _scan_records(tmp_path, scan: np.ndarray, labels: np.ndarray, split: int):
-    """A scan (N, H, W) as the released slices: record k holds slices k-1, k, k+1 (the ends
-    repeated) and slice k's label; records 0..split-1 in one file, the rest in another."""
+def _released_slices(scan: np.ndarray, labels: np.ndarray) -> list:
+    """A scan (N, H, W) as the release stores it: slice k with slices k-1, k, k+1 as channels (the
+    ends repeated) and slice k's label, one serialised record each."""
     n = len(scan)
-    channels = [np.stack([scan[max(k - 1, 0)], scan[k], scan[min(k + 1, n - 1)]], axis=-1) for k in range(n)]
-    label_channels = [np.repeat(labels[k][..., None], 3, axis=-1) for k in range(n)]
-    files = []
-    for part, ks in (("a", range(split)), ("b", range(split, n))):
-        path = tmp_path / f"slices_{part}.tfrecords"
-        path.write_bytes(b"".join(_record(_sample(channels[k], label_channels[k])) for k in ks))
-        files.append(path)
-    return files
+    return [_record(_sample(np.stack([scan[max(k - 1, 0)], scan[k], scan[min(k + 1, n - 1)]], axis=-1),
+                            np.repeat(labels[k][..., None], 3, axis=-1))) for k in range(n)]
+
+
+def _scan(seed: int, n: int, size=(8, 6)):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, *size)).astype(np.float32),
+            rng.integers(0, 5, size=(n, *size)).astype(np.float32))
 
 
 def test_convert_writes_a_released_volume_as_the_pair_the_engine_reads(mmwhs_samples, tmp_path):
     out = tmp_path / "converted"
-    written, unmatched = convert_released([mmwhs_samples / "example_mr.npz"], out, MMWHS)
-    assert [p.name for p in written] == ["example_mr_image.nii.gz", "example_mr_label.nii.gz"] and unmatched == 0
+    written, breaks = convert_released([mmwhs_samples / "example_mr.npz"], out, MMWHS)
+    assert [p.name for p in written] == ["example_mr_image.nii.gz", "example_mr_label.nii.gz"] and breaks == []
     (image_path, label_path), = find_pairs([str(out)])          # train-source's pairing of a folder
     images, classes = read_npz(mmwhs_samples / "example_mr.npz")
     expected_image, expected_label = released_to_image(images, classes)
@@ -401,69 +401,129 @@ def test_convert_writes_consecutive_values_when_asked(mmwhs_samples, tmp_path):
     assert np.array_equal(np.sort(raw.ravel()), np.sort(classes.ravel()))
 
 
-def test_convert_stacks_tfrecords_in_the_order_given_and_counts_the_slices_out_of_place(tmp_path):
-    rng = np.random.default_rng(3)
-    scan = rng.normal(size=(5, 8, 6)).astype(np.float32)
-    labels = rng.integers(0, 5, size=(5, 8, 6)).astype(np.float32)
-    first, second = _scan_records(tmp_path, scan, labels, split=3)
-    written, unmatched = convert_released([first, second], tmp_path / "in_order", MMWHS, name="ct_9")
-    assert unmatched == 0
-    image = sitk.ReadImage(str(tmp_path / "in_order" / "ct_9_image.nii.gz"))
-    expected, _ = released_to_image(scan, labels.astype(np.uint8))
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected))
-    # the second file first: slices 3, 4, 0, 1, 2; only the step from 4 to 0 is out of place
-    _, unmatched = convert_released([second, first], tmp_path / "swapped", MMWHS, name="ct_9")
-    assert unmatched == 1
-    samples = read_tfrecords(first)
-    assert unmatched_neighbours(samples) == 0 and unmatched_neighbours(samples[::-1]) == 2
+def test_convert_stacks_tfrecords_in_the_order_given_and_names_the_breaks(tmp_path):
+    scan, labels = _scan(3, 5)
+    records = _released_slices(scan, labels)
+    first, second = tmp_path / "slice_0.tfrecords", tmp_path / "slice_1.tfrecords"
+    first.write_bytes(b"".join(records[:3]))     # slices 0-2
+    second.write_bytes(b"".join(records[3:]))    # slices 3-4
+    written, breaks = convert_released([first, second], tmp_path / "in_order", MMWHS, name="ct_9")
+    assert breaks == [] and [p.name for p in written] == ["ct_9_image.nii.gz", "ct_9_label.nii.gz"]
+    expected_image, expected_label = released_to_image(scan, labels.astype(np.uint8))
+    for path, expected in zip(written, (expected_image, expected_label)):
+        got = read_image(path) if "image" in path.name else read_label(path, MMWHS)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected))
+    # the second file first: slices 3, 4, 0, 1, 2; only slice 0 does not follow the one before it
+    _, breaks = convert_released([second, first], tmp_path / "swapped", MMWHS, name="ct_9")
+    assert breaks == ["slice_0.tfrecords record 0"]
+    one_per_file = [tmp_path / f"s{k}.tfrecords" for k in range(5)]
+    for path, record in zip(one_per_file, records):
+        path.write_bytes(record)
+    _, breaks = convert_released(one_per_file[::-1], tmp_path / "reversed", MMWHS, name="ct_9")
+    assert breaks == ["s3.tfrecords", "s2.tfrecords", "s1.tfrecords", "s0.tfrecords"]
 
 
-def test_convert_logs_a_note_when_the_slices_are_out_of_order(tmp_path, capsys):
-    rng = np.random.default_rng(4)
-    scan = rng.normal(size=(4, 8, 6)).astype(np.float32)
-    first, second = _scan_records(tmp_path, scan, np.zeros((4, 8, 6), np.float32), split=2)
+def test_follows_needs_both_stored_neighbours():
+    a, b, c = (np.full((4, 4), v, np.float32) for v in (1, 2, 3))
+    assert follows(np.stack([a, a, b]), np.stack([a, b, c]))
+    assert not follows(np.stack([a, a, b]), np.stack([c, b, c]))       # b's first channel is not a
+    assert not follows(np.stack([a, a, c]), np.stack([a, b, c]))       # a's third channel is not b
+    assert not follows(np.stack([a, a, b]), np.stack([a, b, c])[:, :3])
+
+
+def test_split_cuts_the_release_into_its_scans(tmp_path):
+    """The release numbers its one-slice files across all scans: given them in order, --split gives
+    back each scan as a volume of its own."""
+    scans = [_scan(5, 4), _scan(6, 3)]
+    records = [r for scan, labels in scans for r in _released_slices(scan, labels)]
+    files = [tmp_path / f"mr_train_slice{k}.tfrecords" for k in range(len(records))]
+    for path, record in zip(files, records):
+        path.write_bytes(record)
+    written, breaks = convert_released(files, tmp_path / "out", MMWHS, name="mr_train", split=True)
+    assert breaks == []
+    assert [p.name for p in written] == ["mr_train_001_image.nii.gz", "mr_train_001_label.nii.gz",
+                                         "mr_train_002_image.nii.gz", "mr_train_002_label.nii.gz"]
+    for (scan, labels), image_path, label_path in zip(scans, written[::2], written[1::2]):
+        expected_image, expected_label = released_to_image(scan, labels.astype(np.uint8))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(image_path)),
+                                      sitk.GetArrayFromImage(expected_image))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(read_label(label_path, MMWHS)),
+                                      sitk.GetArrayFromImage(expected_label))
+
+
+def test_convert_notes_where_the_slices_break(tmp_path, capsys):
+    scan, labels = _scan(4, 4)
+    records = _released_slices(scan, labels)
+    files = [tmp_path / f"slice{k}.tfrecords" for k in (0, 1, 2, 3)]
+    for path, record in zip(files, records):
+        path.write_bytes(record)
     code = main(["convert", "--out", str(tmp_path / "out"), "--name", "ct_9", "--progress", "none",
-                 str(second), str(first)])
+                 *map(str, [files[2], files[3], files[0], files[1]])])
     assert code == 0
-    assert "ct_9: 1 consecutive pair(s) of slices are not the neighbours their records store" in capsys.readouterr().err
+    assert ("in ct_9, 1 slice(s) do not follow the one before as their records store (slice0.tfrecords): another "
+            "scan begins there, or the files are out of order; --split cuts the volume there") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case, message", [
+    ("nothing", r"no released file was given"),
     ("folder", r"is a folder; give the released files themselves"),
     ("suffix", r"slices\.nii\.gz: is not a released file; convert reads \.npz and \.tfrecords files"),
     ("no name", r"the \.tfrecords files make one volume; give it a name \(--name\)"),
-    ("name without records", r"--name names the volume stacked from \.tfrecords files, and none was given"),
+    ("name without records", r"--name is for the volume stacked from \.tfrecords files, and none was given"),
+    ("split without records", r"--split is for the volume stacked from \.tfrecords files, and none was given"),
     ("flip without npz", r"--flip-test-volume flips SIFA's released \.npz test volumes, and none was given"),
-    ("name with a folder", r"--name 'a/b' must be a plain file name"),
-    ("same stem", r"two inputs would both be written as example_mr_image\.nii\.gz"),
-    ("sizes", r"the \.tfrecords slices have different sizes \(4 x 6, 8 x 6\)"),
+    ("name with a folder", r"--name 'a/b' cannot name a volume: it must be a plain, visible file name"),
+    ("name too long", r"--name 'aaaa.*' cannot name a volume: .* at most 242 bytes"),
+    ("hidden npz", r"\.hidden\.npz: its name '\.hidden' cannot name a volume"),
+    ("same name", r"example_mr and EXAMPLE_MR would both be written as EXAMPLE_MR_image\.nii\.gz"),
+    ("sizes", r"large\.tfrecords: record 0 is a 8 x 6 slice, the first was 4 x 6; one volume needs one size"),
     ("damaged", r"broken\.npz: is not a readable \.npz file"),
+    ("write fails", r"the disk is full"),
 ])
-def test_convert_refuses_in_one_sentence_and_writes_nothing(mmwhs_samples, tmp_path, case, message):
+def test_convert_refuses_in_one_sentence_and_writes_nothing(mmwhs_samples, tmp_path, monkeypatch, case, message):
     npz = mmwhs_samples / "example_mr.npz"
     small = tmp_path / "small.tfrecords"
     small.write_bytes(_record(_sample(np.zeros((4, 6, 3)), np.zeros((4, 6, 3)))))
     large = tmp_path / "large.tfrecords"
     large.write_bytes(_record(_sample(np.zeros((8, 6, 3)), np.zeros((8, 6, 3)))))
     (tmp_path / "copy").mkdir()
-    (tmp_path / "copy" / "example_mr.npz").write_bytes(npz.read_bytes())
+    (tmp_path / "copy" / "EXAMPLE_MR.npz").write_bytes(npz.read_bytes())
+    (tmp_path / ".hidden.npz").write_bytes(npz.read_bytes())
     (tmp_path / "broken.npz").write_bytes(b"PK not a zip")
     (tmp_path / "slices.nii.gz").write_bytes(b"")
+    if case == "write fails":      # the second volume's label: the first volume's files are already staged
+        import vaeuda.volumes
+        calls = []
+
+        def write_label(*args):
+            calls.append(args)
+            if len(calls) == 2:
+                raise VaeudaError("the disk is full")
+            return real_write_label(*args)
+        real_write_label = vaeuda.volumes.write_label
+        monkeypatch.setattr(vaeuda.volumes, "write_label", write_label)
     inputs, options = {
+        "nothing": ([], {}),
         "folder": ([tmp_path / "copy"], {}),
         "suffix": ([tmp_path / "slices.nii.gz"], {}),
         "no name": ([small], {}),
         "name without records": ([npz], {"name": "x"}),
+        "split without records": ([npz], {"split": True}),
         "flip without npz": ([small], {"name": "x", "flip_test_volume": True}),
         "name with a folder": ([small], {"name": "a/b"}),
-        "same stem": ([npz, tmp_path / "copy" / "example_mr.npz"], {}),
+        "name too long": ([small], {"name": "a" * 243}),
+        "hidden npz": ([tmp_path / ".hidden.npz"], {}),
+        "same name": ([npz, tmp_path / "copy" / "EXAMPLE_MR.npz"], {}),
         "sizes": ([small, large], {"name": "x"}),
         "damaged": ([npz, tmp_path / "broken.npz"], {}),
+        "write fails": ([npz, small], {"name": "x"}),
     }[case]
     out = tmp_path / "out"
     with pytest.raises(VaeudaError, match=message):
         convert_released(inputs, out, MMWHS, **options)
     assert not out.exists()
+    if case == "write fails":
+        assert len(calls) == 2
 
 
 def test_converted_released_files_train_segment_and_score_through_the_command_line(mmwhs_samples, tiny_source_model,

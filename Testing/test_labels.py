@@ -83,8 +83,11 @@ def test_bad_unknown_setting_is_refused(tmp_path, setting, shown):
     # background is written as its first value; with none, what is written could not be read back
     ('{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "background": []}',
      "'background' must give at least one value (the first is what background is written as)."),
+    # 1e19 is whole but no label file holds it: numpy's OverflowError, not a sentence, before
+    ('{"LV-M": 1e19, "LA-B": 2, "LV-B": 3, "A-A": 4}',
+     "the value of 'LV-M' (10000000000000000000) does not fit a 64-bit label file."),
 ], ids=["NaN", "Infinity", "structure at the background value", "two structures, one value", "a structure twice",
-        "no background value"])
+        "no background value", "beyond 64 bits"])
 def test_a_mapping_that_cannot_round_trip_is_refused(tmp_path, text, message):
     path = _mapping(tmp_path, text)
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: {re.escape(message)}$"):

@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", help="the volume the .tfrecords files make together: their slices, one per record, "
                                   "stacked in the order given (give one scan's slices in slice order)")
+    p.add_argument("--split", action="store_true",
+                   help="cut the .tfrecords stack where a slice does not follow the one before as its record stores "
+                        "(another scan begins): volumes NAME_001, NAME_002, ... (the release's scans, from all its "
+                        "files in numeric order)")
     p.add_argument("--flip-test-volume", action="store_true",
                    help="SIFA's released .npz test volumes are stored flipped on both in-plane axes; flip them back, "
                         "as its evaluate.py does")
@@ -305,11 +309,13 @@ def run(args, reporter: Reporter) -> List[str]:
     if cmd == "convert":
         from .formats import convert_released
         from .labels import load_convention
-        written, unmatched = convert_released(args.inputs, args.out, load_convention(args.label_convention),
-                                              name=args.name, flip_test_volume=args.flip_test_volume)
-        if unmatched:   # e.g. a shell glob's order: slice_10 before slice_2
-            reporter.log(f"note: {args.name}: {unmatched} consecutive pair(s) of slices are not the neighbours their "
-                         f"records store; are the .tfrecords files one scan's, in slice order?")
+        written, breaks = convert_released(args.inputs, args.out, load_convention(args.label_convention),
+                                           name=args.name, flip_test_volume=args.flip_test_volume, split=args.split)
+        if breaks:   # another scan, or a shell glob's order (slice10 before slice2)
+            shown = ", ".join(breaks[:3]) + (", ..." if len(breaks) > 3 else "")
+            reporter.log(f"note: in {args.name}, {len(breaks)} slice(s) do not follow the one before as their records "
+                         f"store ({shown}): another scan begins there, or the files are out of order; --split cuts "
+                         f"the volume there")
         return [str(p) for p in written]
     if cmd == "info":
         from .modelfile import build_from_meta, check_metadata, read_tensors

@@ -333,36 +333,53 @@ def released_to_image(images: np.ndarray, labels: np.ndarray) -> Tuple[sitk.Imag
 RELEASED_SUFFIXES = (".npz", ".tfrecords")
 
 
-def unmatched_neighbours(samples: Sequence[Tuple[np.ndarray, np.ndarray]]) -> int:
-    """How many consecutive pairs of released samples ``(3, H, W)`` are not each other's stored
-    neighbours: sample k's third channel must be sample k+1's middle one, and sample k+1's first
-    channel sample k's middle one (equal to the bit when they are one scan's adjacent slices)."""
-    return sum(1 for (a, _), (b, _) in zip(samples, samples[1:])
-               if a.shape != b.shape or not (np.array_equal(a[2], b[1]) and np.array_equal(b[0], a[1])))
+def follows(previous: np.ndarray, current: np.ndarray) -> bool:
+    """Whether released slice ``current`` ``(3, H, W)`` is the stored neighbour of ``previous``:
+    ``previous``'s third channel is ``current``'s middle one and ``current``'s first channel
+    ``previous``'s middle one (equal to the bit for one scan's adjacent slices)."""
+    return (previous.shape == current.shape and np.array_equal(previous[2], current[1])
+            and np.array_equal(current[0], previous[1]))
+
+
+# A file name's bytes on common file systems, less the longest suffix written ("_label.nii.gz").
+_MAX_NAME_BYTES = 255 - len("_label.nii.gz")
+
+
+def _check_volume_name(name: str, what: str) -> None:
+    if (not name.strip() or Path(name).name != name or name.startswith(".") or not name.isprintable()
+            or len(name.encode("utf-8")) > _MAX_NAME_BYTES):
+        raise VaeudaError(f"{what} {name!r} cannot name a volume: it must be a plain, visible file name (no folders, "
+                          f"not starting with '.', at most {_MAX_NAME_BYTES} bytes).")
 
 
 def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: Convention,
-                     name: Optional[str] = None, flip_test_volume: bool = False) -> Tuple[List[Path], int]:
+                     name: Optional[str] = None, flip_test_volume: bool = False,
+                     split: bool = False) -> Tuple[List[Path], List[str]]:
     """Write released files as the image / label volume pairs that ``train-source``, ``finetune``,
     ``segment`` and ``evaluate`` read: ``OUT/<volume>_image.nii.gz`` and ``OUT/<volume>_label.nii.gz``.
 
     - Each ``.npz`` (a released volume, ``(H, W, N)``) is one volume named after its file
       (``gt_ct_1003.npz`` -> ``gt_ct_1003``); ``flip_test_volume`` as :func:`read_npz`.
-    - The ``.tfrecords`` files, one or more slices each, are stacked into **one** volume called
-      ``name``, record by record in the order given: the middle channel of each. The engine takes
-      a slice's neighbours from the volume, so give one scan's slices in slice order; the second
-      value returned counts the consecutive slices that are not the neighbours their records
-      store (0 when they are).
+    - The ``.tfrecords`` files (the release has one slice per file, numbered across all scans)
+      are stacked record by record, in the order given, into a volume called ``name``: the middle
+      channel of each. The engine takes a slice's neighbours from the volume, so they must be one
+      scan's slices in slice order. A *break* is a slice that does not :func:`follow <follows>` the
+      one before it: another scan begins there, or the order is wrong. With ``split`` the stack
+      is cut at every break into volumes ``name_001``, ``name_002``, ... (the release's scans,
+      given all its files in numeric order).
 
-    Geometry as :func:`released_to_image` (unit spacing: the released files keep none). Labels are
-    written in ``convention``'s values (MM-WHS values by default in the command line). All files
-    appear, or none (a refused input leaves ``out_dir`` as it was). Returns (paths written,
-    unmatched neighbours).
+    Geometry as :func:`released_to_image` (unit spacing: the released files keep none); labels
+    in ``convention``'s values (value 5 of the release is background, as its readers treat it).
+    All files appear, or none: a refused input leaves ``out_dir`` as it was. Returns the paths
+    written and, without ``split``, where the breaks are (file names, with the record for a file
+    of several; with ``split`` none are reported: each begins a volume).
     """
     from .fileio import atomic_dir, check_output_dir, stem
     from .volumes import write_image, write_label
 
     paths = [Path(p) for p in inputs]
+    if not paths:
+        raise VaeudaError("no released file was given.")
     for path in paths:
         if path.is_dir():
             raise VaeudaError(f"{path}: is a folder; give the released files themselves (e.g. {path}/*.npz).")
@@ -372,34 +389,52 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
     volumes = [p for p in paths if p.suffix.lower() == ".npz"]
     if records and not name:
         raise VaeudaError("the .tfrecords files make one volume; give it a name (--name).")
-    if name and not records:
-        raise VaeudaError("--name names the volume stacked from .tfrecords files, and none was given.")
+    if not records and (name or split):
+        raise VaeudaError(f"{'--name' if name else '--split'} is for the volume stacked from .tfrecords files, "
+                          f"and none was given.")
     if flip_test_volume and not volumes:
         raise VaeudaError("--flip-test-volume flips SIFA's released .npz test volumes, and none was given.")
-    if name is not None and (not name.strip() or Path(name).name != name or name.startswith(".")):
-        raise VaeudaError(f"--name {name!r} must be a plain file name, without folders.")
-    names = [stem(p) for p in volumes] + ([name] if records else [])
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise VaeudaError(f"two inputs would both be written as {repeated[0]}_image.nii.gz; rename one of them.")
+    if records:
+        _check_volume_name(name, "--name")
+    for path in volumes:
+        _check_volume_name(stem(path), f"{path}: its name")
     check_output_dir(out_dir)
 
-    stacks = [(stem(p), read_npz(p, flip_test_volume)) for p in volumes]
-    unmatched = 0
-    if records:
-        samples = [sample for p in records for sample in read_tfrecords(p)]
-        sizes = sorted({s[0].shape[1:] for s in samples})
-        if len(sizes) > 1:
-            raise VaeudaError(f"the .tfrecords slices have different sizes ({', '.join(f'{h} x {w}' for h, w in sizes)}); "
-                              f"one volume needs one size.")
-        unmatched = unmatched_neighbours(samples)
-        stacks.append((name, (np.stack([s[0][1] for s in samples]), np.stack([s[1] for s in samples]))))
+    written: List[Path] = []
+    taken: Dict[str, str] = {}      # casefolded (case-insensitive file systems: A and a are one file)
+    breaks: List[str] = []
 
-    written = []
-    with atomic_dir(out_dir) as staging:
-        for volume_name, (images, labels) in stacks:
-            image, label = released_to_image(images, labels)
-            write_image(image, staging / f"{volume_name}_image.nii.gz")
-            write_label(label, staging / f"{volume_name}_label.nii.gz", convention)
-            written += [Path(out_dir) / f"{volume_name}_{role}.nii.gz" for role in ("image", "label")]
-    return written, unmatched
+    def write(staging: Path, volume_name: str, images: np.ndarray, labels: np.ndarray) -> None:
+        if volume_name.casefold() in taken:
+            raise VaeudaError(f"{taken[volume_name.casefold()]} and {volume_name} would both be written as "
+                              f"{volume_name}_image.nii.gz; rename one of them.")
+        taken[volume_name.casefold()] = volume_name
+        image, label = released_to_image(images, labels)
+        write_image(image, staging / f"{volume_name}_image.nii.gz")
+        write_label(label, staging / f"{volume_name}_label.nii.gz", convention)
+        written.extend(Path(out_dir) / f"{volume_name}_{role}.nii.gz" for role in ("image", "label"))
+
+    with atomic_dir(out_dir) as staging:       # files are read as they are written: one scan in memory
+        for path in volumes:
+            write(staging, stem(path), *read_npz(path, flip_test_volume))
+        run: List[Tuple[np.ndarray, np.ndarray]] = []      # (middle slice, label) of the volume being stacked
+        previous, first_shape, number = None, None, 0
+        for path in records:
+            samples = read_tfrecords(path)
+            for index, (image, label) in enumerate(samples):
+                first_shape = first_shape or image.shape
+                if image.shape != first_shape:
+                    raise VaeudaError(f"{path}: record {index} is a {image.shape[1]} x {image.shape[2]} slice, the "
+                                      f"first was {first_shape[1]} x {first_shape[2]}; one volume needs one size.")
+                if previous is not None and not follows(previous, image):
+                    if split:
+                        number += 1
+                        write(staging, f"{name}_{number:03d}", *map(np.stack, zip(*run)))
+                        run = []
+                    else:
+                        breaks.append(path.name if len(samples) == 1 else f"{path.name} record {index}")
+                run.append((image[1], label))
+                previous = image
+        if run:
+            write(staging, f"{name}_{number + 1:03d}" if split else name, *map(np.stack, zip(*run)))
+    return written, breaks

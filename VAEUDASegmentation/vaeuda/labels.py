@@ -165,6 +165,8 @@ def load_convention(spec: Optional[str]) -> Convention:
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                 or value != int(value)):
             raise VaeudaError(f"{path}: the value of '{key}' must be a whole number, not {value!r}.")
+        if not -2**63 <= int(value) < 2**63:   # what a label file's widest integer type holds
+            raise VaeudaError(f"{path}: the value of '{key}' ({int(value)}) does not fit a 64-bit label file.")
         return int(value)
 
     background = data.get("background", [0])
