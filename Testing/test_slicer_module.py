@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 STUB = HERE / "slicer_stub"
 MODULE_DIR = HERE.parent / "VAEUDASegmentation"
 FAKE_ENGINE = MODULE_DIR / "VAEUDASegmentationLib" / "standinengine.py"
-STUB_MODULES = ("slicer", "vtk", "qt", "VAEUDASegmentation", "VAEUDASegmentationLib")
+STUB_MODULES = ("slicer", "vtk", "qt", "ctk", "VAEUDASegmentation", "VAEUDASegmentationLib")
 
 sys.path.insert(0, str(FAKE_ENGINE.parent))
 import standinengine as fake_engine  # noqa: E402
@@ -1203,8 +1203,9 @@ def test_every_panel_widget_names_a_parameter_of_its_type(mod):
     fields = typing.get_type_hints(mod.VAEUDASegmentationParameterNode, include_extras=True)
     assert set(bound) == set(fields)                       # every parameter shown, every widget bound
     # What Slicer's guiConnectors.py accepts for each widget class the panel uses.
+    # ctkPathLineEdit takes pathlib.Path there, and str through the module's own connector.
     shown_by = {"QCheckBox": (bool,), "QSpinBox": (int,), "QComboBox": (int, float, str, bool),
-                "ctkPathLineEdit": (pathlib.Path,), "ctkDirectoryButton": (pathlib.Path,)}
+                "ctkPathLineEdit": (pathlib.Path, str), "ctkDirectoryButton": (pathlib.Path,)}
     from slicer.parameterNodeWrapper import Choice
     for name, widget_class in bound.items():
         hint = fields[name]
@@ -1216,3 +1217,28 @@ def test_every_panel_widget_names_a_parameter_of_its_type(mod):
         assert base in shown_by[widget_class], (name, widget_class, base)
         if widget_class == "QComboBox":                   # Slicer requires the Choice annotation there
             assert any(isinstance(e, Choice) for e in extras), name
+
+
+def test_an_unset_model_file_leaves_its_field_empty_not_a_dot(mod):
+    """Slicer binds a ctkPathLineEdit to a pathlib.Path, and an unset Path is Path("."): the panel's
+    model fields opened reading ".". They are text, bound by the module's own connector, which
+    Slicer's registry finds for a ctkPathLineEdit and a str parameter."""
+    import typing
+    import ctk
+    from slicer.parameterNodeWrapper import createGuiConnector
+    fields = typing.get_type_hints(mod.VAEUDASegmentationParameterNode, include_extras=True)
+    for name in ("sourceModelPath", "trainOutputModelPath", "adaptedModelPath", "segmentModelPath"):
+        assert fields[name] is str, name
+    edit = ctk.ctkPathLineEdit()
+    connector = createGuiConnector(edit, fields["segmentModelPath"])
+    assert isinstance(connector, mod.PathLineEditToTextConnector) and connector.widget() is edit
+    connector.write("")                                    # the parameter's unset value
+    assert edit.currentPath == "" and connector.read() == ""
+    seen = []
+    connector.onChanged(lambda: seen.append(connector.read()))
+    edit.currentPath = "/models/adapted.safetensors"        # the user picks a file
+    assert seen == ["/models/adapted.safetensors"]
+    connector.onChanged(None)                              # disconnected: the widget no longer reports
+    edit.currentPath = "/models/other.safetensors"
+    assert seen == ["/models/adapted.safetensors"]
+    assert mod.PathLineEditToTextConnector.create(edit, pathlib.Path) is None      # Slicer's own connector's type

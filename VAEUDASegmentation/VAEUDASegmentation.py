@@ -26,12 +26,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Callable, Dict, List, Optional, Sequence, Tuple
 
+import ctk
 import numpy as np
 import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import (Choice, GuiConnector, WithinRange, parameterNodeGuiConnector,
+                                         parameterNodeWrapper, unannotatedType)
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -237,16 +239,55 @@ SlicerTotalSegmentator, SlicerNNUNet and SlicerPyTorch.
 
 # ----------------------------------------------------------------------------- parameter node
 
+@parameterNodeGuiConnector
+class PathLineEditToTextConnector(GuiConnector):
+    """Binds a ctkPathLineEdit to a ``str`` parameter, as Slicer's ctkPathLineEditToPathConnector
+    (parameterNodeWrapper/guiConnectors.py) binds it to ``pathlib.Path``. A Path cannot be empty:
+    ``Path("")`` is ``Path(".")``, so an unset model file would read "." in its field. As text it
+    stays empty."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == ctk.ctkPathLineEdit and unannotatedType(datatype) == str
+
+    @staticmethod
+    def create(widget, datatype):
+        if PathLineEditToTextConnector.canRepresent(widget, datatype):
+            return PathLineEditToTextConnector(widget)
+        return None
+
+    def __init__(self, widget) -> None:
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self) -> None:
+        self._widget.currentPathChanged.connect(self.changed)
+
+    def _disconnect(self) -> None:
+        self._widget.currentPathChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> str:
+        return self._widget.currentPath
+
+    def write(self, value: str) -> None:
+        self._widget.currentPath = value
+
+
 @parameterNodeWrapper
 class VAEUDASegmentationParameterNode:
-    """The panel's state, saved with the scene. An empty path reads as ``Path(".")``."""
-    sourceModelPath: pathlib.Path
+    """The panel's state, saved with the scene. Model files are text (empty: not chosen; see
+    PathLineEditToTextConnector); the training folder a ctkDirectoryButton shows, which displays
+    any empty folder as "." whatever its type, is a ``pathlib.Path``."""
+    sourceModelPath: str
     trainDataFolder: pathlib.Path
-    trainOutputModelPath: pathlib.Path
-    adaptedModelPath: pathlib.Path
+    trainOutputModelPath: str
+    adaptedModelPath: str
     adaptIterations: Annotated[int, WithinRange(0, 10_000_000)] = 0
     inputVolume: vtkMRMLScalarVolumeNode
-    segmentModelPath: pathlib.Path
+    segmentModelPath: str
     outputSegmentation: vtkMRMLSegmentationNode
     referenceSegmentation: vtkMRMLSegmentationNode
     device: Annotated[str, Choice(list(vaeudaChoices.DEVICES))] = "auto"
@@ -479,8 +520,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             if self._finishAction(result):
                 cohort = result.value
                 p.trainDataFolder = pathlib.Path(cohort.sourceTrainingFolder)
-                p.trainOutputModelPath = pathlib.Path(cohort.folder) / "source_model.safetensors"
-                p.adaptedModelPath = pathlib.Path(cohort.folder) / "adapted_model.safetensors"
+                p.trainOutputModelPath = os.path.join(cohort.folder, "source_model.safetensors")
+                p.adaptedModelPath = os.path.join(cohort.folder, "adapted_model.safetensors")
                 p.inputVolume = cohort.volumeNode
                 p.referenceSegmentation = cohort.referenceSegmentationNode
                 # the cohort is small: the cpu preset's defaults train and adapt it in minutes, where
@@ -499,8 +540,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
         def finished(result: JobResult) -> None:
             if self._finishAction(result):
-                p.sourceModelPath = pathlib.Path(result.value)
-                p.segmentModelPath = pathlib.Path(result.value)
+                p.sourceModelPath = str(result.value)
+                p.segmentModelPath = str(result.value)
 
         self._runAction("train", lambda: self.logic.trainSource(
             _pathOrNone(p.trainDataFolder), _pathOrNone(p.trainOutputModelPath),
@@ -516,8 +557,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         def finished(result: JobResult) -> None:
             if self._finishAction(result):
                 # The adapted model is remembered in the parameter node and used for segmenting.
-                p.adaptedModelPath = pathlib.Path(result.value)
-                p.segmentModelPath = pathlib.Path(result.value)
+                p.adaptedModelPath = str(result.value)
+                p.segmentModelPath = str(result.value)
 
         self._runAction("adapt", lambda: self.logic.adapt(
             _pathOrNone(p.sourceModelPath), targets, _pathOrNone(p.adaptedModelPath),

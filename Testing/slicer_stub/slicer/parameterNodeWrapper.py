@@ -1,7 +1,9 @@
-"""Stand-in for Base/Python/slicer/parameterNodeWrapper: the decorator and the two validators the module names.
+"""Stand-in for Base/Python/slicer/parameterNodeWrapper: the decorator, the two validators and the
+GUI-connector registry (guiConnectors.py, util.py) the module names.
 
 The widget (the only user of the wrapped parameter node) does not run outside Slicer, so the
-decorator only marks the class; Slicer's real one adds typed properties and ``connectGui``.
+decorator only marks the class; Slicer's real one adds typed properties and ``connectGui``. The
+registry is real: the module's own connector registers with it and is found by ``createGuiConnector``.
 """
 from __future__ import annotations
 
@@ -26,3 +28,54 @@ class Choice:
 
     def __init__(self, choices):
         self.choices = choices
+
+
+def unannotatedType(possiblyAnnotatedType):
+    """util.py ``unannotatedType``: ``Annotated[T, ...]`` -> ``T``; any other type as it is."""
+    import typing
+    if typing.get_origin(possiblyAnnotatedType) is typing.Annotated:
+        return typing.get_args(possiblyAnnotatedType)[0]
+    return possiblyAnnotatedType
+
+
+class GuiConnector:
+    """guiConnectors.py ``GuiConnector``: the base a connector between a widget and a parameter
+    type derives from; ``onChanged(callback)`` connects (``None`` disconnects), ``changed()`` calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self._callback = None
+
+    def onChanged(self, callback):
+        self._callback = callback
+        if self._callback is None:
+            self._disconnect()
+        else:
+            self._connect()
+
+    def changed(self):
+        if self._callback:
+            self._callback()
+
+
+_registeredGuiConnectors = []
+
+
+def parameterNodeGuiConnector(classtype=None):
+    """guiConnectors.py ``parameterNodeGuiConnector``: registers a GuiConnector subclass for
+    ``createGuiConnector``, as ``@parameterNodeGuiConnector`` or ``@parameterNodeGuiConnector()``."""
+    def wrap(cls):
+        if not issubclass(cls, GuiConnector):
+            raise TypeError("Must be a GuiConnector subclass")
+        _registeredGuiConnectors.append(cls)
+        return cls
+    return wrap if classtype is None else wrap(classtype)
+
+
+def createGuiConnector(widget, datatype):
+    """guiConnectors.py ``createGuiConnector``: the first registered connector that can represent
+    ``datatype`` with ``widget`` (Slicer's own connectors come first there; none are stood in)."""
+    for connectorType in _registeredGuiConnectors:
+        if connectorType.canRepresent(widget, datatype):
+            return connectorType.create(widget, datatype)
+    raise RuntimeError(f"Unable to create GUI connector from datatype '{datatype}' to widget type '{type(widget)}'")
