@@ -1227,8 +1227,7 @@ def test_an_unset_model_file_leaves_its_field_empty_not_a_dot(mod):
     import ctk
     from slicer.parameterNodeWrapper import createGuiConnector
     fields = typing.get_type_hints(mod.VAEUDASegmentationParameterNode, include_extras=True)
-    for name in ("sourceModelPath", "trainOutputModelPath", "adaptedModelPath", "segmentModelPath"):
-        assert fields[name] is str, name
+    assert {name for name, hint in fields.items() if hint is str} == set(mod.MODEL_FILE_PARAMETERS)
     edit = ctk.ctkPathLineEdit()
     connector = createGuiConnector(edit, fields["segmentModelPath"])
     assert isinstance(connector, mod.PathLineEditToTextConnector) and connector.widget() is edit

@@ -276,6 +276,10 @@ class PathLineEditToTextConnector(GuiConnector):
         self._widget.currentPath = value
 
 
+# The parameters a PathLineEditToTextConnector shows.
+MODEL_FILE_PARAMETERS = ("sourceModelPath", "trainOutputModelPath", "adaptedModelPath", "segmentModelPath")
+
+
 @parameterNodeWrapper
 class VAEUDASegmentationParameterNode:
     """The panel's state, saved with the scene. Model files are text (empty: not chosen; see
@@ -408,6 +412,9 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
+        for name in MODEL_FILE_PARAMETERS:   # scenes saved with Path parameters kept an unset file as "."
+            if getattr(self._parameterNode, name) == ".":
+                setattr(self._parameterNode, name, "")
         if not self._parameterNode.inputVolume:
             firstVolumeNode = self.logic.defaultInputVolume()
             if firstVolumeNode:
