@@ -199,6 +199,14 @@ def test_image_without_the_image_suffix_cannot_find_its_label(tmp_volume):
         find_pairs([str(image)])
 
 
+def test_a_label_file_given_as_an_image_is_named_as_such(tmp_volume):
+    """train-source a_label.nii.gz: not "cannot find its label", which asks to rename a label file."""
+    label = tmp_volume(np.zeros((4, 5, 6), np.uint8), name="a_label.nii.gz")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(label))}: is a label file; give the images "
+                                          f"\\(X_image\\.nii\\.gz\\), and each finds its X_label\\.nii\\.gz beside it\\.$"):
+        find_pairs([str(label)])
+
+
 def test_given_label_that_does_not_exist_is_refused(tmp_path, tmp_volume):
     image, _ = _write_pair(tmp_volume, "a")
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'other.nii.gz'))}: label file not found\\.$"):

@@ -17,6 +17,9 @@ def _label_for(image: Path) -> Path:
     ``_label`` file spelt as the ``_image`` one is (``X_IMAGE`` -> ``X_LABEL``), else the one file
     beside it whose name differs from that only in case."""
     base = without_role(stem(image), "_image")
+    if base is None and without_role(stem(image), "_label") is not None:
+        raise VaeudaError(f"{image}: is a label file; give the images (X_image{full_suffix(image)}), and each finds "
+                          f"its X_label{full_suffix(image)} beside it.")
     if base is None:
         raise VaeudaError(f"{image}: cannot find its label: name it X_image{full_suffix(image)} beside "
                           f"X_label{full_suffix(image)}, or pass --labels.")
