@@ -203,7 +203,8 @@ def test_a_label_file_given_as_an_image_is_named_as_such(tmp_volume):
     """train-source a_label.nii.gz: not "cannot find its label", which asks to rename a label file."""
     label = tmp_volume(np.zeros((4, 5, 6), np.uint8), name="a_label.nii.gz")
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(label))}: is a label file; give the images "
-                                          f"\\(X_image\\.nii\\.gz\\), and each finds its X_label\\.nii\\.gz beside it\\.$"):
+                                          f"\\(X_image\\.nii\\.gz\\), and each finds its X_label\\.nii\\.gz "
+                                          f"beside it\\.$"):
         find_pairs([str(label)])
 
 

@@ -377,21 +377,34 @@ def _scan(seed: int, n: int, size=(8, 6)):
             rng.integers(0, 5, size=(n, *size)).astype(np.float32))
 
 
+def _one_slice_files(paths, records) -> None:
+    """Each record in a file of its own, as the release stores its slices."""
+    for path, record in zip(paths, records):
+        path.write_bytes(record)
+
+
+def _assert_written_as(image_path, label_path, images, classes) -> None:
+    """The pair on disk holds what :func:`released_to_image` makes of the slices (labels read back
+    through the MM-WHS convention, on the image's grid)."""
+    expected_image, expected_label = released_to_image(images, classes.astype(np.uint8))
+    image = read_image(image_path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected_image))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_label(label_path, MMWHS, reference=image)),
+                                  sitk.GetArrayFromImage(expected_label))
+
+
 def test_convert_writes_a_released_volume_as_the_pair_the_engine_reads(mmwhs_samples, tmp_path):
     out = tmp_path / "converted"
     written, breaks = convert_released([mmwhs_samples / "example_mr.npz"], out, MMWHS)
     assert [p.name for p in written] == ["example_mr_image.nii.gz", "example_mr_label.nii.gz"] and breaks == []
     (image_path, label_path), = find_pairs([str(out)])          # train-source's pairing of a folder
     images, classes = read_npz(mmwhs_samples / "example_mr.npz")
-    expected_image, expected_label = released_to_image(images, classes)
-    image = read_image(image_path)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected_image))
-    label = read_label(label_path, MMWHS, reference=image)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(expected_label))
+    _assert_written_as(image_path, label_path, images, classes)
     # MM-WHS values on disk: LV-M 205, LA-B 420, LV-B 500, A-A 820, as the challenge's own files
     raw = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    expected_label = sitk.GetArrayFromImage(released_to_image(images, classes)[1])
     for index, value in enumerate((0, 205, 420, 500, 820)):
-        assert np.array_equal(raw == value, sitk.GetArrayFromImage(expected_label) == index), value
+        assert np.array_equal(raw == value, expected_label == index), value
 
 
 def test_convert_writes_consecutive_values_when_asked(mmwhs_samples, tmp_path):
@@ -409,16 +422,12 @@ def test_convert_stacks_tfrecords_in_the_order_given_and_names_the_breaks(tmp_pa
     second.write_bytes(b"".join(records[3:]))    # slices 3-4
     written, breaks = convert_released([first, second], tmp_path / "in_order", MMWHS, name="ct_9")
     assert breaks == [] and [p.name for p in written] == ["ct_9_image.nii.gz", "ct_9_label.nii.gz"]
-    expected_image, expected_label = released_to_image(scan, labels.astype(np.uint8))
-    for path, expected in zip(written, (expected_image, expected_label)):
-        got = read_image(path) if "image" in path.name else read_label(path, MMWHS)
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected))
+    _assert_written_as(*written, scan, labels)
     # the second file first: slices 3, 4, 0, 1, 2; only slice 0 does not follow the one before it
     _, breaks = convert_released([second, first], tmp_path / "swapped", MMWHS, name="ct_9")
     assert breaks == ["slice_0.tfrecords record 0"]
     one_per_file = [tmp_path / f"s{k}.tfrecords" for k in range(5)]
-    for path, record in zip(one_per_file, records):
-        path.write_bytes(record)
+    _one_slice_files(one_per_file, records)
     _, breaks = convert_released(one_per_file[::-1], tmp_path / "reversed", MMWHS, name="ct_9")
     assert breaks == ["s3.tfrecords", "s2.tfrecords", "s1.tfrecords", "s0.tfrecords"]
 
@@ -437,31 +446,26 @@ def test_split_cuts_the_release_into_its_scans(tmp_path):
     scans = [_scan(5, 4), _scan(6, 3)]
     records = [r for scan, labels in scans for r in _released_slices(scan, labels)]
     files = [tmp_path / f"mr_train_slice{k}.tfrecords" for k in range(len(records))]
-    for path, record in zip(files, records):
-        path.write_bytes(record)
+    _one_slice_files(files, records)
     written, breaks = convert_released(files, tmp_path / "out", MMWHS, name="mr_train", split=True)
     assert breaks == []
     assert [p.name for p in written] == ["mr_train_001_image.nii.gz", "mr_train_001_label.nii.gz",
                                          "mr_train_002_image.nii.gz", "mr_train_002_label.nii.gz"]
     for (scan, labels), image_path, label_path in zip(scans, written[::2], written[1::2]):
-        expected_image, expected_label = released_to_image(scan, labels.astype(np.uint8))
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(image_path)),
-                                      sitk.GetArrayFromImage(expected_image))
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(read_label(label_path, MMWHS)),
-                                      sitk.GetArrayFromImage(expected_label))
+        _assert_written_as(image_path, label_path, scan, labels)
 
 
 def test_convert_notes_where_the_slices_break(tmp_path, capsys):
     scan, labels = _scan(4, 4)
     records = _released_slices(scan, labels)
     files = [tmp_path / f"slice{k}.tfrecords" for k in (0, 1, 2, 3)]
-    for path, record in zip(files, records):
-        path.write_bytes(record)
+    _one_slice_files(files, records)
     code = main(["convert", "--out", str(tmp_path / "out"), "--name", "ct_9", "--progress", "none",
                  *map(str, [files[2], files[3], files[0], files[1]])])
     assert code == 0
     assert ("in ct_9, 1 slice(s) do not follow the one before as their records store (slice0.tfrecords): another "
-            "scan begins there, or the files are out of order; --split cuts the volume there") in capsys.readouterr().err
+            "scan begins there, or the files are out of order; --split cuts the volume there"
+            ) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case, message", [
