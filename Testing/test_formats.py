@@ -531,11 +531,17 @@ def test_convert_refuses_in_one_sentence_and_writes_nothing(mmwhs_samples, tmp_p
 
 
 def test_converted_released_files_train_segment_and_score_through_the_command_line(mmwhs_samples, tiny_source_model,
-                                                                                    tmp_path):
+                                                                                    tmp_path, capsys):
     data, pred = tmp_path / "released", tmp_path / "pred"
     assert main(["convert", "--out", str(data), "--progress", "none", str(mmwhs_samples / "example_mr.npz")]) == 0
+    assert capsys.readouterr().err == f"Wrote 1 volume(s) to {data} as X_image / X_label .nii.gz pairs: example_mr.\n"
     assert main(["convert", "--out", str(data), "--name", "two_mr", "--progress", "none",
                  str(mmwhs_samples / "training_mr.tfrecords"), str(mmwhs_samples / "validation_mr.tfrecords")]) == 0
+    assert capsys.readouterr().err.endswith(f"Wrote 1 volume(s) to {data} as X_image / X_label .nii.gz pairs: "
+                                            f"two_mr.\n")   # after the note that the two files are two scans
+    assert main(["convert", "--out", str(data), "--progress", "none", str(mmwhs_samples / "example_mr.npz")]) == 0
+    assert capsys.readouterr().err.endswith("Replaced 2 file(s) that were there: example_mr_image.nii.gz, "
+                                            "example_mr_label.nii.gz.\n")
     assert main(["train-source", "--preset", "tiny", "--iterations", "1", "--out", str(tmp_path / "m.safetensors"),
                  "--progress", "none", "--device", "cpu", str(data)]) == 0
     assert main(["segment", "--model", str(tiny_source_model), "--out", str(pred), "--progress", "none",

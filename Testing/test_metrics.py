@@ -352,7 +352,8 @@ def test_evaluate_dirs_refuses_mismatched_geometry(cohort, tmp_path):
     write_label(pred_dir / "ct_2_image_seg.nii.gz", a.astype(np.uint8), spacing=(1.0, 1.0, 1.0))
     expect_error_and_no_json(pred_dir, ref_dir, tmp_path / "m.json", "differ in spacing (")
     write_label(pred_dir / "ct_2_image_seg.nii.gz", a[:, :, :6].astype(np.uint8))
-    expect_error_and_no_json(pred_dir, ref_dir, tmp_path / "m.json", "differ in size (")
+    expect_error_and_no_json(pred_dir, ref_dir, tmp_path / "m.json",
+                             "differ in size (6, 6, 6) vs (7, 6, 6) (the prediction's, then the reference's).")
 
 
 def test_evaluate_dirs_refuses_unmatched_files(cohort, tmp_path):
@@ -407,6 +408,30 @@ def test_evaluate_never_writes_its_json_over_the_label_mapping_it_reads(cohort, 
                  "--json", str(mapping), "--progress", "none"]) == 2
     assert "map.json: is also an input, which is never overwritten" in capsys.readouterr().err
     assert mapping.read_bytes() == before
+
+
+def test_evaluate_reads_both_folders_in_the_label_convention_given(tmp_path, capsys):
+    """--label-convention (as train-source and convert name it; --labels, its first name, still
+    works): consecutive values 1-4 are scored as structures, and refused as MM-WHS values."""
+    from vaeuda.cli import main
+    a, b = two_cubes()
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    write_raw(ref_dir / "ct_1_label.nii.gz", b.astype(np.uint8) * 2)        # LA-B in consecutive values
+    write_raw(pred_dir / "ct_1_seg.nii.gz", a.astype(np.uint8) * 2)
+    results = []
+    for option in ("--label-convention", "--labels"):
+        json_path = tmp_path / f"{option}.json"
+        assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), option, "consecutive",
+                     "--json", str(json_path), "--progress", "none"]) == 0
+        results.append(json.loads(json_path.read_text())["volumes"][0]["metrics"])
+    assert results[0] == results[1]
+    assert results[0]["LA-B"]["dice"] == pytest.approx(2 * 48 / 128)    # 3 of the 4 cubes' columns overlap
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--json", str(tmp_path / "m.json"),
+                 "--progress", "none"]) == 2
+    assert "none of its label values (2) is a structure of the 'mmwhs' label mapping" in capsys.readouterr().err
 
 
 def test_two_dimensional_file_is_refused(cohort, tmp_path):

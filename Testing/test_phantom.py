@@ -232,13 +232,46 @@ def test_smaller_cohort_over_a_larger_one_removes_the_scans_it_no_longer_lists(t
     assert json.loads((out / "splits.json").read_text(encoding="utf-8"))["mr"]["test"] == ["mr_1002"]
 
 
-def test_cohort_over_a_folder_whose_splits_json_is_not_ours_removes_nothing(tmp_path):
+def _contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cohort_over_a_folder_whose_splits_json_is_not_ours_is_refused_and_changes_nothing(tmp_path):
     out = tmp_path / "cohort"
     out.mkdir()
     (out / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1002"], "test": []}}), encoding="utf-8")
     (out / "mr_1002_image.nii.gz").write_bytes(b"someone else's")
-    phantom.make_cohort(out, n_source=1, n_target=1, n_train=1, size=16)
-    assert (out / "mr_1002_image.nii.gz").read_bytes() == b"someone else's"
+    before = _contents(out)
+    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(out))}: already holds splits.json that this cohort "
+                                          r"would replace and no earlier phantom cohort there wrote; choose an empty"):
+        phantom.make_cohort(out, n_source=1, n_target=1, n_train=1, size=16)
+    assert _contents(out) == before
+
+
+def test_cohort_never_replaces_scans_it_did_not_write(tmp_path):
+    """Real scans named as the phantom's are refused, also where an earlier phantom cohort lies
+    (one that listed fewer subjects: the new names beyond its own are not its files)."""
+    out = tmp_path / "cohort"
+    out.mkdir()
+    (out / "mr_1001_image.nii.gz").write_bytes(b"a user's scan")
+    (out / "ct_1001_label.nii.gz").write_bytes(b"a user's label")
+    before = _contents(out)
+    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(out))}: already holds mr_1001_image.nii.gz and 1 other "
+                                          r"file\(s\) that this cohort would replace"):
+        phantom.make_cohort(out, n_source=1, n_target=1, n_train=1, size=16)
+    assert _contents(out) == before
+
+    ours = tmp_path / "ours"
+    phantom.make_cohort(ours, n_source=1, n_target=1, n_train=1, size=16)
+    (ours / "mr_1002_label.nii.gz").write_bytes(b"a user's label")
+    before = _contents(ours)
+    with pytest.raises(VaeudaError, match="already holds mr_1002_label.nii.gz that this cohort would replace"):
+        phantom.make_cohort(ours, n_source=2, n_target=1, n_train=1, size=16, seed=5)
+    assert _contents(ours) == before
+    (ours / "mr_1002_label.nii.gz").unlink()
+    phantom.make_cohort(ours, n_source=2, n_target=1, n_train=1, size=16, seed=5)   # its own files: replaced
+    assert json.loads((ours / "splits.json").read_text(encoding="utf-8"))["seed"] == 5
+    assert before["mr_1001_image.nii.gz"] != (ours / "mr_1001_image.nii.gz").read_bytes()
 
 
 def test_cohort_failing_midway_leaves_no_folder(tmp_path, monkeypatch):

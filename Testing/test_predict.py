@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from vaeuda import predict
@@ -111,6 +112,10 @@ def test_bad_inputs_are_refused_before_the_model_is_read(tmp_path):
     gone = tmp_path / "gone.nii.gz"
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(gone))}: file or folder does not exist"):
         segment_files(model, [first / "Case1.nii.gz", gone], tmp_path / "out")
+    label_map = tmp_path / "ct_1_label.nii.gz"             # the first input is read before the model
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((6, 6, 6), 205, np.uint16)), str(label_map))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(label_map))}: is a label map"):
+        segment_files(model, [label_map], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     series = tmp_path / "1.2.840.113619.2.55"               # a DICOM folder named by its series UID
     series.mkdir()

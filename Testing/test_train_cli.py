@@ -898,6 +898,19 @@ def test_adapt_passes_each_ablation_switch_and_option_through_unchanged(tiny_coh
     assert [others[f] for f in flags] == [True, False, True, False]
 
 
+def test_adapt_refuses_a_label_map_as_target_before_reading_the_source_volumes(tiny_cohort, tiny_source_model,
+                                                                               tmp_path, capsys, monkeypatch):
+    read = []
+    real = train_mod.load_slices
+    monkeypatch.setattr(train_mod, "load_slices", lambda images, *a, **k: read.append(images) or real(images, *a, **k))
+    label = tiny_cohort / "ct_1001_label.nii.gz"
+    out = tmp_path / "adapted.safetensors"
+    assert main(["adapt", "--model", str(tiny_source_model), "--out", str(out), "--iterations", "1",
+                 "--progress", "none", str(label)]) == 2
+    assert f"{label}: is a label map" in capsys.readouterr().err
+    assert read == [[label]] and not out.exists()
+
+
 def test_adapt_names_the_way_out_when_the_source_volumes_have_moved(tiny_cohort, tmp_path, capsys):
     """The model records where its MR volumes were; moved, adaptation asks for --source-data in one
     sentence, and with it adaptation runs."""
@@ -938,7 +951,43 @@ def test_cuda_without_a_gpu_and_an_interrupt_each_end_in_one_sentence(tiny_cohor
         raise KeyboardInterrupt
     monkeypatch.setattr(train_mod, "run_stage", interrupted)
     assert main(args) == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "vaeuda: interrupted" and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "vaeuda: interrupted; no checkpoint had been written yet") and not out.exists()
+    assert main(["info", str(tmp_path / "none.safetensors")]) == 2     # not a training command: nothing to say
+    monkeypatch.setattr("vaeuda.modelfile.read_tensors", interrupted)
+    assert main(["info", str(tmp_path / "none.safetensors")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vaeuda: interrupted"
+
+
+def test_an_interrupt_names_the_kept_checkpoint_and_resume_says_when_there_is_none(tiny_cohort, tmp_path, capsys,
+                                                                                   monkeypatch):
+    out = tmp_path / "m.safetensors"
+
+    def train(model):
+        return ["train-source", "--preset", "tiny", "--iterations", "4", "--out", str(model), "--progress", "none",
+                "--device", "cpu", str(tiny_cohort / "mr_1001_image.nii.gz")]
+    args = train(out)
+    real_save = train_mod.save_checkpoint
+
+    def interrupt_after_checkpoint(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setitem(train_mod.PRESET_TRAINING, "tiny",
+                        {**train_mod.PRESET_TRAINING.get("tiny", {}), "checkpoint_every": 2})
+    with monkeypatch.context() as patched:
+        patched.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
+        assert main(args) == 130
+    ckpt = checkpoint_path(out)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"vaeuda: interrupted; the last checkpoint is kept at {ckpt}: give the same command with --resume to continue")
+    assert ckpt.is_file() and not out.exists()
+    assert main(args + ["--resume"]) == 0
+    assert "resuming source from iteration 2" in capsys.readouterr().err
+
+    fresh = tmp_path / "fresh.safetensors"
+    assert main(train(fresh) + ["--resume"]) == 0
+    assert (f"note: no checkpoint at {checkpoint_path(fresh)} to resume; training from the first iteration"
+            in capsys.readouterr().err) and fresh.is_file()
 
 
 def test_segment_refuses_a_folder_where_a_segmentation_would_go(tiny_cohort, tiny_source_model, tmp_path, capsys):
@@ -967,3 +1016,21 @@ def test_synth_defaults_and_size_range_are_the_phantoms():
     assert (args.n_source, args.n_target, args.n_train) == (phantom.N_SOURCE, phantom.N_TARGET, phantom.N_TRAIN)
     synth = next(a for a in parser._subparsers._group_actions[0].choices["synth"]._actions if a.dest == "size")
     assert f"{phantom.MIN_SIZE} to {phantom.MAX_SIZE}" in synth.help
+
+
+def test_every_argument_of_every_command_says_what_it_is():
+    """`vaeuda CMD --help` explains each option and positional (argparse shows none for those without)."""
+    import argparse
+    from vaeuda.cli import build_parser
+
+    def parsers(parser, path):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from parsers(child, f"{path} {name}")
+
+    silent = [f"{path}: {action.option_strings or action.dest}"
+              for path, parser in parsers(build_parser(), "vaeuda") for action in parser._actions
+              if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) and not action.help]
+    assert silent == []

@@ -1213,7 +1213,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             with open(jsonPath, encoding="utf-8") as f:
                 return self._evaluationTable(json.load(f), segmentationNode, outputTableNode)
 
-        args = ["evaluate", "--pred", predDir, "--ref", refDir, "--labels", "consecutive", "--json", jsonPath]
+        args = ["evaluate", "--pred", predDir, "--ref", refDir, "--label-convention", "consecutive", "--json", jsonPath]
         return self._run("evaluate", args, tempDir, makeTable, waitForCompletion, progressCallback, finishedCallback,
                          pathNames)
 

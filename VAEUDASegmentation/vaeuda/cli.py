@@ -19,10 +19,19 @@ from .machine import PORTABLE_THREADS
 from .progress import MODES, Reporter, emit
 
 
+# The commands that checkpoint as they train (--out MODEL, MODEL.ckpt, --resume).
+TRAINING_COMMANDS = ("train-source", "adapt", "finetune")
+
+DEVICE_HELP = "auto (default) uses a CUDA GPU when present (with bf16 autocast), else the CPU"
+
 INTENSITY_REMAP_HELP = ("not part of the 2019 method: the source encoder reads randomly remapped intensities "
                         "(GIN, Ouyang et al. 2021) and must still reconstruct the MR, so the source model carries "
                         "over to CT better; adapting it added 5-7 points on one synthetic cohort and lost 15-25 on another "
                         "(Docs/results.md)")
+
+
+LABELLED_HELP = ("labelled volume(s): X_image files, each with its X_label beside it (or --labels), or folders "
+                 "of such pairs")
 
 
 def _seed(text: str) -> int:
@@ -64,8 +73,7 @@ def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, help="training iterations (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="slices per batch (default: the preset's)")
     p.add_argument("--seed", type=_seed, default=0, help="seeds every randomness (default 0)")
-    p.add_argument("--device", default="auto", choices=DEVICES,
-                   help="auto uses a CUDA GPU when present (with bf16 autocast), else the CPU")
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if an earlier run was interrupted")
     _numerics(p)
 
@@ -97,18 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic cardiac MR/CT cohort in the MM-WHS file convention")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write into (refused if it holds files of the "
+                                                       "cohort's names that no earlier synth wrote)")
     # the defaults are phantom.N_SOURCE, N_TARGET, N_TRAIN (a test holds them equal; phantom loads SimpleITK)
     p.add_argument("--n-source", type=int, default=20, help="MR subjects (default %(default)s)")
     p.add_argument("--n-target", type=int, default=20, help="CT subjects (default %(default)s)")
     p.add_argument("--n-train", type=int, default=16, help="training subjects per modality (default %(default)s)")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="cohort seed: the same seed, the same files (default 0)")
     p.add_argument("--size", type=int, help="voxels per side, 16 to 512 (phantom.MIN_SIZE, MAX_SIZE; default: "
                                             "realistic per modality)")
     _common(p)
 
     p = sub.add_parser("train-source", help="train the source model on labelled volumes")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help=LABELLED_HELP)
     p.add_argument("--out", required=True, help="model file to write (.safetensors)")
     p.add_argument("--preset", choices=PRESET_NAMES, help="default: paper with CUDA, cpu without")
     p.add_argument("--labels", nargs="+", help="label files in the same order as the images")
@@ -120,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("adapt", help="adapt a source model to unlabelled target volumes (one is enough)")
-    p.add_argument("targets", nargs="+", metavar="TARGET")
+    p.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="unlabelled target volume(s) (file, DICOM folder, or folder of *_image volumes)")
     p.add_argument("--model", required=True, help="source model file")
     p.add_argument("--out", required=True, help="adapted model file to write")
     p.add_argument("--no-kl", action="store_true", help="ablation: no prior matching (KL terms off)")
@@ -139,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("finetune", help="the oracle: supervised fine-tuning on labelled target volumes")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help=LABELLED_HELP)
     p.add_argument("--model", required=True, help="source model file")
     p.add_argument("--out", required=True, help="fine-tuned (oracle) model file to write")
     p.add_argument("--labels", nargs="+", help="label files in the same order as the images")
@@ -147,10 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("segment", help="segment volumes: writes DIR/<name>_seg.nii.gz on the exact input grid")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="volume(s) to segment (file, DICOM folder, or folder of *_image volumes)")
     p.add_argument("--model", required=True, help="model file (source, adapted or fine-tuned)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (bounds memory)")
     p.add_argument("--domain", choices=DOMAINS, help="force an encoder (default: target if adapted; target only for an adapted model)")
     p.add_argument("--cpu-bf16", action="store_true",
@@ -160,15 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("evaluate", help="Dice and ASSD of predictions against references, paired by name")
-    p.add_argument("--pred", required=True)
-    p.add_argument("--ref", required=True)
-    p.add_argument("--labels", default="mmwhs", help="mmwhs (default), consecutive, or a JSON mapping file")
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of segmentations (<name>_seg.nii.gz)")
+    p.add_argument("--ref", required=True, metavar="DIR",
+                   help="folder of reference label files (<name>_label.* or <name>.*); extra ones are skipped")
+    # --labels: the option's first name, kept for scripts (elsewhere --labels names label files)
+    p.add_argument("--label-convention", "--labels", dest="label_convention", default="mmwhs",
+                   help="label values of both folders: mmwhs (default), consecutive, or a JSON mapping file")
     p.add_argument("--json", help="where to write the JSON (default: PRED/evaluation.json)")
     _common(p)
 
     p = sub.add_parser("convert", help="write released PnP-AdaNet/SIFA .npz / .tfrecords files as the "
                                        "X_image / X_label NIfTI pairs the other commands read")
-    p.add_argument("inputs", nargs="+", metavar="FILE")
+    p.add_argument("inputs", nargs="+", metavar="FILE", help="released .npz volumes and/or .tfrecords slices")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", help="the volume the .tfrecords files make together: their slices, one per record, "
                                   "stacked in the order given (give one scan's slices in slice order)")
@@ -185,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("info", help="print a model file's metadata as JSON, with the SHA-256 of its weights")
-    p.add_argument("model")
+    p.add_argument("model", metavar="MODEL", help="model file (.safetensors)")
     _common(p)
 
     p = sub.add_parser("numerics", help="print what decides this computer's rounding as JSON: CPU, threads, "
@@ -196,10 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic cohort, with a report")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--quick", action="store_true", help="a smoke run of the same pipeline at the tiny preset (seconds; its numbers mean nothing)")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seeds the cohort, the draw of the adaptation scan and every training (default 0)")
     p.add_argument("--intensity-remap", action="store_true", help="train the source model with --intensity-remap: "
                                                                   + INTENSITY_REMAP_HELP)
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     _numerics(p)
     _common(p)
 
@@ -211,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--repeats", type=int, default=6, help="draws of the adaptation scan per row (default 6, as the paper)")
     e.add_argument("--preset", choices=PRESET_NAMES, default=None,
                    help="default: paper with CUDA, cpu without")
-    e.add_argument("--seed", type=_seed, default=0)
-    e.add_argument("--device", default="auto", choices=DEVICES)
+    e.add_argument("--seed", type=_seed, default=0,
+                   help="seeds the draws of the adaptation scans and every training (default 0)")
+    e.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     e.add_argument("--iterations-scale", type=float, default=1.0, help="scale every stage's iterations (smoke runs)")
     _numerics(e)
     _common(e)
@@ -242,7 +258,7 @@ def run(args, reporter: Reporter) -> List[str]:
         args.device = "cpu"
         from .machine import use_portable_numerics
         use_portable_numerics()      # before anything imports torch
-    if cmd in ("train-source", "adapt", "finetune") and not args.resume:
+    if cmd in TRAINING_COMMANDS and not args.resume:
         from .train import checkpoint_path
         ckpt = checkpoint_path(Path(args.out))
         if ckpt.is_file():    # another run's work: never thrown away unasked
@@ -294,8 +310,8 @@ def run(args, reporter: Reporter) -> List[str]:
         if Path(args.pred).is_file():     # else the default JSON path under it reads as the error
             raise VaeudaError(f"{args.pred}: is a file; --pred takes the folder of segmentations.")
         json_path = args.json or str(Path(args.pred) / "evaluation.json")
-        check_output_file(json_path, _mapping_file(args.labels))
-        table, result = evaluate_dirs(args.pred, args.ref, load_convention(args.labels), json_path,
+        check_output_file(json_path, _mapping_file(args.label_convention))
+        table, result = evaluate_dirs(args.pred, args.ref, load_convention(args.label_convention), json_path,
                                       ignore_unmatched_refs=True)
         skipped = result["unscored_references"]
         if skipped:    # e.g. --ref a whole cohort folder; a lost segmentation would only shrink N otherwise
@@ -309,13 +325,20 @@ def run(args, reporter: Reporter) -> List[str]:
     if cmd == "convert":
         from .formats import convert_released
         from .labels import load_convention
+        out = Path(args.out)
+        before = {item.name for item in out.iterdir()} if out.is_dir() else set()
         written, breaks = convert_released(args.inputs, args.out, load_convention(args.label_convention),
                                            name=args.name, flip_test_volume=args.flip_test_volume, split=args.split)
         if breaks:   # another scan, or a shell glob's order (slice10 before slice2)
-            shown = ", ".join(breaks[:3]) + (", ..." if len(breaks) > 3 else "")
             reporter.log(f"note: in {args.name}, {len(breaks)} slice(s) do not follow the one before as their records "
-                         f"store ({shown}): another scan begins there, or the files are out of order; --split cuts "
-                         f"the volume there")
+                         f"store ({_listed(breaks)}): another scan begins there, or the files are out of order; "
+                         f"--split cuts the volume there")
+        volumes = [p.name[:-len("_image.nii.gz")] for p in written if p.name.endswith("_image.nii.gz")]
+        replaced = [p.name for p in written if p.name in before]
+        reporter.log(f"Wrote {len(volumes)} volume(s) to {out} as X_image / X_label .nii.gz pairs: "
+                     f"{_listed(volumes)}.")
+        if replaced:   # said, since earlier files of those names are gone
+            reporter.log(f"Replaced {len(replaced)} file(s) that were there: {_listed(replaced)}.")
         return [str(p) for p in written]
     if cmd == "info":
         from .modelfile import build_from_meta, check_metadata, read_tensors
@@ -341,8 +364,26 @@ def run(args, reporter: Reporter) -> List[str]:
     raise VaeudaError(f"unknown command {cmd}")
 
 
+def _what_is_kept(args) -> str:
+    """After Ctrl-C in a training command: where its checkpoint is and how to continue, or that none
+    was written yet. (A checkpoint there is this run's, or the one it resumed: an earlier run's is
+    refused without --resume.)"""
+    if args.command not in TRAINING_COMMANDS:
+        return ""
+    from .train import checkpoint_path
+    ckpt = checkpoint_path(Path(args.out))
+    if ckpt.is_file():
+        return f"; the last checkpoint is kept at {ckpt}: give the same command with --resume to continue"
+    return "; no checkpoint had been written yet"
+
+
+def _listed(names: List[str], shown: int = 3) -> str:
+    """``a, b, c, ...``: the first ``shown`` names, and an ellipsis for the rest."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def _mapping_file(spec: Optional[str]) -> List[str]:
-    """The label-mapping JSON file a ``--label-convention`` / ``--labels`` value names (an input), if any."""
+    """The label-mapping JSON file a ``--label-convention`` value names (an input), if any."""
     from .labels import BUILTIN_CONVENTIONS
     return [] if spec in (None, "") or spec in BUILTIN_CONVENTIONS else [spec]
 
@@ -377,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         reporter.close()
-        print("vaeuda: interrupted", file=sys.stderr)
+        print(f"vaeuda: interrupted{_what_is_kept(args)}", file=sys.stderr)
         return 130
     reporter.close()
     if reporter.mode == "json":

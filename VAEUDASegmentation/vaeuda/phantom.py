@@ -647,14 +647,15 @@ def _write_nifti(image: sitk.Image, path: Path) -> None:
 
 
 def _previous_cohort_files(out: Path) -> set:
-    """File names of the scans a phantom cohort's ``splits.json`` in ``out`` lists (empty if none is ours)."""
+    """File names of the scans a phantom cohort's ``splits.json`` in ``out`` lists, and that
+    ``splits.json`` itself (empty if none is ours)."""
     try:
         splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return set()
     if not isinstance(splits, dict) or not str(splits.get("generator", "")).startswith("vaeuda.phantom"):
         return set()
-    names = set()
+    names = {"splits.json"}
     for modality in MODALITIES:
         lists = splits.get(modality)
         for prefixes in (lists.values() if isinstance(lists, dict) else ()):
@@ -682,10 +683,12 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
 
     Files: ``mr_<id>_image.nii.gz``, ``mr_<id>_label.nii.gz``, ``ct_...`` with ids 1001, 1002, ...
     per modality, and ``splits.json``: the first ``n_train`` subjects of each modality train, the
-    rest test. Everything is written in a temporary folder first, so a failed run leaves nothing;
-    on success the files replace those of the same name in ``out_dir``, and the scans a previous
-    cohort's ``splits.json`` there listed that this one does not have are removed (so a smaller
-    cohort over a larger one leaves no unlisted scans behind); other files there are kept.
+    rest test. Everything is written in a temporary folder first, so a failed run leaves nothing.
+    Only files an earlier phantom cohort in ``out_dir`` wrote (its ``splits.json`` lists them) are
+    replaced: a file of one of the new names that it did not write (a user's own scan) is refused
+    before any work. On success the scans that earlier cohort listed and this one does not have
+    are removed (so a smaller cohort over a larger one leaves no unlisted scans behind); other
+    files there are kept.
     """
     reporter = reporter or null_reporter()
     out = Path(out_dir)
@@ -703,6 +706,14 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
         raise VaeudaError(f"{out}: the cohort folder path is an existing file.")
 
     previous = _previous_cohort_files(out)
+    planned = ["splits.json"] + [f"{prefix}_{kind}.nii.gz" for modality in MODALITIES
+                                 for prefixes in split_prefixes(modality, counts[modality], n_train).values()
+                                 for prefix in prefixes for kind in ("image", "label")]
+    foreign = [name for name in planned if name not in previous and (out / name).exists()]
+    if foreign:    # e.g. real scans named as the phantom's: never replaced unasked
+        more = f" and {len(foreign) - 1} other file(s)" if len(foreign) > 1 else ""
+        raise VaeudaError(f"{out}: already holds {foreign[0]}{more} that this cohort would replace and no earlier "
+                          f"phantom cohort there wrote; choose an empty folder, or move them away.")
     splits: Dict[str, object] = {"labels": "mmwhs", "seed": seed, "generator": GENERATOR, "size": size}
     total = n_source + n_target
     reporter.stage("synth", total)

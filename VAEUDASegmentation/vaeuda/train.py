@@ -457,6 +457,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     ckpt = checkpoint_path(stage.out)
     early = EarlyStopState()
     resumed = resume and ckpt.exists()
+    if resume and not resumed:     # said: a mistyped --out would otherwise start afresh unnoticed
+        reporter.log(f"note: no checkpoint at {ckpt} to resume; training from the first iteration")
     if resumed:
         tensors, meta, header = read_tensors(ckpt, what="training checkpoint")
         check_metadata(ckpt, meta)
@@ -749,9 +751,10 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     size, fov = net.cfg.input_size, net.cfg.slice_fov_mm
     pairs = _source_pairs(src_meta, source_model, source_data)
     _check_outputs(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
-    reporter.log(f"reading {len(pairs)} labelled source volumes and {len(targets)} target volume(s)")
-    source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
+    reporter.log(f"reading {len(targets)} target volume(s) and {len(pairs)} labelled source volumes")
+    # the target first: a wrong one (a label map, too few slices) is refused before the source is read
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
+    source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
     stage_defaults = {**ADAPT_TRAINING.get(preset, {}), **_inherited_options(src_meta)}
     cfg = resolve_train_config(overrides, batch_size, preset, stage_defaults)
     cfg.use_kl, cfg.use_adv, cfg.use_cycle, cfg.use_task = use_kl, use_adv, use_cycle, use_task

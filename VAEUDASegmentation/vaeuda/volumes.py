@@ -476,7 +476,8 @@ def read_label(path: PathLike, convention: Convention,
             ref_image, ref_name = _read_any(Path(reference)), str(reference)
         mismatch = geometry_mismatch(raw, ref_image)
         if mismatch:
-            raise VaeudaError(f"{path}: geometry does not match {ref_name} ({mismatch}).")
+            raise VaeudaError(f"{path}: geometry does not match {ref_name} ({mismatch}: the label's, then "
+                              f"the image's).")
     return label_classes(raw, convention, source=str(path))
 
 
@@ -700,7 +701,8 @@ class SliceGrid:
     def _check(self, image: sitk.Image, what: str) -> None:
         mismatch = geometry_mismatch(image, self.original)
         if mismatch:
-            raise VaeudaError(f"{what}: geometry does not match the image the slice grid was made for ({mismatch}).")
+            raise VaeudaError(f"{what}: geometry does not match the image the slice grid was made for ({mismatch}: "
+                              f"this one's, then that image's).")
 
     def _to_grid(self, image: sitk.Image, interpolator: int) -> np.ndarray:
         """Image (any orientation: resampling works in physical space) -> grid array
