@@ -348,12 +348,12 @@ def test_evaluate_dirs_refuses_mismatched_geometry(cohort, tmp_path):
     a, _ = two_cubes()
     write_label(pred_dir / "ct_2_image_seg.nii.gz", a.astype(np.uint8), origin=(0.0, 0.5, 0.0))
     expect_error_and_no_json(pred_dir, ref_dir, tmp_path / "m.json", "ct_2_image_seg.nii.gz", "ct_2_label.nii.gz",
-                             "differ in origin (")
+                             "differ in origin: prediction (")
     write_label(pred_dir / "ct_2_image_seg.nii.gz", a.astype(np.uint8), spacing=(1.0, 1.0, 1.0))
-    expect_error_and_no_json(pred_dir, ref_dir, tmp_path / "m.json", "differ in spacing (")
+    expect_error_and_no_json(pred_dir, ref_dir, tmp_path / "m.json", "differ in spacing: prediction (")
     write_label(pred_dir / "ct_2_image_seg.nii.gz", a[:, :, :6].astype(np.uint8))
     expect_error_and_no_json(pred_dir, ref_dir, tmp_path / "m.json",
-                             "differ in size (6, 6, 6) vs (7, 6, 6) (the prediction's, then the reference's).")
+                             "differ in size: prediction (6, 6, 6), reference (7, 6, 6).")
 
 
 def test_evaluate_dirs_refuses_unmatched_files(cohort, tmp_path):

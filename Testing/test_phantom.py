@@ -242,8 +242,9 @@ def test_cohort_over_a_folder_whose_splits_json_is_not_ours_is_refused_and_chang
     (out / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1002"], "test": []}}), encoding="utf-8")
     (out / "mr_1002_image.nii.gz").write_bytes(b"someone else's")
     before = _contents(out)
-    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(out))}: already holds splits.json that this cohort "
-                                          r"would replace and no earlier phantom cohort there wrote; choose an empty"):
+    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(out))}: holds splits.json, a name this cohort writes, "
+                                          r"which no earlier phantom cohort there wrote; choose an empty folder, or "
+                                          r"move it away\.$"):
         phantom.make_cohort(out, n_source=1, n_target=1, n_train=1, size=16)
     assert _contents(out) == before
 
@@ -254,18 +255,19 @@ def test_cohort_never_replaces_scans_it_did_not_write(tmp_path):
     out = tmp_path / "cohort"
     out.mkdir()
     (out / "mr_1001_image.nii.gz").write_bytes(b"a user's scan")
-    (out / "ct_1001_label.nii.gz").write_bytes(b"a user's label")
-    before = _contents(out)
-    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(out))}: already holds mr_1001_image.nii.gz and 1 other "
-                                          r"file\(s\) that this cohort would replace"):
+    (out / "ct_1001_label.nii.gz").symlink_to(tmp_path / "nowhere")       # a dangling link is there too
+    before = {p.name for p in out.iterdir()}
+    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(out))}: holds mr_1001_image.nii.gz \(and 1 more\), "
+                                          r"a name this cohort writes, .* or move them away\.$"):
         phantom.make_cohort(out, n_source=1, n_target=1, n_train=1, size=16)
-    assert _contents(out) == before
+    assert {p.name for p in out.iterdir()} == before and (out / "ct_1001_label.nii.gz").is_symlink()
+    assert (out / "mr_1001_image.nii.gz").read_bytes() == b"a user's scan"
 
     ours = tmp_path / "ours"
     phantom.make_cohort(ours, n_source=1, n_target=1, n_train=1, size=16)
     (ours / "mr_1002_label.nii.gz").write_bytes(b"a user's label")
     before = _contents(ours)
-    with pytest.raises(VaeudaError, match="already holds mr_1002_label.nii.gz that this cohort would replace"):
+    with pytest.raises(VaeudaError, match="holds mr_1002_label.nii.gz, a name this cohort writes"):
         phantom.make_cohort(ours, n_source=2, n_target=1, n_train=1, size=16, seed=5)
     assert _contents(ours) == before
     (ours / "mr_1002_label.nii.gz").unlink()

@@ -112,8 +112,11 @@ def test_bad_inputs_are_refused_before_the_model_is_read(tmp_path):
     gone = tmp_path / "gone.nii.gz"
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(gone))}: file or folder does not exist"):
         segment_files(model, [first / "Case1.nii.gz", gone], tmp_path / "out")
-    label_map = tmp_path / "ct_1_label.nii.gz"             # the first input is read before the model
+    label_map = tmp_path / "ct_1_label.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((6, 6, 6), 205, np.uint16)), str(label_map))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(model))}: model file not found"):
+        segment_files(model, [label_map], tmp_path / "out")
+    model.write_bytes(b"not a model")                      # there, but never read: the first input is read first
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(label_map))}: is a label map"):
         segment_files(model, [label_map], tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -451,6 +451,9 @@ def test_geometry_mismatch_shows_the_digits_that_differ():
     b = sitk.Image(a)
     b.SetOrigin((1000.001, 0.0, 0.0))                       # 6 significant digits read 1000 for both
     assert geometry_mismatch(b, a) == "origin (1000.001, 0, 0) vs (1000, 0, 0)"
+    assert geometry_mismatch(b, a, names=("label", "image")) == "origin: label (1000.001, 0, 0), image (1000, 0, 0)"
+    b.SetSpacing((0.5, 0.5, 2.5))
+    assert geometry_mismatch(a, b, names=("a", "b")) == "spacing: a (0.5, 0.5, 3), b (0.5, 0.5, 2.5)"
 
 
 def test_geometry_mismatch_reports_a_different_direction():

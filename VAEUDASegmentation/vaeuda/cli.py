@@ -258,12 +258,14 @@ def run(args, reporter: Reporter) -> List[str]:
         args.device = "cpu"
         from .machine import use_portable_numerics
         use_portable_numerics()      # before anything imports torch
-    if cmd in TRAINING_COMMANDS and not args.resume:
-        from .train import checkpoint_path
-        ckpt = checkpoint_path(Path(args.out))
-        if ckpt.is_file():    # another run's work: never thrown away unasked
+    if cmd in TRAINING_COMMANDS:
+        from .fileio import checkpoint_path
+        ckpt = checkpoint_path(args.out)
+        if ckpt.is_file() and not args.resume:    # another run's work: never thrown away unasked
             raise VaeudaError(f"{ckpt}: an interrupted run left this checkpoint; continue it with --resume, or "
                               f"delete it to start afresh.")
+        if args.resume and not ckpt.exists():     # said before the volumes are read: a mistyped --out?
+            reporter.log(f"note: no checkpoint at {ckpt} to resume; training from the first iteration")
     if cmd == "synth":
         from .phantom import make_cohort
         make_cohort(args.out_dir, n_source=args.n_source, n_target=args.n_target, n_train=args.n_train,
@@ -323,10 +325,14 @@ def run(args, reporter: Reporter) -> List[str]:
             print(table)
         return [json_path]
     if cmd == "convert":
+        from .fileio import check_output_dir
         from .formats import convert_released
         from .labels import load_convention
-        out = Path(args.out)
-        before = {item.name for item in out.iterdir()} if out.is_dir() else set()
+        out = check_output_dir(args.out)
+        try:
+            before = {item.name for item in out.iterdir()} if out.is_dir() else set()
+        except OSError as exc:
+            raise VaeudaError(f"{out}: cannot list the output folder ({exc.strerror or exc}).") from None
         written, breaks = convert_released(args.inputs, args.out, load_convention(args.label_convention),
                                            name=args.name, flip_test_volume=args.flip_test_volume, split=args.split)
         if breaks:   # another scan, or a shell glob's order (slice10 before slice2)
@@ -370,8 +376,8 @@ def _what_is_kept(args) -> str:
     refused without --resume.)"""
     if args.command not in TRAINING_COMMANDS:
         return ""
-    from .train import checkpoint_path
-    ckpt = checkpoint_path(Path(args.out))
+    from .fileio import checkpoint_path      # not train's: torch may have been half imported when Ctrl-C came
+    ckpt = checkpoint_path(args.out)
     if ckpt.is_file():
         return f"; the last checkpoint is kept at {ckpt}: give the same command with --resume to continue"
     return "; no checkpoint had been written yet"

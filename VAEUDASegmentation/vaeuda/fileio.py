@@ -90,6 +90,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
+def checkpoint_path(out: PathLike) -> Path:
+    """Where a training run writing the model file ``out`` keeps its checkpoint: ``out.ckpt``."""
+    return Path(str(out) + ".ckpt")
+
+
 def make_dir(path: PathLike) -> Path:
     """``mkdir -p path``; a folder that cannot be made is a VaeudaError naming it. Returns the path."""
     path = Path(path)

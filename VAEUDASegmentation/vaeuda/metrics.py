@@ -259,10 +259,9 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
     for key in sorted(preds):
         pred_image = vol.read_label(preds[key], convention)
         ref_image = vol.read_label(refs[key], convention)
-        mismatch = vol.geometry_mismatch(pred_image, ref_image)
+        mismatch = vol.geometry_mismatch(pred_image, ref_image, names=("prediction", "reference"))
         if mismatch:
-            raise VaeudaError(f"{preds[key]} and {refs[key]}: prediction and reference differ in {mismatch} (the "
-                              f"prediction's, then the reference's).")
+            raise VaeudaError(f"{preds[key]} and {refs[key]}: prediction and reference differ in {mismatch}.")
         spacing_zyx = tuple(reversed(ref_image.GetSpacing()))
         scores = evaluate_volume(sitk.GetArrayViewFromImage(pred_image), sitk.GetArrayViewFromImage(ref_image),
                                  spacing_zyx)

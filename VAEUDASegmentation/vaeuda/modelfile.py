@@ -59,16 +59,22 @@ def save_tensors(path, tensors: Dict[str, torch.Tensor], meta: dict, extra_heade
         save_file(tensors, str(tmp), metadata=header)
 
 
-def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor], dict, Dict[str, str]]:
-    """Read and verify a model file (or training checkpoint: ``what`` names it in errors) ->
-    (tensors, meta, raw header). VaeudaError if it is not ours or damaged."""
-    from safetensors import SafetensorError, safe_open
-
+def require_file(path, what: str = "model file") -> Path:
+    """Refuse a model file (or checkpoint: ``what``) path that is a folder or holds nothing. Returns it."""
     path = Path(path)
     if path.is_dir():
         raise VaeudaError(f"{path}: is a folder, not a {what}.")
     if not path.is_file():
         raise VaeudaError(f"{path}: {what} not found.")
+    return path
+
+
+def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor], dict, Dict[str, str]]:
+    """Read and verify a model file (or training checkpoint: ``what`` names it in errors) ->
+    (tensors, meta, raw header). VaeudaError if it is not ours or damaged."""
+    from safetensors import SafetensorError, safe_open
+
+    path = require_file(path, what)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}

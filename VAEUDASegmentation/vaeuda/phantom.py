@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -709,11 +710,11 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
     planned = ["splits.json"] + [f"{prefix}_{kind}.nii.gz" for modality in MODALITIES
                                  for prefixes in split_prefixes(modality, counts[modality], n_train).values()
                                  for prefix in prefixes for kind in ("image", "label")]
-    foreign = [name for name in planned if name not in previous and (out / name).exists()]
+    foreign = [name for name in planned if name not in previous and os.path.lexists(out / name)]
     if foreign:    # e.g. real scans named as the phantom's: never replaced unasked
-        more = f" and {len(foreign) - 1} other file(s)" if len(foreign) > 1 else ""
-        raise VaeudaError(f"{out}: already holds {foreign[0]}{more} that this cohort would replace and no earlier "
-                          f"phantom cohort there wrote; choose an empty folder, or move them away.")
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise VaeudaError(f"{out}: holds {foreign[0]}{more}, a name this cohort writes, which no earlier phantom "
+                          f"cohort there wrote; choose an empty folder, or move {'them' if more else 'it'} away.")
     splits: Dict[str, object] = {"labels": "mmwhs", "seed": seed, "generator": GENERATOR, "size": size}
     total = n_source + n_target
     reporter.stage("synth", total)

@@ -18,7 +18,7 @@ from .choices import DOMAINS, check_choice
 from .errors import VaeudaError, require_count
 from .fileio import atomic_dir, check_output_dir, stem
 from .labels import Convention
-from .modelfile import load_model
+from .modelfile import load_model, require_file
 from .nets import VAEUDANet
 from .progress import Reporter, null_reporter
 from .train import resolve_device
@@ -89,8 +89,8 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     All or nothing: the segmentations are written to a staging folder and moved into ``out_dir``
     only when every input has been segmented. Refused before any work: a missing input, two
     inputs that would write the same file (names that differ only in case included), an output
-    that would replace an input, an unusable ``out_dir``; and, before the model is loaded, a first
-    input that is no volume (a label map, a single slice).
+    that would replace an input, an unusable ``out_dir``, a missing model file; and, before the
+    model is loaded, a first input that is no volume (a label map, a single slice).
     """
     from . import volumes
 
@@ -121,7 +121,8 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
         if target.resolve() in resolved_inputs:
             raise VaeudaError(f"{target}: the segmentation of {path} would replace this input; choose another --out.")
     dev = resolve_device(device)
-    first = volumes.read_image(inputs[0])       # a wrong input (a label map, one slice) refused before the model loads
+    require_file(model_path)
+    first_image = volumes.read_image(inputs[0])   # a wrong input (a label map, one slice) refused before the model loads
     net, meta = load_model(model_path, str(dev))
     convention = Convention.from_dict(meta["labels"]["convention"])
     dom = check_domain(meta, domain, model_path)
@@ -129,7 +130,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     reporter.stage("segment", len(inputs))
     with atomic_dir(out_dir) as staging:
         for i, (path, target) in enumerate(zip(inputs, targets), 1):
-            image, first = (first, None) if i == 1 else (volumes.read_image(path), None)
+            image, first_image = (first_image, None) if i == 1 else (volumes.read_image(path), None)
             classes = segment_image(net, meta, image, dev, dom, batch_size, cpu_bf16)
             volumes.write_label(classes, staging / target.name, convention)
             reporter.step(i, force=True)

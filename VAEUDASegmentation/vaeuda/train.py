@@ -26,7 +26,7 @@ from .augment import AugmentConfig, augment_batch, random_intensity_remap
 from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
 from .errors import VaeudaError, require_count
-from .fileio import check_output_file
+from .fileio import check_output_file, checkpoint_path
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
 from .modelfile import check_metadata, load_model, load_networks, read_tensors, save_model
@@ -238,10 +238,6 @@ def _batch(data: SliceSet, weights: torch.Tensor, b: int, gen: torch.Generator):
     x = data.images[idx]
     y = data.labels[idx].long() if data.labels is not None else None
     return x, y
-
-
-def checkpoint_path(out: Path) -> Path:
-    return Path(str(out) + ".ckpt")
 
 
 def _check_outputs(out, inputs: Sequence) -> None:
@@ -457,8 +453,6 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     ckpt = checkpoint_path(stage.out)
     early = EarlyStopState()
     resumed = resume and ckpt.exists()
-    if resume and not resumed:     # said: a mistyped --out would otherwise start afresh unnoticed
-        reporter.log(f"note: no checkpoint at {ckpt} to resume; training from the first iteration")
     if resumed:
         tensors, meta, header = read_tensors(ckpt, what="training checkpoint")
         check_metadata(ckpt, meta)

@@ -89,8 +89,9 @@ GEOMETRY_TOLERANCE = 1e-4
 
 
 def geometry_mismatch(image: Union[sitk.Image, Geometry], reference: Union[sitk.Image, Geometry],
-                      rtol: float = GEOMETRY_TOLERANCE) -> Optional[str]:
-    """None when both lie on the same grid, else a short phrase such as ``"size (4, 5, 6) vs (4, 5, 7)"``.
+                      rtol: float = GEOMETRY_TOLERANCE, names: Optional[Tuple[str, str]] = None) -> Optional[str]:
+    """None when both lie on the same grid, else a short phrase such as ``"size (4, 5, 6) vs (4, 5, 7)"``,
+    or with ``names`` (what ``image`` and ``reference`` are) ``"size: label (4, 5, 6), image (4, 5, 7)"``.
 
     Spacing is compared relatively, origin relative to the reference's largest spacing,
     direction absolutely, all with tolerance ``rtol``; the origin also allows the rounding of its
@@ -100,25 +101,29 @@ def geometry_mismatch(image: Union[sitk.Image, Geometry], reference: Union[sitk.
     a = image if isinstance(image, Geometry) else Geometry.of(image)
     b = reference if isinstance(reference, Geometry) else Geometry.of(reference)
     if a.size != b.size:
-        return f"size {a.size} vs {b.size}"
+        return _phrase("size", str(a.size), str(b.size), names)
     if not np.allclose(a.spacing, b.spacing, rtol=rtol, atol=0):
-        return "spacing " + _fmt_pair(a.spacing, b.spacing)
+        return _phrase("spacing", *_fmt_pair(a.spacing, b.spacing), names)
     origin_tolerance = rtol * max(b.spacing) + FLOAT32_EPS * max(abs(v) for v in b.origin)
     if not np.allclose(a.origin, b.origin, rtol=0, atol=origin_tolerance):
-        return "origin " + _fmt_pair(a.origin, b.origin)
+        return _phrase("origin", *_fmt_pair(a.origin, b.origin), names)
     if not np.allclose(a.direction, b.direction, rtol=0, atol=rtol):
-        return "direction " + _fmt_pair(a.direction, b.direction)
+        return _phrase("direction", *_fmt_pair(a.direction, b.direction), names)
     return None
 
 
-def _fmt_pair(a: Iterable[float], b: Iterable[float]) -> str:
-    """``"(1, 2) vs (1, 2.5)"`` with as many digits as it takes for two different tuples to read differently."""
+def _phrase(what: str, left: str, right: str, names: Optional[Tuple[str, str]]) -> str:
+    return f"{what} {left} vs {right}" if names is None else f"{what}: {names[0]} {left}, {names[1]} {right}"
+
+
+def _fmt_pair(a: Iterable[float], b: Iterable[float]) -> Tuple[str, str]:
+    """``("(1, 2)", "(1, 2.5)")``, with as many digits as it takes for two different tuples to read differently."""
     a, b = tuple(a), tuple(b)
     for digits in range(6, 18):
         left, right = (_fmt(v, digits) for v in (a, b))
         if left != right:
             break
-    return f"{left} vs {right}"
+    return left, right
 
 
 def _fmt(values: Iterable[float], digits: int = 6) -> str:
@@ -474,10 +479,9 @@ def read_label(path: PathLike, convention: Convention,
             ref_image, ref_name = reference, "the image"
         else:
             ref_image, ref_name = _read_any(Path(reference)), str(reference)
-        mismatch = geometry_mismatch(raw, ref_image)
+        mismatch = geometry_mismatch(raw, ref_image, names=("label", "image"))
         if mismatch:
-            raise VaeudaError(f"{path}: geometry does not match {ref_name} ({mismatch}: the label's, then "
-                              f"the image's).")
+            raise VaeudaError(f"{path}: geometry does not match {ref_name} ({mismatch}).")
     return label_classes(raw, convention, source=str(path))
 
 
@@ -699,10 +703,9 @@ class SliceGrid:
     # ---- volume -> slices
 
     def _check(self, image: sitk.Image, what: str) -> None:
-        mismatch = geometry_mismatch(image, self.original)
+        mismatch = geometry_mismatch(image, self.original, names=(f"this {what}", "the grid's"))
         if mismatch:
-            raise VaeudaError(f"{what}: geometry does not match the image the slice grid was made for ({mismatch}: "
-                              f"this one's, then that image's).")
+            raise VaeudaError(f"{what}: geometry does not match the image the slice grid was made for ({mismatch}).")
 
     def _to_grid(self, image: sitk.Image, interpolator: int) -> np.ndarray:
         """Image (any orientation: resampling works in physical space) -> grid array
