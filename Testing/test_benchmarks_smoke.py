@@ -96,6 +96,16 @@ def test_flop_count_matches_a_hand_count(speed_smoke):
     assert f["inference path"] == f["E_S / E_T"] + f["E_Z"] + f["Seg (DRN)"]
 
 
+@pytest.mark.parametrize("threads, hi, idle", [(1, 1.1, True), (1, 2.1, False), (None, 2.9, True), (1, 5.1, False)])
+def test_the_load_sentence_discounts_the_benchmarks_own_threads(threads, hi, idle):
+    """2 logical cores: a 1-thread run alone reads a load of about 1; other work is at least half the cores beyond it."""
+    sentence = _bench_module("bench_speed")._load_sentence(
+        {"machine": {"logical_cores": 2}, "settings": {"threads": threads},
+         "load": {"flops": {"before": [0.6, 0.7, 0.4], "after": [hi, 0.8, 0.4]}}})
+    assert sentence.startswith("The machine was otherwise idle" if idle else "Other work was running")
+    assert f"0.6 to {hi:.1f} on 2 logical cores" in sentence
+
+
 def test_forced_autocast_switches_bf16_where_the_engine_does_not():
     import torch
     forced_autocast = _bench_module("common").forced_autocast
@@ -457,12 +467,13 @@ def test_docs_benchmarks_is_the_render_of_its_record_and_notes(tmp_path):
     """Docs/benchmarks.md is generated (`bench_speed.py --from-json`, from the recorded run and
     benchmarks/NOTES.md): an edit made in the page instead of NOTES.md would be lost by `make bench`."""
     root = BENCH.parent
+    page = (root / "Docs" / "benchmarks.md").read_text()
+    record = re.search(r"this page rendered from `(benchmarks/results/[^`]+\.json)`", page.splitlines()[2]).group(1)
     out = tmp_path / "benchmarks.md"
-    proc = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--from-json",
-                           "benchmarks/results/cpu-1thread-loaded.json", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--from-json", record, "--out", str(out)],
                           capture_output=True, text=True, timeout=120, cwd=root)   # the page names the path
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert out.read_text() == (root / "Docs" / "benchmarks.md").read_text()
+    assert out.read_text() == page
 
 
 def test_kernel_paths_strips_every_kernel_variable_and_sets_only_its_own():

@@ -13,8 +13,9 @@ For bf16 autocast on and off (the engine itself uses bf16 on CUDA):
 
 Prints a Markdown table and writes everything to ``--out`` (JSON, rewritten with what is measured
 so far after every stage, ``"partial": true`` until the end). To fold it into Docs/benchmarks.md
-without measuring the CPU again: ``benchmarks/bench_speed.py --from-json
-benchmarks/results/cpu-1thread-loaded.json --gpu-json OUT.json --out Docs/benchmarks.md``. Sized to
+without measuring the CPU again: ``benchmarks/bench_speed.py --from-json CPU_RUN.json --gpu-json
+OUT.json --out Docs/benchmarks.md``, CPU_RUN.json being the run the page shows (its first line
+names it; benchmarks/results/cpu-1thread-intel-engine0.2.json when this was written). Sized to
 finish in a few minutes on an H100: budget about 5 minutes.
 """
 from __future__ import annotations

@@ -340,20 +340,26 @@ def measure_threads(preset: str, mode: str) -> List[dict]:
 # ----------------------------------------------------------------------------- report
 
 def _load_sentence(results: dict) -> str:
-    """Whether other work shared the machine, from the 1-minute load averages around each section."""
+    """Whether other work shared the machine, from the 1-minute load averages around each section,
+    less the benchmark's own threads (a 1-thread run on an idle machine reads a load of about 1)."""
     cores = results["machine"]["logical_cores"] or 1
+    own = results["settings"].get("threads") or cores
+    threads = "thread" if own == 1 else "threads"
     loads = [v[0] for section_ in results["load"].values() for v in (section_["before"], section_["after"]) if v]
     lo, hi = (min(loads), max(loads)) if loads else (0.0, 0.0)
     shared = (f"Other work was running: the 1-minute load average was {lo:.1f} to {hi:.1f} on {cores} logical "
               "cores, so the benchmark shared the CPU and its times are slower and noisier than on an idle machine."
-              if hi >= 0.5 * cores else
-              f"The machine was nearly idle (1-minute load average {lo:.1f} to {hi:.1f} on {cores} logical cores).")
+              if hi - own >= 0.5 * cores else
+              f"The machine was otherwise idle (1-minute load average {lo:.1f} to {hi:.1f} on {cores} logical cores, "
+              f"the benchmark's own {own} {threads} included).")
     return (shared + " Medians are over repeats; \"best\" is the fastest repeat, the closest to an idle machine. "
             "Load before and after each section:")
 
 
 
-def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
+def report(results: dict, gpu: Optional[dict], notes: str = "", cpu_json: str = "CPU_RUN.json") -> str:
+    """The Markdown page. ``cpu_json``: where these CPU measurements are kept (named in the GPU
+    section's command that folds a GPU run in)."""
     m, s = results["machine"], results["settings"]
     lines = [
         "# Benchmarks", "",
@@ -512,9 +518,8 @@ def report(results: dict, gpu: Optional[dict], notes: str = "") -> str:
                   "for one (paper preset: throughput of both stages, inference time per 256x256x200 volume, peak "
                   "GPU memory, bf16 on and off); it is tested on the CPU in CI (`--device cpu --smoke`). On a "
                   "machine with a CUDA GPU run `make bench-gpu`, then fold its JSON (`Docs/benchmarks_gpu.json`) "
-                  "into this page without measuring the CPU again: `bench_speed.py --from-json "
-                  "benchmarks/results/cpu-1thread-loaded.json --gpu-json Docs/benchmarks_gpu.json --out "
-                  "Docs/benchmarks.md`. For a GPU lent for a few minutes, without a network: "
+                  f"into this page without measuring the CPU again: `bench_speed.py --from-json {cpu_json} "
+                  "--gpu-json Docs/benchmarks_gpu.json --out Docs/benchmarks.md`. For a GPU lent for a few minutes, without a network: "
                   "`PYTHON=python3 GPU_SESSION_SECONDS=<the command's time limit minus 60> "
                   "benchmarks/gpu_session.sh OUT` (wheels of SimpleITK and MONAI in `.whl/`; not yet run on a "
                   "GPU) runs it together with the demo on CUDA (four cohorts, one twice), the paper preset "
@@ -625,7 +630,8 @@ def write_report(results: dict, args, smoke: bool) -> None:
     notes_path = Path(args.notes)
     notes = notes_path.read_text(encoding="utf-8") if notes_path.is_file() and not smoke else ""
     with atomic_path(out) as tmp:
-        tmp.write_text(report(results, gpu, notes), encoding="utf-8")
+        cpu_json = args.from_json or args.json or str(out.with_suffix(".json"))
+        tmp.write_text(report(results, gpu, notes, cpu_json), encoding="utf-8")
     print(f"[bench] wrote {out}", file=sys.stderr)
 
 
