@@ -1,5 +1,6 @@
 """Model files: round trip, and refusal of files that are not ours, damaged or unsafe."""
 import pickle
+import re
 
 import pytest
 import torch
@@ -70,10 +71,14 @@ def test_tampered_weights_are_refused(saved):
         load_model(path)
 
 
-def test_truncated_file_is_refused(saved):
+def test_truncated_file_is_refused_as_damaged_not_foreign(saved):
     _, path = saved
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(VaeudaError, match="not a VAE-UDA model file"):
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: a VAE-UDA model file that is truncated or "
+                                          r"damaged \(.*\); copy it again"):
+        load_model(path)
+    path.write_bytes(path.read_bytes()[:20])             # the header itself cut: nothing says it is ours
+    with pytest.raises(VaeudaError, match="not a VAE-UDA model file \\(not a readable safetensors file"):
         load_model(path)
 
 

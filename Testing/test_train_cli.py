@@ -911,6 +911,18 @@ def test_adapt_refuses_a_label_map_as_target_before_reading_the_source_volumes(t
     assert read == [[label]] and not out.exists()
 
 
+def test_adapt_refuses_a_target_that_is_also_a_labelled_source_volume(tiny_cohort, tiny_source_model, tmp_path,
+                                                                      capsys):
+    """--source-data a whole cohort folder holds the CT scans with their labels too."""
+    out = tmp_path / "adapted.safetensors"
+    ct = tiny_cohort / "ct_1001_image.nii.gz"
+    assert main(["adapt", "--model", str(tiny_source_model), "--out", str(out), "--iterations", "1",
+                 "--progress", "none", str(ct), "--source-data", str(tiny_cohort)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{ct}: is also one of the labelled source volumes, so adapting would train on its labels; give source "
+        f"volumes without it (--source-data).") and not out.exists()
+
+
 def test_adapt_names_the_way_out_when_the_source_volumes_have_moved(tiny_cohort, tmp_path, capsys):
     """The model records where its MR volumes were; moved, adaptation asks for --source-data in one
     sentence, and with it adaptation runs."""

@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-adv", action="store_true", help="ablation: no domain-adversarial terms")
     p.add_argument("--no-cycle", action="store_true", help="ablation: no T->S->T cycle consistency")
     p.add_argument("--no-task-consistency", action="store_true", help="ablation: no task consistency")
-    p.add_argument("--slices", help="use only coronal slices A:B of the target (few-shot)")
+    p.add_argument("--slices", metavar="A:B",
+                   help="use only coronal slices A to B-1 of the target (few-shot; B excluded, as a Python slice)")
     p.add_argument("--early-stop", type=int, metavar="PATIENCE",
                    help="stop when the unsupervised proxy (the mean T->S->T cycle error on the target slices) has not "
                         "improved for PATIENCE evaluations; keep the best")
@@ -162,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model file (source, adapted or fine-tuned)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (bounds memory)")
-    p.add_argument("--domain", choices=DOMAINS, help="force an encoder (default: target if adapted; target only for an adapted model)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="slices per forward pass (bounds memory; default %(default)s)")
+    p.add_argument("--domain", choices=DOMAINS,
+                   help="the encoder to segment with (default: target for an adapted model, else source; target "
+                        "is refused for a model that was never adapted)")
     p.add_argument("--cpu-bf16", action="store_true",
                    help="bf16 autocast on the CPU too (as on CUDA): 1.6-1.9x faster on CPUs with native bf16 "
                         "(AVX512-BF16, AMX), slower where it is emulated; a few voxels may change label")
@@ -222,14 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="experiment", required=True)
     e = esub.add_parser("table1", help="Table 1 protocol with ablations on a cohort")
     e.add_argument("--data", required=True, help="cohort folder with splits.json")
-    e.add_argument("--out", required=True, help="output folder (models, predictions, report.md, report.json)")
+    e.add_argument("--out", required=True, help="output folder: table1.md, table1.json, table1_dice.png, curves.png, models/ "
+                                                "and pred/")
     e.add_argument("--repeats", type=int, default=6, help="draws of the adaptation scan per row (default 6, as the paper)")
     e.add_argument("--preset", choices=PRESET_NAMES, default=None,
                    help="default: paper with CUDA, cpu without")
     e.add_argument("--seed", type=_seed, default=0,
                    help="seeds the draws of the adaptation scans and every training (default 0)")
     e.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    e.add_argument("--iterations-scale", type=float, default=1.0, help="scale every stage's iterations (smoke runs)")
+    e.add_argument("--iterations-scale", type=float, default=1.0, help="scale every stage's iterations (smoke runs; default 1)")
     _numerics(e)
     _common(e)
     return parser

@@ -347,6 +347,9 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     few_shot = _few_shot_slices(cohort, draws[0], size, fov)      # fails before any training if impossible
     models, preds = out / "models", out / "pred"
     make_dir(models)
+    if repeats > len(ct_train):     # said: repeated scans make the draws' spread look smaller than it is
+        reporter.log(f"note: {repeats} draws from {len(ct_train)} CT training scan(s): drawn with replacement, so "
+                     f"some scans repeat")
     reporter.log(f"Table 1 on {cohort}: preset {preset}, iterations {iterations}, draws {draws}, "
                  f"few-shot slices {few_shot['slices'][0]}:{few_shot['slices'][1]} of {few_shot['scan']}")
     started = time.time()
@@ -528,7 +531,8 @@ def _markdown(protocol: dict, rows: dict, mean_dice: dict, findings: List[dict],
         f"({', '.join(p['ct_test'])}). Preset `{p['preset']}` on {p['device']}, seed {p['seed']}, iterations "
         f"source {p['iterations']['source']} / adapt {p['iterations']['adapt']} / fine-tune "
         f"{p['iterations']['finetune']} (scale {p['iterations_scale']}).", "",
-        f"Proposed-1 adapts on one scan, {p['repeats']} times, on the draws {', '.join(p['draws'])}; its row pools "
+        f"Proposed-1 adapts on one scan, {p['repeats']} time{'' if p['repeats'] == 1 else 's'}, on the draws "
+        f"{', '.join(p['draws'])}; its row pools "
         f"all {p['repeats']} x {n_test} (draw x test volume) results. The ablations use the same draws and seeds. "
         f"Few-shot: coronal slices {fs['slices'][0]}-{fs['slices'][1] - 1} of {fs['scan']} "
         f"(structures per slice: {'; '.join(', '.join(s) for s in fs['structures'])}), early stopping after "

@@ -69,6 +69,20 @@ def require_file(path, what: str = "model file") -> Path:
     return path
 
 
+def _declared_format(path: Path) -> Optional[str]:
+    """The ``format`` a safetensors file's own header declares (8-byte little-endian length, then
+    JSON), read without the tensors; None when there is no such header."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= 100_000_000:
+                return None
+            header = json.loads(f.read(length))
+        return str(header["__metadata__"]["format"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor], dict, Dict[str, str]]:
     """Read and verify a model file (or training checkpoint: ``what`` names it in errors) ->
     (tensors, meta, raw header). VaeudaError if it is not ours or damaged."""
@@ -82,6 +96,9 @@ def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor
                 raise VaeudaError(f"{path}: not a VAE-UDA {what} (safetensors without the '{FORMAT}' metadata).")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        if _declared_format(path) == FORMAT:    # ours by its header, but its tensors are cut short or damaged
+            raise VaeudaError(f"{path}: a VAE-UDA {what} that is truncated or damaged ({exc}); copy it again from "
+                              f"where it was made.") from None
         raise VaeudaError(f"{path}: not a VAE-UDA {what} (not a readable safetensors file: {exc}).") from None
     try:
         version = int(header.get("format_version", "0"))

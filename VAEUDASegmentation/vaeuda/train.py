@@ -666,6 +666,16 @@ def _refuse_repeated(volumes: Sequence[Path]) -> None:
         seen.add(key)
 
 
+def _refuse_labelled_targets(targets: Sequence[Path], pairs: Sequence[Tuple[Path, Path]]) -> None:
+    """A target volume that is also a labelled source volume (e.g. ``--source-data`` a folder that
+    holds it) would teach the adaptation its labels: no longer unsupervised, and its score a lie."""
+    labelled = {Path(image).resolve(): image for image, _ in pairs}
+    for target in targets:
+        if Path(target).resolve() in labelled:
+            raise VaeudaError(f"{target}: is also one of the labelled source volumes, so adapting would train on "
+                              f"its labels; give source volumes without it (--source-data).")
+
+
 def _inherited_options(src_meta: dict) -> dict:
     """Training options that belong to the source model's networks rather than to the stage: the
     discriminator keeps the loss it was trained with (LSGAN scores or vanilla-GAN logits)."""
@@ -743,6 +753,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     normalisation = src_meta["normalisation"]
     size, fov = net.cfg.input_size, net.cfg.slice_fov_mm
     pairs = _source_pairs(src_meta, source_model, source_data)
+    _refuse_labelled_targets(targets, pairs)
     _check_outputs(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
     reporter.log(f"reading {len(targets)} target volume(s) and {len(pairs)} labelled source volumes")
     # the target first: a wrong one (a label map, too few slices) is refused before the source is read
