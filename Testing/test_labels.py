@@ -8,7 +8,7 @@ import pytest
 
 from vaeuda.cli import main
 from vaeuda.errors import VaeudaError
-from vaeuda.labels import CONSECUTIVE, MAX_UNKNOWN_VALUES, MMWHS, load_convention
+from vaeuda.labels import CONSECUTIVE, MAX_UNKNOWN_VALUES, MMWHS, Convention, load_convention
 
 
 def _mapping(tmp_path, text: str):
@@ -146,3 +146,21 @@ def test_cli_unknown_convention_exits_2_and_writes_nothing(tmp_path, tmp_volume,
     assert capsys.readouterr().err.strip().splitlines() == \
         ["vaeuda: error: sifa: label mapping is neither 'mmwhs', 'consecutive' nor an existing JSON file."]
     assert not out.exists()
+
+
+def test_mm_whs_values_read_as_consecutive_name_the_convention_they_are_in():
+    with pytest.raises(VaeudaError, match=r"^seg\.nii: label values 205, 420 are not in the 'consecutive' label "
+                                          r"mapping; they are 'mmwhs' values: read it with --label-convention "
+                                          r"mmwhs\.$"):
+        CONSECUTIVE.encode(np.array([0, 205, 420]), "seg.nii")
+    with pytest.raises(VaeudaError, match=r"label values 7 are not in the 'consecutive' label mapping \(a "):
+        CONSECUTIVE.encode(np.array([0, 1, 7]), "seg.nii")          # in no built-in convention: the JSON way out
+
+
+@pytest.mark.parametrize("values, dtype", [((0, 1, 2, 3, 255), np.uint8), ((0, 205, 420, 500, 820), np.uint16),
+                                           ((-1, 1, 2, 3, 100), np.int8), ((0, 1, 2, 3, 70000), np.uint32),
+                                           ((-1, 1, 2, 3, 99999999999), np.int64)])
+def test_decoded_labels_take_the_narrowest_integer_type_that_holds_every_value(values, dtype):
+    convention = Convention("map", {v: i for i, v in enumerate(values)}, tuple(values))
+    decoded = convention.decode(np.array([0, 1, 2, 3, 4]))
+    assert decoded.dtype == dtype and decoded.tolist() == list(values)

@@ -1045,3 +1045,19 @@ def test_every_argument_of_every_command_says_what_it_is():
               for path, parser in parsers(build_parser(), "vaeuda") for action in parser._actions
               if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) and not action.help]
     assert silent == []
+
+
+def test_adapting_or_fine_tuning_a_model_that_is_not_a_source_model_says_what_it_does(tiny_cohort, tiny_source_model,
+                                                                                     tmp_path, capsys):
+    ct = str(tiny_cohort / "ct_1001_image.nii.gz")
+    adapted = tmp_path / "adapted.safetensors"
+    assert main(["adapt", "--model", str(tiny_source_model), "--out", str(adapted), "--iterations", "1",
+                 "--progress", "none", ct]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--model", str(adapted), "--out", str(tmp_path / "oracle.safetensors"),
+                 "--iterations", "1", "--progress", "none", ct]) == 0
+    assert (f"note: {adapted} is not a source model (its stage: 'adapted'); fine-tuning its source path (E_S, E_Z, "
+            f"D_Z, D_S, Seg) anyway: the result segments with the source encoder") in capsys.readouterr().err
+    assert main(["adapt", "--model", str(adapted), "--out", str(tmp_path / "again.safetensors"), "--iterations", "1",
+                 "--progress", "none", ct]) == 0
+    assert f"note: {adapted} is not a source model (its stage: 'adapted'); adapting" in capsys.readouterr().err

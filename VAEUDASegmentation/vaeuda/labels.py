@@ -95,6 +95,12 @@ class Convention:
             raise VaeudaError(f"{source}: {len(unknown)} of its values ({shown}, ...) are not in the '{self.name}' "
                               f"label mapping; is it an image rather than a label map?")
         if unknown and self.unknown == "error":
+            other = next((c for c in (MMWHS, CONSECUTIVE) if c.name != self.name
+                          and all(int(v) in c.to_index for v in values) and any(c.to_index[int(v)] for v in values)),
+                         None)
+            if other is not None:   # e.g. MM-WHS files read as consecutive: the way out is the other convention
+                raise VaeudaError(f"{source}: label values {shown} are not in the '{self.name}' label mapping; they "
+                                  f"are '{other.name}' values: read it with --label-convention {other.name}.")
             raise VaeudaError(f"{source}: label values {shown} are not in the '{self.name}' label mapping (a "
                               f"--label-convention JSON file can list them under \"background\" or set "
                               f"\"unknown\": \"background\").")
@@ -115,7 +121,10 @@ class Convention:
         convention's values: uint8 for MM-WHS's up to 255, uint16 up to 65535, signed ones for
         negative values)."""
         lut = np.asarray(self.from_index, dtype=np.int64)
-        dtype = np.promote_types(np.min_scalar_type(int(lut.min())), np.min_scalar_type(int(lut.max())))
+        lo, hi = int(lut.min()), int(lut.max())
+        # not numpy's promotion: a negative value beside one beyond int32 would make it float64
+        widths = (np.int8, np.int16, np.int32, np.int64) if lo < 0 else (np.uint8, np.uint16, np.uint32, np.uint64)
+        dtype = next(t for t in widths if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
         return lut[np.asarray(classes, dtype=np.int64)].astype(dtype)
 
 

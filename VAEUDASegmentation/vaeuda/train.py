@@ -747,7 +747,8 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":
         reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); adapting "
-                     f"it anyway from its source path (E_T and D_T start again as copies of E_S and D_S)")
+                     f"it anyway: E_T and D_T start again as copies of its E_S and D_S, so an earlier adaptation is not "
+                     f"continued")
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
@@ -790,6 +791,10 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     _check_outputs(out, [source_model, *images, *labels])
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
+    if src_meta.get("stage") != "source":
+        reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); "
+                     f"fine-tuning its source path (E_S, E_Z, D_Z, D_S, Seg) anyway: the result segments with the "
+                     f"source encoder")
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
