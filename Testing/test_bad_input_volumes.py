@@ -118,7 +118,8 @@ def test_label_of_other_geometry(tmp_path, tmp_volume):
         read_label(label_path, MMWHS, reference=image_path)
     shifted = tmp_volume(np.zeros((6, 7, 8), np.uint8), origin=(0.0, 0.5, 0.0), spacing=(1.0, 1.0, 2.0),
                          name="shifted.nii.gz")
-    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(shifted))}: geometry does not match the image \(origin: label \("):
+    with pytest.raises(VaeudaError,
+                       match=rf"^{re.escape(str(shifted))}: geometry does not match the image \(origin: label \("):
         read_label(shifted, MMWHS, reference=read_image(image_path))
 
 

@@ -98,7 +98,8 @@ def test_flop_count_matches_a_hand_count(speed_smoke):
 
 @pytest.mark.parametrize("threads, hi, idle", [(1, 1.1, True), (1, 2.1, False), (None, 2.9, True), (1, 5.1, False)])
 def test_the_load_sentence_discounts_the_benchmarks_own_threads(threads, hi, idle):
-    """2 logical cores: a 1-thread run alone reads a load of about 1; other work is at least half the cores beyond it."""
+    """2 logical cores: a 1-thread run alone reads a load of about 1; other work is at least half the
+    cores beyond it."""
     sentence = _bench_module("bench_speed")._load_sentence(
         {"machine": {"logical_cores": 2}, "settings": {"threads": threads},
          "load": {"flops": {"before": [0.6, 0.7, 0.4], "after": [hi, 0.8, 0.4]}}})

@@ -519,8 +519,8 @@ def report(results: dict, gpu: Optional[dict], notes: str = "", cpu_json: str = 
                   "GPU memory, bf16 on and off); it is tested on the CPU in CI (`--device cpu --smoke`). On a "
                   "machine with a CUDA GPU run `make bench-gpu`, then fold its JSON (`Docs/benchmarks_gpu.json`) "
                   f"into this page without measuring the CPU again: `bench_speed.py --from-json {cpu_json} "
-                  "--gpu-json Docs/benchmarks_gpu.json --out Docs/benchmarks.md`. For a GPU lent for a few minutes, without a network: "
-                  "`PYTHON=python3 GPU_SESSION_SECONDS=<the command's time limit minus 60> "
+                  "--gpu-json Docs/benchmarks_gpu.json --out Docs/benchmarks.md`. For a GPU lent for a few "
+                  "minutes, without a network: `PYTHON=python3 GPU_SESSION_SECONDS=<the command's time limit minus 60> "
                   "benchmarks/gpu_session.sh OUT` (wheels of SimpleITK and MONAI in `.whl/`; not yet run on a "
                   "GPU) runs it together with the demo on CUDA (four cohorts, one twice), the paper preset "
                   "through the command line and bf16 against fp32, in one go.", ""]

@@ -226,15 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="experiment", required=True)
     e = esub.add_parser("table1", help="Table 1 protocol with ablations on a cohort")
     e.add_argument("--data", required=True, help="cohort folder with splits.json")
-    e.add_argument("--out", required=True, help="output folder: table1.md, table1.json, table1_dice.png, curves.png, models/ "
-                                                "and pred/")
+    e.add_argument("--out", required=True,
+                   help="output folder: table1.md, table1.json, table1_dice.png, curves.png, models/ and pred/")
     e.add_argument("--repeats", type=int, default=6, help="draws of the adaptation scan per row (default 6, as the paper)")
     e.add_argument("--preset", choices=PRESET_NAMES, default=None,
                    help="default: paper with CUDA, cpu without")
     e.add_argument("--seed", type=_seed, default=0,
                    help="seeds the draws of the adaptation scans and every training (default 0)")
     e.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    e.add_argument("--iterations-scale", type=float, default=1.0, help="scale every stage's iterations (smoke runs; default 1)")
+    e.add_argument("--iterations-scale", type=float, default=1.0,
+                   help="scale every stage's iterations (smoke runs; default 1)")
     _numerics(e)
     _common(e)
     return parser

@@ -122,7 +122,8 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
             raise VaeudaError(f"{target}: the segmentation of {path} would replace this input; choose another --out.")
     dev = resolve_device(device)
     require_file(model_path)
-    first_image = volumes.read_image(inputs[0])   # a wrong input (a label map, one slice) refused before the model loads
+    # the first input read before the model loads: a wrong one (a label map, one slice) is refused at once
+    first_image = volumes.read_image(inputs[0])
     net, meta = load_model(model_path, str(dev))
     convention = Convention.from_dict(meta["labels"]["convention"])
     dom = check_domain(meta, domain, model_path)

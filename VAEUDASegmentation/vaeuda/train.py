@@ -747,8 +747,8 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":
         reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); adapting "
-                     f"it anyway: E_T and D_T start again as copies of its E_S and D_S, so an earlier adaptation is not "
-                     f"continued")
+                     f"it anyway: E_T and D_T start again as copies of its E_S and D_S, so an earlier adaptation is "
+                     f"not continued")
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
