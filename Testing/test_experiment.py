@@ -406,3 +406,37 @@ def test_held_out_probe_scores_what_segment_and_evaluate_score(cohort, table1):
     assert got["test_dice_mean"] == pytest.approx(expected["Mean"]["dice"]["mean"], abs=1e-5)
     for key in CLASS_KEYS:
         assert got["test_dice"][key] == pytest.approx(expected[key]["dice"]["mean"], abs=1e-5)
+
+
+def test_a_cohort_in_another_label_convention_gives_the_same_table(cohort, table1, tmp_path):
+    """splits.json's "labels" names the convention of the cohort's label files: the same cohort with
+    consecutive values (1-4) trains and scores exactly as with MM-WHS values."""
+    import shutil
+
+    import SimpleITK as sitk
+    import torch
+    from vaeuda.demo import cohort_convention
+    from vaeuda.labels import CONSECUTIVE, MMWHS
+
+    recoded = tmp_path / "consecutive"
+    shutil.copytree(cohort, recoded)
+    for label in recoded.glob("*_label.nii.gz"):
+        image = sitk.ReadImage(str(label))
+        classes = sitk.GetImageFromArray(CONSECUTIVE.decode(MMWHS.encode(sitk.GetArrayFromImage(image))))
+        classes.CopyInformation(image)
+        sitk.WriteImage(classes, str(label))
+    splits = json.loads((recoded / "splits.json").read_text())
+    (recoded / "splits.json").write_text(json.dumps(dict(splits, labels="consecutive")))
+    assert cohort_convention(recoded).name == "consecutive" and cohort_convention(cohort).name == "mmwhs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        experiment.run_table1(recoded, tmp_path / "out", repeats=REPEATS, preset="tiny", seed=1, device="cpu",
+                              iterations_scale=SCALE, reporter=Reporter("none"))
+    finally:
+        torch.set_num_threads(threads)
+    again = json.loads((tmp_path / "out" / "table1.json").read_text())
+    assert {r: v["summary"] for r, v in again["rows"].items()} == {r: v["summary"] for r, v in table1[2]["rows"].items()}
+    (recoded / "splits.json").write_text(json.dumps(dict(splits, labels=7)))
+    with pytest.raises(VaeudaError, match=r"\"labels\" must name a label convention"):
+        cohort_convention(recoded)

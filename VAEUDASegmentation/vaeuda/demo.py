@@ -49,6 +49,17 @@ def cohort_split(cohort: Path, modality: str, split: str) -> List[str]:
     return prefixes
 
 
+def cohort_convention(cohort: Path):
+    """The label convention of a cohort's label files: ``splits.json``'s ``"labels"`` (``mmwhs``,
+    ``consecutive``, or a JSON mapping file, relative to the cohort folder), ``mmwhs`` without one."""
+    from .labels import BUILTIN_CONVENTIONS, load_convention
+    spec = read_splits(cohort).get("labels", "mmwhs")
+    if not isinstance(spec, str) or not spec:
+        raise VaeudaError(f"{Path(cohort) / 'splits.json'}: \"labels\" must name a label convention (mmwhs, "
+                          f"consecutive or a mapping file), not {spec!r}.")
+    return load_convention(spec if spec in BUILTIN_CONVENTIONS else str(Path(cohort) / spec))
+
+
 def is_phantom_cohort(cohort: Path, seed: int, size: Optional[int]) -> bool:
     """True if ``cohort`` holds the default phantom cohort (20 MR and 20 CT subjects, 16 of each
     training) of this generator version, seed and size, so that it can be reused."""
@@ -72,13 +83,14 @@ def label_of(cohort: Path, prefix: str) -> Path:
 
 def evaluate_model(model: Path, cohort: Path, prefixes: Sequence[str], out_dir: Path, device: str,
                    reporter: Reporter) -> dict:
-    """Segment ``prefixes`` of the cohort with ``model`` into ``out_dir`` and score them -> summary dict."""
-    from .labels import MMWHS
+    """Segment ``prefixes`` of the cohort with ``model`` into ``out_dir`` and score them -> summary dict
+    (label values in the cohort's convention, :func:`cohort_convention`)."""
     from .metrics import evaluate_dirs
     from .predict import segment_files
 
     segment_files(model, [image_of(cohort, p) for p in prefixes], out_dir, device=device, reporter=reporter)
-    _, result = evaluate_dirs(out_dir, cohort, MMWHS, out_dir / "evaluation.json", ignore_unmatched_refs=True)
+    _, result = evaluate_dirs(out_dir, cohort, cohort_convention(cohort), out_dir / "evaluation.json",
+                              ignore_unmatched_refs=True)
     return result
 
 

@@ -41,10 +41,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import machine
-from .demo import ROW_ORACLE, ROW_UNADAPTED, cohort_split, evaluate_model, image_of, label_of
+from .demo import ROW_ORACLE, ROW_UNADAPTED, cohort_convention, cohort_split, evaluate_model, image_of, label_of
 from .errors import MAX_SEED, VaeudaError, require_count
 from .fileio import atomic_path, check_output_dir, make_dir
-from .labels import CLASS_KEYS, MMWHS, STRUCTURES
+from .labels import CLASS_KEYS, STRUCTURES
 from .metrics import MEAN_KEY, _json_ready, evaluate_volume, summarise, table_markdown
 from .progress import Reporter, null_reporter
 
@@ -140,7 +140,8 @@ def _few_shot_slices(cohort: Path, prefix: str, size: int, fov_mm: Optional[floa
 
     image = volumes.read_image(image_of(cohort, prefix))
     grid = volumes.SliceGrid.from_image(image, size, fov_mm)
-    labels = grid.label_slices(volumes.read_label(label_of(cohort, prefix), MMWHS, reference=image))
+    labels = grid.label_slices(volumes.read_label(label_of(cohort, prefix), cohort_convention(cohort),
+                                                  reference=image))
     try:
         a, b = pick_few_shot_window(labels)
     except ValueError:
@@ -173,10 +174,11 @@ class HeldOutDiceProbe:
         self.device = device
         self.seconds = 0.0          # time spent in calls, so run timings can leave it out
         self.volumes = []
+        convention = cohort_convention(cohort)
         for prefix in prefixes:
             image = volumes.read_image(image_of(cohort, prefix))
             grid = volumes.SliceGrid.from_image(image, size, fov_mm)
-            ref = volumes.read_label(label_of(cohort, prefix), MMWHS, reference=image)
+            ref = volumes.read_label(label_of(cohort, prefix), convention, reference=image)
             self.volumes.append((grid, grid.image_slices(image, normalisation), sitk.GetArrayFromImage(ref),
                                  tuple(reversed(ref.GetSpacing()))))
 
@@ -361,7 +363,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
         models, "source", dict(base, stage="source", scans=mr_train, iterations=iterations["source"], seed=seed),
         lambda path: train_source([image_of(cohort, p) for p in mr_train], [label_of(cohort, p) for p in mr_train],
                                   path, preset=preset, iterations=iterations["source"], seed=seed, device=device,
-                                  reporter=reporter),
+                                  convention=cohort_convention(cohort), reporter=reporter),
         reporter)
     # Downstream models name the source run they start from, so a retrained source retrains them.
     base["source_started"] = source_record["provenance"].get("started")
