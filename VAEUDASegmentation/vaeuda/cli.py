@@ -331,10 +331,9 @@ def run(args, reporter: Reporter) -> List[str]:
             print(table)
         return [json_path]
     if cmd == "convert":
-        from .fileio import check_output_dir
         from .formats import convert_released
         from .labels import load_convention
-        out = check_output_dir(args.out)
+        out = Path(args.out)        # convert_released checks it is a folder it can write in
         try:
             before = {item.name for item in out.iterdir()} if out.is_dir() else set()
         except OSError as exc:

@@ -95,7 +95,7 @@ class Convention:
             raise VaeudaError(f"{source}: {len(unknown)} of its values ({shown}, ...) are not in the '{self.name}' "
                               f"label mapping; is it an image rather than a label map?")
         if unknown and self.unknown == "error":
-            other = next((c for c in (MMWHS, CONSECUTIVE) if c.name != self.name
+            other = next((c for c in BUILTIN_CONVENTIONS.values() if c.name != self.name
                           and all(int(v) in c.to_index for v in values) and any(c.to_index[int(v)] for v in values)),
                          None)
             if other is not None:   # e.g. MM-WHS files read as consecutive: the way out is the other convention

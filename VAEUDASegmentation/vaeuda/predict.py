@@ -131,7 +131,8 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     reporter.stage("segment", len(inputs))
     with atomic_dir(out_dir) as staging:
         for i, (path, target) in enumerate(zip(inputs, targets), 1):
-            image, first_image = (first_image, None) if i == 1 else (volumes.read_image(path), None)
+            image = first_image if i == 1 else volumes.read_image(path)
+            first_image = None          # not held while the later inputs are segmented
             classes = segment_image(net, meta, image, dev, dom, batch_size, cpu_bf16)
             volumes.write_label(classes, staging / target.name, convention)
             reporter.step(i, force=True)

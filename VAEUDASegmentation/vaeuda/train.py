@@ -669,7 +669,7 @@ def _refuse_repeated(volumes: Sequence[Path]) -> None:
 def _refuse_labelled_targets(targets: Sequence[Path], pairs: Sequence[Tuple[Path, Path]]) -> None:
     """A target volume that is also a labelled source volume (e.g. ``--source-data`` a folder that
     holds it) would teach the adaptation its labels: no longer unsupervised, and its score a lie."""
-    labelled = {Path(image).resolve(): image for image, _ in pairs}
+    labelled = {Path(image).resolve() for image, _ in pairs}
     for target in targets:
         if Path(target).resolve() in labelled:
             raise VaeudaError(f"{target}: is also one of the labelled source volumes, so adapting would train on "

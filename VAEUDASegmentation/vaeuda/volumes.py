@@ -26,7 +26,7 @@ import SimpleITK as sitk
 
 from .errors import VaeudaError
 from .fileio import VOLUME_SUFFIXES, atomic_path, full_suffix
-from .labels import CONSECUTIVE, MMWHS, Convention
+from .labels import BUILTIN_CONVENTIONS, Convention
 
 PathLike = Union[str, Path]
 log = logging.getLogger(__name__)
@@ -409,7 +409,7 @@ def _refuse_label_map(image: sitk.Image, path: Path) -> None:
     if image.GetPixelID() not in _INTEGER_PIXELS + (sitk.sitkFloat32, sitk.sitkFloat64):
         return
     array = sitk.GetArrayViewFromImage(image)
-    label_values = {int(v) for convention in (MMWHS, CONSECUTIVE) for v in convention.to_index}
+    label_values = {int(v) for convention in BUILTIN_CONVENTIONS.values() for v in convention.to_index}
     if np.unique(array.ravel()[:: max(1, array.size // 65536)]).size > len(label_values):
         return                                   # a sample already has too many values: the usual case
     unique = np.unique(array)
