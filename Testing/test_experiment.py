@@ -125,6 +125,9 @@ def test_few_shot_slices_cross_three_structures(table1, cohort):
     assert len(crossed) >= 3 and len(fs["union"]) == len(crossed)
     run = js["rows"][ROW_FEW_SHOT]["runs"][0]
     assert run["targets"] == [fs["scan"]]
+    # the report names the slices three ways that must agree: inclusive, as --slices, as the model file does
+    assert (f"coronal slices {a}-{b - 1} of {fs['scan']} (`--slices {a}:{b}`, the model file's `{a}-{b}`)"
+            in (out / "table1.md").read_text()) and Path(run["model"]).name.startswith(f"fewshot_{fs['scan']}_{a}-{b}")
     from vaeuda.modelfile import read_tensors
     trained = read_tensors(out / "models" / Path(run["model"]).name)[1]["train"]
     assert trained["eval_every"] == js["protocol"]["few_shot_eval_every"] == 4

@@ -965,6 +965,10 @@ def test_cuda_without_a_gpu_and_an_interrupt_each_end_in_one_sentence(tiny_cohor
     assert main(args) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "vaeuda: interrupted; no checkpoint had been written yet") and not out.exists()
+    json_args = [a if a != "none" else "json" for a in args]       # --progress json: a last event says so too
+    assert main(json_args) == 130
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+        "event": "interrupted", "message": "interrupted; no checkpoint had been written yet", "checkpoint": None}
     monkeypatch.setattr("vaeuda.modelfile.read_tensors", interrupted)     # not a training command: nothing to add
     assert main(["info", str(tmp_path / "none.safetensors")]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "vaeuda: interrupted"
@@ -991,6 +995,12 @@ def test_an_interrupt_names_the_kept_checkpoint_and_resume_says_when_there_is_no
     ckpt = checkpoint_path(out)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"vaeuda: interrupted; the last checkpoint is kept at {ckpt}: give the same command with --resume to continue")
+    assert ckpt.is_file() and not out.exists()
+    with monkeypatch.context() as patched:      # resumed under --progress json, interrupted again: the event names it
+        patched.setattr(train_mod, "run_stage", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(args + ["--resume", "--progress", "json"]) == 130
+    event = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (event["event"], event["checkpoint"]) == ("interrupted", str(ckpt)) and str(ckpt) in event["message"]
     assert ckpt.is_file() and not out.exists()
     assert main(args + ["--resume"]) == 0
     assert "resuming source from iteration 2" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import __version__
 from .choices import DEVICES, DOMAINS, PRESET_NAMES
@@ -375,17 +375,18 @@ def run(args, reporter: Reporter) -> List[str]:
     raise VaeudaError(f"unknown command {cmd}")
 
 
-def _what_is_kept(args) -> str:
-    """After Ctrl-C in a training command: where its checkpoint is and how to continue, or that none
-    was written yet. (A checkpoint there is this run's, or the one it resumed: an earlier run's is
-    refused without --resume.)"""
+def _what_is_kept(args) -> Tuple[str, Optional[str]]:
+    """After Ctrl-C in a training command: the sentence's tail saying where its checkpoint is and how
+    to continue, or that none was written yet, and the checkpoint's path (None without one). (A
+    checkpoint there is this run's, or the one it resumed: an earlier run's is refused without --resume.)"""
     if args.command not in TRAINING_COMMANDS:
-        return ""
+        return "", None
     from .fileio import checkpoint_path      # not train's: torch may have been half imported when Ctrl-C came
     ckpt = checkpoint_path(args.out)
     if ckpt.is_file():
-        return f"; the last checkpoint is kept at {ckpt}: give the same command with --resume to continue"
-    return "; no checkpoint had been written yet"
+        return (f"; the last checkpoint is kept at {ckpt}: give the same command with --resume to continue",
+                str(ckpt))
+    return "; no checkpoint had been written yet", None
 
 
 def _listed(names: List[str], shown: int = 3) -> str:
@@ -429,7 +430,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         reporter.close()
-        print(f"vaeuda: interrupted{_what_is_kept(args)}", file=sys.stderr)
+        kept, checkpoint = _what_is_kept(args)
+        if reporter.mode == "json":
+            emit("interrupted", message=f"interrupted{kept}", checkpoint=checkpoint)
+        print(f"vaeuda: interrupted{kept}", file=sys.stderr)
         return 130
     reporter.close()
     if reporter.mode == "json":

@@ -537,6 +537,7 @@ def _markdown(protocol: dict, rows: dict, mean_dice: dict, findings: List[dict],
         f"{', '.join(p['draws'])}; its row pools "
         f"all {p['repeats']} x {n_test} (draw x test volume) results. The ablations use the same draws and seeds. "
         f"Few-shot: coronal slices {fs['slices'][0]}-{fs['slices'][1] - 1} of {fs['scan']} "
+        f"(`--slices {fs['slices'][0]}:{fs['slices'][1]}`, the model file's `{fs['slices'][0]}-{fs['slices'][1]}`) "
         f"(structures per slice: {'; '.join(', '.join(s) for s in fs['structures'])}), early stopping after "
         f"{p['few_shot_patience']} evaluations (every {p['few_shot_eval_every']} iterations) "
         f"without improvement of the cycle-consistency proxy (the mean T->S->T error on those slices).", "",
