@@ -735,6 +735,35 @@ def test_stand_in_segment_ids_follow_slicer(slicer):
     assert segmentation.AddEmptySegment("LV-M") == "LV-M_1"
     assert segmentation.AddEmptySegment("") == "Segment_2"
     assert segmentation.GetNumberOfSegments() == 3
+    segmentation.RemoveAllSegments()                      # and the counter starts again
+    assert segmentation.AddEmptySegment("") == "Segment_1"
+
+
+def test_stand_in_import_adds_a_segment_for_an_unknown_id_and_skips_an_empty_one(slicer):
+    """vtkSlicerSegmentationsModuleLogic::ImportLabelmapToSegmentationNode(labelmap, segmentation,
+    vtkStringArray*): label value v -> the v-th ID; an ID not in the segmentation becomes a new
+    segment named after it; an empty ID leaves its label value out."""
+    import vtk
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    ids = vtk.vtkStringArray()
+    for segmentId in ("", "new"):
+        ids.InsertNextValue(segmentId)
+    labels = np.array([[[0, 1, 2, 2]]], np.uint8)
+    labelmap = slicer.util.addVolumeFromArray(labels, IJK_TO_RAS, "l", "vtkMRMLLabelMapVolumeNode")
+    assert slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, node, ids)
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == ["new"]
+    assert segmentation.GetSegment("new").GetName() == "new"
+    node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(node, "new"), labels == 2)
+
+
+def test_stand_in_add_volume_from_array_refuses_what_slicer_refuses(slicer):
+    """util.addVolumeFromArray goes through updateVolumeFromArray: 3-D or 4-D arrays only, no int64."""
+    with pytest.raises(RuntimeError, match=r"Unsupported numpy array shape: \(4, 5\)"):
+        slicer.util.addVolumeFromArray(np.zeros((4, 5), np.float32))
+    with pytest.raises(RuntimeError, match="Unsupported numpy array type: long long"):
+        slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.int64))
 
 
 def test_stand_in_table_columns_are_string_arrays(slicer):

@@ -272,7 +272,9 @@ class vtkSegmentation:
         return ids[index] if 0 <= index < len(ids) else ""
 
     def RemoveAllSegments(self):
+        """Slicer also restarts the counter that generated IDs are numbered by."""
         self._segments.clear()
+        self._segmentIdAutogeneratorIndex = 0
 
     def CopySegmentFromSegmentation(self, fromSegmentation, segmentId, removeFromSource=False):
         """Slicer: a copy of the segment (moved with ``removeFromSource``) under the same ID, or a
@@ -526,9 +528,13 @@ class vtkSlicerSegmentationsModuleLogic:
             return False   # Slicer: "source representation ... is not binary labelmap"
         labels = labelmapNode._array
         for index in range(updatedSegmentIDs.GetNumberOfValues()):
-            segment = segmentation.GetSegment(updatedSegmentIDs.GetValue(index))
+            segmentId = updatedSegmentIDs.GetValue(index)
+            if not segmentId:
+                continue   # Slicer skips an empty ID, and adds a segment named after an unknown one
+            segment = segmentation.GetSegment(segmentId)
             if segment is None:
-                continue   # Slicer skips an empty or unknown segment ID
+                segmentation.AddEmptySegment(segmentId, segmentId)
+                segment = segmentation.GetSegment(segmentId)
             segment._mask = (labels == index + 1).astype(np.uint8)
             segment._ijkToRAS = labelmapNode._ijkToRAS.copy()
         return True

@@ -42,7 +42,7 @@ def _readImage(filename):
 def _addVolumeNode(array, ijkToRAS, name, nodeClassName):
     import slicer
     node = slicer.mrmlScene.AddNewNodeByClass(nodeClassName, name or "")
-    node._array = np.array(array)
+    node._array = None if array is None else np.array(array)
     node._ijkToRAS = np.array(ijkToRAS, dtype=float)
     return node
 
@@ -59,8 +59,11 @@ def arrayFromVolume(volumeNode):
 
 def updateVolumeFromArray(volumeNode, narray):
     """Set the voxels from a ``(K, J, I)`` array, deep-copied (util.py ``updateVolumeFromArray``).
-    Slicer refuses 64-bit integers (VTK's "long long" volumes do not render)."""
-    if np.asarray(narray).dtype == np.int64:
+    Slicer refuses arrays that are neither 3-D (scalar) nor 4-D (vector), and 64-bit integers
+    (VTK's "long long" volumes do not render)."""
+    if narray.ndim not in (3, 4):
+        raise RuntimeError("Unsupported numpy array shape: " + str(narray.shape))
+    if narray.dtype == np.int64:
         raise RuntimeError("Unsupported numpy array type: long long")
     volumeNode._array = np.array(narray)
 
@@ -73,7 +76,9 @@ def addVolumeFromArray(narray, ijkToRAS=None, name=None, nodeClassName=None):
         matrix = ijkToRAS._m.copy()
     else:
         matrix = np.asarray(ijkToRAS, dtype=float)
-    return _addVolumeNode(narray, matrix, name, nodeClassName or "vtkMRMLScalarVolumeNode")
+    node = _addVolumeNode(None, matrix, name, nodeClassName or "vtkMRMLScalarVolumeNode")
+    updateVolumeFromArray(node, narray)      # as Slicer does: its refusals apply here too
+    return node
 
 
 def getNodesByClass(className, scene=None):
