@@ -777,6 +777,9 @@ def test_stand_in_table_columns_are_string_arrays(slicer):
     assert second.GetNumberOfValues() == 2 and first.GetNumberOfValues() == 2
     table.SetCellText(1, 1, "x")
     assert second.GetValue(1) == "x" and table.GetCellText(1, 1) == "x" and table.GetCellText(1, 0) == ""
+    # a cell outside the table: Slicer logs an error and answers False / "", it does not raise
+    assert table.SetCellText(2, 0, "y") is False and table.SetCellText(0, 2, "y") is False
+    assert table.GetCellText(2, 0) == "" and table.GetNumberOfRows() == 2
 
 
 def make_segmentation(slicer, volume, labels, segments, name):

@@ -8,6 +8,7 @@ raises where Slicer would resample, so a geometry mismatch cannot pass unnoticed
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 
 import numpy as np
@@ -82,19 +83,21 @@ class vtkMRMLTransformableNode(vtkMRMLNode):
 
 
 class vtkMRMLTransformNode(vtkMRMLNode):
-    """Libs/MRML/Core/vtkMRMLTransformNode.h"""
-
-
-class vtkMRMLLinearTransformNode(vtkMRMLTransformNode):
-    """Libs/MRML/Core/vtkMRMLLinearTransformNode.h: a parent transform; the stand-in keeps its matrix but never
-    applies it (nodes under different transforms are refused where Slicer would resample)."""
+    """Libs/MRML/Core/vtkMRMLTransformNode.h: the stand-in keeps the matrix but never applies it (nodes
+    under different transforms are refused where Slicer would resample)."""
 
     def __init__(self):
         super().__init__()
         self._matrixToParent = None
 
     def SetMatrixTransformToParent(self, matrix):
+        """``int SetMatrixTransformToParent(vtkMatrix4x4*)``: 1 when set."""
         self._matrixToParent = matrix
+        return 1
+
+
+class vtkMRMLLinearTransformNode(vtkMRMLTransformNode):
+    """Libs/MRML/Core/vtkMRMLLinearTransformNode.h: a parent transform."""
 
 
 class _ImageData:
@@ -365,11 +368,29 @@ class vtkMRMLTableNode(vtkMRMLNode):
             column.InsertNextValue("")
         return self.GetNumberOfRows() - 1
 
+    def _cellIndexError(self, method, rowIndex, columnIndex):
+        """Slicer's check before a cell is read or written: the vtkErrorMacro text for a bad index, or None."""
+        if not 0 <= columnIndex < len(self._columns):
+            return f"vtkMRMLTableNode::{method} failed: invalid column index {columnIndex}"
+        if not 0 <= rowIndex < self.GetNumberOfRows():
+            return f"vtkMRMLTableNode::{method} failed: invalid row index: {rowIndex}"
+        return None
+
     def SetCellText(self, rowIndex, columnIndex, text):
+        """False (and an error logged) for a cell outside the table, as in Slicer."""
+        error = self._cellIndexError("SetCellText", rowIndex, columnIndex)
+        if error:
+            logging.error(error)
+            return False
         self._columns[columnIndex].SetValue(rowIndex, str(text))
         return True
 
     def GetCellText(self, rowIndex, columnIndex):
+        """"" (and an error logged) for a cell outside the table, as in Slicer."""
+        error = self._cellIndexError("GetCellText", rowIndex, columnIndex)
+        if error:
+            logging.error(error)
+            return ""
         return self._columns[columnIndex].GetValue(rowIndex)
 
     def GetColumnName(self, columnIndex):
