@@ -913,14 +913,50 @@ def test_adapt_refuses_a_label_map_as_target_before_reading_the_source_volumes(t
 
 def test_adapt_refuses_a_target_that_is_also_a_labelled_source_volume(tiny_cohort, tiny_source_model, tmp_path,
                                                                       capsys):
-    """--source-data a whole cohort folder holds the CT scans with their labels too."""
+    """--source-data a folder that holds the target with its label too (here a copy of the cohort's scans)."""
+    import shutil
     out = tmp_path / "adapted.safetensors"
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("mr_1001_image.nii.gz", "mr_1001_label.nii.gz", "ct_1001_image.nii.gz", "ct_1001_label.nii.gz"):
+        shutil.copy(tiny_cohort / name, mixed / name)
     ct = tiny_cohort / "ct_1001_image.nii.gz"
     assert main(["adapt", "--model", str(tiny_source_model), "--out", str(out), "--iterations", "1",
-                 "--progress", "none", str(ct), "--source-data", str(tiny_cohort)]) == 2
+                 "--progress", "none", str(mixed / ct.name), "--source-data", str(mixed)]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"{ct}: is also one of the labelled source volumes, so adapting would train on its labels; give source "
-        f"volumes without it (--source-data).") and not out.exists()
+        f"{mixed / ct.name}: is also one of the labelled source volumes, so adapting would train on its labels; give "
+        f"source volumes without it (--source-data).") and not out.exists()
+
+
+def test_a_synthetic_cohorts_folder_is_refused_where_labelled_training_volumes_are_wanted(tiny_cohort,
+                                                                                         tiny_source_model, tmp_path,
+                                                                                         capsys):
+    """Given whole, a cohort's folder would train on the labels of both modalities and of the test scans:
+    train-source, --source-data and finetune each refuse it and name the scans the cohort means for them."""
+    out = tmp_path / "m.safetensors"
+    ct = str(tiny_cohort / "ct_1001_image.nii.gz")
+    commands = {"mr": [["train-source", "--preset", "tiny", "--iterations", "1", str(tiny_cohort)],
+                       ["adapt", "--model", str(tiny_source_model), "--iterations", "1", ct,
+                        "--source-data", str(tiny_cohort)]],
+                "ct": [["finetune", "--model", str(tiny_source_model), "--iterations", "1", str(tiny_cohort)]]}
+    purposes = {"mr": "a source model is trained on its MR training scans",
+                "ct": "the oracle is fine-tuned on its CT training scans"}
+    for modality, runs in commands.items():
+        for args in runs:
+            assert main(args + ["--out", str(out), "--progress", "none"]) == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1] == (
+                f"vaeuda: error: {tiny_cohort}: is a synthetic cohort's folder, whose labelled MR and CT scans, "
+                f"training and test alike, would all be trained on; {purposes[modality]}: give those files "
+                f"({tiny_cohort / (modality + '_1001_image.nii.gz')}, splits.json's \"{modality}\" -> \"train\").")
+            assert not out.exists()
+    # a cohort of several training scans names the first and the last
+    from vaeuda.data import SOURCE_TRAINING, _refuse_cohort_folder
+    (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1001", "mr_1002", "mr_1003"]}, "ct": {}}))
+    with pytest.raises(VaeudaError, match=re.escape(
+            f"({tmp_path / 'mr_1001_image.nii.gz'} to {tmp_path / 'mr_1003_image.nii.gz'}, the 3 in splits.json's")):
+        _refuse_cohort_folder(tmp_path, SOURCE_TRAINING)
+    (tmp_path / "splits.json").write_text("{not json")           # not a cohort's splits.json: no refusal
+    _refuse_cohort_folder(tmp_path, SOURCE_TRAINING)
 
 
 def test_adapt_names_the_way_out_when_the_source_volumes_have_moved(tiny_cohort, tmp_path, capsys):
@@ -939,8 +975,9 @@ def test_adapt_names_the_way_out_when_the_source_volumes_have_moved(tiny_cohort,
     out = tmp_path / "adapted.safetensors"
     assert main(["adapt", "--model", str(src), "--out", str(out), "--iterations", "1", "--progress", "none", ct]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("the labelled source volumes it was trained on are not at their recorded paths; "
-                            "pass them with --source-data.") and not out.exists()
+    assert err[-1].endswith(f"2 of the 2 labelled source files it was trained on are not at their recorded paths "
+                            f"(the first: {(moved / 'mr_1001_image.nii.gz').resolve()}); pass the volumes with "
+                            f"--source-data.") and not out.exists()
     assert main(["adapt", "--source-data", str(tiny_cohort / "mr_1001_image.nii.gz"), "--model", str(src),
                  "--out", str(out), "--iterations", "1", "--progress", "none", ct]) == 0
     assert out.is_file()

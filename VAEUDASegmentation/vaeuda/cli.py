@@ -248,8 +248,9 @@ def _indent(reporter: Reporter) -> Optional[int]:
 
 
 def _labelled(args) -> tuple:
-    from .data import find_pairs
-    pairs = find_pairs(args.inputs, getattr(args, "labels", None))
+    from .data import ORACLE_TRAINING, SOURCE_TRAINING, find_pairs
+    pairs = find_pairs(args.inputs, getattr(args, "labels", None),
+                       ORACLE_TRAINING if args.command == "finetune" else SOURCE_TRAINING)
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 

@@ -62,8 +62,40 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
     return found
 
 
-def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None) -> List[Tuple[Path, Path]]:
-    """Labelled volumes: each image with ``--labels`` in the same order, or its ``X_label`` twin."""
+# What each labelled-volume command trains on in a synthetic cohort: (modality in splits.json, what for)
+SOURCE_TRAINING = ("mr", "a source model is trained on its MR training scans")
+ORACLE_TRAINING = ("ct", "the oracle is fine-tuned on its CT training scans")
+
+
+def _refuse_cohort_folder(folder: Path, use: Tuple[str, str]) -> None:
+    """A synthetic cohort's folder (``vaeuda synth``: its splits.json lists MR and CT scans, training
+    and test) holds the labels of both modalities and of the test scans: given whole to a training
+    command it would train on all of them. Refused, naming the scans to give instead."""
+    import json
+    try:
+        splits = json.loads((folder / "splits.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return                                    # no cohort's splits.json: a folder like any other
+    if not (isinstance(splits, dict) and all(isinstance(splits.get(m), dict) for m in ("mr", "ct"))):
+        return
+    modality, purpose = use
+    train = splits[modality].get("train")
+    named = ""
+    if isinstance(train, list) and train and all(isinstance(t, str) for t in train):
+        first, last = (folder / f"{t}_image.nii.gz" for t in (train[0], train[-1]))
+        named = (f" ({first}, splits.json's \"{modality}\" -> \"train\")" if len(train) == 1 else
+                 f" ({first} to {last}, the {len(train)} in splits.json's \"{modality}\" -> \"train\")")
+    raise VaeudaError(f"{folder}: is a synthetic cohort's folder, whose labelled MR and CT scans, training and test "
+                      f"alike, would all be trained on; {purpose}: give those files{named}.")
+
+
+def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
+               cohort_use: Tuple[str, str] = SOURCE_TRAINING) -> List[Tuple[Path, Path]]:
+    """Labelled volumes: each image with ``--labels`` in the same order, or its ``X_label`` twin.
+    ``cohort_use``: which scans a synthetic cohort's folder should have been given as, for its refusal."""
+    for item in inputs:
+        if Path(item).is_dir():
+            _refuse_cohort_folder(Path(item), cohort_use)
     images = find_images(inputs)
     if labels:
         if len(labels) != len(images):

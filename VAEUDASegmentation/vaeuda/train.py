@@ -725,12 +725,16 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
 def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]]):
     from .data import find_pairs
     if source_data:
-        return find_pairs(source_data)
+        return find_pairs(source_data)        # a cohort's folder is refused: its MR training scans are wanted
     prov = meta.get("provenance", {})
     images, labels = prov.get("source_data"), prov.get("source_labels")
-    if not images or not all(Path(p).exists() for p in images + labels):
-        raise VaeudaError(f"{model_path}: the labelled source volumes it was trained on are not at their recorded "
-                          f"paths; pass them with --source-data.")
+    if not images:
+        raise VaeudaError(f"{model_path}: records no labelled source volumes; pass them with --source-data.")
+    missing = [p for p in images + labels if not Path(p).exists()]
+    if missing:
+        raise VaeudaError(f"{model_path}: {len(missing)} of the {len(images) + len(labels)} labelled source files it "
+                          f"was trained on are not at their recorded paths (the first: {missing[0]}); pass the "
+                          f"volumes with --source-data.")
     return [(Path(i), Path(l)) for i, l in zip(images, labels)]
 
 
