@@ -62,6 +62,22 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_closed_output_pipe_stops_training_without_a_traceback(tiny_cohort, tmp_path):
+    """`... --progress json | head -1`: the reader goes away after one line; the engine stops as on
+    SIGPIPE (141), says so in one sentence, writes no model, and prints no traceback."""
+    out = tmp_path / "m.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "vaeuda", "train-source", "--preset", "tiny", "--iterations",
+                             "1000", "--device", "cpu", "--progress", "json", "--out", str(out),
+                             str(tiny_cohort / "mr_1001_image.nii.gz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(proc.stdout.readline())["event"] == "log"
+    proc.stdout.close()                                   # as `head -1` does
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141
+    assert stderr.strip().splitlines() == [
+        "vaeuda: stopped: the output pipe was closed; no checkpoint had been written yet"] and not out.exists()
+
+
 def test_segment_with_foreign_model_fails_cleanly(tiny_cohort, tmp_path, capsys):
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_bytes(b"\x00" * 64)

@@ -390,6 +390,16 @@ def _what_is_kept(args) -> Tuple[str, Optional[str]]:
     return "; no checkpoint had been written yet", None
 
 
+def _silence_stdout() -> None:
+    """Point stdout at the null device (after its pipe broke, so that Python's final flush is quiet)."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):      # not a real file (e.g. captured by a test runner)
+        pass
+
+
 def _listed(names: List[str], shown: int = 3) -> str:
     """``a, b, c, ...``: the first ``shown`` names, and an ellipsis for the rest."""
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
@@ -429,6 +439,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             emit("error", message=message)
         print(f"vaeuda: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # stdout's reader went away (e.g. `... --progress json | head -1`): stop as a Unix tool does on
+        # SIGPIPE, without a traceback, and let nothing more reach the closed pipe, not even at exit.
+        _silence_stdout()
+        reporter.close()
+        print(f"vaeuda: stopped: the output pipe was closed{_what_is_kept(args)[0]}", file=sys.stderr)
+        return 141                                   # 128 + SIGPIPE, as a shell reports such an end
     except KeyboardInterrupt:
         reporter.close()
         kept, checkpoint = _what_is_kept(args)
