@@ -68,3 +68,9 @@ def test_json_mode_throttles_steps_to_two_a_second(capsys, monkeypatch):
         reporter.step(step)
     steps = [json.loads(line).get("step") for line in capsys.readouterr().out.splitlines()]
     assert steps == [None, 1, 3]
+
+
+def test_listed_names_the_first_three_and_counts_the_rest():
+    from vaeuda.progress import listed
+    assert listed(["a"]) == "a" and listed(["a", "b", "c"]) == "a, b, c"
+    assert listed(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"      # a count, not "..." before a full stop

@@ -26,13 +26,17 @@ def test_cli_end_to_end(tiny_cohort, tmp_path, capsys):
     src, ada, ora = tmp_path / "src.safetensors", tmp_path / "ada.safetensors", tmp_path / "ora.safetensors"
     assert main(["train-source", "--preset", "tiny", "--iterations", "3", "--out", str(src), "--progress", "none",
                  "--device", "cpu", str(c / "mr_1001_image.nii.gz")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "reading 1 labelled source volume(s)" and err[-1] == f"Wrote the source model to {src}."
     assert main(["adapt", "--model", str(src), "--out", str(ada), "--iterations", "3", "--progress", "json",
                  str(c / "ct_1001_image.nii.gz")]) == 0
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
-    assert lines[-1] == {"event": "done", "outputs": [str(ada)]}
+    assert lines[-2:] == [{"event": "log", "message": f"Wrote the adapted model to {ada}."},
+                          {"event": "done", "outputs": [str(ada)]}]
     assert any(l["event"] == "progress" and l["step"] == 3 for l in lines)
     assert main(["finetune", "--model", str(src), "--out", str(ora), "--iterations", "2", "--progress", "none",
                  str(c / "ct_1001_image.nii.gz")]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"Wrote the fine-tuned model to {ora}."
     _, meta = load_model(ada)
     assert meta["stage"] == "adapted" and meta["has_target_encoder"] is True
     assert meta["provenance"]["target_data"] == [str((c / "ct_1001_image.nii.gz").resolve())]
@@ -48,7 +52,13 @@ def test_cli_end_to_end(tiny_cohort, tmp_path, capsys):
     assert seg.GetOrigin() == image.GetOrigin() and seg.GetDirection() == image.GetDirection()
     assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 205, 420, 500, 820}
     assert list(out.iterdir()) == [seg_path]          # nothing else (no temporary files) left
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"Wrote 1 segmentation(s) to {out}."
+    assert main(["segment", "--model", str(ada), "--out", str(out), "--progress", "none",
+                 str(c / "ct_1002_image.nii.gz")]) == 0                # again: the one it replaced is named
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"Wrote 1 segmentation(s) to {out}, replacing 1 earlier one(s): ct_1002_image_seg.nii.gz.")
     assert main(["evaluate", "--pred", str(out), "--ref", str(c), "--progress", "none"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"Wrote the scores to {out / 'evaluation.json'}."
     result = json.loads((out / "evaluation.json").read_text())
     assert result["n_volumes"] == 1
 

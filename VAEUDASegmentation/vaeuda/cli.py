@@ -16,7 +16,7 @@ from . import __version__
 from .choices import DEVICES, DOMAINS, PRESET_NAMES
 from .errors import MAX_SEED, VaeudaError
 from .machine import PORTABLE_THREADS
-from .progress import MODES, Reporter, emit
+from .progress import MODES, Reporter, emit, listed
 
 
 # The commands that checkpoint as they train (--out MODEL, MODEL.ckpt, --resume).
@@ -288,6 +288,7 @@ def run(args, reporter: Reporter) -> List[str]:
                      batch_size=args.batch_size, seed=args.seed, device=args.device,
                      convention=load_convention(args.label_convention), resume=args.resume, reporter=reporter,
                      input_size=args.input_size, intensity_remap=args.intensity_remap)
+        reporter.log(f"Wrote the source model to {args.out}.")
         return [args.out]
     if cmd == "adapt":
         from .data import find_images, parse_slice_range
@@ -298,12 +299,14 @@ def run(args, reporter: Reporter) -> List[str]:
               early_stop=args.early_stop, source_data=args.source_data, batch_size=args.batch_size,
               resume=args.resume, reporter=reporter,
               overrides=None if args.ema_decay is None else {"ema_decay": args.ema_decay})
+        reporter.log(f"Wrote the adapted model to {args.out}.")
         return [args.out]
     if cmd == "finetune":
         from .train import finetune
         images, labels = _labelled(args)
         finetune(args.model, images, labels, args.out, iterations=args.iterations, seed=args.seed,
                  device=args.device, batch_size=args.batch_size, resume=args.resume, reporter=reporter)
+        reporter.log(f"Wrote the fine-tuned model to {args.out}.")
         return [args.out]
     if cmd == "segment":
         from .data import find_images
@@ -330,6 +333,7 @@ def run(args, reporter: Reporter) -> List[str]:
             emit("table", markdown=table)
         else:
             print(table)
+        reporter.log(f"Wrote the scores to {json_path}.")
         return [json_path]
     if cmd == "convert":
         from .formats import convert_released
@@ -343,14 +347,14 @@ def run(args, reporter: Reporter) -> List[str]:
                                            name=args.name, flip_test_volume=args.flip_test_volume, split=args.split)
         if breaks:   # another scan, or a shell glob's order (slice10 before slice2)
             reporter.log(f"note: in {args.name}, {len(breaks)} slice(s) do not follow the one before as their records "
-                         f"store ({_listed(breaks)}): another scan begins there, or the files are out of order; "
+                         f"store ({listed(breaks)}): another scan begins there, or the files are out of order; "
                          f"--split cuts the volume there")
         volumes = [p.name[:-len("_image.nii.gz")] for p in written if p.name.endswith("_image.nii.gz")]
         replaced = [p.name for p in written if p.name in before]
         reporter.log(f"Wrote {len(volumes)} volume(s) to {out} as X_image / X_label .nii.gz pairs: "
-                     f"{_listed(volumes)}.")
+                     f"{listed(volumes)}.")
         if replaced:   # said, since earlier files of those names are gone
-            reporter.log(f"Replaced {len(replaced)} file(s) that were there: {_listed(replaced)}.")
+            reporter.log(f"Replaced {len(replaced)} file(s) that were there: {listed(replaced)}.")
         return [str(p) for p in written]
     if cmd == "info":
         from .modelfile import build_from_meta, check_metadata, read_tensors
@@ -398,11 +402,6 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):      # not a real file (e.g. captured by a test runner)
         pass
-
-
-def _listed(names: List[str], shown: int = 3) -> str:
-    """``a, b, c, ...``: the first ``shown`` names, and an ellipsis for the rest."""
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _mapping_file(spec: Optional[str]) -> List[str]:

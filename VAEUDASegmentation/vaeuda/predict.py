@@ -20,7 +20,7 @@ from .fileio import atomic_dir, check_output_dir, stem
 from .labels import Convention
 from .modelfile import load_model, require_file
 from .nets import VAEUDANet
-from .progress import Reporter, null_reporter
+from .progress import Reporter, listed, null_reporter
 from .train import resolve_device
 
 
@@ -129,6 +129,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     dom = check_domain(meta, domain, model_path)
     reporter.log(f"segmenting {len(inputs)} volume(s) with the {dom} encoder of {model_path}")
     reporter.stage("segment", len(inputs))
+    replaced = [target.name for target in targets if target.exists()]
     with atomic_dir(out_dir) as staging:
         for i, (path, target) in enumerate(zip(inputs, targets), 1):
             image = first_image if i == 1 else volumes.read_image(path)
@@ -137,4 +138,6 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
             volumes.write_label(classes, staging / target.name, convention)
             reporter.step(i, force=True)
     reporter.close()
+    reporter.log(f"Wrote {len(targets)} segmentation(s) to {out_dir}"
+                 + (f", replacing {len(replaced)} earlier one(s): {listed(replaced)}" if replaced else "") + ".")
     return targets

@@ -31,6 +31,13 @@ def emit(event: str, **fields) -> None:
     sys.stdout.flush()
 
 
+def listed(names, shown: int = 3) -> str:
+    """``a, b, c``, or ``a, b, c and 4 more``: the first ``shown`` names of a list a log line reports."""
+    names = [str(n) for n in names]
+    rest = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {rest} more" if rest > 0 else "")
+
+
 class Reporter:
     """Reports the stages and steps of one command in the chosen mode ("tty", "json" or "none").
 

@@ -708,7 +708,7 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     torch.manual_seed(seed)
     net = VAEUDANet(net_cfg)
     net_cfg.check()                      # and the range loading will check: a model it can read back
-    reporter.log(f"reading {len(images)} labelled source volumes")
+    reporter.log(f"reading {len(images)} labelled source volume(s)")
     data = load_slices(images, net_cfg.input_size, net_cfg.slice_fov_mm, normalisation, labels, convention)
     cfg = resolve_train_config(overrides, batch_size, preset)
     cfg.intensity_remap = cfg.intensity_remap or intensity_remap
@@ -760,7 +760,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     pairs = _source_pairs(src_meta, source_model, source_data)
     _refuse_labelled_targets(targets, pairs)
     _check_outputs(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
-    reporter.log(f"reading {len(targets)} target volume(s) and {len(pairs)} labelled source volumes")
+    reporter.log(f"reading {len(targets)} target volume(s) and {len(pairs)} labelled source volume(s)")
     # the target first: a wrong one (a label map, too few slices) is refused before the source is read
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
     source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
