@@ -73,13 +73,33 @@ def test_tampered_weights_are_refused(saved):
 
 def test_truncated_file_is_refused_as_damaged_not_foreign(saved):
     _, path = saved
-    path.write_bytes(path.read_bytes()[:-100])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-100])
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: a VAE-UDA model file that is truncated or "
                                           r"damaged \(.*\); copy it again"):
         load_model(path)
-    path.write_bytes(path.read_bytes()[:20])             # the header itself cut: nothing says it is ours
+    named = whole.index(b'"format":"vaeuda-model"') + 23      # where in the header depends on its key order
+    path.write_bytes(whole[:named + 5])  # the header itself cut after it named its format: still ours
+    with pytest.raises(VaeudaError, match="a VAE-UDA model file that is truncated or damaged"):
+        load_model(path)
+    path.write_bytes(whole[:20])        # cut before it: nothing says it is ours
     with pytest.raises(VaeudaError, match="not a VAE-UDA model file \\(not a readable safetensors file"):
         load_model(path)
+
+
+def test_files_of_other_kinds_are_named_for_what_they_are(tmp_path):
+    """An empty file, torch.save's ZIP archive and a bare pickle each get a reason a user can act on
+    (never unpickled), not the safetensors reader's "header too large"."""
+    empty, zipped, pickled = (tmp_path / n for n in ("empty.safetensors", "model.pt", "old.pth"))
+    empty.write_bytes(b"")
+    torch.save({"w": torch.zeros(2)}, str(zipped))
+    torch.save({"w": torch.zeros(2)}, str(pickled), _use_new_zipfile_serialization=False)
+    never = "such files are never unpickled here"
+    expected = {empty: "the file is empty", zipped: f"a ZIP archive, as torch.save writes; {never}",
+                pickled: f"a Python pickle, as older torch.save wrote; {never}"}
+    for path, reason in expected.items():
+        with pytest.raises(VaeudaError, match=f"^{re.escape(f'{path}: not a VAE-UDA model file ({reason}).')}$"):
+            load_model(path)
 
 
 def test_newer_format_version_is_refused(saved, tmp_path):

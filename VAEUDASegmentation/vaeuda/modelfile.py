@@ -77,10 +77,29 @@ def _declared_format(path: Path) -> Optional[str]:
             length = int.from_bytes(f.read(8), "little")
             if not 0 < length <= 100_000_000:
                 return None
-            header = json.loads(f.read(length))
-        return str(header["__metadata__"]["format"])
+            text = f.read(length)
+        if len(text) < length:      # cut inside the header: ours names its format first, as safetensors writes it
+            return FORMAT if f'"format":"{FORMAT}"'.encode() in text else None
+        return str(json.loads(text)["__metadata__"]["format"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _foreign_kind(path: Path) -> str:
+    """What a file that is not a safetensors file is, where its first bytes tell: the reason a user
+    can act on, in place of the safetensors reader's ("header too large")."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return ""
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "a ZIP archive, as torch.save writes; such files are never unpickled here"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle, as older torch.save wrote; such files are never unpickled here"
+    return ""
 
 
 def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor], dict, Dict[str, str]]:
@@ -99,7 +118,9 @@ def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor
         if _declared_format(path) == FORMAT:    # ours by its header, but its tensors are cut short or damaged
             raise VaeudaError(f"{path}: a VAE-UDA {what} that is truncated or damaged ({exc}); copy it again from "
                               f"where it was made.") from None
-        raise VaeudaError(f"{path}: not a VAE-UDA {what} (not a readable safetensors file: {exc}).") from None
+        kind = _foreign_kind(path)
+        raise VaeudaError(f"{path}: not a VAE-UDA {what} "
+                          f"({kind or f'not a readable safetensors file: {exc}'}).") from None
     try:
         version = int(header.get("format_version", "0"))
     except ValueError:
