@@ -352,3 +352,26 @@ def test_evaluation_json_never_replaces_a_prediction(tmp_path, tmp_volume):
     with pytest.raises(VaeudaError, match="is also an input"):
         evaluate_dirs(tmp_path / "pred", tmp_path / "ref", CONSECUTIVE, tmp_path / "pred" / "case_seg.nii.gz")
     assert (tmp_path / "pred" / "case_seg.nii.gz").read_bytes() == before
+
+
+def test_a_gzip_file_named_nii_is_told_to_be_renamed(tmp_path):
+    """ITK picks its reader by the name and then refuses the bytes; the sentence says what is wrong."""
+    plain = tmp_path / "scan_image.nii.gz"
+    sitk.WriteImage(sitk.Image([5, 6, 7], sitk.sitkInt16) + 100, str(plain))
+    misnamed = tmp_path / "scan_image.nii"
+    misnamed.write_bytes(plain.read_bytes())
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(misnamed))}: is gzip-compressed but named .nii; "
+                                          r"rename it scan_image\.nii\.gz\.$"):
+        read_image(misnamed)
+
+
+def test_a_missing_label_names_its_twin_in_another_format(tmp_path):
+    """X_image.nii pairs with X_label.nii; an X_label.nii.gz beside it is named, not guessed at."""
+    from vaeuda.data import find_pairs
+    image = tmp_path / "scan_image.nii"
+    sitk.WriteImage(sitk.Image([5, 6, 7], sitk.sitkInt16) + 100, str(image))
+    sitk.WriteImage(sitk.Image([5, 6, 7], sitk.sitkUInt8), str(tmp_path / "scan_label.nii.gz"))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'scan_label.nii'))}: label file not found "
+                                          r"\(scan_label\.nii\.gz is there: give it with --labels\)\.$"):
+        find_pairs([str(image)])
+    assert find_pairs([str(image)], [str(tmp_path / "scan_label.nii.gz")])[0][1].name == "scan_label.nii.gz"

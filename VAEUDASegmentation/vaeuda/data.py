@@ -105,7 +105,10 @@ def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
         pairs = [(i, _label_for(i)) for i in images]
     for _, lab in pairs:
         if not lab.exists():
-            raise VaeudaError(f"{lab}: label file not found.")
+            others = [] if labels or not lab.parent.is_dir() else sorted(
+                q.name for q in lab.parent.iterdir() if is_volume_file(q) and stem(q) == stem(lab))
+            hint = f" ({', '.join(others)} is there: give it with --labels)" if others else ""
+            raise VaeudaError(f"{lab}: label file not found{hint}.")
     return pairs
 
 

@@ -307,6 +307,17 @@ def _itk_reason(exc: RuntimeError) -> str:
     return line.strip().rstrip(".!") or "unknown error"
 
 
+def _gzip_named_nii(path: Path) -> bool:
+    """A ``.nii`` file whose bytes are gzip's (ITK picks its reader by the name, and no reader takes it)."""
+    if path.name.lower().endswith(".nii"):
+        try:
+            with open(path, "rb") as f:
+                return f.read(2) == b"\x1f\x8b"
+        except OSError:
+            return False
+    return False
+
+
 def require_existing(path: PathLike) -> None:
     """Refuse an input image file or DICOM folder that is not there."""
     if not Path(path).exists():
@@ -326,6 +337,8 @@ def _read_any(path: Path) -> sitk.Image:
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
+            if _gzip_named_nii(path):
+                raise VaeudaError(f"{path}: is gzip-compressed but named .nii; rename it {path.name}.gz.") from None
             raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)} (readable: "
                               f"{', '.join(VOLUME_SUFFIXES)} files and DICOM folders).") from None
         _check_nifti_complete(path)
