@@ -72,6 +72,22 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_outputs_named_against_their_kind_are_refused_or_noted(tiny_cohort, tiny_source_model, tmp_path, capsys):
+    """--out of segment or convert named like a file would become a folder of that name: refused.
+    A model not named .safetensors is written, with a note (Slicer's dialogs would not list it)."""
+    ct = str(tiny_cohort / "ct_1001_image.nii.gz")
+    for out in (tmp_path / "ct_1001_seg.nii.gz", tmp_path / "results.json"):
+        assert main(["segment", "--model", str(tiny_source_model), "--out", str(out), "--progress", "none", ct]) == 2
+        assert capsys.readouterr().err.strip() == (f"vaeuda: error: {out}: is named like a file, but --out takes the "
+                                                   f"folder the outputs go in; give a folder.") and not out.exists()
+    model = tmp_path / "m.pt"
+    assert main(["train-source", "--preset", "tiny", "--iterations", "1", "--device", "cpu", "--progress", "none",
+                 "--out", str(model), str(tiny_cohort / "mr_1001_image.nii.gz")]) == 0
+    assert (f"note: {model} is written as a safetensors model file; the Slicer module's file dialogs list only "
+            f"names ending in .safetensors") in capsys.readouterr().err.splitlines()
+    assert load_model(model)[1]["stage"] == "source"
+
+
 def test_a_closed_output_pipe_stops_training_without_a_traceback(tiny_cohort, tmp_path):
     """`... --progress json | head -1`: the reader goes away after one line; the engine stops as on
     SIGPIPE (141), says so in one sentence, writes no model, and prints no traceback."""

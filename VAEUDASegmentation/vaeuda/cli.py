@@ -273,6 +273,9 @@ def run(args, reporter: Reporter) -> List[str]:
                               f"delete it to start afresh.")
         if args.resume and not ckpt.exists():     # said before the volumes are read: a mistyped --out?
             reporter.log(f"note: no checkpoint at {ckpt} to resume; training from the first iteration")
+        if not str(args.out).lower().endswith(".safetensors"):
+            reporter.log(f"note: {args.out} is written as a safetensors model file; the Slicer module's file "
+                         f"dialogs list only names ending in .safetensors")
     if cmd == "synth":
         from .phantom import make_cohort
         make_cohort(args.out_dir, n_source=args.n_source, n_target=args.n_target, n_train=args.n_train,

@@ -124,6 +124,9 @@ def check_output_dir(path: PathLike) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise VaeudaError(f"{path}: is an existing file, not a folder.")
+    if not path.exists() and full_suffix(path).lower() in VOLUME_SUFFIXES + (".safetensors", ".json"):
+        raise VaeudaError(f"{path}: is named like a file, but --out takes the folder the outputs go in; "
+                          f"give a folder.")
     _check_creatable(path / "x", shown=path)
     return path
 
