@@ -59,6 +59,10 @@ def test_cli_end_to_end(tiny_cohort, tmp_path, capsys):
         f"Wrote 1 segmentation(s) to {out}, replacing 1 earlier one(s): ct_1002_image_seg.nii.gz.")
     assert main(["evaluate", "--pred", str(out), "--ref", str(c), "--progress", "none"]) == 0
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"Wrote the scores to {out / 'evaluation.json'}."
+    assert main(["evaluate", "--pred", str(c), "--ref", str(c) + "/", "--progress", "none"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"vaeuda: error: {c}: is given as both --pred and --ref; keep the segmentations in a folder of their own "
+        f"(segment --out) and give the references' folder as --ref.") and not (c / "evaluation.json").exists()
     result = json.loads((out / "evaluation.json").read_text())
     assert result["n_volumes"] == 1
 

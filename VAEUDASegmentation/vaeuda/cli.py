@@ -324,6 +324,9 @@ def run(args, reporter: Reporter) -> List[str]:
         from .metrics import evaluate_dirs
         if Path(args.pred).is_file():     # else the default JSON path under it reads as the error
             raise VaeudaError(f"{args.pred}: is a file; --pred takes the folder of segmentations.")
+        if Path(args.pred).resolve() == Path(args.ref).resolve():
+            raise VaeudaError(f"{args.pred}: is given as both --pred and --ref; keep the segmentations in a folder of "
+                              f"their own (segment --out) and give the references' folder as --ref.")
         json_path = args.json or str(Path(args.pred) / "evaluation.json")
         check_output_file(json_path, _mapping_file(args.label_convention))
         table, result = evaluate_dirs(args.pred, args.ref, load_convention(args.label_convention), json_path,
