@@ -222,8 +222,11 @@ def test_smaller_cohort_over_a_larger_one_removes_the_scans_it_no_longer_lists(t
     phantom.make_cohort(out, n_source=2, n_target=1, n_train=1, seed=2, size=16, reporter=reporter)
     logged = [json.loads(line)["message"] for line in capsys.readouterr().out.splitlines()
               if json.loads(line)["event"] == "log"]
-    assert logged[-1] == ("Removed 3 file(s) of the cohort that was there before and has scans this one lacks: "
-                          "ct_1002_image.nii.gz, ct_1002_label.nii.gz, mr_1003_image.nii.gz.")
+    assert logged[-2:] == [  # what it wrote over, then what it removed: models naming those paths read the new scans
+        "Replaced 7 file(s) of the cohort that was there before: splits.json, mr_1001_image.nii.gz, "
+        "mr_1001_label.nii.gz and 4 more.",
+        "Removed 3 file(s) of the cohort that was there before and has scans this one lacks: "
+        "ct_1002_image.nii.gz, ct_1002_label.nii.gz, mr_1003_image.nii.gz."]
     scans = sorted(p.name for p in out.glob("*_*.nii.gz"))
     assert scans == ["ct_1001_image.nii.gz", "ct_1001_label.nii.gz", "mr_1001_image.nii.gz",
                      "mr_1001_label.nii.gz", "mr_1002_image.nii.gz", "mr_1002_label.nii.gz",

@@ -46,7 +46,7 @@ import SimpleITK as sitk
 from .errors import VaeudaError
 from .fileio import PathLike, atomic_dir, atomic_path
 from .labels import MMWHS_OTHER_VALUES, STRUCTURES
-from .progress import Reporter, null_reporter
+from .progress import Reporter, listed, null_reporter
 
 GENERATOR_VERSION = "2"
 GENERATOR = f"vaeuda.phantom {GENERATOR_VERSION}"   # as recorded in a cohort's splits.json
@@ -715,6 +715,7 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise VaeudaError(f"{out}: holds {foreign[0]}{more}, a name this cohort writes, which no earlier phantom "
                           f"cohort there wrote; choose an empty folder, or move {'them' if more else 'it'} away.")
+    replaced = [name for name in planned if name in previous and os.path.lexists(out / name)]
     splits: Dict[str, object] = {"labels": "mmwhs", "seed": seed, "generator": GENERATOR, "size": size}
     total = n_source + n_target
     reporter.stage("synth", total)
@@ -743,9 +744,11 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
     finally:
         reporter.close()
     reporter.log(f"Wrote {n_source} MR and {n_target} CT phantom subjects to {out}.")
+    if replaced:  # models trained on the earlier scans name these paths and would now read the new ones
+        reporter.log(f"Replaced {len(replaced)} file(s) of the cohort that was there before: {listed(replaced)}.")
     if removed:   # said, since a user's own files of those names would be gone too
         reporter.log(f"Removed {len(removed)} file(s) of the cohort that was there before and has scans this one "
-                     f"lacks: {', '.join(removed)}.")
+                     f"lacks: {listed(removed)}.")
     return splits
 
 
