@@ -549,3 +549,17 @@ def test_converted_released_files_train_segment_and_score_through_the_command_li
     assert main(["evaluate", "--pred", str(pred), "--ref", str(data), "--progress", "none"]) == 0
     scored = json.loads((pred / "evaluation.json").read_text())
     assert [Path(v["ref"]).name for v in scored["volumes"]] == ["example_mr_label.nii.gz"]
+
+
+def test_convert_notes_a_volume_of_one_slice(mmwhs_samples, tmp_path, capsys):
+    """One .tfrecords record is one slice: written as asked, with a note that the other commands read
+    volumes of several slices; two records converted together get no note."""
+    out = tmp_path / "one"
+    assert main(["convert", "--out", str(out), "--name", "ct1", "--progress", "none",
+                 str(mmwhs_samples / "training_ct.tfrecords")]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "note: ct1 hold(s) a single slice; segment and the training commands read volumes of several slices: "
+        "convert a scan's slices together (one --name, or --split)")
+    assert main(["convert", "--out", str(out), "--name", "mr2", "--progress", "none",
+                 str(mmwhs_samples / "training_mr.tfrecords"), str(mmwhs_samples / "validation_mr.tfrecords")]) == 0
+    assert "single slice" not in capsys.readouterr().err

@@ -361,6 +361,10 @@ def run(args, reporter: Reporter) -> List[str]:
                      f"{listed(volumes)}.")
         if replaced:   # said, since earlier files of those names are gone
             reporter.log(f"Replaced {len(replaced)} file(s) that were there: {listed(replaced)}.")
+        single = _single_slice_volumes([p for p in written if p.name.endswith("_image.nii.gz")])
+        if single:     # written as asked, but every other command refuses a volume one slice thick
+            reporter.log(f"note: {listed(single)} hold(s) a single slice; segment and the training commands read "
+                         f"volumes of several slices: convert a scan's slices together (one --name, or --split)")
         return [str(p) for p in written]
     if cmd == "info":
         from .modelfile import build_from_meta, check_metadata, read_tensors
@@ -398,6 +402,18 @@ def _what_is_kept(args) -> Tuple[str, Optional[str]]:
         return (f"; the last checkpoint is kept at {ckpt}: give the same command with --resume to continue",
                 str(ckpt))
     return "; no checkpoint had been written yet", None
+
+
+def _single_slice_volumes(images: List[Path]) -> List[str]:
+    """The names (without ``_image.nii.gz``) of the written images that are one voxel thick along an axis."""
+    import SimpleITK as sitk
+    reader, single = sitk.ImageFileReader(), []
+    for path in images:
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        if min(reader.GetSize()) == 1:
+            single.append(path.name[:-len("_image.nii.gz")])
+    return single
 
 
 def _silence_stdout() -> None:
