@@ -438,3 +438,31 @@ def test_two_dimensional_file_is_refused(cohort, tmp_path):
     pred_dir, ref_dir = cohort
     sitk.WriteImage(sitk.Image(4, 4, sitk.sitkUInt8), str(ref_dir / "ct_1_label.nii.gz"))
     expect_error_and_no_json(pred_dir, ref_dir, tmp_path / "m.json", "ct_1_label.nii.gz", "3D")
+
+
+def test_predictions_in_other_label_values_than_the_references(tmp_path, capsys):
+    """A model trained in MM-WHS values scored against references in consecutive values: each folder
+    read in its own convention scores as one; read in one convention, the error names the option
+    for the segmentations alone."""
+    import re
+    from vaeuda.cli import main
+    from vaeuda.labels import load_convention
+    classes = np.zeros((8, 9, 10), np.uint8)
+    classes[2:5, 2:6, 2:7], classes[5:7, 3:6, 3:6] = 1, 3          # LV-M and LV-B
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir(), pred.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(classes), str(ref / "s_label.nii.gz"))
+    mmwhs = np.choose(classes, [0, 205, 420, 500, 820]).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(mmwhs), str(pred / "s_seg.nii.gz"))
+    with pytest.raises(VaeudaError, match=re.escape(
+            "label values 205, 500 are not in the 'consecutive' label mapping; they are 'mmwhs' values: read it with "
+            "--pred-label-convention mmwhs (the references read with --label-convention consecutive).")):
+        metrics.evaluate_dirs(pred, ref, load_convention("consecutive"))
+    args = ["evaluate", "--pred", str(pred), "--ref", str(ref), "--label-convention", "consecutive", "--progress",
+            "none"]
+    assert main(args + ["--pred-label-convention", "mmwhs"]) == 0
+    result = json.loads((pred / "evaluation.json").read_text())
+    assert (result["convention"], result["pred_convention"]) == ("consecutive", "mmwhs")
+    assert result["summary"]["LV-M"]["dice"]["mean"] == 1.0 and result["summary"]["LV-B"]["dice"]["mean"] == 1.0
+    assert main(args) == 2                          # the same command without it: the sentence names it
+    assert "read it with --pred-label-convention mmwhs" in capsys.readouterr().err

@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     # --labels: the option's first name, kept for scripts (elsewhere --labels names label files)
     p.add_argument("--label-convention", "--labels", dest="label_convention", default="mmwhs",
                    help="label values of both folders: mmwhs (default), consecutive, or a JSON mapping file")
+    p.add_argument("--pred-label-convention", metavar="CONVENTION",
+                   help="label values of the segmentations where they differ from the references' (a model trained "
+                        "in other values): mmwhs, consecutive, or a JSON mapping file (default: --label-convention)")
     p.add_argument("--json", help="where to write the JSON (default: PRED/evaluation.json)")
     _common(p)
 
@@ -328,9 +331,10 @@ def run(args, reporter: Reporter) -> List[str]:
             raise VaeudaError(f"{args.pred}: is given as both --pred and --ref; keep the segmentations in a folder of "
                               f"their own (segment --out) and give the references' folder as --ref.")
         json_path = args.json or str(Path(args.pred) / "evaluation.json")
-        check_output_file(json_path, _mapping_file(args.label_convention))
+        check_output_file(json_path, _mapping_file(args.label_convention) + _mapping_file(args.pred_label_convention))
+        pred_convention = None if args.pred_label_convention is None else load_convention(args.pred_label_convention)
         table, result = evaluate_dirs(args.pred, args.ref, load_convention(args.label_convention), json_path,
-                                      ignore_unmatched_refs=True)
+                                      ignore_unmatched_refs=True, pred_convention=pred_convention)
         skipped = result["unscored_references"]
         if skipped:    # e.g. --ref a whole cohort folder; a lost segmentation would only shrink N otherwise
             reporter.log(f"note: {len(skipped)} reference(s) without a prediction not scored: "

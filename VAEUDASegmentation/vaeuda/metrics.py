@@ -222,7 +222,7 @@ def pairing_key(path) -> str:
 
 
 def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
-                  ignore_unmatched_refs: bool = False) -> Tuple[str, dict]:
+                  ignore_unmatched_refs: bool = False, pred_convention: Optional[Convention] = None) -> Tuple[str, dict]:
     """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``.
 
     Pairing by file name: a name's *key* is its stem (no extension) with a trailing ``_seg``
@@ -230,7 +230,8 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
     ``ct_1017_label.nii.gz`` share the key ``ct_1017``; so do ``case7_seg.nrrd`` and ``case7.nrrd``.
     Image files only (``.nii.gz .nii .nrrd .nhdr .mha .mhd``, hidden files skipped); if any file
     in ``ref_dir`` has a stem ending in ``_label``, only those are references (a cohort folder's
-    ``_image`` files are skipped). Both folders are read with ``convention``.
+    ``_image`` files are skipped). Both folders are read with ``convention``, unless
+    ``pred_convention`` gives the predictions' own (a model's labels in other values than the references').
 
     Raises VaeudaError for an empty folder, two files with one key, a prediction without
     reference, a reference without prediction (unless ``ignore_unmatched_refs``), differing
@@ -238,7 +239,7 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
 
     Returns ``(markdown, result)``: a table with one row per volume and a last row over all
     volumes (Dice [%], ASSD [voxel], ASSD [mm]), and the JSON-able dict
-    ``{"convention", "connectivity", "n_volumes", "volumes": [{"name", "pred", "ref",
+    ``{"convention", "pred_convention", "connectivity", "n_volumes", "volumes": [{"name", "pred", "ref",
     "spacing_zyx", "metrics"}], "summary", "unscored_references"}`` with NaN as ``None``
     (``unscored_references``: the references skipped for want of a prediction). ``json_path``: also write the
     dict there, atomically.
@@ -255,10 +256,22 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
                                   f"in {pred_dir}.")
     if json_path is not None:
         fileio.check_output_file(json_path, [*preds.values(), *refs.values()])
+    pred_convention = pred_convention or convention
     volumes, per_volume = [], []
     for key in sorted(preds):
-        pred_image = vol.read_label(preds[key], convention)
         ref_image = vol.read_label(refs[key], convention)
+        try:
+            pred_image = vol.read_label(preds[key], pred_convention)
+        except VaeudaError as exc:    # the reference read: the way out is for the segmentations alone
+            message = str(exc)
+            if pred_convention is not convention or "label mapping" not in message:
+                raise
+            given = f"the references read with --label-convention {convention.name}"
+            if "read it with --label-convention" in message:
+                message = message.replace("read it with --label-convention", "read it with --pred-label-convention")
+                raise VaeudaError(f"{message.rstrip('.')} ({given}).") from None
+            raise VaeudaError(f"{message} {given[0].upper()}{given[1:]}; give the segmentations' own with "
+                              f"--pred-label-convention.") from None
         mismatch = vol.geometry_mismatch(pred_image, ref_image, names=("prediction", "reference"))
         if mismatch:
             raise VaeudaError(f"{preds[key]} and {refs[key]}: prediction and reference differ in {mismatch}.")
@@ -273,7 +286,8 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
     rows[f"All ({len(volumes)} volume{'' if len(volumes) == 1 else 's'})"] = summary
     markdown = table_markdown(rows, metrics=("dice", "assd_vox", "assd_mm"))
     unscored = [str(path) for key, path in sorted(refs.items()) if key not in preds]
-    result = _json_ready({"convention": convention.name, "connectivity": CONNECTIVITY,
+    result = _json_ready({"convention": convention.name, "pred_convention": pred_convention.name,
+                          "connectivity": CONNECTIVITY,
                           "n_volumes": len(volumes), "volumes": volumes, "summary": summary,
                           "unscored_references": unscored})
     if json_path is not None:
