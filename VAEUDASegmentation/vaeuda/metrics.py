@@ -221,8 +221,8 @@ def pairing_key(path) -> str:
     return key
 
 
-def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None,
-                  ignore_unmatched_refs: bool = False, pred_convention: Optional[Convention] = None) -> Tuple[str, dict]:
+def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None, ignore_unmatched_refs: bool = False,
+                  pred_convention: Optional[Convention] = None) -> Tuple[str, dict]:
     """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``.
 
     Pairing by file name: a name's *key* is its stem (no extension) with a trailing ``_seg``
