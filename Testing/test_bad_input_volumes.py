@@ -375,3 +375,10 @@ def test_a_missing_label_names_its_twin_in_another_format(tmp_path):
                                           r"\(scan_label\.nii\.gz is there: give it with --labels\)\.$"):
         find_pairs([str(image)])
     assert find_pairs([str(image)], [str(tmp_path / "scan_label.nii.gz")])[0][1].name == "scan_label.nii.gz"
+
+
+def test_a_missing_folder_is_called_a_folder(tmp_path):
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'nodir'))}: folder not found\\.$"):
+        find_images([f"{tmp_path / 'nodir'}/"])
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'scan.nii.gz'))}: file not found\\.$"):
+        find_images([str(tmp_path / "scan.nii.gz")])

@@ -563,3 +563,10 @@ def test_convert_notes_a_volume_of_one_slice(mmwhs_samples, tmp_path, capsys):
     assert main(["convert", "--out", str(out), "--name", "mr2", "--progress", "none",
                  str(mmwhs_samples / "training_mr.tfrecords"), str(mmwhs_samples / "validation_mr.tfrecords")]) == 0
     assert "single slice" not in capsys.readouterr().err
+
+
+def test_convert_refuses_a_file_given_twice(mmwhs_samples, tmp_path):
+    npz = mmwhs_samples / "example_mr.npz"
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(npz))}: given twice; give each input once\\.$"):
+        convert_released([npz, npz], tmp_path / "out", MMWHS)
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """Finding volumes on disk and turning them into in-memory stacks of model input slices."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -55,8 +56,8 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
             found.extend(chosen)
         elif p.exists():
             found.append(p)
-        else:
-            raise VaeudaError(f"{p}: file not found.")
+        else:   # "nodir/" was meant as a folder: Path drops the slash, the sentence keeps the kind
+            raise VaeudaError(f"{p}: {'folder' if str(item).endswith(('/', os.sep)) else 'file'} not found.")
     if not found:
         raise VaeudaError("no input volumes were given.")
     return found

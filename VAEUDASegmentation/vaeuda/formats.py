@@ -398,6 +398,11 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
         _check_volume_name(name, "--name")
     for path in volumes:
         _check_volume_name(stem(path), f"{path}: its name")
+    seen = set()
+    for path in paths:                 # as segment says it: one input twice is not two volumes of one name
+        if Path(path).resolve() in seen:
+            raise VaeudaError(f"{path}: given twice; give each input once.")
+        seen.add(Path(path).resolve())
     check_output_dir(out_dir)
 
     written: List[Path] = []
