@@ -1043,7 +1043,8 @@ def tiny_model(tmp_path_factory):
         pytest.skip("the engine's train/cli modules are not there yet")
     work = tmp_path_factory.mktemp("tiny")
     run_engine("synth", "D", "--n-source", 2, "--n-target", 2, "--n-train", 1, "--size", 32, "--seed", 0, cwd=work)
-    run_engine("train-source", "--preset", "tiny", "--iterations", 1, "--out", "M.safetensors", "D", cwd=work)
+    run_engine("train-source", "--preset", "tiny", "--iterations", 1, "--out", "M.safetensors",
+               "D/mr_1001_image.nii.gz", cwd=work)          # its MR training scan: not the whole cohort
     subprocess.run([sys.executable, "-c", NO_BACKGROUND], cwd=work, check=True,
                    env=dict(os.environ, PYTHONPATH=str(MODULE_DIR)))
     return work / "M.safetensors", work / "D"
