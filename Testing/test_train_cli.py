@@ -255,6 +255,18 @@ def test_volumes_taken_by_an_option_of_several_values_are_explained(capsys, argv
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: the following arguments are required: {hint}")
 
 
+@pytest.mark.parametrize("argv, command", [(["segment", "--model", "m", "--out", "o", "x", "--seed", "3"], "segment"),
+                                           (["experiment", "table1", "--data", "d", "--out", "o", "--bogus"],
+                                            "experiment table1")])
+def test_an_unknown_option_gets_its_commands_usage(capsys, argv, command):
+    """Not the top-level usage listing every command: the one the option was given to."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"usage: vaeuda {command} [-h]")
+    assert err.strip().splitlines()[-1].startswith(f"vaeuda {command}: error: unrecognized arguments: ")
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2 ** 64), "1.5"])
 def test_seed_outside_what_the_generators_take_is_a_usage_error(tmp_path, capsys, seed):
     with pytest.raises(SystemExit) as exit_:

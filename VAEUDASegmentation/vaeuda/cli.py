@@ -448,8 +448,21 @@ def _joined_slice_ranges(argv: List[str]) -> List[str]:
     return out
 
 
+def _innermost_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The (sub)command's own parser that ``args`` were parsed by, e.g. ``vaeuda segment``'s."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, action.dest, None) if action is not None else None
+        if chosen not in (action.choices if action is not None else ()):
+            return parser
+        parser = action.choices[chosen]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(_joined_slice_ranges(sys.argv[1:] if argv is None else list(argv)))
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(_joined_slice_ranges(sys.argv[1:] if argv is None else list(argv)))
+    if unknown:       # the command's own usage, not the list of every command that argparse would print
+        _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     import SimpleITK as sitk
     # ITK's own warnings (e.g. for a folder without DICOM) would print beside the one sentence the
     # engine gives for the same problem.
