@@ -225,6 +225,8 @@ def test_missing_file(tmp_path):
     (lambda m: m.update(provenance="x"), "'provenance' is not a JSON object"),
     (lambda m: m["provenance"].pop("source_labels"), "the source volumes in its provenance are not two lists"),
     (lambda m: m["provenance"]["source_labels"].pop(), "the source volumes in its provenance are not two lists"),
+    (lambda m: m["provenance"].update(source_sha256=["0" * 64]), "not one SHA-256 per image and label file"),
+    (lambda m: m["provenance"].update(source_sha256=["0" * 64, "x" * 64]), "not one SHA-256 per image and label"),
 ])
 def test_edited_metadata_is_refused_in_one_sentence(saved, tmp_path, edit, message):
     """JSON that parses but lacks what the stages read, or holds values they cannot use (the

@@ -1041,6 +1041,36 @@ def test_adapt_names_the_way_out_when_the_source_volumes_have_moved(tiny_cohort,
     assert out.is_file()
 
 
+def test_adapt_notes_source_volumes_changed_since_training(tiny_cohort, tmp_path, capsys):
+    """The model records a SHA-256 per source file; a file changed since (a cohort made again in its
+    folder) is named in a note, and adaptation goes on with the files as they are."""
+    import shutil
+    from vaeuda.fileio import file_sha256
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    for name in ("mr_1001_image.nii.gz", "mr_1001_label.nii.gz"):
+        shutil.copy(tiny_cohort / name, mr / name)
+    src = tmp_path / "source.safetensors"
+    assert main(["train-source", "--preset", "tiny", "--iterations", "1", "--out", str(src), "--progress", "none",
+                 "--device", "cpu", str(mr / "mr_1001_image.nii.gz")]) == 0
+    assert load_model(src)[1]["provenance"]["source_sha256"] == [file_sha256(mr / "mr_1001_image.nii.gz"),
+                                                                 file_sha256(mr / "mr_1001_label.nii.gz")]
+    ct = str(tiny_cohort / "ct_1001_image.nii.gz")
+    adapt = ["adapt", "--model", str(src), "--iterations", "1", "--progress", "none", "--device", "cpu", ct]
+    assert main(adapt + ["--out", str(tmp_path / "a1.safetensors")]) == 0
+    assert "have changed since" not in capsys.readouterr().err
+    label = sitk.ReadImage(str(mr / "mr_1001_label.nii.gz"))                            # the label edited
+    array = sitk.GetArrayFromImage(label)
+    array[array == 205] = 0                                                            # LV-M erased
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(label)
+    sitk.WriteImage(edited, str(mr / "mr_1001_label.nii.gz"))
+    assert main(adapt + ["--out", str(tmp_path / "a2.safetensors")]) == 0
+    assert (f"note: 1 of the 2 labelled source files {src} was trained on have changed since (the first: "
+            f"{(mr / 'mr_1001_label.nii.gz').resolve()}); adapting trains on them as they are now"
+            in capsys.readouterr().err.splitlines())
+
+
 def test_cuda_without_a_gpu_and_an_interrupt_each_end_in_one_sentence(tiny_cohort, tmp_path, capsys, monkeypatch):
     """--device cuda on a machine without CUDA: exit 2 and the sentence; Ctrl-C: exit 130, "interrupted",
     and no output file."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -31,6 +32,16 @@ def stem(path: PathLike) -> str:
 
 # The image file formats the engine reads (SimpleITK), by their full suffix in any case.
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 of a file's bytes, hex (a model records its training volumes' so that a volume
+    changed since, e.g. by a cohort made again in the same folder, can be told)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def is_volume_file(path: Path) -> bool:

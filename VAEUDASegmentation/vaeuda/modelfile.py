@@ -227,6 +227,11 @@ def check_metadata(path, meta) -> None:
             all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in (images, labels))
             and len(images) == len(labels)):
         raise damaged("the source volumes in its provenance are not two lists of paths of one length")
+    digests = provenance.get("source_sha256")
+    if digests is not None and not (isinstance(digests, list) and isinstance(images, list)
+                                    and len(digests) == 2 * len(images) and all(
+            isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d) for d in digests)):
+        raise damaged("the source files' digests in its provenance are not one SHA-256 per image and label file")
 
 
 def load_model(path, device: str = "cpu") -> Tuple[VAEUDANet, dict]:

@@ -26,7 +26,7 @@ from .augment import AugmentConfig, augment_batch, random_intensity_remap
 from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
 from .errors import VaeudaError, require_count
-from .fileio import check_output_file, checkpoint_path
+from .fileio import check_output_file, checkpoint_path, file_sha256
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
 from .modelfile import check_metadata, load_model, load_networks, read_tensors, save_model
@@ -717,12 +717,14 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     iters = _stage_iterations(iterations, preset, "source")
     meta = _base_meta("source", preset, convention, normalisation, cfg, seed, dev,
                       {"source_data": [str(Path(p).resolve()) for p in images],
-                       "source_labels": [str(Path(p).resolve()) for p in labels], "iterations": iters})
+                       "source_labels": [str(Path(p).resolve()) for p in labels],
+                       "source_sha256": [file_sha256(p) for pair in zip(images, labels) for p in pair],
+                       "iterations": iters})
     stage = Stage("source", data, None, iters, Path(out), meta)
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)
 
 
-def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]]):
+def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]], reporter: Reporter):
     from .data import find_pairs
     if source_data:
         return find_pairs(source_data)        # a cohort's folder is refused: its MR training scans are wanted
@@ -735,6 +737,13 @@ def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]]):
         raise VaeudaError(f"{model_path}: {len(missing)} of the {len(images) + len(labels)} labelled source files it "
                           f"was trained on are not at their recorded paths (the first: {missing[0]}); pass the "
                           f"volumes with --source-data.")
+    recorded = prov.get("source_sha256")      # models of engines before it record none
+    files = [p for pair in zip(images, labels) for p in pair]
+    if isinstance(recorded, list) and len(recorded) == len(files):
+        changed = [p for p, digest in zip(files, recorded) if file_sha256(p) != digest]
+        if changed:   # e.g. a cohort made again in that folder: the model's own MR scans are gone
+            reporter.log(f"note: {len(changed)} of the {len(files)} labelled source files {model_path} was trained on "
+                         f"have changed since (the first: {changed[0]}); adapting trains on them as they are now")
     return [(Path(i), Path(l)) for i, l in zip(images, labels)]
 
 
@@ -757,7 +766,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
     size, fov = net.cfg.input_size, net.cfg.slice_fov_mm
-    pairs = _source_pairs(src_meta, source_model, source_data)
+    pairs = _source_pairs(src_meta, source_model, source_data, reporter)
     _refuse_labelled_targets(targets, pairs)
     _check_outputs(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
     reporter.log(f"reading {len(targets)} target volume(s) and {len(pairs)} labelled source volume(s)")
