@@ -356,6 +356,39 @@ def test_resume_refuses_a_checkpoint_made_on_another_device(tiny_cohort, tmp_pat
     assert checkpoint_path(out).exists() and not out.exists()
 
 
+def test_resume_refuses_source_files_changed_since_the_checkpoint(tiny_cohort, tmp_path, monkeypatch):
+    """The same paths with other contents (a cohort made again there) are other inputs; a checkpoint
+    of an older engine, which records no digests, resumes as before."""
+    from vaeuda.modelfile import save_tensors
+    overrides = {"checkpoint_every": 2}
+    out = tmp_path / "m.safetensors"
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4, overrides=overrides)
+    tensors, meta, header = read_tensors(checkpoint_path(out))
+    own = ("format", "format_version", "meta", "tensors_sha256")           # what save_tensors writes itself
+
+    def checkpoint_recording(digests):
+        meta["provenance"]["source_sha256"] = digests
+        save_tensors(checkpoint_path(out), tensors, meta, {k: v for k, v in header.items() if k not in own})
+    checkpoint_recording(["0" * 64, "1" * 64])                    # as if the files were others then
+    with pytest.raises(VaeudaError, match="checkpoint was made with different input volumes or source model"):
+        _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
+    checkpoint_recording(None)
+    _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
+    assert out.exists() and not checkpoint_path(out).exists()
+
+
+def test_volume_digests_cover_files_that_hold_their_voxels(tmp_path):
+    """A DICOM folder or a MetaImage header (voxels elsewhere) gets None, not a digest that would
+    miss its changes (a folder had raised IsADirectoryError after the volumes were read)."""
+    from vaeuda.fileio import file_sha256
+    from vaeuda.train import volume_sha256
+    image = sitk.Image([4, 5, 6], sitk.sitkInt16) + 7
+    sitk.WriteImage(image, str(tmp_path / "a.nii.gz"))
+    sitk.WriteImage(image, str(tmp_path / "a.mhd"))
+    assert volume_sha256(tmp_path / "a.nii.gz") == file_sha256(tmp_path / "a.nii.gz")
+    assert volume_sha256(tmp_path / "a.mhd") is None and volume_sha256(tmp_path) is None
+
+
 def test_resume_of_a_finetuning_refuses_other_label_files(tiny_cohort, tiny_source_model, tmp_path, monkeypatch):
     import shutil
     monkeypatch.setitem(train_mod.PRESET_TRAINING, "tiny", {"checkpoint_every": 2})

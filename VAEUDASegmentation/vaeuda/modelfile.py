@@ -230,8 +230,10 @@ def check_metadata(path, meta) -> None:
     digests = provenance.get("source_sha256")
     if digests is not None and not (isinstance(digests, list) and isinstance(images, list)
                                     and len(digests) == 2 * len(images) and all(
-            isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d) for d in digests)):
-        raise damaged("the source files' digests in its provenance are not one SHA-256 per image and label file")
+            d is None or isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)
+            for d in digests)):
+        raise damaged("the source files' digests in its provenance are not one SHA-256 (or null) per image and "
+                      "label file")
 
 
 def load_model(path, device: str = "cpu") -> Tuple[VAEUDANet, dict]:

@@ -26,7 +26,7 @@ from .augment import AugmentConfig, augment_batch, random_intensity_remap
 from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
 from .errors import VaeudaError, require_count
-from .fileio import check_output_file, checkpoint_path, file_sha256
+from .fileio import check_output_file, checkpoint_path, file_sha256, full_suffix
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
 from .modelfile import check_metadata, load_model, load_networks, read_tensors, save_model
@@ -415,6 +415,9 @@ def _refuse_other_settings(ckpt: Path, then: dict, now: dict, done: int, iterati
 
     then_prov, now_prov = then.get("provenance", {}), now["provenance"]
     other_inputs = ({k: then_prov.get(k) for k in RUN_INPUTS} != as_stored({k: now_prov.get(k) for k in RUN_INPUTS}))
+    # the same paths with other contents (a cohort made again there); checkpoints of older engines record none
+    other_inputs |= None not in (then_prov.get("source_sha256"), now_prov.get("source_sha256")) and \
+        then_prov.get("source_sha256") != now_prov.get("source_sha256")
     differs = [what for what, differ in (
         ("a different --seed", then_prov.get("seed") != now_prov.get("seed")),
         # patience decides where the run stops and which weights it keeps
@@ -718,10 +721,27 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     meta = _base_meta("source", preset, convention, normalisation, cfg, seed, dev,
                       {"source_data": [str(Path(p).resolve()) for p in images],
                        "source_labels": [str(Path(p).resolve()) for p in labels],
-                       "source_sha256": [file_sha256(p) for pair in zip(images, labels) for p in pair],
+                       "source_sha256": [volume_sha256(p) for p in _image_then_label(images, labels)],
                        "iterations": iters})
     stage = Stage("source", data, None, iters, Path(out), meta)
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)
+
+
+def _image_then_label(images: Sequence, labels: Sequence) -> list:
+    """``[image 1, label 1, image 2, label 2, ...]``: the order ``provenance.source_sha256`` follows."""
+    return [p for pair in zip(images, labels) for p in pair]
+
+
+def volume_sha256(path) -> Optional[str]:
+    """The SHA-256 of a volume file that holds its voxels itself; None for a DICOM folder or a header
+    whose voxels lie in another file (.mhd, .nhdr), whose changes it would not see."""
+    path = Path(path)
+    if not path.is_file() or full_suffix(path).lower() in (".mhd", ".nhdr"):
+        return None
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        raise VaeudaError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
 
 
 def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]], reporter: Reporter):
@@ -738,9 +758,9 @@ def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]], 
                           f"was trained on are not at their recorded paths (the first: {missing[0]}); pass the "
                           f"volumes with --source-data.")
     recorded = prov.get("source_sha256")      # models of engines before it record none
-    files = [p for pair in zip(images, labels) for p in pair]
+    files = _image_then_label(images, labels)
     if isinstance(recorded, list) and len(recorded) == len(files):
-        changed = [p for p, digest in zip(files, recorded) if file_sha256(p) != digest]
+        changed = [p for p, digest in zip(files, recorded) if digest is not None and volume_sha256(p) != digest]
         if changed:   # e.g. a cohort made again in that folder: the model's own MR scans are gone
             reporter.log(f"note: {len(changed)} of the {len(files)} labelled source files {model_path} was trained on "
                          f"have changed since (the first: {changed[0]}); adapting trains on them as they are now")
