@@ -92,6 +92,22 @@ def test_outputs_named_against_their_kind_are_refused_or_noted(tiny_cohort, tiny
     assert load_model(model)[1]["stage"] == "source"
 
 
+def test_a_closed_progress_pipe_stops_synth_without_writing_the_cohort(tmp_path):
+    """synth's own OSError handling must not take the closed pipe for a failed write of the cohort."""
+    proc = subprocess.Popen([sys.executable, "-m", "vaeuda", "synth", str(tmp_path / "c"), "--n-source", "3",
+                             "--n-target", "3", "--n-train", "1", "--size", "32", "--progress", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["event"] == "stage"
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        assert proc.wait(timeout=300) == 141
+    finally:
+        proc.kill()
+    assert stderr.strip().splitlines() == ["vaeuda: stopped: the output pipe was closed"]
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_closed_output_pipe_stops_training_without_a_traceback(tiny_cohort, tmp_path):
     """`... --progress json | head -1`: the reader goes away after one line; the engine stops as on
     SIGPIPE (141), says so in one sentence, writes no model, and prints no traceback."""
@@ -100,10 +116,13 @@ def test_a_closed_output_pipe_stops_training_without_a_traceback(tiny_cohort, tm
                              "1000", "--device", "cpu", "--progress", "json", "--out", str(out),
                              str(tiny_cohort / "mr_1001_image.nii.gz")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert json.loads(proc.stdout.readline())["event"] == "log"
-    proc.stdout.close()                                   # as `head -1` does
-    stderr = proc.stderr.read()
-    assert proc.wait(timeout=300) == 141
+    try:
+        assert json.loads(proc.stdout.readline())["event"] == "log"
+        proc.stdout.close()                               # as `head -1` does
+        stderr = proc.stderr.read()
+        assert proc.wait(timeout=300) == 141
+    finally:
+        proc.kill()                                       # a failed check leaves no 1000-iteration run behind
     assert stderr.strip().splitlines() == [
         "vaeuda: stopped: the output pipe was closed; no checkpoint had been written yet"] and not out.exists()
 

@@ -425,9 +425,14 @@ def _silence_stdout() -> None:
     import os
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):      # not a real file (e.g. captured by a test runner)
         pass
+    finally:
+        os.close(devnull)                            # stdout holds its own descriptor of it now
 
 
 def _mapping_file(spec: Optional[str]) -> List[str]:
@@ -469,6 +474,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     reporter = Reporter(args.progress)
     try:
+        return _run_and_report(args, reporter)
+    except BrokenPipeError:
+        # a reader went away (e.g. `... --progress json | head -1`), during the run or while its end
+        # was reported: stop as a Unix tool does on SIGPIPE, without a traceback, and let nothing more
+        # reach the closed pipe, not even at exit.
+        _silence_stdout()
+        try:
+            reporter.close()
+            print(f"vaeuda: stopped: the output pipe was closed{_what_is_kept(args)[0]}", file=sys.stderr)
+        except OSError:                              # stderr was that pipe (2>&1 | head)
+            pass
+        return 141                                   # 128 + SIGPIPE, as a shell reports such an end
+
+
+def _run_and_report(args, reporter: Reporter) -> int:
+    """Run the command and report how it ended: the exit status."""
+    try:
         outputs = run(args, reporter)
     except VaeudaError as exc:
         reporter.close()
@@ -477,13 +499,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             emit("error", message=message)
         print(f"vaeuda: error: {message}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # stdout's reader went away (e.g. `... --progress json | head -1`): stop as a Unix tool does on
-        # SIGPIPE, without a traceback, and let nothing more reach the closed pipe, not even at exit.
-        _silence_stdout()
-        reporter.close()
-        print(f"vaeuda: stopped: the output pipe was closed{_what_is_kept(args)[0]}", file=sys.stderr)
-        return 141                                   # 128 + SIGPIPE, as a shell reports such an end
     except KeyboardInterrupt:
         reporter.close()
         kept, checkpoint = _what_is_kept(args)

@@ -739,6 +739,8 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
             if (out / name).exists():
                 (out / name).unlink()
                 removed.append(name)
+    except BrokenPipeError:    # the progress reader went away: not a write of the cohort that failed
+        raise
     except OSError as exc:
         raise VaeudaError(f"{out}: could not write the cohort ({exc.strerror or exc}).") from None
     finally:

@@ -8,6 +8,7 @@ JSON mode writes one object per line to stdout, flushed, for example::
     {"event": "table", "markdown": "| ... |"}          (evaluate only: its result table)
     {"event": "done", "outputs": ["/path/model.safetensors"]}
     {"event": "error", "message": "one sentence"}
+    {"event": "interrupted", "message": "interrupted; ...", "checkpoint": "/path/model.safetensors.ckpt"}   (Ctrl-C)
 
 Training's progress events also carry ``seg`` and ``task``; a non-finite value is written as
 null. The Slicer module reads these keys and ignores others (Docs/engine-contract.md).
