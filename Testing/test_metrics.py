@@ -466,3 +466,24 @@ def test_predictions_in_other_label_values_than_the_references(tmp_path, capsys)
     assert result["summary"]["LV-M"]["dice"]["mean"] == 1.0 and result["summary"]["LV-B"]["dice"]["mean"] == 1.0
     assert main(args) == 2                          # the same command without it: the sentence names it
     assert "read it with --pred-label-convention mmwhs" in capsys.readouterr().err
+    # the option given, but wrong: the hint still names the option for the segmentations
+    with pytest.raises(VaeudaError, match=re.escape("they are 'mmwhs' values: read it with --pred-label-convention "
+                                                    "mmwhs.")):
+        metrics.evaluate_dirs(pred, ref, load_convention("consecutive"), pred_convention=load_convention("consecutive"))
+    # consecutive segmentations against MM-WHS references read as MM-WHS: no structure, and the way out
+    consecutive = tmp_path / "consecutive"
+    consecutive.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(classes), str(consecutive / "s_seg.nii.gz"))
+    mmwhs_ref = tmp_path / "mmwhs_ref"
+    mmwhs_ref.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(mmwhs), str(mmwhs_ref / "s_label.nii.gz"))
+    with pytest.raises(VaeudaError, match=re.escape(
+            "is it in another label convention? The references read with --label-convention mmwhs; give the "
+            "segmentations' own with --pred-label-convention.")):
+        metrics.evaluate_dirs(consecutive, mmwhs_ref, MMWHS)
+    # an image given as a segmentation: not a convention's problem, so no hint about one
+    image = tmp_path / "image"
+    image.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(720, dtype=np.int16).reshape(8, 9, 10)), str(image / "s_seg.nii.gz"))
+    with pytest.raises(VaeudaError, match=r"is it an image rather than a label map\?$"):
+        metrics.evaluate_dirs(image, mmwhs_ref, MMWHS)

@@ -221,6 +221,20 @@ def pairing_key(path) -> str:
     return key
 
 
+def _for_predictions(message: str, convention: Convention, option_given: bool) -> str:
+    """A label file's error, said of a segmentation whose reference read: the option that reads the
+    segmentations alone is --pred-label-convention; without it, say the references read as given."""
+    message = message.replace("--label-convention", "--pred-label-convention")
+    if option_given:
+        return message
+    given = f"the references read with --label-convention {convention.name}"
+    if "read it with --pred-label-convention" in message:        # the values are another built-in's
+        return f"{message.rstrip('.')} ({given})."
+    if message.endswith("is it in another label convention?"):
+        return f"{message} {given[0].upper()}{given[1:]}; give the segmentations' own with --pred-label-convention."
+    return message
+
+
 def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None, ignore_unmatched_refs: bool = False,
                   pred_convention: Optional[Convention] = None) -> Tuple[str, dict]:
     """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``.
@@ -256,22 +270,15 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None, ign
                                   f"in {pred_dir}.")
     if json_path is not None:
         fileio.check_output_file(json_path, [*preds.values(), *refs.values()])
+    pred_convention_given = pred_convention is not None
     pred_convention = pred_convention or convention
     volumes, per_volume = [], []
     for key in sorted(preds):
         ref_image = vol.read_label(refs[key], convention)
         try:
             pred_image = vol.read_label(preds[key], pred_convention)
-        except VaeudaError as exc:    # the reference read: the way out is for the segmentations alone
-            message = str(exc)
-            if pred_convention is not convention or "label mapping" not in message:
-                raise
-            given = f"the references read with --label-convention {convention.name}"
-            if "read it with --label-convention" in message:
-                message = message.replace("read it with --label-convention", "read it with --pred-label-convention")
-                raise VaeudaError(f"{message.rstrip('.')} ({given}).") from None
-            raise VaeudaError(f"{message} {given[0].upper()}{given[1:]}; give the segmentations' own with "
-                              f"--pred-label-convention.") from None
+        except VaeudaError as exc:    # the reference read: the way out is the segmentations' own option
+            raise VaeudaError(_for_predictions(str(exc), convention, pred_convention_given)) from None
         mismatch = vol.geometry_mismatch(pred_image, ref_image, names=("prediction", "reference"))
         if mismatch:
             raise VaeudaError(f"{preds[key]} and {refs[key]}: prediction and reference differ in {mismatch}.")
