@@ -484,6 +484,7 @@ def test_predictions_in_other_label_values_than_the_references(tmp_path, capsys)
     # an image given as a segmentation: not a convention's problem, so no hint about one
     image = tmp_path / "image"
     image.mkdir()
-    sitk.WriteImage(sitk.GetImageFromArray(np.arange(720, dtype=np.int16).reshape(8, 9, 10)), str(image / "s_seg.nii.gz"))
+    intensities = np.arange(720, dtype=np.int16).reshape(8, 9, 10)
+    sitk.WriteImage(sitk.GetImageFromArray(intensities), str(image / "s_seg.nii.gz"))
     with pytest.raises(VaeudaError, match=r"is it an image rather than a label map\?$"):
         metrics.evaluate_dirs(image, mmwhs_ref, MMWHS)
