@@ -375,6 +375,9 @@ def test_a_missing_label_names_its_twin_in_another_format(tmp_path):
                                           r"\(scan_label\.nii\.gz is there: give it with --labels\)\.$"):
         find_pairs([str(image)])
     assert find_pairs([str(image)], [str(tmp_path / "scan_label.nii.gz")])[0][1].name == "scan_label.nii.gz"
+    with pytest.raises(VaeudaError, match=r"\(scan_label\.nii\.gz is there: store the image and its label in one "
+                                          r"format\)\.$"):
+        find_pairs([str(image)], labels_option=False)           # adapt's --source-data has no --labels
 
 
 def test_a_missing_folder_is_called_a_folder(tmp_path):

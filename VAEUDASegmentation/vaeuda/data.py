@@ -91,9 +91,10 @@ def _refuse_cohort_folder(folder: Path, use: Tuple[str, str]) -> None:
 
 
 def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
-               cohort_use: Tuple[str, str] = SOURCE_TRAINING) -> List[Tuple[Path, Path]]:
+               cohort_use: Tuple[str, str] = SOURCE_TRAINING, labels_option: bool = True) -> List[Tuple[Path, Path]]:
     """Labelled volumes: each image with ``--labels`` in the same order, or its ``X_label`` twin.
-    ``cohort_use``: which scans a synthetic cohort's folder should have been given as, for its refusal."""
+    ``cohort_use``: which scans a synthetic cohort's folder should have been given as, for its refusal;
+    ``labels_option``: whether the command has ``--labels`` to suggest (``--source-data`` has not)."""
     for item in inputs:
         if Path(item).is_dir():
             _refuse_cohort_folder(Path(item), cohort_use)
@@ -108,7 +109,8 @@ def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
         if not lab.exists():
             others = [] if labels or not lab.parent.is_dir() else sorted(
                 q.name for q in lab.parent.iterdir() if is_volume_file(q) and stem(q) == stem(lab))
-            hint = f" ({', '.join(others)} is there: give it with --labels)" if others else ""
+            way_out = "give it with --labels" if labels_option else "store the image and its label in one format"
+            hint = f" ({', '.join(others)} is there: {way_out})" if others else ""
             raise VaeudaError(f"{lab}: label file not found{hint}.")
     return pairs
 
