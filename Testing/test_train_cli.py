@@ -1055,17 +1055,24 @@ def test_a_synthetic_cohorts_folder_is_refused_where_labelled_training_volumes_a
         for args in runs:
             assert main(args + ["--out", str(out), "--progress", "none"]) == 2
             assert capsys.readouterr().err.strip().splitlines()[-1] == (
-                f"vaeuda: error: {tiny_cohort}: is a synthetic cohort's folder, whose labelled MR and CT scans, "
+                f"vaeuda: error: {tiny_cohort}: is a cohort's folder, whose labelled MR and CT scans, "
                 f"training and test alike, would all be trained on; {purposes[modality]}: give those files "
-                f"({tiny_cohort / (modality + '_1001_image.nii.gz')}, splits.json's \"{modality}\" -> \"train\").")
+                f"({tiny_cohort / (modality + '_1001_image.nii.gz')}, splits.json's \"{modality}\" -> \"train\"), "
+                f"or a folder holding only them.")
             assert not out.exists()
-    # a cohort of several training scans names the first and the last
+    # a cohort of several training scans names the first and the last; a folder holding only them is taken
     from vaeuda.data import SOURCE_TRAINING, _refuse_cohort_folder
     (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1001", "mr_1002", "mr_1003"]}, "ct": {}}))
+    (tmp_path / "mr_1004_image.nii.gz").write_bytes(b"")          # a scan it does not list as MR training
     with pytest.raises(VaeudaError, match=re.escape(
             f"({tmp_path / 'mr_1001_image.nii.gz'} to {tmp_path / 'mr_1003_image.nii.gz'}, the 3 in splits.json's")):
         _refuse_cohort_folder(tmp_path, SOURCE_TRAINING)
+    (tmp_path / "mr_1004_image.nii.gz").unlink()
+    for name in ("mr_1001_image.nii.gz", "mr_1001_label.nii.gz", "mr_1003_image.nii.gz"):
+        (tmp_path / name).write_bytes(b"")                         # only MR training scans (and labels): taken
+    _refuse_cohort_folder(tmp_path, SOURCE_TRAINING)
     (tmp_path / "splits.json").write_text("{not json")           # not a cohort's splits.json: no refusal
+    (tmp_path / "ct_1001_image.nii.gz").write_bytes(b"")
     _refuse_cohort_folder(tmp_path, SOURCE_TRAINING)
 
 

@@ -69,9 +69,10 @@ ORACLE_TRAINING = ("ct", "the oracle is fine-tuned on its CT training scans")
 
 
 def _refuse_cohort_folder(folder: Path, use: Tuple[str, str]) -> None:
-    """A synthetic cohort's folder (``vaeuda synth``: its splits.json lists MR and CT scans, training
+    """A cohort's folder (``vaeuda synth`` writes one: its splits.json lists MR and CT scans, training
     and test) holds the labels of both modalities and of the test scans: given whole to a training
-    command it would train on all of them. Refused, naming the scans to give instead."""
+    command it would train on all of them. Refused, naming the scans to give instead, unless the
+    folder holds only those."""
     import json
     try:
         splits = json.loads((folder / "splits.json").read_text(encoding="utf-8"))
@@ -81,13 +82,18 @@ def _refuse_cohort_folder(folder: Path, use: Tuple[str, str]) -> None:
         return
     modality, purpose = use
     train = splits[modality].get("train")
+    train = train if isinstance(train, list) and all(isinstance(t, str) for t in train) else []
+    held = {without_role(stem(q), "_image") or stem(q) for q in folder.iterdir() if is_volume_file(q)
+            and without_role(stem(q), "_label") is None}
+    if held <= set(train):
+        return                                    # only the scans meant for it: nothing else would be trained on
     named = ""
-    if isinstance(train, list) and train and all(isinstance(t, str) for t in train):
+    if train:
         first, last = (folder / f"{t}_image.nii.gz" for t in (train[0], train[-1]))
         named = (f" ({first}, splits.json's \"{modality}\" -> \"train\")" if len(train) == 1 else
                  f" ({first} to {last}, the {len(train)} in splits.json's \"{modality}\" -> \"train\")")
-    raise VaeudaError(f"{folder}: is a synthetic cohort's folder, whose labelled MR and CT scans, training and test "
-                      f"alike, would all be trained on; {purpose}: give those files{named}.")
+    raise VaeudaError(f"{folder}: is a cohort's folder, whose labelled MR and CT scans, training and test alike, "
+                      f"would all be trained on; {purpose}: give those files{named}, or a folder holding only them.")
 
 
 def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
