@@ -95,7 +95,7 @@ def test_files_of_other_kinds_are_named_for_what_they_are(tmp_path):
     torch.save({"w": torch.zeros(2)}, str(zipped))
     torch.save({"w": torch.zeros(2)}, str(pickled), _use_new_zipfile_serialization=False)
     never = "such files are never unpickled here"
-    expected = {empty: "the file is empty", zipped: f"a ZIP archive, as torch.save writes; {never}",
+    expected = {empty: "the file is empty", zipped: f"a ZIP archive, as torch.save and NumPy's .npz write; {never}",
                 pickled: f"a Python pickle, as older torch.save wrote; {never}"}
     for path, reason in expected.items():
         with pytest.raises(VaeudaError, match=f"^{re.escape(f'{path}: not a VAE-UDA model file ({reason}).')}$"):
@@ -225,8 +225,8 @@ def test_missing_file(tmp_path):
     (lambda m: m.update(provenance="x"), "'provenance' is not a JSON object"),
     (lambda m: m["provenance"].pop("source_labels"), "the source volumes in its provenance are not two lists"),
     (lambda m: m["provenance"]["source_labels"].pop(), "the source volumes in its provenance are not two lists"),
-    (lambda m: m["provenance"].update(source_sha256=["0" * 64]), "not one SHA-256 per image and label file"),
-    (lambda m: m["provenance"].update(source_sha256=["0" * 64, "x" * 64]), "not one SHA-256 per image and label"),
+    (lambda m: m["provenance"].update(source_sha256=["0" * 64]), r"not one SHA-256 \(or null\) per image and label"),
+    (lambda m: m["provenance"].update(source_sha256=["0" * 64, "x" * 64]), r"not one SHA-256 \(or null\) per image"),
 ])
 def test_edited_metadata_is_refused_in_one_sentence(saved, tmp_path, edit, message):
     """JSON that parses but lacks what the stages read, or holds values they cannot use (the

@@ -78,8 +78,8 @@ def _declared_format(path: Path) -> Optional[str]:
             if not 0 < length <= 100_000_000:
                 return None
             text = f.read(length)
-        if len(text) < length:      # cut inside the header: ours names its format first, as safetensors writes it
-            return FORMAT if f'"format":"{FORMAT}"'.encode() in text else None
+        if len(text) < length:      # cut inside the header: ours if the part left names our format
+            return FORMAT if f'"format":"{FORMAT}"'.encode() in text else None   # (its keys come in any order)
         return str(json.loads(text)["__metadata__"]["format"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -96,8 +96,10 @@ def _foreign_kind(path: Path) -> str:
     if not head:
         return "the file is empty"
     if head.startswith(b"PK\x03\x04"):
-        return "a ZIP archive, as torch.save writes; such files are never unpickled here"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a ZIP archive, as torch.save and NumPy's .npz write; such files are never unpickled here"
+    # torch.save's legacy format (protocol 2, then its magic number as a LONG1), or protocol 4/5 with a
+    # frame: four bytes a safetensors header length would hardly begin with
+    if head == b"\x80\x02\x8a\x0a" or head[:3] in (b"\x80\x04\x95", b"\x80\x05\x95"):
         return "a Python pickle, as older torch.save wrote; such files are never unpickled here"
     return ""
 
