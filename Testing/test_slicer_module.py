@@ -1071,6 +1071,10 @@ def test_segment_end_to_end_matches_the_engine_run_directly(slicer, mod, tiny_mo
     events = []
     segmentationNode = logic.segment(volume, str(model), device="cpu", progressCallback=events.append)
     assert events[-1]["event"] == "done" and any(e["event"] == "stage" for e in events)
+    # the engine's log names the job's temporary files as the user knows them, not by their paths
+    logged = [e["message"] for e in events if e["event"] == "log"]
+    assert "Wrote 1 segmentation(s) to a temporary folder, imported from there." in logged
+    assert not any(slicer.app.temporaryPath in message for message in logged)
     assert segmentationNode.GetName() == "ct_1002 segmentation"
     assert scene_node_ids(slicer) == before + [segmentationNode.GetID()]
     assert os.listdir(slicer.app.temporaryPath) == []
@@ -1094,7 +1098,9 @@ def test_segment_end_to_end_matches_the_engine_run_directly(slicer, mod, tiny_mo
     from vaeuda.labels import MMWHS
     classes = MMWHS.encode(direct_labels)
     expected = metrics.evaluate_volume(classes, classes, tuple(reversed(direct.GetSpacing())))
-    table = logic.evaluate(segmentationNode, segmentationNode)
+    events.clear()
+    table = logic.evaluate(segmentationNode, segmentationNode, progressCallback=events.append)
+    assert "Wrote the scores to a temporary file, shown as a table." in [e.get("message") for e in events]
     assert [table.GetColumnName(c) for c in range(4)] == ["Structure", "Dice [%]", "ASSD [mm]", "ASSD [voxel]"]
     assert [table.GetCellText(r, 0) for r in range(5)] == [s.name for s in mod.STRUCTURES] + ["Mean"]
     for row, structure in enumerate(mod.STRUCTURES):

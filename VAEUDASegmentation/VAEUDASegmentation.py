@@ -821,7 +821,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
              progressCallback: Optional[Callable[[dict], None]],
              finishedCallback: Optional[Callable[[JobResult], None]], pathNames: Optional[Dict[str, str]] = None):
         """Run ``vaeuda <subcommandArgs> --progress json``; see the class docstring for the two modes.
-        ``pathNames``: temporary input files by what the user knows them as, for the engine's sentences."""
+        ``pathNames``: temporary files by what the user knows them as (inputs, and outputs the job moves
+        or imports), for the engine's sentences."""
         if self._job is not None:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise RuntimeError(f"A VAE-UDA job ({self._job.name}) is running; wait for it or cancel it first.")
@@ -1075,7 +1076,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args = ["segment", "--model", modelPath, "--out", outputDir, "--device", device]
         args += _flag("--cpu-bf16", cpuBf16) + _flag("--portable", portable)
         return self._run("segment", args + [inputPath], tempDir, importResult, waitForCompletion,
-                         progressCallback, finishedCallback, {inputPath: _volumeName(inputVolumeNode)})
+                         progressCallback, finishedCallback,
+                         {inputPath: _volumeName(inputVolumeNode), outputDir: "a temporary folder, imported from there"})
 
     def trainSource(self, dataFolder, outputModelPath, *, preset: Optional[str] = None,
                     iterations: Optional[int] = None, seed: Optional[int] = None, device: str = "auto",
@@ -1118,7 +1120,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args += _flag("--portable", portable) + _flag("--intensity-remap", intensityRemap)
         args += [os.path.abspath(str(dataFolder))]
         return self._run("train-source", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
-                         waitForCompletion, progressCallback, finishedCallback)
+                         waitForCompletion, progressCallback, finishedCallback, {tempModel: str(outputModelPath)})
 
     def adapt(self, sourceModelPath, targetVolumeNodes, outputModelPath, *, iterations: Optional[int] = None,
               seed: Optional[int] = None, device: str = "auto", sourceDataFolder=None, portable: bool = False,
@@ -1161,7 +1163,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             args += ["--source-data", str(sourceDataFolder)]   # last: it takes one or more values
         return self._run("adapt", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
                          waitForCompletion, progressCallback, finishedCallback,
-                         {path: _volumeName(node) for path, node in zip(targets, targetVolumeNodes)})
+                         {tempModel: str(outputModelPath),
+                          **{path: _volumeName(node) for path, node in zip(targets, targetVolumeNodes)}})
 
     def evaluate(self, segmentationNode, referenceSegmentationNode, outputTableNode=None, *,
                  waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
@@ -1214,6 +1217,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 return self._evaluationTable(json.load(f), segmentationNode, outputTableNode)
 
         args = ["evaluate", "--pred", predDir, "--ref", refDir, "--label-convention", "consecutive", "--json", jsonPath]
+        pathNames[jsonPath] = "a temporary file, shown as a table"
         return self._run("evaluate", args, tempDir, makeTable, waitForCompletion, progressCallback, finishedCallback,
                          pathNames)
 
