@@ -1077,7 +1077,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args += _flag("--cpu-bf16", cpuBf16) + _flag("--portable", portable)
         return self._run("segment", args + [inputPath], tempDir, importResult, waitForCompletion,
                          progressCallback, finishedCallback,
-                         {inputPath: _volumeName(inputVolumeNode), outputDir: "a temporary folder, imported from there"})
+                         {inputPath: _volumeName(inputVolumeNode),
+                          outputDir: "a temporary folder, imported from there"})
 
     def trainSource(self, dataFolder, outputModelPath, *, preset: Optional[str] = None,
                     iterations: Optional[int] = None, seed: Optional[int] = None, device: str = "auto",
