@@ -338,7 +338,7 @@ def run(args, reporter: Reporter) -> List[str]:
         skipped = result["unscored_references"]
         if skipped:    # e.g. --ref a whole cohort folder; a lost segmentation would only shrink N otherwise
             reporter.log(f"note: {len(skipped)} reference(s) without a prediction not scored: "
-                         f"{', '.join(Path(p).name for p in skipped)}")
+                         f"{listed([Path(p).name for p in skipped])}")    # a whole cohort's: 36 names
         if reporter.mode == "json":
             emit("table", markdown=table)
         else:

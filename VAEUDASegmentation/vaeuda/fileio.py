@@ -34,6 +34,16 @@ def stem(path: PathLike) -> str:
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
+def refuse_repeated(paths: Iterable[PathLike], what: str = "input") -> None:
+    """Refuse a file given twice (the same file however spelt: paths are resolved)."""
+    seen = set()
+    for path in paths:
+        key = Path(path).resolve()
+        if key in seen:
+            raise VaeudaError(f"{path}: given twice; give each {what} once.")
+        seen.add(key)
+
+
 def file_sha256(path: PathLike) -> str:
     """The SHA-256 of a file's bytes, hex (a model records its training volumes' so that a volume
     changed since, e.g. by a cohort made again in the same folder, can be told)."""

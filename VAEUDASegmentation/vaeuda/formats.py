@@ -374,7 +374,7 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
     written and, without ``split``, where the breaks are (file names, with the record for a file
     of several; with ``split`` none are reported: each begins a volume).
     """
-    from .fileio import atomic_dir, check_output_dir, stem
+    from .fileio import atomic_dir, check_output_dir, refuse_repeated, stem
     from .volumes import write_image, write_label
 
     paths = [Path(p) for p in inputs]
@@ -398,11 +398,7 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
         _check_volume_name(name, "--name")
     for path in volumes:
         _check_volume_name(stem(path), f"{path}: its name")
-    seen = set()
-    for path in paths:                 # as segment says it: one input twice is not two volumes of one name
-        if Path(path).resolve() in seen:
-            raise VaeudaError(f"{path}: given twice; give each input once.")
-        seen.add(Path(path).resolve())
+    refuse_repeated(paths)             # as segment says it: one input twice is not two volumes of one name
     check_output_dir(out_dir)
 
     written: List[Path] = []

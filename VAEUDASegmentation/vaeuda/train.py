@@ -26,7 +26,7 @@ from .augment import AugmentConfig, augment_batch, random_intensity_remap
 from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
 from .errors import VaeudaError, require_count
-from .fileio import check_output_file, checkpoint_path, file_sha256, full_suffix
+from .fileio import check_output_file, checkpoint_path, file_sha256, full_suffix, refuse_repeated
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
 from .modelfile import check_metadata, load_model, load_networks, read_tensors, save_model
@@ -659,16 +659,6 @@ def _check_run_arguments(iterations, batch_size, early_stop=None) -> None:
         _check_batch_size(batch_size)
 
 
-def _refuse_repeated(volumes: Sequence[Path]) -> None:
-    """One target volume given twice would count twice in the adaptation's sampling, unasked."""
-    seen = set()
-    for path in volumes:
-        key = Path(path).resolve()
-        if key in seen:
-            raise VaeudaError(f"{path}: given twice; give each target volume once.")
-        seen.add(key)
-
-
 def _refuse_labelled_targets(targets: Sequence[Path], pairs: Sequence[Tuple[Path, Path]]) -> None:
     """A target volume that is also a labelled source volume (e.g. ``--source-data`` a folder that
     holds it) would teach the adaptation its labels: no longer unsupervised, and its score a lie."""
@@ -775,7 +765,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     """Adaptation stage (Eq. 8) on unlabelled target volumes, usually one."""
     reporter = reporter or null_reporter()
     _check_run_arguments(iterations, batch_size, early_stop)
-    _refuse_repeated(targets)
+    refuse_repeated(targets, "target volume")   # it would count twice in the adaptation's sampling, unasked
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":
