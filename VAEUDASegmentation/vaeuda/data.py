@@ -73,11 +73,13 @@ def _refuse_cohort_folder(folder: Path, use: Tuple[str, str]) -> None:
     and test) holds the labels of both modalities and of the test scans: given whole to a training
     command it would train on all of them. Refused, naming the scans to give instead, unless the
     folder holds only those."""
-    import json
+    from .demo import read_splits                 # the one reader of a cohort's splits.json
+    if not (folder / "splits.json").is_file():
+        return
     try:
-        splits = json.loads((folder / "splits.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return                                    # no cohort's splits.json: a folder like any other
+        splits = read_splits(folder)
+    except VaeudaError:
+        return                                    # not a cohort's splits.json: a folder like any other
     if not (isinstance(splits, dict) and all(isinstance(splits.get(m), dict) for m in ("mr", "ct"))):
         return
     modality, purpose = use
