@@ -994,8 +994,8 @@ def test_adapt_passes_each_ablation_switch_and_option_through_unchanged(tiny_coh
     ct = str(tiny_cohort / "ct_1001_image.nii.gz")
     common = ["adapt", "--model", "m.safetensors", "--out", str(tmp_path / "a.safetensors"), "--progress", "none"]
     assert main(common + [ct]) == 0
-    assert main(common + ["--source-data", str(tiny_cohort), "--no-kl", "--no-cycle", "--slices", "2:5",
-                          "--ema-decay", "0", ct]) == 0
+    assert main(common + ["--source-data", str(tiny_cohort / "mr_1001_image.nii.gz"), "--no-kl", "--no-cycle",
+                          "--slices", "2:5", "--ema-decay", "0", ct]) == 0
     assert main(common + ["--no-adv", "--no-task-consistency", ct]) == 0
     (args, plain), (_, switched), (_, others) = calls
     assert args[0] == "m.safetensors" and [str(p) for p in args[1]] == [ct]
@@ -1004,7 +1004,7 @@ def test_adapt_passes_each_ablation_switch_and_option_through_unchanged(tiny_coh
     assert plain["slice_range"] is None and plain["overrides"] is None and not plain["source_data"]
     assert [switched[f] for f in flags] == [False, True, False, True]
     assert switched["slice_range"] == (2, 5) and switched["overrides"] == {"ema_decay": 0.0}
-    assert switched["source_data"] == [str(tiny_cohort)]
+    assert switched["source_data"] == [str(tiny_cohort / "mr_1001_image.nii.gz")]
     assert [others[f] for f in flags] == [True, False, True, False]
 
 
