@@ -559,7 +559,7 @@ def test_convert_notes_a_volume_of_one_slice(mmwhs_samples, tmp_path, capsys):
                  str(mmwhs_samples / "training_ct.tfrecords")]) == 0
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "note: ct1 hold(s) a single slice; segment and the training commands read volumes of several slices: "
-        "convert a scan's slices together (one --name, or --split)")
+        "give all of a scan's .tfrecords files to one convert")
     assert main(["convert", "--out", str(out), "--name", "mr2", "--progress", "none",
                  str(mmwhs_samples / "training_mr.tfrecords"), str(mmwhs_samples / "validation_mr.tfrecords")]) == 0
     assert "single slice" not in capsys.readouterr().err

@@ -276,14 +276,16 @@ def test_volumes_taken_by_an_option_of_several_values_are_explained(capsys, argv
 
 @pytest.mark.parametrize("argv, command", [(["segment", "--model", "m", "--out", "o", "x", "--seed", "3"], "segment"),
                                            (["experiment", "table1", "--data", "d", "--out", "o", "--bogus"],
-                                            "experiment table1")])
+                                            "experiment table1"),
+                                           (["--bogus", "segment", "--model", "m", "--out", "o", "x"], "")])
 def test_an_unknown_option_gets_its_commands_usage(capsys, argv, command):
     """Not the top-level usage listing every command: the one the option was given to."""
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith(f"usage: vaeuda {command} [-h]")
-    assert err.strip().splitlines()[-1].startswith(f"vaeuda {command}: error: unrecognized arguments: ")
+    named = f"vaeuda {command}".strip()          # before any command: vaeuda's own usage
+    assert exit_.value.code == 2 and err.startswith(f"usage: {named} [-h]")
+    assert err.strip().splitlines()[-1].startswith(f"{named}: error: unrecognized arguments: ")
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2 ** 64), "1.5"])

@@ -368,7 +368,7 @@ def run(args, reporter: Reporter) -> List[str]:
         single = _single_slice_volumes([p for p in written if p.name.endswith("_image.nii.gz")])
         if single:     # written as asked, but every other command refuses a volume one slice thick
             reporter.log(f"note: {listed(single)} hold(s) a single slice; segment and the training commands read "
-                         f"volumes of several slices: convert a scan's slices together (one --name, or --split)")
+                         f"volumes of several slices: give all of a scan's .tfrecords files to one convert")
         return [str(p) for p in written]
     if cmd == "info":
         from .modelfile import build_from_meta, check_metadata, read_tensors
@@ -465,9 +465,13 @@ def _innermost_parser(parser: argparse.ArgumentParser, args) -> argparse.Argumen
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(_joined_slice_ranges(sys.argv[1:] if argv is None else list(argv)))
+    argv = _joined_slice_ranges(sys.argv[1:] if argv is None else list(argv))
+    args, unknown = parser.parse_known_args(argv)
     if unknown:       # the command's own usage, not the list of every command that argparse would print
-        _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+        before_command = argv.index(args.command) if args.command in argv else len(argv)
+        given_to_vaeuda = any(item in argv[:before_command] for item in unknown)
+        (parser if given_to_vaeuda else _innermost_parser(parser, args)).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     import SimpleITK as sitk
     # ITK's own warnings (e.g. for a folder without DICOM) would print beside the one sentence the
     # engine gives for the same problem.
