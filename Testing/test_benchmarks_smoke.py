@@ -121,9 +121,15 @@ def test_forced_autocast_switches_bf16_where_the_engine_does_not():
 
 
 def test_translation_contrast_table(tiny_cohort, tiny_source_model, tmp_path):
+    from vaeuda.train import adapt
     md = tmp_path / "contrast.md"
     proc = _run("translation_contrast.py", "--model", str(tiny_source_model), "--cohort", str(tiny_cohort),
-                "--out", str(md))
+                "--out", str(md))        # a source model's E_T was never trained: its x_ST, x_TS mean nothing
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"error: {tiny_source_model}: is a 'source' model; the translations need an adapted one.") and not md.exists()
+    adapted = tmp_path / "adapted.safetensors"
+    adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], adapted, iterations=1, device="cpu")
+    proc = _run("translation_contrast.py", "--model", str(adapted), "--cohort", str(tiny_cohort), "--out", str(md))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in md.read_text().splitlines() if line.startswith("| x_")]
     assert [r.split(" | ")[0] for r in rows] == ["| x_S (real MR)", "| x_SS", "| x_ST (MR as CT)", "| x_T (real CT)",
@@ -707,3 +713,33 @@ def test_adaptation_curves_records_proxies_on_the_slices_it_adapts_on(tiny_cohor
     # network the file keeps; the whole scan, or the live network, would give other numbers
     assert all(row["proxies"]["cycle_l1"] == pytest.approx(row["proxies"]["engine_proxy"], abs=6e-6)
                for row in curve[1:])
+
+
+def test_scripts_refuse_bad_arguments_at_start_up(tiny_cohort, tiny_source_model, tmp_path):
+    """Counts below their minimum are usage errors (status 2), outputs that cannot be written and a
+    test scan to adapt on are refused before any work (status 1), and the published pages are never a
+    smoke run's default output: each one sentence, no traceback, nothing written."""
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    model, cohort = str(tiny_source_model), str(tiny_cohort)
+    usage, refused = 2, 1                        # argparse's usage error; the script's own one sentence
+    cases = [
+        (("adaptation_curves.py", "--model", model, "--cohort", cohort, "--target", "ct_1001", "--every", "0"),
+         usage, "argument --every: must be at least 1, not 0"),
+        (("paired_alignment.py", "--model", model, "--cohort", cohort, "--lr", "-1"), usage,
+         "argument --lr: must be above 0"),
+        (("one_scan_draws.py", "--model", model, "--cohort", cohort, "--threads", "x"), usage,
+         "argument --threads: must be a whole number, not 'x'"),
+        (("bench_speed.py", "--smoke"), usage, "--smoke measures tiny sizes, not the published page's: give --out"),
+        (("bench_speed.py", "--out", str(tmp_path / "r.json")), usage, "--out is the Markdown report"),
+        (("bench_gpu.py", "--device", "cpu", "--smoke"), usage, "--smoke and --device cpu runs are not the GPU record"),
+        (("oracle_convergence.py", "--model", model, "--cohort", cohort, "--iterations", "8", "--out", str(folder)),
+         refused, f"error: {folder}: is a folder; give the output a file name."),
+        (("adaptation_curves.py", "--model", model, "--cohort", cohort, "--target", "ct_1002"), refused,
+         "error: ct_1002: is one of the cohort's CT test scans; adapt on one of its CT training scans."),
+    ]
+    for args, status, message in cases:
+        proc = _run(*args)
+        assert proc.returncode == status and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"] and not any(folder.iterdir())

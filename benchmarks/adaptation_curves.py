@@ -50,7 +50,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from common import add_set_option, cohort_slices, parsed_set_options, write_record  # (also puts the engine on sys.path)
+# common also puts the engine on sys.path, as for every benchmark script
+from common import add_set_option, check_output, cohort_slices, count, parsed_set_options, run_main, write_record
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -235,10 +236,10 @@ def main(argv=None) -> int:
     p.add_argument("--target", required=True, help="scan prefix of the adaptation scan, e.g. ct_1013")
     p.add_argument("--val", nargs="*", help="validation scan prefixes (default: the CT training pool without --target, "
                                             "at most 4)")
-    p.add_argument("--iterations", type=int, help="adaptation iterations (default: the preset's)")
-    p.add_argument("--every", type=int, default=50, help="evaluate every N iterations (default 50)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--iterations", type=count(), help="adaptation iterations (default: the preset's)")
+    p.add_argument("--every", type=count(), default=50, help="evaluate every N iterations (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="adaptation seed (default 0)")
+    p.add_argument("--threads", type=count(), default=1, help="torch threads (default 1)")
     p.add_argument("--out", help="write {args, curve} to this JSON file")
     p.add_argument("--model-out", help="keep the adapted model here (default: a temporary folder, removed)")
     for switch in ("kl", "adv", "cycle", "task-consistency"):
@@ -253,6 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--target-encoder-lr-scale", type=float, default=1.0,
                    help="step E_T at this multiple of the learning rate (0: frozen at its copy of E_S)")
     args = p.parse_args(argv)
+    check_output(args.out, [args.model])         # at start-up: not a traceback after the whole run
+    check_output(args.model_out, [args.model])
     torch.set_num_threads(args.threads)
     overrides = {"eval_every": args.every, **parsed_set_options(p, args.set)}
     if args.target_encoder_lr_scale != 1.0:
@@ -264,6 +267,9 @@ def main(argv=None) -> int:
         cfg, norm = net.cfg, meta["normalisation"]
         # as train.adapt resolves it: the source model's own loss unless --set says otherwise
         gan_mode = overrides.get("gan_mode", meta["train"].get("gan_mode", "lsgan"))
+        if args.target in cohort_split(cohort, "ct", "test"):   # its "test" Dice would score the scan adapted on
+            raise VaeudaError(f"{args.target}: is one of the cohort's CT test scans; adapt on one of its CT training "
+                              f"scans.")
         val = args.val if args.val is not None else default_validation_scans(cohort, args.target)
         device = torch.device("cpu")
         probes = {name: HeldOutDiceProbe(cohort, scans, cfg.input_size, cfg.slice_fov_mm, norm, device)
@@ -326,4 +332,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -1,7 +1,7 @@
 """The paper preset on a CUDA GPU, bf16 on and off: one prepared script for a GPU session.
 
     .venv/bin/python benchmarks/bench_gpu.py                          # `make bench-gpu`: CUDA, paper preset
-    .venv/bin/python benchmarks/bench_gpu.py --device cpu --smoke     # the same code on the CPU, in seconds (CI)
+    .venv/bin/python benchmarks/bench_gpu.py --device cpu --smoke --out /tmp/g.json   # the same code on the CPU
 
 For bf16 autocast on and off (the engine itself uses bf16 on CUDA):
 
@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from common import (REPO, forced_autocast, machine_info, md_table, median, random_volume, stage_throughput,
-                    sync, time_call)
+from common import (REPO, count, forced_autocast, machine_info, md_table, median, random_volume, run_main,
+                    stage_throughput, sync, time_call)
 
 import torch  # noqa: E402
 
@@ -82,14 +82,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--smoke", action="store_true", help="tiny preset and sizes: checks the script in seconds")
-    p.add_argument("--out", default=str(REPO / "Docs" / "benchmarks_gpu.json"), help="JSON with every measurement")
-    p.add_argument("--iterations", type=int, default=None, help="timed training iterations per repeat")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--out", default=str(REPO / "Docs" / "benchmarks_gpu.json"),
+                   help="JSON with every measurement (default: Docs/benchmarks_gpu.json, which bench_speed.py "
+                        "folds in)")
+    p.add_argument("--iterations", type=count(), default=None, help="timed training iterations per repeat")
+    p.add_argument("--repeats", type=count(), default=None, help="timed repeats (default: the mode's)")
+    p.add_argument("--batch", type=count(), default=None, help="batch size (default: the preset's)")
     args = p.parse_args(argv)
+    if (args.smoke or args.device == "cpu") and args.out == p.get_default("out"):
+        p.error("--smoke and --device cpu runs are not the GPU record Docs/benchmarks.md folds in: give --out")
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_gpu.py: error: no CUDA GPU is available to PyTorch; run with --device cpu --smoke to test "
-              "the script on the CPU.", file=sys.stderr)
+        print("bench_gpu.py: error: no CUDA GPU is available to PyTorch; run with --device cpu --smoke --out FILE to "
+              "test the script on the CPU.", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     s = dict(SETTINGS["smoke" if args.smoke else "full"])
@@ -161,4 +165,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

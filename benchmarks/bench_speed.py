@@ -34,14 +34,17 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from common import (REPO, attainable_conv_rate, conv_calls, load_average, machine_info, matmul_rate, md_table,
-                    median, network_flops, random_volume, stage_throughput, time_call, training_flops_per_image)
+from common import (REPO, attainable_conv_rate, check_output, conv_calls, count, load_average, machine_info,
+                    matmul_rate, md_table, median, network_flops, random_volume, run_main, stage_throughput,
+                    time_call, training_flops_per_image)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vaeuda.choices import PRESET_NAMES  # noqa: E402
+from vaeuda.errors import VaeudaError  # noqa: E402
 from vaeuda.fileio import atomic_path  # noqa: E402
+from vaeuda.modelfile import load_model  # noqa: E402
 from vaeuda.nets import VAEUDANet, get_preset  # noqa: E402
 from vaeuda.predict import segment_image, slice_probabilities  # noqa: E402
 from vaeuda.volumes import DEFAULT_NORMALISATION, SliceGrid  # noqa: E402
@@ -184,7 +187,6 @@ def measure_variants(preset: str, mode: str, threads: int, model: Optional[str] 
     n, _, repeats = RATE[mode][preset]
     n = max(n, 16) if mode == "full" else n
     if model:
-        from vaeuda.modelfile import load_model
         net, _ = load_model(model)
         cfg = net.cfg
         preset = f"{cfg.input_size}px model {Path(model).name}"
@@ -547,20 +549,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         threads_child(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), int(argv[5]) or None)
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(REPO / "Docs" / "benchmarks.md"), help="Markdown report")
+    p.add_argument("--out", default=str(REPO / "Docs" / "benchmarks.md"),
+                   help="Markdown report (default: Docs/benchmarks.md, the published page; --smoke needs its own)")
     p.add_argument("--json", default=None, help="all measurements (default: the report's name with .json)")
     p.add_argument("--gpu-json", default=str(REPO / "Docs" / "benchmarks_gpu.json"),
                    help="bench_gpu.py output to include, if it exists")
     p.add_argument("--presets", nargs="+", default=None, choices=PRESET_NAMES,
                    help="default: cpu paper (smoke: tiny)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script in seconds")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=count(), default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--notes", default=str(Path(__file__).with_name("NOTES.md")),
                    help="Markdown with the findings, put into the report as it is (skipped if missing)")
     p.add_argument("--model", default=None, help="a trained model file for the inference variants (default: "
                                                  "random weights of the preset)")
-    p.add_argument("--paper-slices", type=int, default=200, help="coronal slices of the paper-preset volume")
-    p.add_argument("--compile-timeout", type=int, default=600, help="seconds allowed for the torch.compile trial")
+    p.add_argument("--paper-slices", type=count(), default=200, help="coronal slices of the paper-preset volume")
+    p.add_argument("--compile-timeout", type=count(), default=600, help="seconds allowed for the torch.compile trial")
     p.add_argument("--from-json", default=None, help="re-render the report from an earlier run's JSON, measuring "
                                                      "nothing (e.g. after editing NOTES.md)")
     p.add_argument("--resume", action="store_true", help="keep the sections an interrupted run with the same "
@@ -568,8 +571,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=("training", "rate", "volumes", "memory", "variants",
                                                               "threads", "compile"), help="sections to leave out")
     args = p.parse_args(argv)
+    if Path(args.out).suffix.lower() == ".json":   # the measurements' own default path: the report would replace them
+        p.error("--out is the Markdown report (the measurements go beside it as .json); give a .md path")
+    if args.smoke and args.out == p.get_default("out"):
+        p.error("--smoke measures tiny sizes, not the published page's: give --out (e.g. /tmp/bench.md)")
+    check_output(args.out, [args.notes] + ([args.from_json] if args.from_json else []))
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        try:
+            results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        except ValueError:
+            results = None
+        if not (isinstance(results, dict) and isinstance(results.get("settings"), dict)):
+            raise VaeudaError(f"{args.from_json}: is not a bench_speed.py record (it has no \"settings\").")
         results["rendered_from"] = args.from_json
         write_report(results, args, smoke=results["settings"]["smoke"])
         return 0
@@ -582,6 +595,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "model": args.model, "train": {k: list(TRAIN[mode][k]) for k in presets},
                 "rate": {k: list(RATE[mode][k]) for k in presets}}
     json_path = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
+    check_output(json_path, [args.out])
+    if args.model:                                   # read now: its section comes after tens of minutes
+        load_model(args.model)
     results: dict = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load": OrderedDict(),
                      "settings": dict(settings, command=("benchmarks/bench_speed.py " + " ".join(argv)).strip())}
     if args.resume and json_path.is_file():
@@ -636,4 +652,4 @@ def write_report(results: dict, args, smoke: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

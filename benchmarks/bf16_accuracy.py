@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 
-from common import forced_autocast, sync
+from common import count, forced_autocast, run_main, sync
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -31,12 +31,12 @@ from vaeuda.predict import model_domain, segment_image  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="a model file")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--domain", default=None, choices=DOMAINS, help="default: as the model says")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per mode, alternating (median; default 5)")
-    p.add_argument("image")
-    p.add_argument("label")
+    p.add_argument("--repeats", type=count(), default=5, help="timed calls per mode, alternating (median; default 5)")
+    p.add_argument("image", help="a volume to segment")
+    p.add_argument("label", help="its label file, in the model's label convention")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     net, meta = load_model(args.model, str(device))
@@ -63,13 +63,14 @@ def main(argv=None) -> int:
     for name, _ in modes:
         summary = summarise([evaluate_volume(segs[name], ref, spacing_zyx)])
         out[name] = {"seconds": statistics.median(times[name]), "seconds_each": times[name],
-                     "dice": {k: summary[k]["dice"]["mean"] for k in CLASS_KEYS + ("Mean",)},
+                     "dice_percent": {k: round(100 * summary[k]["dice"]["mean"], 2) for k in CLASS_KEYS + ("Mean",)},
                      "assd_vox_mean": summary["Mean"]["assd_vox"]["mean"]}
-    out["dice_fp32_vs_bf16"] = {s.key: dice(segs["fp32"] == s.index, segs["bf16"] == s.index) for s in STRUCTURES}
+    out["dice_percent_fp32_vs_bf16"] = {s.key: round(100 * dice(segs["fp32"] == s.index, segs["bf16"] == s.index), 2)
+                                        for s in STRUCTURES}        # in percent, as every other script reports Dice
     out["voxels_differing"] = float(np.mean(segs["fp32"] != segs["bf16"]))
     print(json.dumps(out, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

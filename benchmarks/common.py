@@ -7,6 +7,7 @@ loop only (set-up and the final model write are outside it).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -27,13 +28,65 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vaeuda import __version__ as ENGINE_VERSION, machine  # noqa: E402
-from vaeuda.fileio import atomic_path  # noqa: E402
+from vaeuda.errors import VaeudaError  # noqa: E402
+from vaeuda.fileio import atomic_path, check_output_file  # noqa: E402
 from vaeuda.data import SliceSet, load_slices  # noqa: E402
 from vaeuda.demo import evaluate_model, image_of, label_of  # noqa: E402
 from vaeuda.labels import MMWHS  # noqa: E402
 from vaeuda.nets import VAEUDANet, get_preset  # noqa: E402
 from vaeuda.progress import Reporter, null_reporter  # noqa: E402
 from vaeuda.train import ADAPT_TRAINING, Stage, TrainConfig, resolve_train_config, run_stage  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def count(minimum: int = 1) -> Callable[[str], int]:
+    """argparse type: a whole number of at least ``minimum``; anything else is the parser's usage
+    error at start-up, not a traceback (a division by zero, an empty median) after minutes of work."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def run_main(main: Callable[[], Optional[int]]) -> int:
+    """A script's exit status: what ``main`` returns, or, for an input the engine refuses or a file that
+    cannot be read or written, ``error: <one sentence>`` on stderr and status 1 (as the scripts' own
+    handlers say it; a usage error is argparse's 2), and for Ctrl-C ``interrupted`` and 130."""
+    try:
+        return main() or 0
+    except VaeudaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}.", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+def check_output(path: Optional[str], inputs: Sequence = ()) -> None:
+    """Refuse at start-up an output file path the script could only fail to write at its end."""
+    if path:
+        check_output_file(path, list(inputs))
 
 
 # ----------------------------------------------------------------------------- the machine

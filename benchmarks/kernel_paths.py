@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from common import REPO, machine_info, write_record  # (also puts the engine on sys.path, as for every benchmark script)
+# common also puts the engine on sys.path, as for every benchmark script
+from common import REPO, check_output, machine_info, run_main, write_record
 
 from vaeuda.demo import ROW_ADAPTED as ADAPTED, ROW_ORACLE as ORACLE, ROW_UNADAPTED as UNADAPTED  # noqa: E402
 from vaeuda.machine import KERNEL_VARIABLES, PORTABLE_ENVIRONMENT  # noqa: E402
@@ -119,7 +120,7 @@ def fingerprint_markdown(rows: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))   # the first paragraph
     p.add_argument("--variants", nargs="+", choices=list(KERNEL_PATHS),
                    help="default: all (with --portable, all that leave its variables alone)")
     p.add_argument("--seed", type=int, default=0, help="the demo's seed (default 0, as make demo)")
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", help="keep each variant's demo folder under this folder")
     p.add_argument("--out", help="write the record to this JSON file")
     args = p.parse_args(argv)
+    check_output(args.out)                       # at start-up: not a traceback after the whole run
     if args.variants is None:
         left_out = portable_conflicts(list(KERNEL_PATHS)) if args.portable else []
         args.variants = [n for n in KERNEL_PATHS if n not in left_out]
@@ -164,4 +166,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -26,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_set_option, machine_info, parsed_set_options, scored_dice, write_record  # (also puts the engine on sys.path)
+# common also puts the engine on sys.path, as for every benchmark script
+from common import (add_set_option, check_output, count, machine_info, parsed_set_options, run_main, scored_dice,
+                    write_record)
 
 import torch  # noqa: E402
 
@@ -53,11 +55,12 @@ def main(argv=None) -> int:
     p.add_argument("--draws", type=int, default=6, help="adaptation scans to draw (default 6, as the paper)")
     p.add_argument("--draw-seed", type=int, default=0, help="seed of the draws (default 0)")
     p.add_argument("--seed", type=int, default=0, help="adaptation seed (default 0, as make demo)")
-    p.add_argument("--iterations", type=int, help="adaptation iterations (default: the preset's)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as make demo on 2 cores)")
+    p.add_argument("--iterations", type=count(), help="adaptation iterations (default: the preset's)")
+    p.add_argument("--threads", type=count(), default=2, help="torch threads (default 2, as make demo on 2 cores)")
     p.add_argument("--out", help="write the record to this JSON file")
     add_set_option(p)
     args = p.parse_args(argv)
+    check_output(args.out, [args.model])         # at start-up: not a traceback after the whole run
     if args.draws < 1:
         p.error("--draws must be at least 1")
     overrides = parsed_set_options(p, args.set)
@@ -65,6 +68,9 @@ def main(argv=None) -> int:
     cohort = Path(args.cohort)
     try:
         pool, tests = cohort_split(cohort, "ct", "train"), cohort_split(cohort, "ct", "test")
+        if args.draws > len(pool):    # as experiment table1 says it: a scan drawn twice adapts twice alike
+            print(f"note: {args.draws} draws from a pool of {len(pool)} CT training scans are made with replacement",
+                  file=sys.stderr)
         draws = []
         with tempfile.TemporaryDirectory() as scratch:
             for scan in draw_targets(pool, args.draws, args.draw_seed):
@@ -86,4 +92,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_info, scored_dice, write_record  # (also puts the engine on sys.path)
+# common also puts the engine on sys.path, as for every benchmark script
+from common import check_output, count, machine_info, run_main, scored_dice, write_record
 
 import torch  # noqa: E402
 
@@ -36,14 +37,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a source model file")
     p.add_argument("--cohort", required=True, help="cohort folder with splits.json")
-    p.add_argument("--iterations", type=int, nargs="+", required=True, help="fine-tuning iteration counts to try")
+    p.add_argument("--iterations", type=count(), nargs="+", required=True, help="fine-tuning iteration counts to try")
     p.add_argument("--validation", type=int, default=4, help="pool scans held out for validation (default 4)")
     p.add_argument("--splits", nargs="+", choices=("validation", "test"), default=["validation", "test"],
                    help="which fine-tunings to run (default both)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (default 0, as make demo)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as make demo on 2 cores)")
+    p.add_argument("--threads", type=count(), default=2, help="torch threads (default 2, as make demo on 2 cores)")
     p.add_argument("--out", help="write the record to this JSON file")
     args = p.parse_args(argv)
+    check_output(args.out, [args.model])         # at start-up: not a traceback after the whole run
     if min(args.iterations) < 1:
         p.error("--iterations must be at least 1")
     torch.set_num_threads(args.threads)
@@ -78,4 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

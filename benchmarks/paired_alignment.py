@@ -44,7 +44,8 @@ import sys
 from pathlib import Path
 from typing import List
 
-from common import cohort_slices, write_record  # (also puts the engine on sys.path, as for every benchmark script)
+# common also puts the engine on sys.path, as for every benchmark script
+from common import check_output, cohort_slices, count, positive_float, run_main, write_record
 from adaptation_curves import (default_validation_scans, fixed_slices, latent_probe_of,  # noqa: E402
                                latent_probe_sets, mean_score, posterior_summary)
 
@@ -142,18 +143,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a source model file")
     p.add_argument("--cohort", required=True, help="the phantom cohort the model was trained on (splits.json)")
-    p.add_argument("--iterations", type=int, default=300)
-    p.add_argument("--every", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate for E_T (the cpu preset adapts at 5e-4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--iterations", type=count(0), default=300, help="E_T steps (default 300)")
+    p.add_argument("--every", type=count(), default=100, help="evaluate every N steps (default 100)")
+    p.add_argument("--batch-size", type=count(), default=8, help="paired slices per step (default 8)")
+    p.add_argument("--lr", type=positive_float, default=5e-4,
+                   help="Adam learning rate for E_T (the cpu preset adapts at 5e-4)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--threads", type=count(), default=1, help="torch threads (default 1)")
     p.add_argument("--own-target-encoder", action="store_true",
                    help="start from the model's own E_T (an adapted model: where adaptation left it) instead of "
                         "a copy of E_S; with --iterations 0, only measure it")
     p.add_argument("--disc-on", metavar="SCAN", help="train an informed discriminator on real MR against this CT "
                                                      "scan's x_TS (a scan prefix, e.g. ct_1013) and record its scores")
-    p.add_argument("--disc-steps", type=int, default=400, help="discriminator steps before E_T moves (default 400)")
+    p.add_argument("--disc-steps", type=count(0), default=400,
+                   help="discriminator steps before E_T moves (default 400)")
     p.add_argument("--objective", choices=("paired", "adversarial"), default="paired",
                    help="what E_T minimises: the paired latent distance (default) or L^T_adv against the discriminator")
     p.add_argument("--disc-learns", action="store_true", help="with --objective adversarial: one discriminator "
@@ -162,6 +165,7 @@ def main(argv=None) -> int:
                    help="record the latent domain probe, trained on this CT scan (see adaptation_curves.py)")
     p.add_argument("--out", help="write the record to this JSON file")
     args = p.parse_args(argv)
+    check_output(args.out, [args.model])         # at start-up: not a traceback after the whole run
     if args.objective == "adversarial" and not args.disc_on:
         p.error("--objective adversarial needs --disc-on SCAN (the discriminator it plays against).")
     torch.set_num_threads(args.threads)
@@ -253,4 +257,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-import common  # noqa: F401  (puts the engine on sys.path, as for every benchmark script)
+# common also puts the engine on sys.path, as for every benchmark script
+from common import run_main
 
 from vaeuda.diagnose import CONTRAST_KEYS as COLUMNS, border_contrast  # noqa: E402
 from vaeuda.errors import VaeudaError  # noqa: E402
@@ -50,4 +51,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -38,6 +38,8 @@ def peak_rss_bytes() -> int:
 
 
 def main(argv) -> None:
+    if len(argv) not in (4, 5) or not all(a.isdigit() for a in argv[:3] + argv[4:]):   # e.g. --help
+        sys.exit(__doc__.split("\n\n")[1].strip())
     nx, ny, nz, preset = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
     if len(argv) > 4:
         torch.set_num_threads(int(argv[4]))

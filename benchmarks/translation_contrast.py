@@ -11,10 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import cohort_slices  # (also puts the engine on sys.path, as for every benchmark script)
+# common also puts the engine on sys.path, as for every benchmark script
+from common import check_output, cohort_slices, run_main
 
 from vaeuda.demo import cohort_split  # noqa: E402
 from vaeuda.diagnose import CONTRAST_KEYS as COLUMNS, translation_contrast  # noqa: E402
+from vaeuda.errors import VaeudaError  # noqa: E402
+from vaeuda.fileio import atomic_path  # noqa: E402
 from vaeuda.modelfile import load_model  # noqa: E402
 
 
@@ -26,8 +29,11 @@ def main(argv=None) -> int:
     p.add_argument("--ct", nargs="+", help="CT scan prefixes (default: the CT test split)")
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args(argv)
+    check_output(args.out, [args.model])         # at start-up: not a traceback after the whole run
     cohort = Path(args.cohort)
     net, meta = load_model(args.model)
+    if not meta.get("has_target_encoder"):        # x_ST and x_TS of an encoder no adaptation trained mean nothing
+        raise VaeudaError(f"{args.model}: is a '{meta.get('stage')}' model; the translations need an adapted one.")
     mr_scans = args.mr or cohort_split(cohort, "mr", "test")
     ct_scans = args.ct or cohort_split(cohort, "ct", "test")
     mr, ct = (cohort_slices(cohort, scans, net.cfg, meta["normalisation"], labelled=True)
@@ -40,9 +46,10 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        with atomic_path(Path(args.out)) as tmp:     # its folder made if missing, as the other scripts' records
+            tmp.write_text(text, encoding="utf-8")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
