@@ -737,7 +737,7 @@ def volume_sha256(path) -> Optional[str]:
 def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]], reporter: Reporter):
     from .data import find_pairs
     if source_data:
-        return find_pairs(source_data, labels_option=False)   # a cohort's folder is refused: its MR training scans
+        return find_pairs(source_data, labels_option=False)   # (a cohort folder given whole is refused)
     prov = meta.get("provenance", {})
     images, labels = prov.get("source_data"), prov.get("source_labels")
     if not images:
