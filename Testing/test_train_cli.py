@@ -1078,17 +1078,24 @@ def test_a_synthetic_cohorts_folder_is_refused_where_labelled_training_volumes_a
     _refuse_cohort_folder(tmp_path, SOURCE_TRAINING)
 
 
+def _source_model_on_a_copy(cohort, tmp_path):
+    """(a folder holding a copy of the cohort's mr_1001 image and label, a tiny source model trained on it)."""
+    import shutil
+    folder = tmp_path / "mr"
+    folder.mkdir()
+    for name in ("mr_1001_image.nii.gz", "mr_1001_label.nii.gz"):
+        shutil.copy(cohort / name, folder / name)
+    src = tmp_path / "source.safetensors"
+    assert main(["train-source", "--preset", "tiny", "--iterations", "2", "--out", str(src), "--progress", "none",
+                 "--device", "cpu", str(folder)]) == 0
+    return folder, src
+
+
 def test_adapt_names_the_way_out_when_the_source_volumes_have_moved(tiny_cohort, tmp_path, capsys):
     """The model records where its MR volumes were; moved, adaptation asks for --source-data in one
     sentence, and with it adaptation runs."""
     import shutil
-    moved = tmp_path / "mr"
-    moved.mkdir()
-    for name in ("mr_1001_image.nii.gz", "mr_1001_label.nii.gz"):
-        shutil.copy(tiny_cohort / name, moved / name)
-    src = tmp_path / "source.safetensors"
-    assert main(["train-source", "--preset", "tiny", "--iterations", "2", "--out", str(src), "--progress", "none",
-                 str(moved)]) == 0
+    moved, src = _source_model_on_a_copy(tiny_cohort, tmp_path)
     shutil.rmtree(moved)
     ct = str(tiny_cohort / "ct_1001_image.nii.gz")
     out = tmp_path / "adapted.safetensors"
@@ -1105,15 +1112,8 @@ def test_adapt_names_the_way_out_when_the_source_volumes_have_moved(tiny_cohort,
 def test_adapt_notes_source_volumes_changed_since_training(tiny_cohort, tmp_path, capsys):
     """The model records a SHA-256 per source file; a file changed since (a cohort made again in its
     folder) is named in a note, and adaptation goes on with the files as they are."""
-    import shutil
     from vaeuda.fileio import file_sha256
-    mr = tmp_path / "mr"
-    mr.mkdir()
-    for name in ("mr_1001_image.nii.gz", "mr_1001_label.nii.gz"):
-        shutil.copy(tiny_cohort / name, mr / name)
-    src = tmp_path / "source.safetensors"
-    assert main(["train-source", "--preset", "tiny", "--iterations", "1", "--out", str(src), "--progress", "none",
-                 "--device", "cpu", str(mr / "mr_1001_image.nii.gz")]) == 0
+    mr, src = _source_model_on_a_copy(tiny_cohort, tmp_path)
     assert load_model(src)[1]["provenance"]["source_sha256"] == [file_sha256(mr / "mr_1001_image.nii.gz"),
                                                                  file_sha256(mr / "mr_1001_label.nii.gz")]
     ct = str(tiny_cohort / "ct_1001_image.nii.gz")
