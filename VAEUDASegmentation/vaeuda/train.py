@@ -419,9 +419,10 @@ def _refuse_other_settings(ckpt: Path, then: dict, now: dict, done: int, iterati
     other_inputs |= None not in (then_prov.get("source_sha256"), now_prov.get("source_sha256")) and \
         then_prov.get("source_sha256") != now_prov.get("source_sha256")
     differs = [what for what, differ in (
-        ("a different --seed", then_prov.get("seed") != now_prov.get("seed")),
+        (f"a different --seed ({then_prov.get('seed')})", then_prov.get("seed") != now_prov.get("seed")),
         # patience decides where the run stops and which weights it keeps
-        ("a different --early-stop", then_prov.get("early_stop") != now_prov.get("early_stop")),
+        (f"a different --early-stop ({then_prov.get('early_stop') or 'none'})",
+         then_prov.get("early_stop") != now_prov.get("early_stop")),
         # a GPU computes in bf16 autocast, a CPU in float32: half of each is neither run
         ("another --device", then_prov.get("device") != now_prov.get("device")),
         ("different input volumes or source model", other_inputs),
