@@ -1259,3 +1259,8 @@ def test_adapting_or_fine_tuning_a_model_that_is_not_a_source_model_says_what_it
     assert main(["adapt", "--model", str(adapted), "--out", str(tmp_path / "again.safetensors"), "--iterations", "1",
                  "--progress", "none", ct]) == 0
     assert f"note: {adapted} is not a source model (its stage: 'adapted'); adapting" in capsys.readouterr().err
+    label = str(tiny_cohort / "ct_1001_label.nii.gz")      # a wrong target is refused alone, before the note
+    assert main(["adapt", "--model", str(adapted), "--out", str(tmp_path / "third.safetensors"), "--iterations", "1",
+                 "--progress", "none", label]) == 2
+    err = capsys.readouterr().err
+    assert "is a label map" in err and "is not a source model" not in err

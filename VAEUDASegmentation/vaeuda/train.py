@@ -769,10 +769,6 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     refuse_repeated(targets, "target volume")   # it would count twice in the adaptation's sampling, unasked
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
-    if src_meta.get("stage") != "source":
-        reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); adapting "
-                     f"it anyway: E_T and D_T start again as copies of its E_S and D_S, so an earlier adaptation is "
-                     f"not continued")
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
@@ -783,6 +779,10 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     reporter.log(f"reading {len(targets)} target volume(s) and {len(pairs)} labelled source volume(s)")
     # the target first: a wrong one (a label map, too few slices) is refused before the source is read
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
+    if src_meta.get("stage") != "source":   # said once the target is known good: a wrong one is refused alone
+        reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); adapting "
+                     f"it anyway: E_T and D_T start again as copies of its E_S and D_S, so an earlier adaptation is "
+                     f"not continued")
     source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
     stage_defaults = {**ADAPT_TRAINING.get(preset, {}), **_inherited_options(src_meta)}
     cfg = resolve_train_config(overrides, batch_size, preset, stage_defaults)
