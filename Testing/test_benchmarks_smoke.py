@@ -160,8 +160,14 @@ def test_released_contrast_of_the_real_samples(mmwhs_samples):
     assert rows["training_mr.tfrecords"][3] == f"{expected:.2f}"
 
 
-def test_released_contrast_refuses_a_foreign_file(mmwhs_samples):
-    proc = _run("released_contrast.py", str(mmwhs_samples / "README.md"))
+def test_released_contrast_refuses_a_foreign_file(mmwhs_samples, tmp_path):
+    """Named as what it is, before any row is printed (the table is all or nothing)."""
+    proc = _run("released_contrast.py", str(mmwhs_samples / "example_mr.npz"), str(mmwhs_samples / "README.md"))
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == (
+        f"error: {mmwhs_samples / 'README.md'}: is not a released .tfrecords or .npz file.\n")
+    damaged = tmp_path / "damaged.tfrecords"                 # named as a record file: its checksum tells
+    damaged.write_bytes((mmwhs_samples / "README.md").read_bytes())
+    proc = _run("released_contrast.py", str(damaged))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "CRC" in proc.stderr
 
 

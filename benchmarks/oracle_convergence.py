@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     runs = []
     try:
         pool, tests = cohort_split(cohort, "ct", "train"), cohort_split(cohort, "ct", "test")
-        if not 0 < args.validation < len(pool):
+        if "validation" in args.splits and not 0 < args.validation < len(pool):   # (a test run uses the pool whole)
             p.error(f"--validation must be between 1 and {len(pool) - 1} (the pool has {len(pool)} scans)")
         held_out, kept = pool[:args.validation], pool[args.validation:]
         with tempfile.TemporaryDirectory() as scratch:

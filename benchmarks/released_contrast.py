@@ -25,7 +25,11 @@ from vaeuda.formats import read_npz, read_tfrecords  # noqa: E402
 
 def released_slices(path: Path):
     """(images (N, S, S) middle channels, labels (N, S, S) class indices) of one released file."""
-    if path.suffix == ".npz":
+    if path.is_dir():
+        raise VaeudaError(f"{path}: is a folder; give the released files themselves (e.g. {path}/*.npz).")
+    if path.suffix.lower() not in (".npz", ".tfrecords"):     # else read as records and called corrupt
+        raise VaeudaError(f"{path}: is not a released .tfrecords or .npz file.")
+    if path.suffix.lower() == ".npz":
         return read_npz(path)
     samples = read_tfrecords(path)
     return (np.stack([image[image.shape[0] // 2] for image, _ in samples]),
@@ -36,13 +40,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", type=Path, help="released .tfrecords or .npz files")
     args = p.parse_args(argv)
+    try:                                   # every file read before the table starts: a bad one leaves no half table
+        rows = [(path, border_contrast(*released_slices(path))) for path in args.files]
+    except VaeudaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print("| file | " + " | ".join(COLUMNS) + " |\n|---|" + "---:|" * len(COLUMNS))
-    for path in args.files:
-        try:
-            row = border_contrast(*released_slices(path))
-        except VaeudaError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    for path, row in rows:
         if np.isnan(row["blood - myocardium"]):
             print(f"| {path.name} | " + " | ".join("no LV" for _ in COLUMNS) + " |")
         else:
