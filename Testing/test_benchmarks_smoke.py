@@ -129,6 +129,8 @@ def test_translation_contrast_table(tiny_cohort, tiny_source_model, tmp_path):
         f"error: {tiny_source_model}: is a 'source' model; the translations need an adapted one.") and not md.exists()
     adapted = tmp_path / "adapted.safetensors"
     adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], adapted, iterations=1, device="cpu")
+    proc = _run("translation_contrast.py", "--model", str(adapted), "--cohort", str(tiny_cohort), "--mr", "ct_1001")
+    assert (proc.returncode, proc.stderr) == (1, "error: ct_1001: is not one of the cohort's MR scans (splits.json).\n")
     proc = _run("translation_contrast.py", "--model", str(adapted), "--cohort", str(tiny_cohort), "--out", str(md))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in md.read_text().splitlines() if line.startswith("| x_")]
@@ -743,6 +745,10 @@ def test_scripts_refuse_bad_arguments_at_start_up(tiny_cohort, tiny_source_model
          refused, f"error: {folder}: is a folder; give the output a file name."),
         (("adaptation_curves.py", "--model", model, "--cohort", cohort, "--target", "ct_1002"), refused,
          "error: ct_1002: is one of the cohort's CT test scans; adapt on one of its CT training scans."),
+        (("adaptation_curves.py", "--model", model, "--cohort", cohort, "--target", "ct_1001", "--val"), usage,
+         "--val needs at least one scan prefix"),
+        (("kernel_paths.py", "--fingerprints", "--keep", str(folder)), usage,
+         "--keep keeps each variant's demo folder, and --fingerprints runs no demo"),
     ]
     for args, status, message in cases:
         proc = _run(*args)

@@ -255,6 +255,8 @@ def main(argv=None) -> int:
                    help="step E_T at this multiple of the learning rate (0: frozen at its copy of E_S)")
     args = p.parse_args(argv)
     check_output(args.out, [args.model])         # at start-up: not a traceback after the whole run
+    if args.val == []:                           # the signal settings are chosen on would go unsaid
+        p.error("--val needs at least one scan prefix (leave it out for the default validation scans)")
     check_output(args.model_out, [args.model])
     torch.set_num_threads(args.threads)
     overrides = {"eval_every": args.every, **parsed_set_options(p, args.set)}

@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the record to this JSON file")
     args = p.parse_args(argv)
     check_output(args.out)                       # at start-up: not a traceback after the whole run
+    if args.fingerprints and args.keep:
+        p.error("--keep keeps each variant's demo folder, and --fingerprints runs no demo")
     if args.variants is None:
         left_out = portable_conflicts(list(KERNEL_PATHS)) if args.portable else []
         args.variants = [n for n in KERNEL_PATHS if n not in left_out]

@@ -36,6 +36,11 @@ def main(argv=None) -> int:
         raise VaeudaError(f"{args.model}: is a '{meta.get('stage')}' model; the translations need an adapted one.")
     mr_scans = args.mr or cohort_split(cohort, "mr", "test")
     ct_scans = args.ct or cohort_split(cohort, "ct", "test")
+    for modality, scans in (("mr", mr_scans), ("ct", ct_scans)):   # a CT scan in the MR rows would pass unsaid
+        listed = cohort_split(cohort, modality, "train") + cohort_split(cohort, modality, "test")
+        stray = [scan for scan in scans if scan not in listed]
+        if stray:
+            raise VaeudaError(f"{stray[0]}: is not one of the cohort's {modality.upper()} scans (splits.json).")
     mr, ct = (cohort_slices(cohort, scans, net.cfg, meta["normalisation"], labelled=True)
               for scans in (mr_scans, ct_scans))
     rows = translation_contrast(net, mr.images, mr.labels, ct.images, ct.labels)
