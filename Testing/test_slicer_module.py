@@ -341,7 +341,21 @@ def test_console_mistakes_are_refused_before_the_job_in_one_sentence(slicer, mod
          "the model file's metadata is damaged"),
         (lambda: fake_logic.segment(volume, model, volume), "The output segmentation must be a vtkMRMLSegmentationNode "
                                                             "node, not node 'ct_case' (vtkMRMLScalarVolumeNode)"),
-        (lambda: fake_logic.segment(volume.GetID(), model), "Select a scalar volume"),
+        (lambda: fake_logic.segment(volume.GetID(), model),
+         f"The input volume must be a vtkMRMLScalarVolumeNode node, not '{volume.GetID()}'."),
+        (lambda: fake_logic.adapt(model, [volume, "ct"], tmp_path / "a.safetensors"),
+         "Target volume 2 must be a vtkMRMLScalarVolumeNode node, not 'ct'."),
+        (lambda: fake_logic.trainSource(tmp_path, tmp_path / "s.safetensors", iterations=0),
+         "iterations must be a whole number of at least 1 (or None for the default), not 0."),
+        (lambda: fake_logic.adapt(model, [volume], tmp_path / "a.safetensors", seed=-1),
+         "seed must be a whole number of at least 0 (or None for the default), not -1."),
+        (lambda: fake_logic.segment(volume, model, cpuBf16=True, portable=True),
+         "portable computes in float32; it cannot be combined with cpuBf16."),
+        (lambda: fake_logic.trainSource(tmp_path, tmp_path / "s.safetensors", device="cuda", portable=True),
+         "portable is for the CPU; it cannot be combined with device 'cuda'."),
+        (lambda: fake_logic.trainSource(tmp_path, f"{tmp_path / 'newdir'}/"),
+         "newdir/: is named as a folder (it ends with a separator); give the output a file name."),
+        (lambda: fake_logic.makeTryItCohort(tmp_path / "c", nTrain=-1), "nTrain must be a whole number of at least 0"),
         (lambda: fake_logic.evaluate(volume, seg), "The segmentation must be a vtkMRMLSegmentationNode node"),
         (lambda: fake_logic.evaluate(seg, seg, volume), "The output table must be a vtkMRMLTableNode node"),
         (lambda: mod.segmentMask(None, "LV-M", volume), "must be a vtkMRMLSegmentationNode node, not nothing"),
@@ -592,6 +606,36 @@ def test_a_blocking_call_keeps_processing_events_and_refuses_a_second_job(slicer
     assert not fake_logic.isRunning() and os.listdir(slicer.app.temporaryPath) == []
 
 
+def test_a_second_logic_cannot_start_a_job_while_another_runs(slicer, mod, fake_logic, monkeypatch, tmp_path):
+    """The panel's logic and one made in the console share the engine: one job at a time in Slicer
+    (two had run at once and written the same model)."""
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    other = mod.VAEUDASegmentationLogic()
+    other.engineCommand = fake_logic.engineCommand
+    fake_logic.segment(volume, model, waitForCompletion=False)
+    try:
+        with pytest.raises(RuntimeError, match=r"^A VAE-UDA job \(segment\) is running; wait for it or cancel it"):
+            other.segment(volume, model, waitForCompletion=False)
+    finally:
+        fake_logic.cancel()
+    while fake_logic.isRunning():
+        slicer.app.processEvents()
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "done")       # once it has ended, the other logic may start one
+    assert other.segment(volume, model) is not None
+
+
+def test_engine_sentences_name_the_batch_apis_arguments(mod):
+    """The engine speaks of its flags; the console user passed Python arguments."""
+    assert mod._asArguments("m: 4 files are not at their recorded paths; pass the volumes with --source-data.") == \
+        "m: 4 files are not at their recorded paths; pass the volumes with sourceDataFolder."
+    assert mod._asArguments("n_train (--n-train) 3 is larger; a --label-convention JSON file") == \
+        "n_train (nTrain) 3 is larger; a labelConvention JSON file"
+    assert mod._asArguments("--sizes and --seeded stay") == "--sizes and --seeded stay"     # whole flags only
+
+
 def test_bad_inputs_are_refused_with_one_sentence_before_anything_runs(slicer, mod, fake_logic, tmp_path):
     from vaeuda.labels import MMWHS
     volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
@@ -601,7 +645,8 @@ def test_bad_inputs_are_refused_with_one_sentence_before_anything_runs(slicer, m
     with pytest.raises(ValueError, match=r"notes\.txt: not a VAE-UDA model file"):
         fake_logic.segment(volume, tmp_path / "notes.txt")
     label = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
-    with pytest.raises(ValueError, match="not a label map"):
+    with pytest.raises(ValueError, match=f"The input volume must be a scalar volume, not the label map "
+                                         f"'{label.GetName()}'"):
         fake_logic.segment(label, write_fake_model(tmp_path / "m.safetensors", MMWHS))
     rgb = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5, 3), np.uint8), nodeClassName="vtkMRMLVectorVolumeNode")
     with pytest.raises(ValueError, match="has 3 components per voxel; select a single-channel"):
@@ -1280,3 +1325,12 @@ def test_an_unset_model_file_leaves_its_field_empty_not_a_dot(mod):
     edit.currentPath = "/models/other.safetensors"
     assert seen == ["/models/adapted.safetensors"]
     assert mod.PathLineEditToTextConnector.create(edit, pathlib.Path) is None      # Slicer's own connector's type
+
+
+def test_a_home_relative_path_typed_in_the_console_is_expanded(slicer, mod, fake_logic, monkeypatch, tmp_path):
+    """No shell expands "~" in Slicer's console: the logic does, instead of making a folder named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    train = tmp_path / "train"
+    train.mkdir()
+    model = fake_logic.trainSource("~/train", "~/m.safetensors")
+    assert model == str(tmp_path / "m.safetensors") and os.path.isfile(model) and not (tmp_path / "~").exists()

@@ -331,6 +331,39 @@ def _pathOrNone(path) -> Optional[str]:
     return None if text in ("", ".") else text
 
 
+# The job running in this Slicer, whichever logic instance started it (the panel's, or one made in
+# the Python console): two engines at once would contend for the cores, or write the same model.
+_RUNNING_JOB: List[Optional["_Job"]] = [None]
+
+
+def _userPath(path):
+    """A path as typed in the console, with ``~`` expanded (no shell does it here); None stays None."""
+    return None if path is None else os.path.expanduser(str(path))
+
+
+# The engine's sentences name its command-line flags; the batch API's callers know its arguments.
+_ENGINE_FLAGS = {"--source-data": "sourceDataFolder", "--iterations": "iterations", "--seed": "seed",
+                 "--portable": "portable", "--cpu-bf16": "cpuBf16", "--label-convention": "labelConvention",
+                 "--input-size": "inputSize", "--n-source": "nSource", "--n-target": "nTarget",
+                 "--n-train": "nTrain", "--size": "size", "--preset": "preset", "--device": "device"}
+
+
+def _asArguments(message: str) -> str:
+    """An engine sentence with its flags named as the batch API's arguments (``--source-data`` ->
+    ``sourceDataFolder``); the longest first, since one flag may begin another."""
+    import re
+    for flag in sorted(_ENGINE_FLAGS, key=len, reverse=True):
+        message = re.sub(re.escape(flag) + r"(?![\w-])", _ENGINE_FLAGS[flag], message)
+    return message
+
+
+def _requireCount(name: str, value, minimum: int = 1) -> None:
+    """Refuse a count argument (None: the engine's default) that the engine would refuse only after starting."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be a whole number of at least {minimum} (or None for the default), "
+                         f"not {value!r}.")
+
+
 # ----------------------------------------------------------------------------- widget
 
 class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -823,9 +856,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         """Run ``vaeuda <subcommandArgs> --progress json``; see the class docstring for the two modes.
         ``pathNames``: temporary files by what the user knows them as (inputs, and outputs the job moves
         or imports), for the engine's sentences."""
-        if self._job is not None:
+        running = self._job or _RUNNING_JOB[0]      # one engine at a time in this Slicer, whichever logic started it
+        if running is not None:
             shutil.rmtree(tempDir, ignore_errors=True)
-            raise RuntimeError(f"A VAE-UDA job ({self._job.name}) is running; wait for it or cancel it first.")
+            raise RuntimeError(f"A VAE-UDA job ({running.name}) is running; wait for it or cancel it first.")
         try:
             engine = self._engineArgs()
         except RuntimeError:
@@ -843,7 +877,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         except OSError as exc:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise RuntimeError(f"Cannot start the VAE-UDA engine ({args[0]}): {exc}.") from None
-        self._job = job
+        self._job = _RUNNING_JOB[0] = job
         if not waitForCompletion:
             qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._poll(job))
             return None
@@ -886,17 +920,21 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             if process.cancelRequested:
                 result = JobResult("cancelled", "Cancelled by the user.")
             elif process.returncode != 0:
-                result = JobResult("failed", _namePaths(process.failureMessage(), job.pathNames))
+                result = JobResult("failed", _asArguments(_namePaths(process.failureMessage(), job.pathNames)))
             else:
                 try:
                     value = job.onSuccess(process.outputs) if job.onSuccess else None
                     result = JobResult("done", outputs=list(process.outputs), value=value)
+                except (RuntimeError, ValueError, OSError) as exc:   # foreseen (a node removed meanwhile): no traceback
+                    logging.error("VAE-UDA %s: %s", job.name, exc)
+                    result = JobResult("failed", str(exc))
                 except Exception as exc:
                     logging.exception("VAE-UDA %s: reading the results failed", job.name)
                     result = JobResult("failed", str(exc))
         finally:
             shutil.rmtree(job.tempDir, ignore_errors=True)
             self._job = None
+            _RUNNING_JOB[0] = None
         logging.info("VAE-UDA %s: %s %s", job.name, result.status, result.message)
         if job.finishedCallback:
             job.finishedCallback(result)
@@ -904,11 +942,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
     # -- scene <-> files
 
-    @staticmethod
-    def _writeVolume(volumeNode, path: str) -> None:
-        if volumeNode is None or not hasattr(volumeNode, "IsA") or not volumeNode.IsA("vtkMRMLScalarVolumeNode") \
-                or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-            raise ValueError("Select a scalar volume (not a label map) as input.")
+    def _writeVolume(self, volumeNode, path: str, what: str = "The input volume") -> None:
+        self._requireNode(volumeNode, "vtkMRMLScalarVolumeNode", what)
+        if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise ValueError(f"{what} must be a scalar volume, not the label map '{volumeNode.GetName()}'.")
         if volumeNode.GetImageData() is None:
             raise ValueError(f"Volume '{volumeNode.GetName()}' has no voxels.")
         components = volumeNode.GetImageData().GetNumberOfScalarComponents()
@@ -927,6 +964,14 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             given = "nothing" if node is None else (f"node '{node.GetName()}' ({node.GetClassName()})"
                                                     if hasattr(node, "GetClassName") else repr(node))
             raise ValueError(f"{what} must be a {className} node, not {given}.")
+
+    @staticmethod
+    def _requirePortableOnCpu(portable: bool, device: str, cpuBf16: bool = False) -> None:
+        """The engine's refusals of ``--portable`` with CUDA or bf16, before the job starts."""
+        if portable and device == "cuda":
+            raise ValueError("portable is for the CPU; it cannot be combined with device 'cuda'.")
+        if portable and cpuBf16:     # native and emulated bf16 round differently
+            raise ValueError("portable computes in float32; it cannot be combined with cpuBf16.")
 
     @staticmethod
     def _requireChoice(name: str, value, choices: Sequence[str]) -> None:
@@ -1046,6 +1091,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             seg.CreateClosedSurfaceRepresentation()   # show in 3D
         """
         self._requireChoice("The device", device, vaeudaChoices.DEVICES)
+        modelPath = _userPath(modelPath)
+        self._requirePortableOnCpu(portable, device, cpuBf16)
         modelPath = self._existingFile(modelPath, "model file")
         try:
             fromIndex = labelValuesOfModel(readModelMetadata(modelPath))
@@ -1104,6 +1151,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             logic.trainSource("/data/mr_train", "/data/source.safetensors", preset="cpu", iterations=5000)
         """
         self._requireChoice("The device", device, vaeudaChoices.DEVICES)
+        dataFolder, outputModelPath = _userPath(dataFolder), _userPath(outputModelPath)
+        _requireCount("iterations", iterations)
+        _requireCount("seed", seed, minimum=0)
+        self._requirePortableOnCpu(portable, device)
         if preset is not None:
             self._requireChoice("The preset", preset, vaeudaChoices.PRESET_NAMES)
         if not _pathOrNone(dataFolder) or not os.path.isdir(str(dataFolder)):
@@ -1137,6 +1188,11 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             adapted = logic.adapt("/data/source.safetensors", [getNode("ct_1017")], "/data/adapted.safetensors")
         """
         self._requireChoice("The device", device, vaeudaChoices.DEVICES)
+        sourceModelPath, outputModelPath = _userPath(sourceModelPath), _userPath(outputModelPath)
+        sourceDataFolder = _userPath(sourceDataFolder)
+        _requireCount("iterations", iterations)
+        _requireCount("seed", seed, minimum=0)
+        self._requirePortableOnCpu(portable, device)
         sourceModelPath = self._existingFile(sourceModelPath, "source model file")
         readModelMetadata(sourceModelPath)
         if targetVolumeNodes is not None and not isinstance(targetVolumeNodes, (list, tuple)):
@@ -1152,7 +1208,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             targets = []
             for index, node in enumerate(targetVolumeNodes):
                 targets.append(os.path.join(tempDir, f"target_{index}.nii.gz"))
-                self._writeVolume(node, targets[-1])
+                self._writeVolume(node, targets[-1], f"Target volume {index + 1}")
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
@@ -1237,7 +1293,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             cohort = logic.makeTryItCohort()
             model = logic.trainSource(cohort.sourceTrainingFolder, cohort.folder + "/source.safetensors", iterations=300)
         """
-        outputFolder = os.path.abspath(str(outputFolder or self.defaultTryItFolder()))
+        outputFolder = os.path.abspath(_userPath(outputFolder or self.defaultTryItFolder()))
+        for name, value, minimum in (("nSource", nSource, 1), ("nTarget", nTarget, 1), ("nTrain", nTrain, 0),
+                                     ("seed", seed, 0)):
+            _requireCount(name, value, minimum)
         if os.path.isdir(outputFolder) and os.listdir(outputFolder):
             raise ValueError(f"{outputFolder}: the folder for the synthetic cohort must be new or empty.")
         self._checkOutput(outputFolder, folder=True)
@@ -1272,7 +1331,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 raise
             return cohort
 
-        return self._run("synth", args, tempDir, loadCohort, waitForCompletion, progressCallback, finishedCallback)
+        return self._run("synth", args, tempDir, loadCohort, waitForCompletion, progressCallback, finishedCallback,
+                         {cohortDir: outputFolder})
 
     @staticmethod
     def defaultInputVolume():

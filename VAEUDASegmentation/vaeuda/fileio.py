@@ -129,6 +129,8 @@ def make_dir(path: PathLike) -> Path:
 def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
     """Refuse, before any work, an output file path that is a folder, lies under a file, cannot be
     created, or is one of ``inputs`` (which are never overwritten). Returns the path."""
+    if str(path).endswith(("/", os.sep)):     # Path drops the separator: the file would take the folder's name
+        raise VaeudaError(f"{path}: is named as a folder (it ends with a separator); give the output a file name.")
     path = Path(path)
     if path.is_dir():
         raise VaeudaError(f"{path}: is a folder; give the output a file name.")
