@@ -112,3 +112,11 @@ def test_an_output_where_no_file_can_be_made_is_refused_before_work_even_for_roo
     monkeypatch.setattr(tempfile, "mkstemp", real)
     assert check_output_file(tmp_path / "m.safetensors") == tmp_path / "m.safetensors"
     assert list(tmp_path.iterdir()) == []                      # the probe file is gone
+
+
+def test_an_output_file_named_as_a_folder_is_refused(tmp_path):
+    """``--out newdir/``: Path drops the separator, and the model would be a file named newdir."""
+    with pytest.raises(VaeudaError, match=r"newdir/: is named as a folder \(it ends with a separator\); give the "
+                                          r"output a file name\.$"):
+        check_output_file(f"{tmp_path / 'newdir'}/")
+    assert not (tmp_path / "newdir").exists()
