@@ -394,6 +394,19 @@ def test_evaluate_says_which_structures_the_reference_lacks(slicer, mod, fake_lo
     assert "the reference 'ref' has no segment for LA blood cavity, LV blood cavity, Ascending aorta" in caplog.text
 
 
+def test_evaluate_says_how_to_give_a_segmentation_its_reference_volume(slicer, mod, fake_logic):
+    """A segmentation loaded from a file has no reference volume: the sentence names the call that sets one."""
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    labels = np.zeros((3, 4, 5), np.uint8)
+    labels[1, 1:3, 1:4] = 1
+    ref = make_segmentation(slicer, volume, labels, [("LV-M", "LV-M", None)], "ref")
+    loose = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+    with pytest.raises(ValueError, match=re.escape(
+            "Segmentation 'manual' has no reference volume to compare in; set one with "
+            "segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)")):
+        fake_logic.evaluate(loose, ref)
+
+
 def test_a_node_removed_while_its_job_ran_gets_nothing_imported(slicer, mod, fake_logic, tmp_path):
     from vaeuda.labels import MMWHS
     volume = add_volume(slicer, np.arange(60, dtype=np.float32).reshape(3, 4, 5))

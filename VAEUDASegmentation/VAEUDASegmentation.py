@@ -1246,7 +1246,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             self._requireNode(outputTableNode, "vtkMRMLTableNode", "The output table")
         referenceVolume = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
         if referenceVolume is None:
-            raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no reference volume to compare in.")
+            raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no reference volume to compare in; "
+                             f"set one with segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode("
+                             f"volumeNode), e.g. after loading it from a file.")
         if referenceVolume.GetImageData() is None:
             raise ValueError(f"Volume '{referenceVolume.GetName()}' has no voxels.")
         absent = [s.name for s in STRUCTURES if self._segmentIdForStructure(referenceSegmentationNode, s) is None]
