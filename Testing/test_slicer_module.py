@@ -1347,3 +1347,16 @@ def test_a_home_relative_path_typed_in_the_console_is_expanded(slicer, mod, fake
     train.mkdir()
     model = fake_logic.trainSource("~/train", "~/m.safetensors")
     assert model == str(tmp_path / "m.safetensors") and os.path.isfile(model) and not (tmp_path / "~").exists()
+
+
+def test_the_evaluation_table_marks_structures_the_reference_lacks(slicer, mod):
+    """Their Dice of 0 is no miss of the segmentation's: the row says so, not only the log."""
+    scores = {"dice": 0.0, "assd_mm": None, "assd_vox": None}
+    result = {"volumes": [{"metrics": {s.key: scores for s in mod.STRUCTURES}}],
+              "summary": {"Mean": {"dice": {"mean": 0.0}, "assd_mm": None, "assd_vox": None}}}
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    lacking = mod.STRUCTURES[1].name
+    table = mod.VAEUDASegmentationLogic._evaluationTable(result, segmentation, None, [lacking])
+    names = [table.GetCellText(row, 0) for row in range(table.GetNumberOfRows())]
+    assert names == [s.name + (" (no reference)" if s.name == lacking else "") for s in mod.STRUCTURES] + ["Mean"]
+    assert [table.GetCellText(1, c) for c in (1, 2, 3)] == ["0.00", "n/a", "n/a"]

@@ -1273,7 +1273,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
         def makeTable(outputs: List[str]):
             with open(jsonPath, encoding="utf-8") as f:
-                return self._evaluationTable(json.load(f), segmentationNode, outputTableNode)
+                return self._evaluationTable(json.load(f), segmentationNode, outputTableNode, absent)
 
         args = ["evaluate", "--pred", predDir, "--ref", refDir, "--label-convention", "consecutive", "--json", jsonPath]
         pathNames[jsonPath] = "a temporary file, shown as a table"
@@ -1402,8 +1402,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene.RemoveNode(labelmapNode)
 
     @staticmethod
-    def _evaluationTable(result: dict, segmentationNode, tableNode=None):
-        """Engine evaluation JSON (vaeuda/metrics.py ``evaluate_dirs``) -> table: structures and Mean x metrics."""
+    def _evaluationTable(result: dict, segmentationNode, tableNode=None, unreferenced: Sequence[str] = ()):
+        """Engine evaluation JSON (vaeuda/metrics.py ``evaluate_dirs``) -> table: structures and Mean x metrics.
+        ``unreferenced``: the structures the reference has no segment for, marked so in their row (their
+        0 Dice is not a miss of the segmentation's)."""
         metrics = result["volumes"][0]["metrics"]
         mean = result["summary"]["Mean"]
         if tableNode is None:
@@ -1414,7 +1416,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         for index, (title, _, _) in enumerate(columns):
             tableNode.AddColumn()
             tableNode.RenameColumn(index, title)
-        rows = [(s.name, metrics[s.key]) for s in STRUCTURES]
+        rows = [(s.name + (" (no reference)" if s.name in unreferenced else ""), metrics[s.key]) for s in STRUCTURES]
         rows.append(("Mean", {m: (mean[m] or {}).get("mean") for m in ("dice", "assd_mm", "assd_vox")}))
         for name, values in rows:
             row = tableNode.AddEmptyRow()
