@@ -263,71 +263,67 @@ def main(argv=None) -> int:
     if args.target_encoder_lr_scale != 1.0:
         scales = overrides.get("lr_scale", {})      # not a dict: left for the engine to refuse
         overrides["lr_scale"] = {**scales, "enc_t": args.target_encoder_lr_scale} if isinstance(scales, dict) else scales
-    try:
-        cohort = Path(args.cohort)
-        net, meta = load_model(args.model)
-        cfg, norm = net.cfg, meta["normalisation"]
-        # as train.adapt resolves it: the source model's own loss unless --set says otherwise
-        gan_mode = overrides.get("gan_mode", meta["train"].get("gan_mode", "lsgan"))
-        if args.target in cohort_split(cohort, "ct", "test"):   # its "test" Dice would score the scan adapted on
-            raise VaeudaError(f"{args.target}: is one of the cohort's CT test scans; adapt on one of its CT training "
-                              f"scans.")
-        val = args.val if args.val is not None else default_validation_scans(cohort, args.target)
-        device = torch.device("cpu")
-        probes = {name: HeldOutDiceProbe(cohort, scans, cfg.input_size, cfg.slice_fov_mm, norm, device)
-                  for name, scans in (("val", val), ("test", cohort_split(cohort, "ct", "test"))) if scans}
+    cohort = Path(args.cohort)
+    net, meta = load_model(args.model)
+    cfg, norm = net.cfg, meta["normalisation"]
+    # as train.adapt resolves it: the source model's own loss unless --set says otherwise
+    gan_mode = overrides.get("gan_mode", meta["train"].get("gan_mode", "lsgan"))
+    if args.target in cohort_split(cohort, "ct", "test"):   # its "test" Dice would score the scan adapted on
+        raise VaeudaError(f"{args.target}: is one of the cohort's CT test scans; adapt on one of its CT training "
+                          f"scans.")
+    val = args.val if args.val is not None else default_validation_scans(cohort, args.target)
+    device = torch.device("cpu")
+    probes = {name: HeldOutDiceProbe(cohort, scans, cfg.input_size, cfg.slice_fov_mm, norm, device)
+              for name, scans in (("val", val), ("test", cohort_split(cohort, "ct", "test"))) if scans}
 
-        # two MR training scans: the discriminator's real slices and, labelled, the contrast's MR rows
-        mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=args.contrast)
-        slice_range = parse_slice_range(args.slices)
-        mr = fixed_slices(mr_set.images, DISC_SLICES, args.seed)
-        target_images = cohort_slices(cohort, [args.target], cfg, norm).images
-        adapted_on = target_images[slice_range[0]:slice_range[1]] if slice_range else target_images
-        source_fractions = None
-        if args.proxies:
-            mr_labels = cohort_slices(cohort, cohort_split(cohort, "mr", "train"), cfg, norm, labelled=True).labels
-            source_fractions = torch.bincount(torch.as_tensor(mr_labels).flatten().long(),
-                                              minlength=cfg.n_classes).float()
-            source_fractions /= source_fractions.sum()
-        ct = fixed_slices(target_images, DISC_SLICES, args.seed)
-        ct_val = cohort_slices(cohort, val, cfg, norm, labelled=True) if args.contrast else None
-        probe_sets = (latent_probe_sets(cohort, mr_set.images, target_images, val, cfg, norm,
-                                        ct_val.images if ct_val is not None else None)
-                      if args.latent_probe else None)
-        curve: List[dict] = []
+    # two MR training scans: the discriminator's real slices and, labelled, the contrast's MR rows
+    mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=args.contrast)
+    slice_range = parse_slice_range(args.slices)
+    mr = fixed_slices(mr_set.images, DISC_SLICES, args.seed)
+    target_images = cohort_slices(cohort, [args.target], cfg, norm).images
+    adapted_on = target_images[slice_range[0]:slice_range[1]] if slice_range else target_images
+    source_fractions = None
+    if args.proxies:
+        mr_labels = cohort_slices(cohort, cohort_split(cohort, "mr", "train"), cfg, norm, labelled=True).labels
+        source_fractions = torch.bincount(torch.as_tensor(mr_labels).flatten().long(),
+                                          minlength=cfg.n_classes).float()
+        source_fractions /= source_fractions.sum()
+    ct = fixed_slices(target_images, DISC_SLICES, args.seed)
+    ct_val = cohort_slices(cohort, val, cfg, norm, labelled=True) if args.contrast else None
+    probe_sets = (latent_probe_sets(cohort, mr_set.images, target_images, val, cfg, norm,
+                                    ct_val.images if ct_val is not None else None)
+                  if args.latent_probe else None)
+    curve: List[dict] = []
 
-        def evaluate(iteration: int, averaged, live) -> None:
-            row = {"iteration": iteration}
-            row.update({name: round(100 * probe(iteration, averaged)["test_dice_mean"], 2)
-                        for name, probe in probes.items()})
-            row["disc"] = disc_scores(live, mr, ct, gan_mode)
-            if args.contrast:
-                rows = translation_contrast(averaged, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
-                row["contrast"] = {short: {c: round(rows[name][col], 3) for col, c in CONTRAST_COLUMNS.items()}
-                                   for name, short in CONTRAST_ROWS.items()}
-            if source_fractions is not None:
-                row["proxies"] = selection_proxies(averaged, adapted_on, source_fractions)
-            if probe_sets is not None:
-                row["latent"] = latent_probe_of(averaged, probe_sets, args.seed)
-            curve.append(row)
-            print(json.dumps(row), flush=True)
+    def evaluate(iteration: int, averaged, live) -> None:
+        row = {"iteration": iteration}
+        row.update({name: round(100 * probe(iteration, averaged)["test_dice_mean"], 2)
+                    for name, probe in probes.items()})
+        row["disc"] = disc_scores(live, mr, ct, gan_mode)
+        if args.contrast:
+            rows = translation_contrast(averaged, mr_set.images, mr_set.labels, ct_val.images, ct_val.labels)
+            row["contrast"] = {short: {c: round(rows[name][col], 3) for col, c in CONTRAST_COLUMNS.items()}
+                               for name, short in CONTRAST_ROWS.items()}
+        if source_fractions is not None:
+            row["proxies"] = selection_proxies(averaged, adapted_on, source_fractions)
+        if probe_sets is not None:
+            row["latent"] = latent_probe_of(averaged, probe_sets, args.seed)
+        curve.append(row)
+        print(json.dumps(row), flush=True)
 
-        # iteration 0: the source model, its source encoder copied into the target one (as adapt does)
-        net.copy_source_to_target()
-        evaluate(0, net.eval(), net)
-        with tempfile.TemporaryDirectory() as scratch:
-            out = Path(args.model_out or Path(scratch) / "adapted.safetensors")
-            meta = train.adapt(args.model, [image_of(cohort, args.target)], out, iterations=args.iterations,
-                               seed=args.seed, device="cpu", use_kl=not args.no_kl, use_adv=not args.no_adv,
-                               use_cycle=not args.no_cycle, use_task=not args.no_task_consistency,
-                               slice_range=slice_range, callback=evaluate, overrides=overrides)
-        engine_proxy = {entry["iteration"]: entry["proxy"] for entry in meta.get("history", []) if "proxy" in entry}
-        for row in curve:
-            if row["iteration"] in engine_proxy and "proxies" in row:
-                row["proxies"]["engine_proxy"] = engine_proxy[row["iteration"]]
-    except VaeudaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # iteration 0: the source model, its source encoder copied into the target one (as adapt does)
+    net.copy_source_to_target()
+    evaluate(0, net.eval(), net)
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(args.model_out or Path(scratch) / "adapted.safetensors")
+        meta = train.adapt(args.model, [image_of(cohort, args.target)], out, iterations=args.iterations,
+                           seed=args.seed, device="cpu", use_kl=not args.no_kl, use_adv=not args.no_adv,
+                           use_cycle=not args.no_cycle, use_task=not args.no_task_consistency,
+                           slice_range=slice_range, callback=evaluate, overrides=overrides)
+    engine_proxy = {entry["iteration"]: entry["proxy"] for entry in meta.get("history", []) if "proxy" in entry}
+    for row in curve:
+        if row["iteration"] in engine_proxy and "proxies" in row:
+            row["proxies"]["engine_proxy"] = engine_proxy[row["iteration"]]
     if args.out:
         write_record(args.out, {"args": vars(args), "curve": curve})
     return 0

@@ -30,7 +30,6 @@ import torch  # noqa: E402
 
 from vaeuda import train  # noqa: E402
 from vaeuda.demo import cohort_split, image_of, label_of  # noqa: E402
-from vaeuda.errors import VaeudaError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,28 +50,24 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     cohort = Path(args.cohort)
     runs = []
-    try:
-        pool, tests = cohort_split(cohort, "ct", "train"), cohort_split(cohort, "ct", "test")
-        if "validation" in args.splits and not 0 < args.validation < len(pool):   # (a test run uses the pool whole)
-            p.error(f"--validation must be between 1 and {len(pool) - 1} (the pool has {len(pool)} scans)")
-        held_out, kept = pool[:args.validation], pool[args.validation:]
-        with tempfile.TemporaryDirectory() as scratch:
-            for iterations in args.iterations:
-                for split, train_on, score_on in (("validation", kept, held_out), ("test", pool, tests)):
-                    if split not in args.splits:
-                        continue
-                    started = time.time()
-                    model = Path(scratch) / f"oracle_{split}_{iterations}.safetensors"
-                    train.finetune(args.model, [image_of(cohort, s) for s in train_on],
-                                   [label_of(cohort, s) for s in train_on], model, iterations=iterations,
-                                   seed=args.seed, device="cpu")
-                    dice = scored_dice(model, cohort, score_on, Path(scratch) / f"pred_{split}_{iterations}")
-                    runs.append({"iterations": iterations, "split": split, "dice": dice,
-                                 "seconds": round(time.time() - started, 1)})
-                    print(json.dumps(runs[-1]), flush=True)
-    except VaeudaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    pool, tests = cohort_split(cohort, "ct", "train"), cohort_split(cohort, "ct", "test")
+    if "validation" in args.splits and not 0 < args.validation < len(pool):   # (a test run uses the pool whole)
+        p.error(f"--validation must be between 1 and {len(pool) - 1} (the pool has {len(pool)} scans)")
+    held_out, kept = pool[:args.validation], pool[args.validation:]
+    with tempfile.TemporaryDirectory() as scratch:
+        for iterations in args.iterations:
+            for split, train_on, score_on in (("validation", kept, held_out), ("test", pool, tests)):
+                if split not in args.splits:
+                    continue
+                started = time.time()
+                model = Path(scratch) / f"oracle_{split}_{iterations}.safetensors"
+                train.finetune(args.model, [image_of(cohort, s) for s in train_on],
+                               [label_of(cohort, s) for s in train_on], model, iterations=iterations,
+                               seed=args.seed, device="cpu")
+                dice = scored_dice(model, cohort, score_on, Path(scratch) / f"pred_{split}_{iterations}")
+                runs.append({"iterations": iterations, "split": split, "dice": dice,
+                             "seconds": round(time.time() - started, 1)})
+                print(json.dumps(runs[-1]), flush=True)
     record = {"args": vars(args), "machine": machine_info(), "runs": runs}
     if args.out:
         write_record(args.out, record)

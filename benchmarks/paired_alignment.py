@@ -170,28 +170,24 @@ def main(argv=None) -> int:
         p.error("--objective adversarial needs --disc-on SCAN (the discriminator it plays against).")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    try:
-        cohort = Path(args.cohort)
-        net, meta = load_model(args.model)
-        if args.own_target_encoder and not meta.get("has_target_encoder"):
-            raise VaeudaError(f"{args.model}: --own-target-encoder needs an adapted model (this one is from the "
-                              f"'{meta.get('stage')}' stage).")
-        cfg, norm = net.cfg, meta["normalisation"]
-        x_mr, x_ct, agreement = paired_slices(cohort, cfg, norm)
-        device = torch.device("cpu")
-        probe = HeldOutDiceProbe(cohort, cohort_split(cohort, "ct", "test"), cfg.input_size, cfg.slice_fov_mm,
-                                 norm, device)
-        mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=True)
-        ct_val = cohort_slices(cohort, cohort_split(cohort, "ct", "train")[:4], cfg, norm, labelled=True)
-        ct_scan = cohort_slices(cohort, [args.disc_on], cfg, norm).images if args.disc_on else None
-        probe_sets = None
-        if args.latent_probe:     # adaptation_curves.py's sets for --target SCAN and its default validation scans
-            probe_sets = latent_probe_sets(cohort, mr_set.images,
-                                           cohort_slices(cohort, [args.latent_probe], cfg, norm).images,
-                                           default_validation_scans(cohort, args.latent_probe), cfg, norm)
-    except VaeudaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    cohort = Path(args.cohort)
+    net, meta = load_model(args.model)
+    if args.own_target_encoder and not meta.get("has_target_encoder"):
+        raise VaeudaError(f"{args.model}: --own-target-encoder needs an adapted model (this one is from the "
+                          f"'{meta.get('stage')}' stage).")
+    cfg, norm = net.cfg, meta["normalisation"]
+    x_mr, x_ct, agreement = paired_slices(cohort, cfg, norm)
+    device = torch.device("cpu")
+    probe = HeldOutDiceProbe(cohort, cohort_split(cohort, "ct", "test"), cfg.input_size, cfg.slice_fov_mm,
+                             norm, device)
+    mr_set = cohort_slices(cohort, cohort_split(cohort, "mr", "train")[:2], cfg, norm, labelled=True)
+    ct_val = cohort_slices(cohort, cohort_split(cohort, "ct", "train")[:4], cfg, norm, labelled=True)
+    ct_scan = cohort_slices(cohort, [args.disc_on], cfg, norm).images if args.disc_on else None
+    probe_sets = None
+    if args.latent_probe:     # adaptation_curves.py's sets for --target SCAN and its default validation scans
+        probe_sets = latent_probe_sets(cohort, mr_set.images,
+                                       cohort_slices(cohort, [args.latent_probe], cfg, norm).images,
+                                       default_validation_scans(cohort, args.latent_probe), cfg, norm)
     record = {"args": vars(args), "pairing": {"slices": len(x_mr), "label_agreement": round(agreement, 4)}}
     print(json.dumps(record["pairing"]), flush=True)
 

@@ -80,7 +80,7 @@ def _refuse_cohort_folder(folder: Path, use: Tuple[str, str]) -> None:
         splits = read_splits(folder)
     except VaeudaError:
         return                                    # not a cohort's splits.json: a folder like any other
-    if not (isinstance(splits, dict) and all(isinstance(splits.get(m), dict) for m in ("mr", "ct"))):
+    if not all(isinstance(splits.get(m), dict) for m in ("mr", "ct")):     # (read_splits gives a dict)
         return
     modality, purpose = use
     train = splits[modality].get("train")
