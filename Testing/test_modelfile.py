@@ -227,6 +227,11 @@ def test_missing_file(tmp_path):
     (lambda m: m["provenance"]["source_labels"].pop(), "the source volumes in its provenance are not two lists"),
     (lambda m: m["provenance"].update(source_sha256=["0" * 64]), r"not one SHA-256 \(or null\) per image and label"),
     (lambda m: m["provenance"].update(source_sha256=["0" * 64, "x" * 64]), r"not one SHA-256 \(or null\) per image"),
+    (lambda m: m["provenance"].update(target_data=["/ct.nii.gz"], target_sha256=["0" * 64, None]),
+     r"the target_sha256 digests in its provenance are not one SHA-256 \(or null\) per target volume"),
+    (lambda m: m["provenance"].update(target_sha256=["0" * 64]), r"not one SHA-256 \(or null\) per target volume"),
+    (lambda m: m["provenance"].update(finetune_sha256=[None]), r"not one SHA-256 \(or null\) per image and label"),
+    (lambda m: m["provenance"].update(source_model_sha256="0" * 63), r"source_model_sha256 .* is not a SHA-256"),
 ])
 def test_edited_metadata_is_refused_in_one_sentence(saved, tmp_path, edit, message):
     """JSON that parses but lacks what the stages read, or holds values they cannot use (the

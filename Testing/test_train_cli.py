@@ -425,6 +425,50 @@ def test_resume_of_a_finetuning_refuses_other_label_files(tiny_cohort, tiny_sour
     assert meta["provenance"]["finetune_labels"] == [str(label.resolve())]
 
 
+def test_adapted_and_finetuned_models_record_their_inputs_digests(tiny_cohort, tiny_source_model, tmp_path):
+    from vaeuda.fileio import file_sha256
+    ct, ct_label = tiny_cohort / "ct_1001_image.nii.gz", tiny_cohort / "ct_1001_label.nii.gz"
+    mr, mr_label = tiny_cohort / "mr_1001_image.nii.gz", tiny_cohort / "mr_1001_label.nii.gz"
+    adapted = train_mod.adapt(tiny_source_model, [ct], tmp_path / "a.safetensors", iterations=1, device="cpu",
+                              source_data=[str(mr)])["provenance"]
+    assert adapted["source_model_sha256"] == file_sha256(tiny_source_model)
+    assert adapted["target_sha256"] == [file_sha256(ct)]
+    assert adapted["source_sha256"] == [file_sha256(mr), file_sha256(mr_label)]
+    oracle = train_mod.finetune(tiny_source_model, [ct], [ct_label], tmp_path / "o.safetensors", iterations=1,
+                                device="cpu")["provenance"]
+    assert oracle["source_model_sha256"] == file_sha256(tiny_source_model)
+    assert oracle["finetune_sha256"] == [file_sha256(ct), file_sha256(ct_label)]
+    assert load_model(tmp_path / "a.safetensors")[1]["provenance"]["target_sha256"] == [file_sha256(ct)]
+
+
+def test_resume_of_an_adaptation_refuses_a_target_or_source_model_changed_since(tiny_cohort, tiny_source_model,
+                                                                                 tmp_path, monkeypatch):
+    """The same paths with other contents (the CT written again, a source model trained again at its
+    path) are other inputs: resumed, the run would be neither the interrupted one nor the one asked for."""
+    import shutil
+    ct, source = tmp_path / "ct.nii.gz", tmp_path / "source.safetensors"
+    shutil.copy(tiny_cohort / "ct_1001_image.nii.gz", ct)
+    shutil.copy(tiny_source_model, source)
+    out = tmp_path / "a.safetensors"
+    kw = dict(iterations=4, device="cpu", overrides={"checkpoint_every": 2})
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out,
+                                      run=lambda: train_mod.adapt(source, [ct], out, **kw))
+    refused = "checkpoint was made with different input volumes or source model"
+    original = ct.read_bytes()
+    sitk.WriteImage(sitk.ReadImage(str(ct)) + 1, str(ct))                          # the same path, other voxels
+    with pytest.raises(VaeudaError, match=refused):
+        train_mod.adapt(source, [ct], out, resume=True, **kw)
+    ct.write_bytes(original)
+    _, meta = load_model(source)
+    tensors = read_tensors(source)[0]
+    from vaeuda.modelfile import save_tensors
+    save_tensors(source, {k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, meta)
+    with pytest.raises(VaeudaError, match=refused):
+        train_mod.adapt(source, [ct], out, resume=True, **kw)
+    shutil.copy(tiny_source_model, source)
+    assert train_mod.adapt(source, [ct], out, resume=True, **kw)["provenance"]["iterations_done"] == 4
+
+
 def test_resume_with_more_iterations_continues_as_a_longer_run(tiny_cohort, tmp_path, monkeypatch):
     overrides = {"checkpoint_every": 2}
     full, part = tmp_path / "full.safetensors", tmp_path / "part.safetensors"

@@ -229,13 +229,29 @@ def check_metadata(path, meta) -> None:
             all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in (images, labels))
             and len(images) == len(labels)):
         raise damaged("the source volumes in its provenance are not two lists of paths of one length")
-    digests = provenance.get("source_sha256")
-    if digests is not None and not (isinstance(digests, list) and isinstance(images, list)
-                                    and len(digests) == 2 * len(images) and all(
-            d is None or isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)
-            for d in digests)):
-        raise damaged("the source files' digests in its provenance are not one SHA-256 (or null) per image and "
-                      "label file")
+    # SHA-256 digests of the run's inputs (null for a file whose voxels lie elsewhere): one per file
+    for key, files, what in (("source_sha256", _pairs_files(images, labels), "image and label file"),
+                             ("finetune_sha256", _pairs_files(provenance.get("finetune_data"),
+                                                              provenance.get("finetune_labels")), "image and label file"),
+                             ("target_sha256", provenance.get("target_data"), "target volume")):
+        digests = provenance.get(key)
+        if digests is not None and not (isinstance(digests, list) and isinstance(files, list)
+                                        and len(digests) == len(files) and all(map(_is_digest, digests))):
+            raise damaged(f"the {key} digests in its provenance are not one SHA-256 (or null) per {what}")
+    if not _is_digest(provenance.get("source_model_sha256")):
+        raise damaged("the source_model_sha256 in its provenance is not a SHA-256 (or null)")
+
+
+def _is_digest(value) -> bool:
+    """A SHA-256 digest as the provenance records it (lower-case hex), or None."""
+    return value is None or isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _pairs_files(images, labels) -> Optional[list]:
+    """``[image 1, label 1, ...]`` of two lists of paths of one length, else None."""
+    if isinstance(images, list) and isinstance(labels, list) and len(images) == len(labels):
+        return [p for pair in zip(images, labels) for p in pair]
+    return None
 
 
 def load_model(path, device: str = "cpu") -> Tuple[VAEUDANet, dict]:

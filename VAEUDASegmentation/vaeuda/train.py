@@ -400,6 +400,8 @@ def _refuse_non_finite_weights(net: VAEUDANet, when: str, good_checkpoint: Optio
 # Provenance entries that name a run's inputs (the stages record those that apply to them).
 RUN_INPUTS = ("source_model", "source_data", "source_labels", "target_data", "slices", "finetune_data",
               "finetune_labels")
+# ... and those that record the inputs' contents: SHA-256 digests (null for a file whose voxels lie elsewhere).
+RUN_INPUT_DIGESTS = ("source_model_sha256", "source_sha256", "target_sha256", "finetune_sha256")
 
 
 def _refuse_other_settings(ckpt: Path, then: dict, now: dict, done: int, iterations: int) -> None:
@@ -415,9 +417,10 @@ def _refuse_other_settings(ckpt: Path, then: dict, now: dict, done: int, iterati
 
     then_prov, now_prov = then.get("provenance", {}), now["provenance"]
     other_inputs = ({k: then_prov.get(k) for k in RUN_INPUTS} != as_stored({k: now_prov.get(k) for k in RUN_INPUTS}))
-    # the same paths with other contents (a cohort made again there); checkpoints of older engines record none
-    other_inputs |= None not in (then_prov.get("source_sha256"), now_prov.get("source_sha256")) and \
-        then_prov.get("source_sha256") != now_prov.get("source_sha256")
+    # the same paths with other contents (a cohort made again there, a source model trained again);
+    # checkpoints of older engines record none
+    other_inputs |= any(None not in (then_prov.get(k), now_prov.get(k)) and then_prov.get(k) != now_prov.get(k)
+                        for k in RUN_INPUT_DIGESTS)
     differs = [what for what, differ in (
         (f"a different --seed ({then_prov.get('seed')})", then_prov.get("seed") != now_prov.get("seed")),
         # patience decides where the run stops and which weights it keeps
@@ -719,7 +722,8 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
 
 
 def _image_then_label(images: Sequence, labels: Sequence) -> list:
-    """``[image 1, label 1, image 2, label 2, ...]``: the order ``provenance.source_sha256`` follows."""
+    """``[image 1, label 1, image 2, label 2, ...]``: the order ``provenance.source_sha256`` and
+    ``finetune_sha256`` follow."""
     return [p for pair in zip(images, labels) for p in pair]
 
 
@@ -736,9 +740,13 @@ def volume_sha256(path) -> Optional[str]:
 
 
 def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]], reporter: Reporter):
+    """The labelled source volumes an adaptation trains on -> ``([(image, label), ...], digests)``:
+    ``source_data`` if given, else those the source model records; ``digests`` as
+    ``provenance.source_sha256`` has them, of the files as they are now."""
     from .data import find_pairs
     if source_data:
-        return find_pairs(source_data, labels_option=False)   # (a cohort folder given whole is refused)
+        pairs = find_pairs(source_data, labels_option=False)   # (a cohort folder given whole is refused)
+        return pairs, [volume_sha256(p) for pair in pairs for p in pair]   # image then label, as recorded
     prov = meta.get("provenance", {})
     images, labels = prov.get("source_data"), prov.get("source_labels")
     if not images:
@@ -748,14 +756,15 @@ def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]], 
         raise VaeudaError(f"{model_path}: {len(missing)} of the {len(images) + len(labels)} labelled source files it "
                           f"was trained on are not at their recorded paths (the first: {missing[0]}); pass the "
                           f"volumes with --source-data.")
-    recorded = prov.get("source_sha256")      # models of engines before it record none
     files = _image_then_label(images, labels)
+    digests = [volume_sha256(p) for p in files]
+    recorded = prov.get("source_sha256")      # models of engines before it record none
     if isinstance(recorded, list) and len(recorded) == len(files):
-        changed = [p for p, digest in zip(files, recorded) if digest is not None and volume_sha256(p) != digest]
+        changed = [p for p, then, now in zip(files, recorded, digests) if then is not None and now != then]
         if changed:   # e.g. a cohort made again in that folder: the model's own MR scans are gone
             reporter.log(f"note: {len(changed)} of the {len(files)} labelled source files {model_path} was trained on "
                          f"have changed since (the first: {changed[0]}); adapting trains on them as they are now")
-    return [(Path(i), Path(l)) for i, l in zip(images, labels)]
+    return [(Path(i), Path(l)) for i, l in zip(images, labels)], digests
 
 
 def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] = None, seed: int = 0,
@@ -773,7 +782,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
     size, fov = net.cfg.input_size, net.cfg.slice_fov_mm
-    pairs = _source_pairs(src_meta, source_model, source_data, reporter)
+    pairs, source_digests = _source_pairs(src_meta, source_model, source_data, reporter)
     _refuse_labelled_targets(targets, pairs)
     _check_outputs(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
     reporter.log(f"reading {len(targets)} target volume(s) and {len(pairs)} labelled source volume(s)")
@@ -792,9 +801,12 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     iters = _stage_iterations(iterations, preset, "adapt")
     meta = _base_meta("adapted", preset, convention, normalisation, cfg, seed, dev,
                       {"source_model": str(Path(source_model).resolve()),
+                       "source_model_sha256": file_sha256(source_model),
                        "source_data": [str(p[0].resolve()) for p in pairs],
                        "source_labels": [str(p[1].resolve()) for p in pairs],
+                       "source_sha256": source_digests,
                        "target_data": [str(Path(t).resolve()) for t in targets],
+                       "target_sha256": [volume_sha256(t) for t in targets],
                        "slices": list(slice_range) if slice_range else None,
                        "iterations": iters, "early_stop": early_stop,
                        "source_provenance": src_meta.get("provenance")})
@@ -828,7 +840,10 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     iters = _stage_iterations(iterations, preset, "finetune")
     meta = _base_meta("finetuned", preset, convention, normalisation, cfg, seed, dev,
                       {"source_model": str(Path(source_model).resolve()),
+                       "source_model_sha256": file_sha256(source_model),
                        "finetune_data": [str(Path(p).resolve()) for p in images],
-                       "finetune_labels": [str(Path(p).resolve()) for p in labels], "iterations": iters})
+                       "finetune_labels": [str(Path(p).resolve()) for p in labels],
+                       "finetune_sha256": [volume_sha256(p) for p in _image_then_label(images, labels)],
+                       "iterations": iters})
     stage = Stage("finetune", data, None, iters, Path(out), meta)
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)
