@@ -235,6 +235,9 @@ def test_portable_inference_does_not_depend_on_the_batch_size(tiny_source_model)
 def test_the_numerics_command_prints_this_computers_numerics(capsys, no_kernel_variables):
     assert main(["numerics"]) == 0
     assert json.loads(capsys.readouterr().out) == machine.numerics()
+    assert main(["numerics", "--progress", "json"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert first == {"event": "numerics", "numerics": machine.numerics()}
     # --portable has to start before torch does: in this process it is refused, in one sentence
     assert main(["numerics", "--portable"]) == 2
     assert "Portable numerics must be chosen before torch is imported" in capsys.readouterr().err

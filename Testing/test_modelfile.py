@@ -145,8 +145,9 @@ def test_info_refuses_metadata_that_is_not_an_object_and_prints_one_line_in_json
     assert "model file metadata is damaged (not a JSON object)" in capsys.readouterr().err
     assert main(["info", "--progress", "json", str(saved[1])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert json.loads(lines[0])["stage"] == "source" and json.loads(lines[-1])["event"] == "done"
-    assert all(isinstance(json.loads(line), dict) for line in lines)     # one object per line
+    first = json.loads(lines[0])
+    assert first["event"] == "info" and first["info"]["stage"] == "source" and json.loads(lines[-1])["event"] == "done"
+    assert all("event" in json.loads(line) for line in lines)     # one event per line
 
 
 def test_a_foreign_file_is_refused_before_its_tensors_are_read(saved, tmp_path, monkeypatch):

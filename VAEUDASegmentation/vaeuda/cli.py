@@ -244,10 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _indent(reporter: Reporter) -> Optional[int]:
-    """JSON printed by info / numerics: indented for a reader, one line in --progress json mode
-    (whose stdout is one JSON object per line)."""
-    return None if reporter.mode == "json" else 2
+def _print_result(command: str, result: dict, reporter: Reporter) -> None:
+    """What info / numerics print: indented JSON for a reader; in --progress json mode, whose stdout
+    is one event per line, the line ``{"event": COMMAND, COMMAND: result}``."""
+    if reporter.mode == "json":
+        print(json.dumps({"event": command, command: result}))
+    else:
+        print(json.dumps(result, indent=2))
 
 
 def _labelled(args) -> tuple:
@@ -376,11 +379,11 @@ def run(args, reporter: Reporter) -> List[str]:
         check_metadata(args.model, meta)
         build_from_meta(args.model, meta, tensors)   # refuses a configuration that builds no network
         # the checksum read_tensors verified: equal digests, equal weights (e.g. from two computers)
-        print(json.dumps({"weights_sha256": header["tensors_sha256"], **meta}, indent=_indent(reporter)))
+        _print_result("info", {"weights_sha256": header["tensors_sha256"], **meta}, reporter)
         return []
     if cmd == "numerics":
         from .machine import numerics
-        print(json.dumps(numerics(), indent=_indent(reporter)))
+        _print_result("numerics", numerics(), reporter)
         return []
     if cmd == "demo":
         from .demo import run_demo
