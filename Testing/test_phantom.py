@@ -260,8 +260,8 @@ def test_cohort_never_replaces_scans_it_did_not_write(tmp_path):
     (out / "mr_1001_image.nii.gz").write_bytes(b"a user's scan")
     (out / "ct_1001_label.nii.gz").symlink_to(tmp_path / "nowhere")       # a dangling link is there too
     before = {p.name for p in out.iterdir()}
-    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(out))}: holds mr_1001_image.nii.gz \(and 1 more\), "
-                                          r"a name this cohort writes, .* or move them away\.$"):
+    with pytest.raises(VaeudaError, match=rf"^{re.escape(str(out))}: holds mr_1001_image.nii.gz, "
+                                          r"ct_1001_label.nii.gz, names this cohort writes, .* or move them away\.$"):
         phantom.make_cohort(out, n_source=1, n_target=1, n_train=1, size=16)
     assert {p.name for p in out.iterdir()} == before and (out / "ct_1001_label.nii.gz").is_symlink()
     assert (out / "mr_1001_image.nii.gz").read_bytes() == b"a user's scan"

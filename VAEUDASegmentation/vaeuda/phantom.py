@@ -712,9 +712,9 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
                                  for prefix in prefixes for kind in ("image", "label")]
     foreign = [name for name in planned if name not in previous and os.path.lexists(out / name)]
     if foreign:    # e.g. real scans named as the phantom's: never replaced unasked
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise VaeudaError(f"{out}: holds {foreign[0]}{more}, a name this cohort writes, which no earlier phantom "
-                          f"cohort there wrote; choose an empty folder, or move {'them' if more else 'it'} away.")
+        what = ("a name", "it") if len(foreign) == 1 else ("names", "them")
+        raise VaeudaError(f"{out}: holds {listed(foreign)}, {what[0]} this cohort writes, which no earlier phantom "
+                          f"cohort there wrote; choose an empty folder, or move {what[1]} away.")
     replaced = [name for name in planned if name in previous and os.path.lexists(out / name)]
     splits: Dict[str, object] = {"labels": "mmwhs", "seed": seed, "generator": GENERATOR, "size": size}
     total = n_source + n_target
