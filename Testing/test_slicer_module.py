@@ -685,6 +685,10 @@ def test_adapt_writes_every_target_and_moves_the_model_into_place(slicer, mod, f
     # the engine wrote into the job's temporary folder, which is gone; only the destination remains
     assert os.path.dirname(args[args.index("--out") + 1]) != str(destination.parent)
     assert os.listdir(slicer.app.temporaryPath) == [] and os.listdir(destination.parent) == ["adapted.safetensors"]
+    # a name without .safetensors reaches the engine as it is, which notes that the dialogs will not list it
+    fake_logic.adapt(source, targets, tmp_path / "models" / "adapted")
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert os.path.basename(args[args.index("--out") + 1]) == "model"
 
 
 def test_engine_sentences_name_the_volumes_not_the_jobs_temporary_files(slicer, mod, fake_logic, monkeypatch,

@@ -1436,8 +1436,9 @@ def _flag(name: str, on: bool) -> List[str]:
 
 
 def _modelSuffix(path) -> str:
-    name = os.path.basename(str(path)).lower()
-    return ".safetensors" if name.endswith(".safetensors") or "." not in name else os.path.splitext(name)[1]
+    """The extension of the model file the user asked for, which the job's temporary one keeps: the
+    engine notes a name its file dialogs will not list (one not ending in .safetensors)."""
+    return os.path.splitext(os.path.basename(str(path)))[1]
 
 
 def _linkSourceTraining(cohortFolder: str, prefixes: Sequence[str]) -> str:
