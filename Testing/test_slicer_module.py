@@ -273,6 +273,19 @@ def test_a_failing_progress_callback_neither_strands_the_job_nor_stops_it(slicer
     assert fake_logic.segment(volume, model, progressCallback=broken) is not None    # blocking, and again
 
 
+def test_a_failing_finished_callback_leaves_the_jobs_result_standing(slicer, mod, fake_logic, tmp_path, caplog):
+    """Raised from a blocking call, the caller's error would hide the segmentation it had just imported."""
+    from vaeuda.labels import MMWHS
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+
+    def broken(result):
+        raise ValueError("a bug in the caller's callback")
+    segmentation = fake_logic.segment(volume, model, finishedCallback=broken)
+    assert segmentation is not None and slicer.mrmlScene.GetNodeByID(segmentation.GetID()) is segmentation
+    assert "the finished callback failed" in caplog.text and not fake_logic.isRunning()
+
+
 def test_a_model_move_that_fails_midway_leaves_no_part_file(mod, tmp_path, monkeypatch):
     source = tmp_path / "job" / "model.safetensors"
     source.parent.mkdir()

@@ -937,7 +937,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             _RUNNING_JOB[0] = None
         logging.info("VAE-UDA %s: %s %s", job.name, result.status, result.message)
         if job.finishedCallback:
-            job.finishedCallback(result)
+            try:
+                job.finishedCallback(result)
+            except Exception:   # the caller's bug: the job's own result (imported, moved into place) stands
+                logging.exception("VAE-UDA %s: the finished callback failed", job.name)
         return result
 
     # -- scene <-> files
