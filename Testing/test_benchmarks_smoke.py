@@ -75,6 +75,9 @@ def test_bench_speed_smoke_outputs(speed_smoke):
                     "## Inference time per volume", "## Peak memory", "## Inference variants", "## GPU"):
         assert heading in text
     assert "Measured by `benchmarks/bench_gpu.py" in text            # the GPU JSON was folded in
+    # the page's own command reproduces it (a smoke run is refused Docs/benchmarks.md)
+    assert ("bench_speed.py --smoke --presets tiny cpu --threads 1 --paper-slices 200 --out /tmp/bench.md   "
+            "# this page's settings") in text
     assert [(r["preset"], r["stage"]) for r in js["training"]] == [
         ("tiny", "source"), ("tiny", "adapt"), ("cpu", "source"), ("cpu", "adapt")]
     assert all(r["images_per_s"] > 0 and r["train_flops_per_image"] > 0 for r in js["training"])

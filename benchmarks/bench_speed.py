@@ -528,7 +528,9 @@ def report(results: dict, gpu: Optional[dict], notes: str = "", cpu_json: str = 
                   "through the command line and bf16 against fp32, in one go.", ""]
     this_page = (".venv/bin/python benchmarks/bench_speed.py" + (" --smoke" if s["smoke"] else "")
                  + f" --presets {' '.join(s['presets'])} --threads {s['threads']} --paper-slices {s['paper_slices']}"
-                 + (f" --model {s['model']}" if s.get("model") else "") + " --out Docs/benchmarks.md")
+                 + (f" --model {s['model']}" if s.get("model") else "")
+                 # a smoke run is refused the published page
+                 + f" --out {'/tmp/bench.md' if s['smoke'] else 'Docs/benchmarks.md'}")
     lines += ["## Reproduce", "",
               "```", f"{this_page}   # this page's settings",
               "make bench          # the defaults: torch's thread count, 200-slice paper volume",
