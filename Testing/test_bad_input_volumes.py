@@ -385,3 +385,73 @@ def test_a_missing_folder_is_called_a_folder(tmp_path):
         find_images([f"{tmp_path / 'nodir'}/"])
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'scan.nii.gz'))}: file not found\\.$"):
         find_images([str(tmp_path / "scan.nii.gz")])
+
+
+def test_a_file_that_may_not_be_read_says_so_not_that_it_is_missing(tmp_path, monkeypatch):
+    """ITK and safetensors call a file they may not open missing; the OS's reason is the one to act on."""
+    from vaeuda import fileio
+    from vaeuda.modelfile import read_tensors
+    path = tmp_path / "ct_image.nii.gz"
+    sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkInt16), str(path))
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"\0" * 16)
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+    monkeypatch.setattr(fileio, "open", denied, raising=False)       # the module's open, as chmod 000 would make it
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: cannot be read \\(Permission denied\\)\\.$"):
+        read_image(path)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(model))}: cannot be read \\(Permission denied\\)\\.$"):
+        read_tensors(model)
+    monkeypatch.setattr(fileio.os, "listdir", denied)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path))}: cannot be read \\(Permission denied\\)\\.$"):
+        read_image(tmp_path)                                           # a DICOM folder that may not be listed
+
+
+def test_itks_reason_spanning_lines_is_said_on_one(tmp_path):
+    """A singular direction matrix: ITK prints both matrices over several lines, of which the last alone
+    ('0 0 1') said nothing."""
+    path = tmp_path / "singular.mha"
+    sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkInt16), str(path))
+    path.write_bytes(path.read_bytes().replace(b"TransformMatrix = 1 0 0 0 1 0 0 0 1",
+                                               b"TransformMatrix = 1 0 0 1 0 0 0 0 1"))
+    with pytest.raises(VaeudaError, match=re.escape(
+            f"{path}: cannot be read as an image: Bad direction, determinant is 0. Refusing to change direction "
+            f"from 1 0 0 0 1 0 0 0 1 to 1 1 0 0 0 0 0 0 1 (readable:")):
+        read_image(path)
+
+
+@pytest.mark.parametrize("pixdim, refused", [(0.0, True), (float("nan"), True), (0.7, False)])
+def test_a_nifti_header_without_a_voxel_spacing_is_refused(tmp_path, pixdim, refused):
+    """ITK reads pixdim 0 or NaN as 1 mm, whatever the sform says: the scan would be cut and resampled at
+    the wrong scale without a word."""
+    path = tmp_path / "ct_image.nii"
+    image = sitk.GetImageFromArray(np.arange(120, dtype=np.int16).reshape(6, 5, 4))
+    image.SetSpacing((0.7, 0.8, 2.5))
+    sitk.WriteImage(image, str(path))
+    data = bytearray(path.read_bytes())
+    data[80:84] = struct.pack("<f", pixdim)                         # pixdim[1], the x spacing (NIfTI-1)
+    path.write_bytes(bytes(data))
+    gz = tmp_path / "ct_image.nii.gz"
+    gz.write_bytes(gzip.compress(bytes(data)))
+    for file in (path, gz):
+        if refused:
+            with pytest.raises(VaeudaError, match=f"^{re.escape(str(file))}: its NIfTI header records no voxel "
+                                                  f"spacing along x \\(pixdim 0 or not a number\\)"):
+                read_image(file)
+        else:
+            assert read_image(file).GetSpacing() == pytest.approx((0.7, 0.8, 2.5))
+
+
+def test_values_beyond_32_bit_floats_are_not_called_nan(tmp_path):
+    """Finite float64 voxels that overflow the networks' float32: the file holds no NaN to look for."""
+    values = np.zeros((4, 5, 6))
+    values[1, 2, 3], values[2, 2, 2] = 1e300, -1e300
+    path = tmp_path / "huge.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 2 voxels are beyond the range of 32-bit floats"):
+        read_image(path)
+    values[1, 2, 3] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 1 voxel is NaN or infinite"):
+        read_image(path)

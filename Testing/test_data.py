@@ -77,7 +77,9 @@ def test_slice_range_beyond_the_volume_is_refused_naming_the_file(tmp_volume):
 
 def test_adapt_trains_on_the_chosen_target_slices_only(tmp_path, tmp_volume, monkeypatch):
     """Catches slice_range dropped on its way to the target set, or applied to the labelled source too."""
-    src_image, src_label = _write_pair(tmp_volume, "mr")
+    # voxels of 20 mm in-plane: at 1 mm the labelled blocks vanish in the 192 mm field of view (and training refuses)
+    src_image, src_label = (tmp_volume(array, spacing=(20.0, 1.0, 20.0), name=f"mr_{role}.nii.gz")
+                            for array, role in ((_ramp_image(), "image"), (_plane_labels(), "label")))
     target = tmp_volume(_ramp_image()[::-1].copy(), name="ct_image.nii.gz")
     model = tmp_path / "source.safetensors"
     train_mod.train_source([src_image], [src_label], model, preset="tiny", iterations=1, seed=0, device="cpu")

@@ -124,3 +124,15 @@ def test_bad_inputs_are_refused_before_the_model_is_read(tmp_path):
     series.mkdir()
     assert output_path(tmp_path / "out", series).name == "1.2.840.113619.2.55_seg.nii.gz"
 
+
+
+def test_an_input_whose_segmentation_name_is_too_long_is_refused_before_the_model_loads(tmp_path):
+    """A 245-byte input name is legal; with '_seg.nii.gz' its segmentation's is not (before: the OS's
+    error named the staging folder's file)."""
+    from vaeuda.predict import segment_files
+    path = tmp_path / ("c" * 245 + ".nii.gz")
+    sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkInt16), str(path))
+    with pytest.raises(VaeudaError, match=re.escape(f"{path}: its segmentation's name (256 bytes with '_seg.nii.gz') "
+                                                    f"is longer than file systems allow (255)")):
+        segment_files(tmp_path / "no_model.safetensors", [path], tmp_path / "seg")
+    assert not (tmp_path / "seg").exists()

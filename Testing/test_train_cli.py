@@ -1308,3 +1308,43 @@ def test_adapting_or_fine_tuning_a_model_that_is_not_a_source_model_says_what_it
                  "--progress", "none", label]) == 2
     err = capsys.readouterr().err
     assert "is a label map" in err and "is not a source model" not in err
+
+
+def test_an_os_error_no_check_foresaw_is_one_sentence_and_leaves_nothing(tiny_cohort, tmp_path, capsys):
+    """A model name of 252 bytes is legal, but its MODEL.ckpt is not: the OS's reason in one sentence,
+    status 2, nothing written (before: a traceback and status 1)."""
+    out = tmp_path / ("m" * 240 + ".safetensors")
+    code = main(["train-source", "--preset", "tiny", "--iterations", "1", "--out", str(out), "--progress", "json",
+                 str(tiny_cohort / "mr_1001_image.nii.gz")])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    assert captured.err.strip().splitlines()[-1] == f"vaeuda: error: {out}.ckpt: File name too long."
+    assert json.loads(captured.out.splitlines()[-1]) == {"event": "error", "message": f"{out}.ckpt: File name too long."}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_of_other_files_is_not_asked_for_a_label_name(tmp_path, capsys):
+    """A folder without volume files reads as one DICOM series; a training command says that it has no
+    label, and names --labels only where the command has it."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("scans to come")
+    from vaeuda.data import find_pairs
+    with pytest.raises(VaeudaError, match=re.escape(f"{folder}: folder holds no image volumes with labels (X_image "
+                                                    f"beside X_label); its other files, read as one DICOM series, "
+                                                    f"have no label file: pass one with --labels.")):
+        find_pairs([str(folder)])
+    with pytest.raises(VaeudaError, match=r"have no label file\.$"):
+        find_pairs([str(folder)], labels_option=False)
+
+
+def test_training_on_labels_without_a_structure_is_refused(tiny_cohort, tmp_path):
+    """All-background label maps would train a model that says 'background' everywhere, with status 0."""
+    label = sitk.ReadImage(str(tiny_cohort / "mr_1001_label.nii.gz")) * 0
+    empty = tmp_path / "empty_label.nii.gz"
+    sitk.WriteImage(label, str(empty))
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(VaeudaError, match=re.escape("none of the 1 label file holds a structure of the 'mmwhs' label "
+                                                    "convention in the slices the model reads")):
+        train_source([tiny_cohort / "mr_1001_image.nii.gz"], [empty], out, preset="tiny", iterations=1, device="cpu")
+    assert not out.exists()

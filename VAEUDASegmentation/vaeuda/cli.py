@@ -497,15 +497,23 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run_and_report(args, reporter: Reporter) -> int:
     """Run the command and report how it ended: the exit status."""
-    try:
-        outputs = run(args, reporter)
-    except VaeudaError as exc:
+    def refused(message: str) -> int:
         reporter.close()
-        message = str(exc)
         if reporter.mode == "json":
             emit("error", message=message)
         print(f"vaeuda: error: {message}", file=sys.stderr)
         return 2
+
+    try:
+        outputs = run(args, reporter)
+    except VaeudaError as exc:
+        return refused(str(exc))
+    except BrokenPipeError:
+        raise                                # main's: the reader went away
+    except OSError as exc:
+        # what no check foresaw (a name longer than the file system takes, a folder it may not
+        # list): the OS's reason, in one sentence; the writes are atomic, so nothing is half-written
+        return refused(f"{exc.filename}: {exc.strerror}." if exc.filename and exc.strerror else f"{exc}.")
     except KeyboardInterrupt:
         reporter.close()
         kept, checkpoint = _what_is_kept(args)

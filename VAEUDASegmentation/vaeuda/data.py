@@ -13,17 +13,22 @@ from .errors import VaeudaError
 from .fileio import full_suffix, is_volume_file, stem, without_role
 from .labels import MMWHS, Convention
 
-def _label_for(image: Path) -> Path:
+def _label_for(image: Path, labels_option: bool = True) -> Path:
     """``X_image.ext`` -> ``X_label.ext`` (the MM-WHS convention), the role in any case: the
     ``_label`` file spelt as the ``_image`` one is (``X_IMAGE`` -> ``X_LABEL``), else the one file
-    beside it whose name differs from that only in case."""
+    beside it whose name differs from that only in case. ``labels_option``: whether the command
+    has ``--labels`` to suggest."""
     base = without_role(stem(image), "_image")
     if base is None and without_role(stem(image), "_label") is not None:
         raise VaeudaError(f"{image}: is a label file; give the images (X_image{full_suffix(image)}), and each finds "
                           f"its X_label{full_suffix(image)} beside it.")
+    if base is None and image.is_dir():     # find_images took a folder without volume files as a DICOM series
+        raise VaeudaError(f"{image}: folder holds no image volumes with labels (X_image beside X_label); its other "
+                          f"files, read as one DICOM series, have no label file"
+                          f"{': pass one with --labels' if labels_option else ''}.")
     if base is None:
         raise VaeudaError(f"{image}: cannot find its label: name it X_image{full_suffix(image)} beside "
-                          f"X_label{full_suffix(image)}, or pass --labels.")
+                          f"X_label{full_suffix(image)}{', or pass --labels' if labels_option else ''}.")
     role = stem(image)[len(base):]
     label = image.with_name(base + "".join(c.upper() if r.isupper() else c for r, c in zip(role, "_label"))
                             + full_suffix(image))
@@ -112,7 +117,7 @@ def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
             raise VaeudaError(f"{len(images)} images but {len(labels)} label files were given; pass one label per image.")
         pairs = [(i, Path(l)) for i, l in zip(images, labels)]
     else:
-        pairs = [(i, _label_for(i)) for i in images]
+        pairs = [(i, _label_for(i, labels_option)) for i in images]
     for _, lab in pairs:
         if not lab.exists():
             others = [] if labels or not lab.parent.is_dir() else sorted(

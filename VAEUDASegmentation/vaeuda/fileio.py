@@ -54,6 +54,23 @@ def file_sha256(path: PathLike) -> str:
     return h.hexdigest()
 
 
+# The longest file name the common file systems take (ext4, APFS; NTFS counts 255 UTF-16 units).
+MAX_NAME_BYTES = 255
+
+
+def require_readable(path: PathLike) -> None:
+    """Refuse an existing input file or folder this process may not read (its permissions), in the
+    OS's words: ITK and safetensors would call it missing."""
+    try:
+        if os.path.isdir(path):
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except OSError as exc:
+        raise VaeudaError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
+
+
 def is_volume_file(path: Path) -> bool:
     """A file of a readable image format, not a hidden one (e.g. the "._X_image.nii.gz" metadata
     twins a Mac copies along, which carry the scans' extensions)."""

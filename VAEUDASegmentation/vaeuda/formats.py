@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
+from .fileio import MAX_NAME_BYTES
 from .labels import SIFA_IGNORED_VALUE, Convention
 
 PathLike = Union[str, Path]
@@ -258,6 +259,15 @@ def read_tfrecords(path: PathLike) -> List[Tuple[np.ndarray, np.ndarray]]:
     return samples
 
 
+def _first_bytes(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file (fewer if it is shorter or cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
 def read_npz(path: PathLike, flip_test_volume: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """A released ``.npz``: ``arr_0`` image and ``arr_1`` label, each ``(H, W, N)`` (N slices).
 
@@ -283,8 +293,12 @@ def read_npz(path: PathLike, flip_test_volume: bool = False) -> Tuple[np.ndarray
     except VaeudaError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        # numpy's header errors span lines and quote raw bytes: the first line, escaped
+        # numpy's header errors span lines and quote raw bytes: the first line, escaped; a file that
+        # is neither ZIP nor .npy numpy takes for a pickle, whose advice (load it unsafely) is not ours
         reason = ascii(str(exc).splitlines()[0])[1:-1] if str(exc) else type(exc).__name__
+        if _first_bytes(path, 6)[:4] != b"PK\x03\x04" and _first_bytes(path, 6) != b"\x93NUMPY":
+            # numpy takes any other file for a pickle, and advises loading it unsafely
+            reason = "neither a ZIP archive of arrays nor a .npy array"
         raise VaeudaError(f"{path}: is not a readable .npz file ({reason}).") from None
     if not isinstance(image, np.ndarray) or not isinstance(label, np.ndarray):   # a zip member that is not .npy
         raise VaeudaError(f"{path}: arr_0 and arr_1 are not numpy arrays (.npy members of the .npz).")
@@ -342,7 +356,7 @@ def follows(previous: np.ndarray, current: np.ndarray) -> bool:
 
 
 # A file name's bytes on common file systems, less the longest suffix written ("_label.nii.gz").
-_MAX_NAME_BYTES = 255 - len("_label.nii.gz")
+_MAX_NAME_BYTES = MAX_NAME_BYTES - len("_label.nii.gz")
 
 
 def _check_volume_name(name: str, what: str) -> None:

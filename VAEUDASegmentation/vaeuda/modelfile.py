@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .errors import VaeudaError
-from .fileio import atomic_path
+from .fileio import atomic_path, require_readable
 from .nets import NetConfig, VAEUDANet
 
 FORMAT = "vaeuda-model"
@@ -66,6 +66,7 @@ def require_file(path, what: str = "model file") -> Path:
         raise VaeudaError(f"{path}: is a folder, not a {what}.")
     if not path.is_file():
         raise VaeudaError(f"{path}: {what} not found.")
+    require_readable(path)
     return path
 
 

@@ -127,6 +127,16 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def require_structures(data, convention: Convention) -> None:
+    """Refuse labelled training slices (a SliceSet) none of which holds a structure: there would be
+    nothing to learn to segment, and a model that says 'background' everywhere would come of it."""
+    if not bool((data.labels > 0).any()):
+        n = len(data.files)
+        raise VaeudaError(f"none of the {n} label file{'' if n == 1 else 's'} holds a structure of the "
+                          f"'{convention.name}' label convention in the slices the model reads; check the label "
+                          f"files and their label convention.")
+
+
 def class_weights_from(labels: torch.Tensor) -> Tuple[float, ...]:
     """Inverse square-root class frequency, normalised to mean 1. labels (N, S, S) uint8."""
     counts = torch.bincount(labels.reshape(-1).long(), minlength=N_CLASSES).double().clamp_min(1.0)
@@ -707,6 +717,7 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     net_cfg.check()                      # and the range loading will check: a model it can read back
     reporter.log(f"reading {len(images)} labelled source volume(s)")
     data = load_slices(images, net_cfg.input_size, net_cfg.slice_fov_mm, normalisation, labels, convention)
+    require_structures(data, convention)
     cfg = resolve_train_config(overrides, batch_size, preset)
     cfg.intensity_remap = cfg.intensity_remap or intensity_remap
     if cfg.class_weights is None:
@@ -793,6 +804,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
                      f"it anyway: E_T and D_T start again as copies of its E_S and D_S, so an earlier adaptation is "
                      f"not continued")
     source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
+    require_structures(source, convention)   # task consistency trains Seg on their labels
     stage_defaults = {**ADAPT_TRAINING.get(preset, {}), **_inherited_options(src_meta)}
     cfg = resolve_train_config(overrides, batch_size, preset, stage_defaults)
     cfg.use_kl, cfg.use_adv, cfg.use_cycle, cfg.use_task = use_kl, use_adv, use_cycle, use_task
@@ -835,6 +847,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
     data = load_slices(images, net.cfg.input_size, net.cfg.slice_fov_mm, normalisation, labels, convention)
+    require_structures(data, convention)
     cfg = resolve_train_config(None, batch_size, preset, _inherited_options(src_meta))
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(data.labels))
     iters = _stage_iterations(iterations, preset, "finetune")

@@ -15,17 +15,18 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .fileio import VOLUME_SUFFIXES, atomic_path, full_suffix
+from .fileio import VOLUME_SUFFIXES, atomic_path, full_suffix, require_readable
 from .labels import BUILTIN_CONVENTIONS, Convention
 
 PathLike = Union[str, Path]
@@ -143,6 +144,7 @@ class _NiftiLayout(NamedTuple):
     offset: int                      # where the voxel data start
     nbytes: int                      # how many bytes of voxel data the header promises
     float_dtype: Optional[np.dtype]  # the voxels' type with the file's byte order; None unless floating-point
+    pixdim: Tuple[float, float, float]   # the voxel spacing the header records (pixdim[1..3])
 
 
 def _nifti_layout(header: bytes) -> Optional[_NiftiLayout]:
@@ -155,16 +157,19 @@ def _nifti_layout(header: bytes) -> Optional[_NiftiLayout]:
             offset = int(struct.unpack(order + "f", header[108:112])[0])
             dims = struct.unpack(order + "8h", header[40:56])
             datatype, bitpix = struct.unpack(order + "2h", header[70:74])
+            pixdim = struct.unpack(order + "8f", header[76:108])
         elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
             offset = int(struct.unpack(order + "q", header[168:176])[0])
             dims = struct.unpack(order + "8q", header[16:80])
             datatype, bitpix = struct.unpack(order + "2h", header[12:16])
+            pixdim = struct.unpack(order + "8d", header[104:168])
         else:
             continue
         n_dims = min(max(int(dims[0]), 0), 7)
         voxels = int(np.prod([max(int(d), 1) for d in dims[1:1 + n_dims]], dtype=np.int64))
         kind = _NIFTI_FLOATS.get(datatype)
-        return _NiftiLayout(offset, voxels * max(int(bitpix), 0) // 8, np.dtype(order + kind) if kind else None)
+        return _NiftiLayout(offset, voxels * max(int(bitpix), 0) // 8, np.dtype(order + kind) if kind else None,
+                            tuple(float(v) for v in pixdim[1:4]))
     return None
 
 
@@ -175,6 +180,19 @@ def _nifti_is_compressed(path: Path) -> Optional[bool]:
         return None
     with open(path, "rb") as f:
         return f.read(2) == GZIP_MAGIC
+
+
+def _nifti_unset_spacing(path: Path) -> List[str]:
+    """The axes ('x', 'y', 'z') whose spacing a NIfTI file's header leaves 0 or not a number: ITK
+    reads each as 1 mm without a word, whatever the sform says; [] for other files."""
+    compressed = _nifti_is_compressed(path)
+    if compressed is None:
+        return []
+    with (gzip.open if compressed else open)(path, "rb") as f:
+        layout = _nifti_layout(f.read(540))
+    if layout is None:
+        return []
+    return [axis for axis, value in zip("xyz", layout.pixdim) if not (math.isfinite(value) and value != 0)]
 
 
 def _nifti_non_finite(path: Path) -> int:
@@ -299,12 +317,17 @@ def _check_metaimage_complete(path: Path) -> None:
 
 
 def _itk_reason(exc: RuntimeError) -> str:
-    """ITK's own reason for a failed read, the last line of its exception without the prefixes,
-    e.g. 'ITK only supports orthonormal direction cosines.  No orthonormal definition found'."""
-    line = (str(exc).strip().splitlines() or ["unknown error"])[-1]
+    """ITK's own reason for a failed read: its exception's text after the last error prefix and the
+    object's name, on one line (a matrix it prints spans several), e.g. 'ITK only supports
+    orthonormal direction cosines. No orthonormal definition found' or 'Bad direction, determinant
+    is 0. Refusing to change direction from 1 0 0 0 1 0 0 0 1 to 1 1 0 0 0 0 0 0 1'."""
+    text = str(exc)
     for prefix in ("sitk::ERROR:", "ITK ERROR:"):
-        line = line.split(prefix, 1)[-1]
-    return line.strip().rstrip(".!") or "unknown error"
+        text = text.rsplit(prefix, 1)[-1]
+    if "ERROR:" not in str(exc):        # no prefix: the last line is the reason
+        text = (text.strip().splitlines() or [""])[-1]
+    text = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):", "", text)      # 'Image(0x55e2...):'
+    return " ".join(text.split()).rstrip(".!") or "unknown error"
 
 
 def _gzip_named_nii(path: Path) -> bool:
@@ -319,9 +342,10 @@ def _gzip_named_nii(path: Path) -> bool:
 
 
 def require_existing(path: PathLike) -> None:
-    """Refuse an input image file or DICOM folder that is not there."""
+    """Refuse an input image file or DICOM folder that is not there, or may not be read."""
     if not Path(path).exists():
         raise VaeudaError(f"{path}: file or folder does not exist.")
+    require_readable(path)
 
 
 SOP_CLASS_UID = "0008|0016"   # a DICOM tag every DICOM file carries; ITK keeps it in the metadata
@@ -349,9 +373,13 @@ def _read_any(path: Path) -> sitk.Image:
                           f"{image.GetNumberOfComponentsPerPixel()} components per voxel.")
     if not path.is_dir():
         try:
+            unset = _nifti_unset_spacing(path)
             non_finite = _nifti_non_finite(path)
         except (OSError, EOFError, zlib.error) as exc:    # ITK read it; its compressed data are damaged further on
             raise VaeudaError(f"{path}: the file is damaged ({exc}).") from None
+        if unset:   # a scan taken as 1 mm would be cut and resampled at the wrong scale, silently
+            raise VaeudaError(f"{path}: its NIfTI header records no voxel spacing along {', '.join(unset)} (pixdim 0 "
+                              f"or not a number), which would be read as 1 mm; set the spacing first.")
         if non_finite:
             raise VaeudaError(f"{path}: {_voxels(non_finite)} NaN or infinite; set such voxels to a number first.")
     return image
@@ -449,6 +477,9 @@ def read_image(path: PathLike) -> sitk.Image:
                           f"{' (the folder that holds the DICOM series)' if image.HasMetaDataKey(SOP_CLASS_UID) else ''}.")
     _refuse_label_map(image, path)
     _refuse_skewed_grid(image, path)
+    non_finite = _count_non_finite(image)   # of the file's own values, before 32-bit floats can overflow
+    if non_finite:
+        raise VaeudaError(f"{path}: {_voxels(non_finite)} NaN or infinite; set such voxels to a number first.")
     if image.GetPixelID() != sitk.sitkFloat32:
         try:
             cast = sitk.Cast(image, sitk.sitkFloat32)
@@ -457,11 +488,19 @@ def read_image(path: PathLike) -> sitk.Image:
         for key in image.GetMetaDataKeys():
             cast.SetMetaData(key, image.GetMetaData(key))
         image = cast
-    finite = np.isfinite(sitk.GetArrayViewFromImage(image))
-    if not finite.all():
-        raise VaeudaError(f"{path}: {_voxels(finite.size - np.count_nonzero(finite))} NaN or infinite; set such voxels "
-                          f"to a number first.")
+    beyond = _count_non_finite(image)
+    if beyond:
+        raise VaeudaError(f"{path}: {_voxels(beyond)} beyond the range of 32-bit floats (+-3.4e38), which the "
+                          f"networks read; rescale the intensities first.")
     return image
+
+
+def _count_non_finite(image: sitk.Image) -> int:
+    """How many voxels of ``image`` are NaN or infinite (none for integer voxels)."""
+    values = sitk.GetArrayViewFromImage(image)
+    if values.dtype.kind != "f":
+        return 0
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
 
 
 def _refuse_skewed_grid(image: sitk.Image, path: Path) -> None:
