@@ -74,12 +74,13 @@ class Convention:
         return cls(d["name"], {int(k): int(v) for k, v in d["to_index"].items()},
                    tuple(int(v) for v in d["from_index"]), d.get("unknown", "error"))
 
-    def encode(self, raw: np.ndarray, source: str = "label map") -> np.ndarray:
+    def encode(self, raw: np.ndarray, source: str = "label map", option: str = "--label-convention") -> np.ndarray:
         """Raw label values (any integer array) -> class indices (uint8, same shape).
 
         Raises VaeudaError naming ``source`` when a value is outside the mapping and the
         convention refuses unknown values, or when the map holds values outside the mapping and
-        none of its structures (the whole map must be given, not a crop of it).
+        none of its structures (the whole map must be given, not a crop of it). ``option``: the
+        command-line option that chooses this convention, which the sentence names as the way out.
         """
         raw = np.asarray(raw)
         if raw.dtype.kind == "f":
@@ -100,9 +101,9 @@ class Convention:
                          None)
             if other is not None:   # e.g. MM-WHS files read as consecutive: the way out is the other convention
                 raise VaeudaError(f"{source}: label values {shown} are not in the '{self.name}' label mapping; they "
-                                  f"are '{other.name}' values: read it with --label-convention {other.name}.")
+                                  f"are '{other.name}' values: read it with {option} {other.name}.")
             raise VaeudaError(f"{source}: label values {shown} are not in the '{self.name}' label mapping (a "
-                              f"--label-convention JSON file can list them under \"background\" or set "
+                              f"{option} JSON file can list them under \"background\" or set "
                               f"\"unknown\": \"background\").")
         if unknown and not any(self.to_index.get(int(v), 0) for v in values):
             # Unknown values are background here (MM-WHS), but a map with no structure at all and

@@ -222,9 +222,8 @@ def pairing_key(path) -> str:
 
 
 def _for_predictions(message: str, convention: Convention, option_given: bool) -> str:
-    """A label file's error, said of a segmentation whose reference read: the option that reads the
-    segmentations alone is --pred-label-convention; without it, say the references read as given."""
-    message = message.replace("--label-convention", "--pred-label-convention")
+    """A segmentation's label error (naming --pred-label-convention) once its reference read: without
+    that option, say how the references read, which the segmentations were read as too."""
     if option_given:
         return message
     given = f"the references read with --label-convention {convention.name}"
@@ -276,7 +275,7 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None, ign
     for key in sorted(preds):
         ref_image = vol.read_label(refs[key], convention)
         try:
-            pred_image = vol.read_label(preds[key], pred_convention)
+            pred_image = vol.read_label(preds[key], pred_convention, option="--pred-label-convention")
         except VaeudaError as exc:    # the reference read: the way out is the segmentations' own option
             raise VaeudaError(_for_predictions(str(exc), convention, pred_convention_given)) from None
         mismatch = vol.geometry_mismatch(pred_image, ref_image, names=("prediction", "reference"))

@@ -516,13 +516,13 @@ def _refuse_skewed_grid(image: sitk.Image, path: Path) -> None:
                           f"resample the scan onto an orthonormal grid first.")
 
 
-def read_label(path: PathLike, convention: Convention,
-               reference: Union[sitk.Image, PathLike, None] = None) -> sitk.Image:
+def read_label(path: PathLike, convention: Convention, reference: Union[sitk.Image, PathLike, None] = None,
+               option: str = "--label-convention") -> sitk.Image:
     """A label file as a uint8 class-index image (0 background, 1..4 structures).
 
     Raw values are mapped with ``convention.encode`` (unknown values are refused or become
-    background, as the convention says). With ``reference`` (an image, or the path of one) the
-    label must lie on the same grid.
+    background, as the convention says; ``option`` is the one its sentences name). With
+    ``reference`` (an image, or the path of one) the label must lie on the same grid.
     """
     path = Path(path)
     raw = _read_any(path)
@@ -534,13 +534,14 @@ def read_label(path: PathLike, convention: Convention,
         mismatch = geometry_mismatch(raw, ref_image, names=("label", "image"))
         if mismatch:
             raise VaeudaError(f"{path}: geometry does not match {ref_name} ({mismatch}).")
-    return label_classes(raw, convention, source=str(path))
+    return label_classes(raw, convention, source=str(path), option=option)
 
 
-def label_classes(raw: sitk.Image, convention: Convention, source: str = "label map") -> sitk.Image:
+def label_classes(raw: sitk.Image, convention: Convention, source: str = "label map",
+                  option: str = "--label-convention") -> sitk.Image:
     """A label image of raw values as a uint8 class-index image on the same grid
-    (``convention.encode``; ``source`` names it in the error for an unknown value)."""
-    out = sitk.GetImageFromArray(convention.encode(sitk.GetArrayViewFromImage(raw), source=source))
+    (``convention.encode``; ``source`` names it in the error for an unknown value, ``option`` the way out)."""
+    out = sitk.GetImageFromArray(convention.encode(sitk.GetArrayViewFromImage(raw), source=source, option=option))
     out.CopyInformation(raw)
     return out
 
