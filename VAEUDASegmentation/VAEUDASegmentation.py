@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import struct
 import subprocess
@@ -195,6 +196,8 @@ class TryItCohort:
 
 # Engine subcommands whose result the module imports into the scene (the others write model files).
 SCENE_JOBS = ("segment", "evaluate", "synth")
+# ... and the panel's buttons that start them
+SCENE_ACTIONS = ("segment", "evaluate", "tryIt")
 
 
 @dataclass
@@ -283,13 +286,14 @@ MODEL_FILE_PARAMETERS = ("sourceModelPath", "trainOutputModelPath", "adaptedMode
 @parameterNodeWrapper
 class VAEUDASegmentationParameterNode:
     """The panel's state, saved with the scene. Model files are text (empty: not chosen; see
-    PathLineEditToTextConnector); the training folder a ctkDirectoryButton shows, which displays
-    any empty folder as "." whatever its type, is a ``pathlib.Path``."""
+    PathLineEditToTextConnector); the folders a ctkDirectoryButton shows, which displays any empty
+    folder as "." whatever its type, are ``pathlib.Path``."""
     sourceModelPath: str
     trainDataFolder: pathlib.Path
     trainOutputModelPath: str
     adaptedModelPath: str
     adaptIterations: Annotated[int, WithinRange(0, 10_000_000)] = 0
+    adaptSourceDataFolder: pathlib.Path
     inputVolume: vtkMRMLScalarVolumeNode
     segmentModelPath: str
     outputSegmentation: vtkMRMLSegmentationNode
@@ -351,7 +355,6 @@ _ENGINE_FLAGS = {"--source-data": "sourceDataFolder", "--iterations": "iteration
 def _asArguments(message: str) -> str:
     """An engine sentence with its flags named as the batch API's arguments (``--source-data`` ->
     ``sourceDataFolder``); the longest first, since one flag may begin another."""
-    import re
     for flag in sorted(_ENGINE_FLAGS, key=len, reverse=True):
         message = re.sub(re.escape(flag) + r"(?![\w-])", _ENGINE_FLAGS[flag], message)
     return message
@@ -374,6 +377,14 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     ACTION_LABELS = {"tryIt": "Making the synthetic cohort", "train": "Training the source model",
                      "adapt": "Adapting the model", "segment": "Segmenting", "evaluate": "Evaluating"}
+    # What a disabled button waits for (its tooltip then)
+    NOT_READY = {"tryIt": "",
+                 "train": "Choose the training data folder and the output model file first.",
+                 "adapt": "Choose the source model, where to write the adapted model, and a target volume (or an "
+                          "input volume in 3. Segment) first.",
+                 "segment": "Choose the input volume and the model first.",
+                 "evaluate": "Segment first (or choose the segmentation in 3. Segment's output), and choose the "
+                             "reference segmentation."}
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -382,6 +393,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._runningAction = None
+        self._segmentedVolumes: Dict[str, str] = {}   # segmentation node ID -> the volume Apply segmented into it
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -395,6 +407,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                                "adapt": self.ui.adaptButton, "segment": self.ui.applyButton,
                                "evaluate": self.ui.evaluateButton}
         self._buttonTexts = {name: button.text for name, button in self._actionButtons.items()}
+        self._buttonTips = {name: button.toolTip for name, button in self._actionButtons.items()}
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -428,15 +441,20 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
-        # A running job's result belongs to the scene being closed (its volume, the parameter node),
-        # even when the engine has just ended: cancelled, it reports back to the panel, which shows
-        # it and becomes ready again, and nothing is imported into the next scene (a model that
-        # training or adaptation has finished is a file, and is kept).
-        if self.logic is not None and self.logic.isRunning():
+        # A running segment, evaluate or Try-it job's result belongs to the scene being closed (its
+        # volume, its segmentation), even when the engine has just ended: cancelled, it reports back
+        # to the panel, which shows it and becomes ready again, and nothing is imported into the next
+        # scene. Training and adaptation need no scene once started (their inputs were written to
+        # files) and make a file: they go on, perhaps for hours of work that closing must not lose.
+        if self.logic is not None and self.logic.isRunning() and self._runningAction in SCENE_ACTIONS:
             self.logic.cancel(discardFinished=True)
+        elif self._runningAction is not None:
+            action = self.ACTION_LABELS[self._runningAction].lower()
+            self.ui.logTextEdit.appendPlainText(f"The scene was closed; {action} goes on (its result is a file). "
+                                                f"Its button cancels it.")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -456,12 +474,23 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._updateButtonStates()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is not None and p.outputSegmentation and p.inputVolume:
+            # The segmentation Apply made for another volume is no output for this one: the next
+            # Apply would replace its segments with this volume's, under the other volume's name.
+            madeFor = self._segmentedVolumes.get(p.outputSegmentation.GetID())
+            if madeFor is not None and madeFor != p.inputVolume.GetID():
+                p.outputSegmentation = None      # (modifies the node: this runs again, and passes)
+                return
+        self._updateButtonStates()
 
     def _updateButtonStates(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -477,10 +506,13 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             if self._runningAction is None:
                 button.enabled = ready[name]
                 button.text = self._buttonTexts[name]
+                button.toolTip = self._buttonTips[name] if ready[name] else self.NOT_READY[name]
             else:
                 # While a job runs, only its own button is active, and it cancels the job.
                 button.enabled = name == self._runningAction
                 button.text = "Cancel" if name == self._runningAction else self._buttonTexts[name]
+                button.toolTip = ("Cancel the running job." if name == self._runningAction
+                                  else "Another job is running; wait for it or cancel it.")
 
     # -- running jobs
 
@@ -504,10 +536,11 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.ui.logTextEdit.appendPlainText(f"--- {self.ACTION_LABELS[name]}")
             try:
                 start()
-            except Exception:
+            except Exception as exc:
                 self._runningAction = None
                 self._updateButtonStates()
-                self.ui.statusLabel.text = "Idle"
+                self.ui.statusLabel.text = f"{self.ACTION_LABELS[name]} could not start."
+                self.ui.logTextEdit.appendPlainText(f"Could not start: {exc}")
                 raise
 
     def _onProgress(self, event: dict) -> None:
@@ -542,9 +575,11 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.ui.statusLabel.text = f"{label}: cancelled."
             self.ui.logTextEdit.appendPlainText("Cancelled.")
         else:
+            # the batch API's argument names, as the panel shows them
+            message = re.sub(r"\bsourceDataFolder\b", "'Source training data' (2. Adapt)", result.message)
             self.ui.statusLabel.text = f"{label}: failed."
-            self.ui.logTextEdit.appendPlainText(f"Failed: {result.message}")
-            slicer.util.errorDisplay(f"{label} failed: {result.message}")
+            self.ui.logTextEdit.appendPlainText(f"Failed: {message}")
+            slicer.util.errorDisplay(f"{label} failed: {message}")
         return False
 
     def _jobOptions(self, finished: Callable[[JobResult], None]) -> dict:
@@ -568,6 +603,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 # "auto" would take the paper preset's hours on a GPU
                 p.preset = "cpu"
                 self.ui.targetVolumesSelector.setCheckState(cohort.volumeNode, qt.Qt.Checked)
+                self.ui.trainCollapsibleGroupBox.collapsed = False     # the next step, filled in
                 self.ui.logTextEdit.appendPlainText(
                     f"Synthetic cohort in {cohort.folder}; training preset set to cpu (minutes). Next: train a "
                     f"source model from it, adapt, segment.")
@@ -603,13 +639,16 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._runAction("adapt", lambda: self.logic.adapt(
             _pathOrNone(p.sourceModelPath), targets, _pathOrNone(p.adaptedModelPath),
             iterations=p.adaptIterations or None, seed=p.seed, device=p.device, portable=p.portable,
-            **self._jobOptions(finished)))
+            sourceDataFolder=_pathOrNone(p.adaptSourceDataFolder), **self._jobOptions(finished)))
 
     def onApplyButton(self) -> None:
         p = self._parameterNode
 
+        volume = p.inputVolume
+
         def finished(result: JobResult) -> None:
             if self._finishAction(result):
+                self._segmentedVolumes[result.value.GetID()] = volume.GetID()
                 p.outputSegmentation = result.value
 
         self._runAction("segment", lambda: self.logic.segment(
@@ -1359,7 +1398,6 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _segmentIdForStructure(segmentationNode, structure) -> Optional[str]:
         """The segment that holds ``structure``: by terminology code, by name or key, or by a number in the name."""
-        import re
         segmentation = segmentationNode.GetSegmentation()
         candidates = []
         for index in range(segmentation.GetNumberOfSegments()):
