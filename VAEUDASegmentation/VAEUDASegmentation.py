@@ -604,6 +604,10 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 p.preset = "cpu"
                 self.ui.targetVolumesSelector.setCheckState(cohort.volumeNode, qt.Qt.Checked)
                 self.ui.trainCollapsibleGroupBox.collapsed = False     # the next step, filled in
+                # the reference as outlines only, so that a result (filled, in the same colours) stands apart
+                referenceDisplay = cohort.referenceSegmentationNode.GetDisplayNode()
+                if referenceDisplay:
+                    referenceDisplay.SetVisibility2DFill(False)
                 self.ui.logTextEdit.appendPlainText(
                     f"Synthetic cohort in {cohort.folder}; training preset set to cpu (minutes). Next: train a "
                     f"source model from it, adapt, segment.")
