@@ -621,7 +621,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         def finished(result: JobResult) -> None:
             if self._finishAction(result):
                 p.sourceModelPath = str(result.value)
-                p.segmentModelPath = str(result.value)
+                if not _pathOrNone(p.segmentModelPath):    # an adapted model chosen to segment with stays chosen
+                    p.segmentModelPath = str(result.value)
 
         self._runAction("train", lambda: self.logic.trainSource(
             _pathOrNone(p.trainDataFolder), _pathOrNone(p.trainOutputModelPath),
