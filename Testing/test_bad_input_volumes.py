@@ -455,3 +455,35 @@ def test_values_beyond_32_bit_floats_are_not_called_nan(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: 1 voxel is NaN or infinite"):
         read_image(path)
+
+
+def test_the_nrrd_readers_itk_prefix_is_cut_too(tmp_path):
+    """The NRRD reader's exceptions say 'itk::ERROR:', not 'ITK ERROR:': the reason alone, on one line."""
+    path = tmp_path / "no_endian.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n\n" + b"\0" * 16)
+    with pytest.raises(VaeudaError) as raised:
+        read_image(path)
+    reason = str(raised.value).split(": cannot be read as an image: ", 1)[1]
+    assert "Exception thrown" not in reason and ".cxx" not in reason and "endian" in reason, reason
+
+
+def test_a_fifo_given_as_input_does_not_hang_the_readability_check(tmp_path):
+    """Opening a FIFO waits for a writer: the check leaves it to the reader, which refuses it."""
+    import os
+    from vaeuda.fileio import require_readable
+    fifo = tmp_path / "pipe.nii.gz"
+    os.mkfifo(fifo)
+    require_readable(fifo)                     # returns at once (a hang here fails the run)
+
+
+def test_an_npz_that_may_not_be_read_says_so(tmp_path, monkeypatch):
+    from vaeuda import fileio
+    from vaeuda.formats import read_npz
+    path = tmp_path / "ok.npz"
+    np.savez(path, np.zeros((2, 2, 1)), np.zeros((2, 2, 1)))
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+    monkeypatch.setattr(fileio, "open", denied, raising=False)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: cannot be read \\(Permission denied\\)\\.$"):
+        read_npz(path)

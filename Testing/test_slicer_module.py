@@ -1336,12 +1336,13 @@ def test_every_panel_widget_names_a_parameter_of_its_type(mod):
 def test_an_unset_model_file_leaves_its_field_empty_not_a_dot(mod):
     """Slicer binds a ctkPathLineEdit to a pathlib.Path, and an unset Path is Path("."): the panel's
     model fields opened reading ".". They are text, bound by the module's own connector, which
-    Slicer's registry finds for a ctkPathLineEdit and a str parameter."""
+    Slicer's registry finds for a ctkPathLineEdit and a str parameter; so is the adaptation's
+    source-data folder, which the user must be able to empty again."""
     import typing
     import ctk
     from slicer.parameterNodeWrapper import createGuiConnector
     fields = typing.get_type_hints(mod.VAEUDASegmentationParameterNode, include_extras=True)
-    assert {name for name, hint in fields.items() if hint is str} == set(mod.MODEL_FILE_PARAMETERS)
+    assert {name for name, hint in fields.items() if hint is str} == set(mod.PATH_TEXT_PARAMETERS)
     edit = ctk.ctkPathLineEdit()
     connector = createGuiConnector(edit, fields["segmentModelPath"])
     assert isinstance(connector, mod.PathLineEditToTextConnector) and connector.widget() is edit

@@ -1319,7 +1319,8 @@ def test_an_os_error_no_check_foresaw_is_one_sentence_and_leaves_nothing(tiny_co
     captured = capsys.readouterr()
     assert code == 2 and "Traceback" not in captured.err
     assert captured.err.strip().splitlines()[-1] == f"vaeuda: error: {out}.ckpt: File name too long."
-    assert json.loads(captured.out.splitlines()[-1]) == {"event": "error", "message": f"{out}.ckpt: File name too long."}
+    last = json.loads(captured.out.splitlines()[-1])
+    assert last == {"event": "error", "message": f"{out}.ckpt: File name too long."}
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1348,3 +1349,16 @@ def test_training_on_labels_without_a_structure_is_refused(tiny_cohort, tmp_path
                                                     "convention in the slices the model reads")):
         train_source([tiny_cohort / "mr_1001_image.nii.gz"], [empty], out, preset="tiny", iterations=1, device="cpu")
     assert not out.exists()
+
+
+def test_an_os_error_that_is_no_refusal_of_the_users_paths_stays_a_traceback(monkeypatch):
+    """Only the OS's refusals (permissions, names, space) become one sentence: any other OSError is a
+    bug to be seen whole."""
+    import errno
+    import vaeuda.cli as cli
+
+    def broken(args, reporter):
+        raise OSError(errno.EBADF, "Bad file descriptor", "/dev/fd/99")
+    monkeypatch.setattr(cli, "run", broken)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        main(["info", "x.safetensors", "--progress", "none"])

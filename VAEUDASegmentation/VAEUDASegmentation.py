@@ -279,21 +279,23 @@ class PathLineEditToTextConnector(GuiConnector):
         self._widget.currentPath = value
 
 
-# The parameters a PathLineEditToTextConnector shows.
-MODEL_FILE_PARAMETERS = ("sourceModelPath", "trainOutputModelPath", "adaptedModelPath", "segmentModelPath")
+# The parameters a PathLineEditToTextConnector shows (model files, and a folder that must be clearable).
+PATH_TEXT_PARAMETERS = ("sourceModelPath", "trainOutputModelPath", "adaptedModelPath", "segmentModelPath",
+                        "adaptSourceDataFolder")
 
 
 @parameterNodeWrapper
 class VAEUDASegmentationParameterNode:
     """The panel's state, saved with the scene. Model files are text (empty: not chosen; see
-    PathLineEditToTextConnector); the folders a ctkDirectoryButton shows, which displays any empty
-    folder as "." whatever its type, are ``pathlib.Path``."""
+    PathLineEditToTextConnector), so is the adaptation's source-data folder, which may be emptied; the
+    training folder a ctkDirectoryButton shows, which displays any empty folder as "." whatever its
+    type, is a ``pathlib.Path``."""
     sourceModelPath: str
     trainDataFolder: pathlib.Path
     trainOutputModelPath: str
     adaptedModelPath: str
     adaptIterations: Annotated[int, WithinRange(0, 10_000_000)] = 0
-    adaptSourceDataFolder: pathlib.Path
+    adaptSourceDataFolder: str            # empty: the source model's own record
     inputVolume: vtkMRMLScalarVolumeNode
     segmentModelPath: str
     outputSegmentation: vtkMRMLSegmentationNode
@@ -394,6 +396,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._parameterNodeGuiTag = None
         self._runningAction = None
         self._segmentedVolumes: Dict[str, str] = {}   # segmentation node ID -> the volume Apply segmented into it
+        self._inputVolumeID: Optional[str] = None     # the input volume the panel last showed
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -449,12 +452,14 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         # to the panel, which shows it and becomes ready again, and nothing is imported into the next
         # scene. Training and adaptation need no scene once started (their inputs were written to
         # files) and make a file: they go on, perhaps for hours of work that closing must not lose.
-        if self.logic is not None and self.logic.isRunning() and self._runningAction in SCENE_ACTIONS:
-            self.logic.cancel(discardFinished=True)
+        if self._runningAction in SCENE_ACTIONS:
+            if self.logic is not None and self.logic.isRunning():
+                self.logic.cancel(discardFinished=True)
         elif self._runningAction is not None:
             action = self.ACTION_LABELS[self._runningAction].lower()
             self.ui.logTextEdit.appendPlainText(f"The scene was closed; {action} goes on (its result is a file). "
                                                 f"Its button cancels it.")
+        self._segmentedVolumes.clear()           # the next scene numbers its node IDs afresh
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -463,7 +468,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        for name in MODEL_FILE_PARAMETERS:   # scenes saved with Path parameters kept an unset file as "."
+        for name in PATH_TEXT_PARAMETERS:    # scenes saved with Path parameters kept an unset file as "."
             if getattr(self._parameterNode, name) == ".":
                 setattr(self._parameterNode, name, "")
         if not self._parameterNode.inputVolume:
@@ -479,15 +484,18 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._inputVolumeID = self._parameterNode.inputVolume.GetID() if self._parameterNode.inputVolume else None
             self._updateButtonStates()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        if p is not None and p.outputSegmentation and p.inputVolume:
-            # The segmentation Apply made for another volume is no output for this one: the next
-            # Apply would replace its segments with this volume's, under the other volume's name.
-            madeFor = self._segmentedVolumes.get(p.outputSegmentation.GetID())
-            if madeFor is not None and madeFor != p.inputVolume.GetID():
+        inputID = p.inputVolume.GetID() if p is not None and p.inputVolume else None
+        if p is not None and inputID != self._inputVolumeID:
+            self._inputVolumeID = inputID
+            # Another input volume chosen: the segmentation Apply made for another volume is no output
+            # for it (the next Apply would replace its segments, under the other volume's name).
+            madeFor = self._segmentedVolumes.get(p.outputSegmentation.GetID()) if p.outputSegmentation else None
+            if inputID is not None and madeFor not in (None, inputID):
                 p.outputSegmentation = None      # (modifies the node: this runs again, and passes)
                 return
         self._updateButtonStates()
@@ -602,6 +610,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 # the cohort is small: the cpu preset's defaults train and adapt it in minutes, where
                 # "auto" would take the paper preset's hours on a GPU
                 p.preset = "cpu"
+                p.adaptSourceDataFolder = ""       # the new source model's own record of its MR volumes
                 self.ui.targetVolumesSelector.setCheckState(cohort.volumeNode, qt.Qt.Checked)
                 self.ui.trainCollapsibleGroupBox.collapsed = False     # the next step, filled in
                 # the reference as outlines only, so that a result (filled, in the same colours) stands apart

@@ -7,6 +7,7 @@ only by the subcommands that need it.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -495,6 +496,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 141                                   # 128 + SIGPIPE, as a shell reports such an end
 
 
+# The OS's refusals of a user's paths and disks, said as one sentence when no check foresaw them.
+_USER_OS_ERRORS = {getattr(errno, name) for name in ("EACCES", "EPERM", "ENAMETOOLONG", "ENOSPC", "EROFS", "EDQUOT",
+                                                    "ELOOP", "ENOENT", "ENOTDIR", "EISDIR", "EEXIST", "EXDEV")
+                   if hasattr(errno, name)}        # (not every platform has every one)
+
+
 def _run_and_report(args, reporter: Reporter) -> int:
     """Run the command and report how it ended: the exit status."""
     def refused(message: str) -> int:
@@ -511,6 +518,8 @@ def _run_and_report(args, reporter: Reporter) -> int:
     except BrokenPipeError:
         raise                                # main's: the reader went away
     except OSError as exc:
+        if exc.errno not in _USER_OS_ERRORS:
+            raise                            # not the computer refusing the user's paths: a bug to see whole
         # what no check foresaw (a name longer than the file system takes, a folder it may not
         # list): the OS's reason, in one sentence; the writes are atomic, so nothing is half-written
         return refused(f"{exc.filename}: {exc.strerror}." if exc.filename and exc.strerror else f"{exc}.")

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -62,9 +64,12 @@ def require_readable(path: PathLike) -> None:
     """Refuse an existing input file or folder this process may not read (its permissions), in the
     OS's words: ITK and safetensors would call it missing."""
     try:
-        if os.path.isdir(path):
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
             os.listdir(path)
-        else:
+            if not os.access(path, os.X_OK):       # listed, but its files could not be opened
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        elif stat.S_ISREG(mode):                   # (opening a FIFO would wait for a writer)
             with open(path, "rb"):
                 pass
     except OSError as exc:

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .fileio import MAX_NAME_BYTES
+from .fileio import MAX_NAME_BYTES, require_readable
 from .labels import SIFA_IGNORED_VALUE, Convention
 
 PathLike = Union[str, Path]
@@ -281,6 +281,7 @@ def read_npz(path: PathLike, flip_test_volume: bool = False) -> Tuple[np.ndarray
     path = Path(path)
     if not path.is_file():
         raise VaeudaError(f"{path}: file does not exist.")
+    require_readable(path)      # (numpy's reason for a file it may not open would be lost below)
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):    # a lone .npy array under an .npz name
@@ -296,7 +297,8 @@ def read_npz(path: PathLike, flip_test_volume: bool = False) -> Tuple[np.ndarray
         # numpy's header errors span lines and quote raw bytes: the first line, escaped; a file that
         # is neither ZIP nor .npy numpy takes for a pickle, whose advice (load it unsafely) is not ours
         reason = ascii(str(exc).splitlines()[0])[1:-1] if str(exc) else type(exc).__name__
-        if _first_bytes(path, 6)[:4] != b"PK\x03\x04" and _first_bytes(path, 6) != b"\x93NUMPY":
+        head = _first_bytes(path, 6)
+        if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":
             # numpy takes any other file for a pickle, and advises loading it unsafely
             reason = "neither a ZIP archive of arrays nor a .npy array"
         raise VaeudaError(f"{path}: is not a readable .npz file ({reason}).") from None

@@ -231,9 +231,9 @@ def check_metadata(path, meta) -> None:
             and len(images) == len(labels)):
         raise damaged("the source volumes in its provenance are not two lists of paths of one length")
     # SHA-256 digests of the run's inputs (null for a file whose voxels lie elsewhere): one per file
+    finetune_files = _pairs_files(provenance.get("finetune_data"), provenance.get("finetune_labels"))
     for key, files, what in (("source_sha256", _pairs_files(images, labels), "image and label file"),
-                             ("finetune_sha256", _pairs_files(provenance.get("finetune_data"),
-                                                              provenance.get("finetune_labels")), "image and label file"),
+                             ("finetune_sha256", finetune_files, "image and label file"),
                              ("target_sha256", provenance.get("target_data"), "target volume")):
         digests = provenance.get(key)
         if digests is not None and not (isinstance(digests, list) and isinstance(files, list)

@@ -316,16 +316,17 @@ def _check_metaimage_complete(path: Path) -> None:
         raise _truncated(path)
 
 
+# What ITK and SimpleITK put before the reason in an exception's text (itk:: in the NRRD reader's).
+_ITK_ERROR_PREFIX = re.compile(r"sitk::ERROR:|itk::ERROR:|ITK ERROR:")
+
+
 def _itk_reason(exc: RuntimeError) -> str:
     """ITK's own reason for a failed read: its exception's text after the last error prefix and the
     object's name, on one line (a matrix it prints spans several), e.g. 'ITK only supports
     orthonormal direction cosines. No orthonormal definition found' or 'Bad direction, determinant
     is 0. Refusing to change direction from 1 0 0 0 1 0 0 0 1 to 1 1 0 0 0 0 0 0 1'."""
-    text = str(exc)
-    for prefix in ("sitk::ERROR:", "ITK ERROR:"):
-        text = text.rsplit(prefix, 1)[-1]
-    if "ERROR:" not in str(exc):        # no prefix: the last line is the reason
-        text = (text.strip().splitlines() or [""])[-1]
+    parts = _ITK_ERROR_PREFIX.split(str(exc))
+    text = parts[-1] if len(parts) > 1 else (str(exc).strip().splitlines() or [""])[-1]   # no prefix: the last line
     text = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):", "", text)      # 'Image(0x55e2...):'
     return " ".join(text.split()).rstrip(".!") or "unknown error"
 
@@ -488,10 +489,10 @@ def read_image(path: PathLike) -> sitk.Image:
         for key in image.GetMetaDataKeys():
             cast.SetMetaData(key, image.GetMetaData(key))
         image = cast
-    beyond = _count_non_finite(image)
-    if beyond:
-        raise VaeudaError(f"{path}: {_voxels(beyond)} beyond the range of 32-bit floats (+-3.4e38), which the "
-                          f"networks read; rescale the intensities first.")
+        beyond = _count_non_finite(image)
+        if beyond:
+            raise VaeudaError(f"{path}: {_voxels(beyond)} beyond the range of 32-bit floats (+-3.4e38), which the "
+                              f"networks read; rescale the intensities first.")
     return image
 
 
