@@ -56,6 +56,12 @@ def file_sha256(path: PathLike) -> str:
     return h.hexdigest()
 
 
+def image_then_label(images: Iterable[PathLike], labels: Iterable[PathLike]) -> list:
+    """``[image 1, label 1, image 2, label 2, ...]``: the order a model's provenance records the
+    digests of labelled volumes in (``source_sha256``, ``finetune_sha256``)."""
+    return [p for pair in zip(images, labels) for p in pair]
+
+
 # The longest file name the common file systems take (ext4, APFS; NTFS counts 255 UTF-16 units).
 MAX_NAME_BYTES = 255
 

@@ -294,8 +294,7 @@ def read_npz(path: PathLike, flip_test_volume: bool = False) -> Tuple[np.ndarray
     except VaeudaError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        # numpy's header errors span lines and quote raw bytes: the first line, escaped; a file that
-        # is neither ZIP nor .npy numpy takes for a pickle, whose advice (load it unsafely) is not ours
+        # numpy's header errors span lines and quote raw bytes: the first line, escaped
         reason = ascii(str(exc).splitlines()[0])[1:-1] if str(exc) else type(exc).__name__
         head = _first_bytes(path, 6)
         if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .errors import VaeudaError
-from .fileio import atomic_path, require_readable
+from .fileio import atomic_path, image_then_label, require_readable
 from .nets import NetConfig, VAEUDANet
 
 FORMAT = "vaeuda-model"
@@ -251,7 +251,7 @@ def _is_digest(value) -> bool:
 def _pairs_files(images, labels) -> Optional[list]:
     """``[image 1, label 1, ...]`` of two lists of paths of one length, else None."""
     if isinstance(images, list) and isinstance(labels, list) and len(images) == len(labels):
-        return [p for pair in zip(images, labels) for p in pair]
+        return image_then_label(images, labels)
     return None
 
 

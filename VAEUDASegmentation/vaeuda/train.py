@@ -26,7 +26,8 @@ from .augment import AugmentConfig, augment_batch, random_intensity_remap
 from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
 from .errors import VaeudaError, require_count
-from .fileio import check_output_file, checkpoint_path, file_sha256, full_suffix, refuse_repeated
+from .fileio import (check_output_file, checkpoint_path, file_sha256, full_suffix, image_then_label,
+                     refuse_repeated)
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
 from .modelfile import check_metadata, load_model, load_networks, read_tensors, save_model
@@ -726,16 +727,10 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     meta = _base_meta("source", preset, convention, normalisation, cfg, seed, dev,
                       {"source_data": [str(Path(p).resolve()) for p in images],
                        "source_labels": [str(Path(p).resolve()) for p in labels],
-                       "source_sha256": [volume_sha256(p) for p in _image_then_label(images, labels)],
+                       "source_sha256": [volume_sha256(p) for p in image_then_label(images, labels)],
                        "iterations": iters})
     stage = Stage("source", data, None, iters, Path(out), meta)
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)
-
-
-def _image_then_label(images: Sequence, labels: Sequence) -> list:
-    """``[image 1, label 1, image 2, label 2, ...]``: the order ``provenance.source_sha256`` and
-    ``finetune_sha256`` follow."""
-    return [p for pair in zip(images, labels) for p in pair]
 
 
 def volume_sha256(path) -> Optional[str]:
@@ -757,7 +752,8 @@ def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]], 
     from .data import find_pairs
     if source_data:
         pairs = find_pairs(source_data, labels_option=False)   # (a cohort folder given whole is refused)
-        return pairs, [volume_sha256(p) for pair in pairs for p in pair]   # image then label, as recorded
+        files = image_then_label([image for image, _ in pairs], [label for _, label in pairs])
+        return pairs, [volume_sha256(p) for p in files]
     prov = meta.get("provenance", {})
     images, labels = prov.get("source_data"), prov.get("source_labels")
     if not images:
@@ -767,7 +763,7 @@ def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]], 
         raise VaeudaError(f"{model_path}: {len(missing)} of the {len(images) + len(labels)} labelled source files it "
                           f"was trained on are not at their recorded paths (the first: {missing[0]}); pass the "
                           f"volumes with --source-data.")
-    files = _image_then_label(images, labels)
+    files = image_then_label(images, labels)
     digests = [volume_sha256(p) for p in files]
     recorded = prov.get("source_sha256")      # models of engines before it record none
     if isinstance(recorded, list) and len(recorded) == len(files):
@@ -856,7 +852,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
                        "source_model_sha256": file_sha256(source_model),
                        "finetune_data": [str(Path(p).resolve()) for p in images],
                        "finetune_labels": [str(Path(p).resolve()) for p in labels],
-                       "finetune_sha256": [volume_sha256(p) for p in _image_then_label(images, labels)],
+                       "finetune_sha256": [volume_sha256(p) for p in image_then_label(images, labels)],
                        "iterations": iters})
     stage = Stage("finetune", data, None, iters, Path(out), meta)
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)
