@@ -657,8 +657,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def onApplyButton(self) -> None:
         p = self._parameterNode
-
-        volume = p.inputVolume
+        volume = p.inputVolume      # as it was when Apply was pressed
 
         def finished(result: JobResult) -> None:
             if self._finishAction(result):
