@@ -1378,3 +1378,66 @@ def test_the_evaluation_table_marks_structures_the_reference_lacks(slicer, mod):
     names = [table.GetCellText(row, 0) for row in range(table.GetNumberOfRows())]
     assert names == [s.name + (" (no reference)" if s.name == lacking else "") for s in mod.STRUCTURES] + ["Mean"]
     assert [table.GetCellText(1, c) for c in (1, 2, 3)] == ["0.00", "n/a", "n/a"]
+
+
+class _PanelParameters:
+    """The parameter-node wrapper's fields the panel's handlers below read, without the wrapper."""
+
+    def __init__(self, inputVolume=None, outputSegmentation=None):
+        self.inputVolume, self.outputSegmentation = inputVolume, outputSegmentation
+
+    def disconnectGui(self, tag):
+        pass
+
+
+def _bare_panel(mod, parameters):
+    """The widget without setup() (the stand-in has no Qt widgets): its handlers' decisions alone."""
+    import types
+    widget = mod.VAEUDASegmentationWidget()
+    widget._parameterNode = parameters
+    widget.updates = []
+    widget._updateButtonStates = lambda *a: widget.updates.append(parameters.outputSegmentation)
+    widget.ui = types.SimpleNamespace(logTextEdit=types.SimpleNamespace(lines=[]))
+    widget.ui.logTextEdit.appendPlainText = widget.ui.logTextEdit.lines.append
+    return widget
+
+
+def test_another_input_volume_sets_back_the_output_apply_made_for_the_first(slicer, mod):
+    """Apply's result becomes the output (Evaluate takes it); with another input volume the next Apply
+    would replace that volume's segments under its name, so the output goes back to a new segmentation.
+    A segmentation the user chose, or another change of parameters, is left alone."""
+    first, second = (add_volume(slicer, np.zeros((3, 4, 5), np.float32), name) for name in ("ct_a", "ct_b"))
+    result = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ct_a segmentation")
+    chosen = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    p = _PanelParameters(first, result)
+    panel = _bare_panel(mod, p)
+    panel._inputVolumeID = first.GetID()
+    panel._segmentedVolumes[result.GetID()] = first.GetID()
+    panel._onParameterNodeModified()                     # another parameter changed: the result stays
+    assert p.outputSegmentation is result
+    p.inputVolume = second
+    panel._onParameterNodeModified()
+    assert p.outputSegmentation is None
+    p.inputVolume, p.outputSegmentation = first, result  # back to its own volume: it is that volume's output
+    panel._onParameterNodeModified()
+    assert p.outputSegmentation is result
+    p.outputSegmentation = chosen                        # one the user chose is no result of Apply's
+    p.inputVolume = second
+    panel._onParameterNodeModified()
+    assert p.outputSegmentation is chosen
+
+
+def test_closing_the_scene_cancels_only_the_jobs_whose_result_belongs_to_it(slicer, mod):
+    """Training and adaptation make a file and need no scene: hours of work go on; a segmentation,
+    an evaluation or the Try-it cohort belongs to the scene and is cancelled."""
+    import types
+    for action, cancelled in (("segment", True), ("tryIt", True), ("train", False), ("adapt", False)):
+        panel = _bare_panel(mod, _PanelParameters())
+        calls = []
+        panel.logic = types.SimpleNamespace(isRunning=lambda: True, cancel=lambda **kw: calls.append(kw))
+        panel._runningAction = action
+        panel._segmentedVolumes["vtkMRMLSegmentationNode1"] = "vtkMRMLScalarVolumeNode1"
+        panel.onSceneStartClose(None, None)
+        assert calls == ([{"discardFinished": True}] if cancelled else []), action
+        assert any("goes on" in line for line in panel.ui.logTextEdit.lines) is not cancelled
+        assert panel._segmentedVolumes == {} and panel._parameterNode is None

@@ -1,7 +1,7 @@
 """Stand-in for the few VTK classes the VAEUDASegmentation module and its tests use.
 
-Signatures follow VTK's Python wrapping (Common/Core/vtkStringArray.h, Common/Math/vtkMatrix4x4.h,
-Wrapping/PythonCore/PyVTKReference.cxx ``reference``).
+Signatures follow VTK's Python wrapping (Common/Core/vtkCommand.h, Common/Core/vtkStringArray.h,
+Common/Math/vtkMatrix4x4.h, Wrapping/PythonCore/PyVTKReference.cxx ``reference``).
 """
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ class vtkMatrix4x4:
     def SetElement(self, i, j, value):
         self._m[i, j] = float(value)
 
+
+
+class vtkCommand:
+    """Event IDs (Common/Core/vtkCommand.h, enum EventIds): the one the module observes."""
+    ModifiedEvent = 33
 
 
 class vtkStringArray:
