@@ -1441,3 +1441,30 @@ def test_closing_the_scene_cancels_only_the_jobs_whose_result_belongs_to_it(slic
         assert calls == ([{"discardFinished": True}] if cancelled else []), action
         assert any("goes on" in line for line in panel.ui.logTextEdit.lines) is not cancelled
         assert panel._segmentedVolumes == {} and panel._parameterNode is None
+
+
+def test_a_disabled_button_says_what_it_waits_for(mod):
+    """Slicer's template puts the reason on the button; a running job's own button cancels it."""
+    import types
+    p = _PanelParameters()
+    p.trainDataFolder, p.trainOutputModelPath = pathlib.Path("."), ""         # unset, as the panel stores them
+    p.sourceModelPath = p.adaptedModelPath = p.segmentModelPath = ""
+    p.referenceSegmentation = None
+    panel = mod.VAEUDASegmentationWidget()
+    panel._parameterNode = p
+    panel.ui = types.SimpleNamespace(targetVolumesSelector=types.SimpleNamespace(checkedNodes=lambda: []))
+    panel._actionButtons = {name: types.SimpleNamespace(enabled=None, text=name, toolTip=f"{name} tip")
+                            for name in ("tryIt", "train", "adapt", "segment", "evaluate")}
+    panel._buttonTexts = {name: name for name in panel._actionButtons}
+    panel._buttonTips = {name: f"{name} tip" for name in panel._actionButtons}
+    panel._updateButtonStates()
+    buttons = panel._actionButtons
+    assert buttons["tryIt"].enabled and buttons["tryIt"].toolTip == "tryIt tip"
+    assert not buttons["train"].enabled and buttons["train"].toolTip == mod.VAEUDASegmentationWidget.NOT_READY["train"]
+    p.trainDataFolder, p.trainOutputModelPath = pathlib.Path("/data/mr"), "/models/source.safetensors"
+    panel._updateButtonStates()
+    assert buttons["train"].enabled and buttons["train"].toolTip == "train tip"
+    panel._runningAction = "train"
+    panel._updateButtonStates()
+    assert buttons["train"].text == "Cancel" and buttons["train"].toolTip == "Cancel the running job."
+    assert not buttons["segment"].enabled and "Another job is running" in buttons["segment"].toolTip
