@@ -246,8 +246,11 @@ def test_table_marks_cells_with_missing_assd_and_empty_cells():
     cells = metrics.table_markdown(rows).splitlines()[3].split(" | ")
     assert cells[6] == "n/a"                                   # LV-M ASSD: no value at all
     assert cells[7] == "2.00 (1.00)"                            # LA-B ASSD
-    assert cells[10] == f"1.33 (0.75) {metrics.MISSING_MARK} |"  # Mean: 6 of 8 entries defined
-    assert "n_missing" in metrics.table_markdown(rows)
+    assert cells[10] == f"1.33 (0.75) {metrics.MISSING_MARK}6/8 |"  # Mean: 6 of 8 entries defined
+    assert "ASSD defined for k of the N values" in metrics.table_markdown(rows)
+    one = OrderedDict([("r", metrics.summarise([volume([0.5] * 4, [nan, 1.0, 1.0, 1.0]),
+                                                volume([0.5] * 4, [2.0, 3.0, 1.0, 1.0])]))])
+    assert metrics.table_markdown(one).splitlines()[3].split(" | ")[6] == f"2.00 {metrics.MISSING_MARK}1/2"  # no std
 
 
 def test_table_from_a_summary_read_back_from_json():

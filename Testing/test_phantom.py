@@ -374,15 +374,21 @@ def test_demo_refuses_a_missing_gpu_before_making_the_cohort(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
-def test_demo_figure_shows_the_coronal_slice_with_the_most_labelled_voxels():
-    """(z, y, x): y = 2 holds 6 labelled voxels, y = 0 holds 4 spread over z and x; axis 0 or 2
-    would pick something else (index 3 along z, index 4 along x)."""
+def test_demo_figure_shows_the_coronal_slice_with_the_most_structures_then_labelled_voxels():
+    """(z, y, x): y = 2 holds 6 labelled voxels of two structures, y = 0 holds 4 of one, spread over
+    z and x; axis 0 or 2 would pick something else (index 3 along z, index 4 along x). A slice
+    showing three structures in fewer voxels wins over both: the ground truth shows them all."""
     from vaeuda.demo import coronal_slice_with_most_structure
     labels = np.zeros((4, 3, 5), np.uint8)
     labels[3, 2, :] = 1
     labels[1, 2, 4] = 2
     labels[0, 0, 0] = labels[1, 0, 1] = labels[2, 0, 4] = labels[3, 0, 4] = 3
     assert coronal_slice_with_most_structure(labels) == 2
+    labels = np.zeros((4, 4, 5), np.uint8)
+    labels[:, 1, :] = 1                                     # 20 voxels, one structure
+    labels[0, 3, 0], labels[0, 3, 1], labels[0, 3, 2] = 1, 2, 4      # 3 voxels, three structures
+    assert coronal_slice_with_most_structure(labels) == 3
+    assert coronal_slice_with_most_structure(np.zeros((2, 3, 2), np.uint8)) == 0     # nothing labelled
 
 
 def test_right_heart_values_follow_the_documented_table():

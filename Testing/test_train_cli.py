@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
+import vaeuda
 from vaeuda import train as train_mod
 from vaeuda.cli import main
 from vaeuda.errors import VaeudaError
@@ -648,7 +649,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--progress", "none"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-3].startswith("- One draw of the adaptation scan") and printed[-1].startswith("Total ")
+    assert printed[-4].startswith("- One draw of the adaptation scan") and printed[-1].startswith("Total ")
+    assert printed[-3].startswith("- The paper, on real MM-WHS scans") and "72.18" in printed[-3]
     assert printed[-1].endswith(str(out / "report.md")) and not any(l.startswith("| stage") for l in printed)
     report = json.loads((out / "report.json").read_text())
     assert report["quick"] is True and len(report["test_scans"]) == 4
@@ -660,10 +662,17 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # the summary lines are the results' mean Dice, their difference and their ratio
     mean = {name: r["summary"]["Mean"]["dice"]["mean"] * 100 for name, r in report["results"].items()}
     assert mean == pytest.approx(report["mean_dice"])
-    una, ada, ora = (mean[k] for k in ("Unadapted", "Proposed-1 (adapted)", "Oracle"))
+    una, ada, ora = (round(mean[k], 2) for k in ("Unadapted", "Proposed-1 (adapted)", "Oracle"))   # as shown
     assert f"- Adaptation gain in mean Dice: {ada - una:+.2f} points (unadapted {una:.2f} -> adapted {ada:.2f})." in printed
     assert f"- Adapted / oracle mean Dice: {100 * ada / ora:.1f}%." in printed
     text = (out / "report.md").read_text()
+    # a smoke run says so; what each stage ran is in both reports
+    assert "**Smoke run** (`--quick`)" in text
+    assert report["training"] == {"preset": "tiny", "device": "cpu", "engine": vaeuda.__version__, "batch_size": 2,
+                                  "iterations": {"source": 60, "adapt": 30, "finetune": 30}}
+    assert ("Training: `tiny` preset on cpu, engine " + vaeuda.__version__ + ", batch 2: source model 60 iterations "
+            "(16 labelled MR), adaptation 30 (1 unlabelled CT), oracle fine-tuning 30 (16 labelled CT).") in text
+    assert report["figure"]["scan"] == "ct_1017" and f"coronal slice {report['figure']['coronal_slice']}" in text
     assert text.count("| Unadapted |") == 1 and "Oracle" in text
     assert report["intensity_remap"] is False and "intensity-remap" not in text      # the paper's method
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

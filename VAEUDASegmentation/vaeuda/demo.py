@@ -95,12 +95,19 @@ def evaluate_model(model: Path, cohort: Path, prefixes: Sequence[str], out_dir: 
 
 
 def coronal_slice_with_most_structure(labels: np.ndarray) -> int:
-    """The coronal (y) index of a canonical LPS label array (z, y, x) holding the most labelled voxels."""
-    return int(np.argmax((labels > 0).sum(axis=(0, 2))))
+    """The coronal (y) index of a canonical LPS label array (z, y, x) that shows the most structures,
+    and of those the one holding the most labelled voxels (a slice without one structure would
+    leave it out of the figure's ground truth)."""
+    shown = np.stack([(labels == c).any(axis=(0, 2)) for c in range(1, int(labels.max(initial=0)) + 1)]
+                     ).sum(axis=0) if labels.max(initial=0) > 0 else np.zeros(labels.shape[1], int)
+    voxels = (labels > 0).sum(axis=(0, 2))
+    return int(np.lexsort((-voxels, -shown))[0])
 
 
-def figure_fig2(cohort: Path, prefix: str, preds: Dict[str, Path], png: Path) -> None:
-    """The paper's Fig. 2 layout: CT slice, ground truth, and one overlay per model."""
+def figure_fig2(cohort: Path, prefix: str, preds: Dict[str, Path], png: Path) -> int:
+    """The paper's Fig. 2 layout: CT slice, ground truth, and one overlay per model (the whole
+    prediction, before the largest-component step the scores take), a legend of the structures'
+    colours, and the scan and slice in the title. Returns the coronal slice index shown."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -131,10 +138,52 @@ def figure_fig2(cohort: Path, prefix: str, preds: Dict[str, Path], png: Path) ->
                       aspect=sz / sx)
         ax.set_title(name, fontsize=10)
         ax.axis("off")
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+    fig.legend(handles=[Patch(color=s.color, label=s.name) for s in STRUCTURES], loc="lower center",
+               ncol=len(STRUCTURES), fontsize=8, frameon=False)
+    fig.suptitle(f"{prefix}, coronal slice {j} (of {lab.shape[1]}); overlays: whole predictions", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.94))
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    return j
+
+
+SMOKE_NOTE = ("**Smoke run** (`--quick`): tiny networks, a few dozen iterations, small volumes. It shows that the "
+              "pipeline runs end to end; its numbers say nothing about the method.")
+
+
+def _training_record(preset: str, stage_meta: "OrderedDict[str, dict]") -> dict:
+    """What each stage ran (report.json "training"): preset, device, engine, batch, iterations."""
+    first = next(iter(stage_meta.values()))
+    return {"preset": preset, "device": first["provenance"]["device"], "engine": first["provenance"]["engine"],
+            "batch_size": first["train"]["batch_size"],
+            "iterations": {stage: meta["provenance"]["iterations_done"] for stage, meta in stage_meta.items()}}
+
+
+def _training_line(training: dict, n_mr: int, n_ct: int) -> str:
+    its = training["iterations"]
+    on_gpu = training["device"].startswith("cuda")
+    return (f"Training: `{training['preset']}` preset on {training['device']}{' (bf16 autocast)' if on_gpu else ''}, "
+            f"engine {training['engine']}, batch {training['batch_size']}: source model {its['source']} iterations "
+            f"({n_mr} labelled MR), adaptation {its['adapt']} (1 unlabelled CT), oracle fine-tuning "
+            f"{its['finetune']} ({n_ct} labelled CT).")
+
+
+def _voxel_size(cohort: Path, prefix: str) -> str:
+    """``"1.36 x 1.36 x 2.21"``: the spacing (x, y, z) of a cohort volume, which ASSD [voxel] counts in."""
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(image_of(cohort, prefix)))
+    reader.ReadImageInformation()
+    return " x ".join(f"{v:.2f}" for v in reader.GetSpacing())
+
+
+def _paper_line() -> str:
+    """The paper's mean Dice of the demo's three rows (Table 1), and the adapted / oracle ratio."""
+    from .experiment import PAPER_TABLE1
+    una, ada, ora = (PAPER_TABLE1[row]["dice"][-1][0] for row in ("Unadapted", "Proposed-1", "Oracle"))
+    return f"unadapted {una:.2f}, Proposed-1 {ada:.2f}, oracle {ora:.2f} mean Dice ({100 * ada / ora:.1f} % of the oracle)"
 
 
 def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
@@ -171,22 +220,25 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
 
     t = time.time()
     source_model = models / "source.safetensors"
-    train_source([image_of(cohort, p) for p in mr_train], [label_of(cohort, p) for p in mr_train], source_model,
+    stage_meta = OrderedDict()
+    stage_meta["source"] = train_source(
+                 [image_of(cohort, p) for p in mr_train], [label_of(cohort, p) for p in mr_train], source_model,
                  preset=preset, iterations=iters.get("source"), seed=seed, device=device, reporter=reporter,
                  intensity_remap=intensity_remap)
-    timings["train source (16 MR)"] = time.time() - t
+    timings[f"train source ({len(mr_train)} MR)"] = time.time() - t
 
     t = time.time()
     adapted_model = models / "adapted.safetensors"
-    adapt(source_model, [image_of(cohort, target)], adapted_model, iterations=iters.get("adapt"), seed=seed,
-          device=device, reporter=reporter)
+    stage_meta["adapt"] = adapt(source_model, [image_of(cohort, target)], adapted_model,
+                                iterations=iters.get("adapt"), seed=seed, device=device, reporter=reporter)
     timings["adapt (1 CT)"] = time.time() - t
 
     t = time.time()
     oracle_model = models / "oracle.safetensors"
-    finetune(source_model, [image_of(cohort, p) for p in ct_train], [label_of(cohort, p) for p in ct_train],
-             oracle_model, iterations=iters.get("finetune"), seed=seed, device=device, reporter=reporter)
-    timings["oracle fine-tune (16 labelled CT)"] = time.time() - t
+    stage_meta["finetune"] = finetune(
+        source_model, [image_of(cohort, p) for p in ct_train], [label_of(cohort, p) for p in ct_train],
+        oracle_model, iterations=iters.get("finetune"), seed=seed, device=device, reporter=reporter)
+    timings[f"oracle fine-tune ({len(ct_train)} labelled CT)"] = time.time() - t
 
     t = time.time()
     runs = OrderedDict([(ROW_UNADAPTED, source_model), (ROW_ADAPTED, adapted_model), (ROW_ORACLE, oracle_model)])
@@ -198,7 +250,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
 
     png = out / "fig2.png"
     first = ct_test[0]
-    figure_fig2(cohort, first, OrderedDict(
+    slice_shown = figure_fig2(cohort, first, OrderedDict(
         (name, out / "pred" / name.split()[0].lower() / f"{first}_image_seg.nii.gz") for name in runs), png)
 
     from .modelfile import read_tensors
@@ -207,22 +259,29 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     summaries = OrderedDict((name, r["summary"]) for name, r in results.items())
     table = table_markdown(summaries, metrics=("dice", "assd_vox"))
     mean = {name: s["Mean"]["dice"]["mean"] * 100 for name, s in summaries.items()}
-    una, ada, ora = (mean[k] for k in runs)
+    una, ada, ora = (round(mean[k], 2) for k in runs)     # as shown: the gain is their difference
     total = sum(timings.values())
+    training = _training_record(preset, stage_meta)
+    n_test = len(ct_test)
     summary = [
         "# VAE-UDA demo report", "",
-        f"Synthetic cohort (seed {seed}): source = 16 labelled MR, target = ONE unlabelled CT ({target}), "
-        f"evaluated on the 4 held-out CT test volumes ({', '.join(ct_test)}). "
-        f"Preset: {'tiny (quick smoke run)' if quick else 'cpu'}."
+        *([SMOKE_NOTE, ""] if quick else []),
+        f"Synthetic cohort (seed {seed}, which also draws the adaptation scan and seeds every training): source = "
+        f"{len(mr_train)} labelled MR, target = ONE unlabelled CT ({target}), evaluated on the {n_test} held-out CT "
+        f"test volumes ({', '.join(ct_test)})."
         + (" The source model was trained with `--intensity-remap` (random intensity remapping, GIN; not part of "
            "the 2019 method)." if intensity_remap else ""), "",
-        "Dice [%] and ASSD [voxel] per structure on the largest 3D component, mean (std) over the 4 test volumes; "
-        "the Mean column pools all structure x volume values, as the paper's Table 1 does.", "",
+        _training_line(training, len(mr_train), len(ct_train)), "",
+        f"Dice [%] and ASSD [voxel] per structure on the largest 3D component, mean (population std) over the "
+        f"{n_test} test volumes; the Mean column pools all structure x volume values, as the paper's Table 1 "
+        f"does. A voxel of the test volumes is {_voxel_size(cohort, ct_test[0])} mm.", "",
         table,
         f"- Adaptation gain in mean Dice: {ada - una:+.2f} points (unadapted {una:.2f} -> adapted {ada:.2f}).",
         f"- Adapted / oracle mean Dice: {100 * ada / ora if ora else float('nan'):.1f}%.",
         "- One draw of the adaptation scan; the paper averages six: `benchmarks/one_scan_draws.py` adapts "
-        "this source model on six.", "",
+        "this source model on six.",
+        f"- The paper, on real MM-WHS scans (six draws, 3x256x256 slices, a GPU): {_paper_line()}; these are "
+        f"synthetic scans and one draw.", "",
     ]
     machine_line = machine.description()        # one reading for both reports
     lines = summary + [
@@ -232,13 +291,15 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         f"Machine: {machine_line}.", "",
         "Weights, SHA-256 of the tensors (first 16 hex digits; `vaeuda info MODEL` prints them whole): "
         + ", ".join(f"{runs[name].name} `{digest[:16]}`" for name, digest in weights.items()) + ".", "",
-        "![CT slice, ground truth and segmentations](fig2.png)", "",
+        f"![{ct_test[0]}, coronal slice {slice_shown}: CT, ground truth and the three models' segmentations]"
+        f"(fig2.png)", "",
     ]
     report_md = out / "report.md"
     with atomic_path(report_md) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     report_json = out / "report.json"
-    payload = {"seed": seed, "quick": quick, "intensity_remap": intensity_remap, "target_scan": target, "test_scans": ct_test,
+    payload = {"seed": seed, "quick": quick, "intensity_remap": intensity_remap, "target_scan": target,
+               "test_scans": ct_test, "training": training, "figure": {"scan": ct_test[0], "coronal_slice": slice_shown},
                "timings_s": timings, "total_s": total, "machine": machine_line,
                "mean_dice": mean, "weights_sha256": weights, "results": results}
     with atomic_path(report_json) as tmp:

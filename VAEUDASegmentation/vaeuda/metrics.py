@@ -194,15 +194,19 @@ def table_markdown(rows: "OrderedDict[str, dict]", metrics: Sequence[str] = ("di
             scale = 100.0 if m == "dice" else 1.0
             for c in columns:
                 stat = summary[c][m]
-                text = _format_cell(stat["mean"], None if one_volume else stat["std"], scale)
-                if stat.get("n_missing", 0) and stat["n"]:
-                    text += " " + MISSING_MARK
+                missing = stat.get("n_missing", 0) if stat["n"] else 0
+                # a std of one value is no spread: shown without one
+                text = _format_cell(stat["mean"], None if one_volume or (missing and stat["n"] == 1) else stat["std"],
+                                    scale)
+                if missing:
+                    text += f" {MISSING_MARK}{stat['n']}/{stat['n'] + missing}"
                     any_missing = True
                 cells.append(text)
         lines.append(_md_row(cells))
     if any_missing:
-        lines += ["", f"{MISSING_MARK} ASSD undefined for some volumes (structure empty in prediction or "
-                      "reference only): averaged over the others; see n_missing in the JSON."]
+        lines += ["", f"{MISSING_MARK}k/N: ASSD defined for k of the N values (it is undefined where a structure is "
+                      "empty in the prediction or in the reference only), averaged over those k: a model that finds "
+                      "a structure in few volumes is scored on those alone."]
     return "\n".join(lines) + "\n"
 
 
