@@ -57,6 +57,13 @@ def test_writes_every_output(table1):
     for row in ROWS + ("SIFA-1", "PnP-AdaNet-16"):
         assert row in md
     assert "72.18 (16.31)" in md          # the paper's Proposed-1 mean Dice, as printed in its Table 1
+    # a tiny, shortened run on a phantom cohort says so, and judges none of the paper's findings on it
+    protocol = table1[2]["protocol"]
+    assert protocol["synthetic"] is True and protocol["smoke"] is True
+    assert "**Smoke run**" in md and "The cohort is synthetic" in md
+    assert "Proposed-16 adapts on the whole target pool (3 scans here)" in md
+    findings = [line for line in md.splitlines() if line.startswith("| ") and "criterion" in line]
+    assert findings and all(line.endswith("| not judged (smoke run) |") for line in findings)
 
 
 def test_rows_in_paper_order_with_four_structures(table1):
