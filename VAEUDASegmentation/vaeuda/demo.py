@@ -209,10 +209,11 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
 
     t = time.time()
     size = 48 if quick else None
-    if not is_phantom_cohort(cohort, seed, size):
+    reused = is_phantom_cohort(cohort, seed, size)
+    if not reused:
         reporter.log(f"making the synthetic cohort in {cohort}")
         make_cohort(cohort, seed=seed, size=size, reporter=reporter)
-    timings["cohort"] = time.time() - t
+    timings["cohort (reused from an earlier run)" if reused else "cohort"] = time.time() - t
     mr_train = cohort_split(cohort, "mr", "train")
     ct_train, ct_test = cohort_split(cohort, "ct", "train"), cohort_split(cohort, "ct", "test")
     target = random.Random(seed).choice(ct_train)   # the one unlabelled CT scan
