@@ -365,7 +365,7 @@ def test_console_mistakes_are_refused_before_the_job_in_one_sentence(slicer, mod
         (lambda: fake_logic.segment(volume, model, cpuBf16=True, portable=True),
          "portable computes in float32; it cannot be combined with cpuBf16."),
         (lambda: fake_logic.trainSource(tmp_path, tmp_path / "s.safetensors", device="cuda", portable=True),
-         "portable is for the CPU; it cannot be combined with device 'cuda'."),
+         "portable is for the CPU; it cannot be combined with device cuda."),
         (lambda: fake_logic.trainSource(tmp_path, f"{tmp_path / 'newdir'}/"),
          "newdir/: is named as a folder (it ends with a separator); give the output a file name."),
         (lambda: fake_logic.makeTryItCohort(tmp_path / "c", nTrain=-1), "nTrain must be a whole number of at least 0"),

@@ -45,7 +45,7 @@ from slicer.util import VTKObservationMixin
 from vaeuda import choices as vaeudaChoices
 from vaeuda import fileio as vaeudaFileio
 from vaeuda import labels as vaeudaLabels
-from vaeuda.errors import VaeudaError
+from vaeuda.errors import VaeudaError, require_count
 # The child-process runner is plain Python, in its own file; the job errors are part of the batch API.
 from VAEUDASegmentationLib.engineprocess import EngineProcess, JobCancelledError, JobFailedError, JobResult
 
@@ -325,7 +325,7 @@ def _engineCheckAsValueError():
     try:
         yield
     except VaeudaError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(_asArguments(str(exc))) from None     # its flags named as the API's arguments
 
 
 def _volumeName(node) -> str:
@@ -363,10 +363,11 @@ def _asArguments(message: str) -> str:
 
 
 def _requireCount(name: str, value, minimum: int = 1) -> None:
-    """Refuse a count argument (None: the engine's default) that the engine would refuse only after starting."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{name} must be a whole number of at least {minimum} (or None for the default), "
-                         f"not {value!r}.")
+    """Refuse a count argument (None: the engine's default) that the engine would refuse only after
+    starting: the engine's check, as ValueError."""
+    if value is not None:
+        with _engineCheckAsValueError():
+            require_count(name, value, minimum, default_hint=" (or None for the default)")
 
 
 # ----------------------------------------------------------------------------- widget
@@ -1023,10 +1024,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _requirePortableOnCpu(portable: bool, device: str, cpuBf16: bool = False) -> None:
         """The engine's refusals of ``--portable`` with CUDA or bf16, before the job starts."""
-        if portable and device == "cuda":
-            raise ValueError("portable is for the CPU; it cannot be combined with device 'cuda'.")
-        if portable and cpuBf16:     # native and emulated bf16 round differently
-            raise ValueError("portable computes in float32; it cannot be combined with cpuBf16.")
+        with _engineCheckAsValueError():
+            vaeudaChoices.check_portable(portable, device, cpuBf16)
 
     @staticmethod
     def _requireChoice(name: str, value, choices: Sequence[str]) -> None:

@@ -21,3 +21,11 @@ def check_choice(flag: str, value, choices) -> None:
     """Refuse, in one sentence naming ``flag``, a ``value`` that is not one of ``choices``."""
     if not isinstance(value, str) or value not in choices:
         raise VaeudaError(f"{flag} must be one of {', '.join(choices)}, not {value!r}.")
+
+
+def check_portable(portable: bool, device: str, cpu_bf16: bool = False) -> None:
+    """Refuse portable numerics (``--portable``) with CUDA or with bf16 on the CPU."""
+    if portable and device == "cuda":
+        raise VaeudaError("--portable is for the CPU; it cannot be combined with --device cuda.")
+    if portable and cpu_bf16:     # native and emulated bf16 round differently
+        raise VaeudaError("--portable computes in float32; it cannot be combined with --cpu-bf16.")

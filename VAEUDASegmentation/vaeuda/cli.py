@@ -265,10 +265,8 @@ def run(args, reporter: Reporter) -> List[str]:
     """Execute one parsed command; returns the paths it wrote."""
     cmd = args.command
     if getattr(args, "portable", False):
-        if getattr(args, "device", "cpu") == "cuda":
-            raise VaeudaError("--portable is for the CPU; it cannot be combined with --device cuda.")
-        if getattr(args, "cpu_bf16", False):   # native and emulated bf16 round differently
-            raise VaeudaError("--portable computes in float32; it cannot be combined with --cpu-bf16.")
+        from .choices import check_portable
+        check_portable(True, getattr(args, "device", "cpu"), getattr(args, "cpu_bf16", False))
         args.device = "cpu"
         from .machine import use_portable_numerics
         use_portable_numerics()      # before anything imports torch

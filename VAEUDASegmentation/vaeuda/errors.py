@@ -12,7 +12,9 @@ class VaeudaError(Exception):
 MAX_SEED = 2 ** 64 - 1   # torch's generators take 0 .. 2**64 - 1; numpy's (the phantom's) no negative seed
 
 
-def require_count(flag: str, value) -> None:
-    """Refuse a count (iterations, batch size, patience) that is not a whole number >= 1, naming ``flag``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise VaeudaError(f"{flag} must be a whole number of at least 1, not {value!r}.")
+def require_count(flag: str, value, minimum: int = 1, default_hint: str = "") -> None:
+    """Refuse a count (iterations, batch size, patience; a seed with ``minimum`` 0) that is not a
+    whole number >= ``minimum``, naming ``flag``; ``default_hint`` follows the minimum in the
+    sentence (the Slicer API's " (or None for the default)")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise VaeudaError(f"{flag} must be a whole number of at least {minimum}{default_hint}, not {value!r}.")
