@@ -167,3 +167,32 @@ def test_intensity_remap_layers_are_1x1_or_3x3_at_random():
     out = random_intensity_remap(images, gen)
     pointwise = torch.isclose(out[:, 0, 4, 4], out[:, 0, 11, 11], atol=1e-5, rtol=0)
     assert 5 <= int(pointwise.sum()) <= 40
+
+
+def test_augment_batch_applies_the_gamma_after_the_spatial_transform():
+    """With no spatial transform drawn (probability 0, no elastic field), a batch comes back as
+    random_gamma makes it from the generator's state after the grid's draws: not unchanged."""
+    cfg = AugmentConfig(elastic_alpha=0.0, probability=0.0, gamma=0.3)
+    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 5 + 1
+    out, _ = augment_batch(images, None, cfg, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    random_grid(4, SIZE, cfg, gen, "cpu")                   # the draws the grid takes first
+    assert torch.allclose(out, random_gamma(images, cfg, gen), atol=1e-5)
+    assert not torch.allclose(out, images, atol=1e-2)
+
+
+def test_the_elastic_field_is_twice_alpha_times_the_smoothed_coarse_noise_on_both_axes():
+    """Without the affine part the grid is the identity plus 2 * alpha * a bicubic upsampling of
+    (2, g, g) standard normal control points, drawn after the affine parameters."""
+    cfg = AugmentConfig(rotate_deg=0.0, translate=0.0, shear=0.0, scale=0.0, elastic_alpha=0.03, elastic_grid=4,
+                        probability=1.0)
+    grid = random_grid(3, SIZE, cfg, torch.Generator().manual_seed(0), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):                                      # angle, scale, shear, tx, ty, keep
+        torch.rand(3, generator=gen)
+    coarse = torch.randn(3, 2, 4, 4, generator=gen)
+    disp = F.interpolate(coarse, size=(SIZE, SIZE), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    identity = F.affine_grid(torch.eye(2, 3)[None].expand(3, 2, 3), [3, 1, SIZE, SIZE], align_corners=False)
+    assert torch.allclose(grid - identity, 2 * 0.03 * disp, atol=1e-6)
+    moved = grid - identity
+    assert moved[..., 0].std() > 0.01 and moved[..., 1].std() > 0.01     # both axes displaced

@@ -14,6 +14,9 @@ from vaeuda.nets import VAEUDANet, get_preset
 def saved(tmp_path):
     torch.manual_seed(0)
     net = VAEUDANet(get_preset("tiny"))
+    with torch.no_grad():            # a train-mode pass moves BatchNorm's running statistics, as training does
+        net.train().segment_logits(torch.randn(2, 3, 32, 32), "source")
+    net.eval()
     path = tmp_path / "m.safetensors"
     save_model(path, net, REAL_META)
     return net, path
@@ -29,11 +32,17 @@ REAL_META = {"stage": "source", "has_target_encoder": False, "preset": "tiny", "
 
 
 def test_round_trip_gives_identical_networks(saved):
+    """Every tensor comes back, BatchNorm's running statistics included (the saved net has moved them
+    off a fresh net's 0 and 1: a file that lost them would still load)."""
     net, path = saved
     loaded, meta = load_model(path)
     assert meta["stage"] == "source" and meta["config"] == net.cfg.to_dict()
+    assert list(net.state_dict()) == list(loaded.state_dict())
     for (k1, v1), (k2, v2) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
+    fresh = VAEUDANet(net.cfg).state_dict()
+    running = [k for k in fresh if k.endswith(("running_mean", "running_var"))]
+    assert running and all(not torch.equal(loaded.state_dict()[k], fresh[k]) for k in running)
     x = torch.randn(1, 3, 32, 32)
     net.eval()
     with torch.no_grad():

@@ -58,6 +58,12 @@ def test_posterior_covariance_is_predicted():
     assert not torch.allclose(logvar[0], logvar[1])
     assert logvar[0].std(dim=(1, 2)).min() > 0
     assert set(dict(net.enc_z.named_children())) >= {"mu", "logvar"}
+    # its own branch: moving the log-variance branch's last bias moves logvar, not mu
+    assert not torch.allclose(mu, logvar)
+    with torch.no_grad():
+        net.enc_z.logvar[-1].bias += 0.5
+    mu2, logvar2 = net.posterior(x, "source")
+    assert torch.equal(mu2, mu) and torch.allclose(logvar2, (logvar + 0.5).clamp(-8, 8), atol=1e-5)
 
 
 def test_config_round_trip_and_unknown_fields():

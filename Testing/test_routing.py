@@ -187,7 +187,10 @@ def test_term_weights_and_ablation_switches():
                            ("use_cycle", {"T_cyc"}), ("use_task", {"task"})):
         weights = TrainConfig(**{switch: False}).weights()
         assert weights == {k: 0.0 if k in zeroed else v for k, v in paper.items()}, switch
-    assert TrainConfig(lambda_rec=2.0, lambda_cyc=3.0).weights()["T_cyc"] == 3.0
+    # each lambda weights its own terms: distinct values tell a swap apart (the paper's are mostly 1)
+    assert TrainConfig(lambda_rec=2.0, lambda_seg=3.0, lambda_adv=5.0, lambda_cyc=7.0, lambda_kl=11.0).weights() == {
+        "S_rec": 2.0, "T_rec": 2.0, "seg": 3.0, "task": 3.0, "S_adv": 5.0, "T_adv": 5.0, "T_cyc": 7.0,
+        "S_kl": 11.0, "T_kl": 11.0}
 
 
 def test_class_weights_are_inverse_square_root_frequencies_of_mean_one():

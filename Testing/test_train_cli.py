@@ -158,12 +158,26 @@ def _interrupt_after_first_checkpoint(monkeypatch, cohort, out, run=None, **kw):
         run() if run is not None else _train(cohort, out, **kw)
 
 
-def test_same_seed_same_numbers(tiny_cohort, tmp_path):
+def test_same_seed_same_numbers(tiny_cohort, tiny_source_model, tmp_path):
+    """The same seed gives the same weights; another seed other ones (a run that ignored its seed
+    would be deterministic too), in training and in adaptation, which starts from fixed weights."""
     _train(tiny_cohort, tmp_path / "a.safetensors")
     _train(tiny_cohort, tmp_path / "b.safetensors")
     ta, tb = read_tensors(tmp_path / "a.safetensors")[0], read_tensors(tmp_path / "b.safetensors")[0]
     assert ta.keys() == tb.keys()
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    train_source([tiny_cohort / "mr_1001_image.nii.gz"], [tiny_cohort / "mr_1001_label.nii.gz"],
+                 tmp_path / "c.safetensors", preset="tiny", iterations=4, seed=8, device="cpu")
+    tc = read_tensors(tmp_path / "c.safetensors")[0]
+    assert any(not torch.equal(ta[k], tc[k]) for k in ta if k.startswith("net.enc_s."))
+    ct = [tiny_cohort / "ct_1001_image.nii.gz"]
+    adapted = {}
+    for name, seed in (("x", 0), ("y", 0), ("z", 1)):
+        train_mod.adapt(tiny_source_model, ct, tmp_path / f"{name}.safetensors", iterations=2, seed=seed, device="cpu")
+        adapted[name] = read_tensors(tmp_path / f"{name}.safetensors")[0]
+    target = [k for k in adapted["x"] if k.startswith("net.enc_t.")]
+    assert target and all(torch.equal(adapted["x"][k], adapted["y"][k]) for k in adapted["x"])
+    assert any(not torch.equal(adapted["x"][k], adapted["z"][k]) for k in target)
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])

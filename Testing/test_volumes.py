@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from vaeuda.errors import VaeudaError
 from vaeuda.labels import CONSECUTIVE, MMWHS
-from vaeuda.volumes import (DEFAULT_NORMALISATION, Geometry, SliceGrid, geometry_mismatch, normalise,
+from vaeuda.volumes import (DEFAULT_NORMALISATION, Geometry, SliceGrid, geometry_mismatch, normalise, obliquity_degrees,
                             read_image, read_label, to_canonical, write_image, write_label)
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -515,3 +515,16 @@ def test_chunked_mean_std_sums_every_chunk():
     from vaeuda.volumes import _mean_std
     mean, std = _mean_std(np.arange(10, dtype=np.float32), chunk=4)
     assert mean == pytest.approx(4.5) and std == pytest.approx(8.25 ** 0.5)
+
+
+@pytest.mark.parametrize("degrees, along_patient_axes", [(0.5, False), (0.9, False), (1.5, True), (7.0, True)])
+def test_a_volume_more_than_one_degree_oblique_is_sliced_along_the_patients_axes(tmp_volume, degrees,
+                                                                                  along_patient_axes):
+    """OBLIQUE_DEGREES (1): below it the volume's own (canonical, rotated) frame is sliced; above it the
+    slice grid's axes are the patient's (an identity direction), as the training slices were."""
+    direction = tuple((_rotation((1, 2, 3), degrees) @ np.asarray(PERMUTED).reshape(3, 3)).ravel())
+    image = tmp_volume(_phantom_labels(sheet=False), spacing=(0.7, 1.3, 2.5), direction=direction)
+    grid = SliceGrid.from_image(image, 12)
+    assert obliquity_degrees(grid.canonical.direction) == pytest.approx(degrees, abs=1e-6)
+    own_frame = np.allclose(grid.grid.direction, grid.canonical.direction)
+    assert np.allclose(grid.grid.direction, IDENTITY) is along_patient_axes and own_frame is not along_patient_axes
