@@ -183,7 +183,8 @@ def _paper_line() -> str:
     """The paper's mean Dice of the demo's three rows (Table 1), and the adapted / oracle ratio."""
     from .experiment import PAPER_TABLE1
     una, ada, ora = (PAPER_TABLE1[row]["dice"][-1][0] for row in ("Unadapted", "Proposed-1", "Oracle"))
-    return f"unadapted {una:.2f}, Proposed-1 {ada:.2f}, oracle {ora:.2f} mean Dice ({100 * ada / ora:.1f} % of the oracle)"
+    return (f"unadapted {una:.2f}, Proposed-1 {ada:.2f}, oracle {ora:.2f} mean Dice "
+            f"({100 * ada / ora:.1f} % of the oracle)")
 
 
 def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
@@ -300,7 +301,8 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         tmp.write_text("\n".join(lines), encoding="utf-8")
     report_json = out / "report.json"
     payload = {"seed": seed, "quick": quick, "intensity_remap": intensity_remap, "target_scan": target,
-               "test_scans": ct_test, "training": training, "figure": {"scan": ct_test[0], "coronal_slice": slice_shown},
+               "test_scans": ct_test, "training": training,
+               "figure": {"scan": ct_test[0], "coronal_slice": slice_shown},
                "timings_s": timings, "total_s": total, "machine": machine_line,
                "mean_dice": mean, "weights_sha256": weights, "results": results}
     with atomic_path(report_json) as tmp:
