@@ -56,6 +56,16 @@ def file_sha256(path: PathLike) -> str:
     return h.hexdigest()
 
 
+def first_bytes(path: PathLike, n: int) -> bytes:
+    """The first ``n`` bytes of a file, which tell its kind (fewer if it is shorter; none if it cannot
+    be read, which the reader that follows reports in its own words)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
 def image_then_label(images: Iterable[PathLike], labels: Iterable[PathLike]) -> list:
     """``[image 1, label 1, image 2, label 2, ...]``: the order a model's provenance records the
     digests of labelled volumes in (``source_sha256``, ``finetune_sha256``)."""

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .fileio import MAX_NAME_BYTES, require_readable
+from .fileio import MAX_NAME_BYTES, first_bytes, require_readable
 from .labels import SIFA_IGNORED_VALUE, Convention
 
 PathLike = Union[str, Path]
@@ -259,15 +259,6 @@ def read_tfrecords(path: PathLike) -> List[Tuple[np.ndarray, np.ndarray]]:
     return samples
 
 
-def _first_bytes(path: Path, n: int) -> bytes:
-    """The first ``n`` bytes of a file (fewer if it is shorter or cannot be read)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(n)
-    except OSError:
-        return b""
-
-
 def read_npz(path: PathLike, flip_test_volume: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """A released ``.npz``: ``arr_0`` image and ``arr_1`` label, each ``(H, W, N)`` (N slices).
 
@@ -296,7 +287,7 @@ def read_npz(path: PathLike, flip_test_volume: bool = False) -> Tuple[np.ndarray
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         # numpy's header errors span lines and quote raw bytes: the first line, escaped
         reason = ascii(str(exc).splitlines()[0])[1:-1] if str(exc) else type(exc).__name__
-        head = _first_bytes(path, 6)
+        head = first_bytes(path, 6)
         if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":
             # numpy takes any other file for a pickle, and advises loading it unsafely
             reason = "neither a ZIP archive of arrays nor a .npy array"

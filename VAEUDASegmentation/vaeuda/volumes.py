@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .fileio import VOLUME_SUFFIXES, atomic_path, full_suffix, require_readable
+from .fileio import VOLUME_SUFFIXES, atomic_path, first_bytes, full_suffix, require_readable
 from .labels import BUILTIN_CONVENTIONS, Convention
 
 PathLike = Union[str, Path]
@@ -333,13 +333,7 @@ def _itk_reason(exc: RuntimeError) -> str:
 
 def _gzip_named_nii(path: Path) -> bool:
     """A ``.nii`` file whose bytes are gzip's (ITK picks its reader by the name, and no reader takes it)."""
-    if path.name.lower().endswith(".nii"):
-        try:
-            with open(path, "rb") as f:
-                return f.read(2) == b"\x1f\x8b"
-        except OSError:
-            return False
-    return False
+    return path.name.lower().endswith(".nii") and first_bytes(path, 2) == GZIP_MAGIC
 
 
 def require_existing(path: PathLike) -> None:
