@@ -314,11 +314,24 @@ def test_non_finite_intensities_in_nifti_are_refused(tmp_volume, name, dtype):
 def test_compressed_data_damaged_past_what_itk_read_is_one_sentence(tmp_volume, monkeypatch):
     path = tmp_volume(np.ones((4, 5, 6), np.float32), name="late.nii.gz")
 
-    def damaged(_path):
+    def damaged(_path, _nifti):
         raise EOFError("Compressed file ended before the end-of-stream marker was reached")
     monkeypatch.setattr(volumes, "_nifti_non_finite", damaged)
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: the file is damaged \\(Compressed file ended"):
         read_image(path)
+
+
+@pytest.mark.parametrize("name", ["once.nii.gz", "once.nii"])
+def test_the_nifti_checks_parse_the_header_once(tmp_volume, monkeypatch, name):
+    """Truncation, spacing and NaN checks share one parse of the header (and find the float voxels)."""
+    path = tmp_volume(np.arange(120, dtype=np.float32).reshape(4, 5, 6), name=name)
+    parsed, counted = [], []
+    layout, non_finite = volumes._nifti_layout, volumes._nifti_non_finite
+    monkeypatch.setattr(volumes, "_nifti_layout", lambda header: parsed.append(1) or layout(header))
+    monkeypatch.setattr(volumes, "_nifti_non_finite",
+                        lambda p, nifti: counted.append(nifti.layout.float_dtype.kind) or non_finite(p, nifti))
+    read_image(path)
+    assert parsed == [1] and counted == ["f"]
 
 
 def test_finite_float_and_integer_nifti_pass_the_check(tmp_volume):

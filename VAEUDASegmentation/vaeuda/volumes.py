@@ -173,42 +173,30 @@ def _nifti_layout(header: bytes) -> Optional[_NiftiLayout]:
     return None
 
 
-def _nifti_is_compressed(path: Path) -> Optional[bool]:
-    """Whether a NIfTI file's bytes are gzip-compressed (a ``.nii.gz`` may not be: ITK reads it all
-    the same); None if ``path`` is not named as NIfTI."""
-    if full_suffix(path).lower() not in (".nii", ".nii.gz"):
-        return None
-    with open(path, "rb") as f:
-        return f.read(2) == GZIP_MAGIC
+class _NiftiFile(NamedTuple):
+    compressed: bool                 # its bytes are gzip's (a ``.nii.gz`` may not be: ITK reads it all the same)
+    layout: Optional[_NiftiLayout]   # None: not a NIfTI header (ITK's own check then rules)
 
 
-def _nifti_unset_spacing(path: Path) -> List[str]:
-    """The axes ('x', 'y', 'z') whose spacing a NIfTI file's header leaves 0 or not a number: ITK
-    reads each as 1 mm without a word, whatever the sform says; [] for other files."""
-    compressed = _nifti_is_compressed(path)
-    if compressed is None:
-        return []
-    with (gzip.open if compressed else open)(path, "rb") as f:
-        layout = _nifti_layout(f.read(540))
+def _nifti_unset_spacing(layout: Optional[_NiftiLayout]) -> List[str]:
+    """The axes ('x', 'y', 'z') whose spacing a NIfTI header leaves 0 or not a number: ITK reads
+    each as 1 mm without a word, whatever the sform says; [] without a header."""
     if layout is None:
         return []
     return [axis for axis, value in zip("xyz", layout.pixdim) if not (math.isfinite(value) and value != 0)]
 
 
-def _nifti_non_finite(path: Path) -> int:
+def _nifti_non_finite(path: Path, nifti: _NiftiFile) -> int:
     """How many voxels of a floating-point NIfTI file are NaN or infinite, counted on the file's bytes.
 
     ITK's NIfTI reader hands such voxels back as 0 and says nothing, so the image it returns cannot
-    tell. 0 for other files, integer voxels, or a header this cannot read (ITK's check then rules).
+    tell. 0 for integer voxels, or a header this cannot read (ITK's check then rules).
     """
-    compressed = _nifti_is_compressed(path)
-    if compressed is None:
+    layout = nifti.layout
+    if layout is None or layout.float_dtype is None:
         return 0
-    with (gzip.open if compressed else open)(path, "rb") as f:
-        layout = _nifti_layout(f.read(540))
-        if layout is None or layout.float_dtype is None:
-            return 0
-        dtype = layout.float_dtype
+    dtype = layout.float_dtype
+    with (gzip.open if nifti.compressed else open)(path, "rb") as f:
         f.seek(layout.offset)
         remaining, bad = layout.nbytes, 0
         chunk = (1 << 24) // dtype.itemsize * dtype.itemsize
@@ -230,31 +218,32 @@ def _truncated(path: Path) -> VaeudaError:
     return VaeudaError(f"{path}: the file is truncated (incomplete copy or download).")
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse a truncated NIfTI file. ITK's NIfTI reader fills missing voxels with zeros and says nothing.
+def _check_nifti_complete(path: Path) -> Optional[_NiftiFile]:
+    """Refuse a truncated NIfTI file (ITK's NIfTI reader fills missing voxels with zeros and says
+    nothing); returns its header, parsed once for the checks that follow; None if not named as NIfTI.
 
     A ``.nii.gz`` that is not compressed (ITK reads it all the same) is checked as a ``.nii``.
     """
-    compressed = _nifti_is_compressed(path)
-    if compressed is None:
-        return
+    if full_suffix(path).lower() not in (".nii", ".nii.gz"):
+        return None
     truncated = _truncated(path)
+    compressed = first_bytes(path, 2) == GZIP_MAGIC
     if not compressed:
         with open(path, "rb") as f:
-            layout = _nifti_layout(f.read(540))
-        if layout is not None and path.stat().st_size < layout.offset + layout.nbytes:
+            nifti = _NiftiFile(False, _nifti_layout(f.read(540)))
+        if nifti.layout is not None and path.stat().st_size < nifti.layout.offset + nifti.layout.nbytes:
             raise truncated
-        return
+        return nifti
     try:
         with gzip.open(path, "rb") as f:
-            layout = _nifti_layout(f.read(540))
-        if layout is None:
-            return
-        expected = layout.offset + layout.nbytes
+            nifti = _NiftiFile(True, _nifti_layout(f.read(540)))
+        if nifti.layout is None:
+            return nifti
+        expected = nifti.layout.offset + nifti.layout.nbytes
         with open(path, "rb") as f:   # fast path: the gzip trailer holds the size modulo 2**32
             f.seek(-4, 2)
             if struct.unpack("<I", f.read(4))[0] == expected % 2 ** 32:
-                return
+                return nifti
         total = 0
         with gzip.open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -263,6 +252,7 @@ def _check_nifti_complete(path: Path) -> None:
         raise truncated from None
     if total < expected:
         raise truncated
+    return nifti
 
 
 # MetaImage element types and their sizes in bytes (MetaIO's metaTypes.h).
@@ -349,6 +339,7 @@ SOP_CLASS_UID = "0008|0016"   # a DICOM tag every DICOM file carries; ITK keeps 
 def _read_any(path: Path) -> sitk.Image:
     """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
     require_existing(path)
+    nifti = None
     if path.is_dir():
         image = _read_dicom_folder(path)
     else:
@@ -360,21 +351,21 @@ def _read_any(path: Path) -> sitk.Image:
                 raise VaeudaError(f"{path}: is gzip-compressed but named .nii; rename it {path.name}.gz.") from None
             raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)} (readable: "
                               f"{', '.join(VOLUME_SUFFIXES)} files and DICOM folders).") from None
-        _check_nifti_complete(path)
+        nifti = _check_nifti_complete(path)
     if image.GetDimension() != 3:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a {image.GetDimension()}D image.")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a vector image with "
                           f"{image.GetNumberOfComponentsPerPixel()} components per voxel.")
-    if not path.is_dir():
-        try:
-            unset = _nifti_unset_spacing(path)
-            non_finite = _nifti_non_finite(path)
-        except (OSError, EOFError, zlib.error) as exc:    # ITK read it; its compressed data are damaged further on
-            raise VaeudaError(f"{path}: the file is damaged ({exc}).") from None
+    if nifti is not None:
+        unset = _nifti_unset_spacing(nifti.layout)
         if unset:   # a scan taken as 1 mm would be cut and resampled at the wrong scale, silently
             raise VaeudaError(f"{path}: its NIfTI header records no voxel spacing along {', '.join(unset)} (pixdim 0 "
                               f"or not a number), which would be read as 1 mm; set the spacing first.")
+        try:
+            non_finite = _nifti_non_finite(path, nifti)
+        except (OSError, EOFError, zlib.error) as exc:    # ITK read it; its compressed data are damaged further on
+            raise VaeudaError(f"{path}: the file is damaged ({exc}).") from None
         if non_finite:
             raise VaeudaError(f"{path}: {_voxels(non_finite)} NaN or infinite; set such voxels to a number first.")
     return image
