@@ -758,3 +758,20 @@ def test_scripts_refuse_bad_arguments_at_start_up(tiny_cohort, tiny_source_model
         assert proc.returncode == status and message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"] and not any(folder.iterdir())
+
+
+def test_the_scripts_say_the_oses_refusals_in_one_sentence_as_the_command_line_does(capsys):
+    """run_main follows the command line's rule (errors.os_error_sentence): a path the OS refuses is one
+    sentence and status 1; any other OSError is a bug and keeps its traceback."""
+    import errno
+    run_main = _bench_module("common").run_main
+
+    def refused():
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/ct_1001_image.nii.gz")
+    assert run_main(refused) == 1
+    assert capsys.readouterr().err == "error: /data/ct_1001_image.nii.gz: Permission denied.\n"
+
+    def broken():
+        raise OSError(errno.EBADF, "Bad file descriptor", "/dev/fd/99")
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        run_main(broken)

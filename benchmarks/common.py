@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vaeuda import __version__ as ENGINE_VERSION, machine  # noqa: E402
-from vaeuda.errors import VaeudaError  # noqa: E402
+from vaeuda.errors import VaeudaError, os_error_sentence  # noqa: E402
 from vaeuda.fileio import atomic_path, check_output_file  # noqa: E402
 from vaeuda.data import SliceSet, load_slices  # noqa: E402
 from vaeuda.demo import evaluate_model, image_of, label_of  # noqa: E402
@@ -67,16 +67,19 @@ def positive_float(text: str) -> float:
 
 
 def run_main(main: Callable[[], Optional[int]]) -> int:
-    """A script's exit status: what ``main`` returns, or, for an input the engine refuses or a file that
-    cannot be read or written, ``error: <one sentence>`` on stderr and status 1 (as the scripts' own
-    handlers say it; a usage error is argparse's 2), and for Ctrl-C ``interrupted`` and 130."""
+    """A script's exit status: what ``main`` returns, or, for an input the engine refuses or a path the
+    OS refuses (the command line's rule, ``errors.os_error_sentence``), ``error: <one sentence>`` on
+    stderr and status 1 (as the scripts' own handlers say it; a usage error is argparse's 2), and for
+    Ctrl-C ``interrupted`` and 130. Any other OSError keeps its traceback: a bug to see whole."""
     try:
         return main() or 0
     except VaeudaError as exc:
         print(f"error: {exc}", file=sys.stderr)
     except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}.", file=sys.stderr)
+        sentence = os_error_sentence(exc)
+        if sentence is None:
+            raise
+        print(f"error: {sentence}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -7,7 +7,6 @@ only by the subcommands that need it.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import List, Optional, Tuple
 
 from . import __version__
 from .choices import DEVICES, DOMAINS, PRESET_NAMES
-from .errors import MAX_SEED, VaeudaError
+from .errors import MAX_SEED, VaeudaError, os_error_sentence
 from .machine import PORTABLE_THREADS
 from .progress import MODES, Reporter, emit, listed
 
@@ -494,12 +493,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 141                                   # 128 + SIGPIPE, as a shell reports such an end
 
 
-# The OS's refusals of a user's paths and disks, said as one sentence when no check foresaw them.
-_USER_OS_ERRORS = {getattr(errno, name) for name in ("EACCES", "EPERM", "ENAMETOOLONG", "ENOSPC", "EROFS", "EDQUOT",
-                                                    "ELOOP", "ENOENT", "ENOTDIR", "EISDIR", "EEXIST", "EXDEV")
-                   if hasattr(errno, name)}        # (not every platform has every one)
-
-
 def _run_and_report(args, reporter: Reporter) -> int:
     """Run the command and report how it ended: the exit status."""
     def refused(message: str) -> int:
@@ -516,11 +509,10 @@ def _run_and_report(args, reporter: Reporter) -> int:
     except BrokenPipeError:
         raise                                # main's: the reader went away
     except OSError as exc:
-        if exc.errno not in _USER_OS_ERRORS:
+        sentence = os_error_sentence(exc)
+        if sentence is None:
             raise                            # not the computer refusing the user's paths: a bug to see whole
-        # what no check foresaw (a name longer than the file system takes, a folder it may not
-        # list): the OS's reason, in one sentence; the writes are atomic, so nothing is half-written
-        return refused(f"{exc.filename}: {exc.strerror}." if exc.filename and exc.strerror else f"{exc}.")
+        return refused(sentence)             # the writes are atomic, so nothing is half-written
     except KeyboardInterrupt:
         reporter.close()
         kept, checkpoint = _what_is_kept(args)

@@ -3,6 +3,8 @@
 Its message is a single sentence meant for the user: it names the file and what is wrong.
 The command line prints it and exits with status 2; the Slicer module shows it as is.
 """
+import errno
+from typing import Optional
 
 
 class VaeudaError(Exception):
@@ -18,3 +20,18 @@ def require_count(flag: str, value, minimum: int = 1, default_hint: str = "") ->
     sentence (the Slicer API's " (or None for the default)")."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise VaeudaError(f"{flag} must be a whole number of at least {minimum}{default_hint}, not {value!r}.")
+
+
+# The OS refusing the user's paths, permissions or disk space (a name longer than the file system
+# takes, a folder that may not be listed): errors no check foresaw, but the user's to mend.
+USER_OS_ERRORS = {getattr(errno, name) for name in ("EACCES", "EPERM", "ENAMETOOLONG", "ENOSPC", "EROFS", "EDQUOT",
+                                                   "ELOOP", "ENOENT", "ENOTDIR", "EISDIR", "EEXIST", "EXDEV")
+                  if hasattr(errno, name)}        # (not every platform has every one)
+
+
+def os_error_sentence(exc: OSError) -> Optional[str]:
+    """The OS's reason for refusing a path, as one sentence ("PATH: Permission denied."); None for
+    any other OSError, which is a bug to see whole rather than a sentence."""
+    if exc.errno not in USER_OS_ERRORS:
+        return None
+    return f"{exc.filename}: {exc.strerror}." if exc.filename and exc.strerror else f"{exc}."
