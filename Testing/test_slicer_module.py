@@ -393,7 +393,8 @@ def test_console_mistakes_are_refused_before_the_job_in_one_sentence(slicer, mod
 
 def test_evaluate_says_which_structures_the_reference_lacks(slicer, mod, fake_logic, caplog):
     """A reference without a segment for a structure scores it against nothing (Dice 0 where the
-    segmentation has it), which lowers the mean: said in the log, before the job."""
+    segmentation has it), which lowers the mean: said in the log and to the progress callback (whose
+    failure changes nothing), before the job."""
     volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
     labels = np.zeros((3, 4, 5), np.uint8)
     labels[1, 1:3, 1:4] = 1
@@ -405,6 +406,17 @@ def test_evaluate_says_which_structures_the_reference_lacks(slicer, mod, fake_lo
         except mod.JobFailedError:    # the stand-in engine writes no evaluation: only the warning matters
             pass
     assert "the reference 'ref' has no segment for LA blood cavity, LV blood cavity, Ascending aorta" in caplog.text
+    events = []
+
+    def failingCallback(event):
+        events.append(event)
+        raise RuntimeError("the caller's bug")
+
+    with pytest.raises(mod.JobFailedError):   # the job ran (the stand-in's missing evaluation), the callback's bug aside
+        fake_logic.evaluate(seg, ref, progressCallback=failingCallback)
+    assert events[0] == {"event": "log", "message": "Warning: the reference 'ref' has no segment for LA blood cavity, "
+                                                    "LV blood cavity, Ascending aorta; scored as empty there."}
+    assert events[1]["event"] == "stage"
 
 
 def test_evaluate_says_how_to_give_a_segmentation_its_reference_volume(slicer, mod, fake_logic):
@@ -1397,9 +1409,41 @@ def _bare_panel(mod, parameters):
     widget._parameterNode = parameters
     widget.updates = []
     widget._updateButtonStates = lambda *a: widget.updates.append(parameters.outputSegmentation)
-    widget.ui = types.SimpleNamespace(logTextEdit=types.SimpleNamespace(lines=[]))
+    widget.ui = types.SimpleNamespace(logTextEdit=types.SimpleNamespace(lines=[]), statusLabel=types.SimpleNamespace(),
+                                      progressBar=types.SimpleNamespace(setValue=lambda value: None))
     widget.ui.logTextEdit.appendPlainText = widget.ui.logTextEdit.lines.append
     return widget
+
+
+# An engine that writes, to its --json argument, the evaluation a test puts in VAEUDA_TEST_EVALUATION, and ends.
+EVALUATING_ENGINE = [sys.executable, "-c", "import json, os, sys; a = sys.argv; "
+                     "open(a[a.index('--json') + 1], 'w').write(os.environ['VAEUDA_TEST_EVALUATION']); "
+                     "print(json.dumps({'event': 'done', 'outputs': []}))"]
+
+
+def _evaluating_panel(slicer, mod, monkeypatch, referenceSegments):
+    """The panel with the segmentation "seg" (one LV myocardium segment) and the reference "ref" of
+    ``referenceSegments`` chosen; its Evaluate runs the module's logic on EVALUATING_ENGINE."""
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    labels = np.zeros((3, 4, 5), np.uint8)
+    labels[1, 1:3, 1:4] = 1
+    p = _PanelParameters(volume, make_segmentation(slicer, volume, labels, [("LV-M", "LV myocardium", None)], "seg"))
+    p.referenceSegmentation = make_segmentation(slicer, volume, labels, referenceSegments, "ref")
+    panel = _bare_panel(mod, p)
+    panel.logic = mod.VAEUDASegmentationLogic()
+    panel.logic.engineCommand = EVALUATING_ENGINE
+    monkeypatch.setattr(panel.logic, "setupPythonRequirements", lambda askConfirmation=True: True)
+    return panel
+
+
+def _click_evaluate(slicer, mod, panel, monkeypatch, dice, whileRunning=lambda: None):
+    """Press Evaluate with an engine that scores every structure ``dice``; wait for the panel to be ready again."""
+    monkeypatch.setenv("VAEUDA_TEST_EVALUATION", json.dumps({
+        "volumes": [{"metrics": {s.key: {"dice": dice, "assd_mm": 1.0, "assd_vox": 0.5} for s in mod.STRUCTURES}}],
+        "summary": {"Mean": {"dice": {"mean": dice}, "assd_mm": {"mean": 1.0}, "assd_vox": {"mean": 0.5}}}}))
+    panel.onEvaluateButton()
+    whileRunning()
+    pump(slicer, lambda: panel._runningAction is None)
 
 
 def test_another_input_volume_sets_back_the_output_apply_made_for_the_first(slicer, mod):
@@ -1468,3 +1512,131 @@ def test_a_disabled_button_says_what_it_waits_for(mod):
     panel._updateButtonStates()
     assert buttons["train"].text == "Cancel" and buttons["train"].toolTip == "Cancel the running job."
     assert not buttons["segment"].enabled and "Another job is running" in buttons["segment"].toolTip
+
+
+def test_evaluating_a_segmentation_again_refills_its_table_even_renamed_and_a_deleted_one_is_made_anew(
+        slicer, mod, monkeypatch):
+    """Each Evaluate added another table named "<segmentation> evaluation". The panel keeps one table per
+    segmentation, found by a node reference (the user may rename it), refills and shows it; a new one only
+    when it has none or it was deleted. A table deleted while the job runs fails the job in one sentence."""
+    panel = _evaluating_panel(slicer, mod, monkeypatch, [("LV-M", "LV myocardium", None)])
+    selection = slicer.app.applicationLogic().GetSelectionNode()
+    tables = lambda: slicer.util.getNodesByClass("vtkMRMLTableNode")  # noqa: E731
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.5)
+    [table] = tables()
+    assert table.GetName() == "seg evaluation" and table.GetCellText(0, 1) == "50.00"
+    assert selection.GetActiveTableID() == table.GetID()
+    assert slicer.app.layoutManager().layout == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView
+
+    table.SetName("seg, first model")                   # renamed: still the segmentation's table
+    nodes = scene_node_ids(slicer)
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.75)
+    assert tables() == [table] and scene_node_ids(slicer) == nodes and selection.GetActiveTableID() == table.GetID()
+    assert table.GetName() == "seg, first model" and table.GetNumberOfRows() == len(mod.STRUCTURES) + 1
+    assert [table.GetCellText(row, 1) for row in range(table.GetNumberOfRows())] == ["75.00"] * 5
+
+    slicer.mrmlScene.RemoveNode(table)                  # deleted: the next Evaluate makes a new one
+    _click_evaluate(slicer, mod, panel, monkeypatch, 1.0)
+    [second] = tables()
+    assert second is not table and second.GetName() == "seg evaluation" and second.GetCellText(0, 1) == "100.00"
+    assert selection.GetActiveTableID() == second.GetID()
+
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.25, whileRunning=lambda: slicer.mrmlScene.RemoveNode(second))
+    assert tables() == [] and panel.ui.statusLabel.text == "Evaluating: failed."
+    assert panel.ui.logTextEdit.lines[-1] == ("Failed: The output table 'seg evaluation' was removed from the scene "
+                                              "while the job ran; nothing was imported.")
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.25)
+    [third] = tables()
+    assert third.GetCellText(0, 1) == "25.00"
+
+    panel._parameterNode.outputSegmentation = make_segmentation(
+        slicer, panel._parameterNode.inputVolume, np.zeros((3, 4, 5), np.uint8), [("LV-M", "LV-M", None)], "other")
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.0)     # another segmentation: a table of its own
+    assert [t.GetName() for t in tables()] == ["seg evaluation", "other evaluation"]
+    assert third.GetCellText(0, 1) == "25.00" and tables()[1].GetCellText(0, 1) == "0.00"
+
+
+def test_evaluate_shows_in_the_panels_log_which_structures_the_reference_lacks(slicer, mod, monkeypatch):
+    """That warning went to the Python console alone: the panel shows it in its log box, with the job's
+    messages, as the engine's own warnings are shown. A reference with every structure raises none."""
+    panel = _evaluating_panel(slicer, mod, monkeypatch, [("LV-M", "LV myocardium", None)])
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.5)
+    lines = panel.ui.logTextEdit.lines
+    assert lines[:2] == ["--- Evaluating", "Warning: the reference 'ref' has no segment for LA blood cavity, "
+                                           "LV blood cavity, Ascending aorta; scored as empty there."]
+    assert panel.ui.statusLabel.text == "Evaluating: done."
+
+    labels = np.zeros((3, 4, 5), np.uint8)
+    panel._parameterNode.referenceSegmentation = make_segmentation(
+        slicer, panel._parameterNode.inputVolume, labels, [(s.key, s.name, None) for s in mod.STRUCTURES], "full")
+    del lines[:]
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.5)
+    assert lines[0] == "--- Evaluating" and not any("Warning" in line for line in lines)
+    assert panel.ui.statusLabel.text == "Evaluating: done."
+
+
+def test_entering_and_leaving_the_module_again_and_again_leaves_one_observer_and_one_gui_connection(mod):
+    """Each enter() wraps the parameter node anew (logic.getParameterNode). As in Slicer's template
+    (TemplateKey.py), setParameterNode disconnects the previous wrapper's GUI and removes its observer, and
+    exit() its own: while the panel is shown the node has one observer and one GUI connection of the
+    panel's, after it none, however often the user comes and goes."""
+    import types
+
+    class ObservedNode:
+        """The MRML parameter node: its observers by tag, as vtkObject::AddObserver / RemoveObserver keep them."""
+
+        def __init__(self):
+            self.observers, self._tags = {}, iter(range(1, 1000))
+
+        def AddObserver(self, event, callback, priority=0.0):
+            tag = next(self._tags)
+            self.observers[tag] = (event, callback)
+            return tag
+
+        def RemoveObserver(self, tag):
+            self.observers.pop(tag, None)
+
+    class Wrapper:
+        """A parameterNodeWrapper instance (Slicer's wrapper.py): AddObserver / RemoveObserver go to the wrapped
+        node; connectGui returns a tag that disconnectGui takes, ignoring one it did not give (None after exit)."""
+
+        def __init__(self, parameterNode):
+            self.parameterNode, self.inputVolume, self._nextTag = parameterNode, None, 0
+            for name in mod.PATH_TEXT_PARAMETERS:
+                setattr(self, name, "")
+
+        def AddObserver(self, event, callback, priority=0.0):
+            return self.parameterNode.AddObserver(event, callback, priority)
+
+        def RemoveObserver(self, tag):
+            self.parameterNode.RemoveObserver(tag)
+
+        def connectGui(self, gui):
+            self._nextTag += 1
+            connected.add((self, self._nextTag))
+            return self._nextTag
+
+        def disconnectGui(self, tag):
+            connected.discard((self, tag))
+
+    node, connected, wrappers = ObservedNode(), set(), []
+
+    def getParameterNode():
+        wrappers.append(Wrapper(node))
+        return wrappers[-1]
+
+    panel = mod.VAEUDASegmentationWidget()
+    panel.ui, panel._updateButtonStates = types.SimpleNamespace(), lambda *a: None
+    panel.logic = types.SimpleNamespace(getParameterNode=getParameterNode, defaultInputVolume=lambda: None,
+                                        isRunning=lambda: False)
+    panel.initializeParameterNode()                     # the end of setup(); Slicer then calls enter()
+    for _ in range(3):
+        panel.enter()
+        assert len(node.observers) == 1 and len(connected) == 1
+        assert list(connected)[0][0] is wrappers[-1] is panel._parameterNode
+        panel.exit()
+        assert node.observers == {} and connected == set()
+    assert len(wrappers) == 4                           # a new wrapper each time: the old ones hold nothing
+    panel.enter()
+    panel.cleanup()                                     # a reload or leaving Slicer: nothing stays either
+    assert node.observers == {} and connected == set()

@@ -198,6 +198,9 @@ class TryItCohort:
 SCENE_JOBS = ("segment", "evaluate", "synth")
 # ... and the panel's buttons that start them
 SCENE_ACTIONS = ("segment", "evaluate", "tryIt")
+# Node reference role from a segmentation to the table the panel's Evaluate filled for it: found by node ID, so a
+# renamed table is still that segmentation's; a deleted one is no longer found.
+EVALUATION_TABLE_REFERENCE_ROLE = "VAEUDAEvaluationTable"
 
 
 @dataclass
@@ -671,15 +674,19 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def onEvaluateButton(self) -> None:
         p = self._parameterNode
+        segmentation = p.outputSegmentation
+        # Evaluating a segmentation again refills the table made for it, even renamed; a deleted one is made anew.
+        table = segmentation.GetNodeReference(EVALUATION_TABLE_REFERENCE_ROLE) if segmentation else None
 
         def finished(result: JobResult) -> None:
             if self._finishAction(result):
+                segmentation.SetNodeReferenceID(EVALUATION_TABLE_REFERENCE_ROLE, result.value.GetID())
                 slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
                 slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.value.GetID())
                 slicer.app.applicationLogic().PropagateTableSelection()
 
         self._runAction("evaluate", lambda: self.logic.evaluate(
-            p.outputSegmentation, p.referenceSegmentation, **self._jobOptions(finished)))
+            segmentation, p.referenceSegmentation, table, **self._jobOptions(finished)))
 
 
 # ----------------------------------------------------------------------------- logic
@@ -1287,8 +1294,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         matched to structures by terminology code, by name (e.g. "LV myocardium" or "LV-M") or
         by a number in the name (an MM-WHS value such as "Segment_205", or 1..4); a structure the
         reference has no segment for is scored against nothing (Dice 0 where the segmentation has
-        it), and the log says which. Rows: the four structures and "Mean"; columns: Dice [%], ASSD
-        [mm], ASSD [voxel]. Example::
+        it), and the log says which (``progressCallback`` gets it as a ``log`` event). Rows: the four
+        structures and "Mean"; columns: Dice [%], ASSD [mm], ASSD [voxel]. ``outputTableNode``: a table
+        to fill (its old contents are replaced; removed from the scene while the job runs, it fails the
+        job); None makes a new one. Example::
 
             table = logic.evaluate(getNode("ct_1017 segmentation"), getNode("ct_1017 reference"))
         """
@@ -1307,8 +1316,14 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"Volume '{referenceVolume.GetName()}' has no voxels.")
         absent = [s.name for s in STRUCTURES if self._segmentIdForStructure(referenceSegmentationNode, s) is None]
         if absent:   # scored against an empty reference: Dice 0 wherever the segmentation has the structure
-            logging.warning("VAE-UDA evaluate: the reference '%s' has no segment for %s; scored as empty there.",
-                            referenceSegmentationNode.GetName(), ", ".join(absent))
+            message = (f"the reference '{referenceSegmentationNode.GetName()}' has no segment for {', '.join(absent)}; "
+                       f"scored as empty there.")
+            logging.warning("VAE-UDA evaluate: %s", message)
+            if progressCallback:   # as an engine message: the panel shows those in its log box
+                try:
+                    progressCallback({"event": "log", "message": "Warning: " + message})
+                except Exception:   # as with the engine's events, the caller's bug changes nothing of the job
+                    logging.exception("VAE-UDA evaluate: the progress callback failed")
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         predDir, refDir = os.path.join(tempDir, "pred"), os.path.join(tempDir, "ref")
@@ -1326,6 +1341,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         jsonPath = os.path.join(tempDir, "evaluation.json")
 
         def makeTable(outputs: List[str]):
+            if outputTableNode is not None and outputTableNode.GetScene() is None:   # removed while the job ran
+                raise RuntimeError(f"The output table '{outputTableNode.GetName()}' was removed from the scene while "
+                                   f"the job ran; nothing was imported.")
             with open(jsonPath, encoding="utf-8") as f:
                 return self._evaluationTable(json.load(f), segmentationNode, outputTableNode, absent)
 

@@ -400,6 +400,26 @@ class vtkMRMLTableNode(vtkMRMLNode):
         return self._columns[0].GetNumberOfValues() if self._columns else 0
 
 
+class vtkMRMLLayoutNode(vtkMRMLNode):
+    """Libs/MRML/Core/vtkMRMLLayoutNode.h: two of the standard layouts' enum, the module's and Slicer's default."""
+    SlicerLayoutConventionalView = 2
+    SlicerLayoutFourUpTableView = 34
+
+
+class vtkMRMLSelectionNode(vtkMRMLNode):
+    """Libs/MRML/Core/vtkMRMLSelectionNode.h: the active table (``GetActiveTableID`` / ``SetActiveTableID``)."""
+
+    def __init__(self):
+        super().__init__()
+        self._activeTableID = None
+
+    def GetActiveTableID(self):
+        return self._activeTableID
+
+    def SetActiveTableID(self, id):
+        self._activeTableID = id
+
+
 class vtkMRMLSubjectHierarchyNode(vtkMRMLNode):
     """Libs/MRML/Core/vtkMRMLSubjectHierarchyNode.h: a tree of items, each maybe holding a data node."""
 
@@ -615,15 +635,49 @@ class _Modules:
         self.segmentations = _Segmentations()
 
 
+class vtkSlicerApplicationLogic:
+    """Base/Logic/vtkSlicerApplicationLogic.h, with what it inherits from vtkMRMLApplicationLogic.h (Libs/MRML/Logic):
+    the selection node and ``PropagateTableSelection``. The stand-in has no table views to show the active
+    table in: propagating does nothing."""
+
+    def __init__(self):
+        self._selectionNode = vtkMRMLSelectionNode()
+
+    def GetSelectionNode(self):
+        return self._selectionNode
+
+    def PropagateTableSelection(self):
+        pass
+
+
+class qSlicerLayoutManager:
+    """Base/QTGUI/qSlicerLayoutManager.h (qMRMLLayoutManager.h): the ``layout`` property and its ``setLayout(int)``."""
+
+    def __init__(self):
+        self.layout = vtkMRMLLayoutNode.SlicerLayoutConventionalView   # what Slicer starts in, by default
+
+    def setLayout(self, layout):
+        self.layout = int(layout)
+
+
 class _Application:
-    """``slicer.app`` (Base/QTCore/qSlicerCoreApplication.h): temporaryPath, testingEnabled, processEvents."""
+    """``slicer.app`` (Base/QTGUI/qSlicerApplication.h, Base/QTCore/qSlicerCoreApplication.h): temporaryPath,
+    testingEnabled, processEvents, layoutManager, applicationLogic."""
 
     def __init__(self):
         self.temporaryPath = tempfile.gettempdir()
         self._testingEnabled = False
+        self._layoutManager = qSlicerLayoutManager()
+        self._applicationLogic = vtkSlicerApplicationLogic()
 
     def testingEnabled(self):
         return self._testingEnabled
+
+    def layoutManager(self):
+        return self._layoutManager
+
+    def applicationLogic(self):
+        return self._applicationLogic
 
     def processEvents(self):
         _qt._runDueTimers()

@@ -197,18 +197,25 @@ def pip_install(requirements, **kwargs):
 
 
 class VTKObservationMixin:
-    """util.py ``VTKObservationMixin``: the widget's observer bookkeeping (the widget does not run here).
-    Slicer's keeps ``Observations`` as (obj, event, method, group, tag, priority); the module never
-    reads it, so the stand-in keeps its own private list rather than a look-alike."""
+    """util.py ``VTKObservationMixin``: the widget's observer bookkeeping. As Slicer's, it observes through
+    ``obj.AddObserver(event, method, priority)``, once per (obj, event, method), and removes with
+    ``obj.RemoveObserver(tag)``. Slicer's keeps ``Observations`` as (obj, event, method, group, tag,
+    priority); the module never reads it, so the stand-in keeps its own private list rather than a look-alike."""
 
     def __init__(self):
-        self._observed = []
+        self._observed = []   # (obj, event, method, tag)
 
     def addObserver(self, obj, event, method, group="none", priority=0.0):
-        self._observed.append((obj, event, method))
+        if any(o[:3] == (obj, event, method) for o in self._observed):
+            return   # Slicer warns "already has observer" and adds none
+        self._observed.append((obj, event, method, obj.AddObserver(event, method, priority)))
 
     def removeObserver(self, obj, event, method):
-        self._observed = [o for o in self._observed if o != (obj, event, method)]
+        for observation in [o for o in self._observed if o[:3] == (obj, event, method)]:
+            obj.RemoveObserver(observation[3])
+            self._observed.remove(observation)
 
     def removeObservers(self, method=None):
-        self._observed = [o for o in self._observed if method is not None and o[2] != method]
+        for observation in [o for o in self._observed if method is None or o[2] == method]:
+            observation[0].RemoveObserver(observation[3])
+            self._observed.remove(observation)
