@@ -66,6 +66,13 @@ def test_writes_every_output(table1):
     assert findings and all(line.endswith("| not judged (smoke run) |") for line in findings)
 
 
+def test_table1_and_the_demo_open_with_the_papers_first_two_rows():
+    """The paper's Table 1 lists Oracle, then Unadapted, then the methods; both reports keep that order."""
+    from vaeuda import demo
+    assert list(experiment.PAPER_TABLE1)[:2] == [ROW_ORACLE, ROW_UNADAPTED] == list(demo.REFERENCE_ROWS)
+    assert ROWS[:2] == demo.ROWS[:2] == demo.REFERENCE_ROWS and demo.ROWS[2:] == (demo.ROW_ADAPTED,)
+
+
 def test_rows_in_paper_order_with_four_structures(table1):
     _, _, js = table1
     assert list(js["rows"]) == list(ROWS)

@@ -688,6 +688,29 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
             "(16 labelled MR), adaptation 30 (1 unlabelled CT), oracle fine-tuning 30 (16 labelled CT).") in text
     assert report["figure"]["scan"] == "ct_1017" and f"coronal slice {report['figure']['coronal_slice']}" in text
     assert text.count("| Unadapted |") == 1 and "Oracle" in text
+    # the rows in the paper's Table 1 order; ASSD in the paper's voxels, then in mm, each cell report.json's number
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| **Structure** |"))
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[head - 2:head + 4]]
+    assert [(i, g) for i, g in enumerate(cells[0]) if g] == [(1, "Dice [%]"), (6, "ASSD [voxel]"), (11, "ASSD [mm]")]
+    assert [row[0] for row in cells[3:]] == ["Oracle", "Unadapted", "Proposed-1 (adapted)"] == list(report["results"])
+    for row in cells[3:]:
+        summary = report["results"][row[0]]["summary"]
+        for group, metric in ((6, "assd_vox"), (11, "assd_mm")):
+            for i, key in enumerate(("LV-M", "LA-B", "LV-B", "A-A", "Mean")):
+                stat = summary[key][metric]
+                if stat["mean"] is None:
+                    assert row[group + i] == "n/a"
+                elif stat["n_missing"]:             # the dagger's count follows
+                    assert row[group + i].startswith(f"{stat['mean']:.2f}")
+                else:
+                    assert row[group + i] == f"{stat['mean']:.2f} ({stat['std']:.2f})"
+    assert "ASSD [voxel] is the paper's unit" in text and "ASSD [mm] is the same distance in millimetres" in text
+    xs = sorted(v["spacing_zyx"][2] for v in report["results"]["Oracle"]["volumes"])     # the phantom's vary
+    assert f"which measure {xs[0]:.2f}-{xs[-1]:.2f} x " in text
+    # report.json says its units: the mean Dice in percent (as its readers take it), the results' Dice a fraction
+    assert report["units"] == {"mean_dice": "percent",
+                               "results": {"dice": "fraction (0-1)", "assd_vox": "voxel", "assd_mm": "mm"}}
     assert report["intensity_remap"] is False and "intensity-remap" not in text      # the paper's method
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # each model's weight digest, as `vaeuda info` prints it and as the tensors on disk hash

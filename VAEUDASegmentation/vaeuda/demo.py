@@ -24,6 +24,14 @@ from .progress import Reporter, null_reporter
 
 # The report's three rows (report.json "mean_dice" / "results" keys).
 ROW_UNADAPTED, ROW_ADAPTED, ROW_ORACLE = "Unadapted", "Proposed-1 (adapted)", "Oracle"
+# The paper's Table 1 opens with its bound and its baseline, then the methods: this report and
+# `vaeuda experiment table1` (experiment.ROWS) both start with these, in this order.
+REFERENCE_ROWS = (ROW_ORACLE, ROW_UNADAPTED)
+ROWS = REFERENCE_ROWS + (ROW_ADAPTED,)
+METRICS = ("dice", "assd_vox", "assd_mm")      # the paper's two groups, then ASSD in mm (compares across data sets)
+# report.json's units: "mean_dice" keeps the percent its readers and the recorded reports have; "results" holds
+# each model's evaluation as `vaeuda evaluate` writes it, Dice a fraction there
+UNITS = {"mean_dice": "percent", "results": {"dice": "fraction (0-1)", "assd_vox": "voxel", "assd_mm": "mm"}}
 
 
 def read_splits(cohort: Path) -> dict:
@@ -170,13 +178,12 @@ def _training_line(training: dict, n_mr: int, n_ct: int) -> str:
             f"{its['finetune']} ({n_ct} labelled CT).")
 
 
-def _voxel_size(cohort: Path, prefix: str) -> str:
-    """``"1.36 x 1.36 x 2.21"``: the spacing (x, y, z) of a cohort volume, which ASSD [voxel] counts in."""
-    import SimpleITK as sitk
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(image_of(cohort, prefix)))
-    reader.ReadImageInformation()
-    return " x ".join(f"{v:.2f}" for v in reader.GetSpacing())
+def _voxel_sizes(volumes: Sequence[dict]) -> str:
+    """``"1.36-1.40 x 1.36-1.40 x 2.21-2.38"``: the spacing (x, y, z) of the scored volumes, which ASSD [voxel]
+    counts in, each axis as its range over them (the phantom's volumes differ) or one value."""
+    spacing = np.array([v["spacing_zyx"][::-1] for v in volumes], dtype=float)
+    ends = [(f"{lo:.2f}", f"{hi:.2f}") for lo, hi in zip(spacing.min(axis=0), spacing.max(axis=0))]
+    return " x ".join(lo if lo == hi else f"{lo}-{hi}" for lo, hi in ends)
 
 
 def _paper_line() -> str:
@@ -245,9 +252,9 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     t = time.time()
     runs = OrderedDict([(ROW_UNADAPTED, source_model), (ROW_ADAPTED, adapted_model), (ROW_ORACLE, oracle_model)])
     results = OrderedDict()
-    for name, model in runs.items():
+    for name in ROWS:                   # the report's order: the table and report.json list them so
         pred_dir = out / "pred" / name.split()[0].lower()
-        results[name] = evaluate_model(model, cohort, ct_test, pred_dir, device, reporter)
+        results[name] = evaluate_model(runs[name], cohort, ct_test, pred_dir, device, reporter)
     timings["segment + evaluate 4 test CT x 3 models"] = time.time() - t
 
     png = out / "fig2.png"
@@ -259,9 +266,10 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     # what two computers compare to tell the same models from other ones (`vaeuda info` prints it too)
     weights = OrderedDict((name, read_tensors(model)[2]["tensors_sha256"]) for name, model in runs.items())
     summaries = OrderedDict((name, r["summary"]) for name, r in results.items())
-    table = table_markdown(summaries, metrics=("dice", "assd_vox"))
-    mean = {name: s["Mean"]["dice"]["mean"] * 100 for name, s in summaries.items()}
-    una, ada, ora = (round(mean[k], 2) for k in runs)     # as shown: the gain is their difference
+    table = table_markdown(summaries, metrics=METRICS)
+    mean = OrderedDict((name, s["Mean"]["dice"]["mean"] * 100) for name, s in summaries.items())
+    # as shown: the gain is their difference
+    una, ada, ora = (round(mean[k], 2) for k in (ROW_UNADAPTED, ROW_ADAPTED, ROW_ORACLE))
     total = sum(timings.values())
     training = _training_record(preset, stage_meta)
     n_test = len(ct_test)
@@ -274,9 +282,13 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         + (" The source model was trained with `--intensity-remap` (random intensity remapping, GIN; not part of "
            "the 2019 method)." if intensity_remap else ""), "",
         _training_line(training, len(mr_train), len(ct_train)), "",
-        f"Dice [%] and ASSD [voxel] per structure on the largest 3D component, mean (population std) over the "
-        f"{n_test} test volumes; the Mean column pools all structure x volume values, as the paper's Table 1 "
-        f"does. A voxel of the test volumes is {_voxel_size(cohort, ct_test[0])} mm.", "",
+        f"Dice [%], ASSD [voxel] and ASSD [mm] per structure on the largest 3D component, mean (population std) "
+        f"over the {n_test} test volumes; the Mean column pools all structure x volume values, as the paper's "
+        f"Table 1 does, and the rows come in its order ({', '.join(ROWS)}). ASSD [voxel] is the paper's unit: "
+        f"the distance counted in voxels of each test volume, which measure "
+        f"{_voxel_sizes(results[ROW_ORACLE]['volumes'])} mm (x, y, z) here; the paper's voxels are those of its "
+        f"resampled 256 x 256 slices, so the two compare in kind, not in size. ASSD [mm] is the same distance in "
+        f"millimetres.", "",
         table,
         f"- Adaptation gain in mean Dice: {ada - una:+.2f} points (unadapted {una:.2f} -> adapted {ada:.2f}).",
         f"- Adapted / oracle mean Dice: {100 * ada / ora if ora else float('nan'):.1f}%.",
@@ -304,7 +316,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
                "test_scans": ct_test, "training": training,
                "figure": {"scan": ct_test[0], "coronal_slice": slice_shown},
                "timings_s": timings, "total_s": total, "machine": machine_line,
-               "mean_dice": mean, "weights_sha256": weights, "results": results}
+               "units": UNITS, "mean_dice": mean, "weights_sha256": weights, "results": results}
     with atomic_path(report_json) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, default=lambda v: None), encoding="utf-8")
     reporter.log(f"report written to {report_md}")

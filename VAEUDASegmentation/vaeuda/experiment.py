@@ -41,8 +41,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import machine
-from .demo import (ROW_ORACLE, ROW_UNADAPTED, cohort_convention, cohort_split, evaluate_model, image_of, label_of,
-                   read_splits)
+from .demo import (REFERENCE_ROWS, ROW_ORACLE, ROW_UNADAPTED, cohort_convention, cohort_split, evaluate_model,
+                   image_of, label_of, read_splits)
 from .errors import MAX_SEED, VaeudaError, require_count
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import CLASS_KEYS, STRUCTURES
@@ -54,7 +54,7 @@ ROW_P1 = "Proposed-1"
 ROW_NO_KL = "Proposed-1, no KL"
 ROW_NO_ADV = "Proposed-1, no adversarial"
 ROW_FEW_SHOT = "Few-shot (3 slices)"
-ROWS = (ROW_ORACLE, ROW_UNADAPTED, ROW_P16, ROW_P1, ROW_NO_KL, ROW_NO_ADV, ROW_FEW_SHOT)
+ROWS = REFERENCE_ROWS + (ROW_P16, ROW_P1, ROW_NO_KL, ROW_NO_ADV, ROW_FEW_SHOT)     # the paper's order
 CURVE_ROWS = (ROW_P1, ROW_NO_KL, ROW_NO_ADV, ROW_FEW_SHOT)
 
 CURVE_POINTS = 20          # evaluations per adaptation run: eval_every = adapt iterations // this
