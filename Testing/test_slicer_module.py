@@ -869,6 +869,27 @@ def test_stand_in_table_columns_are_string_arrays(slicer):
     assert table.GetCellText(2, 0) == "" and table.GetNumberOfRows() == 2
 
 
+def test_stand_in_get_node_and_save_node_follow_slicer(slicer, tmp_path, caplog):
+    """util.getNode: the first node whose name or ID matches, MRMLNodeNotFoundException for none; util.saveNode:
+    True once written, False (logged) for a file type no writer has; a segmentation file holds one label value
+    per segment, named in its Segment<N>_ keys, on the reference volume's grid."""
+    volume = add_volume(slicer, np.zeros((2, 3, 4), np.float32), "ct_case")
+    assert slicer.util.getNode("ct_*") is volume and slicer.util.getNode(volume.GetID()) is volume
+    with pytest.raises(slicer.util.MRMLNodeNotFoundException):
+        slicer.util.getNode("nothing by this name")
+    labels = np.zeros((2, 3, 4), np.uint8)
+    labels[0, 1, 1:3], labels[1, 2, 3] = 1, 2
+    node = make_segmentation(slicer, volume, labels, [("LV-M", "LV myocardium", None), ("LA-B", "LA", None)], "s")
+    assert slicer.util.saveNode(node, str(tmp_path / "s.seg.nrrd"))
+    image = sitk.ReadImage(str(tmp_path / "s.seg.nrrd"))
+    assert np.array_equal(sitk.GetArrayFromImage(image), labels)
+    assert [image.GetMetaData(f"Segment{n}_{key}") for n in (0, 1) for key in ("ID", "LabelValue")] == \
+        ["LV-M", "1", "LA-B", "2"]
+    with caplog.at_level(logging.ERROR):
+        assert slicer.util.saveNode(node, str(tmp_path / "s.vtk")) is False
+    assert "no writer" in caplog.text and not (tmp_path / "s.vtk").exists()
+
+
 def make_segmentation(slicer, volume, labels, segments, name):
     """A segmentation node on ``volume``'s geometry: label value v of ``labels`` (K, J, I) -> ``segments[v-1]``,
     each ``(segment ID, name, terminology entry or None)``, imported as a user's own segmentation would be."""
@@ -1293,6 +1314,63 @@ def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_p
     assert metadata["provenance"]["numerics"]["portable"] is True
     assert metadata["train"]["intensity_remap"] is True
     assert os.listdir(slicer.app.temporaryPath) == []
+
+
+DOCS_SLICER = HERE.parent / "Docs" / "slicer.md"
+
+
+def docs_console_examples():
+    """The Python blocks of Docs/slicer.md that follow a ``<!-- console-example: ... -->`` marker, in order."""
+    text = DOCS_SLICER.read_text(encoding="utf-8")
+    return re.findall(r"^<!-- console-example:[^\n]*-->\n```python\n(.*?)^```", text, re.S | re.M)
+
+
+@needs_engine
+def test_the_docs_console_examples_run_as_written(slicer, mod, tmp_path, monkeypatch, capsys):
+    """Docs/slicer.md's scripting examples, run as a user pastes them, but on a tiny cohort (its "/data/"
+    paths moved here) and short (the tiny preset, 1 iteration): a renamed method, argument or event key
+    there fails here. The background example runs twice: waited for, then cancelled at once as written."""
+    batch, background = docs_console_examples()
+    assert "# ... later, if needed:\n" in background, "the test splits the background example at this line"
+    data = tmp_path / "data"
+    run_engine("synth", "cohort", "--n-source", 2, "--n-target", 3, "--n-train", 1, "--size", 32, cwd=tmp_path)
+    for source, target in (("mr_1001_image", "mmwhs/mr_train/mr_1001_image"),
+                           ("mr_1001_label", "mmwhs/mr_train/mr_1001_label"),
+                           ("ct_1002_image", "ct/ct_1017_image"), ("ct_1002_label", "ct/ct_1017_label"),
+                           ("ct_1003_image", "ct/ct_1018_image")):
+        (data / target).parent.mkdir(parents=True, exist_ok=True)
+        os.link(tmp_path / "cohort" / f"{source}.nii.gz", data / f"{target}.nii.gz")
+    logic_class = mod.VAEUDASegmentationLogic
+    train, adapt = logic_class.trainSource, logic_class.adapt   # the docs' preset and defaults take minutes
+    monkeypatch.setattr(logic_class, "trainSource",
+                        lambda self, *a, **k: train(self, *a, **{**k, "preset": "tiny", "iterations": 1}))
+    monkeypatch.setattr(logic_class, "adapt", lambda self, *a, **k: adapt(self, *a, **{**k, "iterations": 1}))
+    console = {"getNode": slicer.util.getNode}    # Slicer's console has slicer.util's names (slicerqt.py)
+
+    def paste(code):
+        assert '"/data/' in code
+        exec(compile(code.replace("/data/", f"{data}/"), str(DOCS_SLICER), "exec"), console)
+
+    paste(batch)
+    assert capsys.readouterr().out.splitlines() == ["ct_1017 done", "ct_1018 done"]
+    assert sorted(os.listdir(data / "ct_segmented")) == ["ct_1017.seg.nrrd", "ct_1018.seg.nrrd"]
+    for case in ("ct_1017", "ct_1018"):
+        saved = sitk.ReadImage(str(data / "ct_segmented" / f"{case}.seg.nrrd"))
+        assert [saved.GetMetaData(f"Segment{n}_ID") for n in range(4)] == [s.key for s in mod.STRUCTURES]
+    assert mod.labelValuesOfModel(mod.readModelMetadata(data / "models" / "adapted.safetensors"))
+    assert [n.GetName() for n in slicer.util.getNodes().values()] == ["ct_1017_image"]   # firstCT stays
+
+    start = background.split("# ... later, if needed:\n")[0]
+    paste(start)                                   # waited for: progress, then done
+    pump(slicer, lambda: not console["logic"].isRunning(), timeout=120)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == ["segment: 100 %", "finished: done "]
+    assert slicer.util.getNode("ct_1017_image segmentation").IsA("vtkMRMLSegmentationNode")
+    before = scene_node_ids(slicer)
+    paste(background)                              # as written: cancelled at once
+    pump(slicer, lambda: not console["logic"].isRunning(), timeout=60)
+    assert capsys.readouterr().out.splitlines()[-1] == "finished: cancelled Cancelled by the user."
+    assert scene_node_ids(slicer) == before and os.listdir(slicer.app.temporaryPath) == []
 
 
 def test_module_self_test_runs_to_the_end_against_the_stand_in(slicer, mod, capsys):
