@@ -669,8 +669,8 @@ def test_engine_sentences_name_the_batch_apis_arguments(mod):
     """The engine speaks of its flags; the console user passed Python arguments."""
     assert mod._asArguments("m: 4 files are not at their recorded paths; pass the volumes with --source-data.") == \
         "m: 4 files are not at their recorded paths; pass the volumes with sourceDataFolder."
-    assert mod._asArguments("n_train (--n-train) 3 is larger; a --label-convention JSON file") == \
-        "n_train (nTrain) 3 is larger; a labelConvention JSON file"
+    assert mod._asArguments("--n-train 3 is larger; a --label-convention JSON file") == \
+        "nTrain 3 is larger; a labelConvention JSON file"
     assert mod._asArguments("--sizes and --seeded stay") == "--sizes and --seeded stay"     # whole flags only
 
 

@@ -695,11 +695,12 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
     out = Path(out_dir)
     for name, value in (("n_source", n_source), ("n_target", n_target), ("n_train", n_train), ("seed", seed)):
         if not _is_whole(value) or value < 0:
-            raise VaeudaError(f"{out}: {name} (--{name.replace('_', '-')}) must be a non-negative whole number, not {value!r}.")
+            raise VaeudaError(f"{out}: --{name.replace('_', '-')} must be a non-negative whole number, not {value!r}.")
     if n_source < 1 or n_target < 1:
         raise VaeudaError(f"{out}: a cohort needs at least one MR and one CT subject.")
     if n_train > min(n_source, n_target):
-        raise VaeudaError(f"{out}: n_train (--n-train) {n_train} is larger than the number of MR ({n_source}) or CT ({n_target}) subjects.")
+        raise VaeudaError(f"{out}: --n-train {n_train} is larger than the number of MR ({n_source}) or CT ({n_target}) "
+                          f"subjects.")
     n_source, n_target, n_train, seed = int(n_source), int(n_target), int(n_train), int(seed)
     counts = {"mr": n_source, "ct": n_target}
     size = _check_size(size)
