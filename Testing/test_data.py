@@ -238,6 +238,11 @@ def test_no_inputs_is_refused():
 def test_missing_input_is_refused(tmp_path):
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'gone.nii.gz'))}: file not found\\.$"):
         find_images([str(tmp_path / "gone.nii.gz")])
+    # a name without a volume suffix may have been meant as either (a folder of MR scans, say)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'mr_train'))}: file or folder not found\\.$"):
+        find_images([str(tmp_path / "mr_train")])
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'mr_train'))}: folder not found\\.$"):
+        find_images([str(tmp_path / "mr_train") + "/"])
 
 
 def test_label_count_must_match_image_count(tmp_path, tmp_volume):

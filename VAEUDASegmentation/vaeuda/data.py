@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import VaeudaError
-from .fileio import full_suffix, is_volume_file, stem, without_role
+from .fileio import VOLUME_SUFFIXES, full_suffix, is_volume_file, stem, without_role
 from .labels import MMWHS, Convention
 
 def _label_for(image: Path, labels_option: bool = True) -> Path:
@@ -61,8 +61,10 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
             found.extend(chosen)
         elif p.exists():
             found.append(p)
-        else:   # "nodir/" was meant as a folder: Path drops the slash, the sentence keeps the kind
-            raise VaeudaError(f"{p}: {'folder' if str(item).endswith(('/', os.sep)) else 'file'} not found.")
+        else:   # "nodir/" meant a folder (Path drops the slash), "scan.nii.gz" a file; "mr_train" either
+            kind = ("folder" if str(item).endswith(("/", os.sep))
+                    else "file" if full_suffix(p).lower() in VOLUME_SUFFIXES else "file or folder")
+            raise VaeudaError(f"{p}: {kind} not found.")
     if not found:
         raise VaeudaError("no input volumes were given.")
     return found
