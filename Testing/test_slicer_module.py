@@ -869,10 +869,10 @@ def test_stand_in_table_columns_are_string_arrays(slicer):
     assert table.GetCellText(2, 0) == "" and table.GetNumberOfRows() == 2
 
 
-def test_stand_in_get_node_and_save_node_follow_slicer(slicer, tmp_path, caplog):
+def test_stand_in_get_node_and_save_node_follow_slicer(slicer, tmp_path):
     """util.getNode: the first node whose name or ID matches, MRMLNodeNotFoundException for none; util.saveNode:
-    True once written, False (logged) for a file type no writer has; a segmentation file holds one label value
-    per segment, named in its Segment<N>_ keys, on the reference volume's grid."""
+    True once written; a segmentation file holds one label value per segment, named in its Segment<N>_ keys, on
+    the reference volume's grid. A file type the stand-in does not write is its limit, not a Slicer refusal."""
     volume = add_volume(slicer, np.zeros((2, 3, 4), np.float32), "ct_case")
     assert slicer.util.getNode("ct_*") is volume and slicer.util.getNode(volume.GetID()) is volume
     with pytest.raises(slicer.util.MRMLNodeNotFoundException):
@@ -885,9 +885,9 @@ def test_stand_in_get_node_and_save_node_follow_slicer(slicer, tmp_path, caplog)
     assert np.array_equal(sitk.GetArrayFromImage(image), labels)
     assert [image.GetMetaData(f"Segment{n}_{key}") for n in (0, 1) for key in ("ID", "LabelValue")] == \
         ["LV-M", "1", "LA-B", "2"]
-    with caplog.at_level(logging.ERROR):
-        assert slicer.util.saveNode(node, str(tmp_path / "s.vtk")) is False
-    assert "no writer" in caplog.text and not (tmp_path / "s.vtk").exists()
+    with pytest.raises(NotImplementedError, match="stand-in writes segmentations as"):
+        slicer.util.saveNode(node, str(tmp_path / "s.vtk"))
+    assert not (tmp_path / "s.vtk").exists()
 
 
 def make_segmentation(slicer, volume, labels, segments, name):
@@ -1632,6 +1632,20 @@ def test_evaluating_a_segmentation_again_refills_its_table_even_renamed_and_a_de
     _click_evaluate(slicer, mod, panel, monkeypatch, 0.0)     # another segmentation: a table of its own
     assert [t.GetName() for t in tables()] == ["seg evaluation", "other evaluation"]
     assert third.GetCellText(0, 1) == "25.00" and tables()[1].GetCellText(0, 1) == "0.00"
+
+
+def test_evaluate_fills_a_console_table_that_is_in_no_scene(slicer, mod, monkeypatch):
+    """Only a table removed from its scene while the job ran fails the job: one made in the console and
+    never added to a scene is filled, as before the panel's table reuse."""
+    panel = _evaluating_panel(slicer, mod, monkeypatch, [(s.key, s.name, None) for s in mod.STRUCTURES])
+    monkeypatch.setenv("VAEUDA_TEST_EVALUATION", json.dumps({
+        "volumes": [{"metrics": {s.key: {"dice": 0.5, "assd_mm": 1.0, "assd_vox": 0.5} for s in mod.STRUCTURES}}],
+        "summary": {"Mean": {"dice": {"mean": 0.5}, "assd_mm": {"mean": 1.0}, "assd_vox": {"mean": 0.5}}}}))
+    table = slicer.vtkMRMLTableNode()
+    assert table.GetScene() is None
+    p = panel._parameterNode
+    assert panel.logic.evaluate(p.outputSegmentation, p.referenceSegmentation, table) is table
+    assert table.GetCellText(0, 1) == "50.00" and table.GetScene() is None
 
 
 def test_evaluate_shows_in_the_panels_log_which_structures_the_reference_lacks(slicer, mod, monkeypatch):

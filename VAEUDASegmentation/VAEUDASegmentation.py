@@ -1340,8 +1340,11 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise
         jsonPath = os.path.join(tempDir, "evaluation.json")
 
+        # a console table may be in no scene: only one removed while the job ran fails it
+        tableScene = outputTableNode.GetScene() if outputTableNode is not None else None
+
         def makeTable(outputs: List[str]):
-            if outputTableNode is not None and outputTableNode.GetScene() is None:   # removed while the job ran
+            if tableScene is not None and outputTableNode.GetScene() is None:   # removed while the job ran
                 raise RuntimeError(f"The output table '{outputTableNode.GetName()}' was removed from the scene while "
                                    f"the job ran; nothing was imported.")
             with open(jsonPath, encoding="utf-8") as f:

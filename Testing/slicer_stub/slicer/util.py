@@ -175,7 +175,7 @@ def exportNode(node, filename, properties={}, world=False):
     return True
 
 
-_SEGMENTATION_WRITER_EXTENSIONS = (".seg.nrrd", ".nrrd")   # a binary-labelmap source's write types
+_SEGMENTATION_WRITER_EXTENSIONS = (".seg.nrrd", ".nrrd")   # what the stand-in writes of Slicer's write types
 
 
 def _writeSegmentation(segmentationNode, filename):
@@ -214,15 +214,14 @@ def _writeSegmentation(segmentationNode, filename):
 def saveNode(node, filename, properties={}):
     """Save a node to ``filename`` with the writer of its type; True on success (util.py ``saveNode``, through
     ``app.coreIOManager().saveNodes``). Slicer also points the node's storage node at the file; the stand-in
-    has no storage nodes. It writes segmentations only (``.seg.nrrd`` / ``.nrrd``, see ``_writeSegmentation``);
-    a file type the writer does not have fails, logged, False."""
+    has no storage nodes. It writes segmentations as ``.seg.nrrd`` / ``.nrrd`` only (see
+    ``_writeSegmentation``); anything else is beyond it, not a refusal Slicer makes."""
     properties["nodeID"] = node.GetID()
     properties["fileName"] = filename
     if not node.IsA("vtkMRMLSegmentationNode"):
         raise NotImplementedError(f"stand-in saves only segmentations, not {node.GetClassName()}")
     if not str(filename).lower().endswith(_SEGMENTATION_WRITER_EXTENSIONS):
-        logging.error("Failed to save node %s to %s: no writer for this file type", node.GetID(), filename)
-        return False
+        raise NotImplementedError(f"stand-in writes segmentations as {' or '.join(_SEGMENTATION_WRITER_EXTENSIONS)}")
     _writeSegmentation(node, filename)
     return True
 
