@@ -775,3 +775,8 @@ def test_the_scripts_say_the_oses_refusals_in_one_sentence_as_the_command_line_d
         raise OSError(errno.EBADF, "Bad file descriptor", "/dev/fd/99")
     with pytest.raises(OSError, match="Bad file descriptor"):
         run_main(broken)
+
+    def piped():       # `script | head`: one sentence, no traceback
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+    assert run_main(piped) == 1
+    assert capsys.readouterr().err == "error: the output pipe was closed.\n"

@@ -75,6 +75,8 @@ def run_main(main: Callable[[], Optional[int]]) -> int:
         return main() or 0
     except VaeudaError as exc:
         print(f"error: {exc}", file=sys.stderr)
+    except BrokenPipeError:                  # `script | head`: the reader went away, as the command line says it
+        print("error: the output pipe was closed.", file=sys.stderr)
     except OSError as exc:
         sentence = os_error_sentence(exc)
         if sentence is None:

@@ -570,7 +570,7 @@ def _check_size(size: Optional[int]) -> Optional[int]:
     if size is None:
         return None
     if not _is_whole(size) or not MIN_SIZE <= int(size) <= MAX_SIZE:
-        raise VaeudaError(f"phantom size (--size) {size} must be a whole number of voxels from {MIN_SIZE} to {MAX_SIZE}.")
+        raise VaeudaError(f"--size {size} must be a whole number of voxels from {MIN_SIZE} to {MAX_SIZE}.")
     return int(size)
 
 
