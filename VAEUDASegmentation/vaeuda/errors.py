@@ -1,4 +1,5 @@
-"""The one exception type the engine raises for bad input or a failed run, and the checks of counts and seeds.
+"""The one exception type the engine raises for bad input or a failed run, the checks of counts and seeds,
+and which of the OS's errors are said to the user as one sentence.
 
 Its message is a single sentence meant for the user: it names the file and what is wrong.
 The command line prints it and exits with status 2; the Slicer module shows it as is.
