@@ -960,18 +960,23 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         else:
             qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._poll(job))
 
-    @staticmethod
-    def _forward(job: _Job, events: List[dict]) -> None:
+    @classmethod
+    def _forward(cls, job: _Job, events: List[dict]) -> None:
         for event in events:
             if isinstance(event.get("message"), str):
                 event["message"] = _namePaths(event["message"], job.pathNames)
             if event.get("event") in ("stage", "log", "error"):
                 logging.info("VAE-UDA %s: %s", job.name, event.get("message") or event.get("stage"))
-            if job.progressCallback:
-                try:
-                    job.progressCallback(event)
-                except Exception:   # the caller's bug must not strand the job (no more polls, no clean-up)
-                    logging.exception("VAE-UDA %s: the progress callback failed", job.name)
+            cls._report(job.name, job.progressCallback, event)
+
+    @staticmethod
+    def _report(jobName: str, progressCallback, event: dict) -> None:
+        """Give ``event`` to the caller's progress callback, if any; its exception is logged, not raised."""
+        if progressCallback:
+            try:
+                progressCallback(event)
+            except Exception:   # the caller's bug must not strand the job (no more polls, no clean-up)
+                logging.exception("VAE-UDA %s: the progress callback failed", jobName)
 
     def _complete(self, job: _Job) -> JobResult:
         """Turn the ended process into a JobResult (importing results on success), always clean up."""
@@ -1319,11 +1324,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             message = (f"the reference '{referenceSegmentationNode.GetName()}' has no segment for {', '.join(absent)}; "
                        f"scored as empty there.")
             logging.warning("VAE-UDA evaluate: %s", message)
-            if progressCallback:   # as an engine message: the panel shows those in its log box
-                try:
-                    progressCallback({"event": "log", "message": "Warning: " + message})
-                except Exception:   # as with the engine's events, the caller's bug changes nothing of the job
-                    logging.exception("VAE-UDA evaluate: the progress callback failed")
+            # as an engine message: the panel shows those in its log box
+            self._report("evaluate", progressCallback, {"event": "log", "message": "Warning: " + message})
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         predDir, refDir = os.path.join(tempDir, "pred"), os.path.join(tempDir, "ref")

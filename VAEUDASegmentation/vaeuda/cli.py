@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import __version__
-from .choices import DEVICES, DOMAINS, PRESET_NAMES
+from .choices import DEVICES, DOMAINS, PRESET_NAMES, check_portable
 from .errors import MAX_SEED, VaeudaError, os_error_sentence
 from .machine import PORTABLE_THREADS
 from .progress import MODES, Reporter, emit, listed
@@ -264,7 +264,6 @@ def run(args, reporter: Reporter) -> List[str]:
     """Execute one parsed command; returns the paths it wrote."""
     cmd = args.command
     if getattr(args, "portable", False):
-        from .choices import check_portable
         check_portable(True, getattr(args, "device", "cpu"), getattr(args, "cpu_bf16", False))
         args.device = "cpu"
         from .machine import use_portable_numerics

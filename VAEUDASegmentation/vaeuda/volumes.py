@@ -214,6 +214,12 @@ def _voxels(count: int) -> str:
     return "1 voxel is" if count == 1 else f"{count} voxels are"
 
 
+def _refuse_non_finite(path: Path, count: int) -> None:
+    """Refuse an image with ``count`` NaN or infinite voxels (none: nothing to refuse)."""
+    if count:
+        raise VaeudaError(f"{path}: {_voxels(count)} NaN or infinite; set such voxels to a number first.")
+
+
 def _truncated(path: Path) -> VaeudaError:
     return VaeudaError(f"{path}: the file is truncated (incomplete copy or download).")
 
@@ -366,8 +372,7 @@ def _read_any(path: Path) -> sitk.Image:
             non_finite = _nifti_non_finite(path, nifti)
         except (OSError, EOFError, zlib.error) as exc:    # ITK read it; its compressed data are damaged further on
             raise VaeudaError(f"{path}: the file is damaged ({exc}).") from None
-        if non_finite:
-            raise VaeudaError(f"{path}: {_voxels(non_finite)} NaN or infinite; set such voxels to a number first.")
+        _refuse_non_finite(path, non_finite)
     return image
 
 
@@ -463,9 +468,7 @@ def read_image(path: PathLike) -> sitk.Image:
                           f"{' (the folder that holds the DICOM series)' if image.HasMetaDataKey(SOP_CLASS_UID) else ''}.")
     _refuse_label_map(image, path)
     _refuse_skewed_grid(image, path)
-    non_finite = _count_non_finite(image)   # of the file's own values, before 32-bit floats can overflow
-    if non_finite:
-        raise VaeudaError(f"{path}: {_voxels(non_finite)} NaN or infinite; set such voxels to a number first.")
+    _refuse_non_finite(path, _count_non_finite(image))   # of the file's own values, before 32-bit floats can overflow
     if image.GetPixelID() != sitk.sitkFloat32:
         try:
             cast = sitk.Cast(image, sitk.sitkFloat32)
