@@ -18,7 +18,7 @@ from vaeuda.volumes import normalise, read_image, read_label, write_image, write
 
 def test_missing_file(tmp_path):
     path = tmp_path / "nothing.nii.gz"
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: file or folder does not exist"):
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: file or folder not found"):
         read_image(path)
 
 
@@ -259,7 +259,7 @@ def test_metaimage_with_missing_data_file(tmp_path):
     path = tmp_path / "header.mhd"
     sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkInt16), str(path))
     path.with_suffix(".raw").unlink()
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: its data file .*header.raw does not exist"):
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: its data file .*header.raw was not found"):
         read_image(path)
 
 

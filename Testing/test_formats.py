@@ -221,7 +221,7 @@ def test_corrupt_and_truncated_tfrecords_are_refused(mmwhs_samples, tmp_path):
     two_and_a_bit.write_bytes(bytes(blob) * 2 + b"\x01\x02")
     with pytest.raises(VaeudaError, match="record 2 is truncated"):
         read_tfrecords(two_and_a_bit)
-    with pytest.raises(VaeudaError, match="does not exist"):
+    with pytest.raises(VaeudaError, match="file not found"):
         read_tfrecords(tmp_path / "absent.tfrecords")
 
 

@@ -388,7 +388,7 @@ def test_evaluate_dirs_refuses_empty_missing_ambiguous_and_bad_labels(cohort, tm
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
     expect_error_and_no_json(empty, ref_dir, json_path, "empty", "no image files")
-    expect_error_and_no_json(tmp_path / "nowhere", ref_dir, json_path, "does not exist")
+    expect_error_and_no_json(tmp_path / "nowhere", ref_dir, json_path, "folder not found")
     one_file = next(pred_dir.iterdir())
     expect_error_and_no_json(one_file, ref_dir, json_path, "is a file; give the prediction folder that holds it")
     a, _ = two_cubes()

@@ -110,7 +110,7 @@ def test_bad_inputs_are_refused_before_the_model_is_read(tmp_path):
                                           r".*Case1.nii.gz are one file where file names ignore case"):
         segment_files(model, [first / "Case1.nii.gz", second / "case1.nii.gz"], tmp_path / "out")
     gone = tmp_path / "gone.nii.gz"
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(gone))}: file or folder does not exist"):
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(gone))}: file or folder not found"):
         segment_files(model, [first / "Case1.nii.gz", gone], tmp_path / "out")
     label_map = tmp_path / "ct_1_label.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((6, 6, 6), 205, np.uint16)), str(label_map))

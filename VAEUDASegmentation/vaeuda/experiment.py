@@ -296,7 +296,7 @@ def _check_cohort(cohort: Path) -> Tuple[List[str], List[str], List[str]]:
     """(MR train, CT train, CT test) prefixes of a cohort folder; VaeudaError for anything missing,
     a scan listed twice in a split, or a CT test scan that is also a training one."""
     if not cohort.is_dir():
-        raise VaeudaError(f"{cohort}: cohort folder does not exist.")
+        raise VaeudaError(f"{cohort}: cohort folder not found.")
     names = (("mr", "train"), ("ct", "train"), ("ct", "test"))
     splits = [cohort_split(cohort, m, s) for m, s in names]
     for (modality, split), prefixes in zip(names, splits):

@@ -236,7 +236,7 @@ def read_tfrecords(path: PathLike) -> List[Tuple[np.ndarray, np.ndarray]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise VaeudaError(f"{path}: file does not exist.")
+        raise VaeudaError(f"{path}: file not found.")
     try:
         blob = path.read_bytes()
     except OSError as exc:
@@ -271,7 +271,7 @@ def read_npz(path: PathLike, flip_test_volume: bool = False) -> Tuple[np.ndarray
     """
     path = Path(path)
     if not path.is_file():
-        raise VaeudaError(f"{path}: file does not exist.")
+        raise VaeudaError(f"{path}: file not found.")
     require_readable(path)      # (numpy's reason for a file it may not open would be lost below)
     try:
         loaded = np.load(path, allow_pickle=False)

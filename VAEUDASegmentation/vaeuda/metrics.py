@@ -371,7 +371,7 @@ def _keyed_files(folder: Path, role: str) -> Dict[str, Path]:
     if folder.is_file():
         raise VaeudaError(f"{folder}: is a file; give the {role} folder that holds it (files are paired by name).")
     if not folder.is_dir():
-        raise VaeudaError(f"{folder}: {role} folder does not exist.")
+        raise VaeudaError(f"{folder}: {role} folder not found.")
     files = sorted(p for p in folder.iterdir() if fileio.is_volume_file(p))
     if not files:
         raise VaeudaError(f"{folder}: {role} folder holds no image files ({', '.join(fileio.VOLUME_SUFFIXES)}).")

@@ -302,7 +302,7 @@ def _check_metaimage_complete(path: Path) -> None:
     elif data_file and not data_file.startswith("LIST") and "%" not in data_file:
         data_path = path.parent / data_file
         if not data_path.is_file():
-            raise VaeudaError(f"{path}: its data file {data_path} does not exist.")
+            raise VaeudaError(f"{path}: its data file {data_path} was not found.")
         available = data_path.stat().st_size
         if offset >= 0:   # HeaderSize = -1 means the data are the file's last bytes
             available -= offset
@@ -335,7 +335,7 @@ def _gzip_named_nii(path: Path) -> bool:
 def require_existing(path: PathLike) -> None:
     """Refuse an input image file or DICOM folder that is not there, or may not be read."""
     if not Path(path).exists():
-        raise VaeudaError(f"{path}: file or folder does not exist.")
+        raise VaeudaError(f"{path}: file or folder not found.")
     require_readable(path)
 
 
