@@ -414,9 +414,30 @@ def test_evaluate_says_which_structures_the_reference_lacks(slicer, mod, fake_lo
 
     with pytest.raises(mod.JobFailedError):   # the job ran (the stand-in's missing evaluation), the callback's bug aside
         fake_logic.evaluate(seg, ref, progressCallback=failingCallback)
-    assert events[0] == {"event": "log", "message": "Warning: the reference 'ref' has no segment for LA blood cavity, "
+    assert events[0] == {"event": "log", "message": "note: the reference 'ref' has no segment for LA blood cavity, "
                                                     "LV blood cavity, Ascending aorta; scored as empty there."}
     assert events[1]["event"] == "stage"
+
+
+def test_evaluate_refused_while_a_job_runs_sends_no_warning_first(slicer, mod, fake_logic, monkeypatch, tmp_path):
+    """A refused call says one thing: the missing-structure note is not sent before "a job is running"."""
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    labels = np.zeros((3, 4, 5), np.uint8)
+    labels[1, 1:3, 1:4] = 1
+    seg = make_segmentation(slicer, volume, labels, [("LV-M", "LV-M", None)], "seg")
+    ref = make_segmentation(slicer, volume, labels, [("LV-M", "LV myocardium", None)], "ref")
+    fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), waitForCompletion=False)
+    events = []
+    try:
+        with pytest.raises(RuntimeError, match=r"^A VAE-UDA job \(segment\) is running; wait for it or cancel it"):
+            fake_logic.evaluate(seg, ref, progressCallback=events.append)
+    finally:
+        fake_logic.cancel()
+    while fake_logic.isRunning():
+        slicer.app.processEvents()
+    assert events == []
 
 
 def test_evaluate_says_how_to_give_a_segmentation_its_reference_volume(slicer, mod, fake_logic):
@@ -1654,7 +1675,7 @@ def test_evaluate_shows_in_the_panels_log_which_structures_the_reference_lacks(s
     panel = _evaluating_panel(slicer, mod, monkeypatch, [("LV-M", "LV myocardium", None)])
     _click_evaluate(slicer, mod, panel, monkeypatch, 0.5)
     lines = panel.ui.logTextEdit.lines
-    assert lines[:2] == ["--- Evaluating", "Warning: the reference 'ref' has no segment for LA blood cavity, "
+    assert lines[:2] == ["--- Evaluating", "note: the reference 'ref' has no segment for LA blood cavity, "
                                            "LV blood cavity, Ascending aorta; scored as empty there."]
     assert panel.ui.statusLabel.text == "Evaluating: done."
 

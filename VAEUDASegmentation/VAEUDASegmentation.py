@@ -905,6 +905,12 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return env
 
+    def _refuseWhileRunning(self) -> None:
+        """One engine at a time in this Slicer, whichever logic started it."""
+        running = self._job or _RUNNING_JOB[0]
+        if running is not None:
+            raise RuntimeError(f"A VAE-UDA job ({running.name}) is running; wait for it or cancel it first.")
+
     @staticmethod
     def _makeTempDir() -> str:
         return tempfile.mkdtemp(prefix="VAEUDASegmentation-", dir=slicer.app.temporaryPath)
@@ -916,10 +922,11 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         """Run ``vaeuda <subcommandArgs> --progress json``; see the class docstring for the two modes.
         ``pathNames``: temporary files by what the user knows them as (inputs, and outputs the job moves
         or imports), for the engine's sentences."""
-        running = self._job or _RUNNING_JOB[0]      # one engine at a time in this Slicer, whichever logic started it
-        if running is not None:
+        try:
+            self._refuseWhileRunning()
+        except RuntimeError:
             shutil.rmtree(tempDir, ignore_errors=True)
-            raise RuntimeError(f"A VAE-UDA job ({running.name}) is running; wait for it or cancel it first.")
+            raise
         try:
             engine = self._engineArgs()
         except RuntimeError:
@@ -1319,13 +1326,14 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                              f"volumeNode), e.g. after loading it from a file.")
         if referenceVolume.GetImageData() is None:
             raise ValueError(f"Volume '{referenceVolume.GetName()}' has no voxels.")
+        self._refuseWhileRunning()   # before the warning below: a refused call says one thing
         absent = [s.name for s in STRUCTURES if self._segmentIdForStructure(referenceSegmentationNode, s) is None]
         if absent:   # scored against an empty reference: Dice 0 wherever the segmentation has the structure
             message = (f"the reference '{referenceSegmentationNode.GetName()}' has no segment for {', '.join(absent)}; "
                        f"scored as empty there.")
             logging.warning("VAE-UDA evaluate: %s", message)
-            # as an engine message: the panel shows those in its log box
-            self._report("evaluate", progressCallback, {"event": "log", "message": "Warning: " + message})
+            # as the engine's own notes: the panel shows those in its log box
+            self._report("evaluate", progressCallback, {"event": "log", "message": "note: " + message})
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         predDir, refDir = os.path.join(tempDir, "pred"), os.path.join(tempDir, "ref")
