@@ -1655,6 +1655,27 @@ def test_evaluating_a_segmentation_again_refills_its_table_even_renamed_and_a_de
     assert third.GetCellText(0, 1) == "25.00" and tables()[1].GetCellText(0, 1) == "0.00"
 
 
+def test_a_cloned_segmentation_gets_a_table_of_its_own(slicer, mod, monkeypatch):
+    """Slicer's vtkMRMLNode::Copy copies node references: a segmentation cloned after Evaluate points at its
+    original's table. Evaluating the clone must not overwrite the original's numbers."""
+    panel = _evaluating_panel(slicer, mod, monkeypatch, [("LV-M", "LV myocardium", None)])
+    tables = lambda: slicer.util.getNodesByClass("vtkMRMLTableNode")  # noqa: E731
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.5)
+    [original] = tables()
+    p = panel._parameterNode
+    clone = make_segmentation(slicer, p.inputVolume, np.zeros((3, 4, 5), np.uint8), [("LV-M", "LV-M", None)],
+                              "seg clone")
+    clone.SetNodeReferenceID(mod.EVALUATION_TABLE_REFERENCE_ROLE,    # what Copy's CopyReferences leaves
+                             p.outputSegmentation.GetNodeReferenceID(mod.EVALUATION_TABLE_REFERENCE_ROLE))
+    p.outputSegmentation = clone
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.25)
+    assert [t.GetName() for t in tables()] == ["seg evaluation", "seg clone evaluation"]
+    assert original.GetCellText(0, 1) == "50.00" and tables()[1].GetCellText(0, 1) == "25.00"
+    assert clone.GetNodeReference(mod.EVALUATION_TABLE_REFERENCE_ROLE) is tables()[1]
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.75)            # the clone's own table is refilled
+    assert len(tables()) == 2 and tables()[1].GetCellText(0, 1) == "75.00" and original.GetCellText(0, 1) == "50.00"
+
+
 def test_evaluate_fills_a_console_table_that_is_in_no_scene(slicer, mod, monkeypatch):
     """Only a table removed from its scene while the job ran fails the job: one made in the console and
     never added to a scene is filled, as before the panel's table reuse."""

@@ -201,6 +201,9 @@ SCENE_ACTIONS = ("segment", "evaluate", "tryIt")
 # Node reference role from a segmentation to the table the panel's Evaluate filled for it: found by node ID, so a
 # renamed table is still that segmentation's; a deleted one is no longer found.
 EVALUATION_TABLE_REFERENCE_ROLE = "VAEUDAEvaluationTable"
+# ... and from that table back to the segmentation: Slicer copies a node's references when it clones it, so a
+# cloned segmentation points at its original's table; the table's back-reference says whose it is.
+EVALUATED_SEGMENTATION_REFERENCE_ROLE = "VAEUDAEvaluatedSegmentation"
 
 
 @dataclass
@@ -675,12 +678,16 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onEvaluateButton(self) -> None:
         p = self._parameterNode
         segmentation = p.outputSegmentation
-        # Evaluating a segmentation again refills the table made for it, even renamed; a deleted one is made anew.
+        # Evaluating a segmentation again refills the table made for it, even renamed; a deleted one is made anew,
+        # and so is one a clone's copied reference points at (the original's).
         table = segmentation.GetNodeReference(EVALUATION_TABLE_REFERENCE_ROLE) if segmentation else None
+        if table is not None and table.GetNodeReferenceID(EVALUATED_SEGMENTATION_REFERENCE_ROLE) != segmentation.GetID():
+            table = None
 
         def finished(result: JobResult) -> None:
             if self._finishAction(result):
                 segmentation.SetNodeReferenceID(EVALUATION_TABLE_REFERENCE_ROLE, result.value.GetID())
+                result.value.SetNodeReferenceID(EVALUATED_SEGMENTATION_REFERENCE_ROLE, segmentation.GetID())
                 slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
                 slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.value.GetID())
                 slicer.app.applicationLogic().PropagateTableSelection()
