@@ -217,6 +217,9 @@ def test_stand_in_volume_io_converts_ras_to_lps_and_round_trips(slicer, tmp_path
     loaded = slicer.util.loadLabelVolume(path, {"name": "back", "show": False})
     assert np.array_equal(slicer.util.arrayFromVolume(loaded), array)
     assert np.allclose(loaded._ijkToRAS, IJK_TO_RAS)
+    again = slicer.util.loadVolume(path, {"name": "back", "show": False})   # Slicer's unique name for a taken one
+    assert again.GetName() == "back_1" and loaded.GetName() == "back"
+    assert slicer.util.loadVolume(path).GetName() == "v" and slicer.util.loadVolume(path).GetName() == "v_1"
 
 
 # ----------------------------------------------------------------------------- job machinery (fake engine)

@@ -229,9 +229,12 @@ def saveNode(node, filename, properties={}):
 def _loadVolumeFile(filename, properties, nodeClassName):
     if not os.path.isfile(filename):
         raise RuntimeError("Failed to load node from file: " + str(filename))
+    import slicer
     array, ijkToRAS = _readImage(filename)
     name = properties.get("name") or os.path.basename(str(filename)).split(".")[0]
-    return _addVolumeNode(array, ijkToRAS, name, nodeClassName)
+    # vtkSlicerVolumesLogic::AddArchetypeVolume names the node GetUniqueNameByString(name), the name
+    # given included: a file loaded twice, or a name already taken, gets "_1"
+    return _addVolumeNode(array, ijkToRAS, slicer.mrmlScene.GenerateUniqueName(name), nodeClassName)
 
 
 def loadVolume(filename, properties={}, returnNode=False):
