@@ -66,6 +66,23 @@ def test_writes_every_output(table1):
     assert findings and all(line.endswith("| not judged (smoke run) |") for line in findings)
 
 
+def test_this_runs_table_has_the_demos_metric_groups_and_the_json_states_its_units(table1):
+    """As the demo's report: ASSD [mm] beside the paper's two groups (the paper's table keeps its own two), and
+    the units of each number in table1.json, whose rows hold Dice as a fraction and mean_dice_percent in %."""
+    out, files, js = table1
+    this_run, paper = files[0].read_text().split("## The paper's Table 1")
+    groups = lambda text: [c.strip() for c in next(l for l in text.splitlines() if l.startswith("|  | Dice [%]"))  # noqa
+                           .split("|") if c.strip()]
+    assert groups(this_run) == ["Dice [%]", "ASSD [voxel]", "ASSD [mm]"]
+    assert groups(paper) == ["Dice [%]", "ASSD [voxel]"]
+    assert js["units"] == {"mean_dice_percent": "percent",
+                           "rows": {"dice": "fraction (0-1)", "assd_vox": "voxel", "assd_mm": "mm"},
+                           "paper_table1": {"dice": "percent", "assd_vox": "voxel"}}
+    mean = js["rows"][ROW_ORACLE]["summary"]["Mean"]
+    assert js["mean_dice_percent"][ROW_ORACLE] == pytest.approx(100 * mean["dice"]["mean"])
+    assert 0 <= mean["dice"]["mean"] <= 1 and set(mean) == set(js["units"]["rows"])
+
+
 def test_table1_and_the_demo_open_with_the_papers_first_two_rows():
     """The paper's Table 1 lists Oracle, then Unadapted, then the methods; both reports keep that order."""
     from vaeuda import demo

@@ -20,6 +20,7 @@ from . import machine
 from .errors import VaeudaError
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import STRUCTURES
+from .metrics import METRIC_UNITS, evaluate_dirs, table_markdown
 from .progress import Reporter, null_reporter
 
 # The report's three rows (report.json "mean_dice" / "results" keys).
@@ -31,7 +32,7 @@ ROWS = REFERENCE_ROWS + (ROW_ADAPTED,)
 METRICS = ("dice", "assd_vox", "assd_mm")      # the paper's two groups, then ASSD in mm (compares across data sets)
 # report.json's units: "mean_dice" keeps the percent its readers and the recorded reports have; "results" holds
 # each model's evaluation as `vaeuda evaluate` writes it, Dice a fraction there
-UNITS = {"mean_dice": "percent", "results": {"dice": "fraction (0-1)", "assd_vox": "voxel", "assd_mm": "mm"}}
+UNITS = {"mean_dice": "percent", "results": METRIC_UNITS}
 
 
 def read_splits(cohort: Path) -> dict:
@@ -93,7 +94,6 @@ def evaluate_model(model: Path, cohort: Path, prefixes: Sequence[str], out_dir: 
                    reporter: Reporter) -> dict:
     """Segment ``prefixes`` of the cohort with ``model`` into ``out_dir`` and score them -> summary dict
     (label values in the cohort's convention, :func:`cohort_convention`)."""
-    from .metrics import evaluate_dirs
     from .predict import segment_files
 
     segment_files(model, [image_of(cohort, p) for p in prefixes], out_dir, device=device, reporter=reporter)
@@ -199,7 +199,6 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     """Run the whole pipeline; returns the report files. ``quick``: small cohort, few iterations.
     ``intensity_remap``: the source model is trained with ``train_source(intensity_remap=True)``
     (not the paper's method)."""
-    from .metrics import table_markdown
     from .phantom import make_cohort
     from .train import adapt, finetune, resolve_device, train_source
 

@@ -41,12 +41,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import machine
-from .demo import (REFERENCE_ROWS, ROW_ORACLE, ROW_UNADAPTED, cohort_convention, cohort_split, evaluate_model,
+from .demo import (METRICS, REFERENCE_ROWS, ROW_ORACLE, ROW_UNADAPTED, cohort_convention, cohort_split, evaluate_model,
                    image_of, label_of, read_splits)
 from .errors import MAX_SEED, VaeudaError, require_count
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import CLASS_KEYS, STRUCTURES
-from .metrics import MEAN_KEY, _json_ready, evaluate_volume, summarise, table_markdown
+from .metrics import MEAN_KEY, METRIC_UNITS, _json_ready, evaluate_volume, summarise, table_markdown
 from .progress import Reporter, null_reporter
 
 ROW_P16 = "Proposed-16"
@@ -67,6 +67,7 @@ FEW_SHOT_PATIENCE = 3      # early stop after this many evaluations without impr
 OSCILLATION_MARGIN = 1.0   # Dice points of second-half std above Proposed-1's that count as oscillating
 
 # Ouyang et al. 2019, Table 1 (MM-WHS, MR -> CT): (mean, std) for LV-M, LA-B, LV-B, A-A, Mean.
+PAPER_UNITS = {"dice": "percent", "assd_vox": "voxel"}
 PAPER_TABLE1 = OrderedDict([
     ("Oracle", {"dice": ((82.35, 2.29), (88.45, 1.92), (89.28, 3.42), (87.92, 12.33), (87.00, 7.11)),
                 "assd_vox": ((6.03, 1.16), (8.26, 2.67), (7.08, 3.08), (1.61, 1.13), (5.74, 3.34))}),
@@ -463,6 +464,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     machine_line = machine.description()        # one reading for both reports
     payload = {"protocol": protocol, "rows": rows, "mean_dice_percent": mean_dice, "curves": curves,
                "curve_stats": stats, "findings": findings, "timings_s": timings, "total_s": total_s,
+               "units": {"mean_dice_percent": "percent", "rows": METRIC_UNITS, "paper_table1": PAPER_UNITS},
                "machine": machine_line,
                "paper_table1": PAPER_TABLE1, "paper_text": PAPER_TEXT}
     with atomic_path(js) as tmp:
@@ -555,9 +557,10 @@ def _markdown(protocol: dict, rows: dict, mean_dice: dict, findings: List[dict],
         f"(structures per slice: {'; '.join(', '.join(s) for s in fs['structures'])}), early stopping after "
         f"{p['few_shot_patience']} evaluations (every {p['few_shot_eval_every']} iterations) "
         f"without improvement of the cycle-consistency proxy (the mean T->S->T error on those slices).", "",
-        "Dice [%] and ASSD [voxel] on the largest 3D component, mean (std).", "",
+        "Dice [%] and ASSD [voxel] on the largest 3D component, mean (std), and, which the paper does not give, "
+        "ASSD [mm].", "",
         "## This run", "",
-        table_markdown(ours, metrics=("dice", "assd_vox")),
+        table_markdown(ours, metrics=METRICS),
         "## The paper's Table 1 (MM-WHS MR -> CT), for reference", "",
         table_markdown(paper, metrics=("dice", "assd_vox")),
         "The paper's text adds: without prior matching or without adversarial training mean Dice drops below 55% "

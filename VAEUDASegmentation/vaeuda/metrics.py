@@ -53,6 +53,8 @@ CONNECTIVITY = 26                 # neighbourhood of the largest-component step 
 METRICS = ("dice", "assd_mm", "assd_vox")
 MEAN_KEY = "Mean"
 METRIC_HEADERS = {"dice": "Dice [%]", "assd_vox": "ASSD [voxel]", "assd_mm": "ASSD [mm]"}
+# the units of the values as evaluate_volume and summarise give them (the tables show Dice in percent)
+METRIC_UNITS = {"dice": "fraction (0-1)", "assd_vox": "voxel", "assd_mm": "mm"}
 MISSING_MARK = "\u2020"           # dagger: cell averages over fewer volumes (some ASSD undefined)
 
 
