@@ -2,8 +2,8 @@
 
 JSON mode writes one object per line to stdout, flushed, for example::
 
-    {"event": "stage", "stage": "adapt", "total": 250}
-    {"event": "progress", "stage": "adapt", "step": 150, "total": 250, "fraction": 0.6, "eta_s": 62.1, "loss": 1.23}
+    {"event": "stage", "stage": "adapt", "total": 400}
+    {"event": "progress", "stage": "adapt", "step": 240, "total": 400, "fraction": 0.6, "eta_s": 62.1, "loss": 1.23}
     {"event": "log", "message": "..."}
     {"event": "table", "markdown": "| ... |"}          (evaluate only: its result table)
     {"event": "done", "outputs": ["/path/model.safetensors"]}
