@@ -187,6 +187,19 @@ def test_image_and_label_roles_match_in_any_case(tmp_path, tmp_volume):
     assert find_pairs([str(tmp_path)]) == sorted([upper, title, mixed])
 
 
+def test_a_labelled_volume_or_label_given_twice_is_refused(tmp_path, tmp_volume):
+    """Training would draw its slices twice as often, unasked (adapt and segment refused a repeat already)."""
+    image = tmp_volume(_ramp_image(), name="a_image.nii.gz")
+    label = tmp_volume(_plane_labels(), name="a_label.nii.gz")
+    other = tmp_volume(_ramp_image(), name="b_image.nii.gz")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / '.' / 'a_image.nii.gz'))}: given twice; give "
+                                          f"each labelled volume once\\.$"):
+        find_pairs([str(image), str(tmp_path / "." / "a_image.nii.gz")])     # the same file, spelt otherwise
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(label))}: given twice; give each label file once\\.$"):
+        find_pairs([str(image), str(other)], labels=[str(label), str(label)])
+    assert find_pairs([str(image)]) == [(image, label)]
+
+
 def test_image_whose_label_is_missing_is_refused(tmp_path, tmp_volume):
     image = tmp_volume(_ramp_image(), name="a_image.nii.gz")
     label = tmp_path / "a_label.nii.gz"

@@ -120,3 +120,18 @@ def test_an_output_file_named_as_a_folder_is_refused(tmp_path):
                                           r"output a file name\.$"):
         check_output_file(f"{tmp_path / 'newdir'}/")
     assert not (tmp_path / "newdir").exists()
+
+
+def test_a_pipe_is_refused_as_an_output_and_as_an_input(tmp_path):
+    """os.replace would put a regular file where the pipe (or, run as root, /dev/null) was, and exit 0;
+    an input pipe would make the reader wait forever for a writer."""
+    import os
+    from vaeuda.fileio import require_readable
+    from vaeuda.modelfile import require_file
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for refuse in (check_output_file, require_readable, require_file):
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(pipe))}: is a pipe, socket or device, not a regular "
+                                              f"file; give a file\\.$"):
+            refuse(pipe)
+    assert pipe.is_fifo()

@@ -123,6 +123,11 @@ def test_bad_inputs_are_refused_before_the_model_is_read(tmp_path):
     series = tmp_path / "1.2.840.113619.2.55"               # a DICOM folder named by its series UID
     series.mkdir()
     assert output_path(tmp_path / "out", series).name == "1.2.840.113619.2.55_seg.nii.gz"
+    (series / "IM0001").write_bytes(b"")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(series))}: is an input folder \\(a DICOM series\\), "
+                                          f"which is never written to"):   # a volume file there ends the series
+        segment_files(model, [series], series)
+    assert [p.name for p in series.iterdir()] == ["IM0001"]
 
 
 

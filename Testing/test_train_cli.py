@@ -93,6 +93,43 @@ def test_outputs_named_against_their_kind_are_refused_or_noted(tiny_cohort, tiny
     assert load_model(model)[1]["stage"] == "source"
 
 
+def test_a_refused_model_output_says_one_thing(tiny_cohort, tmp_path, capsys):
+    """The .safetensors note came before the refusal of a folder given as --out; a folder where the
+    checkpoint goes was refused with "give the output a file name", which the user had done."""
+    mr = str(tiny_cohort / "mr_1001_image.nii.gz")
+    run = ["train-source", "--preset", "tiny", "--iterations", "1", "--device", "cpu", "--progress", "none", mr]
+    assert main(run + ["--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vaeuda: error: {tmp_path}: is a folder; give the output a file name."]
+    (tmp_path / "m.safetensors.ckpt").mkdir()
+    assert main(run + ["--out", str(tmp_path / "m.safetensors")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vaeuda: error: {tmp_path / 'm.safetensors.ckpt'}: is a folder where this run keeps its checkpoint (the "
+        f"model file's name plus '.ckpt'); move it away or choose another output."]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors.ckpt"]
+
+
+def test_usage_errors_are_json_events_too_and_an_empty_value_is_one(capsys):
+    """The module docstring promises a json reader an error line; argparse's own errors (a bad number)
+    gave none. An empty value ("") was taken as the current folder ("segment X --out ''" wrote there)."""
+    for argv, message in (
+            (["adapt", "--model", "m", "--out", "o", "--iterations", "1.5", "--progress", "json", "t"],
+             "vaeuda adapt: argument --iterations: invalid int value: '1.5'"),
+            (["segment", "x", "--model", "m", "--out", "", "--progress=json"], "vaeuda segment: --out: an empty value "
+                                                                                "was given"),
+            (["synth", "", "--progress", "json"], "vaeuda synth: OUT_DIR: an empty value was given")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 2 and [json.loads(line) for line in out.splitlines()] == [
+            {"event": "error", "message": message}]
+        assert err.strip().splitlines()[-1] == message.replace(": ", ": error: ", 1)
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--pred", "p", "--ref", "r", "--json", ""])      # without json progress: stderr alone
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines()[-1] == "vaeuda evaluate: error: --json: an empty value was given"
+
+
 def test_a_closed_progress_pipe_stops_synth_without_writing_the_cohort(tmp_path):
     """synth's own OSError handling must not take the closed pipe for a failed write of the cohort."""
     proc = subprocess.Popen([sys.executable, "-m", "vaeuda", "synth", str(tmp_path / "c"), "--n-source", "3",

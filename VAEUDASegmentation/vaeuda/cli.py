@@ -94,6 +94,9 @@ class _Parser(argparse.ArgumentParser):
             missing = [a.metavar for a in self._actions if not a.option_strings and a.metavar and a.metavar in message]
             if greedy and missing:
                 message += f" ({last} took every value after it: give {missing[0]} first)"
+        given = getattr(self, "_given", [])
+        if "--progress=json" in given or any(a == "--progress" and b == "json" for a, b in zip(given, given[1:])):
+            emit("error", message=f"{self.prog}: {message}")    # as the module docstring promises a json reader
         super().error(message)
 
 
@@ -269,7 +272,8 @@ def run(args, reporter: Reporter) -> List[str]:
         from .machine import use_portable_numerics
         use_portable_numerics()      # before anything imports torch
     if cmd in TRAINING_COMMANDS:
-        from .fileio import checkpoint_path
+        from .fileio import check_output_file, checkpoint_path
+        check_output_file(args.out)               # before the notes: a refused --out says one thing
         ckpt = checkpoint_path(args.out)
         if ckpt.is_file() and not args.resume:    # another run's work: never thrown away unasked
             raise VaeudaError(f"{ckpt}: an interrupted run left this checkpoint; continue it with --resume, or "
@@ -472,6 +476,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         given_to_vaeuda = any(item in argv[:before_command] for item in unknown)
         (parser if given_to_vaeuda else _innermost_parser(parser, args)).error(
             f"unrecognized arguments: {' '.join(unknown)}")
+    own = _innermost_parser(parser, args)
+    for action in own._actions:      # "" would be taken as the current folder (Path("") is ".")
+        value = getattr(args, action.dest, None)
+        if value == "" or (isinstance(value, list) and "" in value):
+            own.error(f"{action.option_strings[0] if action.option_strings else action.metavar}: an empty value "
+                      f"was given")
     import SimpleITK as sitk
     # ITK's own warnings (e.g. for a folder without DICOM) would print beside the one sentence the
     # engine gives for the same problem.

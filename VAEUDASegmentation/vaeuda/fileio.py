@@ -76,20 +76,27 @@ def image_then_label(images: Iterable[PathLike], labels: Iterable[PathLike]) -> 
 MAX_NAME_BYTES = 255
 
 
+# An existing path that is neither a regular file nor a folder.
+SPECIAL_FILE = "is a pipe, socket or device, not a regular file; give a file."
+
+
 def require_readable(path: PathLike) -> None:
     """Refuse an existing input file or folder this process may not read (its permissions), in the
-    OS's words: ITK and safetensors would call it missing."""
+    OS's words: ITK and safetensors would call it missing; and a pipe, socket or device, which a
+    reader would wait on forever or read as endless bytes."""
     try:
         mode = os.stat(path).st_mode
         if stat.S_ISDIR(mode):
             os.listdir(path)
             if not os.access(path, os.X_OK):       # listed, but its files could not be opened
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        elif stat.S_ISREG(mode):                   # (opening a FIFO would wait for a writer)
+        elif stat.S_ISREG(mode):
             with open(path, "rb"):
                 pass
     except OSError as exc:
         raise VaeudaError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise VaeudaError(f"{path}: {SPECIAL_FILE}")
 
 
 def is_volume_file(path: Path) -> bool:
@@ -165,13 +172,16 @@ def make_dir(path: PathLike) -> Path:
 
 
 def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
-    """Refuse, before any work, an output file path that is a folder, lies under a file, cannot be
-    created, or is one of ``inputs`` (which are never overwritten). Returns the path."""
+    """Refuse, before any work, an output file path that is a folder, a pipe, socket or device (which
+    the atomic rename would replace), lies under a file, cannot be created, or is one of ``inputs``
+    (which are never overwritten). Returns the path."""
     if str(path).endswith(("/", os.sep)):     # Path drops the separator: the file would take the folder's name
         raise VaeudaError(f"{path}: is named as a folder (it ends with a separator); give the output a file name.")
     path = Path(path)
     if path.is_dir():
         raise VaeudaError(f"{path}: is a folder; give the output a file name.")
+    if path.exists() and not path.is_file():
+        raise VaeudaError(f"{path}: {SPECIAL_FILE}")
     _check_creatable(path)
     resolved = path.resolve()
     for item in inputs:

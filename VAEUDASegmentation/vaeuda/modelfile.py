@@ -64,9 +64,9 @@ def require_file(path, what: str = "model file") -> Path:
     path = Path(path)
     if path.is_dir():
         raise VaeudaError(f"{path}: is a folder, not a {what}.")
-    if not path.is_file():
+    if not path.exists():
         raise VaeudaError(f"{path}: {what} not found.")
-    require_readable(path)
+    require_readable(path)                  # (and not a pipe or device)
     return path
 
 
@@ -213,7 +213,7 @@ def check_metadata(path, meta) -> None:
     try:
         normalise(np.arange(8, dtype=np.float32).reshape(2, 2, 2), meta["normalisation"])
     except (VaeudaError, KeyError, TypeError, ValueError, IndexError) as exc:
-        raise damaged(f"the intensity normalisation is unusable: {exc}") from None
+        raise damaged(f"the intensity normalisation is unusable: {str(exc).rstrip('.')}") from None
     # the training options that later stages read from the source model
     train = meta["train"]
     if train.get("gan_mode", "lsgan") not in GAN_MODES:

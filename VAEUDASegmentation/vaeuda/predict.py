@@ -103,6 +103,9 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
         volumes.require_existing(path)
     targets = [output_path(out_dir, path) for path in inputs]
     resolved_inputs = {Path(p).resolve() for p in inputs}
+    if Path(out_dir).resolve() in resolved_inputs:    # a DICOM series folder: a volume file in it ends the series
+        raise VaeudaError(f"{out_dir}: is an input folder (a DICOM series), which is never written to; choose "
+                          f"another --out.")
     seen = {}
     for path, target in zip(inputs, targets):
         # Names that differ only in case are one file on macOS and Windows, where Slicer runs too.

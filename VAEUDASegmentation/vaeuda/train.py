@@ -254,7 +254,11 @@ def _check_outputs(out, inputs: Sequence) -> None:
     """Refuse, before any work, a model path or its checkpoint's path (both written, and the
     checkpoint removed at the end) that is a folder, cannot be written, or is one of ``inputs``."""
     check_output_file(out, inputs)
-    check_output_file(checkpoint_path(Path(out)), inputs)
+    ckpt = checkpoint_path(Path(out))
+    if ckpt.is_dir():       # the user named the model file; the checkpoint's name is ours
+        raise VaeudaError(f"{ckpt}: is a folder where this run keeps its checkpoint (the model file's name plus "
+                          f"'.ckpt'); move it away or choose another output.")
+    check_output_file(ckpt, inputs)
 
 
 def _generator_groups(net: VAEUDANet, cfg: TrainConfig) -> List[dict]:

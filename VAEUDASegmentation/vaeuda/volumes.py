@@ -224,6 +224,26 @@ def _truncated(path: Path) -> VaeudaError:
     return VaeudaError(f"{path}: the file is truncated (incomplete copy or download).")
 
 
+def _nifti_cut_in_header(path: Path) -> bool:
+    """A file named as NIfTI that ITK could not read because it ends inside its header: a gzip stream
+    that ends early, or uncompressed bytes that open with a NIfTI header size (348, or NIfTI-2's 540)
+    but hold less than it. Corrupt bytes or another kind of file are not."""
+    if full_suffix(path).lower() not in (".nii", ".nii.gz"):
+        return False
+    if first_bytes(path, 2) == GZIP_MAGIC:
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(540)
+        except EOFError:
+            return True
+        except (OSError, zlib.error):
+            return False
+    else:
+        head = first_bytes(path, 540)
+    sizes = {struct.unpack(order + "i", head[:4])[0] for order in "<>"} if len(head) >= 4 else set()
+    return bool(sizes & {348, 540}) and len(head) < min(sizes & {348, 540})
+
+
 def _check_nifti_complete(path: Path) -> Optional[_NiftiFile]:
     """Refuse a truncated NIfTI file (ITK's NIfTI reader fills missing voxels with zeros and says
     nothing); returns its header, parsed once for the checks that follow; None if not named as NIfTI.
@@ -349,12 +369,16 @@ def _read_any(path: Path) -> sitk.Image:
     if path.is_dir():
         image = _read_dicom_folder(path)
     else:
+        if path.stat().st_size == 0:     # ITK: "Unable to determine ImageIO reader"
+            raise VaeudaError(f"{path}: file is empty.")
         _check_metaimage_complete(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             if _gzip_named_nii(path):
                 raise VaeudaError(f"{path}: is gzip-compressed but named .nii; rename it {path.name}.gz.") from None
+            if _nifti_cut_in_header(path):   # said as for one cut short further in, not "no reader"
+                raise _truncated(path) from None
             raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)} (readable: "
                               f"{', '.join(VOLUME_SUFFIXES)} files and DICOM folders).") from None
         nifti = _check_nifti_complete(path)
