@@ -528,3 +528,20 @@ def test_a_volume_more_than_one_degree_oblique_is_sliced_along_the_patients_axes
     assert obliquity_degrees(grid.canonical.direction) == pytest.approx(degrees, abs=1e-6)
     own_frame = np.allclose(grid.grid.direction, grid.canonical.direction)
     assert np.allclose(grid.grid.direction, IDENTITY) is along_patient_axes and own_frame is not along_patient_axes
+
+
+def test_a_dicom_file_cut_short_is_named_not_dropped(tmp_path):
+    """GDCM leaves a slice it cannot parse out of the series: the last one cut short gave a scan one
+    slice thinner without a word, one in the middle "not evenly spaced" without naming the file.
+    A file that is no DICOM (a note beside the series) is still ignored."""
+    array = np.random.default_rng(8).integers(-500, 1500, size=(5, 8, 9))
+    uid = "1.2.826.0.1.3680043.2.1125.2.4004"
+    _write_dicom_series(tmp_path / "dcm", array, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), uid)
+    (tmp_path / "dcm" / "README.txt").write_text("series exported by hand")
+    assert read_image(tmp_path / "dcm").GetSize() == (9, 8, 5)
+    last = tmp_path / "dcm" / f"{uid[-4:]}_004.dcm"
+    last.write_bytes(last.read_bytes()[:300])
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'dcm'))}: 1 DICOM file\\(s\\) in it cannot be "
+                                          f"read as part of a series \\(damaged or cut short\\?\\): {last.name}; "
+                                          f"mend or remove them\\.$"):
+        read_image(tmp_path / "dcm")

@@ -359,6 +359,7 @@ def require_existing(path: PathLike) -> None:
     require_readable(path)
 
 
+DICOM_PREAMBLE = 128          # bytes before a DICOM file's "DICM" magic
 SOP_CLASS_UID = "0008|0016"   # a DICOM tag every DICOM file carries; ITK keeps it in the metadata
 
 
@@ -433,6 +434,15 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
         # volume files for a DICOM folder): name both things that were looked for
         raise VaeudaError(f"{path}: folder holds no DICOM series and no image volumes ({', '.join(VOLUME_SUFFIXES)}).")
     files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid) for sid in series}
+    # GDCM leaves out a DICOM file it cannot parse (one cut short, say): the scan would lose that slice
+    # without a word, or, in the middle, be refused as unevenly spaced without naming the file
+    listed = {Path(f).resolve() for names in files.values() for f in names}
+    unread = sorted(p.name for p in path.iterdir() if p.is_file() and p.resolve() not in listed
+                    and first_bytes(p, DICOM_PREAMBLE + 4)[DICOM_PREAMBLE:] == b"DICM")
+    if unread:
+        raise VaeudaError(f"{path}: {len(unread)} DICOM file(s) in it cannot be read as part of a series (damaged or "
+                          f"cut short?): {', '.join(unread[:5])}{', ...' if len(unread) > 5 else ''}; mend or remove "
+                          f"them.")
     chosen = max(series, key=lambda sid: len(files[sid]))
     if len(series) > 1:
         log.info("%s: %d DICOM series, reading the largest (%s, %d files)", path, len(series), chosen, len(files[chosen]))
