@@ -408,6 +408,16 @@ def test_convert_writes_a_released_volume_as_the_pair_the_engine_reads(mmwhs_sam
         assert np.array_equal(raw == value, expected_label == index), value
 
 
+def test_a_volume_too_long_for_nifti_is_refused_naming_the_input_not_the_staging_file(tmp_path):
+    """NIfTI-1 holds at most 32767 voxels along an axis; ITK's refusal named the hidden staging file."""
+    path = tmp_path / "long.npz"
+    np.savez(path, np.zeros((2, 40000, 3), np.float32), np.zeros((2, 40000, 3), np.uint8))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: .*voxels; its output would be a NIfTI file, "
+                                          f"which holds at most 32767 voxels along an axis\\.$"):
+        convert_released([path], tmp_path / "out", MMWHS)
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_writes_consecutive_values_when_asked(mmwhs_samples, tmp_path):
     convert_released([mmwhs_samples / "example_mr.npz"], tmp_path, BUILTIN_CONVENTIONS["consecutive"])
     raw = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "example_mr_label.nii.gz")))

@@ -120,6 +120,11 @@ def test_bad_inputs_are_refused_before_the_model_is_read(tmp_path):
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(label_map))}: is a label map"):
         segment_files(model, [label_map], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    wide = tmp_path / "wide.nrrd"                            # a NIfTI segmentation could not hold it
+    sitk.WriteImage(sitk.Image([40000, 2, 2], sitk.sitkFloat32) + 1.5, str(wide))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(wide))}: 40000 x 2 x 2 voxels; its output would be a "
+                                          f"NIfTI file"):
+        segment_files(model, [wide], tmp_path / "out")
     series = tmp_path / "1.2.840.113619.2.55"               # a DICOM folder named by its series UID
     series.mkdir()
     assert output_path(tmp_path / "out", series).name == "1.2.840.113619.2.55_seg.nii.gz"

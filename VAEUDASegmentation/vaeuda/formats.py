@@ -381,7 +381,7 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
     of several; with ``split`` none are reported: each begins a volume).
     """
     from .fileio import atomic_dir, check_output_dir, refuse_repeated, stem
-    from .volumes import write_image, write_label
+    from .volumes import require_nifti_size, write_image, write_label
 
     paths = [Path(p) for p in inputs]
     if not paths:
@@ -411,19 +411,20 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
     taken: Dict[str, str] = {}      # casefolded (case-insensitive file systems: A and a are one file)
     breaks: List[str] = []
 
-    def write(staging: Path, volume_name: str, images: np.ndarray, labels: np.ndarray) -> None:
+    def write(staging: Path, volume_name: str, images: np.ndarray, labels: np.ndarray, source=None) -> None:
         if volume_name.casefold() in taken:
             raise VaeudaError(f"{taken[volume_name.casefold()]} and {volume_name} would both be written as "
                               f"{volume_name}_image.nii.gz; rename one of them.")
         taken[volume_name.casefold()] = volume_name
         image, label = released_to_image(images, labels)
+        require_nifti_size(image, source or f"the volume {volume_name}")   # (ITK's error would name the staging)
         write_image(image, staging / f"{volume_name}_image.nii.gz")
         write_label(label, staging / f"{volume_name}_label.nii.gz", convention)
         written.extend(Path(out_dir) / f"{volume_name}_{role}.nii.gz" for role in ("image", "label"))
 
     with atomic_dir(out_dir) as staging:       # files are read as they are written: one scan in memory
         for path in volumes:
-            write(staging, stem(path), *read_npz(path, flip_test_volume))
+            write(staging, stem(path), *read_npz(path, flip_test_volume), source=path)
         run: List[Tuple[np.ndarray, np.ndarray]] = []      # (middle slice, label) of the volume being stacked
         previous, first_shape, number = None, None, 0
         for path in records:

@@ -131,6 +131,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     require_file(model_path)
     # the first input read before the model loads: a wrong one (a label map, one slice) is refused at once
     first_image = volumes.read_image(inputs[0])
+    volumes.require_nifti_size(first_image, inputs[0])
     net, meta = load_model(model_path, str(dev))
     convention = Convention.from_dict(meta["labels"]["convention"])
     dom = check_domain(meta, domain, model_path)
@@ -141,6 +142,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
         for i, (path, target) in enumerate(zip(inputs, targets), 1):
             image = first_image if i == 1 else volumes.read_image(path)
             first_image = None          # not held while the later inputs are segmented
+            volumes.require_nifti_size(image, path)
             classes = segment_image(net, meta, image, dev, dom, batch_size, cpu_bf16)
             volumes.write_label(classes, staging / target.name, convention)
             reporter.step(i, force=True)

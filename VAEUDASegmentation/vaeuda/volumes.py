@@ -576,6 +576,17 @@ def _checked_suffix(path: Path) -> str:
     return suffix
 
 
+NIFTI_MAX_VOXELS = 32767     # per axis: NIfTI-1 stores dim[] as int16
+
+
+def require_nifti_size(image: sitk.Image, source) -> None:
+    """Refuse, before the work that leads to it, an image whose NIfTI output (a segmentation, a
+    converted volume) could not be written: more than NIFTI_MAX_VOXELS voxels along an axis."""
+    if max(image.GetSize()) > NIFTI_MAX_VOXELS:
+        raise VaeudaError(f"{source}: {' x '.join(map(str, image.GetSize()))} voxels; its output would be a NIfTI file, "
+                          f"which holds at most {NIFTI_MAX_VOXELS} voxels along an axis.")
+
+
 def write_image(image: sitk.Image, path: PathLike) -> Path:
     """Write ``image`` atomically (all or nothing); the format follows the extension
     (.nii, .nii.gz, .nrrd, .mha). Returns the path."""
