@@ -298,6 +298,8 @@ def test_cohort_failing_midway_leaves_no_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(n_source=2, n_target=2, n_train=3), "--n-train 3 is larger than the number of MR (2) or CT (2)"),
     (dict(n_source=0, n_target=2, n_train=0), "at least one"),
+    (dict(n_source=2, n_target=9000, n_train=1), "--n-source and --n-target take at most 8999 subjects (ids "
+                                                 "1001-9999), not 9000"),      # ids stay four digits
     (dict(n_source=2, n_target=2, n_train=1, size=8), "--size 8 must be a whole number of voxels from 16 to 512"),
     (dict(n_source=2, n_target=2, n_train=1, seed=-1), "--seed must be a non-negative whole number, not -1"),
     (dict(n_source=2.5, n_target=2, n_train=1), "--n-source must be a non-negative whole number, not 2.5"),

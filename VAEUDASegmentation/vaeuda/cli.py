@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write into (refused if it holds files of the "
                                                        "cohort's names that no earlier synth wrote)")
     # the defaults are phantom.N_SOURCE, N_TARGET, N_TRAIN (a test holds them equal; phantom loads SimpleITK)
-    p.add_argument("--n-source", type=int, default=20, help="MR subjects (default %(default)s)")
-    p.add_argument("--n-target", type=int, default=20, help="CT subjects (default %(default)s)")
+    p.add_argument("--n-source", type=int, default=20, help="MR subjects (default %(default)s, at most 8999)")
+    p.add_argument("--n-target", type=int, default=20, help="CT subjects (default %(default)s, at most 8999)")
     p.add_argument("--n-train", type=int, default=16, help="training subjects per modality (default %(default)s)")
     p.add_argument("--seed", type=_seed, default=0, help="cohort seed: the same seed, the same files (default 0)")
     p.add_argument("--size", type=int, help="voxels per side, 16 to 512 (phantom.MIN_SIZE, MAX_SIZE; default: "

@@ -53,6 +53,7 @@ GENERATOR = f"vaeuda.phantom {GENERATOR_VERSION}"   # as recorded in a cohort's 
 MODALITIES = ("mr", "ct")
 _MODALITY_CODE = {"mr": 1, "ct": 2}
 FIRST_ID = 1001
+MAX_SUBJECTS = 9999 - FIRST_ID + 1   # per modality: four-digit ids, as MM-WHS's (a bigger count planned for minutes)
 
 # Default grid (x, y, z voxels) and spacing ranges (mm) per modality. ``size`` replaces every
 # voxel count and scales the spacing so that the field of view stays the same.
@@ -698,6 +699,9 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
             raise VaeudaError(f"{out}: --{name.replace('_', '-')} must be a non-negative whole number, not {value!r}.")
     if n_source < 1 or n_target < 1:
         raise VaeudaError(f"{out}: a cohort needs at least one MR and one CT subject.")
+    if max(n_source, n_target) > MAX_SUBJECTS:
+        raise VaeudaError(f"{out}: --n-source and --n-target take at most {MAX_SUBJECTS} subjects (ids {FIRST_ID}-9999), "
+                          f"not {max(n_source, n_target)}.")
     if n_train > min(n_source, n_target):
         raise VaeudaError(f"{out}: --n-train {n_train} is larger than the number of MR ({n_source}) or CT ({n_target}) "
                           f"subjects.")
