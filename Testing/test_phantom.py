@@ -407,3 +407,4 @@ def test_synth_help_gives_the_phantom_size_limits():
     from vaeuda.cli import build_parser
     synth = build_parser()._subparsers._group_actions[0].choices["synth"]
     assert f"{phantom.MIN_SIZE} to {phantom.MAX_SIZE}" in synth.format_help()
+    assert synth.format_help().count(f"at most {phantom.MAX_SUBJECTS})") == 2     # --n-source, --n-target
