@@ -164,3 +164,11 @@ def test_decoded_labels_take_the_narrowest_integer_type_that_holds_every_value(v
     convention = Convention("map", {v: i for i, v in enumerate(values)}, tuple(values))
     decoded = convention.decode(np.array([0, 1, 2, 3, 4]))
     assert decoded.dtype == dtype and decoded.tolist() == list(values)
+
+
+def test_an_unknown_value_beyond_int64_is_shown_as_it_is():
+    """np.unique(...).astype(np.int64) wrapped 2**63 + 5 to a negative number in the sentence."""
+    raw = np.array([0, 1, 2 ** 63 + 5], dtype=np.uint64)
+    with pytest.raises(VaeudaError, match=r"label values 9223372036854775813 are not in the 'consecutive'"):
+        CONSECUTIVE.encode(raw, source="m")
+    assert CONSECUTIVE.encode(np.array([0, 1, 4], np.uint64)).tolist() == [0, 1, 4]

@@ -86,7 +86,7 @@ class Convention:
         if raw.dtype.kind == "f":
             if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
                 raise VaeudaError(f"{source}: label values must be whole numbers, found fractional or non-finite values.")
-        values = np.unique(raw).astype(np.int64)
+        values = [int(v) for v in np.unique(raw)]   # Python ints: a uint64 beyond int64 is shown as it is
         out = np.zeros(raw.shape, dtype=np.uint8)
         unknown = [int(v) for v in values if int(v) not in self.to_index]
         shown = ", ".join(str(v) for v in unknown[:8])
