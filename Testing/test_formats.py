@@ -574,6 +574,11 @@ def test_convert_notes_a_volume_of_one_slice(mmwhs_samples, tmp_path, capsys):
     assert main(["convert", "--out", str(out), "--name", "mr2", "--progress", "none",
                  str(mmwhs_samples / "training_mr.tfrecords"), str(mmwhs_samples / "validation_mr.tfrecords")]) == 0
     assert "single slice" not in capsys.readouterr().err
+    thin = tmp_path / "thin.npz"                 # a released volume one voxel thick: no .tfrecords to give
+    np.savez(thin, np.zeros((1, 1, 3), np.float32), np.zeros((1, 1, 3), np.uint8))
+    assert main(["convert", "--out", str(tmp_path / "thin"), "--progress", "none", str(thin)]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "note: thin hold(s) a single slice; segment and the training commands read volumes of several slices")
 
 
 def test_convert_refuses_a_file_given_twice(mmwhs_samples, tmp_path):

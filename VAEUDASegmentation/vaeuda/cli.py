@@ -371,8 +371,12 @@ def run(args, reporter: Reporter) -> List[str]:
             reporter.log(f"Replaced {len(replaced)} file(s) that were there: {listed(replaced)}.")
         single = _single_slice_volumes([p for p in written if p.name.endswith("_image.nii.gz")])
         if single:     # written as asked, but every other command refuses a volume one slice thick
+            from .fileio import stem
+            # the remedy is for .tfrecords slices; a released .npz volume one voxel thick is the file's own shape
+            stacked = set(single) - {stem(p) for p in args.inputs if str(p).lower().endswith(".npz")}
             reporter.log(f"note: {listed(single)} hold(s) a single slice; segment and the training commands read "
-                         f"volumes of several slices: give all of a scan's .tfrecords files to one convert")
+                         f"volumes of several slices" + (": give all of a scan's .tfrecords files to one convert"
+                                                          if stacked else ""))
         return [str(p) for p in written]
     if cmd == "info":
         from .modelfile import build_from_meta, check_metadata, read_tensors
