@@ -318,6 +318,8 @@ def test_input_size_replaces_the_presets_and_follows_the_model(tiny_cohort, tmp_
     (["train-source", "--out", "m.safetensors"], "IMAGE_OR_DIR"),           # nothing swallowed: no hint
     (["finetune", "--labels", "a_label.nii.gz", "--model", "s.safetensors", "--out", "o.safetensors"],
      "IMAGE_OR_DIR"),                                                        # --model ended --labels: no hint
+    (["train-source", "--labels", "a_label.nii.gz", "a_image.nii.gz", "--out", "m.safetensors"],
+     "IMAGE_OR_DIR (--labels took every value after it: give IMAGE_OR_DIR first)"),   # two values, then --out
 ])
 def test_volumes_taken_by_an_option_of_several_values_are_explained(capsys, argv, hint):
     with pytest.raises(SystemExit) as exit_:

@@ -88,11 +88,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         if message.startswith("the following arguments are required"):
-            # the last option given, if it takes several values: nothing after it stopped it
-            last = next((t for t in reversed(getattr(self, "_given", [])) if t.startswith("-")), None)
-            greedy = any(a.nargs == "+" and last in a.option_strings for a in self._actions)
+            # an option of several values took them: the last option given (nothing after it stopped it),
+            # or one that took more than one value (a label and the image after it) before another option
+            given = getattr(self, "_given", [])
+            several = {s for a in self._actions if a.nargs == "+" for s in a.option_strings}
+            options = [i for i, t in enumerate(given) if t.startswith("-")]
+            last = next((given[i] for i, j in zip(options, options[1:] + [len(given)])
+                         if given[i] in several and (j == len(given) or j - i > 2)), None)
             missing = [a.metavar for a in self._actions if not a.option_strings and a.metavar and a.metavar in message]
-            if greedy and missing:
+            if last and missing:
                 message += f" ({last} took every value after it: give {missing[0]} first)"
         given = getattr(self, "_given", [])
         if "--progress=json" in given or any(a == "--progress" and b == "json" for a, b in zip(given, given[1:])):
