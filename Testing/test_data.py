@@ -187,17 +187,21 @@ def test_image_and_label_roles_match_in_any_case(tmp_path, tmp_volume):
     assert find_pairs([str(tmp_path)]) == sorted([upper, title, mixed])
 
 
-def test_a_labelled_volume_or_label_given_twice_is_refused(tmp_path, tmp_volume):
-    """Training would draw its slices twice as often, unasked (adapt and segment refused a repeat already)."""
+def test_a_labelled_volume_given_twice_is_refused(tmp_path, tmp_volume):
+    """Training would draw its slices twice as often, unasked (adapt and segment refused a repeat already).
+    The same image with two labels (two raters), or one label for two images, are two pairs."""
     image = tmp_volume(_ramp_image(), name="a_image.nii.gz")
     label = tmp_volume(_plane_labels(), name="a_label.nii.gz")
     other = tmp_volume(_ramp_image(), name="b_image.nii.gz")
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / '.' / 'a_image.nii.gz'))}: given twice; give "
-                                          f"each labelled volume once\\.$"):
-        find_pairs([str(image), str(tmp_path / "." / "a_image.nii.gz")])     # the same file, spelt otherwise
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(label))}: given twice; give each label file once\\.$"):
-        find_pairs([str(image), str(other)], labels=[str(label), str(label)])
-    assert find_pairs([str(image)]) == [(image, label)]
+    second = tmp_volume(_plane_labels(), name="rater2.nii.gz")
+    again = tmp_path / "." / "a_image.nii.gz"                             # the same file, spelt otherwise
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(again))}: given twice with the label "
+                                          f"{re.escape(str(label))}; give each labelled volume once\\.$"):
+        find_pairs([str(image), str(again)])
+    with pytest.raises(VaeudaError, match="given twice with the label"):
+        find_pairs([str(image), str(image)], labels=[str(label), str(label)])
+    assert find_pairs([str(image), str(other)], labels=[str(label), str(label)]) == [(image, label), (other, label)]
+    assert find_pairs([str(image), str(image)], labels=[str(label), str(second)]) == [(image, label), (image, second)]
 
 
 def test_image_whose_label_is_missing_is_refused(tmp_path, tmp_volume):

@@ -114,20 +114,22 @@ def test_usage_errors_are_json_events_too_and_an_empty_value_is_one(capsys):
     gave none. An empty value ("") was taken as the current folder ("segment X --out ''" wrote there)."""
     for argv, message in (
             (["adapt", "--model", "m", "--out", "o", "--iterations", "1.5", "--progress", "json", "t"],
-             "vaeuda adapt: argument --iterations: invalid int value: '1.5'"),
-            (["segment", "x", "--model", "m", "--out", "", "--progress=json"], "vaeuda segment: --out: an empty value "
-                                                                                "was given"),
-            (["synth", "", "--progress", "json"], "vaeuda synth: OUT_DIR: an empty value was given")):
+             "argument --iterations: invalid int value: '1.5'"),
+            (["segment", "x", "--model", "m", "--out", "", "--progress=json"], "--out: an empty value was given"),
+            (["synth", "", "--progress", "json"], "OUT_DIR: an empty value was given")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         out, err = capsys.readouterr()
         assert exit_.value.code == 2 and [json.loads(line) for line in out.splitlines()] == [
-            {"event": "error", "message": message}]
-        assert err.strip().splitlines()[-1] == message.replace(": ", ": error: ", 1)
+            {"event": "error", "message": message}]          # the bare sentence, as every other error event
+        assert err.strip().splitlines()[-1] == f"vaeuda {argv[0]}: error: {message}"
     with pytest.raises(SystemExit):
         main(["evaluate", "--pred", "p", "--ref", "r", "--json", ""])      # without json progress: stderr alone
     out, err = capsys.readouterr()
     assert out == "" and err.strip().splitlines()[-1] == "vaeuda evaluate: error: --json: an empty value was given"
+    with pytest.raises(SystemExit) as exit_:     # not a path: "" is the default convention there, as before
+        main(["train-source", "--label-convention", "", "--progress", "none"])
+    assert "an empty value" not in capsys.readouterr().err
 
 
 def test_a_closed_progress_pipe_stops_synth_without_writing_the_cohort(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import struct
 import tracemalloc
 
 import numpy as np
@@ -530,6 +531,12 @@ def test_a_volume_more_than_one_degree_oblique_is_sliced_along_the_patients_axes
     assert np.allclose(grid.grid.direction, IDENTITY) is along_patient_axes and own_frame is not along_patient_axes
 
 
+def _dicom_meta_only(sop_class: str) -> bytes:
+    """A DICOM Part 10 file holding only its meta header: preamble, "DICM", (0002,0002) as UI."""
+    uid = sop_class.encode() + (b"\0" if len(sop_class) % 2 else b"")
+    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sH", 2, 2, b"UI", len(uid)) + uid
+
+
 def test_a_dicom_file_cut_short_is_named_not_dropped(tmp_path):
     """GDCM leaves a slice it cannot parse out of the series: the last one cut short gave a scan one
     slice thinner without a word, one in the middle "not evenly spaced" without naming the file.
@@ -538,6 +545,7 @@ def test_a_dicom_file_cut_short_is_named_not_dropped(tmp_path):
     uid = "1.2.826.0.1.3680043.2.1125.2.4004"
     _write_dicom_series(tmp_path / "dcm", array, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), uid)
     (tmp_path / "dcm" / "README.txt").write_text("series exported by hand")
+    (tmp_path / "dcm" / "DICOMDIR").write_bytes(_dicom_meta_only("1.2.840.10008.1.3.10"))   # another SOP class
     assert read_image(tmp_path / "dcm").GetSize() == (9, 8, 5)
     last = tmp_path / "dcm" / f"{uid[-4:]}_004.dcm"
     last.write_bytes(last.read_bytes()[:300])

@@ -19,6 +19,9 @@ from .machine import PORTABLE_THREADS
 from .progress import MODES, Reporter, emit, listed
 
 
+# The arguments that name files or folders, of any command.
+PATH_DESTS = ("out", "out_dir", "inputs", "targets", "model", "labels", "source_data", "pred", "ref", "json", "data")
+
 # The commands that checkpoint as they train (--out MODEL, MODEL.ckpt, --resume).
 TRAINING_COMMANDS = ("train-source", "adapt", "finetune")
 
@@ -100,7 +103,7 @@ class _Parser(argparse.ArgumentParser):
                 message += f" ({last} took every value after it: give {missing[0]} first)"
         given = getattr(self, "_given", [])
         if "--progress=json" in given or any(a == "--progress" and b == "json" for a, b in zip(given, given[1:])):
-            emit("error", message=f"{self.prog}: {message}")    # as the module docstring promises a json reader
+            emit("error", message=message)    # as the module docstring promises a json reader; the bare sentence
         super().error(message)
 
 
@@ -276,8 +279,8 @@ def run(args, reporter: Reporter) -> List[str]:
         from .machine import use_portable_numerics
         use_portable_numerics()      # before anything imports torch
     if cmd in TRAINING_COMMANDS:
-        from .fileio import check_output_file, checkpoint_path
-        check_output_file(args.out)               # before the notes: a refused --out says one thing
+        from .fileio import check_model_output, checkpoint_path
+        check_model_output(args.out)              # before the notes: a refused --out says one thing
         ckpt = checkpoint_path(args.out)
         if ckpt.is_file() and not args.resume:    # another run's work: never thrown away unasked
             raise VaeudaError(f"{ckpt}: an interrupted run left this checkpoint; continue it with --resume, or "
@@ -485,7 +488,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         (parser if given_to_vaeuda else _innermost_parser(parser, args)).error(
             f"unrecognized arguments: {' '.join(unknown)}")
     own = _innermost_parser(parser, args)
-    for action in own._actions:      # "" would be taken as the current folder (Path("") is ".")
+    for action in own._actions:      # a path "" would be taken as the current folder (Path("") is ".")
+        if action.dest not in PATH_DESTS:
+            continue                 # ("" has a meaning for some others: --label-convention's default, --slices all)
         value = getattr(args, action.dest, None)
         if value == "" or (isinstance(value, list) and "" in value):
             own.error(f"{action.option_strings[0] if action.option_strings else action.metavar}: an empty value "

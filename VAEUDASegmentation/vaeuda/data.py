@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import VaeudaError
-from .fileio import VOLUME_SUFFIXES, full_suffix, is_volume_file, refuse_repeated, stem, without_role
+from .fileio import VOLUME_SUFFIXES, full_suffix, is_volume_file, stem, without_role
 from .labels import MMWHS, Convention
 
 def _label_for(image: Path, labels_option: bool = True) -> Path:
@@ -114,7 +114,6 @@ def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
         if Path(item).is_dir():
             _refuse_cohort_folder(Path(item), cohort_use)
     images = find_images(inputs)
-    refuse_repeated(images, "labelled volume")    # it would count twice in training's sampling, unasked
     if labels:
         if len(labels) != len(images):
             raise VaeudaError(f"{len(images)} images but {len(labels)} label files were given; pass one label per image.")
@@ -128,7 +127,14 @@ def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
             way_out = "give it with --labels" if labels_option else "store the image and its label in one format"
             hint = f" ({', '.join(others)} is there: {way_out})" if others else ""
             raise VaeudaError(f"{lab}: label file not found{hint}.")
-    refuse_repeated([lab for _, lab in pairs], "label file")
+    # one pair twice would count twice in training's sampling, unasked; one image with two raters' labels,
+    # or two co-registered images with one label, are pairs of their own
+    seen = set()
+    for image, label in pairs:
+        key = (image.resolve(), label.resolve())
+        if key in seen:
+            raise VaeudaError(f"{image}: given twice with the label {label}; give each labelled volume once.")
+        seen.add(key)
     return pairs
 
 

@@ -161,6 +161,18 @@ def checkpoint_path(out: PathLike) -> Path:
     return Path(str(out) + ".ckpt")
 
 
+def check_model_output(out: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
+    """A training run's outputs: the model file ``out`` (:func:`check_output_file`) and its checkpoint
+    ``out.ckpt`` (written during the run, removed at its end), refused before any work. Returns ``out``."""
+    check_output_file(out, inputs)
+    ckpt = checkpoint_path(out)
+    if ckpt.is_dir():       # the user named the model file; the checkpoint's name is ours
+        raise VaeudaError(f"{ckpt}: is a folder where this run keeps its checkpoint (the model file's name plus "
+                          f"'.ckpt'); move it away or choose another output.")
+    check_output_file(ckpt, inputs)
+    return Path(out)
+
+
 def make_dir(path: PathLike) -> Path:
     """``mkdir -p path``; a folder that cannot be made is a VaeudaError naming it. Returns the path."""
     path = Path(path)

@@ -26,7 +26,7 @@ from .augment import AugmentConfig, augment_batch, random_intensity_remap
 from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
 from .errors import VaeudaError, require_count
-from .fileio import (check_output_file, checkpoint_path, file_sha256, full_suffix, image_then_label,
+from .fileio import (check_model_output, checkpoint_path, file_sha256, full_suffix, image_then_label,
                      refuse_repeated)
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
@@ -248,17 +248,6 @@ def _batch(data: SliceSet, weights: torch.Tensor, b: int, gen: torch.Generator):
     x = data.images[idx]
     y = data.labels[idx].long() if data.labels is not None else None
     return x, y
-
-
-def _check_outputs(out, inputs: Sequence) -> None:
-    """Refuse, before any work, a model path or its checkpoint's path (both written, and the
-    checkpoint removed at the end) that is a folder, cannot be written, or is one of ``inputs``."""
-    check_output_file(out, inputs)
-    ckpt = checkpoint_path(Path(out))
-    if ckpt.is_dir():       # the user named the model file; the checkpoint's name is ours
-        raise VaeudaError(f"{ckpt}: is a folder where this run keeps its checkpoint (the model file's name plus "
-                          f"'.ckpt'); move it away or choose another output.")
-    check_output_file(ckpt, inputs)
 
 
 def _generator_groups(net: VAEUDANet, cfg: TrainConfig) -> List[dict]:
@@ -708,7 +697,7 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     """
     reporter = reporter or null_reporter()
     _check_run_arguments(iterations, batch_size)
-    _check_outputs(out, list(images) + list(labels))
+    check_model_output(out, list(images) + list(labels))
     dev = resolve_device(device)
     if preset is None:
         preset = "paper" if dev.type == "cuda" else "cpu"
@@ -795,7 +784,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     size, fov = net.cfg.input_size, net.cfg.slice_fov_mm
     pairs, source_digests = _source_pairs(src_meta, source_model, source_data, reporter)
     _refuse_labelled_targets(targets, pairs)
-    _check_outputs(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
+    check_model_output(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
     reporter.log(f"reading {len(targets)} target volume(s) and {len(pairs)} labelled source volume(s)")
     # the target first: a wrong one (a label map, too few slices) is refused before the source is read
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
@@ -836,7 +825,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     """
     reporter = reporter or null_reporter()
     _check_run_arguments(iterations, batch_size)
-    _check_outputs(out, [source_model, *images, *labels])
+    check_model_output(out, [source_model, *images, *labels])
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":

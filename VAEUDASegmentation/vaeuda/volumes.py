@@ -424,6 +424,29 @@ def _slice_spacing_deviation(files: Sequence[str], image: sitk.Image) -> Tuple[f
     return float(np.max(np.abs(gaps - mean))), abs(mean)
 
 
+def _media_sop_class(path: Path) -> Optional[str]:
+    """The Media Storage SOP Class UID (0002,0002) of a DICOM Part 10 file, read from its file meta
+    header (always explicit VR little endian, right after the preamble and "DICM"); None for
+    another file. Read by hand: GDCM cannot parse a file cut short, and its header is all it holds."""
+    head = first_bytes(path, 4096)
+    if head[DICOM_PREAMBLE:DICOM_PREAMBLE + 4] != b"DICM":
+        return None
+    at = DICOM_PREAMBLE + 4
+    while at + 8 <= len(head):
+        group, element = struct.unpack("<HH", head[at:at + 4])
+        if group != 0x0002:
+            return None
+        vr = head[at + 4:at + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):    # 2 reserved bytes, then a 4-byte length
+            length, at = struct.unpack("<I", head[at + 8:at + 12])[0] if at + 12 <= len(head) else 0, at + 12
+        else:
+            length, at = struct.unpack("<H", head[at + 6:at + 8])[0], at + 8
+        if element == 0x0002:
+            return head[at:at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        at += length
+    return None
+
+
 def _read_dicom_folder(path: Path) -> sitk.Image:
     try:
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)) or ()
@@ -434,16 +457,19 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
         # volume files for a DICOM folder): name both things that were looked for
         raise VaeudaError(f"{path}: folder holds no DICOM series and no image volumes ({', '.join(VOLUME_SUFFIXES)}).")
     files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid) for sid in series}
+    chosen = max(series, key=lambda sid: len(files[sid]))
     # GDCM leaves out a DICOM file it cannot parse (one cut short, say): the scan would lose that slice
-    # without a word, or, in the middle, be refused as unevenly spaced without naming the file
+    # without a word, or, in the middle, be refused as unevenly spaced without naming the file. Such a
+    # file still opens with its meta header, whose SOP class is the series' (a DICOMDIR or a report
+    # beside the series has another and is no slice of it).
     listed = {Path(f).resolve() for names in files.values() for f in names}
+    slice_class = _media_sop_class(Path(files[chosen][0]))
     unread = sorted(p.name for p in path.iterdir() if p.is_file() and p.resolve() not in listed
-                    and first_bytes(p, DICOM_PREAMBLE + 4)[DICOM_PREAMBLE:] == b"DICM")
+                    and slice_class is not None and _media_sop_class(p) == slice_class)
     if unread:
         raise VaeudaError(f"{path}: {len(unread)} DICOM file(s) in it cannot be read as part of a series (damaged or "
                           f"cut short?): {', '.join(unread[:5])}{', ...' if len(unread) > 5 else ''}; mend or remove "
                           f"them.")
-    chosen = max(series, key=lambda sid: len(files[sid]))
     if len(series) > 1:
         log.info("%s: %d DICOM series, reading the largest (%s, %d files)", path, len(series), chosen, len(files[chosen]))
     reader = sitk.ImageSeriesReader()
