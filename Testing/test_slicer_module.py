@@ -443,6 +443,19 @@ def test_evaluate_refused_while_a_job_runs_sends_no_warning_first(slicer, mod, f
     assert events == []
 
 
+def test_evaluate_refused_for_its_segmentation_sends_no_warning_first(slicer, mod, fake_logic):
+    """The missing-structure note came before "has no segment for any of": a refused call says one thing."""
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    labels = np.zeros((3, 4, 5), np.uint8)
+    labels[1, 1:3, 1:4] = 1
+    empty = make_segmentation(slicer, volume, labels, [], "empty")
+    ref = make_segmentation(slicer, volume, labels, [("LV-M", "LV myocardium", None)], "ref")
+    events = []
+    with pytest.raises(ValueError, match="has no segment for any of"):
+        fake_logic.evaluate(empty, ref, progressCallback=events.append)
+    assert events == []
+
+
 def test_evaluate_says_how_to_give_a_segmentation_its_reference_volume(slicer, mod, fake_logic):
     """A segmentation loaded from a file has no reference volume: the sentence names the call that sets one."""
     volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
@@ -717,6 +730,52 @@ def test_bad_inputs_are_refused_with_one_sentence_before_anything_runs(slicer, m
         fake_logic.adapt(tmp_path / "m.safetensors", [], tmp_path / "adapted.safetensors")
     assert not (tmp_path / "args.json").exists()          # the engine never ran
     assert os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_adapt_never_writes_its_model_over_a_labelled_source_volume(slicer, mod, fake_logic, tmp_path, monkeypatch):
+    """The engine writes a temporary file, moved into place after the job: it cannot see an output
+    that replaces a volume of sourceDataFolder or one the source model records (both had been
+    overwritten). A relative sourceDataFolder reaches the engine, which runs elsewhere, made absolute."""
+    from vaeuda.labels import MMWHS
+    source = write_fake_model(tmp_path / "source.safetensors", MMWHS)
+    target = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    data = tmp_path / "mr"
+    data.mkdir()
+    image = data / "mr_1001_image.nii.gz"
+    image.write_bytes(b"labelled MR")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(image))}: is also an input, which is never overwritten"):
+        fake_logic.adapt(source, target, image, sourceDataFolder=data)
+    meta = mod.readModelMetadata(source)
+    meta["provenance"] = {"source_data": [str(image)], "source_labels": [str(data / "mr_1001_label.nii.gz")]}
+    header = json.dumps({"__metadata__": {"format": mod.MODEL_FORMAT, "format_version": "2",
+                                          "meta": json.dumps(meta)}}).encode()
+    (tmp_path / "recorded.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ValueError, match="is also an input, which is never overwritten"):
+        fake_logic.adapt(tmp_path / "recorded.safetensors", target, image)
+    assert image.read_bytes() == b"labelled MR" and not (tmp_path / "args.json").exists()
+    monkeypatch.chdir(tmp_path)
+    fake_logic.adapt(source, target, tmp_path / "adapted.safetensors", sourceDataFolder="mr")
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args[args.index("--source-data") + 1] == str(data)
+
+
+def test_console_arguments_are_refused_as_the_console_passed_them(slicer, mod, fake_logic, tmp_path):
+    """A removed node ran a whole job before "was removed while the job ran"; None for a cohort count
+    reached the engine as the text 'None'; the output folder's refusal named the engine's --out; an
+    unset training folder read "None: training data folder not found"."""
+    from vaeuda.labels import MMWHS
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    slicer.mrmlScene.RemoveNode(volume)
+    with pytest.raises(ValueError, match=r"^The input volume 'ct_case' is in no scene \(removed from it\?\)"):
+        fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS))
+    with pytest.raises(ValueError, match=r"^nSource must be a whole number of at least 1, not None\.$"):
+        fake_logic.makeTryItCohort(tmp_path / "c", nSource=None)
+    with pytest.raises(ValueError, match=r"is named like a file, but outputFolder takes the folder"):
+        fake_logic.makeTryItCohort(tmp_path / "c.json")
+    for unset in (None, ""):
+        with pytest.raises(ValueError, match=r"^Choose the training data folder\.$"):
+            fake_logic.trainSource(unset, tmp_path / "m2.safetensors")
+    assert not (tmp_path / "args.json").exists() and os.listdir(slicer.app.temporaryPath) == []
 
 
 def test_adapt_writes_every_target_and_moves_the_model_into_place(slicer, mod, fake_logic, tmp_path):
@@ -1656,6 +1715,18 @@ def test_evaluating_a_segmentation_again_refills_its_table_even_renamed_and_a_de
     _click_evaluate(slicer, mod, panel, monkeypatch, 0.0)     # another segmentation: a table of its own
     assert [t.GetName() for t in tables()] == ["seg evaluation", "other evaluation"]
     assert third.GetCellText(0, 1) == "25.00" and tables()[1].GetCellText(0, 1) == "0.00"
+
+
+def test_a_table_made_before_the_back_reference_is_still_refilled(slicer, mod, monkeypatch):
+    """Tables of scenes saved before the table referred back to its segmentation: refilled as before,
+    unless another segmentation refers to it too (then it may be a clone's original's)."""
+    panel = _evaluating_panel(slicer, mod, monkeypatch, [("LV-M", "LV myocardium", None)])
+    tables = lambda: slicer.util.getNodesByClass("vtkMRMLTableNode")  # noqa: E731
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.5)
+    [table] = tables()
+    table.SetNodeReferenceID(mod.EVALUATED_SEGMENTATION_REFERENCE_ROLE, None)    # as an older module left it
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.75)
+    assert tables() == [table] and table.GetCellText(0, 1) == "75.00"
 
 
 def test_a_cloned_segmentation_gets_a_table_of_its_own(slicer, mod, monkeypatch):

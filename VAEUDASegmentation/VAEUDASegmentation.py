@@ -338,6 +338,27 @@ def _volumeName(node) -> str:
     return f"volume '{node.GetName()}'"
 
 
+def _sourceVolumes(sourceData: Optional[str], meta: dict) -> List[str]:
+    """The labelled source volumes an adaptation reads: the files of ``sourceData`` (a folder or a
+    volume), else those the source model's provenance records."""
+    if sourceData is None:
+        provenance = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
+        return [str(p) for key in ("source_data", "source_labels") for p in provenance.get(key) or []
+                if isinstance(p, str)]
+    if os.path.isdir(sourceData):
+        return [os.path.join(sourceData, name) for name in os.listdir(sourceData)]
+    return [sourceData]
+
+
+def _conventionArgument(labelConvention):
+    """``labelConvention`` for the engine, which runs in a temporary folder: a mapping file's path made
+    absolute; a built-in name ("mmwhs", "consecutive") and None as they are."""
+    if labelConvention is None or str(labelConvention) in vaeudaLabels.BUILTIN_CONVENTIONS:
+        return labelConvention
+    path = _userPath(labelConvention)
+    return os.path.abspath(path) if path else path
+
+
 def _pathOrNone(path) -> Optional[str]:
     text = "" if path is None else str(path)
     return None if text in ("", ".") else text
@@ -368,12 +389,12 @@ def _asArguments(message: str) -> str:
     return message
 
 
-def _requireCount(name: str, value, minimum: int = 1) -> None:
-    """Refuse a count argument (None: the engine's default) that the engine would refuse only after
-    starting: the engine's check, as ValueError."""
-    if value is not None:
+def _requireCount(name: str, value, minimum: int = 1, noneForDefault: bool = True) -> None:
+    """Refuse a count argument (None: the engine's default, where ``noneForDefault``) that the engine
+    would refuse only after starting: the engine's check, as ValueError."""
+    if value is not None or not noneForDefault:
         with _engineCheckAsValueError():
-            require_count(name, value, minimum, default_hint=" (or None for the default)")
+            require_count(name, value, minimum, default_hint=" (or None for the default)" if noneForDefault else "")
 
 
 # ----------------------------------------------------------------------------- widget
@@ -675,13 +696,23 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             p.inputVolume, _pathOrNone(p.segmentModelPath), p.outputSegmentation, device=p.device,
             cpuBf16=p.cpuBf16, portable=p.portable, **self._jobOptions(finished)))
 
+    @staticmethod
+    def _evaluationTableOf(table, segmentation) -> bool:
+        """Whether ``table`` is ``segmentation``'s own: its back-reference says so or, for a table made
+        before it had one, no other segmentation refers to it (a clone's copied reference does)."""
+        owner = table.GetNodeReferenceID(EVALUATED_SEGMENTATION_REFERENCE_ROLE)
+        if owner is not None:
+            return owner == segmentation.GetID()
+        return not any(node is not segmentation and node.GetNodeReferenceID(EVALUATION_TABLE_REFERENCE_ROLE)
+                       == table.GetID() for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"))
+
     def onEvaluateButton(self) -> None:
         p = self._parameterNode
         segmentation = p.outputSegmentation
         # Evaluating a segmentation again refills the table made for it, even renamed; a deleted one is made anew,
         # and so is one a clone's copied reference points at (the original's).
         table = segmentation.GetNodeReference(EVALUATION_TABLE_REFERENCE_ROLE) if segmentation else None
-        if table is not None and table.GetNodeReferenceID(EVALUATED_SEGMENTATION_REFERENCE_ROLE) != segmentation.GetID():
+        if table is not None and not self._evaluationTableOf(table, segmentation):
             table = None
 
         def finished(result: JobResult) -> None:
@@ -1039,13 +1070,16 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"Could not write volume '{volumeNode.GetName()}' to {path}.")
 
     @staticmethod
-    def _requireNode(node, className: str, what: str) -> None:
+    def _requireNode(node, className: str, what: str, inScene: bool = True) -> None:
         """Refuse, in one sentence, what is not a node of ``className`` (a node ID or name typed in
-        the console, a label map where a segmentation is meant)."""
+        the console, a label map where a segmentation is meant) and, with ``inScene``, a node no
+        longer in a scene (removed: the job would run, and its result find nothing to go to)."""
         if node is None or not hasattr(node, "IsA") or not node.IsA(className):
             given = "nothing" if node is None else (f"node '{node.GetName()}' ({node.GetClassName()})"
                                                     if hasattr(node, "GetClassName") else repr(node))
             raise ValueError(f"{what} must be a {className} node, not {given}.")
+        if inScene and node.GetScene() is None:
+            raise ValueError(f"{what} '{node.GetName()}' is in no scene (removed from it?); choose one in the scene.")
 
     @staticmethod
     def _requirePortableOnCpu(portable: bool, device: str, cpuBf16: bool = False) -> None:
@@ -1061,15 +1095,19 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             vaeudaChoices.check_choice(name, value, choices)
 
     @staticmethod
-    def _checkOutput(path, inputs: Sequence = (), folder: bool = False) -> None:
+    def _checkOutput(path, inputs: Sequence = (), folder: bool = False, argument: str = "") -> None:
         """Refuse, before the job, an output the finished job could not be moved to (a folder for a
         file or the reverse, a path under a file, a place that cannot be written) or that would
-        replace one of ``inputs`` (never overwritten): the engine's own output checks, as ValueError."""
-        with _engineCheckAsValueError():
-            if folder:
-                vaeudaFileio.check_output_dir(path)
-            else:
-                vaeudaFileio.check_output_file(path, inputs)
+        replace one of ``inputs`` (never overwritten): the engine's own output checks, as ValueError,
+        naming ``argument`` where the engine names its ``--out``."""
+        try:
+            with _engineCheckAsValueError():
+                if folder:
+                    vaeudaFileio.check_output_dir(path)
+                else:
+                    vaeudaFileio.check_output_file(path, inputs)
+        except ValueError as exc:
+            raise ValueError(re.sub(r"--out\b", argument, str(exc)) if argument else str(exc)) from None
 
     @staticmethod
     def _existingFile(path, what: str) -> str:
@@ -1237,7 +1275,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         self._requirePortableOnCpu(portable, device)
         if preset is not None:
             self._requireChoice("The preset", preset, vaeudaChoices.PRESET_NAMES)
-        if not _pathOrNone(dataFolder) or not os.path.isdir(str(dataFolder)):
+        if dataFolder is None or str(dataFolder) == "":    # (the panel gives None for its unset path)
+            raise ValueError("Choose the training data folder.")
+        if not os.path.isdir(str(dataFolder)):
             raise ValueError(f"{dataFolder}: training data folder not found.")
         if not _pathOrNone(outputModelPath):
             raise ValueError("Choose where to write the trained model.")
@@ -1248,7 +1288,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         tempModel = os.path.join(tempDir, "model" + _modelSuffix(outputModelPath))
         args = ["train-source", "--out", tempModel, "--device", device]
         args += _option("--preset", preset) + _option("--iterations", iterations) + _option("--seed", seed)
-        args += _option("--label-convention", labelConvention) + _option("--input-size", inputSize)
+        args += _option("--label-convention", _conventionArgument(labelConvention)) + _option("--input-size", inputSize)
         args += _flag("--portable", portable) + _flag("--intensity-remap", intensityRemap)
         args += [os.path.abspath(str(dataFolder))]
         return self._run("train-source", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
@@ -1274,14 +1314,20 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         _requireCount("seed", seed, minimum=0)
         self._requirePortableOnCpu(portable, device)
         sourceModelPath = self._existingFile(sourceModelPath, "source model file")
-        readModelMetadata(sourceModelPath)
+        sourceMeta = readModelMetadata(sourceModelPath)
         if targetVolumeNodes is not None and not isinstance(targetVolumeNodes, (list, tuple)):
             targetVolumeNodes = [targetVolumeNodes]
         if not targetVolumeNodes:
             raise ValueError("Select at least one target volume to adapt to.")
         if not _pathOrNone(outputModelPath):
             raise ValueError("Choose where to write the adapted model.")
-        self._checkOutput(outputModelPath, [sourceModelPath])
+        # "." is the console's current folder (the panel gives None for its unset path); the engine runs
+        # in a temporary folder, so a relative path is made absolute here
+        sourceData = None if sourceDataFolder is None or str(sourceDataFolder) == "" else os.path.abspath(
+            str(sourceDataFolder))
+        # the model is moved into place after the job: the engine, writing a temporary file, cannot see
+        # it replace a labelled source volume, the given ones or those the source model records
+        self._checkOutput(outputModelPath, [sourceModelPath, *_sourceVolumes(sourceData, sourceMeta)])
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         try:
@@ -1296,8 +1342,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args = ["adapt", "--model", sourceModelPath, "--out", tempModel, "--device", device]
         args += _option("--iterations", iterations) + _option("--seed", seed) + _flag("--portable", portable)
         args += targets
-        if _pathOrNone(sourceDataFolder):
-            args += ["--source-data", str(sourceDataFolder)]   # last: it takes one or more values
+        if sourceData is not None:
+            args += ["--source-data", sourceData]   # last: it takes one or more values
         return self._run("adapt", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
                          waitForCompletion, progressCallback, finishedCallback,
                          {tempModel: str(outputModelPath),
@@ -1325,7 +1371,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         self._requireNode(segmentationNode, "vtkMRMLSegmentationNode", "The segmentation")
         self._requireNode(referenceSegmentationNode, "vtkMRMLSegmentationNode", "The reference segmentation")
         if outputTableNode is not None:
-            self._requireNode(outputTableNode, "vtkMRMLTableNode", "The output table")
+            self._requireNode(outputTableNode, "vtkMRMLTableNode", "The output table", inScene=False)
         referenceVolume = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
         if referenceVolume is None:
             raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no reference volume to compare in; "
@@ -1333,14 +1379,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                              f"volumeNode), e.g. after loading it from a file.")
         if referenceVolume.GetImageData() is None:
             raise ValueError(f"Volume '{referenceVolume.GetName()}' has no voxels.")
-        self._refuseWhileRunning()   # before the warning below: a refused call says one thing
+        self._refuseWhileRunning()
         absent = [s.name for s in STRUCTURES if self._segmentIdForStructure(referenceSegmentationNode, s) is None]
-        if absent:   # scored against an empty reference: Dice 0 wherever the segmentation has the structure
-            message = (f"the reference '{referenceSegmentationNode.GetName()}' has no segment for {', '.join(absent)}; "
-                       f"scored as empty there.")
-            logging.warning("VAE-UDA evaluate: %s", message)
-            # as the engine's own notes: the panel shows those in its log box
-            self._report("evaluate", progressCallback, {"event": "log", "message": "note: " + message})
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         predDir, refDir = os.path.join(tempDir, "pred"), os.path.join(tempDir, "ref")
@@ -1355,6 +1395,13 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
+        if absent:   # said once every refusal is past (a refused call says one thing): scored against an empty
+            # reference, Dice 0 wherever the segmentation has the structure
+            message = (f"the reference '{referenceSegmentationNode.GetName()}' has no segment for {', '.join(absent)}; "
+                       f"scored as empty there.")
+            logging.warning("VAE-UDA evaluate: %s", message)
+            # as the engine's own notes: the panel shows those in its log box
+            self._report("evaluate", progressCallback, {"event": "log", "message": "note: " + message})
         jsonPath = os.path.join(tempDir, "evaluation.json")
 
         # a console table may be in no scene: only one removed while the job ran fails it
@@ -1390,10 +1437,10 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         outputFolder = os.path.abspath(_userPath(outputFolder or self.defaultTryItFolder()))
         for name, value, minimum in (("nSource", nSource, 1), ("nTarget", nTarget, 1), ("nTrain", nTrain, 0),
                                      ("seed", seed, 0)):
-            _requireCount(name, value, minimum)
+            _requireCount(name, value, minimum, noneForDefault=False)    # the defaults are this method's
         if os.path.isdir(outputFolder) and os.listdir(outputFolder):
             raise ValueError(f"{outputFolder}: the folder for the synthetic cohort must be new or empty.")
-        self._checkOutput(outputFolder, folder=True)
+        self._checkOutput(outputFolder, folder=True, argument="outputFolder")
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         cohortDir = os.path.join(tempDir, "cohort")
