@@ -90,10 +90,10 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message):
+        given = getattr(self, "_given", [])
         if message.startswith("the following arguments are required"):
             # an option of several values took them: the last option given (nothing after it stopped it),
             # or one that took more than one value (a label and the image after it) before another option
-            given = getattr(self, "_given", [])
             several = {s for a in self._actions if a.nargs == "+" for s in a.option_strings}
             options = [i for i, t in enumerate(given) if t.startswith("-")]
             last = next((given[i] for i, j in zip(options, options[1:] + [len(given)])
@@ -101,7 +101,6 @@ class _Parser(argparse.ArgumentParser):
             missing = [a.metavar for a in self._actions if not a.option_strings and a.metavar and a.metavar in message]
             if last and missing:
                 message += f" ({last} took every value after it: give {missing[0]} first)"
-        given = getattr(self, "_given", [])
         if "--progress=json" in given or any(a == "--progress" and b == "json" for a, b in zip(given, given[1:])):
             emit("error", message=message)    # as the module docstring promises a json reader; the bare sentence
         super().error(message)
