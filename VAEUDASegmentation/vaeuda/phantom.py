@@ -53,7 +53,7 @@ GENERATOR = f"vaeuda.phantom {GENERATOR_VERSION}"   # as recorded in a cohort's 
 MODALITIES = ("mr", "ct")
 _MODALITY_CODE = {"mr": 1, "ct": 2}
 FIRST_ID = 1001
-MAX_SUBJECTS = 9999 - FIRST_ID + 1   # per modality: ids stay four digits, as MM-WHS.s (1e8 had run for minutes)
+MAX_SUBJECTS = 9999 - FIRST_ID + 1   # per modality: ids stay four digits, as MM-WHS's (1e8 had run for minutes)
 
 # Default grid (x, y, z voxels) and spacing ranges (mm) per modality. ``size`` replaces every
 # voxel count and scales the spacing so that the field of view stays the same.
