@@ -279,3 +279,21 @@ def test_cli_label_count_mismatch_exits_2_and_writes_nothing(tmp_path, tmp_volum
     assert capsys.readouterr().err.strip().splitlines() == \
         ["vaeuda: error: 2 images but 1 label files were given; pass one label per image."]
     assert not out.exists()
+
+
+def test_an_input_behind_a_folder_that_may_not_be_entered_is_one_sentence(tmp_path, monkeypatch):
+    """The OS's fallback read "PATH: Permission denied." where an unreadable file reads "PATH: cannot be
+    read (Permission denied).": one wording. (Simulated: root may enter any folder.)"""
+    import errno
+    import pathlib
+    blocked = tmp_path / "locked" / "ct_1002_image.nii.gz"
+    real_stat = pathlib.Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == blocked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(blocked))}: cannot be read \\(Permission denied\\)\\.$"):
+        find_images([str(blocked)])

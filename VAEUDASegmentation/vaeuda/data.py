@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import VaeudaError
-from .fileio import VOLUME_SUFFIXES, full_suffix, is_volume_file, stem, without_role
+from .fileio import VOLUME_SUFFIXES, full_suffix, is_volume_file, require_readable, stem, without_role
 from .labels import MMWHS, Convention
 
 def _label_for(image: Path, labels_option: bool = True) -> Path:
@@ -47,6 +47,12 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
     found: List[Path] = []
     for item in inputs:
         p = Path(item)
+        try:
+            present = p.exists()
+        except PermissionError as exc:      # a folder on its way may not be entered
+            raise VaeudaError(f"{p}: cannot be read ({exc.strerror}).") from None
+        if present:
+            require_readable(p)             # (the OS's reason in the same sentence, before iterdir's bare one)
         if p.is_dir():
             vols = sorted(q for q in p.iterdir() if is_volume_file(q))
             images = [q for q in vols if without_role(stem(q), "_image") is not None]
@@ -59,7 +65,7 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
                 else:
                     raise VaeudaError(f"{p}: folder holds no image volumes.")
             found.extend(chosen)
-        elif p.exists():
+        elif present:
             found.append(p)
         else:   # "nodir/" meant a folder (Path drops the slash), "scan.nii.gz" a file; "mr_train" either
             kind = ("folder" if str(item).endswith(("/", os.sep))
