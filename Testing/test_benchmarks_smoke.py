@@ -736,7 +736,7 @@ def test_scripts_refuse_bad_arguments_at_start_up(tiny_cohort, tiny_source_model
     usage, refused = 2, 1                        # argparse's usage error; the script's own one sentence
     cases = [
         (("adaptation_curves.py", "--model", model, "--cohort", cohort, "--target", "ct_1001", "--every", "0"),
-         usage, "argument --every: must be at least 1, not 0"),
+         usage, "argument --every: must be a whole number of at least 1, not 0"),
         (("paired_alignment.py", "--model", model, "--cohort", cohort, "--lr", "-1"), usage,
          "argument --lr: must be above 0"),
         (("one_scan_draws.py", "--model", model, "--cohort", cohort, "--threads", "x"), usage,

@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vaeuda import __version__ as ENGINE_VERSION, machine  # noqa: E402
-from vaeuda.errors import VaeudaError, os_error_sentence  # noqa: E402
+from vaeuda.errors import VaeudaError, os_error_sentence, require_count  # noqa: E402
 from vaeuda.fileio import atomic_path, check_output_file  # noqa: E402
 from vaeuda.data import SliceSet, load_slices  # noqa: E402
 from vaeuda.demo import evaluate_model, image_of, label_of  # noqa: E402
@@ -48,8 +48,10 @@ def count(minimum: int = 1) -> Callable[[str], int]:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        try:
+            require_count("", value, minimum)        # the engine's rule; argparse names the option
+        except VaeudaError as exc:
+            raise argparse.ArgumentTypeError(str(exc).strip().rstrip(".")) from None
         return value
     parse.__name__ = "count"
     return parse
