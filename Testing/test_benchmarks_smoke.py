@@ -34,7 +34,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def gpu_smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "gpu.json"
-    proc = _run("bench_gpu.py", "--device", "cpu", "--smoke", "--out", str(out))
+    proc = _run("bench_gpu.py", "--device", "cpu", "--smoke", "--threads", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, proc
 
@@ -52,6 +52,7 @@ def speed_smoke(tmp_path_factory, gpu_smoke):
 def test_bench_gpu_runs_on_the_cpu(gpu_smoke):
     out, proc = gpu_smoke
     result = json.loads(out.read_text())
+    assert result["machine"]["torch_threads"] == 1                       # --threads, as the other benchmarks
     assert [r["bf16"] for r in result["rows"]] == [True, False]
     for row in result["rows"]:
         for stage in ("source", "adapt"):

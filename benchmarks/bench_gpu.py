@@ -88,6 +88,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--iterations", type=count(), default=None, help="timed training iterations per repeat")
     p.add_argument("--repeats", type=count(), default=None, help="timed repeats (default: the mode's)")
     p.add_argument("--batch", type=count(), default=None, help="batch size (default: the preset's)")
+    p.add_argument("--threads", type=count(), default=None,
+                   help="torch.set_num_threads for the CPU side (default: torch's choice; the record's machine says it)")
     args = p.parse_args(argv)
     if (args.smoke or args.device == "cpu") and args.out == p.get_default("out"):
         p.error("--smoke and --device cpu runs are not the GPU record Docs/benchmarks.md folds in: give --out")
@@ -95,6 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("bench_gpu.py: error: no CUDA GPU is available to PyTorch; run with --device cpu --smoke --out FILE to "
               "test the script on the CPU.", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     s = dict(SETTINGS["smoke" if args.smoke else "full"])
     for key in ("iterations", "repeats", "batch"):
