@@ -279,7 +279,8 @@ def run(args, reporter: Reporter) -> List[str]:
         use_portable_numerics()      # before anything imports torch
     if cmd in TRAINING_COMMANDS:
         from .fileio import check_model_output, checkpoint_path
-        check_model_output(args.out)              # before the notes: a refused --out says one thing
+        # before the notes: a refused --out says one thing (a label-mapping file is an input, never overwritten)
+        check_model_output(args.out, _mapping_file(getattr(args, "label_convention", None)))
         ckpt = checkpoint_path(args.out)
         if ckpt.is_file() and not args.resume:    # another run's work: never thrown away unasked
             raise VaeudaError(f"{ckpt}: an interrupted run left this checkpoint; continue it with --resume, or "
@@ -295,10 +296,8 @@ def run(args, reporter: Reporter) -> List[str]:
                     seed=args.seed, size=args.size, reporter=reporter)
         return [str(Path(args.out_dir) / "splits.json")]
     if cmd == "train-source":
-        from .fileio import check_output_file
         from .labels import load_convention
         from .train import train_source
-        check_output_file(args.out, _mapping_file(args.label_convention))
         images, labels = _labelled(args)
         train_source(images, labels, args.out, preset=args.preset, iterations=args.iterations,
                      batch_size=args.batch_size, seed=args.seed, device=args.device,
