@@ -92,6 +92,43 @@ def test_make_dir_makes_parents_and_names_a_folder_it_cannot_make(tmp_path):
         make_dir(blocker / "sub")
 
 
+def test_a_write_refused_for_permission_reads_the_same_at_every_step(tmp_path, monkeypatch):
+    """The up-front check (os.access), making the output's folder and making the file itself word a
+    permission refusal alike, naming the folder that refused. (Simulated: root may write anywhere.)"""
+    import os
+    import pathlib
+    import tempfile
+    from vaeuda.fileio import atomic_path
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    expected = "cannot be written \\(no permission to write in " + re.escape(str(locked)) + "\\)\\.$"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: pathlib.Path(path) != locked and real_access(path, mode))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(locked / 'm.safetensors'))}: {expected}"):
+        check_output_file(locked / "m.safetensors")
+    monkeypatch.setattr(os, "access", real_access)
+
+    def mkdir_refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+    with monkeypatch.context() as patch:
+        patch.setattr(pathlib.Path, "mkdir", mkdir_refused)
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(locked / 'a' / 'b'))}: {expected}"):
+            make_dir(locked / "a" / "b")
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_refused(*args, **kwargs):
+        if kwargs.get("dir") == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, **kwargs)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_refused)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(locked / 'seg.nii.gz'))}: {expected}"):
+        with atomic_path(locked / "seg.nii.gz"):
+            pass
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(locked / 'out'))}: {expected}"):
+        check_output_dir(locked / "out")
+    assert list(locked.iterdir()) == []
+
+
 def test_an_output_where_no_file_can_be_made_is_refused_before_work_even_for_root(tmp_path, monkeypatch):
     """os.access says yes to root everywhere (and on /proc); a file made and removed there is the test."""
     import os

@@ -119,8 +119,28 @@ def _umask_mode(mode: int) -> int:
     return mode & ~mask
 
 
+def _nearest_existing(path: Path) -> Path:
+    """The nearest ancestor of ``path`` that exists: where making ``path`` has to write (a folder, or a
+    file that stands in the way)."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
+
+
+def _in_the_way(shown: Path, ancestor: Path, exc: OSError) -> Optional[VaeudaError]:
+    """The one wording for a file where a folder must be, or a folder that refuses writing, whichever
+    step meets it (the up-front check, making folders, making the file); None for other errors."""
+    if not ancestor.is_dir():
+        return VaeudaError(f"{shown}: cannot be written ({ancestor} is a file).")
+    if isinstance(exc, PermissionError):
+        return VaeudaError(f"{shown}: cannot be written (no permission to write in {ancestor}).")
+    return None
+
+
 def _unwritable(path: Path, exc: OSError) -> VaeudaError:
-    return VaeudaError(f"{path}: cannot be written ({exc.strerror or exc}).")
+    return _in_the_way(path, _nearest_existing(path), exc) or VaeudaError(f"{path}: cannot be written "
+                                                                          f"({exc.strerror or exc}).")
 
 
 @contextlib.contextmanager
@@ -217,19 +237,17 @@ def check_output_dir(path: PathLike) -> Path:
 def _check_creatable(path: Path, shown: Optional[Path] = None) -> None:
     """``path``'s nearest existing ancestor is a folder we may write in; errors name ``shown`` (default ``path``)."""
     shown = path if shown is None else shown
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise VaeudaError(f"{shown}: cannot be written ({ancestor} is a file).")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise VaeudaError(f"{shown}: cannot be written (no permission to write in {ancestor}).")
+    ancestor = _nearest_existing(path)
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise _in_the_way(shown, ancestor, PermissionError())
     # os.access says yes to root everywhere and knows nothing of read-only or pseudo file systems
     # (/proc): a file made and removed there is the test the output will face.
     try:
         handle, probe = tempfile.mkstemp(prefix=".vaeuda-write-check.", dir=ancestor)
     except OSError as exc:
-        raise VaeudaError(f"{shown}: cannot be written (making a file in {ancestor} failed: {exc.strerror or exc}).") from None
+        raise (_in_the_way(shown, ancestor, exc)
+               or VaeudaError(f"{shown}: cannot be written (making a file in {ancestor} failed: {exc.strerror or exc}).")
+               ) from None
     os.close(handle)
     try:
         os.remove(probe)
