@@ -439,8 +439,28 @@ def test_convert_stacks_tfrecords_in_the_order_given_and_names_the_breaks(tmp_pa
     assert breaks == ["slice_0.tfrecords record 0"]
     one_per_file = [tmp_path / f"s{k}.tfrecords" for k in range(5)]
     _one_slice_files(one_per_file, records)
-    _, breaks = convert_released(one_per_file[::-1], tmp_path / "reversed", MMWHS, name="ct_9")
-    assert breaks == ["s3.tfrecords", "s2.tfrecords", "s1.tfrecords", "s0.tfrecords"]
+    _, breaks = convert_released([one_per_file[k] for k in (0, 1, 4, 3, 2)], tmp_path / "reversed", MMWHS, name="ct_9")
+    assert breaks == ["s4.tfrecords", "s3.tfrecords", "s2.tfrecords"]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_records_none_of_which_follows_another_are_refused_as_no_scan(mmwhs_samples, tmp_path, split):
+    """The release's training and validation .tfrecords are augmented slices in shuffled order: stacked
+    they make no scan, and split they make one-slice volumes that no other command reads."""
+    scan, labels = _scan(3, 4)
+    files = [tmp_path / f"s{k}.tfrecords" for k in range(4)]
+    _one_slice_files(files, _released_slices(scan, labels))
+    message = (r"^none of the 4 \.tfrecords records follows the one before it as its record stores, so stacked they "
+               r"make no scan: .*shuffled order, which cannot be stacked back into scans; convert its \.npz volumes, "
+               r"or use the MM-WHS volumes themselves\)\.$")
+    with pytest.raises(VaeudaError, match=message):
+        convert_released(files[::-1], tmp_path / "reversed", MMWHS, name="ct_9", split=split)
+    real = [mmwhs_samples / f"{name}.tfrecords" for name in ("training_mr", "validation_mr")]
+    with pytest.raises(VaeudaError, match=r"^none of the 2 \.tfrecords records follows"):
+        convert_released(real, tmp_path / "released", MMWHS, name="mr", split=split)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f.name for f in files]     # nothing written
+    written, breaks = convert_released(files, tmp_path / "in_order", MMWHS, name="ct_9", split=split)
+    assert breaks == [] and len(written) == 2                   # in order they are one scan
 
 
 def test_follows_needs_both_stored_neighbours():
@@ -547,9 +567,9 @@ def test_converted_released_files_train_segment_and_score_through_the_command_li
     assert main(["convert", "--out", str(data), "--progress", "none", str(mmwhs_samples / "example_mr.npz")]) == 0
     assert capsys.readouterr().err == f"Wrote 1 volume(s) to {data} as X_image / X_label .nii.gz pairs: example_mr.\n"
     assert main(["convert", "--out", str(data), "--name", "two_mr", "--progress", "none",
-                 str(mmwhs_samples / "training_mr.tfrecords"), str(mmwhs_samples / "validation_mr.tfrecords")]) == 0
-    assert capsys.readouterr().err.endswith(f"Wrote 1 volume(s) to {data} as X_image / X_label .nii.gz pairs: "
-                                            f"two_mr.\n")   # after the note that the two files are two scans
+                 str(mmwhs_samples / "training_mr.tfrecords"), str(mmwhs_samples / "validation_mr.tfrecords")]) == 2
+    assert capsys.readouterr().err.startswith("vaeuda: error: none of the 2 .tfrecords records follows the one before")
+    assert sorted(p.name for p in data.iterdir()) == ["example_mr_image.nii.gz", "example_mr_label.nii.gz"]
     assert main(["convert", "--out", str(data), "--progress", "none", str(mmwhs_samples / "example_mr.npz")]) == 0
     assert capsys.readouterr().err.endswith("Replaced 2 file(s) that were there: example_mr_image.nii.gz, "
                                             "example_mr_label.nii.gz.\n")
@@ -564,15 +584,17 @@ def test_converted_released_files_train_segment_and_score_through_the_command_li
 
 def test_convert_notes_a_volume_of_one_slice(mmwhs_samples, tmp_path, capsys):
     """One .tfrecords record is one slice: written as asked, with a note that the other commands read
-    volumes of several slices; two records converted together get no note."""
+    volumes of several slices; two records of a scan converted together get no note."""
     out = tmp_path / "one"
     assert main(["convert", "--out", str(out), "--name", "ct1", "--progress", "none",
                  str(mmwhs_samples / "training_ct.tfrecords")]) == 0
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "note: ct1 hold(s) a single slice; segment and the training commands read volumes of several slices: "
         "give all of a scan's .tfrecords files to one convert")
-    assert main(["convert", "--out", str(out), "--name", "mr2", "--progress", "none",
-                 str(mmwhs_samples / "training_mr.tfrecords"), str(mmwhs_samples / "validation_mr.tfrecords")]) == 0
+    scan, labels = _scan(2, 4)
+    files = [tmp_path / f"s{k}.tfrecords" for k in range(2)]
+    _one_slice_files(files, _released_slices(scan, labels))
+    assert main(["convert", "--out", str(out), "--name", "ct2", "--progress", "none", *map(str, files)]) == 0
     assert "single slice" not in capsys.readouterr().err
     thin = tmp_path / "thin.npz"                 # a released volume one voxel thick: no .tfrecords to give
     np.savez(thin, np.zeros((1, 1, 3), np.float32), np.zeros((1, 1, 3), np.uint8))

@@ -204,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "stacked in the order given (give one scan's slices in slice order)")
     p.add_argument("--split", action="store_true",
                    help="cut the .tfrecords stack where a slice does not follow the one before as its record stores "
-                        "(another scan begins): volumes NAME_001, NAME_002, ... (the release's scans, from all its "
-                        "files in numeric order)")
+                        "(another scan begins): volumes NAME_001, NAME_002, ... (records written in slice order from "
+                        "scans; the release's own training .tfrecords are shuffled, augmented slices, which make no "
+                        "scan and are refused)")
     p.add_argument("--flip-test-volume", action="store_true",
                    help="SIFA's released .npz test volumes are stored flipped on both in-plane axes; flip them back, "
                         "as its evaluate.py does")

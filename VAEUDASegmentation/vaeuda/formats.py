@@ -366,13 +366,15 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
 
     - Each ``.npz`` (a released volume, ``(H, W, N)``) is one volume named after its file
       (``gt_ct_1003.npz`` -> ``gt_ct_1003``); ``flip_test_volume`` as :func:`read_npz`.
-    - The ``.tfrecords`` files (the release has one slice per file, numbered across all scans)
-      are stacked record by record, in the order given, into a volume called ``name``: the middle
-      channel of each. The engine takes a slice's neighbours from the volume, so they must be one
-      scan's slices in slice order. A *break* is a slice that does not :func:`follow <follows>` the
-      one before it: another scan begins there, or the order is wrong. With ``split`` the stack
-      is cut at every break into volumes ``name_001``, ``name_002``, ... (the release's scans,
-      given all its files in numeric order).
+    - The ``.tfrecords`` files (one 3-slice sample per record, as SIFA's ``utils/gettfrecords.py``
+      writes them) are stacked record by record, in the order given, into a volume called
+      ``name``: the middle channel of each. The engine takes a slice's neighbours from the volume,
+      so they must be one scan's slices in slice order. A *break* is a slice that does not
+      :func:`follow <follows>` the one before it: another scan begins there, or the order is wrong.
+      With ``split`` the stack is cut at every break into volumes ``name_001``, ``name_002``, ...
+      Records none of which follows the one before are refused: they make no scan. The release's
+      own training and validation ``.tfrecords`` are such records: augmented slices in shuffled
+      order (its authors, cchen-cc/SIFA issues 49 and 59), which no tool can stack back into scans.
 
     Geometry as :func:`released_to_image` (unit spacing: the released files keep none); labels
     in ``convention``'s values (value 5 of the release is background, as its readers treat it).
@@ -426,7 +428,7 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
         for path in volumes:
             write(staging, stem(path), *read_npz(path, flip_test_volume), source=path)
         run: List[Tuple[np.ndarray, np.ndarray]] = []      # (middle slice, label) of the volume being stacked
-        previous, first_shape, number = None, None, 0
+        previous, first_shape, number, count, followed = None, None, 0, 0, 0
         for path in records:
             samples = read_tfrecords(path)
             for index, (image, label) in enumerate(samples):
@@ -434,7 +436,10 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
                 if image.shape != first_shape:
                     raise VaeudaError(f"{path}: record {index} is a {image.shape[1]} x {image.shape[2]} slice, the "
                                       f"first was {first_shape[1]} x {first_shape[2]}; one volume needs one size.")
-                if previous is not None and not follows(previous, image):
+                count += 1
+                if previous is not None and follows(previous, image):
+                    followed += 1
+                elif previous is not None:
                     if split:
                         number += 1
                         write(staging, f"{name}_{number:03d}", *map(np.stack, zip(*run)))
@@ -443,6 +448,12 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
                         breaks.append(path.name if len(samples) == 1 else f"{path.name} record {index}")
                 run.append((image[1], label))
                 previous = image
+        if count > 1 and not followed:
+            raise VaeudaError(
+                f"none of the {count} .tfrecords records follows the one before it as its record stores, so stacked "
+                f"they make no scan: they are from different scans, or out of order (the PnP-AdaNet/SIFA release's "
+                f"training and validation .tfrecords are augmented slices in shuffled order, which cannot be stacked "
+                f"back into scans; convert its .npz volumes, or use the MM-WHS volumes themselves).")
         if run:
             write(staging, f"{name}_{number + 1:03d}" if split else name, *map(np.stack, zip(*run)))
     return written, breaks
