@@ -8,7 +8,7 @@ import pytest
 
 from vaeuda.cli import main
 from vaeuda.errors import VaeudaError
-from vaeuda.labels import CONSECUTIVE, MAX_UNKNOWN_VALUES, MMWHS, Convention, load_convention
+from vaeuda.labels import BUILTIN_CONVENTIONS, CONSECUTIVE, MAX_UNKNOWN_VALUES, MMWHS, STRUCTURES, Convention, load_convention
 
 
 def _mapping(tmp_path, text: str):
@@ -118,11 +118,11 @@ def test_mapping_refuses_unknown_values_by_default(tmp_path):
 
 def test_an_image_read_as_a_label_map_is_refused():
     """MM-WHS leaves stray values to background; an image's hundreds of whole-number intensities are not stray."""
-    image = np.arange(0, 1000, dtype=np.float32).reshape(10, 10, 10)      # 205, 420, 500, 820 among them
-    with pytest.raises(VaeudaError, match=r"^img\.nii: 992 of its values \(1, 2, 3, 4, 5, 6, 7, 8, \.\.\.\) are not in "
+    image = np.arange(0, 1000, dtype=np.float32).reshape(10, 10, 10)      # 205, 420, 421, 500, 820 among them
+    with pytest.raises(VaeudaError, match=r"^img\.nii: 991 of its values \(1, 2, 3, 4, 5, 6, 7, 8, \.\.\.\) are not in "
                                           r"the 'mmwhs' label mapping; is it an image rather than a label map\?$"):
         MMWHS.encode(image, source="img.nii")
-    stray = np.array([0, 205, 421, *range(1000, 1000 + MAX_UNKNOWN_VALUES - 1)])   # 32 stray values: still labels
+    stray = np.array([0, 205, 422, *range(1000, 1000 + MAX_UNKNOWN_VALUES - 1)])   # 32 stray values: still labels
     assert MMWHS.encode(stray).tolist()[:3] == [0, 1, 0]
 
 
@@ -172,3 +172,21 @@ def test_an_unknown_value_beyond_int64_is_shown_as_it_is():
     with pytest.raises(VaeudaError, match=r"label values 9223372036854775813 are not in the 'consecutive'"):
         CONSECUTIVE.encode(raw, source="m")
     assert CONSECUTIVE.encode(np.array([0, 1, 4], np.uint64)).tolist() == [0, 1, 4]
+
+
+def test_mmwhs_reads_the_challenges_stray_421_as_the_la_blood_cavity_and_writes_420():
+    """One MM-WHS MR training label marks part of the LA 421; as background that scan's LA would be
+    trained and scored as background. Written back, the LA is 420, the challenge's value."""
+    la = next(s.index for s in STRUCTURES if s.key == "LA-B")
+    raw = np.array([[0, 420], [421, 600]], dtype=np.int16)
+    classes = MMWHS.encode(raw)
+    assert classes.tolist() == [[0, la], [la, 0]]
+    assert MMWHS.decode(classes).tolist() == [[0, 420], [420, 0]]
+    # a model file written before the alias stores the convention without it, and reads as today's
+    stored = MMWHS.to_dict()
+    del stored["to_index"]["421"]
+    assert Convention.from_dict(stored) is MMWHS
+    stored["to_index"]["420"] = 3                       # edited: read as stored, for the model-file check to refuse
+    assert Convention.from_dict(stored).to_index[420] == 3
+    other = Convention.from_dict(BUILTIN_CONVENTIONS["consecutive"].to_dict())
+    assert other == BUILTIN_CONVENTIONS["consecutive"] and other is not BUILTIN_CONVENTIONS["consecutive"]

@@ -44,6 +44,10 @@ CLASS_NAMES = ("background",) + tuple(s.name for s in STRUCTURES)
 # MM-WHS values of the other annotated structures (RA 550, RV 600, pulmonary artery 850).
 # They, and any other value, are background under the MM-WHS convention.
 MMWHS_OTHER_VALUES = (550, 600, 850)
+# A known slip in the challenge's own files: one MR training label marks part of the LA blood cavity
+# 421, not 420. Public MM-WHS pipelines map it to 420; as an unknown value it would be background,
+# and that scan's LA would be trained (and scored) as background.
+MMWHS_ALIASES = {421: 420}
 # The PnP-AdaNet/SIFA released files carry a fifth structure (value 5): their training loaders give it
 # no class (ignored), their evaluation counts it as background.
 SIFA_IGNORED_VALUE = 5
@@ -71,8 +75,13 @@ class Convention:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Convention":
-        return cls(d["name"], {int(k): int(v) for k, v in d["to_index"].items()},
-                   tuple(int(v) for v in d["from_index"]), d.get("unknown", "error"))
+        """The convention a model file stores. The built-in MM-WHS one as written before MMWHS_ALIASES
+        (which read 421 as background) reads as today's."""
+        stored = cls(d["name"], {int(k): int(v) for k, v in d["to_index"].items()},
+                     tuple(int(v) for v in d["from_index"]), d.get("unknown", "error"))
+        before_aliases = Convention(MMWHS.name, {k: v for k, v in MMWHS.to_index.items() if k not in MMWHS_ALIASES},
+                                    MMWHS.from_index, MMWHS.unknown)
+        return MMWHS if stored == before_aliases else stored
 
     def encode(self, raw: np.ndarray, source: str = "label map", option: str = "--label-convention") -> np.ndarray:
         """Raw label values (any integer array) -> class indices (uint8, same shape).
@@ -90,7 +99,7 @@ class Convention:
         out = np.zeros(raw.shape, dtype=np.uint8)
         unknown = [int(v) for v in values if int(v) not in self.to_index]
         shown = ", ".join(str(v) for v in unknown[:8])
-        if len(unknown) > MAX_UNKNOWN_VALUES and (self.unknown == "error" or self == MMWHS):
+        if len(unknown) > MAX_UNKNOWN_VALUES and (self.unknown == "error" or self.name == MMWHS.name):
             # MM-WHS's few stray values become background; hundreds of them are image intensities.
             # A mapping whose author chose "unknown": "background" may mean a map of many labels.
             raise VaeudaError(f"{source}: {len(unknown)} of its values ({shown}, ...) are not in the '{self.name}' "
@@ -131,7 +140,8 @@ class Convention:
 
 MMWHS = Convention(
     "mmwhs",
-    {0: 0, **{s.mmwhs_value: s.index for s in STRUCTURES}, **{v: 0 for v in MMWHS_OTHER_VALUES}},
+    {0: 0, **{s.mmwhs_value: s.index for s in STRUCTURES}, **{v: 0 for v in MMWHS_OTHER_VALUES},
+     **{alias: next(s.index for s in STRUCTURES if s.mmwhs_value == value) for alias, value in MMWHS_ALIASES.items()}},
     (0,) + tuple(s.mmwhs_value for s in STRUCTURES),
     unknown="background",
 )
