@@ -952,6 +952,31 @@ def test_stand_in_table_columns_are_string_arrays(slicer):
     assert table.GetCellText(2, 0) == "" and table.GetNumberOfRows() == 2
 
 
+def test_stand_in_scene_names_and_references_follow_slicer(slicer):
+    """vtkMRMLScene: GenerateUniqueName hands a name out once (UniqueNames), Clear forgets them; RemoveNode
+    makes the nodes that referred to the removed one drop the reference (UpdateReferences)."""
+    scene = slicer.mrmlScene
+    assert [scene.GenerateUniqueName("x") for _ in range(3)] == ["x", "x_1", "x_2"]
+    scene.AddNewNodeByClass("vtkMRMLTableNode", "y_1")
+    assert [scene.GenerateUniqueName("y") for _ in range(2)] == ["y", "y_2"]
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "t")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    segmentation.SetNodeReferenceID("table", table.GetID())
+    segmentation.SetNodeReferenceID("other", "vtkMRMLTableNode99")
+    scene.RemoveNode(table)
+    assert segmentation.GetNodeReferenceID("table") is None and segmentation.GetNodeReferenceID("other")
+    scene.Clear()
+    assert scene.GenerateUniqueName("x") == "x"
+    from slicer.parameterNodeWrapper import GuiConnector
+
+    class Incomplete(GuiConnector):              # Slicer's GuiConnector is an abc.ABC with seven abstract methods
+        @staticmethod
+        def canRepresent(widget, datatype):
+            return False
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
+
+
 def test_stand_in_get_node_and_save_node_follow_slicer(slicer, tmp_path):
     """util.getNode: the first node whose name or ID matches, MRMLNodeNotFoundException for none; util.saveNode:
     True once written; a segmentation file holds one label value per segment, named in its Segment<N>_ keys, on
@@ -1748,6 +1773,17 @@ def test_a_cloned_segmentation_gets_a_table_of_its_own(slicer, mod, monkeypatch)
     assert clone.GetNodeReference(mod.EVALUATION_TABLE_REFERENCE_ROLE) is tables()[1]
     _click_evaluate(slicer, mod, panel, monkeypatch, 0.75)            # the clone's own table is refilled
     assert len(tables()) == 2 and tables()[1].GetCellText(0, 1) == "75.00" and original.GetCellText(0, 1) == "50.00"
+    # With the original segmentation deleted, Slicer drops its table's back-reference: a second clone of it,
+    # which points at that table, takes it over instead of making a third.
+    second = make_segmentation(slicer, p.inputVolume, np.zeros((3, 4, 5), np.uint8), [("LV-M", "LV-M", None)],
+                               "seg clone 2")
+    second.SetNodeReferenceID(mod.EVALUATION_TABLE_REFERENCE_ROLE, original.GetID())
+    slicer.mrmlScene.RemoveNode(slicer.mrmlScene.GetFirstNodeByName("seg"))
+    assert original.GetNodeReferenceID(mod.EVALUATED_SEGMENTATION_REFERENCE_ROLE) is None
+    p.outputSegmentation = second
+    _click_evaluate(slicer, mod, panel, monkeypatch, 0.1)
+    assert len(tables()) == 2 and original.GetCellText(0, 1) == "10.00"
+    assert original.GetNodeReferenceID(mod.EVALUATED_SEGMENTATION_REFERENCE_ROLE) == second.GetID()
 
 
 def test_evaluate_fills_a_console_table_that_is_in_no_scene(slicer, mod, monkeypatch):

@@ -490,6 +490,7 @@ class vtkMRMLScene:
     def __init__(self):
         self._nodes = []
         self._counters = {}
+        self._uniqueNames = {}
         self._subjectHierarchy = vtkMRMLSubjectHierarchyNode()
 
     def AddNode(self, node):
@@ -515,10 +516,14 @@ class vtkMRMLScene:
         return self.AddNode(node)
 
     def RemoveNode(self, node):
+        """vtkMRMLScene::RemoveNode: the nodes that referred to it drop those references (UpdateReferences)."""
         if node in self._nodes:
             self._nodes.remove(node)
             self._subjectHierarchy._removeDataNodeItem(node.GetID())
             node._scene = None
+            for other in self._nodes:
+                other._references = {role: nodeID for role, nodeID in other._references.items()
+                                     if nodeID != node.GetID()}
 
     def GetNodeByID(self, nodeID):
         for node in self._nodes:
@@ -539,16 +544,20 @@ class vtkMRMLScene:
         return self._nodes[n]
 
     def GenerateUniqueName(self, baseName):
-        if not self.GetFirstNodeByName(baseName):
-            return baseName
-        n = 1
-        while self.GetFirstNodeByName(f"{baseName}_{n}"):
-            n += 1
-        return f"{baseName}_{n}"
+        """vtkMRMLScene::GenerateUniqueName: "x", "x_1", ...: the first index after the last one handed out
+        for ``baseName`` (UniqueNames) whose name no node has; a name handed out is not handed out again."""
+        index = self._uniqueNames.get(baseName, -1) + 1
+        while self.GetFirstNodeByName(f"{baseName}_{index}" if index else baseName):
+            index += 1
+        self._uniqueNames[baseName] = index
+        return f"{baseName}_{index}" if index else baseName
 
     def Clear(self, removeSingletons=0):
+        """vtkMRMLScene::Clear: every node removed, and the IDs and names handed out forgotten."""
         for node in list(self._nodes):
             self.RemoveNode(node)
+        self._counters.clear()
+        self._uniqueNames.clear()
 
 
 class vtkSlicerSegmentationsModuleLogic:

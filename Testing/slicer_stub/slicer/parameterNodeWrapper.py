@@ -7,6 +7,8 @@ registry is real: the module's own connector registers with it and is found by `
 """
 from __future__ import annotations
 
+import abc
+
 
 def parameterNodeWrapper(classtype=None):
     """wrapper.py ``parameterNodeWrapper``: usable as ``@parameterNodeWrapper`` or ``@parameterNodeWrapper()``."""
@@ -38,9 +40,40 @@ def unannotatedType(possiblyAnnotatedType):
     return possiblyAnnotatedType
 
 
-class GuiConnector:
-    """guiConnectors.py ``GuiConnector``: the base a connector between a widget and a parameter
-    type derives from; ``onChanged(callback)`` connects (``None`` disconnects), ``changed()`` calls it."""
+class GuiConnector(abc.ABC):
+    """guiConnectors.py ``GuiConnector``: the abstract base a connector between a widget and a parameter
+    type derives from; ``onChanged(callback)`` connects (``None`` disconnects), ``changed()`` calls it.
+    As in Slicer, a subclass that leaves one of the seven abstract methods out cannot be made."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def canRepresent(widget, datatype) -> bool:
+        raise NotImplementedError("Must implement canRepresent")
+
+    @staticmethod
+    @abc.abstractmethod
+    def create(widget, datatype):
+        raise NotImplementedError("Must implement create")
+
+    @abc.abstractmethod
+    def _connect(self):
+        raise NotImplementedError("Must implement _connect")
+
+    @abc.abstractmethod
+    def _disconnect(self):
+        raise NotImplementedError("Must implement _disconnect")
+
+    @abc.abstractmethod
+    def widget(self):
+        raise NotImplementedError("Must implement widget")
+
+    @abc.abstractmethod
+    def read(self):
+        raise NotImplementedError("Must implement read")
+
+    @abc.abstractmethod
+    def write(self, value) -> None:
+        raise NotImplementedError("Must implement write")
 
     def __init__(self):
         super().__init__()
