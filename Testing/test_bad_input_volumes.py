@@ -127,8 +127,8 @@ def test_unknown_label_values(tmp_volume):
     path = tmp_volume(np.array([0, 1, 7], np.uint8).reshape(1, 1, 3), name="lab.nrrd")
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: label values 7 are not in the 'consecutive'"):
         read_label(path, CONSECUTIVE)
-    # Under MM-WHS, unknown values are background by definition (421: a stray value beside LV-M) ...
-    mixed = tmp_volume(np.array([0, 205, 421], np.uint16).reshape(1, 1, 3), name="mixed.nrrd")
+    # Under MM-WHS, unknown values are background by definition (422: a stray value beside LV-M) ...
+    mixed = tmp_volume(np.array([0, 205, 422], np.uint16).reshape(1, 1, 3), name="mixed.nrrd")
     assert sitk.GetArrayFromImage(read_label(mixed, MMWHS)).ravel().tolist() == [0, 1, 0]
     # ... and so are MM-WHS's other structures, even alone (a map of the right ventricle only),
     others = tmp_volume(np.array([0, 600, 550], np.uint16).reshape(1, 1, 3), name="others.nrrd")

@@ -110,8 +110,12 @@ def test_a_write_refused_for_permission_reads_the_same_at_every_step(tmp_path, m
 
     def mkdir_refused(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self))
+
+    def exists_refused(self, *args, **kwargs):   # Path.exists raises inside a folder one may not enter
+        raise PermissionError(13, "Permission denied", str(self))
     with monkeypatch.context() as patch:
         patch.setattr(pathlib.Path, "mkdir", mkdir_refused)
+        patch.setattr(pathlib.Path, "exists", exists_refused)
         with pytest.raises(VaeudaError, match=f"^{re.escape(str(locked / 'a' / 'b'))}: {expected}"):
             make_dir(locked / "a" / "b")
     real_mkstemp = tempfile.mkstemp
@@ -127,6 +131,17 @@ def test_a_write_refused_for_permission_reads_the_same_at_every_step(tmp_path, m
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(locked / 'out'))}: {expected}"):
         check_output_dir(locked / "out")
     assert list(locked.iterdir()) == []
+    # EPERM (chmod on a file system without modes, a sticky folder) is not "no permission to write in"
+    monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
+
+    def chmod_refused(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "chmod", chmod_refused)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(locked / 'seg.nii.gz'))}: cannot be written "
+                                          f"\\(Operation not permitted\\)\\.$"):
+        with atomic_path(locked / "seg.nii.gz"):
+            pass
+    assert list(locked.iterdir()) == []                         # the file made before chmod is gone
 
 
 def test_an_output_where_no_file_can_be_made_is_refused_before_work_even_for_root(tmp_path, monkeypatch):

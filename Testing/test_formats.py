@@ -590,7 +590,8 @@ def test_convert_notes_a_volume_of_one_slice(mmwhs_samples, tmp_path, capsys):
                  str(mmwhs_samples / "training_ct.tfrecords")]) == 0
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "note: ct1 hold(s) a single slice; segment and the training commands read volumes of several slices: "
-        "give all of a scan's .tfrecords files to one convert")
+        "give all of a scan's .tfrecords files to one convert, in slice order (the release's own training "
+        ".tfrecords are shuffled slices, which make no scan)")
     scan, labels = _scan(2, 4)
     files = [tmp_path / f"s{k}.tfrecords" for k in range(2)]
     _one_slice_files(files, _released_slices(scan, labels))

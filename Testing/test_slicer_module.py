@@ -954,17 +954,24 @@ def test_stand_in_table_columns_are_string_arrays(slicer):
 
 def test_stand_in_scene_names_and_references_follow_slicer(slicer):
     """vtkMRMLScene: GenerateUniqueName hands a name out once (UniqueNames), Clear forgets them; RemoveNode
-    makes the nodes that referred to the removed one drop the reference (UpdateReferences)."""
+    makes the nodes that referred to the removed one drop their references to nodes not in the scene
+    (vtkMRMLNode::UpdateReferences); a node that did not refer to it keeps its own."""
     scene = slicer.mrmlScene
     assert [scene.GenerateUniqueName("x") for _ in range(3)] == ["x", "x_1", "x_2"]
     scene.AddNewNodeByClass("vtkMRMLTableNode", "y_1")
     assert [scene.GenerateUniqueName("y") for _ in range(2)] == ["y", "y_2"]
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "t")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    kept = scene.AddNewNodeByClass("vtkMRMLTableNode", "kept")
+    bystander = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "b")
     segmentation.SetNodeReferenceID("table", table.GetID())
-    segmentation.SetNodeReferenceID("other", "vtkMRMLTableNode99")
+    segmentation.SetNodeReferenceID("dangling", "vtkMRMLTableNode99")
+    segmentation.SetNodeReferenceID("kept", kept.GetID())
+    bystander.SetNodeReferenceID("dangling", "vtkMRMLTableNode99")
     scene.RemoveNode(table)
-    assert segmentation.GetNodeReferenceID("table") is None and segmentation.GetNodeReferenceID("other")
+    assert segmentation.GetNodeReferenceID("table") is None and segmentation.GetNodeReferenceID("dangling") is None
+    assert segmentation.GetNodeReferenceID("kept") == kept.GetID()
+    assert bystander.GetNodeReferenceID("dangling") == "vtkMRMLTableNode99"
     scene.Clear()
     assert scene.GenerateUniqueName("x") == "x"
     from slicer.parameterNodeWrapper import GuiConnector

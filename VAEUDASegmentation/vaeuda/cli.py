@@ -381,8 +381,9 @@ def run(args, reporter: Reporter) -> List[str]:
             # the remedy is for .tfrecords slices; a released .npz volume one voxel thick is the file's own shape
             stacked = set(single) - {stem(p) for p in args.inputs if str(p).lower().endswith(".npz")}
             reporter.log(f"note: {listed(single)} hold(s) a single slice; segment and the training commands read "
-                         f"volumes of several slices" + (": give all of a scan's .tfrecords files to one convert"
-                                                          if stacked else ""))
+                         f"volumes of several slices" + (": give all of a scan's .tfrecords files to one convert, in "
+                                                          "slice order (the release's own training .tfrecords are "
+                                                          "shuffled slices, which make no scan)" if stacked else ""))
         return [str(p) for p in written]
     if cmd == "info":
         from .modelfile import build_from_meta, check_metadata, read_tensors

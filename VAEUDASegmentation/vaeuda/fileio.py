@@ -121,19 +121,21 @@ def _umask_mode(mode: int) -> int:
 
 def _nearest_existing(path: Path) -> Path:
     """The nearest ancestor of ``path`` that exists: where making ``path`` has to write (a folder, or a
-    file that stands in the way)."""
+    file that stands in the way). os.path.exists, not Path.exists: that raises inside a folder we may
+    not enter, and this runs while an error is being worded."""
     ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
+    while not os.path.exists(ancestor) and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     return ancestor
 
 
-def _in_the_way(shown: Path, ancestor: Path, exc: OSError) -> Optional[VaeudaError]:
-    """The one wording for a file where a folder must be, or a folder that refuses writing, whichever
-    step meets it (the up-front check, making folders, making the file); None for other errors."""
-    if not ancestor.is_dir():
+def _in_the_way(shown: Path, ancestor: Path, exc: Optional[OSError]) -> Optional[VaeudaError]:
+    """The one wording for a file where a folder must be, or a folder that refuses writing (``exc``
+    EACCES, or None when the up-front check found it), whichever step meets it: the check, making
+    folders, making the file. None for other errors (a full disk; EPERM from chmod or a sticky folder)."""
+    if not os.path.isdir(ancestor):
         return VaeudaError(f"{shown}: cannot be written ({ancestor} is a file).")
-    if isinstance(exc, PermissionError):
+    if exc is None or exc.errno == errno.EACCES:
         return VaeudaError(f"{shown}: cannot be written (no permission to write in {ancestor}).")
     return None
 
@@ -153,12 +155,16 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     VaeudaError naming it.
     """
     path = Path(path)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{stem(path)}.", suffix=f".part{full_suffix(path)}", dir=path.parent)
         os.close(fd)
         os.chmod(tmp, _umask_mode(0o666))
     except OSError as exc:
+        if tmp is not None:             # made, then refused its mode: nothing is left behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         raise _unwritable(path, exc) from None
     tmp_path = Path(tmp)
     try:
@@ -238,8 +244,8 @@ def _check_creatable(path: Path, shown: Optional[Path] = None) -> None:
     """``path``'s nearest existing ancestor is a folder we may write in; errors name ``shown`` (default ``path``)."""
     shown = path if shown is None else shown
     ancestor = _nearest_existing(path)
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise _in_the_way(shown, ancestor, PermissionError())
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise _in_the_way(shown, ancestor, None)
     # os.access says yes to root everywhere and knows nothing of read-only or pseudo file systems
     # (/proc): a file made and removed there is the test the output will face.
     try:

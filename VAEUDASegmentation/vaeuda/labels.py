@@ -99,7 +99,7 @@ class Convention:
         out = np.zeros(raw.shape, dtype=np.uint8)
         unknown = [int(v) for v in values if int(v) not in self.to_index]
         shown = ", ".join(str(v) for v in unknown[:8])
-        if len(unknown) > MAX_UNKNOWN_VALUES and (self.unknown == "error" or self.name == MMWHS.name):
+        if len(unknown) > MAX_UNKNOWN_VALUES and (self.unknown == "error" or self == MMWHS):
             # MM-WHS's few stray values become background; hundreds of them are image intensities.
             # A mapping whose author chose "unknown": "background" may mean a map of many labels.
             raise VaeudaError(f"{source}: {len(unknown)} of its values ({shown}, ...) are not in the '{self.name}' "

@@ -516,14 +516,16 @@ class vtkMRMLScene:
         return self.AddNode(node)
 
     def RemoveNode(self, node):
-        """vtkMRMLScene::RemoveNode: the nodes that referred to it drop those references (UpdateReferences)."""
+        """vtkMRMLScene::RemoveNode: each node that referred to it runs vtkMRMLNode::UpdateReferences, which
+        drops every reference of that node to a node not in the scene."""
         if node in self._nodes:
             self._nodes.remove(node)
             self._subjectHierarchy._removeDataNodeItem(node.GetID())
             node._scene = None
             for other in self._nodes:
-                other._references = {role: nodeID for role, nodeID in other._references.items()
-                                     if nodeID != node.GetID()}
+                if node.GetID() in other._references.values():
+                    other._references = {role: nodeID for role, nodeID in other._references.items()
+                                         if not nodeID or self.GetNodeByID(nodeID) is not None}
 
     def GetNodeByID(self, nodeID):
         for node in self._nodes:
