@@ -434,7 +434,7 @@ def test_evaluate_refused_while_a_job_runs_sends_no_warning_first(slicer, mod, f
     fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), waitForCompletion=False)
     events = []
     try:
-        with pytest.raises(RuntimeError, match=r"^A VAE-UDA job \(segment\) is running; wait for it or cancel it"):
+        with pytest.raises(RuntimeError, match=r"^Another VAE-UDA job \(segmenting\) is running; wait for it, or cancel it where"):
             fake_logic.evaluate(seg, ref, progressCallback=events.append)
     finally:
         fake_logic.cancel()
@@ -464,8 +464,9 @@ def test_evaluate_says_how_to_give_a_segmentation_its_reference_volume(slicer, m
     ref = make_segmentation(slicer, volume, labels, [("LV-M", "LV-M", None)], "ref")
     loose = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
     with pytest.raises(ValueError, match=re.escape(
-            "Segmentation 'manual' has no reference volume to compare in; set one with "
-            "segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)")):
+            "Segmentation 'manual' has no reference volume to compare in: select it in Segment Editor with the "
+            "volume it was drawn on (in the Python console: "
+            "segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)).")):
         fake_logic.evaluate(loose, ref)
 
 
@@ -610,7 +611,7 @@ def test_cancel_mid_job_kills_the_process_tree_and_leaves_nothing(slicer, mod, f
     grandchild = int(pidfile.read_text())
     assert is_alive(grandchild)
     assert len(os.listdir(slicer.app.temporaryPath)) == 1          # the job's folder, while it runs
-    with pytest.raises(RuntimeError, match=r"A VAE-UDA job \(segment\) is running"):
+    with pytest.raises(RuntimeError, match=r"Another VAE-UDA job \(segmenting\) is running"):
         fake_logic.segment(volume, str(tmp_path / "m.safetensors"))   # one job at a time
     started = time.monotonic()
     fake_logic.cancel()
@@ -677,7 +678,8 @@ def test_a_blocking_call_keeps_processing_events_and_refuses_a_second_job(slicer
     qt.QTimer.singleShot(0, press_segment_again)
     with pytest.raises(mod.JobCancelledError):
         fake_logic.segment(volume, model)
-    assert seen == ["A VAE-UDA job (segment) is running; wait for it or cancel it first."]
+    assert seen == ["Another VAE-UDA job (segmenting) is running; wait for it, or cancel it where it was started (its "
+                    "Cancel button in the panel, or cancel() on the logic that started it in the Python console)."]
     assert not fake_logic.isRunning() and os.listdir(slicer.app.temporaryPath) == []
 
 
@@ -692,7 +694,7 @@ def test_a_second_logic_cannot_start_a_job_while_another_runs(slicer, mod, fake_
     other.engineCommand = fake_logic.engineCommand
     fake_logic.segment(volume, model, waitForCompletion=False)
     try:
-        with pytest.raises(RuntimeError, match=r"^A VAE-UDA job \(segment\) is running; wait for it or cancel it"):
+        with pytest.raises(RuntimeError, match=r"^Another VAE-UDA job \(segmenting\) is running; wait for it, or cancel it where"):
             other.segment(volume, model, waitForCompletion=False)
     finally:
         fake_logic.cancel()
@@ -1590,6 +1592,7 @@ class _PanelParameters:
 
     def __init__(self, inputVolume=None, outputSegmentation=None):
         self.inputVolume, self.outputSegmentation = inputVolume, outputSegmentation
+        self.device, self.cpuBf16, self.portable = "auto", False, False        # Advanced, as the panel starts
 
     def disconnectGui(self, tag):
         pass
@@ -1701,9 +1704,23 @@ def test_a_disabled_button_says_what_it_waits_for(mod):
     p.trainDataFolder, p.trainOutputModelPath = pathlib.Path("/data/mr"), "/models/source.safetensors"
     panel._updateButtonStates()
     assert buttons["train"].enabled and buttons["train"].toolTip == "train tip"
+    # Advanced settings the engine refuses keep the run buttons waiting, saying which to change
+    p.inputVolume, p.segmentModelPath = object(), "/models/adapted.safetensors"
+    p.portable, p.device = True, "cuda"
+    panel._updateButtonStates()
+    assert not buttons["train"].enabled and not buttons["segment"].enabled and buttons["tryIt"].enabled
+    assert buttons["train"].toolTip == buttons["segment"].toolTip == (
+        "Portable numerics runs on the CPU: set Device to auto or cpu, or uncheck it (Advanced).")
+    p.device, p.cpuBf16 = "cpu", True
+    panel._updateButtonStates()
+    assert buttons["train"].enabled and not buttons["segment"].enabled
+    assert buttons["segment"].toolTip.startswith("Portable numerics computes in float32: uncheck it or")
+    p.portable = False
+    panel._updateButtonStates()
+    assert buttons["segment"].enabled and buttons["segment"].toolTip == "segment tip"
     panel._runningAction = "train"
     panel._updateButtonStates()
-    assert buttons["train"].text == "Cancel" and buttons["train"].toolTip == "Cancel the running job."
+    assert buttons["train"].text == "Cancel" and buttons["train"].toolTip == mod.CANCEL_TIP
     assert not buttons["segment"].enabled and "Another job is running" in buttons["segment"].toolTip
 
 
@@ -1891,3 +1908,9 @@ def test_entering_and_leaving_the_module_again_and_again_leaves_one_observer_and
     panel.enter()
     panel.cleanup()                                     # a reload or leaving Slicer: nothing stays either
     assert node.observers == {} and connected == set()
+
+
+def test_the_time_left_reads_in_hours_past_an_hour(mod):
+    """A paper-preset training's estimate read "about 183 min 20 s left"."""
+    assert [mod._duration(s) for s in (59.9, 125, 3599, 3600, 11000)] == [
+        "0 min 59 s", "2 min 5 s", "59 min 59 s", "1 h 0 min", "3 h 3 min"]

@@ -236,7 +236,8 @@ Cross-Modality Image Segmentation", MICCAI 2019.
 Workflow: (1) pick a model trained on labelled MR volumes, or train one from a folder of them;
 (2) adapt it to one unlabelled CT of the scene, which needs no CT labels at all; (3) segment CT
 volumes with the adapted model to get a segmentation with named, coloured segments.
-Press "Try it" to make a small synthetic MR/CT cohort and run the whole workflow offline.
+Under "Try it", press "Make a synthetic cohort and load a CT" to run the whole workflow on a small
+synthetic MR/CT cohort (offline, after a one-time install of the Python packages).
 See the <a href="https://github.com/VAEUDA/SlicerVAEUDASegmentation/blob/main/Docs/slicer.md">user guide</a>.
 """
         self.parent.acknowledgementText = """
@@ -367,6 +368,20 @@ def _pathOrNone(path) -> Optional[str]:
 # The job running in this Slicer, whichever logic instance started it (the panel's, or one made in
 # the Python console): two engines at once would contend for the cores, or write the same model.
 _RUNNING_JOB: List[Optional["_Job"]] = [None]
+# The engine's checkpoint lives in the job's temporary folder, which goes when the job ends.
+CANCEL_TIP = ("Cancel the running job. A cancelled training or adaptation keeps nothing: the next run starts "
+              "from its first iteration.")
+# What each engine job is doing, as a sentence names it.
+JOB_DESCRIPTIONS = {"synth": "making a synthetic cohort", "train-source": "training a source model",
+                    "adapt": "adapting a model", "segment": "segmenting", "evaluate": "evaluating"}
+
+
+def _duration(seconds: float) -> str:
+    """A time left as the status line shows it: "2 min 5 s", or "3 h 4 min" past an hour."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 60} min {seconds % 60} s"
 
 
 def _userPath(path):
@@ -528,6 +543,18 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 return
         self._updateButtonStates()
 
+    def _settingsConflict(self, name: str) -> Optional[str]:
+        """Why the Advanced settings keep button ``name`` from running (the engine would refuse them), or None."""
+        p = self._parameterNode
+        if name not in ("train", "adapt", "segment") or not p.portable:
+            return None
+        if p.device == "cuda":
+            return "Portable numerics runs on the CPU: set Device to auto or cpu, or uncheck it (Advanced)."
+        if name == "segment" and p.cpuBf16:
+            return ("Portable numerics computes in float32: uncheck it or 'Faster segmentation on the CPU (bf16)' "
+                    "(Advanced).")
+        return None
+
     def _updateButtonStates(self, caller=None, event=None) -> None:
         p = self._parameterNode
         if p is None:
@@ -540,14 +567,15 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                  "evaluate": bool(p.outputSegmentation and p.referenceSegmentation)}
         for name, button in self._actionButtons.items():
             if self._runningAction is None:
-                button.enabled = ready[name]
+                conflict = self._settingsConflict(name) if ready[name] else None
+                button.enabled = ready[name] and conflict is None
                 button.text = self._buttonTexts[name]
-                button.toolTip = self._buttonTips[name] if ready[name] else self.NOT_READY[name]
+                button.toolTip = conflict or (self._buttonTips[name] if ready[name] else self.NOT_READY[name])
             else:
                 # While a job runs, only its own button is active, and it cancels the job.
                 button.enabled = name == self._runningAction
                 button.text = "Cancel" if name == self._runningAction else self._buttonTexts[name]
-                button.toolTip = ("Cancel the running job." if name == self._runningAction
+                button.toolTip = (CANCEL_TIP if name == self._runningAction
                                   else "Another job is running; wait for it or cancel it.")
 
     # -- running jobs
@@ -555,7 +583,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def _ensureRequirements(self) -> None:
         if not self.logic.setupPythonRequirements(askConfirmation=True):
             raise RuntimeError("VAE-UDA Segmentation needs Python packages that are not installed: "
-                               + ", ".join(self.logic.missingPythonRequirements()) + ".")
+                               + ", ".join(self.logic.missingPythonRequirements())
+                               + ". Press the button again and accept the installation (it needs the network once).")
 
     def _runAction(self, name: str, start: Callable[[], None]) -> None:
         """Start the job of button ``name``, or cancel it if it is the one running."""
@@ -587,12 +616,11 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         elif kind == "progress":
             self.ui.progressBar.setValue(int(round(100 * float(event.get("fraction") or 0.0))))
             eta = event.get("eta_s")
-            etaText = f", about {int(eta // 60)} min {int(eta % 60)} s left" if eta is not None else ""
+            etaText = f", about {_duration(eta)} left" if eta is not None else ""
             self.ui.statusLabel.text = f"{event.get('stage', '')}: {event.get('step')}/{event.get('total')}{etaText}"
         elif kind == "log":
             self.ui.logTextEdit.appendPlainText(str(event.get("message", "")))
-        elif kind == "error":
-            self.ui.logTextEdit.appendPlainText(f"Error: {event.get('message', '')}")
+        # (an "error" event is the job's failure, which _finishAction shows in the panel's own terms)
         elif kind == "table":   # evaluate's Markdown table
             self.ui.logTextEdit.appendPlainText(str(event.get("markdown", "")))
 
@@ -646,8 +674,9 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 if referenceDisplay:
                     referenceDisplay.SetVisibility2DFill(False)
                 self.ui.logTextEdit.appendPlainText(
-                    f"Synthetic cohort in {cohort.folder}; training preset set to cpu (minutes). Next: train a "
-                    f"source model from it, adapt, segment.")
+                    f"Synthetic cohort in {cohort.folder}; training preset set to cpu (minutes): set it back to "
+                    f"auto (Advanced) before training on your own data. Next: press 'Train source model' (1. Model), "
+                    f"then Adapt, then Apply.")
 
         self._runAction("tryIt", lambda: self.logic.makeTryItCohort(folder, seed=p.seed,
                                                                     **self._jobOptions(finished)))
@@ -947,7 +976,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         """One engine at a time in this Slicer, whichever logic started it."""
         running = self._job or _RUNNING_JOB[0]
         if running is not None:
-            raise RuntimeError(f"A VAE-UDA job ({running.name}) is running; wait for it or cancel it first.")
+            raise RuntimeError(f"Another VAE-UDA job ({JOB_DESCRIPTIONS.get(running.name, running.name)}) is running; "
+                               f"wait for it, or cancel it where it was started (its Cancel button in the panel, or "
+                               f"cancel() on the logic that started it in the Python console).")
 
     @staticmethod
     def _makeTempDir() -> str:
@@ -1374,9 +1405,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             self._requireNode(outputTableNode, "vtkMRMLTableNode", "The output table", inScene=False)
         referenceVolume = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
         if referenceVolume is None:
-            raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no reference volume to compare in; "
-                             f"set one with segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode("
-                             f"volumeNode), e.g. after loading it from a file.")
+            raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no reference volume to compare in: "
+                             f"select it in Segment Editor with the volume it was drawn on (in the Python console: "
+                             f"segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)).")
         if referenceVolume.GetImageData() is None:
             raise ValueError(f"Volume '{referenceVolume.GetName()}' has no voxels.")
         self._refuseWhileRunning()
