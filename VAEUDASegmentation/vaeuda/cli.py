@@ -375,6 +375,11 @@ def run(args, reporter: Reporter) -> List[str]:
                      f"{listed(volumes)}.")
         if replaced:   # said, since earlier files of those names are gone
             reporter.log(f"Replaced {len(replaced)} file(s) that were there: {listed(replaced)}.")
+        if not args.flip_test_volume and any(str(p).lower().endswith(".npz") for p in args.inputs):
+            # its authors' evaluation flips them by default ("if True:"), which is easy to miss
+            reporter.log("note: the .npz volumes are written as stored; SIFA's released test volumes are stored "
+                         "flipped on both in-plane axes, which its evaluate.py undoes: convert those with "
+                         "--flip-test-volume")
         single = _single_slice_volumes([p for p in written if p.name.endswith("_image.nii.gz")])
         if single:     # written as asked, but every other command refuses a volume one slice thick
             from .fileio import stem
