@@ -261,20 +261,25 @@ def test_weights_that_a_finite_loss_stepped_to_nan_are_never_checkpointed(tiny_c
 
 
 def test_weight_average_is_the_ema_of_the_iterates(tiny_cohort, tmp_path):
-    """With ema_decay d the saved weights are d * w1 + (1 - d) * w2 after two steps (w_i: live weights)."""
+    """With ema_decay d the saved weights are d * w1 + (1 - d) * w2 after two steps (w_i: live weights);
+    BatchNorm's batch counters are counts, not weights: the live network's."""
     w1, w2, avg = (tmp_path / f"{n}.safetensors" for n in ("w1", "w2", "avg"))
     _train(tiny_cohort, w1, iterations=1)
     _train(tiny_cohort, w2, iterations=2)
     _train(tiny_cohort, avg, iterations=2, overrides={"ema_decay": 0.25})
     t1, t2, ta = (read_tensors(p)[0] for p in (w1, w2, avg))
-    moved = 0
+    moved, counters = 0, 0
     for k in ta:
+        if k.startswith("net.") and not ta[k].is_floating_point():
+            assert torch.equal(ta[k], t2[k]) and int(t2[k]) == 2, k
+            counters += 1
         if not k.startswith("net.") or not ta[k].is_floating_point():
             continue
         expected = 0.25 * t1[k] + 0.75 * t2[k]
         assert torch.allclose(ta[k], expected, atol=1e-6), k
         moved += int(not torch.equal(t1[k], t2[k]))
     assert moved > 10      # the two iterates differ, so the test can tell an average from either
+    assert counters > 0
 
 
 def test_later_stages_keep_the_discriminators_loss(tiny_cohort, tmp_path):

@@ -303,6 +303,15 @@ def _weight_average(net: VAEUDANet, decay: float):
     return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+def _update_weight_average(ema, net: VAEUDANet) -> None:
+    """One EMA step; whole-number buffers (BatchNorm's num_batches_tracked) are counts, not weights:
+    averaged and truncated they would stay at their first value, so they follow the live network."""
+    ema.update_parameters(net)
+    for averaged, live in zip(ema.module.buffers(), net.buffers()):
+        if not averaged.is_floating_point():
+            averaged.copy_(live)
+
+
 PROXY_MAX_SLICES = 64   # the early-stop proxy reads at most this many target slices, evenly spaced
 # What early stopping watches, by name: records of early-stopped runs keep it (Table 1 reuses a
 # model only when it matches), so a run stopped by an earlier proxy is not taken for this one's.
@@ -558,7 +567,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         routed_backward(net, weighted)
         opts[0].step()
         if ema is not None:
-            ema.update_parameters(net)
+            _update_weight_average(ema, net)
 
         record = {k: round(float(v.detach()), 5) for k, v in terms.items()}
         if it % 10 == 0 or it == stage.iterations:
