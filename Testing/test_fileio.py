@@ -187,3 +187,27 @@ def test_a_pipe_is_refused_as_an_output_and_as_an_input(tmp_path):
                                               f"file; give a file\\.$"):
             refuse(pipe)
     assert pipe.is_fifo()
+
+
+def test_an_output_inside_a_folder_one_may_not_enter_is_refused_in_a_sentence(tmp_path, monkeypatch):
+    """Path.is_dir / exists raise EACCES inside a folder one may not enter (another user's 0700 home);
+    the checks said it in the OS's words, or the Slicer console got a bare PermissionError. (Simulated:
+    root may enter anywhere.)"""
+    import os
+    import pathlib
+    from vaeuda.fileio import check_model_output
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_stat, real_access = pathlib.Path.stat, os.access
+
+    def stat(self, *args, **kwargs):
+        if locked in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: pathlib.Path(path) != locked and real_access(path, mode))
+    expected = f"cannot be written \\(no permission to write in {re.escape(str(locked))}\\)\\.$"
+    for check, path in ((check_output_file, locked / "sub" / "m.safetensors"), (check_output_dir, locked / "sub"),
+                        (check_model_output, locked / "m.safetensors")):
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: {expected}"):
+            check(path)

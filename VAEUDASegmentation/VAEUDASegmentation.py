@@ -584,7 +584,9 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if not self.logic.setupPythonRequirements(askConfirmation=True):
             raise RuntimeError("VAE-UDA Segmentation needs Python packages that are not installed: "
                                + ", ".join(self.logic.missingPythonRequirements())
-                               + ". Press the button again and accept the installation (it needs the network once).")
+                               + ". Press the button again to install them (it asks first, and needs the network "
+                                 "once); if the installation failed or the PyTorch extension is missing, the message "
+                                 "shown before this one says what to do.")
 
     def _runAction(self, name: str, start: Callable[[], None]) -> None:
         """Start the job of button ``name``, or cancel it if it is the one running."""

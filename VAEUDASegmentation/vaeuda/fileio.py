@@ -192,7 +192,7 @@ def check_model_output(out: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
     ``out.ckpt`` (written during the run, removed at its end), refused before any work. Returns ``out``."""
     check_output_file(out, inputs)
     ckpt = checkpoint_path(out)
-    if ckpt.is_dir():       # the user named the model file; the checkpoint's name is ours
+    if os.path.isdir(ckpt):       # the user named the model file; the checkpoint's name is ours
         raise VaeudaError(f"{ckpt}: is a folder where this run keeps its checkpoint (the model file's name plus "
                           f"'.ckpt'); move it away or choose another output.")
     check_output_file(ckpt, inputs)
@@ -216,9 +216,11 @@ def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
     if str(path).endswith(("/", os.sep)):     # Path drops the separator: the file would take the folder's name
         raise VaeudaError(f"{path}: is named as a folder (it ends with a separator); give the output a file name.")
     path = Path(path)
-    if path.is_dir():
+    # os.path, not Path: its is_dir / exists raise inside a folder one may not enter, where these say
+    # no, and _check_creatable then words the refusal
+    if os.path.isdir(path):
         raise VaeudaError(f"{path}: is a folder; give the output a file name.")
-    if path.exists() and not path.is_file():
+    if os.path.exists(path) and not os.path.isfile(path):
         raise VaeudaError(f"{path}: {SPECIAL_FILE}")
     _check_creatable(path)
     resolved = path.resolve()
@@ -231,9 +233,9 @@ def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
 def check_output_dir(path: PathLike) -> Path:
     """Refuse, before any work, an output folder path that is a file or cannot be created. Returns it."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    if os.path.exists(path) and not os.path.isdir(path):       # (os.path: as in check_output_file)
         raise VaeudaError(f"{path}: is an existing file, not a folder.")
-    if not path.exists() and full_suffix(path).lower() in VOLUME_SUFFIXES + (".safetensors", ".json"):
+    if not os.path.exists(path) and full_suffix(path).lower() in VOLUME_SUFFIXES + (".safetensors", ".json"):
         raise VaeudaError(f"{path}: is named like a file, but --out takes the folder the outputs go in; "
                           f"give a folder.")
     _check_creatable(path / "x", shown=path)
