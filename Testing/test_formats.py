@@ -615,3 +615,21 @@ def test_convert_refuses_a_file_given_twice(mmwhs_samples, tmp_path):
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(npz))}: given twice; give each input once\\.$"):
         convert_released([npz, npz], tmp_path / "out", MMWHS)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_folder_of_the_users_where_convert_writes_a_file_is_refused_not_deleted(tmp_path, split):
+    """It was moved aside and deleted with what it held; refused before the work where the names are known
+    (split volumes are named as the records are read: refused before anything moves)."""
+    scan, labels = _scan(3, 3)
+    files = [tmp_path / f"s{k}.tfrecords" for k in range(3)]
+    _one_slice_files(files, _released_slices(scan, labels))
+    out = tmp_path / "out"
+    name = "v_001" if split else "v"
+    (out / f"{name}_label.nii.gz").mkdir(parents=True)
+    (out / f"{name}_label.nii.gz" / "precious.txt").write_text("mine")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(out / (name + '_label.nii.gz')))}: is a folder where "
+                                          f"this run writes a file; move it away or choose another output folder\\.$"):
+        convert_released(files, out, MMWHS, name="v", split=split)
+    assert sorted(p.name for p in out.iterdir()) == [f"{name}_label.nii.gz"]
+    assert (out / f"{name}_label.nii.gz" / "precious.txt").read_text() == "mine"

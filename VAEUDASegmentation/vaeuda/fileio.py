@@ -305,8 +305,19 @@ def _remove_empty(folders: Iterable[Path]) -> None:
             pass
 
 
+def refuse_folder_in_the_way(target: PathLike) -> None:
+    """Refuse a folder (not a link to one) where a run writes the file ``target`` into an output folder."""
+    if os.path.isdir(target) and not os.path.islink(target):
+        raise VaeudaError(f"{target}: is a folder where this run writes a file; move it away or choose another "
+                          f"output folder.")
+
+
 def _move_entries(source: Path, dest: Path) -> None:
-    """Move every entry of ``source`` into ``dest``, replacing those of the same name, all or none."""
+    """Move every entry of ``source`` into ``dest``, replacing those of the same name, all or none.
+    A folder of the user's where a file goes is refused, not replaced: it would be deleted with all it holds."""
+    for item in source.iterdir():
+        if not item.is_dir():
+            refuse_folder_in_the_way(dest / item.name)
     aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest))
     done = []   # (name, whether an old entry was moved aside), in order
     try:

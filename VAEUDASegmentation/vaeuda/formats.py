@@ -382,7 +382,7 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
     written and, without ``split``, where the breaks are (file names, with the record for a file
     of several; with ``split`` none are reported: each begins a volume).
     """
-    from .fileio import atomic_dir, check_output_dir, refuse_repeated, stem
+    from .fileio import atomic_dir, check_output_dir, refuse_folder_in_the_way, refuse_repeated, stem
     from .volumes import require_nifti_size, write_image, write_label
 
     paths = [Path(p) for p in inputs]
@@ -408,6 +408,10 @@ def convert_released(inputs: Sequence[PathLike], out_dir: PathLike, convention: 
         _check_volume_name(stem(path), f"{path}: its name")
     refuse_repeated(paths)             # as segment says it: one input twice is not two volumes of one name
     check_output_dir(out_dir)
+    known = [stem(p) for p in volumes] + ([name] if records and not split else [])   # split names come later
+    for volume_name in known:
+        for role in ("image", "label"):
+            refuse_folder_in_the_way(Path(out_dir) / f"{volume_name}_{role}.nii.gz")
 
     written: List[Path] = []
     taken: Dict[str, str] = {}      # casefolded (case-insensitive file systems: A and a are one file)
