@@ -211,3 +211,25 @@ def test_an_output_inside_a_folder_one_may_not_enter_is_refused_in_a_sentence(tm
                         (check_model_output, locked / "m.safetensors")):
         with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: {expected}"):
             check(path)
+
+
+def test_a_path_that_is_not_utf8_text_is_refused_before_itk_aborts_the_process(tmp_path):
+    """ITK's C++ code aborted the process (SIGABRT) on a name of non-UTF-8 bytes, leaving its staging
+    folder behind; safetensors cannot open one either. Refused in one sentence, showing the bytes."""
+    import os
+    import numpy as np
+    import SimpleITK as sitk
+    from vaeuda.modelfile import require_file
+    from vaeuda.volumes import read_image, write_image
+    odd = os.fsdecode(b"x\xff")
+    image = tmp_path / "ok.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.float32)), str(image))
+    os.rename(image, tmp_path / f"{odd}.nii.gz")
+    message = r"x\\xff[^:]*: its name is not UTF-8 text, which the image and model file libraries cannot open; rename it\.$"
+    for refuse in (lambda: read_image(tmp_path / f"{odd}.nii.gz"),
+                   lambda: write_image(sitk.GetImageFromArray(np.zeros((2, 2, 2), np.float32)), tmp_path / f"{odd}_2.nii.gz"),
+                   lambda: check_output_dir(tmp_path / odd), lambda: check_output_file(tmp_path / f"{odd}.safetensors"),
+                   lambda: require_file(tmp_path / f"{odd}.nii.gz")):
+        with pytest.raises(VaeudaError, match=message):
+            refuse()
+    assert os.listdir(tmp_path) == [f"{odd}.nii.gz"]

@@ -80,6 +80,18 @@ MAX_NAME_BYTES = 255
 SPECIAL_FILE = "is a pipe, socket or device, not a regular file; give a file."
 
 
+def require_utf8_name(path: PathLike) -> None:
+    """Refuse a path that is not UTF-8 text (Python keeps such bytes as surrogates): ITK's C++ code
+    aborts the whole process on one, leaving half-written files behind, and safetensors cannot open it."""
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+        raise VaeudaError(f"{shown}: its name is not UTF-8 text, which the image and model file libraries cannot "
+                          f"open; rename it.") from None
+
+
 def require_readable(path: PathLike) -> None:
     """Refuse an existing input file or folder this process may not read (its permissions), in the
     OS's words: ITK and safetensors would call it missing; and a pipe, socket or device, which a
@@ -213,6 +225,7 @@ def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
     """Refuse, before any work, an output file path that is a folder, a pipe, socket or device (which
     the atomic rename would replace), lies under a file, cannot be created, or is one of ``inputs``
     (which are never overwritten). Returns the path."""
+    require_utf8_name(path)
     if str(path).endswith(("/", os.sep)):     # Path drops the separator: the file would take the folder's name
         raise VaeudaError(f"{path}: is named as a folder (it ends with a separator); give the output a file name.")
     path = Path(path)
@@ -232,6 +245,7 @@ def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
 
 def check_output_dir(path: PathLike) -> Path:
     """Refuse, before any work, an output folder path that is a file or cannot be created. Returns it."""
+    require_utf8_name(path)
     path = Path(path)
     if os.path.exists(path) and not os.path.isdir(path):       # (os.path: as in check_output_file)
         raise VaeudaError(f"{path}: is an existing file, not a folder.")

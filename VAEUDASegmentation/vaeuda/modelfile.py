@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .errors import VaeudaError
-from .fileio import atomic_path, image_then_label, require_readable
+from .fileio import atomic_path, image_then_label, require_readable, require_utf8_name
 from .nets import NetConfig, VAEUDANet
 
 FORMAT = "vaeuda-model"
@@ -61,6 +61,7 @@ def save_tensors(path, tensors: Dict[str, torch.Tensor], meta: dict, extra_heade
 
 def require_file(path, what: str = "model file") -> Path:
     """Refuse a model file (or checkpoint: ``what``) path that is a folder or holds nothing. Returns it."""
+    require_utf8_name(path)
     path = Path(path)
     if path.is_dir():
         raise VaeudaError(f"{path}: is a folder, not a {what}.")

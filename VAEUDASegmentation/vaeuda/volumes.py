@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .fileio import VOLUME_SUFFIXES, atomic_path, first_bytes, full_suffix, require_readable
+from .fileio import VOLUME_SUFFIXES, atomic_path, first_bytes, full_suffix, require_readable, require_utf8_name
 from .labels import BUILTIN_CONVENTIONS, Convention
 
 PathLike = Union[str, Path]
@@ -365,6 +365,7 @@ SOP_CLASS_UID = "0008|0016"   # a DICOM tag every DICOM file carries; ITK keeps 
 
 def _read_any(path: Path) -> sitk.Image:
     """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
+    require_utf8_name(path)
     require_existing(path)
     nifti = None
     if path.is_dir():
@@ -618,6 +619,7 @@ def write_image(image: sitk.Image, path: PathLike) -> Path:
     (.nii, .nii.gz, .nrrd, .mha). Returns the path."""
     path = Path(path)
     _checked_suffix(path)
+    require_utf8_name(path)
     try:
         with atomic_path(path) as tmp:
             sitk.WriteImage(image, str(tmp), useCompression=True)
