@@ -633,3 +633,34 @@ def test_a_folder_of_the_users_where_convert_writes_a_file_is_refused_not_delete
         convert_released(files, out, MMWHS, name="v", split=split)
     assert sorted(p.name for p in out.iterdir()) == [f"{name}_label.nii.gz"]
     assert (out / f"{name}_label.nii.gz" / "precious.txt").read_text() == "mine"
+
+
+def test_released_readers_name_a_pipe_a_folder_and_arrays_too_large_for_memory(tmp_path):
+    """A pipe read "file not found" (it is there); a .npz whose .npy headers declare petabytes gave numpy's
+    MemoryError traceback."""
+    import os
+    import struct
+    import zipfile
+    for suffix, read in ((".npz", read_npz), (".tfrecords", read_tfrecords)):
+        pipe = tmp_path / f"pipe{suffix}"
+        os.mkfifo(pipe)
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(pipe))}: is a pipe, socket or device"):
+            read(pipe)
+        folder = tmp_path / f"folder{suffix}"
+        folder.mkdir()
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: is a folder, not a released file\\.$"):
+            read(folder)
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / ('none' + suffix)))}: file not found\\.$"):
+            read(tmp_path / f"none{suffix}")
+
+    def npy(shape):       # a .npy header declaring ``shape``, and a few bytes
+        header = "{'descr': '<f4', 'fortran_order': False, 'shape': %r, }" % (shape,)
+        header = header + " " * (118 - len(header)) + "\n"
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + b"\0" * 64
+    huge = tmp_path / "huge.npz"
+    with zipfile.ZipFile(huge, "w") as archive:
+        for member in ("arr_0.npy", "arr_1.npy"):
+            archive.writestr(member, npy((100000, 100000, 100000)))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(huge))}: its arrays, as their headers declare them, do "
+                                          f"not fit in this computer's memory\\.$"):
+        read_npz(huge)
