@@ -233,3 +233,16 @@ def test_a_path_that_is_not_utf8_text_is_refused_before_itk_aborts_the_process(t
         with pytest.raises(VaeudaError, match=message):
             refuse()
     assert os.listdir(tmp_path) == [f"{odd}.nii.gz"]
+
+
+def test_an_output_folder_that_is_a_dangling_link_is_named_as_one(tmp_path):
+    """Making the folder met the link: "cannot be written (File exists)"."""
+    import os
+    link = tmp_path / "out"
+    os.symlink(tmp_path / "gone", link)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(link))}: is a symbolic link to "
+                                          f"{re.escape(str(tmp_path / 'gone'))}, which does not exist; create that "
+                                          f"folder, or remove the link\\.$"):
+        check_output_dir(link)
+    (tmp_path / "gone").mkdir()
+    assert check_output_dir(link) == link

@@ -100,7 +100,7 @@ def test_mapping_by_key_or_name_reads_and_writes_its_values(tmp_path):
     path = _mapping(tmp_path, '{"lv myocardium": 11, "LA-B": 12, "lv-b": 13, "Ascending aorta": 14, '
                               '"background": [9, 0], "unknown": "background"}')
     convention = load_convention(str(path))
-    assert convention.name == "map" and convention.unknown == "background"
+    assert convention.name == "map.json" and convention.unknown == "background"
     raw = np.array([[0, 11, 12, 13], [14, 9, 77, 11]], np.int32)
     assert convention.encode(raw).tolist() == [[0, 1, 2, 3], [4, 0, 0, 1]]
     assert convention.decode(np.array([0, 1, 2, 3, 4])).tolist() == [9, 11, 12, 13, 14]
@@ -110,7 +110,7 @@ def test_mapping_refuses_unknown_values_by_default(tmp_path):
     path = _mapping(tmp_path, '{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4}')
     convention = load_convention(str(path))
     assert convention.encode(np.array([0, 4, 1])).tolist() == [0, 4, 1]
-    with pytest.raises(VaeudaError, match=r"^lab\.nii: label values 7 are not in the 'map' label mapping \(a "
+    with pytest.raises(VaeudaError, match=r"^lab\.nii: label values 7 are not in the 'map\.json' label mapping \(a "
                                           r"--label-convention JSON file can list them under \"background\" or set "
                                           r"\"unknown\": \"background\"\)\.$"):
         convention.encode(np.array([0, 4, 7]), source="lab.nii")
@@ -190,3 +190,31 @@ def test_mmwhs_reads_the_challenges_stray_421_as_the_la_blood_cavity_and_writes_
     assert Convention.from_dict(stored).to_index[420] == 3
     other = Convention.from_dict(BUILTIN_CONVENTIONS["consecutive"].to_dict())
     assert other == BUILTIN_CONVENTIONS["consecutive"] and other is not BUILTIN_CONVENTIONS["consecutive"]
+
+
+def test_a_mapping_file_with_a_repeated_key_too_deep_or_named_like_a_built_in_convention(tmp_path):
+    """JSON keeps a repeated key's last value silently (a model trained with LV-M 7 where the file also says
+    1); a mapping nested 200000 deep gave a RecursionError traceback; one called mmwhs.json took the built-in
+    convention's name, so that a message said its values were not 'mmwhs' values, then to read them as 'mmwhs'."""
+    repeated = _mapping(tmp_path, '{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4, "LV-M": 7}')
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(repeated))}: 'LV-M' is given twice in the label mapping; "
+                                          f"give each key once\\.$"):
+        load_convention(str(repeated))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200000)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(deep))}: label mapping file is not valid JSON"):
+        load_convention(str(deep))
+    named = tmp_path / "mmwhs.json"
+    named.write_text('{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": 4}')
+    convention = load_convention(str(named))
+    assert convention.name == "mmwhs.json" and convention != MMWHS
+    with pytest.raises(VaeudaError, match=r"label values 205, 420, 500, 820 are not in the 'mmwhs\.json' label mapping; "
+                                          r"they are 'mmwhs' values: read it with --label-convention mmwhs\.$"):
+        convention.encode(np.array([0, 205, 420, 500, 820]))
+
+
+def test_a_float_label_files_huge_values_are_shown_as_written():
+    with pytest.raises(VaeudaError, match=r"^lab\.nii: label values 1e\+300 are not in the 'consecutive' label mapping"):
+        CONSECUTIVE.encode(np.array([0.0, 1.0, 1e300]), source="lab.nii")
+    with pytest.raises(VaeudaError, match=r"label values 18446744073709551615 are not"):     # integers stay exact
+        CONSECUTIVE.encode(np.array([0, 1, 2**64 - 1], dtype=np.uint64), source="lab.nii")

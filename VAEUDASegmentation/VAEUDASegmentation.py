@@ -119,14 +119,14 @@ def readModelMetadata(modelPath) -> dict:
             if length > 100_000_000:
                 raise ValueError
             header = json.loads(f.read(length).decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         raise ValueError(f"{path}: not a VAE-UDA model file (no readable safetensors header).") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not a VAE-UDA model file (a safetensors file without the '{MODEL_FORMAT}' metadata).")
     try:
         meta = json.loads(metadata.get("meta") or "{}")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         meta = None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: the model file's metadata is damaged.")

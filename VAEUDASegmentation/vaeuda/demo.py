@@ -42,7 +42,7 @@ def read_splits(cohort: Path) -> dict:
         splits = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise VaeudaError(f"{path}: not found; a cohort folder needs it (make one with `vaeuda synth`).") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise VaeudaError(f"{path}: cannot be read as JSON ({exc}).") from None
     if not isinstance(splits, dict):
         raise VaeudaError(f"{path}: holds no JSON object of splits.")
@@ -75,7 +75,7 @@ def is_phantom_cohort(cohort: Path, seed: int, size: Optional[int]) -> bool:
     from .phantom import GENERATOR, N_SOURCE, N_TARGET, N_TRAIN, split_prefixes
     try:
         splits = json.loads((Path(cohort) / "splits.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return (isinstance(splits, dict) and splits.get("generator") == GENERATOR and splits.get("seed") == seed
             and splits.get("size") == size and splits.get("mr") == split_prefixes("mr", N_SOURCE, N_TRAIN)

@@ -269,7 +269,7 @@ def _trained(models: Path, name: str, spec: dict, train: Callable[[Path], dict],
     if model.exists() and record_path.exists():
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):
             record = None
         if isinstance(record, dict) and record.get("spec") == spec:
             reporter.log(f"reusing {model}: trained earlier with the same settings")

@@ -249,6 +249,9 @@ def check_output_dir(path: PathLike) -> Path:
     path = Path(path)
     if os.path.exists(path) and not os.path.isdir(path):       # (os.path: as in check_output_file)
         raise VaeudaError(f"{path}: is an existing file, not a folder.")
+    if os.path.islink(path) and not os.path.exists(path):     # making the folder would meet the link
+        raise VaeudaError(f"{path}: is a symbolic link to {os.readlink(path)}, which does not exist; create that "
+                          f"folder, or remove the link.")
     if not os.path.exists(path) and full_suffix(path).lower() in VOLUME_SUFFIXES + (".safetensors", ".json"):
         raise VaeudaError(f"{path}: is named like a file, but --out takes the folder the outputs go in; "
                           f"give a folder.")

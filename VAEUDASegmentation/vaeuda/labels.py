@@ -98,7 +98,8 @@ class Convention:
         values = [int(v) for v in np.unique(raw)]   # Python ints: a uint64 beyond int64 is shown as it is
         out = np.zeros(raw.shape, dtype=np.uint8)
         unknown = [int(v) for v in values if int(v) not in self.to_index]
-        shown = ", ".join(str(v) for v in unknown[:8])
+        # a float file's huge whole values read as they were written (1e+300), not as 301 digits
+        shown = ", ".join(f"{float(v):g}" if raw.dtype.kind == "f" and abs(v) >= 10**16 else str(v) for v in unknown[:8])
         if len(unknown) > MAX_UNKNOWN_VALUES and (self.unknown == "error" or self == MMWHS):
             # MM-WHS's few stray values become background; hundreds of them are image intensities.
             # A mapping whose author chose "unknown": "background" may mean a map of many labels.
@@ -170,9 +171,16 @@ def load_convention(spec: Optional[str]) -> Convention:
     path = Path(spec)
     if not path.is_file():
         raise VaeudaError(f"{spec}: label mapping is neither 'mmwhs', 'consecutive' nor an existing JSON file.")
+    def once(pairs):      # json keeps a repeated key's last value without a word
+        keys = [key for key, _ in pairs]
+        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        if repeated is not None:
+            raise VaeudaError(f"{path}: '{repeated}' is given twice in the label mapping; give each key once.")
+        return dict(pairs)
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=once)
+    except (OSError, ValueError, RecursionError) as exc:    # (RecursionError: nested too deep)
         raise VaeudaError(f"{path}: label mapping file is not valid JSON ({exc}).") from None
     lookup = {}
     for s in STRUCTURES:
@@ -218,4 +226,5 @@ def load_convention(spec: Optional[str]) -> Convention:
     unknown = data.get("unknown", "error")
     if unknown not in ("error", "background"):
         raise VaeudaError(f"{path}: 'unknown' must be 'error' or 'background', not '{unknown}'.")
-    return Convention(path.stem, to_index, tuple(from_index), unknown)
+    # named by the file's name, extension included: a mapping file called mmwhs.json is not the built-in 'mmwhs'
+    return Convention(path.name, to_index, tuple(from_index), unknown)

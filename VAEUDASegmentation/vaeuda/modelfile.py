@@ -83,7 +83,7 @@ def _declared_format(path: Path) -> Optional[str]:
         if len(text) < length:      # cut inside the header: ours if the part left names our format
             return FORMAT if f'"format":"{FORMAT}"'.encode() in text else None   # (its keys come in any order)
         return str(json.loads(text)["__metadata__"]["format"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -140,7 +140,7 @@ def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor
                           f"by this engine ({__version__}, format {FORMAT_VERSION}); update the extension.")
     try:
         meta = json.loads(header["meta"])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise VaeudaError(f"{path}: model file metadata is damaged.") from None
     if header.get("tensors_sha256") != _digest(tensors):
         raise VaeudaError(f"{path}: model file weights do not match their checksum (the file was altered or damaged).")

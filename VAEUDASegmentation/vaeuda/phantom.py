@@ -653,7 +653,7 @@ def _previous_cohort_files(out: Path) -> set:
     ``splits.json`` itself (empty if none is ours)."""
     try:
         splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return set()
     if not isinstance(splits, dict) or not str(splits.get("generator", "")).startswith("vaeuda.phantom"):
         return set()

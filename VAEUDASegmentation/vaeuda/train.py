@@ -479,7 +479,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
             state = json.loads(header["train_state"])
             start, history = int(state["iteration"]), list(state["history"])
             rng_state = tensors["rng.gen"]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, RecursionError):
             raise VaeudaError(f"{ckpt}: not a training checkpoint (its training state is missing or damaged); "
                               f"remove it to start afresh.") from None
         if meta.get("stage") != stage.meta.get("stage"):
