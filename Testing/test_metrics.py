@@ -491,3 +491,28 @@ def test_predictions_in_other_label_values_than_the_references(tmp_path, capsys)
     sitk.WriteImage(sitk.GetImageFromArray(intensities), str(image / "s_seg.nii.gz"))
     with pytest.raises(VaeudaError, match=r"is it an image rather than a label map\?$"):
         metrics.evaluate_dirs(image, mmwhs_ref, MMWHS)
+
+
+def test_evaluate_names_the_structures_a_reference_lacks(tmp_path, capsys):
+    """A reference holding none of a structure (another convention's map, a map of the right heart only)
+    was scored without a word: the structure is scored as empty, 100 or 0 Dice."""
+    from vaeuda.cli import main
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    a, _ = two_cubes()
+    right_heart = np.where(a, 600, 0).astype(np.uint16)                 # RV only: background under MM-WHS
+    write_raw(ref_dir / "x_label.nii.gz", right_heart)
+    write_label(pred_dir / "x_seg.nii.gz", a.astype(np.uint8))          # LV-M where the RV is
+    full = np.zeros(a.shape, np.uint8)
+    full[0, 0, :4], full[5, 5, :4] = (1, 2, 3, 4), (1, 2, 3, 4)
+    write_label(ref_dir / "y_label.nii.gz", full)
+    write_label(pred_dir / "y_seg.nii.gz", full)
+    assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--progress", "none"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the reference x_label.nii.gz holds no LV-M, LA-B, LV-B, A-A; scored as empty there "
+                     "(Dice 100 where the segmentation is empty too, 0 where it is not)"]
+    result = json.loads((pred_dir / "evaluation.json").read_text())
+    assert result["references_lacking"] == {str(ref_dir / "x_label.nii.gz"): ["LV-M", "LA-B", "LV-B", "A-A"]}
+    x = result["volumes"][0]["metrics"]
+    assert (x["LV-M"]["dice"], x["LA-B"]["dice"]) == (0.0, 1.0)

@@ -259,9 +259,10 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None, ign
     Returns ``(markdown, result)``: a table with one row per volume and a last row over all
     volumes (Dice [%], ASSD [voxel], ASSD [mm]), and the JSON-able dict
     ``{"convention", "pred_convention", "connectivity", "n_volumes", "volumes": [{"name", "pred", "ref",
-    "spacing_zyx", "metrics"}], "summary", "unscored_references"}`` with NaN as ``None``
-    (``unscored_references``: the references skipped for want of a prediction). ``json_path``: also write the
-    dict there, atomically.
+    "spacing_zyx", "metrics"}], "summary", "unscored_references", "references_lacking"}`` with NaN as
+    ``None`` (``unscored_references``: the references skipped for want of a prediction;
+    ``references_lacking``: reference path -> the structure keys it does not hold, scored as empty
+    there). ``json_path``: also write the dict there, atomically.
     """
     preds = _keyed_files(Path(pred_dir), "prediction")
     refs = _keyed_files(Path(ref_dir), "reference")
@@ -277,9 +278,12 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None, ign
         fileio.check_output_file(json_path, [*preds.values(), *refs.values()])
     pred_convention_given = pred_convention is not None
     pred_convention = pred_convention or convention
-    volumes, per_volume = [], []
+    volumes, per_volume, lacking = [], [], {}
     for key in sorted(preds):
         ref_image = vol.read_label(refs[key], convention)
+        held = set(np.unique(sitk.GetArrayViewFromImage(ref_image)).tolist())
+        if not held.issuperset(s.index for s in STRUCTURES):
+            lacking[str(refs[key])] = [s.key for s in STRUCTURES if s.index not in held]
         try:
             pred_image = vol.read_label(preds[key], pred_convention, option="--pred-label-convention")
         except VaeudaError as exc:    # the reference read: the way out is the segmentations' own option
@@ -301,7 +305,7 @@ def evaluate_dirs(pred_dir, ref_dir, convention: Convention, json_path=None, ign
     result = _json_ready({"convention": convention.name, "pred_convention": pred_convention.name,
                           "connectivity": CONNECTIVITY,
                           "n_volumes": len(volumes), "volumes": volumes, "summary": summary,
-                          "unscored_references": unscored})
+                          "unscored_references": unscored, "references_lacking": lacking})
     if json_path is not None:
         text = json.dumps(result, indent=2, allow_nan=False) + "\n"
         with fileio.atomic_path(json_path) as tmp:
