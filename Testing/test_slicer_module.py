@@ -1914,3 +1914,20 @@ def test_the_time_left_reads_in_hours_past_an_hour(mod):
     """A paper-preset training's estimate read "about 183 min 20 s left"."""
     assert [mod._duration(s) for s in (59.9, 125, 3599, 3600, 11000)] == [
         "0 min 59 s", "2 min 5 s", "59 min 59 s", "1 h 0 min", "3 h 3 min"]
+
+
+def test_the_engines_note_on_what_the_reference_lacks_is_left_to_evaluates_own(mod):
+    """evaluate() names the missing segments before the job; the engine's note on the same would name the
+    job's temporary reference file. It is dropped for evaluation jobs only; other notes pass, paths named."""
+    import types
+    from vaeuda.labels import reference_lacks_note
+    seen = []
+    job = types.SimpleNamespace(name="evaluate", pathNames={"/tmp/x/ref/case_label.nii.gz": "reference segmentation 'r'"},
+                                progressCallback=seen.append)
+    engine_note = reference_lacks_note(mod.EVALUATION_REFERENCE_FILE, ["LA-B"])
+    other = {"event": "log", "message": "note: /tmp/x/ref/case_label.nii.gz is read"}
+    mod.VAEUDASegmentationLogic._forward(job, [{"event": "log", "message": engine_note}, other])
+    assert seen == [{"event": "log", "message": "note: reference segmentation 'r' is read"}]
+    job.name = "segment"
+    mod.VAEUDASegmentationLogic._forward(job, [{"event": "log", "message": engine_note}])
+    assert seen[-1]["message"] == engine_note

@@ -368,6 +368,10 @@ def _pathOrNone(path) -> Optional[str]:
 # The job running in this Slicer, whichever logic instance started it (the panel's, or one made in
 # the Python console): two engines at once would contend for the cores, or write the same model.
 _RUNNING_JOB: List[Optional["_Job"]] = [None]
+# The reference's file in an evaluation's temporary folder, and the start of the engine's note on the
+# structures it lacks, which evaluate() gives itself in segment names.
+EVALUATION_REFERENCE_FILE = "case_label.nii.gz"
+_ENGINE_REFERENCE_NOTE = vaeudaLabels.REFERENCE_LACKS_NOTE.split("{keys}")[0].format(reference=EVALUATION_REFERENCE_FILE)
 # The engine's checkpoint lives in the job's temporary folder, which goes when the job ends.
 CANCEL_TIP = ("Cancel the running job. A cancelled training or adaptation keeps nothing: the next run starts "
               "from its first iteration.")
@@ -1041,6 +1045,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     @classmethod
     def _forward(cls, job: _Job, events: List[dict]) -> None:
         for event in events:
+            if (job.name == "evaluate" and event.get("event") == "log"
+                    and str(event.get("message", "")).startswith(_ENGINE_REFERENCE_NOTE)):
+                continue     # evaluate() said it before the job, naming the segments
             if isinstance(event.get("message"), str):
                 event["message"] = _namePaths(event["message"], job.pathNames)
             if event.get("event") in ("stage", "log", "error"):
@@ -1417,7 +1424,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         predDir, refDir = os.path.join(tempDir, "pred"), os.path.join(tempDir, "ref")
-        predPath, refPath = os.path.join(predDir, "case_seg.nii.gz"), os.path.join(refDir, "case_label.nii.gz")
+        predPath, refPath = os.path.join(predDir, "case_seg.nii.gz"), os.path.join(refDir, EVALUATION_REFERENCE_FILE)
         pathNames = {predPath: f"segmentation '{segmentationNode.GetName()}'",
                      refPath: f"reference segmentation '{referenceSegmentationNode.GetName()}'"}
         try:

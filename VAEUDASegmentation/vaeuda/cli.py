@@ -349,9 +349,9 @@ def run(args, reporter: Reporter) -> List[str]:
         if skipped:    # e.g. --ref a whole cohort folder; a lost segmentation would only shrink N otherwise
             reporter.log(f"note: {len(skipped)} reference(s) without a prediction not scored: "
                          f"{listed([Path(p).name for p in skipped])}")    # a whole cohort's: 36 names
+        from .labels import reference_lacks_note
         for path, keys in result["references_lacking"].items():   # (a reference in another convention, too)
-            reporter.log(f"note: the reference {Path(path).name} holds no {', '.join(keys)}; scored as empty there "
-                         f"(Dice 100 where the segmentation is empty too, 0 where it is not)")
+            reporter.log(reference_lacks_note(Path(path).name, keys))
         if reporter.mode == "json":
             emit("table", markdown=table)
         else:

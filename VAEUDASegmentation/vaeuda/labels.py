@@ -56,6 +56,16 @@ SIFA_IGNORED_VALUE = 5
 MAX_UNKNOWN_VALUES = 32
 
 
+# ``evaluate``'s note on a reference that holds none of some structures. The Slicer module, which
+# says it in its own terms (segment names), recognises the engine's by its start.
+REFERENCE_LACKS_NOTE = ("note: the reference {reference} holds no {keys}; scored as empty there (Dice 100 where the "
+                        "segmentation is empty too, 0 where it is not)")
+
+
+def reference_lacks_note(reference: str, keys) -> str:
+    return REFERENCE_LACKS_NOTE.format(reference=reference, keys=", ".join(keys))
+
+
 @dataclass(frozen=True)
 class Convention:
     """How raw label-file values map to class indices 0..4.
