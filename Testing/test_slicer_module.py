@@ -464,9 +464,9 @@ def test_evaluate_says_how_to_give_a_segmentation_its_reference_volume(slicer, m
     ref = make_segmentation(slicer, volume, labels, [("LV-M", "LV-M", None)], "ref")
     loose = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
     with pytest.raises(ValueError, match=re.escape(
-            "Segmentation 'manual' has no reference volume to compare in: select it in Segment Editor with the "
-            "volume it was drawn on (in the Python console: "
-            "segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)).")):
+            "Segmentation 'manual' has no reference volume to compare in: give it the volume it was drawn on, in "
+            "the Python console with segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode) "
+            "(Segment Editor does so with the first source volume chosen for a new segmentation).")):
         fake_logic.evaluate(loose, ref)
 
 

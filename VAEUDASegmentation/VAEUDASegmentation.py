@@ -1415,8 +1415,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         referenceVolume = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
         if referenceVolume is None:
             raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no reference volume to compare in: "
-                             f"select it in Segment Editor with the volume it was drawn on (in the Python console: "
-                             f"segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)).")
+                             f"give it the volume it was drawn on, in the Python console with "
+                             f"segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode) (Segment "
+                             f"Editor does so with the first source volume chosen for a new segmentation).")
         if referenceVolume.GetImageData() is None:
             raise ValueError(f"Volume '{referenceVolume.GetName()}' has no voxels.")
         self._refuseWhileRunning()
