@@ -218,6 +218,19 @@ def test_missing_file(tmp_path):
     (lambda m: m["config"].update(slice_fov_mm=float("nan")), "slice_fov_mm must be a positive number, not nan"),
     (lambda m: m["config"].update(slice_fov_mm="x"), "slice_fov_mm must be a positive number, not 'x'"),
     (lambda m: m["config"].update(logvar_clamp="x"), "logvar_clamp must be a positive number, not 'x'"),
+    (lambda m: m["config"].update(slice_fov_mm=1e-300), r"slice_fov_mm must be in \[1.0, 10000.0\] mm, not 1e-300"),
+    (lambda m: m.update(preset=["tiny"]), r"preset \['tiny'\] is not one of"),              # unhashable: a TypeError
+    (lambda m: (m["labels"]["convention"]["from_index"].__setitem__(4, 10 ** 20),
+                m["labels"]["convention"]["to_index"].update({str(10 ** 20): 4})),
+     "a label value of its convention does not fit a 64-bit label file"),
+    (lambda m: m.update(normalisation={"method": "fixed", "range": [float("-inf"), float("inf")]}),
+     "the intensity normalisation gives non-finite intensities"),
+    (lambda m: m["normalisation"].update(method="zscore", clip_lower_percentile=99, clip_upper_percentile=1),
+     "clips at a lower percentile above its upper one"),
+    (lambda m: m["normalisation"].update(method="fixed", range=[0, 1], clip_lower_percentile="x"),
+     r"a clipping percentile of the intensity normalisation is 'x', not one in \[0, 100\]"),
+    (lambda m: m["train"].update(intensity_remap="no"), "intensity_remap is not true or false"),
+    (lambda m: m["provenance"].update(numerics="x"), "the numerics in its provenance are not a JSON object"),
     (lambda m: m.update(stage="bogus"), "stage 'bogus' is not one of source, adapted, finetuned"),
     (lambda m: m.update(has_target_encoder=True), "has_target_encoder is True in a model of stage 'source'"),
     (lambda m: m.pop("has_target_encoder"), "has_target_encoder is None in a model of stage 'source'"),
@@ -274,9 +287,12 @@ def _resave_with_header(saved, tmp_path, edit):
     (lambda h: h.pop("format_version"), "format version None is not valid"),
     (lambda h: h.update(format_version="0"), "format version '0' is not valid"),   # versions start at 1
     (lambda h: h.update(format_version="1.x"), "format version '1.x' is not valid"),  # not an integer
+    (lambda h: h.update(format_version="\u0662"), "format version '\u0662' is not valid"),  # int() reads it as 2
+    (lambda h: h.update(format_version=" 2"), "format version ' 2' is not valid"),
     # not taken as unchecked-but-fine (catches skipping the comparison when the field is absent)
     (lambda h: h.pop("tensors_sha256"), "do not match their checksum"),
-], ids=["no format version", "format version 0", "format version not an integer", "no checksum"])
+], ids=["no format version", "format version 0", "format version not an integer", "format version not ASCII",
+        "format version with a space", "no checksum"])
 def test_edited_header_is_refused(saved, tmp_path, edit, message):
     with pytest.raises(VaeudaError, match=message):
         load_model(_resave_with_header(saved, tmp_path, edit))
@@ -303,5 +319,28 @@ def test_missing_weight_tensor_is_refused(saved, tmp_path):
     path = tmp_path / "incomplete.safetensors"
     save_tensors(path, tensors, meta)
     with pytest.raises(VaeudaError, match=r"^\S*incomplete.safetensors: model weights do not fit its configuration "
-                                          r"\(1 tensor\(s\) missing, extra or of another shape, e.g. net.seg.head.bias\)\.$"):
+                                          r"\(1 tensor\(s\) missing, extra or of another shape or type, e.g. net.seg.head.bias\)\.$"):
         load_model(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update({"net.seg.head.bias": torch.full_like(t["net.seg.head.bias"], float("nan"))}),
+     r"model weights hold NaN or infinite values \(e.g. net.seg.head.bias\); the file was altered or damaged"),
+    (lambda t: t.update({"net.seg.head.bias": t["net.seg.head.bias"].half()}),
+     r"model weights do not fit its configuration \(1 tensor\(s\) missing, extra or of another shape or type, "
+     r"e.g. net.seg.head.bias\)"),
+    (lambda t: t.update({"optim.gen.0.step": torch.tensor(1.0)}),
+     r"holds tensors a model file does not \(optim.gen.0.step, ...\): is it a training checkpoint\?"),
+])
+def test_weights_that_would_load_wrong_are_refused(saved, tmp_path, edit, message):
+    """With a valid checksum: a NaN weight segmented everything as background with exit 0; a float16 or integer
+    tensor was cast by load_state_dict without a word; a checkpoint's other states rode along as a model."""
+    from vaeuda.cli import main
+    from vaeuda.modelfile import save_tensors
+    tensors, meta, _ = read_tensors(saved[1])
+    edit(tensors)
+    edited = tmp_path / "edited.safetensors"
+    save_tensors(edited, tensors, meta)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(edited))}: {message}"):
+        load_model(edited)
+    assert main(["info", str(edited)]) == 2

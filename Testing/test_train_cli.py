@@ -1454,3 +1454,45 @@ def test_an_os_error_that_is_no_refusal_of_the_users_paths_stays_a_traceback(mon
     monkeypatch.setattr(cli, "run", broken)
     with pytest.raises(OSError, match="Bad file descriptor"):
         main(["info", "x.safetensors", "--progress", "none"])
+
+
+def _drop_first(tensors, prefix, key):
+    name = next(k for k in sorted(tensors) if k.startswith(prefix) and k.endswith(key))
+    del tensors[name]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t, s: s.update(iteration=-5), "not a training checkpoint (its training state is missing or damaged)"),
+    (lambda t, s: s.update(iteration=True), "not a training checkpoint (its training state is missing or damaged)"),
+    (lambda t, s: s.update(history="abc"), "not a training checkpoint (its training state is missing or damaged)"),
+    (lambda t, s: t.update({"rng.gen": t["rng.gen"][:100].clone()}),
+     "checkpoint is damaged (its random generator state is not one)"),
+    (lambda t, s: t.update({"optim.gen.abc": torch.zeros(1)}),
+     "checkpoint is damaged (its optimiser state holds optim.gen.abc, which no parameter of this run has)"),
+    (lambda t, s: t.update({next(k for k in sorted(t) if k.startswith("optim.gen.") and k.endswith("exp_avg")):
+                            torch.zeros(3, 3)}), "checkpoint is damaged (its optimiser state for optim.gen."),
+    (lambda t, s: _drop_first(t, "optim.gen.", ".exp_avg_sq"), "checkpoint is damaged (its optimiser state for"),
+    (lambda t, s: [t.pop(k) for k in [k for k in t if k.startswith("optim.disc.")]],
+     "checkpoint is damaged (it holds no state of the disc optimiser, which iteration 2 had)"),
+    (lambda t, s: t.update({"net.seg.head.bias": torch.full_like(t["net.seg.head.bias"], float("nan"))}),
+     "model weights hold NaN or infinite values (e.g. seg.head.bias)"),
+    (lambda t, s: t.update({"net.seg.head.bias": t["net.seg.head.bias"].half()}),
+     "model weights do not fit its configuration (1 tensor(s) missing, extra or of another shape or type"),
+])
+def test_resume_refuses_a_damaged_checkpoint_in_one_sentence(tiny_cohort, tmp_path, monkeypatch, edit, message):
+    """Edited with a valid checksum: tracebacks from torch's generator, Adam's first step or the weight
+    average's loading; a negative iteration or no optimiser state resumed silently as another run; a NaN
+    weight was blamed on the training, the damaged checkpoint called the last good one."""
+    from vaeuda.modelfile import save_tensors
+    overrides = {"checkpoint_every": 2}
+    out = tmp_path / "m.safetensors"
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4, overrides=overrides)
+    ckpt = checkpoint_path(out)
+    tensors, meta, header = read_tensors(ckpt, what="training checkpoint")
+    state = json.loads(header["train_state"])
+    edit(tensors, state)
+    save_tensors(ckpt, tensors, meta, {"train_state": json.dumps(state)})
+    before = ckpt.read_bytes()
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(ckpt))}: {re.escape(message)}"):
+        _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
+    assert ckpt.read_bytes() == before and not out.exists()

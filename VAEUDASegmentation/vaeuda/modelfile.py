@@ -125,10 +125,8 @@ def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor
         kind = _foreign_kind(path)
         raise VaeudaError(f"{path}: not a VAE-UDA {what} "
                           f"({kind or f'not a readable safetensors file: {exc}'}).") from None
-    try:
-        version = int(header.get("format_version", "0"))
-    except ValueError:
-        version = -1
+    text = header.get("format_version", "0")
+    version = int(text) if text.isascii() and text.isdigit() else -1     # (int() takes "٢" and " 2")
     if version < 1:
         raise VaeudaError(f"{path}: model file format version {header.get('format_version')!r} is not valid "
                           f"(the file was altered or damaged).")
@@ -158,9 +156,27 @@ def save_model(path, net: VAEUDANet, meta: dict, extra_tensors: Optional[Dict[st
     save_tensors(path, tensors, meta, extra_header)
 
 
+def refuse_unfit_weights(stored: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> None:
+    """Refuse ``stored`` tensors (names as in ``expected``) that are missing, extra, of another shape
+    or dtype than ``expected`` holds (load_state_dict would cast a float16 or integer tensor without a
+    word), or hold NaN or infinite values (a network that segments nothing, without an error)."""
+    differing = sorted(set(expected) ^ set(stored)) or sorted(
+        k for k in expected if tuple(stored[k].shape) != tuple(expected[k].shape) or stored[k].dtype != expected[k].dtype)
+    if differing:
+        raise VaeudaError(f"model weights do not fit its configuration ({len(differing)} tensor(s) missing, extra or "
+                          f"of another shape or type, e.g. {differing[0]}).")
+    bad = next((k for k, v in stored.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise VaeudaError(f"model weights hold NaN or infinite values (e.g. {bad}); the file was altered or damaged.")
+
+
 def load_networks(net: VAEUDANet, tensors: Dict[str, torch.Tensor], path) -> None:
     """Load the ``net.*`` tensors of a model file or checkpoint into ``net`` (VaeudaError if they do not fit)."""
     state = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
+    try:
+        refuse_unfit_weights(state, net.state_dict())
+    except VaeudaError as exc:
+        raise VaeudaError(f"{path}: {exc}") from None
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -187,7 +203,7 @@ def check_metadata(path, meta) -> None:
 
     if not isinstance(meta, dict):
         raise damaged("not a JSON object")
-    if meta.get("preset") not in PRESETS:
+    if not isinstance(meta.get("preset"), str) or meta["preset"] not in PRESETS:
         raise damaged(f"preset {meta.get('preset')!r} is not one of {', '.join(PRESETS)}")
     for key in ("stage", "labels", "normalisation", "train", "config"):
         if key not in meta:
@@ -206,15 +222,28 @@ def check_metadata(path, meta) -> None:
         raise damaged("the label convention is unreadable") from None
     # Segmentations are written with from_index and read back with to_index: one value per class,
     # each read back as its own class.
+    if any(not -2**63 <= value < 2**63 for value in (*convention.from_index, *convention.to_index)):
+        raise damaged("a label value of its convention does not fit a 64-bit label file")
     if len(convention.from_index) != N_CLASSES or len(set(convention.from_index)) != N_CLASSES or any(
             convention.to_index.get(value) != index for index, value in enumerate(convention.from_index)):
         raise damaged(f"the label convention does not give each of the {N_CLASSES} classes its own label value")
     if not isinstance(meta["normalisation"].get("method"), str):
         raise damaged("the intensity normalisation has no method")
     try:
-        normalise(np.arange(8, dtype=np.float32).reshape(2, 2, 2), meta["normalisation"])
+        with np.errstate(all="ignore"):     # (an infinite range would warn, then give NaN)
+            probe = normalise(np.arange(8, dtype=np.float32).reshape(2, 2, 2), meta["normalisation"])
     except (VaeudaError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise damaged(f"the intensity normalisation is unusable: {str(exc).rstrip('.')}") from None
+    if not np.isfinite(probe).all():
+        raise damaged("the intensity normalisation gives non-finite intensities")
+    lower = meta["normalisation"].get("clip_lower_percentile")
+    upper = meta["normalisation"].get("clip_upper_percentile")
+    for value in (lower, upper):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= 100):
+            raise damaged(f"a clipping percentile of the intensity normalisation is {value!r}, not one in [0, 100]")
+    if lower is not None and upper is not None and not lower < upper:
+        raise damaged("the intensity normalisation clips at a lower percentile above its upper one")
     # the training options that later stages read from the source model
     train = meta["train"]
     if train.get("gan_mode", "lsgan") not in GAN_MODES:
@@ -223,9 +252,13 @@ def check_metadata(path, meta) -> None:
     if weights is not None and not (isinstance(weights, list) and len(weights) == N_CLASSES and all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights)):
         raise damaged(f"class_weights is not a list of {N_CLASSES} positive numbers")
+    if not isinstance(train.get("intensity_remap", False), bool):
+        raise damaged("intensity_remap is not true or false")
     provenance = meta.get("provenance", {})
     if not isinstance(provenance, dict):
         raise damaged("'provenance' is not a JSON object")
+    if not isinstance(provenance.get("numerics", {}), dict):
+        raise damaged("the numerics in its provenance are not a JSON object")
     images, labels = provenance.get("source_data"), provenance.get("source_labels")
     if (images, labels) != (None, None) and not (
             all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in (images, labels))
@@ -277,13 +310,13 @@ def build_from_meta(path, meta: dict, tensors: Optional[Dict[str, torch.Tensor]]
         raise VaeudaError(f"{path}: {exc}") from None
     try:
         if tensors is not None:
+            others = sorted(k for k in tensors if not k.startswith("net."))
+            if others:      # a checkpoint's optimiser, generator and average states
+                raise VaeudaError(f"holds tensors a model file does not ({others[0]}, ...): is it a training checkpoint? "
+                                  f"Give the model file its run wrote.")
             with torch.device("meta"):
-                shapes = {f"net.{k}": tuple(v.shape) for k, v in VAEUDANet(cfg).state_dict().items()}
-            stored = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
-            if shapes != stored:
-                differing = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
-                raise VaeudaError(f"model weights do not fit its configuration ({len(differing)} tensor(s) "
-                                  f"missing, extra or of another shape, e.g. {differing[0]}).")
+                expected = {f"net.{k}": v for k, v in VAEUDANet(cfg).state_dict().items()}
+            refuse_unfit_weights(tensors, expected)
         return VAEUDANet(cfg)
     except VaeudaError as exc:
         raise VaeudaError(f"{path}: {exc}") from None

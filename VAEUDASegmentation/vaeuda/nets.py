@@ -102,6 +102,10 @@ class NetConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise VaeudaError(f"model configuration: {name} must be a positive number, not {value!r}.")
+        # a slice a fraction of a millimetre wide is no field of view (1e-300 made ITK's resampler fail)
+        if self.slice_fov_mm is not None and not MIN_FOV_MM <= self.slice_fov_mm <= MAX_FOV_MM:
+            raise VaeudaError(f"model configuration: slice_fov_mm must be in [{MIN_FOV_MM}, {MAX_FOV_MM}] mm, "
+                              f"not {self.slice_fov_mm!r}.")
 
 
 PRESETS: Dict[str, NetConfig] = {
@@ -120,6 +124,8 @@ PRESETS: Dict[str, NetConfig] = {
 # A floor: the latent is S / 2**n_down (S/4 in every preset), and the discriminator halves S again
 # per scale and per layer.
 MIN_INPUT_SIZE = 16
+# Bounds of a slice's field of view a model file may hold (the presets: 192 mm), in mm.
+MIN_FOV_MM, MAX_FOV_MM = 1.0, 10000.0
 
 
 def get_preset(name: str) -> NetConfig:

@@ -30,7 +30,7 @@ from .fileio import (check_model_output, checkpoint_path, file_sha256, full_suff
                      refuse_repeated)
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
-from .modelfile import check_metadata, load_model, load_networks, read_tensors, save_model
+from .modelfile import refuse_unfit_weights, check_metadata, load_model, load_networks, read_tensors, save_model
 from .nets import VAEUDANet, get_preset
 from .progress import Reporter, null_reporter
 from .volumes import DEFAULT_NORMALISATION
@@ -281,14 +281,31 @@ def _optim_tensors(name: str, opt: torch.optim.Optimizer) -> Dict[str, torch.Ten
     return out
 
 
-def _load_optim(name: str, opt: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
+ADAM_STATE = {"step": (), "exp_avg": None, "exp_avg_sq": None}   # None: the parameter's shape
+
+
+def _load_optim(name: str, opt: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor], resumed_at: int) -> None:
+    """Restore optimiser ``name``'s Adam state from a checkpoint's ``optim.<name>.<index>.<key>`` tensors,
+    after checking it is the state of these parameters (Adam would fail at its first step on a
+    moment of another shape, and start afresh, without a word, on none)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
     state: Dict[int, dict] = {}
     prefix = f"optim.{name}."
     for key, value in tensors.items():
         if key.startswith(prefix):
-            idx, k = key[len(prefix):].split(".", 1)
+            idx, _, k = key[len(prefix):].partition(".")
+            if not idx.isascii() or not idx.isdigit() or int(idx) >= len(params) or k not in ADAM_STATE:
+                raise VaeudaError(f"its optimiser state holds {key}, which no parameter of this run has")
             state.setdefault(int(idx), {})[k] = value
+    for idx, entry in state.items():
+        for k, shape in ADAM_STATE.items():
+            value = entry.get(k)
+            want = tuple(params[idx].shape) if shape is None else shape
+            if value is None or tuple(value.shape) != want or value.dtype != torch.float32:
+                raise VaeudaError(f"its optimiser state for {prefix}{idx}.{k} is missing or not the parameter's")
+    if resumed_at > 0 and not state:
+        raise VaeudaError(f"it holds no state of the {name} optimiser, which iteration {resumed_at} had")
+    sd = opt.state_dict()
     sd["state"] = state
     opt.load_state_dict(sd)
 
@@ -477,8 +494,11 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         check_metadata(ckpt, meta)
         try:
             state = json.loads(header["train_state"])
-            start, history = int(state["iteration"]), list(state["history"])
+            start, history = state["iteration"], state["history"]
             rng_state = tensors["rng.gen"]
+            if (isinstance(start, bool) or not isinstance(start, int) or start < 0 or not isinstance(history, list)
+                    or not all(isinstance(entry, dict) for entry in history)):
+                raise ValueError
         except (KeyError, TypeError, ValueError, RecursionError):
             raise VaeudaError(f"{ckpt}: not a training checkpoint (its training state is missing or damaged); "
                               f"remove it to start afresh.") from None
@@ -499,14 +519,26 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         _refuse_other_settings(ckpt, meta, stage.meta, start, stage.iterations)
         load_networks(net, tensors, ckpt)
         net.to(device)
-        _load_optim("gen", opts[0], tensors)
-        _load_optim("disc", opts[1], tensors)
-        gen.set_state(rng_state)
+        try:
+            _load_optim("gen", opts[0], tensors, start)
+            _load_optim("disc", opts[1], tensors, start)
+            gen.set_state(rng_state)
+        except VaeudaError as exc:
+            raise VaeudaError(f"{ckpt}: checkpoint is damaged ({exc}); remove it to start afresh.") from None
+        except (RuntimeError, TypeError):      # torch's refusal of a generator state of another size or type
+            raise VaeudaError(f"{ckpt}: checkpoint is damaged (its random generator state is not one); remove it "
+                              f"to start afresh.") from None
         if ema is not None:
             ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
             if not ema_state:
                 raise VaeudaError(f"{ckpt}: checkpoint has no weight average, but this run keeps one (ema_decay).")
-            ema.load_state_dict(ema_state)
+            try:
+                refuse_unfit_weights({k: v for k, v in ema_state.items() if k.startswith("module.")},
+                                      {k: v for k, v in ema.state_dict().items() if k.startswith("module.")})
+                ema.load_state_dict(ema_state)
+            except (VaeudaError, RuntimeError) as exc:
+                raise VaeudaError(f"{ckpt}: checkpoint is damaged (its weight average: "
+                                  f"{str(exc).splitlines()[0].rstrip('.')}); remove it to start afresh.") from None
         if isinstance(state.get("early_stop"), dict):
             best_weights = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
             try:
