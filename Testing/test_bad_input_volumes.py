@@ -493,7 +493,8 @@ def test_values_beyond_32_bit_floats_are_not_called_nan(tmp_path):
 def test_the_nrrd_readers_itk_prefix_is_cut_too(tmp_path):
     """The NRRD reader's exceptions say 'itk::ERROR:', not 'ITK ERROR:': the reason alone, on one line."""
     path = tmp_path / "no_endian.nrrd"
-    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n\n" + b"\0" * 16)
+    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nspacings: 1 1 1\nencoding: raw\n\n"
+                     + b"\0" * 16)
     with pytest.raises(VaeudaError) as raised:
         read_image(path)
     reason = str(raised.value).split(": cannot be read as an image: ", 1)[1]
@@ -520,3 +521,78 @@ def test_an_npz_that_may_not_be_read_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio, "open", denied, raising=False)
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: cannot be read \\(Permission denied\\)\\.$"):
         read_npz(path)
+
+
+def _nifti_with(tmp_path, name, at, fmt, value):
+    """An uncompressed NIfTI-1 file of a small float volume with ``struct.pack(fmt, value)`` at byte ``at``."""
+    import struct
+    path = tmp_path / name
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(60, dtype=np.float32).reshape(3, 4, 5)), str(path))
+    data = bytearray(path.read_bytes())
+    data[at:at + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("at, fmt, value, reason", [
+    (108, "<f", float("nan"), r"vox_offset nan is inside the header or not a number"),     # a traceback before
+    (108, "<f", 100.0, r"vox_offset 100.0 is inside the header or not a number"),         # header read as voxels
+    (72, "<h", 64, r"bitpix 64 for datatype 16, which has 32"),                           # half the voxels 0
+    (268, "<f", float("nan"), r"its position \(qoffset or sform\) is not a number"),      # read as origin 0
+])
+def test_a_nifti_header_that_contradicts_itself_is_refused(tmp_path, at, fmt, value, reason):
+    path = _nifti_with(tmp_path, "v.nii", at, fmt, value)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: its NIfTI header is damaged \\({reason}\\)\\.$"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("header, reason", [
+    ("NDims = 100\nTransformMatrix = 1 0 0 0 1 0 0 0 1\nDimSize = 4 4 4\n", r"NDims = 100; an image here has 3 dimensions"),
+    ("NDims = 3\nDimSize = 4 0 4\n", r"DimSize = 4 0 4, not 3 whole positive numbers"),
+    ("NDims = 3\nDimSize = 4 2.5 4\n", r"DimSize = 4 2.5 4, not 3 whole positive numbers"),
+    ("NDims = 3\nDimSize = 4 4 4\nElementSpacing = 1 nan 1\n", r"ElementSpacing = 1 nan 1, not 3 numbers"),
+    ("NDims = 3\nDimSize = 4 4 4\nOffset = inf 0 0\n", r"Offset = inf 0 0, not 3 numbers"),
+])
+def test_a_metaimage_header_metaio_would_misread_is_refused(tmp_path, header, reason):
+    """NDims = 100 with a 3x3 matrix aborted the process (double free in MetaIO); a zero size gave a
+    traceback; 2.5 was read as 2; a spacing or origin that is not a number was read as 1 or 0."""
+    path = tmp_path / "v.mha"
+    path.write_bytes(("ObjectType = Image\n" + header + "ElementType = MET_SHORT\nElementDataFile = LOCAL\n").encode()
+                     + b"\0" * 128)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: its MetaImage header is damaged \\({reason}\\)\\.$"):
+        read_image(path)
+
+
+def test_detached_headers_refuse_a_pipe_for_data_and_an_empty_file_list(tmp_path):
+    """A .mhd or .nhdr naming a FIFO as its data file hung the reader; LIST without names read uninitialised
+    memory as voxels."""
+    import os
+    os.mkfifo(tmp_path / "ff")
+    mhd = tmp_path / "v.mhd"
+    mhd.write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\nElementDataFile = ff\n")
+    nhdr = tmp_path / "v.nhdr"
+    nhdr.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nspacings: 1 1 1\nencoding: raw\n"
+                    "endian: little\ndata file: ff\n")
+    for path in (mhd, nhdr):
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: its data file {re.escape(str(tmp_path / 'ff'))} "
+                                              f"is a pipe, socket or device"):
+            read_image(path)
+    listed = tmp_path / "l.mhd"
+    listed.write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\nElementDataFile = LIST\n")
+    with pytest.raises(VaeudaError, match="its MetaImage header lists no data files after ElementDataFile = LIST"):
+        read_image(listed)
+
+
+@pytest.mark.parametrize("geometry, reason", [
+    ("spacings: 1 nan 2\n", r"records no spacing along axis 1 \(NaN, 0 or negative\)"),
+    ("", r"records no spacings"),
+    ("space: left-posterior-superior\nspace directions: none none none\n", r"gives spatial axis 0 no direction \('none'\)"),
+])
+def test_a_nrrd_without_a_voxel_spacing_is_refused_as_nifti_is(tmp_path, geometry, reason):
+    """ITK reads a missing or NaN spacing as 1 mm, as it does a NIfTI pixdim of 0, which is refused."""
+    path = tmp_path / "v.nrrd"
+    path.write_bytes(f"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\n{geometry}encoding: raw\nendian: little\n\n"
+                     .encode() + b"\0" * 16)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: its NRRD header {reason}; set the voxel spacing "
+                                          f"first \\(ITK would read 1 mm\\)\\.$"):
+        read_image(path)

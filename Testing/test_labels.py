@@ -218,3 +218,9 @@ def test_a_float_label_files_huge_values_are_shown_as_written():
         CONSECUTIVE.encode(np.array([0.0, 1.0, 1e300]), source="lab.nii")
     with pytest.raises(VaeudaError, match=r"label values 18446744073709551615 are not"):     # integers stay exact
         CONSECUTIVE.encode(np.array([0, 1, 2**64 - 1], dtype=np.uint64), source="lab.nii")
+
+
+def test_a_complex_valued_label_map_is_refused():
+    """numpy dropped the imaginary part, with a ComplexWarning on stderr, and the map was scored."""
+    with pytest.raises(VaeudaError, match=r"^seg\.nii: label values must be whole numbers, found complex values\.$"):
+        MMWHS.encode(np.array([0, 205 + 1j]), source="seg.nii")

@@ -136,13 +136,17 @@ def test_bad_inputs_are_refused_before_the_model_is_read(tmp_path):
 
 
 
-def test_an_input_whose_segmentation_name_is_too_long_is_refused_before_the_model_loads(tmp_path):
+@pytest.mark.parametrize("stem_bytes", [245, 231])
+def test_an_input_whose_segmentation_name_is_too_long_is_refused_before_the_model_loads(tmp_path, stem_bytes):
     """A 245-byte input name is legal; with '_seg.nii.gz' its segmentation's is not (before: the OS's
-    error named the staging folder's file)."""
+    error named the staging folder's file). One of 231 bytes gives a 242-byte name, legal, but its
+    temporary name is 15 bytes longer: that failed after the whole segmentation."""
     from vaeuda.predict import segment_files
-    path = tmp_path / ("c" * 245 + ".nii.gz")
+    path = tmp_path / ("c" * stem_bytes + ".nii.gz")
     sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkInt16), str(path))
-    with pytest.raises(VaeudaError, match=re.escape(f"{path}: its segmentation's name (256 bytes with '_seg.nii.gz') "
-                                                    f"is longer than file systems allow (255)")):
+    with pytest.raises(VaeudaError, match=re.escape(f"{path}: its segmentation's name ({stem_bytes + 11} bytes with "
+                                                    f"'_seg.nii.gz') is longer than an output's may be (240: file "
+                                                    f"systems allow 255, and it is written under a longer temporary "
+                                                    f"name first)")):
         segment_files(tmp_path / "no_model.safetensors", [path], tmp_path / "seg")
     assert not (tmp_path / "seg").exists()

@@ -1402,17 +1402,36 @@ def test_adapting_or_fine_tuning_a_model_that_is_not_a_source_model_says_what_it
     assert "is a label map" in err and "is not a source model" not in err
 
 
-def test_an_os_error_no_check_foresaw_is_one_sentence_and_leaves_nothing(tiny_cohort, tmp_path, capsys):
-    """A model name of 252 bytes is legal, but its MODEL.ckpt is not: the OS's reason in one sentence,
-    status 2, nothing written (before: a traceback and status 1)."""
-    out = tmp_path / ("m" * 240 + ".safetensors")
+def test_an_os_error_no_check_foresaw_is_one_sentence_and_leaves_nothing(tiny_cohort, tmp_path, capsys, monkeypatch):
+    """An OS refusal met during the run (here a name too long, as a 252-byte model name met it for its
+    checkpoint before the checks counted the checkpoint's and temporary names): the OS's reason in one
+    sentence, status 2, nothing written (before: a traceback and status 1)."""
+    import errno
+    out = tmp_path / ("m" * 200 + ".safetensors")
+
+    def refused(path, *args, **kwargs):
+        raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
+    monkeypatch.setattr(train_mod, "save_model", refused)
     code = main(["train-source", "--preset", "tiny", "--iterations", "1", "--out", str(out), "--progress", "json",
                  str(tiny_cohort / "mr_1001_image.nii.gz")])
     captured = capsys.readouterr()
     assert code == 2 and "Traceback" not in captured.err
-    assert captured.err.strip().splitlines()[-1] == f"vaeuda: error: {out}.ckpt: File name too long."
+    assert captured.err.strip().splitlines()[-1] == f"vaeuda: error: {out}: File name too long."
     last = json.loads(captured.out.splitlines()[-1])
-    assert last == {"event": "error", "message": f"{out}.ckpt: File name too long."}
+    assert last == {"event": "error", "message": f"{out}: File name too long."}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_name_too_long_for_its_temporary_name_is_refused_before_the_work(tiny_cohort, tmp_path, capsys):
+    """A 247-byte model name is legal, but it is written under a name 15 bytes longer first (and its
+    checkpoint's is 5 longer still): refused before training, not after."""
+    out = tmp_path / ("m" * 235 + ".safetensors")
+    code = main(["train-source", "--preset", "tiny", "--iterations", "1", "--out", str(out), "--progress", "none",
+                 str(tiny_cohort / "mr_1001_image.nii.gz")])
+    assert code == 2
+    assert capsys.readouterr().err == (f"vaeuda: error: {out}: its name is 247 bytes; an output's may have at most 240 "
+                                       f"(file systems allow 255, and it is written under a longer temporary name "
+                                       f"first); give a shorter name.\n")
     assert list(tmp_path.iterdir()) == []
 
 

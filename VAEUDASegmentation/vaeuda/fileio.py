@@ -74,6 +74,9 @@ def image_then_label(images: Iterable[PathLike], labels: Iterable[PathLike]) -> 
 
 # The longest file name the common file systems take (ext4, APFS; NTFS counts 255 UTF-16 units).
 MAX_NAME_BYTES = 255
+# An output is written under a temporary name beside it first (atomic_path: "." + stem + ".XXXXXXXX.part"
+# + suffix), 15 bytes longer: the longest output name that can be written so.
+MAX_OUTPUT_NAME_BYTES = MAX_NAME_BYTES - len("." + ".XXXXXXXX" + ".part")
 
 
 # An existing path that is neither a regular file nor a folder.
@@ -229,6 +232,10 @@ def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
     if str(path).endswith(("/", os.sep)):     # Path drops the separator: the file would take the folder's name
         raise VaeudaError(f"{path}: is named as a folder (it ends with a separator); give the output a file name.")
     path = Path(path)
+    if len(path.name.encode("utf-8")) > MAX_OUTPUT_NAME_BYTES:   # refused only after the work otherwise
+        raise VaeudaError(f"{path}: its name is {len(path.name.encode('utf-8'))} bytes; an output's may have at most "
+                          f"{MAX_OUTPUT_NAME_BYTES} (file systems allow {MAX_NAME_BYTES}, and it is written under a "
+                          f"longer temporary name first); give a shorter name.")
     # os.path, not Path: its is_dir / exists raise inside a folder one may not enter, where these say
     # no, and _check_creatable then words the refusal
     if os.path.isdir(path):

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .fileio import MAX_NAME_BYTES, first_bytes, require_readable
+from .fileio import MAX_OUTPUT_NAME_BYTES, first_bytes, require_readable
 from .labels import SIFA_IGNORED_VALUE, Convention
 
 PathLike = Union[str, Path]
@@ -357,7 +357,7 @@ def follows(previous: np.ndarray, current: np.ndarray) -> bool:
 
 
 # A file name's bytes on common file systems, less the longest suffix written ("_label.nii.gz").
-_MAX_NAME_BYTES = MAX_NAME_BYTES - len("_label.nii.gz")
+_MAX_NAME_BYTES = MAX_OUTPUT_NAME_BYTES - len("_label.nii.gz")
 
 
 def _check_volume_name(name: str, what: str) -> None:

@@ -102,6 +102,8 @@ class Convention:
         command-line option that chooses this convention, which the sentence names as the way out.
         """
         raw = np.asarray(raw)
+        if raw.dtype.kind == "c":       # (numpy would drop the imaginary part, with a warning on stderr)
+            raise VaeudaError(f"{source}: label values must be whole numbers, found complex values.")
         if raw.dtype.kind == "f":
             if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
                 raise VaeudaError(f"{source}: label values must be whole numbers, found fractional or non-finite values.")

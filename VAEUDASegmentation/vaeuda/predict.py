@@ -16,7 +16,7 @@ import torch
 
 from .choices import DOMAINS, check_choice
 from .errors import VaeudaError, require_count
-from .fileio import MAX_NAME_BYTES, atomic_dir, check_output_dir, stem
+from .fileio import MAX_NAME_BYTES, MAX_OUTPUT_NAME_BYTES, atomic_dir, check_output_dir, require_utf8_name, stem
 from .labels import Convention
 from .modelfile import load_model, require_file
 from .nets import VAEUDANet
@@ -100,6 +100,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
         check_choice("--domain", domain, DOMAINS)
     check_output_dir(out_dir)
     for path in inputs:                         # before the model is loaded and earlier inputs segmented
+        require_utf8_name(path)
         volumes.require_existing(path)
     targets = [output_path(out_dir, path) for path in inputs]
     resolved_inputs = {Path(p).resolve() for p in inputs}
@@ -119,10 +120,11 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
             raise VaeudaError(f"{path}: its {target.name} and the {first_target.name} of {first} are one file where "
                               f"file names ignore case (macOS, Windows); rename one of them.")
         seen[key] = (path, target)
-        if len(target.name.encode("utf-8")) > MAX_NAME_BYTES:    # (and is_dir() would raise for it)
+        if len(target.name.encode("utf-8")) > MAX_OUTPUT_NAME_BYTES:    # (and is_dir() would raise for it)
             raise VaeudaError(f"{path}: its segmentation's name ({len(target.name.encode('utf-8'))} bytes with "
-                              f"'_seg.nii.gz') is longer than file systems allow ({MAX_NAME_BYTES}); give the input "
-                              f"a shorter name.")
+                              f"'_seg.nii.gz') is longer than an output's may be ({MAX_OUTPUT_NAME_BYTES}: file "
+                              f"systems allow {MAX_NAME_BYTES}, and it is written under a longer temporary name "
+                              f"first); give the input a shorter name.")
         if target.is_dir():
             raise VaeudaError(f"{target}: is a folder where the segmentation of {path} would go.")
         if target.resolve() in resolved_inputs:

@@ -26,7 +26,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .fileio import VOLUME_SUFFIXES, atomic_path, first_bytes, full_suffix, require_readable, require_utf8_name
+from .fileio import (SPECIAL_FILE, VOLUME_SUFFIXES, atomic_path, first_bytes, full_suffix, require_readable,
+                     require_utf8_name)
 from .labels import BUILTIN_CONVENTIONS, Convention
 
 PathLike = Union[str, Path]
@@ -145,6 +146,32 @@ class _NiftiLayout(NamedTuple):
     nbytes: int                      # how many bytes of voxel data the header promises
     float_dtype: Optional[np.dtype]  # the voxels' type with the file's byte order; None unless floating-point
     pixdim: Tuple[float, float, float]   # the voxel spacing the header records (pixdim[1..3])
+    damaged: Optional[str] = None    # what in the header contradicts itself (ITK reads past it, silently)
+
+
+# Bits per voxel of each NIfTI datatype (nifti1.h); a header whose bitpix differs is read wrongly by ITK.
+_NIFTI_BITPIX = {2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32, 1024: 64,
+                 1280: 64, 1536: 128, 1792: 128, 2048: 256, 2304: 32}
+
+
+def _nifti_damage(order: str, header: bytes, version: int, offset: float, datatype: int, bitpix: int) -> Optional[str]:
+    """What a NIfTI header states that ITK would read past without a word: voxel data that start
+    inside the header or at no number, a bitpix its datatype does not have, a position (qoffset,
+    or the sform rows when used) that is not a number (read as 0)."""
+    if not math.isfinite(offset) or offset < (352 if version == 1 else 544):
+        return f"vox_offset {offset} is inside the header or not a number"
+    if datatype in _NIFTI_BITPIX and bitpix != _NIFTI_BITPIX[datatype]:
+        return f"bitpix {bitpix} for datatype {datatype}, which has {_NIFTI_BITPIX[datatype]}"
+    if version == 1:
+        qform, sform = struct.unpack(order + "2h", header[252:256])
+        qoffset, srows = struct.unpack(order + "3f", header[268:280]), struct.unpack(order + "12f", header[280:328])
+    else:
+        qform, sform = struct.unpack(order + "2i", header[344:352])
+        qoffset, srows = struct.unpack(order + "3d", header[376:400]), struct.unpack(order + "12d", header[400:496])
+    used = (qoffset if qform > 0 else ()) + (srows if sform > 0 else ())
+    if not all(math.isfinite(v) for v in used):
+        return "its position (qoffset or sform) is not a number"
+    return None
 
 
 def _nifti_layout(header: bytes) -> Optional[_NiftiLayout]:
@@ -154,22 +181,27 @@ def _nifti_layout(header: bytes) -> Optional[_NiftiLayout]:
     ``scl_inter`` set (dcm2niix's CT: int16 on disk, ``scl_inter`` -1024) ITK hands back float32 voxels."""
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
-            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            version, raw_offset = 1, struct.unpack(order + "f", header[108:112])[0]
             dims = struct.unpack(order + "8h", header[40:56])
             datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             pixdim = struct.unpack(order + "8f", header[76:108])
         elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            offset = int(struct.unpack(order + "q", header[168:176])[0])
+            version, raw_offset = 2, float(struct.unpack(order + "q", header[168:176])[0])
             dims = struct.unpack(order + "8q", header[16:80])
             datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             pixdim = struct.unpack(order + "8d", header[104:168])
         else:
             continue
+        damaged = _nifti_damage(order, header, version, raw_offset, datatype, bitpix)
+        offset = int(raw_offset) if math.isfinite(raw_offset) else 0
         n_dims = min(max(int(dims[0]), 0), 7)
         voxels = int(np.prod([max(int(d), 1) for d in dims[1:1 + n_dims]], dtype=np.int64))
         kind = _NIFTI_FLOATS.get(datatype)
         return _NiftiLayout(offset, voxels * max(int(bitpix), 0) // 8, np.dtype(order + kind) if kind else None,
-                            tuple(float(v) for v in pixdim[1:4]))
+                            tuple(float(v) for v in pixdim[1:4]), damaged)
+    if len(header) >= 348 and header[344:348] in (b"n+1\0", b"ni1\0") or header[4:8] in (b"n+2\0", b"ni2\0"):
+        # the magic of a NIfTI header whose size field is neither 348 nor 540
+        return _NiftiLayout(0, 0, None, (1.0, 1.0, 1.0), "its header size field is not NIfTI's")
     return None
 
 
@@ -244,6 +276,19 @@ def _nifti_cut_in_header(path: Path) -> bool:
     return bool(sizes & {348, 540}) and len(head) < min(sizes & {348, 540})
 
 
+def _check_nifti_header(path: Path) -> _NiftiFile:
+    """A NIfTI file's header, refused when it contradicts itself (:func:`_nifti_damage`)."""
+    compressed = first_bytes(path, 2) == GZIP_MAGIC
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as f:
+            nifti = _NiftiFile(compressed, _nifti_layout(f.read(540)))
+    except (EOFError, OSError, zlib.error):
+        raise _truncated(path) from None
+    if nifti.layout is not None and nifti.layout.damaged:
+        raise VaeudaError(f"{path}: its NIfTI header is damaged ({nifti.layout.damaged}).")
+    return nifti
+
+
 def _check_nifti_complete(path: Path) -> Optional[_NiftiFile]:
     """Refuse a truncated NIfTI file (ITK's NIfTI reader fills missing voxels with zeros and says
     nothing); returns its header, parsed once for the checks that follow; None if not named as NIfTI.
@@ -252,17 +297,14 @@ def _check_nifti_complete(path: Path) -> Optional[_NiftiFile]:
     """
     if full_suffix(path).lower() not in (".nii", ".nii.gz"):
         return None
+    nifti = _check_nifti_header(path)
     truncated = _truncated(path)
-    compressed = first_bytes(path, 2) == GZIP_MAGIC
+    compressed = nifti.compressed
     if not compressed:
-        with open(path, "rb") as f:
-            nifti = _NiftiFile(False, _nifti_layout(f.read(540)))
         if nifti.layout is not None and path.stat().st_size < nifti.layout.offset + nifti.layout.nbytes:
             raise truncated
         return nifti
     try:
-        with gzip.open(path, "rb") as f:
-            nifti = _NiftiFile(True, _nifti_layout(f.read(540)))
         if nifti.layout is None:
             return nifti
         expected = nifti.layout.offset + nifti.layout.nbytes
@@ -306,7 +348,17 @@ def _check_metaimage_complete(path: Path) -> None:
             fields[key.strip()] = value.strip()
             if key.strip() == "ElementDataFile":
                 break
+    _check_metaimage_header(path, fields)
     data_file = fields.get("ElementDataFile")
+    if data_file and data_file.split()[0] == "LIST":       # the data files' names follow, one a line
+        with open(path, "rb") as f:
+            f.seek(header_bytes)
+            names = [line.strip() for line in f.read(1 << 20).decode("latin-1").splitlines() if line.strip()]
+        if not names:       # MetaIO reads uninitialised memory for the voxels
+            raise VaeudaError(f"{path}: its MetaImage header lists no data files after ElementDataFile = LIST.")
+        for name in names:
+            _require_data_file(path, path.parent / name)
+        return
     try:
         if fields.get("CompressedData", "False").lower() == "true":
             expected = int(fields["CompressedDataSize"])
@@ -321,8 +373,7 @@ def _check_metaimage_complete(path: Path) -> None:
         available = path.stat().st_size - header_bytes
     elif data_file and not data_file.startswith("LIST") and "%" not in data_file:
         data_path = path.parent / data_file
-        if not data_path.is_file():
-            raise VaeudaError(f"{path}: its data file {data_path} was not found.")
+        _require_data_file(path, data_path)
         available = data_path.stat().st_size
         if offset >= 0:   # HeaderSize = -1 means the data are the file's last bytes
             available -= offset
@@ -330,6 +381,108 @@ def _check_metaimage_complete(path: Path) -> None:
         return
     if available < expected:
         raise _truncated(path)
+
+
+def _require_data_file(header: Path, data_path: Path) -> None:
+    """A detached header's data file: there, readable, and not a pipe or device (a reader would wait
+    on one forever)."""
+    if not data_path.exists():
+        raise VaeudaError(f"{header}: its data file {data_path} was not found.")
+    if not data_path.is_file():
+        raise VaeudaError(f"{header}: its data file {data_path} {SPECIAL_FILE}")
+    require_readable(data_path)
+
+
+def _meta_numbers(value: str) -> Optional[List[float]]:
+    try:
+        return [float(v) for v in value.split()]
+    except ValueError:
+        return None
+
+
+def _check_metaimage_header(path: Path, fields: Dict[str, str]) -> None:
+    """Refuse a MetaImage header whose geometry MetaIO would misread: more dimensions than a volume
+    has (NDims = 100 with a 3x3 matrix crashed the process), sizes that are not whole positive
+    numbers (2.5 read as 2; 0 gave a traceback), fields of the wrong length, and a spacing, origin or
+    matrix that is not a number (read as 1 or 0 without a word)."""
+    def damaged(what: str) -> VaeudaError:
+        return VaeudaError(f"{path}: its MetaImage header is damaged ({what}).")
+
+    text = fields.get("NDims")
+    if text is None:
+        return              # MetaIO's own refusal follows
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 4:
+        raise damaged(f"NDims = {text}; an image here has 3 dimensions")
+    n = int(text)
+    sizes = fields.get("DimSize", "").split()
+    if len(sizes) != n or not all(v.isascii() and v.isdigit() and int(v) > 0 for v in sizes):
+        raise damaged(f"DimSize = {fields.get('DimSize', '')}, not {n} whole positive numbers")
+    for keys, count in ((("ElementSpacing", "ElementSize"), n), (("Offset", "Origin", "Position"), n),
+                        (("TransformMatrix", "Rotation", "Orientation"), n * n)):
+        for key in keys:
+            if key in fields:
+                values = _meta_numbers(fields[key])
+                if values is None or len(values) != count or not all(map(math.isfinite, values)):
+                    raise damaged(f"{key} = {fields[key]}, not {count} numbers")
+                if key in ("ElementSpacing", "ElementSize") and not all(v > 0 for v in values):
+                    raise damaged(f"{key} = {fields[key]}: a spacing must be positive")
+
+
+# NRRD axis kinds of a spatial axis (the others: list, vector, colour, matrix axes ...; nrrd format 5).
+_NRRD_SPATIAL_KINDS = ("domain", "space", "time")
+
+
+def _check_nrrd_header(path: Path) -> None:
+    """Refuse a NRRD (or detached .nhdr) header that ITK would read without a word into the wrong
+    image: a spatial axis with no spacing, or one that is not a number (read as 1 mm), and a
+    detached data file that is missing, or a pipe or device (the reader waited on it forever)."""
+    if full_suffix(path).lower() not in (".nrrd", ".nhdr"):
+        return
+    fields: Dict[str, str] = {}
+    with open(path, "rb") as f:
+        if not f.readline(64).startswith(b"NRRD"):
+            return                  # ITK's own refusal follows
+        for raw in iter(lambda: f.readline(1 << 16), b""):
+            line = raw.decode("latin-1").rstrip("\r\n")
+            if not line:
+                break               # the data follow (attached) or the header ends
+            if line.startswith("#") or ":=" in line:
+                continue            # comments and key/value pairs
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip().lower()] = value.strip()
+
+    def damaged(what: str) -> VaeudaError:
+        return VaeudaError(f"{path}: its NRRD header {what}; set the voxel spacing first (ITK would read 1 mm).")
+
+    data_file = fields.get("data file", fields.get("datafile"))
+    if data_file and not data_file.startswith("LIST") and "%" not in data_file and len(data_file.split()) == 1:
+        _require_data_file(path, path.parent / data_file)
+    try:
+        n = int(fields.get("dimension", "0"))
+    except ValueError:
+        return
+    kinds = fields.get("kinds", "").split()
+    spatial = [axis for axis in range(n) if len(kinds) != n or kinds[axis].lower() in _NRRD_SPATIAL_KINDS
+               or kinds[axis] == "???"]
+    directions = fields.get("space directions")
+    if directions is not None:
+        vectors = re.findall(r"\(([^)]*)\)|none", directions)
+        if len(vectors) != n:
+            return                  # ITK's own reading of it rules
+        for axis in spatial:
+            if not vectors[axis]:
+                raise damaged(f"gives spatial axis {axis} no direction ('none')")
+            values = _meta_numbers(vectors[axis].replace(",", " "))
+            if values is None or not all(map(math.isfinite, values)) or not any(values):
+                raise damaged(f"gives spatial axis {axis} the direction ({vectors[axis]})")
+        return
+    spacings = _meta_numbers(fields.get("spacings", ""))
+    if spacings is None or len(spacings) != n:
+        raise damaged("records no spacings")
+    bad = [axis for axis in spatial if not (math.isfinite(spacings[axis]) and spacings[axis] > 0)]
+    if bad:
+        raise damaged(f"records no spacing along axis {', '.join(map(str, bad))} (NaN, 0 or negative)")
 
 
 # What ITK and SimpleITK put before the reason in an exception's text (itk:: in the NRRD reader's).
@@ -374,6 +527,7 @@ def _read_any(path: Path) -> sitk.Image:
         if path.stat().st_size == 0:     # ITK: "Unable to determine ImageIO reader"
             raise VaeudaError(f"{path}: file is empty.")
         _check_metaimage_complete(path)
+        _check_nrrd_header(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
