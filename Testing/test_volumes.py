@@ -553,3 +553,21 @@ def test_a_dicom_file_cut_short_is_named_not_dropped(tmp_path):
                                           f"read as part of a series \\(damaged or cut short\\?\\): {last.name}; "
                                           f"mend or remove them\\.$"):
         read_image(tmp_path / "dcm")
+
+
+@pytest.mark.parametrize("odd", ["fifo", "dangling link"])
+def test_a_dicom_folder_holding_a_pipe_or_broken_link_is_refused_naming_it(tmp_path, odd):
+    """GDCM's scan stopped short at it, at random: valid slices after it were named as unreadable."""
+    import os
+    array = np.zeros((4, 6, 6))
+    _write_dicom_series(tmp_path / "dcm", array, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), "1.2.826.0.1.3680043.2.1125.2.1001")
+    if odd == "fifo":
+        os.mkfifo(tmp_path / "dcm" / "zz")
+    else:
+        os.symlink(tmp_path / "gone", tmp_path / "dcm" / "zz")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'dcm'))}: holds zz, not a regular file \\(a pipe, "
+                                          f"socket, device or broken link\\), which the DICOM reader cannot pass; move "
+                                          f"it away\\.$"):
+        read_image(tmp_path / "dcm")
+    (tmp_path / "dcm" / "zz").unlink()
+    assert read_image(tmp_path / "dcm").GetSize() == (6, 6, 4)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import os
 import re
 import struct
 import zlib
@@ -603,6 +604,14 @@ def _media_sop_class(path: Path) -> Optional[str]:
 
 
 def _read_dicom_folder(path: Path) -> sitk.Image:
+    # GDCM's scan of the folder stops short, at random, at a pipe or a broken link in it: the files
+    # after it then read as not part of the series
+    odd = sorted(entry.name for entry in os.scandir(path)
+                 if not (entry.is_file() or entry.is_dir()))       # (both follow links: a broken one is neither)
+    if odd:
+        raise VaeudaError(f"{path}: holds {', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}, not a regular file "
+                          f"(a pipe, socket, device or broken link), which the DICOM reader cannot pass; move it "
+                          f"away.")
     try:
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)) or ()
     except RuntimeError:
