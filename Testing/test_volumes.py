@@ -298,9 +298,10 @@ def test_read_image_casts_to_float32_and_keeps_metadata(tmp_volume):
     assert raw.GetMetaDataKeys() and set(image.GetMetaDataKeys()) == set(raw.GetMetaDataKeys())
 
 
-def _write_dicom_series(folder, array, spacing, origin, series_uid, jitter=None):
+def _write_dicom_series(folder, array, spacing, origin, series_uid, jitter=None, overrides=None):
     """One file per slice, tags as in SimpleITK's DICOM series writing example; ``jitter``: mm
-    added to each slice's z position (a scanner's position noise)."""
+    added to each slice's z position (a scanner's position noise); ``overrides(k)``: tags of slice k
+    to write instead."""
     folder.mkdir(exist_ok=True)
     image = sitk.GetImageFromArray(array.astype(np.int16))
     image.SetSpacing(spacing)
@@ -318,6 +319,8 @@ def _write_dicom_series(folder, array, spacing, origin, series_uid, jitter=None)
         plane.SetMetaData("0020|0013", str(k + 1))
         plane.SetMetaData("0018|0050", f"{spacing[2]:.6f}")
         plane.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
+        for tag, value in (overrides(k) if overrides else {}).items():
+            plane.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{series_uid[-4:]}_{k:03d}.dcm"))
         writer.Execute(plane)
 
@@ -571,3 +574,31 @@ def test_a_dicom_folder_holding_a_pipe_or_broken_link_is_refused_naming_it(tmp_p
         read_image(tmp_path / "dcm")
     (tmp_path / "dcm" / "zz").unlink()
     assert read_image(tmp_path / "dcm").GetSize() == (6, 6, 4)
+
+
+@pytest.mark.parametrize("overrides, what", [
+    (lambda k: {"0020|0037": "0\\1\\0\\1\\0\\0"} if k >= 2 else {}, "have more than one orientation"),
+    (lambda k: {"0020|0032": "0\\0\\0"}, "all lie at one position (4 slices)"),
+    (lambda k: {"0020|0032": f"0\\{0.8 * k}\\{2.0 * k}"}, "are not stacked along their normal (a gantry tilt?)"),
+])
+def test_a_dicom_series_itk_would_stack_wrongly_is_refused(tmp_path, overrides, what):
+    """Mixed or skewed orientations were read as the first slice's or identity, slices at one position got
+    1 mm, and a gantry tilt was stacked straight (the last slice moved aside by the tilt)."""
+    _write_dicom_series(tmp_path / "dcm", np.zeros((4, 6, 6)), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
+                        "1.2.826.0.1.3680043.2.1125.2.1001", overrides=overrides)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'dcm'))}: the slices of DICOM series .* "
+                                          f"{re.escape(what)}.*; ITK would stack them into a wrong volume\\.$"):
+        read_image(tmp_path / "dcm")
+
+
+def test_a_dicom_series_whose_orientation_is_not_orthonormal_is_refused(tmp_path):
+    """ITK read it as the identity (written by hand: the DICOM writer refuses such an orientation)."""
+    folder = tmp_path / "dcm"
+    _write_dicom_series(folder, np.zeros((4, 6, 6)), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), "1.2.826.0.1.3680043.2.1125.2.1001")
+    for file in folder.iterdir():
+        data = file.read_bytes()
+        assert data.count(b"1\\0\\0\\0\\1\\0") == 1
+        file.write_bytes(data.replace(b"1\\0\\0\\0\\1\\0", b"1\\0\\0\\1\\1\\0"))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: the slices of DICOM series .* have an orientation "
+                                          f"that is not orthonormal \\(1, 0, 0, 1, 1, 0\\); ITK would stack them"):
+        read_image(folder)

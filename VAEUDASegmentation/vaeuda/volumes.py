@@ -563,6 +563,66 @@ NON_UNIFORM_KEY = "ITK_non_uniform_sampling_deviation"
 NON_UNIFORM_TOLERANCE = 0.1
 
 
+def _dicom_numbers(reader: sitk.ImageFileReader, tag: str) -> Optional[np.ndarray]:
+    if not reader.HasMetaDataKey(tag):
+        return None
+    try:
+        return np.array([float(v) for v in reader.GetMetaData(tag).split("\\")])
+    except ValueError:
+        return np.array([math.nan])
+
+
+def _check_dicom_geometry(path: Path, series: str, files: Sequence[str]) -> None:
+    """Refuse a series ITK would stack into the wrong volume without a word, from each slice's
+    orientation (0020,0037), position (0020,0032) and pixel spacing (0028,0030): slices of more than
+    one orientation or pixel spacing (stacked with the first's), an orientation that is not
+    orthonormal or a spacing that is not positive (read as identity, 1 mm), all slices at one
+    position, and slices not stacked along their normal, as a gantry tilt leaves them (ITK stacks them
+    straight: a volume sheared by as much as the tilt moves the last slice aside)."""
+    reader = sitk.ImageFileReader()
+    orientations, positions, spacings = [], [], []
+    for name in files:
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return                      # the series reader's own refusal follows
+        orientation, position = _dicom_numbers(reader, "0020|0037"), _dicom_numbers(reader, "0020|0032")
+        spacing = _dicom_numbers(reader, "0028|0030")
+        if orientation is None or position is None or spacing is None:
+            return                      # a series without them: ITK's defaults are all there is
+        orientations.append(orientation)
+        positions.append(position)
+        spacings.append(spacing)
+
+    def refuse(what: str) -> VaeudaError:
+        return VaeudaError(f"{path}: the slices of DICOM series {series} {what}; ITK would stack them into a "
+                           f"wrong volume.")
+
+    if any(o.shape != (6,) or not np.isfinite(o).all() for o in orientations) or any(
+            p.shape != (3,) or not np.isfinite(p).all() for p in positions):
+        raise refuse("carry an orientation or position that is not a set of numbers")
+    if any(np.abs(o - orientations[0]).max() > 1e-4 for o in orientations):
+        raise refuse("have more than one orientation")
+    row, col = orientations[0][:3], orientations[0][3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(np.dot(row, col)) > 1e-3:
+        raise refuse(f"have an orientation that is not orthonormal ({', '.join(f'{v:g}' for v in orientations[0])})")
+    if any(s.shape != (2,) or not (np.isfinite(s).all() and (s > 0).all()) for s in spacings) or any(
+            np.abs(s - spacings[0]).max() > 1e-4 for s in spacings):
+        raise refuse("have no single positive pixel spacing")
+    if len(positions) < 2:
+        return
+    normal = np.cross(row, col)
+    offsets = np.array(positions) - positions[0]
+    along = offsets @ normal
+    if np.ptp(along) < 1e-6:
+        raise refuse(f"all lie at one position ({len(positions)} slices)")
+    aside = float(np.linalg.norm(offsets - np.outer(along, normal), axis=1).max())
+    if aside > 0.5 * float(spacings[0].min()):
+        raise refuse(f"are not stacked along their normal (a gantry tilt?): one lies {aside:.3g} mm aside of the "
+                     f"first's line")
+
+
 def _slice_spacing_deviation(files: Sequence[str], image: sitk.Image) -> Tuple[float, float]:
     """(largest deviation of a gap between consecutive slices from their mean, the mean), in mm:
     the slices' positions (their headers' origins) along the series' slice normal."""
@@ -636,6 +696,7 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
                           f"them.")
     if len(series) > 1:
         log.info("%s: %d DICOM series, reading the largest (%s, %d files)", path, len(series), chosen, len(files[chosen]))
+    _check_dicom_geometry(path, chosen, files[chosen])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])
     try:
