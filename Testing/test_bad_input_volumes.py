@@ -596,3 +596,12 @@ def test_a_nrrd_without_a_voxel_spacing_is_refused_as_nifti_is(tmp_path, geometr
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: its NRRD header {reason}; set the voxel spacing "
                                           f"first \\(ITK would read 1 mm\\)\\.$"):
         read_image(path)
+
+
+def test_a_detached_header_whose_data_file_is_a_folder_says_so(tmp_path):
+    (tmp_path / "data").mkdir()
+    mhd = tmp_path / "v.mhd"
+    mhd.write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\nElementDataFile = data\n")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(mhd))}: its data file {re.escape(str(tmp_path / 'data'))} "
+                                          f"is a folder\\.$"):
+        read_image(mhd)

@@ -30,7 +30,7 @@ from .fileio import (check_model_output, checkpoint_path, file_sha256, full_suff
                      refuse_repeated)
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
-from .modelfile import refuse_unfit_weights, check_metadata, load_model, load_networks, read_tensors, save_model
+from .modelfile import check_metadata, load_model, load_networks, read_tensors, refuse_unfit_weights, save_model
 from .nets import VAEUDANet, get_preset
 from .progress import Reporter, null_reporter
 from .volumes import DEFAULT_NORMALISATION

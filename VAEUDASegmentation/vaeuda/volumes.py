@@ -389,6 +389,8 @@ def _require_data_file(header: Path, data_path: Path) -> None:
     on one forever)."""
     if not data_path.exists():
         raise VaeudaError(f"{header}: its data file {data_path} was not found.")
+    if data_path.is_dir():
+        raise VaeudaError(f"{header}: its data file {data_path} is a folder.")
     if not data_path.is_file():
         raise VaeudaError(f"{header}: its data file {data_path} {SPECIAL_FILE}")
     require_readable(data_path)
