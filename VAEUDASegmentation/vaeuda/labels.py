@@ -89,9 +89,7 @@ class Convention:
         (which read 421 as background) reads as today's."""
         stored = cls(d["name"], {int(k): int(v) for k, v in d["to_index"].items()},
                      tuple(int(v) for v in d["from_index"]), d.get("unknown", "error"))
-        before_aliases = Convention(MMWHS.name, {k: v for k, v in MMWHS.to_index.items() if k not in MMWHS_ALIASES},
-                                    MMWHS.from_index, MMWHS.unknown)
-        return MMWHS if stored == before_aliases else stored
+        return MMWHS if stored == _MMWHS_BEFORE_ALIASES else stored
 
     def encode(self, raw: np.ndarray, source: str = "label map", option: str = "--label-convention") -> np.ndarray:
         """Raw label values (any integer array) -> class indices (uint8, same shape).
@@ -158,6 +156,9 @@ MMWHS = Convention(
     (0,) + tuple(s.mmwhs_value for s in STRUCTURES),
     unknown="background",
 )
+# The built-in MM-WHS convention as model files stored it before MMWHS_ALIASES (Convention.from_dict).
+_MMWHS_BEFORE_ALIASES = Convention(MMWHS.name, {k: v for k, v in MMWHS.to_index.items() if k not in MMWHS_ALIASES},
+                                   MMWHS.from_index, MMWHS.unknown)
 CONSECUTIVE = Convention(
     "consecutive",
     {0: 0, **{s.index: s.index for s in STRUCTURES}, SIFA_IGNORED_VALUE: 0},

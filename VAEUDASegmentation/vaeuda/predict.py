@@ -16,7 +16,7 @@ import torch
 
 from .choices import DOMAINS, check_choice
 from .errors import VaeudaError, require_count
-from .fileio import MAX_NAME_BYTES, MAX_OUTPUT_NAME_BYTES, atomic_dir, check_output_dir, require_utf8_name, stem
+from .fileio import MAX_NAME_BYTES, MAX_OUTPUT_NAME_BYTES, atomic_dir, check_output_dir, stem
 from .labels import Convention
 from .modelfile import load_model, require_file
 from .nets import VAEUDANet
@@ -100,7 +100,6 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
         check_choice("--domain", domain, DOMAINS)
     check_output_dir(out_dir)
     for path in inputs:                         # before the model is loaded and earlier inputs segmented
-        require_utf8_name(path)
         volumes.require_existing(path)
     targets = [output_path(out_dir, path) for path in inputs]
     resolved_inputs = {Path(p).resolve() for p in inputs}

@@ -509,7 +509,9 @@ def _gzip_named_nii(path: Path) -> bool:
 
 
 def require_existing(path: PathLike) -> None:
-    """Refuse an input image file or DICOM folder that is not there, or may not be read."""
+    """Refuse an input image file or DICOM folder that is not there, may not be read, or whose name
+    ITK cannot take (:func:`fileio.require_utf8_name`)."""
+    require_utf8_name(path)
     if not Path(path).exists():
         raise VaeudaError(f"{path}: file or folder not found.")
     require_readable(path)
@@ -521,7 +523,6 @@ SOP_CLASS_UID = "0008|0016"   # a DICOM tag every DICOM file carries; ITK keeps 
 
 def _read_any(path: Path) -> sitk.Image:
     """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
-    require_utf8_name(path)
     require_existing(path)
     nifti = None
     if path.is_dir():
