@@ -318,6 +318,11 @@ def test_cancel_after_the_engine_has_ended_leaves_its_result_standing(engineproc
     assert running.cancelRequested and running.returncode is not None     # killed and reaped
     process.cancel(evenIfEnded=True)                                      # a closing scene's cancel
     assert process.cancelRequested and process.returncode == 0
+    failed = engineprocess.EngineProcess([sys.executable, "-c", "raise SystemExit(2)"])
+    failed.start()
+    failed.process.wait()
+    failed.cancel(evenIfEnded=True)                                       # a failure stands: its sentence
+    assert not failed.cancelRequested and failed.returncode == 2
 
 
 def test_the_default_input_volume_is_one_the_selector_lists(slicer, mod):
@@ -509,6 +514,24 @@ def test_a_job_ended_before_its_scene_closed_imports_nothing(slicer, mod, fake_l
     fake_logic.cancel(discardFinished=True)
     pump(slicer, lambda: done)
     assert done[0].status == "done" and (tmp_path / "adapted.safetensors").read_text() == "fake model\n"
+
+
+def test_a_job_failed_before_its_scene_closed_reports_its_failure(slicer, mod, fake_logic, monkeypatch, tmp_path):
+    """The engine fails, the scene closes before the next poll: the job is reported failed with the
+    engine's sentence, not "cancelled" (the user would not learn what went wrong)."""
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "fail")
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    results = []
+    fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), waitForCompletion=False,
+                       finishedCallback=results.append)
+    fake_logic._job.process.process.wait()           # failed; no poll has run yet
+    slicer.mrmlScene.Clear()
+    fake_logic.cancel(discardFinished=True)
+    pump(slicer, lambda: results)
+    assert results[0].status == "failed"
+    assert results[0].message == f"Volume '{volume.GetName()}': {fake_engine.FAIL_REASON}"
+    assert os.listdir(slicer.app.temporaryPath) == []
 
 
 def test_engine_process_is_not_finished_while_its_output_waits_to_be_drained(engineprocess):

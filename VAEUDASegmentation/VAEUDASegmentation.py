@@ -497,7 +497,7 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         # A running segment, evaluate or Try-it job's result belongs to the scene being closed (its
         # volume, its segmentation), even when the engine has just ended: cancelled, it reports back
         # to the panel, which shows it and becomes ready again, and nothing is imported into the next
-        # scene. Training and adaptation need no scene once started (their inputs were written to
+        # scene (one that had already failed reports its failure). Training and adaptation need no scene once started (their inputs were written to
         # files) and make a file: they go on, perhaps for hours of work that closing must not lose.
         if self._runningAction in SCENE_ACTIONS:
             if self.logic is not None and self.logic.isRunning():
@@ -946,7 +946,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         already ended keeps its result (finished at the next poll), unless ``discardFinished`` and
         the job's result goes into the scene (segment, evaluate, the Try-it cohort): a scene being
         closed cancels so, since such a result belongs to that scene. A trained model is a file,
-        not scene content: it is kept.
+        not scene content: it is kept. A job that has already failed is reported failed, with its
+        sentence, either way.
         """
         if self._job is not None:
             if detach:

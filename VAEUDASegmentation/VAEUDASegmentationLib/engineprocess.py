@@ -142,9 +142,10 @@ class EngineProcess:
     def cancel(self, evenIfEnded: bool = False) -> None:
         """Kill the child and everything it started; returns when the child is gone (or after
         KILL_WAIT_S). A child that has already exited is left as it ended, its result standing,
-        unless ``evenIfEnded``: then it is marked cancelled all the same (its result is void)."""
+        unless ``evenIfEnded`` and it succeeded: then it is marked cancelled all the same (its
+        result is void). A failure stands either way: its sentence says what went wrong."""
         if self.process is not None and self.process.poll() is not None:
-            self.cancelRequested = self.cancelRequested or evenIfEnded
+            self.cancelRequested = self.cancelRequested or (evenIfEnded and self.process.returncode == 0)
             return
         self.cancelRequested = True
         if self.process is None:
