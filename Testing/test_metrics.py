@@ -61,7 +61,7 @@ def test_assd_is_mean_of_directed_means_not_pooled():
 
 
 def test_assd_agrees_with_monai_directed_distances():
-    # MONAI's own surface code (same 6-neighbour erosion surface): medpy-style ASSD = mean of directions.
+    # MONAI's own surface code (same 6-neighbour erosion surface): medpy 0.4's ASSD = mean of directions.
     torch = pytest.importorskip("torch")
     from monai.metrics import compute_average_surface_distance
     from scipy import ndimage

@@ -96,6 +96,22 @@ def test_truncated_file_is_refused_as_damaged_not_foreign(saved):
         load_model(path)
 
 
+def test_a_damaged_header_length_is_called_damaged_not_foreign(saved):
+    """The 8-byte header length off by a few bytes, or wild: the JSON after it still names our format."""
+    _, path = saved
+    whole = path.read_bytes()
+    length = int.from_bytes(whole[:8], "little")
+    for damaged in (length + 3, length - 3, 2 ** 62):
+        path.write_bytes(damaged.to_bytes(8, "little") + whole[8:])
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: a VAE-UDA model file that is truncated or "
+                                              r"damaged \(.*\); copy it again"):
+            load_model(path)
+    foreign = path.with_name("notes.safetensors")      # our format's name in a file that is no safetensors header
+    foreign.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'see "format":"vaeuda-model" ' * 4)
+    with pytest.raises(VaeudaError, match="not a VAE-UDA model file \\(not a readable safetensors file"):
+        load_model(foreign)
+
+
 def test_files_of_other_kinds_are_named_for_what_they_are(tmp_path):
     """An empty file, torch.save's ZIP archive and a bare pickle each get a reason a user can act on
     (never unpickled), not the safetensors reader's "header too large"."""

@@ -163,7 +163,9 @@ class HeldOutDiceProbe:
     the target encoder path on them, puts the scores back on the volume grid (what
     ``predict.segment_image`` does after slicing) and scores every volume with
     ``metrics.evaluate_volume``. Returns ``{"test_dice_mean", "test_dice": {structure: mean},
-    "test_assd_vox_mean", "test_assd_vox_undefined"}`` (means over volumes; Dice as a fraction;
+    "test_assd_vox_mean", "test_assd_vox_undefined"}`` (per structure, means over volumes; the
+    ``_mean`` keys pool structures x volumes, which is the mean of the structures' means when
+    nothing is missing; Dice as a fraction;
     the ASSD mean leaves out the structure x volume entries whose ASSD is undefined, a structure
     missing from the prediction or the reference, and the last key counts them).
     """
@@ -557,8 +559,8 @@ def _markdown(protocol: dict, rows: dict, mean_dice: dict, findings: List[dict],
         f"(structures per slice: {'; '.join(', '.join(s) for s in fs['structures'])}), early stopping after "
         f"{p['few_shot_patience']} evaluations (every {p['few_shot_eval_every']} iterations) "
         f"without improvement of the cycle-consistency proxy (the mean T->S->T error on those slices).", "",
-        "Dice [%] and ASSD [voxel] on the largest 3D component, mean (std), and, which the paper does not give, "
-        "ASSD [mm].", "",
+        "Dice [%] and ASSD [voxel] on the largest 3D component, mean (population std), and, which the paper does "
+        "not give, ASSD [mm].", "",
         "## This run", "",
         table_markdown(ours, metrics=METRICS),
         "## The paper's Table 1 (MM-WHS MR -> CT), for reference", "",

@@ -8,8 +8,9 @@ component (26-connectivity, as MONAI's ``KeepLargestConnectedComponent`` and sci
 a piece of it the prediction misses counts against the prediction. Then:
 
 * **Dice** = 2 |P n R| / (|P| + |R|).
-* **ASSD** as medpy's ``medpy.metric.binary.assd`` (the definition MM-WHS-based papers use):
-  the mean of the two directed average surface distances,
+* **ASSD** as ``medpy.metric.binary.assd`` up to medpy 0.4 (the definition the MM-WHS-based papers
+  used; medpy 0.5 pools both surfaces' distances instead, as MONAI does): the mean of the two
+  directed average surface distances,
   ``ASSD = (mean_{p in S(P)} d(p, S(R)) + mean_{r in S(R)} d(r, S(P))) / 2``,
   where the surface ``S(M)`` is the voxels of ``M`` with at least one 6-neighbour outside ``M``
   (``M xor erode(M)``, voxels on the array border count as surface) and ``d`` is the Euclidean
@@ -86,7 +87,7 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 def assd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
-    """Average symmetric surface distance (medpy's definition) of two boolean masks.
+    """Average symmetric surface distance (medpy 0.4's definition) of two boolean masks.
 
     ``pred``, ``ref``: bool arrays of equal shape, e.g. ``(Z, Y, X)``. ``spacing``: voxel size
     per array axis in the same order (``(1, 1, 1)`` gives voxels). Returns the mean of the two

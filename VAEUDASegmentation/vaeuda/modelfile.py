@@ -71,19 +71,24 @@ def require_file(path, what: str = "model file") -> Path:
     return path
 
 
+# How far into a damaged file our format's name is looked for: past any header we write (tens of kB).
+_DECLARED_FORMAT_SCAN_BYTES = 16 * 1024 * 1024
+
+
 def _declared_format(path: Path) -> Optional[str]:
     """The ``format`` a safetensors file's own header declares (8-byte little-endian length, then
-    JSON), read without the tensors; None when there is no such header."""
+    JSON), read without the tensors; None when there is no such header. A header cut short, or
+    whose length field is damaged, is ours if the JSON object it begins names our format."""
+    marker = f'"format":"{FORMAT}"'.encode()       # (safetensors writes compact JSON, keys in any order)
     try:
         with open(path, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
-            if not 0 < length <= 100_000_000:
-                return None
-            text = f.read(length)
-        if len(text) < length:      # cut inside the header: ours if the part left names our format
-            return FORMAT if f'"format":"{FORMAT}"'.encode() in text else None   # (its keys come in any order)
-        return str(json.loads(text)["__metadata__"]["format"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            text = f.read(length if 0 < length <= _DECLARED_FORMAT_SCAN_BYTES else _DECLARED_FORMAT_SCAN_BYTES)
+        try:
+            return str(json.loads(text)["__metadata__"]["format"])
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return FORMAT if text.startswith(b"{") and marker in text else None
+    except OSError:
         return None
 
 
