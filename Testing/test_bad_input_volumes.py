@@ -605,3 +605,42 @@ def test_a_detached_header_whose_data_file_is_a_folder_says_so(tmp_path):
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(mhd))}: its data file {re.escape(str(tmp_path / 'data'))} "
                                           f"is a folder\\.$"):
         read_image(mhd)
+
+
+def test_the_nifti_librarys_own_complaint_is_the_sentences_reason_not_a_line_before_it(tmp_path, capfd):
+    """The NIfTI library prints '** ERROR: nifti_convert_nhdr2nim: bad dim[0]' on the process's stderr
+    (file descriptor 2, past Python) before ITK's exception: one sentence now says both."""
+    path = tmp_path / "ct_image.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32)), str(path))
+    data = bytearray(path.read_bytes())
+    data[40:42] = struct.pack("<h", 9)                  # dim[0]: nine dimensions, where NIfTI has seven at most
+    path.write_bytes(bytes(data))
+    capfd.readouterr()
+    with pytest.raises(VaeudaError, match=re.escape(f"{path}: cannot be read as an image: {path} is not recognized as "
+                                                    f"a NIFTI file: bad dim[0] (readable:")):
+        read_image(path)
+    assert capfd.readouterr().err == ""
+
+
+def test_c_stderr_is_held_back_only_from_a_refusal(capfd):
+    """What C code prints while a read is checked: dropped with a refusal (which says it), let through,
+    after the read, when the read succeeds (a warning); an enclosing hold keeps it for itself."""
+    import os
+    capfd.readouterr()
+    with pytest.raises(VaeudaError):
+        with volumes._held_c_stderr() as held:
+            os.write(2, b"** ERROR: nifti_image_read: bad header\n")
+            assert volumes._c_complaint(held()) == "bad header"
+            raise VaeudaError("refused")
+    assert capfd.readouterr().err == ""
+    with volumes._held_c_stderr():
+        os.write(2, b"a warning\n")
+        with volumes._held_c_stderr() as inner:
+            os.write(2, b"and another\n")
+            assert inner() == "a warning\nand another\n"       # the outer hold's text
+        assert capfd.readouterr().err == ""                       # not yet
+    assert capfd.readouterr().err == "a warning\nand another\n"
+    os.write(2, b"after\n")                                       # descriptor 2 is the terminal's again
+    assert capfd.readouterr().err == "after\n"
+    assert volumes._c_complaint("") == "" and volumes._c_complaint("WARNING: In x.cxx, line 3\nspacing 0\n") == \
+        "spacing 0"

@@ -12,16 +12,20 @@ numpy array ``(z, y, x)``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import logging
 import math
 import os
 import re
 import struct
+import sys
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -503,6 +507,78 @@ def _itk_reason(exc: RuntimeError) -> str:
     return " ".join(text.split()).rstrip(".!") or "unknown error"
 
 
+# What reads the text held by the innermost active _held_c_stderr (None while none is active).
+_HELD_STDERR: List[Callable[[], str]] = []
+
+
+@contextlib.contextmanager
+def _held_c_stderr() -> Iterator[Callable[[], str]]:
+    """Hold back what C code under ITK's readers (the NIfTI library, MetaIO, GDCM, vnl) prints
+    straight on the process's stderr: before a refusal it is a second, rawer account of the one
+    sentence the engine gives (``** ERROR: nifti_convert_nhdr2nim: bad dim[0]``). Yields a function
+    giving the text held so far. If the block raises, the text is dropped (the refusal says it,
+    with :func:`_c_complaint`'s help); if it ends normally, the text is let through then, as the
+    warnings it is. Nested uses share the outermost one. Without a file descriptor 2 (a GUI
+    process without a console) nothing is held."""
+    if _HELD_STDERR:
+        yield _HELD_STDERR[-1]
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield lambda: ""
+        return
+    held = tempfile.TemporaryFile()
+
+    def text() -> str:
+        os.lseek(held.fileno(), 0, os.SEEK_SET)     # (then at the end again, where the next write goes)
+        chunks = []
+        while True:
+            chunk = os.read(held.fileno(), 1 << 16)
+            if not chunk:
+                return b"".join(chunks).decode("utf-8", "replace")
+            chunks.append(chunk)
+
+    os.dup2(held.fileno(), 2)
+    _HELD_STDERR.append(text)
+    succeeded = False
+    try:
+        yield text
+        succeeded = True
+    finally:
+        _HELD_STDERR.pop()
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if succeeded:
+            warnings = text()
+            if warnings:
+                sys.stderr.write(warnings)
+                sys.stderr.flush()
+        held.close()
+
+
+def _holding_c_stderr(read: Callable) -> Callable:
+    """``read`` run inside :func:`_held_c_stderr`, for the whole of its checks: a warning the C code
+    printed while reading is dropped with a refusal that comes after the read."""
+    @functools.wraps(read)
+    def holding(*args, **kwargs):
+        with _held_c_stderr():
+            return read(*args, **kwargs)
+    return holding
+
+
+def _c_complaint(held: str) -> str:
+    """The last line C code printed, as a reason: 'bad dim[0]' from '** ERROR: nifti_convert_nhdr2nim:
+    bad dim[0]' (its marker and the function's name dropped); '' when it printed nothing."""
+    lines = [line.strip() for line in held.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = re.sub(r"^\**\s*(ERROR|WARNING)?:?\s*", "", lines[-1])
+    return re.sub(r"^[A-Za-z_][\w:]*:\s+", "", line).rstrip(".!")
+
+
 def _gzip_named_nii(path: Path) -> bool:
     """A ``.nii`` file whose bytes are gzip's (ITK picks its reader by the name, and no reader takes it)."""
     return path.name.lower().endswith(".nii") and first_bytes(path, 2) == GZIP_MAGIC
@@ -521,6 +597,7 @@ DICOM_PREAMBLE = 128          # bytes before a DICOM file's "DICM" magic
 SOP_CLASS_UID = "0008|0016"   # a DICOM tag every DICOM file carries; ITK keeps it in the metadata
 
 
+@_holding_c_stderr
 def _read_any(path: Path) -> sitk.Image:
     """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
     require_existing(path)
@@ -539,8 +616,10 @@ def _read_any(path: Path) -> sitk.Image:
                 raise VaeudaError(f"{path}: is gzip-compressed but named .nii; rename it {path.name}.gz.") from None
             if _nifti_cut_in_header(path):   # said as for one cut short further in, not "no reader"
                 raise _truncated(path) from None
-            raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)} (readable: "
-                              f"{', '.join(VOLUME_SUFFIXES)} files and DICOM folders).") from None
+            said = _c_complaint(_HELD_STDERR[-1]() if _HELD_STDERR else "")
+            raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)}"
+                              f"{f': {said}' if said else ''} (readable: {', '.join(VOLUME_SUFFIXES)} files and "
+                              f"DICOM folders).") from None
         nifti = _check_nifti_complete(path)
     if image.GetDimension() != 3:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a {image.GetDimension()}D image.")
@@ -741,6 +820,7 @@ def _refuse_label_map(image: sitk.Image, path: Path) -> None:
                           f"image; give the image it labels.")
 
 
+@_holding_c_stderr
 def read_image(path: PathLike) -> sitk.Image:
     """A 3D scalar image as float32, geometry and metadata kept.
 
@@ -793,6 +873,7 @@ def _refuse_skewed_grid(image: sitk.Image, path: Path) -> None:
                           f"resample the scan onto an orthonormal grid first.")
 
 
+@_holding_c_stderr
 def read_label(path: PathLike, convention: Convention, reference: Union[sitk.Image, PathLike, None] = None,
                option: str = "--label-convention") -> sitk.Image:
     """A label file as a uint8 class-index image (0 background, 1..4 structures).
