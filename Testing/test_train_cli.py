@@ -335,6 +335,27 @@ def test_volumes_taken_by_an_option_of_several_values_are_explained(capsys, argv
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: the following arguments are required: {hint}")
 
 
+def test_a_file_named_like_an_option_is_explained(capsys, tmp_path, monkeypatch):
+    """argparse takes '-x.nii.gz' for an option even when the file is there: the sentence says how to
+    give it; a word that names no file, or one given after --, gets no such hint."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-x.nii.gz").write_bytes(b"")
+    hint = "(-x.nii.gz was taken for an option: give a file whose name starts with '-' as ./-x.nii.gz, or after --)"
+    for argv, error in ((["segment", "--model", "m", "--out", "o", "-x.nii.gz"],
+                         "the following arguments are required: INPUT"),
+                        (["segment", "--model", "m", "--out", "o", "ct.nii.gz", "-x.nii.gz"],
+                         "unrecognized arguments: -x.nii.gz")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {error} {hint}")
+    for argv in (["segment", "--model", "m", "--out", "o", "-y.nii.gz"],
+                 ["segment", "--model", "m", "--out", "o", "--bogus", "--", "-x.nii.gz"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "was taken for an option" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, command", [(["segment", "--model", "m", "--out", "o", "x", "--seed", "3"], "segment"),
                                            (["experiment", "table1", "--data", "d", "--out", "o", "--bogus"],
                                             "experiment table1"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -101,6 +102,14 @@ class _Parser(argparse.ArgumentParser):
             missing = [a.metavar for a in self._actions if not a.option_strings and a.metavar and a.metavar in message]
             if last and missing:
                 message += f" ({last} took every value after it: give {missing[0]} first)"
+        # argparse takes any word starting with "-" for an option, even the name of a file that is there
+        known = {s for a in self._actions for s in a.option_strings}
+        options_part = given[:given.index("--")] if "--" in given else given
+        dashed = next((t for t in options_part if t.startswith("-") and t.split("=", 1)[0] not in known
+                       and os.path.lexists(t)), None)
+        if dashed:
+            message += (f" ({dashed} was taken for an option: give a file whose name starts with '-' as "
+                        f"{os.path.join('.', dashed)}, or after --)")
         if "--progress=json" in given or any(a == "--progress" and b == "json" for a, b in zip(given, given[1:])):
             emit("error", message=message)    # as the module docstring promises a json reader; the bare sentence
         super().error(message)
