@@ -297,3 +297,30 @@ def test_an_input_behind_a_folder_that_may_not_be_entered_is_one_sentence(tmp_pa
     monkeypatch.setattr(pathlib.Path, "stat", stat)
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(blocked))}: cannot be read \\(Permission denied\\)\\.$"):
         find_images([str(blocked)])
+
+
+def test_a_label_shared_by_two_images_names_the_one_whose_grid_it_misses(tmp_volume):
+    """One label for two co-registered images is allowed; if the second lies on another grid, the
+    sentence says which image (the label alone named no culprit)."""
+    label = tmp_volume(np.ones((6, 7, 8), np.uint8) * 205, name="lab.nii.gz")
+    first = tmp_volume(name="a_image.nii.gz")
+    second = tmp_volume(spacing=(1.0, 1.0, 2.0), name="b_image.nii.gz")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(label))}: geometry does not match "
+                                          f"{re.escape(str(second))} \\(spacing"):
+        load_slices([first, second], 8, None, DEFAULT_NORMALISATION, [label, label], MMWHS)
+
+
+def test_slice_ranges_take_ascii_digits_only():
+    """int() reads other scripts' digits ('٣' is 3): a range typed so is refused, as any other typo."""
+    assert parse_slice_range("3:5") == (3, 5)
+    with pytest.raises(VaeudaError, match="must look like A:B"):
+        parse_slice_range("٣:٥")
+
+
+def test_a_folder_given_as_labels_is_refused_as_such(tmp_volume, tmp_path):
+    """--labels FOLDER had been read as a DICOM series: 'holds no DICOM series and no image volumes',
+    of a folder full of volumes."""
+    image = tmp_volume(name="a_image.nii.gz")
+    tmp_volume(np.zeros((6, 7, 8), np.uint8), name="a_label.nii.gz")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path))}: is a folder; --labels takes label files"):
+        find_pairs([str(image)], [str(tmp_path)])

@@ -246,3 +246,13 @@ def test_an_output_folder_that_is_a_dangling_link_is_named_as_one(tmp_path):
         check_output_dir(link)
     (tmp_path / "gone").mkdir()
     assert check_output_dir(link) == link
+
+
+def test_an_output_folder_of_a_long_legal_name_is_staged_under_a_name_that_fits(tmp_path):
+    """A folder name of 241-255 bytes is legal, but '.NAME.XXXXXXXX.part' was not: the run failed after its
+    work ("File name too long"). The staging name is cut; the folder gets its own name."""
+    out = tmp_path / ("é" * 120 + "y" * 14)           # 254 bytes
+    with atomic_dir(out) as staging:
+        assert len(staging.name.encode("utf-8")) <= 255
+        (staging / "a.txt").write_text("a")
+    assert (out / "a.txt").read_text() == "a" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]

@@ -132,6 +132,56 @@ def test_usage_errors_are_json_events_too_and_an_empty_value_is_one(capsys):
     assert "required: IMAGE_OR_DIR" in capsys.readouterr().err      # (the error is the missing volumes)
 
 
+def test_usage_errors_follow_the_progress_mode_argparse_reads(capsys):
+    """--prog json is argparse's --progress json, and the last --progress given is the one in force."""
+    for argv, events in ((["segment", "x", "--model", "m", "--out", "o", "--prog", "json", "--batch-size", "b"], 1),
+                         (["segment", "x", "--model", "m", "--out", "o", "--progress=json", "--progress", "none",
+                           "--batch-size", "b"], 0)):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert [json.loads(line)["event"] for line in out.splitlines()] == ["error"] * events, argv
+
+
+def test_repeated_list_options_add_up_and_a_short_slices_option_is_explained(tmp_path, capsys):
+    """--labels A --labels B gave only B (and then '2 images but 1 label files'); --sl -1:4 got argparse's
+    'expected one argument' where --slices -1:4 gets the range's own sentence."""
+    from vaeuda.cli import build_parser, _joined_slice_ranges
+    args = build_parser().parse_args(["train-source", "a", "b", "--out", "m", "--labels", "la", "--labels", "lb"])
+    assert args.labels == ["la", "lb"]
+    args = build_parser().parse_args(["adapt", "t", "--model", "m", "--out", "o", "--source-data", "s1",
+                                      "--source-data", "s2", "s3"])
+    assert args.source_data == ["s1", "s2", "s3"]
+    assert _joined_slice_ranges(["adapt", "--sl", "-1:4"]) == ["adapt", "--sl=-1:4"]
+    assert _joined_slice_ranges(["adapt", "--s", "-1:4"]) == ["adapt", "--s", "-1:4"]     # ambiguous: left alone
+    target = tmp_path / "ct_image.nii.gz"
+    target.write_bytes(b"")
+    assert main(["adapt", str(target), "--model", "m", "--out", str(tmp_path / "o.safetensors"), "--sl", "-1:4",
+                 "--progress", "none"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vaeuda: error: --slices '-1:4' must have 0 <= A < B."
+
+
+def test_iterations_beyond_the_bound_are_refused_before_any_work(tmp_path, capsys):
+    from vaeuda.train import MAX_ITERATIONS
+    target = tmp_path / "ct_image.nii.gz"
+    target.write_bytes(b"")
+    assert main(["adapt", str(target), "--model", "m", "--out", str(tmp_path / "o.safetensors"), "--iterations",
+                 str(MAX_ITERATIONS + 1), "--progress", "none"]) == 2
+    assert capsys.readouterr().err.strip() == (f"vaeuda: error: --iterations must be at most {MAX_ITERATIONS:,}, "
+                                               f"not {MAX_ITERATIONS + 1:,}.")
+
+
+def test_evaluate_json_named_as_a_model_or_volume_is_refused(tmp_path, capsys):
+    """--json model.safetensors replaced a model with the scores."""
+    for name in ("source.safetensors", "ct_image.nii.gz"):
+        target = tmp_path / name
+        target.write_bytes(b"precious")
+        assert main(["evaluate", "--pred", str(tmp_path), "--ref", str(tmp_path / "r"), "--json", str(target),
+                     "--progress", "none"]) == 2
+        assert "--json writes the scores as JSON, but this is named as a" in capsys.readouterr().err
+        assert target.read_bytes() == b"precious"
+
+
 def test_a_closed_progress_pipe_stops_synth_without_writing_the_cohort(tmp_path):
     """synth's own OSError handling must not take the closed pipe for a failed write of the cohort."""
     proc = subprocess.Popen([sys.executable, "-m", "vaeuda", "synth", str(tmp_path / "c"), "--n-source", "3",
@@ -1536,3 +1586,75 @@ def test_resume_refuses_a_damaged_checkpoint_in_one_sentence(tiny_cohort, tmp_pa
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(ckpt))}: {re.escape(message)}"):
         _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
     assert ckpt.read_bytes() == before and not out.exists()
+
+
+def test_a_refused_model_output_says_one_thing_not_notes_first(tiny_cohort, tiny_source_model, tmp_path, capsys):
+    """--out an input found only by pairing (the image's X_label twin), with --resume and no .safetensors
+    name: the refusal alone, not two notes on a file that is never written."""
+    image = tmp_path / "ct_1001_image.nii.gz"
+    label = tmp_path / "ct_1001_label.nii.gz"
+    for name in (image.name, label.name):
+        (tmp_path / name).write_bytes((tiny_cohort / name).read_bytes())
+    before = label.read_bytes()
+    capsys.readouterr()
+    assert main(["finetune", str(image), "--model", str(tiny_source_model), "--out", str(label), "--resume",
+                 "--iterations", "1", "--progress", "none"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vaeuda: error: {label}: is also an input, which is never overwritten; choose another output."]
+    assert label.read_bytes() == before
+
+
+def test_running_out_of_memory_is_one_sentence_with_a_remedy(monkeypatch, tmp_path, capsys):
+    """torch's CPU allocator raises RuntimeError('... DefaultCPUAllocator: can't allocate memory: you tried to
+    allocate 25769803776 bytes ...'): it had reached the user as a traceback, with no JSON event."""
+    import signal
+    from vaeuda import cli
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def allocate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 25769803776 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(cli, "run", allocate)
+    assert main(["segment", "x", "--model", "m", "--out", "o", "--progress", "json"]) == 2
+    out, err = capsys.readouterr()
+    sentence = "out of memory (24 GiB could not be allocated): try a smaller --batch-size, or a machine with more memory."
+    assert json.loads(out.strip().splitlines()[-1]) == {"event": "error", "message": sentence}
+    assert err.strip() == f"vaeuda: error: {sentence}"
+    monkeypatch.setattr(cli, "run", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    assert main(["synth", str(tmp_path / "c"), "--progress", "none"]) == 2
+    assert capsys.readouterr().err.strip() == ("vaeuda: error: out of memory (a buffer could not be allocated): try a "
+                                              "machine with more memory.")
+    monkeypatch.setattr(cli, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):       # any other RuntimeError is a bug: seen whole
+        main(["synth", str(tmp_path / "c"), "--progress", "none"])
+    assert signal.getsignal(signal.SIGTERM) is handler          # main() gives the caller's SIGTERM handler back
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """kill / timeout send SIGTERM, whose default action killed segment mid-way and left its staging
+    folder (.OUT.XXXXXXXX.part) behind, without a word; now it ends as Ctrl-C does, exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    out = tmp_path / "seg"
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from vaeuda import cli, fileio
+        def run(args, reporter):
+            with fileio.atomic_dir({str(out)!r}) as staging:
+                (staging / "half.nii.gz").write_bytes(b"half")
+                print("staged", flush=True)
+                time.sleep(60)
+        cli.run = run
+        sys.exit(cli.main(["segment", "x", "--model", "m", "--out", {str(out)!r}, "--progress", "json"]))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "staged"
+    child.send_signal(signal.SIGTERM)
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 143
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"event": "interrupted", "message": "terminated (SIGTERM)",
+                                                           "checkpoint": None}
+    assert stderr.strip() == "vaeuda: terminated (SIGTERM)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []          # no staging folder, no output folder

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -110,9 +113,22 @@ class _Parser(argparse.ArgumentParser):
         if dashed:
             message += (f" ({dashed} was taken for an option: give a file whose name starts with '-' as "
                         f"{os.path.join('.', dashed)}, or after --)")
-        if "--progress=json" in given or any(a == "--progress" and b == "json" for a, b in zip(given, given[1:])):
+        if _progress_given(options_part, known) == "json":
             emit("error", message=message)    # as the module docstring promises a json reader; the bare sentence
         super().error(message)
+
+
+def _progress_given(tokens: List[str], known) -> Optional[str]:
+    """The ``--progress`` mode the command line gives, as argparse reads it: the last one, written
+    ``--progress json`` or ``--progress=json`` or with the name shortened as far as it stays unique
+    among ``known`` option names (``--prog json``); None if none is given."""
+    mode = None
+    for i, token in enumerate(tokens):
+        name, equals, value = token.partition("=")
+        if name == "--progress" or (len(name) > 2 and "--progress".startswith(name)
+                                    and [k for k in known if k.startswith(name)] == ["--progress"]):
+            mode = value if equals else (tokens[i + 1] if i + 1 < len(tokens) else None)
+    return mode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help=LABELLED_HELP)
     p.add_argument("--out", required=True, help="model file to write (.safetensors)")
     p.add_argument("--preset", choices=PRESET_NAMES, help="default: paper with CUDA, cpu without")
-    p.add_argument("--labels", nargs="+", help="label files in the same order as the images")
+    p.add_argument("--labels", nargs="+", action="extend", help="label files in the same order as the images")
     p.add_argument("--label-convention", default="mmwhs", help="mmwhs (default), consecutive, or a JSON mapping file")
     p.add_argument("--input-size", type=int, metavar="S",
                    help="slice size in pixels instead of the preset's (cpu 64, paper 256; a multiple of 4)")
@@ -160,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-stop", type=int, metavar="PATIENCE",
                    help="stop when the unsupervised proxy (the mean T->S->T cycle error on the target slices) has not "
                         "improved for PATIENCE evaluations; keep the best")
-    p.add_argument("--source-data", nargs="+", help="labelled source volumes (default: the paths recorded in the model)")
+    p.add_argument("--source-data", nargs="+", action="extend",
+                   help="labelled source volumes (default: the paths recorded in the model)")
     p.add_argument("--ema-decay", type=_decay, metavar="D",
                    help="keep and save an exponential moving average of the weights with decay D "
                         "(default: the preset's, train.ADAPT_TRAINING; 0 saves the last iterate)")
@@ -171,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help=LABELLED_HELP)
     p.add_argument("--model", required=True, help="source model file")
     p.add_argument("--out", required=True, help="fine-tuned (oracle) model file to write")
-    p.add_argument("--labels", nargs="+", help="label files in the same order as the images")
+    p.add_argument("--labels", nargs="+", action="extend", help="label files in the same order as the images")
     _training(p)
     _common(p)
 
@@ -289,17 +306,16 @@ def run(args, reporter: Reporter) -> List[str]:
         use_portable_numerics()      # before anything imports torch
     if cmd in TRAINING_COMMANDS:
         from .fileio import check_model_output, checkpoint_path
-        # before the notes: a refused --out says one thing (a label-mapping file is an input, never overwritten)
-        check_model_output(args.out, _mapping_file(getattr(args, "label_convention", None)))
+        # before the notes: a refused --out says one thing (the inputs as given, a label-mapping file among
+        # them, are never overwritten; the volumes in input folders are checked once found)
+        given = [item for name in ("model", "inputs", "targets", "labels", "source_data")
+                 for item in ([getattr(args, name)] if isinstance(getattr(args, name, None), str)
+                              else getattr(args, name, None) or [])]
+        check_model_output(args.out, given + _mapping_file(getattr(args, "label_convention", None)))
         ckpt = checkpoint_path(args.out)
         if ckpt.is_file() and not args.resume:    # another run's work: never thrown away unasked
             raise VaeudaError(f"{ckpt}: an interrupted run left this checkpoint; continue it with --resume, or "
                               f"delete it to start afresh.")
-        if args.resume and not ckpt.exists():     # said before the volumes are read: a mistyped --out?
-            reporter.log(f"note: no checkpoint at {ckpt} to resume; training from the first iteration")
-        if not str(args.out).lower().endswith(".safetensors"):
-            reporter.log(f"note: {args.out} is written as a safetensors model file; the Slicer module's file "
-                         f"dialogs list only names ending in .safetensors")
     if cmd == "synth":
         from .phantom import make_cohort
         make_cohort(args.out_dir, n_source=args.n_source, n_target=args.n_target, n_train=args.n_train,
@@ -341,7 +357,7 @@ def run(args, reporter: Reporter) -> List[str]:
                                 cpu_bf16=args.cpu_bf16)
         return [str(p) for p in written]
     if cmd == "evaluate":
-        from .fileio import check_output_file
+        from .fileio import VOLUME_SUFFIXES, check_output_file, full_suffix
         from .labels import load_convention
         from .metrics import evaluate_dirs
         if Path(args.pred).is_file():     # else the default JSON path under it reads as the error
@@ -350,6 +366,10 @@ def run(args, reporter: Reporter) -> List[str]:
             raise VaeudaError(f"{args.pred}: is given as both --pred and --ref; keep the segmentations in a folder of "
                               f"their own (segment --out) and give the references' folder as --ref.")
         json_path = args.json or str(Path(args.pred) / "evaluation.json")
+        kind = full_suffix(Path(json_path)).lower()
+        if kind in VOLUME_SUFFIXES + (".safetensors", ".ckpt", ".npz", ".tfrecords"):   # a slip: a scan or model lost
+            raise VaeudaError(f"{json_path}: --json writes the scores as JSON, but this is named as a '{kind}' file; "
+                              f"name it .json.")
         check_output_file(json_path, _mapping_file(args.label_convention) + _mapping_file(args.pred_label_convention))
         pred_convention = None if args.pred_label_convention is None else load_convention(args.pred_label_convention)
         table, result = evaluate_dirs(args.pred, args.ref, load_convention(args.label_convention), json_path,
@@ -475,11 +495,13 @@ def _mapping_file(spec: Optional[str]) -> List[str]:
 
 def _joined_slice_ranges(argv: List[str]) -> List[str]:
     """``--slices -1:5`` as ``--slices=-1:5``: argparse takes a value starting with "-" for an option
-    and would print its usage; joined, the range reaches the check that explains what is wrong."""
+    and would print its usage; joined, the range reaches the check that explains what is wrong.
+    (``--sl``, as argparse shortens ``--slices``, too: no other option of ``adapt`` starts so.)"""
     out: List[str] = []
     for item in argv:
-        if out and out[-1] == "--slices" and item.startswith("-") and item[1:2].isdigit():
-            out[-1] = f"--slices={item}"
+        if (out and len(out[-1]) > 3 and "--slices".startswith(out[-1]) and item.startswith("-")
+                and item[1:2].isdigit()):
+            out[-1] = f"{out[-1]}={item}"
         else:
             out.append(item)
     return out
@@ -495,7 +517,52 @@ def _innermost_parser(parser: argparse.ArgumentParser, args) -> argparse.Argumen
         parser = action.choices[chosen]
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a job scheduler), ended as Ctrl-C ends a run: staging folders
+    removed, the checkpoint kept and named, a sentence and an event, where the default action
+    killed the process on the spot and left a half-written staging folder behind."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _out_of_memory(exc: BaseException) -> Optional[str]:
+    """The detail of an allocation failure (torch's allocators raise RuntimeError), else None."""
+    if isinstance(exc, MemoryError):
+        return "a buffer could not be allocated"
+    text = str(exc)
+    if not (type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
+            or "CUDA out of memory" in text):
+        return None
+    asked = re.search(r"(?:tried to allocate|allocate) ([0-9.]+ ?[KMGT]i?B|\d+ bytes)", text)
+    if asked is None:
+        return "an allocation failed"
+    size = asked.group(1)
+    if size.endswith(" bytes"):
+        size = f"{int(size.split()[0]) / 2 ** 30:.3g} GiB"
+    return f"{size} could not be allocated{' on the GPU' if 'CUDA' in text else ''}"
+
+
+# What lowers a command's memory, for the out-of-memory sentence.
+MEMORY_REMEDIES = {
+    "train-source": "a smaller --batch-size or --input-size, or the cpu preset",
+    "adapt": "a smaller --batch-size", "finetune": "a smaller --batch-size", "segment": "a smaller --batch-size",
+}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    # (only the main thread may set a handler: a caller running main() in another keeps its own)
+    previous = (signal.signal(signal.SIGTERM, _raise_terminated)
+                if threading.current_thread() is threading.main_thread() else None)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Optional[List[str]]) -> int:
     parser = build_parser()
     argv = _joined_slice_ranges(sys.argv[1:] if argv is None else list(argv))
     args, unknown = parser.parse_known_args(argv)
@@ -545,6 +612,13 @@ def _run_and_report(args, reporter: Reporter) -> int:
         outputs = run(args, reporter)
     except VaeudaError as exc:
         return refused(str(exc))
+    except (MemoryError, RuntimeError) as exc:
+        detail = _out_of_memory(exc)
+        if detail is None:
+            raise                            # a bug, to be seen whole
+        remedy = MEMORY_REMEDIES.get(args.command)
+        return refused(f"out of memory ({detail}): try {remedy + ', or ' if remedy else ''}a machine with more "
+                       f"memory.")
     except BrokenPipeError:
         raise                                # main's: the reader went away
     except OSError as exc:
@@ -552,13 +626,14 @@ def _run_and_report(args, reporter: Reporter) -> int:
         if sentence is None:
             raise                            # not the computer refusing the user's paths: a bug to see whole
         return refused(sentence)             # the writes are atomic, so nothing is half-written
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         reporter.close()
         kept, checkpoint = _what_is_kept(args)
+        ended = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
         if reporter.mode == "json":
-            emit("interrupted", message=f"interrupted{kept}", checkpoint=checkpoint)
-        print(f"vaeuda: interrupted{kept}", file=sys.stderr)
-        return 130
+            emit("interrupted", message=f"{ended}{kept}", checkpoint=checkpoint)
+        print(f"vaeuda: {ended}{kept}", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130      # 128 + the signal, as a shell reports it
     reporter.close()
     if reporter.mode == "json":
         emit("done", outputs=outputs)

@@ -121,6 +121,10 @@ def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
             _refuse_cohort_folder(Path(item), cohort_use)
     images = find_images(inputs)
     if labels:
+        folder = next((l for l in labels if Path(l).is_dir()), None)
+        if folder is not None:      # (a DICOM label series is not a thing: it would be read as one and fail)
+            raise VaeudaError(f"{folder}: is a folder; --labels takes label files, one per image in the same order "
+                              f"(or leave --labels out: each X_image file is paired with its X_label file).")
         if len(labels) != len(images):
             raise VaeudaError(f"{len(images)} images but {len(labels)} label files were given; pass one label per image.")
         pairs = [(i, Path(l)) for i, l in zip(images, labels)]
@@ -172,6 +176,8 @@ def parse_slice_range(spec: Optional[str]) -> Optional[Tuple[int, int]]:
     if not spec:
         return None
     try:
+        if not spec.isascii():       # (int() takes other scripts' digits, "٣")
+            raise ValueError
         a, b = (int(v) for v in spec.split(":"))
     except ValueError:
         raise VaeudaError(f"--slices '{spec}' must look like A:B, for example 60:63.") from None
@@ -195,7 +201,7 @@ def load_slices(images: Sequence[Path], size: int, fov_mm: Optional[float], norm
         x = grid.image_slices(image, normalisation)
         y = None
         if labels is not None:
-            lab = volumes.read_label(labels[k], convention, reference=image)
+            lab = volumes.read_label(labels[k], convention, reference=image, reference_name=str(path))
             y = grid.label_slices(lab)
         if slice_range is not None:
             a, b = slice_range

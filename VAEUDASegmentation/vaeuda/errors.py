@@ -5,6 +5,7 @@ Its message is a single sentence meant for the user: it names the file and what 
 The command line prints it and exits with status 2; the Slicer module shows it as is.
 """
 import errno
+import numbers
 from typing import Optional
 
 
@@ -15,12 +16,16 @@ class VaeudaError(Exception):
 MAX_SEED = 2 ** 64 - 1   # torch's generators take 0 .. 2**64 - 1; numpy's (the phantom's) no negative seed
 
 
-def require_count(flag: str, value, minimum: int = 1, default_hint: str = "") -> None:
+def require_count(flag: str, value, minimum: int = 1, default_hint: str = "", maximum: Optional[int] = None) -> None:
     """Refuse a count (iterations, batch size, patience; a seed with ``minimum`` 0) that is not a
-    whole number >= ``minimum``, naming ``flag``; ``default_hint`` follows the minimum in the
-    sentence (the Slicer API's " (or None for the default)")."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise VaeudaError(f"{flag} must be a whole number of at least {minimum}{default_hint}, not {value!r}.")
+    whole number from ``minimum`` to ``maximum`` (if given), naming ``flag``; ``default_hint``
+    follows the minimum in the sentence (the Slicer API's " (or None for the default)"). NumPy's
+    integers are whole numbers too (an ``np.int64`` from an array, in Slicer's console)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        shown = repr(value) if isinstance(value, str) else str(value)      # (str: np.float64(1.5) as 1.5)
+        raise VaeudaError(f"{flag} must be a whole number of at least {minimum}{default_hint}, not {shown}.")
+    if maximum is not None and value > maximum:
+        raise VaeudaError(f"{flag} must be at most {maximum:,}, not {int(value):,}.")
 
 
 # The OS refusing the user's paths, permissions or disk space (a name longer than the file system

@@ -287,6 +287,13 @@ def _check_creatable(path: Path, shown: Optional[Path] = None) -> None:
         pass    # held open by another program (Windows): a hidden empty file is left, the check stands
 
 
+def _folder_temp_prefix(folder: Path) -> str:
+    """``.NAME.``, the start of a temporary folder's name for output folder ``folder``: a leftover (a
+    killed run's) says whose it is. The name is cut so that the 15 bytes mkdtemp adds keep it
+    within what file systems take: an output folder's name may have all their 255 bytes."""
+    return "." + folder.name.encode("utf-8")[:MAX_OUTPUT_NAME_BYTES - 1].decode("utf-8", "ignore") + "."
+
+
 @contextlib.contextmanager
 def atomic_dir(path: PathLike) -> Iterator[Path]:
     """Yield a temporary folder; on success its contents move into ``path`` (which must not hold other work).
@@ -301,7 +308,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     try:
         staging_parent = path if path.is_dir() else path.parent
         staging_parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=staging_parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_folder_temp_prefix(path), suffix=".part", dir=staging_parent))
         os.chmod(tmp, _umask_mode(0o777))
     except OSError as exc:
         _remove_empty(made)
@@ -342,7 +349,7 @@ def _move_entries(source: Path, dest: Path) -> None:
     for item in source.iterdir():
         if not item.is_dir():
             refuse_folder_in_the_way(dest / item.name)
-    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest))
+    aside = Path(tempfile.mkdtemp(prefix=_folder_temp_prefix(dest), suffix=".old", dir=dest))
     done = []   # (name, whether an old entry was moved aside), in order
     try:
         for item in sorted(source.iterdir()):

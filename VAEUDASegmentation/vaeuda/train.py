@@ -699,13 +699,30 @@ def _stage_iterations(iterations: Optional[int], preset: str, stage: str) -> int
     return DEFAULT_ITERATIONS[preset][stage] if iterations is None else iterations
 
 
+# A thousand times the paper preset's adaptation: weeks on a GPU. More is a slip (an extra digit), not a plan.
+MAX_ITERATIONS = 10_000_000
+
+
 def _check_run_arguments(iterations, batch_size, early_stop=None) -> None:
     """Refuse bad counts before any data is read."""
     for flag, value in (("--iterations", iterations), ("--early-stop", early_stop)):
         if value is not None:
             require_count(flag, value)
+    if iterations is not None and iterations > MAX_ITERATIONS:
+        raise VaeudaError(f"--iterations must be at most {MAX_ITERATIONS:,}, not {iterations:,}.")
     if batch_size is not None:
         _check_batch_size(batch_size)
+
+
+def _check_output(out, inputs: Sequence, resume: bool, reporter: Reporter) -> None:
+    """check_model_output, then the notes on ``out`` (once it is known good: a refused one says one
+    thing), before the volumes are read."""
+    check_model_output(out, inputs)
+    if resume and not checkpoint_path(out).exists():     # a mistyped --out?
+        reporter.log(f"note: no checkpoint at {checkpoint_path(out)} to resume; training from the first iteration")
+    if not str(out).lower().endswith(".safetensors"):
+        reporter.log(f"note: {out} is written as a safetensors model file; the Slicer module's file dialogs list "
+                     f"only names ending in .safetensors")
 
 
 def _refuse_labelled_targets(targets: Sequence[Path], pairs: Sequence[Tuple[Path, Path]]) -> None:
@@ -738,7 +755,7 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     """
     reporter = reporter or null_reporter()
     _check_run_arguments(iterations, batch_size)
-    check_model_output(out, list(images) + list(labels))
+    _check_output(out, list(images) + list(labels), resume, reporter)
     dev = resolve_device(device)
     if preset is None:
         preset = "paper" if dev.type == "cuda" else "cpu"
@@ -825,7 +842,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     size, fov = net.cfg.input_size, net.cfg.slice_fov_mm
     pairs, source_digests = _source_pairs(src_meta, source_model, source_data, reporter)
     _refuse_labelled_targets(targets, pairs)
-    check_model_output(out, [source_model, *targets, *(p for pair in pairs for p in pair)])
+    _check_output(out, [source_model, *targets, *(p for pair in pairs for p in pair)], resume, reporter)
     reporter.log(f"reading {len(targets)} target volume(s) and {len(pairs)} labelled source volume(s)")
     # the target first: a wrong one (a label map, too few slices) is refused before the source is read
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
@@ -866,7 +883,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     """
     reporter = reporter or null_reporter()
     _check_run_arguments(iterations, batch_size)
-    check_model_output(out, [source_model, *images, *labels])
+    _check_output(out, [source_model, *images, *labels], resume, reporter)
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
     if src_meta.get("stage") != "source":

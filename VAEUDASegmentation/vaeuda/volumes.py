@@ -875,18 +875,19 @@ def _refuse_skewed_grid(image: sitk.Image, path: Path) -> None:
 
 @_holding_c_stderr
 def read_label(path: PathLike, convention: Convention, reference: Union[sitk.Image, PathLike, None] = None,
-               option: str = "--label-convention") -> sitk.Image:
+               option: str = "--label-convention", reference_name: Optional[str] = None) -> sitk.Image:
     """A label file as a uint8 class-index image (0 background, 1..4 structures).
 
     Raw values are mapped with ``convention.encode`` (unknown values are refused or become
     background, as the convention says; ``option`` is the one its sentences name). With
-    ``reference`` (an image, or the path of one) the label must lie on the same grid.
+    ``reference`` (an image, or the path of one) the label must lie on the same grid;
+    ``reference_name`` names an image given as such in that sentence (else "the image").
     """
     path = Path(path)
     raw = _read_any(path)
     if reference is not None:
         if isinstance(reference, sitk.Image):
-            ref_image, ref_name = reference, "the image"
+            ref_image, ref_name = reference, reference_name or "the image"
         else:
             ref_image, ref_name = _read_any(Path(reference)), str(reference)
         mismatch = geometry_mismatch(raw, ref_image, names=("label", "image"))
