@@ -439,7 +439,7 @@ def test_evaluate_refused_while_a_job_runs_sends_no_warning_first(slicer, mod, f
     fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), waitForCompletion=False)
     events = []
     try:
-        with pytest.raises(RuntimeError, match=r"^Another VAE-UDA job \(segmenting\) is running; wait for it, or cancel it where"):
+        with pytest.raises(RuntimeError, match=r"^Another VAE-UDA job \(segmenting\) is running; wait for it, or cancel it \(its Cancel button"):
             fake_logic.evaluate(seg, ref, progressCallback=events.append)
     finally:
         fake_logic.cancel()
@@ -701,8 +701,8 @@ def test_a_blocking_call_keeps_processing_events_and_refuses_a_second_job(slicer
     qt.QTimer.singleShot(0, press_segment_again)
     with pytest.raises(mod.JobCancelledError):
         fake_logic.segment(volume, model)
-    assert seen == ["Another VAE-UDA job (segmenting) is running; wait for it, or cancel it where it was started (its "
-                    "Cancel button in the panel, or cancel() on the logic that started it in the Python console)."]
+    assert seen == ["Another VAE-UDA job (segmenting) is running; wait for it, or cancel it (its Cancel button in the "
+                    "panel, or VAEUDASegmentationLogic().cancel() in the Python console)."]
     assert not fake_logic.isRunning() and os.listdir(slicer.app.temporaryPath) == []
 
 
@@ -717,7 +717,7 @@ def test_a_second_logic_cannot_start_a_job_while_another_runs(slicer, mod, fake_
     other.engineCommand = fake_logic.engineCommand
     fake_logic.segment(volume, model, waitForCompletion=False)
     try:
-        with pytest.raises(RuntimeError, match=r"^Another VAE-UDA job \(segmenting\) is running; wait for it, or cancel it where"):
+        with pytest.raises(RuntimeError, match=r"^Another VAE-UDA job \(segmenting\) is running; wait for it, or cancel it \(its Cancel button"):
             other.segment(volume, model, waitForCompletion=False)
     finally:
         fake_logic.cancel()
@@ -1954,3 +1954,158 @@ def test_the_engines_note_on_what_the_reference_lacks_is_left_to_evaluates_own(m
     job.name = "segment"
     mod.VAEUDASegmentationLogic._forward(job, [{"event": "log", "message": engine_note}])
     assert seen[-1]["message"] == engine_note
+
+
+def test_console_arguments_refused_in_one_sentence_before_any_work(slicer, mod, fake_logic, tmp_path):
+    """What a console user may type: truthy text for on/off options ("False" switched --portable on), a
+    callback that is no function, a folder for a model file, a file for the data folder, a seed the
+    generators cannot take, a mistyped convention (the engine had named a path in its temporary
+    folder), non-numbers for sizes (argparse's wording before)."""
+    from vaeuda.labels import MMWHS
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    data = tmp_path / "mr"
+    data.mkdir()
+    out = tmp_path / "out.safetensors"
+    cases = [
+        (lambda: fake_logic.segment(volume, model, portable="False"), "portable must be True or False, not 'False'."),
+        (lambda: fake_logic.segment(volume, model, cpuBf16="no"), "cpuBf16 must be True or False, not 'no'."),
+        (lambda: fake_logic.segment(volume, model, waitForCompletion=0), "waitForCompletion must be True or False, not 0."),
+        (lambda: fake_logic.segment(volume, model, progressCallback=5),
+         "progressCallback must be a function (or None), not 5."),
+        (lambda: fake_logic.segment(volume, str(tmp_path)), f"{tmp_path}: is a folder, not a model file."),
+        (lambda: fake_logic.trainSource(model, out),
+         f"{model}: is a file; choose the folder that holds the X_image / X_label pairs."),
+        (lambda: fake_logic.trainSource(data, out, seed=2 ** 70),
+         f"seed must be at most {2 ** 64 - 1:,}, not {2 ** 70:,}."),
+        (lambda: fake_logic.trainSource(data, out, inputSize="abc"),
+         "inputSize must be a whole number of at least 1 (or None for the default), not 'abc'."),
+        (lambda: fake_logic.trainSource(data, out, labelConvention="MMWHS"),
+         "labelConvention 'MMWHS' is neither a built-in convention ('mmwhs', 'consecutive'; lower case) nor an "
+         "existing label-mapping JSON file."),
+        (lambda: fake_logic.makeTryItCohort(str(tmp_path / "cohort"), size=True),
+         "size must be a whole number of at least 1 (or None for the default), not True."),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value) == message
+    assert os.listdir(slicer.app.temporaryPath) == [] and not (tmp_path / "args.json").exists()
+    # NumPy's integers are whole numbers (an np.int64 read from an array)
+    (data / "mr_1_image.nii.gz").write_bytes(b"image")
+    fake_logic.trainSource(data, out, iterations=np.int64(5), seed=np.int64(2))
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args[args.index("--iterations") + 1] == "5" and args[args.index("--seed") + 1] == "2"
+
+
+def test_inputs_the_engine_reads_beside_the_given_ones_are_never_overwritten(slicer, mod, fake_logic, tmp_path):
+    """The engine writes a temporary model file and cannot see the move that follows: a single source image's
+    X_label twin, or the label-mapping file, given as the output were replaced by the model."""
+    from vaeuda.labels import MMWHS
+    source = write_fake_model(tmp_path / "source.safetensors", MMWHS)
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    (mr / "mr_1_image.nii.gz").write_bytes(b"image")
+    (mr / "mr_1_label.nii.gz").write_bytes(b"label")
+    target = add_volume(slicer, np.ones((3, 4, 5), np.float32))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(mr / 'mr_1_label.nii.gz'))}: is also an input"):
+        fake_logic.adapt(source, target, mr / "mr_1_label.nii.gz", sourceDataFolder=mr / "mr_1_image.nii.gz")
+    mapping = tmp_path / "conv.json"
+    mapping.write_text('{"LV-M": 205, "LA-B": 420, "LV-B": 500, "A-A": 820}')
+    with pytest.raises(ValueError, match=f"^{re.escape(str(mapping))}: is also an input"):
+        fake_logic.trainSource(mr, mapping, labelConvention=str(mapping))
+    assert (mr / "mr_1_label.nii.gz").read_bytes() == b"label" and mapping.read_text().startswith('{"LV-M"')
+    assert os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_a_sheared_or_empty_volume_is_refused_before_its_job(slicer, mod, fake_logic, tmp_path):
+    """NIfTI keeps only perpendicular axes: a sheared volume came back segmented on another grid, without
+    a word; a volume of 0 voxels got "could not write" naming a deleted temporary file."""
+    from vaeuda.labels import MMWHS
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    sheared = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.float32),
+                                             [[1, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], "sheared")
+    with pytest.raises(ValueError, match=r"^Volume 'sheared': its IJK-to-RAS axes are not perpendicular \(off by 0.45"):
+        fake_logic.segment(sheared, model)
+    empty = slicer.util.addVolumeFromArray(np.zeros((0, 4, 5), np.float32), IJK_TO_RAS, "nothing")
+    with pytest.raises(ValueError, match="^Volume 'nothing' has no voxels.$"):
+        fake_logic.segment(empty, model)
+    assert os.listdir(slicer.app.temporaryPath) == [] and not (tmp_path / "args.json").exists()
+    assert mod.AXES_TOLERANCE == __import__("vaeuda.volumes", fromlist=["x"]).GEOMETRY_TOLERANCE
+
+
+def test_a_second_job_is_refused_before_its_volumes_are_written_and_any_logic_cancels(slicer, mod, fake_logic,
+                                                                                       monkeypatch, tmp_path):
+    """The refusal came after every target volume had been compressed to a file; cancel() on a logic made
+    in the console did nothing to the panel's job."""
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    results = []
+    fake_logic.segment(volume, model, waitForCompletion=False, finishedCallback=results.append)
+    written = []
+    monkeypatch.setattr(slicer.util, "exportNode", lambda *a, **k: written.append(a) or True)
+    console = mod.VAEUDASegmentationLogic()
+    with pytest.raises(RuntimeError, match=r"^Another VAE-UDA job \(segmenting\) is running"):
+        console.adapt(model, [volume, volume], tmp_path / "a.safetensors")
+    assert written == [] and len(os.listdir(slicer.app.temporaryPath)) == 1      # the running job's folder alone
+    console.cancel()
+    pump(slicer, lambda: results)
+    assert results[0].status == "cancelled" and not fake_logic.isRunning()
+
+
+def test_evaluate_imports_nothing_for_a_segmentation_removed_while_it_ran(slicer, mod, fake_logic, monkeypatch):
+    """segment refused to import for a removed node; evaluate made a table for it."""
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    labels = np.zeros((3, 4, 5), np.uint8)
+    labels[1, 1:3, 1:4] = 1
+    seg = make_segmentation(slicer, volume, labels, [("LV-M", "LV-M", None)], "seg")
+    ref = make_segmentation(slicer, volume, labels, [("LV-M", "LV myocardium", None)], "ref")
+    results = []
+    fake_logic.evaluate(seg, ref, waitForCompletion=False, finishedCallback=results.append)
+    job = fake_logic._job
+    slicer.mrmlScene.RemoveNode(seg)
+    monkeypatch.setattr(job.process, "cancelRequested", False)      # let the job end as if it had finished
+    job.process.cancel()
+    job.process.cancelRequested = False
+    monkeypatch.setattr(job.process.process, "poll", lambda: 0)
+    pump(slicer, lambda: results)
+    assert results[0].status == "failed"
+    assert results[0].message == "The segmentation 'seg' was removed from the scene while the job ran; nothing was imported."
+    assert not slicer.util.getNodesByClass("vtkMRMLTableNode")
+
+
+@needs_engine
+def test_a_volume_far_from_the_origin_gets_its_segmentation_on_its_exact_grid(slicer, mod, tiny_model):
+    """NIfTI stores the grid in 32-bit floats: an origin 1e5 mm away came back 3e-3 mm off, beyond the 1e-4
+    within which Slicer takes two grids for one; the labels now take the volume's own grid."""
+    model, cohort = tiny_model
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(cohort / "ct_1002_image.nii.gz")))
+    far = IJK_TO_RAS.copy()
+    far[:3, 3] = (100000.3, -54321.7, 76543.1)
+    volume = slicer.util.addVolumeFromArray(ct, far, "far")
+    segmentationNode = mod.VAEUDASegmentationLogic().segment(volume, str(model), device="cpu")
+    segmentId = segmentationNode.GetSegmentation().GetNthSegmentID(0)
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volume)   # refuses another grid
+    assert mask.shape == ct.shape
+    assert np.array_equal(volume._ijkToRAS, far)                                                # the input unchanged
+
+
+def test_a_relative_output_is_the_one_of_the_folder_current_at_the_call(slicer, mod, fake_logic, monkeypatch, tmp_path):
+    """The model is moved into place when a background job ends: after an os.chdir meanwhile, a relative
+    output had landed in the new current folder."""
+    from vaeuda.labels import MMWHS
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    results = []
+    fake_logic.adapt(write_fake_model(tmp_path / "source.safetensors", MMWHS),
+                     [add_volume(slicer, np.ones((3, 4, 5), np.float32))], "adapted.safetensors",
+                     waitForCompletion=False, finishedCallback=results.append)
+    monkeypatch.chdir(second)
+    pump(slicer, lambda: results)
+    assert results[0].status == "done" and results[0].value == str(first / "adapted.safetensors")
+    assert (first / "adapted.safetensors").is_file() and os.listdir(second) == []

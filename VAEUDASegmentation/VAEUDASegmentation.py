@@ -45,7 +45,7 @@ from slicer.util import VTKObservationMixin
 from vaeuda import choices as vaeudaChoices
 from vaeuda import fileio as vaeudaFileio
 from vaeuda import labels as vaeudaLabels
-from vaeuda.errors import VaeudaError, require_count
+from vaeuda.errors import MAX_SEED, VaeudaError, require_count
 # The child-process runner is plain Python, in its own file; the job errors are part of the batch API.
 from VAEUDASegmentationLib.engineprocess import EngineProcess, JobCancelledError, JobFailedError, JobResult
 
@@ -198,6 +198,9 @@ class TryItCohort:
 SCENE_JOBS = ("segment", "evaluate", "synth")
 # ... and the panel's buttons that start them
 SCENE_ACTIONS = ("segment", "evaluate", "tryIt")
+# How far a volume's IJK-to-RAS axes may be from perpendicular: the engine's own tolerance
+# (vaeuda.volumes.GEOMETRY_TOLERANCE, which refuses such a volume in a file; a test holds them equal).
+AXES_TOLERANCE = 1e-4
 # Node reference role from a segmentation to the table the panel's Evaluate filled for it: found by node ID, so a
 # renamed table is still that segmentation's; a deleted one is no longer found.
 EVALUATION_TABLE_REFERENCE_ROLE = "VAEUDAEvaluationTable"
@@ -348,16 +351,32 @@ def _sourceVolumes(sourceData: Optional[str], meta: dict) -> List[str]:
                 if isinstance(p, str)]
     if os.path.isdir(sourceData):
         return [os.path.join(sourceData, name) for name in os.listdir(sourceData)]
-    return [sourceData]
+    # one image: the engine reads its X_label twin beside it too (the name's role in any case)
+    base = vaeudaFileio.without_role(vaeudaFileio.stem(sourceData), "_image")
+    folder = os.path.dirname(sourceData) or "."
+    twins = [] if base is None or not os.path.isdir(folder) else [
+        os.path.join(folder, name) for name in os.listdir(folder)
+        if vaeudaFileio.stem(name).casefold() == (base + "_label").casefold()]
+    return [sourceData, *twins]
 
 
 def _conventionArgument(labelConvention):
     """``labelConvention`` for the engine, which runs in a temporary folder: a mapping file's path made
-    absolute; a built-in name ("mmwhs", "consecutive") and None as they are."""
-    if labelConvention is None or str(labelConvention) in vaeudaLabels.BUILTIN_CONVENTIONS:
+    absolute; a built-in name ("mmwhs", "consecutive") and None as they are. Anything else (a
+    mistyped name, a file that is not there) is refused here, before the job: the engine would
+    name a path in its temporary folder."""
+    if labelConvention is None or (isinstance(labelConvention, str)
+                                   and labelConvention in vaeudaLabels.BUILTIN_CONVENTIONS):
         return labelConvention
-    path = _userPath(labelConvention)
-    return os.path.abspath(path) if path else path
+    builtins = ", ".join(f"'{name}'" for name in vaeudaLabels.BUILTIN_CONVENTIONS)
+    if not isinstance(labelConvention, (str, os.PathLike)) or not str(labelConvention):
+        raise ValueError(f"labelConvention must be a built-in convention ({builtins}) or a label-mapping JSON file, "
+                         f"not {labelConvention!r}.")
+    path = os.path.abspath(_userPath(labelConvention))
+    if not os.path.isfile(path):
+        raise ValueError(f"labelConvention {str(labelConvention)!r} is neither a built-in convention ({builtins}; "
+                         f"lower case) nor an existing label-mapping JSON file.")
+    return path
 
 
 def _pathOrNone(path) -> Optional[str]:
@@ -408,12 +427,28 @@ def _asArguments(message: str) -> str:
     return message
 
 
-def _requireCount(name: str, value, minimum: int = 1, noneForDefault: bool = True) -> None:
+def _requireCount(name: str, value, minimum: int = 1, noneForDefault: bool = True,
+                  maximum: Optional[int] = None) -> None:
     """Refuse a count argument (None: the engine's default, where ``noneForDefault``) that the engine
-    would refuse only after starting: the engine's check, as ValueError."""
+    would refuse only after starting: the engine's check, as ValueError. Seeds are bounded by what
+    the engine's generators take."""
     if value is not None or not noneForDefault:
         with _engineCheckAsValueError():
-            require_count(name, value, minimum, default_hint=" (or None for the default)" if noneForDefault else "")
+            require_count(name, value, minimum, default_hint=" (or None for the default)" if noneForDefault else "",
+                          maximum=MAX_SEED if name == "seed" and maximum is None else maximum)
+
+
+def _requireFlag(name: str, value) -> None:
+    """Refuse an on/off argument that is not True or False: the text "False" is true to Python, and
+    would switch the option on."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, not {value!r}.")
+
+
+def _requireCallback(name: str, value) -> None:
+    """Refuse a callback that cannot be called (it would fail at every event, logged, the job going on)."""
+    if value is not None and not callable(value):
+        raise ValueError(f"{name} must be a function (or None), not {value!r}.")
 
 
 # ----------------------------------------------------------------------------- widget
@@ -949,10 +984,11 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         not scene content: it is kept. A job that has already failed is reported failed, with its
         sentence, either way.
         """
-        if self._job is not None:
+        job = self._job or _RUNNING_JOB[0]     # one made in the console cancels the panel's job too
+        if job is not None:
             if detach:
-                self._job.progressCallback = self._job.finishedCallback = None
-            self._job.process.cancel(evenIfEnded=discardFinished and self._job.name in SCENE_JOBS)
+                job.progressCallback = job.finishedCallback = None
+            job.process.cancel(evenIfEnded=discardFinished and job.name in SCENE_JOBS)
 
     def _engineArgs(self) -> List[str]:
         if self.engineCommand:
@@ -984,8 +1020,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         running = self._job or _RUNNING_JOB[0]
         if running is not None:
             raise RuntimeError(f"Another VAE-UDA job ({JOB_DESCRIPTIONS.get(running.name, running.name)}) is running; "
-                               f"wait for it, or cancel it where it was started (its Cancel button in the panel, or "
-                               f"cancel() on the logic that started it in the Python console).")
+                               f"wait for it, or cancel it (its Cancel button in the panel, or "
+                               f"VAEUDASegmentationLogic().cancel() in the Python console).")
 
     @staticmethod
     def _makeTempDir() -> str:
@@ -1077,8 +1113,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                     value = job.onSuccess(process.outputs) if job.onSuccess else None
                     result = JobResult("done", outputs=list(process.outputs), value=value)
                 except (RuntimeError, ValueError, OSError) as exc:   # foreseen (a node removed meanwhile): no traceback
-                    logging.error("VAE-UDA %s: %s", job.name, exc)
-                    result = JobResult("failed", str(exc))
+                    message = _namePaths(str(exc), job.pathNames)
+                    logging.error("VAE-UDA %s: %s", job.name, message)
+                    result = JobResult("failed", message)
                 except Exception as exc:
                     logging.exception("VAE-UDA %s: reading the results failed", job.name)
                     result = JobResult("failed", str(exc))
@@ -1100,12 +1137,23 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         self._requireNode(volumeNode, "vtkMRMLScalarVolumeNode", what)
         if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
             raise ValueError(f"{what} must be a scalar volume, not the label map '{volumeNode.GetName()}'.")
-        if volumeNode.GetImageData() is None:
+        if volumeNode.GetImageData() is None or 0 in volumeNode.GetImageData().GetDimensions():
             raise ValueError(f"Volume '{volumeNode.GetName()}' has no voxels.")
         components = volumeNode.GetImageData().GetNumberOfScalarComponents()
         if components != 1:   # a vector (e.g. RGB) volume is a vtkMRMLScalarVolumeNode subclass
             raise ValueError(f"Volume '{volumeNode.GetName()}' has {components} components per voxel; "
                              "select a single-channel CT or MR volume.")
+        # NIfTI keeps only perpendicular axes: a sheared grid would be written straightened, and the
+        # segmentation would come back on another grid than the volume's
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        axes = slicer.util.arrayFromVTKMatrix(ijkToRAS)[:3, :3]
+        directions = axes / np.linalg.norm(axes, axis=0)
+        shear = float(np.abs(directions.T @ directions - np.eye(3)).max())
+        if shear > AXES_TOLERANCE:
+            raise ValueError(f"Volume '{volumeNode.GetName()}': its IJK-to-RAS axes are not perpendicular (off by "
+                             f"{shear:.2g}: a sheared or gantry-tilted grid), so no segmentation can lie on its grid; "
+                             f"resample it onto a perpendicular grid first (Resample Scalar/Vector/DWI Volume).")
         # exportNode leaves the node's storage node (its file name for "Save") untouched.
         if not slicer.util.exportNode(volumeNode, path, {}, world=False):
             raise RuntimeError(f"Could not write volume '{volumeNode.GetName()}' to {path}.")
@@ -1121,6 +1169,16 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"{what} must be a {className} node, not {given}.")
         if inScene and node.GetScene() is None:
             raise ValueError(f"{what} '{node.GetName()}' is in no scene (removed from it?); choose one in the scene.")
+
+    def _checkCall(self, waitForCompletion, progressCallback, finishedCallback, **flags) -> None:
+        """What any job's call is refused for before its work (volumes written, packages installed):
+        on/off arguments that are not True or False, callbacks that cannot be called, another job
+        running."""
+        for name, value in {"waitForCompletion": waitForCompletion, **flags}.items():
+            _requireFlag(name, value)
+        _requireCallback("progressCallback", progressCallback)
+        _requireCallback("finishedCallback", finishedCallback)
+        self._refuseWhileRunning()
 
     @staticmethod
     def _requirePortableOnCpu(portable: bool, device: str, cpuBf16: bool = False) -> None:
@@ -1154,6 +1212,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     def _existingFile(path, what: str) -> str:
         if not _pathOrNone(path):
             raise ValueError(f"Choose a {what}.")
+        if os.path.isdir(str(path)):
+            raise ValueError(f"{path}: is a folder, not a {what}.")
         if not os.path.isfile(str(path)):
             raise ValueError(f"{path}: {what} not found.")
         return os.path.abspath(str(path))
@@ -1179,6 +1239,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         labelmapNode = slicer.util.loadLabelVolume(labelPath, {"name": "VAE-UDA temporary labels", "show": False})
         importedNode = None
         try:
+            self._snapToVolumeGrid(labelmapNode, inputVolumeNode)
             classes = classIndicesFromLabelValues(slicer.util.arrayFromVolume(labelmapNode), fromIndex, source=labelPath)
             slicer.util.updateVolumeFromArray(labelmapNode, classes)
             importedNode = slicer.mrmlScene.AddNewNodeByClass(
@@ -1222,6 +1283,25 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene.RemoveNode(labelmapNode)
 
     @staticmethod
+    def _snapToVolumeGrid(labelmapNode, volumeNode) -> None:
+        """Put labels read from a NIfTI file on the volume's exact grid. NIfTI stores the grid in 32-bit
+        floats: a far origin (1e5 mm) comes back hundredths of a millimetre off, beyond the 1e-4 within
+        which Slicer takes two grids for one, and the segments would be resampled. Labels on the same
+        number of voxels whose grid differs from the volume's by no more than that rounding take the
+        volume's; any other difference is left to show."""
+        if labelmapNode.GetImageData() is None or volumeNode.GetImageData() is None:
+            return
+        if labelmapNode.GetImageData().GetDimensions() != volumeNode.GetImageData().GetDimensions():
+            return
+        labels, volume = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        labelmapNode.GetIJKToRASMatrix(labels)
+        volumeNode.GetIJKToRASMatrix(volume)
+        labels, volume = slicer.util.arrayFromVTKMatrix(labels), slicer.util.arrayFromVTKMatrix(volume)
+        rounding = 8 * np.finfo(np.float32).eps * max(1.0, float(np.abs(volume).max()))
+        if float(np.abs(labels - volume).max()) <= rounding:
+            labelmapNode.CopyOrientation(volumeNode)
+
+    @staticmethod
     def _referToVolume(segmentationNode, volumeNode) -> None:
         """Binary-labelmap source, the volume's transform, then its geometry as reference (the transform
         comes first: Slicer transforms the geometry when the two parent transforms differ)."""
@@ -1249,6 +1329,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             seg = logic.segment(getNode("ct_1017"), "/data/adapted.safetensors", device="cpu")
             seg.CreateClosedSurfaceRepresentation()   # show in 3D
         """
+        self._checkCall(waitForCompletion, progressCallback, finishedCallback, cpuBf16=cpuBf16, portable=portable)
         self._requireChoice("The device", device, vaeudaChoices.DEVICES)
         modelPath = _userPath(modelPath)
         self._requirePortableOnCpu(portable, device, cpuBf16)
@@ -1309,27 +1390,36 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
             logic.trainSource("/data/mr_train", "/data/source.safetensors", preset="cpu", iterations=5000)
         """
+        self._checkCall(waitForCompletion, progressCallback, finishedCallback, portable=portable,
+                        intensityRemap=intensityRemap)
         self._requireChoice("The device", device, vaeudaChoices.DEVICES)
         dataFolder, outputModelPath = _userPath(dataFolder), _userPath(outputModelPath)
         _requireCount("iterations", iterations)
         _requireCount("seed", seed, minimum=0)
+        _requireCount("inputSize", inputSize)
+        convention = _conventionArgument(labelConvention)
         self._requirePortableOnCpu(portable, device)
         if preset is not None:
             self._requireChoice("The preset", preset, vaeudaChoices.PRESET_NAMES)
         if dataFolder is None or str(dataFolder) == "":    # (the panel gives None for its unset path)
             raise ValueError("Choose the training data folder.")
+        if os.path.isfile(str(dataFolder)):
+            raise ValueError(f"{dataFolder}: is a file; choose the folder that holds the X_image / X_label pairs.")
         if not os.path.isdir(str(dataFolder)):
             raise ValueError(f"{dataFolder}: training data folder not found.")
         if not _pathOrNone(outputModelPath):
             raise ValueError("Choose where to write the trained model.")
         folder = os.path.abspath(str(dataFolder))
-        self._checkOutput(outputModelPath, [os.path.join(folder, name) for name in os.listdir(folder)])
+        mapping = [] if convention in (None, *vaeudaLabels.BUILTIN_CONVENTIONS) else [convention]
+        self._checkOutput(outputModelPath, [os.path.join(folder, name) for name in os.listdir(folder)] + mapping)
+        # absolute now: the model is moved there when the job ends, whatever the current folder is then
+        outputModelPath = os.path.abspath(str(outputModelPath))
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         tempModel = os.path.join(tempDir, "model" + _modelSuffix(outputModelPath))
         args = ["train-source", "--out", tempModel, "--device", device]
         args += _option("--preset", preset) + _option("--iterations", iterations) + _option("--seed", seed)
-        args += _option("--label-convention", _conventionArgument(labelConvention)) + _option("--input-size", inputSize)
+        args += _option("--label-convention", convention) + _option("--input-size", inputSize)
         args += _flag("--portable", portable) + _flag("--intensity-remap", intensityRemap)
         args += [os.path.abspath(str(dataFolder))]
         return self._run("train-source", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
@@ -1348,6 +1438,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
             adapted = logic.adapt("/data/source.safetensors", [getNode("ct_1017")], "/data/adapted.safetensors")
         """
+        self._checkCall(waitForCompletion, progressCallback, finishedCallback, portable=portable)
         self._requireChoice("The device", device, vaeudaChoices.DEVICES)
         sourceModelPath, outputModelPath = _userPath(sourceModelPath), _userPath(outputModelPath)
         sourceDataFolder = _userPath(sourceDataFolder)
@@ -1369,6 +1460,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         # the model is moved into place after the job: the engine, writing a temporary file, cannot see
         # it replace a labelled source volume, the given ones or those the source model records
         self._checkOutput(outputModelPath, [sourceModelPath, *_sourceVolumes(sourceData, sourceMeta)])
+        outputModelPath = os.path.abspath(str(outputModelPath))   # (moved there when the job ends)
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         try:
@@ -1407,6 +1499,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
             table = logic.evaluate(getNode("ct_1017 segmentation"), getNode("ct_1017 reference"))
         """
+        self._checkCall(waitForCompletion, progressCallback, finishedCallback)
         if segmentationNode is None or referenceSegmentationNode is None:
             raise ValueError("Select a segmentation and a reference segmentation to compare.")
         self._requireNode(segmentationNode, "vtkMRMLSegmentationNode", "The segmentation")
@@ -1421,7 +1514,6 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                              f"Editor does so with the first source volume chosen for a new segmentation).")
         if referenceVolume.GetImageData() is None:
             raise ValueError(f"Volume '{referenceVolume.GetName()}' has no voxels.")
-        self._refuseWhileRunning()
         absent = [s.name for s in STRUCTURES if self._segmentIdForStructure(referenceSegmentationNode, s) is None]
         self._ensureRequirements()
         tempDir = self._makeTempDir()
@@ -1450,9 +1542,11 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         tableScene = outputTableNode.GetScene() if outputTableNode is not None else None
 
         def makeTable(outputs: List[str]):
-            if tableScene is not None and outputTableNode.GetScene() is None:   # removed while the job ran
-                raise RuntimeError(f"The output table '{outputTableNode.GetName()}' was removed from the scene while "
-                                   f"the job ran; nothing was imported.")
+            for node, what in ((segmentationNode, "segmentation"), (referenceSegmentationNode, "reference segmentation"),
+                               (outputTableNode if tableScene is not None else None, "output table")):
+                if node is not None and node.GetScene() is None:    # removed while the job ran
+                    raise RuntimeError(f"The {what} '{node.GetName()}' was removed from the scene while the job ran; "
+                                       f"nothing was imported.")
             with open(jsonPath, encoding="utf-8") as f:
                 return self._evaluationTable(json.load(f), segmentationNode, outputTableNode, absent)
 
@@ -1476,10 +1570,12 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             cohort = logic.makeTryItCohort()
             model = logic.trainSource(cohort.sourceTrainingFolder, cohort.folder + "/source.safetensors", iterations=300)
         """
+        self._checkCall(waitForCompletion, progressCallback, finishedCallback, loadVolume=loadVolume)
         outputFolder = os.path.abspath(_userPath(outputFolder or self.defaultTryItFolder()))
         for name, value, minimum in (("nSource", nSource, 1), ("nTarget", nTarget, 1), ("nTrain", nTrain, 0),
                                      ("seed", seed, 0)):
             _requireCount(name, value, minimum, noneForDefault=False)    # the defaults are this method's
+        _requireCount("size", size)
         if os.path.isdir(outputFolder) and os.listdir(outputFolder):
             raise ValueError(f"{outputFolder}: the folder for the synthetic cohort must be new or empty.")
         self._checkOutput(outputFolder, folder=True, argument="outputFolder")

@@ -128,6 +128,10 @@ class vtkMRMLVolumeNode(vtkMRMLTransformableNode):
     def GetIJKToRASMatrix(self, mat):
         mat._m = self._ijkToRAS.copy()
 
+    def CopyOrientation(self, node):
+        """Origin, spacing and directions of ``node`` (vtkMRMLVolumeNode.cxx: its IJK-to-RAS)."""
+        self._ijkToRAS = node._ijkToRAS.copy()
+
     def GetSpacing(self):
         return tuple(float(s) for s in np.linalg.norm(self._ijkToRAS[:3, :3], axis=0))
 

@@ -51,6 +51,11 @@ def _addVolumeNode(array, ijkToRAS, name, nodeClassName):
 
 # ----------------------------------------------------------------------------- MRML-numpy
 
+def arrayFromVTKMatrix(vmatrix):
+    """A vtkMatrix4x4's elements as a numpy array, a copy (util.py ``arrayFromVTKMatrix``)."""
+    return np.array(vmatrix._m, dtype=float)
+
+
 def arrayFromVolume(volumeNode):
     """Voxels as a ``(K, J, I)`` numpy array, not copied (util.py ``arrayFromVolume``). Without image
     data Slicer fails on ``None.GetDimensions()``: an AttributeError."""
