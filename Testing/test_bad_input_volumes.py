@@ -644,3 +644,35 @@ def test_c_stderr_is_held_back_only_from_a_refusal(capfd):
     assert capfd.readouterr().err == "after\n"
     assert volumes._c_complaint("") == "" and volumes._c_complaint("WARNING: In x.cxx, line 3\nspacing 0\n") == \
         "spacing 0"
+
+
+def test_an_earlier_line_in_the_same_hold_is_not_a_later_refusals_reason(tmp_path, capfd):
+    """A hold spans a label and its reference image (read_label): what the first read printed had become the
+    second's reason ('Unable to determine ImageIO reader ...: other.nii has an odd qform')."""
+    import os
+    junk = tmp_path / "junk.mha"
+    junk.write_bytes(b"not an image at all" * 10)
+    with volumes._held_c_stderr():
+        os.write(2, b"other.nii has an odd qform\n")
+        with pytest.raises(VaeudaError) as raised:
+            read_image(junk)
+    assert str(raised.value) == (f'{junk}: cannot be read as an image: Unable to determine ImageIO reader for "{junk}" '
+                                 f"(readable: .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd files and DICOM folders).")
+    assert capfd.readouterr().err == "other.nii has an odd qform\n"      # the hold ended well: let through
+
+
+def test_only_the_main_thread_holds_the_processs_stderr(capfd):
+    """Descriptor 2 is the whole process's: a read in another thread must not take it from the main one."""
+    import os
+    import threading
+    seen = []
+
+    def read():
+        with volumes._held_c_stderr() as held:
+            os.write(2, b"from a thread\n")
+            seen.append(held())
+    capfd.readouterr()
+    worker = threading.Thread(target=read)
+    worker.start()
+    worker.join()
+    assert seen == [""] and capfd.readouterr().err == "from a thread\n"

@@ -2067,9 +2067,8 @@ def test_evaluate_imports_nothing_for_a_segmentation_removed_while_it_ran(slicer
     fake_logic.evaluate(seg, ref, waitForCompletion=False, finishedCallback=results.append)
     job = fake_logic._job
     slicer.mrmlScene.RemoveNode(seg)
-    monkeypatch.setattr(job.process, "cancelRequested", False)      # let the job end as if it had finished
-    job.process.cancel()
-    job.process.cancelRequested = False
+    job.process.cancel()                                            # stop the sleeping stand-in engine, then let
+    job.process.cancelRequested = False                             # the job end as one that succeeded would
     monkeypatch.setattr(job.process.process, "poll", lambda: 0)
     pump(slicer, lambda: results)
     assert results[0].status == "failed"
@@ -2109,3 +2108,38 @@ def test_a_relative_output_is_the_one_of_the_folder_current_at_the_call(slicer, 
     pump(slicer, lambda: results)
     assert results[0].status == "done" and results[0].value == str(first / "adapted.safetensors")
     assert (first / "adapted.safetensors").is_file() and os.listdir(second) == []
+
+
+def test_labels_on_another_grid_are_not_snapped_to_the_volumes_even_far_from_the_origin(slicer, mod):
+    """Only float32 rounding is forgiven, element by element: a spacing 10 % off (or a rotation) next to an
+    origin 1e5 mm away stays as it is, to show."""
+    far = IJK_TO_RAS.copy()
+    far[:3, 3] = (100000.3, -54321.7, 76543.1)
+    volume = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.float32), far, "far")
+    rounded = far.astype(np.float32).astype(float)
+    for labelsGrid, snapped in ((rounded, True), (rounded @ np.diag([1.1, 1.0, 1.0, 1.0]), False)):
+        labels = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.uint8), labelsGrid, "labels",
+                                                "vtkMRMLLabelMapVolumeNode")
+        mod.VAEUDASegmentationLogic._snapToVolumeGrid(labels, volume)
+        assert np.array_equal(labels._ijkToRAS, far) is snapped
+        assert np.array_equal(labels._ijkToRAS, far if snapped else labelsGrid)
+
+
+@needs_engine
+def test_a_try_it_folder_given_as_a_link_or_filled_meanwhile(slicer, mod, tmp_path):
+    """A link to an empty folder ended in "[Errno 20] Not a directory" after the cohort was made; a folder
+    filled while the job ran, in "[Errno 39] Directory not empty"."""
+    logic = mod.VAEUDASegmentationLogic()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    cohort = logic.makeTryItCohort(tmp_path / "link", nSource=2, nTarget=2, nTrain=1, size=16, loadVolume=False)
+    assert cohort.folder == str((tmp_path / "real").resolve()) and (tmp_path / "real" / "splits.json").is_file()
+    (tmp_path / "empty").mkdir()
+    results = []
+    logic.makeTryItCohort(tmp_path / "empty", nSource=2, nTarget=2, nTrain=1, size=16, loadVolume=False,
+                          waitForCompletion=False, finishedCallback=results.append)
+    (tmp_path / "empty" / "mine.txt").write_text("mine")                 # while the job runs
+    pump(slicer, lambda: results, timeout=120)
+    assert results[0].status == "failed" and results[0].message.startswith(
+        f"{(tmp_path / 'empty').resolve()}: cannot take the synthetic cohort (Directory not empty; files were put in it")
+    assert os.listdir(tmp_path / "empty") == ["mine.txt"] and os.listdir(slicer.app.temporaryPath) == []

@@ -78,7 +78,7 @@ def test_spin_box_ranges_are_the_parameter_nodes():
             value = {k: int(props[k].find("number").text) if k in props else None for k in ("minimum", "maximum")}
             spin_boxes[props["SlicerParameterName"].find("string").text] = (value["minimum"] or 0, value["maximum"])
     assert spin_boxes == ranges
-    from vaeuda.train import MAX_ITERATIONS     # the engine's own bound: the panel offers no count it refuses
+    from vaeuda.errors import MAX_ITERATIONS     # the engine's own bound: the panel offers no count it refuses
     assert {name: high for name, (_, high) in ranges.items() if name.endswith("Iterations")} == \
         {"trainIterations": MAX_ITERATIONS, "adaptIterations": MAX_ITERATIONS}
 

@@ -162,7 +162,7 @@ def test_repeated_list_options_add_up_and_a_short_slices_option_is_explained(tmp
 
 
 def test_iterations_beyond_the_bound_are_refused_before_any_work(tmp_path, capsys):
-    from vaeuda.train import MAX_ITERATIONS
+    from vaeuda.errors import MAX_ITERATIONS
     target = tmp_path / "ct_image.nii.gz"
     target.write_bytes(b"")
     assert main(["adapt", str(target), "--model", "m", "--out", str(tmp_path / "o.safetensors"), "--iterations",

@@ -45,7 +45,7 @@ from slicer.util import VTKObservationMixin
 from vaeuda import choices as vaeudaChoices
 from vaeuda import fileio as vaeudaFileio
 from vaeuda import labels as vaeudaLabels
-from vaeuda.errors import MAX_SEED, VaeudaError, require_count
+from vaeuda.errors import MAX_ITERATIONS, MAX_SEED, VaeudaError, require_count
 # The child-process runner is plain Python, in its own file; the job errors are part of the batch API.
 from VAEUDASegmentationLib.engineprocess import EngineProcess, JobCancelledError, JobFailedError, JobResult
 
@@ -430,12 +430,11 @@ def _asArguments(message: str) -> str:
 def _requireCount(name: str, value, minimum: int = 1, noneForDefault: bool = True,
                   maximum: Optional[int] = None) -> None:
     """Refuse a count argument (None: the engine's default, where ``noneForDefault``) that the engine
-    would refuse only after starting: the engine's check, as ValueError. Seeds are bounded by what
-    the engine's generators take."""
+    would refuse only after starting: the engine's check, as ValueError."""
     if value is not None or not noneForDefault:
         with _engineCheckAsValueError():
             require_count(name, value, minimum, default_hint=" (or None for the default)" if noneForDefault else "",
-                          maximum=MAX_SEED if name == "seed" and maximum is None else maximum)
+                          maximum=maximum)
 
 
 def _requireFlag(name: str, value) -> None:
@@ -1134,6 +1133,13 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     # -- scene <-> files
 
     def _writeVolume(self, volumeNode, path: str, what: str = "The input volume") -> None:
+        self._requireUsableVolume(volumeNode, what)
+        # exportNode leaves the node's storage node (its file name for "Save") untouched.
+        if not slicer.util.exportNode(volumeNode, path, {}, world=False):
+            raise RuntimeError(f"Could not write volume '{volumeNode.GetName()}' to {path}.")
+
+    def _requireUsableVolume(self, volumeNode, what: str = "The input volume") -> None:
+        """Refuse a volume the engine cannot take (``what`` names it in the sentence), before any work."""
         self._requireNode(volumeNode, "vtkMRMLScalarVolumeNode", what)
         if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
             raise ValueError(f"{what} must be a scalar volume, not the label map '{volumeNode.GetName()}'.")
@@ -1154,9 +1160,6 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"Volume '{volumeNode.GetName()}': its IJK-to-RAS axes are not perpendicular (off by "
                              f"{shear:.2g}: a sheared or gantry-tilted grid), so no segmentation can lie on its grid; "
                              f"resample it onto a perpendicular grid first (Resample Scalar/Vector/DWI Volume).")
-        # exportNode leaves the node's storage node (its file name for "Save") untouched.
-        if not slicer.util.exportNode(volumeNode, path, {}, world=False):
-            raise RuntimeError(f"Could not write volume '{volumeNode.GetName()}' to {path}.")
 
     @staticmethod
     def _requireNode(node, className: str, what: str, inScene: bool = True) -> None:
@@ -1297,8 +1300,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         labelmapNode.GetIJKToRASMatrix(labels)
         volumeNode.GetIJKToRASMatrix(volume)
         labels, volume = slicer.util.arrayFromVTKMatrix(labels), slicer.util.arrayFromVTKMatrix(volume)
-        rounding = 8 * np.finfo(np.float32).eps * max(1.0, float(np.abs(volume).max()))
-        if float(np.abs(labels - volume).max()) <= rounding:
+        # element by element: a far origin must not widen what the axes may differ by
+        rounding = 8 * np.finfo(np.float32).eps * np.maximum(1.0, np.abs(volume))
+        if np.all(np.abs(labels - volume) <= rounding):
             labelmapNode.CopyOrientation(volumeNode)
 
     @staticmethod
@@ -1340,6 +1344,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(str(exc) if str(exc).startswith(modelPath) else f"{modelPath}: {exc}") from None
         if outputSegmentationNode is not None:
             self._requireNode(outputSegmentationNode, "vtkMRMLSegmentationNode", "The output segmentation")
+        self._requireUsableVolume(inputVolumeNode)
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         try:
@@ -1394,8 +1399,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                         intensityRemap=intensityRemap)
         self._requireChoice("The device", device, vaeudaChoices.DEVICES)
         dataFolder, outputModelPath = _userPath(dataFolder), _userPath(outputModelPath)
-        _requireCount("iterations", iterations)
-        _requireCount("seed", seed, minimum=0)
+        _requireCount("iterations", iterations, maximum=MAX_ITERATIONS)
+        _requireCount("seed", seed, minimum=0, maximum=MAX_SEED)
         _requireCount("inputSize", inputSize)
         convention = _conventionArgument(labelConvention)
         self._requirePortableOnCpu(portable, device)
@@ -1442,8 +1447,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         self._requireChoice("The device", device, vaeudaChoices.DEVICES)
         sourceModelPath, outputModelPath = _userPath(sourceModelPath), _userPath(outputModelPath)
         sourceDataFolder = _userPath(sourceDataFolder)
-        _requireCount("iterations", iterations)
-        _requireCount("seed", seed, minimum=0)
+        _requireCount("iterations", iterations, maximum=MAX_ITERATIONS)
+        _requireCount("seed", seed, minimum=0, maximum=MAX_SEED)
         self._requirePortableOnCpu(portable, device)
         sourceModelPath = self._existingFile(sourceModelPath, "source model file")
         sourceMeta = readModelMetadata(sourceModelPath)
@@ -1461,6 +1466,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         # it replace a labelled source volume, the given ones or those the source model records
         self._checkOutput(outputModelPath, [sourceModelPath, *_sourceVolumes(sourceData, sourceMeta)])
         outputModelPath = os.path.abspath(str(outputModelPath))   # (moved there when the job ends)
+        for index, node in enumerate(targetVolumeNodes):
+            self._requireUsableVolume(node, f"Target volume {index + 1}")
         self._ensureRequirements()
         tempDir = self._makeTempDir()
         try:
@@ -1571,10 +1578,11 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             model = logic.trainSource(cohort.sourceTrainingFolder, cohort.folder + "/source.safetensors", iterations=300)
         """
         self._checkCall(waitForCompletion, progressCallback, finishedCallback, loadVolume=loadVolume)
-        outputFolder = os.path.abspath(_userPath(outputFolder or self.defaultTryItFolder()))
-        for name, value, minimum in (("nSource", nSource, 1), ("nTarget", nTarget, 1), ("nTrain", nTrain, 0),
-                                     ("seed", seed, 0)):
-            _requireCount(name, value, minimum, noneForDefault=False)    # the defaults are this method's
+        # (a link to an empty folder: the cohort goes into the folder it names, which replaces the empty one)
+        outputFolder = os.path.realpath(_userPath(outputFolder or self.defaultTryItFolder()))
+        for name, value, minimum, maximum in (("nSource", nSource, 1, None), ("nTarget", nTarget, 1, None),
+                                              ("nTrain", nTrain, 0, None), ("seed", seed, 0, MAX_SEED)):
+            _requireCount(name, value, minimum, noneForDefault=False, maximum=maximum)   # the defaults are this method's
         _requireCount("size", size)
         if os.path.isdir(outputFolder) and os.listdir(outputFolder):
             raise ValueError(f"{outputFolder}: the folder for the synthetic cohort must be new or empty.")
@@ -1587,7 +1595,11 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
         def loadCohort(outputs: List[str]) -> TryItCohort:
             if os.path.isdir(outputFolder):
-                os.rmdir(outputFolder)
+                try:
+                    os.rmdir(outputFolder)
+                except OSError as exc:     # filled while the job ran: nothing of the user's is replaced
+                    raise RuntimeError(f"{outputFolder}: cannot take the synthetic cohort ({exc.strerror}; files "
+                                       f"were put in it while the cohort was made?); nothing was moved there.") from None
             shutil.move(cohortDir, outputFolder)
             cohort = None
             try:

@@ -306,8 +306,8 @@ def run(args, reporter: Reporter) -> List[str]:
         use_portable_numerics()      # before anything imports torch
     if cmd in TRAINING_COMMANDS:
         from .fileio import check_model_output, checkpoint_path
-        # before the notes: a refused --out says one thing (the inputs as given, a label-mapping file among
-        # them, are never overwritten; the volumes in input folders are checked once found)
+        # before anything else is said: a refused --out says one thing (the inputs as given, a label-mapping
+        # file among them, are never overwritten; train checks it again with the volumes found in folders)
         given = [item for name in ("model", "inputs", "targets", "labels", "source_data")
                  for item in ([getattr(args, name)] if isinstance(getattr(args, name, None), str)
                               else getattr(args, name, None) or [])]
@@ -553,13 +553,16 @@ MEMORY_REMEDIES = {
 
 def main(argv: Optional[List[str]] = None) -> int:
     # (only the main thread may set a handler: a caller running main() in another keeps its own)
-    previous = (signal.signal(signal.SIGTERM, _raise_terminated)
-                if threading.current_thread() is threading.main_thread() else None)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         return _main(argv)
+    except _Terminated:     # before the command ran (parsing, imports) or once it had ended (its last lines)
+        print("vaeuda: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if on_main_thread:  # (None: a handler not set from Python, which cannot be set back; the default then)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _main(argv: Optional[List[str]]) -> int:

@@ -121,7 +121,7 @@ def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
             _refuse_cohort_folder(Path(item), cohort_use)
     images = find_images(inputs)
     if labels:
-        folder = next((l for l in labels if Path(l).is_dir()), None)
+        folder = next((label for label in labels if Path(label).is_dir()), None)
         if folder is not None:      # (a DICOM label series is not a thing: it would be read as one and fail)
             raise VaeudaError(f"{folder}: is a folder; --labels takes label files, one per image in the same order "
                               f"(or leave --labels out: each X_image file is paired with its X_label file).")

@@ -25,7 +25,7 @@ from . import __version__, machine
 from .augment import AugmentConfig, augment_batch, random_intensity_remap
 from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
-from .errors import VaeudaError, require_count
+from .errors import MAX_ITERATIONS, VaeudaError, require_count
 from .fileio import (check_model_output, checkpoint_path, file_sha256, full_suffix, image_then_label,
                      refuse_repeated)
 from .labels import MMWHS, N_CLASSES, Convention
@@ -699,17 +699,12 @@ def _stage_iterations(iterations: Optional[int], preset: str, stage: str) -> int
     return DEFAULT_ITERATIONS[preset][stage] if iterations is None else iterations
 
 
-# A thousand times the paper preset's adaptation: weeks on a GPU. More is a slip (an extra digit), not a plan.
-MAX_ITERATIONS = 10_000_000
-
-
 def _check_run_arguments(iterations, batch_size, early_stop=None) -> None:
     """Refuse bad counts before any data is read."""
-    for flag, value in (("--iterations", iterations), ("--early-stop", early_stop)):
-        if value is not None:
-            require_count(flag, value)
-    if iterations is not None and iterations > MAX_ITERATIONS:
-        raise VaeudaError(f"--iterations must be at most {MAX_ITERATIONS:,}, not {iterations:,}.")
+    if iterations is not None:
+        require_count("--iterations", iterations, maximum=MAX_ITERATIONS)
+    if early_stop is not None:
+        require_count("--early-stop", early_stop)
     if batch_size is not None:
         _check_batch_size(batch_size)
 

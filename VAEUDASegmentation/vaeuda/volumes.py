@@ -22,6 +22,7 @@ import re
 import struct
 import sys
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,10 +519,15 @@ def _held_c_stderr() -> Iterator[Callable[[], str]]:
     sentence the engine gives (``** ERROR: nifti_convert_nhdr2nim: bad dim[0]``). Yields a function
     giving the text held so far. If the block raises, the text is dropped (the refusal says it,
     with :func:`_c_complaint`'s help); if it ends normally, the text is let through then, as the
-    warnings it is. Nested uses share the outermost one. Without a file descriptor 2 (a GUI
-    process without a console) nothing is held."""
+    warnings it is. Nested uses share the outermost one. File descriptor 2 is the whole
+    process's, so only the main thread holds it (a read in another thread prints as before);
+    without one (a GUI process without a console), or without a temporary file to hold it in,
+    nothing is held."""
     if _HELD_STDERR:
         yield _HELD_STDERR[-1]
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: ""
         return
     try:
         sys.stderr.flush()
@@ -529,7 +535,12 @@ def _held_c_stderr() -> Iterator[Callable[[], str]]:
     except (OSError, ValueError, AttributeError):
         yield lambda: ""
         return
-    held = tempfile.TemporaryFile()
+    try:
+        held = tempfile.TemporaryFile()
+    except OSError:
+        os.close(saved)
+        yield lambda: ""
+        return
 
     def text() -> str:
         os.lseek(held.fileno(), 0, os.SEEK_SET)     # (then at the end again, where the next write goes)
@@ -540,23 +551,27 @@ def _held_c_stderr() -> Iterator[Callable[[], str]]:
                 return b"".join(chunks).decode("utf-8", "replace")
             chunks.append(chunk)
 
-    os.dup2(held.fileno(), 2)
-    _HELD_STDERR.append(text)
     succeeded = False
     try:
+        os.dup2(held.fileno(), 2)
+        _HELD_STDERR.append(text)
         yield text
         succeeded = True
     finally:
-        _HELD_STDERR.pop()
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        if succeeded:
-            warnings = text()
-            if warnings:
-                sys.stderr.write(warnings)
-                sys.stderr.flush()
-        held.close()
+        try:
+            sys.stderr.flush()                      # Python's own lines of the block, into the hold
+        except (OSError, ValueError, AttributeError):
+            pass
+        finally:
+            os.dup2(saved, 2)                       # first of all: what follows reaches the terminal again
+            os.close(saved)
+            if _HELD_STDERR and _HELD_STDERR[-1] is text:
+                _HELD_STDERR.pop()
+        with held:
+            warnings = text() if succeeded else ""
+        if warnings:
+            sys.stderr.write(warnings)
+            sys.stderr.flush()
 
 
 def _holding_c_stderr(read: Callable) -> Callable:
@@ -600,6 +615,8 @@ SOP_CLASS_UID = "0008|0016"   # a DICOM tag every DICOM file carries; ITK keeps 
 @_holding_c_stderr
 def _read_any(path: Path) -> sitk.Image:
     """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
+    held = _HELD_STDERR[-1] if _HELD_STDERR else (lambda: "")
+    held_before = len(held())      # what an earlier read in the same hold printed is not this one's reason
     require_existing(path)
     nifti = None
     if path.is_dir():
@@ -616,7 +633,7 @@ def _read_any(path: Path) -> sitk.Image:
                 raise VaeudaError(f"{path}: is gzip-compressed but named .nii; rename it {path.name}.gz.") from None
             if _nifti_cut_in_header(path):   # said as for one cut short further in, not "no reader"
                 raise _truncated(path) from None
-            said = _c_complaint(_HELD_STDERR[-1]() if _HELD_STDERR else "")
+            said = _c_complaint(held()[held_before:])
             raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)}"
                               f"{f': {said}' if said else ''} (readable: {', '.join(VOLUME_SUFFIXES)} files and "
                               f"DICOM folders).") from None
