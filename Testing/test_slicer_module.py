@@ -404,10 +404,7 @@ def test_evaluate_says_which_structures_the_reference_lacks(slicer, mod, fake_lo
     segmentation has it), which lowers the mean: said in the log and to the progress callback (whose
     failure changes nothing), before the job."""
     volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
-    labels = np.zeros((3, 4, 5), np.uint8)
-    labels[1, 1:3, 1:4] = 1
-    seg = make_segmentation(slicer, volume, labels, [("LV-M", "LV-M", None)], "seg")
-    ref = make_segmentation(slicer, volume, labels, [("LV-M", "LV myocardium", None)], "ref")
+    seg, ref = lv_myocardium_pair(slicer, volume)
     with caplog.at_level(logging.WARNING):
         try:
             fake_logic.evaluate(seg, ref)
@@ -432,10 +429,7 @@ def test_evaluate_refused_while_a_job_runs_sends_no_warning_first(slicer, mod, f
     from vaeuda.labels import MMWHS
     monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
     volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
-    labels = np.zeros((3, 4, 5), np.uint8)
-    labels[1, 1:3, 1:4] = 1
-    seg = make_segmentation(slicer, volume, labels, [("LV-M", "LV-M", None)], "seg")
-    ref = make_segmentation(slicer, volume, labels, [("LV-M", "LV myocardium", None)], "ref")
+    seg, ref = lv_myocardium_pair(slicer, volume)
     fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), waitForCompletion=False)
     events = []
     try:
@@ -490,30 +484,34 @@ def test_a_node_removed_while_its_job_ran_gets_nothing_imported(slicer, mod, fak
     assert out.GetSegmentation().GetNumberOfSegments() == 0
 
 
+def _ended_before_the_scene_closed(slicer, logic, start):
+    """Start a background job with ``start(finishedCallback)``, let its engine end, then close the scene
+    before any poll has run, cancelling as the widget does; the job's result."""
+    results = []
+    start(results.append)
+    logic._job.process.process.wait()              # ended; no poll has run yet
+    slicer.mrmlScene.Clear()
+    logic.cancel(discardFinished=True)
+    pump(slicer, lambda: results)
+    return results[0]
+
+
 def test_a_job_ended_before_its_scene_closed_imports_nothing(slicer, mod, fake_logic, tmp_path):
     """The engine exits, the scene closes before the next poll: the widget cancels with
     discardFinished, and the segmentation is not imported into whatever scene comes next; a model
     file an adaptation has finished is kept."""
     from vaeuda.labels import MMWHS
     volume = add_volume(slicer, np.arange(60, dtype=np.float32).reshape(3, 4, 5))
-    results = []
-    fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), waitForCompletion=False,
-                       finishedCallback=results.append)
-    fake_logic._job.process.process.wait()           # ended; no poll has run yet
-    slicer.mrmlScene.Clear()
-    fake_logic.cancel(discardFinished=True)
-    pump(slicer, lambda: results)
-    assert results[0].status == "cancelled" and slicer.mrmlScene.GetNumberOfNodes() == 0
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    result = _ended_before_the_scene_closed(slicer, fake_logic, lambda finished: fake_logic.segment(
+        volume, model, waitForCompletion=False, finishedCallback=finished))
+    assert result.status == "cancelled" and slicer.mrmlScene.GetNumberOfNodes() == 0
     assert os.listdir(slicer.app.temporaryPath) == []
     # A trained model is a file, not scene content: a closing scene does not throw it away.
-    done = []
-    fake_logic.adapt(write_fake_model(tmp_path / "source.safetensors", MMWHS), [add_volume(slicer, np.ones((3, 4, 5)))],
-                     tmp_path / "adapted.safetensors", waitForCompletion=False, finishedCallback=done.append)
-    fake_logic._job.process.process.wait()
-    slicer.mrmlScene.Clear()
-    fake_logic.cancel(discardFinished=True)
-    pump(slicer, lambda: done)
-    assert done[0].status == "done" and (tmp_path / "adapted.safetensors").read_text() == "fake model\n"
+    target = add_volume(slicer, np.ones((3, 4, 5)))
+    result = _ended_before_the_scene_closed(slicer, fake_logic, lambda finished: fake_logic.adapt(
+        model, [target], tmp_path / "adapted.safetensors", waitForCompletion=False, finishedCallback=finished))
+    assert result.status == "done" and (tmp_path / "adapted.safetensors").read_text() == "fake model\n"
 
 
 def test_a_job_failed_before_its_scene_closed_reports_its_failure(slicer, mod, fake_logic, monkeypatch, tmp_path):
@@ -522,15 +520,10 @@ def test_a_job_failed_before_its_scene_closed_reports_its_failure(slicer, mod, f
     from vaeuda.labels import MMWHS
     monkeypatch.setenv("VAEUDA_FAKE_MODE", "fail")
     volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
-    results = []
-    fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), waitForCompletion=False,
-                       finishedCallback=results.append)
-    fake_logic._job.process.process.wait()           # failed; no poll has run yet
-    slicer.mrmlScene.Clear()
-    fake_logic.cancel(discardFinished=True)
-    pump(slicer, lambda: results)
-    assert results[0].status == "failed"
-    assert results[0].message == f"Volume '{volume.GetName()}': {fake_engine.FAIL_REASON}"
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    result = _ended_before_the_scene_closed(slicer, fake_logic, lambda finished: fake_logic.segment(
+        volume, model, waitForCompletion=False, finishedCallback=finished))
+    assert result.status == "failed" and result.message == f"Volume '{volume.GetName()}': {fake_engine.FAIL_REASON}"
     assert os.listdir(slicer.app.temporaryPath) == []
 
 
@@ -1028,6 +1021,15 @@ def test_stand_in_get_node_and_save_node_follow_slicer(slicer, tmp_path):
     with pytest.raises(NotImplementedError, match="stand-in writes segmentations as"):
         slicer.util.saveNode(node, str(tmp_path / "s.vtk"))
     assert not (tmp_path / "s.vtk").exists()
+
+
+def lv_myocardium_pair(slicer, volume):
+    """A segmentation "seg" and a reference "ref" on ``volume`` (3, 4, 5), each one LV myocardium piece, the
+    same; neither has the other structures."""
+    labels = np.zeros((3, 4, 5), np.uint8)
+    labels[1, 1:3, 1:4] = 1
+    return (make_segmentation(slicer, volume, labels, [("LV-M", "LV-M", None)], "seg"),
+            make_segmentation(slicer, volume, labels, [("LV-M", "LV myocardium", None)], "ref"))
 
 
 def make_segmentation(slicer, volume, labels, segments, name):
@@ -2059,10 +2061,7 @@ def test_evaluate_imports_nothing_for_a_segmentation_removed_while_it_ran(slicer
     """segment refused to import for a removed node; evaluate made a table for it."""
     monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
     volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
-    labels = np.zeros((3, 4, 5), np.uint8)
-    labels[1, 1:3, 1:4] = 1
-    seg = make_segmentation(slicer, volume, labels, [("LV-M", "LV-M", None)], "seg")
-    ref = make_segmentation(slicer, volume, labels, [("LV-M", "LV myocardium", None)], "ref")
+    seg, ref = lv_myocardium_pair(slicer, volume)
     results = []
     fake_logic.evaluate(seg, ref, waitForCompletion=False, finishedCallback=results.append)
     job = fake_logic._job
