@@ -508,7 +508,7 @@ def _itk_reason(exc: RuntimeError) -> str:
     return " ".join(text.split()).rstrip(".!") or "unknown error"
 
 
-# What reads the text held by the innermost active _held_c_stderr (None while none is active).
+# What reads the text held by the active _held_c_stderr (the list is empty while none is active).
 _HELD_STDERR: List[Callable[[], str]] = []
 
 
