@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -474,3 +475,36 @@ def test_a_cohort_in_another_label_convention_gives_the_same_table(cohort, table
     (recoded / "splits.json").write_text(json.dumps(dict(splits, labels=7)))
     with pytest.raises(VaeudaError, match=r"\"labels\" must name a label convention"):
         cohort_convention(recoded)
+
+
+def test_a_scan_prefix_with_a_path_in_it_is_refused(tmp_path):
+    """A prefix such as ../../victim/scan in splits.json made experiment write models and predictions outside
+    --out, and a rerun delete a folder of the user's there."""
+    for bad in ("../victim/scan", "/tmp/scan", "a\\b", "..", "", "c:scan"):
+        (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1"]},
+                                                          "ct": {"train": [bad], "test": ["ct_2"]}}))
+        with pytest.raises(VaeudaError, match=f'{re.escape(repr(bad))} in "ct" -> "train" is not a scan prefix'):
+            experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeats_and_the_iteration_scale_are_bounded_before_any_folder_is_made(cohort, tmp_path):
+    """--repeats 1000000000 built a billion draws in memory before any training; --iterations-scale 1e6 was
+    refused by the training stage (naming --iterations, which experiment has not) after making folders."""
+    with pytest.raises(VaeudaError, match=f"--repeats must be at most {experiment.MAX_REPEATS:,}"):
+        experiment.run_table1(cohort, tmp_path / "out", repeats=experiment.MAX_REPEATS + 1, preset="tiny", device="cpu")
+    with pytest.raises(VaeudaError, match=r"^--iterations-scale 1000000.0 gives 20,000,000 source iterations; at most "
+                                          r"10,000,000 are run\.$"):
+        experiment.run_table1(cohort, tmp_path / "out", preset="tiny", device="cpu", iterations_scale=1e6)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_clears_only_its_own_predictions(tmp_path):
+    """The prediction folder was removed whole before scoring again, with a user's file in it."""
+    folder = tmp_path / "proposed1_r1_ct_1001"
+    folder.mkdir()
+    for name in ("ct_1017_image_seg.nii.gz", "evaluation.json", "notes.txt"):
+        (folder / name).write_text(name)
+    experiment._clear_predictions(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    experiment._clear_predictions(tmp_path / "none")                  # no folder yet: nothing to do

@@ -408,3 +408,31 @@ def test_synth_help_gives_the_phantom_size_limits():
     synth = build_parser()._subparsers._group_actions[0].choices["synth"]
     assert f"{phantom.MIN_SIZE} to {phantom.MAX_SIZE}" in synth.format_help()
     assert synth.format_help().count(f"at most {phantom.MAX_SUBJECTS})") == 2     # --n-source, --n-target
+
+
+def test_a_pipe_named_splits_json_is_refused_not_read(tmp_path):
+    """Reading a FIFO waits for a writer: synth, demo's cohort reuse and experiment hung on one."""
+    import os
+    from vaeuda.demo import is_phantom_cohort, read_splits
+    from vaeuda.errors import VaeudaError
+    from vaeuda.phantom import make_cohort
+    os.mkfifo(tmp_path / "splits.json")
+    with pytest.raises(VaeudaError, match="holds splits.json, a name this cohort writes, which no earlier phantom"):
+        make_cohort(tmp_path, n_source=1, n_target=1, n_train=1, seed=0, size=16)
+    assert not is_phantom_cohort(tmp_path, 0, None)
+    with pytest.raises(VaeudaError, match="is a pipe, socket or device, not a regular file"):
+        read_splits(tmp_path)
+
+
+def test_synth_checks_its_folder_as_other_outputs_are(tmp_path):
+    """A name that is not UTF-8 was a UnicodeEncodeError traceback; a dangling link read '(File exists)'."""
+    import os
+    from vaeuda.phantom import make_cohort
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(VaeudaError, match="link: is a symbolic link to .*nowhere, which does not exist"):
+        make_cohort(tmp_path / "link", n_source=1, n_target=1, n_train=1, seed=0, size=16)
+    with pytest.raises(VaeudaError, match="its name is not UTF-8 text"):
+        make_cohort(os.fsdecode(bytes(tmp_path) + b"/bad\xff"), n_source=1, n_target=1, n_train=1, seed=0, size=16)
+    with pytest.raises(VaeudaError, match="is named like a file, but OUT_DIR takes the folder"):
+        make_cohort(tmp_path / "cohort.json", n_source=1, n_target=1, n_train=1, seed=0, size=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]

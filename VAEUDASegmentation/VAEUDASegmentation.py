@@ -10,7 +10,6 @@ folder that is always deleted afterwards. ``VAEUDASegmentationLib/engineprocess.
 Python, no Slicer) runs and cancels one such process; :class:`VAEUDASegmentationLogic` is the batch
 API for the Python console; :class:`VAEUDASegmentationWidget` is the panel.
 """
-from __future__ import annotations
 
 import contextlib
 import inspect
@@ -1832,7 +1831,8 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
     def _checkSegmentation(self, logic, volumeNode, modelPath: str, expectedLabels) -> None:
         """Segment ``volumeNode``: named, coloured segments on its geometry, beside it in the subject
         hierarchy (each equal to ``expectedLabels == its MM-WHS value`` when given); then again
-        under a transform, where the segmentation must follow the volume, not be resampled."""
+        under a transform, where the segmentation must follow the volume, not be resampled, into
+        the same segmentation node (its segments replaced, not added to)."""
         self.delayDisplay("Segmenting")
         segmentationNode = logic.segment(volumeNode, modelPath, device="cpu")
         segmentation = segmentationNode.GetSegmentation()
@@ -1859,8 +1859,10 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
         transformNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "VAE-UDA test shift")
         transformNode.SetMatrixTransformToParent(shift)
         volumeNode.SetAndObserveTransformNodeID(transformNode.GetID())
-        movedNode = logic.segment(volumeNode, modelPath, device="cpu")
+        movedNode = logic.segment(volumeNode, modelPath, segmentationNode, device="cpu")
+        self.assertIs(movedNode, segmentationNode)
         self.assertEqual(movedNode.GetTransformNodeID(), transformNode.GetID())
+        self.assertEqual(movedNode.GetSegmentation().GetNumberOfSegments(), len(STRUCTURES))
         for structure in STRUCTURES:
             mask = segmentMask(movedNode, structure.key, volumeNode)
             self.assertTrue(np.array_equal(mask > 0, masks[structure.key] > 0), structure.name)

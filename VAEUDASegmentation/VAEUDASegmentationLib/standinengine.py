@@ -53,14 +53,15 @@ def option(args, name):
 
 
 def fake_labels(image):
-    """MM-WHS label values from intensity ranks, so a test can predict them: the brightest quarter of the
-    voxels 820 (aorta), the next 500, the next 420; the darkest quarter background."""
+    """MM-WHS label values from intensity ranks, so a test can predict them: the brightest fifth of the
+    voxels 820 (aorta), the next 500, the next 420, the next 205 (every structure has voxels); the
+    darkest fifth background."""
     import numpy as np
     from vaeuda.labels import STRUCTURES
     value = {s.key: s.mmwhs_value for s in STRUCTURES}
-    q1, q2, q3 = np.quantile(image, [0.25, 0.5, 0.75])
-    return np.select([image > q3, image > q2, image > q1],
-                     [value["A-A"], value["LV-B"], value["LA-B"]], 0).astype(np.uint16)
+    q1, q2, q3, q4 = np.quantile(image, [0.2, 0.4, 0.6, 0.8])
+    return np.select([image > q4, image > q3, image > q2, image > q1],
+                     [value["A-A"], value["LV-B"], value["LA-B"], value["LV-M"]], 0).astype(np.uint16)
 
 
 def write_segmentation(input_path, out_dir):

@@ -37,8 +37,11 @@ UNITS = {"mean_dice": "percent", "results": METRIC_UNITS}
 
 def read_splits(cohort: Path) -> dict:
     """``cohort/splits.json`` as a dict, or VaeudaError in one sentence (missing, unreadable, not an object)."""
+    from .fileio import require_readable
     path = Path(cohort) / "splits.json"
     try:
+        if path.exists():
+            require_readable(path)       # (a pipe of that name would hang the read)
         splits = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise VaeudaError(f"{path}: not found; a cohort folder needs it (make one with `vaeuda synth`).") from None
@@ -55,6 +58,11 @@ def cohort_split(cohort: Path, modality: str, split: str) -> List[str]:
     prefixes = entry.get(split) if isinstance(entry, dict) else None
     if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
         raise VaeudaError(f"{Path(cohort) / 'splits.json'}: has no \"{modality}\" -> \"{split}\" list of scan prefixes.")
+    for prefix in prefixes:
+        # a prefix names files in the cohort folder and, in experiment, outputs: never a path elsewhere
+        if not prefix or prefix in (".", "..") or any(sep in prefix for sep in ("/", "\\", "\0")) or ":" in prefix:
+            raise VaeudaError(f"{Path(cohort) / 'splits.json'}: {prefix!r} in \"{modality}\" -> \"{split}\" is not "
+                              f"a scan prefix (a file name's start in the cohort folder, with no path in it).")
     return prefixes
 
 
@@ -73,6 +81,8 @@ def is_phantom_cohort(cohort: Path, seed: int, size: Optional[int]) -> bool:
     """True if ``cohort`` holds the default phantom cohort (20 MR and 20 CT subjects, 16 of each
     training) of this generator version, seed and size, so that it can be reused."""
     from .phantom import GENERATOR, N_SOURCE, N_TARGET, N_TRAIN, split_prefixes
+    if not (Path(cohort) / "splits.json").is_file():      # (a pipe of that name would hang the read)
+        return False
     try:
         splits = json.loads((Path(cohort) / "splits.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):

@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -43,7 +42,7 @@ import numpy as np
 from . import machine
 from .demo import (METRICS, REFERENCE_ROWS, ROW_ORACLE, ROW_UNADAPTED, cohort_convention, cohort_split, evaluate_model,
                    image_of, label_of, read_splits)
-from .errors import MAX_SEED, VaeudaError, require_count
+from .errors import MAX_ITERATIONS, MAX_SEED, VaeudaError, require_count
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import CLASS_KEYS, STRUCTURES
 from .metrics import MEAN_KEY, METRIC_UNITS, _json_ready, evaluate_volume, summarise, table_markdown
@@ -61,6 +60,7 @@ CURVE_POINTS = 20          # evaluations per adaptation run: eval_every = adapt 
 FEW_SHOT_SLICES = 3
 FEW_SHOT_MIN_STRUCTURES = 3
 FEW_SHOT_PATIENCE = 3      # early stop after this many evaluations without improvement of the proxy
+MAX_REPEATS = 1000         # the paper draws 6; each repeat trains four adaptations: more is a slip, not a plan
 # The few-shot run evaluates its proxy as `vaeuda adapt --early-stop` does (its eval_every), not
 # at the curves' spacing: the patience counts evaluations, so a finer curve would otherwise stop
 # the run after fewer iterations (3 x 12 instead of 3 x 50 at the cpu preset).
@@ -91,6 +91,16 @@ PAPER_BOUNDS = {ROW_NO_KL: 55.0, ROW_NO_ADV: 55.0, ROW_FEW_SHOT: 60.0}   # the s
 
 
 # ----------------------------------------------------------------------------- protocol pieces
+
+def _clear_predictions(folder: Path) -> None:
+    """Remove what an earlier run wrote in a run's prediction folder (``*_seg.nii.gz``,
+    ``evaluation.json``), so that no stale prediction is scored; other files (a user's) are kept."""
+    if not folder.is_dir():
+        return
+    for item in folder.iterdir():
+        if item.is_file() and (item.name.endswith("_seg.nii.gz") or item.name == "evaluation.json"):
+            item.unlink()
+
 
 def scaled_iterations(preset: str, stage: str, scale: float) -> int:
     """``round(DEFAULT_ITERATIONS[preset][stage] * scale)``, at least 1."""
@@ -336,7 +346,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     from .train import EARLY_STOP_PROXY, adapt, finetune, resolve_device, train_source
 
     reporter = reporter or null_reporter()
-    require_count("--repeats", repeats)
+    require_count("--repeats", repeats, maximum=MAX_REPEATS)
     if seed + repeats - 1 > MAX_SEED:      # repeat k adapts with seed + k
         raise VaeudaError(f"--seed {seed} leaves no room for {repeats} repeats: they use seeds {seed} to "
                           f"{seed + repeats - 1}, and the largest is {MAX_SEED}.")
@@ -348,6 +358,10 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     preset = preset or ("paper" if dev.type == "cuda" else "cpu")
     size, fov = get_preset(preset).input_size, get_preset(preset).slice_fov_mm
     iterations = {stage: scaled_iterations(preset, stage, iterations_scale) for stage in ("source", "adapt", "finetune")}
+    most = max(iterations, key=iterations.get)
+    if iterations[most] > MAX_ITERATIONS:       # (before any folder is made)
+        raise VaeudaError(f"--iterations-scale {iterations_scale} gives {iterations[most]:,} {most} iterations; at most "
+                          f"{MAX_ITERATIONS:,} are run.")
     eval_every = max(1, iterations["adapt"] // CURVE_POINTS)
     draws = draw_targets(ct_train, repeats, seed)
     few_shot = _few_shot_slices(cohort, draws[0], size, fov)      # fails before any training if impossible
@@ -423,7 +437,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
             reporter.log(f"[{done}/{total_runs}] {row}: {name}")
             model, record = train_it()
             t = time.time()
-            shutil.rmtree(preds / name, ignore_errors=True)     # our own folder: no stale predictions in the scores
+            _clear_predictions(preds / name)     # no stale predictions in the scores; nothing else of the folder
             result = evaluate_model(model, cohort, ct_test, preds / name, device, reporter)
             volumes_ = _volume_results(result)
             row_runs.append({"name": name, "model": str(model), "targets": targets, "seed": run_seed,

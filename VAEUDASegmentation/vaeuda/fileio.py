@@ -250,8 +250,9 @@ def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
     return path
 
 
-def check_output_dir(path: PathLike) -> Path:
-    """Refuse, before any work, an output folder path that is a file or cannot be created. Returns it."""
+def check_output_dir(path: PathLike, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder path that is a file or cannot be created (``option``:
+    the argument that gave it, for the sentences). Returns it."""
     require_utf8_name(path)
     path = Path(path)
     if os.path.exists(path) and not os.path.isdir(path):       # (os.path: as in check_output_file)
@@ -260,7 +261,7 @@ def check_output_dir(path: PathLike) -> Path:
         raise VaeudaError(f"{path}: is a symbolic link to {os.readlink(path)}, which does not exist; create that "
                           f"folder, or remove the link.")
     if not os.path.exists(path) and full_suffix(path).lower() in VOLUME_SUFFIXES + (".safetensors", ".json"):
-        raise VaeudaError(f"{path}: is named like a file, but --out takes the folder the outputs go in; "
+        raise VaeudaError(f"{path}: is named like a file, but {option} takes the folder the outputs go in; "
                           f"give a folder.")
     _check_creatable(path / "x", shown=path)
     return path

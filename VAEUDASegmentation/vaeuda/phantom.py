@@ -44,7 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .fileio import PathLike, atomic_dir, atomic_path
+from .fileio import PathLike, atomic_dir, atomic_path, check_output_dir
 from .labels import MMWHS_OTHER_VALUES, STRUCTURES
 from .progress import Reporter, listed, null_reporter
 
@@ -651,6 +651,8 @@ def _write_nifti(image: sitk.Image, path: Path) -> None:
 def _previous_cohort_files(out: Path) -> set:
     """File names of the scans a phantom cohort's ``splits.json`` in ``out`` lists, and that
     ``splits.json`` itself (empty if none is ours)."""
+    if not (out / "splits.json").is_file():      # (a pipe of that name would hang the read: not ours either)
+        return set()
     try:
         splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -710,6 +712,7 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
     size = _check_size(size)
     if out.exists() and not out.is_dir():
         raise VaeudaError(f"{out}: the cohort folder path is an existing file.")
+    check_output_dir(out, "OUT_DIR")    # a name that is not UTF-8, a dangling link, a place that cannot be written
 
     previous = _previous_cohort_files(out)
     planned = ["splits.json"] + [f"{prefix}_{kind}.nii.gz" for modality in MODALITIES
