@@ -3,7 +3,8 @@
 Segments LV myocardium, LA blood cavity, LV blood cavity and ascending aorta in a modality without
 labels (CT) by adapting a model trained on labelled MR, after Ouyang et al., MICCAI 2019.
 
-The module is thin. It never imports torch: every long task runs the ``vaeuda`` engine that ships
+The module is thin. It computes nothing with torch (the PyTorch extension's installer imports it
+into Slicer once, the first time it installs it): every long task runs the ``vaeuda`` engine that ships
 beside this file as a child process (``PythonSlicer -m vaeuda <command> --progress json ...``),
 reads its JSON progress lines, and moves results between the scene and files in a temporary
 folder that is always deleted afterwards. ``VAEUDASegmentationLib/engineprocess.py`` (plain
@@ -1866,4 +1867,12 @@ class VAEUDASegmentationTest(ScriptedLoadableModuleTest):
         for structure in STRUCTURES:
             mask = segmentMask(movedNode, structure.key, volumeNode)
             self.assertTrue(np.array_equal(mask > 0, masks[structure.key] > 0), structure.name)
+
+        self.delayDisplay("Evaluating the segmentation against itself")
+        table = logic.evaluate(segmentationNode, segmentationNode)
+        self.assertEqual(table.GetNumberOfRows(), len(STRUCTURES) + 1)      # and the Mean
+        self.assertEqual(table.GetCellText(len(STRUCTURES), 0), "Mean")
+        if expectedLabels is not None:   # one piece per structure: its largest component is all of it
+            for row, structure in enumerate(STRUCTURES):
+                self.assertEqual(table.GetCellText(row, 1), "100.00", structure.name)
         self.delayDisplay("Test passed")

@@ -9,7 +9,8 @@ The behaviour comes from environment variables (the child inherits its parent's 
 
 - ``VAEUDA_FAKE_MODE``:
   ``done``  - the default: progress lines, a plain text line, then the outputs: for ``segment``,
-              a label file ``OUT/<stem>_seg.nii.gz`` on the input's grid (:func:`fake_labels`);
+              a label file ``OUT/<stem>_seg.nii.gz`` on the input's grid (:func:`fake_labels`); for
+              ``evaluate``, the ``--json`` scores (:func:`write_evaluation`, Dice only);
               otherwise a small file at ``--out``; then ``{"event": "done", "outputs": [...]}``, exit 0;
   ``sleep`` - a stage and one progress line, starts a grandchild process that sleeps too, then
               sleeps 60 s (to be cancelled);
@@ -76,6 +77,31 @@ def write_segmentation(input_path, out_dir):
     return path
 
 
+def write_evaluation(pred_dir, ref_dir, json_path):
+    """``evaluate``'s JSON for the one segmentation in ``pred_dir`` against the one label file in ``ref_dir``
+    (consecutive label values, as the module writes them), in the shape of the engine's
+    ``metrics.evaluate_dirs``: Dice per structure on the whole masks (1 where both are empty, as the
+    engine scores it); no surface distances (null), which the stand-in does not compute."""
+    import numpy as np
+    import SimpleITK as sitk
+    from vaeuda.labels import STRUCTURES
+    pred, ref = (sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, sorted(os.listdir(folder))[0])))
+                 for folder in (pred_dir, ref_dir))
+    metrics = {}
+    for structure in STRUCTURES:
+        p, r = pred == structure.index, ref == structure.index
+        total = int(p.sum() + r.sum())
+        dice = 1.0 if total == 0 else 2.0 * int((p & r).sum()) / total
+        metrics[structure.key] = {"dice": dice, "assd_mm": None, "assd_vox": None}
+    mean = sum(m["dice"] for m in metrics.values()) / len(metrics)
+    result = {"n_volumes": 1, "volumes": [{"name": "case", "metrics": metrics}],
+              "summary": {"Mean": {"dice": {"mean": mean}, "assd_mm": None, "assd_vox": None}},
+              "references_lacking": {}}
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    return json_path
+
+
 def main(args):
     mode = os.environ.get("VAEUDA_FAKE_MODE", "done")
     if os.environ.get("VAEUDA_FAKE_ARGS"):
@@ -109,6 +135,8 @@ def main(args):
     outputs = []
     if command == "segment":
         outputs.append(write_segmentation(args[-1], out))
+    elif command == "evaluate":
+        outputs.append(write_evaluation(option(args, "--pred"), option(args, "--ref"), option(args, "--json")))
     elif out:
         with open(out, "w", encoding="utf-8") as f:
             f.write("fake model\n")
