@@ -437,6 +437,13 @@ def _requireCount(name: str, value, minimum: int = 1, noneForDefault: bool = Tru
                           maximum=maximum)
 
 
+def _ijkToRAS(volumeNode) -> np.ndarray:
+    """A volume node's IJK-to-RAS matrix, 4 x 4, as a numpy array."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
 def _requireFlag(name: str, value) -> None:
     """Refuse an on/off argument that is not True or False: the text "False" is true to Python, and
     would switch the option on."""
@@ -531,8 +538,9 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         # A running segment, evaluate or Try-it job's result belongs to the scene being closed (its
         # volume, its segmentation), even when the engine has just ended: cancelled, it reports back
         # to the panel, which shows it and becomes ready again, and nothing is imported into the next
-        # scene (one that had already failed reports its failure). Training and adaptation need no scene once started (their inputs were written to
-        # files) and make a file: they go on, perhaps for hours of work that closing must not lose.
+        # scene (one that had already failed reports its failure). Training and adaptation need no
+        # scene once started (their inputs were written to files) and make a file: they go on,
+        # perhaps for hours of work that closing must not lose.
         if self._runningAction in SCENE_ACTIONS:
             if self.logic is not None and self.logic.isRunning():
                 self.logic.cancel(discardFinished=True)
@@ -1151,9 +1159,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                              "select a single-channel CT or MR volume.")
         # NIfTI keeps only perpendicular axes: a sheared grid would be written straightened, and the
         # segmentation would come back on another grid than the volume's
-        ijkToRAS = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRAS)
-        axes = slicer.util.arrayFromVTKMatrix(ijkToRAS)[:3, :3]
+        axes = _ijkToRAS(volumeNode)[:3, :3]
         directions = axes / np.linalg.norm(axes, axis=0)
         shear = float(np.abs(directions.T @ directions - np.eye(3)).max())
         if shear > AXES_TOLERANCE:
@@ -1296,10 +1302,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             return
         if labelmapNode.GetImageData().GetDimensions() != volumeNode.GetImageData().GetDimensions():
             return
-        labels, volume = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-        labelmapNode.GetIJKToRASMatrix(labels)
-        volumeNode.GetIJKToRASMatrix(volume)
-        labels, volume = slicer.util.arrayFromVTKMatrix(labels), slicer.util.arrayFromVTKMatrix(volume)
+        labels, volume = _ijkToRAS(labelmapNode), _ijkToRAS(volumeNode)
         # element by element: a far origin must not widen what the axes may differ by
         rounding = 8 * np.finfo(np.float32).eps * np.maximum(1.0, np.abs(volume))
         if np.all(np.abs(labels - volume) <= rounding):

@@ -175,13 +175,23 @@ def refuse_unfit_weights(stored: Dict[str, torch.Tensor], expected: Dict[str, to
         raise VaeudaError(f"model weights hold NaN or infinite values (e.g. {bad}); the file was altered or damaged.")
 
 
+def _net_state(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The ``net.*`` tensors of a model file or checkpoint, named as ``net.state_dict()`` names them."""
+    return {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
+
+
 def load_networks(net: VAEUDANet, tensors: Dict[str, torch.Tensor], path) -> None:
     """Load the ``net.*`` tensors of a model file or checkpoint into ``net`` (VaeudaError if they do not fit)."""
-    state = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
+    state = _net_state(tensors)
     try:
         refuse_unfit_weights(state, net.state_dict())
     except VaeudaError as exc:
         raise VaeudaError(f"{path}: {exc}") from None
+    _load_state(net, state, path)
+
+
+def _load_state(net: VAEUDANet, state: Dict[str, torch.Tensor], path) -> None:
+    """``net.load_state_dict(state)`` for weights already checked (:func:`refuse_unfit_weights`)."""
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -298,8 +308,8 @@ def load_model(path, device: str = "cpu") -> Tuple[VAEUDANet, dict]:
     """Rebuild the networks from a model file -> (net in eval mode on ``device``, meta)."""
     tensors, meta, _ = read_tensors(path)
     check_metadata(path, meta)
-    net = build_from_meta(path, meta, tensors)
-    load_networks(net, tensors, path)
+    net = build_from_meta(path, meta, tensors)      # (checks the weights: not again when loading them)
+    _load_state(net, _net_state(tensors), path)
     return net.to(device).eval(), meta
 
 

@@ -508,7 +508,8 @@ def _itk_reason(exc: RuntimeError) -> str:
     return " ".join(text.split()).rstrip(".!") or "unknown error"
 
 
-# What reads the text held by the active _held_c_stderr (the list is empty while none is active).
+# What reads the text held by the active _held_c_stderr (the list is empty while none is active):
+# a nested use shares it.
 _HELD_STDERR: List[Callable[[], str]] = []
 
 
@@ -615,8 +616,6 @@ SOP_CLASS_UID = "0008|0016"   # a DICOM tag every DICOM file carries; ITK keeps 
 @_holding_c_stderr
 def _read_any(path: Path) -> sitk.Image:
     """Read an image file or the largest DICOM series in a folder, checking it is 3D scalar and whole."""
-    held = _HELD_STDERR[-1] if _HELD_STDERR else (lambda: "")
-    held_before = len(held())      # what an earlier read in the same hold printed is not this one's reason
     require_existing(path)
     nifti = None
     if path.is_dir():
@@ -626,17 +625,19 @@ def _read_any(path: Path) -> sitk.Image:
             raise VaeudaError(f"{path}: file is empty.")
         _check_metaimage_complete(path)
         _check_nrrd_header(path)
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            if _gzip_named_nii(path):
-                raise VaeudaError(f"{path}: is gzip-compressed but named .nii; rename it {path.name}.gz.") from None
-            if _nifti_cut_in_header(path):   # said as for one cut short further in, not "no reader"
-                raise _truncated(path) from None
-            said = _c_complaint(held()[held_before:])
-            raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)}"
-                              f"{f': {said}' if said else ''} (readable: {', '.join(VOLUME_SUFFIXES)} files and "
-                              f"DICOM folders).") from None
+        with _held_c_stderr() as held:     # (the decorator's hold: this read's own lines start here)
+            held_before = len(held())
+            try:
+                image = sitk.ReadImage(str(path))
+            except RuntimeError as exc:
+                if _gzip_named_nii(path):
+                    raise VaeudaError(f"{path}: is gzip-compressed but named .nii; rename it {path.name}.gz.") from None
+                if _nifti_cut_in_header(path):   # said as for one cut short further in, not "no reader"
+                    raise _truncated(path) from None
+                said = _c_complaint(held()[held_before:])
+                raise VaeudaError(f"{path}: cannot be read as an image: {_itk_reason(exc)}"
+                                  f"{f': {said}' if said else ''} (readable: {', '.join(VOLUME_SUFFIXES)} files and "
+                                  f"DICOM folders).") from None
         nifti = _check_nifti_complete(path)
     if image.GetDimension() != 3:
         raise VaeudaError(f"{path}: expected a 3D scalar image, found a {image.GetDimension()}D image.")
