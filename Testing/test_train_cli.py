@@ -1,6 +1,8 @@
 """The method end to end through the command line at tiny size, and the training guarantees."""
 import dataclasses
+import errno
 import json
+import os
 import random
 import re
 import subprocess
@@ -215,6 +217,38 @@ def test_a_closed_output_pipe_stops_training_without_a_traceback(tiny_cohort, tm
         proc.kill()                                       # a failed check leaves no 1000-iteration run behind
     assert stderr.strip().splitlines() == [
         "vaeuda: stopped: the output pipe was closed; no checkpoint had been written yet"] and not out.exists()
+
+
+@pytest.mark.parametrize("progress", ["json", "none"])
+def test_a_full_standard_output_is_one_sentence(progress):
+    """`vaeuda numerics > /dev/full`: the result cannot be written, nor (in JSON mode) the error
+    event after it; stderr says so in one sentence naming the standard output, no traceback."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "vaeuda", "numerics", "--progress", progress],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["vaeuda: error: the standard output: No space left on device."]
+
+
+def test_a_done_event_that_cannot_be_written_fails_the_command(tiny_source_model, monkeypatch, capsys):
+    """The command's work is done but its JSON reader cannot be told: exit 2 with the sentence on
+    stderr, not 0 (Slicer would wait for a `done` line that never comes)."""
+    import vaeuda.progress as progress_mod
+    real_write = progress_mod.write_stdout
+
+    def refuse_done(text):
+        if '"done"' in text or '"error"' in text:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), progress_mod.STDOUT_NAME)
+        real_write(text)
+
+    monkeypatch.setattr(progress_mod, "write_stdout", refuse_done)
+    assert main(["info", str(tiny_source_model), "--progress", "json"]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.splitlines()[-1])["event"] == "info"       # the result went out
+    assert captured.err.strip().splitlines()[-1] == (
+        f"vaeuda: error: the standard output: {os.strerror(errno.ENOSPC)}.")
 
 
 def test_segment_with_foreign_model_fails_cleanly(tiny_cohort, tmp_path, capsys):

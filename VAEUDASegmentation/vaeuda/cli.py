@@ -20,7 +20,7 @@ from . import __version__
 from .choices import DEVICES, DOMAINS, PRESET_NAMES, check_portable
 from .errors import MAX_SEED, VaeudaError, os_error_sentence
 from .machine import PORTABLE_THREADS
-from .progress import MODES, Reporter, emit, listed
+from .progress import MODES, Reporter, emit, listed, write_stdout
 
 
 # The arguments that name files or folders, of any command.
@@ -284,9 +284,9 @@ def _print_result(command: str, result: dict, reporter: Reporter) -> None:
     """What info / numerics print: indented JSON for a reader; in --progress json mode, whose stdout
     is one event per line, the line ``{"event": COMMAND, COMMAND: result}``."""
     if reporter.mode == "json":
-        print(json.dumps({"event": command, command: result}))
+        write_stdout(json.dumps({"event": command, command: result}))
     else:
-        print(json.dumps(result, indent=2))
+        write_stdout(json.dumps(result, indent=2))
 
 
 def _labelled(args) -> tuple:
@@ -384,7 +384,7 @@ def run(args, reporter: Reporter) -> List[str]:
         if reporter.mode == "json":
             emit("table", markdown=table)
         else:
-            print(table)
+            write_stdout(table)
         reporter.log(f"Wrote the scores to {json_path}.")
         return [json_path]
     if cmd == "convert":
@@ -607,7 +607,12 @@ def _run_and_report(args, reporter: Reporter) -> int:
     def refused(message: str) -> int:
         reporter.close()
         if reporter.mode == "json":
-            emit("error", message=message)
+            try:
+                emit("error", message=message)
+            except BrokenPipeError:
+                raise                        # main's: the reader went away
+            except OSError:                  # stdout itself refuses (a full disk, /dev/full): stderr still tells
+                _silence_stdout()
         print(f"vaeuda: error: {message}", file=sys.stderr)
         return 2
 
@@ -639,5 +644,13 @@ def _run_and_report(args, reporter: Reporter) -> int:
         return 143 if isinstance(exc, _Terminated) else 130      # 128 + the signal, as a shell reports it
     reporter.close()
     if reporter.mode == "json":
-        emit("done", outputs=outputs)
+        try:
+            emit("done", outputs=outputs)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:               # the outputs are written, but their reader cannot be told
+            sentence = os_error_sentence(exc)
+            if sentence is None:
+                raise
+            return refused(sentence)
     return 0

@@ -21,7 +21,7 @@ from .errors import VaeudaError
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import STRUCTURES
 from .metrics import METRIC_UNITS, evaluate_dirs, table_markdown
-from .progress import Reporter, null_reporter
+from .progress import Reporter, null_reporter, write_stdout
 
 # The report's three rows (report.json "mean_dice" / "results" keys).
 ROW_UNADAPTED, ROW_ADAPTED, ROW_ORACLE = "Unadapted", "Proposed-1 (adapted)", "Oracle"
@@ -330,5 +330,5 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         tmp.write_text(json.dumps(payload, indent=2, default=lambda v: None), encoding="utf-8")
     reporter.log(f"report written to {report_md}")
     if reporter.mode != "json":
-        print("\n".join(summary + [f"Total {total:.1f} s; the full report with the stage times: {report_md}"]))
+        write_stdout("\n".join(summary + [f"Total {total:.1f} s; the full report with the stage times: {report_md}"]))
     return [report_md, report_json, png]

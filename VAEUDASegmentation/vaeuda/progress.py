@@ -24,12 +24,26 @@ from typing import Optional
 MODES = ("auto", "tty", "json", "none")
 
 
+STDOUT_NAME = "the standard output"
+
+
+def write_stdout(text: str) -> None:
+    """Write ``text`` and a newline to stdout, flushed. A refusal other than a closed pipe (a full
+    disk, ``> /dev/full``) names the standard output, as a refused file names its path."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise                               # the reader went away: the command line stops as on SIGPIPE
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, STDOUT_NAME) from exc
+
+
 def emit(event: str, **fields) -> None:
     """Write one JSON progress line to stdout (used in JSON mode, and for the final events).
     A non-finite number is written as null: NaN and Infinity are not JSON."""
     fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
-    sys.stdout.write(json.dumps({"event": event, **fields}, allow_nan=False) + "\n")
-    sys.stdout.flush()
+    write_stdout(json.dumps({"event": event, **fields}, allow_nan=False))
 
 
 def listed(names, shown: int = 3) -> str:
