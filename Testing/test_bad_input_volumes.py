@@ -275,6 +275,73 @@ def test_truncated_metaimage_is_refused_before_itk(tmp_path, capfd, suffix, comp
     assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), array)   # the check is exact
 
 
+def _compressed_metaimage(path, array):
+    """Write ``array`` as a compressed MetaImage; returns (header text, data bytes, data file)."""
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path), useCompression=True)
+    if path.suffix == ".mhd":
+        return path.read_text(), path.with_suffix(".zraw").read_bytes(), path.with_suffix(".zraw")
+    whole = path.read_bytes()
+    end = whole.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+    return whole[:end].decode(), whole[end:], path
+
+
+def _write_metaimage(path, header, data, data_file):
+    if data_file == path:
+        path.write_bytes(header.encode() + data)
+    else:
+        path.write_text(header)
+        data_file.write_bytes(data)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".mhd"])
+def test_damaged_compressed_metaimage_data_are_refused(tmp_path, capfd, suffix):
+    """MetaIO inflates what it can, fills the rest with zeros and says "Uncompress failed" on stderr
+    only; the engine inflates the stream itself first and refuses it in one sentence."""
+    array = np.random.default_rng(2).integers(0, 1000, size=(12, 14, 16)).astype(np.int16)
+    path = tmp_path / ("v" + suffix)
+    header, data, data_file = _compressed_metaimage(path, array)
+    voxel_bytes = array.size * 2
+    damaged = bytearray(data)
+    damaged[len(data) // 3: len(data) // 3 + 40] = bytes(b ^ 0x55 for b in damaged[len(data) // 3: len(data) // 3 + 40])
+    assert len(damaged) == len(data)                            # whole: the size check alone passes it
+    sizes = {"CompressedDataSize": f"CompressedDataSize = {len(data)}"}
+    cases = {
+        "damaged": (header, bytes(damaged), r"its compressed image data are damaged \(Error -3 while decompressing "
+                                            r"data: [^)]+\); MetaIO would read the damaged part as zeros\.$"),
+        # a CompressedDataSize that stops short of the stream's end
+        "cut": (header.replace(sizes["CompressedDataSize"], f"CompressedDataSize = {len(data) // 2}"), data,
+                rf"its compressed image data are damaged \(they end after \d+ of the {voxel_bytes} bytes its "
+                rf"header's DimSize and ElementType give\); MetaIO would read the rest as zeros\.$"),
+        # a header that promises one slice more than the stream holds
+        "more slices": (header.replace("DimSize = 16 14 12", "DimSize = 16 14 13"), data,
+                        rf"they end after {voxel_bytes} of the {16 * 14 * 13 * 2} bytes"),
+        # and one slice fewer: MetaIO reads the first 11 slices without a word
+        "fewer slices": (header.replace("DimSize = 16 14 12", "DimSize = 16 14 11"), data,
+                         rf"its compressed image data inflate to more than the {16 * 14 * 11 * 2} bytes its header's "
+                         rf"DimSize and ElementType give; the header does not describe them\.$"),
+    }
+    for name, (text, payload, message) in cases.items():
+        assert text != header or payload != data, name           # each case changes the file
+        _write_metaimage(path, text, payload, data_file)
+        capfd.readouterr()
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: .*{message}"):
+            read_image(path)
+        assert capfd.readouterr().err == "", name                # MetaIO never ran
+    # without CompressedDataSize MetaIO takes the rest of a separate data file, and reads noise from a .mha
+    unsized = re.sub(r"CompressedDataSize = \d+\n", "", header)
+    assert unsized != header
+    _write_metaimage(path, unsized, data, data_file)
+    if suffix == ".mha":
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: its MetaImage header is damaged "
+                                              r"\(CompressedData = True without the CompressedDataSize that data in "
+                                              r"the same file need\)\.$"):
+            read_image(path)
+    else:
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)), array)
+    _write_metaimage(path, header, data, data_file)             # the intact file reads whole
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)), array)
+
+
 def test_metaimage_with_missing_data_file(tmp_path):
     path = tmp_path / "header.mhd"
     sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkInt16), str(path))

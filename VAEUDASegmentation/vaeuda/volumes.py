@@ -365,28 +365,72 @@ def _check_metaimage_complete(path: Path) -> None:
         for name in names:
             _require_data_file(path, path.parent / name)
         return
+    compressed = fields.get("CompressedData", "False").lower() == "true"
     try:
-        if fields.get("CompressedData", "False").lower() == "true":
-            expected = int(fields["CompressedDataSize"])
-        else:
-            expected = (int(np.prod([int(v) for v in fields["DimSize"].split()]))
-                        * int(fields.get("ElementNumberOfChannels", "1"))
-                        * _META_ELEMENT_BYTES[fields["ElementType"]])
+        voxel_bytes = (int(np.prod([int(v) for v in fields["DimSize"].split()]))
+                       * int(fields.get("ElementNumberOfChannels", "1"))
+                       * _META_ELEMENT_BYTES[fields["ElementType"]])
+        # (without CompressedDataSize MetaIO takes the rest of a separate data file)
+        expected = (int(fields["CompressedDataSize"]) if "CompressedDataSize" in fields else None) if compressed \
+            else voxel_bytes
         offset = int(fields.get("HeaderSize", "0"))
     except (KeyError, ValueError):
         return
     if data_file == "LOCAL":
-        available = path.stat().st_size - header_bytes
+        if expected is None:        # MetaIO then inflates from the wrong place and reads noise
+            raise VaeudaError(f"{path}: its MetaImage header is damaged (CompressedData = True without the "
+                              f"CompressedDataSize that data in the same file need).")
+        data_path, start = path, header_bytes
     elif data_file and not data_file.startswith("LIST") and "%" not in data_file:
         data_path = path.parent / data_file
         _require_data_file(path, data_path)
-        available = data_path.stat().st_size
-        if offset >= 0:   # HeaderSize = -1 means the data are the file's last bytes
-            available -= offset
+        if offset >= 0:
+            start = offset
+        else:               # HeaderSize = -1: the data are the file's last bytes
+            start = 0 if expected is None else max(data_path.stat().st_size - expected, 0)
     else:
         return
-    if available < expected:
+    size = data_path.stat().st_size
+    if expected is None:
+        expected = size - start
+    if size - start < expected:
         raise _truncated(path)
+    if compressed:
+        _check_metaimage_stream(path, data_path, start, expected, voxel_bytes)
+
+
+# Bytes read, and most bytes inflated, at a time (a stream of zeros inflates about a thousandfold).
+_READ_CHUNK, _INFLATE_CHUNK = 1 << 20, 1 << 22
+
+
+def _check_metaimage_stream(path: Path, data_path: Path, start: int, compressed_bytes: int, voxel_bytes: int) -> None:
+    """Refuse compressed MetaImage data that do not inflate to the header's voxels: MetaIO fills
+    what it cannot inflate with zeros and says so only on stderr ("Uncompress failed"), so a
+    damaged file would be segmented as a volume that is partly black. (It costs about what ITK's own
+    inflating does: 0.5 s for 150 MB of voxels.)"""
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)        # zlib or gzip framing, as MetaIO takes both
+    inflated, left = 0, compressed_bytes
+    try:
+        with open(data_path, "rb") as f:
+            f.seek(start)
+            while left > 0 and not inflater.eof and inflated <= voxel_bytes:
+                data = f.read(min(_READ_CHUNK, left))
+                if not data:
+                    break
+                left -= len(data)
+                while data and not inflater.eof and inflated <= voxel_bytes:
+                    inflated += len(inflater.decompress(data, _INFLATE_CHUNK))
+                    data = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise VaeudaError(f"{path}: its compressed image data are damaged ({exc}); MetaIO would read the damaged "
+                          f"part as zeros.") from None
+    if inflated > voxel_bytes:
+        raise VaeudaError(f"{path}: its compressed image data inflate to more than the {voxel_bytes} bytes its "
+                          f"header's DimSize and ElementType give; the header does not describe them.")
+    if not inflater.eof or inflated < voxel_bytes:
+        raise VaeudaError(f"{path}: its compressed image data are damaged (they end after {inflated} of the "
+                          f"{voxel_bytes} bytes its header's DimSize and ElementType give); MetaIO would read the "
+                          f"rest as zeros.")
 
 
 def _require_data_file(header: Path, data_path: Path) -> None:
