@@ -1,8 +1,11 @@
 """Tests of vaeuda.phantom: determinism, anatomy, MR/CT appearance, cohort files, atomicity."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +236,33 @@ def test_smaller_cohort_over_a_larger_one_removes_the_scans_it_no_longer_lists(t
                      "mr_1009_image.nii.gz"]
     assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
     assert json.loads((out / "splits.json").read_text(encoding="utf-8"))["mr"]["test"] == ["mr_1002"]
+
+
+def test_an_earlier_scan_that_cannot_be_removed_is_named_and_fails_nothing(tmp_path, capsys, monkeypatch):
+    """The new cohort is already in place when the earlier cohort's extra scans are removed: one
+    that cannot be removed is named with the reason in a log line, a folder of such a name is
+    kept, and the command succeeds."""
+    out = tmp_path / "cohort"
+    phantom.make_cohort(out, n_source=3, n_target=1, n_train=1, seed=1, size=16)
+    (out / "mr_1003_label.nii.gz").unlink()
+    (out / "mr_1003_label.nii.gz").mkdir()                 # a folder of the user's, of a scan's name
+    real_unlink = Path.unlink
+
+    def refuse_one(self, *args, **kwargs):
+        if self.name == "mr_1003_image.nii.gz":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", refuse_one)
+    splits = phantom.make_cohort(out, n_source=2, n_target=1, n_train=1, seed=2, size=16, reporter=Reporter("json"))
+    logged = [json.loads(line)["message"] for line in capsys.readouterr().out.splitlines()
+              if json.loads(line)["event"] == "log"]
+    assert logged[-1] == (f"Could not remove 1 file(s) of the cohort that was there before, which the new cohort "
+                          f"does not list: {out / 'mr_1003_image.nii.gz'} ({os.strerror(errno.EACCES)}).")
+    assert not any(line.startswith("Removed") for line in logged)
+    assert (out / "mr_1003_label.nii.gz").is_dir() and (out / "mr_1003_image.nii.gz").is_file()
+    assert splits["mr"] == {"train": ["mr_1001"], "test": ["mr_1002"]}
+    assert json.loads((out / "splits.json").read_text(encoding="utf-8"))["seed"] == 2      # the new cohort is there
 
 
 def _contents(folder):

@@ -742,23 +742,31 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
             with atomic_path(tmp / "splits.json") as tmp_json:
                 tmp_json.write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
             written = {item.name for item in tmp.iterdir()}
-        removed = []
-        for name in sorted(previous - written):
-            if (out / name).exists():
-                (out / name).unlink()
-                removed.append(name)
     except BrokenPipeError:    # the progress reader went away: not a write of the cohort that failed
         raise
     except OSError as exc:
         raise VaeudaError(f"{out}: could not write the cohort ({exc.strerror or exc}).") from None
     finally:
         reporter.close()
+    # The new cohort is in place: what stops an earlier scan's removal is said, and fails nothing.
+    removed, left = [], []
+    for name in sorted(previous - written):
+        if not (out / name).is_file():
+            continue           # gone already, or a folder of that name: not a scan the earlier cohort wrote
+        try:
+            (out / name).unlink()
+            removed.append(name)
+        except OSError as exc:
+            left.append(f"{out / name} ({exc.strerror or exc})")
     reporter.log(f"Wrote {n_source} MR and {n_target} CT phantom subjects to {out}.")
     if replaced:  # models trained on the earlier scans name these paths and would now read the new ones
         reporter.log(f"Replaced {len(replaced)} file(s) of the cohort that was there before: {listed(replaced)}.")
     if removed:   # said, since a user's own files of those names would be gone too
         reporter.log(f"Removed {len(removed)} file(s) of the cohort that was there before and has scans this one "
                      f"lacks: {listed(removed)}.")
+    if left:      # not listed in the new splits.json, so nothing reads them as the cohort's
+        reporter.log(f"Could not remove {len(left)} file(s) of the cohort that was there before, which the new "
+                     f"cohort does not list: {listed(left)}.")
     return splits
 
 
