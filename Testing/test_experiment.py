@@ -267,6 +267,43 @@ def test_rerun_reuses_models_with_the_same_settings(tmp_path):
     assert first["seconds_curve"] == again["seconds_curve"] == 2.5 and changed["seconds_curve"] == 0.0
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_says_which_of_its_outputs_an_earlier_run_left(cohort, tmp_path, monkeypatch, capsys):
+    """`demo` and `experiment` replace their own reports of the same names in an existing --out;
+    they say so, before any work, and name only those (a user's other files are not theirs)."""
+    from vaeuda import demo, phantom
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("table1.md", "curves.png", "report.md", "notes.txt"):
+        (out / name).write_text("earlier", encoding="utf-8")
+    monkeypatch.setattr(experiment, "_trained", stop)
+    monkeypatch.setattr(phantom, "make_cohort", stop)
+    monkeypatch.setattr(demo, "is_phantom_cohort", lambda *a: False)
+    for run in (lambda: experiment.run_table1(cohort, out, repeats=1, preset="tiny", device="cpu",
+                                              reporter=Reporter("json")),
+                lambda: demo.run_demo(out, quick=True, device="cpu", reporter=Reporter("json"))):
+        with pytest.raises(_Stop):
+            run()
+    logged = [json.loads(line)["message"] for line in capsys.readouterr().out.splitlines()]
+    assert f"{out} holds an earlier run's table1.md, curves.png; this run replaces them." in logged
+    assert f"{out} holds an earlier run's report.md; this run replaces it." in logged
+    for name in ("models/source.safetensors", "models/adapted.safetensors", "fig2.png"):
+        (out / name).write_bytes(b"earlier")
+    with pytest.raises(_Stop):
+        demo.run_demo(out, quick=True, device="cpu", reporter=Reporter("json"))
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["message"] == (
+        f"{out} holds an earlier run's report.md, fig2.png, models/source.safetensors and 1 more; this run "
+        f"replaces them.")
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "earlier"
+
+
 # ----------------------------------------------------------------------------- pieces
 
 def test_scaled_iterations():

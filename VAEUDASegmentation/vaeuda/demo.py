@@ -8,6 +8,7 @@ models, and write ``report.md``, ``report.json`` and a figure like the paper's F
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections import OrderedDict
@@ -21,7 +22,7 @@ from .errors import VaeudaError
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import STRUCTURES
 from .metrics import METRIC_UNITS, evaluate_dirs, table_markdown
-from .progress import Reporter, null_reporter, write_stdout
+from .progress import Reporter, listed, null_reporter, write_stdout
 
 # The report's three rows (report.json "mean_dice" / "results" keys).
 ROW_UNADAPTED, ROW_ADAPTED, ROW_ORACLE = "Unadapted", "Proposed-1 (adapted)", "Oracle"
@@ -204,6 +205,15 @@ def _paper_line() -> str:
             f"({100 * ada / ora:.1f} % of the oracle)")
 
 
+def note_replaced(reporter: Reporter, out: Path, outputs: Sequence[Path]) -> None:
+    """Say which of a run's own outputs an earlier run left in ``out``: this run replaces them
+    (a user's other files there are kept)."""
+    there = [str(path.relative_to(out)) for path in outputs if os.path.lexists(path)]
+    if there:
+        reporter.log(f"{out} holds an earlier run's {listed(there)}; this run replaces "
+                     f"{'it' if len(there) == 1 else 'them'}.")
+
+
 def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
              reporter: Optional[Reporter] = None, intensity_remap: bool = False) -> List[Path]:
     """Run the whole pipeline; returns the report files. ``quick``: small cohort, few iterations.
@@ -217,6 +227,10 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     out = make_dir(check_output_dir(out))
     cohort = out / "cohort"
     models = out / "models"
+    source_model, adapted_model, oracle_model = (models / f"{name}.safetensors"
+                                                 for name in ("source", "adapted", "oracle"))
+    report_md, report_json, png = out / "report.md", out / "report.json", out / "fig2.png"
+    note_replaced(reporter, out, (report_md, report_json, png, source_model, adapted_model, oracle_model))
     timings: Dict[str, float] = OrderedDict()
     # quick: a smoke run of the same pipeline (tiny preset, small volumes); default: the cpu preset,
     # on a GPU too (train-source alone would take the paper preset there: hours, not minutes)
@@ -237,7 +251,6 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     reporter.log(f"adapting with one CT scan: {target}")
 
     t = time.time()
-    source_model = models / "source.safetensors"
     stage_meta = OrderedDict()
     stage_meta["source"] = train_source(
                  [image_of(cohort, p) for p in mr_train], [label_of(cohort, p) for p in mr_train], source_model,
@@ -246,13 +259,11 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     timings[f"train source ({len(mr_train)} MR)"] = time.time() - t
 
     t = time.time()
-    adapted_model = models / "adapted.safetensors"
     stage_meta["adapt"] = adapt(source_model, [image_of(cohort, target)], adapted_model,
                                 iterations=iters.get("adapt"), seed=seed, device=device, reporter=reporter)
     timings["adapt (1 CT)"] = time.time() - t
 
     t = time.time()
-    oracle_model = models / "oracle.safetensors"
     stage_meta["finetune"] = finetune(
         source_model, [image_of(cohort, p) for p in ct_train], [label_of(cohort, p) for p in ct_train],
         oracle_model, iterations=iters.get("finetune"), seed=seed, device=device, reporter=reporter)
@@ -266,7 +277,6 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         results[name] = evaluate_model(runs[name], cohort, ct_test, pred_dir, device, reporter)
     timings["segment + evaluate 4 test CT x 3 models"] = time.time() - t
 
-    png = out / "fig2.png"
     first = ct_test[0]
     slice_shown = figure_fig2(cohort, first, OrderedDict(
         (name, out / "pred" / name.split()[0].lower() / f"{first}_image_seg.nii.gz") for name in runs), png)
@@ -317,10 +327,8 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
         f"![{ct_test[0]}, coronal slice {slice_shown}: CT, ground truth and the three models' segmentations]"
         f"(fig2.png)", "",
     ]
-    report_md = out / "report.md"
     with atomic_path(report_md) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
-    report_json = out / "report.json"
     payload = {"seed": seed, "quick": quick, "intensity_remap": intensity_remap, "target_scan": target,
                "test_scans": ct_test, "training": training,
                "figure": {"scan": ct_test[0], "coronal_slice": slice_shown},

@@ -41,7 +41,7 @@ import numpy as np
 
 from . import machine
 from .demo import (METRICS, REFERENCE_ROWS, ROW_ORACLE, ROW_UNADAPTED, cohort_convention, cohort_split, evaluate_model,
-                   image_of, label_of, read_splits)
+                   image_of, label_of, note_replaced, read_splits)
 from .errors import MAX_ITERATIONS, MAX_SEED, VaeudaError, require_count
 from .fileio import atomic_path, check_output_dir, make_dir
 from .labels import CLASS_KEYS, STRUCTURES
@@ -367,6 +367,9 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     few_shot = _few_shot_slices(cohort, draws[0], size, fov)      # fails before any training if impossible
     models, preds = out / "models", out / "pred"
     make_dir(models)
+    md, js = out / "table1.md", out / "table1.json"
+    dice_png, curves_png = out / "table1_dice.png", out / "curves.png"
+    note_replaced(reporter, out, (md, js, dice_png, curves_png))    # (its models are reused when they match)
     if repeats > len(ct_train):     # said: repeated scans make the draws' spread look smaller than it is
         reporter.log(f"note: {repeats} draws from {len(ct_train)} CT training scan(s): drawn with replacement, so "
                      f"some scans repeat")
@@ -473,8 +476,6 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
                 "smoke": preset == "tiny" or iterations_scale < 1}
     total_s = round(time.time() - started, 1)
 
-    md, js = out / "table1.md", out / "table1.json"
-    dice_png, curves_png = out / "table1_dice.png", out / "curves.png"
     plot_dice_rows(rows, dice_png)
     plot_curves(curves, mean_dice[ROW_UNADAPTED], curves_png)
     machine_line = machine.description()        # one reading for both reports
