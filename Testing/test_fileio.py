@@ -179,10 +179,10 @@ def test_a_pipe_is_refused_as_an_output_and_as_an_input(tmp_path):
     an input pipe would make the reader wait forever for a writer."""
     import os
     from vaeuda.fileio import require_readable
-    from vaeuda.modelfile import require_file
+    from vaeuda.fileio import require_file
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
-    for refuse in (check_output_file, require_readable, require_file):
+    for refuse in (check_output_file, require_readable, lambda path: require_file(path, "model file")):
         with pytest.raises(VaeudaError, match=f"^{re.escape(str(pipe))}: is a pipe, socket or device, not a regular "
                                               f"file; give a file\\.$"):
             refuse(pipe)
@@ -219,7 +219,7 @@ def test_a_path_that_is_not_utf8_text_is_refused_before_itk_aborts_the_process(t
     import os
     import numpy as np
     import SimpleITK as sitk
-    from vaeuda.modelfile import require_file
+    from vaeuda.fileio import require_file
     from vaeuda.volumes import read_image, write_image
     odd = os.fsdecode(b"x\xff")
     image = tmp_path / "ok.nii.gz"
@@ -229,7 +229,7 @@ def test_a_path_that_is_not_utf8_text_is_refused_before_itk_aborts_the_process(t
     for refuse in (lambda: read_image(tmp_path / f"{odd}.nii.gz"),
                    lambda: write_image(sitk.GetImageFromArray(np.zeros((2, 2, 2), np.float32)), tmp_path / f"{odd}_2.nii.gz"),
                    lambda: check_output_dir(tmp_path / odd), lambda: check_output_file(tmp_path / f"{odd}.safetensors"),
-                   lambda: require_file(tmp_path / f"{odd}.nii.gz")):
+                   lambda: require_file(tmp_path / f"{odd}.nii.gz", "model file")):
         with pytest.raises(VaeudaError, match=message):
             refuse()
     assert os.listdir(tmp_path) == [f"{odd}.nii.gz"]

@@ -650,7 +650,7 @@ def test_released_readers_name_a_pipe_a_folder_and_arrays_too_large_for_memory(t
         folder.mkdir()
         with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: is a folder, not a released file\\.$"):
             read(folder)
-        with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / ('none' + suffix)))}: file not found\\.$"):
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / ('none' + suffix)))}: released file not found\\.$"):
             read(tmp_path / f"none{suffix}")
 
     def npy(shape):       # a .npy header declaring ``shape``, and a few bytes

@@ -114,6 +114,19 @@ def require_readable(path: PathLike) -> None:
         raise VaeudaError(f"{path}: {SPECIAL_FILE}")
 
 
+def require_file(path: PathLike, what: str) -> Path:
+    """Refuse an input file (``what`` names its kind: "model file", "released file") that is a
+    folder, is not there, or may not be read (:func:`require_readable`). Returns it as a Path."""
+    require_utf8_name(path)
+    path = Path(path)
+    if path.is_dir():
+        raise VaeudaError(f"{path}: is a folder, not a {what}.")
+    if not path.exists():
+        raise VaeudaError(f"{path}: {what} not found.")
+    require_readable(path)                  # (and not a pipe or device)
+    return path
+
+
 def is_volume_file(path: Path) -> bool:
     """A file of a readable image format, not a hidden one (e.g. the "._X_image.nii.gz" metadata
     twins a Mac copies along, which carry the scans' extensions)."""

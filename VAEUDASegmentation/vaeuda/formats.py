@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import VaeudaError
-from .fileio import MAX_OUTPUT_NAME_BYTES, first_bytes, require_readable
+from .fileio import MAX_OUTPUT_NAME_BYTES, first_bytes, require_file
 from .labels import SIFA_IGNORED_VALUE, Convention
 
 PathLike = Union[str, Path]
@@ -227,17 +227,6 @@ def _volume_feature(path: Path, index: int, features: dict, name: str, size_pref
     return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
 
 
-def _require_released_file(path: PathLike) -> Path:
-    """A released file's path, refused when missing, a folder, unreadable, or a pipe or device."""
-    path = Path(path)
-    if not path.exists():
-        raise VaeudaError(f"{path}: file not found.")
-    if path.is_dir():
-        raise VaeudaError(f"{path}: is a folder, not a released file.")
-    require_readable(path)
-    return path
-
-
 def read_tfrecords(path: PathLike) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Every sample of a released ``.tfrecords`` file, after checking both CRCs of each record.
 
@@ -245,7 +234,7 @@ def read_tfrecords(path: PathLike) -> List[Tuple[np.ndarray, np.ndarray]]:
     slices, channels first; 256 x 256 in the released files), label ``(H, W)`` uint8 class
     indices 0..4 of the middle slice (the label's middle channel; value 5 -> 0).
     """
-    path = _require_released_file(path)
+    path = require_file(path, "released file")
     try:
         blob = path.read_bytes()
     except OSError as exc:
@@ -278,7 +267,7 @@ def read_npz(path: PathLike, flip_test_volume: bool = False) -> Tuple[np.ndarray
     training slices' orientation, the one :func:`released_to_image` expects. Without it they come
     back as stored (right for ``example_mr.npz``, the source of a training slice).
     """
-    path = _require_released_file(path)     # (numpy's reason for a file it may not open would be lost below)
+    path = require_file(path, "released file")     # (numpy's reason for a file it may not open would be lost below)
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):    # a lone .npy array under an .npz name

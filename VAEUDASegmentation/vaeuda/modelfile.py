@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .errors import VaeudaError
-from .fileio import atomic_path, image_then_label, require_readable, require_utf8_name
+from .fileio import atomic_path, image_then_label, require_file
 from .nets import NetConfig, VAEUDANet
 
 FORMAT = "vaeuda-model"
@@ -57,18 +57,6 @@ def save_tensors(path, tensors: Dict[str, torch.Tensor], meta: dict, extra_heade
     header.update(extra_header or {})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
-
-
-def require_file(path, what: str = "model file") -> Path:
-    """Refuse a model file (or checkpoint: ``what``) path that is a folder or holds nothing. Returns it."""
-    require_utf8_name(path)
-    path = Path(path)
-    if path.is_dir():
-        raise VaeudaError(f"{path}: is a folder, not a {what}.")
-    if not path.exists():
-        raise VaeudaError(f"{path}: {what} not found.")
-    require_readable(path)                  # (and not a pipe or device)
-    return path
 
 
 # How far into a damaged file our format's name is looked for: past any header we write (tens of kB).

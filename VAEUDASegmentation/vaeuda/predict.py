@@ -16,9 +16,9 @@ import torch
 
 from .choices import DOMAINS, check_choice
 from .errors import VaeudaError, require_count
-from .fileio import MAX_NAME_BYTES, MAX_OUTPUT_NAME_BYTES, atomic_dir, check_output_dir, stem
+from .fileio import MAX_NAME_BYTES, MAX_OUTPUT_NAME_BYTES, atomic_dir, check_output_dir, require_file, stem
 from .labels import Convention
-from .modelfile import load_model, require_file
+from .modelfile import load_model
 from .nets import VAEUDANet
 from .progress import Reporter, listed, null_reporter
 from .train import resolve_device
@@ -129,7 +129,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
         if target.resolve() in resolved_inputs:
             raise VaeudaError(f"{target}: the segmentation of {path} would replace this input; choose another --out.")
     dev = resolve_device(device)
-    require_file(model_path)
+    require_file(model_path, "model file")
     # the first input read before the model loads: a wrong one (a label map, one slice) is refused at once
     first_image = volumes.read_image(inputs[0])
     volumes.require_nifti_size(first_image, inputs[0])
