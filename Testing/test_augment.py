@@ -170,15 +170,25 @@ def test_intensity_remap_layers_are_1x1_or_3x3_at_random():
 
 
 def test_augment_batch_applies_the_gamma_after_the_spatial_transform():
-    """With no spatial transform drawn (probability 0, no elastic field), a batch comes back as
-    random_gamma makes it from the generator's state after the grid's draws: not unchanged."""
-    cfg = AugmentConfig(elastic_alpha=0.0, probability=0.0, gamma=0.3)
+    """The grid's draws come first, then the gamma's; the gamma is applied to the resampled batch.
+    Bilinear resampling mixes neighbours, so gamma-then-resample gives other values: the test tells
+    the two orders apart."""
+    cfg = AugmentConfig(rotate_deg=20.0, elastic_alpha=0.03, probability=1.0, gamma=0.3)
     images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 5 + 1
     out, _ = augment_batch(images, None, cfg, torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(0)
-    random_grid(4, SIZE, cfg, gen, "cpu")                   # the draws the grid takes first
-    assert torch.allclose(out, random_gamma(images, cfg, gen), atol=1e-5)
-    assert not torch.allclose(out, images, atol=1e-2)
+    grid = random_grid(4, SIZE, cfg, gen, "cpu")            # the draws the grid takes first
+    state = gen.get_state()
+
+    def resample(x):
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    gamma_after = random_gamma(resample(images), cfg, gen)
+    gen.set_state(state)
+    gamma_before = resample(random_gamma(images, cfg, gen))
+    assert torch.allclose(out, gamma_after, atol=1e-5)
+    assert not torch.allclose(out, gamma_before, atol=1e-3)
+    assert not torch.allclose(resample(images), images, atol=1e-2)       # the grid did move the batch
 
 
 def test_the_elastic_field_is_twice_alpha_times_the_smoothed_coarse_noise_on_both_axes():

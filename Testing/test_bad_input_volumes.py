@@ -694,7 +694,7 @@ def test_c_stderr_is_held_back_only_from_a_refusal(capfd):
     after the read, when the read succeeds (a warning); an enclosing hold keeps it for itself."""
     import os
     capfd.readouterr()
-    with pytest.raises(VaeudaError):
+    with pytest.raises(VaeudaError, match="^refused$"):
         with volumes._held_c_stderr() as held:
             os.write(2, b"** ERROR: nifti_image_read: bad header\n")
             assert volumes._c_complaint(held()) == "bad header"

@@ -462,7 +462,7 @@ def test_study_records_name_their_machine_and_commit_and_are_written_whole(tmp_p
     def unserialisable(*a, **k):
         raise TypeError("not JSON")
     monkeypatch.setattr(common.json, "dumps", unserialisable)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="^not JSON$"):
         common.write_record(path, {"args": {}})
     assert json.loads(path.read_text(encoding="utf-8"))["args"] == {"draws": 6}     # the old record stands
 

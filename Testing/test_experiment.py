@@ -335,7 +335,7 @@ def test_pick_few_shot_window_prefers_the_fullest_window():
     last = np.zeros((6, 4, 4), dtype=np.uint8)          # only the last three slices qualify
     last[3:, 0, :3] = (1, 2, 3)
     assert pick_few_shot_window(last) == (3, 6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^no 3 consecutive slices cross 3 structures$"):
         pick_few_shot_window(np.where(labels == 3, 0, labels))   # never 3 structures
 
 

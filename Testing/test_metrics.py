@@ -199,7 +199,7 @@ def test_summarise_by_hand():
     assert s["Mean"]["assd_vox"]["mean"] == pytest.approx(2.0)
     assert s["Mean"]["assd_vox"]["std"] == pytest.approx(math.sqrt(2 / 7))
     assert (s["Mean"]["assd_vox"]["n"], s["Mean"]["assd_vox"]["n_missing"]) == (7, 1)
-    with pytest.raises(VaeudaError):
+    with pytest.raises(VaeudaError, match="^there are no evaluated volumes to summarise\\.$"):
         metrics.summarise([])
 
 

@@ -20,8 +20,8 @@ def net_and_slices(tiny_source_model):
     return net, meta, slices
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 7, 16])
-def test_batched_probabilities_equal_one_eval_pass(net_and_slices, batch_size):
+@pytest.mark.parametrize("batch_size, batches", [(1, [1] * 7), (3, [3, 3, 1]), (7, [7]), (16, [7])])
+def test_batched_probabilities_equal_one_eval_pass(net_and_slices, monkeypatch, batch_size, batches):
     """7 slices in batches of 1, 3 (a short last batch), 7 or 16 give the softmax over classes of
     one pass in eval mode (BatchNorm's running statistics), even for a network left in train mode."""
     net, _, slices = net_and_slices
@@ -29,7 +29,15 @@ def test_batched_probabilities_equal_one_eval_pass(net_and_slices, batch_size):
     with torch.no_grad():
         expected = torch.softmax(net.segment_logits(torch.from_numpy(slices), "source"), 1).numpy()
     net.train()
+    seen, real = [], net.segment_logits
+
+    def counted(x, domain):
+        seen.append(x.shape[0])
+        return real(x, domain)
+
+    monkeypatch.setattr(net, "segment_logits", counted)
     probs = predict.slice_probabilities(net, slices, "source", torch.device("cpu"), batch_size=batch_size)
+    assert seen == batches                                  # the batches asked for, the last one short
     assert probs.shape == expected.shape == (7, net.cfg.n_classes) + slices.shape[2:]
     assert probs.dtype == np.float16
     np.testing.assert_allclose(probs.astype(np.float32), expected, atol=2e-3)     # float16 storage

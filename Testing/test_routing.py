@@ -56,8 +56,13 @@ def test_term_reaches_exactly_its_networks(term):
 
 
 def test_target_terms_never_move_shared_networks():
-    for term in ("T_rec", "T_kl", "T_adv", "T_cyc"):
-        assert not {"enc_z", "dec_z", "enc_s", "dec_s", "seg", "disc"} & set(ROUTES[term])
+    """The four target terms backpropagated together (as a step does) reach E_T and D_T only: E_Z
+    and D_Z are not fitted to the small target set (Eq. 4-6)."""
+    net = VAEUDANet(get_preset("tiny")).train()
+    terms, *_ = _all_terms(net)
+    net.zero_grad(set_to_none=True)
+    routed_backward(net, {term: terms[term] for term in ("T_rec", "T_kl", "T_adv", "T_cyc")})
+    assert _nonzero_modules(net) == {"enc_t", "dec_t"}
 
 
 def test_discriminator_loss_reaches_only_disc():
@@ -141,7 +146,8 @@ def test_task_consistency_does_not_differentiate_through_the_rendering():
 
 def test_paths_take_the_encoders_eq_6_and_7_name(monkeypatch):
     """Encoders in order: E_T on x_T, E_S on x_TS (cycle, Eq. 6), E_T on x_ST (task, Eq. 7); the
-    cycle decodes the posterior mean of x_TS and Seg reads a sample of q(Z|x_S), not its mean (Eq. 2)."""
+    cycle decodes the posterior mean of x_TS; Seg reads a sample of q(Z|x_S), not its mean (Eq. 2),
+    and in the task term a sample of q(Z|x_ST), not its mean (z drawn at each iteration)."""
     net = VAEUDANet(get_preset("tiny")).train()
     domains, decoded, seg_inputs, samples = [], [], [], []
     real_posterior, real_decode, real_seg, real_sample = net.posterior, net.decode, net.seg.forward, net.sample
@@ -176,6 +182,10 @@ def test_paths_take_the_encoders_eq_6_and_7_name(monkeypatch):
     assert not torch.allclose(samples[1], mu_t, atol=1e-3)              # a sample, not the mean
     assert torch.allclose(decoded[3][0], mu_ts.detach(), atol=1e-6)     # the cycle's D_T input
     assert torch.equal(decoded[4][0], fakes["mu_s"].detach())
+    # the task term: Seg's second input is the third sample, drawn from the posterior of x_ST
+    mu_st, _ = real_posterior(real_decode(fakes["mu_s"].detach(), "target"), "target")
+    assert len(samples) == 3 and len(seg_inputs) == 2 and seg_inputs[1] is samples[2]
+    assert not torch.allclose(samples[2], mu_st, atol=1e-3)
 
 
 def test_term_weights_and_ablation_switches():

@@ -7,7 +7,7 @@ compare with running ``vaeuda segment`` directly.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import inspect
 import json
 import logging
@@ -1259,10 +1259,6 @@ def test_torch_missing_without_the_pytorch_extension_says_how_to_get_it(slicer, 
 
 # ----------------------------------------------------------------------------- real engine, tiny model
 
-ENGINE_READY = all(importlib.util.find_spec(name) is not None for name in ("vaeuda.train", "vaeuda.cli"))
-needs_engine = pytest.mark.skipif(not ENGINE_READY, reason="the engine's train/cli modules are not there yet")
-
-
 def run_engine(*args, cwd):
     env = dict(os.environ, PYTHONPATH=str(MODULE_DIR))
     done = subprocess.run([sys.executable, "-m", "vaeuda", *map(str, args), "--progress", "none"], cwd=cwd, env=env,
@@ -1292,8 +1288,6 @@ save_tensors("M.safetensors", tensors, meta)
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny model from a tiny synthetic cohort, made with the engine's command line."""
-    if not ENGINE_READY:
-        pytest.skip("the engine's train/cli modules are not there yet")
     work = tmp_path_factory.mktemp("tiny")
     run_engine("synth", "D", "--n-source", 2, "--n-target", 2, "--n-train", 1, "--size", 32, "--seed", 0, cwd=work)
     run_engine("train-source", "--preset", "tiny", "--iterations", 1, "--out", "M.safetensors",
@@ -1303,7 +1297,6 @@ def tiny_model(tmp_path_factory):
     return work / "M.safetensors", work / "D"
 
 
-@needs_engine
 def test_segment_end_to_end_matches_the_engine_run_directly(slicer, mod, tiny_model, tmp_path):
     model, cohort = tiny_model
     ct = sitk.GetArrayFromImage(sitk.ReadImage(str(cohort / "ct_1002_image.nii.gz")))
@@ -1372,7 +1365,6 @@ def cubes(shape, corners):
     return labels
 
 
-@needs_engine
 def test_evaluate_scores_shifted_cubes_in_mm_and_voxels_in_the_volume_geometry(slicer, mod):
     """Each structure a 4x4x4 cube; the reference is shifted one voxel along k (LV-M), j (LA-B), i (LV-B)
     or not at all (A-A), on a volume with spacing i 0.8, j 1.2, k 1.5 mm (IJK_TO_RAS).
@@ -1409,7 +1401,6 @@ def test_evaluate_scores_shifted_cubes_in_mm_and_voxels_in_the_volume_geometry(s
     assert [table.GetCellText(4, c) for c in (1, 2, 3)] == ["81.25", "0.29", "0.27"]
 
 
-@needs_engine
 def test_try_it_cohort_with_the_panel_defaults_separates_the_mr_training_volumes(slicer, mod, tmp_path):
     """The panel calls makeTryItCohort with its defaults; its source-training folder is what the
     panel trains on, so it must hold the labelled MR training pairs and nothing else (no CT)."""
@@ -1470,7 +1461,6 @@ def docs_console_examples():
     return re.findall(r"^<!-- console-example:[^\n]*-->\n```python\n(.*?)^```", text, re.S | re.M)
 
 
-@needs_engine
 def test_the_docs_console_examples_run_as_written(slicer, mod, tmp_path, monkeypatch, capsys):
     """Docs/slicer.md's scripting examples, run as a user pastes them, but on a tiny cohort (its "/data/"
     paths moved here) and short (the tiny preset, 1 iteration): a renamed method, argument or event key
@@ -1566,6 +1556,28 @@ def test_every_panel_widget_names_a_parameter_of_its_type(mod):
         assert base in shown_by[widget_class], (name, widget_class, base)
         if widget_class == "QComboBox":                   # Slicer requires the Choice annotation there
             assert any(isinstance(e, Choice) for e in extras), name
+
+
+def test_every_parameter_default_passes_its_validators(mod):
+    """Slicer's validators check a parameter's values as they are set, and the stand-in's decorator
+    checks nothing: a default outside its WithinRange or Choice (a preset renamed in the engine,
+    "auto" dropped from the devices) would fail in Slicer only. Each validator refuses what it must."""
+    import typing
+    from slicer.parameterNodeWrapper import Choice, WithinRange
+    fields = typing.get_type_hints(mod.VAEUDASegmentationParameterNode, include_extras=True)
+    checked = []
+    for name, hint in fields.items():
+        if typing.get_origin(hint) is not typing.Annotated:
+            continue
+        default = getattr(mod.VAEUDASegmentationParameterNode, name)
+        for validator in hint.__metadata__:
+            validator.validate(default)
+            checked.append(name)
+            outside = validator.maximum + 1 if isinstance(validator, WithinRange) else "not a choice"
+            assert isinstance(validator, (WithinRange, Choice)), (name, validator)
+            with pytest.raises(ValueError):
+                validator.validate(outside)
+    assert sorted(checked) == ["adaptIterations", "device", "preset", "seed", "trainIterations"]
 
 
 def test_an_unset_model_file_leaves_its_field_empty_not_a_dot(mod):
@@ -2078,7 +2090,6 @@ def test_evaluate_imports_nothing_for_a_segmentation_removed_while_it_ran(slicer
     assert not slicer.util.getNodesByClass("vtkMRMLTableNode")
 
 
-@needs_engine
 def test_a_volume_far_from_the_origin_gets_its_segmentation_on_its_exact_grid(slicer, mod, tiny_model):
     """NIfTI stores the grid in 32-bit floats: an origin 1e5 mm away came back 3e-3 mm off, beyond the 1e-4
     within which Slicer takes two grids for one; the labels now take the volume's own grid."""
@@ -2127,7 +2138,6 @@ def test_labels_on_another_grid_are_not_snapped_to_the_volumes_even_far_from_the
         assert np.array_equal(labels._ijkToRAS, far if snapped else labelsGrid)
 
 
-@needs_engine
 def test_a_try_it_folder_given_as_a_link_or_filled_meanwhile(slicer, mod, tmp_path):
     """A link to an empty folder ended in "[Errno 20] Not a directory" after the cohort was made; a folder
     filled while the job ran, in "[Errno 39] Directory not empty"."""

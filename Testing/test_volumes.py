@@ -177,7 +177,7 @@ def test_scores_in_float16_chunks_give_the_same_result_as_one_array(tmp_volume):
     np.testing.assert_array_equal(chunked, whole)
     with pytest.raises(ValueError, match="missing"):
         grid.scores_to_image(iter(backwards[1:]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^scores must be \("):
         grid.scores_to_image(scores[:, :, :6])
 
 

@@ -19,17 +19,26 @@ def parameterNodeWrapper(classtype=None):
 
 
 class WithinRange:
-    """validators.py ``WithinRange(minimum, maximum)``."""
+    """validators.py ``WithinRange(minimum, maximum)``: ``validate`` raises ValueError outside the
+    inclusive range."""
 
     def __init__(self, minimum, maximum):
         self.minimum, self.maximum = minimum, maximum
 
+    def validate(self, value) -> None:
+        if not self.minimum <= value <= self.maximum:
+            raise ValueError(f"Value must be within range [{self.minimum}, {self.maximum}], is {value}")
+
 
 class Choice:
-    """validators.py ``Choice(choices)``."""
+    """validators.py ``Choice(choices)``: ``validate`` raises ValueError for a value not among them."""
 
     def __init__(self, choices):
         self.choices = choices
+
+    def validate(self, value) -> None:
+        if value not in self.choices:
+            raise ValueError(f"Value is {value}, but must be in one of the following: {self.choices}")
 
 
 def unannotatedType(possiblyAnnotatedType):
