@@ -164,7 +164,10 @@ def module_constant(name: str):
 def test_slicer_requirements_are_the_engines_minus_what_slicer_and_pytorch_provide():
     """Resources/requirements.txt (installed in Slicer) and pyproject.toml (pip) list the same
     packages and minimum versions, torch's included, but for what Slicer ships and the demo's plotting."""
-    tomllib = pytest.importorskip("tomllib")
+    try:
+        import tomllib
+    except ImportError:             # Python before 3.11: the same parser, as the test extra installs it
+        import tomli as tomllib
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     lines = [l.split("#")[0].strip() for l in (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()]
     provided = {"numpy", "simpleitk", "torch", "matplotlib"}
