@@ -265,6 +265,44 @@ def test_an_earlier_scan_that_cannot_be_removed_is_named_and_fails_nothing(tmp_p
     assert json.loads((out / "splits.json").read_text(encoding="utf-8"))["seed"] == 2      # the new cohort is there
 
 
+def test_a_cohort_that_would_not_fit_on_the_disk_is_refused_after_its_first_subject(tmp_path, monkeypatch):
+    """`synth --n-source 8999 --size 512` would write for days into a full disk: each modality's first
+    subject sizes the rest, against the free space, and nothing is left behind."""
+    import collections
+    import shutil
+    usage = collections.namedtuple("usage", "total used free")
+    made = []
+    real_make = phantom.make_subject
+    monkeypatch.setattr(phantom, "make_subject", lambda *a: made.append(a[0]) or real_make(*a))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 1000))      # 1000 bytes free
+    out = tmp_path / "cohort"
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(out))}: the cohort needs about [0-9.,e-]+ GiB more "
+                                          r"\(4 more subjects of about [0-9.]+ MiB each\), and 9\.31e-07 GiB are "
+                                          r"free; make fewer or smaller subjects \(--n-source, --n-target, --size\), "
+                                          r"or free space\.$"):
+        phantom.make_cohort(out, n_source=3, n_target=2, n_train=1, size=16)
+    assert made == ["mr"] and list(tmp_path.iterdir()) == []               # one subject made, nothing kept
+    # room for the MR subjects at their size, not for CT's: refused at the first CT subject
+    sizes = {}
+    for modality in ("mr", "ct"):
+        image, label = real_make(modality, phantom.cohort_subject_seed(0, modality, 0), 16)
+        for kind, volume in (("image", image), ("label", label)):
+            phantom._write_nifti(volume, tmp_path / f"{modality}_{kind}.nii.gz")
+        sizes[modality] = sum((tmp_path / f"{modality}_{kind}.nii.gz").stat().st_size for kind in ("image", "label"))
+        for kind in ("image", "label"):
+            (tmp_path / f"{modality}_{kind}.nii.gz").unlink()
+    free = 40 * sizes["mr"]                  # the 40 CT subjects left after the one MR subject, at MR's size
+    assert 39 * sizes["ct"] > free           # ... but not the 39 left after the first CT one, at CT's
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 0, free))
+    made.clear()
+    with pytest.raises(VaeudaError, match=r"\(39 more subjects of about"):
+        phantom.make_cohort(out, n_source=1, n_target=40, n_train=1, size=16)
+    assert made == ["mr", "ct"] and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 10 ** 9))
+    phantom.make_cohort(out, n_source=3, n_target=2, n_train=1, size=16)          # room: made
+    assert len(list(out.glob("*_image.nii.gz"))) == 5
+
+
 def _contents(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 

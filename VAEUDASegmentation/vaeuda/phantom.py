@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -738,6 +739,8 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
                     _write_nifti(label, tmp / f"{prefix}_label.nii.gz")
                     done += 1
                     reporter.step(done)
+                    if index == 0:     # the first of a modality sizes the rest (CT compresses less than MR)
+                        _require_room(out, tmp, prefix, total - done)
                 splits[modality] = split
             with atomic_path(tmp / "splits.json") as tmp_json:
                 tmp_json.write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
@@ -768,6 +771,23 @@ def make_cohort(out_dir: PathLike, n_source: int = N_SOURCE, n_target: int = N_T
         reporter.log(f"Could not remove {len(left)} file(s) of the cohort that was there before, which the new "
                      f"cohort does not list: {listed(left)}.")
     return splits
+
+
+def _require_room(out: Path, tmp: Path, prefix: str, subjects_left: int) -> None:
+    """Refuse, after a modality's first subject, a cohort whose remaining subjects, each as large
+    as that one, would not fit in the free space: a run of hours that would end in a full disk."""
+    if subjects_left == 0:
+        return
+    written = sum((tmp / f"{prefix}_{kind}.nii.gz").stat().st_size for kind in ("image", "label"))
+    needed, free = written * subjects_left, shutil.disk_usage(tmp).free
+
+    def gib(size: int) -> str:
+        return f"{size / 2 ** 30:,.0f}" if size >= 1000 * 2 ** 30 else f"{size / 2 ** 30:.3g}"
+
+    if needed > free:
+        raise VaeudaError(f"{out}: the cohort needs about {gib(needed)} GiB more ({subjects_left} more subjects of "
+                          f"about {written / 2 ** 20:.3g} MiB each), and {gib(free)} GiB are free; make fewer or "
+                          f"smaller subjects (--n-source, --n-target, --size), or free space.")
 
 
 # --------------------------------------------------------------------------- preview
