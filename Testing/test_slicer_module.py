@@ -562,6 +562,138 @@ def test_engine_process_finishes_after_the_grace_time_when_a_grandchild_keeps_th
         process.cancel()
 
 
+def _finish(process, timeout=20.0):
+    """Drain a started EngineProcess until it is finished; its events."""
+    events, deadline = [], time.monotonic() + timeout
+    while not process.isFinished():
+        events += process.events(timeout=0.05)
+        assert time.monotonic() < deadline, "the engine process did not finish"
+    return events + process.events()
+
+
+def test_a_line_the_reader_cannot_use_does_not_stop_it(engineprocess, tmp_path):
+    """A "done" whose outputs are a number, and an object nested past Python's recursion limit,
+    killed the stdout reader: nothing drained the pipe any more, and an engine that went on
+    printing blocked on it for good. Such lines are log text; the reading goes on."""
+    deep = "{" + '"a":[' * 100000
+    code = (f"import json, sys; print(json.dumps({{'event': 'done', 'outputs': 3}})); print({deep!r}); "
+            f"[print('y' * 1000) for _ in range(2000)]; "
+            f"print(json.dumps({{'event': 'done', 'outputs': ['a', 7, 'b']}}))")
+    script = tmp_path / "engine.py"              # (the deep line is too long for a command line)
+    script.write_text(code, encoding="utf-8")
+    process = engineprocess.EngineProcess([sys.executable, str(script)])
+    process.start()
+    events = _finish(process)
+    assert process.returncode == 0 and process.doneSeen
+    assert process.outputs == ["a", "b"]                       # the strings of the last "done"
+    assert len(events) == 2 + 1 + 2000 and events[1] == {"event": "log", "message": deep}
+    assert engineprocess.parseEngineLine(deep) == {"event": "log", "message": deep}
+
+
+def test_what_the_engine_left_running_is_killed_when_the_job_ends(engineprocess, monkeypatch):
+    """A child still printing after the engine's "done" and exit kept the queue from emptying: the
+    job never ended, and cancel() did nothing once the engine itself had exited. After the grace
+    time the group is killed and the job ends; close() leaves no reader thread or pipe behind."""
+    monkeypatch.setattr(engineprocess.EngineProcess, "READER_GRACE_S", 0.5)
+    script = ("import subprocess, sys, json; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: print(1, flush=True); "
+              "time.sleep(0.005)']); print(child.pid, flush=True); print(json.dumps({'event': 'done', 'outputs': []}))")
+    process = engineprocess.EngineProcess([sys.executable, "-c", script])
+    process.start()
+    grandchild = int(process.events(timeout=10)[0]["message"])
+    _finish(process)
+    deadline = time.monotonic() + 10
+    while is_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_alive(grandchild)
+    process.close()
+    assert not any(reader.is_alive() for reader in process._readers) and process._stdout.closed
+
+
+def test_the_failure_sentence_for_each_way_the_engine_can_end(engineprocess):
+    """A real-time signal (no name: signal.Signals raised, and the panel stayed "running"), an
+    engine stopped by SIGTERM (its checkpoint was in the job's folder, which is gone), exit 0 without
+    "done", and PythonSlicer's launcher reporting its Python child's crash."""
+    def ended(code):
+        process = engineprocess.EngineProcess([sys.executable, "-c", code])
+        process.start()
+        _finish(process)
+        return process.failureMessage()
+
+    assert ended("import os; os.kill(os.getpid(), 40)") == "the VAE-UDA engine was killed by signal 40."
+    interrupted = ("import json, sys; print(json.dumps({'event': 'interrupted', 'message': 'terminated (SIGTERM); "
+                   "the last checkpoint is kept at m.safetensors.ckpt', 'checkpoint': 'm.safetensors.ckpt'})); "
+                   "sys.exit(143)")
+    assert ended(interrupted) == ("the VAE-UDA engine was stopped before it finished (terminated (SIGTERM)); "
+                                  "nothing was kept.")
+    assert ended("print('a plain line')") == "the VAE-UDA engine ended without reporting its result."
+    launcher = ("import sys; sys.stderr.write('error: [/opt/Slicer/bin/python-real] exit abnormally - Report the "
+                "problem.\\n'); sys.exit(1)")
+    assert ended(launcher) == ("the VAE-UDA engine crashed or was killed (out of memory? the system's OOM killer "
+                               "kills it).")
+    long_line = ended("import sys; sys.stderr.write('z' * 10 ** 6 + '\\n'); sys.exit(1)")
+    assert long_line == "the VAE-UDA engine stopped with an error: " + "z" * engineprocess.EngineProcess.MAX_LINE_CHARS
+
+
+@pytest.mark.parametrize("code, message", [
+    ("import json; print(json.dumps({'event': 'error', 'message': 'the engine refused it.'}))", "the engine refused it."),
+    ("print('no done line')", "the VAE-UDA engine ended without reporting its result."),
+])
+def test_exit_0_is_no_success_without_done_or_with_an_error_event(slicer, mod, fake_logic, tmp_path, code, message):
+    """Success is exit 0 with a "done" event and no "error" event (Docs/engine-contract.md): an
+    engine that said why it failed, or said nothing, and exited 0 had its job reported done."""
+    fake_logic.engineCommand = [sys.executable, "-c", code]
+    out = tmp_path / "adapted.safetensors"
+    with pytest.raises(mod.JobFailedError) as raised:
+        fake_logic.trainSource(str(tmp_path), str(out))
+    assert str(raised.value) == message
+    assert not out.exists() and not fake_logic.isRunning() and os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_a_blocking_call_cut_short_leaves_no_job_behind(slicer, mod, fake_logic, tmp_path, monkeypatch):
+    """Ctrl-C in Slicer's console (or a callback's SystemExit) during a blocking call left the job
+    registered for good: the engine ran on, and every later call was refused as "another job"."""
+    from vaeuda.labels import MMWHS
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "sleep")
+    monkeypatch.setenv("VAEUDA_FAKE_PIDFILE", str(tmp_path / "pid"))
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+
+    def interrupt():                  # Ctrl-C arrives while the call keeps the window painting
+        if (tmp_path / "pid").exists():
+            raise KeyboardInterrupt
+    painting = slicer.app.processEvents
+    monkeypatch.setattr(slicer.app, "processEvents", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fake_logic.segment(volume, model)
+    monkeypatch.setattr(slicer.app, "processEvents", painting)
+    assert not fake_logic.isRunning() and os.listdir(slicer.app.temporaryPath) == []
+    deadline = time.monotonic() + 10
+    while is_alive(int((tmp_path / "pid").read_text())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_alive(int((tmp_path / "pid").read_text()))          # the engine's own child too
+    monkeypatch.setenv("VAEUDA_FAKE_MODE", "done")
+    assert fake_logic.segment(volume, model) is not None                # the next call runs
+
+
+def test_the_progress_line_shows_only_what_makes_sense(mod):
+    """NaN, text or a missing field raised in the handler (a traceback per event, the status
+    frozen); a negative or absurd ETA was shown; a fraction beyond 1 set the bar past its end."""
+    panel = _bare_panel(mod, _PanelParameters())
+    values = []
+    panel.ui.progressBar.setValue = values.append
+    for event, status, value in [
+        ({"stage": "adapt", "step": 3, "total": 10, "fraction": 0.3, "eta_s": 125.0}, "adapt: 3/10, about 2 min 5 s left", 30),
+        ({"stage": "adapt", "step": 4, "total": 10, "fraction": float("nan"), "eta_s": -42}, "adapt: 4/10", None),
+        ({"stage": "adapt", "step": 5, "total": 10, "fraction": 7.0, "eta_s": 1e12}, "adapt: 5/10", 100),
+        ({"stage": "adapt", "fraction": "half", "eta_s": "soon"}, "adapt", None),
+        ({}, "", None),
+    ]:
+        values.clear()
+        panel._onProgress({"event": "progress", **event})
+        assert panel.ui.statusLabel.text == status and values == ([] if value is None else [value])
+
+
 def test_failing_engine_raises_its_sentence_and_leaves_the_scene(slicer, mod, fake_logic, monkeypatch, tmp_path):
     from vaeuda.labels import MMWHS
     monkeypatch.setenv("VAEUDA_FAKE_MODE", "fail")
@@ -2084,6 +2216,7 @@ def test_evaluate_imports_nothing_for_a_segmentation_removed_while_it_ran(slicer
     job.process.cancel()                                            # stop the sleeping stand-in engine, then let
     job.process.cancelRequested = False                             # the job end as one that succeeded would
     monkeypatch.setattr(job.process.process, "poll", lambda: 0)
+    job.process.doneSeen = True
     pump(slicer, lambda: results)
     assert results[0].status == "failed"
     assert results[0].message == "The segmentation 'seg' was removed from the scene while the job ran; nothing was imported."

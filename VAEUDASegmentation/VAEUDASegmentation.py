@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -399,6 +400,13 @@ JOB_DESCRIPTIONS = {"synth": "making a synthetic cohort", "train-source": "train
                     "adapt": "adapting a model", "segment": "segmenting", "evaluate": "evaluating"}
 
 
+def _finiteNumber(value) -> Optional[float]:
+    """A progress field as a number, or None for anything else (text, NaN, infinity, missing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def _duration(seconds: float) -> str:
     """A time left as the status line shows it: "2 min 5 s", or "3 h 4 min" past an hour."""
     seconds = int(seconds)
@@ -662,10 +670,14 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.ui.statusLabel.text = f"{event.get('stage', '')}..."
             self.ui.progressBar.setValue(0)
         elif kind == "progress":
-            self.ui.progressBar.setValue(int(round(100 * float(event.get("fraction") or 0.0))))
-            eta = event.get("eta_s")
-            etaText = f", about {_duration(eta)} left" if eta is not None else ""
-            self.ui.statusLabel.text = f"{event.get('stage', '')}: {event.get('step')}/{event.get('total')}{etaText}"
+            fraction = _finiteNumber(event.get("fraction"))
+            if fraction is not None:
+                self.ui.progressBar.setValue(int(round(100 * min(max(fraction, 0.0), 1.0))))
+            eta = _finiteNumber(event.get("eta_s"))
+            etaText = f", about {_duration(eta)} left" if eta is not None and 0 <= eta < 100 * 3600 else ""
+            step, total = (_finiteNumber(event.get(key)) for key in ("step", "total"))
+            counted = f": {int(step)}/{int(total)}" if step is not None and total is not None else ""
+            self.ui.statusLabel.text = f"{event.get('stage', '')}{counted}{etaText}"
         elif kind == "log":
             self.ui.logTextEdit.appendPlainText(str(event.get("message", "")))
         # (an "error" event is the job's failure, which _finishAction shows in the panel's own terms)
@@ -1067,10 +1079,15 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         if not waitForCompletion:
             qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._poll(job))
             return None
-        while not process.isFinished():
-            self._forward(job, process.events(timeout=0.1))
-            slicer.app.processEvents()   # keep the window painting during a long call from the console
-        self._forward(job, process.events())
+        try:
+            while not process.isFinished():
+                self._forward(job, process.events(timeout=0.1))
+                slicer.app.processEvents()   # keep the window painting during a long call from the console
+            self._forward(job, process.events())
+        except BaseException:   # Ctrl-C in the console, or a callback's SystemExit: the job must not stay registered
+            process.cancel()
+            self._complete(job)
+            raise
         result = self._complete(job)
         if result.status == "cancelled":
             raise JobCancelledError(result.message)
@@ -1078,9 +1095,12 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise JobFailedError(result.message)
         return result.value
 
+    # Events forwarded per poll of a background job: an engine printing fast cannot freeze the GUI.
+    EVENTS_PER_POLL = 1000
+
     def _poll(self, job: _Job) -> None:
         """Timer callback of a background job: forward its events; finish it, or look again later."""
-        self._forward(job, job.process.events())
+        self._forward(job, job.process.events(limit=self.EVENTS_PER_POLL))
         if job.process.isFinished():
             self._complete(job)
         else:
@@ -1113,7 +1133,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         try:
             if process.cancelRequested:
                 result = JobResult("cancelled", "Cancelled by the user.")
-            elif process.returncode != 0:
+            elif process.returncode != 0 or process.errorMessage or not process.doneSeen:
+                # the protocol's success is exit 0 with a "done" event and no "error" event
                 result = JobResult("failed", _asArguments(_namePaths(process.failureMessage(), job.pathNames)))
             else:
                 try:
@@ -1126,7 +1147,11 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 except Exception as exc:
                     logging.exception("VAE-UDA %s: reading the results failed", job.name)
                     result = JobResult("failed", str(exc))
+        except Exception as exc:   # a bug of ours: the job still ends, and its callback still hears of it
+            logging.exception("VAE-UDA %s: ending the job failed", job.name)
+            result = JobResult("failed", f"ending the VAE-UDA job failed: {exc}")
         finally:
+            process.close()
             shutil.rmtree(job.tempDir, ignore_errors=True)
             self._job = None
             _RUNNING_JOB[0] = None

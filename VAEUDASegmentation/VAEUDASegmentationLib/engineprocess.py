@@ -12,6 +12,7 @@ import io
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -45,7 +46,7 @@ def parseEngineLine(line: str) -> dict:
     if text.startswith("{"):
         try:
             event = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):     # (objects nested past Python's recursion limit)
             event = None
         if isinstance(event, dict) and isinstance(event.get("event"), str):
             return event
@@ -64,6 +65,8 @@ class EngineProcess:
     # After the child exits, how long to wait for the readers to reach the end of its output
     # (a grandchild that inherited the pipes could otherwise keep them open).
     READER_GRACE_S = 2.0
+    # The longest stderr line kept for the failure sentence, in characters.
+    MAX_LINE_CHARS = 2000
 
     def __init__(self, args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
         self.args = [str(a) for a in args]
@@ -73,6 +76,8 @@ class EngineProcess:
         self.cancelRequested = False
         self.errorMessage: Optional[str] = None    # from an {"event": "error"} line
         self.outputs: List[str] = []               # from the {"event": "done"} line
+        self.doneSeen = False                      # the engine reported success (the protocol's "done")
+        self.interruptedMessage: Optional[str] = None   # from an {"event": "interrupted"} line (SIGTERM, Ctrl-C)
         self._events: "queue.Queue[dict]" = queue.Queue()
         self._stderrTail = collections.deque(maxlen=20)
         self._readers: List[threading.Thread] = []
@@ -97,39 +102,100 @@ class EngineProcess:
 
     def _readStdout(self) -> None:
         for line in self._stdout:
-            event = parseEngineLine(line)
-            if event["event"] == "error":
-                self.errorMessage = str(event.get("message", ""))
-            elif event["event"] == "done":
-                self.outputs = [str(p) for p in event.get("outputs") or []]
+            # Whatever a line holds, reading goes on: a reader that stopped would leave the engine
+            # blocked on a full pipe, and the job waiting for it forever.
+            try:
+                event = parseEngineLine(line)
+                self._note(event)
+            except Exception:
+                event = {"event": "log", "message": line.rstrip("\r\n")[:self.MAX_LINE_CHARS]}
             self._events.put(event)
+
+    def _note(self, event: dict) -> None:
+        """Keep what the job's end needs from the protocol's own events; a field of the wrong type
+        counts as missing."""
+        message = event.get("message")
+        message = message if isinstance(message, str) else ""
+        if event["event"] == "error":
+            self.errorMessage = message
+        elif event["event"] == "interrupted":
+            self.interruptedMessage = message
+        elif event["event"] == "done":
+            outputs = event.get("outputs")
+            self.outputs = [p for p in outputs if isinstance(p, str)] if isinstance(outputs, list) else []
+            self.doneSeen = True
 
     def _readStderr(self) -> None:
         for line in self._stderr:
             text = line.rstrip("\r\n").rsplit("\r", 1)[-1]   # a line a progress bar redrew: its last state
             if text:
-                self._stderrTail.append(text)
+                self._stderrTail.append(text[:self.MAX_LINE_CHARS])
                 self._events.put({"event": "log", "message": text, "stream": "stderr"})
 
-    def events(self, timeout: float = 0.0) -> List[dict]:
-        """Events that arrived since the last call; waits up to ``timeout`` seconds for the first one."""
+    def events(self, timeout: float = 0.0, limit: Optional[int] = None) -> List[dict]:
+        """Events that arrived since the last call, at most ``limit`` of them (the rest wait for the
+        next call); waits up to ``timeout`` seconds for the first one."""
         got = []
         try:
             got.append(self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait())
-            while True:
+            while limit is None or len(got) < limit:
                 got.append(self._events.get_nowait())
         except queue.Empty:
             pass
         return got
 
     def isFinished(self) -> bool:
-        """True once the child has exited and its output has been read (or the grace time passed)."""
+        """True once the child has exited and its output has been read and taken; or, once the grace
+        time has passed, whatever is left (what it started is then killed: it still held the pipes)."""
         if self.process is None or self.process.poll() is None:
             return False
         if self._exitTime is None:
             self._exitTime = time.monotonic()
-        readersDone = not any(reader.is_alive() for reader in self._readers)
-        return (readersDone or time.monotonic() - self._exitTime > self.READER_GRACE_S) and self._events.empty()
+        if not self._outputHeld():
+            return self._events.empty()
+        if time.monotonic() - self._exitTime > self.READER_GRACE_S:
+            self._killGroup()
+            return True
+        return False
+
+    def _killGroup(self) -> None:
+        """Kill the child's process group: the child, or what it started and left running."""
+        if self.process is None:
+            return
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))   # no console flashes up
+        else:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):     # (no member left)
+                pass
+
+    def _outputHeld(self) -> bool:
+        """Whether something still holds the child's output pipes open (the readers have not met
+        their end): the child, or what it started. Only then is its group killed once it has
+        exited, since an empty group's number may be taken again."""
+        return any(reader.is_alive() for reader in self._readers)
+
+    # How long close waits for the readers to meet the end of the pipes once the group is killed.
+    CLOSE_WAIT_S = 1.0
+
+    def close(self) -> None:
+        """Once the job has ended: kill what the child left running with the pipes still open, and
+        close the pipes, so that no reader thread or descriptor outlives the job."""
+        if self._outputHeld():
+            self._killGroup()
+            for reader in self._readers:
+                reader.join(timeout=self.CLOSE_WAIT_S)
+            if self._outputHeld():      # a process outside the group holds them: the readers stay
+                return
+        for pipe in (getattr(self, "_stdout", None), getattr(self, "_stderr", None)):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except (OSError, ValueError):
+                    pass
 
     @property
     def returncode(self) -> Optional[int]:
@@ -146,19 +212,13 @@ class EngineProcess:
         result is void). A failure stands either way: its sentence says what went wrong."""
         if self.process is not None and self.process.poll() is not None:
             self.cancelRequested = self.cancelRequested or (evenIfEnded and self.process.returncode == 0)
+            if self._outputHeld():      # what it started still runs, holding the pipes open
+                self._killGroup()
             return
         self.cancelRequested = True
         if self.process is None:
             return
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))   # no console flashes up
-        else:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        self._killGroup()
         try:
             self.process.wait(timeout=self.KILL_WAIT_S)
         except subprocess.TimeoutExpired:
@@ -171,12 +231,27 @@ class EngineProcess:
         for line in reversed(self._stderrTail):
             if line.startswith("vaeuda: error: "):
                 return line[len("vaeuda: error: "):]
+        if self.interruptedMessage is not None:   # its checkpoint was in the job's folder, which is gone
+            reason = self.interruptedMessage.split(";")[0] or "interrupted"
+            return f"the VAE-UDA engine was stopped before it finished ({reason}); nothing was kept."
         code = self.returncode
         if code is not None and code < 0:   # killed by a signal: its last stderr line is not the reason
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:              # (a real-time signal has no name)
+                name = f"signal {-code}"
             return (f"the VAE-UDA engine was killed by {name}"
                     + (" (out of memory? the system's OOM killer sends it)."
                        if -code == getattr(signal, "SIGKILL", None) else "."))
+        if self._stderrTail and _LAUNCHER_CRASH.match(self._stderrTail[-1]):
+            # Slicer's PythonSlicer is a launcher: its Python child killed by a signal is this line, exit 1
+            return "the VAE-UDA engine crashed or was killed (out of memory? the system's OOM killer kills it)."
+        if code == 0 and not self.doneSeen:
+            return "the VAE-UDA engine ended without reporting its result."
         if self._stderrTail:
             return f"the VAE-UDA engine stopped with an error: {self._stderrTail[-1]}"
         return f"the VAE-UDA engine stopped with exit status {code}."
+
+
+# What CTK's application launcher (PythonSlicer) prints when the program it runs ends abnormally.
+_LAUNCHER_CRASH = re.compile(r"^error: \[.*\] exit abnormally - Report the problem\.$")
