@@ -338,6 +338,19 @@ def test_damaged_compressed_metaimage_data_are_refused(tmp_path, capfd, suffix):
             read_image(path)
     else:
         np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)), array)
+    if suffix == ".mhd":    # ... whole from its first byte, whatever HeaderSize says
+        skipped = unsized.replace("ElementDataFile", "HeaderSize = 100\nElementDataFile")
+        _write_metaimage(path, skipped, data, data_file)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)), array)
+        _write_metaimage(path, skipped, b"j" * 100 + data, data_file)
+        with pytest.raises(VaeudaError, match="its compressed image data are damaged .*incorrect header check"):
+            read_image(path)
+    # a CompressedDataSize that leaves out only the stream's checksum: every voxel is there for MetaIO
+    _write_metaimage(path, header.replace(sizes["CompressedDataSize"], f"CompressedDataSize = {len(data) - 4}"),
+                     data, data_file)
+    capfd.readouterr()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)), array)
+    assert capfd.readouterr().err == ""
     _write_metaimage(path, header, data, data_file)             # the intact file reads whole
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path)), array)
 

@@ -296,11 +296,16 @@ def test_a_run_says_which_of_its_outputs_an_earlier_run_left(cohort, tmp_path, m
     assert f"{out} holds an earlier run's report.md; this run replaces it." in logged
     for name in ("models/source.safetensors", "models/adapted.safetensors", "fig2.png"):
         (out / name).write_bytes(b"earlier")
+    (out / "pred").mkdir()                                       # an earlier run's segmentations
     with pytest.raises(_Stop):
         demo.run_demo(out, quick=True, device="cpu", reporter=Reporter("json"))
     assert json.loads(capsys.readouterr().out.splitlines()[0])["message"] == (
-        f"{out} holds an earlier run's report.md, fig2.png, models/source.safetensors and 1 more; this run "
+        f"{out} holds an earlier run's report.md, fig2.png, models/source.safetensors and 2 more; this run "
         f"replaces them.")
+    with pytest.raises(_Stop):
+        experiment.run_table1(cohort, out, repeats=1, preset="tiny", device="cpu", reporter=Reporter("json"))
+    assert f"{out} holds an earlier run's table1.md, curves.png, pred; this run replaces them." in [
+        json.loads(line)["message"] for line in capsys.readouterr().out.splitlines()]
     assert (out / "notes.txt").read_text(encoding="utf-8") == "earlier"
 
 

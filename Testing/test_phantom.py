@@ -276,8 +276,8 @@ def test_a_cohort_that_would_not_fit_on_the_disk_is_refused_after_its_first_subj
     monkeypatch.setattr(phantom, "make_subject", lambda *a: made.append(a[0]) or real_make(*a))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 1000))      # 1000 bytes free
     out = tmp_path / "cohort"
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(out))}: the cohort needs about [0-9.,e-]+ GiB more "
-                                          r"\(4 more subjects of about [0-9.]+ MiB each\), and 9\.31e-07 GiB are "
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(out))}: the cohort needs about [0-9.]+ MiB more "
+                                          r"\(4 more subjects of about [0-9.]+ MiB each\), and 0\.0 MiB are "
                                           r"free; make fewer or smaller subjects \(--n-source, --n-target, --size\), "
                                           r"or free space\.$"):
         phantom.make_cohort(out, n_source=3, n_target=2, n_train=1, size=16)
@@ -301,6 +301,8 @@ def test_a_cohort_that_would_not_fit_on_the_disk_is_refused_after_its_first_subj
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 10 ** 9))
     phantom.make_cohort(out, n_source=3, n_target=2, n_train=1, size=16)          # room: made
     assert len(list(out.glob("*_image.nii.gz"))) == 5
+    assert [phantom._bytes_text(n) for n in (1000, 12_900_000, 2 ** 30, 4.56 * 2 ** 30, 3230 * 2 ** 30)] == [
+        "0.0 MiB", "12.3 MiB", "1 GiB", "4.56 GiB", "3,230 GiB"]
 
 
 def _contents(folder):

@@ -586,7 +586,8 @@ def test_a_line_the_reader_cannot_use_does_not_stop_it(engineprocess, tmp_path):
     events = _finish(process)
     assert process.returncode == 0 and process.doneSeen
     assert process.outputs == ["a", "b"]                       # the strings of the last "done"
-    assert len(events) == 2 + 1 + 2000 and events[1] == {"event": "log", "message": deep}
+    cap = engineprocess.EngineProcess.MAX_LINE_CHARS          # (what reaches the log and the panel)
+    assert len(events) == 2 + 1 + 2000 and events[1] == {"event": "log", "message": deep[:cap]}
     assert engineprocess.parseEngineLine(deep) == {"event": "log", "message": deep}
 
 
@@ -597,10 +598,15 @@ def test_what_the_engine_left_running_is_killed_when_the_job_ends(engineprocess,
     monkeypatch.setattr(engineprocess.EngineProcess, "READER_GRACE_S", 0.5)
     script = ("import subprocess, sys, json; "
               "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: print(1, flush=True); "
-              "time.sleep(0.005)']); print(child.pid, flush=True); print(json.dumps({'event': 'done', 'outputs': []}))")
+              "time.sleep(0.005)']); print('pid', child.pid, flush=True); "
+              "print(json.dumps({'event': 'done', 'outputs': []}))")
     process = engineprocess.EngineProcess([sys.executable, "-c", script])
     process.start()
-    grandchild = int(process.events(timeout=10)[0]["message"])
+    events = process.events(timeout=10)
+    deadline = time.monotonic() + 10
+    while not any(e["message"].startswith("pid ") for e in events) and time.monotonic() < deadline:
+        events += process.events(timeout=0.1)             # (the grandchild's lines may come first)
+    grandchild = int(next(e["message"] for e in events if e["message"].startswith("pid ")).split()[1])
     _finish(process)
     deadline = time.monotonic() + 10
     while is_alive(grandchild) and time.monotonic() < deadline:
@@ -638,6 +644,8 @@ def test_the_failure_sentence_for_each_way_the_engine_can_end(engineprocess):
 @pytest.mark.parametrize("code, message", [
     ("import json; print(json.dumps({'event': 'error', 'message': 'the engine refused it.'}))", "the engine refused it."),
     ("print('no done line')", "the VAE-UDA engine ended without reporting its result."),
+    ("import json; print(json.dumps({'event': 'error', 'message': None})); print(json.dumps({'event': 'done'}))",
+     "the VAE-UDA engine reported an error without saying what it was."),
 ])
 def test_exit_0_is_no_success_without_done_or_with_an_error_event(slicer, mod, fake_logic, tmp_path, code, message):
     """Success is exit 0 with a "done" event and no "error" event (Docs/engine-contract.md): an
@@ -660,7 +668,7 @@ def test_a_blocking_call_cut_short_leaves_no_job_behind(slicer, mod, fake_logic,
     model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
 
     def interrupt():                  # Ctrl-C arrives while the call keeps the window painting
-        if (tmp_path / "pid").exists():
+        if (tmp_path / "pid").exists() and (tmp_path / "pid").read_text().strip():    # (written, not just made)
             raise KeyboardInterrupt
     painting = slicer.app.processEvents
     monkeypatch.setattr(slicer.app, "processEvents", interrupt)
@@ -674,6 +682,24 @@ def test_a_blocking_call_cut_short_leaves_no_job_behind(slicer, mod, fake_logic,
     assert not is_alive(int((tmp_path / "pid").read_text()))          # the engine's own child too
     monkeypatch.setenv("VAEUDA_FAKE_MODE", "done")
     assert fake_logic.segment(volume, model) is not None                # the next call runs
+
+
+def test_ctrl_c_just_after_the_engine_succeeded_imports_nothing(slicer, mod, fake_logic, tmp_path, monkeypatch):
+    """Ctrl-C cancels: arriving after the engine's successful exit, it had the segmentation imported
+    (and the callback told "done") before it went on up."""
+    from vaeuda.labels import MMWHS
+    volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
+    model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
+    before, results = scene_node_ids(slicer), []
+
+    def interrupt():
+        fake_logic._job.process.process.wait()         # the engine has succeeded
+        raise KeyboardInterrupt
+    monkeypatch.setattr(slicer.app, "processEvents", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fake_logic.segment(volume, model, finishedCallback=results.append)
+    assert [r.status for r in results] == ["cancelled"] and fake_logic._job is None
+    assert scene_node_ids(slicer) == before and os.listdir(slicer.app.temporaryPath) == []
 
 
 def test_the_progress_line_shows_only_what_makes_sense(mod):

@@ -1085,7 +1085,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 slicer.app.processEvents()   # keep the window painting during a long call from the console
             self._forward(job, process.events())
         except BaseException:   # Ctrl-C in the console, or a callback's SystemExit: the job must not stay registered
-            process.cancel()
+            process.cancel(evenIfEnded=True)    # (nothing imported, even if the engine had just succeeded)
             self._complete(job)
             raise
         result = self._complete(job)
@@ -1102,6 +1102,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         """Timer callback of a background job: forward its events; finish it, or look again later."""
         self._forward(job, job.process.events(limit=self.EVENTS_PER_POLL))
         if job.process.isFinished():
+            self._forward(job, job.process.events())     # (what the per-poll limit left)
             self._complete(job)
         else:
             qt.QTimer.singleShot(self.POLL_INTERVAL_MS, lambda: self._poll(job))
@@ -1133,7 +1134,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         try:
             if process.cancelRequested:
                 result = JobResult("cancelled", "Cancelled by the user.")
-            elif process.returncode != 0 or process.errorMessage or not process.doneSeen:
+            elif process.returncode != 0 or process.errorMessage is not None or not process.doneSeen:
                 # the protocol's success is exit 0 with a "done" event and no "error" event
                 result = JobResult("failed", _asArguments(_namePaths(process.failureMessage(), job.pathNames)))
             else:

@@ -65,7 +65,7 @@ class EngineProcess:
     # After the child exits, how long to wait for the readers to reach the end of its output
     # (a grandchild that inherited the pipes could otherwise keep them open).
     READER_GRACE_S = 2.0
-    # The longest stderr line kept for the failure sentence, in characters.
+    # The longest message an event carries on (to the log, the panel, the failure sentence), in characters.
     MAX_LINE_CHARS = 2000
 
     def __init__(self, args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
@@ -74,7 +74,7 @@ class EngineProcess:
         self.cwd = cwd
         self.process: Optional[subprocess.Popen] = None
         self.cancelRequested = False
-        self.errorMessage: Optional[str] = None    # from an {"event": "error"} line
+        self.errorMessage: Optional[str] = None    # from an {"event": "error"} line ("" if it had no text)
         self.outputs: List[str] = []               # from the {"event": "done"} line
         self.doneSeen = False                      # the engine reported success (the protocol's "done")
         self.interruptedMessage: Optional[str] = None   # from an {"event": "interrupted"} line (SIGTERM, Ctrl-C)
@@ -107,6 +107,8 @@ class EngineProcess:
             try:
                 event = parseEngineLine(line)
                 self._note(event)
+                if isinstance(event.get("message"), str):
+                    event["message"] = event["message"][:self.MAX_LINE_CHARS]
             except Exception:
                 event = {"event": "log", "message": line.rstrip("\r\n")[:self.MAX_LINE_CHARS]}
             self._events.put(event)
@@ -129,7 +131,8 @@ class EngineProcess:
         for line in self._stderr:
             text = line.rstrip("\r\n").rsplit("\r", 1)[-1]   # a line a progress bar redrew: its last state
             if text:
-                self._stderrTail.append(text[:self.MAX_LINE_CHARS])
+                text = text[:self.MAX_LINE_CHARS]
+                self._stderrTail.append(text)
                 self._events.put({"event": "log", "message": text, "stream": "stderr"})
 
     def events(self, timeout: float = 0.0, limit: Optional[int] = None) -> List[dict]:
@@ -155,7 +158,10 @@ class EngineProcess:
             return self._events.empty()
         if time.monotonic() - self._exitTime > self.READER_GRACE_S:
             self._killGroup()
-            return True
+            for reader in self._readers:        # the killed group's end closes the pipes: let them read it
+                reader.join(timeout=self.CLOSE_WAIT_S)
+            # (a process outside the group that still holds them: give up on what it would print)
+            return self._events.empty() or self._outputHeld()
         return False
 
     def _killGroup(self) -> None:
@@ -174,8 +180,9 @@ class EngineProcess:
 
     def _outputHeld(self) -> bool:
         """Whether something still holds the child's output pipes open (the readers have not met
-        their end): the child, or what it started. Only then is its group killed once it has
-        exited, since an empty group's number may be taken again."""
+        their end): the child, or what it started. Once the child has exited, its group is killed
+        only then: what holds the pipes is most likely in it, while a group that may be empty could
+        have had its number taken again by another program's group."""
         return any(reader.is_alive() for reader in self._readers)
 
     # How long close waits for the readers to meet the end of the pipes once the group is killed.
@@ -231,6 +238,8 @@ class EngineProcess:
         for line in reversed(self._stderrTail):
             if line.startswith("vaeuda: error: "):
                 return line[len("vaeuda: error: "):]
+        if self.errorMessage is not None:
+            return "the VAE-UDA engine reported an error without saying what it was."
         if self.interruptedMessage is not None:   # its checkpoint was in the job's folder, which is gone
             reason = self.interruptedMessage.split(";")[0] or "interrupted"
             return f"the VAE-UDA engine was stopped before it finished ({reason}); nothing was kept."

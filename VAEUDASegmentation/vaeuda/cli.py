@@ -607,12 +607,7 @@ def _run_and_report(args, reporter: Reporter) -> int:
     def refused(message: str) -> int:
         reporter.close()
         if reporter.mode == "json":
-            try:
-                emit("error", message=message)
-            except BrokenPipeError:
-                raise                        # main's: the reader went away
-            except OSError:                  # stdout itself refuses (a full disk, /dev/full): stderr still tells
-                _silence_stdout()
+            _final_event("error", message=message)
         print(f"vaeuda: error: {message}", file=sys.stderr)
         return 2
 
@@ -639,18 +634,29 @@ def _run_and_report(args, reporter: Reporter) -> int:
         kept, checkpoint = _what_is_kept(args)
         ended = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
         if reporter.mode == "json":
-            emit("interrupted", message=f"{ended}{kept}", checkpoint=checkpoint)
+            _final_event("interrupted", message=f"{ended}{kept}", checkpoint=checkpoint)
         print(f"vaeuda: {ended}{kept}", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130      # 128 + the signal, as a shell reports it
     reporter.close()
     if reporter.mode == "json":
-        try:
-            emit("done", outputs=outputs)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:               # the outputs are written, but their reader cannot be told
-            sentence = os_error_sentence(exc)
+        refusal = _final_event("done", outputs=outputs)
+        if refusal is not None:              # the outputs are written, but their reader cannot be told
+            sentence = os_error_sentence(refusal)
             if sentence is None:
-                raise
-            return refused(sentence)
+                raise refusal
+            print(f"vaeuda: error: {sentence}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _final_event(event: str, **fields) -> Optional[OSError]:
+    """Emit the JSON event that ends a run; a standard output that refuses it (a full disk,
+    /dev/full) is silenced and its error returned: stderr still tells. A closed pipe is main's."""
+    try:
+        emit(event, **fields)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        _silence_stdout()
+        return exc
+    return None

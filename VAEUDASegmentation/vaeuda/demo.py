@@ -206,8 +206,8 @@ def _paper_line() -> str:
 
 
 def note_replaced(reporter: Reporter, out: Path, outputs: Sequence[Path]) -> None:
-    """Say which of a run's own outputs an earlier run left in ``out``: this run replaces them
-    (a user's other files there are kept)."""
+    """Say which of a run's own outputs (files, and the ``pred`` folder whose segmentations it
+    replaces) an earlier run left in ``out``: this run replaces them."""
     there = [str(path.relative_to(out)) for path in outputs if os.path.lexists(path)]
     if there:
         reporter.log(f"{out} holds an earlier run's {listed(there)}; this run replaces "
@@ -230,7 +230,8 @@ def run_demo(out, quick: bool = False, seed: int = 0, device: str = "auto",
     source_model, adapted_model, oracle_model = (models / f"{name}.safetensors"
                                                  for name in ("source", "adapted", "oracle"))
     report_md, report_json, png = out / "report.md", out / "report.json", out / "fig2.png"
-    note_replaced(reporter, out, (report_md, report_json, png, source_model, adapted_model, oracle_model))
+    note_replaced(reporter, out, (report_md, report_json, png, source_model, adapted_model, oracle_model,
+                                  out / "pred"))
     timings: Dict[str, float] = OrderedDict()
     # quick: a smoke run of the same pipeline (tiny preset, small volumes); default: the cpu preset,
     # on a GPU too (train-source alone would take the paper preset there: hours, not minutes)

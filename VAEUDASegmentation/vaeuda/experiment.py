@@ -369,7 +369,7 @@ def run_table1(data, out, repeats: int = 6, preset: Optional[str] = None, seed: 
     make_dir(models)
     md, js = out / "table1.md", out / "table1.json"
     dice_png, curves_png = out / "table1_dice.png", out / "curves.png"
-    note_replaced(reporter, out, (md, js, dice_png, curves_png))    # (its models are reused when they match)
+    note_replaced(reporter, out, (md, js, dice_png, curves_png, preds))   # (its models are reused when they match)
     if repeats > len(ct_train):     # said: repeated scans make the draws' spread look smaller than it is
         reporter.log(f"note: {repeats} draws from {len(ct_train)} CT training scan(s): drawn with replacement, so "
                      f"some scans repeat")

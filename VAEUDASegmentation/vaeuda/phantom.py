@@ -781,13 +781,17 @@ def _require_room(out: Path, tmp: Path, prefix: str, subjects_left: int) -> None
     written = sum((tmp / f"{prefix}_{kind}.nii.gz").stat().st_size for kind in ("image", "label"))
     needed, free = written * subjects_left, shutil.disk_usage(tmp).free
 
-    def gib(size: int) -> str:
-        return f"{size / 2 ** 30:,.0f}" if size >= 1000 * 2 ** 30 else f"{size / 2 ** 30:.3g}"
-
     if needed > free:
-        raise VaeudaError(f"{out}: the cohort needs about {gib(needed)} GiB more ({subjects_left} more subjects of "
-                          f"about {written / 2 ** 20:.3g} MiB each), and {gib(free)} GiB are free; make fewer or "
+        raise VaeudaError(f"{out}: the cohort needs about {_bytes_text(needed)} more ({subjects_left} more subjects "
+                          f"of about {_bytes_text(written)} each), and {_bytes_text(free)} are free; make fewer or "
                           f"smaller subjects (--n-source, --n-target, --size), or free space.")
+
+
+def _bytes_text(size: int) -> str:
+    """A size as a sentence says it: "12.3 MiB", "4.56 GiB", "3,230 GiB"."""
+    if size < 2 ** 30:
+        return f"{size / 2 ** 20:.1f} MiB"
+    return f"{size / 2 ** 30:,.0f} GiB" if size >= 1000 * 2 ** 30 else f"{size / 2 ** 30:.3g} GiB"
 
 
 # --------------------------------------------------------------------------- preview
