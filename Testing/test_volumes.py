@@ -350,7 +350,7 @@ def test_label_values_negative_or_beyond_uint16_are_written_exactly(tmp_path):
     assert MMWHS.decode(np.arange(5)).dtype == np.uint16 and CONSECUTIVE.decode(np.arange(5)).dtype == np.uint8
 
 
-def test_dicom_series_with_a_missing_slice_is_refused_and_position_noise_is_not(tmp_path):
+def test_dicom_series_with_a_missing_slice_is_refused_and_position_noise_is_not(tmp_path, monkeypatch):
     """ITK would stack the slices around a gap at their mean spacing, and only warn."""
     array = np.random.default_rng(7).integers(-500, 1500, size=(6, 8, 9))
     uid = "1.2.826.0.1.3680043.2.1125.2.3003"
@@ -362,10 +362,16 @@ def test_dicom_series_with_a_missing_slice_is_refused_and_position_noise_is_not(
     _write_dicom_series(tmp_path / "gap", array, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), uid)
     (tmp_path / "gap" / f"{uid[-4:]}_003.dcm").unlink()               # slices at z = 0, 2, 4, 8, 10
     # mean gap 2.5 mm; the gap of 4 mm differs by 1.5
+    headers, pixels = [], []
+    real_information, real_execute = sitk.ImageFileReader.ReadImageInformation, sitk.ImageSeriesReader.Execute
+    monkeypatch.setattr(sitk.ImageFileReader, "ReadImageInformation",
+                        lambda self: headers.append(self.GetFileName()) or real_information(self))
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", lambda self: pixels.append(1) or real_execute(self))
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'gap'))}: the slices of DICOM series {uid} "
                                           r"are not evenly spaced \(missing slices\? a gap differs by 1.5 mm from "
                                           r"the mean spacing of 2.5 mm\)"):
         read_image(tmp_path / "gap")
+    assert len(headers) == len(set(headers)) == 5 and pixels == []     # each header read once, no pixel data
 
 
 def test_labels_read_encoded_and_written_decoded(tmp_path, tmp_volume):

@@ -704,9 +704,8 @@ def _read_any(path: Path) -> sitk.Image:
     return image
 
 
-# Set by ITK's series reader on a series whose slice spacing varies; its value is the largest
-# deviation from the mean spacing, in mm. Position jitter of real scanners stays far below a tenth.
-NON_UNIFORM_KEY = "ITK_non_uniform_sampling_deviation"
+# How far a gap between a DICOM series' slices may differ from their mean spacing, as a fraction of
+# it. Position jitter of real scanners stays far below a tenth.
 NON_UNIFORM_TOLERANCE = 0.1
 
 
@@ -724,8 +723,9 @@ def _check_dicom_geometry(path: Path, series: str, files: Sequence[str]) -> None
     orientation (0020,0037), position (0020,0032) and pixel spacing (0028,0030): slices of more than
     one orientation or pixel spacing (stacked with the first's), an orientation that is not
     orthonormal or a spacing that is not positive (read as identity, 1 mm), all slices at one
-    position, and slices not stacked along their normal, as a gantry tilt leaves them (ITK stacks them
-    straight: a volume sheared by as much as the tilt moves the last slice aside)."""
+    position, slices not stacked along their normal, as a gantry tilt leaves them (ITK stacks them
+    straight: a volume sheared by as much as the tilt moves the last slice aside), and slices not
+    evenly spaced (a missing one). The headers are read once, here, for all of it."""
     reader = sitk.ImageFileReader()
     orientations, positions, spacings = [], [], []
     for name in files:
@@ -768,23 +768,15 @@ def _check_dicom_geometry(path: Path, series: str, files: Sequence[str]) -> None
     if aside > 0.5 * float(spacings[0].min()):
         raise refuse(f"are not stacked along their normal (a gantry tilt?): one lies {aside:.3g} mm aside of the "
                      f"first's line")
-
-
-def _slice_spacing_deviation(files: Sequence[str], image: sitk.Image) -> Tuple[float, float]:
-    """(largest deviation of a gap between consecutive slices from their mean, the mean), in mm:
-    the slices' positions (their headers' origins) along the series' slice normal."""
-    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
-    reader = sitk.ImageFileReader()
-    positions = []
-    for name in files:
-        reader.SetFileName(name)
-        reader.ReadImageInformation()
-        positions.append(float(np.dot(reader.GetOrigin(), normal)))
-    gaps = np.diff(positions)
-    if gaps.size == 0:
-        return 0.0, float(image.GetSpacing()[2])
+    # ITK stacks unevenly spaced slices at their mean spacing and only warns (the command line
+    # silences ITK's warnings): every slice after a gap would sit at the wrong place. The gaps, in
+    # the order the series reader stacks the files:
+    gaps = np.diff(along)
     mean = float(np.mean(gaps))
-    return float(np.max(np.abs(gaps - mean))), abs(mean)
+    deviation = float(np.max(np.abs(gaps - mean)))
+    if deviation > NON_UNIFORM_TOLERANCE * abs(mean):
+        raise VaeudaError(f"{path}: the slices of DICOM series {series} are not evenly spaced (missing slices? a gap "
+                          f"differs by {deviation:.3g} mm from the mean spacing of {abs(mean):.3g} mm).")
 
 
 def _media_sop_class(path: Path) -> Optional[str]:
@@ -850,15 +842,6 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
         image = reader.Execute()
     except RuntimeError:
         raise VaeudaError(f"{path}: DICOM series {chosen} cannot be read (corrupt or incomplete).") from None
-    # ITK stacks unevenly spaced slices at their mean spacing and only warns (the command line
-    # silences ITK's warnings): every slice after a gap would sit at the wrong place. ITK marks
-    # such a series with a key whose value SimpleITK cannot read, so measure the gaps here.
-    if NON_UNIFORM_KEY in image.GetMetaDataKeys():
-        deviation, spacing = _slice_spacing_deviation(files[chosen], image)
-        if deviation > NON_UNIFORM_TOLERANCE * spacing:
-            raise VaeudaError(f"{path}: the slices of DICOM series {chosen} are not evenly spaced (missing slices? "
-                              f"a gap differs by {deviation:.3g} mm from the mean spacing of "
-                              f"{spacing:.3g} mm).")
     return image
 
 
