@@ -84,6 +84,74 @@ def test_atomic_dir_undoes_the_moves_made_when_one_fails(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+def test_an_output_folder_deleted_or_moved_during_the_run_fails_it(tmp_path, how):
+    """The writes after it made the staging folder again, and the run moved the part they wrote into
+    place and exited 0 (`segment` with 9 of 59 segmentations missing, `synth` with a splits.json
+    naming scans that were not there)."""
+    import shutil
+    from vaeuda.fileio import atomic_path
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(out))}: the output folder was deleted or moved while "
+                                          f"this run wrote into it; nothing was written\\.$"), \
+            atomic_dir(out) as staging:
+        (staging / "a_seg.nii.gz").write_text("first")
+        if how == "deleted":
+            shutil.rmtree(out)
+        else:
+            out.rename(tmp_path / "elsewhere")
+        with atomic_path(staging / "b_seg.nii.gz") as part:         # as segment writes the next one
+            part.write_text("second")
+    assert not out.exists()                                          # as the user left it
+    if how == "moved":                                               # the part it held stays with it
+        assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == [staging.name]
+
+
+def test_a_replaced_output_never_goes_missing_for_a_reader(tmp_path, monkeypatch):
+    """The old file was moved aside, then the new one moved in: between the two renames a reader
+    (an `evaluate` of the folder) found no file of that name. The old one is kept by a second link,
+    and the new one replaces it in one step."""
+    import os
+    from vaeuda import fileio
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_seg.nii.gz").write_text("old")
+    seen = []
+    real_replace = os.replace
+
+    def watching_replace(src, dst):
+        seen.append((os.path.basename(dst), (out / "a_seg.nii.gz").is_file()))
+        real_replace(src, dst)
+    monkeypatch.setattr(fileio.os, "replace", watching_replace)
+    with atomic_dir(out) as staging:
+        (staging / "a_seg.nii.gz").write_text("new")
+    assert seen == [("a_seg.nii.gz", True)]                           # one rename, the name there before it
+    assert (out / "a_seg.nii.gz").read_text() == "new" and [p.name for p in out.iterdir()] == ["a_seg.nii.gz"]
+
+
+def test_two_runs_moving_into_one_folder_take_turns(tmp_path):
+    """Two `convert` or `synth` runs into one folder could interleave their renames and leave one
+    run's image beside the other's label. A run holds the folder while it moves its entries in."""
+    import threading
+    from vaeuda import fileio
+    out = tmp_path / "out"
+    out.mkdir()
+    order, holding = [], threading.Event()
+    with fileio._folder_lock(out):
+        def other_run():
+            holding.set()
+            with fileio._folder_lock(out):
+                order.append("other")
+        thread = threading.Thread(target=other_run)
+        thread.start()
+        holding.wait(10)
+        thread.join(0.3)                                              # it waits for this one
+        order.append("this")
+    thread.join(10)
+    assert order == ["this", "other"]
+
+
 def test_make_dir_makes_parents_and_names_a_folder_it_cannot_make(tmp_path):
     assert make_dir(tmp_path / "a" / "b").is_dir()
     blocker = tmp_path / "file"

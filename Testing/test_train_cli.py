@@ -251,6 +251,37 @@ def test_a_done_event_that_cannot_be_written_fails_the_command(tiny_source_model
         f"vaeuda: error: the standard output: {os.strerror(errno.ENOSPC)}.")
 
 
+@pytest.mark.parametrize("stage", ["train-source", "adapt", "finetune"])
+def test_an_input_that_changes_while_it_is_read_is_refused(tiny_cohort, tiny_source_model, tmp_path, monkeypatch,
+                                                          stage):
+    """The model records its inputs' digests: taken after the reading, they named a file replaced
+    meanwhile (a cohort made again, a copy still arriving), not the data it learnt from. They are
+    taken before, and a file that changed while it was read is refused; nothing is written."""
+    import shutil
+    scans = tmp_path / "scans"
+    shutil.copytree(tiny_cohort, scans)
+    image = scans / ("mr_1001_image.nii.gz" if stage == "train-source" else "ct_1001_image.nii.gz")
+    real_load = train_mod.load_slices
+
+    def load_then_replace(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        if Path(args[0][0]) == image:                  # another program writes the file just read
+            shutil.copyfile(scans / "ct_1002_image.nii.gz", image)
+        return loaded
+    monkeypatch.setattr(train_mod, "load_slices", load_then_replace)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(image))}: changed while it was being read; run again "
+                                          f"once nothing is writing it\\.$"):
+        if stage == "train-source":
+            train_source([image], [scans / "mr_1001_label.nii.gz"], out, preset="tiny", iterations=1, device="cpu")
+        elif stage == "adapt":
+            train_mod.adapt(tiny_source_model, [image], out, iterations=1, device="cpu")
+        else:
+            train_mod.finetune(tiny_source_model, [image], [scans / "ct_1001_label.nii.gz"], out, iterations=1,
+                               device="cpu")
+    assert not out.exists() and not checkpoint_path(out).exists()
+
+
 def test_segment_with_foreign_model_fails_cleanly(tiny_cohort, tmp_path, capsys):
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_bytes(b"\x00" * 64)
@@ -279,6 +310,49 @@ def _interrupt_after_first_checkpoint(monkeypatch, cohort, out, run=None, **kw):
     with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
         patched.setattr(train_mod, "save_checkpoint", interrupt_after_checkpoint)
         run() if run is not None else _train(cohort, out, **kw)
+
+
+def test_the_end_of_a_run_removes_its_own_checkpoint_only(tiny_cohort, tmp_path, monkeypatch):
+    """Two runs with one --out: the one that ended first removed the checkpoint the other had just
+    written (its work since the start lost). A run removes the checkpoint it wrote, not another's."""
+    out = tmp_path / "m.safetensors"
+    ckpt = checkpoint_path(out)
+    real_save_model = train_mod.save_model
+
+    def another_run_checkpoints_first(path, *args, **kwargs):
+        if Path(path) == out:                          # the final model: meanwhile another run checkpointed
+            other = ckpt.with_name("other.ckpt")
+            other.write_bytes(ckpt.read_bytes())
+            os.replace(other, ckpt)
+        return real_save_model(path, *args, **kwargs)
+    monkeypatch.setattr(train_mod, "save_model", another_run_checkpoints_first)
+    _train(tiny_cohort, out, iterations=4, overrides={"checkpoint_every": 2})
+    assert out.is_file() and ckpt.is_file()            # the other run's checkpoint stands
+    monkeypatch.setattr(train_mod, "save_model", real_save_model)
+    ckpt.unlink()
+    _train(tiny_cohort, out, iterations=4, overrides={"checkpoint_every": 2})
+    assert not ckpt.exists()                           # its own is removed
+
+
+def test_a_second_training_run_with_the_same_out_is_refused_while_the_first_lives(tiny_cohort, tmp_path, capsys):
+    """Two runs with one --out removed or resumed each other's checkpoints; `adapt --resume` took
+    over a running adaptation's. The first holds the model file (its lock file); the second is refused
+    before any work, and the lock is gone once the first ends."""
+    from vaeuda.fileio import exclusive_model_output
+    out = tmp_path / "m.safetensors"
+    lock = tmp_path / "m.safetensors.ckpt.lock"
+    args = ["train-source", "--preset", "tiny", "--iterations", "2", "--device", "cpu", "--progress", "none",
+            "--out", str(out), str(tiny_cohort / "mr_1001_image.nii.gz")]
+    with exclusive_model_output(out):                   # a run in progress (here: this test holds it)
+        assert lock.is_file()
+        assert main(args) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"vaeuda: error: {out}: another running vaeuda is training this model (it holds "
+            f"m.safetensors.ckpt.lock); wait for it to end, or choose another --out.")
+        assert not out.exists() and lock.is_file()      # the holder's lock stays
+    assert not lock.exists()
+    lock.write_text("")                                 # what a killed run leaves holds nothing
+    assert main(args) == 0 and out.is_file() and not lock.exists()
 
 
 def test_same_seed_same_numbers(tiny_cohort, tiny_source_model, tmp_path):

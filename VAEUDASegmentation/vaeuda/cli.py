@@ -297,7 +297,16 @@ def _labelled(args) -> tuple:
 
 
 def run(args, reporter: Reporter) -> List[str]:
-    """Execute one parsed command; returns the paths it wrote."""
+    """Execute one parsed command; returns the paths it wrote. A training run holds its model file
+    for the whole run: another with the same --out is refused meanwhile."""
+    if args.command in TRAINING_COMMANDS:
+        from .fileio import exclusive_model_output
+        with exclusive_model_output(args.out):
+            return _run(args, reporter)
+    return _run(args, reporter)
+
+
+def _run(args, reporter: Reporter) -> List[str]:
     cmd = args.command
     if getattr(args, "portable", False):
         check_portable(True, getattr(args, "device", "cpu"), getattr(args, "cpu_bf16", False))

@@ -215,6 +215,39 @@ def checkpoint_path(out: PathLike) -> Path:
     return Path(str(out) + ".ckpt")
 
 
+@contextlib.contextmanager
+def exclusive_model_output(out: PathLike) -> Iterator[None]:
+    """Hold the model file ``out`` for one training run: a second run with the same ``out`` is
+    refused while this one lives (each would remove or resume the other's checkpoint). The lock is
+    ``out.ckpt.lock``, held with ``flock`` and removed at the end; one a killed run left behind
+    holds nothing. Where no lock can be taken (no such folder yet, a name the checks refuse next,
+    Windows) the run goes on without one."""
+    try:
+        import fcntl
+    except ImportError:                 # Windows
+        yield
+        return
+    lock = Path(str(checkpoint_path(out)) + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VaeudaError(f"{out}: another running vaeuda is training this model (it holds {lock.name}); wait "
+                              f"for it to end, or choose another --out.") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+    finally:
+        os.close(fd)
+
+
 def check_model_output(out: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
     """A training run's outputs: the model file ``out`` (:func:`check_output_file`) and its checkpoint
     ``out.ckpt`` (written during the run, removed at its end), refused before any work. Returns ``out``."""
@@ -314,8 +347,9 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
 
     Files already in ``path`` that the new folder does not have are kept. The temporary folder is
     inside ``path`` when that exists (so only ``path`` need be writable), else beside it. The
-    entries it replaces are first moved aside, so that when a move fails midway the ones already
-    made are undone and ``path`` is left as it was.
+    entries it replaces are first kept aside (:func:`_keep_aside`), so that when a move fails midway
+    the ones already made are undone and ``path`` is left as it was. A temporary folder deleted or
+    moved away during the run fails it; the moves hold ``path`` (:func:`_folder_lock`).
     """
     path = Path(path)
     made = [d for d in (path, *path.parents) if not d.exists()]   # folders this call creates, deepest first
@@ -324,14 +358,25 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         staging_parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_folder_temp_prefix(path), suffix=".part", dir=staging_parent))
         os.chmod(tmp, _umask_mode(0o777))
+        folder = _identity(path)
     except OSError as exc:
         _remove_empty(made)
         raise _unwritable(path, exc) from None
+    held = _hold(tmp)     # (held open, its inode number cannot go to a folder made in its place)
     try:
         yield tmp
+        # A staging folder deleted or moved away meanwhile (with the output folder) was made again by
+        # the writes that followed: it holds only part of the work.
+        if held is not None and _identity(tmp) != _identity(held):
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _identity(path) != folder:       # made again by those writes: gone, as the user left it
+                _remove_empty([path])
+            raise VaeudaError(f"{path}: the output folder was deleted or moved while this run wrote into it; "
+                              f"nothing was written.")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            _move_entries(tmp, path)
+            with _folder_lock(path):    # another run's entries never interleave with these
+                _move_entries(tmp, path)
             tmp.rmdir()
         except OSError as exc:
             raise _unwritable(path, exc) from None
@@ -339,6 +384,48 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _hold(folder: Path) -> Optional[int]:
+    """A descriptor of ``folder``, open until closed; None where folders cannot be opened (Windows)."""
+    try:
+        return os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _identity(path) -> Optional[tuple]:
+    """(device, inode) of what is at ``path`` (or open as descriptor ``path``); None when nothing is."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` (``flock`` on the folder itself, no file made) while a run moves its outputs
+    in, so that two runs writing the same names leave one run's set, not a mix. Waits for the
+    other's moves, which take milliseconds. Where folders cannot be locked (Windows, some network
+    file systems) the moves go on without it."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)                    # (closing releases the lock)
 
 
 def _remove_empty(folders: Iterable[Path]) -> None:
@@ -357,6 +444,19 @@ def refuse_folder_in_the_way(target: PathLike) -> None:
                           f"output folder.")
 
 
+def _keep_aside(target: Path, kept: Path) -> None:
+    """Keep the entry at ``target`` as ``kept``, for an undo: a file by a second link, so that it
+    stays at ``target`` until the new one replaces it in one step (a reader never finds the name
+    missing); a folder, a link, or a file system without hard links by moving it there."""
+    if target.is_file() and not target.is_symlink():
+        try:
+            os.link(target, kept)
+            return
+        except OSError:
+            pass
+    os.replace(target, kept)
+
+
 def _move_entries(source: Path, dest: Path) -> None:
     """Move every entry of ``source`` into ``dest``, replacing those of the same name, all or none.
     A folder of the user's where a file goes is refused, not replaced: it would be deleted with all it holds."""
@@ -370,7 +470,7 @@ def _move_entries(source: Path, dest: Path) -> None:
             target = dest / item.name
             replaced = target.exists() or target.is_symlink()
             if replaced:
-                os.replace(target, aside / item.name)
+                _keep_aside(target, aside / item.name)
             done.append((item.name, replaced))
             os.replace(item, target)
     except BaseException:

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import os
 import platform
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -489,6 +490,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     ckpt = checkpoint_path(stage.out)
     early = EarlyStopState()
     resumed = resume and ckpt.exists()
+    own_checkpoint = _file_identity(ckpt) if resumed else None    # the checkpoint the end removes
     if resumed:
         tensors, meta, header = read_tensors(ckpt, what="training checkpoint")
         check_metadata(ckpt, meta)
@@ -631,7 +633,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
         if it % cfg.checkpoint_every == 0 and it < stage.iterations:
             _refuse_non_finite_weights(net, f"by iteration {it} of the {stage.name} stage", good_checkpoint)
             save_checkpoint(ckpt, net, opts, gen, it, history, stage.meta, ema, early)
-            good_checkpoint = ckpt
+            good_checkpoint, own_checkpoint = ckpt, _file_identity(ckpt)
     reporter.close()
 
     if model is not net:
@@ -644,9 +646,19 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     _refuse_non_finite_weights(net, f"by the end of the {stage.name} stage", good_checkpoint)   # what would be saved
     net.eval()
     save_model(stage.out, net, stage.meta)
-    if ckpt.exists():
-        ckpt.unlink()
+    if own_checkpoint is not None and _file_identity(ckpt) == own_checkpoint:   # never another run's
+        ckpt.unlink(missing_ok=True)
     return stage.meta
+
+
+def _file_identity(path: Path) -> Optional[Tuple[int, int]]:
+    """(device, inode) of a file, None when there is none: tells the checkpoint this run wrote or
+    resumed from one another run has put there since."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 # ----------------------------------------------------------------------------- public stages
@@ -763,7 +775,10 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     net = VAEUDANet(net_cfg)
     net_cfg.check()                      # and the range loading will check: a model it can read back
     reporter.log(f"reading {len(images)} labelled source volume(s)")
+    files = image_then_label(images, labels)
+    digests = _digests(files)
     data = load_slices(images, net_cfg.input_size, net_cfg.slice_fov_mm, normalisation, labels, convention)
+    _require_unchanged(files, digests)
     require_structures(data, convention)
     cfg = resolve_train_config(overrides, batch_size, preset)
     cfg.intensity_remap = cfg.intensity_remap or intensity_remap
@@ -773,10 +788,23 @@ def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Op
     meta = _base_meta("source", preset, convention, normalisation, cfg, seed, dev,
                       {"source_data": [str(Path(p).resolve()) for p in images],
                        "source_labels": [str(Path(p).resolve()) for p in labels],
-                       "source_sha256": [volume_sha256(p) for p in image_then_label(images, labels)],
+                       "source_sha256": digests,
                        "iterations": iters})
     stage = Stage("source", data, None, iters, Path(out), meta)
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)
+
+
+def _digests(paths: Sequence) -> List[Optional[str]]:
+    """:func:`volume_sha256` of each input, taken before it is read."""
+    return [volume_sha256(p) for p in paths]
+
+
+def _require_unchanged(paths: Sequence, before: Sequence[Optional[str]]) -> None:
+    """Refuse an input whose bytes changed while the run read it (a copy still being written, a
+    cohort made again): the model would record the digest of other data than it learnt from."""
+    for path, then in zip(paths, before):
+        if then is not None and volume_sha256(path) != then:
+            raise VaeudaError(f"{path}: changed while it was being read; run again once nothing is writing it.")
 
 
 def volume_sha256(path) -> Optional[str]:
@@ -831,6 +859,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     refuse_repeated(targets, "target volume")   # it would count twice in the adaptation's sampling, unasked
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
+    model_digest = file_sha256(source_model)
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
@@ -840,12 +869,15 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     _check_output(out, [source_model, *targets, *(p for pair in pairs for p in pair)], resume, reporter)
     reporter.log(f"reading {len(targets)} target volume(s) and {len(pairs)} labelled source volume(s)")
     # the target first: a wrong one (a label map, too few slices) is refused before the source is read
+    target_digests = _digests(targets)
     target = load_slices(list(targets), size, fov, normalisation, slice_range=slice_range)
     if src_meta.get("stage") != "source":   # said once the target is known good: a wrong one is refused alone
         reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); adapting "
                      f"it anyway: E_T and D_T start again as copies of its E_S and D_S, so an earlier adaptation is "
                      f"not continued")
     source = load_slices([p[0] for p in pairs], size, fov, normalisation, [p[1] for p in pairs], convention)
+    _require_unchanged([source_model, *targets, *image_then_label([p[0] for p in pairs], [p[1] for p in pairs])],
+                       [model_digest, *target_digests, *source_digests])
     require_structures(source, convention)   # task consistency trains Seg on their labels
     stage_defaults = {**ADAPT_TRAINING.get(preset, {}), **_inherited_options(src_meta)}
     cfg = resolve_train_config(overrides, batch_size, preset, stage_defaults)
@@ -855,12 +887,12 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     iters = _stage_iterations(iterations, preset, "adapt")
     meta = _base_meta("adapted", preset, convention, normalisation, cfg, seed, dev,
                       {"source_model": str(Path(source_model).resolve()),
-                       "source_model_sha256": file_sha256(source_model),
+                       "source_model_sha256": model_digest,
                        "source_data": [str(p[0].resolve()) for p in pairs],
                        "source_labels": [str(p[1].resolve()) for p in pairs],
                        "source_sha256": source_digests,
                        "target_data": [str(Path(t).resolve()) for t in targets],
-                       "target_sha256": [volume_sha256(t) for t in targets],
+                       "target_sha256": target_digests,
                        "slices": list(slice_range) if slice_range else None,
                        "iterations": iters, "early_stop": early_stop,
                        "source_provenance": src_meta.get("provenance")})
@@ -881,6 +913,7 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     _check_output(out, [source_model, *images, *labels], resume, reporter)
     dev = resolve_device(device)
     net, src_meta = load_model(source_model)
+    model_digest = file_sha256(source_model)
     if src_meta.get("stage") != "source":
         reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); "
                      f"fine-tuning its source path (E_S, E_Z, D_Z, D_S, Seg) anyway: the result segments with the "
@@ -888,17 +921,20 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
+    files = image_then_label(images, labels)
+    digests = _digests(files)
     data = load_slices(images, net.cfg.input_size, net.cfg.slice_fov_mm, normalisation, labels, convention)
+    _require_unchanged([source_model, *files], [model_digest, *digests])
     require_structures(data, convention)
     cfg = resolve_train_config(None, batch_size, preset, _inherited_options(src_meta))
     cfg.class_weights = tuple(src_meta["train"].get("class_weights") or class_weights_from(data.labels))
     iters = _stage_iterations(iterations, preset, "finetune")
     meta = _base_meta("finetuned", preset, convention, normalisation, cfg, seed, dev,
                       {"source_model": str(Path(source_model).resolve()),
-                       "source_model_sha256": file_sha256(source_model),
+                       "source_model_sha256": model_digest,
                        "finetune_data": [str(Path(p).resolve()) for p in images],
                        "finetune_labels": [str(Path(p).resolve()) for p in labels],
-                       "finetune_sha256": [volume_sha256(p) for p in image_then_label(images, labels)],
+                       "finetune_sha256": digests,
                        "iterations": iters})
     stage = Stage("finetune", data, None, iters, Path(out), meta)
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)
