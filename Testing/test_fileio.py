@@ -152,6 +152,82 @@ def test_two_runs_moving_into_one_folder_take_turns(tmp_path):
     assert order == ["this", "other"]
 
 
+def test_a_folder_replaces_a_file_of_its_name(tmp_path):
+    """A file kept aside by a second link stays where it is, and a folder cannot be renamed over it:
+    only a file replacing a file is linked, anything else is moved aside as before."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("a file")
+    with atomic_dir(out) as staging:
+        (staging / "x").mkdir()
+        (staging / "x" / "inside.txt").write_text("new")
+    assert (out / "x" / "inside.txt").read_text() == "new"
+
+
+def test_the_folder_lock_gives_up_on_a_holder_that_does_not_let_go(tmp_path, monkeypatch):
+    """`flock OUTDIR vaeuda segment ... --out OUTDIR` holds the folder while it waits for the run,
+    which waited for the folder: a deadlock. Past FOLDER_LOCK_WAIT_S the moves go on without it."""
+    import fcntl
+    import os
+    import time
+    from vaeuda import fileio
+    monkeypatch.setattr(fileio, "FOLDER_LOCK_WAIT_S", 0.3)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        with atomic_dir(out) as staging:
+            (staging / "a_seg.nii.gz").write_text("new")
+        waited = time.monotonic() - started
+    finally:
+        os.close(holder)
+    assert 0.3 <= waited < 5 and (out / "a_seg.nii.gz").read_text() == "new"
+
+
+def test_the_training_lock_makes_and_removes_its_folders_and_survives_a_holder_ending(tmp_path, monkeypatch):
+    """A model in a folder not made yet had no lock at all (the lock file could not be made there);
+    a lock file removed by its holder as it ended, between another run's open and lock, let two runs
+    hold it; a file system without flock made the run a traceback."""
+    import errno
+    import fcntl
+    import os
+    from vaeuda import fileio
+    out = tmp_path / "new" / "deeper" / "m.safetensors"
+    lock = tmp_path / "new" / "deeper" / "m.safetensors.ckpt.lock"
+    with fileio.exclusive_model_output(out):
+        assert lock.is_file()
+        with pytest.raises(VaeudaError, match="another running vaeuda is training this model"):
+            with fileio.exclusive_model_output(out):
+                pass
+    assert list(tmp_path.iterdir()) == []                              # the run wrote nothing: no folders left
+    real_flock, calls = fcntl.flock, []
+
+    def holder_ends_first(fd, operation):                              # the file this run opened is gone
+        calls.append(fd)
+        if len(calls) == 1:
+            lock.unlink()
+            lock.write_text("")                                        # and another run made a new one
+        return real_flock(fd, operation)
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    monkeypatch.setattr(fcntl, "flock", holder_ends_first)
+    with fileio.exclusive_model_output(out):
+        assert len(calls) == 2                                         # it locked the one at the path
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        with pytest.raises(VaeudaError, match="another running vaeuda"):
+            with fileio.exclusive_model_output(out):
+                pass
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with fileio.exclusive_model_output(out):                           # goes on without one
+        out.write_text("model")
+    assert [p.name for p in out.parent.iterdir()] == ["m.safetensors"]  # no lock file left
+
+
 def test_make_dir_makes_parents_and_names_a_folder_it_cannot_make(tmp_path):
     assert make_dir(tmp_path / "a" / "b").is_dir()
     blocker = tmp_path / "file"

@@ -321,13 +321,16 @@ def test_the_end_of_a_run_removes_its_own_checkpoint_only(tiny_cohort, tmp_path,
 
     def another_run_checkpoints_first(path, *args, **kwargs):
         if Path(path) == out:                          # the final model: meanwhile another run checkpointed
-            other = ckpt.with_name("other.ckpt")
-            other.write_bytes(ckpt.read_bytes())
-            os.replace(other, ckpt)
+            from vaeuda.modelfile import save_tensors
+            tensors, meta, header = read_tensors(ckpt, what="training checkpoint")
+            state = json.loads(header["train_state"])
+            assert len(state["run"]) == 32             # this run's token
+            for _ in range(2):                         # (twice: the file's inode number may come back)
+                save_tensors(ckpt, tensors, meta, extra_header={"train_state": json.dumps({**state, "run": "other"})})
         return real_save_model(path, *args, **kwargs)
     monkeypatch.setattr(train_mod, "save_model", another_run_checkpoints_first)
     _train(tiny_cohort, out, iterations=4, overrides={"checkpoint_every": 2})
-    assert out.is_file() and ckpt.is_file()            # the other run's checkpoint stands
+    assert out.is_file() and train_mod.checkpoint_run(ckpt) == "other"      # the other run's checkpoint stands
     monkeypatch.setattr(train_mod, "save_model", real_save_model)
     ckpt.unlink()
     _train(tiny_cohort, out, iterations=4, overrides={"checkpoint_every": 2})

@@ -368,7 +368,7 @@ def test_dicom_series_with_a_missing_slice_is_refused_and_position_noise_is_not(
                         lambda self: headers.append(self.GetFileName()) or real_information(self))
     monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", lambda self: pixels.append(1) or real_execute(self))
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'gap'))}: the slices of DICOM series {uid} "
-                                          r"are not evenly spaced \(missing slices\? a gap differs by 1.5 mm from "
+                                          r"are not evenly spaced \(missing or repeated slices\? a gap differs by 1.5 mm from "
                                           r"the mean spacing of 2.5 mm\)"):
         read_image(tmp_path / "gap")
     assert len(headers) == len(set(headers)) == 5 and pixels == []     # each header read once, no pixel data

@@ -106,9 +106,9 @@ class EngineProcess:
             # blocked on a full pipe, and the job waiting for it forever.
             try:
                 event = parseEngineLine(line)
-                self._note(event)
                 if isinstance(event.get("message"), str):
                     event["message"] = event["message"][:self.MAX_LINE_CHARS]
+                self._note(event)
             except Exception:
                 event = {"event": "log", "message": line.rstrip("\r\n")[:self.MAX_LINE_CHARS]}
             self._events.put(event)

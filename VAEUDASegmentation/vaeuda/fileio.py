@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
@@ -220,32 +221,53 @@ def exclusive_model_output(out: PathLike) -> Iterator[None]:
     """Hold the model file ``out`` for one training run: a second run with the same ``out`` is
     refused while this one lives (each would remove or resume the other's checkpoint). The lock is
     ``out.ckpt.lock``, held with ``flock`` and removed at the end; one a killed run left behind
-    holds nothing. Where no lock can be taken (no such folder yet, a name the checks refuse next,
-    Windows) the run goes on without one."""
+    holds nothing. The folders it needs are made, and removed again if the run leaves them empty.
+    Where no lock can be taken (a name or place the checks refuse next, a file system without
+    ``flock``, Windows) the run goes on without one."""
     try:
         import fcntl
     except ImportError:                 # Windows
         yield
         return
     lock = Path(str(checkpoint_path(out)) + ".lock")
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        yield
-        return
+    made = [d for d in lock.parents if not d.exists()]     # deepest first
+    fd = None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = _locked(lock, fcntl)
         except BlockingIOError:
             raise VaeudaError(f"{out}: another running vaeuda is training this model (it holds {lock.name}); wait "
                               f"for it to end, or choose another --out.") from None
-        try:
-            yield
-        finally:
+        except OSError:
+            fd = None                   # the output checks that follow say what is wrong with the place
+        yield
+    finally:
+        if fd is not None:
             with contextlib.suppress(OSError):
                 lock.unlink()
-    finally:
-        os.close(fd)
+            os.close(fd)
+        _remove_empty(made)
+
+
+def _locked(lock: Path, fcntl) -> Optional[int]:
+    """A descriptor of ``lock`` (made if need be) holding its ``flock``; BlockingIOError when another
+    process holds it; None where the file system takes no ``flock`` (the file is then removed)."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise
+        except OSError:                 # (NFS without its lock daemon, say): no one can hold it
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            return None
+        if _identity(fd) == _identity(lock):
+            return fd
+        os.close(fd)                    # the holder removed it as it ended: lock the one at the path now
 
 
 def check_model_output(out: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
@@ -406,12 +428,18 @@ def _identity(path) -> Optional[tuple]:
     return st.st_dev, st.st_ino
 
 
+# How long a run waits for the output folder another holds while it moves its outputs in (which
+# takes milliseconds): past it the folder is held by something else (`flock DIR vaeuda ...`), and
+# the moves go on without the lock.
+FOLDER_LOCK_WAIT_S = 10.0
+
+
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
     """Hold ``folder`` (``flock`` on the folder itself, no file made) while a run moves its outputs
-    in, so that two runs writing the same names leave one run's set, not a mix. Waits for the
-    other's moves, which take milliseconds. Where folders cannot be locked (Windows, some network
-    file systems) the moves go on without it."""
+    in, so that two runs writing the same names leave one run's set, not a mix. Where folders
+    cannot be locked (Windows, some network file systems), or another holds it past
+    FOLDER_LOCK_WAIT_S, the moves go on without it."""
     try:
         import fcntl
         fd = os.open(folder, os.O_RDONLY)
@@ -419,10 +447,17 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
+        deadline = time.monotonic() + FOLDER_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            except OSError:
+                break
         yield
     finally:
         os.close(fd)                    # (closing releases the lock)
@@ -444,11 +479,12 @@ def refuse_folder_in_the_way(target: PathLike) -> None:
                           f"output folder.")
 
 
-def _keep_aside(target: Path, kept: Path) -> None:
-    """Keep the entry at ``target`` as ``kept``, for an undo: a file by a second link, so that it
-    stays at ``target`` until the new one replaces it in one step (a reader never finds the name
-    missing); a folder, a link, or a file system without hard links by moving it there."""
-    if target.is_file() and not target.is_symlink():
+def _keep_aside(target: Path, kept: Path, new: Path) -> None:
+    """Keep the entry at ``target`` as ``kept``, for an undo. A file that a file ``new`` replaces:
+    by a second link, so that it stays at ``target`` until the new one replaces it in one step (a
+    reader never finds the name missing). Otherwise (a folder or link on either side, a file system
+    without hard links) by moving it there."""
+    if all(p.is_file() and not p.is_symlink() for p in (target, new)):
         try:
             os.link(target, kept)
             return
@@ -470,7 +506,7 @@ def _move_entries(source: Path, dest: Path) -> None:
             target = dest / item.name
             replaced = target.exists() or target.is_symlink()
             if replaced:
-                _keep_aside(target, aside / item.name)
+                _keep_aside(target, aside / item.name, item)
             done.append((item.name, replaced))
             os.replace(item, target)
     except BaseException:

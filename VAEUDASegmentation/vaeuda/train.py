@@ -13,8 +13,8 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import os
 import platform
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
 from .errors import MAX_ITERATIONS, VaeudaError, require_count
 from .fileio import (check_model_output, checkpoint_path, file_sha256, full_suffix, image_then_label,
-                     refuse_repeated)
+                     refuse_repeated, require_file)
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
 from .modelfile import check_metadata, load_model, load_networks, read_tensors, refuse_unfit_weights, save_model
@@ -401,17 +401,30 @@ class EarlyStopState:
 
 
 def save_checkpoint(path: Path, net, opts, gen: torch.Generator, iteration: int, history: list, meta: dict,
-                    ema=None, early: Optional[EarlyStopState] = None) -> None:
+                    ema=None, early: Optional[EarlyStopState] = None, run: Optional[str] = None) -> None:
+    """``run``: the token of the run writing it (:func:`checkpoint_run`), so that the run's end
+    removes its own checkpoint and never another's."""
     extra = {"rng.gen": gen.get_state()}
     if ema is not None:
         extra.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     extra.update(_optim_tensors("gen", opts[0]))
     extra.update(_optim_tensors("disc", opts[1]))
-    state = {"iteration": iteration, "history": history}
+    state = {"iteration": iteration, "history": history, "run": run}
     if early is not None:
         state["early_stop"] = early.header()
         extra.update({f"best.{k}": v for k, v in (early.best_weights or {}).items()})   # --early-stop only
     save_model(path, net, meta, extra_tensors=extra, extra_header={"train_state": json.dumps(state)})
+
+
+def checkpoint_run(path: Path) -> Optional[str]:
+    """The token of the run that wrote the checkpoint at ``path`` (read from its header alone);
+    None when there is none, or no checkpoint of ours there."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return json.loads((f.metadata() or {})["train_state"]).get("run")
+    except Exception:           # missing, foreign or damaged (any of safetensors' and json's errors): not ours
+        return None
 
 
 def _kept(good_checkpoint: Optional[Path]) -> str:
@@ -490,7 +503,9 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     ckpt = checkpoint_path(stage.out)
     early = EarlyStopState()
     resumed = resume and ckpt.exists()
-    own_checkpoint = _file_identity(ckpt) if resumed else None    # the checkpoint the end removes
+    # The checkpoint the end removes: the one resumed, then each this run writes; told apart from
+    # another run's (one with the same --out, started meanwhile) by the token in its header.
+    run_token, own_checkpoint = uuid.uuid4().hex, checkpoint_run(ckpt) if resumed else None
     if resumed:
         tensors, meta, header = read_tensors(ckpt, what="training checkpoint")
         check_metadata(ckpt, meta)
@@ -632,8 +647,8 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
                         break
         if it % cfg.checkpoint_every == 0 and it < stage.iterations:
             _refuse_non_finite_weights(net, f"by iteration {it} of the {stage.name} stage", good_checkpoint)
-            save_checkpoint(ckpt, net, opts, gen, it, history, stage.meta, ema, early)
-            good_checkpoint, own_checkpoint = ckpt, _file_identity(ckpt)
+            save_checkpoint(ckpt, net, opts, gen, it, history, stage.meta, ema, early, run=run_token)
+            good_checkpoint, own_checkpoint = ckpt, run_token
     reporter.close()
 
     if model is not net:
@@ -646,19 +661,9 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     _refuse_non_finite_weights(net, f"by the end of the {stage.name} stage", good_checkpoint)   # what would be saved
     net.eval()
     save_model(stage.out, net, stage.meta)
-    if own_checkpoint is not None and _file_identity(ckpt) == own_checkpoint:   # never another run's
+    if own_checkpoint is not None and checkpoint_run(ckpt) == own_checkpoint:   # never another run's
         ckpt.unlink(missing_ok=True)
     return stage.meta
-
-
-def _file_identity(path: Path) -> Optional[Tuple[int, int]]:
-    """(device, inode) of a file, None when there is none: tells the checkpoint this run wrote or
-    resumed from one another run has put there since."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 # ----------------------------------------------------------------------------- public stages
@@ -858,8 +863,8 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     _check_run_arguments(iterations, batch_size, early_stop)
     refuse_repeated(targets, "target volume")   # it would count twice in the adaptation's sampling, unasked
     dev = resolve_device(device)
+    model_digest = file_sha256(require_file(source_model, "model file"))    # (before it is read)
     net, src_meta = load_model(source_model)
-    model_digest = file_sha256(source_model)
     preset = src_meta["preset"]
     convention = Convention.from_dict(src_meta["labels"]["convention"])
     normalisation = src_meta["normalisation"]
@@ -912,8 +917,8 @@ def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, 
     _check_run_arguments(iterations, batch_size)
     _check_output(out, [source_model, *images, *labels], resume, reporter)
     dev = resolve_device(device)
+    model_digest = file_sha256(require_file(source_model, "model file"))    # (before it is read)
     net, src_meta = load_model(source_model)
-    model_digest = file_sha256(source_model)
     if src_meta.get("stage") != "source":
         reporter.log(f"note: {source_model} is not a source model (its stage: '{src_meta.get('stage')}'); "
                      f"fine-tuning its source path (E_S, E_Z, D_Z, D_S, Seg) anyway: the result segments with the "

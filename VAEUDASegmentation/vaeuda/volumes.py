@@ -775,8 +775,8 @@ def _check_dicom_geometry(path: Path, series: str, files: Sequence[str]) -> None
     mean = float(np.mean(gaps))
     deviation = float(np.max(np.abs(gaps - mean)))
     if deviation > NON_UNIFORM_TOLERANCE * abs(mean):
-        raise VaeudaError(f"{path}: the slices of DICOM series {series} are not evenly spaced (missing slices? a gap "
-                          f"differs by {deviation:.3g} mm from the mean spacing of {abs(mean):.3g} mm).")
+        raise VaeudaError(f"{path}: the slices of DICOM series {series} are not evenly spaced (missing or repeated "
+                          f"slices? a gap differs by {deviation:.3g} mm from the mean spacing of {abs(mean):.3g} mm).")
 
 
 def _media_sop_class(path: Path) -> Optional[str]:
