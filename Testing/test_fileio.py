@@ -226,6 +226,10 @@ def test_the_training_lock_makes_and_removes_its_folders_and_survives_a_holder_e
     with fileio.exclusive_model_output(out):                           # goes on without one
         out.write_text("model")
     assert [p.name for p in out.parent.iterdir()] == ["m.safetensors"]  # no lock file left
+    lock.write_text("")                                                # one it did not make (another run's)
+    with fileio.exclusive_model_output(out):
+        pass
+    assert lock.is_file()                                              # is not removed
 
 
 def test_make_dir_makes_parents_and_names_a_folder_it_cannot_make(tmp_path):

@@ -337,6 +337,24 @@ def test_the_end_of_a_run_removes_its_own_checkpoint_only(tiny_cohort, tmp_path,
     assert not ckpt.exists()                           # its own is removed
 
 
+def test_a_checkpoint_of_an_engine_before_the_run_tokens_is_removed_once_resumed(tiny_cohort, tmp_path,
+                                                                                monkeypatch):
+    """Its header names no run: resumed to the end without writing another, it stayed beside the
+    model, and the next run with that --out was refused for it."""
+    from vaeuda.modelfile import save_tensors
+    out = tmp_path / "m.safetensors"
+    ckpt = checkpoint_path(out)
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4,
+                                      overrides={"checkpoint_every": 2})
+    tensors, meta, header = read_tensors(ckpt, what="training checkpoint")
+    state = json.loads(header["train_state"])
+    del state["run"]
+    save_tensors(ckpt, tensors, meta, extra_header={"train_state": json.dumps(state)})
+    assert train_mod.checkpoint_run(ckpt) is None
+    _train(tiny_cohort, out, iterations=3, resume=True, overrides={"checkpoint_every": 2})   # writes none
+    assert out.is_file() and not ckpt.exists()
+
+
 def test_a_second_training_run_with_the_same_out_is_refused_while_the_first_lives(tiny_cohort, tmp_path, capsys):
     """Two runs with one --out removed or resumed each other's checkpoints; `adapt --resume` took
     over a running adaptation's. The first holds the model file (its lock file); the second is refused

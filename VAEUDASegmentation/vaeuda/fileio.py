@@ -230,11 +230,10 @@ def exclusive_model_output(out: PathLike) -> Iterator[None]:
         yield
         return
     lock = Path(str(checkpoint_path(out)) + ".lock")
-    made = [d for d in lock.parents if not d.exists()]     # deepest first
+    made = [d for d in lock.parents if not os.path.exists(d)]     # deepest first (exists() may raise EACCES)
     fd = None
     try:
         try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
             fd = _locked(lock, fcntl)
         except BlockingIOError:
             raise VaeudaError(f"{out}: another running vaeuda is training this model (it holds {lock.name}); wait "
@@ -250,24 +249,33 @@ def exclusive_model_output(out: PathLike) -> Iterator[None]:
         _remove_empty(made)
 
 
-def _locked(lock: Path, fcntl) -> Optional[int]:
-    """A descriptor of ``lock`` (made if need be) holding its ``flock``; BlockingIOError when another
-    process holds it; None where the file system takes no ``flock`` (the file is then removed)."""
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+def _locked(lock: Path, fcntl, tries: int = 10) -> Optional[int]:
+    """A descriptor of ``lock`` (made, with its folders, if need be) holding its ``flock``;
+    BlockingIOError when another process holds it; None where the file system takes no ``flock``
+    (a lock file this call made is then removed) or the file keeps changing under it."""
+    for _ in range(tries):
+        lock.parent.mkdir(parents=True, exist_ok=True)     # (again: a failed run may have removed it)
+        try:
+            fd, made = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            fd, made = os.open(lock, os.O_RDWR), False
+        except FileNotFoundError:
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise
-        except OSError:                 # (NFS without its lock daemon, say): no one can hold it
+        except OSError:                 # (NFS without its lock daemon, say): no lock for anyone
             os.close(fd)
-            with contextlib.suppress(OSError):
-                lock.unlink()
+            if made:                    # (one that was there may be another run's)
+                with contextlib.suppress(OSError):
+                    lock.unlink()
             return None
         if _identity(fd) == _identity(lock):
             return fd
         os.close(fd)                    # the holder removed it as it ended: lock the one at the path now
+    return None
 
 
 def check_model_output(out: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
@@ -397,8 +405,9 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
                               f"nothing was written.")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            with _folder_lock(path):    # another run's entries never interleave with these
-                _move_entries(tmp, path)
+            with _folder_lock(path):    # another run's entries do not interleave with these
+                aside = _move_entries(tmp, path)
+            shutil.rmtree(aside, ignore_errors=True)     # (what was replaced, once the others may move in)
             tmp.rmdir()
         except OSError as exc:
             raise _unwritable(path, exc) from None
@@ -493,8 +502,9 @@ def _keep_aside(target: Path, kept: Path, new: Path) -> None:
     os.replace(target, kept)
 
 
-def _move_entries(source: Path, dest: Path) -> None:
+def _move_entries(source: Path, dest: Path) -> Path:
     """Move every entry of ``source`` into ``dest``, replacing those of the same name, all or none.
+    Returns the folder in ``dest`` that holds the replaced entries, for the caller to remove.
     A folder of the user's where a file goes is refused, not replaced: it would be deleted with all it holds."""
     for item in source.iterdir():
         if not item.is_dir():
@@ -523,4 +533,4 @@ def _move_entries(source: Path, dest: Path) -> None:
         if restored:   # else the old entries stay in ``aside``, not deleted
             shutil.rmtree(aside, ignore_errors=True)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    return aside

@@ -504,8 +504,9 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     early = EarlyStopState()
     resumed = resume and ckpt.exists()
     # The checkpoint the end removes: the one resumed, then each this run writes; told apart from
-    # another run's (one with the same --out, started meanwhile) by the token in its header.
-    run_token, own_checkpoint = uuid.uuid4().hex, checkpoint_run(ckpt) if resumed else None
+    # another run's (one with the same --out, started meanwhile) by the token in its header ("" for
+    # one an engine before the tokens wrote).
+    run_token, own_checkpoint = uuid.uuid4().hex, (checkpoint_run(ckpt) or "") if resumed else None
     if resumed:
         tensors, meta, header = read_tensors(ckpt, what="training checkpoint")
         check_metadata(ckpt, meta)
@@ -661,7 +662,7 @@ def run_stage(net: VAEUDANet, stage: Stage, cfg: TrainConfig, device: torch.devi
     _refuse_non_finite_weights(net, f"by the end of the {stage.name} stage", good_checkpoint)   # what would be saved
     net.eval()
     save_model(stage.out, net, stage.meta)
-    if own_checkpoint is not None and checkpoint_run(ckpt) == own_checkpoint:   # never another run's
+    if own_checkpoint is not None and (checkpoint_run(ckpt) or "") == own_checkpoint:   # never another run's
         ckpt.unlink(missing_ok=True)
     return stage.meta
 
