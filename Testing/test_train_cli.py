@@ -70,6 +70,34 @@ def test_cli_end_to_end(tiny_cohort, tmp_path, capsys):
     assert result["n_volumes"] == 1
 
 
+def test_segment_writes_the_conventions_values_for_every_class(tiny_cohort, tiny_source_model, tmp_path):
+    """A tiny model calls every voxel background, so `<= {0, 205, 420, 500, 820}` above holds for a
+    segment that wrote class indices as well. Here the head is rewritten (large seeded weights, a
+    background bias that never wins) so that the structures appear: each class index k comes back
+    as the MM-WHS value of structure k, voxel for voxel against the classes the network gives."""
+    from vaeuda import predict
+    from vaeuda.labels import MMWHS
+    from vaeuda.modelfile import save_tensors
+    tensors, meta, _ = read_tensors(tiny_source_model)
+    weight = tensors["net.seg.head.weight"]
+    weight[:] = 5.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(3))
+    tensors["net.seg.head.bias"][:] = 0.0
+    tensors["net.seg.head.bias"][0] = -10.0
+    forced = tmp_path / "forced.safetensors"
+    save_tensors(forced, tensors, meta)
+    image = tiny_cohort / "ct_1002_image.nii.gz"
+    assert main(["segment", "--model", str(forced), "--out", str(tmp_path / "seg"), "--device", "cpu",
+                 "--progress", "none", str(image)]) == 0
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "seg" / "ct_1002_image_seg.nii.gz")))
+    net, model_meta = load_model(forced)
+    classes = sitk.GetArrayFromImage(predict.segment_image(net, model_meta, sitk.ReadImage(str(image)),
+                                                           torch.device("cpu")))
+    assert len(set(np.unique(classes)) - {0}) >= 2                    # several structures, not a vacuous check
+    values = (0, 205, 420, 500, 820)                                  # MM-WHS: background, LV-M, LA-B, LV-B, A-A
+    assert MMWHS.from_index == values
+    np.testing.assert_array_equal(written, np.asarray(values)[classes])
+
+
 def test_bad_input_exits_2_with_one_sentence(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vaeuda", "segment", "--model", str(tmp_path / "m.safetensors"),
                            "--out", str(tmp_path / "o"), str(tmp_path / "missing.nii.gz")],
