@@ -81,14 +81,9 @@ def cohort_convention(cohort: Path):
 def is_phantom_cohort(cohort: Path, seed: int, size: Optional[int]) -> bool:
     """True if ``cohort`` holds the default phantom cohort (20 MR and 20 CT subjects, 16 of each
     training) of this generator version, seed and size, so that it can be reused."""
-    from .phantom import GENERATOR, N_SOURCE, N_TARGET, N_TRAIN, split_prefixes
-    if not (Path(cohort) / "splits.json").is_file():      # (a pipe of that name would hang the read)
-        return False
-    try:
-        splits = json.loads((Path(cohort) / "splits.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return (isinstance(splits, dict) and splits.get("generator") == GENERATOR and splits.get("seed") == seed
+    from .phantom import GENERATOR, N_SOURCE, N_TARGET, N_TRAIN, phantom_splits, split_prefixes
+    splits = phantom_splits(cohort)
+    return (splits is not None and splits.get("generator") == GENERATOR and splits.get("seed") == seed
             and splits.get("size") == size and splits.get("mr") == split_prefixes("mr", N_SOURCE, N_TRAIN)
             and splits.get("ct") == split_prefixes("ct", N_TARGET, N_TRAIN))
 

@@ -649,16 +649,26 @@ def _write_nifti(image: sitk.Image, path: Path) -> None:
             raise VaeudaError(f"{path}: could not write the NIfTI file.") from None
 
 
+def phantom_splits(folder: PathLike) -> Optional[dict]:
+    """The ``splits.json`` in ``folder`` if a phantom cohort (of any generator version) wrote it;
+    None for none, or anything else there (unreadable, not JSON, another kind of cohort)."""
+    path = Path(folder) / "splits.json"
+    if not path.is_file():      # (a pipe of that name would hang the read: not ours either)
+        return None
+    try:
+        splits = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(splits, dict) or not str(splits.get("generator", "")).startswith("vaeuda.phantom"):
+        return None
+    return splits
+
+
 def _previous_cohort_files(out: Path) -> set:
     """File names of the scans a phantom cohort's ``splits.json`` in ``out`` lists, and that
     ``splits.json`` itself (empty if none is ours)."""
-    if not (out / "splits.json").is_file():      # (a pipe of that name would hang the read: not ours either)
-        return set()
-    try:
-        splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return set()
-    if not isinstance(splits, dict) or not str(splits.get("generator", "")).startswith("vaeuda.phantom"):
+    splits = phantom_splits(out)
+    if splits is None:
         return set()
     names = {"splits.json"}
     for modality in MODALITIES:
@@ -780,7 +790,6 @@ def _require_room(out: Path, tmp: Path, prefix: str, subjects_left: int) -> None
         return
     written = sum((tmp / f"{prefix}_{kind}.nii.gz").stat().st_size for kind in ("image", "label"))
     needed, free = written * subjects_left, shutil.disk_usage(tmp).free
-
     if needed > free:
         raise VaeudaError(f"{out}: the cohort needs about {_bytes_text(needed)} more ({subjects_left} more subjects "
                           f"of about {_bytes_text(written)} each), and {_bytes_text(free)} are free; make fewer or "
