@@ -1,6 +1,7 @@
 """Model files: round trip, and refusal of files that are not ours, damaged or unsafe."""
 import pickle
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,15 @@ def test_round_trip_gives_identical_networks(saved):
     net.eval()
     with torch.no_grad():
         assert torch.equal(net.segment_logits(x, "source"), loaded.segment_logits(x, "source"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_tensors_read_hold_no_map_of_the_file(saved):
+    """safetensors' tensors are views of a memory map of the file; a resumed run kept its checkpoint's
+    alive, and Windows refuses to replace or delete a mapped file (the run failed at its next checkpoint)."""
+    _, path = saved
+    tensors, _, _ = read_tensors(path)
+    assert tensors and str(path.resolve()) not in Path("/proc/self/maps").read_text()
 
 
 def test_pickled_file_is_refused_without_unpickling(tmp_path):

@@ -110,7 +110,9 @@ def read_tensors(path, what: str = "model file") -> Tuple[Dict[str, torch.Tensor
             header = f.metadata() or {}
             if header.get("format") != FORMAT:   # before its tensors are read: it may be a large model of another kind
                 raise VaeudaError(f"{path}: not a VAE-UDA {what} (safetensors without the '{FORMAT}' metadata).")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # copies: the tensors safetensors gives are views of its memory map of the file, which
+            # Windows will not let a resumed run replace or delete while they live
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         if _declared_format(path) == FORMAT:    # ours by its header, but its tensors are cut short or damaged
             raise VaeudaError(f"{path}: a VAE-UDA {what} that is truncated or damaged ({exc}); copy it again from "
