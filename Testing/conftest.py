@@ -26,6 +26,16 @@ def mmwhs_samples() -> Path:
 
 
 @pytest.fixture
+def portable_torch() -> None:
+    """Skips a test that runs portable numerics where this torch cannot give them: before torch 2.3,
+    NNPACK has no switch (the engine refuses; the minimum-versions run of Docs/results.md)."""
+    try:
+        import torch.backends.nnpack  # noqa: F401
+    except ImportError:
+        pytest.skip("portable numerics need torch 2.3 or later")
+
+
+@pytest.fixture
 def tmp_volume(tmp_path):
     """Factory: ``tmp_volume(array, spacing, origin, direction, name=None)`` -> sitk.Image, or,
     with ``name`` (e.g. ``"img.nii.gz"``), the path of that image written into ``tmp_path``.

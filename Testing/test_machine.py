@@ -1,6 +1,7 @@
 """What a model file and a report record of the computer: CPU, threads, kernel variables; and
 portable numerics, which make a run independent of the CPU's instruction set."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -134,6 +135,53 @@ def test_portable_numerics_cannot_start_once_torch_runs_without_them(no_kernel_v
     assert not machine.portable() and machine.numerics()["portable"] is False
 
 
+def _restoring_torch_settings(test):
+    """Runs ``test()`` and puts back what use_portable_numerics changes in this process."""
+    mkldnn, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
+    nnpack = torch._C._get_nnpack_enabled() if hasattr(torch._C, "_get_nnpack_enabled") else None
+    try:
+        test()
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
+        torch.set_num_threads(threads)
+        if nnpack is not None:
+            torch._C._set_nnpack_enabled(nnpack)
+
+
+def test_portable_numerics_take_torchs_older_name_for_its_baseline_kernels(no_kernel_variables, portable_torch):
+    """torch before 2.9 called its x86 baseline kernels "NO AVX": portable runs were refused there."""
+    for name, value in machine.PORTABLE_ENVIRONMENT.items():
+        no_kernel_variables.setenv(name, value)
+    no_kernel_variables.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "NO AVX")
+
+    def check():
+        machine.use_portable_numerics()
+        assert machine.portable() and not torch.backends.mkldnn.enabled
+        assert torch.get_num_threads() == machine.PORTABLE_THREADS
+    _restoring_torch_settings(check)
+
+
+def test_portable_numerics_are_refused_by_a_torch_without_an_nnpack_switch(no_kernel_variables):
+    """torch 2.1 and 2.2 cannot turn NNPACK off: one sentence, and nothing changed."""
+    for name, value in machine.PORTABLE_ENVIRONMENT.items():
+        no_kernel_variables.setenv(name, value)
+    no_kernel_variables.setitem(sys.modules, "torch.backends.nnpack", None)     # import raises ImportError
+    no_kernel_variables.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    threads = torch.get_num_threads()
+    with pytest.raises(VaeudaError, match=r"^Portable numerics need torch 2\.3 or later, which can switch "
+                                          r"NNPACK's kernels off; this is torch " + re.escape(torch.__version__)):
+        machine.use_portable_numerics()
+    assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads
+    # Nor does such a torch count as portable when the rest is set by hand (it has no NNPACK getter either).
+    no_kernel_variables.delattr(torch._C, "_get_nnpack_enabled", raising=False)
+
+    def check():
+        torch.backends.mkldnn.enabled = False
+        torch.set_num_threads(machine.PORTABLE_THREADS)
+        assert machine.portable() is False
+    _restoring_torch_settings(check)
+
+
 def test_portable_runs_on_a_gpu_or_in_bf16_are_refused_before_anything_runs(tiny_cohort, tmp_path, capsys):
     image = str(tiny_cohort / "mr_1001_image.nii.gz")
     assert main(["train-source", "--portable", "--device", "cuda", "--preset", "tiny", "--iterations", "1",
@@ -185,7 +233,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_portable_numerics_give_the_same_models_and_labels_under_another_cpus_kernels(tiny_cohort, tmp_path):
+def test_portable_numerics_give_the_same_models_and_labels_under_another_cpus_kernels(tiny_cohort, tmp_path, portable_torch):
     """The check that can be made on one CPU: its other kernel paths change a default run's weights,
     and a portable run's weights and labels not at all (bit for bit)."""
     here = _pipeline(tiny_cohort, tmp_path / "here", True, {})
@@ -223,7 +271,7 @@ print(torch.equal(whole, halves), float((whole - halves).abs().max()))
 """
 
 
-def test_portable_inference_does_not_depend_on_the_batch_size(tiny_source_model):
+def test_portable_inference_does_not_depend_on_the_batch_size(tiny_source_model, portable_torch):
     """torch hands batches of 16 and more to NNPACK, whose sums are blocked by the CPU's cache sizes
     (and which needs AVX2); portable numerics switch it off, so `segment --batch-size` cannot
     change a portable result."""

@@ -1585,7 +1585,7 @@ def test_a_try_it_cohort_that_fails_to_load_leaves_no_node_and_no_folder(slicer,
     assert logic.makeTryItCohort(tmp_path / "cohort", nSource=2, nTarget=2, nTrain=1, size=16).volumeNode is not None
 
 
-def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_path):
+def test_try_it_cohort_then_train_source_with_the_real_engine(slicer, mod, tmp_path, portable_torch):
     logic = mod.VAEUDASegmentationLogic()
     cohort = logic.makeTryItCohort(tmp_path / "cohort", nSource=2, nTarget=2, nTrain=1, size=32)
     assert (Path(cohort.folder) / "splits.json").is_file()

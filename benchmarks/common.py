@@ -333,10 +333,12 @@ def stage_throughput(preset: str, stage: str, batch: int, iterations: int, repea
 
 def count_flops(fn: Callable[[], object]) -> int:
     """Floating-point operations of ``fn()`` as torch's FlopCounterMode counts them
-    (2 per multiply-add of convolutions and matrix products; other ops count 0)."""
+    (2 per multiply-add of convolutions and matrix products; other ops count 0). Counted outside
+    inference mode (in no_grad where the caller was in it): torch 2.1's counter sees nothing inside it."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
-    with counter:
+    grad = torch.is_grad_enabled()          # (inference_mode(False) turns gradients on)
+    with torch.inference_mode(False), torch.set_grad_enabled(grad), counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -42,7 +42,7 @@ def score_curve(curve: List[dict], horizon: int) -> Dict[str, dict]:
             continue
         k = int(np.argmin(values))
         # a flat proxy ranks nothing: null (JSON has no NaN)
-        rho = round(float(spearmanr(-values, val).statistic), 3) if np.ptp(values) > 0 else None
+        rho = round(float(spearmanr(-values, val)[0]), 3) if np.ptp(values) > 0 else None
         out[name] = {"spearman": rho, "picked": rows[k]["iteration"],
                      "val": rows[k]["val"], "test": rows[k]["test"], "regret": round(best_val - rows[k]["val"], 2)}
     last = rows[-1]

@@ -39,6 +39,9 @@ KERNEL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "MKL_ENABL
 PORTABLE_ENVIRONMENT = {"MKL_CBWR": "COMPATIBLE,STRICT", "ATEN_CPU_CAPABILITY": "default"}
 # MKL's reproducibility asks for a fixed thread count, and torch's own reductions split by it.
 PORTABLE_THREADS = 2
+# How torch names its baseline kernels: "DEFAULT" since torch 2.9, "NO AVX" on x86 before
+# (pytorch/pytorch#157809); the PyTorch extension of an older Slicer installs such a torch.
+BASELINE_CAPABILITIES = ("DEFAULT", "NO AVX")
 
 
 def cpu_model() -> str:
@@ -70,9 +73,14 @@ def use_portable_numerics() -> None:
                           + ", or use the vaeuda command line with --portable.")
     os.environ.update(PORTABLE_ENVIRONMENT)
     import torch
-    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":      # torch chose before the variable was set
+    if torch.backends.cpu.get_cpu_capability() not in BASELINE_CAPABILITIES:      # torch chose before the variable was set
         raise VaeudaError("Portable numerics need torch's baseline CPU kernels, but torch had already "
                           f"chosen its {torch.backends.cpu.get_cpu_capability()} kernels.")
+    try:
+        import torch.backends.nnpack     # NNPACK picks its kernels by instruction set; torch 2.3 added its switch
+    except ImportError:
+        raise VaeudaError(f"Portable numerics need torch 2.3 or later, which can switch NNPACK's kernels off; "
+                          f"this is torch {torch.__version__}.") from None
     torch.backends.mkldnn.enabled = False
     torch.backends.nnpack.set_flags(False)
     torch.set_num_threads(PORTABLE_THREADS)
@@ -82,8 +90,8 @@ def portable() -> bool:
     """Whether this process computes as :func:`use_portable_numerics` sets it up."""
     import torch
     return (all(os.environ.get(k) == v for k, v in PORTABLE_ENVIRONMENT.items())
-            and not torch.backends.mkldnn.enabled and not torch._C._get_nnpack_enabled()
-            and torch.get_num_threads() == PORTABLE_THREADS and torch.backends.cpu.get_cpu_capability() == "DEFAULT")
+            and not torch.backends.mkldnn.enabled and not getattr(torch._C, "_get_nnpack_enabled", lambda: True)()
+            and torch.get_num_threads() == PORTABLE_THREADS and torch.backends.cpu.get_cpu_capability() in BASELINE_CAPABILITIES)
 
 
 def kernel_environment() -> dict:
