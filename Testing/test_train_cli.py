@@ -260,6 +260,29 @@ def test_a_full_standard_output_is_one_sentence(progress):
     assert proc.stderr.strip().splitlines() == ["vaeuda: error: the standard output: No space left on device."]
 
 
+@pytest.mark.parametrize("windows", [True, False])
+def test_a_gone_reader_on_windows_stops_as_a_broken_pipe(monkeypatch, capsys, windows):
+    """Windows reports a write to a pipe whose reader has gone as EINVAL: `vaeuda numerics | more`
+    ended in a traceback there, where a broken pipe stops quietly (141). EINVAL elsewhere is no pipe."""
+    import vaeuda.progress as progress_mod
+
+    class GoneReader:
+        def write(self, text):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+        def flush(self):
+            pass
+    monkeypatch.setattr(progress_mod, "WINDOWS", windows)
+    monkeypatch.setattr(sys, "stdout", GoneReader())
+    if windows:
+        assert main(["numerics", "--progress", "none"]) == 141
+        assert capsys.readouterr().err.strip() == "vaeuda: stopped: the output pipe was closed"
+    else:                                   # an errno no check foresaw: seen whole, naming the stream
+        with pytest.raises(OSError, match="the standard output") as raised:
+            main(["numerics", "--progress", "none"])
+        assert not isinstance(raised.value, BrokenPipeError)
+
+
 def test_a_done_event_that_cannot_be_written_fails_the_command(tiny_source_model, monkeypatch, capsys):
     """The command's work is done but its JSON reader cannot be told: exit 2 with the sentence on
     stderr, not 0 (Slicer would wait for a `done` line that never comes)."""
@@ -1777,6 +1800,12 @@ def test_running_out_of_memory_is_one_sentence_with_a_remedy(monkeypatch, tmp_pa
     sentence = "out of memory (24 GiB could not be allocated): try a smaller --batch-size, or a machine with more memory."
     assert json.loads(out.strip().splitlines()[-1]) == {"event": "error", "message": sentence}
     assert err.strip() == f"vaeuda: error: {sentence}"
+    def allocate_on_windows(*args, **kwargs):     # torch's Windows wording (alloc_cpu.cpp, _MSC_VER)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 25769803776 bytes.")
+    monkeypatch.setattr(cli, "run", allocate_on_windows)
+    assert main(["segment", "x", "--model", "m", "--out", "o", "--progress", "none"]) == 2
+    assert capsys.readouterr().err.strip() == f"vaeuda: error: {sentence}"
     monkeypatch.setattr(cli, "run", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
     assert main(["synth", str(tmp_path / "c"), "--progress", "none"]) == 2
     assert capsys.readouterr().err.strip() == ("vaeuda: error: out of memory (a buffer could not be allocated): try a "

@@ -541,8 +541,9 @@ def _out_of_memory(exc: BaseException) -> Optional[str]:
     if isinstance(exc, MemoryError):
         return "a buffer could not be allocated"
     text = str(exc)
+    # torch's CPU allocator says "can't allocate memory" on Linux and macOS, "not enough memory" on Windows
     if not (type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
-            or "CUDA out of memory" in text):
+            or "DefaultCPUAllocator: not enough memory" in text or "CUDA out of memory" in text):
         return None
     asked = re.search(r"(?:tried to allocate|allocate) ([0-9.]+ ?[KMGT]i?B|\d+ bytes)", text)
     if asked is None:

@@ -15,8 +15,10 @@ null. The Slicer module reads these keys and ignores others (Docs/engine-contrac
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import sys
 import time
 from typing import Optional
@@ -25,6 +27,8 @@ MODES = ("auto", "tty", "json", "none")
 
 
 STDOUT_NAME = "the standard output"
+# Windows reports a write to a pipe whose reader has gone as EINVAL, not as a broken pipe.
+WINDOWS = os.name == "nt"
 
 
 def write_stdout(text: str) -> None:
@@ -36,6 +40,8 @@ def write_stdout(text: str) -> None:
     except BrokenPipeError:
         raise                               # the reader went away: the command line stops as on SIGPIPE
     except OSError as exc:
+        if WINDOWS and exc.errno == errno.EINVAL:
+            raise BrokenPipeError(errno.EPIPE, "the reader of the standard output has gone") from exc
         raise OSError(exc.errno, exc.strerror, STDOUT_NAME) from exc
 
 
