@@ -1,10 +1,12 @@
 """fileio: output checks before work, and all-or-nothing folders."""
+import os
 import re
 
 import pytest
 
+from vaeuda import fileio
 from vaeuda.errors import VaeudaError
-from vaeuda.fileio import atomic_dir, check_output_dir, check_output_file, make_dir
+from vaeuda.fileio import atomic_dir, check_output_dir, check_output_file, make_dir, refuse_repeated, same_file
 
 
 def test_output_folder_that_is_a_file_is_refused(tmp_path):
@@ -26,6 +28,43 @@ def test_output_equal_to_an_input_under_another_spelling_is_refused(tmp_path, mo
         with pytest.raises(VaeudaError, match="is also an input"):
             check_output_file(spelling, [model])
     assert model.read_bytes() == b"weights"
+
+
+def test_one_file_under_two_names_is_one_file(tmp_path):
+    """Where names differ only in case, macOS and Windows have one file, which resolving the path does
+    not tell on macOS (an adapted model written over its source model); the file system's own file
+    numbers do, and say the same of a hard link, which a check here can make."""
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    other = tmp_path / "other-name.safetensors"
+    os.link(model, other)
+    assert same_file(model, other) and not same_file(model, tmp_path / "new.safetensors")
+    assert same_file(tmp_path / "new.safetensors", tmp_path / "." / "new.safetensors")     # neither exists yet
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(other))}: is also an input"):
+        check_output_file(other, [model])
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(other))}: given twice"):
+        refuse_repeated([model, other])
+    assert model.read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("name, folder", [("run_12:30.safetensors", False), ("seg?", True), ("a<b", True),
+                                          ('say"', False), ("tab\tname", True), ("trailing.", False),
+                                          ("trailing ", True)])
+def test_a_name_windows_does_not_allow_is_refused_there_before_work(tmp_path, monkeypatch, name, folder):
+    """The write check makes a file of its own name, so such an output passed it and failed only at
+    the first write, possibly after hours of training (or, for ':', wrote an alternate data stream)."""
+    check = check_output_dir if folder else check_output_file
+    path = tmp_path / name
+    assert check(path) == path                          # elsewhere these names are fine
+    monkeypatch.setattr(fileio, "WINDOWS", True)
+    with pytest.raises(VaeudaError) as raised:
+        check(path)
+    assert str(raised.value) == (f"{path}: '{name}' is not a name Windows allows (none may hold < > : \" | ? * or "
+                                 f"end with a dot or a space); choose another.")
+    with pytest.raises(VaeudaError, match="is not a name Windows allows"):       # a folder the output would make
+        check(path / ("deeper" if folder else "model.safetensors"))
+    fine = tmp_path / ("fine" if folder else "fine.safetensors")
+    assert check(fine) == fine
 
 
 def test_atomic_dir_replaces_a_folder_of_the_same_name_and_keeps_other_files(tmp_path):

@@ -366,12 +366,12 @@ def _run(args, reporter: Reporter) -> List[str]:
                                 cpu_bf16=args.cpu_bf16)
         return [str(p) for p in written]
     if cmd == "evaluate":
-        from .fileio import VOLUME_SUFFIXES, check_output_file, full_suffix
+        from .fileio import VOLUME_SUFFIXES, check_output_file, full_suffix, same_file
         from .labels import load_convention
         from .metrics import evaluate_dirs
         if Path(args.pred).is_file():     # else the default JSON path under it reads as the error
             raise VaeudaError(f"{args.pred}: is a file; --pred takes the folder of segmentations.")
-        if Path(args.pred).resolve() == Path(args.ref).resolve():
+        if same_file(args.pred, args.ref):
             raise VaeudaError(f"{args.pred}: is given as both --pred and --ref; keep the segmentations in a folder of "
                               f"their own (segment --out) and give the references' folder as --ref.")
         json_path = args.json or str(Path(args.pred) / "evaluation.json")

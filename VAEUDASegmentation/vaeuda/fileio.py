@@ -37,11 +37,30 @@ def stem(path: PathLike) -> str:
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
+def file_identity(path: PathLike) -> tuple:
+    """A key equal for two paths that name one file or folder: an existing one's device and inode
+    numbers (the file system's word: on macOS and Windows names that differ only in case are one
+    file, which resolving the path does not tell on macOS; a hard link is the same file too), else
+    the resolved path."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        st = None
+    if st is not None and st.st_ino:          # (0 where a file system has no file numbers)
+        return ("file", st.st_dev, st.st_ino)
+    return ("path", Path(path).resolve())
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name one file or folder (:func:`file_identity`)."""
+    return file_identity(a) == file_identity(b)
+
+
 def refuse_repeated(paths: Iterable[PathLike], what: str = "input") -> None:
-    """Refuse a file given twice (the same file however spelt: paths are resolved)."""
+    """Refuse a file given twice (the same file however spelt: :func:`file_identity`)."""
     seen = set()
     for path in paths:
-        key = Path(path).resolve()
+        key = file_identity(path)
         if key in seen:
             raise VaeudaError(f"{path}: given twice; give each {what} once.")
         seen.add(key)
@@ -94,6 +113,27 @@ def require_utf8_name(path: PathLike) -> None:
         shown = os.fsencode(name).decode("utf-8", "backslashreplace")
         raise VaeudaError(f"{shown}: its name is not UTF-8 text, which the image and model file libraries cannot "
                           f"open; rename it.") from None
+
+
+# Windows: characters no name may hold (besides the folder separators), and no name may end in a
+# dot or space. The engine's own names never do; an output name the user gives is checked here,
+# before the work, since the write-check probe has a name of its own and the failure would come
+# only at the first write (a ':' even makes NTFS write an alternate data stream of another file).
+WINDOWS = os.name == "nt"
+WINDOWS_FORBIDDEN = frozenset('<>:"|?*').union(chr(c) for c in range(32))
+
+
+def require_windows_name(path: PathLike) -> None:
+    """On Windows, refuse an output path whose name, or the name of a folder it would make, Windows
+    does not allow; elsewhere nothing."""
+    if not WINDOWS:
+        return
+    path = Path(path)
+    for part in [path] + [parent for parent in path.parents if not os.path.exists(parent)]:
+        name = part.name
+        if name and (WINDOWS_FORBIDDEN.intersection(name) or name[-1] in ". "):
+            raise VaeudaError(f"{path}: '{name}' is not a name Windows allows (none may hold < > : \" | ? * or "
+                              f"end with a dot or a space); choose another.")
 
 
 def require_readable(path: PathLike) -> None:
@@ -305,6 +345,7 @@ def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
     the atomic rename would replace), lies under a file, cannot be created, or is one of ``inputs``
     (which are never overwritten). Returns the path."""
     require_utf8_name(path)
+    require_windows_name(path)
     if str(path).endswith(("/", os.sep)):     # Path drops the separator: the file would take the folder's name
         raise VaeudaError(f"{path}: is named as a folder (it ends with a separator); give the output a file name.")
     path = Path(path)
@@ -319,9 +360,8 @@ def check_output_file(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
     if os.path.exists(path) and not os.path.isfile(path):
         raise VaeudaError(f"{path}: {SPECIAL_FILE}")
     _check_creatable(path)
-    resolved = path.resolve()
     for item in inputs:
-        if Path(item).resolve() == resolved:
+        if same_file(item, path):
             raise VaeudaError(f"{path}: is also an input, which is never overwritten; choose another output.")
     return path
 
@@ -330,6 +370,7 @@ def check_output_dir(path: PathLike, option: str = "--out") -> Path:
     """Refuse, before any work, an output folder path that is a file or cannot be created (``option``:
     the argument that gave it, for the sentences). Returns it."""
     require_utf8_name(path)
+    require_windows_name(path)
     path = Path(path)
     if os.path.exists(path) and not os.path.isdir(path):       # (os.path: as in check_output_file)
         raise VaeudaError(f"{path}: is an existing file, not a folder.")

@@ -16,7 +16,8 @@ import torch
 
 from .choices import DOMAINS, check_choice
 from .errors import VaeudaError, require_count
-from .fileio import MAX_NAME_BYTES, MAX_OUTPUT_NAME_BYTES, atomic_dir, check_output_dir, require_file, stem
+from .fileio import (MAX_NAME_BYTES, MAX_OUTPUT_NAME_BYTES, atomic_dir, check_output_dir, file_identity,
+                     require_file, same_file, stem)
 from .labels import Convention
 from .modelfile import load_model
 from .nets import VAEUDANet
@@ -102,8 +103,8 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
     for path in inputs:                         # before the model is loaded and earlier inputs segmented
         volumes.require_existing(path)
     targets = [output_path(out_dir, path) for path in inputs]
-    resolved_inputs = {Path(p).resolve() for p in inputs}
-    if Path(out_dir).resolve() in resolved_inputs:    # a DICOM series folder: a volume file in it ends the series
+    input_files = {file_identity(p) for p in inputs}
+    if file_identity(out_dir) in input_files:    # a DICOM series folder: a volume file in it ends the series
         raise VaeudaError(f"{out_dir}: is an input folder (a DICOM series), which is never written to; choose "
                           f"another --out.")
     seen = {}
@@ -112,7 +113,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
         key = target.name.casefold()
         if key in seen:
             first, first_target = seen[key]
-            if Path(first).resolve() == Path(path).resolve():
+            if same_file(first, path):
                 raise VaeudaError(f"{path}: given twice; give each input once.")
             if first_target.name == target.name:
                 raise VaeudaError(f"{path}: {first} would write the same {target.name}; rename one of them.")
@@ -126,7 +127,7 @@ def segment_files(model_path, inputs: Sequence[Path], out_dir, device: str = "au
                               f"first); give the input a shorter name.")
         if target.is_dir():
             raise VaeudaError(f"{target}: is a folder where the segmentation of {path} would go.")
-        if target.resolve() in resolved_inputs:
+        if file_identity(target) in input_files:
             raise VaeudaError(f"{target}: the segmentation of {path} would replace this input; choose another --out.")
     dev = resolve_device(device)
     require_file(model_path, "model file")

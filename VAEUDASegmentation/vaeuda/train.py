@@ -27,7 +27,7 @@ from .augment import AugmentConfig, augment_batch, random_intensity_remap
 from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
 from .errors import MAX_ITERATIONS, VaeudaError, require_count
-from .fileio import (check_model_output, checkpoint_path, file_sha256, full_suffix, image_then_label,
+from .fileio import (check_model_output, checkpoint_path, file_identity, file_sha256, full_suffix, image_then_label,
                      refuse_repeated, require_file)
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
@@ -741,9 +741,9 @@ def _check_output(out, inputs: Sequence, resume: bool, reporter: Reporter) -> No
 def _refuse_labelled_targets(targets: Sequence[Path], pairs: Sequence[Tuple[Path, Path]]) -> None:
     """A target volume that is also a labelled source volume (e.g. ``--source-data`` a folder that
     holds it) would teach the adaptation its labels: no longer unsupervised, and its score a lie."""
-    labelled = {Path(image).resolve() for image, _ in pairs}
+    labelled = {file_identity(image) for image, _ in pairs}
     for target in targets:
-        if Path(target).resolve() in labelled:
+        if file_identity(target) in labelled:
             raise VaeudaError(f"{target}: is also one of the labelled source volumes, so adapting would train on "
                               f"its labels; give source volumes without it (--source-data).")
 
