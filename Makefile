@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test quick-demo table1 bench bench-gpu gpu-session clean
+.PHONY: demo test quick-demo table1 bench bench-gpu gpu-session test-minimum test-newest clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,24 @@ quick-demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Not part of `make test`: the suite on the oldest versions pyproject.toml admits, on Python 3.9
+# (Slicer 5.4-5.8), and on Python 3.12 (Slicer 5.10 and later) with the newest releases; each in a
+# virtual environment of its own. Name the interpreters where they are not on the PATH, e.g.
+# make test-minimum PYTHON_OLDEST=~/.pyenv/versions/3.9.18/bin/python
+PYTHON_OLDEST ?= python3.9
+PYTHON_NEWEST ?= python3.12
+test-minimum:
+	test -x .venv-minimum/bin/python || $(PYTHON_OLDEST) -m venv .venv-minimum
+	.venv-minimum/bin/python -m pip install --quiet -r Testing/minimum-versions.txt $(TORCH_PIP_ARGS)
+	.venv-minimum/bin/python -m pip install --quiet -e ".[test]" -c Testing/minimum-versions.txt
+	.venv-minimum/bin/python -m pytest -q -p no:cacheprovider
+
+test-newest:
+	test -x .venv-newest/bin/python || $(PYTHON_NEWEST) -m venv .venv-newest
+	.venv-newest/bin/python -m pip install --quiet "$(TORCH_PIN)" $(TORCH_PIP_ARGS)
+	.venv-newest/bin/python -m pip install --quiet -e ".[test]"
+	.venv-newest/bin/python -m pytest -q -p no:cacheprovider
 
 # e.g. make table1 TABLE1_ARGS="--repeats 3"
 TABLE1_ARGS ?=
@@ -44,4 +62,4 @@ gpu-session: $(STAMP)
 	PYTHON=$(PY) benchmarks/gpu_session.sh runs/gpu_session
 
 clean:
-	rm -rf $(VENV) demo_out demo_quick_out runs .pytest_cache
+	rm -rf $(VENV) .venv-minimum .venv-newest demo_out demo_quick_out runs .pytest_cache

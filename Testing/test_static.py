@@ -176,6 +176,24 @@ def test_slicer_requirements_are_the_engines_minus_what_slicer_and_pytorch_provi
     assert "torch" + module_constant("TORCH_REQUIREMENT") in dependencies
 
 
+def test_the_minimum_versions_run_pins_the_lower_bounds_pyproject_declares():
+    """`make test-minimum` installs Testing/minimum-versions.txt: one pin per dependency, of the
+    release line (major.minor) of pyproject.toml's lower bound, and requires-python's oldest Python."""
+    try:
+        import tomllib
+    except ImportError:
+        import tomli as tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    bounds = dict(re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", d).groups() for d in project["dependencies"])
+    pins = dict(re.fullmatch(r"([A-Za-z0-9_.-]+)==([0-9.]+)", line).groups()
+                for line in (ROOT / "Testing" / "minimum-versions.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert {k.lower() for k in pins} == {k.lower() for k in bounds}
+    release = {k.lower(): v.split(".")[:2] for k, v in bounds.items()}
+    assert {k.lower(): v.split(".")[:2] for k, v in pins.items()} == release
+    assert project["requires-python"] == ">=3.9" and "PYTHON_OLDEST ?= python3.9" in (ROOT / "Makefile").read_text()
+
+
 def test_the_module_knows_the_engines_model_format_name():
     from vaeuda.modelfile import FORMAT
     assert module_constant("MODEL_FORMAT") == FORMAT

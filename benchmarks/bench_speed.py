@@ -141,11 +141,17 @@ def measure_volumes(presets: List[str], mode: str, paper_slices: int) -> List[di
     return rows
 
 
+def _max_rss_bytes(who: int) -> int:
+    """``getrusage(who).ru_maxrss`` in bytes: Linux gives KiB, macOS bytes."""
+    rss = resource.getrusage(who).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def measure_memory(mode: str, preset: str, threads: int) -> dict:
     """Peak RSS of segmenting a big volume, in a child process (its peak is its own)."""
     size = (512, 512, 300) if mode == "full" else (64, 64, 32)
     child = Path(__file__).with_name("segment_memory.py")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    before = _max_rss_bytes(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, str(child), *map(str, size), preset, str(threads)], capture_output=True,
                           text=True, timeout=1800)
     if proc.returncode != 0:
@@ -153,9 +159,9 @@ def measure_memory(mode: str, preset: str, threads: int) -> dict:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # RUSAGE_CHILDREN is the largest child so far, and on Linux a child's ru_maxrss starts from
     # this (parent) process's peak, carried over fork + exec: an upper bound, kept for comparison.
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    children = _max_rss_bytes(resource.RUSAGE_CHILDREN)
     result["rusage_children_peak"] = children if children > before else None
-    result["parent_peak_at_spawn"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["parent_peak_at_spawn"] = _max_rss_bytes(resource.RUSAGE_SELF)
     result["peak_over_input"] = result["rss_peak"] / result["input_bytes"]
     result["extra_over_input"] = (result["rss_peak"] - result["rss_after_import"]) / result["input_bytes"]
     return result
