@@ -34,14 +34,17 @@ PYTHON_OLDEST ?= python3.9
 PYTHON_NEWEST ?= python3.12
 test-minimum:
 	test -x .venv-minimum/bin/python || $(PYTHON_OLDEST) -m venv .venv-minimum
-	.venv-minimum/bin/python -m pip install --quiet -r Testing/minimum-versions.txt $(TORCH_PIP_ARGS)
+	.venv-minimum/bin/python -m pip install --quiet --upgrade pip
+	.venv-minimum/bin/python -m pip install --quiet "$$(grep '^torch==' Testing/minimum-versions.txt)" $(TORCH_PIP_ARGS)
+	.venv-minimum/bin/python -m pip install --quiet -r Testing/minimum-versions.txt
 	.venv-minimum/bin/python -m pip install --quiet -e ".[test]" -c Testing/minimum-versions.txt
 	.venv-minimum/bin/python -m pytest -q -p no:cacheprovider
 
 test-newest:
 	test -x .venv-newest/bin/python || $(PYTHON_NEWEST) -m venv .venv-newest
+	.venv-newest/bin/python -m pip install --quiet --upgrade pip
 	.venv-newest/bin/python -m pip install --quiet "$(TORCH_PIN)" $(TORCH_PIP_ARGS)
-	.venv-newest/bin/python -m pip install --quiet -e ".[test]"
+	.venv-newest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]" "$(TORCH_PIN)"
 	.venv-newest/bin/python -m pytest -q -p no:cacheprovider
 
 # e.g. make table1 TABLE1_ARGS="--repeats 3"

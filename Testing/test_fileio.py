@@ -65,6 +65,8 @@ def test_a_name_windows_does_not_allow_is_refused_there_before_work(tmp_path, mo
         check(path / ("deeper" if folder else "model.safetensors"))
     fine = tmp_path / ("fine" if folder else "fine.safetensors")
     assert check(fine) == fine
+    up = tmp_path / "new" / ".." / fine.name            # '..' names no folder of its own
+    assert check(up) == up
 
 
 def test_atomic_dir_replaces_a_folder_of_the_same_name_and_keeps_other_files(tmp_path):

@@ -46,7 +46,7 @@ def file_identity(path: PathLike) -> tuple:
         st = os.stat(path)
     except (OSError, ValueError):
         st = None
-    if st is not None and st.st_ino:          # (0 where a file system has no file numbers)
+    if st is not None and st.st_ino and st.st_dev:     # (0 where a file system has no such numbers)
         return ("file", st.st_dev, st.st_ino)
     return ("path", Path(path).resolve())
 
@@ -131,7 +131,7 @@ def require_windows_name(path: PathLike) -> None:
     path = Path(path)
     for part in [path] + [parent for parent in path.parents if not os.path.exists(parent)]:
         name = part.name
-        if name and (WINDOWS_FORBIDDEN.intersection(name) or name[-1] in ". "):
+        if name not in ("", "..") and (WINDOWS_FORBIDDEN.intersection(name) or name[-1] in ". "):
             raise VaeudaError(f"{path}: '{name}' is not a name Windows allows (none may hold < > : \" | ? * or "
                               f"end with a dot or a space); choose another.")
 
