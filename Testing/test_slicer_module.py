@@ -888,6 +888,10 @@ def test_engine_sentences_name_the_batch_apis_arguments(mod):
     assert mod._asArguments("--n-train 3 is larger; a --label-convention JSON file") == \
         "nTrain 3 is larger; a labelConvention JSON file"
     assert mod._asArguments("--sizes and --seeded stay") == "--sizes and --seeded stay"     # whole flags only
+    # the out-of-memory sentence's remedy, which the batch API and the panel now offer
+    assert mod._asArguments("out of memory (2 GiB could not be allocated): try a smaller --batch-size, or a "
+                            "machine with more memory.") == \
+        "out of memory (2 GiB could not be allocated): try a smaller batchSize, or a machine with more memory."
 
 
 def test_bad_inputs_are_refused_with_one_sentence_before_anything_runs(slicer, mod, fake_logic, tmp_path):
@@ -962,11 +966,13 @@ def test_adapt_writes_every_target_and_moves_the_model_into_place(slicer, mod, f
     source = write_fake_model(tmp_path / "source.safetensors", MMWHS)
     targets = [add_volume(slicer, np.zeros((3, 4, 5), np.float32), name) for name in ("ct_a", "ct_b")]
     destination = tmp_path / "models" / "adapted.safetensors"
-    result = fake_logic.adapt(source, targets, destination, iterations=5, seed=3, device="cpu", portable=True)
+    result = fake_logic.adapt(source, targets, destination, iterations=5, seed=3, device="cpu", portable=True,
+                              batchSize=4)
     assert result == str(destination) and destination.read_text() == "fake model\n"
     args = json.loads((tmp_path / "args.json").read_text())
     assert args[0] == "adapt" and args[args.index("--model") + 1] == source
     assert args[args.index("--iterations") + 1] == "5" and args[args.index("--seed") + 1] == "3"
+    assert args[args.index("--batch-size") + 1] == "4"
     assert args[args.index("--device") + 1] == "cpu" and "--portable" in args
     assert [os.path.basename(a) for a in args[-2:]] == ["target_0.nii.gz", "target_1.nii.gz"]
     # the engine wrote into the job's temporary folder, which is gone; only the destination remains
@@ -1032,6 +1038,10 @@ def test_segment_into_an_existing_node_replaces_its_segments(slicer, mod, fake_l
     fake_logic.segment(volume, str(tmp_path / "m.safetensors"), existing, portable=True)
     args = json.loads((tmp_path / "args.json").read_text())
     assert "--portable" in args and "--cpu-bf16" not in args and args[-1].endswith("input.nii.gz")
+    assert "--batch-size" not in args                                  # the engine's default
+    fake_logic.segment(volume, str(tmp_path / "m.safetensors"), existing, batchSize=2)
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args[args.index("--batch-size") + 1] == "2" and args[-1].endswith("input.nii.gz")
 
 
 def test_a_failed_import_leaves_an_existing_segmentation_as_it_was(slicer, mod, fake_logic, tmp_path, monkeypatch):
@@ -1735,7 +1745,8 @@ def test_every_parameter_default_passes_its_validators(mod):
             assert isinstance(validator, (WithinRange, Choice)), (name, validator)
             with pytest.raises(ValueError):
                 validator.validate(outside)
-    assert sorted(checked) == ["adaptIterations", "device", "preset", "seed", "trainIterations"]
+    assert sorted(checked) == ["adaptIterations", "device", "preset", "seed", "segmentBatchSize", "trainBatchSize",
+                               "trainIterations"]
 
 
 def test_an_unset_model_file_leaves_its_field_empty_not_a_dot(mod):
@@ -2160,6 +2171,11 @@ def test_console_arguments_refused_in_one_sentence_before_any_work(slicer, mod, 
          "existing label-mapping JSON file."),
         (lambda: fake_logic.makeTryItCohort(str(tmp_path / "cohort"), size=True),
          "size must be a whole number of at least 1 (or None for the default), not True."),
+        (lambda: fake_logic.segment(volume, model, batchSize=0),
+         "batchSize must be a whole number of at least 1 (or None for the default), not 0."),
+        (lambda: fake_logic.trainSource(data, out, batchSize=513), "batchSize must be at most 512, not 513."),
+        (lambda: fake_logic.adapt(model, [volume], out, batchSize=2.0),
+         "batchSize must be a whole number of at least 1 (or None for the default), not 2.0."),
     ]
     for call, message in cases:
         with pytest.raises(ValueError) as raised:
@@ -2168,9 +2184,10 @@ def test_console_arguments_refused_in_one_sentence_before_any_work(slicer, mod, 
     assert os.listdir(slicer.app.temporaryPath) == [] and not (tmp_path / "args.json").exists()
     # NumPy's integers are whole numbers (an np.int64 read from an array)
     (data / "mr_1_image.nii.gz").write_bytes(b"image")
-    fake_logic.trainSource(data, out, iterations=np.int64(5), seed=np.int64(2))
+    fake_logic.trainSource(data, out, iterations=np.int64(5), seed=np.int64(2), batchSize=np.int64(3))
     args = json.loads((tmp_path / "args.json").read_text())
     assert args[args.index("--iterations") + 1] == "5" and args[args.index("--seed") + 1] == "2"
+    assert args[args.index("--batch-size") + 1] == "3"
 
 
 def test_inputs_the_engine_reads_beside_the_given_ones_are_never_overwritten(slicer, mod, fake_logic, tmp_path):

@@ -81,6 +81,8 @@ def test_spin_box_ranges_are_the_parameter_nodes():
     from vaeuda.errors import MAX_ITERATIONS     # the engine's own bound: the panel offers no count it refuses
     assert {name: high for name, (_, high) in ranges.items() if name.endswith("Iterations")} == \
         {"trainIterations": MAX_ITERATIONS, "adaptIterations": MAX_ITERATIONS}
+    from vaeuda.errors import MAX_BATCH_SIZE
+    assert ranges["trainBatchSize"] == (0, MAX_BATCH_SIZE)
 
 
 def test_ui_file_is_well_formed_with_unique_names_and_declared_custom_widgets():

@@ -46,7 +46,7 @@ from slicer.util import VTKObservationMixin
 from vaeuda import choices as vaeudaChoices
 from vaeuda import fileio as vaeudaFileio
 from vaeuda import labels as vaeudaLabels
-from vaeuda.errors import MAX_ITERATIONS, MAX_SEED, VaeudaError, require_count
+from vaeuda.errors import MAX_BATCH_SIZE, MAX_ITERATIONS, MAX_SEED, VaeudaError, require_count
 # The child-process runner is plain Python, in its own file; the job errors are part of the batch API.
 from VAEUDASegmentationLib.engineprocess import EngineProcess, JobCancelledError, JobFailedError, JobResult
 
@@ -315,6 +315,8 @@ class VAEUDASegmentationParameterNode:
     preset: Annotated[str, Choice(["auto", *vaeudaChoices.PANEL_PRESET_NAMES])] = "auto"
     seed: Annotated[int, WithinRange(0, 2_147_483_647)] = 0
     trainIterations: Annotated[int, WithinRange(0, 10_000_000)] = 0
+    trainBatchSize: Annotated[int, WithinRange(0, 512)] = 0       # 0: the preset's (training and adaptation)
+    segmentBatchSize: Annotated[int, WithinRange(0, 1024)] = 0    # 0: the engine's
     cpuBf16: bool = False
     portable: bool = False
     intensityRemap: bool = False
@@ -424,7 +426,8 @@ def _userPath(path):
 _ENGINE_FLAGS = {"--source-data": "sourceDataFolder", "--iterations": "iterations", "--seed": "seed",
                  "--portable": "portable", "--cpu-bf16": "cpuBf16", "--label-convention": "labelConvention",
                  "--input-size": "inputSize", "--n-source": "nSource", "--n-target": "nTarget",
-                 "--n-train": "nTrain", "--size": "size", "--preset": "preset", "--device": "device"}
+                 "--n-train": "nTrain", "--size": "size", "--preset": "preset", "--device": "device",
+                 "--batch-size": "batchSize"}
 
 
 def _asArguments(message: str) -> str:
@@ -753,7 +756,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._runAction("train", lambda: self.logic.trainSource(
             _pathOrNone(p.trainDataFolder), _pathOrNone(p.trainOutputModelPath),
             preset=None if p.preset == "auto" else p.preset, iterations=p.trainIterations or None, seed=p.seed,
-            device=p.device, portable=p.portable, intensityRemap=p.intensityRemap, **self._jobOptions(finished)))
+            device=p.device, batchSize=p.trainBatchSize or None, portable=p.portable, intensityRemap=p.intensityRemap,
+            **self._jobOptions(finished)))
 
     def onAdaptButton(self) -> None:
         p = self._parameterNode
@@ -770,7 +774,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._runAction("adapt", lambda: self.logic.adapt(
             _pathOrNone(p.sourceModelPath), targets, _pathOrNone(p.adaptedModelPath),
             iterations=p.adaptIterations or None, seed=p.seed, device=p.device, portable=p.portable,
-            sourceDataFolder=_pathOrNone(p.adaptSourceDataFolder), **self._jobOptions(finished)))
+            batchSize=p.trainBatchSize or None, sourceDataFolder=_pathOrNone(p.adaptSourceDataFolder),
+            **self._jobOptions(finished)))
 
     def onApplyButton(self) -> None:
         p = self._parameterNode
@@ -783,7 +788,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
         self._runAction("segment", lambda: self.logic.segment(
             p.inputVolume, _pathOrNone(p.segmentModelPath), p.outputSegmentation, device=p.device,
-            cpuBf16=p.cpuBf16, portable=p.portable, **self._jobOptions(finished)))
+            cpuBf16=p.cpuBf16, portable=p.portable, batchSize=p.segmentBatchSize or None,
+            **self._jobOptions(finished)))
 
     @staticmethod
     def _evaluationTableOf(table, segmentation) -> bool:
@@ -1346,8 +1352,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     # -- the batch API
 
     def segment(self, inputVolumeNode, modelPath, outputSegmentationNode=None, *, device: str = "auto",
-                cpuBf16: bool = False, portable: bool = False, waitForCompletion: bool = True,
-                progressCallback=None, finishedCallback=None):
+                cpuBf16: bool = False, portable: bool = False, batchSize: Optional[int] = None,
+                waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
         """Segment a volume; returns the vtkMRMLSegmentationNode (None when not waiting).
 
         The result has one segment per structure (LV myocardium, LA blood cavity, LV blood
@@ -1356,7 +1362,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         a segmentation to overwrite; None makes a new one named after the volume.
         ``device``: "auto", "cpu" or "cuda". ``cpuBf16``: bf16 on the CPU too (the engine's
         ``--cpu-bf16``: faster on CPUs with native bf16, a few voxels may change label).
-        ``portable``: the engine's ``--portable`` (CPU only, slower; as for :meth:`trainSource`). Example::
+        ``portable``: the engine's ``--portable`` (CPU only, slower; as for :meth:`trainSource`).
+        ``batchSize``: slices per batch (the engine's default, 16, if None); smaller needs less
+        memory (rounding may change a few voxels, but not with ``portable``). Example::
 
             logic = VAEUDASegmentationLogic()
             seg = logic.segment(getNode("ct_1017"), "/data/adapted.safetensors", device="cpu")
@@ -1364,6 +1372,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         """
         self._checkCall(waitForCompletion, progressCallback, finishedCallback, cpuBf16=cpuBf16, portable=portable)
         self._requireChoice("The device", device, vaeudaChoices.DEVICES)
+        _requireCount("batchSize", batchSize)
         modelPath = _userPath(modelPath)
         self._requirePortableOnCpu(portable, device, cpuBf16)
         modelPath = self._existingFile(modelPath, "model file")
@@ -1395,7 +1404,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             return self._importSegmentation(labelPath, inputVolumeNode, outputSegmentationNode, fromIndex)
 
         args = ["segment", "--model", modelPath, "--out", outputDir, "--device", device]
-        args += _flag("--cpu-bf16", cpuBf16) + _flag("--portable", portable)
+        args += _flag("--cpu-bf16", cpuBf16) + _flag("--portable", portable) + _option("--batch-size", batchSize)
         return self._run("segment", args + [inputPath], tempDir, importResult, waitForCompletion,
                          progressCallback, finishedCallback,
                          {inputPath: _volumeName(inputVolumeNode),
@@ -1404,15 +1413,16 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
     def trainSource(self, dataFolder, outputModelPath, *, preset: Optional[str] = None,
                     iterations: Optional[int] = None, seed: Optional[int] = None, device: str = "auto",
                     labelConvention: Optional[str] = None, inputSize: Optional[int] = None,
-                    portable: bool = False, intensityRemap: bool = False, waitForCompletion: bool = True,
-                    progressCallback=None, finishedCallback=None):
+                    batchSize: Optional[int] = None, portable: bool = False, intensityRemap: bool = False,
+                    waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
         """Train a source model on labelled volumes; returns the model path (None when not waiting).
 
         ``dataFolder``: ``X_image`` / ``X_label`` volume pairs (MR). ``preset``: "cpu" or "paper"
         (engine default if None; "tiny" for tests); ``labelConvention``: "mmwhs" (default),
         "consecutive" or a JSON mapping file; ``inputSize``: slice size in pixels over the preset's
         field of view (the preset's own if None; adaptation and segmentation follow the model's);
-        ``portable``: the engine's ``--portable``, kernels that do not depend on the CPU's
+        ``batchSize``: slices per training step (the preset's, 8, if None; smaller needs less
+        memory, and trains another model); ``portable``: the engine's ``--portable``, kernels that do not depend on the CPU's
         instruction set, so that a seed gives the same model whatever thread count or
         instruction-set limit is set (CPU only, 3.5-6x slower; CPUs of another maker have still
         given another model); ``intensityRemap``: the engine's ``--intensity-remap``, not the
@@ -1431,6 +1441,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         _requireCount("iterations", iterations, maximum=MAX_ITERATIONS)
         _requireCount("seed", seed, minimum=0, maximum=MAX_SEED)
         _requireCount("inputSize", inputSize)
+        _requireCount("batchSize", batchSize, maximum=MAX_BATCH_SIZE)
         convention = _conventionArgument(labelConvention)
         self._requirePortableOnCpu(portable, device)
         if preset is not None:
@@ -1454,6 +1465,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         args = ["train-source", "--out", tempModel, "--device", device]
         args += _option("--preset", preset) + _option("--iterations", iterations) + _option("--seed", seed)
         args += _option("--label-convention", convention) + _option("--input-size", inputSize)
+        args += _option("--batch-size", batchSize)
         args += _flag("--portable", portable) + _flag("--intensity-remap", intensityRemap)
         args += [os.path.abspath(str(dataFolder))]
         return self._run("train-source", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),
@@ -1461,14 +1473,15 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
 
     def adapt(self, sourceModelPath, targetVolumeNodes, outputModelPath, *, iterations: Optional[int] = None,
               seed: Optional[int] = None, device: str = "auto", sourceDataFolder=None, portable: bool = False,
-              waitForCompletion: bool = True, progressCallback=None, finishedCallback=None):
+              batchSize: Optional[int] = None, waitForCompletion: bool = True, progressCallback=None,
+              finishedCallback=None):
         """Adapt a source model to unlabelled target volumes of the scene; returns the adapted model's path.
 
         ``targetVolumeNodes``: one volume node or a list (the paper adapts to a single CT). No
         target labels are used. Adaptation keeps training on the labelled source volumes too: by
         default the ones the source model records, or those in ``sourceDataFolder``
-        (``X_image``/``X_label`` pairs). ``iterations``: engine default if None. ``portable``:
-        as for :meth:`trainSource`. Example::
+        (``X_image``/``X_label`` pairs). ``iterations``, ``batchSize``: the engine's defaults (those
+        of the source model's preset) if None. ``portable``: as for :meth:`trainSource`. Example::
 
             adapted = logic.adapt("/data/source.safetensors", [getNode("ct_1017")], "/data/adapted.safetensors")
         """
@@ -1478,6 +1491,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         sourceDataFolder = _userPath(sourceDataFolder)
         _requireCount("iterations", iterations, maximum=MAX_ITERATIONS)
         _requireCount("seed", seed, minimum=0, maximum=MAX_SEED)
+        _requireCount("batchSize", batchSize, maximum=MAX_BATCH_SIZE)
         self._requirePortableOnCpu(portable, device)
         sourceModelPath = self._existingFile(sourceModelPath, "source model file")
         sourceMeta = readModelMetadata(sourceModelPath)
@@ -1509,8 +1523,8 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             raise
         tempModel = os.path.join(tempDir, "model" + _modelSuffix(outputModelPath))
         args = ["adapt", "--model", sourceModelPath, "--out", tempModel, "--device", device]
-        args += _option("--iterations", iterations) + _option("--seed", seed) + _flag("--portable", portable)
-        args += targets
+        args += _option("--iterations", iterations) + _option("--seed", seed) + _option("--batch-size", batchSize)
+        args += _flag("--portable", portable) + targets
         if sourceData is not None:
             args += ["--source-data", sourceData]   # last: it takes one or more values
         return self._run("adapt", args, tempDir, lambda outputs: _moveInPlace(tempModel, outputModelPath),

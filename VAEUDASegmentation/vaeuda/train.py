@@ -26,7 +26,7 @@ from . import __version__, machine
 from .augment import AugmentConfig, augment_batch, random_intensity_remap
 from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
-from .errors import MAX_ITERATIONS, VaeudaError, require_count
+from .errors import MAX_BATCH_SIZE, MAX_ITERATIONS, VaeudaError, require_count
 from .fileio import (check_model_output, checkpoint_path, file_identity, file_sha256, full_suffix, image_then_label,
                      refuse_repeated, require_file)
 from .labels import MMWHS, N_CLASSES, Convention
@@ -686,9 +686,6 @@ def _base_meta(stage: str, preset: str, convention: Convention, normalisation: d
 
 # Far above any preset's batch (DEFAULT_BATCH): a larger one only exhausts memory
 # (100000 slices of the tiny preset took 23 GB before the system killed the process).
-MAX_BATCH_SIZE = 512
-
-
 def _check_batch_size(batch_size) -> None:
     require_count("--batch-size", batch_size)
     if batch_size > MAX_BATCH_SIZE:
