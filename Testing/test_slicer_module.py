@@ -892,6 +892,16 @@ def test_engine_sentences_name_the_batch_apis_arguments(mod):
     assert mod._asArguments("out of memory (2 GiB could not be allocated): try a smaller --batch-size, or a "
                             "machine with more memory.") == \
         "out of memory (2 GiB could not be allocated): try a smaller batchSize, or a machine with more memory."
+    # ... and the panel names its own fields, the one the failed job reads
+    panel = mod.VAEUDASegmentationWidget
+    sentence = "out of memory (2 GiB could not be allocated): try a smaller batchSize, or a machine with more memory."
+    assert panel.asPanelFields("segment", sentence) == sentence.replace("batchSize",
+                                                                         "'Segmentation batch size' (Advanced)")
+    for action in ("train", "adapt"):
+        assert panel.asPanelFields(action, sentence) == sentence.replace("batchSize", "'Training batch size' (Advanced)")
+    assert panel.asPanelFields("adapt", "pass the volumes with sourceDataFolder.") == \
+        "pass the volumes with 'Source training data' (2. Adapt)."
+    assert panel.asPanelFields("evaluate", sentence) == sentence
 
 
 def test_bad_inputs_are_refused_with_one_sentence_before_anything_runs(slicer, mod, fake_logic, tmp_path):

@@ -478,6 +478,12 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     ACTION_LABELS = {"tryIt": "Making the synthetic cohort", "train": "Training the source model",
                      "adapt": "Adapting the model", "segment": "Segmenting", "evaluate": "Evaluating"}
+    # The batch API's arguments, which a failed job's sentence may name, as the panel's fields (by action
+    # where one argument is two fields)
+    _TRAINING_BATCH = "'Training batch size' (Advanced)"
+    PANEL_FIELDS = {"sourceDataFolder": {"adapt": "'Source training data' (2. Adapt)"},
+                    "batchSize": {"train": _TRAINING_BATCH, "adapt": _TRAINING_BATCH,
+                                  "segment": "'Segmentation batch size' (Advanced)"}}
     # What a disabled button waits for (its tooltip then)
     NOT_READY = {"tryIt": "",
                  "train": "Choose the training data folder and the output model file first.",
@@ -702,12 +708,19 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.ui.statusLabel.text = f"{label}: cancelled."
             self.ui.logTextEdit.appendPlainText("Cancelled.")
         else:
-            # the batch API's argument names, as the panel shows them
-            message = re.sub(r"\bsourceDataFolder\b", "'Source training data' (2. Adapt)", result.message)
+            message = self.asPanelFields(name, result.message)
             self.ui.statusLabel.text = f"{label}: failed."
             self.ui.logTextEdit.appendPlainText(f"Failed: {message}")
             slicer.util.errorDisplay(f"{label} failed: {message}")
         return False
+
+    @classmethod
+    def asPanelFields(cls, action: Optional[str], message: str) -> str:
+        """``message`` with the batch API's argument names given as the fields ``action``'s job reads."""
+        for argument, fields in cls.PANEL_FIELDS.items():
+            if action in fields:
+                message = re.sub(rf"\b{argument}\b", fields[action], message)
+        return message
 
     def _jobOptions(self, finished: Callable[[JobResult], None]) -> dict:
         return {"waitForCompletion": False, "progressCallback": self._onProgress, "finishedCallback": finished}
@@ -1421,7 +1434,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         (engine default if None; "tiny" for tests); ``labelConvention``: "mmwhs" (default),
         "consecutive" or a JSON mapping file; ``inputSize``: slice size in pixels over the preset's
         field of view (the preset's own if None; adaptation and segmentation follow the model's);
-        ``batchSize``: slices per training step (the preset's, 8, if None; smaller needs less
+        ``batchSize``: slices per training step (the preset's if None: 8, tiny 2; smaller needs less
         memory, and trains another model); ``portable``: the engine's ``--portable``, kernels that do not depend on the CPU's
         instruction set, so that a seed gives the same model whatever thread count or
         instruction-set limit is set (CPU only, 3.5-6x slower; CPUs of another maker have still
