@@ -125,6 +125,9 @@ def test_top_level_cmake_is_an_extension_depending_on_pytorch_with_existing_icon
         url = re.search(variable + r'\s+"([^"]+)"', text).group(1)
         local = url.split("/main/", 1)[1]
         assert (ROOT / local).is_file(), f"{variable} points at {local}, which is not in the repository"
+    for variable in ("EXTENSION_README_FILE", "EXTENSION_LICENSE_FILE"):     # the package's own, not Slicer's
+        local = re.search(variable + r"\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/(\S+)\)", text).group(1)
+        assert (ROOT / local).is_file(), f"{variable} points at {local}, which is not in the repository"
     for include in ("${Slicer_USE_FILE}", "${Slicer_EXTENSION_GENERATE_CONFIG}", "${Slicer_EXTENSION_CPACK}"):
         assert f"include({include})" in text
 
