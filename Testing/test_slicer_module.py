@@ -107,12 +107,16 @@ def scene_node_ids(slicer):
 
 
 def is_alive(pid):
-    """Running and not a zombie (a killed orphan may wait to be reaped by init)."""
+    """Running and not a zombie (a killed orphan may wait to be reaped by init). Linux's /proc, else
+    ps (macOS has no /proc: reading it there had called every process dead)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
-        return False
+        if os.path.isdir("/proc/self"):
+            return False
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
 
 
 # ----------------------------------------------------------------------------- pure helpers
