@@ -59,8 +59,8 @@ def test_a_name_windows_does_not_allow_is_refused_there_before_work(tmp_path, mo
     monkeypatch.setattr(fileio, "WINDOWS", True)
     with pytest.raises(VaeudaError) as raised:
         check(path)
-    assert str(raised.value) == (f"{path}: '{name}' is not a name Windows allows (none may hold < > : \" | ? * or "
-                                 f"end with a dot or a space); choose another.")
+    assert str(raised.value) == (f"{path}: '{name}' is not a name Windows allows (none may hold < > : \" | ? *, a "
+                                 f"control character, or end with a dot or a space); choose another.")
     with pytest.raises(VaeudaError, match="is not a name Windows allows"):       # a folder the output would make
         check(path / ("deeper" if folder else "model.safetensors"))
     fine = tmp_path / ("fine" if folder else "fine.safetensors")

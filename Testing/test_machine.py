@@ -1,8 +1,8 @@
 """What a model file and a report record of the computer: CPU, threads, kernel variables; and
 portable numerics, which make a run independent of the CPU's instruction set."""
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 

@@ -264,7 +264,7 @@ def test_a_full_standard_output_is_one_sentence(progress):
 def test_a_gone_reader_on_windows_stops_as_a_broken_pipe(monkeypatch, capsys, windows):
     """Windows reports a write to a pipe whose reader has gone as EINVAL: `vaeuda numerics | more`
     ended in a traceback there, where a broken pipe stops quietly (141). EINVAL elsewhere is no pipe."""
-    import vaeuda.progress as progress_mod
+    from vaeuda import fileio
 
     class GoneReader:
         def write(self, text):
@@ -272,7 +272,7 @@ def test_a_gone_reader_on_windows_stops_as_a_broken_pipe(monkeypatch, capsys, wi
 
         def flush(self):
             pass
-    monkeypatch.setattr(progress_mod, "WINDOWS", windows)
+    monkeypatch.setattr(fileio, "WINDOWS", windows)
     monkeypatch.setattr(sys, "stdout", GoneReader())
     if windows:
         assert main(["numerics", "--progress", "none"]) == 141

@@ -316,7 +316,7 @@ class VAEUDASegmentationParameterNode:
     seed: Annotated[int, WithinRange(0, 2_147_483_647)] = 0
     trainIterations: Annotated[int, WithinRange(0, 10_000_000)] = 0
     trainBatchSize: Annotated[int, WithinRange(0, 512)] = 0       # 0: the preset's (training and adaptation)
-    segmentBatchSize: Annotated[int, WithinRange(0, 1024)] = 0    # 0: the engine's
+    segmentBatchSize: Annotated[int, WithinRange(0, 1024)] = 0    # 0: the engine's (which has no bound)
     cpuBf16: bool = False
     portable: bool = False
     intensityRemap: bool = False
@@ -483,7 +483,8 @@ class VAEUDASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     _TRAINING_BATCH = "'Training batch size' (Advanced)"
     PANEL_FIELDS = {"sourceDataFolder": {"adapt": "'Source training data' (2. Adapt)"},
                     "batchSize": {"train": _TRAINING_BATCH, "adapt": _TRAINING_BATCH,
-                                  "segment": "'Segmentation batch size' (Advanced)"}}
+                                  "segment": "'Segmentation batch size' (Advanced)"},
+                    "inputSize": {"train": "input size (no panel field: trainSource's inputSize in the console)"}}
     # What a disabled button waits for (its tooltip then)
     NOT_READY = {"tryIt": "",
                  "train": "Choose the training data folder and the output model file first.",
@@ -1376,7 +1377,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         ``device``: "auto", "cpu" or "cuda". ``cpuBf16``: bf16 on the CPU too (the engine's
         ``--cpu-bf16``: faster on CPUs with native bf16, a few voxels may change label).
         ``portable``: the engine's ``--portable`` (CPU only, slower; as for :meth:`trainSource`).
-        ``batchSize``: slices per batch (the engine's default, 16, if None); smaller needs less
+        ``batchSize``: slices per batch (the engine's default if None); smaller needs less
         memory (rounding may change a few voxels, but not with ``portable``). Example::
 
             logic = VAEUDASegmentationLogic()
@@ -1434,9 +1435,9 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         (engine default if None; "tiny" for tests); ``labelConvention``: "mmwhs" (default),
         "consecutive" or a JSON mapping file; ``inputSize``: slice size in pixels over the preset's
         field of view (the preset's own if None; adaptation and segmentation follow the model's);
-        ``batchSize``: slices per training step (the preset's if None: 8, tiny 2; smaller needs less
-        memory, and trains another model); ``portable``: the engine's ``--portable``, kernels that do not depend on the CPU's
-        instruction set, so that a seed gives the same model whatever thread count or
+        ``batchSize``: slices per training step (the preset's if None; smaller needs less memory, and
+        trains another model); ``portable``: the engine's ``--portable``, kernels that do not depend
+        on the CPU's instruction set, so that a seed gives the same model whatever thread count or
         instruction-set limit is set (CPU only, 3.5-6x slower; CPUs of another maker have still
         given another model); ``intensityRemap``: the engine's ``--intensity-remap``, not the
         paper's method: the source encoder reads randomly remapped intensities (GIN), so the model

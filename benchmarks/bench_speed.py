@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from common import (REPO, attainable_conv_rate, check_output, conv_calls, count, load_average, machine_info,
-                    matmul_rate, md_table, median, network_flops, random_volume, run_main, stage_throughput,
-                    time_call, training_flops_per_image)
+                    matmul_rate, max_rss_bytes, md_table, median, network_flops, random_volume, run_main,
+                    stage_throughput, time_call, training_flops_per_image)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -141,17 +141,11 @@ def measure_volumes(presets: List[str], mode: str, paper_slices: int) -> List[di
     return rows
 
 
-def _max_rss_bytes(who: int) -> int:
-    """``getrusage(who).ru_maxrss`` in bytes: Linux gives KiB, macOS bytes."""
-    rss = resource.getrusage(who).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def measure_memory(mode: str, preset: str, threads: int) -> dict:
     """Peak RSS of segmenting a big volume, in a child process (its peak is its own)."""
     size = (512, 512, 300) if mode == "full" else (64, 64, 32)
     child = Path(__file__).with_name("segment_memory.py")
-    before = _max_rss_bytes(resource.RUSAGE_CHILDREN)
+    before = max_rss_bytes(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, str(child), *map(str, size), preset, str(threads)], capture_output=True,
                           text=True, timeout=1800)
     if proc.returncode != 0:
@@ -159,9 +153,9 @@ def measure_memory(mode: str, preset: str, threads: int) -> dict:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # RUSAGE_CHILDREN is the largest child so far, and on Linux a child's ru_maxrss starts from
     # this (parent) process's peak, carried over fork + exec: an upper bound, kept for comparison.
-    children = _max_rss_bytes(resource.RUSAGE_CHILDREN)
+    children = max_rss_bytes(resource.RUSAGE_CHILDREN)
     result["rusage_children_peak"] = children if children > before else None
-    result["parent_peak_at_spawn"] = _max_rss_bytes(resource.RUSAGE_SELF)
+    result["parent_peak_at_spawn"] = max_rss_bytes(resource.RUSAGE_SELF)
     result["peak_over_input"] = result["rss_peak"] / result["input_bytes"]
     result["extra_over_input"] = (result["rss_peak"] - result["rss_after_import"]) / result["input_bytes"]
     return result

@@ -331,6 +331,14 @@ def stage_throughput(preset: str, stage: str, batch: int, iterations: int, repea
 
 # ----------------------------------------------------------------------------- FLOPs
 
+def max_rss_bytes(who: int) -> int:
+    """``resource.getrusage(who).ru_maxrss`` in bytes: Linux gives KiB, macOS bytes (``resource``
+    is POSIX only: imported here, not when this module loads)."""
+    import resource
+    rss = resource.getrusage(who).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """Floating-point operations of ``fn()`` as torch's FlopCounterMode counts them
     (2 per multiply-add of convolutions and matrix products; other ops count 0). Counted outside

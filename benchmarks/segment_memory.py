@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 
-from common import random_volume
+from common import max_rss_bytes, random_volume
 
 import torch  # noqa: E402  (after common, which puts the engine on sys.path)
 
@@ -33,8 +33,7 @@ def peak_rss_bytes() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+    return max_rss_bytes(resource.RUSAGE_SELF)
 
 
 def main(argv) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import VaeudaError
-from .fileio import VOLUME_SUFFIXES, full_suffix, is_volume_file, require_readable, stem, without_role
+from .fileio import VOLUME_SUFFIXES, file_identity, full_suffix, is_volume_file, require_readable, stem, without_role
 from .labels import MMWHS, Convention
 
 def _label_for(image: Path, labels_option: bool = True) -> Path:
@@ -141,7 +141,7 @@ def find_pairs(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
     # or two co-registered images with one label, are pairs of their own
     seen = set()
     for image, label in pairs:
-        key = (image.resolve(), label.resolve())
+        key = (file_identity(image), file_identity(label))
         if key in seen:
             raise VaeudaError(f"{image}: given twice with the label {label}; give each labelled volume once.")
         seen.add(key)

@@ -16,7 +16,8 @@ class VaeudaError(Exception):
 MAX_SEED = 2 ** 64 - 1   # torch's generators take 0 .. 2**64 - 1; numpy's (the phantom's) no negative seed
 # A thousand times the paper preset's adaptation: weeks on a GPU. More is a slip (an extra digit), not a plan.
 MAX_ITERATIONS = 10_000_000
-# Slices per training step: the presets use at most 8; more than this would only exhaust memory.
+# Slices per training step, far above any preset's (train.DEFAULT_BATCH): a larger batch only exhausts
+# memory (100000 slices of the tiny preset took 23 GB before the system killed the process).
 MAX_BATCH_SIZE = 512
 
 

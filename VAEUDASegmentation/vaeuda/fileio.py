@@ -115,11 +115,12 @@ def require_utf8_name(path: PathLike) -> None:
                           f"open; rename it.") from None
 
 
-# Windows: characters no name may hold (besides the folder separators), and no name may end in a
-# dot or space. The engine's own names never do; an output name the user gives is checked here,
-# before the work, since the write-check probe has a name of its own and the failure would come
-# only at the first write (a ':' even makes NTFS write an alternate data stream of another file).
+# Whether this is Windows, where names and pipes behave otherwise (one switch, which tests turn).
 WINDOWS = os.name == "nt"
+# Characters no Windows name may hold (besides the folder separators); nor may one end in a dot or
+# space. The engine's own names never do; an output name the user gives is checked before the
+# work, since the write-check probe has a name of its own and the failure would come only at the
+# first write (a ':' even makes NTFS write an alternate data stream of another file).
 WINDOWS_FORBIDDEN = frozenset('<>:"|?*').union(chr(c) for c in range(32))
 
 
@@ -132,8 +133,8 @@ def require_windows_name(path: PathLike) -> None:
     for part in [path] + [parent for parent in path.parents if not os.path.exists(parent)]:
         name = part.name
         if name not in ("", "..") and (WINDOWS_FORBIDDEN.intersection(name) or name[-1] in ". "):
-            raise VaeudaError(f"{path}: '{name}' is not a name Windows allows (none may hold < > : \" | ? * or "
-                              f"end with a dot or a space); choose another.")
+            raise VaeudaError(f"{path}: '{name}' is not a name Windows allows (none may hold < > : \" | ? *, a "
+                              f"control character, or end with a dot or a space); choose another.")
 
 
 def require_readable(path: PathLike) -> None:

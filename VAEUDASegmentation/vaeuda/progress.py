@@ -18,17 +18,16 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
 import sys
 import time
 from typing import Optional
+
+from . import fileio
 
 MODES = ("auto", "tty", "json", "none")
 
 
 STDOUT_NAME = "the standard output"
-# Windows reports a write to a pipe whose reader has gone as EINVAL, not as a broken pipe.
-WINDOWS = os.name == "nt"
 
 
 def write_stdout(text: str) -> None:
@@ -40,7 +39,7 @@ def write_stdout(text: str) -> None:
     except BrokenPipeError:
         raise                               # the reader went away: the command line stops as on SIGPIPE
     except OSError as exc:
-        if WINDOWS and exc.errno == errno.EINVAL:
+        if fileio.WINDOWS and exc.errno == errno.EINVAL:     # Windows' word for a reader that has gone
             raise BrokenPipeError(errno.EPIPE, "the reader of the standard output has gone") from exc
         raise OSError(exc.errno, exc.strerror, STDOUT_NAME) from exc
 

@@ -684,8 +684,6 @@ def _base_meta(stage: str, preset: str, convention: Convention, normalisation: d
     }
 
 
-# Far above any preset's batch (DEFAULT_BATCH): a larger one only exhausts memory
-# (100000 slices of the tiny preset took 23 GB before the system killed the process).
 def _check_batch_size(batch_size) -> None:
     require_count("--batch-size", batch_size)
     if batch_size > MAX_BATCH_SIZE:
