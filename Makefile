@@ -26,7 +26,7 @@ quick-demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Not part of `make test`: the suite on the oldest versions pyproject.toml admits, on Python 3.9
+# Not part of `make test`: the suite at the release lines of pyproject.toml's lower bounds, on Python 3.9
 # (Slicer 5.4-5.8), and on Python 3.12 (Slicer 5.10 and later) with the newest releases; each in a
 # virtual environment of its own. Name the interpreters where they are not on the PATH, e.g.
 # make test-minimum PYTHON_OLDEST=~/.pyenv/versions/3.9.18/bin/python

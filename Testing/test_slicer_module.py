@@ -902,7 +902,8 @@ def test_engine_sentences_name_the_batch_apis_arguments(mod):
     assert panel.asPanelFields("segment", sentence) == sentence.replace("batchSize",
                                                                          "'Segmentation batch size' (Advanced)")
     for action in ("train", "adapt"):
-        assert panel.asPanelFields(action, sentence) == sentence.replace("batchSize", "'Training batch size' (Advanced)")
+        assert panel.asPanelFields(action, sentence) == sentence.replace("batchSize",
+                                                                         "'Training batch size' (Advanced)")
     assert panel.asPanelFields("adapt", "pass the volumes with sourceDataFolder.") == \
         "pass the volumes with 'Source training data' (2. Adapt)."
     assert panel.asPanelFields("evaluate", sentence) == sentence

@@ -73,7 +73,7 @@ def use_portable_numerics() -> None:
                           + ", or use the vaeuda command line with --portable.")
     os.environ.update(PORTABLE_ENVIRONMENT)
     import torch
-    if torch.backends.cpu.get_cpu_capability() not in BASELINE_CAPABILITIES:      # torch chose before the variable was set
+    if torch.backends.cpu.get_cpu_capability() not in BASELINE_CAPABILITIES:   # torch chose before the variable
         raise VaeudaError("Portable numerics need torch's baseline CPU kernels, but torch had already "
                           f"chosen its {torch.backends.cpu.get_cpu_capability()} kernels.")
     try:
@@ -91,7 +91,8 @@ def portable() -> bool:
     import torch
     return (all(os.environ.get(k) == v for k, v in PORTABLE_ENVIRONMENT.items())
             and not torch.backends.mkldnn.enabled and not getattr(torch._C, "_get_nnpack_enabled", lambda: True)()
-            and torch.get_num_threads() == PORTABLE_THREADS and torch.backends.cpu.get_cpu_capability() in BASELINE_CAPABILITIES)
+            and torch.get_num_threads() == PORTABLE_THREADS
+            and torch.backends.cpu.get_cpu_capability() in BASELINE_CAPABILITIES)
 
 
 def kernel_environment() -> dict:
