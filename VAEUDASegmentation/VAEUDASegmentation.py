@@ -1154,8 +1154,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         try:
             if process.cancelRequested:
                 result = JobResult("cancelled", "Cancelled by the user.")
-            elif process.returncode != 0 or process.errorMessage is not None or not process.doneSeen:
-                # the protocol's success is exit 0 with a "done" event and no "error" event
+            elif not process.succeeded:
                 result = JobResult("failed", _asArguments(_namePaths(process.failureMessage(), job.pathNames)))
             else:
                 try:

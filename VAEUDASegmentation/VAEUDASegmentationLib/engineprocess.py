@@ -157,11 +157,9 @@ class EngineProcess:
         if not self._outputHeld():
             return self._events.empty()
         if time.monotonic() - self._exitTime > self.READER_GRACE_S:
-            self._killGroup()
-            for reader in self._readers:        # the killed group's end closes the pipes: let them read it
-                reader.join(timeout=self.CLOSE_WAIT_S)
             # (a process outside the group that still holds them: give up on what it would print)
-            return self._events.empty() or self._outputHeld()
+            held = self._killHolders()
+            return self._events.empty() or held
         return False
 
     def _killGroup(self) -> None:
@@ -178,6 +176,14 @@ class EngineProcess:
             except (ProcessLookupError, PermissionError):     # (no member left)
                 pass
 
+    def _killHolders(self) -> bool:
+        """Kill the child's group and let the readers meet the end of the pipes its end closes;
+        True if something outside the group still holds them."""
+        self._killGroup()
+        for reader in self._readers:
+            reader.join(timeout=self.CLOSE_WAIT_S)
+        return self._outputHeld()
+
     def _outputHeld(self) -> bool:
         """Whether something still holds the child's output pipes open (the readers have not met
         their end): the child, or what it started. Once the child has exited, its group is killed
@@ -191,18 +197,19 @@ class EngineProcess:
     def close(self) -> None:
         """Once the job has ended: kill what the child left running with the pipes still open, and
         close the pipes, so that no reader thread or descriptor outlives the job."""
-        if self._outputHeld():
-            self._killGroup()
-            for reader in self._readers:
-                reader.join(timeout=self.CLOSE_WAIT_S)
-            if self._outputHeld():      # a process outside the group holds them: the readers stay
-                return
+        if self._outputHeld() and self._killHolders():     # a process outside the group holds them:
+            return                                          # the readers stay
         for pipe in (getattr(self, "_stdout", None), getattr(self, "_stderr", None)):
             if pipe is not None:
                 try:
                     pipe.close()
                 except (OSError, ValueError):
                     pass
+
+    @property
+    def succeeded(self) -> bool:
+        """The protocol's success: exit status 0, a "done" event and no "error" event."""
+        return self.returncode == 0 and self.errorMessage is None and self.doneSeen
 
     @property
     def returncode(self) -> Optional[int]:

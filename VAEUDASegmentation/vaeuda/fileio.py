@@ -42,12 +42,9 @@ def file_identity(path: PathLike) -> tuple:
     numbers (the file system's word: on macOS and Windows names that differ only in case are one
     file, which resolving the path does not tell on macOS; a hard link is the same file too), else
     the resolved path."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        st = None
-    if st is not None and st.st_ino and st.st_dev:     # (0 where a file system has no such numbers)
-        return ("file", st.st_dev, st.st_ino)
+    numbers = _identity(path)
+    if numbers is not None and all(numbers):     # (0 where a file system has no such numbers)
+        return ("file", *numbers)
     return ("path", Path(path).resolve())
 
 
@@ -474,7 +471,7 @@ def _identity(path) -> Optional[tuple]:
     """(device, inode) of what is at ``path`` (or open as descriptor ``path``); None when nothing is."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):       # (ValueError: a name with a NUL character)
         return None
     return st.st_dev, st.st_ino
 
