@@ -781,3 +781,46 @@ def test_the_scripts_say_the_oses_refusals_in_one_sentence_as_the_command_line_d
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
     assert run_main(piped) == 1
     assert capsys.readouterr().err == "error: the output pipe was closed.\n"
+
+
+def test_peak_memory_reads_in_bytes():
+    """``ru_maxrss`` is KiB on Linux and bytes on macOS: the peak of this process, which has just held a
+    64 MiB buffer it wrote to, reads at least that many bytes and not a thousand times more."""
+    import resource
+
+    import numpy as np
+    common = _bench_module("common")
+    buffer = np.ones(64 * 2 ** 20, np.uint8)       # (written: the pages are resident)
+    peak = common.max_rss_bytes(resource.RUSAGE_SELF)
+    assert int(buffer.sum()) == 64 * 2 ** 20
+    assert 64 * 2 ** 20 <= peak < 1024 * 64 * 2 ** 20
+
+
+def test_reference_init_draws_each_convolution_as_unit_does():
+    """benchmarks/reference_init.py: N(0, 0.02) in the discriminator, Kaiming-normal (fan in) elsewhere, the
+    biases 0, the norm layers untouched; drawn from torch's generator, so a seed repeats it."""
+    import math
+
+    import torch
+    from torch import nn
+    from vaeuda.nets import VAEUDANet, get_preset
+    refinit = _bench_module("reference_init")
+    torch.manual_seed(0)
+    net = refinit.ReferenceInitNet(get_preset("paper"))     # (wide layers: the sample stds are close)
+    convs = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {name.split(".")[0] for name in convs} == {"enc_s", "enc_t", "enc_z", "dec_z", "dec_s", "dec_t", "seg",
+                                                      "disc"}
+    for name, conv in convs.items():
+        fan_in = conv.weight[0].numel()
+        expected = 0.02 if name.startswith("disc.") else math.sqrt(2.0 / fan_in)
+        if conv.weight.numel() >= 10_000:
+            assert float(conv.weight.detach().std()) == pytest.approx(expected, rel=0.1), name
+        assert conv.bias is None or not conv.bias.any(), name
+    norms = [m for m in net.modules() if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) and m.affine]
+    assert norms and all(bool((m.weight == 1).all()) and not m.bias.any() for m in norms)
+    torch.manual_seed(0)
+    again = refinit.ReferenceInitNet(get_preset("paper"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    torch.manual_seed(0)
+    default = VAEUDANet(get_preset("paper"))
+    assert not torch.equal(next(default.disc.parameters()), next(net.disc.parameters()))   # (re-drawn)

@@ -1,6 +1,7 @@
 """data: finding and pairing input volumes, the few-shot --slices range, and slice sampling weights."""
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -201,6 +202,10 @@ def test_a_labelled_volume_given_twice_is_refused(tmp_path, tmp_volume):
     with pytest.raises(VaeudaError, match="given twice with the label"):
         find_pairs([str(image), str(image)], labels=[str(label), str(label)])
     assert find_pairs([str(image), str(other)], labels=[str(label), str(label)]) == [(image, label), (other, label)]
+    linked = tmp_path / "linked.nii.gz"                                   # the same file under another name
+    os.link(image, linked)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(linked))}: given twice with the label "):
+        find_pairs([str(image), str(linked)], labels=[str(label), str(label)])
     assert find_pairs([str(image), str(image)], labels=[str(label), str(second)]) == [(image, label), (image, second)]
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import pathlib
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -593,6 +594,8 @@ def test_a_line_the_reader_cannot_use_does_not_stop_it(engineprocess, tmp_path):
     cap = engineprocess.EngineProcess.MAX_LINE_CHARS          # (what reaches the log and the panel)
     assert len(events) == 2 + 1 + 2000 and events[1] == {"event": "log", "message": deep[:cap]}
     assert engineprocess.parseEngineLine(deep) == {"event": "log", "message": deep}
+    valid = '{"event": "done", "a": ' + "[" * 100000 + "]" * 100000 + "}"     # well-formed: json recurses
+    assert engineprocess.parseEngineLine(valid) == {"event": "log", "message": valid}
 
 
 def test_what_the_engine_left_running_is_killed_when_the_job_ends(engineprocess, monkeypatch):
@@ -618,6 +621,44 @@ def test_what_the_engine_left_running_is_killed_when_the_job_ends(engineprocess,
     assert not is_alive(grandchild)
     process.close()
     assert not any(reader.is_alive() for reader in process._readers) and process._stdout.closed
+
+
+def test_events_come_at_most_limit_at_a_time_and_the_rest_wait(engineprocess):
+    """The panel takes at most EVENTS_PER_POLL events per poll, so that a chatty engine cannot freeze
+    the GUI; what a call leaves waits, in order, for the next."""
+    process = engineprocess.EngineProcess([sys.executable, "-c", "[print(i) for i in range(10)]"])
+    process.start()
+    deadline = time.monotonic() + 20
+    while process.returncode is None or process._outputHeld():
+        assert time.monotonic() < deadline, "the engine process did not finish"
+        time.sleep(0.05)
+    assert [e["message"] for e in process.events(limit=3)] == ["0", "1", "2"]
+    assert [e["message"] for e in process.events(limit=3)] == ["3", "4", "5"]
+    assert [e["message"] for e in process.events()] == ["6", "7", "8", "9"] and process.isFinished()
+
+
+def test_a_job_ends_when_a_process_outside_its_group_keeps_its_output_open(engineprocess, monkeypatch):
+    """A grandchild in its own session cannot be killed with the engine's group; after the grace time
+    the job ends all the same (its readers are left to that process), rather than never."""
+    monkeypatch.setattr(engineprocess.EngineProcess, "READER_GRACE_S", 0.5)
+    monkeypatch.setattr(engineprocess.EngineProcess, "CLOSE_WAIT_S", 0.2)
+    script = ("import subprocess, sys, json; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: print(1, flush=True); "
+              "time.sleep(0.01)'], start_new_session=True); print('pid', child.pid, flush=True); "
+              "print(json.dumps({'event': 'done', 'outputs': []}))")
+    process = engineprocess.EngineProcess([sys.executable, "-c", script])
+    process.start()
+    events, deadline = [], time.monotonic() + 10
+    while not any(e["message"].startswith("pid ") for e in events) and time.monotonic() < deadline:
+        events += process.events(timeout=0.1)
+    grandchild = int(next(e["message"] for e in events if e["message"].startswith("pid ")).split()[1])
+    try:
+        _finish(process)                     # (fails if the job never ends)
+        assert process.succeeded and is_alive(grandchild) and process._outputHeld()
+        process.close()                      # the pipes stay with their readers, which that process feeds
+        assert not process._stdout.closed
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
 
 
 def test_the_failure_sentence_for_each_way_the_engine_can_end(engineprocess):
@@ -717,6 +758,7 @@ def test_the_progress_line_shows_only_what_makes_sense(mod):
         ({"stage": "adapt", "step": 4, "total": 10, "fraction": float("nan"), "eta_s": -42}, "adapt: 4/10", None),
         ({"stage": "adapt", "step": 5, "total": 10, "fraction": 7.0, "eta_s": 1e12}, "adapt: 5/10", 100),
         ({"stage": "adapt", "fraction": "half", "eta_s": "soon"}, "adapt", None),
+        ({"stage": "adapt", "step": True, "total": 10, "fraction": True}, "adapt", None),     # JSON true is no number
         ({}, "", None),
     ]:
         values.clear()
@@ -1835,6 +1877,33 @@ def _bare_panel(mod, parameters):
     return widget
 
 
+def test_the_panels_buttons_pass_each_batch_size_to_its_job(mod):
+    """Train and Adapt read Advanced's training batch size, Apply its segmentation batch size; 0, the
+    panel's default, leaves the engine's own."""
+    import types
+    jobs = {}
+
+    class RecordingLogic:
+        def __getattr__(self, method):
+            return lambda *args, **kwargs: jobs.__setitem__(method, kwargs)
+
+    p = _PanelParameters(inputVolume=object())
+    p.trainDataFolder, p.trainOutputModelPath = pathlib.Path("/data/mr"), "/models/source.safetensors"
+    p.sourceModelPath, p.adaptedModelPath = "/models/source.safetensors", "/models/adapted.safetensors"
+    p.segmentModelPath, p.adaptSourceDataFolder = "/models/adapted.safetensors", ""
+    p.preset, p.seed, p.trainIterations, p.adaptIterations, p.intensityRemap = "auto", 0, 0, 0, False
+    panel = _bare_panel(mod, p)
+    panel.logic, panel._runAction = RecordingLogic(), lambda name, start: start()
+    panel.ui.targetVolumesSelector = types.SimpleNamespace(checkedNodes=lambda: [])
+    for train, segment in ((0, 0), (4, 16)):
+        p.trainBatchSize, p.segmentBatchSize = train, segment
+        panel.onTrainButton(), panel.onAdaptButton(), panel.onApplyButton()
+        assert jobs["trainSource"]["batchSize"] == jobs["adapt"]["batchSize"] == (train or None)
+        assert jobs["segment"]["batchSize"] == (segment or None)
+    assert mod.VAEUDASegmentationParameterNode.trainBatchSize == 0
+    assert mod.VAEUDASegmentationParameterNode.segmentBatchSize == 0
+
+
 # An engine that writes, to its --json argument, the evaluation a test puts in VAEUDA_TEST_EVALUATION, and ends.
 EVALUATING_ENGINE = [sys.executable, "-c", "import json, os, sys; a = sys.argv; "
                      "open(a[a.index('--json') + 1], 'w').write(os.environ['VAEUDA_TEST_EVALUATION']); "
@@ -2189,6 +2258,7 @@ def test_console_arguments_refused_in_one_sentence_before_any_work(slicer, mod, 
         (lambda: fake_logic.segment(volume, model, batchSize=0),
          "batchSize must be a whole number of at least 1 (or None for the default), not 0."),
         (lambda: fake_logic.trainSource(data, out, batchSize=513), "batchSize must be at most 512, not 513."),
+        (lambda: fake_logic.adapt(model, [volume], out, batchSize=513), "batchSize must be at most 512, not 513."),
         (lambda: fake_logic.adapt(model, [volume], out, batchSize=2.0),
          "batchSize must be a whole number of at least 1 (or None for the default), not 2.0."),
     ]

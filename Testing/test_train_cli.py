@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import vaeuda
+from vaeuda import cli as cli_mod
 from vaeuda import train as train_mod
 from vaeuda.cli import main
 from vaeuda.errors import VaeudaError
@@ -66,6 +67,10 @@ def test_cli_end_to_end(tiny_cohort, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"vaeuda: error: {c}: is given as both --pred and --ref; keep the segmentations in a folder of their own "
         f"(segment --out) and give the references' folder as --ref.") and not (c / "evaluation.json").exists()
+    link = tmp_path / "cohort_link"                                       # the same folder under another name
+    link.symlink_to(c, target_is_directory=True)
+    assert main(["evaluate", "--pred", str(link), "--ref", str(c), "--progress", "none"]) == 2
+    assert "is given as both --pred and --ref" in capsys.readouterr().err and not (c / "evaluation.json").exists()
     result = json.loads((out / "evaluation.json").read_text())
     assert result["n_volumes"] == 1
 
@@ -295,41 +300,69 @@ def test_a_done_event_that_cannot_be_written_fails_the_command(tiny_source_model
         real_write(text)
 
     monkeypatch.setattr(progress_mod, "write_stdout", refuse_done)
+    silenced = []          # (stdout pointed at the null device, or Python's exit flush fails again on it)
+    monkeypatch.setattr(cli_mod, "_silence_stdout", lambda: silenced.append("stdout"))
     assert main(["info", str(tiny_source_model), "--progress", "json"]) == 2
     captured = capsys.readouterr()
     assert json.loads(captured.out.splitlines()[-1])["event"] == "info"       # the result went out
     assert captured.err.strip().splitlines()[-1] == (
         f"vaeuda: error: the standard output: {os.strerror(errno.ENOSPC)}.")
+    assert silenced == ["stdout"]
 
 
-@pytest.mark.parametrize("stage", ["train-source", "adapt", "finetune"])
+def test_an_interrupted_event_that_cannot_be_written_still_ends_as_interrupted(tiny_source_model, monkeypatch,
+                                                                               capsys):
+    """Ctrl-C while the standard output refuses writes (a full disk): status 130 and the stderr line,
+    not a traceback from writing the "interrupted" event."""
+    import vaeuda.progress as progress_mod
+
+    def refuse(text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), progress_mod.STDOUT_NAME)
+
+    def interrupted(args, reporter):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(progress_mod, "write_stdout", refuse)
+    monkeypatch.setattr(cli_mod, "_run", interrupted)
+    silenced = []
+    monkeypatch.setattr(cli_mod, "_silence_stdout", lambda: silenced.append("stdout"))
+    assert main(["info", str(tiny_source_model), "--progress", "json"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vaeuda: interrupted" and silenced == ["stdout"]
+
+
+@pytest.mark.parametrize("stage, changed", [("train-source", "image"), ("adapt", "image"), ("finetune", "image"),
+                                            ("adapt", "model"), ("finetune", "model")])
 def test_an_input_that_changes_while_it_is_read_is_refused(tiny_cohort, tiny_source_model, tmp_path, monkeypatch,
-                                                          stage):
+                                                          stage, changed):
     """The model records its inputs' digests: taken after the reading, they named a file replaced
-    meanwhile (a cohort made again, a copy still arriving), not the data it learnt from. They are
-    taken before, and a file that changed while it was read is refused; nothing is written."""
+    meanwhile (a cohort made again, a copy still arriving, a source model trained again), not the
+    data it learnt from. They are taken before, and a file that changed while it was read is
+    refused; nothing is written."""
     import shutil
     scans = tmp_path / "scans"
     shutil.copytree(tiny_cohort, scans)
     image = scans / ("mr_1001_image.nii.gz" if stage == "train-source" else "ct_1001_image.nii.gz")
+    model = shutil.copyfile(tiny_source_model, tmp_path / "source.safetensors")
     real_load = train_mod.load_slices
 
     def load_then_replace(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
-        if Path(args[0][0]) == image:                  # another program writes the file just read
-            shutil.copyfile(scans / "ct_1002_image.nii.gz", image)
+        if Path(args[0][0]) == image:                  # another program writes a file just read
+            if changed == "image":
+                shutil.copyfile(scans / "ct_1002_image.nii.gz", image)
+            else:
+                model.write_bytes(model.read_bytes() + b" ")
         return loaded
     monkeypatch.setattr(train_mod, "load_slices", load_then_replace)
     out = tmp_path / "m.safetensors"
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(image))}: changed while it was being read; run again "
+    named = image if changed == "image" else model
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(named))}: changed while it was being read; run again "
                                           f"once nothing is writing it\\.$"):
         if stage == "train-source":
             train_source([image], [scans / "mr_1001_label.nii.gz"], out, preset="tiny", iterations=1, device="cpu")
         elif stage == "adapt":
-            train_mod.adapt(tiny_source_model, [image], out, iterations=1, device="cpu")
+            train_mod.adapt(model, [image], out, iterations=1, device="cpu")
         else:
-            train_mod.finetune(tiny_source_model, [image], [scans / "ct_1001_label.nii.gz"], out, iterations=1,
-                               device="cpu")
+            train_mod.finetune(model, [image], [scans / "ct_1001_label.nii.gz"], out, iterations=1, device="cpu")
     assert not out.exists() and not checkpoint_path(out).exists()
 
 
