@@ -265,7 +265,8 @@ def test_engine_process_keeps_a_redrawn_line_whole_and_names_a_killing_signal(en
                                        "OOM killer sends it).")
 
 
-def test_a_failing_progress_callback_neither_strands_the_job_nor_stops_it(slicer, mod, fake_logic, tmp_path):
+def test_a_failing_progress_callback_neither_strands_the_job_nor_stops_it(slicer, mod, fake_logic, tmp_path,
+                                                                          monkeypatch):
     from vaeuda.labels import MMWHS
     volume = add_volume(slicer, np.zeros((3, 4, 5), np.float32))
     model = write_fake_model(tmp_path / "m.safetensors", MMWHS)
@@ -273,11 +274,15 @@ def test_a_failing_progress_callback_neither_strands_the_job_nor_stops_it(slicer
 
     def broken(event):
         raise ValueError("a bug in the caller's callback")
+    closed = []                # (each job's pipes closed at its end: no reader thread or descriptor outlives it)
+    real_close = mod.EngineProcess.close
+    monkeypatch.setattr(mod.EngineProcess, "close", lambda process: closed.append(process) or real_close(process))
     assert fake_logic.segment(volume, model, waitForCompletion=False, progressCallback=broken,
                               finishedCallback=results.append) is None
     pump(slicer, lambda: results)
     assert results[0].status == "done" and not fake_logic.isRunning()
     assert os.listdir(slicer.app.temporaryPath) == []
+    assert len(closed) == 1 and closed[0]._stdout.closed and closed[0]._stderr.closed
     assert fake_logic.segment(volume, model, progressCallback=broken) is not None    # blocking, and again
 
 
@@ -621,6 +626,34 @@ def test_what_the_engine_left_running_is_killed_when_the_job_ends(engineprocess,
     assert not is_alive(grandchild)
     process.close()
     assert not any(reader.is_alive() for reader in process._readers) and process._stdout.closed
+
+
+def test_cancel_after_the_engine_exited_kills_what_it_left_running(engineprocess):
+    """An engine that has exited but left a child printing into its pipes: cancel() kills that child
+    (the job's result stands; the group is killed only while something still holds the pipes)."""
+    script = ("import subprocess, sys, json; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: print(1, flush=True); "
+              "time.sleep(0.01)']); print('pid', child.pid, flush=True); "
+              "print(json.dumps({'event': 'done', 'outputs': []}))")
+    process = engineprocess.EngineProcess([sys.executable, "-c", script])
+    process.start()
+    events, deadline = [], time.monotonic() + 10
+    while not any(e["message"].startswith("pid ") for e in events) and time.monotonic() < deadline:
+        events += process.events(timeout=0.1)
+    grandchild = int(next(e["message"] for e in events if e["message"].startswith("pid ")).split()[1])
+    try:
+        while process.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.returncode == 0 and is_alive(grandchild)
+        process.cancel()
+        deadline = time.monotonic() + 10
+        while is_alive(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_alive(grandchild) and not process.cancelRequested     # (its result stands)
+    finally:
+        if is_alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+        process.close()
 
 
 def test_events_come_at_most_limit_at_a_time_and_the_rest_wait(engineprocess):
