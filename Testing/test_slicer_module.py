@@ -603,22 +603,27 @@ def test_a_line_the_reader_cannot_use_does_not_stop_it(engineprocess, tmp_path):
     assert engineprocess.parseEngineLine(valid) == {"event": "log", "message": valid}
 
 
+def _engine_leaving_a_child(engineprocess, ownSession=False):
+    """A started EngineProcess whose engine starts a child that prints forever (in a session of its own
+    when ``ownSession``, out of reach of the engine's group), says "done" and exits -> (process, child pid)."""
+    script = ("import subprocess, sys, json; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: print(1, flush=True); "
+              f"time.sleep(0.01)'], start_new_session={ownSession}); print('pid', child.pid, flush=True); "
+              "print(json.dumps({'event': 'done', 'outputs': []}))")
+    process = engineprocess.EngineProcess([sys.executable, "-c", script])
+    process.start()
+    events, deadline = [], time.monotonic() + 10
+    while not any(e["message"].startswith("pid ") for e in events) and time.monotonic() < deadline:
+        events += process.events(timeout=0.1)             # (the child's lines may come first)
+    return process, int(next(e["message"] for e in events if e["message"].startswith("pid ")).split()[1])
+
+
 def test_what_the_engine_left_running_is_killed_when_the_job_ends(engineprocess, monkeypatch):
     """A child still printing after the engine's "done" and exit kept the queue from emptying: the
     job never ended, and cancel() did nothing once the engine itself had exited. After the grace
     time the group is killed and the job ends; close() leaves no reader thread or pipe behind."""
     monkeypatch.setattr(engineprocess.EngineProcess, "READER_GRACE_S", 0.5)
-    script = ("import subprocess, sys, json; "
-              "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: print(1, flush=True); "
-              "time.sleep(0.005)']); print('pid', child.pid, flush=True); "
-              "print(json.dumps({'event': 'done', 'outputs': []}))")
-    process = engineprocess.EngineProcess([sys.executable, "-c", script])
-    process.start()
-    events = process.events(timeout=10)
-    deadline = time.monotonic() + 10
-    while not any(e["message"].startswith("pid ") for e in events) and time.monotonic() < deadline:
-        events += process.events(timeout=0.1)             # (the grandchild's lines may come first)
-    grandchild = int(next(e["message"] for e in events if e["message"].startswith("pid ")).split()[1])
+    process, grandchild = _engine_leaving_a_child(engineprocess)
     _finish(process)
     deadline = time.monotonic() + 10
     while is_alive(grandchild) and time.monotonic() < deadline:
@@ -631,16 +636,8 @@ def test_what_the_engine_left_running_is_killed_when_the_job_ends(engineprocess,
 def test_cancel_after_the_engine_exited_kills_what_it_left_running(engineprocess):
     """An engine that has exited but left a child printing into its pipes: cancel() kills that child
     (the job's result stands; the group is killed only while something still holds the pipes)."""
-    script = ("import subprocess, sys, json; "
-              "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: print(1, flush=True); "
-              "time.sleep(0.01)']); print('pid', child.pid, flush=True); "
-              "print(json.dumps({'event': 'done', 'outputs': []}))")
-    process = engineprocess.EngineProcess([sys.executable, "-c", script])
-    process.start()
-    events, deadline = [], time.monotonic() + 10
-    while not any(e["message"].startswith("pid ") for e in events) and time.monotonic() < deadline:
-        events += process.events(timeout=0.1)
-    grandchild = int(next(e["message"] for e in events if e["message"].startswith("pid ")).split()[1])
+    process, grandchild = _engine_leaving_a_child(engineprocess)
+    deadline = time.monotonic() + 10
     try:
         while process.returncode is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -675,16 +672,7 @@ def test_a_job_ends_when_a_process_outside_its_group_keeps_its_output_open(engin
     the job ends all the same (its readers are left to that process), rather than never."""
     monkeypatch.setattr(engineprocess.EngineProcess, "READER_GRACE_S", 0.5)
     monkeypatch.setattr(engineprocess.EngineProcess, "CLOSE_WAIT_S", 0.2)
-    script = ("import subprocess, sys, json; "
-              "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: print(1, flush=True); "
-              "time.sleep(0.01)'], start_new_session=True); print('pid', child.pid, flush=True); "
-              "print(json.dumps({'event': 'done', 'outputs': []}))")
-    process = engineprocess.EngineProcess([sys.executable, "-c", script])
-    process.start()
-    events, deadline = [], time.monotonic() + 10
-    while not any(e["message"].startswith("pid ") for e in events) and time.monotonic() < deadline:
-        events += process.events(timeout=0.1)
-    grandchild = int(next(e["message"] for e in events if e["message"].startswith("pid ")).split()[1])
+    process, grandchild = _engine_leaving_a_child(engineprocess, ownSession=True)
     try:
         _finish(process)                     # (fails if the job never ends)
         assert process.succeeded and is_alive(grandchild) and process._outputHeld()

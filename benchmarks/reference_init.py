@@ -10,7 +10,8 @@ cohort's MR training scans (``splits.json``) with the engine's own ``train.train
 networks drawn that way (the segmenter as the generators: UNIT's trainer applies its rule to every
 module it holds); everything else is the engine's. Adapt the result with
 ``benchmarks/adaptation_curves.py`` to compare it with a default source model
-(Docs/results.md, "The reference implementations' initialisation").
+(Docs/results.md, "The reference implementations' initialisation"). The model file does not
+record how its networks were drawn: keep it apart from the engine's own models.
 """
 from __future__ import annotations
 
