@@ -653,6 +653,27 @@ def test_cancel_after_the_engine_exited_kills_what_it_left_running(engineprocess
         process.close()
 
 
+def test_close_kills_what_the_engine_left_running_and_closes_the_pipes(engineprocess):
+    """close() right after the engine exited, before any grace time: the child it left holding the
+    pipes is killed, the readers meet the end of its output, and the pipes are closed."""
+    process, grandchild = _engine_leaving_a_child(engineprocess)
+    deadline = time.monotonic() + 10
+    try:
+        while process.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.returncode == 0 and is_alive(grandchild)
+        process.close()
+        assert process._stdout.closed and process._stderr.closed
+        assert not any(reader.is_alive() for reader in process._readers)
+        deadline = time.monotonic() + 10
+        while is_alive(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_alive(grandchild)
+    finally:
+        if is_alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+
+
 def test_events_come_at_most_limit_at_a_time_and_the_rest_wait(engineprocess):
     """The panel takes at most EVENTS_PER_POLL events per poll, so that a chatty engine cannot freeze
     the GUI; what a call leaves waits, in order, for the next."""
