@@ -633,38 +633,24 @@ def test_what_the_engine_left_running_is_killed_when_the_job_ends(engineprocess,
     assert not any(reader.is_alive() for reader in process._readers) and process._stdout.closed
 
 
-def test_cancel_after_the_engine_exited_kills_what_it_left_running(engineprocess):
-    """An engine that has exited but left a child printing into its pipes: cancel() kills that child
-    (the job's result stands; the group is killed only while something still holds the pipes)."""
+@pytest.mark.parametrize("ending", ["cancel", "close"])
+def test_cancel_or_close_after_the_engine_exited_kills_what_it_left_running(engineprocess, ending):
+    """An engine that has exited but left a child printing into its pipes, before any grace time:
+    cancel() kills that child, the job's result standing; close() kills it too, lets the readers
+    meet the end of its output and closes the pipes."""
     process, grandchild = _engine_leaving_a_child(engineprocess)
     deadline = time.monotonic() + 10
     try:
         while process.returncode is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert process.returncode == 0 and is_alive(grandchild)
-        process.cancel()
-        deadline = time.monotonic() + 10
-        while is_alive(grandchild) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not is_alive(grandchild) and not process.cancelRequested     # (its result stands)
-    finally:
-        if is_alive(grandchild):
-            os.kill(grandchild, signal.SIGKILL)
-        process.close()
-
-
-def test_close_kills_what_the_engine_left_running_and_closes_the_pipes(engineprocess):
-    """close() right after the engine exited, before any grace time: the child it left holding the
-    pipes is killed, the readers meet the end of its output, and the pipes are closed."""
-    process, grandchild = _engine_leaving_a_child(engineprocess)
-    deadline = time.monotonic() + 10
-    try:
-        while process.returncode is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert process.returncode == 0 and is_alive(grandchild)
-        process.close()
-        assert process._stdout.closed and process._stderr.closed
-        assert not any(reader.is_alive() for reader in process._readers)
+        if ending == "cancel":
+            process.cancel()
+            assert not process.cancelRequested
+        else:
+            process.close()
+            assert process._stdout.closed and process._stderr.closed
+            assert not any(reader.is_alive() for reader in process._readers)
         deadline = time.monotonic() + 10
         while is_alive(grandchild) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -672,6 +658,7 @@ def test_close_kills_what_the_engine_left_running_and_closes_the_pipes(enginepro
     finally:
         if is_alive(grandchild):
             os.kill(grandchild, signal.SIGKILL)
+        process.close()
 
 
 def test_events_come_at_most_limit_at_a_time_and_the_rest_wait(engineprocess):
