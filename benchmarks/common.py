@@ -138,6 +138,14 @@ def _memory_gib() -> Optional[float]:
     return None
 
 
+def max_rss_bytes(who: int) -> int:
+    """``resource.getrusage(who).ru_maxrss`` in bytes: Linux gives KiB, macOS bytes (``resource``
+    is POSIX only: imported here, not when this module loads)."""
+    import resource
+    rss = resource.getrusage(who).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def _cpu_features() -> List[str]:
     """The vector-unit flags that decide convolution speed (AVX2, AVX-512, bf16, AMX)."""
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
@@ -330,14 +338,6 @@ def stage_throughput(preset: str, stage: str, batch: int, iterations: int, repea
 
 
 # ----------------------------------------------------------------------------- FLOPs
-
-def max_rss_bytes(who: int) -> int:
-    """``resource.getrusage(who).ru_maxrss`` in bytes: Linux gives KiB, macOS bytes (``resource``
-    is POSIX only: imported here, not when this module loads)."""
-    import resource
-    rss = resource.getrusage(who).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
 
 def count_flops(fn: Callable[[], object]) -> int:
     """Floating-point operations of ``fn()`` as torch's FlopCounterMode counts them
