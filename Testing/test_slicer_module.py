@@ -120,6 +120,14 @@ def is_alive(pid):
     return bool(state) and not state.startswith("Z")
 
 
+def dies(pid, timeout=10.0):
+    """Whether process ``pid`` is gone (or a zombie) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not is_alive(pid)
+
+
 # ----------------------------------------------------------------------------- pure helpers
 
 @pytest.fixture
@@ -625,10 +633,7 @@ def test_what_the_engine_left_running_is_killed_when_the_job_ends(engineprocess,
     monkeypatch.setattr(engineprocess.EngineProcess, "READER_GRACE_S", 0.5)
     process, grandchild = _engine_leaving_a_child(engineprocess)
     _finish(process)
-    deadline = time.monotonic() + 10
-    while is_alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not is_alive(grandchild)
+    assert dies(grandchild)
     process.close()
     assert not any(reader.is_alive() for reader in process._readers) and process._stdout.closed
 
@@ -651,10 +656,7 @@ def test_cancel_or_close_after_the_engine_exited_kills_what_it_left_running(engi
             process.close()
             assert process._stdout.closed and process._stderr.closed
             assert not any(reader.is_alive() for reader in process._readers)
-        deadline = time.monotonic() + 10
-        while is_alive(grandchild) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not is_alive(grandchild)
+        assert dies(grandchild)
     finally:
         if is_alive(grandchild):
             os.kill(grandchild, signal.SIGKILL)
@@ -750,10 +752,7 @@ def test_a_blocking_call_cut_short_leaves_no_job_behind(slicer, mod, fake_logic,
         fake_logic.segment(volume, model)
     monkeypatch.setattr(slicer.app, "processEvents", painting)
     assert not fake_logic.isRunning() and os.listdir(slicer.app.temporaryPath) == []
-    deadline = time.monotonic() + 10
-    while is_alive(int((tmp_path / "pid").read_text())) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not is_alive(int((tmp_path / "pid").read_text()))          # the engine's own child too
+    assert dies(int((tmp_path / "pid").read_text()))          # the engine's own child too
     monkeypatch.setenv("VAEUDA_FAKE_MODE", "done")
     assert fake_logic.segment(volume, model) is not None                # the next call runs
 
@@ -872,10 +871,7 @@ def test_cancel_mid_job_kills_the_process_tree_and_leaves_nothing(slicer, mod, f
     assert results[0].status == "cancelled"
     assert scene_node_ids(slicer) == before
     assert os.listdir(slicer.app.temporaryPath) == []
-    deadline = time.monotonic() + 5
-    while is_alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not is_alive(grandchild), "the engine's own child process survived the cancel"
+    assert dies(grandchild, timeout=5), "the engine's own child process survived the cancel"
 
 
 def test_cancel_with_detach_calls_nothing_back_and_still_cleans_up(slicer, mod, fake_logic, monkeypatch, tmp_path):
