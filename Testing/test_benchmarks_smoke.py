@@ -796,15 +796,51 @@ def test_peak_memory_reads_in_bytes():
     assert 64 * 2 ** 20 <= peak < 1024 * 64 * 2 ** 20
 
 
+def test_source_variant_builds_the_networks_its_net_fields_name(tiny_cohort, tmp_path):
+    """benchmarks/source_variant.py --net: the model file holds the replaced configuration and the
+    networks built from it (one more residual block in each domain encoder and decoder), so adapt
+    rebuilds them; a field the configuration lacks, or a value no network has, is refused before
+    any training, and nothing is written."""
+    from vaeuda.modelfile import load_model
+    from vaeuda.train import adapt
+    out = tmp_path / "res.safetensors"
+    proc = _run("source_variant.py", "--cohort", str(tiny_cohort), "--out", str(out), "--preset", "tiny",
+                "--iterations", "1", "--net", "n_res_domain=2", "--net", "n_res_shared=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.endswith(f"Wrote {out}: the tiny preset's networks with {{'n_res_domain': 2, 'n_res_shared': 0}}, "
+                                "PyTorch's initialisation.\n")
+    net, meta = load_model(out)
+    assert (net.cfg.n_res_domain, net.cfg.n_res_shared, net.cfg.base) == (2, 0, 4)
+    assert meta["preset"] == "tiny"
+    blocks = {name.split(".")[0]: sum(1 for m in module.modules() if type(m).__name__ == "ResBlock")
+              for name, module in net.named_children()}
+    assert {k: blocks[k] for k in ("enc_s", "enc_t", "enc_z", "dec_z", "dec_s", "dec_t")} == {
+        "enc_s": 2, "enc_t": 2, "enc_z": 2, "dec_z": 1, "dec_s": 2, "dec_t": 2}     # (tiny: D_Z 1; branches 1 each)
+    adapted = tmp_path / "adapted.safetensors"
+    adapt(out, [tiny_cohort / "ct_1001_image.nii.gz"], adapted, iterations=1, device="cpu")
+    assert load_model(adapted)[0].cfg == net.cfg
+    for net_field, message in (("n_res_foo=2", "error: --net n_res_foo: the network configuration has no such field; "
+                                               "it has input_size, "),
+                               ("n_res_domain=-1", "error: model configuration: n_res_domain must be a whole number in "
+                                                   "[0, 32], not -1.\n")):
+        refused = tmp_path / "refused.safetensors"
+        proc = _run("source_variant.py", "--cohort", str(tiny_cohort), "--out", str(refused), "--preset", "tiny",
+                    "--iterations", "1", "--net", net_field)
+        assert proc.returncode == 1 and proc.stderr.startswith(message), proc.stderr
+        assert not refused.exists()
+    proc = _run("source_variant.py", "--cohort", str(tiny_cohort), "--out", str(refused), "--net", "n_res_domain")
+    assert proc.returncode == 2 and "--net n_res_domain: expected NAME=VALUE with a JSON value, e.g. n_res_domain=2" in proc.stderr
+
+
 def test_reference_init_draws_each_convolution_as_unit_does():
-    """benchmarks/reference_init.py: N(0, 0.02) in the discriminator, Kaiming-normal (fan in) elsewhere, the
+    """benchmarks/source_variant.py --reference-init: N(0, 0.02) in the discriminator, Kaiming-normal (fan in) elsewhere, the
     biases 0, the norm layers untouched; drawn from torch's generator, so a seed repeats it."""
     import math
 
     import torch
     from torch import nn
     from vaeuda.nets import VAEUDANet, get_preset
-    refinit = _bench_module("reference_init")
+    refinit = _bench_module("source_variant")
     torch.manual_seed(0)
     net = refinit.ReferenceInitNet(get_preset("paper"))     # (wide layers: the sample stds are close)
     convs = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}

@@ -105,8 +105,8 @@ def add_set_option(parser) -> None:
                              "lr_scale='{\"enc_t\": 2}'; values are JSON; repeatable")
 
 
-def parsed_set_options(parser, items: Sequence[str]) -> dict:
-    """The ``--set`` items as {name: JSON value}; a malformed one is the parser's usage error."""
+def parsed_set_options(parser, items: Sequence[str], option: str = "--set", example: str = "lambda_adv=10") -> dict:
+    """``option``'s NAME=VALUE items as {name: JSON value}; a malformed one is the parser's usage error."""
     import json
     overrides = {}
     for item in items:
@@ -116,7 +116,7 @@ def parsed_set_options(parser, items: Sequence[str]) -> dict:
         except json.JSONDecodeError:
             sep = ""
         if not sep:
-            parser.error(f"--set {item}: expected NAME=VALUE with a JSON value, e.g. lambda_adv=10")
+            parser.error(f"{option} {item}: expected NAME=VALUE with a JSON value, e.g. {example}")
     return overrides
 
 
