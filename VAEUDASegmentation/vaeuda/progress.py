@@ -2,8 +2,8 @@
 
 JSON mode writes one object per line to stdout, flushed, for example::
 
-    {"event": "stage", "stage": "adapt", "total": 400}
-    {"event": "progress", "stage": "adapt", "step": 240, "total": 400, "fraction": 0.6, "eta_s": 62.1, "loss": 1.23}
+    {"event": "stage", "stage": "adapt", "total": 300}
+    {"event": "progress", "stage": "adapt", "step": 240, "total": 300, "fraction": 0.8, "eta_s": 31.0, "loss": 1.23}
     {"event": "log", "message": "..."}
     {"event": "table", "markdown": "| ... |"}          (evaluate only: its result table)
     {"event": "done", "outputs": ["/path/model.safetensors"]}

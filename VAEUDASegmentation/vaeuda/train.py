@@ -48,14 +48,14 @@ ROUTES: Dict[str, Tuple[str, ...]] = {
 GENERATOR_NETS = ("enc_s", "enc_t", "enc_z", "dec_z", "dec_s", "dec_t", "seg")
 
 # Iterations per preset and stage. At the cpu preset: source and adapt as chosen on validation
-# scans (Docs/results.md; adapt again for engine 0.2's DRN-C-26, whose validation Dice still rose
-# after the 250 chosen for engine 0.1 and peaked at 400 on a second cohort); the oracle's
+# scans (Docs/results.md; adapt again for engine 0.2's DRN-C-26: 400 on two runs on an Intel Xeon,
+# then 300, which beat 400 on all six runs on four cohorts on the AMD EPYC); the oracle's
 # fine-tuning gains little after 1600 iterations (engine 0.2, validation Dice on two cohorts: 80.0
 # and 82.7 at 800, 85.8 and 85.4 at 1600, 87.8 and 87.0 at 3200; benchmarks/oracle_convergence.py),
 # and 3200 would leave make demo too little of its 10 minutes on a slower CPU than the Intel Xeon.
 DEFAULT_ITERATIONS = {
     "paper": {"source": 20000, "adapt": 10000, "finetune": 4000},
-    "cpu": {"source": 700, "adapt": 400, "finetune": 1600},
+    "cpu": {"source": 700, "adapt": 300, "finetune": 1600},
     "tiny": {"source": 20, "adapt": 10, "finetune": 10},
 }
 DEFAULT_BATCH = {"paper": 8, "cpu": 8, "tiny": 2}
