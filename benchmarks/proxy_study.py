@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("curves", nargs="+", help="adaptation_curves.py --proxies outputs")
     p.add_argument("--horizon", type=int, default=250,
                    help="last iteration a run would reach (default 250: the adaptation length the recorded curves "
-                        "were studied at, engine 0.1's default; engine 0.2's cpu preset adapts 400)")
+                        "were studied at, engine 0.1's default; engine 0.2's cpu preset adapts 300)")
     p.add_argument("--out", help="write the scores as JSON")
     args = p.parse_args(argv)
     study = {}
