@@ -9,7 +9,8 @@ Trains `train-source` on the cohort's MR training scans (``splits.json``) with t
 - ``--net FIELD=VALUE`` (repeatable) replaces fields of the preset's ``nets.NetConfig``, such as
   ``n_res_domain=2`` for the 4 residual blocks on each side of UNIT's generators. The model file
   holds the whole configuration, so ``adapt``, ``segment`` and ``benchmarks/adaptation_curves.py``
-  rebuild the same networks from it.
+  rebuild the same networks from it. (The decoder layer norm of that study, ``dec_norm="ln"``, is a
+  field only an engine with ``benchmarks/patches/decoder_layer_norm.patch`` applied has.)
 - ``--reference-init`` re-draws every convolution as UNIT's trainer does (its ``weights_init``):
   Kaiming-normal (fan in, gain for ReLU) in the generators, N(0, 0.02) in the discriminator,
   biases 0; the segmenter as the generators (UNIT's trainer applies its rule to every module it
@@ -19,7 +20,7 @@ Trains `train-source` on the cohort's MR training scans (``splits.json``) with t
 The engine's networks are otherwise PyTorch's defaults at the preset's layout (Docs/method.md,
 "Where the code departs from the reference implementations"). Adapt the result with
 ``benchmarks/adaptation_curves.py`` to compare it with a default source model (Docs/results.md,
-"The reference implementations' initialisation", "UNIT's four residual blocks").
+"The reference implementations' initialisation", "UNIT's generator layout").
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vaeuda import train  # noqa: E402
-from vaeuda.errors import VaeudaError  # noqa: E402
 from vaeuda.demo import cohort_split, image_of, label_of  # noqa: E402
+from vaeuda.errors import VaeudaError  # noqa: E402
 from vaeuda.nets import NetConfig, VAEUDANet, get_preset  # noqa: E402
 
 
