@@ -25,6 +25,7 @@ The engine's networks are otherwise PyTorch's defaults at the preset's layout (D
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -87,11 +88,11 @@ def main() -> int:
                         help="draw the convolutions as UNIT's trainer does, not with PyTorch's defaults")
     args = parser.parse_args()
     fields = parsed_set_options(parser, args.net, option="--net", example="n_res_domain=2")
-    preset_with(args.preset, fields)          # refused here, before any volume is read
+    net_cfg = preset_with(args.preset, fields)          # refused here, before any volume is read
     check_output(args.out)
     prefixes = cohort_split(args.cohort, "mr", "train")
     # train_source builds its networks through these two names
-    train.get_preset = lambda name: preset_with(name, fields) if name == args.preset else get_preset(name)
+    train.get_preset = lambda name: dataclasses.replace(net_cfg) if name == args.preset else get_preset(name)
     if args.reference_init:
         train.VAEUDANet = ReferenceInitNet
     train.train_source([image_of(args.cohort, p) for p in prefixes], [label_of(args.cohort, p) for p in prefixes],
