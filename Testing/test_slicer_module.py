@@ -677,6 +677,37 @@ def test_events_come_at_most_limit_at_a_time_and_the_rest_wait(engineprocess):
     assert [e["message"] for e in process.events()] == ["6", "7", "8", "9"] and process.isFinished()
 
 
+def test_a_background_job_ending_with_events_waiting_forwards_them_all(slicer, mod, fake_logic, engineprocess,
+                                                                      monkeypatch, tmp_path):
+    """A job can end with more than a poll's share of events waiting: a process outside the engine's
+    group printed them and keeps the output open, and the grace time ran out. The last poll forwards
+    every one of them, in order, not one more share."""
+    monkeypatch.setattr(mod.VAEUDASegmentationLogic, "EVENTS_PER_POLL", 1)
+    monkeypatch.setattr(engineprocess.EngineProcess, "READER_GRACE_S", 0.3)
+    printed = tmp_path / "printed"
+    child = (f"import pathlib, time\\nfor i in range(50): print('line', i, flush=True)\\n"
+             f"pathlib.Path({str(printed)!r}).touch()\\ntime.sleep(60)")
+    code = ("import json, os, subprocess, sys, time; "
+            f"child = subprocess.Popen([sys.executable, '-c', \"{child}\"], start_new_session=True); "
+            "print('pid', child.pid, flush=True); deadline = time.monotonic() + 20; "
+            f"[time.sleep(0.01) for _ in iter(lambda: os.path.exists({str(printed)!r}) "
+            "or time.monotonic() > deadline, True)]; "
+            "print(json.dumps({'event': 'done', 'outputs': []}))")
+    fake_logic.engineCommand = [sys.executable, "-c", code]
+    events, results = [], []
+    fake_logic.trainSource(str(tmp_path), str(tmp_path / "m.safetensors"), waitForCompletion=False,
+                           progressCallback=events.append, finishedCallback=results.append)
+    try:
+        pump(slicer, lambda: results)
+    finally:
+        pids = [int(e["message"].split()[1]) for e in events if str(e.get("message")).startswith("pid ")]
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+    assert printed.exists() and pids
+    lines = [e["message"] for e in events if str(e.get("message")).startswith("line ")]
+    assert lines == [f"line {i}" for i in range(50)]
+
+
 def test_a_job_ends_when_a_process_outside_its_group_keeps_its_output_open(engineprocess, monkeypatch):
     """A grandchild in its own session cannot be killed with the engine's group; after the grace time
     the job ends all the same (its readers are left to that process), rather than never."""
