@@ -460,6 +460,43 @@ def test_a_second_training_run_with_the_same_out_is_refused_while_the_first_live
     assert main(args) == 0 and out.is_file() and not lock.exists()
 
 
+def test_training_called_from_python_holds_its_model_file_too(tiny_cohort, tiny_source_model, tmp_path):
+    """The hold was the command line's alone: train_source, adapt and finetune called from Python (a
+    script, the demo) let a second run take the same model file. Each now holds it, and is refused
+    while another run does; under the command line's own hold (this thread's) the call goes on."""
+    import threading
+    from vaeuda.fileio import exclusive_model_output
+    out = tmp_path / "m.safetensors"
+    lock = tmp_path / "m.safetensors.ckpt.lock"
+    ct, ct_label = [tiny_cohort / "ct_1001_image.nii.gz"], [tiny_cohort / "ct_1001_label.nii.gz"]
+    held, release = threading.Event(), threading.Event()
+
+    def another_run():
+        with exclusive_model_output(out):
+            held.set()
+            release.wait(60)
+    holder = threading.Thread(target=another_run)
+    holder.start()
+    try:
+        assert held.wait(60)
+        for run in (lambda: _train(tiny_cohort, out),
+                    lambda: train_mod.adapt(tiny_source_model, ct, out, iterations=1, device="cpu"),
+                    lambda: train_mod.finetune(tiny_source_model, ct, ct_label, out, iterations=1, device="cpu")):
+            with pytest.raises(VaeudaError) as refused:
+                run()
+            assert str(refused.value) == (f"{out}: another running vaeuda is training this model (it holds "
+                                          f"m.safetensors.ckpt.lock); wait for it to end, or choose another --out.")
+            assert not out.exists() and lock.is_file()
+    finally:
+        release.set()
+        holder.join()
+    assert not lock.exists()
+    with exclusive_model_output(out):
+        _train(tiny_cohort, out)
+        assert out.is_file() and lock.is_file()
+    assert not lock.exists()
+
+
 def test_same_seed_same_numbers(tiny_cohort, tiny_source_model, tmp_path):
     """The same seed gives the same weights; another seed other ones (a run that ignored its seed
     would be deterministic too), in training and in adaptation, which starts from fixed weights."""

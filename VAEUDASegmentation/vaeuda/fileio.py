@@ -8,9 +8,10 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Dict, Iterable, Iterator, Optional, Union
 
 from .errors import VaeudaError
 
@@ -254,6 +255,14 @@ def checkpoint_path(out: PathLike) -> Path:
     return Path(str(out) + ".ckpt")
 
 
+# The lock files this process holds (exclusive_model_output), by real path: the thread holding each.
+_HELD_OUTPUTS: Dict[str, int] = {}
+
+
+def _lock_path(out: PathLike) -> Path:
+    return Path(str(checkpoint_path(out)) + ".lock")
+
+
 @contextlib.contextmanager
 def exclusive_model_output(out: PathLike) -> Iterator[None]:
     """Hold the model file ``out`` for one training run: a second run with the same ``out`` is
@@ -267,9 +276,9 @@ def exclusive_model_output(out: PathLike) -> Iterator[None]:
     except ImportError:                 # Windows
         yield
         return
-    lock = Path(str(checkpoint_path(out)) + ".lock")
+    lock = _lock_path(out)
     made = [d for d in lock.parents if not os.path.exists(d)]     # deepest first (exists() may raise EACCES)
-    fd = None
+    fd = key = None
     try:
         try:
             fd = _locked(lock, fcntl)
@@ -278,13 +287,29 @@ def exclusive_model_output(out: PathLike) -> Iterator[None]:
                               f"for it to end, or choose another --out.") from None
         except OSError:
             fd = None                   # the output checks that follow say what is wrong with the place
+        if fd is not None:
+            key = os.path.realpath(lock)
+            _HELD_OUTPUTS[key] = threading.get_ident()
         yield
     finally:
         if fd is not None:
+            _HELD_OUTPUTS.pop(key, None)
             with contextlib.suppress(OSError):
                 lock.unlink()
             os.close(fd)
         _remove_empty(made)
+
+
+@contextlib.contextmanager
+def model_output_held(out: PathLike) -> Iterator[None]:
+    """:func:`exclusive_model_output` for a training function called from Python, unless this thread
+    holds ``out`` already: the command line takes the hold before its own checks and then calls the
+    training function, which goes on under that hold."""
+    if _HELD_OUTPUTS.get(os.path.realpath(_lock_path(out))) == threading.get_ident():
+        yield
+        return
+    with exclusive_model_output(out):
+        yield
 
 
 def _locked(lock: Path, fcntl, tries: int = 10) -> Optional[int]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import functools
+import inspect
 import json
 import math
 import platform
@@ -28,7 +30,7 @@ from .choices import DEVICES, check_choice
 from .data import SliceSet, load_slices
 from .errors import MAX_BATCH_SIZE, MAX_ITERATIONS, VaeudaError, require_count
 from .fileio import (check_model_output, checkpoint_path, file_identity, file_sha256, full_suffix, image_then_label,
-                     refuse_repeated, require_file)
+                     model_output_held, refuse_repeated, require_file)
 from .labels import MMWHS, N_CLASSES, Convention
 from .losses import SegmentationLoss, gan_loss, kl_to_standard_normal, reconstruction
 from .modelfile import check_metadata, load_model, load_networks, read_tensors, refuse_unfit_weights, save_model
@@ -743,12 +745,26 @@ def _refuse_labelled_targets(targets: Sequence[Path], pairs: Sequence[Tuple[Path
                               f"its labels; give source volumes without it (--source-data).")
 
 
+def _holding_its_output(training: Callable) -> Callable:
+    """A training function that holds its model file ``out`` while it runs
+    (:func:`fileio.model_output_held`): another run writing the same file, called from Python or
+    from the command line, is refused meanwhile (each would remove or resume the other's checkpoint)."""
+    signature = inspect.signature(training)
+
+    @functools.wraps(training)
+    def holding(*args, **kwargs):
+        with model_output_held(signature.bind(*args, **kwargs).arguments["out"]):
+            return training(*args, **kwargs)
+    return holding
+
+
 def _inherited_options(src_meta: dict) -> dict:
     """Training options that belong to the source model's networks rather than to the stage: the
     discriminator keeps the loss it was trained with (LSGAN scores or vanilla-GAN logits)."""
     return {"gan_mode": src_meta["train"].get("gan_mode", "lsgan")}
 
 
+@_holding_its_output
 def train_source(images: Sequence[Path], labels: Sequence[Path], out, preset: Optional[str] = None,
                  iterations: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0,
                  device: str = "auto", convention: Convention = MMWHS, normalisation: Optional[dict] = None,
@@ -849,6 +865,7 @@ def _source_pairs(meta: dict, model_path, source_data: Optional[Sequence[str]], 
     return [(Path(i), Path(l)) for i, l in zip(images, labels)], digests
 
 
+@_holding_its_output
 def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] = None, seed: int = 0,
           device: str = "auto", use_kl: bool = True, use_adv: bool = True, use_cycle: bool = True,
           use_task: bool = True, slice_range: Optional[Tuple[int, int]] = None, early_stop: Optional[int] = None,
@@ -901,6 +918,7 @@ def adapt(source_model, targets: Sequence[Path], out, iterations: Optional[int] 
     return run_stage(net, stage, cfg, dev, seed, resume, reporter)
 
 
+@_holding_its_output
 def finetune(source_model, images: Sequence[Path], labels: Sequence[Path], out, iterations: Optional[int] = None,
              seed: int = 0, device: str = "auto", batch_size: Optional[int] = None, resume: bool = False,
              reporter: Optional[Reporter] = None) -> dict:
