@@ -684,26 +684,28 @@ def test_a_background_job_ending_with_events_waiting_forwards_them_all(slicer, m
     every one of them, in order, not one more share."""
     monkeypatch.setattr(mod.VAEUDASegmentationLogic, "EVENTS_PER_POLL", 1)
     monkeypatch.setattr(engineprocess.EngineProcess, "READER_GRACE_S", 0.3)
-    printed = tmp_path / "printed"
-    child = (f"import pathlib, time\\nfor i in range(50): print('line', i, flush=True)\\n"
-             f"pathlib.Path({str(printed)!r}).touch()\\ntime.sleep(60)")
-    code = ("import json, os, subprocess, sys, time; "
-            f"child = subprocess.Popen([sys.executable, '-c', \"{child}\"], start_new_session=True); "
-            "print('pid', child.pid, flush=True); deadline = time.monotonic() + 20; "
-            f"[time.sleep(0.01) for _ in iter(lambda: os.path.exists({str(printed)!r}) "
-            "or time.monotonic() > deadline, True)]; "
-            "print(json.dumps({'event': 'done', 'outputs': []}))")
-    fake_logic.engineCommand = [sys.executable, "-c", code]
+    printed = tmp_path / "printed"    # the chatter's process id, once its lines are out
+    chatter = tmp_path / "chatter.py"
+    chatter.write_text(f"import os, pathlib, time\n"
+                       f"for i in range(50):\n    print('line', i, flush=True)\n"
+                       f"pathlib.Path({str(printed)!r}).write_text(str(os.getpid()))\n"
+                       f"time.sleep(60)\n")
+    engine = tmp_path / "engine.py"
+    engine.write_text(f"import json, os, subprocess, sys, time\n"
+                      f"subprocess.Popen([sys.executable, {str(chatter)!r}], start_new_session=True)\n"
+                      f"deadline = time.monotonic() + 20\n"
+                      f"while not os.path.exists({str(printed)!r}) and time.monotonic() < deadline:\n"
+                      f"    time.sleep(0.01)\n"
+                      f"print(json.dumps({{'event': 'done', 'outputs': []}}))\n")
+    fake_logic.engineCommand = [sys.executable, str(engine)]
     events, results = [], []
     fake_logic.trainSource(str(tmp_path), str(tmp_path / "m.safetensors"), waitForCompletion=False,
                            progressCallback=events.append, finishedCallback=results.append)
     try:
         pump(slicer, lambda: results)
     finally:
-        pids = [int(e["message"].split()[1]) for e in events if str(e.get("message")).startswith("pid ")]
-        if pids:
-            os.kill(pids[0], signal.SIGKILL)
-    assert printed.exists() and pids
+        if printed.exists() and printed.read_text():
+            os.kill(int(printed.read_text()), signal.SIGKILL)
     lines = [e["message"] for e in events if str(e.get("message")).startswith("line ")]
     assert lines == [f"line {i}" for i in range(50)]
 
