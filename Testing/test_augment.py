@@ -206,3 +206,69 @@ def test_the_elastic_field_is_twice_alpha_times_the_smoothed_coarse_noise_on_bot
     assert torch.allclose(grid - identity, 2 * 0.03 * disp, atol=1e-6)
     moved = grid - identity
     assert moved[..., 0].std() > 0.01 and moved[..., 1].std() > 0.01     # both axes displaced
+
+
+def test_the_two_translations_are_drawn_independently():
+    """tx and ty are two draws, each uniform in +-0.12: the offsets fill the square, not its diagonal
+    (a shared draw moves every sample along x = y). Uncorrelated, and often far apart."""
+    theta = _affine_of(_grids(rotate_deg=0.0, shear=0.0, scale=0.0, probability=1.0))
+    tx, ty = theta[:, 0, 2], theta[:, 1, 2]
+    assert abs(float(torch.corrcoef(torch.stack([tx, ty]))[0, 1])) < 0.1
+    assert (tx - ty).abs().max() > 0.2 and (tx + ty).abs().max() > 0.2      # both diagonals reached
+
+
+def test_gamma_keeps_each_images_own_range_in_a_batch_of_different_ranges():
+    """The range restored is each sample's own [min, max], not the batch's: a ramp over [0, 1], one
+    over [10, 30] and one over [-5, -4] keep their ends, and each follows its own power."""
+    ramp = torch.linspace(0.0, 1.0, 11)
+    images = torch.stack([ramp, 10 + 20 * ramp, -5 + ramp]).view(3, 1, 1, 11).repeat(1, 2, 2, 1)
+    out = random_gamma(images, AugmentConfig(), torch.Generator().manual_seed(0))
+    for k, (lo, span) in enumerate(((0.0, 1.0), (10.0, 20.0), (-5.0, 1.0))):
+        assert out[k].min().item() == pytest.approx(lo, abs=1e-5)
+        assert out[k].max().item() == pytest.approx(lo + span, abs=1e-5)
+        gamma = math.log((out[k, 0, 0, 5].item() - lo) / span) / math.log(0.5)
+        assert torch.allclose(out[k], lo + span * ramp.view(1, 1, 11) ** gamma, atol=1e-4)
+
+
+def test_gamma_leaves_a_constant_image_constant_and_finite():
+    """A blank slice (all one value, e.g. padding outside the body) has no range to rescale: it stays
+    that value, not 0/0 = NaN, which would make the training loss NaN."""
+    images = torch.full((4, 3, 8, 8), 2.5)
+    images[1] = -1.0
+    out = random_gamma(images, AugmentConfig(), torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, images)
+
+
+def test_intensity_remap_is_the_documented_network_by_hand():
+    """Per image, in the order drawn: for each of the 4 layers the (b, cout, cin, 3, 3) N(0, 1) weights,
+    the 1x1-or-3x3 coin (rand < 1/2: only the centre tap kept), the N(0, 0.1^2) biases; then alpha ~ U(0, 1).
+    Each layer convolves the reflect-padded maps, leaky ReLU (0.2) between layers, none after the last;
+    the result is alpha * net(x) + (1 - alpha) * x, standardised and given back x's mean and std."""
+    gen = torch.Generator().manual_seed(7)
+    images = torch.rand(2, 3, 12, 12, generator=gen) * 4 - 1
+    out = random_intensity_remap(images, torch.Generator().manual_seed(11))
+    draws = torch.Generator().manual_seed(11)
+    layers = []
+    for layer, (cin, cout) in enumerate(((1, 2), (2, 2), (2, 2), (2, 1))):
+        weight = torch.randn(2, cout, cin, 3, 3, generator=draws)
+        pointwise = torch.rand(2, generator=draws) < 0.5
+        bias = torch.randn(2 * cout, generator=draws).view(2, cout) * 0.1
+        layers.append((weight, pointwise, bias))
+    alpha = torch.rand(2, generator=draws)
+    coins = torch.stack([p for _, p, _ in layers])
+    assert coins.any() and not coins.all()                                 # 1x1 and 3x3 layers in this draw
+    for k in range(2):
+        x = images[k][:, None]                                              # (C, 1, H, W): slices share the network
+        for layer, (weight, pointwise, bias) in enumerate(layers):
+            w = weight[k].clone()
+            if pointwise[k]:
+                centre = w[..., 1, 1].clone()
+                w.zero_()
+                w[..., 1, 1] = centre
+            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w, bias[k])
+            if layer < 3:
+                x = F.leaky_relu(x, 0.2)
+        mixed = alpha[k] * x[:, 0] + (1 - alpha[k]) * images[k]
+        expected = (mixed - mixed.mean()) / mixed.std() * images[k].std() + images[k].mean()
+        torch.testing.assert_close(out[k], expected, atol=1e-4, rtol=1e-4)

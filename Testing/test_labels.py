@@ -224,3 +224,59 @@ def test_a_complex_valued_label_map_is_refused():
     """numpy dropped the imaginary part, with a ComplexWarning on stderr, and the map was scored."""
     with pytest.raises(VaeudaError, match=r"^seg\.nii: label values must be whole numbers, found complex values\.$"):
         MMWHS.encode(np.array([0, 205 + 1j]), source="seg.nii")
+
+
+@pytest.mark.parametrize("values", [[0.0, 1.0, np.inf], [0.0, 1.0, -np.inf], [0.0, np.nan, 1.0]])
+def test_a_float_label_map_with_infinite_or_nan_values_is_refused_in_one_sentence(values):
+    """inf equals its own rounding, so only the finiteness check stops it (int(inf) raised OverflowError)."""
+    with pytest.raises(VaeudaError, match=r"^lab\.nii: label values must be whole numbers, found fractional or "
+                                          r"non-finite values\.$"):
+        CONSECUTIVE.encode(np.array(values, dtype=np.float32), source="lab.nii")
+
+
+def test_values_of_another_convention_that_hold_no_structure_there_do_not_name_it():
+    """550 and 600 (RA, RV) are MM-WHS values, but background in it: 'read it with --label-convention
+    mmwhs' would turn the map into all background; the way out named is the JSON mapping."""
+    with pytest.raises(VaeudaError, match=r"^seg\.nii: label values 550, 600 are not in the 'consecutive' label "
+                                          r"mapping \(a --label-convention JSON file can list them"):
+        CONSECUTIVE.encode(np.array([0, 550, 600]), "seg.nii")
+
+
+def test_a_json_boolean_is_no_label_value(tmp_path):
+    """JSON true is a Python bool, an int subclass: without the check LV-M would silently be value 1."""
+    path = _mapping(tmp_path, '{"LV-M": true, "LA-B": 2, "LV-B": 3, "A-A": 4}')
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: the value of 'LV-M' must be a whole number, "
+                                          f"not True\\.$"):
+        load_convention(str(path))
+
+
+def test_mapping_values_at_the_ends_of_64_bits_are_kept_and_one_beyond_is_refused(tmp_path):
+    """-2**63 and 2**63 - 1 fit an int64 label file and round-trip; 2**63 does not (numpy's OverflowError
+    in decode, not a sentence, if it got through)."""
+    low, high = -2 ** 63, 2 ** 63 - 1
+    ends = load_convention(str(_mapping(tmp_path, f'{{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": {high}, '
+                                                  f'"background": [{low}]}}')))
+    decoded = ends.decode(np.array([0, 1, 4]))
+    assert decoded.dtype == np.int64 and decoded.tolist() == [low, 1, high]
+    assert ends.encode(np.array([low, 2, high], dtype=np.int64)).tolist() == [0, 2, 4]
+    path = _mapping(tmp_path, f'{{"LV-M": 1, "LA-B": 2, "LV-B": 3, "A-A": {2 ** 63}}}')
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: the value of 'A-A' \\({2 ** 63}\\) does not fit "
+                                          f"a 64-bit label file\\.$"):
+        load_convention(str(path))
+
+
+def test_builtin_conventions_encode_every_value_by_hand():
+    """MM-WHS: each structure's value, the stray 421, the other structures (550, 600, 850) and unknown
+    values as background; consecutive: 1..4 and the SIFA files' fifth structure (5) as background. A map
+    of background only is no error; a map of unknown values only is (another convention's), and so is
+    a fractional value."""
+    raw = np.array([0, 205, 420, 421, 500, 820, 550, 600, 850, 7])
+    assert MMWHS.encode(raw).tolist() == [0, 1, 2, 2, 3, 4, 0, 0, 0, 0]
+    assert MMWHS.decode(np.arange(5)).tolist() == [0, 205, 420, 500, 820]
+    assert CONSECUTIVE.encode(np.arange(6)).tolist() == [0, 1, 2, 3, 4, 0]
+    assert MMWHS.encode(np.zeros((2, 3), np.int16)).tolist() == [[0] * 3] * 2
+    with pytest.raises(VaeudaError, match=r"^m: none of its label values \(1, 3\) is a structure of the 'mmwhs' "
+                                          r"label mapping; is it in another label convention\?$"):
+        MMWHS.encode(np.array([0, 1, 3]), "m")
+    with pytest.raises(VaeudaError, match=r"^m: label values must be whole numbers, found fractional"):
+        CONSECUTIVE.encode(np.array([0.0, 1.5]), "m")

@@ -158,3 +158,124 @@ def test_an_input_whose_segmentation_name_is_too_long_is_refused_before_the_mode
                                                     f"name first)")):
         segment_files(tmp_path / "no_model.safetensors", [path], tmp_path / "seg")
     assert not (tmp_path / "seg").exists()
+
+
+_CENTRES = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]).view(1, 5, 1, 1)
+_LEVELS_RECIPE = {"method": "fixed", "range": [0.0, 400.0]}        # intensity 100 k -> -1 + k / 2
+
+
+def _class_k_at_intensity_100k(x, domain):
+    """Stand-in for Seg(E(x)): class k where the middle slice's normalised value is -1 + k / 2 (the
+    intensity 100 k under _LEVELS_RECIPE), so the classes a segmentation shows are known voxel by voxel."""
+    return -50.0 * (x[:, 1:2] - _CENTRES) ** 2
+
+
+def _level_volume(tmp_volume, seed, fov_mm, size, permuted, name=None):
+    """A volume of intensities 0, 100, ..., 400 at random (0 most often), of fov_mm / size mm voxels in
+    x and z, ``size`` of them along x and ``size - 4`` along z: the field of view, centred, samples the
+    voxel centres (from two voxels before the first in z), so the round trip is exact; stretching the
+    x-z extent onto the slice instead would not be. ``permuted``: its array axes run along y, -z and x
+    (a direction matrix with a flip), not x, y, z."""
+    rng = np.random.default_rng(seed)
+    pixel = fov_mm / size
+    if permuted:     # sitk size (y 5, z 28, x 32): numpy (x, z, y)
+        shape, spacing, direction = (size, size - 4, 5), (2.0, pixel, pixel), (0, 0, 1, 1, 0, 0, 0, -1, 0)
+    else:            # sitk size (x 32, y 5, z 28): numpy (z, y, x)
+        shape, spacing, direction = (size - 4, 5, size), (pixel, 2.0, pixel), None
+    levels = rng.choice(5, size=shape, p=[0.6, 0.1, 0.1, 0.1, 0.1])
+    image = tmp_volume((100.0 * levels).astype(np.float32), spacing=spacing, origin=(-20.0, 7.0, 3.0),
+                       direction=direction, name=name)
+    return image, levels
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_segment_image_puts_each_voxels_class_back_on_the_input_grid(net_and_slices, monkeypatch, tmp_volume,
+                                                                      permuted):
+    """With a stand-in network whose class follows the normalised intensity, every voxel of the result
+    is the class of its own intensity, on the input's exact grid: the slices are cut with the model's
+    normalisation (not the default z-score, which here gives other classes) and field of view, and
+    the probabilities of slice j, row r, column c go back to that voxel (no slice order reversed, no
+    rows and columns swapped), also for an input whose array axes are permuted and flipped."""
+    net, meta, _ = net_and_slices
+    monkeypatch.setattr(net, "segment_logits", _class_k_at_intensity_100k)
+    image, levels = _level_volume(tmp_volume, 5, net.cfg.slice_fov_mm, net.cfg.input_size, permuted)
+    model_meta = dict(meta, normalisation=_LEVELS_RECIPE)
+    classes = predict.segment_image(net, model_meta, image, torch.device("cpu"))
+    assert classes.GetSize() == image.GetSize() and classes.GetSpacing() == image.GetSpacing()
+    assert classes.GetOrigin() == image.GetOrigin() and classes.GetDirection() == image.GetDirection()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(classes), levels)
+    default = predict.segment_image(net, meta, image, torch.device("cpu"))     # z-scored: another map
+    assert not np.array_equal(sitk.GetArrayFromImage(default), levels)
+
+
+def test_segment_files_passes_its_settings_and_writes_each_input_in_the_models_convention(
+        net_and_slices, monkeypatch, tmp_volume, tiny_source_model, tmp_path):
+    """Two inputs on different grids, one batch size, domain and bf16 setting: every batch of every input
+    goes through the encoder asked for (source, though the model is adapted), in batches of 2, with
+    cpu_bf16; each output lies on its own input's grid and holds that input's classes written in the
+    model's convention (consecutive here: the class indices themselves, not MM-WHS values)."""
+    from vaeuda.labels import CONSECUTIVE
+    net, meta, _ = net_and_slices
+    monkeypatch.setattr(net, "segment_logits", _class_k_at_intensity_100k)
+    adapted = dict(meta, stage="adapted", has_target_encoder=True, normalisation=_LEVELS_RECIPE,
+                   labels=dict(meta["labels"], convention=CONSECUTIVE.to_dict()))
+    monkeypatch.setattr(predict, "load_model", lambda path, device: (net, adapted))
+    calls, real = [], predict.slice_probabilities
+
+    def spy(net, slices, domain, device, batch_size=16, cpu_bf16=False):
+        calls.append((slices.shape[0], domain, batch_size, cpu_bf16))
+        return real(net, slices, domain, device, batch_size, cpu_bf16)
+
+    monkeypatch.setattr(predict, "slice_probabilities", spy)
+    inputs = [_level_volume(tmp_volume, seed, net.cfg.slice_fov_mm, net.cfg.input_size, permuted, name)
+              for seed, permuted, name in ((1, False, "a_image.nii.gz"), (2, True, "b_image.nii.gz"))]
+    out = tmp_path / "seg"
+    written = predict.segment_files(tiny_source_model, [path for path, _ in inputs], out, device="cpu",
+                                    batch_size=2, domain="source", cpu_bf16=True)
+    assert written == [out / "a_image_seg.nii.gz", out / "b_image_seg.nii.gz"]
+    assert calls == [(5, "source", 2, True), (5, "source", 2, True)]
+    for (path, levels), seg_path in zip(inputs, written):
+        seg, image = sitk.ReadImage(str(seg_path)), sitk.ReadImage(str(path))
+        assert seg.GetSize() == image.GetSize() and seg.GetSpacing() == image.GetSpacing()
+        assert seg.GetOrigin() == image.GetOrigin() and seg.GetDirection() == image.GetDirection()
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), levels)
+
+
+def test_a_later_input_too_wide_for_nifti_is_refused_before_anything_is_written(tiny_source_model, tmp_volume,
+                                                                               tmp_path):
+    """Every input is checked, not only the first: the second one's segmentation could not be written."""
+    first = tmp_volume(np.zeros((6, 7, 8), np.float32) + np.arange(8, dtype=np.float32), name="a_image.nii.gz")
+    wide = tmp_path / "wide.nrrd"
+    sitk.WriteImage(sitk.Image([40000, 2, 2], sitk.sitkFloat32) + 1.5, str(wide))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(wide))}: 40000 x 2 x 2 voxels; its output would be a "
+                                          f"NIfTI file"):
+        predict.segment_files(tiny_source_model, [first, wide], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_name_limit_counts_bytes_and_allows_exactly_240(tmp_path):
+    """A 229-byte stem gives a 240-byte segmentation name: allowed (the refusal that follows is the missing
+    model's). 117 two-byte characters are 234 bytes, 245 with '_seg.nii.gz', though only 128 characters."""
+    from vaeuda.predict import segment_files
+    model = tmp_path / "no_model.safetensors"
+    fits = tmp_path / ("c" * 229 + ".nii.gz")
+    sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkInt16), str(fits))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(model))}: model file not found"):
+        segment_files(model, [fits], tmp_path / "seg")
+    wide = tmp_path / ("\u00e9" * 117 + ".nii.gz")
+    sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkInt16), str(wide))
+    with pytest.raises(VaeudaError, match=re.escape(f"{wide}: its segmentation's name (245 bytes with '_seg.nii.gz') "
+                                                    f"is longer than an output's may be (240")):
+        segment_files(model, [wide], tmp_path / "seg")
+    assert not (tmp_path / "seg").exists()
+
+
+@pytest.mark.parametrize("setting, message", [({"domain": "Source"}, "--domain must be one of source, target"),
+                                              ({"batch_size": 0}, "--batch-size must be a whole number of at least 1")])
+def test_bad_settings_of_segment_files_are_refused_before_the_model_is_read(tmp_volume, tmp_path, setting, message):
+    """Before the model file is looked for and the first input read, not after (when the model has loaded)."""
+    from vaeuda.predict import segment_files
+    image = tmp_volume(name="ct_image.nii.gz")
+    with pytest.raises(VaeudaError, match=f"^{re.escape(message)}"):
+        segment_files(tmp_path / "no_model.safetensors", [image], tmp_path / "seg", **setting)
+    assert not (tmp_path / "seg").exists()
