@@ -100,3 +100,72 @@ def test_gan_loss_vanilla_values_summed_over_scales():
     # real: 2 scales * ln(1 + e^-2) = 2 * 0.1269 = 0.2539 ; fake: 2 * ln(1 + e^2) = 2 * 2.1269 = 4.2539
     assert abs(float(gan_loss(scores, True, "vanilla")) - 2 * math.log1p(math.exp(-2))) < 1e-5
     assert abs(float(gan_loss(scores, False, "vanilla")) - 2 * math.log1p(math.exp(2))) < 1e-5
+
+
+def test_reconstruction_against_a_non_zero_target_over_channels_with_its_gradient():
+    """Mean absolute difference over every pixel and channel against a non-zero target (catches
+    |x_hat + x| -> 1.25 and a sum over channels -> 2.0): |0-1|, |1+1|, |2-2|, |-0.5-0.5| = 1, 2, 0, 1,
+    mean 1.0; its gradient is sign(x_hat - x) / 4 = -0.25, 0.25, 0, -0.25."""
+    x = torch.tensor([1.0, -1.0, 2.0, 0.5]).view(1, 2, 1, 2)
+    x_hat = torch.tensor([0.0, 1.0, 2.0, -0.5]).view(1, 2, 1, 2).requires_grad_()
+    loss = reconstruction(x_hat, x)
+    assert float(loss.detach()) == pytest.approx(1.0)
+    loss.backward()
+    assert x_hat.grad.flatten().tolist() == pytest.approx([-0.25, 0.25, 0.0, -0.25])
+
+
+def test_kl_gradient_by_hand():
+    """d KL / d mu = mu / N and d KL / d logvar = 0.5 (e^logvar - 1) / N over the N = 4 elements
+    (catches a term of the KL cut off from the graph, which leaves its value unchanged)."""
+    mu = torch.tensor([0.0, 1.0, -0.5, 2.0]).view(1, 4, 1, 1).requires_grad_()
+    logvar = torch.tensor([0.0, -1.0, 0.7, 0.3]).view(1, 4, 1, 1).requires_grad_()
+    kl_to_standard_normal(mu, logvar).backward()
+    assert mu.grad.flatten().tolist() == pytest.approx([0.0, 0.25, -0.125, 0.5])
+    expected = [0.125 * (math.exp(v) - 1) for v in (0.0, -1.0, 0.7, 0.3)]
+    assert logvar.grad.flatten().tolist() == pytest.approx(expected)
+
+
+def test_segmentation_loss_value_and_gradient_match_the_formula():
+    """Value and gradient against Eq. 2 written out: 1 - mean over classes 1-4 of
+    (2 sum p_k y_k + eps) / (sum p_k + sum y_k + eps) over the batch, plus the weighted CE
+    sum(w_y * -log p_y) / sum(w_y) (catches either term cut off from the graph, which keeps
+    the value but trains on the other term only)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 3, 3, generator=g)
+    target = torch.randint(0, 4, (2, 3, 3), generator=g)          # class 4 absent
+    weights = torch.tensor([0.5, 2.0, 1.0, 1.5, 1.0])
+    got_logits = logits.clone().requires_grad_()
+    got = SegmentationLoss(weights.tolist())(got_logits, target)
+    got.backward()
+    ref_logits = logits.clone().requires_grad_()
+    p = torch.softmax(ref_logits, dim=1)
+    y = torch.nn.functional.one_hot(target, 5).permute(0, 3, 1, 2).float()
+    eps = 1e-5                                                  # MONAI's smooth_nr = smooth_dr
+    inter, sizes = (p * y).sum(dim=(0, 2, 3)), (p + y).sum(dim=(0, 2, 3))
+    dice = (1 - (2 * inter[1:] + eps) / (sizes[1:] + eps)).mean()
+    w = weights[target]
+    ce = (w * -torch.log(p.gather(1, target.unsqueeze(1)).squeeze(1))).sum() / w.sum()
+    expected = dice + ce
+    expected.backward()
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), abs=1e-5)
+    assert got_logits.grad.flatten().tolist() == pytest.approx(ref_logits.grad.flatten().tolist(), abs=1e-6)
+
+
+def test_gan_loss_gradient_and_unknown_mode():
+    """The least-squares term's gradient is 2 (s - label) / patches: 2 * (0.5 - 1) / 4 = -0.25 per
+    patch of the first scale (catches a score cut off from the graph). An unknown mode is refused
+    rather than read as one of the two."""
+    s = torch.full((1, 1, 2, 2), 0.5, requires_grad=True)
+    gan_loss([s], True).backward()
+    assert s.grad.flatten().tolist() == pytest.approx([-0.25] * 4)
+    for mode in ("hinge", "LSGAN", ""):
+        with pytest.raises(ValueError, match=f"^unknown gan mode {mode}$"):
+            gan_loss([torch.zeros(1, 1, 2, 2)], True, mode)
+
+
+def test_gan_loss_vanilla_is_stable_for_a_saturated_discriminator():
+    """BCE on logits stays exact where the sigmoid saturates in float32: a fake scored 20 costs
+    ln(1 + e^20) = 20.000000002, not the clamped 100 of BCE on sigmoid(20) = 1.0; a real one
+    scored -20 likewise."""
+    assert float(gan_loss([torch.full((1, 1, 2, 2), 20.0)], False, "vanilla")) == pytest.approx(20.0, abs=1e-5)
+    assert float(gan_loss([torch.full((1, 1, 2, 2), -20.0)], True, "vanilla")) == pytest.approx(20.0, abs=1e-5)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -111,6 +112,38 @@ def test_empty_cases():
     assert math.isnan(metrics.assd(empty, full, (1, 1, 1)))
 
 
+def test_undefined_assd_is_nan_without_a_warning():
+    """One mask empty: ASSD is NaN by decision, not by averaging an empty set of distances (which
+    would also give NaN, with a RuntimeWarning for every missing structure of every volume)."""
+    empty = np.zeros((5, 5, 5), dtype=bool)
+    full = empty.copy()
+    full[1:4, 1:4, 1:4] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(metrics.assd(full, empty, (1, 1, 1)))
+        assert math.isnan(metrics.assd(empty, full, (2, 1, 1)))
+
+
+def test_mismatched_shapes_spacing_and_dimensions_are_refused():
+    """Masks of different shapes would broadcast (a (1, 5, 5) slab against a (5, 5, 5) volume gives a
+    Dice of 2*25/(25+125) = 1/3 without a word); a spacing of the wrong length is refused even for
+    empty masks; evaluate_volume takes two 3D class maps of one shape only."""
+    slab, volume_mask = np.ones((1, 5, 5), dtype=bool), np.ones((5, 5, 5), dtype=bool)
+    with pytest.raises(ValueError, match=r"^mask shapes differ: \(1, 5, 5\) vs \(5, 5, 5\)$"):
+        metrics.dice(slab, volume_mask)
+    with pytest.raises(ValueError, match="^mask shapes differ"):
+        metrics.assd(slab, volume_mask, (1, 1, 1))
+    empty = np.zeros((5, 5, 5), dtype=bool)
+    with pytest.raises(ValueError, match=r"^spacing has 2 entries for a 3-D mask$"):
+        metrics.assd(empty, empty, (1, 1))
+    with pytest.raises(ValueError, match=r"^spacing has 2 entries for a 3-D mask$"):
+        metrics.assd(volume_mask, volume_mask, (1, 1))
+    with pytest.raises(VaeudaError, match="must be the same 3D shape"):
+        metrics.evaluate_volume(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 5), np.uint8), (1, 1, 1))
+    with pytest.raises(VaeudaError, match="must be the same 3D shape"):
+        metrics.evaluate_volume(np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8), (1, 1))
+
+
 # ----------------------------------------------------------------------------- largest component
 
 def test_largest_component_uses_26_connectivity():
@@ -128,6 +161,19 @@ def test_largest_component_uses_26_connectivity():
     kept = metrics.largest_component(mask)
     assert kept.sum() == 5 and kept[5, 3, 5] and not kept[0, 0, 0]
     assert not metrics.largest_component(np.zeros((3, 3, 3), dtype=bool)).any()
+
+
+def test_largest_component_returns_a_new_mask():
+    """The result is never the caller's array, also when there is one component or none: clearing it
+    leaves the input as it was."""
+    one, two = np.zeros((4, 4, 4), dtype=bool), np.zeros((4, 4, 4), dtype=bool)
+    one[1:3, 1:3, 1:3] = True
+    two[0, 0, 0:2] = two[3, 3, 3] = True
+    for mask in (np.zeros((4, 4, 4), dtype=bool), one, two):
+        before = mask.copy()
+        kept = metrics.largest_component(mask)
+        kept[...] = False
+        np.testing.assert_array_equal(mask, before)
 
 
 def test_a_reference_piece_the_prediction_misses_counts_against_it():
@@ -215,6 +261,27 @@ def test_summarise_reproduces_paper_table1_mean_std():
     assert 100 * s["Mean"]["dice"]["std"] == pytest.approx(7.11, abs=0.005)
 
 
+def test_summarise_volume_means_leave_out_undefined_assd():
+    """std_of_volume_means averages each volume over its defined ASSDs only, and skips a volume with
+    none: volumes (all NaN), (1, 3, 1, 3), (4, 4, 4, 4) have means 2 and 4 -> std 1 (NaN counted as
+    0 would give means 0, 2, 4). The pooled cell: 1, 3, 1, 3, 4, 4, 4, 4 -> mean 3, squared
+    deviations 12 -> std sqrt(12/8). A summary with no defined ASSD at all has NaN throughout."""
+    nan = float("nan")
+    s = metrics.summarise([volume([0.5] * 4, [nan] * 4), volume([0.5] * 4, [1.0, 3.0, 1.0, 3.0]),
+                           volume([0.5] * 4, [4.0] * 4)])
+    cell = s["Mean"]["assd_vox"]
+    assert cell["std_of_volume_means"] == pytest.approx(1.0)
+    assert s["Mean"]["assd_mm"]["std_of_volume_means"] == pytest.approx(2.0)
+    assert cell["mean"] == pytest.approx(3.0)
+    assert cell["std"] == pytest.approx(math.sqrt(12 / 8))
+    assert (cell["n"], cell["n_missing"]) == (8, 4)
+    assert s["Mean"]["dice"]["std_of_volume_means"] == 0.0
+    undefined = metrics.summarise([volume([0.5] * 4, [nan] * 4)])["Mean"]["assd_vox"]
+    assert math.isnan(undefined["mean"]) and math.isnan(undefined["std"])
+    assert math.isnan(undefined["std_of_volume_means"])
+    assert (undefined["n"], undefined["n_missing"]) == (0, 4)
+
+
 def test_table_markdown_layout():
     a, b = two_cubes()
     per_volume = metrics.evaluate_volume(a.astype(np.uint8), b.astype(np.uint8), (1, 1, 1))
@@ -237,6 +304,8 @@ def test_table_markdown_layout():
     assert metrics.MISSING_MARK not in text
     mm = metrics.table_markdown(rows, metrics=("assd_mm",))
     assert mm.splitlines()[0] == "|  | ASSD [mm] |  |  |  |  |"
+    with pytest.raises(ValueError, match="^unknown metric 'hd95'; expected one of dice, assd_vox, assd_mm$"):
+        metrics.table_markdown(rows, metrics=("dice", "hd95"))
 
 
 def test_table_marks_cells_with_missing_assd_and_empty_cells():
