@@ -329,3 +329,63 @@ def test_a_folder_given_as_labels_is_refused_as_such(tmp_volume, tmp_path):
     tmp_volume(np.zeros((6, 7, 8), np.uint8), name="a_label.nii.gz")
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path))}: is a folder; --labels takes label files"):
         find_pairs([str(image)], [str(tmp_path)])
+
+
+def _require_case_sensitive_names(folder) -> None:
+    """Skip where names differing only in case are one file (macOS, Windows by default)."""
+    (folder / "case_probe").write_bytes(b"")
+    if (folder / "CASE_PROBE").exists():
+        pytest.skip("the file system here does not tell names apart by case")
+    (folder / "case_probe").unlink()
+
+
+def test_the_label_spelt_as_its_image_wins_over_other_case_variants(tmp_path, tmp_volume):
+    """X_IMAGE pairs with X_LABEL, b_Image with b_Label, even where an X_label / b_label lies beside
+    them too (a case-sensitive file system): catches the role spelt in lower case whatever the image's."""
+    _require_case_sensitive_names(tmp_path)
+    upper = tmp_volume(_ramp_image(), name="A_IMAGE.nii.gz")
+    upper_label = tmp_volume(_plane_labels(), name="A_LABEL.nii.gz")
+    tmp_volume(_plane_labels(), name="A_label.nii.gz")
+    title = tmp_volume(_ramp_image(), name="b_Image.nii.gz")
+    title_label = tmp_volume(_plane_labels(), name="b_Label.nii.gz")
+    tmp_volume(_plane_labels(), name="b_label.nii.gz")
+    assert find_pairs([str(upper), str(title)]) == [(upper, upper_label), (title, title_label)]
+
+
+def test_two_case_variants_of_the_label_are_not_guessed_between(tmp_path, tmp_volume):
+    """a_image beside a_LABEL and a_Label (no a_label): which is meant is unknown, so the label is
+    not found, rather than one of them taken at random."""
+    _require_case_sensitive_names(tmp_path)
+    image = tmp_volume(_ramp_image(), name="a_image.nii.gz")
+    for name in ("a_LABEL.nii.gz", "a_Label.nii.gz"):
+        tmp_volume(_plane_labels(), name=name)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(tmp_path / 'a_label.nii.gz'))}: label file not found\\.$"):
+        find_pairs([str(image)])
+
+
+def test_each_volume_is_cut_with_its_own_label(tmp_path, tmp_volume):
+    """Two volumes, two different labels: volume 1's slices carry label 1's planes (all background),
+    volume 0's carry label 0's (plane j holds class j % 5, plane 0 none). Catches every volume read
+    with the first label, and the files list not kept in the set."""
+    image_a, label_a = _write_pair(tmp_volume, "a")
+    image_b = tmp_volume(_ramp_image(), name="b_image.nii.gz")
+    label_b = tmp_volume(np.zeros(SHAPE, np.int16), name="b_label.nii.gz")
+    data = load_slices([image_a, image_b], 8, None, DEFAULT_NORMALISATION, [label_a, label_b], MMWHS)
+    assert data.volume_index.tolist() == [0] * N_CORONAL + [1] * N_CORONAL
+    assert [int(s.max()) for s in data.labels] == [0, 1, 2, 3, 4, 0, 1, 2] + [0] * N_CORONAL
+    assert data.files == [str(image_a), str(image_b)]
+    assert data.sampling_weights().tolist() == [0.25, 1.0, 1.0, 1.0, 1.0, 0.25, 1.0, 1.0] + [0.25] * N_CORONAL
+
+
+def test_a_cohort_folder_holding_exactly_its_training_scans_is_taken(tmp_path):
+    """A folder holding all of splits.json's training scans and nothing else is what the refusal asks
+    for: taken (catches a strict subset test); one scan more is refused."""
+    import json
+    from vaeuda.data import SOURCE_TRAINING, _refuse_cohort_folder
+    (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1001", "mr_1002"]}, "ct": {}}))
+    for name in ("mr_1001_image.nii.gz", "mr_1001_label.nii.gz", "mr_1002_image.nii.gz", "mr_1002_label.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    _refuse_cohort_folder(tmp_path, SOURCE_TRAINING)
+    (tmp_path / "ct_1001_image.nii.gz").write_bytes(b"")
+    with pytest.raises(VaeudaError, match=re.escape(f"{tmp_path}: is a cohort's folder")):
+        _refuse_cohort_folder(tmp_path, SOURCE_TRAINING)

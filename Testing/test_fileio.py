@@ -445,3 +445,73 @@ def test_an_output_folder_of_a_long_legal_name_is_staged_under_a_name_that_fits(
         assert len(staging.name.encode("utf-8")) <= 255
         (staging / "a.txt").write_text("a")
     assert (out / "a.txt").read_text() == "a" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_atomic_path_writes_under_a_hidden_temporary_name_then_renames_it(tmp_path):
+    """The temporary file lies beside the output, hidden (a leading dot, so a folder scan takes it for no
+    scan), with the output's full suffix after .part (writers choose the format by it); on success it
+    becomes the output with an ordinary new file's mode (umask), not mkstemp's 0600 or a writer's own."""
+    out = tmp_path / "seg.nii.gz"
+    old = os.umask(0o022)
+    try:
+        with fileio.atomic_path(out) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".seg.") and tmp.name.endswith(".part.nii.gz")
+            assert not out.exists()
+            assert os.stat(tmp).st_mode & 0o777 == 0o644          # umask 022 from the start
+            tmp.write_bytes(b"new")
+            os.chmod(tmp, 0o600)                                  # (safetensors' save_file makes it private)
+    finally:
+        os.umask(old)
+    assert out.read_bytes() == b"new" and os.stat(out).st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.nii.gz"]
+
+
+def test_atomic_path_leaves_the_old_output_and_no_temporary_file_when_the_work_fails(tmp_path):
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.atomic_path(out) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_the_training_hold_is_taken_once_per_thread_and_let_go_at_its_end(tmp_path):
+    """model_output_held goes on under this thread's own hold; another thread is refused while it lasts,
+    and once it has ended the model file can be held again in the same process."""
+    import threading
+    out = tmp_path / "m.safetensors"
+    refused = []
+
+    def other():
+        try:
+            with fileio.model_output_held(out):
+                pass
+        except VaeudaError as exc:
+            refused.append(str(exc))
+    with fileio.exclusive_model_output(out):
+        with fileio.model_output_held(out):          # the command line's hold, then the training function's
+            pass
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert len(refused) == 1 and "another running vaeuda is training this model" in refused[0]
+    assert os.path.realpath(fileio._lock_path(out)) not in fileio._HELD_OUTPUTS
+    with fileio.model_output_held(out):              # a new hold, taken and let go
+        assert os.path.exists(fileio._lock_path(out))
+    assert not os.path.exists(fileio._lock_path(out))
+
+
+def test_an_output_name_of_exactly_the_longest_length_is_taken(tmp_path):
+    """240 bytes (255 less the temporary name's 15) is allowed, 241 refused: catches `>=`."""
+    assert fileio.MAX_OUTPUT_NAME_BYTES == 240
+    check_output_file(tmp_path / ("a" * 236 + ".mha"))
+    with pytest.raises(VaeudaError, match="its name is 241 bytes; an output's may have at most 240"):
+        check_output_file(tmp_path / ("a" * 237 + ".mha"))
+
+
+def test_the_double_suffix_is_found_in_any_case():
+    """SCAN_IMAGE.NII.GZ is a .nii.gz volume (suffix kept as spelt), not a .GZ one whose stem ends .NII."""
+    assert fileio.full_suffix("a/SCAN_IMAGE.NII.GZ") == ".NII.GZ" and fileio.stem("a/SCAN_IMAGE.NII.GZ") == "SCAN_IMAGE"
+    assert fileio.full_suffix("x.Nii.Gz") == ".Nii.Gz" and fileio.full_suffix("x.mha") == ".mha"
