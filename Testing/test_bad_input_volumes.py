@@ -266,11 +266,12 @@ def test_truncated_metaimage_is_refused_before_itk(tmp_path, capfd, suffix, comp
     assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), array)   # the whole file reads
     data_path = path if suffix == ".mha" else path.with_suffix(".zraw" if compress else ".raw")
     data = data_path.read_bytes()
-    data_path.write_bytes(data[:-7])
-    capfd.readouterr()
-    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: the file is truncated"):
-        read_image(path)
-    assert capfd.readouterr().err == ""                      # nothing from MetaIO
+    for cut in (7, 1):                                       # (1: the size check is exact to the byte)
+        data_path.write_bytes(data[:-cut])
+        capfd.readouterr()
+        with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: the file is truncated"):
+            read_image(path)
+        assert capfd.readouterr().err == ""                  # nothing from MetaIO
     data_path.write_bytes(data)
     assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), array)   # the check is exact
 
@@ -619,6 +620,8 @@ def _nifti_with(tmp_path, name, at, fmt, value):
     (108, "<f", 100.0, r"vox_offset 100.0 is inside the header or not a number"),         # header read as voxels
     (72, "<h", 64, r"bitpix 64 for datatype 16, which has 32"),                           # half the voxels 0
     (268, "<f", float("nan"), r"its position \(qoffset or sform\) is not a number"),      # read as origin 0
+    (108, "<f", 348.0, r"vox_offset 348.0 is inside the header or not a number"),         # the 4 extension bytes
+    (292, "<f", float("nan"), r"its position \(qoffset or sform\) is not a number"),      # srow_x[3], sform_code 1
 ])
 def test_a_nifti_header_that_contradicts_itself_is_refused(tmp_path, at, fmt, value, reason):
     path = _nifti_with(tmp_path, "v.nii", at, fmt, value)
@@ -632,6 +635,7 @@ def test_a_nifti_header_that_contradicts_itself_is_refused(tmp_path, at, fmt, va
     ("NDims = 3\nDimSize = 4 2.5 4\n", r"DimSize = 4 2.5 4, not 3 whole positive numbers"),
     ("NDims = 3\nDimSize = 4 4 4\nElementSpacing = 1 nan 1\n", r"ElementSpacing = 1 nan 1, not 3 numbers"),
     ("NDims = 3\nDimSize = 4 4 4\nOffset = inf 0 0\n", r"Offset = inf 0 0, not 3 numbers"),
+    ("NDims = 3\nDimSize = 4 4 4\nElementSpacing = 1 0 1\n", r"ElementSpacing = 1 0 1: a spacing must be positive"),
 ])
 def test_a_metaimage_header_metaio_would_misread_is_refused(tmp_path, header, reason):
     """NDims = 100 with a 3x3 matrix aborted the process (double free in MetaIO); a zero size gave a
@@ -667,6 +671,10 @@ def test_detached_headers_refuse_a_pipe_for_data_and_an_empty_file_list(tmp_path
     ("spacings: 1 nan 2\n", r"records no spacing along axis 1 \(NaN, 0 or negative\)"),
     ("", r"records no spacings"),
     ("space: left-posterior-superior\nspace directions: none none none\n", r"gives spatial axis 0 no direction \('none'\)"),
+    ("spacings: 1 0 2\n", r"records no spacing along axis 1 \(NaN, 0 or negative\)"),
+    ("kinds: domain domain time\nspacings: 1 1 nan\n", r"records no spacing along axis 2 \(NaN, 0 or negative\)"),
+    ("space: left-posterior-superior\nspace directions: (1,0,0) (0,0,0) (0,0,1)\n",
+     r"gives spatial axis 1 the direction \(0,0,0\)"),
 ])
 def test_a_nrrd_without_a_voxel_spacing_is_refused_as_nifti_is(tmp_path, geometry, reason):
     """ITK reads a missing or NaN spacing as 1 mm, as it does a NIfTI pixdim of 0, which is refused."""
@@ -756,3 +764,41 @@ def test_only_the_main_thread_holds_the_processs_stderr(capfd):
     worker.start()
     worker.join()
     assert seen == [""] and capfd.readouterr().err == "from a thread\n"
+
+
+@pytest.mark.parametrize("name", ["short.nii", "short.nii.gz"])
+def test_a_nifti_one_byte_short_is_truncated(tmp_path, tmp_volume, name):
+    """The size check is exact: the voxel data end one byte before the header's 352 + 4 x 120 bytes
+    (a whole gzip stream of those bytes, for .nii.gz: its trailer's size differs, the inflated size
+    is counted)."""
+    path = tmp_volume(np.arange(120, dtype=np.float32).reshape(4, 5, 6), name=name)
+    raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+    assert len(raw) == 352 + 4 * 120
+    path.write_bytes(gzip.compress(raw[:-1]) if name.endswith(".gz") else raw[:-1])
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: the file is truncated"):
+        read_image(path)
+
+
+def test_a_nifti2_cut_inside_its_540_byte_header_is_called_truncated(tmp_path):
+    """A NIfTI-2 header (size field 540) cut after 400 bytes: longer than a NIfTI-1 header, still
+    inside its own; ITK finds no reader, and the sentence is the truncated file's."""
+    path = tmp_path / "cut2.nii"
+    path.write_bytes((struct.pack("<i", 540) + b"n+2\0\r\n\x1a\n").ljust(400, b"\0"))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: the file is truncated"):
+        read_image(path)
+
+
+def test_nifti_output_size_limit_is_32767_voxels_an_axis():
+    """NIfTI-1's dim[] is int16: 32767 voxels along an axis can be written, 32768 cannot."""
+    volumes.require_nifti_size(sitk.Image([32767, 2, 2], sitk.sitkUInt8), "fits")
+    with pytest.raises(VaeudaError, match=r"^long: 32768 x 2 x 2 voxels; its output would be a NIfTI file, which "
+                                          r"holds at most 32767 voxels along an axis\.$"):
+        volumes.require_nifti_size(sitk.Image([32768, 2, 2], sitk.sitkUInt8), "long")
+
+
+def test_a_class_index_the_convention_has_no_value_for_is_not_written(tmp_path):
+    """Class 5 with the 5 values of MM-WHS (classes 0..4): refused, nothing written."""
+    classes = sitk.GetImageFromArray(np.array([0, 1, 2, 3, 4, 5], np.uint8).reshape(1, 2, 3))
+    with pytest.raises(ValueError, match="class index 5 has no value in the 'mmwhs' convention"):
+        write_label(classes, tmp_path / "out.nii.gz", MMWHS)
+    assert not (tmp_path / "out.nii.gz").exists()

@@ -103,10 +103,10 @@ def test_record_with_wrong_sizes_or_label_values_is_refused(tmp_path):
     path.write_bytes(_record(_sample(image, image, dsize_dim0=[5])))
     with pytest.raises(VaeudaError, match=r"record 0 has 288 bytes of 'data_vol', not the 360"):
         read_tfrecords(path)
-    label = np.full((4, 6, 3), 7.0)
-    path.write_bytes(_record(_sample(image, label)))
-    with pytest.raises(VaeudaError, match=r"record 0 label values 7 are outside 0..5"):
-        read_tfrecords(path)
+    for value in (7, 6, -1):                    # (6: one past the release's ignored 5; -1 would wrap to 255)
+        path.write_bytes(_record(_sample(image, np.full((4, 6, 3), float(value)))))
+        with pytest.raises(VaeudaError, match=f"record 0 label values {value} are outside 0..5"):
+            read_tfrecords(path)
     path.write_bytes(_record(b"\x0a\xff\xff"))  # a length that runs past the end
     with pytest.raises(VaeudaError, match="record 0 is not a valid tf.train.Example"):
         read_tfrecords(path)
@@ -133,6 +133,9 @@ def test_empty_file_and_record_without_the_image_are_refused(tmp_path):
     ({"dsize_dim0": [3], "dsize_dim1": [4], "dsize_dim2": [6]}, r"the sizes \(3, 4, 6\)"),           # channels first
     ({"dsize_dim0": [2 ** 62 + 49152], "dsize_dim1": [4]}, r"H and W at most 4096"),           # overflows int64 products
     ({"dsize_dim0": [-4], "dsize_dim1": [-6]}, r"the sizes \(-4, -6, 3\)"),
+    ({"dsize_dim0": [0]}, r"the sizes \(0, 6, 3\)"),                                          # an empty slice
+    ({"dsize_dim0": [4097]}, r"the sizes \(4097, 6, 3\); .* H and W at most 4096"),          # one past the limit
+    ({"dsize_dim0": [4, 4]}, r"record 0 lacks 'data_vol' or its whole-number sizes dsize_dim0..2"),   # two values
 ])
 def test_record_sizes_that_are_not_a_released_slice_are_refused(tmp_path, sizes, what):
     """The bytes would fit each of these shapes (or overflow) but the slice would be garbage."""
@@ -176,6 +179,38 @@ def test_record_cut_inside_its_last_crc_is_truncated(tmp_path):
     path.write_bytes(_record(_sample(np.zeros((4, 6, 3), np.float32), np.zeros((4, 6, 3), np.float32)))[:-2])
     with pytest.raises(VaeudaError, match="record 0 is truncated"):
         read_tfrecords(path)
+
+
+def test_record_cut_inside_its_length_crc_is_truncated(tmp_path):
+    """A record of 10 bytes: its length whole, the CRC of the length cut to 2 bytes."""
+    path = tmp_path / "cut.tfrecords"
+    path.write_bytes(_record(_sample(np.zeros((4, 6, 3), np.float32), np.zeros((4, 6, 3), np.float32)))[:10])
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: record 0 is truncated \\(file is incomplete\\)\\.$"):
+        read_tfrecords(path)
+
+
+def test_example_fields_by_hand():
+    """The wire format's corners: a bytes_list of two values gives its first; int64 at both ends of
+    its range; one unpacked fixed32 float (wire type 5) after another; an unknown fixed64 field (wire
+    type 1, 8 bytes) skipped."""
+    two = _field(1, b"name") + _field(2, _field(1, _field(1, b"first") + _field(1, b"second")))
+    fixed32 = bytes([1 << 3 | 5]) + struct.pack("<f", 1.5)              # FloatList.value, unpacked
+    floats = _field(1, b"spacing") + _field(2, _field(2, fixed32 + fixed32))
+    fixed64 = bytes([7 << 3 | 1]) + struct.pack("<d", 2.0)              # Example field 7: not ours
+    example = _field(1, _field(1, two) + _field(1, floats)) + fixed64 + _example({"ints": [-2 ** 63, -1, 2 ** 63 - 1]})
+    assert parse_example(example) == {"name": b"first", "spacing": [1.5, 1.5], "ints": [-2 ** 63, -1, 2 ** 63 - 1]}
+
+
+@pytest.mark.parametrize("payload", [
+    _field(1, _field(1, _field(1, b"name") + _field(2, _field(1, _field(1, b"value")))))[:-1],   # the last byte cut
+    bytes([7 << 3 | 1]) + b"\0\0\0",                 # a fixed64 of 3 bytes
+    bytes([7 << 3 | 5]) + b"\0\0",                    # a fixed32 of 2 bytes
+    b"\x80" * 10 + b"\x00\x00",                        # a key varint of 11 bytes (64 bits take 10)
+], ids=["length past the end", "fixed64 cut", "fixed32 cut", "varint too long"])
+def test_a_malformed_example_is_refused_not_read_short(payload):
+    """Fields that run past the message's end are malformed (a ValueError), never values cut short."""
+    with pytest.raises(ValueError):
+        parse_example(payload)
 
 
 def test_float_list_features_are_little_endian_float32():
@@ -261,6 +296,9 @@ def test_bad_npz_files(tmp_path):
     text = tmp_path / "strings.npz"
     np.savez(text, np.full((2, 2, 1), "a"), np.zeros((2, 2, 1)))
     with pytest.raises(VaeudaError, match="arr_0 and arr_1 must be numeric, found <U1 and float64"):
+        read_npz(text)
+    np.savez(text, np.zeros((2, 2, 1)), np.full((2, 2, 1), "a"))       # the label's type is checked too
+    with pytest.raises(VaeudaError, match="arr_0 and arr_1 must be numeric, found float64 and <U1"):
         read_npz(text)
     lone = tmp_path / "lone.npz"                    # np.save's .npy bytes under an .npz name
     with open(lone, "wb") as f:
@@ -509,6 +547,7 @@ def test_convert_notes_where_the_slices_break(tmp_path, capsys):
     ("flip without npz", r"--flip-test-volume flips SIFA's released \.npz test volumes, and none was given"),
     ("name with a folder", r"--name 'a/b' cannot name a volume: it must be a plain, visible file name"),
     ("name too long", r"--name 'aaaa.*' cannot name a volume: .* at most 227 bytes"),
+    ("name too long in bytes", r"--name 'éééé.*' cannot name a volume: .* at most 227 bytes"),   # 114 characters
     ("hidden npz", r"\.hidden\.npz: its name '\.hidden' cannot name a volume"),
     ("same name", r"example_mr and EXAMPLE_MR would both be written as EXAMPLE_MR_image\.nii\.gz"),
     ("sizes", r"large\.tfrecords: record 0 is a 8 x 6 slice, the first was 4 x 6; one volume needs one size"),
@@ -547,6 +586,7 @@ def test_convert_refuses_in_one_sentence_and_writes_nothing(mmwhs_samples, tmp_p
         "flip without npz": ([small], {"name": "x", "flip_test_volume": True}),
         "name with a folder": ([small], {"name": "a/b"}),
         "name too long": ([small], {"name": "a" * 228}),
+        "name too long in bytes": ([small], {"name": "é" * 114}),      # 228 bytes of UTF-8
         "hidden npz": ([tmp_path / ".hidden.npz"], {}),
         "same name": ([npz, tmp_path / "copy" / "EXAMPLE_MR.npz"], {}),
         "sizes": ([small, large], {"name": "x"}),

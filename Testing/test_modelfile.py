@@ -132,6 +132,11 @@ def test_files_of_other_kinds_are_named_for_what_they_are(tmp_path):
     never = "such files are never unpickled here"
     expected = {empty: "the file is empty", zipped: f"a ZIP archive, as torch.save and NumPy's .npz write; {never}",
                 pickled: f"a Python pickle, as older torch.save wrote; {never}"}
+    for protocol in (4, 5):                 # framed pickles: "\x80\x04\x95", "\x80\x05\x95" (pickle.dump's defaults)
+        framed = tmp_path / f"protocol{protocol}.pkl"
+        framed.write_bytes(pickle.dumps({"w": list(range(8))}, protocol=protocol))
+        assert framed.read_bytes()[:3] == bytes([0x80, protocol, 0x95])
+        expected[framed] = f"a Python pickle, as older torch.save wrote; {never}"
     for path, reason in expected.items():
         with pytest.raises(VaeudaError, match=f"^{re.escape(f'{path}: not a VAE-UDA model file ({reason}).')}$"):
             load_model(path)
@@ -281,6 +286,25 @@ def test_missing_file(tmp_path):
     (lambda m: m["provenance"].update(target_sha256=["0" * 64]), r"not one SHA-256 \(or null\) per target volume"),
     (lambda m: m["provenance"].update(finetune_sha256=[None]), r"not one SHA-256 \(or null\) per image and label"),
     (lambda m: m["provenance"].update(source_model_sha256="0" * 63), r"source_model_sha256 .* is not a SHA-256"),
+    # boundaries and the checks beside the ones above
+    (lambda m: m["provenance"].update(source_model_sha256="0" * 65), r"source_model_sha256 .* is not a SHA-256"),
+    (lambda m: m["provenance"].update(source_model_sha256="A" * 64), r"source_model_sha256 .* is not a SHA-256"),
+    (lambda m: m["provenance"].update(finetune_data=["/a.nii", "/b.nii"], finetune_labels=["/a_label.nii"],
+                                      finetune_sha256=["0" * 64, "1" * 64]),
+     r"the finetune_sha256 digests in its provenance are not one SHA-256 \(or null\) per image and label file"),
+    (lambda m: m.update(stage="adapted"), "has_target_encoder is False in a model of stage 'adapted'"),
+    (lambda m: m["train"].update(class_weights=[1, 1, 1, 1, 0]), "class_weights is not a list of 5 positive"),
+    (lambda m: m["train"].update(class_weights=[1, 1, 1, 1, float("inf")]), "class_weights is not a list of 5 positive"),
+    (lambda m: m["train"].update(class_weights=[True, 1, 1, 1, 1]), "class_weights is not a list of 5 positive"),
+    (lambda m: m.update(normalisation={"method": "fixed", "range": [0, 1], "clip_upper_percentile": 150}),
+     r"a clipping percentile of the intensity normalisation is 150, not one in \[0, 100\]"),
+    (lambda m: m["normalisation"].update(clip_upper_percentile=True),          # would clip at the 1st percentile
+     r"a clipping percentile of the intensity normalisation is True, not one in \[0, 100\]"),
+    (lambda m: m["normalisation"].update(clip_lower_percentile=50, clip_upper_percentile=50),   # every voxel one value
+     "clips at a lower percentile above its upper one"),
+    (lambda m: (m["labels"]["convention"]["from_index"].__setitem__(4, 2 ** 63),
+                m["labels"]["convention"]["to_index"].update({str(2 ** 63): 4})),
+     "a label value of its convention does not fit a 64-bit label file"),
 ])
 def test_edited_metadata_is_refused_in_one_sentence(saved, tmp_path, edit, message):
     """JSON that parses but lacks what the stages read, or holds values they cannot use (the
@@ -317,8 +341,10 @@ def _resave_with_header(saved, tmp_path, edit):
     (lambda h: h.update(format_version=" 2"), "format version ' 2' is not valid"),
     # not taken as unchecked-but-fine (catches skipping the comparison when the field is absent)
     (lambda h: h.pop("tensors_sha256"), "do not match their checksum"),
+    # the first version after this engine's (catches a bound off by one)
+    (lambda h: h.update(format_version="3"), r"format version 3 is not supported by this engine \(.*, format 2\)"),
 ], ids=["no format version", "format version 0", "format version not an integer", "format version not ASCII",
-        "format version with a space", "no checksum"])
+        "format version with a space", "no checksum", "next format version"])
 def test_edited_header_is_refused(saved, tmp_path, edit, message):
     with pytest.raises(VaeudaError, match=message):
         load_model(_resave_with_header(saved, tmp_path, edit))
@@ -355,6 +381,11 @@ def test_missing_weight_tensor_is_refused(saved, tmp_path):
     (lambda t: t.update({"net.seg.head.bias": t["net.seg.head.bias"].half()}),
      r"model weights do not fit its configuration \(1 tensor\(s\) missing, extra or of another shape or type, "
      r"e.g. net.seg.head.bias\)"),
+    (lambda t: t.update({"net.seg.head.bias": torch.full_like(t["net.seg.head.bias"], float("-inf"))}),
+     r"model weights hold NaN or infinite values \(e.g. net.seg.head.bias\); the file was altered or damaged"),
+    (lambda t: t.update({"net.seg.extra": torch.zeros(3)}),
+     r"model weights do not fit its configuration \(1 tensor\(s\) missing, extra or of another shape or type, "
+     r"e.g. net.seg.extra\)"),
     (lambda t: t.update({"optim.gen.0.step": torch.tensor(1.0)}),
      r"holds tensors a model file does not \(optim.gen.0.step, ...\): is it a training checkpoint\?"),
 ])
@@ -370,3 +401,65 @@ def test_weights_that_would_load_wrong_are_refused(saved, tmp_path, edit, messag
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(edited))}: {message}"):
         load_model(edited)
     assert main(["info", str(edited)]) == 2
+
+
+def test_save_model_fills_in_the_engine_version_and_format(saved):
+    """The metadata names the engine that wrote it (the module docstring's ``engine_version``), and
+    the header its format and version."""
+    from vaeuda import __version__
+    from vaeuda.modelfile import FORMAT_VERSION
+    _, meta, header = read_tensors(saved[1])
+    assert meta["engine_version"] == __version__ and "engine_version" not in REAL_META
+    assert header["format"] == "vaeuda-model" and header["format_version"] == str(FORMAT_VERSION)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("provenance"),
+    lambda m: m["train"].pop("gan_mode"),                  # read as lsgan
+    lambda m: m["train"].pop("class_weights"),
+    lambda m: (m["labels"]["convention"]["from_index"].__setitem__(4, -2 ** 63),   # the lowest int64 fits
+               m["labels"]["convention"]["to_index"].update({str(-2 ** 63): 4})),
+], ids=["no provenance", "no gan_mode", "no class_weights", "lowest int64 label value"])
+def test_metadata_without_its_optional_fields_loads(saved, tmp_path, edit):
+    """What check_metadata takes as absent-and-default (or at the edge of its range) is not refused
+    (catches a default dropped from a ``get``, or a range bound made strict)."""
+    from vaeuda.modelfile import save_tensors
+    tensors, meta, _ = read_tensors(saved[1])
+    edit(meta)
+    edited = tmp_path / "optional.safetensors"
+    save_tensors(edited, tensors, meta)
+    _, loaded = load_model(edited)
+    assert loaded == dict(meta)
+
+
+def test_checksum_covers_shapes_not_only_bytes(saved, tmp_path):
+    """A tensor reshaped under the old header (the same bytes, dtype and name) is refused by the
+    checksum, as a retyped one is (catches a digest without the shapes; the optimiser states of a
+    checkpoint have no other shape check)."""
+    from safetensors.torch import save_file
+    tensors, _, header = read_tensors(saved[1])
+    reshaped = dict(tensors, **{"net.seg.head.weight": tensors["net.seg.head.weight"].reshape(-1)})
+    path = tmp_path / "reshaped.safetensors"
+    save_file(reshaped, str(path), metadata=header)
+    with pytest.raises(VaeudaError, match="do not match their checksum"):
+        load_model(path)
+
+
+def test_a_header_read_to_its_length_is_parsed_as_json_not_searched(saved):
+    """A truncated file whose header is valid JSON of exactly its stated length is ours by that JSON,
+    even spaced as another writer may space it (the compact marker is not in it); a wild length with
+    our format's name in bytes that do not open a JSON object is not ours."""
+    import json
+    _, path = saved
+    whole = path.read_bytes()
+    length = int.from_bytes(whole[:8], "little")
+    spaced = json.dumps(json.loads(whole[8:8 + length]), indent=1).encode()
+    assert b'"format":"vaeuda-model"' not in spaced
+    path.write_bytes(len(spaced).to_bytes(8, "little") + spaced + whole[8 + length:-100])
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(path))}: a VAE-UDA model file that is truncated or "
+                                          r"damaged \(.*\); copy it again"):
+        load_model(path)
+    foreign = path.with_name("notes.safetensors")
+    foreign.write_bytes((2 ** 62).to_bytes(8, "little") + b'see "format":"vaeuda-model" ' * 4)
+    with pytest.raises(VaeudaError, match="not a VAE-UDA model file \\(not a readable safetensors file"):
+        load_model(foreign)

@@ -217,6 +217,79 @@ def test_slice_grid_spans_the_volume_edge_to_edge_by_hand(tmp_volume):
     assert grid.origin == pytest.approx((-9.5, 5.0, 30.5))
 
 
+def test_slice_grid_with_a_field_of_view_is_centred_by_hand(tmp_volume):
+    """The same 8 x 7 x 6 voxels of 1.0 x 1.5 x 2.0 mm from (-10, 5, 30), a 10 mm field in 4 x 4
+    slices: 2.5 mm pixels centred on the volume's middle (-6.5, ., 35), the first 1.5 pixels before
+    it: x -6.5 - 3.75 = -10.25, z 35 - 3.75 = 31.25 (catches z measured in x voxels)."""
+    grid = SliceGrid.from_image(tmp_volume(spacing=(1.0, 1.5, 2.0), origin=(-10.0, 5.0, 30.0)), 4, fov_mm=10.0).grid
+    assert grid.size == (4, 7, 4)
+    assert grid.spacing == pytest.approx((2.5, 1.5, 2.5))
+    assert grid.origin == pytest.approx((-10.25, 5.0, 31.25))
+
+
+def test_a_slightly_oblique_field_of_view_is_centred_on_the_volume_in_physical_space(tmp_volume):
+    """0.9 degrees oblique (sliced in its own frame) with a 300 mm field on a 20 mm volume: the grid's
+    middle sample is the volume's middle voxel centre, in mm; the offset of 140 mm from the first
+    sample goes along the rotated axes (a transposed or dropped direction puts it millimetres off)."""
+    direction = tuple(_rotation((1, 2, 3), 0.9).ravel())
+    image = tmp_volume(np.zeros((10, 6, 20), np.float32), spacing=(1.0, 1.5, 2.0), origin=(-10.0, 5.0, 30.0),
+                       direction=direction)
+    slicing = SliceGrid.from_image(image, 15, fov_mm=300.0)
+    g = slicing.grid
+    assert g.direction == pytest.approx(direction)
+    middle_sample = np.asarray(g.origin) + np.asarray(g.direction).reshape(3, 3) @ (
+        (np.asarray(g.size) - 1) / 2 * np.asarray(g.spacing))
+    middle_voxel = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    np.testing.assert_allclose(middle_sample, middle_voxel, atol=1e-6)
+
+
+def test_oblique_slice_grid_by_hand(tmp_volume):
+    """12 x 4 x 6 voxels of 1 x 2 x 3 mm from 0, turned 30 degrees about z (c = cos 30, s = sin 30):
+    the bounding box of the voxels, edge to edge, spans 12c + 8s along x, 12s + 8c along y, 18 along z;
+    its middle is (5.5c - 3s, 5.5s + 3c, 7.5). Slices are a voxel's extent along y apart, |(s * 1, c * 2)|
+    = 1.8028 mm: 12.928 / 1.8028 = 7.17, rounded up to 8 slices. 6 x 6 pixels span x and z."""
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+    grid = SliceGrid.from_image(tmp_volume(np.zeros((6, 4, 12), np.float32), spacing=(1.0, 2.0, 3.0),
+                                           direction=direction), 6).grid
+    sy = np.hypot(s * 1.0, c * 2.0)
+    gx = (12 * c + 8 * s) / 6
+    assert grid.direction == IDENTITY
+    assert grid.size == (6, 8, 6)
+    assert grid.spacing == pytest.approx((gx, sy, 3.0))
+    assert grid.origin == pytest.approx((5.5 * c - 3 * s - 2.5 * gx, 5.5 * s + 3 * c - 3.5 * sy, 7.5 - 2.5 * 3.0))
+
+
+def test_a_field_of_view_wider_than_the_volume_repeats_the_edge_intensities(tmp_volume):
+    """Value 10 + x on 4 x 3 x 4 voxels of 1 mm, an 8 mm field in 8 x 8 slices: columns at x = -2 .. 5,
+    two voxels beyond each edge, read the edge values 10 and 13 (not 0)."""
+    x = np.broadcast_to(np.arange(4, dtype=np.float32), (4, 3, 4))
+    image = tmp_volume(10.0 + x)
+    slices = SliceGrid.from_image(image, 8, fov_mm=8.0).resampled_slices(image)
+    assert slices.shape == (3, 3, 8, 8)
+    np.testing.assert_allclose(slices, np.broadcast_to([10, 10, 10, 11, 12, 13, 13, 13], slices.shape), atol=1e-5)
+
+
+def test_float32_score_chunks_keep_their_precision(tmp_volume):
+    """Class 1 scores 1e-4 above class 0 at 1.0, where float16 steps by 1e-3: as float32 chunks, as in
+    one array, class 1 wins everywhere (a float16 buffer would tie them, and the tie go to class 0)."""
+    image = tmp_volume(np.zeros((6, 5, 6), np.float32))
+    grid = SliceGrid.from_image(image, 6)
+    scores = np.zeros((5, 3, 6, 6), np.float32)
+    scores[:, 0], scores[:, 1] = 1.0, 1.0001
+    assert np.float16(1.0) == np.float16(1.0001)
+    assert (sitk.GetArrayFromImage(grid.scores_to_image(scores)) == 1).all()
+    chunks = [(start, scores[start:start + 2]) for start in range(0, 5, 2)]
+    assert (sitk.GetArrayFromImage(grid.scores_to_image(iter(chunks))) == 1).all()
+
+
+def test_scores_of_another_number_of_slices_are_refused(tmp_volume):
+    """One slice of scores for a grid of 5 would be broadcast to all of them."""
+    grid = SliceGrid.from_image(tmp_volume(np.zeros((6, 5, 6), np.float32)), 6)
+    with pytest.raises(ValueError, match=r"^scores must be \(5, C, 6, 6\), got \(1, 3, 6, 6\)"):
+        grid.scores_to_image(np.zeros((1, 3, 6, 6), np.float32))
+
+
 def test_slicing_refuses_a_volume_of_other_geometry(tmp_volume):
     grid = SliceGrid.from_image(tmp_volume(spacing=(1.0, 1.0, 2.0)), 8)
     from vaeuda.errors import VaeudaError
@@ -466,6 +539,33 @@ def test_geometry_mismatch_shows_the_digits_that_differ():
     assert geometry_mismatch(a, b, names=("a", "b")) == "spacing: a (0.5, 0.5, 3), b (0.5, 0.5, 2.5)"
 
 
+def test_geometry_mismatch_compares_every_axis_of_size_and_direction_within_1e_4():
+    """The docstring's own example: sizes differing along z only; direction cosines 5e-4 apart (a
+    0.03 degree turn about z) are another grid, 5e-5 apart the same (catches a size compared in x and
+    y only, a loose direction tolerance)."""
+    a = sitk.Image(4, 5, 6, sitk.sitkUInt8)
+    assert geometry_mismatch(sitk.Image(4, 5, 7, sitk.sitkUInt8), a) == "size (4, 5, 7) vs (4, 5, 6)"
+    for sine, same in ((5e-4, False), (5e-5, True)):
+        cosine = (1 - sine ** 2) ** 0.5
+        turned = sitk.Image(a)
+        turned.SetDirection((cosine, -sine, 0.0, sine, cosine, 0.0, 0.0, 0.0, 1.0))
+        assert (geometry_mismatch(turned, a) is None) is same
+        if not same:
+            assert geometry_mismatch(turned, a).startswith("direction")
+
+
+def test_the_float32_origin_allowance_is_one_unit_in_the_last_place():
+    """At z = 1000 mm with 1 mm voxels the origin may be off by rtol * 1 + eps32 * 1000 = 1e-4 +
+    1.19e-4 = 2.19e-4 mm: 2e-4 is the same grid, 3e-4 is not (catches an allowance of several units)."""
+    a = sitk.Image(4, 5, 6, sitk.sitkUInt8)
+    a.SetOrigin((0.0, 0.0, 1000.0))
+    b = sitk.Image(a)
+    b.SetOrigin((0.0, 0.0, 1000.0002))
+    assert geometry_mismatch(b, a) is None
+    b.SetOrigin((0.0, 0.0, 1000.0003))
+    assert geometry_mismatch(b, a) == "origin (0, 0, 1000.0003) vs (0, 0, 1000)"
+
+
 def test_geometry_mismatch_reports_a_different_direction():
     """Same size, spacing and origin but a permuted direction is a different grid (catches a
     comparison that skips the direction)."""
@@ -520,6 +620,14 @@ def test_outside_the_field_of_view_is_background(tmp_volume):
     assert (sitk.GetArrayFromImage(whole.scores_to_image(scores)) == 2).all()
 
 
+def test_one_sided_clipping_by_hand():
+    """Values 0..9, minmax, clip_lower_percentile 50 only: clipped below at 4.5 (the median) and not
+    above, so [4.5, 9] maps to [-1, 1]: 5 -> -1 + 0.5 * 2 / 4.5 = -0.7778, 9 -> 1."""
+    out = normalise(np.arange(10, dtype=np.float32), {"method": "minmax", "clip_lower_percentile": 50})
+    np.testing.assert_allclose(out, [-1, -1, -1, -1, -1, -1 + 1 / 4.5, -1 + 3 / 4.5, -1 + 5 / 4.5, -1 + 7 / 4.5, 1],
+                               atol=1e-6)
+
+
 def test_chunked_mean_std_sums_every_chunk():
     """Values 0..9 in chunks of 4 (4 + 4 + 2): mean 4.5, population std sqrt(8.25) = 2.8723."""
     from vaeuda.volumes import _mean_std
@@ -527,7 +635,8 @@ def test_chunked_mean_std_sums_every_chunk():
     assert mean == pytest.approx(4.5) and std == pytest.approx(8.25 ** 0.5)
 
 
-@pytest.mark.parametrize("degrees, along_patient_axes", [(0.5, False), (0.9, False), (1.5, True), (7.0, True)])
+@pytest.mark.parametrize("degrees, along_patient_axes", [(0.5, False), (0.9, False), (1.1, True), (1.5, True),
+                                                        (7.0, True)])
 def test_a_volume_more_than_one_degree_oblique_is_sliced_along_the_patients_axes(tmp_volume, degrees,
                                                                                   along_patient_axes):
     """OBLIQUE_DEGREES (1): below it the volume's own (canonical, rotated) frame is sliced; above it the
@@ -586,6 +695,8 @@ def test_a_dicom_folder_holding_a_pipe_or_broken_link_is_refused_naming_it(tmp_p
     (lambda k: {"0020|0037": "0\\1\\0\\1\\0\\0"} if k >= 2 else {}, "have more than one orientation"),
     (lambda k: {"0020|0032": "0\\0\\0"}, "all lie at one position (4 slices)"),
     (lambda k: {"0020|0032": f"0\\{0.8 * k}\\{2.0 * k}"}, "are not stacked along their normal (a gantry tilt?)"),
+    # two slices tilted 0.6 degrees from the others (beyond the 1e-4 of rounded cosines)
+    (lambda k: {"0020|0037": "1\\0\\0\\0\\0.99995\\0.01"} if k >= 2 else {}, "have more than one orientation"),
 ])
 def test_a_dicom_series_itk_would_stack_wrongly_is_refused(tmp_path, overrides, what):
     """Mixed or skewed orientations were read as the first slice's or identity, slices at one position got
@@ -608,3 +719,35 @@ def test_a_dicom_series_whose_orientation_is_not_orthonormal_is_refused(tmp_path
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: the slices of DICOM series .* have an orientation "
                                           f"that is not orthonormal \\(1, 0, 0, 1, 1, 0\\); ITK would stack them"):
         read_image(folder)
+    for file in folder.iterdir():          # unit rows and columns, but not perpendicular: the column is the row
+        file.write_bytes(file.read_bytes().replace(b"1\\0\\0\\1\\1\\0", b"1\\0\\0\\1\\0\\0"))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: the slices of DICOM series .* have an orientation "
+                                          f"that is not orthonormal \\(1, 0, 0, 1, 0, 0\\); ITK would stack them"):
+        read_image(folder)
+
+
+def test_a_dicom_series_whose_slices_differ_in_pixel_spacing_is_refused(tmp_path):
+    """One slice of four with 2 x 1 mm pixels, the others 1 x 1 mm: ITK would stack it at the first's
+    spacing (edited in the file: the writer writes the image's own spacing)."""
+    folder = tmp_path / "dcm"
+    _write_dicom_series(folder, np.zeros((4, 6, 6)), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), "1.2.826.0.1.3680043.2.1125.2.1001")
+    third = sorted(folder.iterdir())[2]
+    spacing = b"\x28\x00\x30\x00\x04\x00\x00\x00" + b"1\\1 "        # (0028,0030), implicit VR, 4 bytes
+    data = third.read_bytes()
+    assert data.count(spacing) == 1
+    third.write_bytes(data.replace(spacing, spacing[:8] + b"2\\1 "))
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(folder))}: the slices of DICOM series .* have no single "
+                                          f"positive pixel spacing; ITK would stack them into a wrong volume\\.$"):
+        read_image(folder)
+
+
+def test_dicom_slices_half_a_gap_apart_are_refused_as_unevenly_spaced(tmp_path):
+    """Slices at z = 0, 2, 4, 7, 9, 11 (the last three moved by half a gap): gaps 2, 2, 3, 2, 2 of
+    mean 2.2 mm, one 0.8 mm off it, beyond a tenth of it (catches a tolerance loose enough to take
+    a shift a missing slice does not make)."""
+    uid = "1.2.826.0.1.3680043.2.1125.2.4004"
+    _write_dicom_series(tmp_path / "shifted", np.zeros((6, 6, 6)), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), uid,
+                        jitter=[0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    with pytest.raises(VaeudaError, match=r"are not evenly spaced \(missing or repeated slices\? a gap differs by 0.8 mm "
+                                          r"from the mean spacing of 2.2 mm\)"):
+        read_image(tmp_path / "shifted")
