@@ -6,6 +6,17 @@ import pytest
 from vaeuda.progress import Reporter
 
 
+def _fake_clock(monkeypatch, *seconds: float) -> None:
+    """time.monotonic, as progress reads it, gives these readings in turn."""
+    clock = iter(seconds)
+    monkeypatch.setattr("vaeuda.progress.time.monotonic", lambda: next(clock))
+
+
+def _json_events(capsys) -> list:
+    """The JSON events written on stdout so far."""
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
 def test_none_mode_shows_no_progress_but_keeps_log_lines_on_stderr(capsys):
     reporter = Reporter("none")
     reporter.stage("adapt", 4)
@@ -17,8 +28,7 @@ def test_none_mode_shows_no_progress_but_keeps_log_lines_on_stderr(capsys):
 
 
 def test_json_mode_writes_events_on_stdout_only(capsys, monkeypatch):
-    clock = iter([100.0, 110.0, 130.0])          # stage starts at 100 s; steps at 110 s and 130 s
-    monkeypatch.setattr("vaeuda.progress.time.monotonic", lambda: next(clock))
+    _fake_clock(monkeypatch, 100.0, 110.0, 130.0)          # stage starts at 100 s; steps at 110 s and 130 s
     reporter = Reporter("json")
     reporter.stage("adapt", 4)
     reporter.step(1, loss=2.0)                   # 10 s for 1 of 4: ETA 30 s
@@ -38,13 +48,12 @@ def test_json_mode_writes_events_on_stdout_only(capsys, monkeypatch):
 def test_a_resumed_stage_counts_only_its_own_steps_in_the_eta(capsys, monkeypatch):
     """Resumed at step 200 of 250, 10 s for the next 10 steps: 40 s to go, not the 1.9 s that
     counting the 200 steps of the interrupted run would give."""
-    clock = iter([100.0, 100.0, 110.0])
-    monkeypatch.setattr("vaeuda.progress.time.monotonic", lambda: next(clock))
+    _fake_clock(monkeypatch, 100.0, 100.0, 110.0)
     reporter = Reporter("json")
     reporter.stage("adapt", 250, start=200)
     reporter.step(200, force=True)
     reporter.step(210, force=True)
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    events = _json_events(capsys)
     assert [(e.get("step"), e.get("eta_s")) for e in events] == [(None, None), (200, None), (210, 40.0)]
     assert events[2]["fraction"] == 0.84
 
@@ -60,13 +69,12 @@ def test_json_lines_stay_json_with_a_non_finite_metric(capsys):
 
 
 def test_json_mode_throttles_steps_to_two_a_second(capsys, monkeypatch):
-    clock = iter([0.0, 1.0, 1.2, 1.6, 2.0])
-    monkeypatch.setattr("vaeuda.progress.time.monotonic", lambda: next(clock))
+    _fake_clock(monkeypatch, 0.0, 1.0, 1.2, 1.6, 2.0)
     reporter = Reporter("json")
     reporter.stage("source", 10)
     for step in (1, 2, 3, 4):                    # at 1.0, 1.2 (< 0.5 s after 1.0: dropped), 1.6, 2.0 (dropped)
         reporter.step(step)
-    steps = [json.loads(line).get("step") for line in capsys.readouterr().out.splitlines()]
+    steps = [e.get("step") for e in _json_events(capsys)]
     assert steps == [None, 1, 3]
 
 
@@ -79,43 +87,40 @@ def test_listed_names_the_first_three_and_counts_the_rest():
 def test_json_throttle_lets_through_forced_last_and_half_second_late_steps(capsys, monkeypatch):
     """Throttled to one line per 0.5 s, but a step 0.5 s after the last line (catches `<=`), a forced
     step and the stage's last step are written whatever the time since (catches either exception lost)."""
-    clock = iter([0.0, 1.0, 1.5, 1.75, 2.0])
-    monkeypatch.setattr("vaeuda.progress.time.monotonic", lambda: next(clock))
+    _fake_clock(monkeypatch, 0.0, 1.0, 1.5, 1.75, 2.0)
     reporter = Reporter("json")
     reporter.stage("source", 10)
     reporter.step(1)                             # at 1.0: written
     reporter.step(2)                             # at 1.5: 0.5 s later, written
     reporter.step(3, force=True)                 # at 1.75: 0.25 s later, forced
     reporter.step(10)                            # at 2.0: 0.25 s later, the last step
-    steps = [json.loads(line).get("step") for line in capsys.readouterr().out.splitlines()]
+    steps = [e.get("step") for e in _json_events(capsys)]
     assert steps == [None, 1, 2, 3, 10]
 
 
 def test_a_new_stage_starts_its_own_throttle_and_clock(capsys, monkeypatch):
     """Stage b starts 0.1 s after stage a's last line: its first step (0.1 s in, 1 of 4: ETA 0.3 s) is
     still written, the throttle counting from b's start, not from a's last line."""
-    clock = iter([0.0, 1.0, 1.125, 1.25])
-    monkeypatch.setattr("vaeuda.progress.time.monotonic", lambda: next(clock))
+    _fake_clock(monkeypatch, 0.0, 1.0, 1.125, 1.25)
     reporter = Reporter("json")
     reporter.stage("a", 4)
     reporter.step(1)                             # at 1.0
     reporter.stage("b", 4)                       # at 1.125
     reporter.step(1)                             # at 1.25: 0.125 s in, ETA 3 x 0.125 = 0.375 -> 0.4
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    events = _json_events(capsys)
     assert [(e["event"], e["stage"], e.get("step"), e.get("eta_s")) for e in events] == [
         ("stage", "a", None, None), ("progress", "a", 1, 3.0), ("stage", "b", None, None), ("progress", "b", 1, 0.4)]
 
 
 def test_fraction_keeps_four_decimals_and_an_empty_stage_is_complete(capsys, monkeypatch):
     """1 of 3 steps is 0.3333 (not 0.33); a stage of 0 steps is done (fraction 1.0, no ETA: no step timed)."""
-    clock = iter([0.0, 3.0, 4.0, 5.0])
-    monkeypatch.setattr("vaeuda.progress.time.monotonic", lambda: next(clock))
+    _fake_clock(monkeypatch, 0.0, 3.0, 4.0, 5.0)
     reporter = Reporter("json")
     reporter.stage("source", 3)
     reporter.step(1)                             # 3 s for 1 of 3: ETA 6 s
     reporter.stage("empty", 0)
     reporter.step(0)
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    events = _json_events(capsys)
     assert [(e.get("fraction"), e.get("eta_s")) for e in events if e["event"] == "progress"] == [(0.3333, 6.0),
                                                                                                 (1.0, None)]
 
