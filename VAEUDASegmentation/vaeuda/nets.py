@@ -392,7 +392,3 @@ class VAEUDANet(nn.Module):
         """Initialise E_T, D_T from E_S, D_S before adaptation (as one-shot translation [2] does)."""
         self.enc_t.load_state_dict(self.enc_s.state_dict())
         self.dec_t.load_state_dict(self.dec_s.state_dict())
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
