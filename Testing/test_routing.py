@@ -1,4 +1,6 @@
 """Each loss term updates exactly the networks the paper says, and nothing else."""
+import copy
+
 import pytest
 import torch
 
@@ -89,6 +91,21 @@ def test_grouped_backward_equals_sum_of_single_terms():
     assert together.keys() == single.keys()
     for n in together:
         assert torch.allclose(together[n], single[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_switched_off_target_terms_are_not_computed():
+    """--no-cycle and --no-task-consistency leave their terms out (not computed and weighted 0: the
+    task term would draw a sample from the run's generator)."""
+    net = VAEUDANet(get_preset("tiny")).train()
+    gen = torch.Generator().manual_seed(0)
+    xs, xt = torch.randn(2, 3, 32, 32, generator=gen), torch.randn(2, 3, 32, 32, generator=gen)
+    ys = torch.randint(0, 5, (2, 32, 32), generator=gen)
+    seg = SegmentationLoss([0.5, 1, 1, 1, 1])
+    _, fakes = source_terms(net, xs, ys, seg, gen)
+    for switches, expected in (({"use_cycle": False}, {"T_rec", "T_kl", "task"}),
+                               ({"use_task": False}, {"T_rec", "T_kl", "T_cyc"})):
+        terms, _ = target_terms(net, xs, ys, xt, fakes["mu_s"], seg, TrainConfig(**switches), gen)
+        assert set(terms) == expected, switches
 
 
 def test_task_consistency_renders_x_st_from_the_source_posterior_mean(monkeypatch):
@@ -210,6 +227,29 @@ def test_class_weights_are_inverse_square_root_frequencies_of_mean_one():
     assert class_weights_from(labels) == pytest.approx((0.3846, 0.7692, 0.7692, 1.5385, 1.5385), abs=1e-4)
 
 
+def test_a_class_absent_from_the_labels_still_gets_a_weight_as_if_seen_once():
+    """Labels of classes 0 and 1 only (7 and 1 pixels): all five classes get a weight, the three
+    absent ones counted as 1 pixel (no division by zero). Counts 7, 1, 1, 1, 1 (11 in all):
+    sqrt(11 / n) = 1.2536, 3.3166 (x4), mean 2.9040, so the weights are 0.4317, 1.1421 (x4)."""
+    labels = torch.tensor([0] * 7 + [1], dtype=torch.uint8).reshape(1, 2, 4)
+    assert class_weights_from(labels) == pytest.approx((0.4317, 1.1421, 1.1421, 1.1421, 1.1421), abs=1e-4)
+
+
+def test_a_batch_draws_slices_by_their_weights_with_replacement():
+    """_batch: b slice indices drawn by weight with replacement, so a set with fewer drawable slices
+    than the batch (a few-shot target of 3 slices, batch 8) still fills it; labels come as long
+    class indices for the losses, and an unlabelled (target) set gives none."""
+    from vaeuda.data import SliceSet
+    from vaeuda.train import _batch
+    images = torch.arange(3.0).reshape(3, 1, 1, 1).expand(3, 3, 2, 2).contiguous()
+    labels = torch.arange(3, dtype=torch.uint8).reshape(3, 1, 1).expand(3, 2, 2).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    x, y = _batch(SliceSet(images, labels, torch.zeros(3, dtype=torch.int32)), torch.tensor([0.0, 1.0, 0.0]), 4, gen)
+    assert torch.equal(x, images[[1, 1, 1, 1]]) and torch.equal(y, torch.ones(4, 2, 2, dtype=torch.long))
+    x, y = _batch(SliceSet(images, None, torch.zeros(3, dtype=torch.int32)), torch.ones(3), 8, gen)
+    assert x.shape == (8, 3, 2, 2) and y is None
+
+
 def test_remapped_source_input_is_encoded_but_the_original_is_reconstructed(monkeypatch):
     """train-source --intensity-remap: E_S reads the remapped batch, while S_rec scores x_SS against
     the original xs (the decoder must render MR whatever contrast came in)."""
@@ -226,25 +266,38 @@ def test_remapped_source_input_is_encoded_but_the_original_is_reconstructed(monk
     assert not torch.allclose(terms["S_rec"], (fakes["x_ss"] - remapped).abs().mean())
 
 
+def _run_stage(tmp_path, name="adapt", iterations=1, **options):
+    """run_stage on random slices (tiny preset, fixed seeds): ``iterations`` steps of stage ``name``
+    ("adapt" with an unlabelled target set, "source" without one) -> (the network before, after).
+    The last of the 4 labelled slices holds no structure."""
+    from vaeuda import train as train_mod
+    from vaeuda.data import SliceSet
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (4, 32, 32), generator=gen).byte()
+    labels[3] = 0
+    source = SliceSet(torch.randn(4, 3, 32, 32, generator=gen), labels, torch.zeros(4, dtype=torch.int32), ["mr"])
+    target = SliceSet(torch.randn(4, 3, 32, 32, generator=gen) + 1, None, torch.zeros(4, dtype=torch.int32), ["ct"])
+    torch.manual_seed(0)
+    net = VAEUDANet(get_preset("tiny"))
+    before = copy.deepcopy(net)
+    cfg = TrainConfig(**{"batch_size": 2, "class_weights": (1.0,) * 5, "checkpoint_every": 10 ** 9,
+                         "eval_every": 10 ** 9, **options})
+    stage = train_mod.Stage(name, source, target if name == "adapt" else None, iterations,
+                            tmp_path / f"{name}.safetensors", {"stage": name, "provenance": {}})
+    train_mod.run_stage(net, stage, cfg, torch.device("cpu"), seed=0)
+    return before, net
+
+
 def _first_adaptation_step(monkeypatch, tmp_path, **options):
     """The weighted terms the training loop hands to routed_backward in the first iteration of an
     adaptation stage (tiny preset, random slices, fixed seeds: the raw terms are the same each run)."""
     from vaeuda import train as train_mod
-    from vaeuda.data import SliceSet
     captured = []
     real = train_mod.routed_backward
     monkeypatch.setattr(train_mod, "routed_backward",
                         lambda net, weighted: captured.append({k: v.detach().clone() for k, v in weighted.items()})
                         or real(net, weighted))
-    gen = torch.Generator().manual_seed(0)
-    source = SliceSet(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4, 32, 32), generator=gen).byte(),
-                      torch.zeros(4, dtype=torch.int32), ["mr"])
-    target = SliceSet(torch.randn(4, 3, 32, 32, generator=gen) + 1, None, torch.zeros(4, dtype=torch.int32), ["ct"])
-    torch.manual_seed(0)
-    net = VAEUDANet(get_preset("tiny"))
-    cfg = TrainConfig(batch_size=2, class_weights=(1.0,) * 5, checkpoint_every=10 ** 9, eval_every=10 ** 9, **options)
-    stage = train_mod.Stage("adapt", source, target, 1, tmp_path / "adapted.safetensors", {"stage": "adapt", "provenance": {}})
-    train_mod.run_stage(net, stage, cfg, torch.device("cpu"), seed=0)
+    _run_stage(tmp_path, **options)
     (weighted,) = captured
     return weighted
 
@@ -271,7 +324,6 @@ def test_the_generators_meet_the_discriminator_after_its_step_under_autocast(mon
     Disc step and the generators' adversarial terms shared one region, on CUDA the generators would
     be scored by the Disc of before its step. CPU bf16 autocast keeps the same cache, so the loop
     runs under it here, with a step large enough to change the bf16 weights."""
-    import copy
     from vaeuda import train as train_mod
     monkeypatch.setattr(train_mod, "_mixed_precision", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     real = train_mod.generator_adv_terms
@@ -291,3 +343,62 @@ def test_the_generators_meet_the_discriminator_after_its_step_under_autocast(mon
     assert set(terms) == {"S_adv", "T_adv"}
     for name in terms:
         assert torch.equal(terms[name], fresh[name]), name
+
+
+def _unchanged(before, after, name):
+    return all(torch.equal(a, b) for a, b in zip(getattr(before, name).state_dict().values(),
+                                                 getattr(after, name).state_dict().values()))
+
+
+def test_each_step_starts_from_this_iterations_gradients_alone(monkeypatch, tmp_path):
+    """Both optimisers clear their gradients every iteration: the generators' routed backward meets
+    no gradient left from the iteration before, and the Disc steps on the gradient of this
+    iteration's Disc loss, not on a sum over iterations."""
+    from vaeuda import train as train_mod
+    real_disc_loss, real_backward, real_adv = train_mod.disc_loss, train_mod.routed_backward, train_mod.generator_adv_terms
+    expected, leftovers, disc_steps = [], [], []
+
+    def disc_loss(net, *args):
+        loss = real_disc_loss(net, *args)
+        expected.append(torch.autograd.grad(loss, list(net.disc.parameters()), retain_graph=True))
+        return loss
+
+    def generator_adv_terms(net, *args):        # called right after the Disc's step
+        disc_steps.append(all(torch.equal(p.grad, g) for p, g in zip(net.disc.parameters(), expected[-1])))
+        return real_adv(net, *args)
+
+    def routed_backward(net, weighted):
+        leftovers.append(any(p.grad is not None and bool(p.grad.any())
+                             for m in train_mod.GENERATOR_NETS for p in getattr(net, m).parameters()))
+        real_backward(net, weighted)
+    monkeypatch.setattr(train_mod, "disc_loss", disc_loss)
+    monkeypatch.setattr(train_mod, "generator_adv_terms", generator_adv_terms)
+    monkeypatch.setattr(train_mod, "routed_backward", routed_backward)
+    _run_stage(tmp_path, iterations=2)
+    assert leftovers == [False, False] and disc_steps == [True, True]
+
+
+def test_networks_without_a_gradient_in_a_stage_are_not_touched_weight_decay_included(tmp_path):
+    """Docs/method.md: the source stage gives E_T and D_T no gradient, so Adam (weight decay 1e-4)
+    leaves them as they were; with --no-adv adaptation never steps the Disc."""
+    before, after = _run_stage(tmp_path, "source", iterations=2)
+    assert _unchanged(before, after, "enc_t") and _unchanged(before, after, "dec_t")
+    assert not _unchanged(before, after, "enc_s") and not _unchanged(before, after, "disc")
+    before, after = _run_stage(tmp_path, "adapt", iterations=2, use_adv=False)
+    assert _unchanged(before, after, "disc") and not _unchanged(before, after, "enc_t")
+
+
+def test_the_loop_draws_by_the_sampling_weights_and_augments_both_batches(monkeypatch, tmp_path):
+    """Each iteration draws the labelled batch with TrainConfig.background_weight for its slices without
+    a structure (the last one here) and the target batch uniformly, and augments both (the target
+    batch without labels)."""
+    from vaeuda import train as train_mod
+    drawn, augmented = [], []
+    real_batch, real_augment = train_mod._batch, train_mod.augment_batch
+    monkeypatch.setattr(train_mod, "_batch", lambda data, weights, b, gen: drawn.append(weights.tolist())
+                        or real_batch(data, weights, b, gen))
+    monkeypatch.setattr(train_mod, "augment_batch", lambda x, y, cfg, gen: augmented.append(y is None)
+                        or real_augment(x, y, cfg, gen))
+    _run_stage(tmp_path, background_weight=0.5)
+    assert drawn == [[1.0, 1.0, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0]]
+    assert augmented == [False, True]

@@ -595,6 +595,8 @@ def test_later_stages_keep_the_discriminators_loss(tiny_cohort, tmp_path):
                     overrides={"gan_mode": "lsgan"})
     modes = [load_model(tmp_path / f"{n}.safetensors")[1]["train"]["gan_mode"] for n in ("vanilla", "a", "f", "l")]
     assert modes == ["vanilla", "vanilla", "vanilla", "lsgan"]    # an explicit override still wins
+    # a model of an engine before gan_mode was recorded: its Disc was an LSGAN's, the only one then
+    assert train_mod._inherited_options({"train": {}}) == {"gan_mode": "lsgan"}
 
 
 def test_input_size_replaces_the_presets_and_follows_the_model(tiny_cohort, tmp_path):
@@ -745,6 +747,19 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_other_settings(tiny_cohort, t
     assert checkpoint_path(out).exists() and not out.exists()
 
 
+def test_resume_refuses_an_adaptation_checkpoint_of_other_target_slices(tmp_path):
+    """--slices chooses what the adaptation trains on, with the same target file and digest: a
+    checkpoint of --slices 2:5 resumed with 2:6 would be neither run (the record holds the slices as
+    JSON: a list)."""
+    ckpt = tmp_path / "a.safetensors.ckpt"
+    then = {"provenance": {"seed": 0, "slices": [2, 5]}, "train": {"lr": 1e-4}}
+    train_mod._refuse_other_settings(ckpt, then, {"provenance": {"seed": 0, "slices": [2, 5]}, "train": {"lr": 1e-4}}, 2, 4)
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(ckpt))}: checkpoint was made with different input volumes "
+                                          f"or source model from this run"):
+        train_mod._refuse_other_settings(ckpt, then, {"provenance": {"seed": 0, "slices": [2, 6]}, "train": {"lr": 1e-4}},
+                                         2, 4)
+
+
 def test_resume_refuses_a_checkpoint_made_on_another_device(tiny_cohort, tmp_path, monkeypatch):
     """A GPU run computes in bf16 autocast: continued on the CPU it would be neither run."""
     from vaeuda.modelfile import save_tensors
@@ -862,6 +877,19 @@ def test_resume_with_more_iterations_continues_as_a_longer_run(tiny_cohort, tmp_
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_resume_with_as_many_iterations_as_the_checkpoint_has_done_saves_its_weights(tiny_cohort, tmp_path, monkeypatch):
+    """Only fewer iterations than the checkpoint has done are refused: resumed with exactly as many,
+    the run trains no further and saves the checkpoint's weights."""
+    overrides = {"checkpoint_every": 2}
+    out = tmp_path / "m.safetensors"
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4, overrides=overrides)
+    checkpointed = read_tensors(checkpoint_path(out))[0]
+    meta = _train(tiny_cohort, out, iterations=2, overrides=overrides, resume=True)
+    assert meta["provenance"]["iterations_done"] == 2 and not checkpoint_path(out).exists()
+    saved = read_tensors(out)[0]
+    assert all(torch.equal(saved[k], checkpointed[k]) for k in saved if k.startswith("net."))
+
+
 def test_resume_refuses_a_file_that_is_not_a_training_checkpoint(tiny_cohort, tiny_source_model, tmp_path, capsys):
     """A model file copied to the checkpoint's path has the format but no training state."""
     import shutil
@@ -949,6 +977,7 @@ def test_lr_scale_steps_each_named_network_at_its_multiple(tiny_cohort, tmp_path
 
 @pytest.mark.parametrize("lr_scale, message", [({"disc": 0}, "generator networks only"),
                                                ({"enc_t": -1}, "at least 0"), ({"enc_t": "0"}, "at least 0"),
+                                               ({"enc_t": True}, "at least 0"),     # a bool is no multiple
                                                (0.5, "must map generator network names")])
 def test_lr_scale_refuses_what_it_cannot_scale(tiny_cohort, tmp_path, lr_scale, message):
     with pytest.raises(VaeudaError, match=message):
@@ -956,14 +985,41 @@ def test_lr_scale_refuses_what_it_cannot_scale(tiny_cohort, tmp_path, lr_scale, 
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_adaptation_callback_sees_the_average_and_the_live_network(tiny_cohort, tiny_source_model, tmp_path):
+def test_training_defaults_are_units_adam_an_lsgan_and_no_weight_average():
+    """Docs/method.md: Adam lr 1e-4, betas (0.5, 0.999), weight decay 1e-4 (UNIT), for the generators
+    and the Disc alike (the Disc's optimiser holds its parameters alone); the tiny and paper presets
+    keep them, the cpu preset steps at 3e-4. Batches: 8 slices (paper, cpu), 2 (tiny). The Disc is an
+    LSGAN's, the early-stop proxy is read every 50 iterations, and no weight average is kept unless
+    a stage asks for one (as the paper: the last iterate)."""
+    from vaeuda.nets import VAEUDANet
+    net = VAEUDANet(get_preset("tiny"))
+    cfg = train_mod.TrainConfig()
+    assert (cfg.gan_mode, cfg.eval_every, cfg.ema_decay) == ("lsgan", 50, 0.0)
+    gen_opt, disc_opt = train_mod._optimizers(net, cfg)
+    for opt in (gen_opt, disc_opt):
+        assert type(opt) is torch.optim.Adam
+        assert {(g["lr"], tuple(g["betas"]), g["weight_decay"]) for g in opt.param_groups} == {(1e-4, (0.5, 0.999), 1e-4)}
+    assert [id(p) for g in disc_opt.param_groups for p in g["params"]] == [id(p) for p in net.disc.parameters()]
+    resolved = {preset: train_mod.resolve_train_config(None, None, preset) for preset in ("paper", "cpu", "tiny")}
+    assert {preset: (cfg.lr, cfg.batch_size) for preset, cfg in resolved.items()} == {
+        "paper": (1e-4, 8), "cpu": (3e-4, 8), "tiny": (1e-4, 2)}
+
+
+def test_adaptation_callback_sees_the_average_and_the_live_network(tiny_cohort, tiny_source_model, tmp_path,
+                                                                   monkeypatch):
     """callback(iteration, averaged, live) every eval_every iterations: with a weight average the
-    two differ; what the callback returns joins the run's history."""
-    seen = []
+    two differ; what the callback returns joins the run's history, beside the iteration's proxy and
+    loss terms. A callback that evaluates the live network (eval mode) does not leave the training
+    in eval mode: BatchNorm would stop learning its statistics."""
+    seen, modes = [], []
+    real_source_terms = train_mod.source_terms
+    monkeypatch.setattr(train_mod, "source_terms", lambda net, *args: modes.append(net.training)
+                        or real_source_terms(net, *args))
 
     def callback(iteration, averaged, live):
         differs = any(not torch.equal(a, b) for a, b in zip(averaged.enc_t.parameters(), live.enc_t.parameters()))
         seen.append((iteration, averaged is live, differs))
+        live.eval()
         return {"probe": iteration * 10}
 
     meta = train_mod.adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], tmp_path / "a.safetensors",
@@ -971,11 +1027,20 @@ def test_adaptation_callback_sees_the_average_and_the_live_network(tiny_cohort, 
                            overrides={"eval_every": 2, "ema_decay": 0.5})
     assert seen == [(2, False, True), (4, False, True)]
     assert [entry["probe"] for entry in meta["history"]] == [20, 40]
+    assert modes == [True] * 4
+    assert set(meta["history"][0]) == {"iteration", "proxy", "probe", "S_rec", "S_kl", "seg", "S_adv", "T_rec", "T_kl",
+                                       "T_adv", "T_cyc", "task"}
 
 
 def test_weight_average_rejects_bad_decay(tiny_cohort, tmp_path):
     with pytest.raises(VaeudaError, match="ema_decay must be 0"):
         _train(tiny_cohort, tmp_path / "m.safetensors", iterations=1, overrides={"ema_decay": 1.5})
+    from vaeuda.nets import VAEUDANet
+    net = VAEUDANet(get_preset("tiny"))
+    for decay in (1.0, -0.5):         # 1 would never move from the first weights; the bounds are open
+        with pytest.raises(VaeudaError, match=re.escape(f"ema_decay must be 0 (off) or between 0 and 1, not {decay}.")):
+            train_mod._weight_average(net, decay)
+    assert train_mod._weight_average(net, 0.0) is None and train_mod._weight_average(net, 0.5) is not None
 
 
 @pytest.mark.parametrize("value", ["1.5", "1", "-0.1", "nan", "x"])
@@ -1127,6 +1192,26 @@ def test_counts_below_one_are_refused_not_replaced_by_defaults(tiny_cohort, tmp_
     rc = main(["train-source", "--preset", "tiny", "--progress", "none", "--out", str(out), *flags,
                str(tiny_cohort / "mr_1001_image.nii.gz")])
     assert rc == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_the_stages_own_checks_bound_every_count_and_the_overrides_too():
+    """What a script calling train_source, adapt or finetune meets without the command line's checks:
+    the bounds themselves are allowed, one past them refused; a batch size set through the overrides
+    is checked as --batch-size is; overrides win over the stage's defaults, and those over the preset's."""
+    from vaeuda.errors import MAX_BATCH_SIZE, MAX_ITERATIONS
+    train_mod._check_run_arguments(MAX_ITERATIONS, MAX_BATCH_SIZE, 1)
+    for args, message in (((MAX_ITERATIONS + 1, None), "--iterations must be at most 10,000,000, not 10,000,001."),
+                          ((None, MAX_BATCH_SIZE + 1), "--batch-size 513 is more than 512 slices per step"),
+                          ((None, None, 0), "--early-stop must be a whole number of at least 1, not 0.")):
+        with pytest.raises(VaeudaError, match=re.escape(message)):
+            train_mod._check_run_arguments(*args)
+    with pytest.raises(VaeudaError, match=re.escape("--batch-size must be a whole number of at least 1, not 0.")):
+        train_mod.resolve_train_config({"batch_size": 0}, None, "tiny")
+    with pytest.raises(VaeudaError, match=re.escape("unknown training option 'lambda_foo'.")):
+        train_mod.resolve_train_config({"lambda_foo": 1.0}, None, "tiny")
+    cfg = train_mod.resolve_train_config({"lr": 0.01, "ema_decay": 0.5}, None, "cpu", {"lr": 5e-4, "ema_decay": 0.995})
+    assert (cfg.lr, cfg.ema_decay) == (0.01, 0.5)
+    assert train_mod.resolve_train_config(None, None, "cpu", {"lr": 5e-4}).lr == 5e-4      # the cpu preset's is 3e-4
 
 
 def test_bad_paths_and_values_get_sentences_that_name_the_real_problem(tiny_cohort, tiny_source_model, tmp_path,
@@ -1290,12 +1375,19 @@ def test_early_stop_scores_the_last_iteration_between_evaluations(tiny_cohort, t
 
 
 class _ShiftingNet(torch.nn.Module):
-    """For ``target_proxy``: the latent is the image, decoding to CT adds 0.25 and to MR doubles it."""
+    """For ``target_proxy``: the latent is the image, decoding to CT adds 0.25 and to MR doubles it.
+    ``calls`` records each encoder (E) and decoder (D) with its domain."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
 
     def posterior(self, x, domain):
+        self.calls.append(("E", domain))
         return x, torch.zeros_like(x)
 
     def decode(self, z, domain):
+        self.calls.append(("D", domain))
         return z + 0.25 if domain == "target" else 2 * z
 
 
@@ -1307,6 +1399,13 @@ def test_target_proxy_by_hand():
     assert train_mod.target_proxy(net, x, use_cycle=True, device=torch.device("cpu"), batch_size=1) == \
         pytest.approx(float(x.mean()) + 0.25)
     assert net.training                                        # the caller's mode is restored
+    net.calls.clear()
+    train_mod.target_proxy(net, x[:1], use_cycle=True, device=torch.device("cpu"))
+    # Eq. 6's path: E_T, D_S, then x_TS encoded by E_S and rendered by D_T; without the cycle E_T, D_T
+    assert net.calls == [("E", "target"), ("D", "source"), ("E", "source"), ("D", "target")]
+    net.calls.clear()
+    train_mod.target_proxy(net, x[:1], use_cycle=False, device=torch.device("cpu"))
+    assert net.calls == [("E", "target"), ("D", "target")]
     train_mod.target_proxy(net.eval(), x, True, torch.device("cpu"))
     assert not net.training
 
@@ -1357,13 +1456,29 @@ def test_a_non_finite_proxy_reading_is_never_the_best_and_is_recorded_as_null(ti
     json.loads(json.dumps(meta["history"], allow_nan=False))
 
 
-def test_early_stopping_reads_the_network_the_file_keeps(tiny_cohort, tiny_source_model, tmp_path, monkeypatch):
-    """The proxy reads the weight average the file keeps, not the live network the optimisers step."""
-    real, seen = train_mod.target_proxy, []
+@pytest.mark.parametrize("readings, best, done", [
+    ([2.0, 2.0, 2.0, 2.0], 1, 3),        # a reading equal to the best is no improvement
+    ([3.0, 4.0, 2.0, 5.0, 5.0, 5.0], 3, 5),   # an improvement starts the count of bad evaluations again
+])
+def test_early_stopping_counts_evaluations_since_the_last_strict_improvement(tiny_cohort, tiny_source_model, tmp_path,
+                                                                              monkeypatch, readings, best, done):
+    """Patience 2: the run stops at the second evaluation in a row that is not below the best so far."""
+    readings = iter(readings)
+    monkeypatch.setattr(train_mod, "target_proxy", lambda *args, **kw: next(readings))
+    meta = train_mod.adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], tmp_path / "a.safetensors",
+                           iterations=6, device="cpu", early_stop=2, overrides={"eval_every": 1})
+    assert (meta["provenance"]["early_stopped_at"], meta["provenance"]["iterations_done"]) == (best, done)
 
-    def recording(net, *args, **kw):
+
+def test_early_stopping_reads_the_network_the_file_keeps(tiny_cohort, tiny_source_model, tmp_path, monkeypatch):
+    """The proxy reads the weight average the file keeps, not the live network the optimisers step;
+    with --no-cycle it is the target reconstruction error (the cycle is no term of that run)."""
+    real, seen, cycles = train_mod.target_proxy, [], []
+
+    def recording(net, images, use_cycle, *args, **kw):
         seen.append(net)
-        return real(net, *args, **kw)
+        cycles.append(use_cycle)
+        return real(net, images, use_cycle, *args, **kw)
     monkeypatch.setattr(train_mod, "target_proxy", recording)
     nets = []
     train_mod.adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], tmp_path / "a.safetensors",
@@ -1371,6 +1486,9 @@ def test_early_stopping_reads_the_network_the_file_keeps(tiny_cohort, tiny_sourc
                     callback=lambda iteration, averaged, live: nets.append((averaged, live)) and None)
     assert len(seen) == len(nets) == 2
     assert all(read is averaged and averaged is not live for read, (averaged, live) in zip(seen, nets))
+    train_mod.adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], tmp_path / "b.safetensors",
+                    iterations=1, device="cpu", early_stop=3, use_cycle=False, overrides={"eval_every": 1})
+    assert cycles == [True, True, False]
 
 
 def test_resume_refuses_a_checkpoint_of_another_early_stop_patience(tiny_cohort, tiny_source_model, tmp_path,
@@ -1467,6 +1585,40 @@ def test_adapt_passes_each_ablation_switch_and_option_through_unchanged(tiny_coh
     assert switched["slice_range"] == (2, 5) and switched["overrides"] == {"ema_decay": 0.0}
     assert switched["source_data"] == [str(tiny_cohort / "mr_1001_image.nii.gz")]
     assert [others[f] for f in flags] == [True, False, True, False]
+
+
+def test_the_stages_hand_the_loop_their_switches_and_the_source_models_class_weights(tiny_cohort, tiny_source_model,
+                                                                                     tmp_path, monkeypatch):
+    """adapt: each switch reaches its own TrainConfig field; adapt and finetune keep the class weights
+    the source model was trained with (not recomputed from their own labels: here other scans' ones),
+    and train_source keeps class weights given as an option."""
+    configs = []
+    monkeypatch.setattr(train_mod, "run_stage", lambda net, stage, cfg, *args, **kw: configs.append(cfg) or {})
+    ct, mr2 = tiny_cohort / "ct_1001_image.nii.gz", tiny_cohort / "mr_1002_image.nii.gz"
+    flags = ("use_kl", "use_adv", "use_cycle", "use_task")
+    for switches in ((False, True, False, True), (True, False, True, False)):
+        train_mod.adapt(tiny_source_model, [ct], tmp_path / "a.safetensors", device="cpu", source_data=[str(mr2)],
+                        **dict(zip(flags, switches)))
+    train_mod.finetune(tiny_source_model, [ct], [tiny_cohort / "ct_1001_label.nii.gz"], tmp_path / "f.safetensors",
+                       device="cpu")
+    _train(tiny_cohort, tmp_path / "s.safetensors", overrides={"class_weights": (0.5, 1.0, 1.5, 2.0, 2.5)})
+    assert [tuple(getattr(cfg, f) for f in flags) for cfg in configs[:2]] == [(False, True, False, True),
+                                                                             (True, False, True, False)]
+    recorded = tuple(load_model(tiny_source_model)[1]["train"]["class_weights"])
+    mr2_labels = train_mod.load_slices([mr2], 32, None, load_model(tiny_source_model)[1]["normalisation"],
+                                       [tiny_cohort / "mr_1002_label.nii.gz"]).labels
+    assert train_mod.class_weights_from(mr2_labels) != recorded          # so a recomputation would show
+    assert [cfg.class_weights for cfg in configs] == [recorded, recorded, recorded, (0.5, 1.0, 1.5, 2.0, 2.5)]
+
+
+def test_without_a_preset_a_run_without_a_gpu_takes_the_cpu_preset(tiny_cohort, tmp_path, monkeypatch):
+    """The paper preset is for a CUDA GPU; on the CPU (here --device cpu) no --preset means 'cpu'."""
+    stages = []
+    monkeypatch.setattr(train_mod, "run_stage", lambda net, stage, *args, **kw: stages.append((net, stage)) or {})
+    train_source([tiny_cohort / "mr_1001_image.nii.gz"], [tiny_cohort / "mr_1001_label.nii.gz"],
+                 tmp_path / "m.safetensors", device="cpu")
+    ((net, stage),) = stages
+    assert stage.meta["preset"] == "cpu" and net.cfg == get_preset("cpu")
 
 
 def test_adapt_refuses_a_label_map_as_target_before_reading_the_source_volumes(tiny_cohort, tiny_source_model,
@@ -1783,6 +1935,19 @@ def test_training_on_labels_without_a_structure_is_refused(tiny_cohort, tmp_path
     assert not out.exists()
 
 
+def test_one_pixel_of_the_first_structure_is_enough_to_train_on():
+    """Any label above 0 is a structure (class 1 included); the refusal counts its label files."""
+    from vaeuda.data import SliceSet
+    from vaeuda.labels import MMWHS
+    labels = torch.zeros(2, 4, 4, dtype=torch.uint8)
+    data = SliceSet(torch.zeros(2, 3, 4, 4), labels, torch.zeros(2, dtype=torch.int32), ["a_label.nii.gz", "b_label.nii.gz"])
+    with pytest.raises(VaeudaError, match=re.escape("none of the 2 label files holds a structure of the 'mmwhs' label "
+                                                    "convention in the slices the model reads")):
+        train_mod.require_structures(data, MMWHS)
+    labels[1, 2, 3] = 1
+    train_mod.require_structures(data, MMWHS)
+
+
 def test_an_os_error_that_is_no_refusal_of_the_users_paths_stays_a_traceback(monkeypatch):
     """Only the OS's refusals (permissions, names, space) become one sentence: any other OSError is a
     bug to be seen whole."""
@@ -1801,6 +1966,12 @@ def _drop_first(tensors, prefix, key):
     del tensors[name]
 
 
+def _n_generator_parameters():
+    from vaeuda.nets import VAEUDANet
+    net = VAEUDANet(get_preset("tiny"))
+    return sum(1 for name in train_mod.GENERATOR_NETS for _ in getattr(net, name).parameters())
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t, s: s.update(iteration=-5), "not a training checkpoint (its training state is missing or damaged)"),
     (lambda t, s: s.update(iteration=True), "not a training checkpoint (its training state is missing or damaged)"),
@@ -1809,9 +1980,14 @@ def _drop_first(tensors, prefix, key):
      "checkpoint is damaged (its random generator state is not one)"),
     (lambda t, s: t.update({"optim.gen.abc": torch.zeros(1)}),
      "checkpoint is damaged (its optimiser state holds optim.gen.abc, which no parameter of this run has)"),
+    # the first index past the generators' parameters (0-based): an IndexError's traceback, were it let through
+    (lambda t, s: t.update({f"optim.gen.{_n_generator_parameters()}.step": torch.tensor(1.0)}),
+     "checkpoint is damaged (its optimiser state holds optim.gen.{n}.step, which no parameter of this run has)"),
     (lambda t, s: t.update({next(k for k in sorted(t) if k.startswith("optim.gen.") and k.endswith("exp_avg")):
                             torch.zeros(3, 3)}), "checkpoint is damaged (its optimiser state for optim.gen."),
     (lambda t, s: _drop_first(t, "optim.gen.", ".exp_avg_sq"), "checkpoint is damaged (its optimiser state for"),
+    (lambda t, s: t.update({k: v.double() for k, v in t.items() if k.startswith("optim.gen.") and k.endswith(".exp_avg")}),
+     "checkpoint is damaged (its optimiser state for optim.gen."),
     (lambda t, s: [t.pop(k) for k in [k for k in t if k.startswith("optim.disc.")]],
      "checkpoint is damaged (it holds no state of the disc optimiser, which iteration 2 had)"),
     (lambda t, s: t.update({"net.seg.head.bias": torch.full_like(t["net.seg.head.bias"], float("nan"))}),
@@ -1833,9 +2009,26 @@ def test_resume_refuses_a_damaged_checkpoint_in_one_sentence(tiny_cohort, tmp_pa
     edit(tensors, state)
     save_tensors(ckpt, tensors, meta, {"train_state": json.dumps(state)})
     before = ckpt.read_bytes()
+    message = message.replace("{n}", str(_n_generator_parameters()))
     with pytest.raises(VaeudaError, match=f"^{re.escape(str(ckpt))}: {re.escape(message)}"):
         _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
     assert ckpt.read_bytes() == before and not out.exists()
+
+
+def test_resume_refuses_a_checkpoint_without_the_weight_average_its_run_kept(tiny_cohort, tmp_path, monkeypatch):
+    """A checkpoint of a run with ema_decay whose ema.* tensors are gone (edited, checksum valid) is
+    named for what it lacks."""
+    from vaeuda.modelfile import save_tensors
+    overrides = {"checkpoint_every": 2, "ema_decay": 0.5}
+    out = tmp_path / "m.safetensors"
+    _interrupt_after_first_checkpoint(monkeypatch, tiny_cohort, out, iterations=4, overrides=overrides)
+    ckpt = checkpoint_path(out)
+    tensors, meta, header = read_tensors(ckpt, what="training checkpoint")
+    save_tensors(ckpt, {k: v for k, v in tensors.items() if not k.startswith("ema.")}, meta,
+                 {"train_state": header["train_state"]})
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(ckpt))}: checkpoint has no weight average, but this run "
+                                          r"keeps one \(ema_decay\)\.$"):
+        _train(tiny_cohort, out, iterations=4, overrides=overrides, resume=True)
 
 
 def test_a_refused_model_output_says_one_thing_not_notes_first(tiny_cohort, tiny_source_model, tmp_path, capsys):
