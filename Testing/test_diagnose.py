@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from vaeuda.diagnose import LV_BLOOD, LV_MYOCARDIUM, border_contrast, translation_contrast
@@ -68,3 +69,35 @@ def test_translated_rows_decode_each_encoding_with_the_decoder_their_name_says()
                             ("x_TT", net.decode(mu_t, "target")), ("x_TS (CT as MR)", net.decode(mu_t, "source"))):
             assert rows[name] == border_contrast(image[:, 1].numpy(), lab.numpy()), name
     assert rows["x_ST (MR as CT)"] != rows["x_SS"] and rows["x_TS (CT as MR)"] != rows["x_TT"]
+
+
+def test_border_contrast_refuses_mismatched_or_unstacked_slices():
+    images, labels = _plus()
+    for bad_images, bad_labels, shapes in ((images[:, :, :4], labels, r"\(2, 5, 4\) and labels \(2, 5, 5\)"),
+                                           (images[0], labels[0], r"\(5, 5\) and labels \(5, 5\)")):
+        with pytest.raises(ValueError, match=rf"^images {shapes} must both be \(N, S, S\)$"):
+            border_contrast(bad_images, bad_labels)
+
+
+def test_border_contrast_keeps_full_precision_at_large_intensities():
+    # CT slices before normalisation are in the thousands of HU: the means stay exact there
+    images, labels = _plus()
+    c = border_contrast(images + 3000.0, labels)
+    assert c["blood"] == 3005.0 and c["ring"] == 3003.5 and c["ring - myocardium"] == 2.5
+
+
+def test_translation_contrast_does_not_depend_on_the_batch_size():
+    torch.manual_seed(0)
+    net = VAEUDANet(get_preset("tiny")).eval()
+    images, labels = _plus()
+    img = torch.zeros(3, 3, 32, 32)
+    lab = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    img[:2, 1, :5, :5] = torch.from_numpy(images).float()
+    img[2, 1] = torch.linspace(-1, 1, 32)                   # a third slice, of another content
+    lab[:2, :5, :5] = torch.from_numpy(labels)
+    lab[2] = lab[0]
+    whole = translation_contrast(net, img, lab, img * 0.5, lab)
+    for batch_size in (1, 2):
+        split = translation_contrast(net, img, lab, img * 0.5, lab, batch_size=batch_size)
+        for name, row in whole.items():
+            assert split[name] == pytest.approx(row, rel=1e-5, abs=1e-6), (batch_size, name)

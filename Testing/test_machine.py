@@ -29,18 +29,23 @@ def no_kernel_variables(monkeypatch):
 
 def test_cpu_model_reads_cpuinfo_and_falls_back_to_platform(tmp_path, monkeypatch):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: Test\nmodel name\t: Test CPU 9000 @ 1.00GHz\nflags\t: fpu\n")
+    # as Linux writes it: the numeric "model" line comes before "model name"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: Test\nmodel\t\t: 85\nmodel name\t: Test CPU 9000 @ 1.00GHz\n"
+                       "flags\t: fpu\n")
     monkeypatch.setattr(machine, "CPUINFO", cpuinfo)
     assert machine.cpu_model() == "Test CPU 9000 @ 1.00GHz"
     monkeypatch.setattr(machine, "CPUINFO", tmp_path / "missing")
     monkeypatch.setattr(machine.platform, "processor", lambda: "")
     monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
     assert machine.cpu_model() == "x86_64"
+    monkeypatch.setattr(machine.platform, "processor", lambda: "i386")     # platform's processor first, where it knows one
+    assert machine.cpu_model() == "i386"
 
 
 def test_numerics_names_the_threads_and_only_the_kernel_variables_that_are_set(no_kernel_variables):
     monkeypatch = no_kernel_variables
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")                        # read at start-up only: changes nothing here
     monkeypatch.setenv("HOME", "/home/someone")                       # not a kernel variable
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -48,12 +53,12 @@ def test_numerics_names_the_threads_and_only_the_kernel_variables_that_are_set(n
         numerics, line, again = machine.numerics(), machine.description(), machine.fingerprint()
     finally:
         torch.set_num_threads(threads)
-    assert numerics["environment"] == {"MKL_CBWR": "COMPATIBLE"}
+    assert numerics["environment"] == {"OMP_NUM_THREADS": "3", "MKL_CBWR": "COMPATIBLE"}
     assert numerics["threads"] == 1 and numerics["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert numerics["fingerprint"] == again                         # the same process and threads round alike
     if threads > 1:                                                 # another thread count splits the sums otherwise
         assert machine.fingerprint()["reduce"] != again["reduce"]
-    assert line.endswith(f", 1 thread, {numerics['cpu_capability']} kernels, MKL_CBWR=COMPATIBLE, "
+    assert line.endswith(f", 1 thread, {numerics['cpu_capability']} kernels, OMP_NUM_THREADS=3, MKL_CBWR=COMPATIBLE, "
                          f"kernel fingerprint {again['all']}")
     assert line.startswith(machine.cpu_model() + ", ") and numerics["portable"] is False
     monkeypatch.setattr(machine, "portable", lambda: True)
@@ -107,6 +112,10 @@ def test_portable_numerics_need_the_variables_exactly_as_the_libraries_read_them
 def test_oneDNNs_older_variable_name_is_recorded_too(no_kernel_variables):
     no_kernel_variables.setenv("DNNL_MAX_CPU_ISA", "AVX2")
     assert machine.kernel_environment() == {"DNNL_MAX_CPU_ISA": "AVX2"}
+    # every kernel variable is recorded, the last of the list too (nothing computes while they are set)
+    for name in machine.KERNEL_VARIABLES:
+        no_kernel_variables.setenv(name, f"value of {name}")
+    assert machine.kernel_environment() == {name: f"value of {name}" for name in machine.KERNEL_VARIABLES}
 
 
 def test_the_fingerprint_is_the_same_under_no_grad():
@@ -125,6 +134,11 @@ def test_portable_numerics_cannot_start_once_torch_runs_without_them(no_kernel_v
                                           "MKL_CBWR=COMPATIBLE,STRICT ATEN_CPU_CAPABILITY=default"):
         machine.use_portable_numerics()
     assert not any(name in os.environ for name in machine.PORTABLE_ENVIRONMENT)
+    # One of the two set by the user is not enough either: the other would be set too late.
+    monkeypatch.setenv("MKL_CBWR", machine.PORTABLE_ENVIRONMENT["MKL_CBWR"])
+    with pytest.raises(VaeudaError, match="before torch is imported"):
+        machine.use_portable_numerics()
+    assert "ATEN_CPU_CAPABILITY" not in os.environ
     # Both set, but torch chose its vector kernels before ATEN_CPU_CAPABILITY was set.
     for name, value in machine.PORTABLE_ENVIRONMENT.items():
         monkeypatch.setenv(name, value)
@@ -158,6 +172,12 @@ def test_portable_numerics_take_torchs_older_name_for_its_baseline_kernels(no_ke
         machine.use_portable_numerics()
         assert machine.portable() and not torch.backends.mkldnn.enabled
         assert torch.get_num_threads() == machine.PORTABLE_THREADS
+        # each setting counts: oneDNN back on, or another thread count, is no longer portable
+        torch.backends.mkldnn.enabled = True
+        assert not machine.portable()
+        torch.backends.mkldnn.enabled = False
+        torch.set_num_threads(machine.PORTABLE_THREADS + 1)
+        assert not machine.portable()
     _restoring_torch_settings(check)
 
 

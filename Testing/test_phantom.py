@@ -56,6 +56,142 @@ def test_cohort_mr_and_ct_are_different_subjects():
     seeds = {(m, i): phantom.cohort_subject_seed(0, m, i) for m in phantom.MODALITIES for i in range(20)}
     assert len(set(seeds.values())) == 40
     assert phantom.cohort_subject_seed(0, "mr", 0) != phantom.cohort_subject_seed(1, "mr", 0)
+    # different for every (seed, modality, index): seed 1's first subject is not seed 0's second
+    every = [phantom.cohort_subject_seed(c, m, i) for c in range(4) for m in phantom.MODALITIES for i in range(4)]
+    assert len(set(every)) == len(every)
+
+
+# ---------------------------------------------------------------- geometry helpers (by hand)
+
+def test_rotation_turns_about_x_then_y_then_z():
+    quarter = np.pi / 2
+    np.testing.assert_allclose(phantom._rotation(quarter, 0, 0) @ [0, 1, 0], [0, 0, 1], atol=1e-12)   # y -> z
+    np.testing.assert_allclose(phantom._rotation(0, quarter, 0) @ [0, 0, 1], [1, 0, 0], atol=1e-12)   # z -> x
+    np.testing.assert_allclose(phantom._rotation(0, 0, quarter) @ [1, 0, 0], [0, 1, 0], atol=1e-12)   # x -> y
+    # x first (y -> z), then y (z -> x): the other order would leave y at z
+    np.testing.assert_allclose(phantom._rotation(quarter, quarter, 0) @ [0, 1, 0], [1, 0, 0], atol=1e-12)
+
+
+def test_frame_is_right_handed_with_the_axis_first_and_the_hint_made_orthogonal():
+    frame = phantom._frame(np.array([0.0, 0.0, 2.0]), np.array([3.0, 0.0, 5.0]))
+    np.testing.assert_allclose(frame, [[0, 1, 0], [0, 0, 1], [1, 0, 0]], atol=1e-12)   # columns z, x, y
+
+
+def test_catmull_rom_passes_through_its_points_and_keeps_evenly_spaced_collinear_points_straight():
+    points = [np.array([0.0, 0, 0]), np.array([3.0, 0, 0]), np.array([6.0, 0, 0])]
+    curve = phantom._catmull_rom(points, per_segment=3)
+    # the reflected end points continue the spacing, so the curve is the line at even steps, ends included
+    np.testing.assert_allclose(curve, [[x, 0, 0] for x in range(7)], atol=1e-12)
+    bent = [np.array([0.0, 0, 0]), np.array([4.0, 0, 0]), np.array([4.0, 4, 0]), np.array([8.0, 4, 8])]
+    curve = phantom._catmull_rom(bent, per_segment=4)
+    assert curve.shape == (13, 3)
+    np.testing.assert_allclose(curve[::4], bent, atol=1e-12)
+    # the middle of the middle segment, (-p0 + 9 p1 + 9 p2 - p3) / 16
+    np.testing.assert_allclose(curve[6], (-bent[0] + 9 * bent[1] + 9 * bent[2] - bent[3]) / 16, atol=1e-12)
+
+
+def test_shapes_have_the_bounds_and_insides_worked_out_by_hand():
+    turned = phantom._Ellipsoid((0, 0, 0), (5, 2, 1), phantom._rotation(0, 0, np.pi / 2))   # long axis along y
+    np.testing.assert_allclose(np.concatenate(turned.bounds()), [-2, -5, -1, 2, 5, 1], atol=1e-12)
+    slanted = phantom._Ellipsoid((0, 0, 0), (5, 2, 1), phantom._rotation(0, 0, np.pi / 4))  # long axis along x = y
+    d = 4 / np.sqrt(2)
+    assert slanted.inside(np.float32(d), np.float32(d), np.float32(0)) and not slanted.inside(
+        np.float32(d), np.float32(-d), np.float32(0))
+    capsule = phantom._Capsule((0, 0, 0), (4, 0, 0), 1.0)
+    np.testing.assert_allclose(np.concatenate(capsule.bounds()), [-1, -1, -1, 5, 1, 1])
+    xs = np.array([-1.0, -1.5, 2.0, 2.0, 5.0, 5.5, 6.0], np.float32)
+    ys = np.array([0.0, 0.0, 1.0, 1.2, 0.0, 0.0, 0.0], np.float32)
+    assert capsule.inside(xs, ys, np.float32(0)).tolist() == [True, False, True, False, True, False, False]
+    # a tube's radius goes from r0 at its start to r1 at its end
+    tube = phantom._Tube([np.array([0.0, 0, 0]), np.array([10.0, 0, 0]), np.array([20.0, 0, 0])], 4.0, 2.0)
+    xs, ys = np.array([1.0, 19.0, 19.0], np.float32), np.array([3.5, 2.5, 1.5], np.float32)
+    assert tube.inside(xs, ys, np.float32(0)).tolist() == [True, False, True]
+
+
+def test_painting_a_shape_in_its_box_equals_evaluating_it_on_the_whole_grid():
+    """A ball of radius 2 voxels at a voxel centre holds the 33 lattice points with
+    x^2 + y^2 + z^2 <= 4 (1 + 6 + 12 + 8, and the 6 poles, on the box's last rows)."""
+    canvas = phantom._Canvas((0, 0, 0), (1, 1, 1), (12, 11, 10))
+    canvas.paint(phantom._Ellipsoid((4, 4, 4), (2, 2, 2)), phantom.MUSCLE, 7)
+    assert (canvas.label == 7).sum() == 33 and canvas.label[4, 4, 6] == canvas.label[6, 4, 4] == 7
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in (10, 11, 12)), indexing="ij")
+    for shape in (phantom._Ellipsoid((5.5, 3, 6), (4, 2, 1.5), phantom._rotation(0.3, -0.4, 0.9), cut=-1.0),
+                  phantom._Capsule((2, 2, 2), (9, 7, 5), 2.0)):
+        canvas = phantom._Canvas((0, 0, 0), (1, 1, 1), (12, 11, 10))
+        canvas.paint(shape, phantom.MUSCLE, 7)
+        np.testing.assert_array_equal(canvas.label == 7, shape.inside(x, y, z))
+    # with where, only over voxels of those tissues
+    canvas = phantom._Canvas((0, 0, 0), (1, 1, 1), (12, 11, 10))
+    canvas.tissue[:, :, :6] = phantom.FAT
+    canvas.paint(phantom._Ellipsoid((5, 5, 5), (4, 4, 4)), phantom.LIVER, where=[phantom.FAT])
+    assert (canvas.tissue[:, :, 6:] == phantom.LIVER).sum() == 0 and (canvas.tissue == phantom.LIVER).sum() > 0
+
+
+def test_heart_pose_scales_rotates_and_grows_its_shapes():
+    pose = phantom._HeartPose(center=np.array([1.0, 2.0, 3.0]), rotation=phantom._rotation(0, 0, np.pi / 2), scale=2.0)
+    np.testing.assert_allclose(pose.point((1, 0, 0)), [1, 4, 3], atol=1e-12)
+    shell = pose.ellipsoid((0, 0, 0), (5, 4, 3), cut=-5, grow=1)
+    np.testing.assert_allclose(shell.semi, [11, 9, 7])
+    assert shell.cut == -10                            # the cut plane scales with the heart
+    tube = pose.tube([(0, 0, 0), (10, 0, 0)], 3, 2, grow=1)
+    assert tube.capsules[0].r == 7 and tube.capsules[-1].r == 5
+
+
+# ---------------------------------------------------------------- heart plan (Docs/phantom.md, Anatomy)
+
+def _heart_poses(seeds):
+    """The heart pose each subject seed draws, stopping before anything is painted."""
+    class Stop(Exception):
+        pass
+
+    poses = []
+
+    def record(heart, *args):
+        poses.append(heart)
+        raise Stop
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(phantom, "_plan_heart", record)
+        for seed in seeds:
+            with pytest.raises(Stop):
+                phantom.simulate_subject("mr", seed, 16)
+    return poses
+
+
+def test_heart_is_rotated_by_up_to_15_degrees_about_each_axis_and_scaled_by_up_to_15_percent():
+    for pose in _heart_poses(range(40)):
+        r = pose.rotation
+        angles = np.degrees([np.arctan2(r[2, 1], r[2, 2]), -np.arcsin(r[2, 0]), np.arctan2(r[1, 0], r[0, 0])])
+        assert np.all(np.abs(angles) <= 15), angles
+        assert 0.85 <= pose.scale <= 1.15
+        assert pose.center[0] > 0 and pose.center[1] < 0        # left of the midline, anterior
+
+
+def test_heart_plan_sizes_follow_the_documented_ranges():
+    """LV cavity 36-46 by 19-25 mm, wall 8-12 mm (0.8 x that at the apex), epicardial fat 5-10 mm
+    around every chamber; the ventricles' lowest point is where the diaphragm is fitted."""
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        pose = phantom._HeartPose(np.zeros(3), phantom._rotation(*rng.uniform(-0.2, 0.2, 3)), rng.uniform(0.85, 1.15))
+        plan, bottom = phantom._plan_heart(pose, rng, spine_y=50.0, body_r=18.0)
+        by_label = {}
+        for shape, tissue, label, where in plan:
+            by_label.setdefault(label, shape)          # the first of each: the chamber, not its vessels
+        cavity, wall = by_label[phantom.LV_BLOOD], by_label[phantom.LV_MYO]
+        long_axis, short_axis = cavity.semi[:2] / pose.scale
+        assert 36 <= long_axis <= 46 and 19 <= short_axis <= 25 and cavity.semi[1] == cavity.semi[2]
+        thickness = (wall.semi - cavity.semi) / pose.scale
+        assert 8 <= thickness[1] <= 12 and thickness[1] == pytest.approx(thickness[2])
+        assert thickness[0] == pytest.approx(0.8 * thickness[1])
+        fat = [shape for shape, tissue, label, where in plan if tissue == phantom.FAT]
+        chambers = [wall, by_label[phantom.LA_BLOOD], by_label[phantom.RA_BLOOD],
+                    next(shape for shape, tissue, label, where in plan if tissue == phantom.MYOCARDIUM and not label)]
+        for chamber in chambers:      # for the RV, its outer wall (3.5 mm): the fat grows from there
+            around = next(f for f in fat if isinstance(f, phantom._Ellipsoid) and np.allclose(f.center, chamber.center))
+            grown = around.semi - chamber.semi
+            assert 5 <= grown[0] <= 10 and np.allclose(grown, grown[0])
+        ventricles = (wall, chambers[3])
+        assert bottom[2] == min(v.bounds()[0][2] for v in ventricles)
 
 
 # ---------------------------------------------------------------- anatomy
@@ -175,6 +311,121 @@ def test_mr_noise_is_rician_positive_and_ct_is_in_hounsfield_units(small_subject
     assert np.array_equal(ct, np.round(ct))    # integer HU stored as float32
 
 
+# Docs/phantom.md's appearance table: (MR low, MR high), (CT low, CT high) per tissue.
+DOCUMENTED_VALUES = {
+    phantom.BLOOD_LEFT: ((650, 820), (250, 400)), phantom.MYOCARDIUM: ((150, 210), (60, 110)),
+    phantom.MUSCLE: ((190, 260), (40, 65)), phantom.FAT: ((880, 1000), (-115, -85)),
+    phantom.LIVER: ((300, 380), (60, 120)), phantom.ABDOMEN: ((380, 520), (25, 55)),
+    phantom.LUNG: ((15, 40), (-870, -830)), phantom.LUNG_VESSEL: ((120, 220), (-50, 120)),
+    phantom.BONE: ((25, 60), (850, 1250)), phantom.MARROW: ((420, 540), (180, 320)),
+    phantom.AIR: ((0, 0), (-1000, -1000)),
+}
+
+
+@pytest.mark.parametrize("column, modality", ((0, "mr"), (1, "ct")))
+def test_tissue_values_cover_the_documented_table(column, modality):
+    """Each drawn value lies in its documented range, and 300 draws reach into both ends of it."""
+    rng = np.random.default_rng(1)
+    drawn = np.array([phantom._tissue_values(modality, rng) for _ in range(300)])
+    for tissue, ranges in DOCUMENTED_VALUES.items():
+        lo, hi = ranges[column]
+        values = drawn[:, tissue]
+        assert lo - 0.01 <= values.min() and values.max() <= hi + 0.01, phantom.TISSUES[tissue]
+        assert values.min() <= lo + 0.1 * (hi - lo) and values.max() >= hi - 0.1 * (hi - lo), phantom.TISSUES[tissue]
+
+
+def test_smoothing_takes_sigma_in_mm_per_axis_x_y_z():
+    """An impulse on (z, y, x) with 1 x 1 x 4 mm voxels and a 2 mm sigma spreads 2 voxels in x and y
+    (variance 4, a little less for the 3-sigma truncation) and half a voxel in z."""
+    impulse = np.zeros((9, 21, 21), np.float32)
+    impulse[4, 10, 10] = 1
+    out = phantom._smooth(impulse, (1.0, 1.0, 4.0), (2.0, 2.0, 2.0))
+    assert out.sum() == pytest.approx(1, abs=1e-5)
+    k = np.arange(21) - 10
+    var_x, var_y = (out.sum(axis=(0, 1)) * k ** 2).sum(), (out.sum(axis=(0, 2)) * k ** 2).sum()
+    var_z = (out.sum(axis=(1, 2)) * (np.arange(9) - 4) ** 2).sum()
+    assert var_x == pytest.approx(4, rel=0.03) and var_y == pytest.approx(4, rel=0.03) and var_z < 0.3
+
+
+def test_smooth_noise_is_zero_mean_unit_variance():
+    field = phantom._smooth_noise(np.random.default_rng(0), (12, 14, 16), np.array([2.0, 2.0, 3.0]), 4.0)
+    assert field.shape == (12, 14, 16)
+    assert abs(float(field.mean())) < 1e-5 and float(field.std()) == pytest.approx(1, abs=1e-4)
+
+
+def test_bias_field_is_centred_on_one_in_log_and_reaches_exactly_its_strength():
+    canvas = phantom._Canvas((0, 0, 0), (1, 1, 1), (10, 9, 8))         # (x, y, z): arrays (8, 9, 10)
+    field = phantom._bias_field(np.random.default_rng(3), canvas, 0.2)
+    assert field.shape == (8, 9, 10)
+    log = np.log(field.astype(np.float64))
+    assert abs(log.mean()) < 1e-5                                       # no overall gain
+    assert np.abs(log).max() == pytest.approx(np.log(1.2), rel=1e-5)    # within 1/1.2 .. 1.2
+
+
+def test_rendering_blurs_and_biases_as_documented(monkeypatch):
+    """Partial volume: Gaussian 0.75 voxel in MR, 0.55 in CT; MR bias field 15-30 %."""
+    blurs, strengths = [], []
+    real_smooth, real_bias = phantom._smooth, phantom._bias_field
+    monkeypatch.setattr(phantom, "_smooth",
+                        lambda a, spacing, sigma: blurs.append(np.asarray(sigma) / spacing) or real_smooth(a, spacing, sigma))
+    monkeypatch.setattr(phantom, "_bias_field",
+                        lambda rng, canvas, strength: strengths.append(strength) or real_bias(rng, canvas, strength))
+    for modality, voxels in (("mr", 0.75), ("ct", 0.55)):
+        for seed in range(3):
+            blurs.clear()
+            phantom.simulate_subject(modality, seed, 16)
+            assert any(np.allclose(b, voxels) for b in blurs), (modality, blurs)
+    assert len(strengths) == 3 and all(0.15 <= s <= 0.30 for s in strengths)
+
+
+def test_lung_vessels_are_the_top_5_percent_of_a_random_field(small_subjects):
+    # a unit normal field exceeds 1.6 in 5.5 % of its voxels
+    for (modality, seed), s in small_subjects.items():
+        tissue = sitk.GetArrayFromImage(s.tissue)
+        lung = np.isin(tissue, (phantom.LUNG, phantom.LUNG_VESSEL))
+        assert 0.04 < (tissue[lung] == phantom.LUNG_VESSEL).mean() < 0.07, (modality, seed)
+
+
+def test_mr_air_holds_rician_noise(small_subjects):
+    """Air is the magnitude of complex Gaussian noise (Rayleigh): mean^2 / mean square is pi / 4;
+    the magnitude of real noise alone would give 2 / pi = 0.64."""
+    for seed in (0, 1):
+        s = small_subjects[("mr", seed)]
+        image, tissue = arrays((s.image, s.tissue))
+        air = image[ndimage.binary_erosion(tissue == phantom.AIR, iterations=2)]
+        assert air.size > 1000
+        assert np.mean(air) ** 2 / np.mean(air.astype(np.float64) ** 2) == pytest.approx(np.pi / 4, abs=0.02)
+
+
+def test_ct_right_heart_is_the_most_mixed_blood_pool(small_subjects):
+    for seed in (0, 1):
+        s = small_subjects[("ct", seed)]
+        image, label = arrays((s.image, s.label))
+        spread = {v: image[ndimage.binary_erosion(label == v)].std() for v in (500, 600)}
+        assert spread[600] > 1.5 * spread[500], spread
+
+
+def test_mr_field_of_view_is_centred_on_the_heart_and_ct_nearer_the_thorax_centre():
+    def fov_centre(modality, seed):
+        image = phantom.body_frame(phantom.make_subject(modality, seed, 16)[0], modality)
+        return np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+
+    for seed, pose in enumerate(_heart_poses(range(4))):
+        mr, ct = (np.linalg.norm(fov_centre(m, seed)[:2] - pose.center[:2]) for m in ("mr", "ct"))
+        assert mr < 20 and mr < ct, (seed, mr, ct)
+
+
+def test_liver_lies_below_the_heart_on_the_right(small_subjects):
+    for (modality, seed), s in small_subjects.items():
+        tissue = phantom.body_frame(s.tissue, modality)
+        liver = np.argwhere(sitk.GetArrayFromImage(tissue) == phantom.LIVER)
+        lv = np.argwhere(sitk.GetArrayFromImage(s.label) == 500)
+        assert len(liver) > 1000, (modality, seed)
+        x_liver, _, z_liver = tissue.TransformContinuousIndexToPhysicalPoint(liver.mean(axis=0)[::-1].tolist())
+        z_lv = tissue.TransformContinuousIndexToPhysicalPoint(lv.mean(axis=0)[::-1].tolist())[2]
+        assert x_liver < 0 and z_liver < z_lv, (modality, seed)     # LPS: the patient's right is x < 0
+
+
 # ---------------------------------------------------------------- cohort files
 
 def test_cohort_files_and_splits(cohort):
@@ -236,6 +487,22 @@ def test_smaller_cohort_over_a_larger_one_removes_the_scans_it_no_longer_lists(t
                      "mr_1009_image.nii.gz"]
     assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
     assert json.loads((out / "splits.json").read_text(encoding="utf-8"))["mr"]["test"] == ["mr_1002"]
+
+
+def test_a_hand_edited_splits_json_cannot_reach_files_the_generator_never_writes(tmp_path):
+    """Only names of the form <modality>_<digits> in an earlier splits.json count as its scans:
+    a prefix of another form, or one reaching out of the folder, removes nothing."""
+    out = tmp_path / "cohort"
+    phantom.make_cohort(out, n_source=2, n_target=1, n_train=1, seed=1, size=16)
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
+    splits["mr"]["test"] += ["scan", "../outside", "ct_1001"]
+    (out / "splits.json").write_text(json.dumps(splits), encoding="utf-8")
+    mine = [out / "scan_image.nii.gz", tmp_path / "outside_label.nii.gz"]
+    for path in mine:
+        path.write_bytes(b"a user's file")
+    phantom.make_cohort(out, n_source=1, n_target=1, n_train=1, seed=2, size=16)
+    assert all(path.read_bytes() == b"a user's file" for path in mine)
+    assert not (out / "mr_1002_image.nii.gz").exists()                # the generator's own name: removed
 
 
 def test_an_earlier_scan_that_cannot_be_removed_is_named_and_fails_nothing(tmp_path, capsys, monkeypatch):
@@ -303,16 +570,20 @@ def test_a_cohort_that_would_not_fit_on_the_disk_is_refused_after_its_first_subj
     assert len(list(out.glob("*_image.nii.gz"))) == 5
     assert [phantom._bytes_text(n) for n in (1000, 12_900_000, 2 ** 30, 4.56 * 2 ** 30, 3230 * 2 ** 30)] == [
         "0.0 MiB", "12.3 MiB", "1 GiB", "4.56 GiB", "3,230 GiB"]
+    # at 1000 GiB the three significant digits would read "1e+03 GiB"
+    assert [phantom._bytes_text(n) for n in (999 * 2 ** 30, 1000 * 2 ** 30)] == ["999 GiB", "1,000 GiB"]
 
 
 def _contents(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_cohort_over_a_folder_whose_splits_json_is_not_ours_is_refused_and_changes_nothing(tmp_path):
+@pytest.mark.parametrize("generator", ({}, {"generator": "vaeuda.other 1"}))    # none, or not the phantom's
+def test_cohort_over_a_folder_whose_splits_json_is_not_ours_is_refused_and_changes_nothing(tmp_path, generator):
     out = tmp_path / "cohort"
     out.mkdir()
-    (out / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1002"], "test": []}}), encoding="utf-8")
+    (out / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1002"], "test": []}, **generator}),
+                                     encoding="utf-8")
     (out / "mr_1002_image.nii.gz").write_bytes(b"someone else's")
     before = _contents(out)
     with pytest.raises(VaeudaError, match=rf"^{re.escape(str(out))}: holds splits.json, a name this cohort writes, "
@@ -373,6 +644,13 @@ def test_cohort_failing_midway_leaves_no_folder(tmp_path, monkeypatch):
     (dict(n_source=2, n_target=2, n_train=1, size=8), "--size 8 must be a whole number of voxels from 16 to 512"),
     (dict(n_source=2, n_target=2, n_train=1, seed=-1), "--seed must be a non-negative whole number, not -1"),
     (dict(n_source=2.5, n_target=2, n_train=1), "--n-source must be a non-negative whole number, not 2.5"),
+    # a bool is no count, though Python takes True for 1
+    (dict(n_source=1, n_target=1, n_train=True, size=16), "--n-train must be a non-negative whole number, not True"),
+    # no CT subject is as wrong as no MR one; too few CT subjects for --n-train as too few MR ones
+    (dict(n_source=2, n_target=0, n_train=0, size=16), "a cohort needs at least one MR and one CT subject"),
+    (dict(n_source=3, n_target=2, n_train=3, size=16), "--n-train 3 is larger than the number of MR (3) or CT (2)"),
+    # 8999 subjects are allowed (ids up to 9999): the next check is the one that refuses (tiny, were it to run)
+    (dict(n_source=1, n_target=8999, n_train=2, size=16), "--n-train 2 is larger than the number of MR (1) or CT (8999)"),
 ])
 def test_cohort_rejects_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(VaeudaError, match=re.escape(message)):
@@ -385,6 +663,17 @@ def test_make_subject_rejects_unknown_modality_and_bad_seed():
         phantom.make_subject("us", 0, 16)
     with pytest.raises(VaeudaError, match="seed"):
         phantom.make_subject("mr", -3, 16)
+
+
+def test_size_limits_are_inclusive_and_modality_names_take_any_case():
+    assert [phantom._check_size(n) for n in (None, phantom.MIN_SIZE, phantom.MAX_SIZE, 32.0)] == [None, 16, 512, 32]
+    for bad in (phantom.MIN_SIZE - 1, phantom.MAX_SIZE + 1, 32.5, True, "32"):
+        with pytest.raises(VaeudaError, match="must be a whole number of voxels from 16 to 512"):
+            phantom._check_size(bad)
+    # "MR" and "CT" as DICOM writes them are the same modalities
+    assert phantom.cohort_subject_seed(0, "MR", 1) == phantom.cohort_subject_seed(0, "mr", 1)
+    image = sitk.Image(2, 2, 2, sitk.sitkUInt8)
+    assert phantom.body_frame(image, "CT").GetOrigin() == phantom.body_frame(image, "ct").GetOrigin() == (0, -160, 420)
 
 
 # ---------------------------------------------------------------- preview
@@ -403,7 +692,11 @@ def test_coronal_index_prefers_slices_with_more_structures():
     assert phantom._coronal_index(label) == 2
 
 
-def test_save_preview_writes_a_png(cohort, tmp_path):
+def test_save_preview_writes_a_png(cohort, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    figures = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self) or real_savefig(self, *a, **k))
     out, _ = cohort
     png = tmp_path / "figs" / "preview.png"
     phantom.save_preview(out, png, n=2)
@@ -411,6 +704,17 @@ def test_save_preview_writes_a_png(cohort, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert width > 300 and height > 300          # 2 x 2 panels plus a legend
+    panels = [ax for ax in figures[0].axes if ax.images]
+    names = [ax.get_title().split()[0] for ax in panels]
+    assert names == ["mr_1001", "mr_1002", "ct_1001", "ct_1002"]              # one row per modality, n each
+    for name, ax in zip(names, panels):
+        image, label = (sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{name}_{kind}.nii.gz")))
+                        for kind in ("image", "label"))
+        # (z, y, x) with z superior: the top row shows the last z, and x (towards the patient's left) runs right
+        np.testing.assert_array_equal(ax.images[0].get_array(), image[::-1, phantom._coronal_index(label), :])
+        left, right, bottom, top = ax.images[0].get_extent()
+        assert left < right and bottom < top
+    assert panels[2].images[0].get_clim() == panels[3].images[0].get_clim()   # HU: one window for every CT panel
     with pytest.raises(VaeudaError, match="no mr_"):
         phantom.save_preview(tmp_path / "empty", tmp_path / "x.png")
 
