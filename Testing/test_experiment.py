@@ -12,6 +12,7 @@ import pytest
 from vaeuda.train import DEFAULT_ITERATIONS
 
 from vaeuda import experiment
+from vaeuda import train as train_mod
 from vaeuda.errors import VaeudaError
 from vaeuda.experiment import (ROWS, ROW_FEW_SHOT, ROW_NO_ADV, ROW_NO_KL, ROW_ORACLE, ROW_P1, ROW_P16, ROW_UNADAPTED,
                                curve_stats, draw_targets, pick_few_shot_window, scaled_iterations)
@@ -247,6 +248,21 @@ def test_a_cohort_made_again_in_the_same_folder_is_another_cohort(tmp_path):
     assert {k for k in before if before[k] != after[k]} == {"cohort_state"}
 
 
+def test_a_cohort_names_its_label_convention_or_is_refused(tmp_path):
+    """splits.json's "labels": absent is mmwhs; a built-in name is that convention; an empty name or a
+    number names none (the empty one would be read as the cohort folder itself)."""
+    from vaeuda.demo import cohort_convention
+    _write_splits(tmp_path)
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    assert cohort_convention(tmp_path).name == "mmwhs"
+    (tmp_path / "splits.json").write_text(json.dumps(dict(splits, labels="consecutive")))
+    assert cohort_convention(tmp_path).name == "consecutive"
+    for labels in ("", 7):
+        (tmp_path / "splits.json").write_text(json.dumps(dict(splits, labels=labels)))
+        with pytest.raises(VaeudaError, match=rf'"labels" must name a label convention .*, not {re.escape(repr(labels))}\.$'):
+            cohort_convention(tmp_path)
+
+
 def test_rerun_reuses_models_with_the_same_settings(tmp_path):
     calls = []
 
@@ -340,6 +356,15 @@ def test_pick_few_shot_window_prefers_the_fullest_window():
     last = np.zeros((6, 4, 4), dtype=np.uint8)          # only the last three slices qualify
     last[3:, 0, :3] = (1, 2, 3)
     assert pick_few_shot_window(last) == (3, 6)
+    # the poorest slice decides, not the richest: slices 0-2 show 3, 3, 1 structures, slices 4-6 show 2, 2, 2
+    poorest = np.zeros((7, 4, 4), dtype=np.uint8)
+    for j, shown in enumerate(((1, 2, 3), (1, 2, 3), (1,), (), (1, 2), (2, 3), (1, 3))):
+        poorest[j, 0, :len(shown)] = shown
+    assert pick_few_shot_window(poorest) == (4, 7)
+    # two windows tied on both counts: the first wins
+    tied = np.zeros((7, 4, 4), dtype=np.uint8)
+    tied[0:3, 0, :3] = tied[4:7, 0, :3] = (1, 2, 3)
+    assert pick_few_shot_window(tied) == (0, 3)
     with pytest.raises(ValueError, match="^no 3 consecutive slices cross 3 structures$"):
         pick_few_shot_window(np.where(labels == 3, 0, labels))   # never 3 structures
 
@@ -377,6 +402,165 @@ def test_findings_criteria_by_hand():
     ]
     assert findings[0]["this_run"] == "+20.00 (20.00 -> 40.00)"
     assert findings[3]["this_run"] == "37.00 vs 40.00 (-3.00)"
+
+
+def test_findings_criteria_hold_at_their_bounds():
+    """Each criterion's bound belongs to it: a gain of exactly 10 points, Proposed-1 exactly 5 below
+    Proposed-16, an oracle equal to Proposed-1, a drop of exactly 2 and a std exactly 1 point above hold;
+    four curve points are enough to judge; few-shot at exactly 60 is not "over 60"."""
+    md = {ROW_UNADAPTED: 30.0, ROW_P1: 40.0, ROW_P16: 45.0, ROW_ORACLE: 40.0,
+          ROW_NO_KL: 38.0, ROW_NO_ADV: 38.0, ROW_FEW_SHOT: 60.0}
+    stats = {ROW_P1: {"n": 4, "second_half_std": 1.0}, ROW_NO_KL: {"n": 4, "second_half_std": 2.0},
+             ROW_NO_ADV: {"n": 4, "second_half_std": 1.5}}
+    assert [f["holds"] for f in experiment.check_findings(md, stats)] == [
+        True, True, True, True, True, True, False, False]
+    assert experiment.check_findings(md, dict(stats, **{ROW_P1: {"n": 3, "second_half_std": 1.0}}))[4]["holds"] is None
+
+
+def test_the_largest_seed_is_taken_for_as_many_repeats_as_fit(tmp_path):
+    """Repeat k adapts with seed + k: --seed MAX_SEED leaves room for exactly one repeat, MAX_SEED - 1 for two
+    (each run refused only later, for its missing cohort); --iterations-scale 0 is no positive number."""
+    from vaeuda.errors import MAX_SEED
+    for seed, repeats in ((MAX_SEED, 1), (MAX_SEED - 1, 2)):
+        with pytest.raises(VaeudaError, match="splits.json: not found"):
+            experiment.run_table1(tmp_path, tmp_path / "out", repeats=repeats, seed=seed, preset="tiny", device="cpu")
+    with pytest.raises(VaeudaError, match=r"^--iterations-scale must be a positive number, not 0\.$"):
+        experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu", iterations_scale=0)
+    assert not (tmp_path / "out").exists()
+
+
+# Made-up mean Dice (fractions) of each run, by its model file name's start.
+FAKE_DICE = {"oracle": 0.8, "source": 0.2, "proposed16": 0.5, "proposed1": 0.5, "nokl": 0.45, "noadv": 0.49,
+             "fewshot": 0.65}
+
+
+def _fake_table1(tmp_path, monkeypatch):
+    """run_table1 on a cohort of empty files (no generator named: not synthetic) whose training, scoring,
+    curve probe and few-shot pick are made up here, so every number of the report is known. Returns
+    (cohort, the keyword arguments of each adaptation by model file name)."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    splits = {"mr": {"train": ["mr_1", "mr_2"], "test": []}, "ct": {"train": ["ct_1", "ct_2", "ct_3"],
+                                                                    "test": ["ct_4", "ct_5"]}}
+    (cohort / "splits.json").write_text(json.dumps(splits))
+    for prefix in splits["mr"]["train"] + splits["ct"]["train"] + splits["ct"]["test"]:
+        for kind in ("image", "label"):
+            (cohort / f"{prefix}_{kind}.nii.gz").write_bytes(b"")
+    adapted = {}
+
+    def trained(path, iterations, history):
+        Path(path).write_bytes(b"model")
+        return {"history": history, "normalisation": {"method": "zscore"},
+                "provenance": {"started": "t", "iterations_done": iterations}}
+
+    def adapt(source, targets, path, **kw):
+        adapted[Path(path).name] = kw
+        every = kw["overrides"]["eval_every"]
+        points = list(range(every, kw["iterations"] + 1, every))
+        if kw["callback"] is None:
+            return trained(path, kw["iterations"], [{"iteration": i, "proxy": 0.1} for i in points])
+        # the curve without adversarial training is cut to 3 evaluations: too few to judge its oscillation
+        points = points if kw["use_adv"] else points[:3]
+        return trained(path, kw["iterations"], [dict(kw["callback"](i, None), iteration=i) for i in points])
+
+    class FlatCurve:                          # the same held-out Dice at every evaluation: no oscillation
+        seconds = 0.0
+
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, iteration, net, live=None):
+            return {"test_dice_mean": 0.5, "test_dice": {k: 0.5 for k in CLASS_KEYS}, "test_assd_vox_mean": 2.0,
+                    "test_assd_vox_undefined": 0}
+
+    def scores(model, cohort_, prefixes, *args):
+        dice = FAKE_DICE[Path(model).name.split("_")[0].split(".")[0]]
+        return {"volumes": [{"name": p, "metrics": {k: {"dice": dice, "assd_vox": 2.0, "assd_mm": 3.0}
+                                                    for k in CLASS_KEYS}} for p in prefixes]}
+    monkeypatch.setattr(train_mod, "train_source",
+                        lambda images, labels, path, **kw: trained(path, kw["iterations"], [{"iteration": 1}]))
+    monkeypatch.setattr(train_mod, "finetune",
+                        lambda source, images, labels, path, **kw: trained(path, kw["iterations"], []))
+    monkeypatch.setattr(train_mod, "adapt", adapt)
+    monkeypatch.setattr(experiment, "HeldOutDiceProbe", FlatCurve)
+    monkeypatch.setattr(experiment, "evaluate_model", scores)
+    monkeypatch.setattr(experiment, "_few_shot_slices", lambda cohort_, prefix, *a: {
+        "scan": prefix, "slices": [5, 8], "structures": [["LV-M", "LA-B", "LV-B"]] * 3, "union": ["LV-M", "LA-B", "LV-B"]})
+    monkeypatch.setattr(experiment, "plot_dice_rows", lambda rows, png: None)
+    monkeypatch.setattr(experiment, "plot_curves", lambda curves, unadapted, png: None)
+    monkeypatch.setattr(experiment.machine, "description", lambda: "a test machine")     # (its fingerprint takes seconds)
+    return cohort, adapted
+
+
+def test_a_full_length_run_judges_the_findings_on_numbers_worked_out_by_hand(tmp_path, monkeypatch):
+    """The cpu preset at full length (no smoke run): mean Dice 80 / 20 / 50 / 50 / 45 / 49 / 65 % give
+    the verdicts below; the curves are evaluated every 300 // 20 = 15 adaptation iterations for the first
+    draw of each Proposed-1 row only, the few-shot run at the engine's 50 with early stopping; a stale
+    prediction of an earlier run is removed before scoring."""
+    from vaeuda.train import ADAPT_TRAINING, TrainConfig
+    cohort, adapted = _fake_table1(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    (out / "pred" / "oracle").mkdir(parents=True)
+    for name in ("ct_4_image_seg.nii.gz", "notes.txt"):
+        (out / "pred" / "oracle" / name).write_text("earlier")
+    import types
+    ticks = iter(range(10 ** 6))        # a clock that moves one second per reading: each training and scoring takes 1 s
+    monkeypatch.setattr(experiment, "time", types.SimpleNamespace(time=lambda: float(next(ticks))))
+    experiment.run_table1(cohort, out, repeats=2, preset="cpu", seed=1, device="cpu", reporter=Reporter("none"))
+    js = json.loads((out / "table1.json").read_text())
+    p = js["protocol"]
+    assert (p["smoke"], p["synthetic"], p["eval_every"], p["iterations"]) == (
+        False, False, 15, {"source": 700, "adapt": 300, "finetune": 1600})
+    assert "eval_every" not in ADAPT_TRAINING["cpu"] and p["few_shot_eval_every"] == TrainConfig().eval_every == 50
+    d1, d2 = p["draws"]
+    curved = {name: (kw["overrides"]["eval_every"], kw["early_stop"], kw["slice_range"])
+              for name, kw in adapted.items() if kw["callback"] is not None}
+    assert curved == {f"proposed1_r1_{d1}.safetensors": (15, None, None), f"nokl_r1_{d1}.safetensors": (15, None, None),
+                      f"noadv_r1_{d1}.safetensors": (15, None, None),
+                      f"fewshot_{d1}_5-8.safetensors": (50, 3, (5, 8))}
+    assert not any("test_dice_mean" in e for e in js["rows"][ROW_P1]["runs"][1]["history"])    # the second draw's
+    assert js["rows"][ROW_UNADAPTED]["runs"][0]["history"] == []          # the source model was not adapted
+    assert sorted(p.name for p in (out / "pred" / "oracle").iterdir()) == ["notes.txt"]
+    md = (out / "table1.md").read_text()
+    assert "Smoke run" not in md and "synthetic" not in md and "Machine: a test machine." in md
+    assert f"Proposed-1 adapts on one scan, 2 times, on the draws {d1}, {d2}; its row pools all 2 x 2" in md
+    this_run = md[:md.index("## The paper's Table 1")]
+    labels = [cell for cell in (line.split("|")[1].strip() for line in this_run.splitlines() if line.startswith("| "))
+              if cell.split(" (n=")[0] in ROWS]
+    assert labels == ["Oracle", "Unadapted", "Proposed-16", "Proposed-1 (n=4)", "Proposed-1, no KL (n=4)",
+                      "Proposed-1, no adversarial (n=4)", "Few-shot (3 slices)"]
+    for row in ("| Oracle | 80.00 | 87.00 |", "| Unadapted | 20.00 | 20.03 |", "| Proposed-1 | 50.00 | 72.18 |",
+                "| Proposed-16 | 50.00 | not reported (SIFA-16: 75.77) |", "| Proposed-1, no KL | 45.00 | < 55, oscillates |"):
+        assert row in md
+    findings = md[md.index("## The paper's findings"):].split("\n\n")[1].splitlines()[2:]
+    # the time table adds up each row's runs: two draws, 2 s of training and 2 s of scoring
+    assert "| Oracle | 1 | 1.0 | 0.0 | 1.0 |" in md and "| Proposed-1, no KL | 2 | 2.0 | 0.0 | 2.0 |" in md
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in findings]
+    assert verdicts == ["holds",           # gain +30 >= 10
+                        "holds",           # 50 within 5 of Proposed-16's 50
+                        "holds",           # the oracle 80 >= 50
+                        "holds",           # no KL: 5 below
+                        "does not hold",   # its curve is as flat as Proposed-1's
+                        "does not hold",   # no adversarial: 1 below
+                        "cannot tell",     # 3 evaluations
+                        "holds"]           # few-shot 65 > 60
+
+
+@pytest.mark.parametrize("preset, scale, repeats", [("tiny", 1.0, 1), ("cpu", 0.5, 4)])
+def test_tiny_networks_or_shortened_training_is_a_smoke_run_and_repeated_draws_are_noted(
+        tmp_path, monkeypatch, capsys, preset, scale, repeats):
+    """Either the tiny preset or a scale below 1 makes a smoke run; more draws than the 3 CT training
+    scans repeat some, which the log says; one draw is "1 time"."""
+    cohort, _ = _fake_table1(tmp_path, monkeypatch)
+    experiment.run_table1(cohort, tmp_path / "out", repeats=repeats, preset=preset, seed=0, device="cpu",
+                          iterations_scale=scale, reporter=Reporter("json"))
+    assert json.loads((tmp_path / "out" / "table1.json").read_text())["protocol"]["smoke"] is True
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert md.count("| not judged (smoke run) |") == 8
+    assert f"Proposed-1 adapts on one scan, {repeats} time{'s' if repeats > 1 else ''}, on the draws" in md
+    logged = [json.loads(line).get("message") for line in capsys.readouterr().out.splitlines()]
+    note = f"note: {repeats} draws from 3 CT training scan(s): drawn with replacement, so some scans repeat"
+    assert (note in logged) is (repeats > 3)
 
 
 def test_paper_rows_keep_dice_in_percent_and_assd_in_voxels(table1):
@@ -444,6 +628,9 @@ def test_bad_cohort_is_one_clear_error(tmp_path):
         experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
     (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1"]}, "ct": {"train": ["ct_1"], "test": ["ct_2"]}}))
     with pytest.raises(VaeudaError, match="mr_1_image.nii.gz: listed in splits.json"):
+        experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
+    (tmp_path / "splits.json").write_text(json.dumps({"mr": {"train": ["mr_1"]}, "ct": {"train": [1001], "test": ["ct_2"]}}))
+    with pytest.raises(VaeudaError, match='splits.json: has no "ct" -> "train" list of scan prefixes'):   # a number, no name
         experiment.run_table1(tmp_path, tmp_path / "out", preset="tiny", device="cpu")
     for repeats in (0, 3.0, True):          # the Python API is held to what the command line takes
         with pytest.raises(VaeudaError, match=f"--repeats must be a whole number of at least 1, not {repeats!r}"):
@@ -547,7 +734,7 @@ def test_a_scan_prefix_with_a_path_in_it_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_repeats_and_the_iteration_scale_are_bounded_before_any_folder_is_made(cohort, tmp_path):
+def test_repeats_and_the_iteration_scale_are_bounded_before_any_folder_is_made(cohort, tmp_path, monkeypatch):
     """--repeats 1000000000 built a billion draws in memory before any training; --iterations-scale 1e6 was
     refused by the training stage (naming --iterations, which experiment has not) after making folders."""
     with pytest.raises(VaeudaError, match=f"--repeats must be at most {experiment.MAX_REPEATS:,}"):
@@ -555,6 +742,12 @@ def test_repeats_and_the_iteration_scale_are_bounded_before_any_folder_is_made(c
     with pytest.raises(VaeudaError, match=r"^--iterations-scale 1000000.0 gives 20,000,000 source iterations; at most "
                                           r"10,000,000 are run\.$"):
         experiment.run_table1(cohort, tmp_path / "out", preset="tiny", device="cpu", iterations_scale=1e6)
+    # the cpu preset fine-tunes longest (1,600 iterations against the source model's 700): that stage is the bound's
+    # (the work after the check is stopped at once, should the check let the run through)
+    monkeypatch.setattr(experiment, "_few_shot_slices", lambda *a: pytest.fail("the run went past the bound"))
+    with pytest.raises(VaeudaError, match=r"^--iterations-scale 10000.0 gives 16,000,000 finetune iterations; at most "
+                                          r"10,000,000 are run\.$"):
+        experiment.run_table1(cohort, tmp_path / "out", preset="cpu", device="cpu", iterations_scale=1e4)
     assert not (tmp_path / "out").exists()
 
 

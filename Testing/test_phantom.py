@@ -764,6 +764,10 @@ def test_demo_figure_shows_the_coronal_slice_with_the_most_structures_then_label
     labels[:, 1, :] = 1                                     # 20 voxels, one structure
     labels[0, 3, 0], labels[0, 3, 1], labels[0, 3, 2] = 1, 2, 4      # 3 voxels, three structures
     assert coronal_slice_with_most_structure(labels) == 3
+    labels = np.zeros((3, 3, 4), np.uint8)
+    labels[0, 0, :2] = (1, 2)                               # 2 voxels, two structures
+    labels[:, 1, :2], labels[:, 1, 2:] = 1, 2               # 12 voxels, the same two: the fuller slice wins the tie
+    assert coronal_slice_with_most_structure(labels) == 1
     assert coronal_slice_with_most_structure(np.zeros((2, 3, 2), np.uint8)) == 0     # nothing labelled
 
 

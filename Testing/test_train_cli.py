@@ -167,6 +167,28 @@ def test_usage_errors_are_json_events_too_and_an_empty_value_is_one(capsys):
     assert "required: IMAGE_OR_DIR" in capsys.readouterr().err      # (the error is the missing volumes)
 
 
+@pytest.mark.parametrize("argv, name", [
+    (["adapt", "", "--model", "m", "--out", "o"], "TARGET"),
+    (["adapt", "t", "--model", "", "--out", "o"], "--model"),
+    (["adapt", "t", "--model", "m", "--out", "o", "--source-data", "s", ""], "--source-data"),
+    (["train-source", "x", "", "--out", "o"], "IMAGE_OR_DIR"),
+    (["finetune", "x", "--model", "m", "--out", "o", "--labels", ""], "--labels"),
+    (["segment", "x", "", "--model", "m", "--out", "o"], "INPUT"),
+    (["evaluate", "--pred", "", "--ref", "r"], "--pred"),
+    (["evaluate", "--pred", "p", "--ref", ""], "--ref"),
+    (["info", ""], "MODEL"),
+    (["demo", "--out", ""], "--out"),
+    (["experiment", "table1", "--data", "", "--out", "o"], "--data"),
+])
+def test_an_empty_path_is_refused_for_every_argument_that_names_a_file_or_folder(capsys, argv, name):
+    """Path("") is the current folder: an empty value (an unset variable in a script) would read or
+    write there; every command's path arguments refuse it, naming the argument."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--progress", "none"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {name}: an empty value was given")
+
+
 def test_usage_errors_follow_the_progress_mode_argparse_reads(capsys):
     """--prog json is argparse's --progress json, and the last --progress given is the one in force."""
     for argv, events in ((["segment", "x", "--model", "m", "--out", "o", "--prog", "json", "--batch-size", "b"], 1),
@@ -189,6 +211,7 @@ def test_repeated_list_options_add_up_and_a_short_slices_option_is_explained(tmp
     assert args.source_data == ["s1", "s2", "s3"]
     assert _joined_slice_ranges(["adapt", "--sl", "-1:4"]) == ["adapt", "--sl=-1:4"]
     assert _joined_slice_ranges(["adapt", "--s", "-1:4"]) == ["adapt", "--s", "-1:4"]     # ambiguous: left alone
+    assert _joined_slice_ranges(["adapt", "--slices", "--no-kl"]) == ["adapt", "--slices", "--no-kl"]   # no range
     target = tmp_path / "ct_image.nii.gz"
     target.write_bytes(b"")
     assert main(["adapt", str(target), "--model", "m", "--out", str(tmp_path / "o.safetensors"), "--sl", "-1:4",
@@ -681,6 +704,41 @@ def test_seed_outside_what_the_generators_take_is_a_usage_error(tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_seed_and_decay_bounds_themselves_are_accepted():
+    """--seed takes 0 to MAX_SEED inclusive (a 64-bit generator seed); --ema-decay 0 (off) and values
+    just inside (0, 1)."""
+    from vaeuda.cli import _decay, _seed
+    from vaeuda.errors import MAX_SEED
+    assert MAX_SEED == 2 ** 64 - 1
+    assert (_seed("0"), _seed(str(MAX_SEED))) == (0, MAX_SEED)
+    assert (_decay("0"), _decay("0.999"), _decay("1e-6")) == (0.0, 0.999, 1e-6)
+
+
+def test_every_commands_defaults_are_the_ones_its_help_states():
+    """What each command does when an option is not given, as its --help and the docs say."""
+    from vaeuda.cli import build_parser
+    parser = build_parser()
+
+    def defaults(*argv, **expected):
+        args = vars(parser.parse_args(list(argv)))
+        assert {k: args[k] for k in expected} == expected, argv
+    common = dict(progress="auto", seed=0, device="auto", portable=False)
+    training = dict(common, iterations=None, batch_size=None, resume=False)
+    defaults("train-source", "x", "--out", "m", **training, preset=None, label_convention="mmwhs", input_size=None,
+             intensity_remap=False, labels=None)
+    defaults("adapt", "t", "--model", "m", "--out", "o", **training, no_kl=False, no_adv=False, no_cycle=False,
+             no_task_consistency=False, slices=None, early_stop=None, source_data=None, ema_decay=None)
+    defaults("finetune", "x", "--model", "m", "--out", "o", **training, labels=None)
+    defaults("segment", "x", "--model", "m", "--out", "o", progress="auto", device="auto", portable=False,
+             batch_size=16, domain=None, cpu_bf16=False)
+    defaults("evaluate", "--pred", "p", "--ref", "r", progress="auto", label_convention="mmwhs",
+             pred_label_convention=None, json=None)
+    defaults("synth", "out", progress="auto", seed=0, size=None)
+    defaults("demo", **common, out="demo_out", quick=False, intensity_remap=False)
+    defaults("experiment", "table1", "--data", "d", "--out", "o", **common, repeats=6, preset=None,
+             iterations_scale=1.0)
+
+
 @pytest.mark.parametrize("preset, size, message", [
     ("tiny", 50, "not divisible by 4"), ("tiny", 8, "at least 16 pixels"),
     ("tiny", 8192, "input_size must be a whole number in [16, 4096], not 8192"),   # a model it could not load
@@ -1089,6 +1147,99 @@ def test_demo_trains_the_preset_its_report_names_whatever_the_device(tmp_path, m
     assert asked["preset"] == preset and asked["device"] == "cuda"
 
 
+def _fake_demo_pipeline(monkeypatch, oracle_dice=0.8):
+    """run_demo with every stage replaced: the cohort split, the trainings (their records), the scores
+    and the figure are made up here, so the report's numbers can be worked out by hand. Returns the
+    keyword arguments each training stage was called with."""
+    from vaeuda import demo, modelfile
+    from vaeuda.labels import CLASS_KEYS
+    names = {("mr", "train"): [f"mr_{1001 + i}" for i in range(16)],
+             ("ct", "train"): [f"ct_{1001 + i}" for i in range(16)],
+             ("ct", "test"): [f"ct_{1017 + i}" for i in range(4)]}
+    called = {}
+
+    def stage(name, iterations_done):
+        def run(*args, **kwargs):
+            called[name] = dict(kwargs, args=args)
+            return {"provenance": {"device": "cuda:0", "engine": "9.9", "iterations_done": iterations_done},
+                    "train": {"batch_size": 8}}
+        return run
+
+    def scores(dice, std):
+        cell = lambda mean, spread: {"mean": mean, "std": spread, "n": 4, "n_missing": 0}   # noqa: E731
+        summary = {k: {"dice": cell(dice, std), "assd_vox": cell(3.0, 1.0), "assd_mm": cell(4.0, 2.0)}
+                   for k in CLASS_KEYS + ("Mean",)}
+        # the scored volumes' spacing (z, y, x): x 1.25 to 1.30, y 1.50 in both, z 2.00 to 2.50
+        return {"summary": summary, "volumes": [{"spacing_zyx": [2.0, 1.5, 1.25]}, {"spacing_zyx": [2.5, 1.5, 1.3]}]}
+    dice = {"source": (0.2, 0.1), "adapted": (0.5, 0.05), "oracle": (oracle_dice, 0.025)}
+    monkeypatch.setattr(demo, "is_phantom_cohort", lambda *args: True)               # no cohort is made
+    monkeypatch.setattr(demo, "cohort_split", lambda cohort, modality, split: names[(modality, split)])
+    monkeypatch.setattr(train_mod, "train_source", stage("source", 700))
+    monkeypatch.setattr(train_mod, "adapt", stage("adapt", 300))
+    monkeypatch.setattr(train_mod, "finetune", stage("finetune", 1600))
+    monkeypatch.setattr(demo, "evaluate_model", lambda model, *a: scores(*dice[Path(model).name.split(".")[0]]))
+    monkeypatch.setattr(demo, "figure_fig2", lambda *args: 7)
+    monkeypatch.setattr(modelfile, "read_tensors", lambda model: (None, None, {"tensors_sha256": "ab" * 32}))
+    monkeypatch.setattr(demo.machine, "description", lambda: "a test machine")     # (its fingerprint takes seconds)
+    return called
+
+
+def test_the_demo_report_states_the_runs_numbers_as_worked_out_by_hand(tmp_path, monkeypatch, capsys):
+    """The full demo (not --quick) with made-up scores: mean Dice 20, 50 and 80 % give a gain of +30.00
+    points and 62.5 % of the oracle; the table lists mean (std) in the paper's row order; the stages run
+    the cpu preset at its own iterations; the voxel sizes are each axis's range; the summary is printed."""
+    from vaeuda import demo
+    from vaeuda.progress import Reporter
+    called = _fake_demo_pipeline(monkeypatch)
+    out = tmp_path / "demo"
+    assert [p.name for p in demo.run_demo(out, seed=5, device="cpu", reporter=Reporter("none"))] == [
+        "report.md", "report.json", "fig2.png"]
+    target = random.Random(5).choice([f"ct_{1001 + i}" for i in range(16)])          # the one CT, drawn
+    assert [str(p) for p in called["adapt"]["args"][1]] == [str(out / "cohort" / f"{target}_image.nii.gz")]
+    assert all(called[s]["iterations"] is None and called[s]["seed"] == 5 for s in ("source", "adapt", "finetune"))
+    assert called["source"]["preset"] == "cpu" and called["source"]["intensity_remap"] is False
+    assert len(called["source"]["args"][0]) == 16 and len(called["finetune"]["args"][1]) == 16
+    text = (out / "report.md").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert "Smoke run" not in text                                   # only --quick is one
+    assert ("Training: `cpu` preset on cuda:0 (bf16 autocast), engine 9.9, batch 8: source model 700 iterations "
+            "(16 labelled MR), adaptation 300 (1 unlabelled CT), oracle fine-tuning 1600 (16 labelled CT).") in lines
+    assert "which measure 1.25-1.30 x 1.50 x 2.00-2.50 mm (x, y, z) here" in text
+    assert (f"target = ONE unlabelled CT ({target}), evaluated on the 4 held-out CT test volumes "
+            f"(ct_1017, ct_1018, ct_1019, ct_1020).") in text
+    # the rows in the paper's Table 1 order, each Dice cell mean (std) in percent
+    rows = [line for line in lines if line.startswith("| ") and line.split("|")[1].strip() in demo.ROWS]
+    assert [r.split("|")[1].strip() for r in rows] == ["Oracle", "Unadapted", "Proposed-1 (adapted)"]
+    assert [r.split("|")[2].strip() for r in rows] == ["80.00 (2.50)", "20.00 (10.00)", "50.00 (5.00)"]
+    assert "- Adaptation gain in mean Dice: +30.00 points (unadapted 20.00 -> adapted 50.00)." in lines
+    assert "- Adapted / oracle mean Dice: 62.5%." in lines
+    # the paper's Table 1 Mean column: 20.03, 72.18 and 87.00; 72.18 / 87.00 = 83.0 %
+    assert ("- The paper, on real MM-WHS scans (six draws, 3x256x256 slices, a GPU): unadapted 20.03, Proposed-1 "
+            "72.18, oracle 87.00 mean Dice (83.0 % of the oracle); these are synthetic scans and one draw.") in lines
+    assert "source.safetensors `abababababababab`" in text and "![ct_1017, coronal slice 7:" in text
+    assert "Machine: a test machine." in lines
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["mean_dice"] == pytest.approx({"Oracle": 80.0, "Unadapted": 20.0, "Proposed-1 (adapted)": 50.0})
+    assert list(report["results"]) == list(demo.ROWS) and report["target_scan"] == target
+    assert report["figure"] == {"scan": "ct_1017", "coronal_slice": 7} and report["quick"] is False
+    assert report["training"] == {"preset": "cpu", "device": "cuda:0", "engine": "9.9", "batch_size": 8,
+                                  "iterations": {"source": 700, "adapt": 300, "finetune": 1600}}
+    printed = capsys.readouterr().out
+    assert "- Adapted / oracle mean Dice: 62.5%." in printed and "| stage | seconds |" not in printed
+
+
+def test_the_demo_prints_no_summary_in_json_mode_and_a_zero_oracle_gives_no_ratio(tmp_path, monkeypatch, capsys):
+    """Under --progress json every stdout line is an event (the summary would break the reader); an
+    oracle at 0 % Dice leaves the adapted / oracle ratio undefined, written as nan, not a crash."""
+    from vaeuda import demo
+    from vaeuda.progress import Reporter
+    _fake_demo_pipeline(monkeypatch, oracle_dice=0.0)
+    demo.run_demo(tmp_path / "demo", device="cpu", reporter=Reporter("json"))
+    events = [json.loads(line)["event"] for line in capsys.readouterr().out.splitlines()]
+    assert events and set(events) <= {"log", "stage", "progress"}
+    assert "- Adapted / oracle mean Dice: nan%." in (tmp_path / "demo" / "report.md").read_text(encoding="utf-8")
+
+
 def test_quick_demo_end_to_end(tmp_path, capsys):
     """`vaeuda demo --quick`: the whole pipeline at the tiny preset writes its report, JSON and figure,
     and prints the report's results (not a cut-off stage table) with the total time."""
@@ -1105,6 +1256,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     splits = json.loads((out / "cohort" / "splits.json").read_text())
     assert report["target_scan"] == random.Random(0).choice(splits["ct"]["train"])
     assert report["test_scans"] == splits["ct"]["test"]
+    # README: a cohort of 48x48x48-voxel volumes
+    for name in (report["target_scan"], splits["mr"]["train"][0]):
+        assert sitk.ReadImage(str(out / "cohort" / f"{name}_image.nii.gz")).GetSize() == (48, 48, 48)
     # the summary lines are the results' mean Dice, their difference and their ratio
     mean = {name: r["summary"]["Mean"]["dice"]["mean"] * 100 for name, r in report["results"].items()}
     assert mean == pytest.approx(report["mean_dice"])
@@ -1575,7 +1729,8 @@ def test_adapt_passes_each_ablation_switch_and_option_through_unchanged(tiny_coh
     assert main(common + [ct]) == 0
     assert main(common + ["--source-data", str(tiny_cohort / "mr_1001_image.nii.gz"), "--no-kl", "--no-cycle",
                           "--slices", "2:5", "--ema-decay", "0", ct]) == 0
-    assert main(common + ["--no-adv", "--no-task-consistency", ct]) == 0
+    assert main(common + ["--no-adv", "--no-task-consistency", "--early-stop", "4", "--iterations", "7", "--batch-size",
+                          "3", "--seed", "9", "--device", "cpu", "--resume", ct]) == 0
     (args, plain), (_, switched), (_, others) = calls
     assert args[0] == "m.safetensors" and [str(p) for p in args[1]] == [ct]
     flags = ("use_kl", "use_adv", "use_cycle", "use_task")
@@ -1585,6 +1740,55 @@ def test_adapt_passes_each_ablation_switch_and_option_through_unchanged(tiny_coh
     assert switched["slice_range"] == (2, 5) and switched["overrides"] == {"ema_decay": 0.0}
     assert switched["source_data"] == [str(tiny_cohort / "mr_1001_image.nii.gz")]
     assert [others[f] for f in flags] == [True, False, True, False]
+    counts = ("early_stop", "iterations", "batch_size", "seed", "device", "resume")
+    assert [plain[k] for k in counts] == [None, None, None, 0, "auto", False]
+    assert [others[k] for k in counts] == [4, 7, 3, 9, "cpu", True]
+
+
+def test_each_commands_options_reach_the_engine_unchanged(tiny_cohort, tmp_path, monkeypatch):
+    """The values given on the command line are the ones the engine's functions receive (a dropped
+    keyword would silently run the function's default)."""
+    from vaeuda import demo, experiment, predict
+    calls = {}
+
+    def record(name):
+        return lambda *args, **kwargs: calls.__setitem__(name, (args, kwargs)) or []
+    for module, name in ((train_mod, "train_source"), (train_mod, "finetune"), (predict, "segment_files"),
+                         (demo, "run_demo"), (experiment, "run_table1")):
+        monkeypatch.setattr(module, name, record(name))
+    mr, ct = str(tiny_cohort / "mr_1001_image.nii.gz"), str(tiny_cohort / "ct_1001_image.nii.gz")
+    quiet = ["--progress", "none"]
+    assert main(["train-source", mr, "--out", str(tmp_path / "s.safetensors"), "--preset", "tiny", "--iterations", "7",
+                 "--batch-size", "3", "--seed", "9", "--device", "cpu", "--input-size", "48", "--intensity-remap",
+                 "--label-convention", "consecutive"] + quiet) == 0
+    _, kw = calls["train_source"]
+    assert {k: kw[k] for k in ("preset", "iterations", "batch_size", "seed", "device", "resume", "input_size",
+                               "intensity_remap")} == dict(preset="tiny", iterations=7, batch_size=3, seed=9,
+                                                           device="cpu", resume=False, input_size=48,
+                                                           intensity_remap=True)
+    assert kw["convention"].name == "consecutive"
+    assert main(["finetune", ct, "--model", "m.safetensors", "--out", str(tmp_path / "f.safetensors"), "--iterations",
+                 "5", "--batch-size", "2", "--seed", "4", "--device", "cpu"] + quiet) == 0
+    args, kw = calls["finetune"]
+    assert args[0] == "m.safetensors" and [str(p) for p in args[1]] == [ct]
+    assert [str(p) for p in args[2]] == [str(tiny_cohort / "ct_1001_label.nii.gz")]
+    assert {k: kw[k] for k in ("iterations", "batch_size", "seed", "device", "resume")} == dict(
+        iterations=5, batch_size=2, seed=4, device="cpu", resume=False)
+    for extra, expected in (([], dict(batch_size=16, domain=None, cpu_bf16=False, device="auto")),
+                            (["--batch-size", "4", "--domain", "source", "--cpu-bf16", "--device", "cpu"],
+                             dict(batch_size=4, domain="source", cpu_bf16=True, device="cpu"))):
+        assert main(["segment", ct, "--model", "m.safetensors", "--out", str(tmp_path / "seg")] + extra + quiet) == 0
+        assert {k: calls["segment_files"][1][k] for k in expected} == expected
+    assert main(["demo", "--quick", "--seed", "5", "--device", "cpu", "--intensity-remap", "--out",
+                 str(tmp_path / "d")] + quiet) == 0
+    args, kw = calls["run_demo"]
+    assert args == (str(tmp_path / "d"),) and kw == dict(quick=True, seed=5, device="cpu", reporter=kw["reporter"],
+                                                         intensity_remap=True)
+    assert main(["experiment", "table1", "--data", "c", "--out", "o", "--repeats", "2", "--preset", "tiny", "--seed",
+                 "4", "--device", "cpu", "--iterations-scale", "0.5"] + quiet) == 0
+    args, kw = calls["run_table1"]
+    assert args == ("c", "o") and kw == dict(repeats=2, preset="tiny", seed=4, device="cpu", iterations_scale=0.5,
+                                             reporter=kw["reporter"])
 
 
 def test_the_stages_hand_the_loop_their_switches_and_the_source_models_class_weights(tiny_cohort, tiny_source_model,
@@ -1808,6 +2012,23 @@ def test_an_interrupt_names_the_kept_checkpoint_and_resume_says_when_there_is_no
             in capsys.readouterr().err) and fresh.is_file()
 
 
+def test_an_interrupted_adaptation_or_fine_tuning_says_whether_a_checkpoint_is_kept(tiny_cohort, tiny_source_model,
+                                                                                   tmp_path, capsys, monkeypatch):
+    """Every training command, not only train-source, ends Ctrl-C with where its checkpoint is (here:
+    none written yet), so that the user knows whether --resume has something to continue."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod, "run_stage", interrupted)
+    ct = str(tiny_cohort / "ct_1001_image.nii.gz")
+    for command in ("adapt", "finetune"):
+        out = tmp_path / f"{command}.safetensors"
+        assert main([command, ct, "--model", str(tiny_source_model), "--out", str(out), "--iterations", "1",
+                     "--device", "cpu", "--progress", "none"]) == 130
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "vaeuda: interrupted; no checkpoint had been written yet"), command
+        assert not out.exists()
+
+
 def test_segment_refuses_a_folder_where_a_segmentation_would_go(tiny_cohort, tiny_source_model, tmp_path, capsys):
     out = tmp_path / "seg"
     (out / "ct_1001_image_seg.nii.gz").mkdir(parents=True)
@@ -1834,6 +2055,19 @@ def test_synth_defaults_and_size_range_are_the_phantoms():
     assert (args.n_source, args.n_target, args.n_train) == (phantom.N_SOURCE, phantom.N_TARGET, phantom.N_TRAIN)
     synth = next(a for a in parser._subparsers._group_actions[0].choices["synth"]._actions if a.dest == "size")
     assert f"{phantom.MIN_SIZE} to {phantom.MAX_SIZE}" in synth.help
+
+
+def test_synth_passes_its_options_and_its_done_event_names_the_splits_file(tmp_path, monkeypatch, capsys):
+    """The cohort's record, splits.json, is the output a JSON reader (Slicer) is told of."""
+    from vaeuda import phantom
+    calls = []
+    monkeypatch.setattr(phantom, "make_cohort", lambda out, **kwargs: calls.append((out, kwargs)))
+    out = str(tmp_path / "cohort")
+    assert main(["synth", out, "--n-source", "3", "--n-target", "4", "--n-train", "2", "--seed", "5", "--size", "32",
+                 "--progress", "json"]) == 0
+    assert calls == [(out, dict(n_source=3, n_target=4, n_train=2, seed=5, size=32, reporter=calls[0][1]["reporter"]))]
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"event": "done",
+                                                                  "outputs": [str(tmp_path / "cohort" / "splits.json")]}
 
 
 def test_every_argument_of_every_command_says_what_it_is():
@@ -2077,6 +2311,60 @@ def test_running_out_of_memory_is_one_sentence_with_a_remedy(monkeypatch, tmp_pa
     with pytest.raises(RuntimeError, match="shape mismatch"):       # any other RuntimeError is a bug: seen whole
         main(["synth", str(tmp_path / "c"), "--progress", "none"])
     assert signal.getsignal(signal.SIGTERM) is handler          # main() gives the caller's SIGTERM handler back
+
+
+def test_out_of_memory_on_the_gpu_or_without_a_size_is_one_sentence_too(monkeypatch, capsys):
+    """torch's CUDA allocator says "CUDA out of memory. Tried to allocate 2.00 GiB ..." (its error type
+    OutOfMemoryError): the sentence says the GPU ran out; an allocation error naming no size still gets
+    one; train-source's remedy names its own options."""
+    from vaeuda import cli
+
+    class OutOfMemoryError(RuntimeError):       # torch.cuda.OutOfMemoryError's name, whatever the torch build
+        pass
+    for error, command, sentence in (
+            (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)"),
+             ["segment", "x", "--model", "m", "--out", "o"],
+             "out of memory (2.00 GiB could not be allocated on the GPU): try a smaller --batch-size, or a machine "
+             "with more memory."),
+            (OutOfMemoryError("the allocator gave up"), ["train-source", "x", "--out", "m.safetensors"],
+             "out of memory (an allocation failed): try a smaller --batch-size or --input-size, or the cpu preset, "
+             "or a machine with more memory.")):
+        monkeypatch.setattr(cli, "run", lambda *a, error=error, **k: (_ for _ in ()).throw(error))
+        assert main(command + ["--progress", "none"]) == 2
+        assert capsys.readouterr() == ("", f"vaeuda: error: {sentence}\n")      # no JSON event without json mode
+
+
+def test_sigterm_before_the_command_runs_ends_with_143(monkeypatch, capsys):
+    """A SIGTERM while the command line is parsed or torch imported (before the run reports anything)
+    ends as one during the run does: the sentence and 128 + 15."""
+    def terminated(argv):
+        raise cli_mod._Terminated()
+    monkeypatch.setattr(cli_mod, "_main", terminated)
+    assert main(["numerics"]) == 143
+    assert capsys.readouterr().err.strip() == "vaeuda: terminated (SIGTERM)"
+
+
+def test_main_gives_back_the_callers_sigterm_handler_and_runs_in_another_thread(capsys):
+    """main() sets its SIGTERM handler for the run and puts the caller's own back after it; called in
+    another thread (where Python lets no one set a handler) it runs without touching signals."""
+    import signal
+    import threading
+
+    def callers_handler(signum, frame):
+        pass
+    before = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        assert main(["info", "missing.safetensors", "--progress", "none"]) == 2
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+        codes = []
+        worker = threading.Thread(target=lambda: codes.append(main(["info", "missing.safetensors", "--progress",
+                                                                    "none"])))
+        worker.start()
+        worker.join(60)
+        assert codes == [2] and signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err.count("missing.safetensors") == 2
 
 
 def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):

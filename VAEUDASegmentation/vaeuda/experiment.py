@@ -128,8 +128,8 @@ def pick_few_shot_window(label_slices: np.ndarray, n: int = FEW_SHOT_SLICES,
     structures. ``label_slices``: (N, S, S) class indices, as ``SliceGrid.label_slices``.
 
     Among qualifying windows the one whose poorest slice shows the most structures wins, then
-    the one with the most structure voxels (a window in the middle of the heart). Raises
-    ValueError when no window qualifies.
+    the one with the most structure voxels (a window in the middle of the heart), then the
+    first (the lowest slice index). Raises ValueError when no window qualifies.
     """
     present = structures_per_slice(label_slices)
     area = (label_slices > 0).reshape(len(label_slices), -1).sum(axis=1)
