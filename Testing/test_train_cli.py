@@ -22,6 +22,7 @@ from vaeuda.cli import main
 from vaeuda.errors import VaeudaError
 from vaeuda.modelfile import _digest, load_model, read_tensors
 from vaeuda.nets import get_preset
+from vaeuda.progress import null_reporter
 from vaeuda.train import checkpoint_path, train_source
 
 
@@ -462,6 +463,14 @@ def test_a_checkpoint_of_an_engine_before_the_run_tokens_is_removed_once_resumed
     assert out.is_file() and not ckpt.exists()
 
 
+def test_a_missing_damaged_or_foreign_file_has_no_run_token(tiny_source_model, tmp_path):
+    """The end of a run reads the token of whatever is at its checkpoint's path (another run may have
+    replaced it): a file that is not a checkpoint of ours is "no token", never an error after the work."""
+    (tmp_path / "text.ckpt").write_text("not a safetensors file")
+    for path in (tmp_path / "missing.ckpt", tmp_path / "text.ckpt", tiny_source_model):   # the last: no train_state
+        assert train_mod.checkpoint_run(path) is None, path
+
+
 def test_a_second_training_run_with_the_same_out_is_refused_while_the_first_lives(tiny_cohort, tmp_path, capsys):
     """Two runs with one --out removed or resumed each other's checkpoints; `adapt --resume` took
     over a running adaptation's. The first holds the model file (its lock file); the second is refused
@@ -581,6 +590,42 @@ def test_weights_that_a_finite_loss_stepped_to_nan_are_never_checkpointed(tiny_c
     tensors, _, header = read_tensors(checkpoint_path(out))
     assert json.loads(header["train_state"])["iteration"] == 2
     assert all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def test_weights_that_became_nan_in_the_last_iterations_are_never_saved_as_the_model(tiny_cohort, tmp_path,
+                                                                                      monkeypatch):
+    """After the last checkpoint no other one is written (the model file is); weights a finite loss
+    stepped to NaN at the last iteration must be refused before the model file is written, and the
+    checkpoint of iteration 1 (the last one before the end) named as the one kept."""
+    calls = {"n": 0}
+    real = train_mod.routed_backward
+
+    def infinite_gradient_at_2(net, weighted):
+        real(net, weighted)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            next(net.dec_s.parameters()).grad.fill_(float("inf"))
+    monkeypatch.setattr(train_mod, "routed_backward", infinite_gradient_at_2)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(VaeudaError, match=r"weights of dec_s became NaN or infinite by the end of the source stage; "
+                                          r"the last good checkpoint is kept at"):
+        _train(tiny_cohort, out, iterations=2, overrides={"checkpoint_every": 1})
+    assert not out.exists()
+    _, _, header = read_tensors(checkpoint_path(out))
+    assert json.loads(header["train_state"])["iteration"] == 1     # none at the last iteration: the file is written
+
+
+def test_infinite_weights_of_any_network_discriminator_included_are_refused():
+    """+inf is not NaN, and the discriminator (the last of the networks) is checked too; without a
+    checkpoint the message says none was written."""
+    from vaeuda.nets import VAEUDANet
+    net = VAEUDANet(get_preset("tiny"))
+    train_mod._refuse_non_finite_weights(net, "at the test", None)     # finite: nothing to say
+    with torch.no_grad():
+        next(net.disc.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(VaeudaError, match=r"^training diverged: weights of disc became NaN or infinite at the test; "
+                                          r"no checkpoint had been written yet\.$"):
+        train_mod._refuse_non_finite_weights(net, "at the test", None)
 
 
 def test_weight_average_is_the_ema_of_the_iterates(tiny_cohort, tmp_path):
@@ -805,6 +850,17 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_other_settings(tiny_cohort, t
     assert checkpoint_path(out).exists() and not out.exists()
 
 
+def test_resume_names_every_setting_that_differs(tmp_path):
+    """Two differences are both named, in one sentence, the seed first."""
+    ckpt = tmp_path / "m.safetensors.ckpt"
+    then = {"provenance": {"seed": 1, "device": "cuda"}, "train": {"lr": 1e-4}}
+    with pytest.raises(VaeudaError, match=f"^{re.escape(str(ckpt))}: checkpoint was made with a different --seed \\(1\\) "
+                                          f"and another --device from this run; resume with the interrupted run's "
+                                          f"settings, or remove it to start afresh\\.$"):
+        train_mod._refuse_other_settings(ckpt, then, {"provenance": {"seed": 2, "device": "cpu"},
+                                                      "train": {"lr": 1e-4}}, 2, 4)
+
+
 def test_resume_refuses_an_adaptation_checkpoint_of_other_target_slices(tmp_path):
     """--slices chooses what the adaptation trains on, with the same target file and digest: a
     checkpoint of --slices 2:5 resumed with 2:6 would be neither run (the record holds the slices as
@@ -864,6 +920,10 @@ def test_volume_digests_cover_files_that_hold_their_voxels(tmp_path):
     sitk.WriteImage(image, str(tmp_path / "a.mhd"))
     assert volume_sha256(tmp_path / "a.nii.gz") == file_sha256(tmp_path / "a.nii.gz")
     assert volume_sha256(tmp_path / "a.mhd") is None and volume_sha256(tmp_path) is None
+    # a NRRD header with its voxels in another file is one too, and a suffix in capitals names the same format
+    sitk.WriteImage(image, str(tmp_path / "n.nhdr"))
+    (tmp_path / "B.MHD").write_bytes((tmp_path / "a.mhd").read_bytes())
+    assert volume_sha256(tmp_path / "n.nhdr") is None and volume_sha256(tmp_path / "B.MHD") is None
 
 
 def test_resume_of_a_finetuning_refuses_other_label_files(tiny_cohort, tiny_source_model, tmp_path, monkeypatch):
@@ -894,6 +954,84 @@ def test_adapted_and_finetuned_models_record_their_inputs_digests(tiny_cohort, t
     assert oracle["source_model_sha256"] == file_sha256(tiny_source_model)
     assert oracle["finetune_sha256"] == [file_sha256(ct), file_sha256(ct_label)]
     assert load_model(tmp_path / "a.safetensors")[1]["provenance"]["target_sha256"] == [file_sha256(ct)]
+
+
+def test_a_source_model_records_its_inputs_seed_and_the_presets_iteration_count_it_ran(tiny_cohort, tmp_path,
+                                                                                       monkeypatch):
+    """Without --iterations the run takes the preset's count: the model records that number (what
+    resuming and Table 1 compare), not the absent option; the inputs as absolute paths, their digests
+    image then label."""
+    from vaeuda.fileio import file_sha256
+    monkeypatch.setitem(train_mod.DEFAULT_ITERATIONS["tiny"], "source", 1)     # one iteration, not the preset's 20
+    monkeypatch.chdir(tiny_cohort)
+    mr, mr_label = Path("mr_1001_image.nii.gz"), Path("mr_1001_label.nii.gz")  # relative: recorded resolved
+    train_source([mr], [mr_label], tmp_path / "m.safetensors", preset="tiny", seed=5, device="cpu")
+    prov = load_model(tmp_path / "m.safetensors")[1]["provenance"]
+    assert prov["iterations"] == prov["iterations_done"] == 1 and prov["seed"] == 5
+    assert prov["source_data"] == [str(tiny_cohort.resolve() / mr)]
+    assert prov["source_labels"] == [str(tiny_cohort.resolve() / mr_label)]
+    assert prov["source_sha256"] == [file_sha256(mr), file_sha256(mr_label)]
+
+
+def test_a_model_file_named_safetensors_in_capitals_gets_no_note(tmp_path):
+    """The note is for names the Slicer module's dialogs would not list; their filter ignores case."""
+    import types
+    seen = []
+    reporter = types.SimpleNamespace(log=seen.append)
+    train_mod._check_output(tmp_path / "M.SafeTensors", [], False, reporter)
+    assert seen == []
+    train_mod._check_output(tmp_path / "m.pt", [], False, reporter)
+    assert len(seen) == 1 and "is written as a safetensors model file" in seen[0]
+
+
+def test_an_adaptation_records_relative_inputs_as_absolute_paths_and_its_slices(tiny_cohort, tiny_source_model,
+                                                                                 tmp_path, monkeypatch):
+    """A later adaptation of this model, or its resume, reads these records from another folder:
+    the target and the --source-data volumes (given relative here) are recorded resolved; --slices,
+    which chooses what it trained on, as the JSON list a resumed run compares."""
+    monkeypatch.chdir(tiny_cohort)
+    prov = train_mod.adapt(tiny_source_model, [Path("ct_1001_image.nii.gz")], tmp_path / "a.safetensors",
+                           iterations=1, device="cpu", source_data=["mr_1001_image.nii.gz"],
+                           slice_range=(2, 5))["provenance"]
+    assert load_model(tmp_path / "a.safetensors")[1]["provenance"]["slices"] == [2, 5]
+    folder = tiny_cohort.resolve()
+    assert prov["target_data"] == [str(folder / "ct_1001_image.nii.gz")]
+    assert prov["source_data"] == [str(folder / "mr_1001_image.nii.gz")]
+    assert prov["source_labels"] == [str(folder / "mr_1001_label.nii.gz")]
+
+
+def test_a_source_model_that_records_no_source_volumes_asks_for_source_data():
+    """A model without the record (or with an empty one) cannot name the volumes to adapt with."""
+    for meta in ({"provenance": {}}, {"provenance": {"source_data": [], "source_labels": []}}):
+        with pytest.raises(VaeudaError, match=r"^m\.safetensors: records no labelled source volumes; pass them "
+                                              r"with --source-data\.$"):
+            train_mod._source_pairs(meta, "m.safetensors", None, null_reporter())
+
+
+def test_a_source_models_one_missing_label_file_is_named_as_moved(tiny_cohort, tmp_path):
+    """One file gone (here the label; the image is where the model says) is enough to ask for
+    --source-data: the image alone cannot train Seg."""
+    gone = tmp_path / "mr_1001_label.nii.gz"
+    meta = {"provenance": {"source_data": [str(tiny_cohort / "mr_1001_image.nii.gz")], "source_labels": [str(gone)]}}
+    with pytest.raises(VaeudaError, match=f"^m\\.safetensors: 1 of the 2 labelled source files it was trained on are "
+                                          f"not at their recorded paths \\(the first: {re.escape(str(gone))}\\)"):
+        train_mod._source_pairs(meta, "m.safetensors", None, null_reporter())
+
+
+def test_a_label_file_or_a_labelled_source_volume_is_refused_as_a_training_output(tiny_cohort, tiny_source_model,
+                                                                                  tmp_path):
+    """Labels are inputs too (of the source stage, and of an adaptation through its source volumes):
+    never overwritten by the model file."""
+    import shutil
+    image, label = (shutil.copy(tiny_cohort / n, tmp_path / n) for n in ("mr_1001_image.nii.gz", "mr_1001_label.nii.gz"))
+    before = Path(label).read_bytes()
+    message = f"^{re.escape(str(label))}: is also an input, which is never overwritten"
+    with pytest.raises(VaeudaError, match=message):
+        train_source([image], [label], label, preset="tiny", iterations=1, device="cpu")
+    with pytest.raises(VaeudaError, match=message):
+        train_mod.adapt(tiny_source_model, [tiny_cohort / "ct_1001_image.nii.gz"], label, iterations=1, device="cpu",
+                        source_data=[str(image)])
+    assert Path(label).read_bytes() == before
 
 
 def test_resume_of_an_adaptation_refuses_a_target_or_source_model_changed_since(tiny_cohort, tiny_source_model,
@@ -1584,6 +1722,22 @@ def test_proxy_slices_are_all_or_evenly_spaced():
     assert len(picked) == train_mod.PROXY_MAX_SLICES == 64
     # 0, 2, 4, ..., 126: 126 / 63 = 2 apart
     assert torch.equal(picked, torch.arange(0, 127, 2).float())
+    # 100 slices: 99 / 63 = 11 / 7 apart, rounded to the nearest slice (never a half: sevenths),
+    # not truncated: the second is slice 2 (1.57), the last 99
+    uneven = train_mod.proxy_slices(torch.arange(100).float().reshape(100, 1, 1, 1)).flatten()
+    assert uneven.tolist() == [float(round(i * 11 / 7)) for i in range(64)]
+    assert uneven[:3].tolist() == [0.0, 2.0, 3.0] and uneven[-1] == 99
+
+
+def test_a_restored_early_stopping_state_without_best_tensors_has_no_best_weights():
+    """Every checkpoint keeps the early-stopping header, but best.* tensors only once a reading was
+    the best: none found is "no best yet" (None, which the end of the run tests for), not an empty
+    state dict that it would load as the model's weights."""
+    header = {"bad_evals": 1, "best_proxy": None, "best_iteration": None}
+    assert train_mod.EarlyStopState.restored(header, {}).best_weights is None
+    assert train_mod.EarlyStopState.restored(header, None).best_weights is None
+    kept = {"w": torch.ones(1)}
+    assert train_mod.EarlyStopState.restored({**header, "best_iteration": 50}, kept).best_weights is kept
 
 
 def test_resume_refuses_early_stopping_state_of_the_earlier_proxy():
@@ -1850,6 +2004,12 @@ def test_adapt_refuses_a_target_that_is_also_a_labelled_source_volume(tiny_cohor
     ct = tiny_cohort / "ct_1001_image.nii.gz"
     assert main(["adapt", "--model", str(tiny_source_model), "--out", str(out), "--iterations", "1",
                  "--progress", "none", str(mixed / ct.name), "--source-data", str(mixed)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{mixed / ct.name}: is also one of the labelled source volumes, so adapting would train on its labels; give "
+        f"source volumes without it (--source-data).") and not out.exists()
+    # a target among several, not only the first, is checked
+    assert main(["adapt", "--model", str(tiny_source_model), "--out", str(out), "--iterations", "1",
+                 "--progress", "none", str(ct), str(mixed / ct.name), "--source-data", str(mixed)]) == 2
     assert capsys.readouterr().err.strip().endswith(
         f"{mixed / ct.name}: is also one of the labelled source volumes, so adapting would train on its labels; give "
         f"source volumes without it (--source-data).") and not out.exists()
