@@ -148,6 +148,8 @@ def test_parse_engine_line(engineprocess):
     # an event name must be a string; JSON with a space after the brace is still an event
     assert engineprocess.parseEngineLine('{"event": 3}') == {"event": "log", "message": '{"event": 3}'}
     assert engineprocess.parseEngineLine('{ "event": "done", "outputs": []}') == {"event": "done", "outputs": []}
+    # an engine on Windows ends its lines with "\r\n" (the pipe is read with newline="\n"): no "\r" stays
+    assert engineprocess.parseEngineLine("reading 2 volumes\r\n") == {"event": "log", "message": "reading 2 volumes"}
 
 
 def test_failure_message_prefers_the_last_engine_sentence(engineprocess):
@@ -168,12 +170,19 @@ def test_class_indices_from_label_values(mod):
     consecutive = np.array([[0, 1, 2], [3, 4, 0]])
     assert np.array_equal(mod.classIndicesFromLabelValues(consecutive, list(CONSECUTIVE.from_index)), expected)
     assert np.array_equal(mod.classIndicesFromLabelValues(consecutive), expected)      # guessed: consecutive
+    every = np.array([0, 205, 420, 421, 500, 550, 600, 820, 850])      # all MM-WHS values: still MM-WHS
+    assert np.array_equal(mod.classIndicesFromLabelValues(every), [0, 1, 2, 2, 3, 0, 0, 4, 0])
     custom = [9, 10, 20, 30, 40]                                                       # background 9
     assert np.array_equal(mod.classIndicesFromLabelValues(np.array([9, 30, 40]), custom), [0, 3, 4])
     with pytest.raises(ValueError, match=r"out\.nii\.gz: label values 7 are not"):
         mod.classIndicesFromLabelValues(np.array([0, 1, 7]), source="out.nii.gz")
     with pytest.raises(ValueError, match="label values 205"):
         mod.classIndicesFromLabelValues(np.array([0, 205]), list(CONSECUTIVE.from_index))
+    # every unknown value is named, in order, the first eight of them
+    with pytest.raises(ValueError, match=r"^s: label values 7, 8, 9 are not values of the model's structures\.$"):
+        mod.classIndicesFromLabelValues(np.array([9, 0, 7, 1, 8]), source="s")
+    with pytest.raises(ValueError, match=r"^s: label values 5, 6, 7, 8, 9, 10, 11, 12 are not"):
+        mod.classIndicesFromLabelValues(np.arange(20), source="s")
 
 
 def test_terminology_entry_has_the_seven_parts_and_the_structure_code(mod):
@@ -183,6 +192,9 @@ def test_terminology_entry_has_the_seven_parts_and_the_structure_code(mod):
         assert parts[1] == "SCT^123037004^Anatomical Structure"
         assert parts[2] == f"SCT^{structure.snomed_code}^{structure.snomed_meaning}"
         assert parts[3] == "^^"
+        # context, anatomic context and the empty anatomic region and its modifier (Slicer's seven-part format)
+        assert parts[0] == "Segmentation category and type - DICOM master list"
+        assert parts[4:] == ["Anatomic codes - DICOM master list", "^^", "^^"]
     # Each code with its own meaning (SNOMED CT / DICOM CID 7152): 74281007 is the myocardium as a
     # whole; "left ventricle" is in the segment's name, not in that code.
     assert [mod.terminologyEntry(s).split("~")[2] for s in mod.STRUCTURES] == [
@@ -203,6 +215,42 @@ def test_read_model_metadata(mod, tmp_path):
         mod.readModelMetadata(tmp_path / "other.safetensors")
 
 
+def test_read_model_metadata_refuses_a_file_shorter_than_the_header_length_as_no_model(mod, tmp_path):
+    """Fewer than the 8 bytes of the header length (struct.unpack raises struct.error, no ValueError, for them)."""
+    for name, content in (("empty.safetensors", b""), ("short.safetensors", b"\x05\x00\x00")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{re.escape(name)}: not a VAE-UDA model file \(no readable"):
+            mod.readModelMetadata(tmp_path / name)
+
+
+def test_a_model_header_nested_past_the_recursion_limit_is_refused_in_one_sentence(mod, tmp_path):
+    """json raises RecursionError (no ValueError) for arrays nested past Python's limit: the header, or its meta."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(ValueError, match=r"deep\.safetensors: not a VAE-UDA model file \(no readable"):
+        mod.readModelMetadata(tmp_path / "deep.safetensors")
+    header = json.dumps({"__metadata__": {"format": mod.MODEL_FORMAT, "meta": "[" * 100_000}}).encode()
+    (tmp_path / "deepmeta.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ValueError, match=r"deepmeta\.safetensors: the model file's metadata is damaged"):
+        mod.readModelMetadata(tmp_path / "deepmeta.safetensors")
+
+
+def test_a_model_file_without_meta_has_empty_metadata_and_no_label_values(mod, tmp_path):
+    """A "vaeuda-model" header without its "meta" field is read as empty metadata (the label values
+    then guessed from the file), not as damaged."""
+    header = json.dumps({"__metadata__": {"format": mod.MODEL_FORMAT}}).encode()
+    (tmp_path / "bare.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    assert mod.readModelMetadata(tmp_path / "bare.safetensors") == {}
+    assert mod.labelValuesOfModel({}) is None
+
+
+def test_label_values_of_a_model_are_whole_numbers_not_booleans(mod):
+    """JSON true is a Python int too: a from_index of booleans is damaged metadata, not the values 0 and 1."""
+    assert mod.labelValuesOfModel({"labels": {"from_index": [0, 1, 2, 3, 4]}}) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"label values \[False, True, 2, 3, 4\] are not whole numbers"):
+        mod.labelValuesOfModel({"labels": {"from_index": [False, True, 2, 3, 4]}})
+
+
 def test_engine_environment_finds_the_engine_and_lets_openmp_threads_sleep(mod, monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
@@ -212,6 +260,10 @@ def test_engine_environment_finds_the_engine_and_lets_openmp_threads_sleep(mod, 
     assert "OMP_WAIT_POLICY" not in os.environ          # the GUI process's own environment is untouched
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")     # a user's choice wins
     assert mod.VAEUDASegmentationLogic._engineEnvironment()["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert env["PYTHONIOENCODING"] == "utf-8"           # the pipes are read as UTF-8, whatever the platform's code page
+    # without a PYTHONPATH of its own: the engine's folder alone (a trailing separator would add the current folder)
+    monkeypatch.delenv("PYTHONPATH")
+    assert mod.VAEUDASegmentationLogic._engineEnvironment()["PYTHONPATH"] == mod.MODULE_DIR
 
 
 def test_stand_in_volume_io_converts_ras_to_lps_and_round_trips(slicer, tmp_path):
@@ -320,6 +372,35 @@ def test_a_model_move_that_fails_midway_leaves_no_part_file(mod, tmp_path, monke
     with pytest.raises(OSError, match="No space left on device"):
         mod._moveInPlace(str(source), destination)
     assert sorted(p.name for p in destination.parent.iterdir()) == [] and source.read_bytes() == b"model"
+
+
+def test_a_model_the_engine_did_not_write_is_said_so_and_nothing_is_made(mod, tmp_path):
+    """An engine that reported success without its file: one sentence naming it, no folder made for it."""
+    missing = tmp_path / "job" / "model.safetensors"
+    with pytest.raises(RuntimeError, match=rf"^{re.escape(str(missing))}: the engine finished without writing this file\.$"):
+        mod._moveInPlace(str(missing), tmp_path / "models" / "adapted.safetensors")
+    assert not (tmp_path / "models").exists()
+
+
+def test_the_recorded_source_volumes_are_the_text_entries_of_the_provenance(mod):
+    """A model's record of its source images and labels; entries that are no text (a damaged record) are no paths."""
+    meta = {"provenance": {"source_data": ["/d/a_image.nii.gz", None, 5], "source_labels": ["/d/a_label.nii.gz"]}}
+    assert mod._sourceVolumes(None, meta) == ["/d/a_image.nii.gz", "/d/a_label.nii.gz"]
+    assert mod._sourceVolumes(None, {"provenance": "damaged"}) == [] and mod._sourceVolumes(None, {}) == []
+
+
+def test_an_unset_path_is_none_whether_empty_or_a_dot(mod):
+    """A ctkDirectoryButton shows an empty folder as "." (and Path("") is "."): both mean not chosen."""
+    assert [mod._pathOrNone(p) for p in (None, "", ".", pathlib.Path(""), "a.safetensors", pathlib.Path("d"))] == \
+        [None, None, None, None, "a.safetensors", "d"]
+
+
+def test_numpys_booleans_are_on_off_arguments(mod):
+    """A flag read from a numpy array is numpy.bool_, no bool: it is True or False all the same."""
+    for value in (True, False, np.bool_(True), np.bool_(False)):
+        mod._requireFlag("portable", value)
+    with pytest.raises(ValueError, match=r"^portable must be True or False, not 1\.$"):
+        mod._requireFlag("portable", 1)
 
 
 def test_cancel_after_the_engine_has_ended_leaves_its_result_standing(engineprocess):
@@ -725,6 +806,24 @@ def test_a_job_ends_when_a_process_outside_its_group_keeps_its_output_open(engin
         os.kill(grandchild, signal.SIGKILL)
 
 
+def test_a_done_event_is_no_success_with_a_nonzero_exit_status(engineprocess):
+    """Success is exit 0 with a "done" event and no "error" event (Docs/engine-contract.md): all three."""
+    process = engineprocess.EngineProcess([sys.executable, "-c", "import json, sys; "
+                                           "print(json.dumps({'event': 'done', 'outputs': []})); sys.exit(3)"])
+    process.start()
+    _finish(process)
+    assert process.doneSeen and not process.succeeded
+    assert process.failureMessage() == "the VAE-UDA engine stopped with exit status 3."
+
+
+def test_an_interruption_without_a_reason_is_named_interrupted(engineprocess):
+    """An "interrupted" event with an empty message: the sentence still says what happened."""
+    process = engineprocess.EngineProcess(["vaeuda"])
+    process.interruptedMessage = ""
+    assert process.failureMessage() == ("the VAE-UDA engine was stopped before it finished (interrupted); "
+                                        "nothing was kept.")
+
+
 def test_the_failure_sentence_for_each_way_the_engine_can_end(engineprocess):
     """A real-time signal (no name: signal.Signals raised, and the panel stayed "running"), an
     engine stopped by SIGTERM (its checkpoint was in the job's folder, which is gone), exit 0 without
@@ -746,6 +845,9 @@ def test_the_failure_sentence_for_each_way_the_engine_can_end(engineprocess):
                 "problem.\\n'); sys.exit(1)")
     assert ended(launcher) == ("the VAE-UDA engine crashed or was killed (out of memory? the system's OOM killer "
                                "kills it).")
+    # blank stderr lines are no message: the last line with text is the reason
+    assert ended("import sys; sys.stderr.write('boom\\n\\n\\n'); sys.exit(1)") == \
+        "the VAE-UDA engine stopped with an error: boom"
     long_line = ended("import sys; sys.stderr.write('z' * 10 ** 6 + '\\n'); sys.exit(1)")
     assert long_line == "the VAE-UDA engine stopped with an error: " + "z" * engineprocess.EngineProcess.MAX_LINE_CHARS
 
@@ -765,6 +867,16 @@ def test_exit_0_is_no_success_without_done_or_with_an_error_event(slicer, mod, f
         fake_logic.trainSource(str(tmp_path), str(out))
     assert str(raised.value) == message
     assert not out.exists() and not fake_logic.isRunning() and os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_a_failed_jobs_sentence_names_the_arguments_not_the_engines_flags(slicer, mod, fake_logic, tmp_path):
+    """The engine's out-of-memory remedy names --batch-size; the console user passed batchSize."""
+    sentence = "out of memory (2 GiB could not be allocated): try a smaller --batch-size, or a machine with more memory."
+    fake_logic.engineCommand = [sys.executable, "-c", "import json, sys; print(json.dumps({'event': 'error', "
+                                f"'message': {sentence!r}}})); sys.exit(1)"]
+    with pytest.raises(mod.JobFailedError) as raised:
+        fake_logic.trainSource(str(tmp_path), str(tmp_path / "m.safetensors"))
+    assert str(raised.value) == sentence.replace("--batch-size", "batchSize")
 
 
 def test_a_blocking_call_cut_short_leaves_no_job_behind(slicer, mod, fake_logic, tmp_path, monkeypatch):
@@ -1050,11 +1162,16 @@ def test_adapt_never_writes_its_model_over_a_labelled_source_volume(slicer, mod,
     (tmp_path / "recorded.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     with pytest.raises(ValueError, match="is also an input, which is never overwritten"):
         fake_logic.adapt(tmp_path / "recorded.safetensors", target, image)
+    (data / "mr_1001_label.nii.gz").write_bytes(b"MR labels")           # the recorded labels are inputs too
+    with pytest.raises(ValueError, match="mr_1001_label.nii.gz: is also an input, which is never overwritten"):
+        fake_logic.adapt(tmp_path / "recorded.safetensors", target, data / "mr_1001_label.nii.gz")
     assert image.read_bytes() == b"labelled MR" and not (tmp_path / "args.json").exists()
+    assert (data / "mr_1001_label.nii.gz").read_bytes() == b"MR labels"
     monkeypatch.chdir(tmp_path)
-    fake_logic.adapt(source, target, tmp_path / "adapted.safetensors", sourceDataFolder="mr")
+    fake_logic.adapt("source.safetensors", target, tmp_path / "adapted.safetensors", sourceDataFolder="mr")
     args = json.loads((tmp_path / "args.json").read_text())
     assert args[args.index("--source-data") + 1] == str(data)
+    assert args[args.index("--model") + 1] == source                  # the model file too
 
 
 def test_console_arguments_are_refused_as_the_console_passed_them(slicer, mod, fake_logic, tmp_path):
@@ -1097,6 +1214,42 @@ def test_adapt_writes_every_target_and_moves_the_model_into_place(slicer, mod, f
     fake_logic.adapt(source, targets, tmp_path / "models" / "adapted")
     args = json.loads((tmp_path / "args.json").read_text())
     assert os.path.basename(args[args.index("--out") + 1]) == "model"
+    # an emptied source-data field is no folder: the source model's own record of its MR volumes is read
+    fake_logic.adapt(source, targets, tmp_path / "models" / "adapted", sourceDataFolder="")
+    assert "--source-data" not in json.loads((tmp_path / "args.json").read_text())
+
+
+def test_train_source_gives_the_engine_absolute_paths_conventions_by_name_and_a_seed_of_0(slicer, mod, fake_logic,
+                                                                                          monkeypatch, tmp_path):
+    """The engine runs in the job's temporary folder: a relative data folder or label-mapping file reaches it
+    made absolute, a built-in convention by its name; seed 0 is a seed like any other (None is the default)."""
+    (tmp_path / "mr").mkdir()
+    (tmp_path / "mr" / "mr_1_image.nii.gz").write_bytes(b"image")
+    (tmp_path / "conv.json").write_text('{"LV-M": 205, "LA-B": 420, "LV-B": 500, "A-A": 820}')
+    monkeypatch.chdir(tmp_path)
+    fake_logic.trainSource("mr", "out.safetensors", labelConvention="conv.json", seed=0)
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args[-1] == str(tmp_path / "mr")
+    assert args[args.index("--label-convention") + 1] == str(tmp_path / "conv.json")
+    assert args[args.index("--seed") + 1] == "0" and "--iterations" not in args
+    for name in ("mmwhs", "consecutive"):
+        fake_logic.trainSource("mr", "out.safetensors", labelConvention=name)
+        args = json.loads((tmp_path / "args.json").read_text())
+        assert args[args.index("--label-convention") + 1] == name and "--seed" not in args
+
+
+def test_segment_reads_the_label_values_the_model_file_names(slicer, mod, fake_logic, tmp_path):
+    """The engine writes each structure with the model's own convention (its from_index): a model whose LV
+    myocardium is 500 and LV blood cavity 205 gets its segments from those values, not from the MM-WHS guess."""
+    array = np.random.default_rng(3).normal(size=(5, 6, 7)).astype(np.float32)
+    volume = add_volume(slicer, array)
+    swapped = {"name": "swapped", "from_index": [0, 500, 420, 205, 820], "unknown": "error"}
+    model = fake_engine.write_model(tmp_path / "swapped.safetensors", swapped, mod.MODEL_FORMAT)
+    result = fake_logic.segment(volume, model)
+    written = fake_engine.fake_labels(array)          # the stand-in writes MM-WHS values whatever the model
+    for structure, value in zip(mod.STRUCTURES, (500, 420, 205, 820)):
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(result, structure.key)
+        assert np.count_nonzero(mask) and np.array_equal(mask > 0, written == value), structure.name
 
 
 def test_engine_sentences_name_the_volumes_not_the_jobs_temporary_files(slicer, mod, fake_logic, monkeypatch,
@@ -1167,8 +1320,10 @@ def test_a_failed_import_leaves_an_existing_segmentation_as_it_was(slicer, mod, 
     existing.GetSegmentation().AddEmptySegment("tumour", "tumour", [1.0, 0.0, 0.0])
     before = scene_node_ids(slicer)
     monkeypatch.setattr(slicer.modules.segmentations.logic(), "ImportLabelmapToSegmentationNode", lambda *a: False)
-    with pytest.raises(mod.JobFailedError, match="could not import the labels into segmentation 'my manual work'"):
+    with pytest.raises(mod.JobFailedError, match="^The segmentation the engine wrote: could not import the labels "
+                                                 "into segmentation 'my manual work'") as raised:
         fake_logic.segment(volume, write_fake_model(tmp_path / "m.safetensors", MMWHS), existing)
+    assert slicer.app.temporaryPath not in str(raised.value)      # the job's folder is named as the user knows it
     segmentation = existing.GetSegmentation()
     assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == ["tumour"]
     assert scene_node_ids(slicer) == before and os.listdir(slicer.app.temporaryPath) == []
@@ -1362,6 +1517,11 @@ def test_segment_for_structure_prefers_terminology_then_name_then_the_last_numbe
     node = make_segmentation(slicer, volume, empty, [("s1", "ct_1017 205", None), ("s2", "ct_1017 label 3", None),
                                                      ("s3", "Segment_820", None)], "numbers")
     assert [find(node, s) for s in mod.STRUCTURES] == ["s1", None, "s2", "s3"]
+
+    # Rank 1 is also a segment ID equal to the key, whatever the name, and a name padded with spaces.
+    node = make_segmentation(slicer, volume, empty, [("LA-B", "my atrium", None), ("x", "  LV blood cavity ", None)],
+                             "ids and spaces")
+    assert [find(node, s) for s in mod.STRUCTURES] == [None, "LA-B", "x", None]
 
 
 def like_slicers_pip_install(slicer, body):
@@ -1690,6 +1850,9 @@ def test_try_it_cohort_with_the_panel_defaults_separates_the_mr_training_volumes
     cohort = mod.VAEUDASegmentationLogic().makeTryItCohort(tmp_path / "cohort")
     splits = json.loads((Path(cohort.folder) / "splits.json").read_text())
     assert len(splits["mr"]["train"]) == 4 and splits["ct"]["test"]
+    # Docs/slicer.md: 6 MR, 6 CT, 4 of each for training, 64 voxels a side
+    assert [(len(splits[m]["train"]), len(splits[m]["test"])) for m in ("mr", "ct")] == [(4, 2), (4, 2)]
+    assert sitk.ReadImage(str(Path(cohort.folder) / f"{splits['ct']['test'][0]}_image.nii.gz")).GetSize() == (64, 64, 64)
     assert sorted(os.listdir(cohort.sourceTrainingFolder)) == sorted(
         f"{prefix}_{kind}.nii.gz" for prefix in splits["mr"]["train"] for kind in ("image", "label"))
     for name in os.listdir(cohort.sourceTrainingFolder):
@@ -2319,6 +2482,14 @@ def test_console_arguments_refused_in_one_sentence_before_any_work(slicer, mod, 
         (lambda: fake_logic.adapt(model, [volume], out, batchSize=513), "batchSize must be at most 512, not 513."),
         (lambda: fake_logic.adapt(model, [volume], out, batchSize=2.0),
          "batchSize must be a whole number of at least 1 (or None for the default), not 2.0."),
+        (lambda: fake_logic.trainSource(data, out, labelConvention=""),
+         "labelConvention must be a built-in convention ('mmwhs', 'consecutive') or a label-mapping JSON file, not ''."),
+        (lambda: fake_logic.trainSource(data, out, iterations=10_000_001),
+         "iterations must be at most 10,000,000, not 10,000,001."),
+        (lambda: fake_logic.adapt(model, [volume], out, iterations=10_000_001),
+         "iterations must be at most 10,000,000, not 10,000,001."),
+        (lambda: fake_logic.makeTryItCohort(str(tmp_path / "cohort"), seed=2 ** 64),
+         f"seed must be at most {2 ** 64 - 1:,}, not {2 ** 64:,}."),
     ]
     for call, message in cases:
         with pytest.raises(ValueError) as raised:
@@ -2345,6 +2516,11 @@ def test_inputs_the_engine_reads_beside_the_given_ones_are_never_overwritten(sli
     target = add_volume(slicer, np.ones((3, 4, 5), np.float32))
     with pytest.raises(ValueError, match=f"^{re.escape(str(mr / 'mr_1_label.nii.gz'))}: is also an input"):
         fake_logic.adapt(source, target, mr / "mr_1_label.nii.gz", sourceDataFolder=mr / "mr_1_image.nii.gz")
+    (mr / "mr_2_image.nii.gz").write_bytes(b"image")
+    (mr / "mr_2_Label.nii.gz").write_bytes(b"label")        # its twin in another case: the engine reads it too
+    with pytest.raises(ValueError, match=f"^{re.escape(str(mr / 'mr_2_Label.nii.gz'))}: is also an input"):
+        fake_logic.adapt(source, target, mr / "mr_2_Label.nii.gz", sourceDataFolder=mr / "mr_2_image.nii.gz")
+    assert (mr / "mr_2_Label.nii.gz").read_bytes() == b"label"
     mapping = tmp_path / "conv.json"
     mapping.write_text('{"LV-M": 205, "LA-B": 420, "LV-B": 500, "A-A": 820}')
     with pytest.raises(ValueError, match=f"^{re.escape(str(mapping))}: is also an input"):
@@ -2362,6 +2538,14 @@ def test_a_sheared_or_empty_volume_is_refused_before_its_job(slicer, mod, fake_l
                                              [[1, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], "sheared")
     with pytest.raises(ValueError, match=r"^Volume 'sheared': its IJK-to-RAS axes are not perpendicular \(off by 0.45"):
         fake_logic.segment(sheared, model)
+    # the tolerance is 1e-4: column j (3e-4, 1, 0) is 3e-4 (cosine) off perpendicular to column i; 5e-5 passes
+    slight = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.float32),
+                                            [[1, 3e-4, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], "slight")
+    with pytest.raises(ValueError, match=r"^Volume 'slight': its IJK-to-RAS axes are not perpendicular \(off by 0.0003:"):
+        fake_logic.segment(slight, model)
+    within = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.float32),
+                                            [[1, 5e-5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], "within")
+    fake_logic._requireUsableVolume(within)
     empty = slicer.util.addVolumeFromArray(np.zeros((0, 4, 5), np.float32), IJK_TO_RAS, "nothing")
     with pytest.raises(ValueError, match="^Volume 'nothing' has no voxels.$"):
         fake_logic.segment(empty, model)
@@ -2449,7 +2633,9 @@ def test_labels_on_another_grid_are_not_snapped_to_the_volumes_even_far_from_the
     far[:3, 3] = (100000.3, -54321.7, 76543.1)
     volume = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.float32), far, "far")
     rounded = far.astype(np.float32).astype(float)
-    for labelsGrid, snapped in ((rounded, True), (rounded @ np.diag([1.1, 1.0, 1.0, 1.0]), False)):
+    shifted = rounded.copy()
+    shifted[0, 3] += 0.5          # half a millimetre: float32 steps are 1/128 mm at 1e5 mm, the tolerance 8 of its eps
+    for labelsGrid, snapped in ((rounded, True), (rounded @ np.diag([1.1, 1.0, 1.0, 1.0]), False), (shifted, False)):
         labels = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.uint8), labelsGrid, "labels",
                                                 "vtkMRMLLabelMapVolumeNode")
         mod.VAEUDASegmentationLogic._snapToVolumeGrid(labels, volume)

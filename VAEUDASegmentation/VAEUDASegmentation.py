@@ -1405,6 +1405,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
         outputDir = os.path.join(tempDir, "output")
+        engineLabelPath = os.path.join(outputDir, "input_seg.nii.gz")   # `segment` names it after its input
 
         def importResult(outputs: List[str]):
             # a background job: the user may have removed the nodes while it ran
@@ -1412,8 +1413,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
                 if node is not None and node.GetScene() is None:
                     raise RuntimeError(f"The {what} '{node.GetName()}' was removed from the scene while the job ran; "
                                        f"nothing was imported.")
-            labelPath = next((p for p in outputs if p.endswith("_seg.nii.gz")),
-                             os.path.join(outputDir, "input_seg.nii.gz"))
+            labelPath = next((p for p in outputs if p.endswith("_seg.nii.gz")), engineLabelPath)
             return self._importSegmentation(labelPath, inputVolumeNode, outputSegmentationNode, fromIndex)
 
         args = ["segment", "--model", modelPath, "--out", outputDir, "--device", device]
@@ -1421,6 +1421,7 @@ class VAEUDASegmentationLogic(ScriptedLoadableModuleLogic):
         return self._run("segment", args + [inputPath], tempDir, importResult, waitForCompletion,
                          progressCallback, finishedCallback,
                          {inputPath: _volumeName(inputVolumeNode),
+                          engineLabelPath: "the segmentation the engine wrote",
                           outputDir: "a temporary folder, imported from there"})
 
     def trainSource(self, dataFolder, outputModelPath, *, preset: Optional[str] = None,
