@@ -570,49 +570,32 @@ def test_nan_stops_training_and_keeps_last_checkpoint(tiny_cohort, tmp_path, mon
     assert json.loads(header["train_state"])["iteration"] == 4
 
 
-def test_weights_that_a_finite_loss_stepped_to_nan_are_never_checkpointed(tiny_cohort, tmp_path, monkeypatch):
+@pytest.mark.parametrize("poisoned_at, iterations, checkpoint_every, when, kept", [
+    (4, 10, 2, "by iteration 4 of the source stage", 2),
+    # after the last checkpoint none is written (the model file is): refused before the model file, iteration 1 kept
+    (2, 2, 1, "by the end of the source stage", 1),
+])
+def test_weights_that_a_finite_loss_stepped_to_nan_are_never_checkpointed_nor_saved(
+        tiny_cohort, tmp_path, monkeypatch, poisoned_at, iterations, checkpoint_every, when, kept):
     """An infinite gradient under a finite loss makes Adam's step NaN; the checkpoint of that iteration
     (and the model file) would hold it, and the loss only shows it an iteration later."""
     calls = {"n": 0}
     real = train_mod.routed_backward
 
-    def infinite_gradient_at_4(net, weighted):
+    def infinite_gradient(net, weighted):
         real(net, weighted)
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == poisoned_at:
             next(net.dec_s.parameters()).grad.fill_(float("inf"))
-    monkeypatch.setattr(train_mod, "routed_backward", infinite_gradient_at_4)
+    monkeypatch.setattr(train_mod, "routed_backward", infinite_gradient)
     out = tmp_path / "m.safetensors"
-    with pytest.raises(VaeudaError, match=r"weights of dec_s became NaN or infinite by iteration 4 of the source "
-                                          r"stage; the last good checkpoint is kept at"):
-        _train(tiny_cohort, out, iterations=10, overrides={"checkpoint_every": 2})
+    with pytest.raises(VaeudaError, match=rf"weights of dec_s became NaN or infinite {when}; "
+                                          r"the last good checkpoint is kept at"):
+        _train(tiny_cohort, out, iterations=iterations, overrides={"checkpoint_every": checkpoint_every})
     assert not out.exists()
     tensors, _, header = read_tensors(checkpoint_path(out))
-    assert json.loads(header["train_state"])["iteration"] == 2
+    assert json.loads(header["train_state"])["iteration"] == kept
     assert all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
-
-
-def test_weights_that_became_nan_in_the_last_iterations_are_never_saved_as_the_model(tiny_cohort, tmp_path,
-                                                                                      monkeypatch):
-    """After the last checkpoint no other one is written (the model file is); weights a finite loss
-    stepped to NaN at the last iteration must be refused before the model file is written, and the
-    checkpoint of iteration 1 (the last one before the end) named as the one kept."""
-    calls = {"n": 0}
-    real = train_mod.routed_backward
-
-    def infinite_gradient_at_2(net, weighted):
-        real(net, weighted)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            next(net.dec_s.parameters()).grad.fill_(float("inf"))
-    monkeypatch.setattr(train_mod, "routed_backward", infinite_gradient_at_2)
-    out = tmp_path / "m.safetensors"
-    with pytest.raises(VaeudaError, match=r"weights of dec_s became NaN or infinite by the end of the source stage; "
-                                          r"the last good checkpoint is kept at"):
-        _train(tiny_cohort, out, iterations=2, overrides={"checkpoint_every": 1})
-    assert not out.exists()
-    _, _, header = read_tensors(checkpoint_path(out))
-    assert json.loads(header["train_state"])["iteration"] == 1     # none at the last iteration: the file is written
 
 
 def test_infinite_weights_of_any_network_discriminator_included_are_refused():
