@@ -90,6 +90,12 @@ def write_fake_model(path, convention):
     return fake_engine.write_model(path, convention.to_dict(), "vaeuda-model")
 
 
+def write_header(path, header: bytes):
+    """A file of a safetensors header alone: its 8-byte little-endian length, then ``header``."""
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
 def add_volume(slicer, array, name="ct_case"):
     return slicer.util.addVolumeFromArray(np.asarray(array), IJK_TO_RAS, name)
 
@@ -210,7 +216,7 @@ def test_read_model_metadata(mod, tmp_path):
     with pytest.raises(ValueError, match=r"notes\.txt: not a VAE-UDA model file"):
         mod.readModelMetadata(tmp_path / "notes.txt")
     other = json.dumps({"__metadata__": {"format": "pt"}}).encode()
-    (tmp_path / "other.safetensors").write_bytes(struct.pack("<Q", len(other)) + other)
+    write_header(tmp_path / "other.safetensors", other)
     with pytest.raises(ValueError, match="without the 'vaeuda-model' metadata"):
         mod.readModelMetadata(tmp_path / "other.safetensors")
 
@@ -226,11 +232,11 @@ def test_read_model_metadata_refuses_a_file_shorter_than_the_header_length_as_no
 def test_a_model_header_nested_past_the_recursion_limit_is_refused_in_one_sentence(mod, tmp_path):
     """json raises RecursionError (no ValueError) for arrays nested past Python's limit: the header, or its meta."""
     deep = b"[" * 100_000 + b"]" * 100_000
-    (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    write_header(tmp_path / "deep.safetensors", deep)
     with pytest.raises(ValueError, match=r"deep\.safetensors: not a VAE-UDA model file \(no readable"):
         mod.readModelMetadata(tmp_path / "deep.safetensors")
     header = json.dumps({"__metadata__": {"format": mod.MODEL_FORMAT, "meta": "[" * 100_000}}).encode()
-    (tmp_path / "deepmeta.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    write_header(tmp_path / "deepmeta.safetensors", header)
     with pytest.raises(ValueError, match=r"deepmeta\.safetensors: the model file's metadata is damaged"):
         mod.readModelMetadata(tmp_path / "deepmeta.safetensors")
 
@@ -239,7 +245,7 @@ def test_a_model_file_without_meta_has_empty_metadata_and_no_label_values(mod, t
     """A "vaeuda-model" header without its "meta" field is read as empty metadata (the label values
     then guessed from the file), not as damaged."""
     header = json.dumps({"__metadata__": {"format": mod.MODEL_FORMAT}}).encode()
-    (tmp_path / "bare.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    write_header(tmp_path / "bare.safetensors", header)
     assert mod.readModelMetadata(tmp_path / "bare.safetensors") == {}
     assert mod.labelValuesOfModel({}) is None
 
@@ -446,9 +452,7 @@ def test_console_mistakes_are_refused_before_the_job_in_one_sentence(slicer, mod
     nodes = scene_node_ids(slicer)
 
     def header(body: bytes) -> str:
-        path = tmp_path / f"h{len(body)}.safetensors"
-        path.write_bytes(struct.pack("<Q", len(body)) + body)
-        return str(path)
+        return str(write_header(tmp_path / f"h{len(body)}.safetensors", body))
 
     cases = [
         (lambda: fake_logic.adapt(model, [volume], tmp_path / "folder"), "folder: is a folder; give the output a file name."),
@@ -1159,7 +1163,7 @@ def test_adapt_never_writes_its_model_over_a_labelled_source_volume(slicer, mod,
     meta["provenance"] = {"source_data": [str(image)], "source_labels": [str(data / "mr_1001_label.nii.gz")]}
     header = json.dumps({"__metadata__": {"format": mod.MODEL_FORMAT, "format_version": "2",
                                           "meta": json.dumps(meta)}}).encode()
-    (tmp_path / "recorded.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    write_header(tmp_path / "recorded.safetensors", header)
     with pytest.raises(ValueError, match="is also an input, which is never overwritten"):
         fake_logic.adapt(tmp_path / "recorded.safetensors", target, image)
     (data / "mr_1001_label.nii.gz").write_bytes(b"MR labels")           # the recorded labels are inputs too
